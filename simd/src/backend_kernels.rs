@@ -1,0 +1,57 @@
+/// Defines the `#[target_feature]` entry points of one backend over its
+/// [`Vector`](crate::vector::Vector) type and the [`Kernels`](crate::Kernels)
+/// table that exposes them.
+///
+/// The table's functions are safe to call only on CPUs with `$feature`; the
+/// table is therefore handed out solely by
+/// [`Backend::kernels`](crate::Backend::kernels), after runtime detection.
+macro_rules! backend_kernels {
+    ($backend:expr, $vector:ty, $($feature:literal),+) => {
+        #[target_feature($(enable = $feature),+)]
+        unsafe fn is_zero_tf(buf: &[u8]) -> bool {
+            // SAFETY: the caller guarantees the target features.
+            unsafe { crate::generic::is_zero::<$vector>(buf) }
+        }
+
+        #[target_feature($(enable = $feature),+)]
+        unsafe fn diff_mask_tf(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+            // SAFETY: the caller guarantees the target features and lengths.
+            unsafe { crate::generic::diff_mask::<$vector>(a, b, masks) }
+        }
+
+        #[target_feature($(enable = $feature),+)]
+        unsafe fn find_tf<const EQUAL: bool>(a: &[u8], b: &[u8]) -> usize {
+            // SAFETY: the caller guarantees the target features and lengths.
+            unsafe { crate::generic::find::<$vector, EQUAL>(a, b) }
+        }
+
+        fn is_zero(buf: &[u8]) -> bool {
+            // SAFETY: this table is only reachable through `Backend::kernels`,
+            // which checked the CPU features at runtime.
+            unsafe { is_zero_tf(buf) }
+        }
+
+        fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+            // SAFETY: as for `is_zero`; `crate::diff_mask` checked the lengths.
+            unsafe { diff_mask_tf(a, b, masks) }
+        }
+
+        fn find_diff(a: &[u8], b: &[u8]) -> usize {
+            // SAFETY: as for `is_zero`; `crate::find_diff` equalized the lengths.
+            unsafe { find_tf::<false>(a, b) }
+        }
+
+        fn find_equal(a: &[u8], b: &[u8]) -> usize {
+            // SAFETY: as for `is_zero`; `crate::find_equal` equalized the lengths.
+            unsafe { find_tf::<true>(a, b) }
+        }
+
+        pub(crate) static KERNELS: crate::Kernels = crate::Kernels {
+            backend: $backend,
+            is_zero,
+            diff_mask,
+            find_diff,
+            find_equal,
+        };
+    };
+}

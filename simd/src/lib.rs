@@ -1,0 +1,241 @@
+//! CPU-dispatched SIMD kernels for scanning guest memory pages.
+//!
+//! * [`is_zero`]: is a buffer all zero bytes (zero-page detection)?
+//! * [`diff_mask`]: one bit per byte where two buffers differ, the input of
+//!   the XBZRLE run scanner.
+//! * [`find_diff`] / [`find_equal`]: position of the next differing / equal
+//!   byte between two slices.
+//!
+//! Each kernel is written once over a small vector abstraction (`Vector`)
+//! and instantiated per ISA: AVX-512BW, AVX2 and SSE2 on x86-64, NEON on
+//! aarch64, and a portable 64-bit-word (SWAR) fallback everywhere. The best
+//! backend the CPU supports is chosen on first use and cached; setting
+//! `VMSTREAM_SIMD=avx512|avx2|sse2|neon|fallback` in the environment forces a
+//! backend (ignored when the CPU lacks it). [`Backend`] lets tests and
+//! benchmarks call any supported backend directly.
+//!
+//! All lengths and alignments are accepted.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::fmt;
+use std::sync::OnceLock;
+
+#[macro_use]
+mod backend_kernels;
+mod fallback;
+mod generic;
+mod vector;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Bytes covered by one word of a [`diff_mask`] output.
+pub const MASK_BYTES: usize = 64;
+
+/// Number of `u64` mask words [`diff_mask`] needs for `len` bytes.
+#[inline]
+pub const fn mask_words(len: usize) -> usize {
+    len.div_ceil(MASK_BYTES)
+}
+
+/// True when every byte of `buf` is zero.
+///
+/// Rejects data in the first, middle or last vector of the buffer before
+/// scanning the rest, so typical non-zero pages cost three loads.
+#[inline]
+pub fn is_zero(buf: &[u8]) -> bool {
+    (active().is_zero)(buf)
+}
+
+/// Writes one bit per byte into `masks` (bit `i % 64` of word `i / 64` is set
+/// when `a[i] != b[i]`; bits past the end are zero) and returns whether any
+/// byte differs.
+///
+/// # Panics
+/// When `a` and `b` differ in length or `masks.len() != mask_words(a.len())`.
+#[inline]
+pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+    check_mask_args(a, b, masks);
+    (active().diff_mask)(a, b, masks)
+}
+
+/// Index of the first byte at which `a` and `b` differ, or the length of the
+/// shorter slice when they agree on all of it.
+#[inline]
+pub fn find_diff(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    (active().find_diff)(&a[..n], &b[..n])
+}
+
+/// Index of the first byte at which `a` and `b` are equal, or the length of
+/// the shorter slice when they differ on all of it.
+#[inline]
+pub fn find_equal(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    (active().find_equal)(&a[..n], &b[..n])
+}
+
+fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64]) {
+    assert_eq!(a.len(), b.len(), "diff_mask: slices differ in length");
+    assert_eq!(
+        masks.len(),
+        mask_words(a.len()),
+        "diff_mask: mask slice must hold mask_words(len) words"
+    );
+}
+
+/// One backend's kernels. Obtainable only through [`Backend::kernels`], which
+/// checks that the CPU supports the backend.
+pub struct Kernels {
+    backend: Backend,
+    is_zero: fn(&[u8]) -> bool,
+    diff_mask: fn(&[u8], &[u8], &mut [u64]) -> bool,
+    find_diff: fn(&[u8], &[u8]) -> usize,
+    find_equal: fn(&[u8], &[u8]) -> usize,
+}
+
+impl Kernels {
+    /// The backend these kernels belong to.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// [`is_zero`] on this backend.
+    pub fn is_zero(&self, buf: &[u8]) -> bool {
+        (self.is_zero)(buf)
+    }
+
+    /// [`diff_mask`] on this backend (same panics).
+    pub fn diff_mask(&self, a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+        check_mask_args(a, b, masks);
+        (self.diff_mask)(a, b, masks)
+    }
+
+    /// [`find_diff`] on this backend.
+    pub fn find_diff(&self, a: &[u8], b: &[u8]) -> usize {
+        let n = a.len().min(b.len());
+        (self.find_diff)(&a[..n], &b[..n])
+    }
+
+    /// [`find_equal`] on this backend.
+    pub fn find_equal(&self, a: &[u8], b: &[u8]) -> usize {
+        let n = a.len().min(b.len());
+        (self.find_equal)(&a[..n], &b[..n])
+    }
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kernels").field("backend", &self.backend).finish()
+    }
+}
+
+/// An instruction-set backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// x86-64 AVX-512F + AVX-512BW, 64-byte vectors.
+    Avx512,
+    /// x86-64 AVX2, 32-byte vectors.
+    Avx2,
+    /// x86-64 SSE2, 16-byte vectors.
+    Sse2,
+    /// aarch64 NEON, 16-byte vectors.
+    Neon,
+    /// Portable 64-bit words.
+    Fallback,
+}
+
+impl Backend {
+    /// Every backend, best first.
+    pub const ALL: [Backend; 5] = [
+        Backend::Avx512,
+        Backend::Avx2,
+        Backend::Sse2,
+        Backend::Neon,
+        Backend::Fallback,
+    ];
+
+    /// The backends this CPU supports, best first (always ends with
+    /// [`Backend::Fallback`]).
+    pub fn available() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.kernels().is_some()).collect()
+    }
+
+    /// The backend the dispatched functions use.
+    pub fn active() -> Backend {
+        active().backend
+    }
+
+    /// Lower-case name, as accepted by `VMSTREAM_SIMD`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Avx512 => "avx512",
+            Backend::Avx2 => "avx2",
+            Backend::Sse2 => "sse2",
+            Backend::Neon => "neon",
+            Backend::Fallback => "fallback",
+        }
+    }
+
+    /// This backend's kernels, or `None` when the CPU does not support it.
+    pub fn kernels(self) -> Option<&'static Kernels> {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => (std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw"))
+            .then_some(&x86::avx512::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => std::is_x86_feature_detected!("avx2").then_some(&x86::avx2::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Sse2 => std::is_x86_feature_detected!("sse2").then_some(&x86::sse2::KERNELS),
+            #[cfg(target_arch = "aarch64")]
+            Backend::Neon => {
+                std::arch::is_aarch64_feature_detected!("neon").then_some(&aarch64::neon::KERNELS)
+            }
+            Backend::Fallback => Some(&FALLBACK),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+static FALLBACK: Kernels = Kernels {
+    backend: Backend::Fallback,
+    // SAFETY (all four): `Word` uses no special instructions.
+    is_zero: |buf| unsafe { generic::is_zero::<fallback::Word>(buf) },
+    diff_mask: |a, b, m| unsafe { generic::diff_mask::<fallback::Word>(a, b, m) },
+    find_diff: |a, b| unsafe { generic::find::<fallback::Word, false>(a, b) },
+    find_equal: |a, b| unsafe { generic::find::<fallback::Word, true>(a, b) },
+};
+
+/// The cached dispatch point: chosen once, on first use.
+#[inline]
+fn active() -> &'static Kernels {
+    static ACTIVE: OnceLock<&'static Kernels> = OnceLock::new();
+    ACTIVE.get_or_init(select)
+}
+
+fn select() -> &'static Kernels {
+    let forced = std::env::var("VMSTREAM_SIMD").ok();
+    if let Some(name) = forced.as_deref() {
+        if let Some(k) = Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .and_then(Backend::kernels)
+        {
+            return k;
+        }
+    }
+    Backend::ALL
+        .into_iter()
+        .find_map(Backend::kernels)
+        .unwrap_or(&FALLBACK)
+}

@@ -1,0 +1,163 @@
+//! Every kernel on every backend this CPU supports, against naive versions.
+
+use quickcheck::{quickcheck, TestResult};
+use vmstream_simd::{mask_words, Backend, Kernels};
+
+fn backends() -> Vec<&'static Kernels> {
+    let all: Vec<_> = Backend::available()
+        .into_iter()
+        .map(|b| b.kernels().unwrap())
+        .collect();
+    assert!(all.iter().any(|k| k.backend() == Backend::Fallback));
+    all
+}
+
+fn naive_diff_mask(a: &[u8], b: &[u8]) -> Vec<u64> {
+    let mut m = vec![0u64; mask_words(a.len())];
+    for i in 0..a.len() {
+        if a[i] != b[i] {
+            m[i / 64] |= 1 << (i % 64);
+        }
+    }
+    m
+}
+
+fn naive_find(a: &[u8], b: &[u8], equal: bool) -> usize {
+    let n = a.len().min(b.len());
+    (0..n).find(|&i| (a[i] == b[i]) == equal).unwrap_or(n)
+}
+
+/// Checks all kernels on `buf` placed at every offset 0..64 of a larger,
+/// poisoned allocation (alignment coverage).
+fn check_all(a: &[u8], b: &[u8]) {
+    let n = a.len().min(b.len());
+    let mut abuf = vec![0xa5u8; n + 128];
+    let mut bbuf = vec![0x5au8; n + 128];
+    for off in [0usize, 1, 3, 7, 15, 31, 33, 63] {
+        abuf[off..off + n].copy_from_slice(&a[..n]);
+        bbuf[off..off + n].copy_from_slice(&b[..n]);
+        let (sa, sb) = (&abuf[off..off + n], &bbuf[off..off + n]);
+        let want_mask = naive_diff_mask(sa, sb);
+        for k in backends() {
+            let name = k.backend();
+            assert_eq!(k.is_zero(sa), sa.iter().all(|&x| x == 0), "{name} is_zero len {n} off {off}");
+            let mut m = vec![!0u64; mask_words(n)];
+            let any = k.diff_mask(sa, sb, &mut m);
+            assert_eq!(m, want_mask, "{name} diff_mask len {n} off {off}");
+            assert_eq!(any, sa != sb, "{name} diff_mask any");
+            assert_eq!(k.find_diff(sa, sb), naive_find(sa, sb, false), "{name} find_diff");
+            assert_eq!(k.find_equal(sa, sb), naive_find(sa, sb, true), "{name} find_equal");
+        }
+    }
+}
+
+#[test]
+fn fallback_is_always_available() {
+    assert!(Backend::available().contains(&Backend::Fallback));
+    assert!(Backend::available().contains(&Backend::active()));
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn x86_backends_match_cpu_features() {
+    let avail = Backend::available();
+    assert_eq!(avail.contains(&Backend::Avx2), std::is_x86_feature_detected!("avx2"));
+    assert_eq!(
+        avail.contains(&Backend::Avx512),
+        std::is_x86_feature_detected!("avx512bw")
+    );
+    assert!(avail.contains(&Backend::Sse2));
+}
+
+#[test]
+fn every_length_up_to_300_single_change_anywhere() {
+    for len in 0..300usize {
+        let zero = vec![0u8; len];
+        check_all(&zero, &zero);
+        for pos in 0..len {
+            let mut one = zero.clone();
+            one[pos] = 1 << (pos % 8);
+            check_all(&one, &zero);
+            check_all(&zero, &one);
+        }
+    }
+}
+
+#[test]
+fn pages_with_data_at_head_middle_tail() {
+    for len in [4096usize, 8192, 16384, 4095, 4097] {
+        for pos in [0, len / 2, len / 2 - 1, len / 2 + 1, len - 1, 64, 63, 65, 1000] {
+            let mut page = vec![0u8; len];
+            page[pos] = 0x80;
+            for k in backends() {
+                assert!(!k.is_zero(&page), "{} len {len} pos {pos}", k.backend());
+            }
+        }
+        let zero = vec![0u8; len];
+        for k in backends() {
+            assert!(k.is_zero(&zero));
+        }
+    }
+}
+
+#[test]
+fn every_byte_value_is_detected() {
+    for v in 1..=255u8 {
+        for pos in [0usize, 13, 64, 100, 4095] {
+            let mut page = vec![0u8; 4096];
+            page[pos] = v;
+            let zero = vec![0u8; 4096];
+            for k in backends() {
+                assert!(!k.is_zero(&page));
+                assert_eq!(k.find_diff(&page, &zero), pos);
+            }
+        }
+    }
+}
+
+#[test]
+fn find_on_unequal_lengths_uses_shorter() {
+    let a = [1u8, 2, 3, 4];
+    let b = [1u8, 2, 3];
+    for k in backends() {
+        assert_eq!(k.find_diff(&a, &b), 3);
+        assert_eq!(k.find_equal(&a, &b), 0);
+        assert_eq!(k.find_equal(&[9, 9], &b), 2);
+    }
+    assert_eq!(vmstream_simd::find_diff(&a, &b), 3);
+}
+
+#[test]
+#[should_panic(expected = "mask slice")]
+fn diff_mask_rejects_short_mask() {
+    let a = [0u8; 65];
+    vmstream_simd::diff_mask(&a, &a, &mut [0u64; 1]);
+}
+
+quickcheck! {
+    fn prop_random_pairs(a: Vec<u8>, b: Vec<u8>) -> bool {
+        check_all(&a, &b);
+        true
+    }
+
+    /// Sparse differences over page-sized buffers: the XBZRLE case.
+    fn prop_sparse_page_diffs(seed: Vec<(u16, u8)>, len: u16) -> TestResult {
+        let len = (len as usize % 16384) + 1;
+        let old: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut new = old.clone();
+        for (pos, v) in seed {
+            new[pos as usize % len] = v;
+        }
+        check_all(&old, &new);
+        TestResult::passed()
+    }
+
+    fn prop_mostly_zero(positions: Vec<u16>) -> bool {
+        let mut page = vec![0u8; 4096];
+        for p in &positions {
+            page[*p as usize % 4096] = 0xff;
+        }
+        let want = positions.is_empty();
+        backends().iter().all(|k| k.is_zero(&page) == want) && vmstream_simd::is_zero(&page) == want
+    }
+}
