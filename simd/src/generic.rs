@@ -42,7 +42,8 @@ pub(crate) unsafe fn is_zero<V: Vector>(buf: &[u8]) -> bool {
         unsafe {
             let p = start.add(off);
             let a = V::load_unaligned(p).or(V::load_unaligned(p.add(V::BYTES)));
-            let b = V::load_unaligned(p.add(2 * V::BYTES)).or(V::load_unaligned(p.add(3 * V::BYTES)));
+            let b =
+                V::load_unaligned(p.add(2 * V::BYTES)).or(V::load_unaligned(p.add(3 * V::BYTES)));
             if !a.or(b).is_all_zero() {
                 return false;
             }

@@ -128,7 +128,9 @@ impl Kernels {
 
 impl fmt::Debug for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Kernels").field("backend", &self.backend).finish()
+        f.debug_struct("Kernels")
+            .field("backend", &self.backend)
+            .finish()
     }
 }
 
@@ -160,7 +162,10 @@ impl Backend {
     /// The backends this CPU supports, best first (always ends with
     /// [`Backend::Fallback`]).
     pub fn available() -> Vec<Backend> {
-        Self::ALL.into_iter().filter(|b| b.kernels().is_some()).collect()
+        Self::ALL
+            .into_iter()
+            .filter(|b| b.kernels().is_some())
+            .collect()
     }
 
     /// The backend the dispatched functions use.

@@ -40,13 +40,25 @@ fn check_all(a: &[u8], b: &[u8]) {
         let want_mask = naive_diff_mask(sa, sb);
         for k in backends() {
             let name = k.backend();
-            assert_eq!(k.is_zero(sa), sa.iter().all(|&x| x == 0), "{name} is_zero len {n} off {off}");
+            assert_eq!(
+                k.is_zero(sa),
+                sa.iter().all(|&x| x == 0),
+                "{name} is_zero len {n} off {off}"
+            );
             let mut m = vec![!0u64; mask_words(n)];
             let any = k.diff_mask(sa, sb, &mut m);
             assert_eq!(m, want_mask, "{name} diff_mask len {n} off {off}");
             assert_eq!(any, sa != sb, "{name} diff_mask any");
-            assert_eq!(k.find_diff(sa, sb), naive_find(sa, sb, false), "{name} find_diff");
-            assert_eq!(k.find_equal(sa, sb), naive_find(sa, sb, true), "{name} find_equal");
+            assert_eq!(
+                k.find_diff(sa, sb),
+                naive_find(sa, sb, false),
+                "{name} find_diff"
+            );
+            assert_eq!(
+                k.find_equal(sa, sb),
+                naive_find(sa, sb, true),
+                "{name} find_equal"
+            );
         }
     }
 }
@@ -61,7 +73,10 @@ fn fallback_is_always_available() {
 #[cfg(target_arch = "x86_64")]
 fn x86_backends_match_cpu_features() {
     let avail = Backend::available();
-    assert_eq!(avail.contains(&Backend::Avx2), std::is_x86_feature_detected!("avx2"));
+    assert_eq!(
+        avail.contains(&Backend::Avx2),
+        std::is_x86_feature_detected!("avx2")
+    );
     assert_eq!(
         avail.contains(&Backend::Avx512),
         std::is_x86_feature_detected!("avx512bw")
@@ -86,7 +101,17 @@ fn every_length_up_to_300_single_change_anywhere() {
 #[test]
 fn pages_with_data_at_head_middle_tail() {
     for len in [4096usize, 8192, 16384, 4095, 4097] {
-        for pos in [0, len / 2, len / 2 - 1, len / 2 + 1, len - 1, 64, 63, 65, 1000] {
+        for pos in [
+            0,
+            len / 2,
+            len / 2 - 1,
+            len / 2 + 1,
+            len - 1,
+            64,
+            63,
+            65,
+            1000,
+        ] {
             let mut page = vec![0u8; len];
             page[pos] = 0x80;
             for k in backends() {
