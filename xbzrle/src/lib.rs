@@ -16,12 +16,18 @@
 //! for identical pages. [`encode_compact`] may also merge short unchanged gaps
 //! into literals; its output decodes with the same rules.
 
+pub mod cache;
 mod decode;
 mod encode;
+pub mod sender;
 mod uleb;
 
+pub use cache::{
+    CacheConfigError, CacheStats, InsertOutcome, Layout, PageCache, DEFAULT_CACHE_BYTES,
+};
 pub use decode::{decode, validate, DecodeError};
 pub use encode::{encode, encode_compact, EncodeError};
+pub use sender::{DeltaEncoder, DeltaStats, PageOutcome};
 
 /// Largest page the format can describe: every run length must fit in two
 /// ULEB128 bytes (`0x3fff`), and a page may be one long run.
