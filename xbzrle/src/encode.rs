@@ -92,8 +92,28 @@ fn encode_with<const COMPACT: bool>(
     if len > 0 && out.len() < 2 {
         return Err(EncodeError::Overflow);
     }
-    let mut mask_buf = [0u64; mask_words(MAX_PAGE_SIZE)];
-    let masks = &mut mask_buf[..mask_words(len)];
+    // The mask lives on the stack; size it for the common 4 KiB page so the
+    // array costs a few stores, not a 2 KiB memset.
+    if len <= SMALL_PAGE {
+        let mut masks = [0u64; mask_words(SMALL_PAGE)];
+        encode_runs::<COMPACT>(old, new, out, &mut masks[..mask_words(len)])
+    } else {
+        let mut masks = [0u64; mask_words(MAX_PAGE_SIZE)];
+        encode_runs::<COMPACT>(old, new, out, &mut masks[..mask_words(len)])
+    }
+}
+
+/// Pages up to this size use a smaller mask array.
+const SMALL_PAGE: usize = 4096;
+
+#[inline(always)]
+fn encode_runs<const COMPACT: bool>(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    masks: &mut [u64],
+) -> Result<usize, EncodeError> {
+    let len = new.len();
     if !diff_mask(old, new, masks) {
         return Ok(0);
     }
