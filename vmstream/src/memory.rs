@@ -1,0 +1,367 @@
+//! Guest memory backed by a file (tmpfs, hugetlbfs, disk) or a memfd, mapped into this process.
+//!
+//! The mapping is `MAP_SHARED` by default so that the guest process, the sender and any
+//! verifier see the same bytes. A private (copy-on-write) mapping is available for
+//! read-mostly tools that must not change the file (verify of a snapshot replays the
+//! journal in its private view).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Page size of guest memory in bytes; dirty tracking and migration work in these units.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Errors from creating or mapping guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is zero or not a multiple of [`PAGE_SIZE`].
+    #[error("guest memory size {0} must be a non-zero multiple of {PAGE_SIZE}")]
+    BadSize(u64),
+    /// The existing file has a different size than requested.
+    #[error("guest memory file {path} is {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// File path.
+        path: PathBuf,
+        /// Size found on disk.
+        actual: u64,
+        /// Size requested.
+        expected: u64,
+    },
+    /// An I/O or system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MemoryError {
+    let what = what.into();
+    move |source| MemoryError::Io { what, source }
+}
+
+/// How to map the guest memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapMode {
+    /// Read-write `MAP_SHARED`: writes reach the file and every other mapping.
+    Shared,
+    /// Read-only `MAP_SHARED`: sees every write of other mappings, cannot write.
+    SharedReadOnly,
+    /// Read-write `MAP_PRIVATE`: reads the file, writes stay in this process.
+    Private,
+}
+
+/// A mapped guest memory region and the file behind it.
+pub struct GuestMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    mode: MapMode,
+    file: File,
+    path: PathBuf,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; concurrent access from other
+// threads goes through raw-pointer copies or atomics, never through shared `&mut`.
+unsafe impl Send for GuestMemory {}
+// SAFETY: see `Send`; `&self` methods only read via raw pointers or use atomics.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Create the file at `path` as `size` zero bytes (old contents are discarded) and map
+    /// it shared.
+    pub fn create(path: &Path, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        file.set_len(size)
+            .map_err(io_err(format!("resize {}", path.display())))?;
+        Self::map(file, path.to_path_buf(), size, MapMode::Shared)
+    }
+
+    /// Open an existing guest memory file and map it with `mode`; the size is the file's size.
+    pub fn open(path: &Path, mode: MapMode) -> Result<Self, MemoryError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(mode == MapMode::Shared)
+            .open(path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        let size = file
+            .metadata()
+            .map_err(io_err(format!("stat {}", path.display())))?
+            .len();
+        check_size(size)?;
+        Self::map(file, path.to_path_buf(), size, mode)
+    }
+
+    /// Open an existing file and require it to be exactly `size` bytes.
+    pub fn open_sized(path: &Path, size: u64, mode: MapMode) -> Result<Self, MemoryError> {
+        let mem = Self::open(path, mode)?;
+        if mem.len() as u64 != size {
+            return Err(MemoryError::SizeMismatch {
+                path: path.to_path_buf(),
+                actual: mem.len() as u64,
+                expected: size,
+            });
+        }
+        Ok(mem)
+    }
+
+    /// Create an anonymous memfd of `size` bytes and map it shared.
+    ///
+    /// Other processes reach it through [`GuestMemory::path`] (`/proc/PID/fd/N`).
+    pub fn memfd(name: &str, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let cname = std::ffi::CString::new(name).map_err(|_| MemoryError::Io {
+            what: "memfd name".into(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+        if fd < 0 {
+            return Err(io_err("memfd_create")(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(io_err("resize memfd"))?;
+        let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), fd));
+        Self::map(file, path, size, MapMode::Shared)
+    }
+
+    fn map(file: File, path: PathBuf, size: u64, mode: MapMode) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        let (prot, flags) = match mode {
+            MapMode::Shared => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+            MapMode::SharedReadOnly => (libc::PROT_READ, libc::MAP_SHARED),
+            MapMode::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
+        };
+        // SAFETY: mapping a fresh region (addr = NULL) of `len` bytes of an open file cannot
+        // alias any Rust object; the result is checked for MAP_FAILED.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, file.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io_err(format!("mmap {}", path.display()))(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns NULL on success"),
+            len,
+            mode,
+            file,
+            path,
+        })
+    }
+
+    /// Size of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if the mapping is empty (never, sizes are checked).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of [`PAGE_SIZE`] pages.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// The path other processes can open to map the same memory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file behind the mapping.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// How the memory is mapped.
+    pub fn mode(&self) -> MapMode {
+        self.mode
+    }
+
+    /// Start address of the mapping (for userfaultfd registration and pagemap scans).
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Raw pointer to the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The whole mapping as a mutable slice, for the single writer (the guest).
+    ///
+    /// Panics on a read-only mapping.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.mode != MapMode::SharedReadOnly, "read-only mapping");
+        // SAFETY: the mapping is `len` bytes, writable (checked above), and `&mut self`
+        // guarantees no other reference into it exists in this process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Copy `buf.len()` bytes starting at `offset` into `buf`.
+    ///
+    /// Another process may write the memory at the same time; the copy then holds a mix of
+    /// old and new bytes, which dirty tracking accounts for.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) {
+        let end = offset.checked_add(buf.len()).expect("offset overflow");
+        assert!(end <= self.len, "read {offset}..{end} past {}", self.len);
+        // SAFETY: the range is inside the mapping (checked above); `buf` is a distinct
+        // Rust buffer, so the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        }
+    }
+
+    /// Copy page `page` into `buf` (which must be [`PAGE_SIZE`] bytes).
+    pub fn read_page(&self, page: u64, buf: &mut [u8]) {
+        assert_eq!(buf.len(), PAGE_SIZE);
+        self.read_at(page as usize * PAGE_SIZE, buf);
+    }
+
+    /// Copy `data` into the memory at `offset` (the receiving side's page writes).
+    pub fn write_at(&self, offset: usize, data: &[u8]) {
+        assert!(self.mode != MapMode::SharedReadOnly, "read-only mapping");
+        let end = offset.checked_add(data.len()).expect("offset overflow");
+        assert!(end <= self.len, "write {offset}..{end} past {}", self.len);
+        // SAFETY: the range is inside a writable mapping (checked above) and `data` is a
+        // distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        }
+    }
+
+    /// Atomically load the aligned little-endian u64 at `offset` (e.g. a counter that
+    /// another process updates).
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        assert!(
+            offset.is_multiple_of(8) && offset + 8 <= self.len,
+            "bad u64 offset {offset}"
+        );
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); AtomicU64 has
+        // the same layout as u64, and atomics are sound under concurrent writers.
+        let a = unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU64) };
+        u64::from_le(a.load(Ordering::Acquire))
+    }
+
+    /// Flush the mapping to the file (msync); only matters for disk-backed files.
+    pub fn sync(&self) -> Result<(), MemoryError> {
+        // SAFETY: the range is exactly our mapping.
+        let rc = unsafe { libc::msync(self.ptr.as_ptr().cast(), self.len, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io_err("msync")(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region we mapped; no references outlive `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+fn check_size(size: u64) -> Result<(), MemoryError> {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(MemoryError::BadSize(size));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmstream-mem-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn shared_mappings_see_each_other() {
+        let p = tmp("shared");
+        let mut a = GuestMemory::create(&p, 8 * 4096).unwrap();
+        let b = GuestMemory::open(&p, MapMode::SharedReadOnly).unwrap();
+        a.as_mut_slice()[4096 + 7] = 0xAB;
+        let mut page = vec![0u8; PAGE_SIZE];
+        b.read_page(1, &mut page);
+        assert_eq!(page[7], 0xAB);
+        assert_eq!(b.pages(), 8);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn private_mapping_does_not_change_file() {
+        let p = tmp("private");
+        let mut a = GuestMemory::create(&p, 4096).unwrap();
+        a.as_mut_slice()[0] = 1;
+        let mut c = GuestMemory::open(&p, MapMode::Private).unwrap();
+        c.as_mut_slice()[0] = 2;
+        assert_eq!(a.as_mut_slice()[0], 1);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn memfd_is_reachable_by_path() {
+        let mut m = GuestMemory::memfd("vmstream-test", 2 * 4096).unwrap();
+        m.as_mut_slice()[4096] = 9;
+        m.as_mut_slice()[8..16].copy_from_slice(&77u64.to_le_bytes());
+        let other = GuestMemory::open(m.path(), MapMode::SharedReadOnly).unwrap();
+        let mut b = [0u8; 1];
+        other.read_at(4096, &mut b);
+        assert_eq!(b[0], 9);
+        assert_eq!(other.load_u64(8), 77);
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        let p = tmp("bad");
+        assert!(matches!(
+            GuestMemory::create(&p, 0),
+            Err(MemoryError::BadSize(0))
+        ));
+        assert!(matches!(
+            GuestMemory::create(&p, 100),
+            Err(MemoryError::BadSize(100))
+        ));
+        let _ = GuestMemory::create(&p, 4096).unwrap();
+        assert!(matches!(
+            GuestMemory::open_sized(&p, 8192, MapMode::SharedReadOnly),
+            Err(MemoryError::SizeMismatch { .. })
+        ));
+        std::fs::remove_file(&p).unwrap();
+    }
+}

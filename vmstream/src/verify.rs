@@ -1,0 +1,369 @@
+//! Superblock parsing and the verifier that tells a lost or stale page.
+//!
+//! Verify expects a consistent image (journal empty; run [`crate::workload::recover`] first,
+//! [`verify_snapshot`] does both on a private copy-on-write view). It checks, block by block
+//! in order, and stops at the first bad block:
+//! - active block: header number = block, header version = ledger entry >= 1, checksum,
+//!   `last_tx <= tx_count`, and for filling workloads the exact fill pattern of the version;
+//! - inactive block: ledger entry 0 and every byte zero;
+//! - then `sum(ledger) == active_blocks + tx_count` (each transaction adds one version).
+//!
+//! A stale data page shows as a checksum or content error, a stale ledger page as a
+//! version mismatch, a stale superblock as a wrong sum; a lost page (zero) as a wrong
+//! block number.
+
+use std::path::Path;
+
+use crate::layout::{self, get_u32, get_u64, hdr, sb, Geometry, WorkloadKind, BLOCK_HEADER_SIZE};
+use crate::memory::{GuestMemory, MapMode, MemoryError};
+
+/// Why a guest memory image is not a consistent vmstream guest. Block errors name the first
+/// bad block.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Offset 0 does not hold the vmstream magic.
+    #[error("no vmstream guest superblock (magic {0:#018x})")]
+    BadMagic(u64),
+    /// Unsupported layout version.
+    #[error("layout version {0} is not supported")]
+    LayoutVersion(u32),
+    /// A superblock field is inconsistent.
+    #[error("bad superblock: {0}")]
+    Superblock(String),
+    /// The journal record cannot be replayed.
+    #[error("bad journal record (seq {seq}): {why}")]
+    Journal {
+        /// Journal sequence number.
+        seq: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The journal is still armed (image not recovered).
+    #[error("journal armed with tx {0}: recover the image before verifying")]
+    JournalArmed(u64),
+    /// A block header carries the wrong block number (lost or misplaced page).
+    #[error("block {block}: header says block {found}")]
+    BlockNumber {
+        /// Block index.
+        block: u64,
+        /// Number in the header.
+        found: u64,
+    },
+    /// Header version differs from the ledger (stale block or stale ledger page).
+    #[error("block {block}: version {header} but ledger says {ledger}")]
+    Version {
+        /// Block index.
+        block: u64,
+        /// Version in the block header.
+        header: u64,
+        /// Version in the ledger.
+        ledger: u64,
+    },
+    /// Checksum mismatch (a page of the block is stale or corrupt).
+    #[error("block {block} version {version}: checksum {found:#018x}, computed {computed:#018x}")]
+    Checksum {
+        /// Block index.
+        block: u64,
+        /// Version in the header.
+        version: u64,
+        /// Stored checksum.
+        found: u64,
+        /// Checksum of the contents.
+        computed: u64,
+    },
+    /// Contents differ from the fill pattern of the block's version.
+    #[error("block {block} version {version}: content differs at byte {offset} of the block")]
+    Content {
+        /// Block index.
+        block: u64,
+        /// Version.
+        version: u64,
+        /// Byte offset inside the block.
+        offset: u64,
+    },
+    /// A block claims a transaction newer than the counter.
+    #[error("block {block}: last tx {last_tx} is after tx count {tx_count}")]
+    FutureTx {
+        /// Block index.
+        block: u64,
+        /// Header's last tx.
+        last_tx: u64,
+        /// Superblock tx count.
+        tx_count: u64,
+    },
+    /// Memory that the workload never writes is not zero.
+    #[error("untouched memory not zero at byte {offset} (block {block:?})")]
+    NotZero {
+        /// Byte offset in guest memory.
+        offset: u64,
+        /// Inactive block it belongs to, if any.
+        block: Option<u64>,
+    },
+    /// The ledger does not add up to the transaction counter.
+    #[error("ledger sums to {ledger_sum}, expected {expected} (active blocks + tx count)")]
+    Counter {
+        /// Sum of all ledger entries.
+        ledger_sum: u64,
+        /// active_blocks + tx_count.
+        expected: u64,
+    },
+}
+
+/// Parsed superblock fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Workload.
+    pub kind: WorkloadKind,
+    /// Total memory size.
+    pub memory_size: u64,
+    /// Block size.
+    pub block_size: u64,
+    /// Number of blocks.
+    pub block_count: u64,
+    /// Offset of block 0.
+    pub data_offset: u64,
+    /// Formatted blocks.
+    pub active_blocks: u64,
+    /// Hot blocks.
+    pub hot_blocks: u64,
+    /// Target rate, tx/s.
+    pub rate: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Committed transactions.
+    pub tx_count: u64,
+    /// Journal sequence (0 = empty).
+    pub journal_seq: u64,
+}
+
+impl Superblock {
+    /// Parse and sanity-check the superblock of `mem` (whose length must be the memory size).
+    pub fn read(mem: &[u8]) -> Result<Self, VerifyError> {
+        if mem.len() < crate::memory::PAGE_SIZE {
+            return Err(VerifyError::Superblock(format!(
+                "memory of {} bytes",
+                mem.len()
+            )));
+        }
+        let magic = get_u64(mem, sb::MAGIC);
+        if magic != layout::MAGIC {
+            return Err(VerifyError::BadMagic(magic));
+        }
+        let version = get_u32(mem, sb::LAYOUT_VERSION);
+        if version != layout::LAYOUT_VERSION {
+            return Err(VerifyError::LayoutVersion(version));
+        }
+        let code = get_u32(mem, sb::KIND);
+        let kind = WorkloadKind::from_code(code)
+            .ok_or_else(|| VerifyError::Superblock(format!("workload kind {code}")))?;
+        let s = Self {
+            kind,
+            memory_size: get_u64(mem, sb::MEMORY_SIZE),
+            block_size: get_u64(mem, sb::BLOCK_SIZE),
+            block_count: get_u64(mem, sb::BLOCK_COUNT),
+            data_offset: get_u64(mem, sb::DATA_OFFSET),
+            active_blocks: get_u64(mem, sb::ACTIVE_BLOCKS),
+            hot_blocks: get_u64(mem, sb::HOT_BLOCKS),
+            rate: get_u64(mem, sb::RATE),
+            seed: get_u64(mem, sb::SEED),
+            tx_count: get_u64(mem, sb::TX_COUNT),
+            journal_seq: get_u64(mem, sb::JOURNAL_SEQ),
+        };
+        let bad = |what: String| Err(VerifyError::Superblock(what));
+        if s.memory_size != mem.len() as u64 {
+            return bad(format!(
+                "memory size {} but image is {}",
+                s.memory_size,
+                mem.len()
+            ));
+        }
+        if s.block_size != kind.block_size() {
+            return bad(format!("block size {} for {}", s.block_size, kind.name()));
+        }
+        let g = Geometry::new(s.memory_size, s.block_size);
+        if g != Some(s.geometry()) || get_u64(mem, sb::LEDGER_OFFSET) != layout::LEDGER_OFFSET {
+            return bad(format!(
+                "geometry {:?} does not match size {}",
+                s.geometry(),
+                s.memory_size
+            ));
+        }
+        if s.active_blocks == 0 || s.active_blocks > s.block_count {
+            return bad(format!(
+                "{} active of {} blocks",
+                s.active_blocks, s.block_count
+            ));
+        }
+        let hot_ok = match kind {
+            WorkloadKind::Dbsim => s.hot_blocks == s.active_blocks.div_ceil(10),
+            WorkloadKind::Hotset => (1..=s.active_blocks).contains(&s.hot_blocks),
+            _ => true,
+        };
+        if !hot_ok {
+            return bad(format!(
+                "{} hot of {} active blocks",
+                s.hot_blocks, s.active_blocks
+            ));
+        }
+        Ok(s)
+    }
+
+    /// The geometry the superblock describes.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            memory_size: self.memory_size,
+            block_size: self.block_size,
+            block_count: self.block_count,
+            data_offset: self.data_offset,
+        }
+    }
+}
+
+/// What a successful verify saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Workload kind.
+    pub kind: WorkloadKind,
+    /// Blocks checked (all of them).
+    pub blocks: u64,
+    /// Active blocks.
+    pub active_blocks: u64,
+    /// Committed transactions.
+    pub tx_count: u64,
+    /// Whether an armed journal record was replayed first (snapshot taken mid-transaction).
+    pub replayed_journal: bool,
+}
+
+/// Verify a consistent (recovered) image. See the module docs for what is checked.
+pub fn verify(mem: &[u8]) -> Result<VerifyReport, VerifyError> {
+    let s = Superblock::read(mem)?;
+    if s.journal_seq != 0 {
+        return Err(VerifyError::JournalArmed(s.journal_seq));
+    }
+    let g = s.geometry();
+    let bs = g.block_size as usize;
+    let mut ledger_sum: u64 = 0;
+    for b in 0..g.block_count {
+        let ledger = get_u64(mem, g.ledger_entry(b));
+        let off = g.block_offset(b);
+        let block = &mem[off..off + bs];
+        if b >= s.active_blocks {
+            if ledger != 0 {
+                return Err(VerifyError::Version {
+                    block: b,
+                    header: get_u64(block, hdr::VERSION),
+                    ledger,
+                });
+            }
+            check_zero(block, off as u64, Some(b))?;
+            continue;
+        }
+        let number = get_u64(block, hdr::BLOCK);
+        if number != b {
+            return Err(VerifyError::BlockNumber {
+                block: b,
+                found: number,
+            });
+        }
+        let version = get_u64(block, hdr::VERSION);
+        if version != ledger || ledger == 0 {
+            return Err(VerifyError::Version {
+                block: b,
+                header: version,
+                ledger,
+            });
+        }
+        let found = get_u64(block, hdr::CHECKSUM);
+        let computed = layout::block_checksum(block);
+        if found != computed {
+            return Err(VerifyError::Checksum {
+                block: b,
+                version,
+                found,
+                computed,
+            });
+        }
+        let last_tx = get_u64(block, hdr::LAST_TX);
+        if last_tx > s.tx_count {
+            return Err(VerifyError::FutureTx {
+                block: b,
+                last_tx,
+                tx_count: s.tx_count,
+            });
+        }
+        if s.kind.fills_blocks() {
+            if let Some(at) = layout::check_fill(&block[BLOCK_HEADER_SIZE..], s.seed, b, version) {
+                return Err(VerifyError::Content {
+                    block: b,
+                    version,
+                    offset: (BLOCK_HEADER_SIZE + at) as u64,
+                });
+            }
+        }
+        ledger_sum = ledger_sum.wrapping_add(ledger);
+    }
+    // Ledger slack after the last entry, and memory after the last block, stay zero.
+    let ledger_end = g.ledger_entry(g.block_count);
+    check_zero(
+        &mem[ledger_end..g.data_offset as usize],
+        ledger_end as u64,
+        None,
+    )?;
+    let tail = g.block_offset(g.block_count);
+    check_zero(&mem[tail..], tail as u64, None)?;
+    let expected = s.active_blocks.wrapping_add(s.tx_count);
+    if ledger_sum != expected {
+        return Err(VerifyError::Counter {
+            ledger_sum,
+            expected,
+        });
+    }
+    Ok(VerifyReport {
+        kind: s.kind,
+        blocks: g.block_count,
+        active_blocks: s.active_blocks,
+        tx_count: s.tx_count,
+        replayed_journal: false,
+    })
+}
+
+fn check_zero(bytes: &[u8], base: u64, block: Option<u64>) -> Result<(), VerifyError> {
+    let mut at = 0;
+    for chunk in bytes.chunks(crate::memory::PAGE_SIZE) {
+        if !vmstream_simd::is_zero(chunk) {
+            let pos = chunk.iter().position(|&x| x != 0).unwrap_or(0);
+            return Err(VerifyError::NotZero {
+                offset: base + (at + pos) as u64,
+                block,
+            });
+        }
+        at += chunk.len();
+    }
+    Ok(())
+}
+
+/// Errors from verifying a memory file.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyFileError {
+    /// The file could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The image is inconsistent.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+/// Recover (replay the journal) in `mem` and verify it. Use on a private view of a snapshot
+/// or on the guest's own memory before resuming.
+pub fn verify_snapshot(mem: &mut [u8]) -> Result<VerifyReport, VerifyError> {
+    let replayed = crate::workload::recover(mem)?;
+    let mut report = verify(mem)?;
+    report.replayed_journal = replayed;
+    Ok(report)
+}
+
+/// Verify the guest memory file at `path` without changing it (private mapping).
+pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
+    let mut mem = GuestMemory::open(path, MapMode::Private)?;
+    Ok(verify_snapshot(mem.as_mut_slice())?)
+}
