@@ -16,6 +16,9 @@ const PAGE: usize = 4096;
 const WARM: usize = 4 << 20;
 const COLD: usize = 64 << 20;
 
+/// Fills or mutates one page of a set.
+type PageFn<'a> = Box<dyn FnMut(&mut [u8], &mut Rng) + 'a>;
+
 /// Deterministic xorshift, so every run measures the same bytes.
 struct Rng(u64);
 impl Rng {
@@ -58,11 +61,11 @@ impl PageSet {
         }
     }
 
-    fn old(&self, i: usize) -> &[u8] {
+    fn old_page(&self, i: usize) -> &[u8] {
         &self.old[i * PAGE..(i + 1) * PAGE]
     }
 
-    fn new(&self, i: usize) -> &[u8] {
+    fn new_page(&self, i: usize) -> &[u8] {
         &self.new[i * PAGE..(i + 1) * PAGE]
     }
 }
@@ -71,15 +74,17 @@ fn flip(b: &mut u8, rng: &mut Rng) {
     *b = b.wrapping_add(1 + (rng.next() % 255) as u8);
 }
 
-
 /// Adds `memcmp` of two identical pages (walking a warm set) to `group`.
-fn memcmp_baseline(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, set: &PageSet) {
+fn memcmp_baseline(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    set: &PageSet,
+) {
     let copy = set.old.clone();
     let mut i = 0;
     group.bench_function("memcmp", |b| {
         b.iter(|| {
             i = (i + 1) % set.pages;
-            black_box(black_box(set.old(i)) == black_box(&copy[i * PAGE..(i + 1) * PAGE]))
+            black_box(black_box(set.old_page(i)) == black_box(&copy[i * PAGE..(i + 1) * PAGE]))
         })
     });
 }
@@ -90,13 +95,16 @@ fn bench_is_zero(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("is_zero/{label}"));
         memcmp_baseline(&mut group, &baseline);
         let pages = bytes / PAGE;
-        let cases: [(&str, Box<dyn Fn(&mut [u8], &mut Rng)>); 4] = [
+        let cases: [(&str, PageFn); 4] = [
             ("all_zero", Box::new(|_, _| {})),
             ("first_byte", Box::new(|p, _| p[0] = 1)),
             ("byte_3800", Box::new(|p, _| p[3800] = 1)),
-            ("random", Box::new(|p, r| p.iter_mut().for_each(|b| *b = r.next() as u8 | 1))),
+            (
+                "random",
+                Box::new(|p, r| p.iter_mut().for_each(|b| *b = r.next() as u8 | 1)),
+            ),
         ];
-        for (name, fill) in cases {
+        for (name, mut fill) in cases {
             let mut buf = vec![0u8; bytes];
             let mut rng = Rng(1);
             buf.chunks_exact_mut(PAGE).for_each(|p| fill(p, &mut rng));
@@ -120,19 +128,33 @@ fn bench_xbzrle_set(c: &mut Criterion, name: &str, set: &PageSet) {
     group.bench_function("encode", |b| {
         b.iter(|| {
             i = (i + 1) % set.pages;
-            black_box(encode(black_box(set.old(i)), black_box(set.new(i)), &mut out).ok())
+            black_box(
+                encode(
+                    black_box(set.old_page(i)),
+                    black_box(set.new_page(i)),
+                    &mut out,
+                )
+                .ok(),
+            )
         })
     });
     group.bench_function("encode_compact", |b| {
         b.iter(|| {
             i = (i + 1) % set.pages;
-            black_box(encode_compact(black_box(set.old(i)), black_box(set.new(i)), &mut out).ok())
+            black_box(
+                encode_compact(
+                    black_box(set.old_page(i)),
+                    black_box(set.new_page(i)),
+                    &mut out,
+                )
+                .ok(),
+            )
         })
     });
     // Deltas of every page (overflowing pages decode nothing: they go raw).
     let deltas: Vec<Vec<u8>> = (0..set.pages)
         .map(|i| {
-            let n = encode(set.old(i), set.new(i), &mut out).unwrap_or(0);
+            let n = encode(set.old_page(i), set.new_page(i), &mut out).unwrap_or(0);
             out[..n].to_vec()
         })
         .collect();
@@ -162,7 +184,7 @@ fn bench_xbzrle(c: &mut Criterion) {
             }
         }
     };
-    let synthetic: [(&str, Box<dyn FnMut(&mut [u8], &mut Rng)>); 6] = [
+    let synthetic: [(&str, PageFn); 6] = [
         ("identical", Box::new(|_, _| {})),
         ("1_byte", Box::new(|p, r| flip(&mut p[r.below(PAGE)], r))),
         ("16_scattered", Box::new(scattered)),
@@ -180,11 +202,15 @@ fn bench_xbzrle(c: &mut Criterion) {
         bench_xbzrle_set(c, name, &PageSet::synthetic(WARM, mutate));
     }
     for corpus in ["pg-pgbench", "linux-kvm-dbsim"] {
-        let Some(corpus) = Corpus::open_named(corpus) else { continue };
+        let Some(corpus) = Corpus::open_named(corpus) else {
+            continue;
+        };
         let pairs = page_pairs(&corpus, None).expect("corpus readable");
         // Evenly spaced pairs over all rounds, 4 MiB of them.
         let want = (WARM / PAGE).min(pairs.len());
-        let picked: Vec<_> = (0..want).map(|k| pairs[k * pairs.len() / want].clone()).collect();
+        let picked: Vec<_> = (0..want)
+            .map(|k| pairs[k * pairs.len() / want].clone())
+            .collect();
         bench_xbzrle_set(c, &corpus.name, &PageSet::from_pairs(&picked));
     }
 }

@@ -1,0 +1,26 @@
+//! `is_zero` and the diff scanners on every backend against naive versions.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmstream_simd::{mask_words, Backend};
+
+fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
+    let (a, b) = input;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let zero = a.iter().all(|&x| x == 0);
+    let first_diff = (0..n).find(|&i| a[i] != b[i]).unwrap_or(n);
+    let first_eq = (0..n).find(|&i| a[i] == b[i]).unwrap_or(n);
+    assert_eq!(vmstream_simd::is_zero(a), zero);
+    for backend in Backend::available() {
+        let k = backend.kernels().unwrap();
+        assert_eq!(k.is_zero(a), zero, "{backend}");
+        assert_eq!(k.find_diff(a, b), first_diff, "{backend}");
+        assert_eq!(k.find_equal(a, b), first_eq, "{backend}");
+        let mut masks = vec![0u64; mask_words(n)];
+        assert_eq!(k.diff_mask(a, b, &mut masks), first_diff < n, "{backend}");
+        for i in 0..n {
+            assert_eq!(masks[i / 64] >> (i % 64) & 1 == 1, a[i] != b[i], "{backend} bit {i}");
+        }
+    }
+});
