@@ -1,1 +1,32 @@
-//! placeholder
+//! vmstream-codec: turns batches of dirty guest pages into checksummed
+//! packets on the sender and applies packets straight into destination
+//! memory on the receiver, both in parallel, with round barriers.
+//!
+//! - [`format`]: the versioned wire format (see `FORMAT.md`) and
+//!   [`frame_len`] for stream framing.
+//! - [`encoder::PageEncoder`] / [`decoder::PacketDecoder`]: single-threaded
+//!   page classification + packetizing, and validation + application.
+//! - [`sender::Sender`] / [`receiver::receive`]: the parallel pipelines.
+//! - [`stats`]: serde-serializable counters.
+
+pub mod compress;
+pub mod decoder;
+pub mod encoder;
+pub mod error;
+pub mod format;
+pub mod memory;
+pub mod receiver;
+pub mod sender;
+pub mod stats;
+
+pub use compress::Compression;
+pub use decoder::PacketDecoder;
+pub use encoder::{Batch, DeltaConfig, DeltaMode, EncoderConfig, PageEncoder};
+pub use error::{CodecError, PacketError, PacketErrorKind};
+pub use format::{frame_len, Encoding, FrameError, FRAME_PREFIX_LEN};
+pub use receiver::{receive, Receiver, ReceiverConfig};
+pub use sender::{Packet, Sender, SenderConfig};
+pub use stats::PipelineStats;
+
+/// Page size of the format: every page record covers this many bytes.
+pub const PAGE_SIZE: usize = 4096;

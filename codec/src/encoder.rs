@@ -1,0 +1,337 @@
+//! Page classification and packetizing on the sender, one thread's worth.
+//!
+//! Cheapest first: zero page, delta against the page cache (XBZRLE or LZ4 of
+//! the XOR, see [`DeltaMode`]), full page compressed with the configured
+//! method, raw when compression does not shrink the page. Every path keeps
+//! the page cache equal to what the destination will hold, following
+//! [`vmstream_xbzrle::sender`]'s rules.
+
+use std::time::Instant;
+
+use vmstream_xbzrle::{DeltaEncoder, PageCache, PageOutcome};
+
+use crate::compress::{Compression, Compressor};
+use crate::decoder::xor_into;
+use crate::error::CodecError;
+use crate::format::{Encoding, PacketWriter};
+use crate::stats::{ByEncoding, CacheStats};
+use crate::PAGE_SIZE;
+
+/// Which delta encoding pages found in the cache use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeltaMode {
+    /// QEMU's XBZRLE (what a QEMU peer understands).
+    Xbzrle,
+    /// LZ4 of `old XOR new` (vmstream peers only).
+    XorLz4,
+    /// Both, keeping the smaller per page (vmstream peers only).
+    Smallest,
+}
+
+/// Delta (page cache) settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeltaConfig {
+    /// Page cache size in bytes, for this encoder (the pipeline divides
+    /// its total between workers).
+    pub cache_bytes: usize,
+    /// Largest delta worth sending, in bytes; a larger one sends the page
+    /// whole (compressed). Must be below the page size.
+    pub max_delta: usize,
+    /// Which delta encoding to use.
+    pub mode: DeltaMode,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        DeltaConfig {
+            cache_bytes: 64 << 20,
+            max_delta: PAGE_SIZE / 2,
+            mode: DeltaMode::Xbzrle,
+        }
+    }
+}
+
+/// Settings of a [`PageEncoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct EncoderConfig {
+    /// Compressor for full pages.
+    pub compression: Compression,
+    /// Page cache and deltas; `None` sends every non-zero page whole.
+    pub delta: Option<DeltaConfig>,
+}
+
+/// Classifies pages and writes them into packets. One per worker thread;
+/// owns its compression context, page cache shard and scratch buffers.
+pub struct PageEncoder {
+    compressor: Compressor,
+    full_encoding: Encoding,
+    delta: Option<(DeltaEncoder, DeltaConfig)>,
+    /// XOR of old and new page.
+    xor: Box<[u8]>,
+    /// Second candidate delta in `Smallest` mode.
+    alt: Box<[u8]>,
+    /// Pages encoded, by encoding.
+    pub stats: ByEncoding,
+    /// Cache outcomes.
+    pub cache: CacheStats,
+    /// Time spent finishing packets (record table, header, CRC), ns.
+    pub finish_ns: u64,
+}
+
+impl std::fmt::Debug for PageEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageEncoder")
+            .field("compressor", &self.compressor)
+            .field("delta", &self.delta.as_ref().map(|d| d.1))
+            .finish()
+    }
+}
+
+impl PageEncoder {
+    /// An encoder for `config`.
+    pub fn new(config: &EncoderConfig) -> Result<PageEncoder, CodecError> {
+        let compressor = Compressor::new(config.compression).map_err(CodecError::Config)?;
+        let delta = match config.delta {
+            None => None,
+            Some(d) => {
+                if d.max_delta < 2 || d.max_delta >= PAGE_SIZE {
+                    return Err(CodecError::Config(format!(
+                        "max_delta {} outside 2..{PAGE_SIZE}",
+                        d.max_delta
+                    )));
+                }
+                let cache = PageCache::new(d.cache_bytes, PAGE_SIZE)
+                    .map_err(|e| CodecError::Config(format!("page cache: {e}")))?;
+                Some((DeltaEncoder::new(cache), d))
+            }
+        };
+        Ok(PageEncoder {
+            compressor,
+            full_encoding: config.compression.encoding(),
+            delta,
+            xor: vec![0; PAGE_SIZE].into_boxed_slice(),
+            alt: vec![0; PAGE_SIZE].into_boxed_slice(),
+            stats: ByEncoding::default(),
+            cache: CacheStats::default(),
+            finish_ns: 0,
+        })
+    }
+
+    /// Starts round `round` (the page cache's generation).
+    pub fn begin_round(&mut self, round: u64) {
+        if let Some((d, _)) = &mut self.delta {
+            d.set_generation(round);
+        }
+    }
+
+    /// Encodes page `page` from `snapshot` (exactly one page, a stable copy:
+    /// the cache is updated from it) into `writer`. A page identical to its
+    /// cached copy adds no record. Returns the encoding used, or `None`
+    /// when nothing needs sending.
+    pub fn encode_page(
+        &mut self,
+        page: u64,
+        snapshot: &[u8],
+        writer: &mut PacketWriter,
+    ) -> Option<Encoding> {
+        debug_assert_eq!(snapshot.len(), PAGE_SIZE);
+        if vmstream_simd::is_zero(snapshot) {
+            if let Some((d, _)) = &mut self.delta {
+                d.note_zero_page(page);
+            }
+            writer.commit(page, Encoding::Zero, 0);
+            self.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
+            return Some(Encoding::Zero);
+        }
+        let start = Instant::now();
+        let encoding = match self.delta.as_ref().map(|d| d.1.mode) {
+            None => self.encode_full(page, snapshot, writer),
+            Some(DeltaMode::Xbzrle) => self.encode_xbzrle(page, snapshot, writer)?,
+            Some(mode) => self.encode_xor(page, snapshot, writer, mode)?,
+        };
+        let len = writer.last_len();
+        self.stats
+            .record(encoding, PAGE_SIZE, len, start.elapsed().as_nanos() as u64);
+        Some(encoding)
+    }
+
+    /// XBZRLE through the DeltaEncoder, which updates the cache itself.
+    fn encode_xbzrle(
+        &mut self,
+        page: u64,
+        snapshot: &[u8],
+        writer: &mut PacketWriter,
+    ) -> Option<Encoding> {
+        let (d, cfg) = self.delta.as_mut().expect("delta configured");
+        let out = &mut writer.payload_space()[..cfg.max_delta];
+        match d.encode_page(page, snapshot, out) {
+            PageOutcome::Unchanged => {
+                self.cache.unchanged += 1;
+                return None;
+            }
+            PageOutcome::Delta(n) => {
+                self.cache.hits += 1;
+                writer.commit(page, Encoding::Xbzrle, n);
+                return Some(Encoding::Xbzrle);
+            }
+            PageOutcome::Overflow => self.cache.overflows += 1,
+            PageOutcome::Miss => self.cache.misses += 1,
+        }
+        Some(self.compress_full(page, snapshot, writer))
+    }
+
+    /// LZ4 of the XOR (or the smaller of it and XBZRLE); the cache is
+    /// updated with `note_full_page` whatever was sent.
+    fn encode_xor(
+        &mut self,
+        page: u64,
+        snapshot: &[u8],
+        writer: &mut PacketWriter,
+        mode: DeltaMode,
+    ) -> Option<Encoding> {
+        let (d, cfg) = self.delta.as_mut().expect("delta configured");
+        let max = cfg.max_delta;
+        let Some(old) = d.cache().peek(page) else {
+            self.cache.misses += 1;
+            return Some(self.encode_full(page, snapshot, writer));
+        };
+        self.xor.copy_from_slice(old);
+        xor_into(&mut self.xor, snapshot);
+        if vmstream_simd::is_zero(&self.xor) {
+            self.cache.unchanged += 1;
+            return None;
+        }
+        let xbzrle = if mode == DeltaMode::Smallest {
+            vmstream_xbzrle::encode(old, snapshot, &mut self.alt[..max]).ok()
+        } else {
+            None
+        };
+        let out = &mut writer.payload_space()[..max];
+        let lz4 = self.compressor.compress_xor(&self.xor, out);
+        let chosen = match (lz4, xbzrle) {
+            (Some(a), Some(b)) if b < a => {
+                out[..b].copy_from_slice(&self.alt[..b]);
+                Some((Encoding::Xbzrle, b))
+            }
+            (None, Some(b)) => {
+                out[..b].copy_from_slice(&self.alt[..b]);
+                Some((Encoding::Xbzrle, b))
+            }
+            (Some(a), _) => Some((Encoding::XorLz4, a)),
+            (None, None) => None,
+        };
+        match chosen {
+            Some((encoding, n)) => {
+                self.cache.hits += 1;
+                d.note_full_page(page, snapshot);
+                writer.commit(page, encoding, n);
+                Some(encoding)
+            }
+            None => {
+                self.cache.overflows += 1;
+                Some(self.encode_full(page, snapshot, writer))
+            }
+        }
+    }
+
+    /// A full page outside the DeltaEncoder: compress, then tell the cache.
+    fn encode_full(&mut self, page: u64, snapshot: &[u8], writer: &mut PacketWriter) -> Encoding {
+        let encoding = self.compress_full(page, snapshot, writer);
+        if let Some((d, _)) = &mut self.delta {
+            d.note_full_page(page, snapshot);
+        }
+        encoding
+    }
+
+    /// Compressed when that shrinks the page, raw otherwise.
+    fn compress_full(&mut self, page: u64, snapshot: &[u8], writer: &mut PacketWriter) -> Encoding {
+        let out = &mut writer.payload_space()[..PAGE_SIZE - 1];
+        match self.compressor.compress(snapshot, out) {
+            Some(n) => {
+                writer.commit(page, self.full_encoding, n);
+                self.full_encoding
+            }
+            None => {
+                writer.push(page, Encoding::Raw, snapshot);
+                Encoding::Raw
+            }
+        }
+    }
+
+    /// Encodes every page of `batch` into one packet of round `round` with
+    /// sequence number `seq`; returns the packet length (the packet is
+    /// `writer.buffer()[..len]`).
+    pub fn encode_batch(
+        &mut self,
+        round: u64,
+        seq: u64,
+        batch: &Batch,
+        writer: &mut PacketWriter,
+    ) -> usize {
+        writer.begin(batch.len());
+        for (page, data) in batch.iter() {
+            self.encode_page(page, data, writer);
+        }
+        let start = Instant::now();
+        let len = writer.finish(round, seq);
+        self.finish_ns += start.elapsed().as_nanos() as u64;
+        len
+    }
+
+    /// Takes the counters accumulated since the last call.
+    pub fn take_stats(&mut self) -> (ByEncoding, CacheStats) {
+        (
+            std::mem::take(&mut self.stats),
+            std::mem::take(&mut self.cache),
+        )
+    }
+}
+
+/// A batch of page snapshots: page numbers and their contents, stored
+/// contiguously. Reused across rounds.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pages: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl Batch {
+    /// An empty batch with room for `pages` pages.
+    pub fn with_capacity(pages: usize) -> Batch {
+        Batch {
+            pages: Vec::with_capacity(pages),
+            data: Vec::with_capacity(pages * PAGE_SIZE),
+        }
+    }
+
+    /// Appends page `page` with contents `snapshot` (one page).
+    pub fn push(&mut self, page: u64, snapshot: &[u8]) {
+        assert_eq!(snapshot.len(), PAGE_SIZE, "a snapshot is one page");
+        self.pages.push(page);
+        self.data.extend_from_slice(snapshot);
+    }
+
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.data.clear();
+    }
+
+    /// The pages and their contents.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.pages
+            .iter()
+            .copied()
+            .zip(self.data.chunks_exact(PAGE_SIZE))
+    }
+}

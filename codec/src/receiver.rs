@@ -1,0 +1,417 @@
+//! The parallel receiver: N workers decode packets straight into
+//! destination memory, with a barrier per round.
+//!
+//! The submitting thread validates each packet's structure, its round and
+//! that none of its pages already arrived this round, then hands it to the
+//! worker(s) owning its pages (see [`crate::memory`]). A worker verifies the
+//! checksum (unless the dispatcher already did) before writing anything.
+//! [`Receiver::end_round`] sends a barrier message down every worker's FIFO
+//! queue and waits for all replies: when it returns, every packet submitted
+//! before it has been applied, and nothing of the next round can be applied
+//! before that because the next round's packets are only submitted after
+//! it returns.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver as ChannelReceiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::decoder::{PageDecoder, RoundTracker};
+use crate::error::CodecError;
+use crate::format::{parse_packet, verify_checksum, Limits};
+use crate::memory::{owner, split, ShardMemory};
+use crate::stats::{PipelineStats, WorkerStats};
+use crate::PAGE_SIZE;
+
+/// Where a [`TestHook`] is called.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookPoint {
+    /// Before a worker applies a packet; the returned duration is slept.
+    BeforeApply,
+    /// After a worker applied a packet successfully (return value ignored).
+    AfterApply,
+}
+
+/// A test hook called as `hook(point, worker, seq)`.
+#[doc(hidden)]
+pub type TestHook = Arc<dyn Fn(HookPoint, usize, u64) -> Duration + Send + Sync>;
+
+/// Receiver settings.
+#[derive(Clone)]
+pub struct ReceiverConfig {
+    /// Decode worker threads (at least 1).
+    pub workers: usize,
+    /// Packets queued per worker before `submit` blocks.
+    pub queue_depth: usize,
+    /// Test-only: observes (and delays) packet application.
+    #[doc(hidden)]
+    pub test_hook: Option<TestHook>,
+}
+
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("workers", &self.workers)
+            .field("queue_depth", &self.queue_depth)
+            .field("test_hook", &self.test_hook.is_some())
+            .finish()
+    }
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            workers: default_workers(),
+            queue_depth: 8,
+            test_hook: None,
+        }
+    }
+}
+
+/// One worker per available core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+enum Job {
+    Apply {
+        packet: Arc<Vec<u8>>,
+        verify_crc: bool,
+    },
+    Barrier(SyncSender<(WorkerStats, PipelineStats)>),
+}
+
+/// State shared by the dispatcher and the workers.
+struct Shared {
+    failed: AtomicBool,
+    error: Mutex<Option<CodecError>>,
+}
+
+impl Shared {
+    /// Records the first error and stops the pipeline.
+    fn fail(&self, e: CodecError) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn error(&self) -> CodecError {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(CodecError::Stopped)
+    }
+}
+
+/// Handle to a running receive pipeline, lent to the closure given to
+/// [`receive`].
+pub struct Receiver {
+    queues: Vec<SyncSender<Job>>,
+    shared: Arc<Shared>,
+    tracker: RoundTracker,
+    guest_pages: u64,
+    round_stats: PipelineStats,
+    total: PipelineStats,
+    /// Scratch: which workers own pages of the packet being routed.
+    owners: Vec<bool>,
+}
+
+/// Runs a receive pipeline over `memory` (guest RAM, a whole number of
+/// pages) for the duration of `f`, then stops the workers.
+///
+/// Workers borrow disjoint chunks of `memory` (scoped threads), so the
+/// pipeline needs no `unsafe` and nothing else can touch `memory` while it
+/// runs. Packets submitted after the last `end_round` are applied before
+/// this returns, but only `end_round` reports whether they succeeded.
+pub fn receive<R>(
+    config: &ReceiverConfig,
+    memory: &mut [u8],
+    f: impl FnOnce(&mut Receiver) -> R,
+) -> Result<R, CodecError> {
+    if config.workers == 0 || config.queue_depth == 0 {
+        return Err(CodecError::Config(
+            "receiver needs at least one worker and a queue depth of 1".into(),
+        ));
+    }
+    if !memory.len().is_multiple_of(PAGE_SIZE) {
+        return Err(CodecError::Config(format!(
+            "memory of {} bytes is not a whole number of pages",
+            memory.len()
+        )));
+    }
+    let guest_pages = (memory.len() / PAGE_SIZE) as u64;
+    let workers = config.workers;
+    let mut decoders = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        decoders.push(PageDecoder::new()?);
+    }
+    let shared = Arc::new(Shared {
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
+    std::thread::scope(|scope| {
+        let mut queues = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for (index, (shard, decoder)) in
+            split(memory, workers).into_iter().zip(decoders).enumerate()
+        {
+            let (tx, rx) = sync_channel(config.queue_depth);
+            queues.push(tx);
+            let worker = Worker {
+                index,
+                workers,
+                guest_pages,
+                shard,
+                decoder,
+                shared: Arc::clone(&shared),
+                hook: config.test_hook.clone(),
+                stats: WorkerStats::default(),
+            };
+            handles.push(scope.spawn(move || worker.run(rx)));
+        }
+        let mut receiver = Receiver {
+            queues,
+            shared: Arc::clone(&shared),
+            tracker: RoundTracker::new(guest_pages),
+            guest_pages,
+            round_stats: PipelineStats::default(),
+            total: PipelineStats::default(),
+            owners: vec![false; workers],
+        };
+        let result = f(&mut receiver);
+        drop(receiver);
+        let mut panicked = None;
+        for (index, h) in handles.into_iter().enumerate() {
+            if h.join().is_err() && panicked.is_none() {
+                panicked = Some(CodecError::WorkerPanicked {
+                    side: "receiver",
+                    worker: index,
+                });
+            }
+        }
+        match panicked {
+            Some(e) => Err(e),
+            None => Ok(result),
+        }
+    })
+}
+
+impl Receiver {
+    /// The round packets must belong to now.
+    pub fn round(&self) -> u64 {
+        self.tracker.round()
+    }
+
+    /// Guest size in pages.
+    pub fn guest_pages(&self) -> u64 {
+        self.guest_pages
+    }
+
+    /// Validates `packet` and queues it for decoding; blocks while the
+    /// owning workers' queues are full. Any error stops the pipeline: this
+    /// and every later call, and `end_round`, return it.
+    pub fn submit(&mut self, packet: Vec<u8>) -> Result<(), CodecError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.shared.error());
+        }
+        let start = Instant::now();
+        let result = self.dispatch(packet);
+        self.round_stats.times.dispatch_ns += start.elapsed().as_nanos() as u64;
+        if let Err(e) = &result {
+            self.shared.fail(e.clone());
+        }
+        result
+    }
+
+    fn dispatch(&mut self, packet: Vec<u8>) -> Result<(), CodecError> {
+        let view = parse_packet(
+            &packet,
+            Limits {
+                guest_pages: self.guest_pages,
+                verify_checksum: false,
+            },
+        )?;
+        self.tracker.admit(&view)?;
+        self.round_stats.packets += 1;
+        self.round_stats.packet_bytes += packet.len() as u64;
+        let workers = self.queues.len();
+        self.owners.fill(false);
+        let mut owner_count = 0;
+        for r in view.records() {
+            let w = owner(r.page, workers);
+            if !self.owners[w] {
+                self.owners[w] = true;
+                owner_count += 1;
+            }
+        }
+        if owner_count == 0 {
+            // An empty packet: nothing to write, but its checksum still counts.
+            verify_checksum(&packet, Some(view.header.seq))?;
+            return Ok(());
+        }
+        // One owner verifies the CRC itself, in parallel with other
+        // packets; a packet spread over several workers is verified here
+        // once, before any of them may write.
+        let verify_crc = owner_count == 1;
+        if !verify_crc {
+            verify_checksum(&packet, Some(view.header.seq))?;
+        }
+        let packet = Arc::new(packet);
+        for w in 0..workers {
+            if self.owners[w] {
+                let job = Job::Apply {
+                    packet: Arc::clone(&packet),
+                    verify_crc,
+                };
+                if self.queues[w].send(job).is_err() {
+                    return Err(CodecError::WorkerPanicked {
+                        side: "receiver",
+                        worker: w,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every packet of round `round` (the open round) has been
+    /// applied, then opens round `round + 1`. Returns the round's
+    /// statistics, or the first error of the pipeline, in which case the
+    /// round must be considered not applied.
+    pub fn end_round(&mut self, round: u64) -> Result<PipelineStats, CodecError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.shared.error());
+        }
+        if round != self.tracker.round() {
+            return Err(CodecError::RoundMismatch {
+                expected: self.tracker.round(),
+                got: round,
+            });
+        }
+        let start = Instant::now();
+        let mut replies = Vec::with_capacity(self.queues.len());
+        for (w, q) in self.queues.iter().enumerate() {
+            let (tx, rx) = sync_channel(1);
+            if q.send(Job::Barrier(tx)).is_err() {
+                self.shared.fail(CodecError::WorkerPanicked {
+                    side: "receiver",
+                    worker: w,
+                });
+            }
+            replies.push(rx);
+        }
+        let mut stats = std::mem::take(&mut self.round_stats);
+        stats.workers = vec![WorkerStats::default(); self.queues.len()];
+        for (w, rx) in replies.into_iter().enumerate() {
+            match rx.recv() {
+                Ok((worker, pages)) => {
+                    stats.workers[w] = worker;
+                    stats.add(&PipelineStats {
+                        workers: Vec::new(),
+                        ..pages
+                    });
+                }
+                Err(_) => self.shared.fail(CodecError::WorkerPanicked {
+                    side: "receiver",
+                    worker: w,
+                }),
+            }
+        }
+        stats.times.barrier_wait_ns += start.elapsed().as_nanos() as u64;
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.shared.error());
+        }
+        self.tracker.end_round(round)?;
+        stats.rounds = 1;
+        self.total.add(&stats);
+        Ok(stats)
+    }
+
+    /// Statistics over all completed rounds.
+    pub fn total_stats(&self) -> &PipelineStats {
+        &self.total
+    }
+}
+
+struct Worker<'a> {
+    index: usize,
+    workers: usize,
+    guest_pages: u64,
+    shard: ShardMemory<'a>,
+    decoder: PageDecoder,
+    shared: Arc<Shared>,
+    hook: Option<TestHook>,
+    stats: WorkerStats,
+}
+
+impl Worker<'_> {
+    fn run(mut self, jobs: ChannelReceiver<Job>) {
+        let mut checksum_ns = 0u64;
+        for job in jobs {
+            match job {
+                Job::Apply { packet, verify_crc } => {
+                    if self.shared.failed.load(Ordering::SeqCst) {
+                        continue; // the round is lost anyway; just drain
+                    }
+                    let start = Instant::now();
+                    if let Err(e) = self.apply(&packet, verify_crc, &mut checksum_ns) {
+                        self.shared.fail(e);
+                    }
+                    self.stats.busy_ns += start.elapsed().as_nanos() as u64;
+                }
+                Job::Barrier(reply) => {
+                    let mut pages = PipelineStats {
+                        by_encoding: std::mem::take(&mut self.decoder.stats),
+                        ..Default::default()
+                    };
+                    pages.times.busy_ns = self.stats.busy_ns;
+                    pages.times.checksum_ns = std::mem::take(&mut checksum_ns);
+                    // The dispatcher may have stopped waiting after an error.
+                    let _ = reply.send((std::mem::take(&mut self.stats), pages));
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        packet: &[u8],
+        verify_crc: bool,
+        checksum_ns: &mut u64,
+    ) -> Result<(), CodecError> {
+        let view = parse_packet(
+            packet,
+            Limits {
+                guest_pages: self.guest_pages,
+                verify_checksum: false,
+            },
+        )?;
+        let seq = view.header.seq;
+        if let Some(hook) = &self.hook {
+            std::thread::sleep(hook(HookPoint::BeforeApply, self.index, seq));
+        }
+        if verify_crc {
+            let start = Instant::now();
+            verify_checksum(packet, Some(seq))?;
+            *checksum_ns += start.elapsed().as_nanos() as u64;
+        }
+        self.stats.packets += 1;
+        for r in view.records() {
+            if owner(r.page, self.workers) != self.index {
+                continue;
+            }
+            self.decoder.apply(seq, &r, self.shard.page_mut(r.page))?;
+            self.stats.pages += 1;
+        }
+        if let Some(hook) = &self.hook {
+            hook(HookPoint::AfterApply, self.index, seq);
+        }
+        Ok(())
+    }
+}
