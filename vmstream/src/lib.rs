@@ -1,6 +1,7 @@
 //! vmstream: pre-copy live migration of guest memory.
 
 pub mod dirty;
+pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod uffd;

@@ -1,0 +1,88 @@
+/*
+ * ABI between the vmstream KVM VMM and its guest program (guest.S).
+ *
+ * Single source of truth: build.rs turns every `#define NAME value // doc`
+ * line below into `pub const NAME: u64 = value;` for the Rust side
+ * (src/kvm/abi.rs), so both sides always agree. Values must be plain
+ * integer literals (decimal or 0x hex).
+ */
+#ifndef VMSTREAM_GUEST_ABI_H
+#define VMSTREAM_GUEST_ABI_H
+
+/* ---- guest-physical layout of the reserved system area [0, 2 MiB) ---- */
+#define GDT_GPA 0x1000 // GDT: null, user code64 (DPL3), user data (DPL3), 64-bit TSS
+#define TSS_GPA 0x1800 // 64-bit TSS; its I/O permission bitmap lets CPL 3 use our ports
+#define TSS_IOMAP_OFFSET 0x68 // I/O bitmap right after the 104-byte TSS
+#define TSS_IOMAP_BYTES 0x100 // bitmap covers ports 0..0x7ff (all allowed), then one 0xff byte
+#define PML4_GPA 0x2000 // level-4 page table
+#define PDPT_GPA 0x3000 // level-3 page table (one, covers 512 GiB)
+#define PD_GPA 0x4000 // first level-2 page table; one 4 KiB table per GiB of RAM
+#define PD_MAX_TABLES 64 // page tables reserved: guest RAM is at most 64 GiB
+#define PARAMS_GPA 0x80000 // parameter block written by the VMM (see PARAM_*)
+#define VCPU_AREA_GPA 0x81000 // per-vCPU records, VCPU_AREA_STRIDE bytes each
+#define VCPU_AREA_STRIDE 64 // one cache line per vCPU
+#define CODE_GPA 0x100000 // guest program (.text of guest.S, flat)
+#define CODE_MAX 0x20000 // at most 128 KiB of code
+#define STACK_AREA_GPA 0x140000 // stacks: vCPU i uses [top - STACK_SIZE, top), top = STACK_TOP_GPA - i * STACK_SIZE
+#define STACK_TOP_GPA 0x200000 // top of vCPU 0's stack
+#define STACK_SIZE 0x1000 // 4 KiB stack per vCPU
+#define MAX_VCPUS 64 // limited by the stack area
+#define SYSTEM_AREA_SIZE 0x200000 // the ledger starts here
+
+/* ---- segment selectors ---- */
+#define SEL_USER_CODE 0x0b // GDT index 1, RPL 3
+#define SEL_USER_DATA 0x13 // GDT index 2, RPL 3
+#define SEL_TSS 0x18 // GDT index 3 (16-byte system descriptor)
+
+/* ---- parameter block: offsets from PARAMS_GPA, all fields u64 ---- */
+#define PARAM_MAGIC 0x00 // must equal PARAMS_MAGIC_VALUE
+#define PARAM_VERSION 0x08 // must equal PARAMS_VERSION_VALUE
+#define PARAM_WORKLOAD 0x10 // one of WORKLOAD_*
+#define PARAM_VCPUS 0x18 // number of vCPUs running the workload
+#define PARAM_SEED 0x20 // PRNG seed; vCPU i uses a state derived from seed and i
+#define PARAM_LEDGER_GPA 0x28 // ledger: u64 latest version per block
+#define PARAM_BLOCKS_GPA 0x30 // first data block
+#define PARAM_BLOCK_COUNT 0x38 // data blocks in guest RAM
+#define PARAM_ACTIVE_BLOCKS 0x40 // blocks the workload touches; the rest stay zero
+#define PARAM_REPORT_SHIFT 0x48 // progress `out` every 2^shift transactions
+#define PARAM_HOT_PERMILLE 0x50 // share of each vCPU's blocks that form its hot set
+#define PARAM_HOT_HIT_PERMILLE 0x58 // share of transactions that go to the hot set
+#define PARAM_ROWS_PER_TX 0x60 // words changed per dbsim transaction
+#define PARAM_MEMORY_SIZE 0x68 // guest RAM size in bytes
+#define PARAMS_SIZE 0x70 // bytes of the parameter block in use
+
+#define PARAMS_MAGIC_VALUE 0x54534555474d5356 // "VSMGUEST" little-endian
+#define PARAMS_VERSION_VALUE 1 // parameter block layout version
+
+/* ---- per-vCPU record: offsets from VCPU_AREA_GPA + i * VCPU_AREA_STRIDE ---- */
+#define VCPU_TX_COUNT 0x00 // u64 transactions completed by this vCPU
+#define VCPU_INFLIGHT 0x08 // u64 block number + 1 of the dbsim transaction in progress, 0 if none
+
+/* ---- workloads ---- */
+#define WORKLOAD_DBSIM 0 // versioned 8 KiB blocks + ledger, 80/20 hot set
+#define WORKLOAD_RANDOM 1 // one random u64 store per transaction over the vCPU's blocks
+#define WORKLOAD_HOTSET 2 // random u64 stores into the vCPU's hot set only
+#define WORKLOAD_IDLE 3 // counts and yields to the VMM (PORT_IDLE) in a loop
+#define WORKLOAD_TOUCH 4 // writes exactly the pages the VMM hands out through PORT_TOUCH
+
+/* ---- dbsim block format ---- */
+#define BLOCK_SIZE 8192 // bytes per block
+#define BLOCK_HEADER_SIZE 64 // block_no u64, version u64, checksum u64, 5 reserved u64 (zero)
+#define BLOCK_HDR_NUMBER 0x00 // u64 block number
+#define BLOCK_HDR_VERSION 0x08 // u64 version, 0 = never written
+#define BLOCK_HDR_CHECKSUM 0x10 // u64, see KVM.md
+#define BLOCK_ROW_SIZE 64 // bytes per row
+#define BLOCK_ROWS 127 // (BLOCK_SIZE - BLOCK_HEADER_SIZE) / BLOCK_ROW_SIZE
+#define CHECKSUM_K_NUMBER 0x9e3779b97f4a7c15 // checksum weight of the block number
+#define CHECKSUM_K_VERSION 0xc2b2ae3d27d4eb4f // checksum weight of the version
+
+/* ---- port protocol (32-bit `out`/`in` with IOPL 3) ---- */
+#define PORT_PROGRESS 0x510 // out: low 32 bits of this vCPU's transaction count
+#define PORT_IDLE 0x511 // out: guest has nothing to do; the VMM sleeps ~1 ms
+#define PORT_PANIC 0x512 // out: guest found an error (value = PANIC_* code); vCPU stops
+#define PORT_TOUCH 0x513 // in: next page number to write, TOUCH_NONE = none yet, 0 = batch done
+#define PORT_TOUCH_DONE 0x514 // out: a touch batch is complete (value = pages written)
+#define TOUCH_NONE 0xffffffff // PORT_TOUCH reply: no page queued, ask again
+#define PANIC_BAD_PARAMS 1 // parameter block magic/version/workload invalid
+
+#endif

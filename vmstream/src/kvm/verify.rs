@@ -1,0 +1,202 @@
+//! VMM-side verifier of the dbsim workload: every block must match the
+//! ledger (number, version, checksum), untouched blocks must be all zero, and
+//! each vCPU's ledger versions must add up to its transaction count.
+//! A block a vCPU was in the middle of changing when it was paused
+//! (`VCPU_INFLIGHT`) may be one version ahead of the ledger.
+
+use super::abi::*;
+use super::error::Result;
+use super::memory::GuestRam;
+use super::params::{Params, WorkloadKind};
+
+/// What the verifier checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Blocks checked.
+    pub blocks: u64,
+    /// Blocks written at least once.
+    pub written_blocks: u64,
+    /// Sum of all ledger versions (= committed transactions).
+    pub versions: u64,
+    /// Blocks in the middle of a transaction (paused mid-update).
+    pub inflight: u64,
+}
+
+/// A broken invariant, with the block it was found in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Header block number is wrong.
+    #[error("block {block}: header says block {found}")]
+    WrongNumber {
+        /// Block.
+        block: u64,
+        /// Header value.
+        found: u64,
+    },
+    /// Version differs from the ledger.
+    #[error("block {block}: version {version}, ledger says {ledger}")]
+    VersionMismatch {
+        /// Block.
+        block: u64,
+        /// Header value.
+        version: u64,
+        /// Ledger value.
+        ledger: u64,
+    },
+    /// Stored checksum differs from the contents.
+    #[error("block {block}: checksum {stored:#x}, contents give {computed:#x}")]
+    Checksum {
+        /// Block.
+        block: u64,
+        /// Header value.
+        stored: u64,
+        /// Recomputed.
+        computed: u64,
+    },
+    /// A block the ledger calls unwritten (or outside the active set) holds data.
+    #[error("block {block} should be all zero")]
+    NotZero {
+        /// Block.
+        block: u64,
+    },
+    /// A vCPU's committed versions do not add up to its transaction count.
+    #[error("vCPU {vcpu}: ledger versions sum to {versions}, counter says {count}")]
+    CountMismatch {
+        /// vCPU.
+        vcpu: u64,
+        /// Sum of ledger versions in its partition.
+        versions: u64,
+        /// Its transaction counter.
+        count: u64,
+    },
+}
+
+/// Checksum of a block as the guest maintains it: for payload words w_i
+/// (i = 0..1016), sum of w_i * (2i + 1), plus number * K_NUMBER plus
+/// version * K_VERSION, all wrapping mod 2^64.
+pub fn block_checksum(block: &[u8]) -> u64 {
+    let word = |o: usize| u64::from_le_bytes(block[o..o + 8].try_into().unwrap());
+    let number = word(BLOCK_HDR_NUMBER as usize);
+    let version = word(BLOCK_HDR_VERSION as usize);
+    let payload = block[BLOCK_HEADER_SIZE as usize..]
+        .chunks_exact(8)
+        .enumerate()
+        .fold(0u64, |acc, (i, c)| {
+            let w = u64::from_le_bytes(c.try_into().unwrap());
+            acc.wrapping_add(w.wrapping_mul(2 * i as u64 + 1))
+        });
+    payload
+        .wrapping_add(number.wrapping_mul(CHECKSUM_K_NUMBER))
+        .wrapping_add(version.wrapping_mul(CHECKSUM_K_VERSION))
+}
+
+/// Verifies a dbsim guest's RAM. Other workloads have no invariants beyond
+/// "untouched blocks stay zero", which is checked for them too.
+/// Inner `Err(VerifyError)` = the guest's data is wrong; outer = could not read.
+pub fn verify(ram: &GuestRam, params: &Params) -> Result<VerifyReport> {
+    Ok(check(ram, params)??)
+}
+
+/// Like [`verify`], but returns the typed [`VerifyError`].
+pub fn check(
+    ram: &GuestRam,
+    params: &Params,
+) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+    let layout = &params.layout;
+    let mut ledger = vec![0u8; (layout.block_count * 8) as usize];
+    ram.read(layout.ledger_gpa, &mut ledger)?;
+    let ledger: Vec<u64> = ledger
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut inflight = Vec::new();
+    let mut counts = Vec::new();
+    for v in 0..params.vcpus {
+        let rec = VCPU_AREA_GPA + v * VCPU_AREA_STRIDE;
+        counts.push(ram.read_u64(rec + VCPU_TX_COUNT)?);
+        let f = ram.read_u64(rec + VCPU_INFLIGHT)?;
+        inflight.push(f.checked_sub(1));
+    }
+    let dbsim = params.workload.kind == WorkloadKind::Dbsim;
+    let active = params.active_blocks();
+    let mut report = VerifyReport::default();
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    for b in 0..layout.block_count {
+        ram.read(layout.block_gpa(b), &mut block)?;
+        report.blocks += 1;
+        if !dbsim {
+            if b >= active && block.iter().any(|&x| x != 0) {
+                return Ok(Err(VerifyError::NotZero { block: b }));
+            }
+            continue;
+        }
+        let word =
+            |o: u64| u64::from_le_bytes(block[o as usize..o as usize + 8].try_into().unwrap());
+        let is_inflight = inflight.contains(&Some(b));
+        let led = ledger[b as usize];
+        report.versions += led;
+        if is_inflight {
+            report.inflight += 1;
+        }
+        if led == 0 && !is_inflight {
+            if block.iter().any(|&x| x != 0) {
+                return Ok(Err(VerifyError::NotZero { block: b }));
+            }
+            continue;
+        }
+        report.written_blocks += 1;
+        let number = word(BLOCK_HDR_NUMBER);
+        let version = word(BLOCK_HDR_VERSION);
+        if is_inflight {
+            // Mid-transaction: the header may be fresh or one version ahead.
+            if version != led && version != led + 1 {
+                return Ok(Err(VerifyError::VersionMismatch {
+                    block: b,
+                    version,
+                    ledger: led,
+                }));
+            }
+            continue;
+        }
+        if number != b {
+            return Ok(Err(VerifyError::WrongNumber {
+                block: b,
+                found: number,
+            }));
+        }
+        if version != led {
+            return Ok(Err(VerifyError::VersionMismatch {
+                block: b,
+                version,
+                ledger: led,
+            }));
+        }
+        let stored = word(BLOCK_HDR_CHECKSUM);
+        let computed = block_checksum(&block);
+        if stored != computed {
+            return Ok(Err(VerifyError::Checksum {
+                block: b,
+                stored,
+                computed,
+            }));
+        }
+    }
+    if dbsim {
+        for v in 0..params.vcpus {
+            let (start, end) = params.partition(v);
+            let versions: u64 = ledger[start as usize..end as usize].iter().sum();
+            let count = counts[v as usize];
+            // The ledger is written before the counter, so a vCPU paused
+            // between the two is one ahead.
+            let ok = versions == count || (inflight[v as usize].is_some() && versions == count + 1);
+            if !ok {
+                return Ok(Err(VerifyError::CountMismatch {
+                    vcpu: v,
+                    versions,
+                    count,
+                }));
+            }
+        }
+    }
+    Ok(Ok(report))
+}
