@@ -1,9 +1,13 @@
 //! vmstream: pre-copy live migration of guest memory.
 
 pub mod dirty;
+pub mod guest;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod sampler;
+pub mod throttle;
 pub mod uffd;
+pub mod units;
 pub mod verify;
 pub mod workload;

@@ -1,1 +1,179 @@
-fn main() {}
+//! `vmstream` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use vmstream::guest::{self, GuestConfig, MemorySource, StartMode};
+use vmstream::layout::WorkloadKind;
+use vmstream::units::{parse_duration, parse_size};
+use vmstream::verify::verify_file;
+use vmstream::workload::WorkloadParams;
+
+/// Pre-copy live migration of guest memory.
+#[derive(Parser, Debug)]
+#[command(name = "vmstream", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run or check a file-backed guest.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Migrate a guest's memory to a receiver (not implemented yet).
+    Send(Placeholder),
+    /// Receive a migrated guest's memory (not implemented yet).
+    Recv(Placeholder),
+    /// Plot migration statistics (not implemented yet).
+    Plot(Placeholder),
+}
+
+#[derive(Args, Debug)]
+struct Placeholder {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestCommand {
+    /// Run a built-in workload in guest memory.
+    Run(RunArgs),
+    /// Check a guest memory file (a snapshot or a stopped guest) block by block.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest memory file (tmpfs, hugetlbfs, disk or /proc/PID/fd/N).
+    #[arg(long, value_name = "PATH", required_unless_present = "memfd")]
+    memory_file: Option<PathBuf>,
+    /// Put guest memory in a new memfd instead (init only); its path is in the ready line.
+    #[arg(long, conflicts_with_all = ["memory_file", "resume"])]
+    memfd: bool,
+    /// Memory size (K/M/G suffixes); required with --init.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Workload: dbsim, random, sequential, hotset, idle (init only).
+    #[arg(long, default_value = "dbsim", value_parser = parse_kind)]
+    workload: WorkloadKind,
+    /// Format the memory for a fresh guest (default).
+    #[arg(long, conflicts_with = "resume")]
+    init: bool,
+    /// Continue the guest found in memory; verifies first and refuses a bad image.
+    #[arg(long)]
+    resume: bool,
+    /// Target transactions per second, 0 = as fast as possible.
+    #[arg(long, value_name = "TX/s", conflicts_with = "dirty_rate")]
+    rate: Option<u64>,
+    /// Target dirty rate in bytes per second (K/M/G suffixes), converted to a transaction
+    /// rate of one block per transaction.
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size)]
+    dirty_rate: Option<u64>,
+    /// Percent of blocks to format and write; the rest stays zero (init only).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    active: Option<u8>,
+    /// Hot set size for the hotset workload (K/M/G suffixes; init only).
+    #[arg(long, value_parser = parse_size)]
+    hot_set: Option<u64>,
+    /// RNG seed (init only).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this long (ms/s/m), instead of running until killed.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Read control commands from stdin (tx B, step N, count, exit).
+    #[arg(long)]
+    control_stdin: bool,
+    /// Do not arm userfaultfd write-protect tracking.
+    #[arg(long)]
+    no_track: bool,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Guest memory file to check (mapped privately; the file is not changed).
+    #[arg(long, value_name = "PATH")]
+    memory_file: PathBuf,
+}
+
+fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown workload {s:?} (one of {})", names.join(", "))
+    })
+}
+
+fn guest_config(a: RunArgs) -> GuestConfig {
+    let rate = match (a.rate, a.dirty_rate) {
+        (Some(r), _) => Some(r),
+        (None, Some(bytes)) => Some((bytes / a.workload.block_size()).max(1)),
+        (None, None) => None,
+    };
+    let start = if a.resume {
+        StartMode::Resume
+    } else {
+        let mut p = WorkloadParams::new(a.workload);
+        if let Some(active) = a.active {
+            p.active_percent = active;
+        }
+        p.hot_set_bytes = a.hot_set;
+        if let Some(seed) = a.seed {
+            p.seed = seed;
+        }
+        p.rate = rate.unwrap_or(0);
+        StartMode::Init(p)
+    };
+    GuestConfig {
+        memory: match a.memory_file {
+            Some(p) if !a.memfd => MemorySource::File(p),
+            _ => MemorySource::Memfd,
+        },
+        size: a.size,
+        rate: if a.resume { rate } else { None },
+        start,
+        duration: a.duration,
+        control_stdin: a.control_stdin,
+        track_writes: !a.no_track,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Guest(GuestCommand::Run(args)) => {
+            let cfg = guest_config(args);
+            match guest::run(&cfg, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmstream guest run: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Guest(GuestCommand::Verify(args)) => match verify_file(&args.memory_file) {
+            Ok(r) => {
+                println!(
+                    "ok kind={} blocks={} active={} tx={} replayed_journal={}",
+                    r.kind.name(),
+                    r.blocks,
+                    r.active_blocks,
+                    r.tx_count,
+                    r.replayed_journal
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmstream guest verify: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Send(_) | Command::Recv(_) | Command::Plot(_) => {
+            eprintln!("not implemented yet");
+            ExitCode::from(2)
+        }
+    }
+}

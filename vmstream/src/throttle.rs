@@ -1,0 +1,216 @@
+//! Throttling and pausing a guest process with SIGSTOP / SIGCONT.
+//!
+//! A background thread runs a 10 ms period: the guest is stopped for `p * 10 ms` and runs
+//! for the rest, so it gets about `1 - p` of its normal CPU time (auto-converge style).
+//! [`Throttle::pause`] stops the guest for good (the stop-and-copy phase) and returns only
+//! when every thread of the guest is in the stopped state.
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Length of one throttle period.
+pub const PERIOD: Duration = Duration::from_millis(10);
+/// Largest throttle fraction accepted by [`Throttle::set`].
+pub const MAX_FRACTION: f64 = 0.99;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Running,
+    Paused,
+    Exit,
+}
+
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    fraction: f64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// Stops and continues one guest process.
+#[derive(Debug)]
+pub struct Throttle {
+    pid: Pid,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn signal(pid: Pid, sig: Signal) -> io::Result<()> {
+    kill(pid, sig).map_err(io::Error::from)
+}
+
+impl Throttle {
+    /// Control process `pid`; starts unthrottled and running.
+    pub fn new(pid: u32) -> io::Result<Self> {
+        let pid = Pid::from_raw(pid as i32);
+        kill(pid, None).map_err(io::Error::from)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                mode: Mode::Running,
+                fraction: 0.0,
+            }),
+            changed: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmstream-throttle".into())
+            .spawn(move || throttle_loop(pid, &s))?;
+        Ok(Self {
+            pid,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Set the stopped fraction of each period, clamped to `[0, 0.99]`.
+    pub fn set(&self, fraction: f64) {
+        let f = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, MAX_FRACTION)
+        };
+        self.shared.state.lock().unwrap().fraction = f;
+        self.shared.changed.notify_all();
+    }
+
+    /// Current throttle fraction.
+    pub fn fraction(&self) -> f64 {
+        self.shared.state.lock().unwrap().fraction
+    }
+
+    /// Stop the guest and wait until all its threads are stopped. Throttling is suspended
+    /// until [`Throttle::resume`].
+    pub fn pause(&self) -> io::Result<()> {
+        {
+            let mut st = self.shared.state.lock().unwrap();
+            st.mode = Mode::Paused;
+            signal(self.pid, Signal::SIGSTOP)?;
+        }
+        self.shared.changed.notify_all();
+        wait_stopped(self.pid.as_raw() as u32, Duration::from_secs(10))
+    }
+
+    /// Continue a paused guest; throttling (if set) goes on.
+    pub fn resume(&self) -> io::Result<()> {
+        let mut st = self.shared.state.lock().unwrap();
+        st.mode = Mode::Running;
+        signal(self.pid, Signal::SIGCONT)?;
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.state.lock().unwrap().mode == Mode::Paused
+    }
+}
+
+impl Drop for Throttle {
+    /// Stops throttling. A paused guest stays stopped; a running one is continued.
+    fn drop(&mut self) {
+        let paused = {
+            let mut st = self.shared.state.lock().unwrap();
+            let paused = st.mode == Mode::Paused;
+            st.mode = Mode::Exit;
+            paused
+        };
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !paused {
+            let _ = signal(self.pid, Signal::SIGCONT);
+        }
+    }
+}
+
+fn throttle_loop(pid: Pid, shared: &Shared) {
+    let mut st = shared.state.lock().unwrap();
+    loop {
+        match st.mode {
+            Mode::Exit => return,
+            Mode::Paused => st = shared.changed.wait(st).unwrap(),
+            Mode::Running if st.fraction <= 0.0 => st = shared.changed.wait(st).unwrap(),
+            Mode::Running => {
+                let stop_for = PERIOD.mul_f64(st.fraction);
+                let start = Instant::now();
+                if signal(pid, Signal::SIGSTOP).is_err() {
+                    return; // the guest is gone
+                }
+                st = wait_until(shared, st, start + stop_for);
+                // Only continue if nobody paused (or dropped) us meanwhile.
+                if st.mode == Mode::Running && signal(pid, Signal::SIGCONT).is_err() {
+                    return;
+                }
+                if st.mode == Mode::Running {
+                    st = wait_until(shared, st, start + PERIOD);
+                }
+            }
+        }
+    }
+}
+
+/// Sleep on the condvar until `deadline` or until the mode leaves `Running`.
+fn wait_until<'a>(
+    shared: &'a Shared,
+    mut st: std::sync::MutexGuard<'a, State>,
+    deadline: Instant,
+) -> std::sync::MutexGuard<'a, State> {
+    loop {
+        let now = Instant::now();
+        if now >= deadline || st.mode != Mode::Running {
+            return st;
+        }
+        st = shared.changed.wait_timeout(st, deadline - now).unwrap().0;
+    }
+}
+
+/// Wait until every thread of `pid` is in the stopped state (`T` in `/proc/PID/task/*/stat`).
+pub fn wait_stopped(pid: u32, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if all_threads_stopped(pid)? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("process {pid} did not stop"),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn all_threads_stopped(pid: u32) -> io::Result<bool> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        // The state follows the parenthesised command name, which may contain spaces.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state != Some('T') {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Process state letter of `pid` (R, S, T, Z, ...), from `/proc/PID/stat`.
+pub fn process_state(pid: u32) -> io::Result<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .ok_or_else(|| io::Error::other("unparsable /proc stat"))
+}

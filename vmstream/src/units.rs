@@ -1,0 +1,120 @@
+//! Parsers for command-line sizes (`64M`, `1G`, `4096`) and durations (`500ms`, `2s`).
+
+use std::time::Duration;
+
+/// Why a size or duration did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// Empty input.
+    #[error("empty value")]
+    Empty,
+    /// Not a number with an optional known suffix.
+    #[error("cannot parse {0:?}: expected a number with an optional suffix ({1})")]
+    Syntax(String, &'static str),
+    /// The value does not fit in 64 bits.
+    #[error("{0:?} is too large")]
+    Overflow(String),
+}
+
+const SIZE_SUFFIXES: &str = "K, M, G, T (powers of 1024; optional B / iB)";
+const DURATION_SUFFIXES: &str = "ms, s, m; a bare number is seconds";
+
+fn split_number(s: &str) -> (&str, &str) {
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    (&s[..end], s[end..].trim())
+}
+
+/// Parse a byte size: a decimal integer with an optional binary suffix
+/// `K`/`M`/`G`/`T` (also `KB`, `KiB`, lower case). `"64M"` = 67108864.
+pub fn parse_size(input: &str) -> Result<u64, UnitError> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(UnitError::Empty);
+    }
+    let (num, suffix) = split_number(s);
+    let syntax = || UnitError::Syntax(input.to_string(), SIZE_SUFFIXES);
+    if num.is_empty() {
+        return Err(syntax());
+    }
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(syntax()),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| UnitError::Overflow(input.to_string()))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| UnitError::Overflow(input.to_string()))
+}
+
+/// Parse a duration: an integer with suffix `ms`, `s` or `m`; a bare number is seconds.
+pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(UnitError::Empty);
+    }
+    let (num, suffix) = split_number(s);
+    let syntax = || UnitError::Syntax(input.to_string(), DURATION_SUFFIXES);
+    if num.is_empty() {
+        return Err(syntax());
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| UnitError::Overflow(input.to_string()))?;
+    let ms = match suffix {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        _ => return Err(syntax()),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| UnitError::Overflow(input.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size(" 3 MB "), Ok(3 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size(""), Err(UnitError::Empty));
+        assert!(matches!(parse_size("M"), Err(UnitError::Syntax(..))));
+        assert!(matches!(parse_size("12X"), Err(UnitError::Syntax(..))));
+        assert!(matches!(parse_size("-1"), Err(UnitError::Syntax(..))));
+        assert!(matches!(parse_size("1.5G"), Err(UnitError::Syntax(..))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(UnitError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(UnitError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration(""), Err(UnitError::Empty));
+        assert!(matches!(parse_duration("5h"), Err(UnitError::Syntax(..))));
+        assert!(matches!(parse_duration("ms"), Err(UnitError::Syntax(..))));
+        assert!(matches!(
+            parse_duration("18446744073709551615s"),
+            Err(UnitError::Overflow(_))
+        ));
+    }
+}
