@@ -13,7 +13,7 @@ use crate::PAGE_SIZE;
 #[derive(Debug)]
 pub struct PageDecoder {
     decompressor: Decompressor,
-    /// Holds a decompressed XOR delta before it is XORed into the page.
+    /// Holds a decompressed delta (XOR or XBZRLE) before it is applied.
     xor_scratch: Box<[u8]>,
     /// Pages decoded, by encoding.
     pub stats: ByEncoding,
@@ -83,19 +83,18 @@ impl PageDecoder {
                     Err(e) => return Err(size_error(e)),
                 }
             }
-            Encoding::Xbzrle => {
-                let bad = |e: vmstream_xbzrle::DecodeError| {
-                    PacketError::new(
-                        Some(seq),
-                        PacketErrorKind::BadDelta {
-                            record: record.index,
-                            page: record.page,
-                            reason: e.to_string(),
-                        },
-                    )
-                };
-                vmstream_xbzrle::validate(record.payload, PAGE_SIZE).map_err(bad)?;
-                vmstream_xbzrle::decode(record.payload, page).map_err(bad)?;
+            Encoding::Xbzrle => apply_xbzrle(seq, record, record.payload, page)?,
+            Encoding::XbzrleLz4 => {
+                // Bounded by the scratch page: a delta never decompresses
+                // past PAGE_SIZE bytes.
+                match self.decompressor.decompress(
+                    Encoding::XbzrleLz4,
+                    record.payload,
+                    &mut self.xor_scratch,
+                ) {
+                    Ok(n) => apply_xbzrle(seq, record, &self.xor_scratch[..n], page)?,
+                    Err(e) => return Err(size_error(e)),
+                }
             }
         }
         let nanos = if record.encoding == Encoding::Zero {
@@ -107,6 +106,29 @@ impl PageDecoder {
             .record(record.encoding, PAGE_SIZE, record.payload.len(), nanos);
         Ok(())
     }
+}
+
+/// Validates, then applies, an XBZRLE delta, so a malformed delta leaves
+/// the page untouched.
+fn apply_xbzrle(
+    seq: u64,
+    record: &RecordRef<'_>,
+    delta: &[u8],
+    page: &mut [u8],
+) -> Result<(), PacketError> {
+    let bad = |e: vmstream_xbzrle::DecodeError| {
+        PacketError::new(
+            Some(seq),
+            PacketErrorKind::BadDelta {
+                record: record.index,
+                page: record.page,
+                reason: e.to_string(),
+            },
+        )
+    };
+    vmstream_xbzrle::validate(delta, PAGE_SIZE).map_err(bad)?;
+    vmstream_xbzrle::decode(delta, page).map_err(bad)?;
+    Ok(())
 }
 
 /// `page ^= delta`, 8 bytes at a time (the compiler vectorizes it).

@@ -52,11 +52,14 @@ pub enum Encoding {
     Xbzrle = 5,
     /// LZ4 block of `old XOR new`, `old` being the page as last sent.
     XorLz4 = 6,
+    /// LZ4 block of an XBZRLE delta (at most `PAGE_SIZE` bytes once
+    /// decompressed).
+    XbzrleLz4 = 7,
 }
 
 impl Encoding {
     /// Every encoding, in tag order.
-    pub const ALL: [Encoding; 7] = [
+    pub const ALL: [Encoding; 8] = [
         Encoding::Zero,
         Encoding::Raw,
         Encoding::Lz4,
@@ -64,6 +67,7 @@ impl Encoding {
         Encoding::Zlib,
         Encoding::Xbzrle,
         Encoding::XorLz4,
+        Encoding::XbzrleLz4,
     ];
 
     /// The encoding with wire tag `tag`, if any.
@@ -86,6 +90,7 @@ impl Encoding {
             Encoding::Zlib => "zlib",
             Encoding::Xbzrle => "xbzrle",
             Encoding::XorLz4 => "xor_lz4",
+            Encoding::XbzrleLz4 => "xbzrle_lz4",
         }
     }
 
@@ -102,7 +107,10 @@ impl Encoding {
 
     /// Whether decoding needs the destination page's previous content.
     pub fn is_delta(self) -> bool {
-        matches!(self, Encoding::Xbzrle | Encoding::XorLz4)
+        matches!(
+            self,
+            Encoding::Xbzrle | Encoding::XorLz4 | Encoding::XbzrleLz4
+        )
     }
 }
 

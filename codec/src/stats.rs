@@ -46,6 +46,8 @@ pub struct ByEncoding {
     pub xbzrle: EncodingStats,
     /// LZ4 of XOR deltas.
     pub xor_lz4: EncodingStats,
+    /// LZ4 of XBZRLE deltas.
+    pub xbzrle_lz4: EncodingStats,
 }
 
 impl ByEncoding {
@@ -59,6 +61,7 @@ impl ByEncoding {
             Encoding::Zlib => &self.zlib,
             Encoding::Xbzrle => &self.xbzrle,
             Encoding::XorLz4 => &self.xor_lz4,
+            Encoding::XbzrleLz4 => &self.xbzrle_lz4,
         }
     }
 
@@ -72,6 +75,7 @@ impl ByEncoding {
             Encoding::Zlib => &mut self.zlib,
             Encoding::Xbzrle => &mut self.xbzrle,
             Encoding::XorLz4 => &mut self.xor_lz4,
+            Encoding::XbzrleLz4 => &mut self.xbzrle_lz4,
         }
     }
 

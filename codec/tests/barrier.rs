@@ -222,10 +222,11 @@ impl Arbitrary for Scenario {
             },
             _ => Compression::None,
         };
-        let delta = match pick(g, 4) {
+        let delta = match pick(g, 5) {
             0 => None,
             1 => Some(DeltaMode::Xbzrle),
-            2 => Some(DeltaMode::XorLz4),
+            2 => Some(DeltaMode::XbzrleLz4),
+            3 => Some(DeltaMode::XorLz4),
             _ => Some(DeltaMode::Smallest),
         };
         let rounds = (0..1 + pick(g, 6))

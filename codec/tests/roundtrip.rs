@@ -36,6 +36,15 @@ fn evolve(rng: &mut Rng, p: u64, r: u64, prev: &mut [u8]) {
             }
         }
         3 => {} // unchanged
+        4 => {
+            // Rewrite a region with a repeating record: a big but very
+            // compressible delta.
+            let at = (rng.next() % 2048) as usize;
+            let rec = rng.next().to_le_bytes();
+            for (i, b) in prev[at..at + 1500].iter_mut().enumerate() {
+                *b = rec[i % 8];
+            }
+        }
         _ => {
             for _ in 0..(1 + rng.next() % 20) {
                 let at = (rng.next() % PAGE_SIZE as u64) as usize;
@@ -45,14 +54,14 @@ fn evolve(rng: &mut Rng, p: u64, r: u64, prev: &mut [u8]) {
     }
 }
 
-fn run(config: EncoderConfig, rounds: u64) -> [u64; 7] {
+fn run(config: EncoderConfig, rounds: u64) -> [u64; 8] {
     let mut enc = PageEncoder::new(&config).unwrap();
     let mut dec = PacketDecoder::new(PAGES).unwrap();
     let mut src = vec![0u8; PAGES as usize * PAGE_SIZE];
     let mut dst = vec![0x55u8; PAGES as usize * PAGE_SIZE];
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let mut writer = PacketWriter::default();
-    let mut seen = [0u64; 7];
+    let mut seen = [0u64; 8];
     let mut seq = 0;
     for r in 0..rounds {
         enc.begin_round(r);
@@ -154,6 +163,19 @@ fn roundtrip_xbzrle() {
         5,
     );
     assert!(seen[Encoding::Xbzrle as usize] > 0);
+    assert_eq!(seen[Encoding::XorLz4 as usize], 0);
+}
+
+#[test]
+fn roundtrip_xbzrle_lz4() {
+    let seen = run(
+        cfg(
+            Compression::Lz4 { acceleration: 1 },
+            Some(DeltaMode::XbzrleLz4),
+        ),
+        5,
+    );
+    assert!(seen[Encoding::XbzrleLz4 as usize] > 0 && seen[Encoding::Xbzrle as usize] > 0);
     assert_eq!(seen[Encoding::XorLz4 as usize], 0);
 }
 

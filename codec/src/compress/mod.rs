@@ -54,7 +54,7 @@ pub struct Compressor {
     lz4: Option<lz4::Lz4Compressor>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     zlib: Option<zlib::ZlibCompressor>,
-    /// LZ4 context for XOR deltas, which are always LZ4.
+    /// LZ4 context for deltas, which are always LZ4.
     xor_lz4: lz4::Lz4Compressor,
 }
 
@@ -116,8 +116,9 @@ impl Compressor {
         }
     }
 
-    /// LZ4-compresses an XOR delta into `dst`; `None` when it does not fit.
-    pub fn compress_xor(&mut self, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    /// LZ4-compresses a delta (XOR or XBZRLE) into `dst`; `None` when it
+    /// does not fit.
+    pub fn compress_delta(&mut self, src: &[u8], dst: &mut [u8]) -> Option<usize> {
         self.xor_lz4.compress(src, dst)
     }
 }
@@ -153,7 +154,7 @@ impl Decompressor {
         dst: &mut [u8],
     ) -> Result<usize, String> {
         match encoding {
-            Encoding::Lz4 | Encoding::XorLz4 => lz4::decompress(src, dst)
+            Encoding::Lz4 | Encoding::XorLz4 | Encoding::XbzrleLz4 => lz4::decompress(src, dst)
                 .ok_or_else(|| "malformed or oversized lz4 block".to_string()),
             Encoding::Zstd => self
                 .zstd

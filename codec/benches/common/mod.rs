@@ -1,0 +1,171 @@
+//! Shared bench inputs: the real corpora in `shared/corpus` (read directly:
+//! base.zst + round-NNN.zst, see the corpus README) and a synthetic corpus.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+
+pub const PAGE: usize = 4096;
+
+/// `shared/corpus/<name>`, or `None` (with a printed reason) when absent.
+pub fn corpus_dir(name: &str) -> Option<PathBuf> {
+    let shared = match std::env::var_os("VMSTREAM_SHARED") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+    };
+    let dir = shared.join("corpus").join(name);
+    if dir.join("base.zst").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipping corpus {name}: {} not found", dir.display());
+        None
+    }
+}
+
+fn unzstd(path: &std::path::Path) -> Vec<u8> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut d = zstd::stream::read::Decoder::new(file).unwrap();
+    d.window_log_max(27).unwrap();
+    let mut out = Vec::new();
+    d.read_to_end(&mut out).unwrap();
+    out
+}
+
+/// A corpus: the base image and each later round's (page, content) list.
+pub struct Corpus {
+    pub name: String,
+    pub base: Vec<u8>,
+    pub rounds: Vec<Vec<(u32, Vec<u8>)>>,
+}
+
+impl Corpus {
+    pub fn open(name: &str) -> Option<Corpus> {
+        let dir = corpus_dir(name)?;
+        let base = unzstd(&dir.join("base.zst"));
+        let mut rounds = Vec::new();
+        for i in 1.. {
+            let path = dir.join(format!("round-{i:03}.zst"));
+            if !path.is_file() {
+                break;
+            }
+            let raw = unzstd(&path);
+            let k = u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize;
+            let data = &raw[4 + 4 * k..];
+            assert_eq!(data.len(), k * PAGE, "{}", path.display());
+            let round = (0..k)
+                .map(|j| {
+                    let p = u32::from_le_bytes(raw[4 + 4 * j..8 + 4 * j].try_into().unwrap());
+                    (p, data[j * PAGE..(j + 1) * PAGE].to_vec())
+                })
+                .collect();
+            rounds.push(round);
+        }
+        Some(Corpus {
+            name: name.to_string(),
+            base,
+            rounds,
+        })
+    }
+
+    pub fn pages(&self) -> usize {
+        self.base.len() / PAGE
+    }
+
+    /// (old, new) pairs of consecutive rounds.
+    pub fn pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut image = self.base.clone();
+        let mut pairs = Vec::new();
+        for round in &self.rounds {
+            for (p, new) in round {
+                let slot = &mut image[*p as usize * PAGE..(*p as usize + 1) * PAGE];
+                pairs.push((slot.to_vec(), new.clone()));
+                slot.copy_from_slice(new);
+            }
+        }
+        pairs
+    }
+}
+
+/// The real corpora that are present.
+pub fn real_corpora() -> Vec<Corpus> {
+    ["pg-pgbench", "linux-kvm-dbsim"]
+        .iter()
+        .filter_map(|n| Corpus::open(n))
+        .collect()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A synthetic mixed image of `pages` pages: 30% zero pages, the rest a mix
+/// of text-like, structured-binary and random pages, with rewrites of 1 to
+/// 5% of the bytes per round.
+pub fn synthetic(pages: usize, rounds: usize) -> Corpus {
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut base = vec![0u8; pages * PAGE];
+    let words: [&[u8]; 8] = [
+        b"SELECT ",
+        b"balance ",
+        b"account ",
+        b"0000 ",
+        b"teller ",
+        b"history ",
+        b"UPDATE ",
+        b"branch ",
+    ];
+    for (i, page) in base.chunks_mut(PAGE).enumerate() {
+        match rng.next() % 10 {
+            0..=2 => {} // zero
+            3..=5 => {
+                let mut at = 0;
+                while at < PAGE {
+                    let w = words[(rng.next() % 8) as usize];
+                    let n = w.len().min(PAGE - at);
+                    page[at..at + n].copy_from_slice(&w[..n]);
+                    at += n;
+                }
+            }
+            6..=8 => {
+                // Records: small counters, pointers and padding.
+                for (j, rec) in page.chunks_mut(32).enumerate() {
+                    rec[..8].copy_from_slice(&((i * 128 + j) as u64).to_le_bytes());
+                    rec[8..12].copy_from_slice(&((rng.next() % 1000) as u32).to_le_bytes());
+                    rec[16] = (rng.next() % 4) as u8;
+                }
+            }
+            _ => page.iter_mut().for_each(|b| *b = rng.next() as u8),
+        }
+    }
+    let mut image = base.clone();
+    let mut all_rounds = Vec::new();
+    for _ in 0..rounds {
+        let mut round = Vec::new();
+        let mut p = (rng.next() % 16) as usize;
+        while p < pages {
+            let page = &mut image[p * PAGE..(p + 1) * PAGE];
+            let edits = 1 + rng.next() % 40;
+            for _ in 0..edits {
+                let at = (rng.next() % PAGE as u64) as usize;
+                let run = (1 + rng.next() % 8) as usize;
+                for b in &mut page[at..(at + run).min(PAGE)] {
+                    *b = rng.next() as u8;
+                }
+            }
+            round.push((p as u32, page.to_vec()));
+            p += 1 + (rng.next() % 20) as usize;
+        }
+        all_rounds.push(round);
+    }
+    Corpus {
+        name: "synthetic".into(),
+        base,
+        rounds: all_rounds,
+    }
+}
