@@ -12,8 +12,10 @@
 //!   pages and re-protects them atomically. Cost is proportional to the page tables, not
 //!   to memory contents.
 //! - [`HashTracker`]: for any writer (another PID, `pwrite`, a VMM we did not start): hashes
-//!   every page with xxh3-64 and compares with the previous hash. Reads all of memory each
-//!   round.
+//!   every page with xxh3-64 and compares with the hash of what was last sent. Reads all of
+//!   memory each round. The sender must report every page it sends with
+//!   [`DirtyTracker::page_sent`]: otherwise a page read as B after `collect` hashed it as A,
+//!   that changes back to A before the next round, would be missed (the receiver has B).
 
 use std::fs::File;
 use std::io;
@@ -30,6 +32,12 @@ pub trait DirtyTracker: Send {
     fn pages(&self) -> u64;
     /// Short name for logs ("uffd-wp", "hash").
     fn name(&self) -> &'static str;
+    /// Tell the tracker the bytes of `page` that were actually sent. Content-based trackers
+    /// compare against these (so a page that changes and changes back between `collect` and
+    /// the read is not lost); write-tracking trackers ignore it.
+    fn page_sent(&mut self, page: u64, data: &[u8]) {
+        let _ = (page, data);
+    }
 }
 
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -240,6 +248,10 @@ impl DirtyTracker for HashTracker {
     fn name(&self) -> &'static str {
         "hash"
     }
+
+    fn page_sent(&mut self, page: u64, data: &[u8]) {
+        self.hashes[page as usize] = xxhash_rust::xxh3::xxh3_64(data);
+    }
 }
 
 #[cfg(test)]
@@ -291,6 +303,16 @@ mod tests {
         }
         assert_eq!(t.collect().unwrap(), vec![1, 17, 31]);
         assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        // A-B-A: collect hashed A, the sender read B, the page went back to A. Without
+        // page_sent the page would never be resent.
+        let mut sent = vec![0u8; PAGE_SIZE];
+        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![2]);
+        mem.file().write_at(&[2], 2 * PAGE_SIZE as u64).unwrap();
+        mem.read_page(2, &mut sent);
+        t.page_sent(2, &sent);
+        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![2]);
         std::fs::remove_file(&p).unwrap();
     }
 }
