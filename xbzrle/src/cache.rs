@@ -9,8 +9,14 @@
 //!
 //! Two layouts share that rule:
 //! * [`Layout::SetAssociative`] (the default): sets of `ways` entries chosen
-//!   by a hash of the page number; a new page takes a free way, else the least
-//!   recently used unprotected way.
+//!   by a hash of the page number. A new page takes a free way, else an
+//!   unprotected way: one never reused since it was inserted if there is one
+//!   (least recently used first), else the least recently used one. An entry
+//!   with proven reuse is only displaced by a page that has itself missed
+//!   recently: each set remembers the last `ways` pages it turned away, and a
+//!   page's first miss only records it there ([`InsertOutcome::Deferred`]).
+//!   So a burst of pages dirtied once cannot flush the pages dirtied round
+//!   after round.
 //! * [`Layout::DirectMapped`]: one slot per page number (`page % slots`), the
 //!   design of QEMU's XBZRLE cache, kept as a baseline.
 //!
@@ -40,7 +46,7 @@ pub enum Layout {
     /// One possible slot per page (`page % slots`), like QEMU's cache.
     DirectMapped,
     /// Sets of `ways` entries indexed by a hash of the page number, with
-    /// least-recently-used replacement among unprotected entries.
+    /// reuse-aware least-recently-used replacement among unprotected entries.
     SetAssociative {
         /// Entries per set (at least 1; clamped to the capacity).
         ways: usize,
@@ -102,12 +108,16 @@ pub enum InsertOutcome {
     Evicted(u64),
     /// Every slot the page may use holds a protected entry; nothing changed.
     Refused,
+    /// The only victim is an entry that has been reused, and the page has not
+    /// missed recently: it is remembered instead, so a second miss soon
+    /// admits it (set-associative layout only). The page is not cached.
+    Deferred,
 }
 
 impl InsertOutcome {
     /// True when the page is now cached with the given data.
     pub fn is_cached(self) -> bool {
-        !matches!(self, InsertOutcome::Refused)
+        !matches!(self, InsertOutcome::Refused | InsertOutcome::Deferred)
     }
 }
 
@@ -134,6 +144,9 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Inserts refused because every candidate slot was protected.
     pub refused: u64,
+    /// Inserts deferred to protect a reused entry (see
+    /// [`InsertOutcome::Deferred`]).
+    pub deferred: u64,
 }
 
 impl CacheStats {
@@ -179,6 +192,12 @@ pub struct PageCache {
     used_in: Vec<u64>,
     /// Recency of each slot's last use; `FREE` when empty.
     stamps: Vec<u64>,
+    /// Whether each slot's entry was used again after it was inserted.
+    reused: Vec<bool>,
+    /// Per set, the last `ways` pages it turned away (set-associative only).
+    ghosts: Vec<Option<u64>>,
+    /// Per set, the next `ghosts` position to overwrite.
+    ghost_next: Vec<usize>,
     /// `slots * page_size` bytes of page data, slot `i` at `i * page_size`.
     data: Vec<u8>,
     stats: CacheStats,
@@ -230,6 +249,7 @@ impl PageCache {
             }
         };
         let slots = sets * ways;
+        let remembers = matches!(layout, Layout::SetAssociative { .. });
         let stats = CacheStats {
             cache_bytes: slots * page_size,
             cache_pages: slots,
@@ -246,6 +266,9 @@ impl PageCache {
             keys: vec![0; slots],
             used_in: vec![0; slots],
             stamps: vec![FREE; slots],
+            reused: vec![false; slots],
+            ghosts: vec![None; if remembers { slots } else { 0 }],
+            ghost_next: vec![0; if remembers { sets } else { 0 }],
             data: vec![0; slots * page_size],
             stats,
         })
@@ -282,7 +305,8 @@ impl PageCache {
 
     /// Caches `data` as the contents of `page`, marking it used in the
     /// current generation: overwrites the entry when `page` is cached, else
-    /// takes a free or unprotected slot, else refuses (changing nothing).
+    /// takes a free or unprotected slot, else refuses or defers (leaving the
+    /// cached pages as they were).
     ///
     /// # Panics
     /// When `data.len()` is not the page size.
@@ -353,7 +377,7 @@ impl PageCache {
         match self.find(page) {
             Some(slot) => {
                 self.stats.hits += 1;
-                self.touch(slot);
+                self.reuse(slot);
                 Some(slot)
             }
             None => {
@@ -365,17 +389,23 @@ impl PageCache {
 
     /// Finds or makes the slot for `page` (marking it used), updating the
     /// insert statistics; the caller then writes the slot's bytes. `None`
-    /// when the insert is refused.
+    /// when the insert is refused or deferred.
     pub(crate) fn claim(&mut self, page: u64) -> (InsertOutcome, Option<usize>) {
         if let Some(slot) = self.find(page) {
             self.stats.updates += 1;
-            self.touch(slot);
+            self.reuse(slot);
             return (InsertOutcome::Updated, Some(slot));
         }
         let Some(slot) = self.victim(page) else {
             self.stats.refused += 1;
+            self.remember(page);
             return (InsertOutcome::Refused, None);
         };
+        if self.reused[slot] && !self.ghosts.is_empty() && !self.forget(page) {
+            self.stats.deferred += 1;
+            self.remember(page);
+            return (InsertOutcome::Deferred, None);
+        }
         let outcome = if self.stamps[slot] == FREE {
             self.stats.cached_pages += 1;
             InsertOutcome::Inserted
@@ -385,6 +415,7 @@ impl PageCache {
         };
         self.stats.inserts += 1;
         self.keys[slot] = page;
+        self.reused[slot] = false;
         self.touch(slot);
         (outcome, Some(slot))
     }
@@ -422,10 +453,12 @@ impl PageCache {
         (start..end).find(|&slot| self.keys[slot] == page && self.stamps[slot] != FREE)
     }
 
-    /// The slot a new `page` should take: a free way, else the least recently
-    /// used way not used in the current or previous generation.
+    /// The slot a new `page` should take: a free way, else among the ways
+    /// not used in the current or previous generation, the least recently
+    /// used one never reused since its insert, else the least recently used.
     fn victim(&self, page: u64) -> Option<usize> {
         let start = self.set_start(page);
+        let rank = |slot: usize| (self.reused[slot], self.stamps[slot]);
         let mut best: Option<usize> = None;
         for slot in start..start + self.ways {
             if self.stamps[slot] == FREE {
@@ -435,15 +468,52 @@ impl PageCache {
                 continue;
             }
             match best {
-                Some(b) if self.stamps[b] <= self.stamps[slot] => {}
+                Some(b) if rank(b) <= rank(slot) => {}
                 _ => best = Some(slot),
             }
         }
         best
     }
 
+    /// Records that `page` was turned away by its set (no-op when
+    /// direct-mapped or already recorded).
+    fn remember(&mut self, page: u64) {
+        if self.ghosts.is_empty() {
+            return;
+        }
+        let start = self.set_start(page);
+        let ghosts = &mut self.ghosts[start..start + self.ways];
+        if ghosts.contains(&Some(page)) {
+            return;
+        }
+        let set = start / self.ways;
+        let next = self.ghost_next[set];
+        ghosts[next] = Some(page);
+        self.ghost_next[set] = (next + 1) % self.ways;
+    }
+
+    /// Removes `page` from its set's turned-away list, returning whether it
+    /// was there.
+    fn forget(&mut self, page: u64) -> bool {
+        let start = self.set_start(page);
+        let ghosts = &mut self.ghosts[start..start + self.ways];
+        match ghosts.iter().position(|&g| g == Some(page)) {
+            Some(i) => {
+                ghosts[i] = None;
+                true
+            }
+            None => false,
+        }
+    }
+
     fn is_protected(&self, slot: usize) -> bool {
         self.used_in[slot].saturating_add(1) >= self.generation
+    }
+
+    /// Marks a cached entry used again.
+    fn reuse(&mut self, slot: usize) {
+        self.reused[slot] = true;
+        self.touch(slot);
     }
 
     fn touch(&mut self, slot: usize) {
@@ -541,18 +611,43 @@ mod tests {
     }
 
     #[test]
-    fn evicts_least_recently_used_unprotected_way() {
+    fn evicts_never_reused_entries_first_then_defers() {
         let mut cache =
             PageCache::with_layout(4 * PAGE, PAGE, Layout::SetAssociative { ways: 4 }).unwrap();
         for p in 0..4 {
             cache.insert(p, &page(p as u8));
         }
-        cache.get(0);
         cache.get(2);
+        cache.get(0);
         cache.set_generation(2);
+        // Pages 1 and 3 were never reused: they go first, oldest first.
         assert_eq!(cache.insert(10, &page(10)), InsertOutcome::Evicted(1));
         assert_eq!(cache.insert(11, &page(11)), InsertOutcome::Evicted(3));
-        assert_eq!(cache.insert(12, &page(12)), InsertOutcome::Evicted(0));
+        // In generation 3, 10 and 11 are protected and only the reused 0 and
+        // 2 are candidates: a first miss is deferred, a second one evicts
+        // the least recently used of them.
+        cache.set_generation(3);
+        assert_eq!(cache.insert(12, &page(12)), InsertOutcome::Deferred);
+        assert!(!cache.contains(12));
+        assert_eq!(cache.insert(12, &page(12)), InsertOutcome::Evicted(2));
+        assert_eq!(cache.peek(12), Some(&page(12)[..]));
+        // Never-reused 10 goes before reused 0 even though 0 is older.
+        cache.set_generation(5);
+        assert_eq!(cache.insert(13, &page(13)), InsertOutcome::Evicted(10));
+        assert_eq!(cache.stats().deferred, 1);
+    }
+
+    #[test]
+    fn refused_pages_are_remembered() {
+        let mut cache =
+            PageCache::with_layout(2 * PAGE, PAGE, Layout::SetAssociative { ways: 2 }).unwrap();
+        cache.insert(0, &page(0));
+        cache.insert(1, &page(1));
+        cache.get(0);
+        cache.get(1);
+        assert_eq!(cache.insert(5, &page(5)), InsertOutcome::Refused);
+        cache.set_generation(2);
+        assert_eq!(cache.insert(5, &page(5)), InsertOutcome::Evicted(0));
     }
 
     #[test]
@@ -564,6 +659,11 @@ mod tests {
         cache.set_generation(2);
         assert_eq!(cache.insert(11, &page(11)), InsertOutcome::Evicted(3));
         assert!(cache.contains(4));
+        // QEMU's rule only: a reused entry is replaced without deferral.
+        cache.get(4);
+        cache.set_generation(4);
+        assert_eq!(cache.insert(12, &page(12)), InsertOutcome::Evicted(4));
+        assert_eq!(cache.stats().deferred, 0);
     }
 
     #[test]
