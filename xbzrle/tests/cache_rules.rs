@@ -74,6 +74,11 @@ fn delta_updates_the_entry_and_decodes_to_the_snapshot() {
     let s = enc.stats();
     assert_eq!((s.delta_pages, s.delta_bytes), (1, n as u64));
     assert!(s.encoding_rate() > 1.0);
+    assert_eq!(
+        s.encode_time,
+        std::time::Duration::ZERO,
+        "timing is off by default"
+    );
 }
 
 #[test]
