@@ -72,8 +72,10 @@ pub struct PageEncoder {
     delta: Option<(DeltaEncoder, DeltaConfig)>,
     /// XOR of old and new page.
     xor: Box<[u8]>,
-    /// Second candidate delta in `Smallest` mode.
+    /// XBZRLE delta before it is (maybe) LZ4-compressed.
     alt: Box<[u8]>,
+    /// A page copied from a [`PageSource`].
+    snapshot: Box<[u8]>,
     /// Pages encoded, by encoding.
     pub stats: ByEncoding,
     /// Cache outcomes.
@@ -115,6 +117,7 @@ impl PageEncoder {
             delta,
             xor: vec![0; PAGE_SIZE].into_boxed_slice(),
             alt: vec![0; PAGE_SIZE].into_boxed_slice(),
+            snapshot: vec![0; PAGE_SIZE].into_boxed_slice(),
             stats: ByEncoding::default(),
             cache: CacheStats::default(),
             finish_ns: 0,
@@ -329,12 +332,62 @@ impl PageEncoder {
         len
     }
 
+    /// Like [`encode_batch`](Self::encode_batch) for pages read from
+    /// `source`: each page is copied once into a scratch page (the
+    /// snapshot the cache is updated from) and encoded from there.
+    pub fn encode_from_source(
+        &mut self,
+        round: u64,
+        seq: u64,
+        pages: &[u64],
+        source: &dyn PageSource,
+        writer: &mut PacketWriter,
+    ) -> usize {
+        writer.begin(pages.len());
+        let mut snapshot = std::mem::take(&mut self.snapshot);
+        for &page in pages {
+            source.read_page(page, &mut snapshot);
+            self.encode_page(page, &snapshot, writer);
+        }
+        self.snapshot = snapshot;
+        let start = Instant::now();
+        let len = writer.finish(round, seq);
+        self.finish_ns += start.elapsed().as_nanos() as u64;
+        len
+    }
+
     /// Takes the counters accumulated since the last call.
     pub fn take_stats(&mut self) -> (ByEncoding, CacheStats) {
         (
             std::mem::take(&mut self.stats),
             std::mem::take(&mut self.cache),
         )
+    }
+}
+
+/// Guest memory the sender's workers copy page snapshots from, so the
+/// copy happens in parallel in the workers rather than in the caller.
+///
+/// An implementation over live guest memory must copy with whatever care
+/// concurrent guest writes need (e.g. volatile or atomic reads); the codec
+/// only ever uses the copied bytes, so a racing write cannot make the page
+/// cache disagree with what was sent.
+pub trait PageSource: Send + Sync {
+    /// Copies page `page` (guaranteed below the configured guest size)
+    /// into `out`, which is exactly one page.
+    fn read_page(&self, page: u64, out: &mut [u8]);
+}
+
+impl PageSource for [u8] {
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        let at = page as usize * PAGE_SIZE;
+        out.copy_from_slice(&self[at..at + PAGE_SIZE]);
+    }
+}
+
+impl PageSource for Vec<u8> {
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        self.as_slice().read_page(page, out)
     }
 }
 
@@ -376,6 +429,23 @@ impl Batch {
     pub fn clear(&mut self) {
         self.pages.clear();
         self.data.clear();
+    }
+
+    /// Appends page `page` without contents (to be read from a
+    /// [`PageSource`]).
+    pub fn push_number(&mut self, page: u64) {
+        self.pages.push(page);
+    }
+
+    /// The page numbers.
+    pub fn pages(&self) -> &[u64] {
+        &self.pages
+    }
+
+    /// Whether the batch carries page contents (else they come from a
+    /// [`PageSource`]).
+    pub fn has_data(&self) -> bool {
+        !self.data.is_empty()
     }
 
     /// The pages and their contents.

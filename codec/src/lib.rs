@@ -21,7 +21,7 @@ pub mod stats;
 
 pub use compress::Compression;
 pub use decoder::PacketDecoder;
-pub use encoder::{Batch, DeltaConfig, DeltaMode, EncoderConfig, PageEncoder};
+pub use encoder::{Batch, DeltaConfig, DeltaMode, EncoderConfig, PageEncoder, PageSource};
 pub use error::{CodecError, PacketError, PacketErrorKind};
 pub use format::{frame_len, Encoding, FrameError, FRAME_PREFIX_LEN};
 pub use receiver::{receive, Receiver, ReceiverConfig};

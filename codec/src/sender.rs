@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::encoder::{Batch, EncoderConfig, PageEncoder};
+use crate::encoder::{Batch, EncoderConfig, PageEncoder, PageSource};
 use crate::error::CodecError;
 use crate::format::{PacketWriter, MAX_PAGES_PER_PACKET};
 use crate::memory::owner;
@@ -97,6 +97,7 @@ pub struct Sender {
     total: PipelineStats,
     /// Pages pushed in the open round (one bit per guest page).
     pushed: Vec<u64>,
+    has_source: bool,
 }
 
 impl std::fmt::Debug for Sender {
@@ -109,8 +110,25 @@ impl std::fmt::Debug for Sender {
 }
 
 impl Sender {
-    /// Starts the workers.
+    /// Starts the workers; pages are pushed with their contents
+    /// ([`push`](Self::push)).
     pub fn new(config: SenderConfig) -> Result<Sender, CodecError> {
+        Sender::start(config, None)
+    }
+
+    /// Starts workers that copy page snapshots from `source` themselves, in
+    /// parallel; pages are pushed by number ([`push_page`](Self::push_page)).
+    pub fn with_source(
+        config: SenderConfig,
+        source: Arc<dyn PageSource>,
+    ) -> Result<Sender, CodecError> {
+        Sender::start(config, Some(source))
+    }
+
+    fn start(
+        config: SenderConfig,
+        source: Option<Arc<dyn PageSource>>,
+    ) -> Result<Sender, CodecError> {
         if config.workers == 0 || config.queue_depth == 0 {
             return Err(CodecError::Config(
                 "sender needs at least one worker and a queue depth of 1".into(),
@@ -144,6 +162,7 @@ impl Sender {
                 stats: WorkerStats::default(),
                 packet_bytes: 0,
                 round: None,
+                source: source.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vmstream-enc-{index}"))
@@ -166,6 +185,7 @@ impl Sender {
             failed: None,
             total: PipelineStats::default(),
             pushed: vec![0; config.guest_pages.div_ceil(64) as usize],
+            has_source: source.is_some(),
         })
     }
 
@@ -178,6 +198,36 @@ impl Sender {
     /// copy is the snapshot the cache is updated from). Blocks while the
     /// owning worker's queue is full.
     pub fn push(&mut self, page: u64, snapshot: &[u8]) -> Result<(), CodecError> {
+        if snapshot.len() != PAGE_SIZE {
+            return Err(CodecError::SnapshotLength {
+                len: snapshot.len(),
+                expected: PAGE_SIZE,
+            });
+        }
+        let w = self.admit(page)?;
+        self.pending[w].push(page, snapshot);
+        self.after_push(w)
+    }
+
+    /// Queues page `page`, to be copied from the [`PageSource`] by a worker
+    /// (only for a sender made with [`with_source`](Self::with_source)).
+    pub fn push_page(&mut self, page: u64) -> Result<(), CodecError> {
+        if !self.has_source {
+            return Err(CodecError::Config(
+                "push_page needs a sender made with_source".into(),
+            ));
+        }
+        let w = self.admit(page)?;
+        if self.pending[w].has_data() {
+            // Mixing modes in one batch is not supported: flush first.
+            self.dispatch(w)?;
+        }
+        self.pending[w].push_number(page);
+        self.after_push(w)
+    }
+
+    /// Checks a pushed page and returns the worker owning it.
+    fn admit(&mut self, page: u64) -> Result<usize, CodecError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -185,12 +235,6 @@ impl Sender {
             return Err(CodecError::PageOutOfRange {
                 page,
                 guest_pages: self.config.guest_pages,
-            });
-        }
-        if snapshot.len() != PAGE_SIZE {
-            return Err(CodecError::SnapshotLength {
-                len: snapshot.len(),
-                expected: PAGE_SIZE,
             });
         }
         let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
@@ -201,8 +245,10 @@ impl Sender {
             });
         }
         self.pushed[word] |= bit;
-        let w = owner(page, self.config.workers);
-        self.pending[w].push(page, snapshot);
+        Ok(owner(page, self.config.workers))
+    }
+
+    fn after_push(&mut self, w: usize) -> Result<(), CodecError> {
         if self.pending[w].len() >= self.config.batch_pages {
             self.dispatch(w)?;
         }
@@ -332,6 +378,7 @@ struct Worker {
     stats: WorkerStats,
     packet_bytes: u64,
     round: Option<u64>,
+    source: Option<Arc<dyn PageSource>>,
 }
 
 impl Worker {
@@ -348,9 +395,18 @@ impl Worker {
                         self.encoder.begin_round(round);
                         self.round = Some(round);
                     }
-                    let len = self
-                        .encoder
-                        .encode_batch(round, seq, &batch, &mut self.writer);
+                    let len = match &self.source {
+                        Some(src) if !batch.has_data() => self.encoder.encode_from_source(
+                            round,
+                            seq,
+                            batch.pages(),
+                            &**src,
+                            &mut self.writer,
+                        ),
+                        _ => self
+                            .encoder
+                            .encode_batch(round, seq, &batch, &mut self.writer),
+                    };
                     let spare = self
                         .buffers
                         .lock()

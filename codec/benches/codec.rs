@@ -1,0 +1,393 @@
+//! Criterion benches of the codec (run late, on a quiet machine:
+//! `cargo bench -p vmstream-codec --bench codec`). Results and ratios go
+//! to `codec/BENCH_RESULTS.md`.
+//!
+//! - `compress/<corpus>/<method>/{raw_oneshot,raw_ctx,encoder}`: per-page
+//!   compression; `raw_oneshot` is the library's one-shot call
+//!   (LZ4_compress_default, ZSTD_compress, compress2), `raw_ctx` the same
+//!   library call with a reused context (what the encoder calls), and
+//!   `encoder` the PageEncoder (classification + compression + packet
+//!   assembly + CRC).
+//! - `decompress/<corpus>/<method>/{raw,decoder}`: the library call per page
+//!   vs the receiver path (CRC + validation + decode into memory).
+//! - `sender/<corpus>/{1,2}w_{push,source}`, `receiver/<corpus>/{1,2}w`:
+//!   pipeline scaling (`push`: the caller copies pages into batches;
+//!   `source`: workers copy them from a shared image).
+//! - `zero/{encoder_1t,sender_2w_push,sender_2w_source}`: the zero-page
+//!   path over a 1 GiB image.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use common::{Corpus, PAGE};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use vmstream_codec::compress::{lz4, zlib, Compressor};
+use vmstream_codec::decoder::PageDecoder;
+use vmstream_codec::format::{parse_packet, Limits, PacketWriter, TRAILER_LEN};
+use vmstream_codec::{
+    receive, Batch, Compression, EncoderConfig, Encoding, PageEncoder, ReceiverConfig, Sender,
+    SenderConfig,
+};
+
+const SAMPLE_PAGES: usize = 4096;
+
+/// Up to `n` pages spread evenly over the image.
+fn sample(image: &[u8], n: usize) -> Vec<u8> {
+    let pages = image.len() / PAGE;
+    let step = (pages / n).max(1);
+    (0..pages)
+        .step_by(step)
+        .take(n)
+        .flat_map(|p| image[p * PAGE..(p + 1) * PAGE].to_vec())
+        .collect()
+}
+
+fn inputs() -> Vec<(String, Vec<u8>)> {
+    let mut v = vec![(
+        "synthetic".to_string(),
+        sample(&common::synthetic(SAMPLE_PAGES, 0).base, SAMPLE_PAGES),
+    )];
+    for c in common::real_corpora() {
+        v.push((c.name.clone(), sample(&c.base, SAMPLE_PAGES)));
+    }
+    v
+}
+
+const METHODS: [Compression; 3] = [
+    Compression::Lz4 { acceleration: 1 },
+    Compression::Zstd { level: 1 },
+    Compression::Zlib { level: 1 },
+];
+
+fn method_name(m: Compression) -> &'static str {
+    match m {
+        Compression::Lz4 { .. } => "lz4",
+        Compression::Zstd { .. } => "zstd1",
+        Compression::Zlib { .. } => "zlib1",
+        Compression::None => "none",
+    }
+}
+
+fn oneshot(m: Compression, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    match m {
+        Compression::Lz4 { .. } => lz4::compress_oneshot(src, dst, 1),
+        Compression::Zstd { level } => zstd::bulk::compress_to_buffer(src, dst, level).ok(),
+        Compression::Zlib { level } => zlib::compress_oneshot(src, dst, level),
+        Compression::None => None,
+    }
+}
+
+/// Encodes `image` into packets of `batch` pages (no deltas).
+fn encode_packets(image: &[u8], method: Compression, batch: usize) -> Vec<Vec<u8>> {
+    let mut enc = PageEncoder::new(&EncoderConfig {
+        compression: method,
+        delta: None,
+    })
+    .unwrap();
+    let mut w = PacketWriter::default();
+    let mut out = Vec::new();
+    let mut b = Batch::with_capacity(batch);
+    for (i, page) in image.chunks(PAGE).enumerate() {
+        b.push(i as u64, page);
+        if b.len() == batch {
+            let len = enc.encode_batch(0, out.len() as u64, &b, &mut w);
+            out.push(w.buffer()[..len].to_vec());
+            b.clear();
+        }
+    }
+    if !b.is_empty() {
+        let len = enc.encode_batch(0, out.len() as u64, &b, &mut w);
+        out.push(w.buffer()[..len].to_vec());
+    }
+    out
+}
+
+fn bench_compress(c: &mut Criterion) {
+    for (name, image) in inputs() {
+        let pages = image.len() / PAGE;
+        let zero = image
+            .chunks(PAGE)
+            .filter(|p| vmstream_simd::is_zero(p))
+            .count();
+        for m in METHODS {
+            let mut g = c.benchmark_group(format!("compress/{name}/{}", method_name(m)));
+            g.sample_size(10)
+                .throughput(Throughput::Bytes(image.len() as u64));
+            let mut dst = vec![0u8; 2 * PAGE];
+            // Ratios: library alone (raw page when it does not shrink) and
+            // the whole packet stream.
+            let raw_bytes: usize = image
+                .chunks(PAGE)
+                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).unwrap_or(PAGE))
+                .sum();
+            let packets = encode_packets(&image, m, 128);
+            let wire: usize = packets.iter().map(Vec::len).sum();
+            eprintln!(
+                "RATIO compress/{name}/{}: pages {pages} zero {zero} library {:.3} packets {:.3}",
+                method_name(m),
+                image.len() as f64 / raw_bytes as f64,
+                image.len() as f64 / wire as f64
+            );
+            g.bench_function("raw_oneshot", |b| {
+                b.iter(|| {
+                    for p in image.chunks(PAGE) {
+                        black_box(oneshot(m, p, &mut dst[..PAGE - 1]));
+                    }
+                })
+            });
+            let mut ctx = Compressor::new(m).unwrap();
+            g.bench_function("raw_ctx", |b| {
+                b.iter(|| {
+                    for p in image.chunks(PAGE) {
+                        black_box(ctx.compress(p, &mut dst[..PAGE - 1]));
+                    }
+                })
+            });
+            let mut enc = PageEncoder::new(&EncoderConfig {
+                compression: m,
+                delta: None,
+            })
+            .unwrap();
+            let mut w = PacketWriter::default();
+            let batches: Vec<Batch> = image
+                .chunks(128 * PAGE)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let mut b = Batch::with_capacity(128);
+                    for (j, p) in chunk.chunks(PAGE).enumerate() {
+                        b.push((i * 128 + j) as u64, p);
+                    }
+                    b
+                })
+                .collect();
+            g.bench_function("encoder", |b| {
+                b.iter(|| {
+                    for (seq, batch) in batches.iter().enumerate() {
+                        black_box(enc.encode_batch(0, seq as u64, batch, &mut w));
+                    }
+                })
+            });
+            g.finish();
+
+            let mut g = c.benchmark_group(format!("decompress/{name}/{}", method_name(m)));
+            g.sample_size(10)
+                .throughput(Throughput::Bytes(image.len() as u64));
+            let compressed: Vec<Option<Vec<u8>>> = image
+                .chunks(PAGE)
+                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).map(|n| dst[..n].to_vec()))
+                .collect();
+            let mut page = vec![0u8; PAGE];
+            g.bench_function("raw", |b| {
+                b.iter(|| {
+                    for (c, src) in compressed.iter().zip(image.chunks(PAGE)) {
+                        match c {
+                            None => page.copy_from_slice(src),
+                            Some(c) => {
+                                let n = match m {
+                                    Compression::Lz4 { .. } => {
+                                        lz4::decompress(c, &mut page).unwrap()
+                                    }
+                                    Compression::Zstd { .. } => {
+                                        zstd::bulk::decompress_to_buffer(c, &mut page).unwrap()
+                                    }
+                                    _ => zlib::decompress_oneshot(c, &mut page).unwrap(),
+                                };
+                                assert_eq!(n, PAGE);
+                            }
+                        }
+                        black_box(&page);
+                    }
+                })
+            });
+            let mut dec = PageDecoder::new().unwrap();
+            let mut mem = vec![0u8; image.len()];
+            let guest_pages = pages as u64;
+            let mut decode_all = |mem: &mut [u8]| {
+                for p in &packets {
+                    let view = parse_packet(
+                        p,
+                        Limits {
+                            guest_pages,
+                            verify_checksum: true,
+                        },
+                    )
+                    .unwrap();
+                    for r in view.records() {
+                        let at = r.page as usize * PAGE;
+                        dec.apply(view.header.seq, &r, &mut mem[at..at + PAGE])
+                            .unwrap();
+                    }
+                }
+            };
+            decode_all(&mut mem);
+            assert!(mem == image);
+            g.bench_function("decoder", |b| b.iter(|| decode_all(&mut mem)));
+            g.finish();
+        }
+    }
+}
+
+/// One round over the whole image; packets are dropped (recycled).
+fn send_all(sender: &mut Sender, image: &[u8], by_number: bool) {
+    for (p, data) in image.chunks(PAGE).enumerate() {
+        if by_number {
+            sender.push_page(p as u64).unwrap();
+        } else {
+            sender.push(p as u64, data).unwrap();
+        }
+        while let Some(pkt) = sender.poll() {
+            sender.recycle(pkt);
+        }
+    }
+    sender.end_round().unwrap();
+    while let Some(pkt) = sender.poll() {
+        sender.recycle(pkt);
+    }
+}
+
+/// Rewrites a packet's round and re-seals its CRC.
+fn set_round(p: &mut [u8], round: u64) {
+    p[16..24].copy_from_slice(&round.to_le_bytes());
+    let body = p.len() - TRAILER_LEN;
+    let crc = crc32c::crc32c(&p[..body]);
+    p[body..].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn bench_pipelines(c: &mut Criterion) {
+    // Real data when present: lz4 pipelines over 16 Ki pages (64 MiB).
+    let corpora: Vec<Corpus> = common::real_corpora();
+    let mut inputs: Vec<(String, Vec<u8>)> = corpora
+        .iter()
+        .map(|c| (c.name.clone(), sample(&c.base, 4 * SAMPLE_PAGES)))
+        .collect();
+    inputs.push((
+        "synthetic".into(),
+        common::synthetic(4 * SAMPLE_PAGES, 0).base,
+    ));
+    for (name, image) in &inputs {
+        let pages = (image.len() / PAGE) as u64;
+        let mut g = c.benchmark_group(format!("sender/{name}"));
+        g.sample_size(10)
+            .throughput(Throughput::Bytes(image.len() as u64));
+        let shared: Arc<Vec<u8>> = Arc::new(image.clone());
+        for workers in [1, 2] {
+            let mut config = SenderConfig::new(pages);
+            config.workers = workers;
+            config.encoder = EncoderConfig {
+                compression: Compression::Lz4 { acceleration: 1 },
+                delta: None,
+            };
+            // The caller copies each page into a batch (`push`).
+            let mut sender = Sender::new(config).unwrap();
+            g.bench_function(format!("{workers}w_push"), |b| {
+                b.iter(|| send_all(&mut sender, image, false))
+            });
+            drop(sender);
+            // The workers copy from the shared image (`push_page`).
+            let mut sender = Sender::with_source(config, shared.clone()).unwrap();
+            g.bench_function(format!("{workers}w_source"), |b| {
+                b.iter(|| send_all(&mut sender, image, true))
+            });
+        }
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("receiver/{name}"));
+        g.sample_size(10)
+            .throughput(Throughput::Bytes(image.len() as u64));
+        for workers in [1, 2] {
+            // Packets as a sender with the same worker count makes them.
+            let mut config = SenderConfig::new(pages);
+            config.workers = workers;
+            config.encoder = EncoderConfig {
+                compression: Compression::Lz4 { acceleration: 1 },
+                delta: None,
+            };
+            let mut sender = Sender::new(config).unwrap();
+            for (p, data) in image.chunks(PAGE).enumerate() {
+                sender.push(p as u64, data).unwrap();
+            }
+            sender.end_round().unwrap();
+            let mut packets = Vec::new();
+            while let Some(pkt) = sender.poll() {
+                packets.push(pkt.into_vec());
+            }
+            let mut mem = vec![0u8; image.len()];
+            let rconfig = ReceiverConfig {
+                workers,
+                ..Default::default()
+            };
+            let round = std::cell::Cell::new(0u64);
+            receive(&rconfig, &mut mem, |rx| {
+                g.bench_function(format!("{workers}w"), |b| {
+                    b.iter_batched(
+                        || {
+                            let mut v = packets.clone();
+                            v.iter_mut().for_each(|p| set_round(p, round.get()));
+                            v
+                        },
+                        |v| {
+                            for p in v {
+                                rx.submit(p).unwrap();
+                            }
+                            rx.end_round(round.get()).unwrap();
+                            round.set(round.get() + 1);
+                        },
+                        BatchSize::PerIteration,
+                    )
+                });
+            })
+            .unwrap();
+            // Only meaningful when the bench ran (it may be filtered out).
+            assert!(round.get() == 0 || &mem == image);
+        }
+        g.finish();
+    }
+}
+
+fn bench_zero(c: &mut Criterion) {
+    const GIB: usize = 1 << 30;
+    let mut image = vec![1u8; GIB];
+    image.fill(0); // really backed by memory, not the shared zero page
+    let pages = (GIB / PAGE) as u64;
+    let mut g = c.benchmark_group("zero");
+    g.sample_size(10).throughput(Throughput::Bytes(GIB as u64));
+    // One thread: classify and packetize straight from the image.
+    let mut enc = PageEncoder::new(&EncoderConfig::default()).unwrap();
+    let mut w = PacketWriter::default();
+    g.bench_function("encoder_1t", |b| {
+        b.iter(|| {
+            for (seq, chunk) in image.chunks(128 * PAGE).enumerate() {
+                let seq = seq as u64;
+                w.begin(128);
+                for (j, p) in chunk.chunks(PAGE).enumerate() {
+                    assert_eq!(
+                        enc.encode_page(seq * 128 + j as u64, p, &mut w),
+                        Some(Encoding::Zero)
+                    );
+                }
+                black_box(w.finish(0, seq));
+            }
+        })
+    });
+    // The sender pipeline, 2 workers: the caller copies pages into batches
+    // (`push`), or the workers copy from the shared image (`push_page`).
+    let mut config = SenderConfig::new(pages);
+    config.workers = 2;
+    let mut sender = Sender::new(config).unwrap();
+    g.bench_function("sender_2w_push", |b| {
+        b.iter(|| send_all(&mut sender, &image, false))
+    });
+    drop(sender);
+    let shared: Arc<Vec<u8>> = Arc::new(image);
+    let mut sender = Sender::with_source(config, shared.clone()).unwrap();
+    g.bench_function("sender_2w_source", |b| {
+        b.iter(|| send_all(&mut sender, &shared, true))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_compress, bench_pipelines, bench_zero);
+criterion_main!(benches);

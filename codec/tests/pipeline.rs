@@ -1,0 +1,204 @@
+//! Sender/receiver pipelines: page sources, statistics, configuration
+//! errors.
+
+use std::sync::{Arc, RwLock};
+
+use vmstream_codec::{
+    receive, CodecError, Compression, DeltaConfig, DeltaMode, EncoderConfig, PageSource,
+    PipelineStats, ReceiverConfig, Sender, SenderConfig, PAGE_SIZE,
+};
+
+/// Guest memory the test mutates between rounds.
+struct Guest(RwLock<Vec<u8>>);
+
+impl PageSource for Guest {
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        let g = self.0.read().unwrap();
+        out.copy_from_slice(&g[page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+    }
+}
+
+const PAGES: u64 = 512;
+
+fn config(workers: usize) -> SenderConfig {
+    let mut c = SenderConfig::new(PAGES);
+    c.workers = workers;
+    c.batch_pages = 100;
+    c.encoder = EncoderConfig {
+        compression: Compression::Lz4 { acceleration: 1 },
+        delta: Some(DeltaConfig {
+            cache_bytes: PAGES as usize * PAGE_SIZE,
+            max_delta: 2048,
+            mode: DeltaMode::XbzrleLz4,
+        }),
+    };
+    c
+}
+
+fn drain(sender: &mut Sender, rx: &mut vmstream_codec::Receiver) {
+    while let Some(p) = sender.poll() {
+        rx.submit(p.into_vec()).unwrap();
+    }
+}
+
+#[test]
+fn source_mode_migrates_a_changing_guest() {
+    let guest = Arc::new(Guest(RwLock::new(vec![0u8; PAGES as usize * PAGE_SIZE])));
+    {
+        let mut g = guest.0.write().unwrap();
+        for (i, page) in g.chunks_mut(PAGE_SIZE).enumerate() {
+            if i % 3 != 0 {
+                page.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j / 16 + i) as u8);
+            }
+        }
+    }
+    let mut sender = Sender::with_source(config(2), guest.clone()).unwrap();
+    let mut dest = vec![0xffu8; PAGES as usize * PAGE_SIZE];
+    let mut sender_stats = PipelineStats::default();
+    let mut receiver_stats = PipelineStats::default();
+    receive(
+        &ReceiverConfig {
+            workers: 2,
+            ..Default::default()
+        },
+        &mut dest,
+        |rx| {
+            for round in 0..4u64 {
+                let dirty: Vec<u64> = if round == 0 {
+                    (0..PAGES).collect()
+                } else {
+                    (0..PAGES).filter(|p| p % 5 == round % 5).collect()
+                };
+                if round > 0 {
+                    let mut g = guest.0.write().unwrap();
+                    for &p in &dirty {
+                        g[p as usize * PAGE_SIZE + (round as usize * 37) % PAGE_SIZE] ^= 0x5a;
+                    }
+                }
+                for &p in &dirty {
+                    sender.push_page(p).unwrap();
+                    drain(&mut sender, rx);
+                }
+                let s = sender.end_round().unwrap();
+                drain(&mut sender, rx);
+                let r = rx.end_round(round).unwrap();
+                assert_eq!(s.pages(), r.pages(), "round {round}");
+                assert_eq!(s.packet_bytes, r.packet_bytes, "round {round}");
+                assert_eq!(s.packets, r.packets, "round {round}");
+                assert_eq!(s.pages(), dirty.len() as u64);
+                if round > 0 {
+                    // Set-associative cache: a few pages may have been refused
+                    // a slot; all others are delta hits.
+                    assert_eq!(s.cache.hits + s.cache.misses, dirty.len() as u64);
+                    assert!(s.cache.hits * 10 > dirty.len() as u64 * 8, "{:?}", s.cache);
+                }
+                sender_stats.add(&s);
+                receiver_stats.add(&r);
+            }
+        },
+    )
+    .unwrap();
+    assert!(dest == *guest.0.read().unwrap());
+    assert_eq!(sender.total_stats(), &sender_stats);
+    // Zero pages (every third page in round 0) and deltas were counted on
+    // both sides alike.
+    let zero = sender_stats.by_encoding.zero.pages;
+    assert_eq!(zero, PAGES.div_ceil(3));
+    assert_eq!(receiver_stats.by_encoding.zero.pages, zero);
+    let deltas = sender_stats.by_encoding.xbzrle.pages + sender_stats.by_encoding.xbzrle_lz4.pages;
+    assert!(deltas > 0);
+    assert_eq!(
+        receiver_stats.by_encoding.xbzrle.pages + receiver_stats.by_encoding.xbzrle_lz4.pages,
+        deltas
+    );
+    assert!(sender_stats.compression_ratio() > 1.0);
+    assert_eq!(sender_stats.workers.len(), 2);
+    assert_eq!(
+        sender_stats.workers.iter().map(|w| w.pages).sum::<u64>(),
+        sender_stats.pages()
+    );
+}
+
+#[test]
+fn stats_serialize_to_json_and_back() {
+    let mut sender = Sender::new(config(1)).unwrap();
+    sender.push(1, &vec![7u8; PAGE_SIZE]).unwrap();
+    sender.push(2, &vec![0u8; PAGE_SIZE]).unwrap();
+    let stats = sender.end_round().unwrap();
+    let json = serde_json::to_string(&stats).unwrap();
+    assert!(
+        json.contains("\"zero\"") && json.contains("\"lz4\"") && json.contains("\"hits\""),
+        "{json}"
+    );
+    let back: PipelineStats = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, stats);
+    assert_eq!(stats.by_encoding.zero.pages, 1);
+    assert_eq!(stats.by_encoding.lz4.pages, 1);
+    assert_eq!(stats.cache.misses, 1);
+    assert_eq!(stats.rounds, 1);
+}
+
+#[test]
+fn bad_configuration_and_pushes_are_refused() {
+    assert!(matches!(
+        Sender::new(SenderConfig {
+            workers: 0,
+            ..config(1)
+        }),
+        Err(CodecError::Config(_))
+    ));
+    assert!(matches!(
+        Sender::new(SenderConfig {
+            batch_pages: 0,
+            ..config(1)
+        }),
+        Err(CodecError::Config(_))
+    ));
+    let mut bad_level = config(1);
+    bad_level.encoder.compression = Compression::Zlib { level: 12 };
+    assert!(matches!(Sender::new(bad_level), Err(CodecError::Config(_))));
+    let mut bad_delta = config(1);
+    bad_delta.encoder.delta.as_mut().unwrap().max_delta = PAGE_SIZE;
+    assert!(matches!(Sender::new(bad_delta), Err(CodecError::Config(_))));
+
+    let mut s = Sender::new(config(2)).unwrap();
+    assert_eq!(
+        s.push(PAGES, &vec![0; PAGE_SIZE]),
+        Err(CodecError::PageOutOfRange {
+            page: PAGES,
+            guest_pages: PAGES
+        })
+    );
+    assert_eq!(
+        s.push(0, &[0; 100]),
+        Err(CodecError::SnapshotLength {
+            len: 100,
+            expected: PAGE_SIZE
+        })
+    );
+    assert!(matches!(s.push_page(0), Err(CodecError::Config(_))));
+
+    let mut odd = vec![0u8; PAGE_SIZE + 1];
+    assert!(matches!(
+        receive(&ReceiverConfig::default(), &mut odd, |_| ()),
+        Err(CodecError::Config(_))
+    ));
+    let mut mem = vec![0u8; PAGE_SIZE];
+    let r = receive(
+        &ReceiverConfig {
+            workers: 1,
+            ..Default::default()
+        },
+        &mut mem,
+        |rx| rx.end_round(5),
+    );
+    assert_eq!(
+        r.unwrap(),
+        Err(CodecError::RoundMismatch {
+            expected: 0,
+            got: 5
+        })
+    );
+}
