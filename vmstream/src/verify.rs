@@ -367,3 +367,64 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
     let mut mem = GuestMemory::open(path, MapMode::Private)?;
     Ok(verify_snapshot(mem.as_mut_slice())?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::splitmix64;
+    use crate::workload::{format, Workload, WorkloadParams};
+
+    fn image(kind: WorkloadKind) -> Vec<u8> {
+        let mut mem = vec![0u8; 64 << 10];
+        format(&mut mem, &WorkloadParams::new(kind)).unwrap();
+        let mut w = Workload::attach(&mut mem).unwrap();
+        for _ in 0..100 {
+            w.step();
+        }
+        mem
+    }
+
+    /// Any single flipped bit past the superblock is caught; flips in the superblock never
+    /// make verify panic (some fields, like the RNG state, are legitimately unchecked).
+    #[test]
+    fn every_flip_outside_the_superblock_is_caught_and_none_panics() {
+        let mut rng = 42;
+        for kind in WorkloadKind::ALL {
+            let good = image(kind);
+            for _ in 0..150 {
+                let mut img = good.clone();
+                let r = splitmix64(&mut rng);
+                let at = (r >> 8) as usize % img.len();
+                img[at] ^= 1 << (r % 8);
+                let res = verify_snapshot(&mut img);
+                if at >= crate::memory::PAGE_SIZE {
+                    assert!(res.is_err(), "{}: flip at {at} not caught", kind.name());
+                }
+            }
+            for _ in 0..300 {
+                let mut img = good.clone();
+                let r = splitmix64(&mut rng);
+                let at = (r >> 8) as usize % 700;
+                img[at] = (r >> 40) as u8;
+                let _ = verify_snapshot(&mut img);
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_foreign_images_are_errors() {
+        assert!(matches!(
+            Superblock::read(&[0u8; 100]),
+            Err(VerifyError::Superblock(_))
+        ));
+        assert_eq!(verify(&[0u8; 8192]), Err(VerifyError::BadMagic(0)));
+        let good = image(WorkloadKind::Dbsim);
+        assert!(matches!(
+            verify(&good[..good.len() - 4096]),
+            Err(VerifyError::Superblock(_))
+        ));
+        let mut v2 = good.clone();
+        v2[sb::LAYOUT_VERSION] = 2;
+        assert_eq!(verify(&v2), Err(VerifyError::LayoutVersion(2)));
+    }
+}
