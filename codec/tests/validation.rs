@@ -544,7 +544,7 @@ fn corrupted_packets_never_panic() {
             let at = at as usize % p.len();
             p[at] ^= x;
         }
-        if cut as usize % 4 == 0 {
+        if (cut as usize).is_multiple_of(4) {
             p.truncate(cut as usize % p.len());
         }
         if reseal_crc && p.len() >= HEADER_LEN + TRAILER_LEN {
@@ -582,7 +582,7 @@ fn corpus_packets() -> Vec<Vec<u8>> {
         pages[2]
             .iter_mut()
             .enumerate()
-            .for_each(|(i, b)| *b = (i * 2654435761usize >> 13) as u8);
+            .for_each(|(i, b)| *b = ((i * 2654435761usize) >> 13) as u8);
         for round in 0..2u64 {
             let mut batch = Batch::with_capacity(4);
             for (i, p) in pages.iter_mut().enumerate() {
