@@ -5,6 +5,7 @@ pub mod guest;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod sampler;
 pub mod throttle;
 pub mod uffd;

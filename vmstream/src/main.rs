@@ -24,10 +24,10 @@ enum Command {
     /// Run or check a file-backed guest.
     #[command(subcommand)]
     Guest(GuestCommand),
-    /// Migrate a guest's memory to a receiver (not implemented yet).
-    Send(Placeholder),
-    /// Receive a migrated guest's memory (not implemented yet).
-    Recv(Placeholder),
+    /// Start (or attach to) a guest and migrate it live to a receiver.
+    Send(vmstream::migration::SendArgs),
+    /// Receive a migrating guest, commit its memory, optionally run it.
+    Recv(vmstream::migration::RecvArgs),
     /// Plot migration statistics (not implemented yet).
     Plot(Placeholder),
 }
@@ -171,7 +171,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Send(_) | Command::Recv(_) | Command::Plot(_) => {
+        Command::Send(args) => vmstream::migration::run_send(&args),
+        Command::Recv(args) => vmstream::migration::run_recv(&args),
+        Command::Plot(_) => {
             eprintln!("not implemented yet");
             ExitCode::from(2)
         }

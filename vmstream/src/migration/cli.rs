@@ -1,0 +1,352 @@
+//! The `vmstream send` and `vmstream recv` command lines: clap arguments, turned into
+//! [`SendConfig`] / [`RecvConfig`], run, reported (stats JSON, summary) and mapped to an
+//! exit code: 0 committed, 1 failed, 3 cancelled at the timeout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
+use super::convergence::OnTimeout;
+use super::dest::receive_migration;
+use super::source::{migrate, Outcome};
+use super::source_guest::{tx_count, DirtyTracking, GuestSpec, SourceGuest};
+use super::stats::MigrationStats;
+use super::transport::parse_bandwidth;
+use crate::layout::WorkloadKind;
+use crate::units::{parse_duration, parse_size};
+
+/// Exit code of a migration cancelled at its timeout.
+pub const EXIT_CANCELLED: u8 = 3;
+
+/// XBZRLE switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// Arguments of `vmstream send`.
+#[derive(Args, Debug, Clone)]
+pub struct SendArgs {
+    /// Guest memory file (created for a new guest; the attached guest's file with --pid).
+    #[arg(long, value_name = "PATH")]
+    pub memory_file: PathBuf,
+    /// Memory size of the guest to start (K/M/G suffixes).
+    #[arg(long, value_parser = parse_size, required_unless_present = "pid", conflicts_with = "pid")]
+    pub size: Option<u64>,
+    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle.
+    #[arg(long, default_value = "dbsim", value_parser = parse_kind)]
+    pub workload: WorkloadKind,
+    /// Target transactions per second of the started guest (0 = as fast as possible).
+    #[arg(long, value_name = "TX/s")]
+    pub rate: Option<u64>,
+    /// Migrate a running guest vmstream did not start (it writes --memory-file).
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Dirty tracking: uffd-wp (default for started guests) or hash (default with --pid).
+    #[arg(long, value_parser = parse_tracking)]
+    pub dirty_tracking: Option<DirtyTracking>,
+    /// Let the started guest run this long before migrating (ms/s/m).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub warmup: Duration,
+    /// Destination address HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// Full-page compression: lz4, zstd, zlib, none.
+    #[arg(long, default_value = "lz4")]
+    pub compress: String,
+    /// Compression level (lz4: acceleration; zstd, zlib: level).
+    #[arg(long)]
+    pub compress_level: Option<i32>,
+    /// XBZRLE deltas against a page cache.
+    #[arg(long, value_enum, default_value = "on")]
+    pub xbzrle: OnOff,
+    /// XBZRLE page cache size (K/M/G).
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub xbzrle_cache: u64,
+    /// Encode threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Pages per packet.
+    #[arg(long, default_value_t = 128)]
+    pub batch_pages: usize,
+    /// Switch over once the expected downtime is within this (ms/s).
+    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+    pub downtime_limit: Duration,
+    /// Emulate a slower link: bytes/s (100M) or bits/s (1Gbit).
+    #[arg(long, value_parser = parse_bw)]
+    pub max_bandwidth: Option<u64>,
+    /// Give up or force the switchover after this long (see --on-timeout).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// What happens at the timeout: cancel (the source keeps running) or force.
+    #[arg(long, value_parser = parse_on_timeout, default_value = "cancel")]
+    pub on_timeout: OnTimeout,
+    /// Longest wait for the destination on the socket.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub io_timeout: Duration,
+    /// Write statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `vmstream recv`.
+#[derive(Args, Debug, Clone)]
+pub struct RecvArgs {
+    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (unauthenticated: warns).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Where the committed guest memory goes (replaced atomically on commit).
+    #[arg(long, value_name = "PATH")]
+    pub memory_file: PathBuf,
+    /// Run the guest on the received memory after the commit (verifies it first).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop the resumed guest after this long (default: run until stopped).
+    #[arg(long, value_parser = parse_duration, requires = "resume")]
+    pub run_for: Option<Duration>,
+    /// Write statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Decode threads (default: the sender's thread count).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Refuse a guest whose memory size differs (K/M/G).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Longest wait for the source on the socket.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub io_timeout: Duration,
+}
+
+fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::from_name(s).ok_or_else(|| format!("unknown workload {s:?}"))
+}
+
+fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
+    match s {
+        "uffd-wp" | "uffd" => Ok(DirtyTracking::UffdWp),
+        "hash" => Ok(DirtyTracking::Hash),
+        _ => Err(format!("unknown dirty tracking {s:?} (uffd-wp, hash)")),
+    }
+}
+
+fn parse_on_timeout(s: &str) -> Result<OnTimeout, String> {
+    match s {
+        "cancel" => Ok(OnTimeout::Cancel),
+        "force" => Ok(OnTimeout::Force),
+        _ => Err(format!("unknown timeout strategy {s:?} (cancel, force)")),
+    }
+}
+
+fn parse_bw(s: &str) -> Result<u64, String> {
+    match parse_bandwidth(s) {
+        Ok(0) => Err("bandwidth must be above 0".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl SendArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> Result<SendConfig, String> {
+        let guest = match (self.pid, self.size) {
+            (Some(pid), _) => GuestSpec::Attach {
+                path: self.memory_file.clone(),
+                pid,
+            },
+            (None, Some(size)) => GuestSpec::Spawn {
+                path: self.memory_file.clone(),
+                size,
+                workload: self.workload,
+                rate: self.rate,
+            },
+            (None, None) => return Err("--size is required without --pid".into()),
+        };
+        let compression = parse_compression(&self.compress, self.compress_level)?;
+        if self.threads == Some(0) {
+            return Err("--threads must be at least 1".into());
+        }
+        let mut cfg = SendConfig::new(guest, self.to.clone());
+        cfg.dirty_tracking = self.dirty_tracking;
+        cfg.warmup = self.warmup;
+        cfg.encoder = encoder_config(
+            compression,
+            self.xbzrle == OnOff::On,
+            self.xbzrle_cache as usize,
+        );
+        if let Some(t) = self.threads {
+            cfg.threads = t;
+        }
+        cfg.batch_pages = self.batch_pages;
+        cfg.downtime_limit = self.downtime_limit;
+        cfg.max_bandwidth = self.max_bandwidth;
+        cfg.timeout = self.timeout;
+        cfg.on_timeout = self.on_timeout;
+        cfg.io_timeout = self.io_timeout;
+        cfg.stats_json = self.stats_json.clone();
+        cfg.progress = !self.no_progress;
+        Ok(cfg)
+    }
+}
+
+impl RecvArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> RecvConfig {
+        let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
+        cfg.resume = self.resume;
+        cfg.run_for = self.run_for;
+        cfg.stats_json = self.stats_json.clone();
+        cfg.threads = self.threads;
+        cfg.expect_size = self.size;
+        cfg.io_timeout = self.io_timeout;
+        cfg
+    }
+}
+
+fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
+    if let Some(path) = json {
+        if let Err(e) = stats.write_json(path) {
+            eprintln!("vmstream {who}: writing {}: {e}", path.display());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", stats.summary());
+    let _ = out.flush();
+}
+
+/// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
+pub fn run_send(args: &SendArgs) -> ExitCode {
+    let cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmstream send: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut guest = match SourceGuest::open(&cfg.guest, cfg.dirty_tracking) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmstream send: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "guest pid={} path={} tracking={}",
+        guest.pid(),
+        guest.path().display(),
+        guest.tracker_name()
+    );
+    let _ = std::io::stdout().flush();
+    let mut stats = MigrationStats {
+        role: "source",
+        guest_bytes: guest.size(),
+        ..Default::default()
+    };
+    for (k, v) in [
+        ("compression", format!("{:?}", cfg.encoder.compression)),
+        ("xbzrle", format!("{}", cfg.encoder.delta.is_some())),
+        ("threads", cfg.threads.to_string()),
+        (
+            "downtime_limit_ms",
+            cfg.downtime_limit.as_millis().to_string(),
+        ),
+        (
+            "max_bandwidth",
+            cfg.max_bandwidth
+                .map_or("unlimited".into(), |b| b.to_string()),
+        ),
+        ("dirty_tracking", guest.tracker_name().to_string()),
+    ] {
+        stats.settings.insert(k.to_string(), v);
+    }
+    if !cfg.warmup.is_zero() {
+        let (t0, tx0) = (Instant::now(), tx_count(guest.memory()));
+        std::thread::sleep(cfg.warmup);
+        let tx1 = tx_count(guest.memory());
+        stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
+    }
+    let result = migrate(&cfg, &mut guest, &mut stats);
+    if stats.guest_bytes > 0 {
+        stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
+    }
+    let code = match result {
+        Ok(Outcome::Committed) => {
+            stats.outcome = "committed".into();
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Cancelled(reason)) => {
+            stats.outcome = "cancelled".into();
+            stats.error = Some(reason.clone());
+            let pid = guest.detach();
+            eprintln!("vmstream send: cancelled: {reason}; guest pid {pid} keeps running");
+            ExitCode::from(EXIT_CANCELLED)
+        }
+        Err(e) => {
+            stats.outcome = "failed".into();
+            stats.error = Some(e.to_string());
+            let pid = guest.detach();
+            eprintln!("vmstream send: migration failed: {e}; guest pid {pid} keeps running");
+            ExitCode::FAILURE
+        }
+    };
+    finish_report(&stats, cfg.stats_json.as_ref(), "send");
+    code
+}
+
+/// `vmstream recv`: receive one migration, commit it, optionally run the guest.
+pub fn run_recv(args: &RecvArgs) -> ExitCode {
+    let cfg = args.to_config();
+    let mut stats = MigrationStats {
+        role: "destination",
+        ..Default::default()
+    };
+    let received = match receive_migration(&cfg, &mut stats) {
+        Ok(r) => r,
+        Err(e) => {
+            stats.outcome = "failed".into();
+            stats.error = Some(e.to_string());
+            eprintln!("vmstream recv: migration failed: {e}; nothing committed");
+            finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+            return ExitCode::FAILURE;
+        }
+    };
+    finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+    let Some(guest) = received.guest else {
+        return ExitCode::SUCCESS;
+    };
+    let started = Instant::now();
+    let tx_start = guest.ready.tx_count;
+    let healthy = guest.join().and_then(|tx_end| {
+        let report = crate::verify::verify_file(&cfg.memory_file)
+            .map_err(|e| super::error::RecvError::Resume(format!("verify after run: {e}")))?;
+        Ok((tx_end, report))
+    });
+    match healthy {
+        Ok((tx_end, report)) => {
+            let secs = started.elapsed().as_secs_f64();
+            stats.tps.after = Some(tx_end.saturating_sub(tx_start) as f64 / secs.max(1e-9));
+            println!(
+                "verify ok tx={} resumed_from={tx_start} blocks={}",
+                report.tx_count, report.blocks
+            );
+            if let Some(p) = &cfg.stats_json {
+                let _ = stats.write_json(p);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Settings of both sides, built by the CLI (see [`super::cli`]) or by library callers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
+
+use super::convergence::OnTimeout;
+use super::source_guest::{DirtyTracking, GuestSpec};
+use super::wire::DeltaWire;
+
+/// Everything `vmstream send` needs.
+#[derive(Debug, Clone)]
+pub struct SendConfig {
+    /// The guest to migrate.
+    pub guest: GuestSpec,
+    /// Dirty tracking (None: uffd-wp for a spawned guest, hash for `--pid`).
+    pub dirty_tracking: Option<DirtyTracking>,
+    /// Destination address (`host:port`).
+    pub to: String,
+    /// How long the spawned guest runs before the migration starts.
+    pub warmup: Duration,
+    /// Compression and page cache.
+    pub encoder: EncoderConfig,
+    /// Encode workers.
+    pub threads: usize,
+    /// Pages per packet.
+    pub batch_pages: usize,
+    /// Largest acceptable expected downtime.
+    pub downtime_limit: Duration,
+    /// Emulated link speed in bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Total migration time before `on_timeout` applies.
+    pub timeout: Option<Duration>,
+    /// Strategy when the timeout expires.
+    pub on_timeout: OnTimeout,
+    /// Longest wait for the peer on the socket.
+    pub io_timeout: Duration,
+    /// Where to write statistics JSON.
+    pub stats_json: Option<PathBuf>,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl SendConfig {
+    /// Defaults for migrating `guest` to `to`: LZ4, XBZRLE with a 64 MiB cache, one worker
+    /// per core, 300 ms downtime limit, no timeout.
+    pub fn new(guest: GuestSpec, to: impl Into<String>) -> SendConfig {
+        SendConfig {
+            guest,
+            dirty_tracking: None,
+            to: to.into(),
+            warmup: Duration::ZERO,
+            encoder: encoder_config(Compression::Lz4 { acceleration: 1 }, true, 64 << 20),
+            threads: vmstream_codec::receiver::default_workers(),
+            batch_pages: 128,
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            timeout: None,
+            on_timeout: OnTimeout::Cancel,
+            io_timeout: Duration::from_secs(120),
+            stats_json: None,
+            progress: true,
+        }
+    }
+
+    /// The delta mode as announced in the handshake.
+    pub fn delta_wire(&self) -> DeltaWire {
+        match self.encoder.delta.map(|d| d.mode) {
+            None => DeltaWire::Off,
+            Some(DeltaMode::Xbzrle) => DeltaWire::Xbzrle,
+            Some(DeltaMode::XorLz4) => DeltaWire::XorLz4,
+            Some(DeltaMode::Smallest) => DeltaWire::Smallest,
+            Some(DeltaMode::XbzrleLz4) => DeltaWire::XbzrleLz4,
+        }
+    }
+}
+
+/// Encoder settings for a compression method, XBZRLE on or off, and a cache size.
+pub fn encoder_config(compression: Compression, xbzrle: bool, cache_bytes: usize) -> EncoderConfig {
+    EncoderConfig {
+        compression,
+        delta: xbzrle.then(|| DeltaConfig {
+            cache_bytes,
+            mode: DeltaMode::Xbzrle,
+            ..DeltaConfig::default()
+        }),
+    }
+}
+
+/// Parses a compression method name (`lz4`, `zstd`, `zlib`, `none`) with an optional level.
+pub fn parse_compression(name: &str, level: Option<i32>) -> Result<Compression, String> {
+    Ok(match name {
+        "lz4" => Compression::Lz4 {
+            acceleration: level.unwrap_or(1),
+        },
+        "zstd" => Compression::Zstd {
+            level: level.unwrap_or(1),
+        },
+        "zlib" => Compression::Zlib {
+            level: level.unwrap_or(1),
+        },
+        "none" => Compression::None,
+        other => {
+            return Err(format!(
+                "unknown compression {other:?} (lz4, zstd, zlib, none)"
+            ))
+        }
+    })
+}
+
+/// Everything `vmstream recv` needs.
+#[derive(Debug, Clone)]
+pub struct RecvConfig {
+    /// Address to listen on (loopback unless given explicitly).
+    pub listen: String,
+    /// Where the committed image goes.
+    pub memory_file: PathBuf,
+    /// Run the guest on the committed image.
+    pub resume: bool,
+    /// How long the resumed guest runs (None: until the process is stopped).
+    pub run_for: Option<Duration>,
+    /// Where to write statistics JSON.
+    pub stats_json: Option<PathBuf>,
+    /// Decode workers (None: as many as the sender's encode workers, at most 2 per core).
+    pub threads: Option<usize>,
+    /// Refuse a guest of another size.
+    pub expect_size: Option<u64>,
+    /// Refuse a guest larger than this.
+    pub max_size: u64,
+    /// Longest wait for the peer on the socket.
+    pub io_timeout: Duration,
+}
+
+impl RecvConfig {
+    /// Defaults for receiving into `memory_file` on `listen`.
+    pub fn new(listen: impl Into<String>, memory_file: PathBuf) -> RecvConfig {
+        RecvConfig {
+            listen: listen.into(),
+            memory_file,
+            resume: false,
+            run_for: None,
+            stats_json: None,
+            threads: None,
+            expect_size: None,
+            max_size: 1 << 40,
+            io_timeout: Duration::from_secs(120),
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The destination side: an explicit state machine over [`DestState`].
+//!
+//! ```text
+//! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd)
+//!   --> AwaitGuestState --> AwaitDigest --> Committing --digest ok--> Committed
+//!   --> Resuming (optional: run the guest) --> Done
+//! any error before Committed: Abort sent, temporary image removed, Err returned
+//! ```
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
+
+use super::config::RecvConfig;
+use super::digest::{hex, memory_digest};
+use super::error::RecvError;
+use super::image::PendingImage;
+use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
+use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
+use super::wire::{
+    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestState, Hello, HelloReply,
+    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST, KNOWN_FEATURES,
+    PAGE_SIZE,
+};
+use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
+
+/// Where the destination is in the migration.
+enum DestState {
+    /// Wait for `Hello`, answer it.
+    Handshake,
+    /// Apply rounds into the temporary image until the final one.
+    Receiving { hello: Hello, image: PendingImage },
+    /// Wait for the guest's state.
+    AwaitGuestState { image: PendingImage, ours: [u8; 32] },
+    /// Wait for the source's digest.
+    AwaitDigest {
+        image: PendingImage,
+        ours: [u8; 32],
+        state: GuestState,
+    },
+    /// Compare digests; commit or refuse.
+    Committing {
+        image: PendingImage,
+        ours: [u8; 32],
+        digest: Digest,
+    },
+    /// The image is in place; optionally run the guest, then report.
+    Committed { paused_at_ns: u64 },
+    /// Finished.
+    Done,
+}
+
+/// What a successful receive produced.
+#[derive(Debug)]
+pub struct Received {
+    /// The resumed guest, if `--resume`: joins to its outcome.
+    pub guest: Option<ResumedGuest>,
+}
+
+/// A guest running on the committed image.
+#[derive(Debug)]
+pub struct ResumedGuest {
+    /// Its ready line.
+    pub ready: ReadyLine,
+    thread: std::thread::JoinHandle<Result<crate::guest::GuestSummary, crate::guest::GuestError>>,
+}
+
+impl ResumedGuest {
+    /// Waits until the guest stops (`--run-for`) and returns its final transaction count.
+    pub fn join(self) -> Result<u64, RecvError> {
+        match self.thread.join() {
+            Ok(Ok(s)) => Ok(s.tx_count),
+            Ok(Err(e)) => Err(RecvError::Resume(e.to_string())),
+            Err(_) => Err(RecvError::Resume("guest thread panicked".into())),
+        }
+    }
+}
+
+/// Parses `--listen`: `PORT` or `:PORT` listen on 127.0.0.1; `HOST:PORT` is explicit.
+/// Returns the address and whether it was given explicitly.
+pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
+    let bad = || {
+        RecvError::Config(format!(
+            "bad listen address {s:?} (PORT, :PORT or HOST:PORT)"
+        ))
+    };
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok((
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            false,
+        ));
+    }
+    let addr: SocketAddr = s.parse().map_err(|_| bad())?;
+    Ok((addr, true))
+}
+
+/// Lines written by the resumed guest go to stdout; its ready line is also reported.
+struct ReadyWatch {
+    line: Vec<u8>,
+    ready: Option<mpsc::Sender<ReadyLine>>,
+}
+
+impl Write for ReadyWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b != b'\n' {
+                self.line.push(b);
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.line).to_string();
+            self.line.clear();
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            if let Some(r) = ReadyLine::parse(&line) {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Starts the guest on `path` (it verifies the image first) and waits for it to run.
+fn start_guest(
+    path: &Path,
+    size: u64,
+    run_for: Option<Duration>,
+) -> Result<ResumedGuest, RecvError> {
+    let cfg = GuestConfig {
+        memory: MemorySource::File(path.to_path_buf()),
+        size: Some(size),
+        start: StartMode::Resume,
+        rate: None,
+        duration: run_for,
+        control_stdin: false,
+        track_writes: false,
+    };
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("vmstream-guest".into())
+        .spawn(move || {
+            let mut out = ReadyWatch {
+                line: Vec::new(),
+                ready: Some(tx),
+            };
+            crate::guest::run(&cfg, &mut out)
+        })
+        .map_err(|e| RecvError::Resume(format!("starting the guest thread: {e}")))?;
+    match rx.recv() {
+        Ok(ready) => Ok(ResumedGuest { ready, thread }),
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(RecvError::Resume(e.to_string())),
+            _ => Err(RecvError::Resume("the guest stopped before running".into())),
+        },
+    }
+}
+
+struct Dest<'a> {
+    cfg: &'a RecvConfig,
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<TcpStream>,
+    stats: &'a mut MigrationStats,
+    start: Instant,
+    guest: Option<ResumedGuest>,
+}
+
+fn unexpected(wanted: &str, got: Frame) -> RecvError {
+    match got {
+        Frame::Control(Message::Abort(a)) => RecvError::PeerAborted {
+            code: a.code,
+            reason: a.reason,
+        },
+        Frame::Control(m) => RecvError::Protocol(format!(
+            "expected {wanted}, got a {} message",
+            m.frame_type().name()
+        )),
+        Frame::Packet(_) => RecvError::Protocol(format!("expected {wanted}, got a packet")),
+    }
+}
+
+impl Dest<'_> {
+    fn send(&mut self, m: &Message) -> Result<(), RecvError> {
+        self.writer
+            .write_message(m)
+            .map_err(|e| RecvError::Transport(TransportError::Io(e)))
+    }
+
+    fn run(&mut self) -> Result<(), RecvError> {
+        let mut state = DestState::Handshake;
+        loop {
+            state = match state {
+                DestState::Handshake => self.handshake()?,
+                DestState::Receiving { hello, image } => self.receiving(hello, image)?,
+                DestState::AwaitGuestState { image, ours } => match self.reader.read_frame()? {
+                    Frame::Control(Message::GuestState(state)) => {
+                        if state.guest_kind != GuestKind::File {
+                            return Err(RecvError::Protocol(format!(
+                                "guest state of kind {:?} after a file-backed handshake",
+                                state.guest_kind
+                            )));
+                        }
+                        DestState::AwaitDigest { image, ours, state }
+                    }
+                    other => return Err(unexpected("the guest state", other)),
+                },
+                DestState::AwaitDigest { image, ours, state } => match self.reader.read_frame()? {
+                    Frame::Control(Message::Digest(digest)) => {
+                        self.stats
+                            .settings
+                            .insert("source_tx_at_pause".into(), state.tx_count.to_string());
+                        DestState::Committing {
+                            image,
+                            ours,
+                            digest,
+                        }
+                    }
+                    other => return Err(unexpected("the digest", other)),
+                },
+                DestState::Committing {
+                    image,
+                    ours,
+                    digest,
+                } => self.committing(image, ours, digest)?,
+                DestState::Committed { paused_at_ns } => self.committed(paused_at_ns)?,
+                DestState::Done => return Ok(()),
+            };
+        }
+    }
+
+    /// Checks a `Hello`; `Some` refusal if we cannot take this guest.
+    fn check_hello(&self, h: &Hello) -> Option<(RefuseCode, String)> {
+        if h.page_size != PAGE_SIZE {
+            return Some((
+                RefuseCode::PageSize,
+                format!(
+                    "page size {} (this destination uses {PAGE_SIZE})",
+                    h.page_size
+                ),
+            ));
+        }
+        if h.guest_kind != GuestKind::File {
+            return Some((
+                RefuseCode::GuestKind,
+                format!("{:?} guests cannot be received yet", h.guest_kind),
+            ));
+        }
+        if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_BLAKE3_DIGEST == 0 {
+            return Some((
+                RefuseCode::Features,
+                format!(
+                    "features {:#x}: known {KNOWN_FEATURES:#x}, the BLAKE3 digest is required",
+                    h.features
+                ),
+            ));
+        }
+        if h.codec_version != Hello::CODEC_VERSION {
+            return Some((
+                RefuseCode::Version,
+                format!(
+                    "codec packet format {} (this destination reads {})",
+                    h.codec_version,
+                    Hello::CODEC_VERSION
+                ),
+            ));
+        }
+        if h.guest_size == 0
+            || !h.guest_size.is_multiple_of(PAGE_SIZE as u64)
+            || h.guest_size > self.cfg.max_size
+        {
+            return Some((
+                RefuseCode::GuestSize,
+                format!(
+                    "guest size {} must be a non-zero multiple of {PAGE_SIZE} up to {}",
+                    h.guest_size, self.cfg.max_size
+                ),
+            ));
+        }
+        if let Some(want) = self.cfg.expect_size {
+            if h.guest_size != want {
+                return Some((
+                    RefuseCode::GuestSize,
+                    format!(
+                        "guest memory size mismatch: source has {} bytes, destination expects {want}",
+                        h.guest_size
+                    ),
+                ));
+            }
+        }
+        None
+    }
+
+    fn refuse(&mut self, code: RefuseCode, reason: String) -> RecvError {
+        let _ = self.send(&Message::HelloReply(HelloReply {
+            refuse: code,
+            receiver_workers: 0,
+            reason: reason.clone(),
+        }));
+        RecvError::Refused { code, reason }
+    }
+
+    fn handshake(&mut self) -> Result<DestState, RecvError> {
+        let hello = match self.reader.read_frame() {
+            Ok(Frame::Control(Message::Hello(h))) => h,
+            Err(TransportError::Wire(e @ (WireError::Version { .. } | WireError::BadMagic(_)))) => {
+                return Err(self.refuse(RefuseCode::Version, e.to_string()))
+            }
+            Ok(other) => return Err(unexpected("a hello", other)),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some((code, reason)) = self.check_hello(&hello) {
+            return Err(self.refuse(code, reason));
+        }
+        let image = match PendingImage::create(&self.cfg.memory_file, hello.guest_size) {
+            Ok(i) => i,
+            Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
+        };
+        let workers = self.workers(&hello);
+        self.stats.guest_bytes = hello.guest_size;
+        self.stats
+            .settings
+            .insert("receiver_workers".into(), workers.to_string());
+        self.stats
+            .settings
+            .insert("compression".into(), format!("{:?}", hello.compression));
+        self.stats
+            .settings
+            .insert("delta".into(), format!("{:?}", hello.delta));
+        self.send(&Message::HelloReply(HelloReply {
+            refuse: RefuseCode::None,
+            receiver_workers: workers as u32,
+            reason: String::new(),
+        }))?;
+        Ok(DestState::Receiving { hello, image })
+    }
+
+    fn workers(&self, hello: &Hello) -> usize {
+        let cores = vmstream_codec::receiver::default_workers();
+        self.cfg
+            .threads
+            .unwrap_or(hello.sender_workers as usize)
+            .clamp(1, 2 * cores)
+    }
+
+    fn receiving(&mut self, hello: Hello, mut image: PendingImage) -> Result<DestState, RecvError> {
+        let config = ReceiverConfig {
+            workers: self.workers(&hello),
+            ..ReceiverConfig::default()
+        };
+        let reader = &mut self.reader;
+        let writer = &mut self.writer;
+        let mut converged = true;
+        let mut rounds = 0u64;
+        let result = receive(
+            &config,
+            image.memory_mut(),
+            |rx| -> Result<PipelineStats, RecvError> {
+                loop {
+                    match reader.read_frame()? {
+                        Frame::Packet(p) => rx.submit(p)?,
+                        Frame::Control(Message::RoundEnd(end)) => {
+                            let t = Instant::now();
+                            let st = rx.end_round(end.round)?;
+                            if st.pages() != end.records || st.packets != end.packets {
+                                return Err(RecvError::Protocol(format!(
+                                "round {}: applied {} records in {} packets, source sent {} in {}",
+                                end.round,
+                                st.pages(),
+                                st.packets,
+                                end.records,
+                                end.packets
+                            )));
+                            }
+                            writer
+                                .write_message(&Message::RoundAck(RoundAck {
+                                    round: end.round,
+                                    records: st.pages(),
+                                    packets: st.packets,
+                                    barrier_ns: t.elapsed().as_nanos() as u64,
+                                }))
+                                .map_err(TransportError::Io)?;
+                            rounds += 1;
+                            if end.is_final() {
+                                converged = end.flags & super::wire::ROUND_FORCED == 0;
+                                return Ok(rx.total_stats().clone());
+                            }
+                        }
+                        other => return Err(unexpected("a packet or round end", other)),
+                    }
+                }
+            },
+        );
+        // `receive` reports worker panics; the closure reports everything else.
+        self.stats.codec = match result {
+            Ok(Ok(codec)) => codec,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        self.stats.rounds = rounds;
+        self.stats.converged = converged;
+        // Hash now, while the source still hashes its side: the digest message waits in
+        // the socket meanwhile, so the two digests overlap instead of adding up.
+        let ours = memory_digest(image.memory_mut());
+        Ok(DestState::AwaitGuestState { image, ours })
+    }
+
+    fn committing(
+        &mut self,
+        image: PendingImage,
+        ours: [u8; 32],
+        digest: Digest,
+    ) -> Result<DestState, RecvError> {
+        self.stats.digest = Some(hex(&ours));
+        if digest.guest_size != self.stats.guest_bytes || ours != digest.digest {
+            let err = RecvError::DigestMismatch {
+                source_digest: hex(&digest.digest),
+                ours: hex(&ours),
+            };
+            let _ = self.send(&Message::CommitReply(CommitReply {
+                status: CommitStatus::DigestMismatch,
+                digest: ours,
+                reason: err.to_string(),
+            }));
+            return Err(err);
+        }
+        if let Err(e) = image.commit() {
+            let reason = e.to_string();
+            let _ = self.send(&Message::CommitReply(CommitReply {
+                status: CommitStatus::Failed,
+                digest: ours,
+                reason,
+            }));
+            return Err(e.into());
+        }
+        self.stats.outcome = "committed".into();
+        self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        self.send(&Message::CommitReply(CommitReply {
+            status: CommitStatus::Committed,
+            digest: ours,
+            reason: String::new(),
+        }))?;
+        Ok(DestState::Committed {
+            paused_at_ns: digest.paused_at_unix_ns,
+        })
+    }
+
+    /// The image is committed: from here on errors do not roll anything back.
+    fn committed(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        let (running, tx) = if self.cfg.resume {
+            match start_guest(
+                &self.cfg.memory_file,
+                self.stats.guest_bytes,
+                self.cfg.run_for,
+            ) {
+                Ok(g) => {
+                    let tx = g.ready.tx_count;
+                    self.guest = Some(g);
+                    (true, tx)
+                }
+                Err(e) => {
+                    let _ = self.send(&Message::Abort(Abort {
+                        code: AbortCode::DestinationError,
+                        reason: e.to_string(),
+                    }));
+                    return Err(e);
+                }
+            }
+        } else {
+            (false, 0)
+        };
+        let at = unix_ns(SystemTime::now());
+        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
+        self.stats.cpu = CpuTime::now();
+        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
+        if let Err(e) = self.send(&Message::Resumed(Resumed {
+            at_unix_ns: at,
+            running,
+            tx_count: tx,
+            receiver_cpu_ns: cpu_ns,
+        })) {
+            eprintln!("vmstream recv: warning: could not report the resume: {e}");
+        }
+        Ok(DestState::Done)
+    }
+}
+
+/// Listens, accepts one source and receives its guest into `cfg.memory_file`. Prints
+/// `listening on ADDR` on stdout once bound. Fills `stats`; on success returns the resumed
+/// guest (with `cfg.resume`).
+pub fn receive_migration(
+    cfg: &RecvConfig,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    let (addr, explicit) = listen_addr(&cfg.listen)?;
+    if explicit && !addr.ip().is_loopback() {
+        eprintln!(
+            "vmstream recv: warning: listening on {addr}: the migration stream is \
+             unauthenticated, anyone who connects can write this guest's memory"
+        );
+    }
+    let listener = TcpListener::bind(addr).map_err(|e| RecvError::Listen(addr.to_string(), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| RecvError::Listen(addr.to_string(), e))?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}");
+        let _ = out.flush();
+    }
+    let (stream, peer) = listener
+        .accept()
+        .map_err(|e| RecvError::Listen(local.to_string(), e))?;
+    drop(listener);
+    eprintln!("vmstream recv: connection from {peer}");
+    stream.set_nodelay(true).map_err(RecvError::Socket)?;
+    stream
+        .set_read_timeout(Some(cfg.io_timeout))
+        .map_err(RecvError::Socket)?;
+    let writer = FrameWriter::new(stream.try_clone().map_err(RecvError::Socket)?, None);
+    let mut dest = Dest {
+        cfg,
+        reader: FrameReader::new(stream, Some(cfg.io_timeout)),
+        writer,
+        stats,
+        start: Instant::now(),
+        guest: None,
+    };
+    let result = dest.run();
+    let bytes = dest.reader.bytes_read();
+    if let Err(e) = &result {
+        let code = match e {
+            RecvError::Transport(_) | RecvError::Protocol(_) => AbortCode::Protocol,
+            _ => AbortCode::DestinationError,
+        };
+        if !matches!(e, RecvError::Refused { .. } | RecvError::PeerAborted { .. }) {
+            let _ = dest.send(&Message::Abort(Abort {
+                code,
+                reason: e.to_string(),
+            }));
+        }
+    }
+    let guest = dest.guest.take();
+    stats.bytes_on_wire = bytes;
+    if stats.guest_bytes > 0 {
+        stats.wire_to_guest_ratio = bytes as f64 / stats.guest_bytes as f64;
+    }
+    stats.cpu = CpuTime::now();
+    result.map(|()| Received { guest })
+}
+
+/// The temporary file a receive into `target` uses (for tests and cleanup tools).
+pub fn temp_image_path(target: &Path) -> Option<PathBuf> {
+    super::image::temp_path(target).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_defaults_to_loopback() {
+        assert_eq!(
+            listen_addr("7000").unwrap(),
+            ("127.0.0.1:7000".parse().unwrap(), false)
+        );
+        assert_eq!(
+            listen_addr(":0").unwrap(),
+            ("127.0.0.1:0".parse().unwrap(), false)
+        );
+        assert_eq!(
+            listen_addr("0.0.0.0:9").unwrap(),
+            ("0.0.0.0:9".parse().unwrap(), true)
+        );
+        assert!(listen_addr("nonsense").is_err());
+    }
+}

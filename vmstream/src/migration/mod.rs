@@ -1,0 +1,50 @@
+//! Pre-copy live migration of a guest's memory over TCP (see `vmstream/PROTOCOL.md` for
+//! the byte tables).
+//!
+//! Message sequence (source on the left, destination on the right):
+//!
+//! ```text
+//!   Hello { magic, version, guest kind, size, page size, features, codec } ->
+//!                                <- HelloReply { accepted | refused + reason }
+//!   round 0: Packet* (every page)  ->   codec receiver applies in parallel
+//!   RoundEnd { round, records, packets } ->
+//!                                <- RoundAck { round, records, packets }   (barrier passed)
+//!   round n: Packet* (pages dirtied during round n-1), RoundEnd ->, <- RoundAck
+//!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
+//!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->, <- RoundAck
+//!   GuestState { kind, tx count, blob } ->
+//!   Digest { BLAKE3 of all memory at the pause, paused-at instant } ->
+//!                                   recompute digest; equal: fsync + rename temp over PATH
+//!                                <- CommitReply { committed | digest mismatch | failed }
+//!   [source guest ended]
+//!                                   optional: resume the guest on PATH (verify first)
+//!                                <- Resumed { instant, running, tx count, cpu time }
+//! ```
+//!
+//! Either side sends `Abort { code, reason }` when it gives up; before the
+//! `CommitReply { committed }` the source then resumes its guest and the destination removes
+//! its temporary image, so nothing is ever committed twice or half.
+//!
+//! Modules: [`wire`] (typed messages, framing, checksums), [`transport`] (frame reader and
+//! writer, token bucket, the sender's [`transport::PacketChannel`]), [`convergence`] (the
+//! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
+//! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
+//! [`source_guest`] (the guest process on the source), [`cli`] (clap arguments of
+//! `vmstream send` / `vmstream recv`).
+
+pub mod cli;
+pub mod config;
+pub mod convergence;
+pub mod dest;
+pub mod digest;
+pub mod error;
+pub mod image;
+pub mod source;
+pub mod source_guest;
+pub mod stats;
+pub mod transport;
+pub mod wire;
+
+pub use cli::{run_recv, run_send, RecvArgs, SendArgs};
+pub use config::{RecvConfig, SendConfig};
+pub use error::{RecvError, SendError};

@@ -1,0 +1,527 @@
+//! The source side: an explicit state machine over [`SourceState`].
+//!
+//! ```text
+//! Handshake --accepted--> Iterate(0) --policy: continue--> Iterate(n+1)
+//!                            |  \--policy: cancel--> Done(Cancelled)
+//!                            \--policy: switch over--> Switchover --> AwaitCommit
+//! AwaitCommit --committed--> Committed (source guest ended) --> Done(Committed)
+//! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
+//! ```
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant, SystemTime};
+
+use vmstream_codec::{Sender, SenderConfig};
+
+use super::config::SendConfig;
+use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
+use super::digest::{hex, memory_digest};
+use super::error::SendError;
+use super::source_guest::{tx_count, SourceGuest};
+use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
+use super::transport::{Frame, FrameReader, Link, PacketChannel};
+use super::wire::{
+    Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
+    RoundEnd, FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
+    ROUND_FORCED,
+};
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Where the source is in the migration.
+#[derive(Debug)]
+enum SourceState {
+    /// Send `Hello`, wait for `HelloReply`.
+    Handshake,
+    /// Send `pages` (all pages in round 0) with the guest running.
+    Iterate { round: u64, pages: Vec<u64> },
+    /// Pause, send the rest, the guest state and the digest.
+    Switchover {
+        round: u64,
+        pending: Vec<u64>,
+        forced: bool,
+    },
+    /// Wait for the destination's verdict.
+    AwaitCommit { digest: [u8; 32], paused_at_ns: u64 },
+    /// The destination committed; end our guest and learn when it resumed there.
+    Committed { paused_at_ns: u64 },
+    /// Finished.
+    Done(Outcome),
+}
+
+/// How a migration that did not fail ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination committed the image.
+    Committed,
+    /// The policy cancelled (timeout); the source guest keeps running.
+    Cancelled(String),
+}
+
+/// Where a round's pages are read from.
+enum PageSource<'a> {
+    /// The running guest's mapping (each page copied, racing writes are re-sent later).
+    Live(&'a mut SourceGuest),
+    /// Memory of the paused guest.
+    Frozen(&'a [u8]),
+}
+
+/// The per-connection machinery a round needs.
+struct RoundIo {
+    encoder: Sender,
+    link: Link,
+    reader: FrameReader<TcpStream>,
+    progress: Progress,
+}
+
+impl RoundIo {
+    /// Hands finished packets to the link and recycles written ones.
+    fn pump(&mut self) -> Result<(), SendError> {
+        while let Some(p) = self.encoder.poll() {
+            self.link.send_packet(p)?;
+        }
+        for p in self.link.returned() {
+            self.encoder.recycle(p);
+        }
+        Ok(())
+    }
+
+    /// Sends one round and waits for its acknowledgement.
+    fn send_round(
+        &mut self,
+        round: u64,
+        pages: &[u64],
+        mut src: PageSource<'_>,
+        flags: u32,
+    ) -> Result<RoundStats, SendError> {
+        let t0 = Instant::now();
+        self.progress
+            .round(round, pages.len() as u64, flags & ROUND_FINAL != 0);
+        let mut buf = vec![0u8; PAGE];
+        for (i, &p) in pages.iter().enumerate() {
+            let at = p as usize * PAGE;
+            match &mut src {
+                PageSource::Live(g) => {
+                    g.read_page_for_send(p, &mut buf);
+                    self.encoder.push(p, &buf)?;
+                }
+                PageSource::Frozen(m) => self.encoder.push(p, &m[at..at + PAGE])?,
+            }
+            self.pump()?;
+            if i % 256 == 255 {
+                self.progress.inc(256);
+            }
+        }
+        let codec = self.encoder.end_round()?;
+        self.pump()?;
+        let end = RoundEnd {
+            round,
+            records: codec.pages(),
+            packets: codec.packets,
+            packet_bytes: codec.packet_bytes,
+            flags,
+        };
+        let end_msg = Message::RoundEnd(end);
+        self.link.send_message(&end_msg)?;
+        let ack = match self.reader.read_frame()? {
+            Frame::Control(Message::RoundAck(a)) if a.round == round => a,
+            other => return Err(unexpected("a round acknowledgement", other)),
+        };
+        if ack.records != end.records || ack.packets != end.packets {
+            return Err(SendError::Protocol(format!(
+                "round {round}: destination applied {} records in {} packets, we sent {} in {}",
+                ack.records, ack.packets, end.records, end.packets
+            )));
+        }
+        let duration = t0.elapsed().max(Duration::from_micros(1));
+        let wire = codec.packet_bytes
+            + codec.packets * FRAME_HEADER_LEN as u64
+            + end_msg.to_frame().len() as u64;
+        let mut rs = RoundStats {
+            round,
+            paused: flags & ROUND_FINAL != 0,
+            dirty_pages: pages.len() as u64,
+            wire_bytes: wire,
+            duration_ms: duration.as_secs_f64() * 1e3,
+            bandwidth_bytes_per_s: wire as f64 / duration.as_secs_f64(),
+            ..Default::default()
+        };
+        rs.set_encodings(&codec);
+        self.progress
+            .message(format!("{:.0} MB/s", rs.bandwidth_bytes_per_s / 1e6));
+        Ok(rs)
+    }
+}
+
+/// Maps an unexpected frame to an error; an `Abort` becomes [`SendError::PeerAborted`].
+fn unexpected(wanted: &str, got: Frame) -> SendError {
+    match got {
+        Frame::Control(Message::Abort(a)) => SendError::PeerAborted {
+            code: a.code,
+            reason: a.reason,
+        },
+        Frame::Control(m) => SendError::Protocol(format!(
+            "expected {wanted}, got a {} message",
+            m.frame_type().name()
+        )),
+        Frame::Packet(_) => SendError::Protocol(format!("expected {wanted}, got a packet")),
+    }
+}
+
+/// Merges two sorted page lists without duplicates.
+pub fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if y < x => {
+                j += 1;
+                y
+            }
+            (Some(&x), Some(_)) => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!(),
+        };
+        if out.last() != Some(&next) {
+            out.push(next);
+        }
+    }
+    out
+}
+
+/// A migration in progress on the source.
+struct Source<'a> {
+    cfg: &'a SendConfig,
+    guest: &'a mut SourceGuest,
+    io: RoundIo,
+    policy: Box<dyn ConvergencePolicy>,
+    stats: &'a mut MigrationStats,
+    start: Instant,
+    /// Expected wire bytes per non-zero page (refined after every round).
+    bytes_per_page: f64,
+    /// Instant and transaction count when the migration started.
+    tx_start: (Instant, u64),
+}
+
+impl Source<'_> {
+    fn hello(&self) -> Hello {
+        let delta = self.cfg.encoder.delta.is_some();
+        Hello {
+            guest_kind: GuestKind::File,
+            page_size: PAGE_SIZE,
+            guest_size: self.guest.size(),
+            features: FEATURE_BLAKE3_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
+            compression: self.cfg.encoder.compression,
+            delta: self.cfg.delta_wire(),
+            codec_version: Hello::CODEC_VERSION,
+            sender_workers: self.cfg.threads as u32,
+            cache_bytes: self.cfg.encoder.delta.map_or(0, |d| d.cache_bytes as u64),
+            batch_pages: self.cfg.batch_pages as u32,
+        }
+    }
+
+    fn run(&mut self) -> Result<Outcome, SendError> {
+        let mut state = SourceState::Handshake;
+        loop {
+            state = match state {
+                SourceState::Handshake => self.handshake()?,
+                SourceState::Iterate { round, pages } => self.iterate(round, pages)?,
+                SourceState::Switchover {
+                    round,
+                    pending,
+                    forced,
+                } => self.switchover(round, pending, forced)?,
+                SourceState::AwaitCommit {
+                    digest,
+                    paused_at_ns,
+                } => self.await_commit(digest, paused_at_ns)?,
+                SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns),
+                SourceState::Done(outcome) => return Ok(outcome),
+            };
+        }
+    }
+
+    fn handshake(&mut self) -> Result<SourceState, SendError> {
+        self.io.link.send_message(&Message::Hello(self.hello()))?;
+        match self.io.reader.read_frame()? {
+            Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
+                self.stats
+                    .settings
+                    .insert("receiver_workers".into(), r.receiver_workers.to_string());
+            }
+            Frame::Control(Message::HelloReply(r)) => {
+                return Err(SendError::Refused {
+                    code: r.refuse,
+                    reason: r.reason,
+                })
+            }
+            other => return Err(unexpected("a hello reply", other)),
+        }
+        // Round 0 sends everything; collecting now starts tracking from this instant.
+        self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.tx_start = (Instant::now(), tx_count(self.guest.memory()));
+        Ok(SourceState::Iterate {
+            round: 0,
+            pages: (0..self.guest.size() / PAGE as u64).collect(),
+        })
+    }
+
+    fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
+        let mut rs = self
+            .io
+            .send_round(round, &pages, PageSource::Live(self.guest), 0)?;
+        let pending = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
+        if nonzero > 0 {
+            self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
+        }
+        let secs = rs.duration_ms / 1e3;
+        let obs = RoundObservation {
+            round,
+            elapsed: self.start.elapsed(),
+            pending_pages: pending.len() as u64,
+            bytes_per_page: self.bytes_per_page,
+            bandwidth: rs.bandwidth_bytes_per_s,
+            dirty_rate: pending.len() as f64 / secs,
+        };
+        rs.dirty_pages_per_s = obs.dirty_rate;
+        rs.expected_downtime_ms = obs.expected_downtime().as_secs_f64() * 1e3;
+        self.stats.per_round.push(rs);
+        Ok(match self.policy.decide(&obs) {
+            Decision::Continue => SourceState::Iterate {
+                round: round + 1,
+                pages: pending,
+            },
+            Decision::Switchover { forced } => SourceState::Switchover {
+                round: round + 1,
+                pending,
+                forced,
+            },
+            Decision::Cancel => {
+                let reason = format!(
+                    "migration did not converge within {:?} (expected downtime {:.0} ms > limit {:?})",
+                    self.cfg.timeout.unwrap_or_default(),
+                    obs.expected_downtime().as_secs_f64() * 1e3,
+                    self.cfg.downtime_limit
+                );
+                self.io.link.send_message(&Message::Abort(Abort {
+                    code: AbortCode::Cancelled,
+                    reason: reason.clone(),
+                }))?;
+                SourceState::Done(Outcome::Cancelled(reason))
+            }
+        })
+    }
+
+    fn switchover(
+        &mut self,
+        round: u64,
+        pending: Vec<u64>,
+        forced: bool,
+    ) -> Result<SourceState, SendError> {
+        let paused_at_ns = unix_ns(SystemTime::now());
+        let tx_before_pause = tx_count(self.guest.memory());
+        let elapsed = self.tx_start.0.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            self.stats.tps.during =
+                Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
+        }
+        self.guest.pause().map_err(SendError::Guest)?;
+        let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let pages = merge_pages(&pending, &more);
+        let tx_at_pause = tx_count(self.guest.memory());
+        let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
+        let io = &mut self.io;
+        let memory = self.guest.paused_memory();
+        // The digest is taken while the last pages travel: memory no longer changes.
+        let (digest, rs) = std::thread::scope(|s| {
+            let digest = s.spawn(|| memory_digest(memory));
+            let rs = io.send_round(round, &pages, PageSource::Frozen(memory), flags);
+            (digest.join().expect("digest thread"), rs)
+        });
+        let rs = rs?;
+        self.stats.per_round.push(rs);
+        self.stats.converged = !forced;
+        self.stats.digest = Some(hex(&digest));
+        self.io.link.send_message(&Message::GuestState(GuestState {
+            guest_kind: GuestKind::File,
+            tx_count: tx_at_pause,
+            blob: Vec::new(),
+        }))?;
+        self.io.link.send_message(&Message::Digest(Digest {
+            digest,
+            guest_size: self.guest.size(),
+            paused_at_unix_ns: paused_at_ns,
+        }))?;
+        Ok(SourceState::AwaitCommit {
+            digest,
+            paused_at_ns,
+        })
+    }
+
+    fn await_commit(
+        &mut self,
+        digest: [u8; 32],
+        paused_at_ns: u64,
+    ) -> Result<SourceState, SendError> {
+        let reply = match self.io.reader.read_frame()? {
+            Frame::Control(Message::CommitReply(r)) => r,
+            other => return Err(unexpected("the commit reply", other)),
+        };
+        match reply.status {
+            CommitStatus::Committed if reply.digest == digest => {
+                Ok(SourceState::Committed { paused_at_ns })
+            }
+            CommitStatus::Committed => Err(SendError::Protocol(format!(
+                "destination committed with digest {} but ours is {}",
+                hex(&reply.digest),
+                hex(&digest)
+            ))),
+            status => Err(SendError::CommitRefused {
+                status,
+                reason: reply.reason,
+                their_digest: hex(&reply.digest),
+            }),
+        }
+    }
+
+    /// After the commit nothing may roll back: errors become warnings.
+    fn committed(&mut self, paused_at_ns: u64) -> SourceState {
+        self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        if let Err(e) = self.guest.terminate() {
+            eprintln!("vmstream send: warning: ending the source guest: {e}");
+        }
+        match self.io.reader.read_frame() {
+            Ok(Frame::Control(Message::Resumed(r))) => {
+                self.stats.downtime_ms = Some(super::stats::ms_between(paused_at_ns, r.at_unix_ns));
+                self.stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
+                self.stats
+                    .settings
+                    .insert("destination_running".into(), r.running.to_string());
+            }
+            Ok(Frame::Control(Message::Abort(a))) => eprintln!(
+                "vmstream send: warning: the destination committed but could not resume: {}",
+                a.reason
+            ),
+            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the commit"),
+            Err(e) => {
+                eprintln!("vmstream send: warning: no resume report from the destination: {e}")
+            }
+        }
+        SourceState::Done(Outcome::Committed)
+    }
+}
+
+fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .map_err(|e| SendError::Connect(to.to_string(), e))?
+        .collect();
+    let mut last = std::io::Error::other("no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(SendError::Connect(to.to_string(), last))
+}
+
+/// Migrates `guest` to `cfg.to`. Fills `stats`; on error before the commit the guest is
+/// resumed (if it was paused) and an `Abort` is sent when the connection still works.
+pub fn migrate(
+    cfg: &SendConfig,
+    guest: &mut SourceGuest,
+    stats: &mut MigrationStats,
+) -> Result<Outcome, SendError> {
+    let start = Instant::now();
+    let stream = connect(&cfg.to, cfg.io_timeout)?;
+    stream.set_nodelay(true).map_err(SendError::Socket)?;
+    stream
+        .set_read_timeout(Some(cfg.io_timeout))
+        .map_err(SendError::Socket)?;
+    let link = Link::new(
+        stream.try_clone().map_err(SendError::Socket)?,
+        cfg.max_bandwidth,
+    )
+    .map_err(SendError::Socket)?;
+    let mut sender_cfg = SenderConfig::new(guest.size() / PAGE as u64);
+    sender_cfg.workers = cfg.threads;
+    sender_cfg.batch_pages = cfg.batch_pages;
+    sender_cfg.encoder = cfg.encoder;
+    let encoder = Sender::new(sender_cfg)?;
+    let mut source = Source {
+        cfg,
+        guest,
+        io: RoundIo {
+            encoder,
+            link,
+            reader: FrameReader::new(stream, Some(cfg.io_timeout)),
+            progress: Progress::new(cfg.progress),
+        },
+        policy: Box::new(DowntimePolicy {
+            limit: cfg.downtime_limit,
+            timeout: cfg.timeout,
+            on_timeout: cfg.on_timeout,
+        }),
+        stats,
+        start,
+        bytes_per_page: PAGE as f64,
+        tx_start: (start, 0),
+    };
+    source
+        .stats
+        .settings
+        .insert("policy".into(), source.policy.name().into());
+    let result = source.run();
+    source.io.progress.finish();
+    source.stats.codec = source.io.encoder.total_stats().clone();
+    source.stats.rounds = source.stats.per_round.len() as u64;
+    if let Err(e) = &result {
+        if source.guest.is_paused() {
+            if let Err(r) = source.guest.resume() {
+                eprintln!("vmstream send: resuming the source guest failed: {r}");
+            }
+        }
+        // Tell the destination why, if the connection still works (best effort).
+        let _ = source.io.link.send_message(&Message::Abort(Abort {
+            code: AbortCode::SourceError,
+            reason: e.to_string(),
+        }));
+    }
+    let bytes = source.io.link.bytes_sent();
+    let _ = source.io.link.finish();
+    stats.bytes_on_wire = bytes.max(stats.per_round.iter().map(|r| r.wire_bytes).sum());
+    stats.cpu = CpuTime::now();
+    if stats.total_time_ms == 0.0 {
+        stats.total_time_ms = start.elapsed().as_secs_f64() * 1e3;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_sorted_and_deduplicated() {
+        assert_eq!(merge_pages(&[1, 3, 5], &[2, 3, 9]), vec![1, 2, 3, 5, 9]);
+        assert_eq!(merge_pages(&[], &[4]), vec![4]);
+        assert_eq!(merge_pages(&[4, 4], &[]), vec![4]);
+    }
+}

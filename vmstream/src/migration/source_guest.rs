@@ -1,0 +1,300 @@
+//! The guest on the source side: a `vmstream guest run` child that `vmstream send` starts,
+//! or a process it attaches to by pid. Gives the sender a mapping of guest memory, a dirty
+//! tracker, pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the final kill.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::dirty::{DirtyTracker, HashTracker, UffdWpTracker};
+use crate::guest::ReadyLine;
+use crate::layout::WorkloadKind;
+use crate::memory::{GuestMemory, MapMode};
+use crate::throttle::Throttle;
+
+/// How dirty pages are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyTracking {
+    /// userfaultfd async write-protect + PAGEMAP_SCAN (guests vmstream starts).
+    UffdWp,
+    /// Per-page hashes (any writer).
+    Hash,
+}
+
+/// Which guest to migrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestSpec {
+    /// Start `vmstream guest run` on a fresh memory file.
+    Spawn {
+        /// Memory file.
+        path: PathBuf,
+        /// Memory size in bytes.
+        size: u64,
+        /// Workload.
+        workload: WorkloadKind,
+        /// Target transactions per second (None: the workload's default).
+        rate: Option<u64>,
+    },
+    /// A running process that writes the memory file.
+    Attach {
+        /// Memory file.
+        path: PathBuf,
+        /// The writer's pid.
+        pid: u32,
+    },
+}
+
+/// Why the source guest could not be set up or controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestControlError {
+    /// Starting the guest process failed.
+    #[error("starting the guest: {0}")]
+    Spawn(std::io::Error),
+    /// The guest exited or printed no ready line.
+    #[error("the guest did not start: {0}")]
+    NotReady(String),
+    /// Mapping guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The dirty tracker could not be set up.
+    #[error("dirty tracking ({0}): {1}")]
+    Tracker(&'static str, std::io::Error),
+    /// Signalling the guest failed.
+    #[error("controlling guest pid {0}: {1}")]
+    Signal(u32, std::io::Error),
+    /// An option combination that cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The source guest.
+pub struct SourceGuest {
+    pid: u32,
+    child: Option<Child>,
+    _stdout: Option<BufReader<ChildStdout>>,
+    path: PathBuf,
+    memory: GuestMemory,
+    tracker: Box<dyn DirtyTracker>,
+    throttle: Throttle,
+    paused: bool,
+}
+
+impl std::fmt::Debug for SourceGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceGuest")
+            .field("pid", &self.pid)
+            .field("path", &self.path)
+            .field("tracker", &self.tracker.name())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+fn spawn_guest(
+    path: &Path,
+    size: u64,
+    workload: WorkloadKind,
+    rate: Option<u64>,
+) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
+    let exe = std::env::current_exe().map_err(GuestControlError::Spawn)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["guest", "run", "--memory-file"]).arg(path).args([
+        "--size",
+        &size.to_string(),
+        "--workload",
+        workload.name(),
+    ]);
+    if let Some(r) = rate {
+        cmd.args(["--rate", &r.to_string()]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(GuestControlError::Spawn)?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    let read = out.read_line(&mut line);
+    match (read, ReadyLine::parse(&line)) {
+        (Ok(_), Some(ready)) => Ok((child, out, ready)),
+        (r, _) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            Err(GuestControlError::NotReady(format!(
+                "read {r:?}, line {line:?}, exit {status:?}"
+            )))
+        }
+    }
+}
+
+impl SourceGuest {
+    /// Starts or attaches to the guest and sets up `tracking` (default: uffd-wp for a
+    /// spawned guest, hash for an attached one).
+    pub fn open(
+        spec: &GuestSpec,
+        tracking: Option<DirtyTracking>,
+    ) -> Result<SourceGuest, GuestControlError> {
+        let (pid, child, stdout, ready, path) = match spec {
+            GuestSpec::Spawn {
+                path,
+                size,
+                workload,
+                rate,
+            } => {
+                let (child, out, ready) = spawn_guest(path, *size, *workload, *rate)?;
+                (
+                    child.id(),
+                    Some(child),
+                    Some(out),
+                    Some(ready),
+                    path.clone(),
+                )
+            }
+            GuestSpec::Attach { path, pid } => (*pid, None, None, None, path.clone()),
+        };
+        // From here on a failure must not leave a spawned guest behind.
+        let mut guard = KillOnDrop(child);
+        let memory = GuestMemory::open(&path, MapMode::Shared)?;
+        let tracking = tracking.unwrap_or(if ready.is_some() {
+            DirtyTracking::UffdWp
+        } else {
+            DirtyTracking::Hash
+        });
+        let tracker: Box<dyn DirtyTracker> = match (tracking, &ready) {
+            (DirtyTracking::UffdWp, Some(r)) => Box::new(
+                UffdWpTracker::new(r.pid, r.addr, r.len)
+                    .map_err(|e| GuestControlError::Tracker("uffd-wp", e))?,
+            ),
+            (DirtyTracking::UffdWp, None) => {
+                return Err(GuestControlError::Config(
+                    "--dirty-tracking uffd-wp needs a guest started by vmstream send; use \
+                     --dirty-tracking hash with --pid"
+                        .into(),
+                ))
+            }
+            (DirtyTracking::Hash, _) => Box::new(
+                HashTracker::open(&path)
+                    .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?,
+            ),
+        };
+        let throttle = Throttle::new(pid).map_err(|e| GuestControlError::Signal(pid, e))?;
+        Ok(SourceGuest {
+            pid,
+            child: guard.0.take(),
+            _stdout: stdout,
+            path,
+            memory,
+            tracker,
+            throttle,
+            paused: false,
+        })
+    }
+
+    /// The guest's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The memory file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Guest memory size in bytes.
+    pub fn size(&self) -> u64 {
+        self.memory.len() as u64
+    }
+
+    /// The shared mapping of guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Copies page `page` into `buf` for sending and tells the tracker what was sent (a
+    /// content-based tracker compares the next collection against exactly these bytes).
+    pub fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) {
+        self.memory.read_page(page, buf);
+        self.tracker.page_sent(page, buf);
+    }
+
+    /// All of guest memory as a slice. Only call while the guest is paused (the slice must
+    /// not change while borrowed).
+    pub fn paused_memory(&mut self) -> &[u8] {
+        debug_assert!(self.paused);
+        self.memory.as_mut_slice()
+    }
+
+    /// The dirty tracker's name.
+    pub fn tracker_name(&self) -> &'static str {
+        self.tracker.name()
+    }
+
+    /// Pages written since the last call (see [`DirtyTracker::collect`]).
+    pub fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
+        self.tracker.collect()
+    }
+
+    /// Stops the guest and waits until all its threads are stopped.
+    pub fn pause(&mut self) -> Result<(), GuestControlError> {
+        self.paused = true;
+        self.throttle
+            .pause()
+            .map_err(|e| GuestControlError::Signal(self.pid, e))
+    }
+
+    /// Continues a paused guest.
+    pub fn resume(&mut self) -> Result<(), GuestControlError> {
+        if self.paused {
+            self.throttle
+                .resume()
+                .map_err(|e| GuestControlError::Signal(self.pid, e))?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the guest is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Ends the guest after a committed migration (SIGKILL; a paused guest never runs
+    /// again, so its memory stays as it was at the pause).
+    pub fn terminate(&mut self) -> Result<(), GuestControlError> {
+        kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL)
+            .map_err(|e| GuestControlError::Signal(self.pid, e.into()))?;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Leaves a spawned guest running on its own (after a failed migration); returns its
+    /// pid.
+    pub fn detach(mut self) -> u32 {
+        let _ = self.resume();
+        self.child.take();
+        self.pid
+    }
+}
+
+/// Kills a spawned child unless taken.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The transaction counter in the superblock of the guest memory `memory`.
+pub fn tx_count(memory: &GuestMemory) -> u64 {
+    crate::sampler::read_tx_count(memory)
+}

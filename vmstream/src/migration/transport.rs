@@ -1,0 +1,528 @@
+//! Moving frames over a byte stream: [`FrameReader`] (bounded, typed errors),
+//! [`FrameWriter`] (optional [`TokenBucket`] to emulate a slower link), and [`Link`], the
+//! sender's [`PacketChannel`]: a writer thread that owns the socket's write half so the
+//! encode pipeline keeps running while the kernel drains the socket.
+//!
+//! [`PacketChannel`] is the seam for N parallel channels: a multi-channel implementation
+//! spreads packets over several links and keeps the round barrier by sending `RoundEnd` on
+//! every link.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender as ChannelSender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmstream_codec::Packet;
+
+use super::wire::{
+    packet_frame_header, FrameHeader, FrameType, Message, WireError, FRAME_HEADER_LEN,
+};
+use crate::units::{parse_size, UnitError};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer closed the connection at a frame boundary.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The connection ended in the middle of a frame.
+    #[error("connection ended inside a {kind} frame ({got} of {needed} bytes)")]
+    Truncated {
+        /// Frame type name ("header" before the type is known).
+        kind: &'static str,
+        /// Bytes that arrived.
+        got: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// Nothing arrived within the read timeout.
+    #[error("no data from peer within {0:?}")]
+    Timeout(Duration),
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A socket error.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A received frame.
+#[derive(Debug)]
+pub enum Frame {
+    /// A codec packet, verbatim (validated by the codec).
+    Packet(Vec<u8>),
+    /// A control message (checksum verified, fields typed).
+    Control(Message),
+}
+
+/// Reads frames from a stream.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    bytes: u64,
+    timeout: Option<Duration>,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader over `inner`; `timeout` is only used to word timeout errors (set the
+    /// socket's read timeout to the same value).
+    pub fn new(inner: R, timeout: Option<Duration>) -> Self {
+        FrameReader {
+            inner,
+            bytes: 0,
+            timeout,
+        }
+    }
+
+    /// Bytes read so far (frame headers included).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Fills `buf`; returns how many bytes arrived before EOF.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.bytes += got as u64;
+        Ok(got)
+    }
+
+    /// Reads the next frame. The payload buffer is allocated only after the header passed
+    /// its checksum and the length its type's bound.
+    pub fn read_frame(&mut self) -> Result<Frame, TransportError> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        let got = self.fill(&mut h)?;
+        if got == 0 {
+            return Err(TransportError::Closed);
+        }
+        if got < FRAME_HEADER_LEN {
+            return Err(TransportError::Truncated {
+                kind: "header",
+                got,
+                needed: FRAME_HEADER_LEN,
+            });
+        }
+        let header = FrameHeader::decode(&h)?;
+        let mut payload = vec![0u8; header.len as usize];
+        let got = self.fill(&mut payload)?;
+        if got < payload.len() {
+            return Err(TransportError::Truncated {
+                kind: header.kind.name(),
+                got,
+                needed: payload.len(),
+            });
+        }
+        Ok(match header.kind {
+            FrameType::Packet => Frame::Packet(payload),
+            kind => Frame::Control(Message::decode(kind, &payload)?),
+        })
+    }
+}
+
+/// A token bucket limiting a byte stream to `rate` bytes per second with bursts of up to
+/// `burst` bytes. A write larger than the bucket goes into debt and the writer sleeps it off,
+/// so the long-run rate is exact whatever the write sizes.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket of `rate` bytes/s; the burst is 10 ms worth (at least 16 KiB).
+    pub fn new(rate: u64) -> Self {
+        Self::at(rate, Instant::now())
+    }
+
+    /// Like [`TokenBucket::new`], with the clock at `now`.
+    pub fn at(rate: u64, now: Instant) -> Self {
+        let rate = rate.max(1) as f64;
+        let burst = (rate / 100.0).max(16384.0);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens at instant `now`; returns how long the caller must
+    /// wait before sending them.
+    pub fn take_at(&mut self, n: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens, sleeping as long as needed.
+    pub fn take(&mut self, n: usize) {
+        let wait = self.take_at(n, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// The rate in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+}
+
+/// Parses a bandwidth: a byte size as in [`parse_size`] (`100M` = 100 MiB/s) or a bit rate
+/// with decimal prefixes (`1Gbit` = 10^9 bit/s = 125 000 000 bytes/s, also `Kbit`, `Mbit`,
+/// `bit`). A trailing `/s` or `ps` is ignored. Returns bytes per second.
+pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
+    let s = input.trim();
+    let s = s
+        .strip_suffix("/s")
+        .or_else(|| s.strip_suffix("ps"))
+        .unwrap_or(s)
+        .trim();
+    let lower = s.to_ascii_lowercase();
+    if let Some(num) = lower
+        .strip_suffix("bit")
+        .or_else(|| lower.strip_suffix("bits"))
+    {
+        let (digits, mult) = match num.trim().char_indices().last() {
+            Some((i, 'k')) => (&num[..i], 1_000u64),
+            Some((i, 'm')) => (&num[..i], 1_000_000),
+            Some((i, 'g')) => (&num[..i], 1_000_000_000),
+            Some((i, 't')) => (&num[..i], 1_000_000_000_000),
+            _ => (num, 1),
+        };
+        let n: u64 = digits
+            .trim()
+            .parse()
+            .map_err(|_| UnitError::Syntax(input.to_string(), "a number of bits, e.g. 1Gbit"))?;
+        let bits = n
+            .checked_mul(mult)
+            .ok_or_else(|| UnitError::Overflow(input.to_string()))?;
+        return Ok(bits / 8);
+    }
+    parse_size(s)
+}
+
+/// Writes frames to a stream, optionally rate limited, counting bytes.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    bucket: Option<TokenBucket>,
+    bytes: u64,
+    /// Test-only: flip the byte at this stream offset (`VMSTREAM_TEST_CORRUPT_AT`).
+    corrupt_at: Option<u64>,
+}
+
+/// Environment variable (tests only): stream offset of one byte the sender flips.
+pub const CORRUPT_ENV: &str = "VMSTREAM_TEST_CORRUPT_AT";
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer over `inner`, limited to `max_bandwidth` bytes/s if given.
+    pub fn new(inner: W, max_bandwidth: Option<u64>) -> Self {
+        FrameWriter {
+            inner,
+            bucket: max_bandwidth.map(TokenBucket::new),
+            bytes: 0,
+            corrupt_at: None,
+        }
+    }
+
+    /// Test hook: flip the byte at stream offset `at` when it is written.
+    pub fn corrupt_byte_at(&mut self, at: Option<u64>) {
+        self.corrupt_at = at;
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(b) = &mut self.bucket {
+            b.take(data.len());
+        }
+        match self.corrupt_at {
+            Some(at) if at >= self.bytes && at < self.bytes + data.len() as u64 => {
+                let mut copy = data.to_vec();
+                copy[(at - self.bytes) as usize] ^= 0x5a;
+                self.inner.write_all(&copy)?;
+            }
+            _ => self.inner.write_all(data)?,
+        }
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Writes a codec packet in a `Packet` frame.
+    pub fn write_packet(&mut self, packet: &[u8]) -> io::Result<()> {
+        self.write_chunk(&packet_frame_header(packet))?;
+        self.write_chunk(packet)
+    }
+
+    /// Writes a control message and flushes.
+    pub fn write_message(&mut self, msg: &Message) -> io::Result<()> {
+        self.write_chunk(&msg.to_frame())?;
+        self.inner.flush()
+    }
+}
+
+/// Where the source sends packets and control messages.
+pub trait PacketChannel: Send {
+    /// Queues a codec packet.
+    fn send_packet(&mut self, packet: Packet) -> Result<(), TransportError>;
+    /// Queues a control message (ordered after every packet queued before it).
+    fn send_message(&mut self, msg: &Message) -> Result<(), TransportError>;
+    /// Packets already written, for the encoder to reuse their buffers.
+    fn returned(&mut self) -> Vec<Packet>;
+    /// Bytes written to the wire so far.
+    fn bytes_sent(&self) -> u64;
+}
+
+enum Outgoing {
+    Packet(Packet),
+    Message(Vec<u8>),
+}
+
+/// A [`PacketChannel`] over one TCP connection, with a writer thread.
+pub struct Link {
+    queue: Option<SyncSender<Outgoing>>,
+    returned: Receiver<Packet>,
+    sent: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<io::Error>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Link {
+    /// Starts a writer thread on `stream` (a clone of the connection's socket), limited to
+    /// `max_bandwidth` bytes/s if given. Honours [`CORRUPT_ENV`].
+    pub fn new(stream: TcpStream, max_bandwidth: Option<u64>) -> io::Result<Link> {
+        let (queue, jobs) = sync_channel::<Outgoing>(16);
+        let (give_back, returned) = channel();
+        let sent = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let mut writer = FrameWriter::new(
+            io::BufWriter::with_capacity(256 << 10, stream),
+            max_bandwidth,
+        );
+        writer.corrupt_byte_at(std::env::var(CORRUPT_ENV).ok().and_then(|v| v.parse().ok()));
+        let (s, e) = (Arc::clone(&sent), Arc::clone(&error));
+        let thread = std::thread::Builder::new()
+            .name("vmstream-link".into())
+            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e))?;
+        Ok(Link {
+            queue: Some(queue),
+            returned,
+            sent,
+            error,
+            thread: Some(thread),
+        })
+    }
+
+    fn push(&mut self, job: Outgoing) -> Result<(), TransportError> {
+        let failed = match &self.queue {
+            Some(q) => q.send(job).is_err(),
+            None => true,
+        };
+        if failed {
+            return Err(self.take_error());
+        }
+        Ok(())
+    }
+
+    fn take_error(&mut self) -> TransportError {
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => TransportError::Io(e),
+            None => TransportError::Closed,
+        }
+    }
+
+    /// Waits until everything queued is written, then stops the writer thread.
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.queue = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(TransportError::Io(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+fn writer_loop(
+    mut writer: FrameWriter<io::BufWriter<TcpStream>>,
+    jobs: Receiver<Outgoing>,
+    give_back: ChannelSender<Packet>,
+    sent: &AtomicU64,
+    error: &Mutex<Option<io::Error>>,
+) {
+    for job in jobs {
+        let result = match job {
+            Outgoing::Packet(p) => {
+                let r = writer.write_packet(p.bytes());
+                let _ = give_back.send(p);
+                r
+            }
+            Outgoing::Message(frame) => writer
+                .write_chunk(&frame)
+                .and_then(|_| writer.inner.flush()),
+        };
+        sent.store(writer.bytes_written(), Ordering::Relaxed);
+        if let Err(e) = result {
+            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            return; // dropping `jobs` makes the next send fail
+        }
+    }
+    if let Err(e) = writer.inner.flush() {
+        *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+}
+
+impl PacketChannel for Link {
+    fn send_packet(&mut self, packet: Packet) -> Result<(), TransportError> {
+        self.push(Outgoing::Packet(packet))
+    }
+
+    fn send_message(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.push(Outgoing::Message(msg.to_frame()))
+    }
+
+    fn returned(&mut self) -> Vec<Packet> {
+        self.returned.try_iter().collect()
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::{Abort, AbortCode, RoundAck};
+    use super::*;
+
+    #[test]
+    fn bandwidths_parse() {
+        assert_eq!(parse_bandwidth("1Gbit"), Ok(125_000_000));
+        assert_eq!(parse_bandwidth("800Mbit/s"), Ok(100_000_000));
+        assert_eq!(parse_bandwidth("64kbit"), Ok(8_000));
+        assert_eq!(parse_bandwidth("100M"), Ok(100 << 20));
+        assert_eq!(parse_bandwidth("512K/s"), Ok(512 << 10));
+        assert_eq!(parse_bandwidth("4096"), Ok(4096));
+        assert!(parse_bandwidth("fastbit").is_err());
+        assert!(parse_bandwidth("1Xbit").is_err());
+        assert!(parse_bandwidth("").is_err());
+    }
+
+    #[test]
+    fn token_bucket_charges_debt_exactly() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::at(1_000_000, t0);
+        // The first 16 KiB burst is free.
+        assert_eq!(b.take_at(16384, t0), Duration::ZERO);
+        // 100 000 more bytes at 1 MB/s: 100 ms of debt.
+        assert_eq!(b.take_at(100_000, t0), Duration::from_millis(100));
+        // After sleeping it off the bucket is empty, not in credit.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(b.take_at(1000, t1), Duration::from_millis(1));
+        // Idle time refills at most one burst.
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(
+            b.take_at(16384, t2 + Duration::from_millis(1)),
+            Duration::ZERO
+        );
+        assert_eq!(b.rate(), 1_000_000);
+    }
+
+    #[test]
+    fn frames_survive_a_stream_and_eof_is_typed() {
+        let mut w = FrameWriter::new(Vec::new(), None);
+        let ack = Message::RoundAck(RoundAck {
+            round: 3,
+            records: 1,
+            packets: 1,
+            barrier_ns: 0,
+        });
+        w.write_message(&ack).unwrap();
+        w.write_packet(b"not really a packet").unwrap();
+        let bytes = w.inner.clone();
+        assert_eq!(w.bytes_written(), bytes.len() as u64);
+        let mut r = FrameReader::new(&bytes[..], None);
+        assert!(matches!(r.read_frame().unwrap(), Frame::Control(m) if m == ack));
+        assert!(matches!(r.read_frame().unwrap(), Frame::Packet(p) if p == b"not really a packet"));
+        assert!(matches!(r.read_frame(), Err(TransportError::Closed)));
+        let mut r = FrameReader::new(&bytes[..bytes.len() - 3], None);
+        r.read_frame().unwrap();
+        assert!(matches!(
+            r.read_frame(),
+            Err(TransportError::Truncated { kind: "packet", .. })
+        ));
+        let mut r = FrameReader::new(&bytes[..5], None);
+        assert!(matches!(
+            r.read_frame(),
+            Err(TransportError::Truncated {
+                kind: "header",
+                got: 5,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn corrupted_stream_byte_is_detected() {
+        let abort = Message::Abort(Abort {
+            code: AbortCode::Cancelled,
+            reason: "timeout".into(),
+        });
+        let len = abort.to_frame().len() as u64;
+        for at in 0..len {
+            let mut w = FrameWriter::new(Vec::new(), None);
+            w.corrupt_byte_at(Some(at));
+            w.write_message(&abort).unwrap();
+            let mut r = FrameReader::new(&w.inner[..], None);
+            assert!(r.read_frame().is_err(), "flip at {at} unnoticed");
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut bytes = FrameHeader::encode(FrameType::GuestState, u32::MAX).to_vec();
+        bytes.extend_from_slice(&[0; 64]);
+        let mut r = FrameReader::new(&bytes[..], None);
+        assert!(matches!(
+            r.read_frame(),
+            Err(TransportError::Wire(WireError::Oversized { .. }))
+        ));
+    }
+}
