@@ -29,6 +29,12 @@ impl PageDecoder {
         })
     }
 
+    /// Adds `nanos` of decode time to `encoding` (callers time whole loops,
+    /// one clock read per page).
+    pub fn charge(&mut self, encoding: Encoding, nanos: u64) {
+        self.stats.get_mut(encoding).nanos += nanos;
+    }
+
     /// Applies `record` of packet `seq` to `page` (its `PAGE_SIZE` bytes of
     /// destination memory). Compressed payloads decompress directly into
     /// `page` and must produce exactly one page; an XBZRLE payload is fully
@@ -41,7 +47,6 @@ impl PageDecoder {
         record: &RecordRef<'_>,
         page: &mut [u8],
     ) -> Result<(), PacketError> {
-        let start = Instant::now();
         let size_error = |got: String| {
             PacketError::new(
                 Some(seq),
@@ -97,13 +102,8 @@ impl PageDecoder {
                 }
             }
         }
-        let nanos = if record.encoding == Encoding::Zero {
-            0
-        } else {
-            start.elapsed().as_nanos() as u64
-        };
         self.stats
-            .record(record.encoding, PAGE_SIZE, record.payload.len(), nanos);
+            .record(record.encoding, PAGE_SIZE, record.payload.len(), 0);
         Ok(())
     }
 }
@@ -244,10 +244,15 @@ impl PacketDecoder {
             },
         )?;
         self.tracker.admit(&view)?;
+        let mut last = Instant::now();
         for r in view.records() {
             let at = r.page as usize * PAGE_SIZE;
             self.pages
                 .apply(view.header.seq, &r, &mut memory[at..at + PAGE_SIZE])?;
+            let now = Instant::now();
+            self.pages
+                .charge(r.encoding, (now - last).as_nanos() as u64);
+            last = now;
         }
         Ok(())
     }

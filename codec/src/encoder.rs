@@ -150,7 +150,6 @@ impl PageEncoder {
             self.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
             return Some(Encoding::Zero);
         }
-        let start = Instant::now();
         let encoding = match self.delta.as_ref().map(|d| d.1.mode) {
             None => self.encode_full(page, snapshot, writer),
             Some(DeltaMode::Xbzrle) => self.encode_xbzrle(page, snapshot, writer)?,
@@ -158,8 +157,7 @@ impl PageEncoder {
             Some(mode) => self.encode_xor(page, snapshot, writer, mode)?,
         };
         let len = writer.last_len();
-        self.stats
-            .record(encoding, PAGE_SIZE, len, start.elapsed().as_nanos() as u64);
+        self.stats.record(encoding, PAGE_SIZE, len, 0);
         Some(encoding)
     }
 
@@ -323,12 +321,15 @@ impl PageEncoder {
         writer: &mut PacketWriter,
     ) -> usize {
         writer.begin(batch.len());
+        // One clock read per page: each page is charged the time since the
+        // previous one ended.
+        let mut last = Instant::now();
         for (page, data) in batch.iter() {
-            self.encode_page(page, data, writer);
+            let encoding = self.encode_page(page, data, writer);
+            last = self.charge(encoding, last);
         }
-        let start = Instant::now();
         let len = writer.finish(round, seq);
-        self.finish_ns += start.elapsed().as_nanos() as u64;
+        self.finish_ns += last.elapsed().as_nanos() as u64;
         len
     }
 
@@ -345,15 +346,26 @@ impl PageEncoder {
     ) -> usize {
         writer.begin(pages.len());
         let mut snapshot = std::mem::take(&mut self.snapshot);
+        let mut last = Instant::now();
         for &page in pages {
             source.read_page(page, &mut snapshot);
-            self.encode_page(page, &snapshot, writer);
+            let encoding = self.encode_page(page, &snapshot, writer);
+            last = self.charge(encoding, last);
         }
         self.snapshot = snapshot;
-        let start = Instant::now();
         let len = writer.finish(round, seq);
-        self.finish_ns += start.elapsed().as_nanos() as u64;
+        self.finish_ns += last.elapsed().as_nanos() as u64;
         len
+    }
+
+    /// Charges the time since `last` to `encoding` (unchanged pages are
+    /// only in the workers' busy time); returns the new reference point.
+    fn charge(&mut self, encoding: Option<Encoding>, last: Instant) -> Instant {
+        let now = Instant::now();
+        if let Some(e) = encoding {
+            self.stats.get_mut(e).nanos += (now - last).as_nanos() as u64;
+        }
+        now
     }
 
     /// Takes the counters accumulated since the last call.

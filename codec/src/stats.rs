@@ -14,9 +14,9 @@ pub struct EncodingStats {
     pub bytes_in: u64,
     /// Payload bytes on the wire (record headers excluded).
     pub bytes_out: u64,
-    /// Time spent encoding (sender) or decoding (receiver) these pages, in
-    /// nanoseconds; zero pages are not timed one by one (see
-    /// [`StageTimes`]).
+    /// Time spent encoding (sender, including the snapshot copy from a
+    /// page source) or decoding (receiver) these pages, in nanoseconds.
+    /// Measured with one clock read per page.
     pub nanos: u64,
 }
 

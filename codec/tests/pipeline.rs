@@ -138,6 +138,7 @@ fn stats_serialize_to_json_and_back() {
     assert_eq!(stats.by_encoding.lz4.pages, 1);
     assert_eq!(stats.cache.misses, 1);
     assert_eq!(stats.rounds, 1);
+    assert!(stats.by_encoding.lz4.nanos > 0 && stats.times.busy_ns >= stats.by_encoding.lz4.nanos);
 }
 
 #[test]
