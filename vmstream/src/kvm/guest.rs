@@ -165,6 +165,7 @@ fn create_machine(
         }
         Some(DirtyLogMode::Bitmap) | None => {}
     }
+    raise_mmu_page_limit(&vm, ram.size())?;
     // An in-kernel LAPIC so its state can be saved and restored.
     vm.create_irq_chip()
         .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -208,6 +209,26 @@ fn create_machine(
         msr_indices,
         kvm,
     })
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_SET_NR_MMU_PAGES, 0xAE, 0x44);
+
+/// Raises KVM's cap on shadow page tables. With the default cap the shadow
+/// MMU used under PVM thrashes once a guest touches more than ~128 MiB
+/// (measured: 11 K random stores/s at 256 MiB instead of ~20 M/s); a cap of
+/// one per guest page still thrashed at 512 MiB, four per page did not.
+/// The cap only bounds allocation; unused shadow pages cost nothing.
+fn raise_mmu_page_limit(vm: &VmFd, ram_size: u64) -> Result<()> {
+    let pages = (ram_size / PAGE_SIZE * 4).max(8192);
+    // SAFETY: KVM_SET_NR_MMU_PAGES takes the page count by value; the VM fd is valid.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_val(vm, KVM_SET_NR_MMU_PAGES(), pages) };
+    if ret < 0 {
+        return Err(KvmError::Ioctl {
+            op: "KVM_SET_NR_MMU_PAGES",
+            source: vmm_sys_util::errno::Error::last(),
+        });
+    }
+    Ok(())
 }
 
 /// Host-supported CPUID with this vCPU's APIC ID filled in.
@@ -547,6 +568,15 @@ impl KvmGuest {
             self.throttle_thread = Some(handle);
         }
         Ok(())
+    }
+
+    /// Throttle sleeps taken per vCPU.
+    pub fn throttle_sleeps(&self) -> Vec<u64> {
+        self.shared
+            .slots
+            .iter()
+            .map(|s| s.throttle_sleeps.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Current throttle fraction.

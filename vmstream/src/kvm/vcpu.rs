@@ -46,6 +46,8 @@ pub(crate) struct VcpuSlot {
     pub(crate) touch_batches: AtomicU64,
     /// Throttle: sleep until this many ns after `Shared::epoch`.
     pub(crate) sleep_until_ns: AtomicU64,
+    /// Throttle sleeps taken.
+    pub(crate) throttle_sleeps: AtomicU64,
 }
 
 /// Parking lot for pause: which vCPUs saved their state for which pause.
@@ -121,6 +123,7 @@ impl Shared {
                     touch_queue: Mutex::new(VecDeque::new()),
                     touch_batches: AtomicU64::new(0),
                     sleep_until_ns: AtomicU64::new(0),
+                    throttle_sleeps: AtomicU64::new(0),
                 })
                 .collect(),
             epoch: Instant::now(),
@@ -173,6 +176,9 @@ impl Shared {
         let until = self.slots[i].sleep_until_ns.load(Ordering::Relaxed);
         let now = self.epoch.elapsed().as_nanos() as u64;
         if until > now {
+            self.slots[i]
+                .throttle_sleeps
+                .fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(Duration::from_nanos(until - now));
         }
     }

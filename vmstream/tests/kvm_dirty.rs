@@ -1,0 +1,223 @@
+//! Dirty-log exactness for every mode: the touch guest writes known pages and
+//! the log reports exactly those (plus the VMM's own writes); with the dbsim
+//! guest, every page that changed between two pauses is reported.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use vmstream::kvm::{
+    kvm_available, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig,
+    WorkloadKind,
+};
+
+const MODES: [DirtyLogMode; 3] = [
+    DirtyLogMode::Bitmap,
+    DirtyLogMode::Clear,
+    DirtyLogMode::Ring,
+];
+
+fn skip() -> bool {
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: {why}");
+        return true;
+    }
+    false
+}
+
+fn start(kind: WorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
+    let cfg = GuestConfig {
+        vcpus: 2,
+        workload: WorkloadConfig {
+            kind,
+            ..WorkloadConfig::default()
+        },
+        dirty_log: Some(mode),
+        ..GuestConfig::default()
+    };
+    KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
+}
+
+/// Collects and re-arms everything (clear mode needs the explicit clear).
+fn collect_all(log: &mut dyn DirtyLog, pages: u64) -> BTreeSet<u64> {
+    let map = log.collect().unwrap();
+    log.clear(0, pages).unwrap();
+    map.iter().collect()
+}
+
+fn touch_and_wait(guest: &KvmGuest, vcpu: usize, pages: &[u64]) {
+    let before = guest.touch_batches(vcpu);
+    guest.touch(vcpu, pages).unwrap();
+    assert!(
+        guest.wait_touch_batches(vcpu, before + 1, Duration::from_secs(10)),
+        "touch batch not done: {:?}",
+        guest.failures()
+    );
+}
+
+#[test]
+fn touched_pages_are_reported_exactly_in_every_mode() {
+    if skip() {
+        return;
+    }
+    for mode in MODES {
+        let guest = start(WorkloadKind::Touch, mode, 32);
+        let pages = guest.ram().pages();
+        let mut log = guest.dirty_log().unwrap();
+        assert_eq!(log.mode(), mode);
+        // Wait until both vCPUs poll for work, then drop setup writes.
+        touch_and_wait(&guest, 0, &[]);
+        touch_and_wait(&guest, 1, &[]);
+        let setup = collect_all(log.as_mut(), pages);
+        assert!(!setup.is_empty(), "{mode:?}: VMM setup writes missing");
+
+        let a = [600, 601, 1000, 4097, 8000];
+        let b = [700, 5000, 8191];
+        touch_and_wait(&guest, 0, &a);
+        touch_and_wait(&guest, 1, &b);
+        let got = collect_all(log.as_mut(), pages);
+        let want: BTreeSet<u64> = a.iter().chain(&b).copied().collect();
+        assert_eq!(got, want, "{mode:?}: guest writes");
+
+        // The VMM's own writes are reported too.
+        guest.ram().write_u64(3000 * 4096 + 8, 42).unwrap();
+        assert_eq!(
+            collect_all(log.as_mut(), pages),
+            BTreeSet::from([3000]),
+            "{mode:?}"
+        );
+
+        // Pages written again after a collect are reported again.
+        touch_and_wait(&guest, 0, &[600, 602]);
+        assert_eq!(
+            collect_all(log.as_mut(), pages),
+            BTreeSet::from([600, 602]),
+            "{mode:?}"
+        );
+        assert!(
+            collect_all(log.as_mut(), pages).is_empty(),
+            "{mode:?}: nothing new"
+        );
+
+        let stats = log.stats();
+        assert_eq!(stats.collections, 5);
+        assert!(guest.failures().is_empty(), "{:?}", guest.failures());
+    }
+}
+
+#[test]
+fn clear_mode_keeps_pages_dirty_until_cleared() {
+    if skip() {
+        return;
+    }
+    let guest = start(WorkloadKind::Touch, DirtyLogMode::Clear, 16);
+    let pages = guest.ram().pages();
+    let mut log = guest.dirty_log().unwrap();
+    touch_and_wait(&guest, 0, &[]);
+    collect_all(log.as_mut(), pages);
+    touch_and_wait(&guest, 0, &[900, 901]);
+    let first: BTreeSet<u64> = log.collect().unwrap().iter().collect();
+    assert_eq!(first, BTreeSet::from([900, 901]));
+    // Not cleared yet: still reported.
+    let again: BTreeSet<u64> = log.collect().unwrap().iter().collect();
+    assert_eq!(again, first);
+    // Clearing one 64-page chunk re-arms both pages (same chunk).
+    log.clear(896, 64).unwrap();
+    assert!(log.collect().unwrap().iter().next().is_none());
+    // After the clear, a new write is caught.
+    touch_and_wait(&guest, 0, &[901]);
+    let after: BTreeSet<u64> = log.collect().unwrap().iter().collect();
+    assert_eq!(after, BTreeSet::from([901]));
+    assert!(log.stats().cleared_pages >= 64);
+}
+
+/// Every page that differs between two pauses must be in the dirty set.
+#[test]
+fn dbsim_changes_are_all_reported_in_every_mode() {
+    if skip() {
+        return;
+    }
+    for mode in MODES {
+        let mut guest = start(WorkloadKind::Dbsim, mode, 32);
+        let size = guest.ram().size();
+        let pages = guest.ram().pages();
+        let mut log = guest.dirty_log().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while guest.total_transactions().unwrap() < 10_000 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        guest.pause().unwrap();
+        collect_all(log.as_mut(), pages);
+        let mut before = vec![0u8; size as usize];
+        guest.ram().read(0, &mut before).unwrap();
+        let tx_before = guest.total_transactions().unwrap();
+        guest.resume().unwrap();
+        while guest.total_transactions().unwrap() < tx_before + 20_000 && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        guest.pause().unwrap();
+        let dirty = log.collect().unwrap();
+        let mut after = vec![0u8; size as usize];
+        guest.ram().read(0, &mut after).unwrap();
+        let changed: Vec<u64> = (0..pages)
+            .filter(|&p| {
+                let r = (p * 4096) as usize..((p + 1) * 4096) as usize;
+                before[r.clone()] != after[r]
+            })
+            .collect();
+        assert!(!changed.is_empty(), "{mode:?}: guest changed nothing");
+        let missed: Vec<u64> = changed
+            .iter()
+            .copied()
+            .filter(|&p| !dirty.is_set(p))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{mode:?}: changed pages not reported: {missed:?}"
+        );
+        guest.verify().unwrap();
+        guest.resume().unwrap();
+    }
+}
+
+/// A random writer overflows small rings quickly: the vCPUs harvest their own
+/// ring on ring-full exits and keep running.
+#[test]
+fn ring_full_exits_do_not_stall_the_guest() {
+    if skip() {
+        return;
+    }
+    let cfg = GuestConfig {
+        vcpus: 2,
+        workload: WorkloadConfig {
+            kind: WorkloadKind::Random,
+            ..WorkloadConfig::default()
+        },
+        dirty_log: Some(DirtyLogMode::Ring),
+        ring_entries: 8192,
+    };
+    let guest = KvmGuest::start(GuestRam::memfd(256 << 20).unwrap(), &cfg).unwrap();
+    let mut log = guest.dirty_log().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // 256 MiB = 65536 pages: far more distinct pages than one ring holds.
+    while log.stats().ring_full_exits == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(log.stats().ring_full_exits > 0, "no ring-full exit");
+    let t0 = guest.transactions().unwrap();
+    let dirty = log.collect().unwrap();
+    assert!(dirty.count() > 8192, "{} pages", dirty.count());
+    while guest
+        .transactions()
+        .unwrap()
+        .iter()
+        .zip(&t0)
+        .any(|(a, b)| a <= b)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t1 = guest.transactions().unwrap();
+    assert!(t1.iter().zip(&t0).all(|(a, b)| a > b), "{t0:?} -> {t1:?}");
+    assert!(guest.failures().is_empty(), "{:?}", guest.failures());
+}

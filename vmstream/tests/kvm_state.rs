@@ -1,0 +1,221 @@
+//! Pause -> save -> restore into a fresh VM on a copy of guest RAM: the guest
+//! continues (counters keep growing from where they were) and verifies.
+//! Damaged state blobs are refused with typed errors.
+
+use std::time::{Duration, Instant};
+
+use vmstream::kvm::verify::VerifyError;
+use vmstream::kvm::{
+    kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, RestoreConfig, StateError, VmState,
+    WorkloadConfig,
+};
+
+fn skip() -> bool {
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: {why}");
+        return true;
+    }
+    false
+}
+
+fn start(mib: u64) -> KvmGuest {
+    let cfg = GuestConfig {
+        vcpus: 2,
+        workload: WorkloadConfig {
+            seed: 7,
+            ..WorkloadConfig::default()
+        },
+        ..GuestConfig::default()
+    };
+    KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
+}
+
+fn wait_each_above(guest: &KvmGuest, floor: &[u64], by: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = guest.transactions().unwrap();
+        if t.iter().zip(floor).all(|(c, f)| *c >= f + by) || Instant::now() > deadline {
+            assert!(guest.failures().is_empty(), "{:?}", guest.failures());
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn restored_guest_continues_and_verifies() {
+    if skip() {
+        return;
+    }
+    let mut guest = start(32);
+    wait_each_above(&guest, &[0, 0], 50_000);
+    let state = guest.pause().unwrap();
+    let at_pause = guest.transactions().unwrap();
+    let blob = state.to_bytes();
+    let copy = guest.ram().copy_to_memfd().unwrap();
+    drop(guest);
+
+    let parsed = VmState::from_bytes(&blob).unwrap();
+    assert_eq!(parsed.to_bytes(), blob, "re-serialization is byte-exact");
+    assert_eq!(parsed.vcpus.len(), 2);
+    for (a, b) in parsed.vcpus.iter().zip(&state.vcpus) {
+        assert_eq!(a.regs, b.regs);
+        assert_eq!(a.msrs, b.msrs);
+        assert_eq!(a.xsave, b.xsave);
+    }
+
+    let mut restored = KvmGuest::restore(copy, &parsed, &RestoreConfig::default()).unwrap();
+    // Counters start from the saved values (RAM came along) and keep growing.
+    let first = restored.transactions().unwrap();
+    assert!(
+        first.iter().zip(&at_pause).all(|(r, p)| r >= p),
+        "{first:?} < {at_pause:?}"
+    );
+    wait_each_above(&restored, &at_pause, 50_000);
+    restored.pause().unwrap();
+    let report = restored.verify().unwrap();
+    assert!(report.written_blocks > 0);
+    // A second round trip of the restored guest works as well.
+    let again = restored.pause();
+    assert!(matches!(again, Err(KvmError::AlreadyPaused)));
+    restored.resume().unwrap();
+    let state2 = restored.pause().unwrap();
+    let copy2 = restored.ram().copy_to_memfd().unwrap();
+    let t2 = restored.transactions().unwrap();
+    drop(restored);
+    let third = KvmGuest::restore(copy2, &state2, &RestoreConfig::default()).unwrap();
+    wait_each_above(&third, &t2, 10_000);
+}
+
+#[test]
+fn restore_refuses_memory_of_another_size() {
+    if skip() {
+        return;
+    }
+    let mut guest = start(16);
+    let state = guest.pause().unwrap();
+    let other = GuestRam::memfd(32 << 20).unwrap();
+    let err = KvmGuest::restore(other, &state, &RestoreConfig::default()).unwrap_err();
+    assert!(
+        matches!(err, KvmError::State(StateError::MemorySizeMismatch { .. })),
+        "{err}"
+    );
+    // Right size, but RAM without a parameter block (not this guest's memory).
+    let blank = GuestRam::memfd(16 << 20).unwrap();
+    let err = KvmGuest::restore(blank, &state, &RestoreConfig::default()).unwrap_err();
+    assert!(matches!(err, KvmError::BadParams(_)), "{err}");
+}
+
+fn fix_crc(blob: &mut [u8]) {
+    let end = blob.len() - 8;
+    let crc = crc32c::crc32c(&blob[..end]);
+    blob[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn damaged_state_blobs_are_refused() {
+    if skip() {
+        return;
+    }
+    let mut guest = start(16);
+    let blob = guest.pause().unwrap().to_bytes();
+    assert!(VmState::from_bytes(&blob).is_ok());
+
+    let mut flipped = blob.clone();
+    flipped[blob.len() / 2] ^= 0x40;
+    assert!(matches!(
+        VmState::from_bytes(&flipped),
+        Err(StateError::ChecksumMismatch { .. })
+    ));
+
+    assert!(matches!(
+        VmState::from_bytes(&blob[..blob.len() - 100]),
+        Err(StateError::LengthMismatch { .. })
+    ));
+    assert_eq!(
+        VmState::from_bytes(&blob[..20]).unwrap_err(),
+        StateError::TooShort(20)
+    );
+
+    let mut magic = blob.clone();
+    magic[0] = b'X';
+    assert_eq!(
+        VmState::from_bytes(&magic).unwrap_err(),
+        StateError::BadMagic
+    );
+
+    let mut version = blob.clone();
+    version[8] = 99;
+    assert_eq!(
+        VmState::from_bytes(&version).unwrap_err(),
+        StateError::UnsupportedVersion(99)
+    );
+
+    // Structural damage behind a valid checksum: the first section (VM info,
+    // 16 bytes) claims 24 bytes, so the regs that follow no longer line up.
+    let mut resized = blob.clone();
+    resized[32 + 8..32 + 16].copy_from_slice(&24u64.to_le_bytes());
+    fix_crc(&mut resized);
+    assert!(
+        matches!(
+            VmState::from_bytes(&resized),
+            Err(StateError::SectionSize { .. })
+        ),
+        "{:?}",
+        VmState::from_bytes(&resized)
+    );
+
+    // Unknown section tag behind a valid checksum.
+    let mut tagged = blob.clone();
+    tagged[32..36].copy_from_slice(&77u32.to_le_bytes());
+    fix_crc(&mut tagged);
+    assert_eq!(
+        VmState::from_bytes(&tagged).unwrap_err(),
+        StateError::UnknownSection(77)
+    );
+
+    // Every byte-level truncation point is refused without panicking.
+    for len in (0..blob.len()).step_by(97) {
+        assert!(VmState::from_bytes(&blob[..len]).is_err());
+    }
+}
+
+#[test]
+fn verifier_catches_corrupted_blocks() {
+    if skip() {
+        return;
+    }
+    let mut guest = start(16);
+    wait_each_above(&guest, &[0, 0], 20_000);
+    guest.pause().unwrap();
+    guest.verify().unwrap();
+    let layout = guest.params().layout;
+    let ledger: Vec<u64> = (0..layout.block_count)
+        .map(|b| guest.ram().read_u64(layout.ledger_gpa + b * 8).unwrap())
+        .collect();
+    let inflight: Vec<u64> = (0..2)
+        .map(|v| guest.ram().read_u64(0x81000 + v * 64 + 8).unwrap())
+        .collect();
+    let block = (0..layout.block_count)
+        .find(|&b| ledger[b as usize] > 0 && !inflight.contains(&(b + 1)))
+        .expect("a committed block");
+    let gpa = layout.block_gpa(block) + 4000;
+    let old = guest.ram().read_u64(gpa).unwrap();
+    guest.ram().write_u64(gpa, old ^ 1).unwrap();
+    match guest.verify() {
+        Err(KvmError::Verify(VerifyError::Checksum { block: b, .. })) => assert_eq!(b, block),
+        other => panic!("expected checksum error, got {other:?}"),
+    }
+    guest.ram().write_u64(gpa, old).unwrap();
+    guest.verify().unwrap();
+    // A ledger entry that disagrees with the block header.
+    let lgpa = layout.ledger_gpa + block * 8;
+    guest
+        .ram()
+        .write_u64(lgpa, ledger[block as usize] + 5)
+        .unwrap();
+    assert!(matches!(
+        guest.verify(),
+        Err(KvmError::Verify(VerifyError::VersionMismatch { .. }))
+    ));
+}
