@@ -171,9 +171,11 @@ pub trait DirtyLog: Send {
     /// In `clear` mode pages stay armed-off until [`DirtyLog::clear`].
     fn collect(&mut self) -> Result<DirtyBitmap>;
 
-    /// Re-arms write tracking for pages `[first_page, first_page + count)`
-    /// just before their contents are read for sending. Only `clear` mode
-    /// needs it; the others do nothing.
+    /// Re-arms write tracking for the pages in `[first_page, first_page + count)`
+    /// that the last [`collect`](DirtyLog::collect) reported, just before
+    /// their contents are read for sending. Pages dirtied after that collect
+    /// stay dirty for the next one. Only `clear` mode needs it; the others
+    /// do nothing.
     fn clear(&mut self, first_page: u64, count: u64) -> Result<()> {
         let _ = (first_page, count);
         Ok(())
@@ -196,6 +198,7 @@ pub(crate) fn open(
             mode,
             vm,
             ram,
+            uncleared: Vec::new(),
             stats: DirtyLogStats::default(),
         }),
         DirtyLogMode::Ring => Box::new(RingLog {
@@ -213,6 +216,10 @@ struct KvmBitmapLog {
     mode: DirtyLogMode,
     vm: Arc<VmFd>,
     ram: Arc<GuestRam>,
+    /// Clear mode: KVM's bits reported by the last collect and not yet
+    /// cleared. Only these may be cleared: clearing a bit set after the
+    /// collect would lose that write.
+    uncleared: Vec<u64>,
     stats: DirtyLogStats,
 }
 
@@ -228,6 +235,9 @@ impl DirtyLog for KvmBitmapLog {
             .get_dirty_log(RAM_SLOT, self.ram.size() as usize)
             .map_err(KvmError::ioctl("KVM_GET_DIRTY_LOG"))?;
         let mut map = DirtyBitmap::from_words(self.ram.pages(), words);
+        if self.mode == DirtyLogMode::Clear {
+            self.uncleared = map.words.clone();
+        }
         map.or_words(&self.ram.vmm_dirty().get_and_reset());
         record(&mut self.stats, t.elapsed());
         Ok(map)
@@ -239,17 +249,35 @@ impl DirtyLog for KvmBitmapLog {
         }
         let t = Instant::now();
         let total = self.ram.pages();
-        // KVM wants first_page and num_pages in multiples of 64 (except at
-        // the slot end); widening only re-arms a few more pages, which is safe.
+        // KVM wants first_page in multiples of 64; the mask limits the clear
+        // to collected pages, so widening the range is harmless.
         let first = first_page / 64 * 64;
-        let end = (first_page + count).next_multiple_of(64).min(total);
+        let end = (first_page + count).min(total);
         if first >= end {
             return Ok(());
         }
-        let mask = vec![u64::MAX; (end - first).div_ceil(64) as usize];
+        let words = (first / 64) as usize..(end.div_ceil(64) as usize).min(self.uncleared.len());
+        let mut mask: Vec<u64> = self.uncleared.get(words.clone()).unwrap_or(&[]).to_vec();
+        // Only the requested pages: trim bits outside [first_page, end).
+        for (i, w) in mask.iter_mut().enumerate() {
+            let base = first + i as u64 * 64;
+            for bit in 0..64 {
+                let p = base + bit;
+                if p < first_page || p >= end {
+                    *w &= !(1u64 << bit);
+                }
+            }
+        }
+        if mask.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        for (u, m) in self.uncleared[words].iter_mut().zip(&mask) {
+            *u &= !m;
+        }
+        let num_pages = (mask.len() as u64 * 64).min(total - first);
         let arg = kvm_clear_dirty_log {
             slot: RAM_SLOT,
-            num_pages: (end - first) as u32,
+            num_pages: num_pages as u32,
             first_page: first,
             __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
                 dirty_bitmap: mask.as_ptr() as *mut libc::c_void,
@@ -265,7 +293,7 @@ impl DirtyLog for KvmBitmapLog {
                 source: vmm_sys_util::errno::Error::last(),
             });
         }
-        self.stats.cleared_pages += end - first;
+        self.stats.cleared_pages += mask.iter().map(|w| w.count_ones() as u64).sum::<u64>();
         self.stats.clear_time += t.elapsed();
         Ok(())
     }
