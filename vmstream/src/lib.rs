@@ -1,5 +1,6 @@
 //! vmstream: pre-copy live migration of guest memory.
 
+pub mod converge;
 pub mod dirty;
 pub mod guest;
 pub mod kvm;
