@@ -19,6 +19,7 @@ fn main() {
         "/dev/shm/vmstream-dirty-cost-{}",
         std::process::id()
     ));
+    let _cleanup = RemoveOnDrop(path.clone());
     let mut mem = GuestMemory::create(&path, size).expect("create");
     // Non-trivial contents so hashing reads real data.
     for (i, chunk) in mem.as_mut_slice().chunks_mut(8).enumerate() {
@@ -69,6 +70,13 @@ fn main() {
         );
     }
     drop(wp);
-    drop(mem);
-    std::fs::remove_file(&path).unwrap();
+}
+
+/// Removes the 1 GiB file even when printing fails (e.g. piped into `head`).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
