@@ -1,0 +1,75 @@
+//! A KVM guest on a regular file is a file-backed guest: what the guest
+//! writes is in the file, and a guest can be restored from the file itself.
+
+use std::time::{Duration, Instant};
+
+use vmstream::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig};
+
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn guest_on_a_file_writes_through_and_restores_from_it() {
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let path = TempFile(std::env::temp_dir().join(format!(
+        "vmstream-kvm-file-{}-{:?}.ram",
+        std::process::id(),
+        Instant::now()
+    )));
+    let size = 16 << 20;
+    let mut guest = KvmGuest::start(
+        GuestRam::open(&path.0, size).unwrap(),
+        &GuestConfig::default(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while guest.transactions().unwrap().iter().any(|&c| c < 10_000) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let state = guest.pause().unwrap();
+    let counts = guest.transactions().unwrap();
+    drop(guest);
+
+    // The guest's counters, read from the file with plain file I/O.
+    let bytes = std::fs::read(&path.0).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    for (v, &c) in counts.iter().enumerate() {
+        let off = 0x81000 + v * 64;
+        let in_file = u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
+        assert_eq!(in_file, c, "vCPU {v}");
+    }
+
+    // Restore straight from the file (its contents are the paused RAM).
+    let mut again = KvmGuest::restore(
+        GuestRam::open(&path.0, size).unwrap(),
+        &state,
+        &RestoreConfig::default(),
+    )
+    .unwrap();
+    while again
+        .transactions()
+        .unwrap()
+        .iter()
+        .zip(&counts)
+        .any(|(n, c)| *n < c + 10_000)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    again.pause().unwrap();
+    assert!(again
+        .transactions()
+        .unwrap()
+        .iter()
+        .zip(&counts)
+        .all(|(n, c)| *n >= c + 10_000));
+    again.verify().unwrap();
+}
