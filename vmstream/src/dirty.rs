@@ -155,6 +155,48 @@ impl DirtyTracker for UffdWpTracker {
     }
 }
 
+/// Find where process `pid` maps the file at `path` (offset 0, matched by device and inode,
+/// so memfds and `/proc/PID/fd/N` paths work): returns `(start, len)` of the largest such
+/// mapping. For guests that did not print a ready line.
+pub fn find_mapping(pid: u32, path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let want_dev = format!(
+        "{:02x}:{:02x}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev())
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut best: Option<(u64, u64)> = None;
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [range, _perms, offset, dev, inode, ..] = f.as_slice() else {
+            continue;
+        };
+        if *dev != want_dev || inode.parse::<u64>().ok() != Some(meta.ino()) {
+            continue;
+        }
+        if u64::from_str_radix(offset, 16).ok() != Some(0) {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if best.is_none_or(|(_, len)| b - a > len) {
+            best = Some((a, b - a));
+        }
+    }
+    best.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {pid} does not map {}", path.display()),
+        )
+    })
+}
+
 /// Dirty tracking by comparing a per-page xxh3-64 hash with the previous round's.
 pub struct HashTracker {
     mem: GuestMemory,
@@ -285,6 +327,26 @@ mod tests {
         mem.file().write_at(&[7], 10 * PAGE_SIZE as u64).unwrap();
         assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
         drop(wp);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn find_mapping_locates_files_and_memfds() {
+        let p = std::env::temp_dir().join(format!("vmstream-maps-{}", std::process::id()));
+        let mem = GuestMemory::create(&p, 8 * PAGE_SIZE as u64).unwrap();
+        let me = std::process::id();
+        assert_eq!(
+            find_mapping(me, &p).unwrap(),
+            (mem.addr(), mem.len() as u64)
+        );
+        let fd = GuestMemory::memfd("vmstream-maps", 4 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(
+            find_mapping(me, fd.path()).unwrap(),
+            (fd.addr(), fd.len() as u64)
+        );
+        drop(mem);
+        let e = find_mapping(me, &p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
         std::fs::remove_file(&p).unwrap();
     }
 
