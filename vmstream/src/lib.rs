@@ -7,6 +7,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod plot;
 pub mod sampler;
 pub mod throttle;
 pub mod uffd;

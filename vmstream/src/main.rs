@@ -28,14 +28,8 @@ enum Command {
     Send(vmstream::migration::SendArgs),
     /// Receive a migrating guest, commit its memory, optionally run it.
     Recv(vmstream::migration::RecvArgs),
-    /// Plot migration statistics (not implemented yet).
-    Plot(Placeholder),
-}
-
-#[derive(Args, Debug)]
-struct Placeholder {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
+    /// Plot the guest-impact timeline of a statistics JSON as SVG.
+    Plot(vmstream::plot::PlotArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,9 +167,6 @@ fn main() -> ExitCode {
         },
         Command::Send(args) => vmstream::migration::run_send(&args),
         Command::Recv(args) => vmstream::migration::run_recv(&args),
-        Command::Plot(_) => {
-            eprintln!("not implemented yet");
-            ExitCode::from(2)
-        }
+        Command::Plot(args) => vmstream::plot::run(&args),
     }
 }
