@@ -271,6 +271,12 @@ impl DirectStaged {
 impl ThrottleStrategy for DirectStaged {
     fn observe(&mut self, obs: &RoundObservation) -> Decision {
         if obs.fits_downtime() && self.phase != Phase::Forced {
+            // Still remember the count, should the caller keep iterating anyway.
+            if let Phase::Iterating { .. } = self.phase {
+                self.phase = Phase::Iterating {
+                    prev_dirty_pages: Some(obs.dirty_pages),
+                };
+            }
             return Decision::switch(self.throttle, SwitchReason::Converged);
         }
         self.advance(obs)
