@@ -142,7 +142,7 @@ impl PageEncoder {
         writer: &mut PacketWriter,
     ) -> Option<Encoding> {
         debug_assert_eq!(snapshot.len(), PAGE_SIZE);
-        if vmstream_simd::is_zero(snapshot) {
+        if is_zero_page(snapshot) {
             if let Some((d, _)) = &mut self.delta {
                 d.note_zero_page(page);
             }
@@ -377,6 +377,19 @@ impl PageEncoder {
     }
 }
 
+/// Whether `page` is all zeros. Most non-zero pages have data in their
+/// first, middle or last word; checking those with scalar loads first keeps
+/// the wide-vector scan (and, on Intel, its frequency cost for the scalar
+/// compressor that follows) for pages that are likely zero.
+fn is_zero_page(page: &[u8]) -> bool {
+    let word = |at: usize| u64::from_ne_bytes(page[at..at + 8].try_into().expect("8 bytes"));
+    let n = page.len();
+    if n >= 8 && (word(0) | word((n / 2) & !7) | word(n - 8)) != 0 {
+        return false;
+    }
+    vmstream_simd::is_zero(page)
+}
+
 /// Guest memory the sender's workers copy page snapshots from, so the
 /// copy happens in parallel in the workers rather than in the caller.
 ///
@@ -466,5 +479,30 @@ impl Batch {
             .iter()
             .copied()
             .zip(self.data.chunks_exact(PAGE_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_check_sees_every_byte() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero_page(&page));
+        for at in [
+            0,
+            7,
+            8,
+            100,
+            PAGE_SIZE / 2,
+            PAGE_SIZE / 2 + 3,
+            PAGE_SIZE - 9,
+            PAGE_SIZE - 1,
+        ] {
+            page[at] = 1;
+            assert!(!is_zero_page(&page), "byte {at}");
+            page[at] = 0;
+        }
     }
 }
