@@ -245,6 +245,8 @@ idle:
  * record), so dirty logs can be checked for exactness.
  */
 touch:
+    xor     r8, r8                      /* value written: 1, 2, 3, ... */
+touch_batch:
     xor     r9, r9                      /* pages written in this batch */
 40: mov     dx, PORT_TOUCH
     in      eax, dx
@@ -260,4 +262,4 @@ touch:
 41: mov     eax, r9d
     mov     dx, PORT_TOUCH_DONE
     out     dx, eax
-    jmp     touch
+    jmp     touch_batch

@@ -94,3 +94,108 @@ fn every_workload_kind_runs() {
         guest.verify().unwrap();
     }
 }
+
+#[test]
+fn repeated_pause_resume_keeps_the_guest_consistent() {
+    if skip() {
+        return;
+    }
+    let cfg = GuestConfig {
+        workload: WorkloadConfig {
+            report_shift: 8,
+            ..WorkloadConfig::default()
+        },
+        ..GuestConfig::default()
+    };
+    let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
+    let mut last = vec![0, 0];
+    for round in 0..20 {
+        last = wait_for_counts(&guest, last.iter().max().unwrap() + 1000);
+        let state = guest.pause().unwrap();
+        // rip stays inside the guest program.
+        for v in &state.vcpus {
+            assert!(
+                (0x100000..0x120000).contains(&v.regs.rip),
+                "round {round}: rip {:#x}",
+                v.regs.rip
+            );
+        }
+        guest.verify().unwrap();
+        guest.resume().unwrap();
+    }
+    assert!(matches!(
+        guest.resume(),
+        Err(vmstream::kvm::KvmError::NotPaused)
+    ));
+}
+
+#[test]
+fn touch_guest_can_be_paused_while_polling() {
+    if skip() {
+        return;
+    }
+    let cfg = GuestConfig {
+        workload: WorkloadConfig {
+            kind: WorkloadKind::Touch,
+            ..WorkloadConfig::default()
+        },
+        ..GuestConfig::default()
+    };
+    let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(3));
+        guest.pause().unwrap();
+        guest.resume().unwrap();
+    }
+    guest.touch(1, &[1000, 1001]).unwrap();
+    assert!(guest.wait_touch_batches(1, 1, Duration::from_secs(10)));
+    assert_eq!(guest.ram().read_u64(1000 * 4096).unwrap(), 1);
+    assert_eq!(guest.ram().read_u64(1001 * 4096).unwrap(), 2);
+    assert!(
+        guest.touch(0, &[0]).is_err(),
+        "page 0 is the batch terminator"
+    );
+    assert!(guest.touch(0, &[1 << 40]).is_err(), "beyond RAM");
+    assert!(guest.touch(9, &[5]).is_err(), "no such vCPU");
+}
+
+#[test]
+fn invalid_configurations_are_refused() {
+    use vmstream::kvm::{DirtyLogMode, KvmError};
+    assert!(matches!(GuestRam::memfd(3 << 20), Err(KvmError::Config(_))));
+    assert!(matches!(GuestRam::memfd(0), Err(KvmError::Config(_))));
+    if skip() {
+        return;
+    }
+    let ram = || GuestRam::memfd(8 << 20).unwrap();
+    let zero = GuestConfig {
+        vcpus: 0,
+        ..GuestConfig::default()
+    };
+    assert!(matches!(
+        KvmGuest::start(ram(), &zero),
+        Err(KvmError::Config(_))
+    ));
+    let small_ring = GuestConfig {
+        dirty_log: Some(DirtyLogMode::Ring),
+        ring_entries: 1024,
+        ..GuestConfig::default()
+    };
+    assert!(matches!(
+        KvmGuest::start(ram(), &small_ring),
+        Err(KvmError::Config(_))
+    ));
+    let no_rows = GuestConfig {
+        workload: WorkloadConfig {
+            rows_per_tx: 0,
+            ..WorkloadConfig::default()
+        },
+        ..GuestConfig::default()
+    };
+    assert!(matches!(
+        KvmGuest::start(ram(), &no_rows),
+        Err(KvmError::Config(_))
+    ));
+    let no_log = KvmGuest::start(ram(), &GuestConfig::default()).unwrap();
+    assert!(no_log.dirty_log().is_err());
+}
