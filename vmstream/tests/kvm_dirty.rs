@@ -131,6 +131,32 @@ fn clear_mode_keeps_pages_dirty_until_cleared() {
     assert_eq!(after, BTreeSet::from([901]));
 }
 
+/// Through the crate's DirtyTracker contract (collect resets tracking).
+#[test]
+fn kvm_logs_work_as_dirty_trackers() {
+    use vmstream::dirty::DirtyTracker;
+    if skip() {
+        return;
+    }
+    for mode in MODES {
+        let guest = start(WorkloadKind::Touch, mode, 16);
+        let mut tracker = guest.dirty_tracker().unwrap();
+        assert_eq!(tracker.pages(), guest.ram().pages());
+        assert!(tracker.name().starts_with("kvm-"));
+        touch_and_wait(&guest, 0, &[]);
+        tracker.collect().unwrap();
+        touch_and_wait(&guest, 1, &[700, 3000, 1500]);
+        assert_eq!(
+            tracker.collect().unwrap(),
+            vec![700, 1500, 3000],
+            "{mode:?}"
+        );
+        assert!(tracker.collect().unwrap().is_empty(), "{mode:?}");
+        touch_and_wait(&guest, 0, &[700]);
+        assert_eq!(tracker.collect().unwrap(), vec![700], "{mode:?}");
+    }
+}
+
 /// Clear mode must not clear a page dirtied after the collect that is not
 /// being sent: a write between collect and clear stays reported.
 #[test]

@@ -443,6 +443,14 @@ impl KvmGuest {
         )
     }
 
+    /// The dirty log as a [`crate::dirty::DirtyTracker`] (see [`KvmDirtyTracker`](super::KvmDirtyTracker)).
+    pub fn dirty_tracker(&self) -> Result<super::KvmDirtyTracker> {
+        Ok(super::KvmDirtyTracker::new(
+            self.dirty_log()?,
+            self.ram.pages(),
+        ))
+    }
+
     /// Dirty ring entries per vCPU, if ring mode is on.
     pub fn ring_entries(&self) -> Option<u32> {
         self.shared.rings.as_ref().map(|r| r.entries())

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod params;
 pub mod setup;
 pub mod state;
+pub mod tracker;
 mod vcpu;
 pub mod verify;
 
@@ -28,4 +29,5 @@ pub use guest::{kvm_available, GuestConfig, KvmGuest, RestoreConfig, THROTTLE_PE
 pub use memory::GuestRam;
 pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
 pub use state::{StateError, VcpuState, VmState};
+pub use tracker::KvmDirtyTracker;
 pub use verify::{VerifyError, VerifyReport};
