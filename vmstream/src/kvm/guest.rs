@@ -25,6 +25,9 @@ use super::state::{restore_vcpu, saved_msr_indices, StateError, VmState};
 use super::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
 use super::verify::{self, VerifyReport};
 
+/// How long `pause` waits for every vCPU to stop before giving up.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Throttle period: vCPUs sleep a fraction of each period.
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
@@ -367,13 +370,29 @@ impl KvmGuest {
         self.shared.set_command(Command::Pause);
         self.paused = true;
         self.shared.kick_all();
+        let started = Instant::now();
         let mut p = self.shared.lock();
         loop {
+            // A vCPU thread that ended (e.g. panicked) will never park.
+            for (i, t) in self.threads.iter().enumerate() {
+                if t.is_finished() && p.captured[i] != generation && p.failed[i].is_none() {
+                    p.failed[i] = Some("vCPU thread ended unexpectedly".into());
+                }
+            }
             let done = (0..n)
                 .filter(|&i| p.captured[i] == generation || p.failed[i].is_some())
                 .count();
             if done == n {
                 break;
+            }
+            if started.elapsed() > PAUSE_TIMEOUT {
+                let vcpu = (0..n)
+                    .find(|&i| p.captured[i] != generation && p.failed[i].is_none())
+                    .unwrap_or(0);
+                return Err(KvmError::VcpuFailed {
+                    vcpu,
+                    reason: format!("did not stop within {PAUSE_TIMEOUT:?}"),
+                });
             }
             let (guard, timeout) = self
                 .shared
