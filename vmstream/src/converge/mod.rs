@@ -9,19 +9,22 @@
 //!
 //! Modules: [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
 //! [`defer`] (hot-page deferral), [`timeline`] (the serde guest-impact timeline),
-//! [`adapter`] (the bridge to the migration state machine).
+//! [`adapter`] (the bridge to the migration state machine), [`cli`] (the `vmstream send`
+//! options).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 pub mod adapter;
+pub mod cli;
 pub mod defer;
 pub mod direct_staged;
 pub mod qemu;
 pub mod timeline;
 
 pub use adapter::Converger;
+pub use cli::ConvergeArgs;
 pub use defer::{DeferConfig, DeferError, HotPageDeferral, Split};
 pub use direct_staged::{DirectStaged, DirectStagedConfig};
 pub use qemu::{AutoConverge, AutoConvergeConfig};
