@@ -158,3 +158,77 @@ fn measure_random_by_size() {
         println!("random, {mib} MiB RAM: {r:.0} tx/s after {warm:.1?}");
     }
 }
+
+/// Copies the pages of `set` (all if None) in 2 MiB chunks, re-arming each chunk first.
+fn copy(
+    log: &mut Box<dyn vmstream::kvm::DirtyLog>,
+    src: &GuestRam,
+    dst: &GuestRam,
+    set: Option<&vmstream::kvm::DirtyBitmap>,
+) -> u64 {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    for first in (0..src.pages()).step_by(512) {
+        let chunk: Vec<u64> = (first..first + 512)
+            .filter(|&p| set.is_none_or(|s| s.is_set(p)))
+            .collect();
+        if chunk.is_empty() {
+            continue;
+        }
+        log.clear(first, 512).unwrap();
+        for p in chunk {
+            src.read(p * 4096, &mut buf).unwrap();
+            dst.write(p * 4096, &buf).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+/// In-process pre-copy of a warm dbsim guest: pages per round and downtime.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn measure_precopy() {
+    if let Err(why) = kvm_available() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let mem = 256 * MIB;
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::Clear,
+        DirtyLogMode::Ring,
+    ] {
+        let cfg = GuestConfig {
+            dirty_log: Some(mode),
+            ..GuestConfig::default()
+        };
+        let mut src = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
+        warm_up(&src);
+        let mut log = src.dirty_log().unwrap();
+        let dst = GuestRam::memfd(mem).unwrap();
+        let t = Instant::now();
+        log.collect().unwrap();
+        let mut rounds = vec![copy(&mut log, src.ram(), &dst, None)];
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            let d = log.collect().unwrap();
+            rounds.push(copy(&mut log, src.ram(), &dst, Some(&d)));
+        }
+        let down = Instant::now();
+        let state = src.pause().unwrap();
+        let d = log.collect().unwrap();
+        let last = copy(&mut log, src.ram(), &dst, Some(&d));
+        let restored = KvmGuest::restore(dst, &state, &RestoreConfig::default()).unwrap();
+        let downtime = down.elapsed();
+        drop(log);
+        drop(src);
+        println!(
+            "precopy {:6}: pages per round {rounds:?}, last (paused) {last}, total {:?}, \
+             downtime (pause + last round + restore) {downtime:?}",
+            mode.name(),
+            t.elapsed()
+        );
+        restored.verify().ok();
+    }
+}
