@@ -1,1 +1,385 @@
-//! End-to-end tests live in tests/tests/.
+//! Harness for the end-to-end tests in `tests/tests/`: finds (and if needed builds) the
+//! real `vmstream` binary, runs it as child processes that are killed on drop, reads their
+//! output line by line with bounded waits, and offers temporary directories on tmpfs, a
+//! TCP proxy that can cut a connection, and a reader of a guest's transaction counter.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Offset of the committed-transaction counter in a guest's superblock (WORKLOADS.md).
+pub const TX_COUNT_OFFSET: u64 = 96;
+
+/// Longest any single wait in these tests may take.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// Serializes the migrations of one test binary: they compete for 2 cores otherwise.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `vmstream` binary: `CARGO_BIN_EXE_vmstream` if set, else `target/<profile>/vmstream`
+/// next to this test executable, built with cargo first so it is not stale.
+pub fn vmstream_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("CARGO_BIN_EXE_vmstream") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "vmstream", "--bin", "vmstream"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("running cargo build for the vmstream binary");
+        assert!(status.success(), "cargo build -p vmstream failed");
+        let bin = profile_dir.join("vmstream");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A temporary directory on tmpfs (or the system temp dir), removed on drop.
+pub struct TmpDir(pub PathBuf);
+
+impl TmpDir {
+    /// A fresh directory named after `name`.
+    pub fn new(name: &str) -> TmpDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = base.join(format!("vmstream-e2e-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TmpDir(dir)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// File names in the directory, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stdout lines arrive on a channel; killed (and reaped) on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// What the process is, for messages.
+    pub name: String,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Runs `vmstream ARGS...` with `envs` added.
+    pub fn vmstream(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(vmstream_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn vmstream {args:?}: {e}"));
+        let (tx, lines) = channel();
+        let out = child.stdout.take().expect("stdout");
+        let mut readers = vec![std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        })];
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&stderr);
+        readers.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }));
+        Proc {
+            child,
+            name: name.to_string(),
+            lines,
+            seen: Vec::new(),
+            stderr,
+            readers,
+        }
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for a stdout line starting with `prefix` and returns it.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: no line starting with {prefix:?} within {WAIT:?}; stdout {:?}, stderr {}",
+                    self.name,
+                    self.seen,
+                    self.stderr()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{}: exited without a line starting with {prefix:?}; stdout {:?}, stderr {}",
+                    self.name,
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for the exit; returns the status and all stdout lines.
+    pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not exit within {WAIT:?}; stderr {}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // A grandchild that inherited a pipe keeps it open: wait for the readers, bounded.
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.readers.iter().any(|h| !h.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.seen.extend(self.lines.try_iter());
+        (status, self.seen.clone())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills process `pid` on drop (a guest the sender leaves running after a failure).
+pub struct KillPid(pub u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Starts `vmstream recv --listen 127.0.0.1:0 ARGS...` and returns it with its port.
+pub fn start_receiver(args: &[&str]) -> (Proc, u16) {
+    let mut all = vec!["recv", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut p = Proc::vmstream("recv", &all, &[]);
+    let line = p.wait_line("listening on ");
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("bad listening line {line:?}"));
+    (p, port)
+}
+
+/// The guest pid from the sender's `guest pid=N ...` line.
+pub fn guest_pid(sender: &mut Proc) -> u32 {
+    let line = sender.wait_line("guest pid=");
+    line["guest pid=".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad guest line {line:?}"))
+}
+
+/// The committed-transaction counter of the guest memory file at `path`.
+pub fn read_tx_count(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, TX_COUNT_OFFSET)
+        .expect("read tx_count");
+    u64::from_le_bytes(b)
+}
+
+/// Waits (bounded) until the guest on `path` commits more than `than` transactions.
+pub fn wait_tx_above(path: &Path, than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = read_tx_count(path);
+        if now > than {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest on {} stuck at tx {now}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether two files have identical contents (compared in 1 MiB chunks).
+pub fn files_identical(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = match (std::fs::File::open(a), std::fs::File::open(b)) {
+        (Ok(x), Ok(y)) => (x, y),
+        _ => return false,
+    };
+    let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    if la != lb {
+        return false;
+    }
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < la {
+        let n = ((la - off) as usize).min(ba.len());
+        fa.read_exact_at(&mut ba[..n], off).unwrap();
+        fb.read_exact_at(&mut bb[..n], off).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+        off += n as u64;
+    }
+    true
+}
+
+/// Reads a stats JSON file.
+pub fn read_stats(path: &Path) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// A TCP proxy on 127.0.0.1 that forwards one connection to `target` and cuts both
+/// directions once `cut_after` bytes went from the client to the target.
+pub struct CuttingProxy {
+    /// The proxy's port.
+    pub port: u16,
+}
+
+impl CuttingProxy {
+    /// Starts the proxy.
+    pub fn start(target: u16, cut_after: u64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            let Ok((client, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                return;
+            };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            // Destination -> source: forward until either side closes.
+            let back = std::thread::spawn(move || {
+                let (mut from, mut to) = (s2, c2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Both);
+            });
+            let (mut from, mut to) = (client, server);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut sent = 0u64;
+            while sent < cut_after {
+                let want = buf.len().min((cut_after - sent) as usize);
+                match from.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n as u64;
+                    }
+                }
+            }
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = back.join();
+        });
+        drop(thread); // detached: it ends when either side closes
+        CuttingProxy { port }
+    }
+}

@@ -488,7 +488,28 @@ pub fn migrate(
         .stats
         .settings
         .insert("policy".into(), source.policy.name().into());
-    let result = source.run();
+    let mut result = source.run();
+    if let Err(SendError::Transport(_)) = &result {
+        // A destination that gave up first says why before closing: prefer its reason.
+        let _ = source
+            .io
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(2)));
+        loop {
+            match source.io.reader.read_frame() {
+                Ok(Frame::Control(Message::Abort(a))) => {
+                    result = Err(SendError::PeerAborted {
+                        code: a.code,
+                        reason: a.reason,
+                    });
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
     source.io.progress.finish();
     source.stats.codec = source.io.encoder.total_stats().clone();
     source.stats.rounds = source.stats.per_round.len() as u64;

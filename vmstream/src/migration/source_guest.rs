@@ -2,9 +2,9 @@
 //! or a process it attaches to by pid. Gives the sender a mapping of guest memory, a dirty
 //! tracker, pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the final kill.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -111,24 +111,46 @@ fn spawn_guest(
     if let Some(r) = rate {
         cmd.args(["--rate", &r.to_string()]);
     }
+    // The guest outlives a failed migration, so it must not hold our stdout/stderr open
+    // (whoever reads them would wait for it): both are pipes we read ourselves.
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(GuestControlError::Spawn)?;
     let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let err = child.stderr.take().expect("piped stderr");
     let mut line = String::new();
     let read = out.read_line(&mut line);
     match (read, ReadyLine::parse(&line)) {
-        (Ok(_), Some(ready)) => Ok((child, out, ready)),
+        (Ok(_), Some(ready)) => {
+            forward_stderr(err);
+            Ok((child, out, ready))
+        }
         (r, _) => {
             let _ = child.kill();
             let status = child.wait().ok();
+            let mut message = String::new();
+            let _ = BufReader::new(err).read_to_string(&mut message);
             Err(GuestControlError::NotReady(format!(
-                "read {r:?}, line {line:?}, exit {status:?}"
+                "{} (read {r:?}, line {line:?}, exit {status:?})",
+                message.trim()
             )))
         }
     }
+}
+
+/// Copies the guest's stderr lines to ours, prefixed, while we run.
+fn forward_stderr(err: ChildStderr) {
+    let _ = std::thread::Builder::new()
+        .name("vmstream-guest-stderr".into())
+        .spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(std::io::stderr(), "guest: {line}");
+            }
+        });
 }
 
 impl SourceGuest {
@@ -233,9 +255,21 @@ impl SourceGuest {
         self.tracker.name()
     }
 
-    /// Pages written since the last call (see [`DirtyTracker::collect`]).
+    /// Pages written since the last call (see [`DirtyTracker::collect`]), sorted and
+    /// without duplicates (the codec refuses a page twice in one round, and a
+    /// `PAGEMAP_SCAN` walk resumed mid-region can report a page twice).
     pub fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
-        self.tracker.collect()
+        let mut pages = self.tracker.collect()?;
+        pages.sort_unstable();
+        pages.dedup();
+        let limit = self.memory.pages();
+        if pages.last().is_some_and(|&p| p >= limit) {
+            return Err(std::io::Error::other(format!(
+                "{} tracker reported a page beyond the guest's {limit} pages",
+                self.tracker.name()
+            )));
+        }
+        Ok(pages)
     }
 
     /// Stops the guest and waits until all its threads are stopped.

@@ -77,6 +77,11 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// Bytes read so far (frame headers included).
     pub fn bytes_read(&self) -> u64 {
         self.bytes

@@ -1,0 +1,243 @@
+//! Failed migrations: whatever goes wrong before the commit acknowledgement, the source
+//! guest keeps running (its counter grows), the receiver exits with a clear error, and
+//! nothing is committed at the destination path.
+
+use std::path::Path;
+use std::time::Duration;
+
+use vmstream_tests::*;
+
+/// The destination path after a failed migration: absent, or unchanged if it existed.
+fn assert_not_committed(dir: &TmpDir, dst: &Path, before: Option<&[u8]>) {
+    match before {
+        None => assert!(!dst.exists(), "{} was committed", dst.display()),
+        Some(b) => assert_eq!(std::fs::read(dst).unwrap(), b, "destination changed"),
+    }
+    let _ = dir;
+}
+
+/// After a failure the sender leaves its guest running; checks it runs and kills it.
+fn assert_source_guest_runs(send: &mut Proc, src: &Path) {
+    let pid = guest_pid(send);
+    let _kill = KillPid(pid);
+    let tx = read_tx_count(src);
+    wait_tx_above(src, tx);
+}
+
+/// Starts a sender of a 16 MiB random guest to `port`, slowed down so that faults hit
+/// the middle of the migration.
+fn slow_sender(dir: &TmpDir, port: u16, bandwidth: &str, envs: &[(&str, &str)]) -> Proc {
+    let to = format!("127.0.0.1:{port}");
+    Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            dir.path("src.img").to_str().unwrap(),
+            "--size",
+            "16M",
+            "--workload",
+            "random",
+            "--rate",
+            "2000",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--max-bandwidth",
+            bandwidth,
+            "--io-timeout",
+            "10s",
+            "--no-progress",
+            "--to",
+            &to,
+        ],
+        envs,
+    )
+}
+
+#[test]
+fn receiver_killed_mid_migration() {
+    let _g = serial();
+    let dir = TmpDir::new("kill-recv");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // 16 MiB at 4 MiB/s: the kill lands in round 0.
+    let mut send = slow_sender(&dir, port, "4M", &[]);
+    let pid = guest_pid(&mut send);
+    let _kill = KillPid(pid);
+    std::thread::sleep(Duration::from_millis(1500));
+    recv.child.kill().unwrap();
+    recv.wait_exit();
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
+    assert!(
+        send.stderr().contains("migration failed"),
+        "{}",
+        send.stderr()
+    );
+    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_not_committed(&dir, &dst, None);
+}
+
+#[test]
+fn connection_dropped_mid_migration() {
+    let _g = serial();
+    let dir = TmpDir::new("drop");
+    let dst = dir.path("dst.img");
+    std::fs::write(&dst, b"previous image").unwrap();
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let proxy = CuttingProxy::start(port, 3 << 20);
+    let mut send = slow_sender(&dir, proxy.port, "16M", &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    let err = recv.stderr();
+    assert!(
+        err.contains("migration failed") && err.contains("nothing committed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("connection ended inside") || err.contains("connection closed"),
+        "{err}"
+    );
+    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_not_committed(&dir, &dst, Some(b"previous image"));
+    assert_eq!(
+        dir.entries(),
+        vec!["dst.img".to_string(), "src.img".to_string()]
+    );
+}
+
+#[test]
+fn corrupted_byte_is_detected_and_rolled_back() {
+    let _g = serial();
+    let dir = TmpDir::new("corrupt");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // Inside the payload of an early packet of round 0.
+    let mut send = slow_sender(&dir, port, "64M", &[("VMSTREAM_TEST_CORRUPT_AT", "300000")]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    let err = recv.stderr();
+    assert!(
+        err.contains("crc32c"),
+        "receiver error does not name the checksum: {err}"
+    );
+    assert!(
+        send.stderr().contains("crc32c"),
+        "the sender did not learn why: {}",
+        send.stderr()
+    );
+    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_not_committed(&dir, &dst, None);
+    assert_eq!(dir.entries(), vec!["src.img".to_string()]);
+}
+
+#[test]
+fn mismatched_memory_size_is_refused_on_both_sides() {
+    let _g = serial();
+    let dir = TmpDir::new("size");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) =
+        start_receiver(&["--memory-file", dst.to_str().unwrap(), "--size", "32M"]);
+    let mut send = slow_sender(&dir, port, "1G", &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    for err in [send.stderr(), recv.stderr()] {
+        assert!(
+            err.contains("guest memory size mismatch: source has 16777216 bytes, destination expects 33554432"),
+            "{err}"
+        );
+    }
+    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_not_committed(&dir, &dst, None);
+}
+
+#[test]
+fn timeout_cancel_keeps_the_source_and_force_completes() {
+    let _g = serial();
+    // Cancel: a guest dirtying memory as fast as it can never fits a 1 ms downtime.
+    let dir = TmpDir::new("timeout-cancel");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let to = format!("127.0.0.1:{port}");
+    let src = dir.path("src.img");
+    let common = [
+        "send",
+        "--memory-file",
+        src.to_str().unwrap(),
+        "--size",
+        "8M",
+        "--workload",
+        "random",
+        "--rate",
+        "0",
+        "--warmup",
+        "100ms",
+        "--compress",
+        "none",
+        "--xbzrle",
+        "off",
+        "--no-progress",
+        "--downtime-limit",
+        "1ms",
+        "--timeout",
+        "1s",
+    ];
+    let mut args = common.to_vec();
+    args.extend_from_slice(&[
+        "--max-bandwidth",
+        "4M",
+        "--on-timeout",
+        "cancel",
+        "--to",
+        &to,
+    ]);
+    let mut send = Proc::vmstream("send", &args, &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    assert!(send.stderr().contains("cancelled"), "{}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    assert!(
+        recv.stderr().contains("source aborted"),
+        "{}",
+        recv.stderr()
+    );
+    assert_source_guest_runs(&mut send, &src);
+    assert_not_committed(&dir, &dst, None);
+
+    // Force: the same impossible limit, but the switchover happens at the timeout.
+    let dir = TmpDir::new("timeout-force");
+    let (dst, src, sj) = (dir.path("dst.img"), dir.path("src.img"), dir.path("s.json"));
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let to = format!("127.0.0.1:{port}");
+    let mut args = common.to_vec();
+    args[2] = src.to_str().unwrap();
+    args.extend_from_slice(&[
+        "--max-bandwidth",
+        "32M",
+        "--on-timeout",
+        "force",
+        "--stats-json",
+        sj.to_str().unwrap(),
+        "--to",
+        &to,
+    ]);
+    let mut send = Proc::vmstream("send", &args, &[]);
+    let (status, _) = send.wait_exit();
+    assert!(status.success(), "stderr: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert!(r_status.success(), "{}", recv.stderr());
+    let s = read_stats(&sj);
+    assert_eq!(s["converged"], false);
+    assert!(files_identical(&src, &dst));
+}
