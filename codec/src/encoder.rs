@@ -320,37 +320,55 @@ impl PageEncoder {
         batch: &Batch,
         writer: &mut PacketWriter,
     ) -> usize {
-        writer.begin(batch.len());
-        // One clock read per page: each page is charged the time since the
-        // previous one ended.
-        let mut last = Instant::now();
-        for (page, data) in batch.iter() {
-            let encoding = self.encode_page(page, data, writer);
-            last = self.charge(encoding, last);
-        }
-        let len = writer.finish(round, seq);
-        self.finish_ns += last.elapsed().as_nanos() as u64;
-        len
+        self.encode_batch_from(round, seq, batch, None, writer)
     }
 
-    /// Like [`encode_batch`](Self::encode_batch) for pages read from
-    /// `source`: each page is copied once into a scratch page (the
-    /// snapshot the cache is updated from) and encoded from there.
-    pub fn encode_from_source(
+    /// Like [`encode_batch`](Self::encode_batch); pages pushed by number
+    /// ([`Batch::push_number`]) are copied from `source` into a scratch
+    /// page (the snapshot the cache is updated from) and encoded from
+    /// there.
+    ///
+    /// # Panics
+    /// When the batch holds pages pushed by number and `source` is `None`.
+    pub fn encode_batch_from(
         &mut self,
         round: u64,
         seq: u64,
-        pages: &[u64],
-        source: &dyn PageSource,
+        batch: &Batch,
+        source: Option<&dyn PageSource>,
         writer: &mut PacketWriter,
     ) -> usize {
-        writer.begin(pages.len());
+        writer.begin(batch.len());
         let mut snapshot = std::mem::take(&mut self.snapshot);
+        // At most one clock read per non-zero page: each page is charged the
+        // time since the previous one ended, and a run of zero pages (which
+        // cost about as much as a clock read each) is charged as a whole.
         let mut last = Instant::now();
-        for &page in pages {
-            source.read_page(page, &mut snapshot);
-            let encoding = self.encode_page(page, &snapshot, writer);
-            last = self.charge(encoding, last);
+        let mut zero_run = false;
+        for (page, entry) in batch.entries() {
+            if zero_run && !matches!(entry, Entry::Zero) {
+                last = self.charge(Some(Encoding::Zero), last);
+                zero_run = false;
+            }
+            let data = match entry {
+                Entry::Data(data) => data,
+                Entry::Zero => &ZERO_PAGE[..],
+                Entry::Source => {
+                    source
+                        .expect("a page pushed by number needs a PageSource")
+                        .read_page(page, &mut snapshot);
+                    &snapshot[..]
+                }
+            };
+            let encoding = self.encode_page(page, data, writer);
+            if encoding == Some(Encoding::Zero) {
+                zero_run = true;
+            } else {
+                last = self.charge(encoding, last);
+            }
+        }
+        if zero_run {
+            last = self.charge(Some(Encoding::Zero), last);
         }
         self.snapshot = snapshot;
         let len = writer.finish(round, seq);
@@ -416,11 +434,34 @@ impl PageSource for Vec<u8> {
     }
 }
 
-/// A batch of page snapshots: page numbers and their contents, stored
-/// contiguously. Reused across rounds.
+/// An all-zero page, standing in for zero pages a [`Batch`] did not copy.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Slot value of a zero page (nothing copied).
+const ZERO_SLOT: u32 = u32::MAX;
+/// Slot value of a page to be read from a [`PageSource`].
+const SOURCE_SLOT: u32 = u32::MAX - 1;
+
+/// What a batch holds for one page.
+enum Entry<'a> {
+    /// The snapshot.
+    Data(&'a [u8]),
+    /// The page was all zeros when pushed (not copied).
+    Zero,
+    /// To be read from a [`PageSource`].
+    Source,
+}
+
+/// A batch of pages for one packet: page numbers and their snapshots,
+/// stored contiguously. A zero page is recognized when pushed and not
+/// copied, which keeps the zero-page path cheap for the caller. Reused
+/// across rounds.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     pages: Vec<u64>,
+    /// Per page: index of its snapshot in `data`, or `ZERO_SLOT` /
+    /// `SOURCE_SLOT`.
+    slots: Vec<u32>,
     data: Vec<u8>,
 }
 
@@ -429,6 +470,7 @@ impl Batch {
     pub fn with_capacity(pages: usize) -> Batch {
         Batch {
             pages: Vec::with_capacity(pages),
+            slots: Vec::with_capacity(pages),
             data: Vec::with_capacity(pages * PAGE_SIZE),
         }
     }
@@ -437,7 +479,19 @@ impl Batch {
     pub fn push(&mut self, page: u64, snapshot: &[u8]) {
         assert_eq!(snapshot.len(), PAGE_SIZE, "a snapshot is one page");
         self.pages.push(page);
-        self.data.extend_from_slice(snapshot);
+        if is_zero_page(snapshot) {
+            self.slots.push(ZERO_SLOT);
+        } else {
+            self.slots.push((self.data.len() / PAGE_SIZE) as u32);
+            self.data.extend_from_slice(snapshot);
+        }
+    }
+
+    /// Appends page `page` without contents, to be read from a
+    /// [`PageSource`] by the encoder.
+    pub fn push_number(&mut self, page: u64) {
+        self.pages.push(page);
+        self.slots.push(SOURCE_SLOT);
     }
 
     /// Pages in the batch.
@@ -453,13 +507,8 @@ impl Batch {
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.pages.clear();
+        self.slots.clear();
         self.data.clear();
-    }
-
-    /// Appends page `page` without contents (to be read from a
-    /// [`PageSource`]).
-    pub fn push_number(&mut self, page: u64) {
-        self.pages.push(page);
     }
 
     /// The page numbers.
@@ -467,18 +516,20 @@ impl Batch {
         &self.pages
     }
 
-    /// Whether the batch carries page contents (else they come from a
-    /// [`PageSource`]).
-    pub fn has_data(&self) -> bool {
-        !self.data.is_empty()
-    }
-
-    /// The pages and their contents.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+    fn entries(&self) -> impl Iterator<Item = (u64, Entry<'_>)> + '_ {
         self.pages
             .iter()
-            .copied()
-            .zip(self.data.chunks_exact(PAGE_SIZE))
+            .zip(&self.slots)
+            .map(move |(&page, &slot)| {
+                let entry = match slot {
+                    ZERO_SLOT => Entry::Zero,
+                    SOURCE_SLOT => Entry::Source,
+                    i => Entry::Data(
+                        &self.data[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE],
+                    ),
+                };
+                (page, entry)
+            })
     }
 }
 

@@ -218,10 +218,6 @@ impl Sender {
             ));
         }
         let w = self.admit(page)?;
-        if self.pending[w].has_data() {
-            // Mixing modes in one batch is not supported: flush first.
-            self.dispatch(w)?;
-        }
         self.pending[w].push_number(page);
         self.after_push(w)
     }
@@ -395,18 +391,14 @@ impl Worker {
                         self.encoder.begin_round(round);
                         self.round = Some(round);
                     }
-                    let len = match &self.source {
-                        Some(src) if !batch.has_data() => self.encoder.encode_from_source(
-                            round,
-                            seq,
-                            batch.pages(),
-                            &**src,
-                            &mut self.writer,
-                        ),
-                        _ => self
-                            .encoder
-                            .encode_batch(round, seq, &batch, &mut self.writer),
-                    };
+                    let source = self.source.as_deref();
+                    let len = self.encoder.encode_batch_from(
+                        round,
+                        seq,
+                        &batch,
+                        source,
+                        &mut self.writer,
+                    );
                     let spare = self
                         .buffers
                         .lock()
