@@ -43,10 +43,6 @@ fn tx_rate_under_throttle() {
     println!("0.00      {base:<11.0} 1.000          1.000");
     for p in [0.2, 0.5, 0.8, 0.9, 0.95, 0.99] {
         let r = rate(p);
-        println!(
-            "{p:<9.2} {r:<11.0} {:<14.3} {:.3}",
-            r / base,
-            1.0 - p
-        );
+        println!("{p:<9.2} {r:<11.0} {:<14.3} {:.3}", r / base, 1.0 - p);
     }
 }

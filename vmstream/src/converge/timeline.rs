@@ -186,12 +186,15 @@ impl TimelineRecorder {
 
     /// The timeline, with TPS `samples` from a [`crate::sampler::TpsSampler`] that started
     /// `sampler_offset_ms` after the migration (negative: before it). Each sample carries
-    /// the throttle in force at its time; from the pause on (paused, then running unthrottled
+    /// the throttle in force at its time (the first sample, which has no rate, is dropped);
+    /// from the pause on (paused, then running unthrottled
     /// on the destination) they carry 0.
     pub fn finish(mut self, samples: &[Sample], sampler_offset_ms: f64) -> Timeline {
         let pause = self.timeline.pause_ms.unwrap_or(f64::INFINITY);
+        // The sampler's first sample has no previous one, so no rate: skip it.
         self.timeline.samples = samples
             .iter()
+            .skip(1)
             .map(|s| {
                 let t_ms = ms(s.at) + sampler_offset_ms;
                 TimelineSample {
@@ -240,7 +243,7 @@ mod tests {
         r.pause(Duration::from_millis(2500));
         r.resumed_after(Duration::from_millis(200));
         r.note(Duration::from_millis(1000), "x");
-        let samples: Vec<Sample> = [0u64, 1000, 1500, 2100, 2600, 2800]
+        let samples: Vec<Sample> = [0u64, 0, 1000, 1500, 2100, 2600, 2800]
             .iter()
             .map(|&t| Sample {
                 at: Duration::from_millis(t + 500),
