@@ -118,7 +118,9 @@ pub fn load_timeline(json: &str) -> Result<Timeline, PlotError> {
     if let Some(t) = v.get("timeline").filter(|t| !t.is_null()) {
         return Ok(serde_json::from_value(t.clone())?);
     }
-    if v.get("samples").is_some() || v.get("rounds").is_some() {
+    // A bare timeline has arrays there; the statistics have `rounds` as a count.
+    let array = |k: &str| v.get(k).is_some_and(Value::is_array);
+    if array("samples") || array("rounds") {
         return Ok(serde_json::from_value(v)?);
     }
     timeline_from_round_stats(&v).ok_or(PlotError::NoData)

@@ -334,3 +334,45 @@ fn strategy_table() {
         }
     }
 }
+
+#[test]
+fn plot_reads_the_migration_statistics_without_a_timeline() {
+    use vmstream::migration::stats::{MigrationStats, RoundStats};
+    // The statistics `vmstream send --stats-json` writes today (no timeline yet).
+    let mut stats = MigrationStats {
+        role: "source",
+        outcome: "committed".into(),
+        downtime_ms: Some(42.0),
+        ..Default::default()
+    };
+    for (round, ms, wire, rate, paused) in [
+        (0u64, 2000.0, 500 << 20, 1000.0, false),
+        (1, 300.0, 8 << 20, 900.0, false),
+        (2, 40.0, 1 << 20, 0.0, true),
+    ] {
+        stats.per_round.push(RoundStats {
+            round,
+            paused,
+            duration_ms: ms,
+            wire_bytes: wire,
+            dirty_pages_per_s: rate,
+            ..Default::default()
+        });
+    }
+    let dir = tmpdir("stats");
+    let path = dir.join("send.json");
+    stats.write_json(&path).unwrap();
+    let t = vmstream::plot::load_timeline(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(t.rounds.len(), 3);
+    assert_eq!(t.rounds[1].start_ms, 2000.0);
+    assert_eq!(t.rounds[1].sent_bytes, 8 << 20);
+    assert_eq!(t.rounds[0].dirty_bytes, 2000 * 4096);
+    assert_eq!(t.downtime(), Some((2300.0, 2342.0)));
+    let out = dir.join("send.svg");
+    vmstream::plot::plot_file(&path, &out, "send", 900, 600).unwrap();
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.contains("downtime 42.0 ms"));
+    // No samples: no TPS series.
+    assert!(!svg.contains("guest TPS"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
