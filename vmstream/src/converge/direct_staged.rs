@@ -183,8 +183,9 @@ impl DirectStaged {
         (now as f64 - prev as f64).abs() / (prev as f64) < self.cfg.stable_change
     }
 
-    /// The next staged throttle after `last`, or the hold when it would exceed 99%.
-    fn staged_step(&mut self, obs: &RoundObservation, last: f64) -> Decision {
+    /// The next staged throttle after `last`, or the hold when it would exceed 99%; `why`
+    /// starts the note.
+    fn staged_step(&mut self, obs: &RoundObservation, last: f64, why: &str) -> Decision {
         let formula = Self::staged_formula(
             self.cfg.staged_target,
             obs.avg_bandwidth,
@@ -196,7 +197,7 @@ impl DirectStaged {
             self.phase = Phase::Hold { since: obs.now };
             self.throttle = MAX_THROTTLE;
             return Decision::iterate(MAX_THROTTLE).with_note(format!(
-                "staged throttling: next throttle {:.1}% would exceed 99%: holding 99% for {:.1} s",
+                "{why}staged throttling: next throttle {:.1}% would exceed 99%: holding 99% for {:.1} s",
                 next * 100.0,
                 self.cfg.hold.as_secs_f64()
             ));
@@ -207,7 +208,7 @@ impl DirectStaged {
             last: self.throttle,
         };
         Decision::iterate(self.throttle).with_note(format!(
-            "staged throttling: {:.1}% -> {:.1}% (bandwidth {:.0} B/s, dirty rate {:.0} B/s)",
+            "{why}staged throttling: {:.1}% -> {:.1}% (bandwidth {:.0} B/s, dirty rate {:.0} B/s)",
             from * 100.0,
             self.throttle * 100.0,
             obs.avg_bandwidth,
@@ -236,7 +237,13 @@ impl DirectStaged {
                                 self.throttle * 100.0
                             ))
                         } else {
-                            self.staged_step(obs, 0.0)
+                            let why = format!(
+                                "dirty pages stable ({prev} -> {}), {} B remaining >= {:.1} s of bandwidth: ",
+                                obs.dirty_pages,
+                                obs.remaining_dirty_bytes,
+                                self.cfg.direct_window.as_secs_f64()
+                            );
+                            self.staged_step(obs, 0.0, &why)
                         }
                     }
                     _ => Decision::iterate(0.0),
@@ -248,11 +255,13 @@ impl DirectStaged {
                 Decision::iterate(self.throttle)
                     .with_note(format!("direct throttling {:.0}%", self.throttle * 100.0))
             }
-            Phase::DirectSecond { since } if held(since) => self.staged_step(obs, 0.0),
+            Phase::DirectSecond { since } if held(since) => {
+                self.staged_step(obs, 0.0, "direct throttling did not reach the limit: ")
+            }
             Phase::DirectFirst { .. } | Phase::DirectSecond { .. } => {
                 Decision::iterate(self.throttle)
             }
-            Phase::Staged { last } => self.staged_step(obs, last),
+            Phase::Staged { last } => self.staged_step(obs, last, ""),
             Phase::Hold { since } if held(since) => {
                 self.phase = Phase::Forced;
                 Decision::switch(self.throttle, SwitchReason::Forced).with_note(format!(
@@ -388,6 +397,12 @@ mod tests {
         let d = s.observe(&round(1000, 51_200, 600 * MIB));
         assert!((d.throttle - 0.9).abs() < 1e-9, "{}", d.throttle);
         assert_eq!(s.phase(), Phase::Staged { last: d.throttle });
+        let note = d.note.unwrap();
+        assert!(
+            note.starts_with("dirty pages stable (51200 -> 51200)"),
+            "{note}"
+        );
+        assert!(note.contains("staged throttling: 0.0% -> 90.0%"), "{note}");
         // The guest dirties 10% of that under 90%: same estimate, but at least +5%.
         let d = s.observe(&round(2000, 5120, 600 * MIB));
         assert!((d.throttle - 0.95).abs() < 1e-9, "{}", d.throttle);
