@@ -143,8 +143,15 @@ impl PageEncoder {
     ) -> Option<Encoding> {
         debug_assert_eq!(snapshot.len(), PAGE_SIZE);
         if is_zero_page(snapshot) {
+            // Only a cached copy can disagree with the destination, so only
+            // then must the cache learn about the zero page. Not caching
+            // new zero pages (QEMU does the same during its first pass)
+            // saves a 4 KiB clear per page and keeps slots for pages with
+            // data.
             if let Some((d, _)) = &mut self.delta {
-                d.note_zero_page(page);
+                if d.cache().contains(page) {
+                    d.note_zero_page(page);
+                }
             }
             writer.commit(page, Encoding::Zero, 0);
             self.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);

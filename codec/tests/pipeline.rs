@@ -89,10 +89,14 @@ fn source_mode_migrates_a_changing_guest() {
                 assert_eq!(s.packets, r.packets, "round {round}");
                 assert_eq!(s.pages(), dirty.len() as u64);
                 if round > 0 {
-                    // Set-associative cache: a few pages may have been refused
-                    // a slot; all others are delta hits.
+                    // Pages that were zero in round 0 were not cached (their
+                    // first write is a miss); of the others, a few may have
+                    // been refused a slot by the set-associative cache, and
+                    // all the rest are delta hits.
                     assert_eq!(s.cache.hits + s.cache.misses, dirty.len() as u64);
-                    assert!(s.cache.hits * 10 > dirty.len() as u64 * 8, "{:?}", s.cache);
+                    let were_data = dirty.iter().filter(|&&p| p % 3 != 0).count() as u64;
+                    assert!(s.cache.hits <= were_data, "{:?}", s.cache);
+                    assert!(s.cache.hits * 10 > were_data * 8, "{:?}", s.cache);
                 }
                 sender_stats.add(&s);
                 receiver_stats.add(&r);
