@@ -207,3 +207,60 @@ fn bad_configuration_and_pushes_are_refused() {
         })
     );
 }
+
+#[test]
+fn worker_panic_fails_the_round_without_hanging() {
+    use vmstream_codec::receiver::HookPoint;
+    // Worker 1 panics on its first packet; everything else is fine.
+    let hook = Arc::new(|point: HookPoint, worker: usize, _seq: u64| {
+        if point == HookPoint::BeforeApply && worker == 1 {
+            panic!("injected worker failure");
+        }
+        std::time::Duration::ZERO
+    });
+    let rconfig = ReceiverConfig {
+        workers: 2,
+        queue_depth: 1,
+        test_hook: Some(hook),
+    };
+    let mut sender = Sender::new(config(2)).unwrap();
+    for p in 0..PAGES {
+        sender.push(p, &vec![p as u8; PAGE_SIZE]).unwrap();
+    }
+    sender.end_round().unwrap();
+    let mut dest = vec![0u8; PAGES as usize * PAGE_SIZE];
+    let result = receive(&rconfig, &mut dest, |rx| {
+        let mut first_error: Option<CodecError> = None;
+        while let Some(p) = sender.poll() {
+            // Submitting may already fail once the worker is gone.
+            if let Err(e) = rx.submit(p.into_vec()) {
+                first_error.get_or_insert(e);
+            }
+        }
+        let e = rx.end_round(0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CodecError::WorkerPanicked {
+                    side: "receiver",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        if let Some(f) = first_error {
+            assert!(matches!(f, CodecError::WorkerPanicked { .. }), "{f}");
+        }
+    });
+    // The scope reports the panic too.
+    assert!(
+        matches!(
+            result,
+            Err(CodecError::WorkerPanicked {
+                side: "receiver",
+                worker: 1
+            })
+        ),
+        "{result:?}"
+    );
+}
