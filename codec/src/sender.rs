@@ -38,7 +38,7 @@ pub struct SenderConfig {
 
 impl SenderConfig {
     /// Defaults for a guest of `guest_pages` pages: one worker per core,
-    /// 128-page packets, LZ4, XBZRLE with a 64 MiB cache.
+    /// 128-page packets, LZ4, XBZRLE+LZ4 deltas with a 64 MiB page cache.
     pub fn new(guest_pages: u64) -> SenderConfig {
         SenderConfig {
             workers: default_workers(),
