@@ -163,6 +163,7 @@ pub fn render_svg(t: &Timeline, title: &str, width: u32, height: u32) -> Result<
     if !(200..=10_000).contains(&width) || !(200..=10_000).contains(&height) {
         return Err(PlotError::Size(width, height));
     }
+    let t = &sanitize(t);
     let (lo, hi) = t.span_ms().ok_or(PlotError::NoData)?;
     let (x0, x1) = pad(lo / 1e3, hi / 1e3);
     let mut svg = String::new();
@@ -177,6 +178,34 @@ pub fn render_svg(t: &Timeline, title: &str, width: u32, height: u32) -> Result<
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
+}
+
+/// Largest time drawn, ms either side of the start (about 115 days): beyond it, or not
+/// finite, a point is dropped. Keeps every coordinate small enough for the chart's integer
+/// pixel arithmetic.
+const MAX_MS: f64 = 1e10;
+/// Largest transaction rate drawn.
+const MAX_TPS: f64 = 1e12;
+
+/// A copy of `t` fit to draw: points at non-finite or absurd times dropped, durations, rates
+/// and throttles clamped to their ranges (NaN to 0).
+fn sanitize(t: &Timeline) -> Timeline {
+    let time_ok = |v: f64| v.is_finite() && v.abs() <= MAX_MS;
+    let clamp = |v: f64, hi: f64| if v.is_nan() { 0.0 } else { v.clamp(0.0, hi) };
+    let mut out = t.clone();
+    out.samples.retain(|s| time_ok(s.t_ms));
+    for s in &mut out.samples {
+        s.tps = clamp(s.tps, MAX_TPS);
+        s.throttle = clamp(s.throttle, 1.0);
+    }
+    out.rounds.retain(|r| time_ok(r.start_ms));
+    for r in &mut out.rounds {
+        r.duration_ms = clamp(r.duration_ms, MAX_MS - r.start_ms.max(0.0));
+        r.throttle = clamp(r.throttle, 1.0);
+    }
+    out.pause_ms = t.pause_ms.filter(|&p| time_ok(p));
+    out.resume_ms = t.resume_ms.filter(|&p| time_ok(p));
+    out
 }
 
 /// A non-empty range around `lo..hi`.

@@ -376,3 +376,62 @@ fn plot_reads_the_migration_statistics_without_a_timeline() {
     assert!(!svg.contains("guest TPS"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn plot_never_panics_on_odd_timelines() {
+    use quickcheck::{Arbitrary, Gen, QuickCheck};
+    use vmstream::converge::timeline::{TimelineRound, TimelineSample};
+
+    fn odd(g: &mut Gen) -> f64 {
+        let any = f64::arbitrary(g);
+        let plain = u16::arbitrary(g) as f64 * 10.0;
+        *g.choose(&[
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            0.0,
+            1e-9,
+            1e300,
+            any,
+            plain,
+            plain,
+        ])
+        .unwrap()
+    }
+    fn prop(seed: u64) -> bool {
+        let mut g = Gen::new(20 + (seed % 50) as usize);
+        let n = usize::arbitrary(&mut g) % 30;
+        let t = Timeline {
+            samples: (0..n)
+                .map(|_| TimelineSample {
+                    t_ms: odd(&mut g),
+                    tps: odd(&mut g),
+                    throttle: odd(&mut g),
+                })
+                .collect(),
+            rounds: (0..n)
+                .map(|i| TimelineRound {
+                    round: i as u64,
+                    start_ms: odd(&mut g),
+                    duration_ms: odd(&mut g),
+                    dirty_bytes: u64::arbitrary(&mut g),
+                    sent_bytes: u64::arbitrary(&mut g),
+                    deferred_bytes: 0,
+                    throttle: odd(&mut g),
+                    paused: bool::arbitrary(&mut g),
+                })
+                .collect(),
+            pause_ms: Some(odd(&mut g)),
+            resume_ms: Some(odd(&mut g)),
+            notes: Vec::new(),
+        };
+        match vmstream::plot::render_svg(&t, "odd", 640, 480) {
+            Ok(svg) => svg.starts_with("<svg"),
+            Err(e) => matches!(e, vmstream::plot::PlotError::NoData),
+        }
+    }
+    QuickCheck::new()
+        .tests(300)
+        .quickcheck(prop as fn(u64) -> bool);
+}
