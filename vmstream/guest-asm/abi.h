@@ -64,6 +64,29 @@
 #define WORKLOAD_HOTSET 2 // random u64 stores into the vCPU's hot set only
 #define WORKLOAD_IDLE 3 // counts and yields to the VMM (PORT_IDLE) in a loop
 #define WORKLOAD_TOUCH 4 // writes exactly the pages the VMM hands out through PORT_TOUCH
+#define WORKLOAD_FILEDB 5 // dbsim in the file-backed guests' image format (WORKLOADS.md) at IMAGE_GPA; vCPU 0 writes, others idle
+
+/* ---- file-backed guest image (WORKLOADS.md, src/layout.rs), used by WORKLOAD_FILEDB ---- */
+#define IMAGE_GPA 0x200000 // the image starts right after the system area and runs to the end of RAM
+#define IMG_SB_DATA_OFFSET 48 // superblock: u64 byte offset of block 0
+#define IMG_SB_ACTIVE_BLOCKS 56 // superblock: u64 active blocks
+#define IMG_SB_HOT_BLOCKS 64 // superblock: u64 hot blocks (every 10th block is hot)
+#define IMG_SB_RNG_STATE 88 // superblock: u64 RNG state (not verified)
+#define IMG_SB_TX_COUNT 96 // superblock: u64 committed transactions
+#define IMG_SB_JOURNAL_SEQ 128 // superblock: u64 armed transaction, 0 = empty
+#define IMG_SB_JOURNAL_BLOCK 136 // superblock: u64 journal target block
+#define IMG_SB_JOURNAL_VERSION 144 // superblock: u64 journal new version
+#define IMG_SB_JOURNAL_KIND 152 // superblock: u32 journal kind (1 = row updates)
+#define IMG_SB_JOURNAL_COUNT 156 // superblock: u32 journal update count
+#define IMG_SB_JOURNAL_UPDATES 160 // superblock: 8 entries of (u32 offset, u32 len, 56 data bytes)
+#define IMG_LEDGER_OFFSET 4096 // ledger: u64 per block
+#define IMG_BLOCK_LAST_TX 24 // block header: u64 sequence of the last writer
+#define IMG_HOT_STRIDE 10 // every 10th block is hot
+#define IMG_HOT_PERCENT 80 // share of transactions going to hot blocks
+#define IMG_ROWS 63 // rows of 128 bytes per 8 KiB block
+#define IMG_ROW_SIZE 128 // bytes per row
+#define IMG_FNV_OFFSET 0xcbf29ce484222325 // block checksum: FNV-1a offset basis (lane j starts at basis ^ j)
+#define IMG_FNV_PRIME 0x100000001b3 // block checksum: FNV-1a prime
 
 /* ---- dbsim block format ---- */
 #define BLOCK_SIZE 8192 // bytes per block

@@ -117,6 +117,12 @@ _start:
     mov     rax, [rbx + PARAM_WORKLOAD]
     cmp     rax, WORKLOAD_TOUCH
     je      touch
+    cmp     rax, WORKLOAD_FILEDB
+    jne     1f
+    test    rdi, rdi
+    jz      filedb                      /* one stream: vCPU 0 writes, the others idle */
+    jmp     idle
+1:
     test    r8, r8
     jz      idle                        /* no blocks for this vCPU */
     cmp     rax, WORKLOAD_DBSIM
@@ -263,3 +269,197 @@ touch_batch:
     mov     dx, PORT_TOUCH_DONE
     out     dx, eax
     jmp     touch_batch
+
+/*
+ * filedb: dbsim in the file-backed guests' image format (WORKLOADS.md) at
+ * IMAGE_GPA, with the same redo-journal commit protocol, so the image
+ * verifies with the file-backed guests' verifier at any pause:
+ *   1. journal record (block, version, kind, updates) while JOURNAL_SEQ = 0
+ *   2. arm: JOURNAL_SEQ = seq
+ *   3. apply updates, seal header (number, version, last_tx, checksum last),
+ *      ledger[b] = version, TX_COUNT = seq
+ *   4. disarm: JOURNAL_SEQ = 0
+ * Register plan: r13 image, r12 hot blocks, r11 cold blocks, r15 PRNG,
+ * rbp block, r8 seq, r9 version, r10 updates left, rdi journal entry.
+ */
+filedb:
+    mov     r13, IMAGE_GPA
+    mov     r12, [r13 + IMG_SB_HOT_BLOCKS]
+    mov     r11, [r13 + IMG_SB_ACTIVE_BLOCKS]
+    sub     r11, r12
+    mov     r15, [r13 + IMG_SB_RNG_STATE]
+    or      r15, 1
+
+fdb_tx:
+    /* pick: a hot block (b % 10 == 0) with IMG_HOT_PERCENT %, else the k-th other one */
+    RNG
+    mov     ecx, 100
+    mul     rcx                         /* rdx in [0, 100) */
+    test    r11, r11
+    jz      51f
+    cmp     rdx, IMG_HOT_PERCENT
+    jb      51f
+    PICK    r11                         /* k in [0, cold) */
+    mov     rax, rdx
+    xor     edx, edx
+    mov     ecx, IMG_HOT_STRIDE - 1
+    div     rcx                         /* rax = k / 9, rdx = k % 9 */
+    imul    rax, rax, IMG_HOT_STRIDE
+    lea     rbp, [rax + rdx + 1]
+    jmp     52f
+51: PICK    r12
+    imul    rbp, rdx, IMG_HOT_STRIDE
+52:
+    mov     r8, [r13 + IMG_SB_TX_COUNT]
+    inc     r8                          /* seq */
+    mov     r9, [r13 + IMG_LEDGER_OFFSET + rbp * 8]
+    inc     r9                          /* new version */
+
+    /* 1. the journal record: 1..4 row-field updates */
+    mov     [r13 + IMG_SB_JOURNAL_BLOCK], rbp
+    mov     [r13 + IMG_SB_JOURNAL_VERSION], r9
+    mov     dword ptr [r13 + IMG_SB_JOURNAL_KIND], 1
+    RNG
+    and     eax, 3
+    inc     eax
+    mov     r10d, eax
+    mov     dword ptr [r13 + IMG_SB_JOURNAL_COUNT], r10d
+    lea     rdi, [r13 + IMG_SB_JOURNAL_UPDATES]
+53: RNG
+    mov     rcx, rax                    /* r */
+    mov     edx, IMG_ROWS
+    mul     rdx                         /* rdx = row in [0, 63) */
+    shl     rdx, 7                      /* * IMG_ROW_SIZE */
+    add     rdx, BLOCK_HEADER_SIZE
+    mov     [rdi], edx                  /* offset = row start, + field below */
+    mov     eax, ecx
+    imul    rax, rax, 5
+    shr     rax, 32                     /* field in [0, 5) */
+    mov     rdx, rcx
+    shr     rdx, 16
+    cmp     eax, 1
+    jb      54f
+    je      55f
+    cmp     eax, 3
+    jb      56f
+    je      57f
+    add     dword ptr [rdi], 64         /* comment: 10..41 letters */
+    and     edx, 31
+    add     edx, 10
+    jmp     58f
+57: add     dword ptr [rdi], 32         /* name: 4..19 letters */
+    and     edx, 15
+    add     edx, 4
+58: mov     [rdi + 4], edx
+    push    r11
+    xor     eax, eax
+59: imul    rcx, rcx, 0x5851f42d        /* LCG step for the letters */
+    add     rcx, 1442695041
+    mov     r11, rcx
+    shr     r11, 60
+    add     r11d, 97                    /* 'a'..'p' */
+    mov     [rdi + 8 + rax], r11b
+    inc     eax
+    cmp     eax, edx
+    jb      59b
+    pop     r11
+    jmp     60f
+54: add     dword ptr [rdi], 8          /* balance: 8 bytes */
+    mov     dword ptr [rdi + 4], 8
+    mov     [rdi + 8], rdx
+    jmp     60f
+55: add     dword ptr [rdi], 16         /* quantity: 4 bytes */
+    mov     dword ptr [rdi + 4], 4
+    and     edx, 511
+    mov     [rdi + 8], edx
+    jmp     60f
+56: add     dword ptr [rdi], 24         /* updated_tx: 8 bytes */
+    mov     dword ptr [rdi + 4], 8
+    mov     [rdi + 8], r8
+60: add     rdi, 64
+    dec     r10d
+    jnz     53b
+
+    /* 2. arm */
+    mov     [r13 + IMG_SB_JOURNAL_SEQ], r8
+
+    /* 3. apply: copy each update into the block (rep movsb) */
+    mov     rdi, rbp
+    shl     rdi, 13                     /* BLOCK_SIZE == 8192 */
+    add     rdi, [r13 + IMG_SB_DATA_OFFSET]
+    add     rdi, r13                    /* rdi = block */
+    mov     r10d, [r13 + IMG_SB_JOURNAL_COUNT]
+    lea     rdx, [r13 + IMG_SB_JOURNAL_UPDATES]
+    push    rsi
+    push    rdi
+61: mov     rax, rdi                    /* block */
+    mov     ecx, [rdx]
+    add     rdi, rcx                    /* destination */
+    lea     rsi, [rdx + 8]
+    mov     ecx, [rdx + 4]
+    rep     movsb
+    mov     rdi, rax
+    add     rdx, 64
+    dec     r10d
+    jnz     61b
+    pop     rdi
+    pop     rsi
+
+    /* seal: number, version, last_tx, then the checksum */
+    mov     [rdi + BLOCK_HDR_NUMBER], rbp
+    mov     [rdi + BLOCK_HDR_VERSION], r9
+    mov     [rdi + IMG_BLOCK_LAST_TX], r8
+    push    r11
+    push    r12
+    movabs  rax, IMG_FNV_OFFSET         /* four lanes: basis ^ j */
+    mov     rcx, rax
+    xor     rcx, 1
+    mov     rdx, rax
+    xor     rdx, 2
+    mov     r11, rax
+    xor     r11, 3
+    movabs  r12, IMG_FNV_PRIME
+    /* words 0..3, with word 2 (the checksum) read as zero */
+    xor     rax, [rdi]
+    imul    rax, r12
+    xor     rcx, [rdi + 8]
+    imul    rcx, r12
+    imul    rdx, r12
+    xor     r11, [rdi + 24]
+    imul    r11, r12
+    mov     r10d, 32                    /* byte offset of word 4 */
+62: xor     rax, [rdi + r10]
+    imul    rax, r12
+    xor     rcx, [rdi + r10 + 8]
+    imul    rcx, r12
+    xor     rdx, [rdi + r10 + 16]
+    imul    rdx, r12
+    xor     r11, [rdi + r10 + 24]
+    imul    r11, r12
+    add     r10d, 32
+    cmp     r10d, BLOCK_SIZE
+    jb      62b
+    xor     rax, rcx                    /* fold lanes from lane 0 */
+    imul    rax, r12
+    xor     rax, rdx
+    imul    rax, r12
+    xor     rax, r11
+    imul    rax, r12
+    pop     r12
+    pop     r11
+    mov     [rdi + BLOCK_HDR_CHECKSUM], rax
+
+    mov     [r13 + IMG_LEDGER_OFFSET + rbp * 8], r9
+    mov     [r13 + IMG_SB_TX_COUNT], r8
+
+    /* 4. disarm */
+    mov     qword ptr [r13 + IMG_SB_JOURNAL_SEQ], 0
+
+    mov     [r13 + IMG_SB_RNG_STATE], r15
+    mov     rax, r8
+    mov     [r14 + VCPU_TX_COUNT], rax
+    test    rax, rsi
+    jnz     fdb_tx
+    mov     dx, PORT_PROGRESS
+    out     dx, eax
+    jmp     fdb_tx

@@ -46,6 +46,7 @@ fn measure() {
     println!("guest RAM {} MiB, 2 vCPUs", mem / MIB);
     for kind in [
         WorkloadKind::Dbsim,
+        WorkloadKind::FileDb,
         WorkloadKind::Random,
         WorkloadKind::Hotset,
         WorkloadKind::Idle,

@@ -52,6 +52,12 @@ pub enum KvmError {
     /// The guest's data broke an invariant.
     #[error("verification failed: {0}")]
     Verify(#[from] VerifyError),
+    /// The file-format image (filedb workload) could not be formatted.
+    #[error("formatting the guest image: {0}")]
+    ImageFormat(#[source] crate::workload::WorkloadError),
+    /// The file-format image (filedb workload) failed the file-backed verifier.
+    #[error("image verification failed: {0}")]
+    ImageVerify(#[source] crate::verify::VerifyError),
     /// A thread could not be started.
     #[error("cannot spawn thread: {0}")]
     Thread(#[source] io::Error),

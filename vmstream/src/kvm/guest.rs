@@ -19,7 +19,7 @@ use super::abi::*;
 use super::dirty::{self, DirtyLog, DirtyLogMode, DirtyRings, DEFAULT_RING_ENTRIES, RAM_SLOT};
 use super::error::{KvmError, Result};
 use super::memory::GuestRam;
-use super::params::{GuestLayout, Params, WorkloadConfig};
+use super::params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
 use super::setup;
 use super::state::{restore_vcpu, saved_msr_indices, StateError, VmState};
 use super::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
@@ -234,6 +234,19 @@ fn raise_mmu_page_limit(vm: &VmFd, ram_size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Formats the file-backed guests' dbsim image (WORKLOADS.md) into RAM at
+/// IMAGE_GPA: superblock, ledger, active blocks at version 1.
+fn format_image(ram: &GuestRam, w: &WorkloadConfig) -> Result<()> {
+    let mut image = vec![0u8; (ram.size() - IMAGE_GPA) as usize];
+    let params = crate::workload::WorkloadParams {
+        active_percent: (w.active_permille / 10).clamp(1, 100) as u8,
+        seed: w.seed,
+        ..crate::workload::WorkloadParams::new(crate::layout::WorkloadKind::Dbsim)
+    };
+    crate::workload::format(&mut image, &params).map_err(KvmError::ImageFormat)?;
+    ram.write(IMAGE_GPA, &image)
+}
+
 /// Host-supported CPUID with this vCPU's APIC ID filled in.
 fn vcpu_cpuid(kvm: &Kvm, index: usize) -> Result<kvm_bindings::CpuId> {
     let mut cpuid = kvm
@@ -260,6 +273,9 @@ impl KvmGuest {
         };
         params.validate()?;
         let ram = Arc::new(ram);
+        if cfg.workload.kind == WorkloadKind::FileDb {
+            format_image(&ram, &cfg.workload)?;
+        }
         let machine = create_machine(&ram, cfg.vcpus, cfg.dirty_log, cfg.ring_entries, |_| {
             setup::write_system_area(&ram, &params)
         })?;

@@ -20,6 +20,10 @@ pub enum WorkloadKind {
     /// Writes exactly the pages the VMM queues with
     /// [`KvmGuest::touch`](super::KvmGuest::touch) (dirty-log tests).
     Touch,
+    /// dbsim in the file-backed guests' image format (WORKLOADS.md) at
+    /// [`IMAGE_GPA`]: vCPU 0 commits through the image's redo journal, the
+    /// other vCPUs idle; verified by [`crate::verify`].
+    FileDb,
 }
 
 impl WorkloadKind {
@@ -30,6 +34,7 @@ impl WorkloadKind {
             WorkloadKind::Hotset => WORKLOAD_HOTSET,
             WorkloadKind::Idle => WORKLOAD_IDLE,
             WorkloadKind::Touch => WORKLOAD_TOUCH,
+            WorkloadKind::FileDb => WORKLOAD_FILEDB,
         }
     }
 
@@ -40,12 +45,13 @@ impl WorkloadKind {
             WorkloadKind::Hotset,
             WorkloadKind::Idle,
             WorkloadKind::Touch,
+            WorkloadKind::FileDb,
         ]
         .into_iter()
         .find(|k| k.code() == code)
     }
 
-    /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`.
+    /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`, `filedb`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "dbsim" => Some(WorkloadKind::Dbsim),
@@ -53,6 +59,7 @@ impl WorkloadKind {
             "hotset" => Some(WorkloadKind::Hotset),
             "idle" => Some(WorkloadKind::Idle),
             "touch" => Some(WorkloadKind::Touch),
+            "filedb" => Some(WorkloadKind::FileDb),
             _ => None,
         }
     }
