@@ -395,6 +395,29 @@ fn decompressed_size_mismatch() {
 }
 
 #[test]
+fn xbzrle_lz4_bomb_and_bad_inner_delta() {
+    let mut out = vec![0u8; 3 * PAGE_SIZE];
+    // An "XBZRLE delta" of two pages' worth: decompression stops at the
+    // 4 KiB scratch and the record is rejected.
+    let n = lz4::compress_oneshot(&vec![0u8; 2 * PAGE_SIZE], &mut out, 1).unwrap();
+    assert!(matches!(
+        kind(&single_record(Encoding::XbzrleLz4, &out[..n])),
+        PacketErrorKind::DecompressedSize {
+            encoding: Encoding::XbzrleLz4,
+            ..
+        }
+    ));
+    // A well-compressed but malformed delta: caught by XBZRLE validation,
+    // page untouched.
+    let delta = [0xa0, 0x1f, 0xc8, 0x01, 1, 2, 3];
+    let n = lz4::compress_oneshot(&delta, &mut out, 1).unwrap();
+    assert!(matches!(
+        kind(&single_record(Encoding::XbzrleLz4, &out[..n])),
+        PacketErrorKind::BadDelta { record: 0, .. }
+    ));
+}
+
+#[test]
 fn malformed_xbzrle_leaves_page_untouched() {
     // A literal run reaching past the page: zrun 4000, nzrun 200.
     let delta = [0xa0, 0x1f, 0xc8, 0x01, 1, 2, 3];
