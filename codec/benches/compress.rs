@@ -7,8 +7,10 @@
 //!   (LZ4_compress_fast, ZSTD_compress, compress2), `raw_ctx` the same
 //!   library with a reused context (what the encoder calls), and `encoder`
 //!   the PageEncoder (classification + compression + packet assembly + CRC).
-//! - `decompress/<corpus>/<method>/{raw,decoder}`: the library call per page
-//!   vs the receiver path (CRC + validation + decode into memory).
+//! - `decompress/<corpus>/<method>/{raw,raw_ctx,decoder}`: the library's
+//!   one-shot call per page (LZ4_decompress_safe, ZSTD_decompress,
+//!   uncompress), the same with a reused context, and the receiver path
+//!   (CRC + validation + decode into destination memory).
 //!
 //! Compression ratios are printed as `RATIO ...` lines on stderr.
 
@@ -19,7 +21,7 @@ use std::hint::black_box;
 
 use common::PAGE;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use vmstream_codec::compress::{lz4, zlib, Compressor};
+use vmstream_codec::compress::{lz4, zlib, Compressor, Decompressor};
 use vmstream_codec::decoder::PageDecoder;
 use vmstream_codec::format::{parse_packet, Limits, PacketWriter};
 use vmstream_codec::{Batch, Compression, EncoderConfig, PageEncoder};
@@ -189,6 +191,19 @@ fn bench_compress(c: &mut Criterion) {
                                 };
                                 assert_eq!(n, PAGE);
                             }
+                        }
+                        black_box(&page);
+                    }
+                })
+            });
+            let mut ctx = Decompressor::new().unwrap();
+            let enc = m.encoding();
+            g.bench_function("raw_ctx", |b| {
+                b.iter(|| {
+                    for (c, src) in compressed.iter().zip(image.chunks(PAGE)) {
+                        match c {
+                            None => page.copy_from_slice(src),
+                            Some(c) => assert_eq!(ctx.decompress(enc, c, &mut page).unwrap(), PAGE),
                         }
                         black_box(&page);
                     }
