@@ -254,3 +254,47 @@ fn none_never_throttles() {
     }
     qc().quickcheck(prop as fn(Run) -> bool);
 }
+
+#[test]
+fn odd_observations_never_panic_or_leave_bounds() {
+    fn odd(g: &mut Gen) -> f64 {
+        let any = f64::arbitrary(g);
+        *g.choose(&[f64::NAN, f64::INFINITY, -1.0, 0.0, 1e300, any, 1e8])
+            .unwrap()
+    }
+    fn prop(seed: u64) -> bool {
+        let mut g = Gen::new(10 + (seed % 40) as usize);
+        let mut strategies: Vec<Box<dyn ThrottleStrategy>> =
+            Strategy::ALL.iter().map(|s| s.build()).collect();
+        let mut now = Duration::ZERO;
+        for round in 0..50 {
+            let duration = Duration::from_nanos(u64::arbitrary(&mut g) % 3_000_000_000);
+            now = now.saturating_add(duration);
+            let pick = |g: &mut Gen| {
+                let any = u64::arbitrary(g);
+                *g.choose(&[0, 1, u64::MAX, any]).unwrap()
+            };
+            let dirty_pages = pick(&mut g);
+            let o = RoundObservation {
+                round,
+                now,
+                dirty_pages,
+                dirty_bytes: dirty_pages.saturating_mul(4096),
+                bytes_sent: pick(&mut g),
+                duration,
+                bandwidth_bytes_per_s: odd(&mut g),
+                avg_bandwidth: odd(&mut g),
+                remaining_dirty_bytes: pick(&mut g),
+                downtime_limit: Duration::from_millis(u64::arbitrary(&mut g) % 1000),
+            };
+            for s in &mut strategies {
+                let d = s.observe(&o);
+                if !(0.0..=0.99).contains(&d.throttle) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+    qc().quickcheck(prop as fn(u64) -> bool);
+}
