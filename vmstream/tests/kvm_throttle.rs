@@ -43,7 +43,7 @@ fn throttled_vcpus_sleep_and_still_progress() {
         .all(|(a, b)| a > b));
 
     guest.set_throttle(0.0).unwrap();
-    std::thread::sleep(Duration::from_millis(40));
+    std::thread::sleep(Duration::from_millis(100));
     let s0 = guest.throttle_sleeps();
     std::thread::sleep(Duration::from_millis(60));
     assert_eq!(guest.throttle_sleeps(), s0, "sleeps continued at p = 0");

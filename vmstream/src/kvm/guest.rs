@@ -663,6 +663,11 @@ fn throttle_thread(shared: &Shared) {
             continue;
         }
         std::thread::sleep(THROTTLE_PERIOD.mul_f64(1.0 - p));
+        // Re-read: throttling may have been turned off or changed meanwhile.
+        let p = f64::from_bits(shared.throttle.load(Ordering::Relaxed));
+        if p <= 0.0 {
+            continue;
+        }
         let sleep = THROTTLE_PERIOD.mul_f64(p);
         let until = (shared.epoch.elapsed() + sleep).as_nanos() as u64;
         for (i, slot) in shared.slots.iter().enumerate() {
