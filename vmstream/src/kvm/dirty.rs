@@ -21,15 +21,21 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_gfn};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
-use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
 
 use super::abi::PAGE_SIZE;
 use super::error::{KvmError, Result};
 use super::memory::GuestRam;
 
-const KVMIO: u32 = 0xAE;
-ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+/// ioctl numbers kvm-ioctls does not wrap.
+mod ioctls {
+    use kvm_bindings::kvm_clear_dirty_log;
+    use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+
+    const KVMIO: u32 = 0xAE;
+    ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+use ioctls::{KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS};
 
 const KVM_DIRTY_GFN_F_DIRTY: u32 = 1;
 const KVM_DIRTY_GFN_F_RESET: u32 = 2;

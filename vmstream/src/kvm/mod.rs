@@ -11,10 +11,13 @@
 //! [`KvmGuest::verify`], [`KvmGuest::set_throttle`]. Formats and protocol:
 //! `vmstream/KVM.md`.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 pub mod dirty;
 pub mod error;
 mod guest;
+mod machine;
 pub mod memory;
 pub mod params;
 pub mod setup;
