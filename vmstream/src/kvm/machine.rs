@@ -87,6 +87,14 @@ pub(crate) fn create_machine(
         Some(DirtyLogMode::Bitmap) | None => {}
     }
     raise_mmu_page_limit(&vm, ram.size())?;
+    // The state format stores the legacy 4 KiB XSAVE area; refuse hosts whose
+    // XSAVE state is larger (e.g. AMX) instead of truncating it silently.
+    let xsave_size = vm.check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2 as u64);
+    if xsave_size > super::state::XSAVE_LEN as i32 {
+        return Err(KvmError::MissingCapability(
+            "XSAVE state larger than 4 KiB (KVM_GET_XSAVE2 not supported by this VMM)",
+        ));
+    }
     // An in-kernel LAPIC so its state can be saved and restored.
     vm.create_irq_chip()
         .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
