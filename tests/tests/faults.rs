@@ -16,12 +16,17 @@ fn assert_not_committed(dir: &TmpDir, dst: &Path, before: Option<&[u8]>) {
     let _ = dir;
 }
 
-/// After a failure the sender leaves its guest running; checks it runs and kills it.
-fn assert_source_guest_runs(send: &mut Proc, src: &Path) {
-    let pid = guest_pid(send);
-    let _kill = KillPid(pid);
+/// After a failure the sender leaves its guest running: checks that it still commits
+/// transactions (the caller's `KillPid` guard ends it).
+fn assert_source_guest_runs(src: &Path) {
     let tx = read_tx_count(src);
     wait_tx_above(src, tx);
+}
+
+/// The guest pid the sender announced, killed when the guard drops (even if the test
+/// fails earlier).
+fn guard_guest(send: &mut Proc) -> KillPid {
+    KillPid(guest_pid(send))
 }
 
 /// Starts a sender of a 16 MiB random guest to `port`, slowed down so that faults hit
@@ -66,8 +71,7 @@ fn receiver_killed_mid_migration() {
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     // 16 MiB at 4 MiB/s: the kill lands in round 0.
     let mut send = slow_sender(&dir, port, "4M", &[]);
-    let pid = guest_pid(&mut send);
-    let _kill = KillPid(pid);
+    let _guest = guard_guest(&mut send);
     std::thread::sleep(Duration::from_millis(1500));
     recv.child.kill().unwrap();
     recv.wait_exit();
@@ -78,7 +82,7 @@ fn receiver_killed_mid_migration() {
         "{}",
         send.stderr()
     );
-    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_source_guest_runs(&dir.path("src.img"));
     assert_not_committed(&dir, &dst, None);
 }
 
@@ -91,6 +95,7 @@ fn connection_dropped_mid_migration() {
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     let proxy = CuttingProxy::start(port, 3 << 20);
     let mut send = slow_sender(&dir, proxy.port, "16M", &[]);
+    let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
     let (r_status, _) = recv.wait_exit();
@@ -104,7 +109,7 @@ fn connection_dropped_mid_migration() {
         err.contains("connection ended inside") || err.contains("connection closed"),
         "{err}"
     );
-    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_source_guest_runs(&dir.path("src.img"));
     assert_not_committed(&dir, &dst, Some(b"previous image"));
     assert_eq!(
         dir.entries(),
@@ -120,6 +125,7 @@ fn corrupted_byte_is_detected_and_rolled_back() {
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     // Inside the payload of an early packet of round 0.
     let mut send = slow_sender(&dir, port, "64M", &[("VMSTREAM_TEST_CORRUPT_AT", "300000")]);
+    let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
     let (r_status, _) = recv.wait_exit();
@@ -134,7 +140,7 @@ fn corrupted_byte_is_detected_and_rolled_back() {
         "the sender did not learn why: {}",
         send.stderr()
     );
-    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_source_guest_runs(&dir.path("src.img"));
     assert_not_committed(&dir, &dst, None);
     assert_eq!(dir.entries(), vec!["src.img".to_string()]);
 }
@@ -147,6 +153,7 @@ fn mismatched_memory_size_is_refused_on_both_sides() {
     let (mut recv, port) =
         start_receiver(&["--memory-file", dst.to_str().unwrap(), "--size", "32M"]);
     let mut send = slow_sender(&dir, port, "1G", &[]);
+    let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1));
     let (r_status, _) = recv.wait_exit();
@@ -157,7 +164,7 @@ fn mismatched_memory_size_is_refused_on_both_sides() {
             "{err}"
         );
     }
-    assert_source_guest_runs(&mut send, &dir.path("src.img"));
+    assert_source_guest_runs(&dir.path("src.img"));
     assert_not_committed(&dir, &dst, None);
 }
 
@@ -202,6 +209,7 @@ fn timeout_cancel_keeps_the_source_and_force_completes() {
         &to,
     ]);
     let mut send = Proc::vmstream("send", &args, &[]);
+    let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
     assert!(send.stderr().contains("cancelled"), "{}", send.stderr());
@@ -212,7 +220,7 @@ fn timeout_cancel_keeps_the_source_and_force_completes() {
         "{}",
         recv.stderr()
     );
-    assert_source_guest_runs(&mut send, &src);
+    assert_source_guest_runs(&src);
     assert_not_committed(&dir, &dst, None);
 
     // Force: the same impossible limit, but the switchover happens at the timeout.
@@ -233,6 +241,7 @@ fn timeout_cancel_keeps_the_source_and_force_completes() {
         &to,
     ]);
     let mut send = Proc::vmstream("send", &args, &[]);
+    let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();
     assert!(status.success(), "stderr: {}", send.stderr());
     let (r_status, _) = recv.wait_exit();

@@ -35,6 +35,7 @@ fn migrate(
     ];
     args.extend_from_slice(send_extra);
     let mut send = Proc::vmstream("send", &args, &[]);
+    let _guest = KillPid(guest_pid(&mut send));
     let (s_status, _) = send.wait_exit();
     assert!(s_status.success(), "send failed: {}", send.stderr());
     let (r_status, _) = recv.wait_exit();
@@ -99,6 +100,7 @@ fn dbsim_256m_default_settings_resumes_on_destination() {
         ],
         &[],
     );
+    let _guest = KillPid(guest_pid(&mut send));
     let (s_status, _) = send.wait_exit();
     assert!(s_status.success(), "send failed: {}", send.stderr());
     // The source guest ended at the pause: its memory is what the destination resumed
@@ -287,4 +289,44 @@ fn hash_tracking_migrates_a_guest_vmstream_did_not_start() {
     );
     assert!(files_identical(&src, &dst));
     assert!(read_tx_count(&dst) > tx0);
+}
+
+#[test]
+fn qemu_auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let _g = serial();
+    let dir = TmpDir::new("autoconverge");
+    let (s, _) = migrate(
+        &dir,
+        "8M",
+        "random",
+        &[
+            "--converge",
+            "qemu",
+            "--max-bandwidth",
+            "16M",
+            "--rate",
+            "0",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--timeout",
+            "3s",
+            "--on-timeout",
+            "force",
+        ],
+    );
+    assert_eq!(s["settings"]["converge"], "qemu");
+    let throttles: Vec<f64> = s["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["throttle"].as_f64().unwrap())
+        .collect();
+    assert!(
+        throttles.iter().any(|&t| t > 0.0),
+        "the guest was never throttled: {throttles:?}"
+    );
 }

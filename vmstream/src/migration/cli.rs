@@ -97,6 +97,9 @@ pub struct SendArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Throttling strategy and hot-page deferral.
+    #[command(flatten)]
+    pub converge: crate::converge::cli::ConvergeArgs,
 }
 
 /// Arguments of `vmstream recv`.
@@ -195,6 +198,7 @@ impl SendArgs {
         cfg.io_timeout = self.io_timeout;
         cfg.stats_json = self.stats_json.clone();
         cfg.progress = !self.no_progress;
+        cfg.converge = self.converge.clone();
         Ok(cfg)
     }
 }
@@ -252,6 +256,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         guest_bytes: guest.size(),
         ..Default::default()
     };
+    stats.settings.extend(cfg.converge.settings());
     for (k, v) in [
         ("compression", format!("{:?}", cfg.encoder.compression)),
         ("xbzrle", format!("{}", cfg.encoder.delta.is_some())),

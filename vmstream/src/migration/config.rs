@@ -8,6 +8,7 @@ use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
 use super::convergence::OnTimeout;
 use super::source_guest::{DirtyTracking, GuestSpec};
 use super::wire::DeltaWire;
+use crate::converge::cli::ConvergeArgs;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct SendConfig {
     pub stats_json: Option<PathBuf>,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// Guest throttling strategy and hot-page deferral (`crate::converge`).
+    pub converge: ConvergeArgs,
 }
 
 impl SendConfig {
@@ -61,6 +64,7 @@ impl SendConfig {
             io_timeout: Duration::from_secs(120),
             stats_json: None,
             progress: true,
+            converge: ConvergeArgs::default(),
         }
     }
 

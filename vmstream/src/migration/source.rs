@@ -9,6 +9,8 @@
 //! ```
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{Sender, SenderConfig};
@@ -25,6 +27,8 @@ use super::wire::{
     RoundEnd, FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
     ROUND_FORCED,
 };
+use crate::converge::defer::HotPageDeferral;
+use crate::converge::{Converger, Strategy};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -216,6 +220,12 @@ struct Source<'a> {
     bytes_per_page: f64,
     /// Instant and transaction count when the migration started.
     tx_start: (Instant, u64),
+    /// Throttle the policy asked for last (f64 bits), set by its decision hook.
+    throttle_request: Arc<AtomicU64>,
+    /// Throttle currently applied to the guest.
+    throttle_now: f64,
+    /// Hot-page deferral, if enabled.
+    deferral: Option<HotPageDeferral>,
 }
 
 impl Source<'_> {
@@ -285,7 +295,12 @@ impl Source<'_> {
         let mut rs = self
             .io
             .send_round(round, &pages, PageSource::Live(self.guest), 0)?;
-        let pending = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        // Everything unsent: the new dirty pages and what deferral still holds back.
+        let pending = match &self.deferral {
+            Some(d) => merge_pages(&newly, d.carried()),
+            None => newly.clone(),
+        };
         let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
         if nonzero > 0 {
             self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
@@ -297,19 +312,42 @@ impl Source<'_> {
             pending_pages: pending.len() as u64,
             bytes_per_page: self.bytes_per_page,
             bandwidth: rs.bandwidth_bytes_per_s,
-            dirty_rate: pending.len() as f64 / secs,
+            dirty_rate: newly.len() as f64 / secs,
         };
         rs.dirty_pages_per_s = obs.dirty_rate;
         rs.expected_downtime_ms = obs.expected_downtime().as_secs_f64() * 1e3;
-        self.stats.per_round.push(rs);
-        Ok(match self.policy.decide(&obs) {
-            Decision::Continue => SourceState::Iterate {
-                round: round + 1,
-                pages: pending,
-            },
+        let decision = self.policy.decide(&obs);
+        let throttle = f64::from_bits(self.throttle_request.load(Ordering::Relaxed));
+        if throttle != self.throttle_now {
+            self.guest.set_throttle(throttle);
+            self.throttle_now = throttle;
+        }
+        rs.throttle = throttle;
+        let state = match decision {
+            Decision::Continue => {
+                let pages = match &mut self.deferral {
+                    Some(d) => {
+                        let split = d
+                            .split(&newly)
+                            .map_err(|e| SendError::Config(e.to_string()))?;
+                        rs.deferred_pages = split.deferred.len() as u64;
+                        split.send_now
+                    }
+                    None => newly,
+                };
+                SourceState::Iterate {
+                    round: round + 1,
+                    pages,
+                }
+            }
             Decision::Switchover { forced } => SourceState::Switchover {
                 round: round + 1,
-                pending,
+                pending: match &mut self.deferral {
+                    Some(d) => d
+                        .finish(&newly)
+                        .map_err(|e| SendError::Config(e.to_string()))?,
+                    None => newly,
+                },
                 forced,
             },
             Decision::Cancel => {
@@ -325,7 +363,9 @@ impl Source<'_> {
                 }))?;
                 SourceState::Done(Outcome::Cancelled(reason))
             }
-        })
+        };
+        self.stats.per_round.push(rs);
+        Ok(state)
     }
 
     fn switchover(
@@ -465,6 +505,30 @@ pub fn migrate(
     sender_cfg.batch_pages = cfg.batch_pages;
     sender_cfg.encoder = cfg.encoder;
     let encoder = Sender::new(sender_cfg)?;
+    let downtime = DowntimePolicy {
+        limit: cfg.downtime_limit,
+        timeout: cfg.timeout,
+        on_timeout: cfg.on_timeout,
+    };
+    let throttle_request = Arc::new(AtomicU64::new(0f64.to_bits()));
+    let policy: Box<dyn ConvergencePolicy> = if cfg.converge.converge == Strategy::None {
+        Box::new(downtime)
+    } else {
+        let strategy = cfg
+            .converge
+            .strategy()
+            .map_err(|e| SendError::Config(e.to_string()))?;
+        let request = Arc::clone(&throttle_request);
+        Box::new(
+            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |_, d| {
+                request.store(d.throttle.to_bits(), Ordering::Relaxed);
+            }),
+        )
+    };
+    let deferral = cfg
+        .converge
+        .deferral(guest.size() / PAGE as u64)
+        .map_err(|e| SendError::Config(e.to_string()))?;
     let mut source = Source {
         cfg,
         guest,
@@ -474,15 +538,14 @@ pub fn migrate(
             reader: FrameReader::new(stream, Some(cfg.io_timeout)),
             progress: Progress::new(cfg.progress),
         },
-        policy: Box::new(DowntimePolicy {
-            limit: cfg.downtime_limit,
-            timeout: cfg.timeout,
-            on_timeout: cfg.on_timeout,
-        }),
+        policy,
         stats,
         start,
         bytes_per_page: PAGE as f64,
         tx_start: (start, 0),
+        throttle_request,
+        throttle_now: 0.0,
+        deferral,
     };
     source
         .stats

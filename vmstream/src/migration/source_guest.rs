@@ -291,6 +291,11 @@ impl SourceGuest {
         Ok(())
     }
 
+    /// Throttles the guest: stopped for `fraction` of every 10 ms period (0 = full speed).
+    pub fn set_throttle(&self, fraction: f64) {
+        self.throttle.set(fraction);
+    }
+
     /// Whether the guest is paused.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -310,6 +315,7 @@ impl SourceGuest {
     /// Leaves a spawned guest running on its own (after a failed migration); returns its
     /// pid.
     pub fn detach(mut self) -> u32 {
+        self.throttle.set(0.0);
         let _ = self.resume();
         self.child.take();
         self.pid

@@ -35,6 +35,10 @@ pub struct RoundStats {
     pub dirty_pages_per_s: f64,
     /// Expected downtime had the switchover followed this round.
     pub expected_downtime_ms: f64,
+    /// Guest throttle (stopped fraction) chosen after this round.
+    pub throttle: f64,
+    /// Dirty pages held back for a later round by hot-page deferral.
+    pub deferred_pages: u64,
 }
 
 impl RoundStats {
