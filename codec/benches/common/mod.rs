@@ -169,3 +169,54 @@ pub fn synthetic(pages: usize, rounds: usize) -> Corpus {
         rounds: all_rounds,
     }
 }
+
+/// The image cut into separately allocated 128-page buffers, shaped like
+/// the sender's batches, so library baselines read memory laid out like
+/// the encoder's input.
+pub fn batch_shaped(image: &[u8]) -> Vec<Vec<u8>> {
+    image.chunks(128 * PAGE).map(<[u8]>::to_vec).collect()
+}
+
+/// Compresses every page of `chunks` with `compress`, writing the outputs
+/// one after another into `out` as a packet would hold them (a page that
+/// does not shrink is copied raw): the library baseline with the encoder's
+/// memory traffic.
+pub fn compress_into_packets(
+    chunks: &[Vec<u8>],
+    out: &mut [u8],
+    mut compress: impl FnMut(&[u8], &mut [u8]) -> Option<usize>,
+) -> usize {
+    let mut total = 0;
+    for chunk in chunks {
+        let mut off = 0;
+        for p in chunk.chunks(PAGE) {
+            match compress(p, &mut out[off..off + PAGE - 1]) {
+                Some(n) => off += n,
+                None => {
+                    out[off..off + PAGE].copy_from_slice(p);
+                    off += PAGE;
+                }
+            }
+        }
+        total += off;
+    }
+    total
+}
+
+/// Decompresses page `i` of `compressed` into page `i` of `mem` with
+/// `decompress` (copying `image`'s page when it was stored raw): the library
+/// baseline with the receiver's memory traffic.
+pub fn decompress_into_memory(
+    compressed: &[Option<Vec<u8>>],
+    image: &[u8],
+    mem: &mut [u8],
+    mut decompress: impl FnMut(&[u8], &mut [u8]) -> usize,
+) {
+    for (i, (c, src)) in compressed.iter().zip(image.chunks(PAGE)).enumerate() {
+        let page = &mut mem[i * PAGE..(i + 1) * PAGE];
+        match c {
+            None => page.copy_from_slice(src),
+            Some(c) => assert_eq!(decompress(c, page), PAGE),
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The same comparisons as the `compress` and `pipeline` criterion benches,
+//! measured for a noisy, shared machine: the variants being compared run
+//! interleaved, round after round, and each keeps its fastest round. Noise
+//! only ever adds time, so the minimum is the most stable estimate, and
+//! ratios between minima of the same run are what BENCH_RESULTS.md reports.
+//!
+//! Run: `cargo bench -p vmstream-codec --bench overhead` (ROUNDS=n to change
+//! the number of interleaved rounds, default 15).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::PAGE;
+use vmstream_codec::compress::{lz4, zlib, Compressor, Decompressor};
+use vmstream_codec::decoder::PageDecoder;
+use vmstream_codec::format::{parse_packet, Limits, PacketWriter, TRAILER_LEN};
+use vmstream_codec::{
+    receive, Batch, Compression, EncoderConfig, PageEncoder, ReceiverConfig, Sender, SenderConfig,
+};
+
+fn rounds() -> usize {
+    std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15)
+}
+
+/// Runs every closure once per round, interleaved; returns each one's
+/// fastest time.
+fn interleaved(mut fs: Vec<&mut dyn FnMut()>) -> Vec<Duration> {
+    let mut best = vec![Duration::MAX; fs.len()];
+    for _ in 0..rounds() {
+        for (i, f) in fs.iter_mut().enumerate() {
+            let t = Instant::now();
+            f();
+            best[i] = best[i].min(t.elapsed());
+        }
+    }
+    best
+}
+
+fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+fn sample(image: &[u8], n: usize) -> Vec<u8> {
+    let pages = image.len() / PAGE;
+    let step = (pages / n).max(1);
+    (0..pages)
+        .step_by(step)
+        .take(n)
+        .flat_map(|p| image[p * PAGE..(p + 1) * PAGE].to_vec())
+        .collect()
+}
+
+fn oneshot(m: Compression, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    match m {
+        Compression::Lz4 { .. } => lz4::compress_oneshot(src, dst, 1),
+        Compression::Zstd { level } => zstd::bulk::compress_to_buffer(src, dst, level).ok(),
+        Compression::Zlib { level } => zlib::compress_oneshot(src, dst, level),
+        Compression::None => None,
+    }
+}
+
+fn batches(image: &[u8], size: usize) -> Vec<Batch> {
+    image
+        .chunks(size * PAGE)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut b = Batch::with_capacity(size);
+            for (j, p) in chunk.chunks(PAGE).enumerate() {
+                b.push((i * size + j) as u64, p);
+            }
+            b
+        })
+        .collect()
+}
+
+fn per_page(inputs: &[(String, Vec<u8>)]) {
+    println!(
+        "\n### Per-page compression: fastest of {} interleaved rounds (MB/s of page bytes)\n",
+        rounds()
+    );
+    println!("| corpus | method | one-shot call | reused context | PageEncoder | encoder / one-shot | encoder / reused |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut dec_rows = Vec::new();
+    for (name, image) in inputs {
+        for m in [
+            Compression::Lz4 { acceleration: 1 },
+            Compression::Zstd { level: 1 },
+            Compression::Zlib { level: 1 },
+        ] {
+            let mut dst = vec![0u8; PAGE];
+            let mut ctx = Compressor::new(m).unwrap();
+            let mut enc = PageEncoder::new(&EncoderConfig {
+                compression: m,
+                delta: None,
+            })
+            .unwrap();
+            let mut w = PacketWriter::default();
+            let bs = batches(image, 128);
+            let chunks = common::batch_shaped(image);
+            let (mut out, mut out2) = (vec![0u8; 130 * PAGE], vec![0u8; 130 * PAGE]);
+            let t = interleaved(vec![
+                &mut || {
+                    black_box(common::compress_into_packets(&chunks, &mut out, |p, d| {
+                        oneshot(m, p, d)
+                    }));
+                },
+                &mut || {
+                    black_box(common::compress_into_packets(&chunks, &mut out2, |p, d| {
+                        ctx.compress(p, d)
+                    }));
+                },
+                &mut || {
+                    for (s, b) in bs.iter().enumerate() {
+                        black_box(enc.encode_batch(0, s as u64, b, &mut w));
+                    }
+                },
+            ]);
+            let r = |d: Duration| mbps(image.len(), d);
+            println!(
+                "| {name} | {m:?} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} |",
+                r(t[0]),
+                r(t[1]),
+                r(t[2]),
+                t[0].as_secs_f64() / t[2].as_secs_f64(),
+                t[1].as_secs_f64() / t[2].as_secs_f64()
+            );
+
+            // Decompression of the same pages.
+            let compressed: Vec<Option<Vec<u8>>> = image
+                .chunks(PAGE)
+                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).map(|n| dst[..n].to_vec()))
+                .collect();
+            // What the reused contexts read: the codec's own formats (raw
+            // deflate for zlib, where the one-shot call speaks zlib format).
+            let mut cctx = Compressor::new(m).unwrap();
+            let compressed_ctx: Vec<Option<Vec<u8>>> = image
+                .chunks(PAGE)
+                .map(|p| {
+                    cctx.compress(p, &mut dst[..PAGE - 1])
+                        .map(|n| dst[..n].to_vec())
+                })
+                .collect();
+            let mut packets = Vec::new();
+            for (s, b) in bs.iter().enumerate() {
+                let len = enc.encode_batch(0, s as u64, b, &mut w);
+                packets.push(w.buffer()[..len].to_vec());
+            }
+            let mut dctx = Decompressor::new().unwrap();
+            let mut pdec = PageDecoder::new().unwrap();
+            let mut mem = vec![0u8; image.len()];
+            let guest_pages = (image.len() / PAGE) as u64;
+            let e = m.encoding();
+            let (mut raw_mem, mut raw_mem2) = (vec![0u8; image.len()], vec![0u8; image.len()]);
+            let t = interleaved(vec![
+                &mut || {
+                    common::decompress_into_memory(&compressed, image, &mut raw_mem, |c, page| {
+                        match m {
+                            Compression::Lz4 { .. } => lz4::decompress(c, page).unwrap(),
+                            Compression::Zstd { .. } => {
+                                zstd::bulk::decompress_to_buffer(c, page).unwrap()
+                            }
+                            _ => zlib::decompress_oneshot(c, page).unwrap(),
+                        }
+                    })
+                },
+                &mut || {
+                    common::decompress_into_memory(
+                        &compressed_ctx,
+                        image,
+                        &mut raw_mem2,
+                        |c, page| dctx.decompress(e, c, page).unwrap(),
+                    )
+                },
+                &mut || {
+                    for p in &packets {
+                        let view = parse_packet(
+                            p,
+                            Limits {
+                                guest_pages,
+                                verify_checksum: true,
+                            },
+                        )
+                        .unwrap();
+                        for r in view.records() {
+                            let at = r.page as usize * PAGE;
+                            pdec.apply(view.header.seq, &r, &mut mem[at..at + PAGE])
+                                .unwrap();
+                        }
+                    }
+                },
+            ]);
+            assert!(&mem == image);
+            dec_rows.push(format!(
+                "| {name} | {m:?} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} |",
+                r(t[0]),
+                r(t[1]),
+                r(t[2]),
+                t[0].as_secs_f64() / t[2].as_secs_f64(),
+                t[1].as_secs_f64() / t[2].as_secs_f64()
+            ));
+        }
+    }
+    println!(
+        "\n### Per-page decompression: fastest of {} interleaved rounds (MB/s of page bytes)\n",
+        rounds()
+    );
+    println!("| corpus | method | one-shot call | reused context | receiver path (CRC + checks + decode into memory) | receiver / one-shot | receiver / reused |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for row in dec_rows {
+        println!("{row}");
+    }
+}
+
+fn send_all(sender: &mut Sender, image: &[u8], by_number: bool) {
+    for (p, data) in image.chunks(PAGE).enumerate() {
+        if by_number {
+            sender.push_page(p as u64).unwrap();
+        } else {
+            sender.push(p as u64, data).unwrap();
+        }
+        while let Some(pkt) = sender.poll() {
+            sender.recycle(pkt);
+        }
+    }
+    sender.end_round().unwrap();
+    while let Some(pkt) = sender.poll() {
+        sender.recycle(pkt);
+    }
+}
+
+fn lz4_config(pages: u64, workers: usize) -> SenderConfig {
+    let mut c = SenderConfig::new(pages);
+    c.workers = workers;
+    c.encoder = EncoderConfig {
+        compression: Compression::Lz4 { acceleration: 1 },
+        delta: None,
+    };
+    c
+}
+
+fn scaling(inputs: &[(String, Vec<u8>)]) {
+    println!("\n### Pipeline scaling, LZ4, first pass: fastest of {} interleaved rounds (MB/s of page bytes)\n", rounds());
+    println!("| pipeline | corpus | 1 worker | 2 workers | 2w / 1w |");
+    println!("|---|---|---:|---:|---:|");
+    for (name, image) in inputs {
+        let pages = (image.len() / PAGE) as u64;
+        let shared: Arc<Vec<u8>> = Arc::new(image.clone());
+        let (mut p1, mut p2) = (
+            Sender::new(lz4_config(pages, 1)).unwrap(),
+            Sender::new(lz4_config(pages, 2)).unwrap(),
+        );
+        let mut s1 = Sender::with_source(lz4_config(pages, 1), shared.clone()).unwrap();
+        let mut s2 = Sender::with_source(lz4_config(pages, 2), shared.clone()).unwrap();
+        let t = interleaved(vec![
+            &mut || send_all(&mut p1, image, false),
+            &mut || send_all(&mut p2, image, false),
+            &mut || send_all(&mut s1, image, true),
+            &mut || send_all(&mut s2, image, true),
+        ]);
+        let r = |d: Duration| mbps(image.len(), d);
+        println!(
+            "| sender, push | {name} | {:.0} | {:.0} | {:.2} |",
+            r(t[0]),
+            r(t[1]),
+            t[0].as_secs_f64() / t[1].as_secs_f64()
+        );
+        println!(
+            "| sender, page source | {name} | {:.0} | {:.0} | {:.2} |",
+            r(t[2]),
+            r(t[3]),
+            t[2].as_secs_f64() / t[3].as_secs_f64()
+        );
+
+        // Receiver: packets as a sender with the same worker count makes
+        // them; each worker count runs in its own receive scope, so the
+        // two alternate scope by scope.
+        let mut packets = Vec::new();
+        for workers in [1, 2] {
+            let mut s = Sender::new(lz4_config(pages, workers)).unwrap();
+            for (p, data) in image.chunks(PAGE).enumerate() {
+                s.push(p as u64, data).unwrap();
+            }
+            s.end_round().unwrap();
+            let mut v = Vec::new();
+            while let Some(pkt) = s.poll() {
+                v.push(pkt.into_vec());
+            }
+            packets.push(v);
+        }
+        let mut best = [Duration::MAX; 2];
+        let mut mem = vec![0u8; image.len()];
+        for _ in 0..rounds() {
+            for (i, workers) in [1usize, 2].into_iter().enumerate() {
+                receive(
+                    &ReceiverConfig {
+                        workers,
+                        ..Default::default()
+                    },
+                    &mut mem,
+                    |rx| {
+                        for round in 0..3u64 {
+                            let mut v = packets[i].clone();
+                            for p in &mut v {
+                                set_round(p, round);
+                            }
+                            let t = Instant::now();
+                            for p in v {
+                                rx.submit(p).unwrap();
+                            }
+                            rx.end_round(round).unwrap();
+                            best[i] = best[i].min(t.elapsed());
+                        }
+                    },
+                )
+                .unwrap();
+            }
+        }
+        assert!(&mem == image);
+        println!(
+            "| receiver | {name} | {:.0} | {:.0} | {:.2} |",
+            r(best[0]),
+            r(best[1]),
+            best[0].as_secs_f64() / best[1].as_secs_f64()
+        );
+    }
+}
+
+fn set_round(p: &mut [u8], round: u64) {
+    p[16..24].copy_from_slice(&round.to_le_bytes());
+    let body = p.len() - TRAILER_LEN;
+    let crc = crc32c::crc32c(&p[..body]);
+    p[body..].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn zero() {
+    const GIB: usize = 1 << 30;
+    let mut image = vec![1u8; GIB];
+    image.fill(0);
+    let pages = (GIB / PAGE) as u64;
+    let mut enc = PageEncoder::new(&EncoderConfig::default()).unwrap();
+    let mut w = PacketWriter::default();
+    let bs: Vec<Batch> = (0..pages as usize / 128)
+        .map(|i| {
+            let mut b = Batch::with_capacity(128);
+            for j in 0..128 {
+                b.push_number((i * 128 + j) as u64);
+            }
+            b
+        })
+        .collect();
+    let shared: Arc<Vec<u8>> = Arc::new(image);
+    let mut config = SenderConfig::new(pages);
+    config.workers = 2;
+    let mut push = Sender::new(config).unwrap();
+    let mut source = Sender::with_source(config, shared.clone()).unwrap();
+    let t = interleaved(vec![
+        &mut || {
+            for (s, b) in bs.iter().enumerate() {
+                black_box(enc.encode_batch_from(0, s as u64, b, Some(&*shared), &mut w));
+            }
+        },
+        &mut || send_all(&mut push, &shared, false),
+        &mut || send_all(&mut source, &shared, true),
+    ]);
+    println!(
+        "\n### Zero-page path, all-zero 1 GiB image: fastest of {} interleaved rounds\n",
+        rounds()
+    );
+    println!("| path | GB/s |");
+    println!("|---|---:|");
+    println!(
+        "| PageEncoder, one thread, reading the image | {:.2} |",
+        GIB as f64 / t[0].as_secs_f64() / 1e9
+    );
+    println!(
+        "| Sender, 2 workers, `push` (caller checks and copies) | {:.2} |",
+        GIB as f64 / t[1].as_secs_f64() / 1e9
+    );
+    println!(
+        "| Sender, 2 workers, `push_page` (workers read the image) | {:.2} |",
+        GIB as f64 / t[2].as_secs_f64() / 1e9
+    );
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let what = std::env::var("WHAT").unwrap_or_else(|_| "all".into());
+    let mut inputs = vec![("synthetic".to_string(), common::synthetic(4096, 0).base)];
+    for c in common::real_corpora() {
+        inputs.push((c.name.clone(), sample(&c.base, 4096)));
+    }
+    if what == "all" || what == "page" {
+        per_page(&inputs);
+    }
+    if what == "all" || what == "scaling" {
+        let big: Vec<(String, Vec<u8>)> = inputs
+            .iter()
+            .map(|(n, i)| (n.clone(), i.repeat(4)))
+            .collect();
+        scaling(&big);
+    }
+    if what == "all" || what == "zero" {
+        zero();
+    }
+}
