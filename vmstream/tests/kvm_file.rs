@@ -14,6 +14,20 @@ impl Drop for TempFile {
 }
 
 #[test]
+fn memfd_ram_is_reachable_through_its_proc_path() {
+    let ram = GuestRam::memfd(4 << 20).unwrap();
+    ram.write_u64(123 * 8, 0xfeed).unwrap();
+    let p = ram.shared_path();
+    assert!(p.starts_with("/proc/"), "{p:?}");
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(bytes.len(), 4 << 20);
+    assert_eq!(
+        u64::from_le_bytes(bytes[123 * 8..124 * 8].try_into().unwrap()),
+        0xfeed
+    );
+}
+
+#[test]
 fn guest_on_a_file_writes_through_and_restores_from_it() {
     if let Err(why) = kvm_available() {
         eprintln!("skipping: {why}");
@@ -40,6 +54,9 @@ fn guest_on_a_file_writes_through_and_restores_from_it() {
 
     // The guest's counters, read from the file with plain file I/O.
     let bytes = std::fs::read(&path.0).unwrap();
+    let ram_copy = GuestRam::open(&path.0, size).unwrap();
+    assert_eq!(ram_copy.path(), Some(path.0.as_path()));
+    assert_eq!(ram_copy.shared_path(), path.0);
     assert_eq!(bytes.len() as u64, size);
     for (v, &c) in counts.iter().enumerate() {
         let off = 0x81000 + v * 64;

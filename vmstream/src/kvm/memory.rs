@@ -5,8 +5,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use vm_memory::bitmap::AtomicBitmap;
@@ -28,6 +29,7 @@ pub const RAM_MAX: u64 = PD_MAX_TABLES << 30;
 /// Guest RAM of one VM, guest-physical address 0 up to `size`.
 pub struct GuestRam {
     file: File,
+    path: Option<PathBuf>,
     size: u64,
     mem: GuestMemoryMmap<AtomicBitmap>,
 }
@@ -75,7 +77,9 @@ impl GuestRam {
             .truncate(false)
             .open(path)
             .map_err(KvmError::Memory)?;
-        Self::from_file(file, size)
+        let mut ram = Self::from_file(file, size)?;
+        ram.path = Some(path.to_path_buf());
+        Ok(ram)
     }
 
     /// Maps `file` (a memfd or regular file) shared as guest RAM of `size`
@@ -94,7 +98,12 @@ impl GuestRam {
             .ok_or_else(|| KvmError::GuestMemory("region overflows".into()))?;
         let mem = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| KvmError::GuestMemory(e.to_string()))?;
-        Ok(Self { file, size, mem })
+        Ok(Self {
+            file,
+            path: None,
+            size,
+            mem,
+        })
     }
 
     /// A new memfd holding a byte-exact copy of this RAM (e.g. a migration target).
@@ -124,6 +133,23 @@ impl GuestRam {
     /// The backing file (memfd or regular file).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The path given to [`GuestRam::open`], if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// A path any process may open to map the same RAM (also for memfds):
+    /// the `open` path, else `/proc/PID/fd/FD` of this process.
+    pub fn shared_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                self.file.as_raw_fd()
+            ))
+        })
     }
 
     /// Host address of guest-physical 0 (for the KVM memory slot).
