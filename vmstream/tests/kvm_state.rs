@@ -88,6 +88,39 @@ fn restored_guest_continues_and_verifies() {
 }
 
 #[test]
+fn restore_can_start_paused_for_verification() {
+    if skip() {
+        return;
+    }
+    let mut guest = start(16);
+    wait_each_above(&guest, &[0, 0], 10_000);
+    let state = guest.pause().unwrap();
+    let at_pause = guest.transactions().unwrap();
+    let copy = guest.ram().copy_to_memfd().unwrap();
+    drop(guest);
+    let cfg = RestoreConfig {
+        start_paused: true,
+        ..RestoreConfig::default()
+    };
+    let mut restored = KvmGuest::restore(copy, &state, &cfg).unwrap();
+    assert!(restored.is_paused());
+    restored.verify().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(
+        restored.transactions().unwrap(),
+        at_pause,
+        "ran while paused"
+    );
+    // A pause right away is refused, resume lets it run.
+    assert!(matches!(restored.pause(), Err(KvmError::AlreadyPaused)));
+    restored.resume().unwrap();
+    wait_each_above(&restored, &at_pause, 10_000);
+    let again = restored.pause().unwrap();
+    assert_eq!(again.vcpus.len(), 2);
+    restored.verify().unwrap();
+}
+
+#[test]
 fn restore_refuses_memory_of_another_size() {
     if skip() {
         return;

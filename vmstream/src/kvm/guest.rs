@@ -58,6 +58,9 @@ pub struct RestoreConfig {
     pub dirty_log: Option<DirtyLogMode>,
     /// Dirty ring entries per vCPU (ring mode).
     pub ring_entries: u32,
+    /// Keep the vCPUs stopped until [`KvmGuest::resume`] (e.g. to verify the
+    /// migrated memory before the guest changes it).
+    pub start_paused: bool,
 }
 
 impl Default for RestoreConfig {
@@ -65,6 +68,7 @@ impl Default for RestoreConfig {
         Self {
             dirty_log: None,
             ring_entries: DEFAULT_RING_ENTRIES,
+            start_paused: false,
         }
     }
 }
@@ -129,7 +133,7 @@ impl KvmGuest {
             })
             .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
         }
-        Self::launch(ram, params, machine, cfg.dirty_log)
+        Self::launch(ram, params, machine, cfg.dirty_log, false)
     }
 
     /// Creates a fresh VM on `ram` (which must hold the guest's memory as of
@@ -169,7 +173,7 @@ impl KvmGuest {
         for (vcpu, s) in machine.vcpus.iter().zip(&state.vcpus) {
             restore_vcpu(vcpu, s)?;
         }
-        Self::launch(ram, params, machine, cfg.dirty_log)
+        Self::launch(ram, params, machine, cfg.dirty_log, cfg.start_paused)
     }
 
     fn launch(
@@ -177,6 +181,7 @@ impl KvmGuest {
         params: Params,
         machine: Machine,
         dirty_mode: Option<DirtyLogMode>,
+        paused: bool,
     ) -> Result<Self> {
         install_kick_handler();
         let shared = Arc::new(Shared::new(
@@ -184,6 +189,11 @@ impl KvmGuest {
             machine.rings.clone(),
             machine.msr_indices,
         ));
+        if paused {
+            // Threads park before their first KVM_RUN (no state capture is
+            // due: generation 0 counts as captured).
+            shared.set_command(Command::Pause);
+        }
         let mut guest = Self {
             vm: machine.vm,
             ram,
@@ -192,7 +202,7 @@ impl KvmGuest {
             threads: Vec::new(),
             throttle_thread: None,
             dirty_mode,
-            paused: false,
+            paused,
         };
         for (i, vcpu) in machine.vcpus.into_iter().enumerate() {
             let shared = shared.clone();
