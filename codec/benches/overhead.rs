@@ -5,7 +5,8 @@
 //! ratios between minima of the same run are what BENCH_RESULTS.md reports.
 //!
 //! Run: `cargo bench -p vmstream-codec --bench overhead` (ROUNDS=n to change
-//! the number of interleaved rounds, default 15).
+//! the number of interleaved rounds, default 15; WHAT=page|scaling|zero and
+//! METHOD=lz4|zstd|zlib to run a part).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -94,6 +95,11 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
             Compression::Zstd { level: 1 },
             Compression::Zlib { level: 1 },
         ] {
+            if let Ok(only) = std::env::var("METHOD") {
+                if !format!("{m:?}").to_lowercase().starts_with(&only) {
+                    continue;
+                }
+            }
             let mut dst = vec![0u8; PAGE];
             let mut ctx = Compressor::new(m).unwrap();
             let mut enc = PageEncoder::new(&EncoderConfig {
