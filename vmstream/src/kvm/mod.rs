@@ -12,6 +12,7 @@
 //! `vmstream/KVM.md`.
 
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
 pub mod dirty;
