@@ -410,7 +410,11 @@ impl Dest<'_> {
         self.stats.converged = converged;
         // Hash now, while the source still hashes its side: the digest message waits in
         // the socket meanwhile, so the two digests overlap instead of adding up.
+        let t = Instant::now();
         let ours = memory_digest(image.memory_mut());
+        self.stats
+            .switchover_ms
+            .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
         Ok(DestState::AwaitGuestState { image, ours })
     }
 
@@ -433,7 +437,12 @@ impl Dest<'_> {
             }));
             return Err(err);
         }
-        if let Err(e) = image.commit() {
+        let t = Instant::now();
+        let committed = image.commit();
+        self.stats
+            .switchover_ms
+            .insert("commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        if let Err(e) = committed {
             let reason = e.to_string();
             let _ = self.send(&Message::CommitReply(CommitReply {
                 status: CommitStatus::Failed,

@@ -224,6 +224,8 @@ struct Source<'a> {
     throttle_request: Arc<AtomicU64>,
     /// Throttle currently applied to the guest.
     throttle_now: f64,
+    /// When the digest was sent (the commit wait starts).
+    switch_start: Option<Instant>,
     /// Hot-page deferral, if enabled.
     deferral: Option<HotPageDeferral>,
 }
@@ -381,20 +383,37 @@ impl Source<'_> {
             self.stats.tps.during =
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
+        let t = Instant::now();
         self.guest.pause().map_err(SendError::Guest)?;
         let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = tx_count(self.guest.memory());
+        let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
+            stats
+                .switchover_ms
+                .insert(name.to_string(), t.elapsed().as_secs_f64() * 1e3);
+        };
+        phase("pause_and_collect", t, self.stats);
         let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
         let memory = self.guest.paused_memory();
         // The digest is taken while the last pages travel: memory no longer changes.
+        let t = Instant::now();
         let (digest, rs) = std::thread::scope(|s| {
-            let digest = s.spawn(|| memory_digest(memory));
+            let digest = s.spawn(|| {
+                let t = Instant::now();
+                (memory_digest(memory), t.elapsed())
+            });
             let rs = io.send_round(round, &pages, PageSource::Frozen(memory), flags);
             (digest.join().expect("digest thread"), rs)
         });
+        let (digest, digest_time) = digest;
         let rs = rs?;
+        phase("final_round_and_digest", t, self.stats);
+        self.stats
+            .switchover_ms
+            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
+        self.switch_start = Some(Instant::now());
         self.stats.per_round.push(rs);
         self.stats.converged = !forced;
         self.stats.digest = Some(hex(&digest));
@@ -423,6 +442,11 @@ impl Source<'_> {
             Frame::Control(Message::CommitReply(r)) => r,
             other => return Err(unexpected("the commit reply", other)),
         };
+        if let Some(t) = self.switch_start {
+            self.stats
+                .switchover_ms
+                .insert("await_commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        }
         match reply.status {
             CommitStatus::Committed if reply.digest == digest => {
                 Ok(SourceState::Committed { paused_at_ns })
@@ -467,6 +491,19 @@ impl Source<'_> {
     }
 }
 
+/// How long hashing all of `memory` takes, extrapolated from hashing a sample of it (the
+/// second of two runs, so thread-pool start-up is not counted).
+fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
+    let sample_len = memory.len().min(16 << 20);
+    let mut sample = vec![0u8; sample_len];
+    memory.read_at(0, &mut sample);
+    let _ = memory_digest(&sample);
+    let t = Instant::now();
+    let _ = memory_digest(&sample);
+    let per_byte = t.elapsed().as_secs_f64() / sample_len.max(1) as f64;
+    Duration::from_secs_f64(per_byte * memory.len() as f64)
+}
+
 fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
@@ -505,8 +542,15 @@ pub fn migrate(
     sender_cfg.batch_pages = cfg.batch_pages;
     sender_cfg.encoder = cfg.encoder;
     let encoder = Sender::new(sender_cfg)?;
+    // The switchover also hashes all of memory (both sides in parallel): that time is
+    // part of the downtime whatever the dirty pages, so the pages get what is left.
+    let overhead = digest_time_estimate(guest.memory());
+    stats.settings.insert(
+        "switchover_digest_estimate_ms".into(),
+        format!("{:.1}", overhead.as_secs_f64() * 1e3),
+    );
     let downtime = DowntimePolicy {
-        limit: cfg.downtime_limit,
+        limit: cfg.downtime_limit.saturating_sub(overhead),
         timeout: cfg.timeout,
         on_timeout: cfg.on_timeout,
     };
@@ -545,6 +589,7 @@ pub fn migrate(
         tx_start: (start, 0),
         throttle_request,
         throttle_now: 0.0,
+        switch_start: None,
         deferral,
     };
     source

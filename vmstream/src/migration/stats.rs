@@ -133,6 +133,9 @@ pub struct MigrationStats {
     pub tps: TpsPhases,
     /// Settings that shaped the run.
     pub settings: BTreeMap<String, String>,
+    /// Time of each switchover phase, ms (source: pause_and_collect,
+    /// final_round_and_digest, digest, await_commit; destination: digest, commit).
+    pub switchover_ms: BTreeMap<String, f64>,
     /// Per round (source only).
     pub per_round: Vec<RoundStats>,
     /// Codec totals (pages by encoding, cache outcomes, stage times).
@@ -215,6 +218,14 @@ impl MigrationStats {
                     r.expected_downtime_ms
                 ));
             }
+        }
+        if !self.switchover_ms.is_empty() {
+            let phases: Vec<String> = self
+                .switchover_ms
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect();
+            s.push_str(&format!("  switchover: {} (ms)\n", phases.join(", ")));
         }
         if let Some(d) = &self.digest {
             s.push_str(&format!("  digest:     blake3 {d}\n"));

@@ -126,13 +126,30 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let header = FrameHeader::decode(&h)?;
-        let mut payload = vec![0u8; header.len as usize];
-        let got = self.fill(&mut payload)?;
-        if got < payload.len() {
+        let needed = header.len as usize;
+        // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+        let mut payload = Vec::with_capacity(needed);
+        let read = (&mut self.inner)
+            .take(needed as u64)
+            .read_to_end(&mut payload);
+        self.bytes += payload.len() as u64;
+        match read {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if payload.len() < needed {
             return Err(TransportError::Truncated {
                 kind: header.kind.name(),
-                got,
-                needed: payload.len(),
+                got: payload.len(),
+                needed,
             });
         }
         Ok(match header.kind {
