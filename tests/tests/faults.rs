@@ -250,3 +250,72 @@ fn timeout_cancel_keeps_the_source_and_force_completes() {
     assert_eq!(s["converged"], false);
     assert!(files_identical(&src, &dst));
 }
+
+#[test]
+fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
+    use std::io::Write;
+    use vmstream::migration::transport::{Frame, FrameReader};
+    use vmstream::migration::wire::{
+        DeltaWire, GuestKind, Hello, Message, RefuseCode, FRAME_HEADER_LEN, KNOWN_FEATURES,
+    };
+    let _g = serial();
+    let dir = TmpDir::new("version");
+    let dst = dir.path("dst.img");
+
+    // A peer speaking version 9.
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let hello = Message::Hello(Hello {
+        guest_kind: GuestKind::File,
+        page_size: 4096,
+        guest_size: 1 << 20,
+        features: KNOWN_FEATURES,
+        compression: vmstream_codec::Compression::None,
+        delta: DeltaWire::Off,
+        codec_version: Hello::CODEC_VERSION,
+        sender_workers: 1,
+        cache_bytes: 0,
+        batch_pages: 128,
+    });
+    let mut frame = hello.to_frame();
+    frame[FRAME_HEADER_LEN + 8] = 9; // version field of the body
+    let body_end = frame.len() - 4;
+    let crc = crc32c::crc32c(&frame[FRAME_HEADER_LEN..body_end]);
+    frame[body_end..].copy_from_slice(&crc.to_le_bytes());
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    conn.write_all(&frame).unwrap();
+    let mut reader = FrameReader::new(conn, None);
+    match reader.read_frame().unwrap() {
+        Frame::Control(Message::HelloReply(r)) => {
+            assert_eq!(r.refuse, RefuseCode::Version);
+            assert_eq!(
+                r.reason,
+                "protocol version mismatch: we speak 1, peer speaks 9"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        recv.stderr().contains("protocol version mismatch"),
+        "{}",
+        recv.stderr()
+    );
+    assert!(!dst.exists());
+
+    // Not a vmstream peer at all.
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        recv.stderr().contains("frame header checksum"),
+        "{}",
+        recv.stderr()
+    );
+    assert!(!dst.exists());
+    assert!(dir.entries().is_empty(), "{:?}", dir.entries());
+}

@@ -537,6 +537,73 @@ mod tests {
         }
     }
 
+    /// splitmix64, for reproducible random streams.
+    fn next(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    #[test]
+    fn random_and_mutated_streams_never_panic() {
+        let mut rng = 42u64;
+        let valid: Vec<Vec<u8>> = [
+            Message::RoundAck(RoundAck {
+                round: 1,
+                records: 2,
+                packets: 3,
+                barrier_ns: 4,
+            }),
+            Message::Abort(Abort {
+                code: AbortCode::Protocol,
+                reason: "why".into(),
+            }),
+        ]
+        .iter()
+        .map(|m| m.to_frame())
+        .collect();
+        for i in 0..20_000 {
+            let mut bytes = match i % 3 {
+                // Pure noise.
+                0 => (0..(next(&mut rng) % 200))
+                    .map(|_| next(&mut rng) as u8)
+                    .collect::<Vec<u8>>(),
+                // A valid header of a random type with a random body.
+                1 => {
+                    let kind = FrameType::ALL[(next(&mut rng) % 10) as usize];
+                    let len = (next(&mut rng) % 80) as u32;
+                    let mut b = FrameHeader::encode(kind, len).to_vec();
+                    b.extend((0..len).map(|_| next(&mut rng) as u8));
+                    // Make the body CRC right half of the time so the decoders run.
+                    if len >= 4 && next(&mut rng) % 2 == 0 {
+                        let body_end = b.len() - 4;
+                        let crc = crc32c::crc32c(&b[FRAME_HEADER_LEN..body_end]);
+                        b[body_end..].copy_from_slice(&crc.to_le_bytes());
+                    }
+                    b
+                }
+                // A valid frame with a few random byte changes.
+                _ => {
+                    let mut b = valid[(next(&mut rng) % 2) as usize].clone();
+                    for _ in 0..1 + next(&mut rng) % 3 {
+                        let at = (next(&mut rng) as usize) % b.len();
+                        b[at] = next(&mut rng) as u8;
+                    }
+                    b
+                }
+            };
+            bytes.truncate(bytes.len().min(4096));
+            let mut r = FrameReader::new(&bytes[..], None);
+            for _ in 0..4 {
+                if r.read_frame().is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
     #[test]
     fn oversized_length_is_refused_before_allocating() {
         let mut bytes = FrameHeader::encode(FrameType::GuestState, u32::MAX).to_vec();
