@@ -535,6 +535,9 @@ pub fn receive_migration(
     stream
         .set_read_timeout(Some(cfg.io_timeout))
         .map_err(RecvError::Socket)?;
+    stream
+        .set_write_timeout(Some(cfg.io_timeout))
+        .map_err(RecvError::Socket)?;
     let writer = FrameWriter::new(stream.try_clone().map_err(RecvError::Socket)?, None);
     let mut dest = Dest {
         cfg,

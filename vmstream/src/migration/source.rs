@@ -532,6 +532,11 @@ pub fn migrate(
     stream
         .set_read_timeout(Some(cfg.io_timeout))
         .map_err(SendError::Socket)?;
+    // A destination that stops reading must not block the writer (and a later join of it)
+    // forever.
+    stream
+        .set_write_timeout(Some(cfg.io_timeout))
+        .map_err(SendError::Socket)?;
     let link = Link::new(
         stream.try_clone().map_err(SendError::Socket)?,
         cfg.max_bandwidth,

@@ -41,6 +41,9 @@ pub enum TransportError {
     /// Nothing arrived within the read timeout.
     #[error("no data from peer within {0:?}")]
     Timeout(Duration),
+    /// The peer stopped reading: a write made no progress within the write timeout.
+    #[error("the peer stopped reading (write timed out)")]
+    Stalled,
     /// The bytes are not a valid frame.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -378,6 +381,14 @@ impl Link {
 
     fn take_error(&mut self) -> TransportError {
         match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                TransportError::Stalled
+            }
             Some(e) => TransportError::Io(e),
             None => TransportError::Closed,
         }
@@ -577,7 +588,7 @@ mod tests {
                     let mut b = FrameHeader::encode(kind, len).to_vec();
                     b.extend((0..len).map(|_| next(&mut rng) as u8));
                     // Make the body CRC right half of the time so the decoders run.
-                    if len >= 4 && next(&mut rng) % 2 == 0 {
+                    if len >= 4 && next(&mut rng).is_multiple_of(2) {
                         let body_end = b.len() - 4;
                         let crc = crc32c::crc32c(&b[FRAME_HEADER_LEN..body_end]);
                         b[body_end..].copy_from_slice(&crc.to_le_bytes());
