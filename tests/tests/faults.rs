@@ -319,3 +319,38 @@ fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
     assert!(!dst.exists());
     assert!(dir.entries().is_empty(), "{:?}", dir.entries());
 }
+
+#[test]
+fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
+    let _g = serial();
+    let dir = TmpDir::new("listen");
+    let dst = dir.path("dst.img");
+    let mut recv = Proc::vmstream(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            "0.0.0.0:0",
+            "--memory-file",
+            dst.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(recv
+        .wait_line("listening on ")
+        .starts_with("listening on 0.0.0.0:"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !recv.stderr().contains("unauthenticated") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning: {}",
+            recv.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The default stays on loopback, silently.
+    let (mut quiet, _) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    quiet.child.kill().unwrap();
+    quiet.wait_exit();
+    assert!(!quiet.stderr().contains("unauthenticated"));
+}
