@@ -274,8 +274,8 @@ impl Progress {
             } else {
                 format!("round {round}")
             });
-            b.set_length(pages);
             b.set_position(0);
+            b.set_length(pages);
         }
     }
 
