@@ -1,4 +1,4 @@
-//! The destination side: an explicit state machine over [`DestState`].
+//! The destination side: an explicit state machine over `DestState`.
 //!
 //! ```text
 //! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd)

@@ -1,4 +1,4 @@
-//! The source side: an explicit state machine over [`SourceState`].
+//! The source side: an explicit state machine over `SourceState`.
 //!
 //! ```text
 //! Handshake --accepted--> Iterate(0) --policy: continue--> Iterate(n+1)
