@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmstream_simd::{mask_words, Backend};
+use vmstream_simd::{mask_words, summary_words, Backend};
 
 fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
     let (a, b) = input;
@@ -18,9 +18,13 @@ fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
         assert_eq!(k.find_diff(a, b), first_diff, "{backend}");
         assert_eq!(k.find_equal(a, b), first_eq, "{backend}");
         let mut masks = vec![0u64; mask_words(n)];
-        assert_eq!(k.diff_mask(a, b, &mut masks), first_diff < n, "{backend}");
+        let mut summary = vec![0u64; summary_words(n)];
+        assert_eq!(k.diff_mask(a, b, &mut masks, &mut summary), first_diff < n, "{backend}");
         for i in 0..n {
             assert_eq!(masks[i / 64] >> (i % 64) & 1 == 1, a[i] != b[i], "{backend} bit {i}");
+        }
+        for (w, &m) in masks.iter().enumerate() {
+            assert_eq!(summary[w / 64] >> (w % 64) & 1 == 1, m != 0, "{backend} summary bit {w}");
         }
     }
 });

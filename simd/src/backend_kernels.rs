@@ -14,9 +14,9 @@ macro_rules! backend_kernels {
         }
 
         #[target_feature($(enable = $feature),+)]
-        unsafe fn diff_mask_tf(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+        unsafe fn diff_mask_tf(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
             // SAFETY: the caller guarantees the target features and lengths.
-            unsafe { crate::generic::diff_mask::<$vector>(a, b, masks) }
+            unsafe { crate::generic::diff_mask::<$vector>(a, b, masks, summary) }
         }
 
         #[target_feature($(enable = $feature),+)]
@@ -31,9 +31,9 @@ macro_rules! backend_kernels {
             unsafe { is_zero_tf(buf) }
         }
 
-        fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+        fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
             // SAFETY: as for `is_zero`; `crate::diff_mask` checked the lengths.
-            unsafe { diff_mask_tf(a, b, masks) }
+            unsafe { diff_mask_tf(a, b, masks, summary) }
         }
 
         fn find_diff(a: &[u8], b: &[u8]) -> usize {

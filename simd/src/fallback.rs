@@ -29,6 +29,11 @@ impl Vector for Word {
     }
 
     #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        Word(self.0 ^ other.0)
+    }
+
+    #[inline(always)]
     unsafe fn is_all_zero(self) -> bool {
         self.0 == 0
     }

@@ -61,6 +61,28 @@ pub(crate) unsafe fn is_zero<V: Vector>(buf: &[u8]) -> bool {
     true
 }
 
+/// Chunks tested together by the equality fast path of [`diff_mask`].
+const QUICK_CHUNKS: usize = 8;
+
+/// True when the `bytes` bytes at `a` and `b` are equal (`bytes` a multiple
+/// of `V::BYTES`).
+///
+/// # Safety
+/// The CPU supports `V`; `a` and `b` are valid for `bytes`-byte reads.
+#[inline(always)]
+unsafe fn block_equal<V: Vector>(a: *const u8, b: *const u8, bytes: usize) -> bool {
+    // SAFETY: every offset read is below `bytes`, as the caller vouched.
+    unsafe {
+        let mut acc = V::load_unaligned(a).xor(V::load_unaligned(b));
+        let mut k = V::BYTES;
+        while k < bytes {
+            acc = acc.or(V::load_unaligned(a.add(k)).xor(V::load_unaligned(b.add(k))));
+            k += V::BYTES;
+        }
+        acc.is_all_zero()
+    }
+}
+
 /// Mask of the bytes that differ in one 64-byte chunk at `a` and `b`.
 ///
 /// # Safety
@@ -81,29 +103,52 @@ unsafe fn chunk_ne_mask<V: Vector>(a: *const u8, b: *const u8) -> u64 {
 }
 
 /// Fills `masks` with one bit per byte (set where `a` and `b` differ) and
+/// `summary` with one bit per mask word (set where that word is non-zero);
 /// returns whether any byte differs. See [`crate::diff_mask`].
 ///
 /// # Safety
-/// The CPU supports `V`; `a.len() == b.len()` and
-/// `masks.len() == a.len().div_ceil(64)` (checked by the caller).
+/// The CPU supports `V`; `a.len() == b.len()`,
+/// `masks.len() == mask_words(a.len())` and
+/// `summary.len() == summary_words(a.len())` (checked by the caller).
 #[inline(always)]
-pub(crate) unsafe fn diff_mask<V: Vector>(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
+pub(crate) unsafe fn diff_mask<V: Vector>(
+    a: &[u8],
+    b: &[u8],
+    masks: &mut [u64],
+    summary: &mut [u64],
+) -> bool {
     let len = a.len();
     let full = len / MASK_BYTES;
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut any = 0u64;
-    for (w, slot) in masks[..full].iter_mut().enumerate() {
-        // SAFETY: chunk `w < full` lies inside both slices.
-        let m = unsafe { chunk_ne_mask::<V>(pa.add(w * MASK_BYTES), pb.add(w * MASK_BYTES)) };
-        *slot = m;
-        any |= m;
+    summary.fill(0);
+    let mut w = 0;
+    while w < full {
+        let base = w * MASK_BYTES;
+        // Unchanged stretches (most of a page) cost what memcmp costs:
+        // XOR, OR and one test per QUICK_CHUNKS chunks.
+        // SAFETY: chunks `w..w + QUICK_CHUNKS` lie inside both slices.
+        if w + QUICK_CHUNKS <= full
+            && unsafe { block_equal::<V>(pa.add(base), pb.add(base), QUICK_CHUNKS * MASK_BYTES) }
+        {
+            masks[w..w + QUICK_CHUNKS].fill(0);
+            w += QUICK_CHUNKS;
+            continue;
+        }
+        let stop = (w + QUICK_CHUNKS).min(full);
+        while w < stop {
+            // SAFETY: chunk `w < full` lies inside both slices.
+            let m = unsafe { chunk_ne_mask::<V>(pa.add(w * MASK_BYTES), pb.add(w * MASK_BYTES)) };
+            masks[w] = m;
+            summary[w / 64] |= u64::from(m != 0) << (w % 64);
+            w += 1;
+        }
     }
     if full < masks.len() {
         let tail = fallback::ne_mask_bytes(&a[full * MASK_BYTES..], &b[full * MASK_BYTES..]);
         masks[full] = tail;
-        any |= tail;
+        summary[full / 64] |= u64::from(tail != 0) << (full % 64);
     }
-    any != 0
+    summary.iter().any(|&s| s != 0)
 }
 
 /// Index of the first byte where `a` and `b` differ (`EQUAL == false`) or are

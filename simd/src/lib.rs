@@ -1,8 +1,8 @@
 //! CPU-dispatched SIMD kernels for scanning guest memory pages.
 //!
 //! * [`is_zero`]: is a buffer all zero bytes (zero-page detection)?
-//! * [`diff_mask`]: one bit per byte where two buffers differ, the input of
-//!   the XBZRLE run scanner.
+//! * [`diff_mask`]: one bit per byte where two buffers differ, plus one bit
+//!   per non-zero mask word, the input of the XBZRLE run scanner.
 //! * [`find_diff`] / [`find_equal`]: position of the next differing / equal
 //!   byte between two slices.
 //!
@@ -40,6 +40,13 @@ pub const fn mask_words(len: usize) -> usize {
     len.div_ceil(MASK_BYTES)
 }
 
+/// Number of `u64` summary words [`diff_mask`] needs for `len` bytes: one
+/// bit per mask word.
+#[inline]
+pub const fn summary_words(len: usize) -> usize {
+    mask_words(len).div_ceil(64)
+}
+
 /// True when every byte of `buf` is zero.
 ///
 /// Rejects data in the first, middle or last vector of the buffer before
@@ -50,15 +57,19 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// Writes one bit per byte into `masks` (bit `i % 64` of word `i / 64` is set
-/// when `a[i] != b[i]`; bits past the end are zero) and returns whether any
-/// byte differs.
+/// when `a[i] != b[i]`; bits past the end are zero) and one bit per mask word
+/// into `summary` (bit `w % 64` of word `w / 64` is set when `masks[w] != 0`),
+/// and returns whether any byte differs.
+///
+/// The summary lets a run scanner skip unchanged stretches 4 KiB at a time.
 ///
 /// # Panics
-/// When `a` and `b` differ in length or `masks.len() != mask_words(a.len())`.
+/// When `a` and `b` differ in length, `masks.len() != mask_words(a.len())` or
+/// `summary.len() != summary_words(a.len())`.
 #[inline]
-pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
-    check_mask_args(a, b, masks);
-    (active().diff_mask)(a, b, masks)
+pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
+    check_mask_args(a, b, masks, summary);
+    (active().diff_mask)(a, b, masks, summary)
 }
 
 /// Index of the first byte at which `a` and `b` differ, or the length of the
@@ -77,12 +88,17 @@ pub fn find_equal(a: &[u8], b: &[u8]) -> usize {
     (active().find_equal)(&a[..n], &b[..n])
 }
 
-fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64]) {
+fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64], summary: &[u64]) {
     assert_eq!(a.len(), b.len(), "diff_mask: slices differ in length");
     assert_eq!(
         masks.len(),
         mask_words(a.len()),
         "diff_mask: mask slice must hold mask_words(len) words"
+    );
+    assert_eq!(
+        summary.len(),
+        summary_words(a.len()),
+        "diff_mask: summary slice must hold summary_words(len) words"
     );
 }
 
@@ -91,7 +107,7 @@ fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64]) {
 pub struct Kernels {
     backend: Backend,
     is_zero: fn(&[u8]) -> bool,
-    diff_mask: fn(&[u8], &[u8], &mut [u64]) -> bool,
+    diff_mask: fn(&[u8], &[u8], &mut [u64], &mut [u64]) -> bool,
     find_diff: fn(&[u8], &[u8]) -> usize,
     find_equal: fn(&[u8], &[u8]) -> usize,
 }
@@ -108,9 +124,9 @@ impl Kernels {
     }
 
     /// [`diff_mask`] on this backend (same panics).
-    pub fn diff_mask(&self, a: &[u8], b: &[u8], masks: &mut [u64]) -> bool {
-        check_mask_args(a, b, masks);
-        (self.diff_mask)(a, b, masks)
+    pub fn diff_mask(&self, a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
+        check_mask_args(a, b, masks, summary);
+        (self.diff_mask)(a, b, masks, summary)
     }
 
     /// [`find_diff`] on this backend.
@@ -216,7 +232,7 @@ static FALLBACK: Kernels = Kernels {
     backend: Backend::Fallback,
     // SAFETY (all four): `Word` uses no special instructions.
     is_zero: |buf| unsafe { generic::is_zero::<fallback::Word>(buf) },
-    diff_mask: |a, b, m| unsafe { generic::diff_mask::<fallback::Word>(a, b, m) },
+    diff_mask: |a, b, m, s| unsafe { generic::diff_mask::<fallback::Word>(a, b, m, s) },
     find_diff: |a, b| unsafe { generic::find::<fallback::Word, false>(a, b) },
     find_equal: |a, b| unsafe { generic::find::<fallback::Word, true>(a, b) },
 };

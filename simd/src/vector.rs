@@ -21,6 +21,9 @@ pub(crate) trait Vector: Copy {
     /// Bitwise OR.
     unsafe fn or(self, other: Self) -> Self;
 
+    /// Bitwise XOR.
+    unsafe fn xor(self, other: Self) -> Self;
+
     /// True when every byte is zero.
     unsafe fn is_all_zero(self) -> bool;
 

@@ -1,7 +1,7 @@
 //! Every kernel on every backend this CPU supports, against naive versions.
 
 use quickcheck::{quickcheck, TestResult};
-use vmstream_simd::{mask_words, Backend, Kernels};
+use vmstream_simd::{mask_words, summary_words, Backend, Kernels};
 
 fn backends() -> Vec<&'static Kernels> {
     let all: Vec<_> = Backend::available()
@@ -20,6 +20,16 @@ fn naive_diff_mask(a: &[u8], b: &[u8]) -> Vec<u64> {
         }
     }
     m
+}
+
+fn naive_summary(masks: &[u64]) -> Vec<u64> {
+    let mut s = vec![0u64; masks.len().div_ceil(64)];
+    for (w, &m) in masks.iter().enumerate() {
+        if m != 0 {
+            s[w / 64] |= 1 << (w % 64);
+        }
+    }
+    s
 }
 
 fn naive_find(a: &[u8], b: &[u8], equal: bool) -> usize {
@@ -46,8 +56,14 @@ fn check_all(a: &[u8], b: &[u8]) {
                 "{name} is_zero len {n} off {off}"
             );
             let mut m = vec![!0u64; mask_words(n)];
-            let any = k.diff_mask(sa, sb, &mut m);
+            let mut summary = vec![!0u64; summary_words(n)];
+            let any = k.diff_mask(sa, sb, &mut m, &mut summary);
             assert_eq!(m, want_mask, "{name} diff_mask len {n} off {off}");
+            assert_eq!(
+                summary,
+                naive_summary(&want_mask),
+                "{name} summary len {n} off {off}"
+            );
             assert_eq!(any, sa != sb, "{name} diff_mask any");
             assert_eq!(
                 k.find_diff(sa, sb),
@@ -156,7 +172,28 @@ fn find_on_unequal_lengths_uses_shorter() {
 #[should_panic(expected = "mask slice")]
 fn diff_mask_rejects_short_mask() {
     let a = [0u8; 65];
-    vmstream_simd::diff_mask(&a, &a, &mut [0u64; 1]);
+    vmstream_simd::diff_mask(&a, &a, &mut [0u64; 1], &mut [0u64; 1]);
+}
+
+#[test]
+#[should_panic(expected = "summary slice")]
+fn diff_mask_rejects_short_summary() {
+    let a = [0u8; 64 * 65];
+    vmstream_simd::diff_mask(&a, &a, &mut [0u64; 65], &mut [0u64; 1]);
+}
+
+/// Summary words past the first (pages over 4 KiB), with the change in
+/// every possible mask word.
+#[test]
+fn summary_spans_several_words() {
+    for len in [4096usize, 4097, 8192, 16384, 16383] {
+        for pos in (0..len).step_by(61).chain([len - 1]) {
+            let a = vec![0u8; len];
+            let mut b = a.clone();
+            b[pos] = 1;
+            check_all(&a, &b);
+        }
+    }
 }
 
 quickcheck! {

@@ -23,6 +23,12 @@ impl Vector for uint8x16_t {
     }
 
     #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: the caller guarantees NEON.
+        unsafe { veorq_u8(self, other) }
+    }
+
+    #[inline(always)]
     unsafe fn is_all_zero(self) -> bool {
         // SAFETY: the caller guarantees NEON.
         unsafe { vmaxvq_u8(self) == 0 }

@@ -20,6 +20,12 @@ impl Vector for __m256i {
     }
 
     #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { _mm256_xor_si256(self, other) }
+    }
+
+    #[inline(always)]
     unsafe fn is_all_zero(self) -> bool {
         // SAFETY: the caller guarantees AVX2.
         unsafe { _mm256_testz_si256(self, self) != 0 }

@@ -21,6 +21,12 @@ impl Vector for __m512i {
     }
 
     #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_xor_si512(self, other) }
+    }
+
+    #[inline(always)]
     unsafe fn is_all_zero(self) -> bool {
         // SAFETY: the caller guarantees AVX-512F.
         unsafe { _mm512_test_epi64_mask(self, self) == 0 }

@@ -20,6 +20,12 @@ impl Vector for __m128i {
     }
 
     #[inline(always)]
+    unsafe fn xor(self, other: Self) -> Self {
+        // SAFETY: the caller guarantees SSE2.
+        unsafe { _mm_xor_si128(self, other) }
+    }
+
+    #[inline(always)]
     unsafe fn is_all_zero(self) -> bool {
         // SAFETY: the caller guarantees SSE2.
         unsafe { _mm_movemask_epi8(_mm_cmpeq_epi8(self, _mm_setzero_si128())) == 0xffff }
