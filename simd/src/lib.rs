@@ -102,12 +102,15 @@ fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64], summary: &[u64]) {
     );
 }
 
+/// Signature of a backend's [`diff_mask`]: buffers, masks, summary.
+type DiffMaskFn = fn(&[u8], &[u8], &mut [u64], &mut [u64]) -> bool;
+
 /// One backend's kernels. Obtainable only through [`Backend::kernels`], which
 /// checks that the CPU supports the backend.
 pub struct Kernels {
     backend: Backend,
     is_zero: fn(&[u8]) -> bool,
-    diff_mask: fn(&[u8], &[u8], &mut [u64], &mut [u64]) -> bool,
+    diff_mask: DiffMaskFn,
     find_diff: fn(&[u8], &[u8]) -> usize,
     find_equal: fn(&[u8], &[u8]) -> usize,
 }
