@@ -2,7 +2,7 @@
 //! packets on the sender and applies packets straight into destination
 //! memory on the receiver, both in parallel, with round barriers.
 //!
-//! - [`format`]: the versioned wire format (see `FORMAT.md`) and
+//! - [`format`](mod@format): the versioned wire format (see `FORMAT.md`) and
 //!   [`frame_len`] for stream framing.
 //! - [`encoder::PageEncoder`] / [`decoder::PacketDecoder`]: single-threaded
 //!   page classification + packetizing, and validation + application.
