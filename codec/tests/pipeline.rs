@@ -264,3 +264,61 @@ fn worker_panic_fails_the_round_without_hanging() {
         "{result:?}"
     );
 }
+
+#[test]
+fn cache_outcomes_are_counted() {
+    let mut c = config(1);
+    c.encoder.delta = Some(DeltaConfig {
+        cache_bytes: 64 * PAGE_SIZE,
+        max_delta: 512,
+        mode: DeltaMode::Xbzrle,
+    });
+    let mut sender = Sender::new(c).unwrap();
+    let text =
+        |seed: u8| -> Vec<u8> { (0..PAGE_SIZE).map(|i| b"abcdefgh"[i % 8] ^ seed).collect() };
+    let noise = |seed: u64| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    // Round 0: three pages, all misses.
+    for p in 0..3 {
+        sender.push(p, &text(p as u8)).unwrap();
+    }
+    let s = sender.end_round().unwrap();
+    assert_eq!(
+        (
+            s.cache.misses,
+            s.cache.hits,
+            s.cache.overflows,
+            s.cache.unchanged
+        ),
+        (3, 0, 0, 0)
+    );
+    // Round 1: page 0 unchanged, page 1 small edit (hit), page 2 rewritten
+    // with noise (overflow: the delta exceeds 512 bytes).
+    sender.push(0, &text(0)).unwrap();
+    let mut edited = text(1);
+    edited[100] ^= 0xff;
+    sender.push(1, &edited).unwrap();
+    sender.push(2, &noise(7)).unwrap();
+    let s = sender.end_round().unwrap();
+    assert_eq!(
+        (
+            s.cache.misses,
+            s.cache.hits,
+            s.cache.overflows,
+            s.cache.unchanged
+        ),
+        (0, 1, 1, 1)
+    );
+    assert_eq!(s.by_encoding.xbzrle.pages, 1);
+    assert_eq!(s.by_encoding.raw.pages, 1, "noise does not compress");
+    assert_eq!(s.pages(), 2, "the unchanged page sends nothing");
+}

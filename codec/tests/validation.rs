@@ -621,3 +621,35 @@ fn corpus_packets() -> Vec<Vec<u8>> {
     }
     out
 }
+
+#[test]
+fn frame_len_splits_a_byte_stream_into_packets() {
+    use std::io::Read;
+    let packets = corpus_packets();
+    let stream: Vec<u8> = packets.concat();
+    let mut reader = std::io::Cursor::new(stream);
+    let mut framed = Vec::new();
+    loop {
+        let mut prefix = [0u8; vmstream_codec::FRAME_PREFIX_LEN];
+        match reader.read_exact(&mut prefix) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("{e}"),
+        }
+        let len = frame_len(&prefix).unwrap();
+        let mut packet = prefix.to_vec();
+        packet.resize(len, 0);
+        reader.read_exact(&mut packet[prefix.len()..]).unwrap();
+        // Every framed packet is whole: it parses with its checksum.
+        parse_packet(
+            &packet,
+            Limits {
+                guest_pages: GUEST_PAGES,
+                verify_checksum: true,
+            },
+        )
+        .unwrap();
+        framed.push(packet);
+    }
+    assert_eq!(framed, packets);
+}
