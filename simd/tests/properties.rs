@@ -223,3 +223,18 @@ quickcheck! {
         backends().iter().all(|k| k.is_zero(&page) == want) && vmstream_simd::is_zero(&page) == want
     }
 }
+
+/// Dispatch honours `VMSTREAM_SIMD` and otherwise picks a supported backend
+/// (the choice between AVX2 and AVX-512 depends on the CPU vendor).
+#[test]
+fn active_backend_is_supported_and_overridable() {
+    let active = Backend::active();
+    assert!(Backend::available().contains(&active));
+    if let Ok(forced) = std::env::var("VMSTREAM_SIMD") {
+        if let Some(b) = Backend::ALL.into_iter().find(|b| b.name() == forced) {
+            if b.kernels().is_some() {
+                assert_eq!(active, b);
+            }
+        }
+    }
+}
