@@ -65,15 +65,6 @@ fn method_name(m: Compression) -> &'static str {
     }
 }
 
-fn oneshot(m: Compression, src: &[u8], dst: &mut [u8]) -> Option<usize> {
-    match m {
-        Compression::Lz4 { .. } => lz4::compress_oneshot(src, dst, 1),
-        Compression::Zstd { level } => zstd::bulk::compress_to_buffer(src, dst, level).ok(),
-        Compression::Zlib { level } => zlib::compress_oneshot(src, dst, level),
-        Compression::None => None,
-    }
-}
-
 /// Encodes `image` into packets of `batch` pages (no deltas).
 fn encode_packets(image: &[u8], method: Compression, batch: usize) -> Vec<Vec<u8>> {
     let mut enc = PageEncoder::new(&EncoderConfig {
@@ -115,7 +106,7 @@ fn bench_compress(c: &mut Criterion) {
             // the whole packet stream.
             let raw_bytes: usize = image
                 .chunks(PAGE)
-                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).unwrap_or(PAGE))
+                .map(|p| common::oneshot(m, p, &mut dst[..PAGE - 1]).unwrap_or(PAGE))
                 .sum();
             let packets = encode_packets(&image, m, 128);
             let wire: usize = packets.iter().map(Vec::len).sum();
@@ -130,7 +121,7 @@ fn bench_compress(c: &mut Criterion) {
             g.bench_function("raw_oneshot", |b| {
                 b.iter(|| {
                     black_box(common::compress_into_packets(&chunks, &mut out, |p, d| {
-                        oneshot(m, p, d)
+                        common::oneshot(m, p, d)
                     }))
                 })
             });
@@ -171,20 +162,11 @@ fn bench_compress(c: &mut Criterion) {
             let mut g = c.benchmark_group(format!("decompress/{name}/{}", method_name(m)));
             g.sample_size(10)
                 .throughput(Throughput::Bytes(image.len() as u64));
-            let compressed: Vec<Option<Vec<u8>>> = image
-                .chunks(PAGE)
-                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).map(|n| dst[..n].to_vec()))
-                .collect();
+            let compressed = common::compress_each_page(&image, |p, d| common::oneshot(m, p, d));
             // What the reused contexts read: the codec's own formats (raw
             // deflate for zlib, where the one-shot call speaks zlib format).
             let mut cctx = Compressor::new(m).unwrap();
-            let compressed_ctx: Vec<Option<Vec<u8>>> = image
-                .chunks(PAGE)
-                .map(|p| {
-                    cctx.compress(p, &mut dst[..PAGE - 1])
-                        .map(|n| dst[..n].to_vec())
-                })
-                .collect();
+            let compressed_ctx = common::compress_each_page(&image, |p, d| cctx.compress(p, d));
             let mut raw_mem = vec![0u8; image.len()];
             g.bench_function("raw", |b| {
                 b.iter(|| {

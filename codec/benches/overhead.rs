@@ -58,15 +58,6 @@ fn sample(image: &[u8], n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn oneshot(m: Compression, src: &[u8], dst: &mut [u8]) -> Option<usize> {
-    match m {
-        Compression::Lz4 { .. } => lz4::compress_oneshot(src, dst, 1),
-        Compression::Zstd { level } => zstd::bulk::compress_to_buffer(src, dst, level).ok(),
-        Compression::Zlib { level } => zlib::compress_oneshot(src, dst, level),
-        Compression::None => None,
-    }
-}
-
 fn batches(image: &[u8], size: usize) -> Vec<Batch> {
     image
         .chunks(size * PAGE)
@@ -100,7 +91,6 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
                     continue;
                 }
             }
-            let mut dst = vec![0u8; PAGE];
             let mut ctx = Compressor::new(m).unwrap();
             let mut enc = PageEncoder::new(&EncoderConfig {
                 compression: m,
@@ -114,7 +104,7 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
             let t = interleaved(vec![
                 &mut || {
                     black_box(common::compress_into_packets(&chunks, &mut out, |p, d| {
-                        oneshot(m, p, d)
+                        common::oneshot(m, p, d)
                     }));
                 },
                 &mut || {
@@ -139,20 +129,11 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
             );
 
             // Decompression of the same pages.
-            let compressed: Vec<Option<Vec<u8>>> = image
-                .chunks(PAGE)
-                .map(|p| oneshot(m, p, &mut dst[..PAGE - 1]).map(|n| dst[..n].to_vec()))
-                .collect();
+            let compressed = common::compress_each_page(image, |p, d| common::oneshot(m, p, d));
             // What the reused contexts read: the codec's own formats (raw
             // deflate for zlib, where the one-shot call speaks zlib format).
             let mut cctx = Compressor::new(m).unwrap();
-            let compressed_ctx: Vec<Option<Vec<u8>>> = image
-                .chunks(PAGE)
-                .map(|p| {
-                    cctx.compress(p, &mut dst[..PAGE - 1])
-                        .map(|n| dst[..n].to_vec())
-                })
-                .collect();
+            let compressed_ctx = common::compress_each_page(image, |p, d| cctx.compress(p, d));
             let mut packets = Vec::new();
             for (s, b) in bs.iter().enumerate() {
                 let len = enc.encode_batch(0, s as u64, b, &mut w);
@@ -224,23 +205,6 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
     }
 }
 
-fn send_all(sender: &mut Sender, image: &[u8], by_number: bool) {
-    for (p, data) in image.chunks(PAGE).enumerate() {
-        if by_number {
-            sender.push_page(p as u64).unwrap();
-        } else {
-            sender.push(p as u64, data).unwrap();
-        }
-        while let Some(pkt) = sender.poll() {
-            sender.recycle(pkt);
-        }
-    }
-    sender.end_round().unwrap();
-    while let Some(pkt) = sender.poll() {
-        sender.recycle(pkt);
-    }
-}
-
 fn lz4_config(pages: u64, workers: usize) -> SenderConfig {
     let mut c = SenderConfig::new(pages);
     c.workers = workers;
@@ -265,10 +229,10 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
         let mut s1 = Sender::with_source(lz4_config(pages, 1), shared.clone()).unwrap();
         let mut s2 = Sender::with_source(lz4_config(pages, 2), shared.clone()).unwrap();
         let t = interleaved(vec![
-            &mut || send_all(&mut p1, image, false),
-            &mut || send_all(&mut p2, image, false),
-            &mut || send_all(&mut s1, image, true),
-            &mut || send_all(&mut s2, image, true),
+            &mut || common::send_all(&mut p1, image, false),
+            &mut || common::send_all(&mut p2, image, false),
+            &mut || common::send_all(&mut s1, image, true),
+            &mut || common::send_all(&mut s2, image, true),
         ]);
         let r = |d: Duration| mbps(image.len(), d);
         println!(
@@ -372,8 +336,8 @@ fn zero() {
                 black_box(enc.encode_batch_from(0, s as u64, b, Some(&*shared), &mut w));
             }
         },
-        &mut || send_all(&mut push, &shared, false),
-        &mut || send_all(&mut source, &shared, true),
+        &mut || common::send_all(&mut push, &shared, false),
+        &mut || common::send_all(&mut source, &shared, true),
     ]);
     println!(
         "\n### Zero-page path, all-zero 1 GiB image: fastest of {} interleaved rounds\n",

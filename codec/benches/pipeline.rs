@@ -36,24 +36,6 @@ fn sample(image: &[u8], n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// One round over the whole image; packets are dropped (recycled).
-fn send_all(sender: &mut Sender, image: &[u8], by_number: bool) {
-    for (p, data) in image.chunks(PAGE).enumerate() {
-        if by_number {
-            sender.push_page(p as u64).unwrap();
-        } else {
-            sender.push(p as u64, data).unwrap();
-        }
-        while let Some(pkt) = sender.poll() {
-            sender.recycle(pkt);
-        }
-    }
-    sender.end_round().unwrap();
-    while let Some(pkt) = sender.poll() {
-        sender.recycle(pkt);
-    }
-}
-
 /// Rewrites a packet's round and re-seals its CRC.
 fn set_round(p: &mut [u8], round: u64) {
     p[16..24].copy_from_slice(&round.to_le_bytes());
@@ -89,13 +71,13 @@ fn bench_pipelines(c: &mut Criterion) {
             // The caller copies each page into a batch (`push`).
             let mut sender = Sender::new(config).unwrap();
             g.bench_function(format!("{workers}w_push"), |b| {
-                b.iter(|| send_all(&mut sender, image, false))
+                b.iter(|| common::send_all(&mut sender, image, false))
             });
             drop(sender);
             // The workers copy from the shared image (`push_page`).
             let mut sender = Sender::with_source(config, shared.clone()).unwrap();
             g.bench_function(format!("{workers}w_source"), |b| {
-                b.iter(|| send_all(&mut sender, image, true))
+                b.iter(|| common::send_all(&mut sender, image, true))
             });
         }
         g.finish();
@@ -184,13 +166,13 @@ fn bench_zero(c: &mut Criterion) {
     config.workers = 2;
     let mut sender = Sender::new(config).unwrap();
     g.bench_function("sender_2w_push", |b| {
-        b.iter(|| send_all(&mut sender, &image, false))
+        b.iter(|| common::send_all(&mut sender, &image, false))
     });
     drop(sender);
     let shared: Arc<Vec<u8>> = Arc::new(image);
     let mut sender = Sender::with_source(config, shared.clone()).unwrap();
     g.bench_function("sender_2w_source", |b| {
-        b.iter(|| send_all(&mut sender, &shared, true))
+        b.iter(|| common::send_all(&mut sender, &shared, true))
     });
     g.finish();
 }

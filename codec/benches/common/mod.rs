@@ -5,6 +5,9 @@
 use std::io::Read;
 use std::path::PathBuf;
 
+use vmstream_codec::compress::{lz4, zlib};
+use vmstream_codec::{Compression, Sender};
+
 pub const PAGE: usize = 4096;
 
 /// `shared/corpus/<name>`, or `None` (with a printed reason) when absent.
@@ -218,5 +221,48 @@ pub fn decompress_into_memory(
             None => page.copy_from_slice(src),
             Some(c) => assert_eq!(decompress(c, page), PAGE),
         }
+    }
+}
+
+/// The library's one-shot compression call, the baseline the codec's
+/// reused contexts are measured against.
+pub fn oneshot(m: Compression, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    match m {
+        Compression::Lz4 { .. } => lz4::compress_oneshot(src, dst, 1),
+        Compression::Zstd { level } => zstd::bulk::compress_to_buffer(src, dst, level).ok(),
+        Compression::Zlib { level } => zlib::compress_oneshot(src, dst, level),
+        Compression::None => None,
+    }
+}
+
+/// Compresses every page of `image` with `compress(page, scratch)` (which
+/// returns the compressed length, or `None` when the page does not shrink
+/// below a page).
+pub fn compress_each_page(
+    image: &[u8],
+    mut compress: impl FnMut(&[u8], &mut [u8]) -> Option<usize>,
+) -> Vec<Option<Vec<u8>>> {
+    let mut dst = vec![0u8; PAGE - 1];
+    image
+        .chunks(PAGE)
+        .map(|p| compress(p, &mut dst).map(|n| dst[..n].to_vec()))
+        .collect()
+}
+
+/// One round over the whole image; packets are dropped (recycled).
+pub fn send_all(sender: &mut Sender, image: &[u8], by_number: bool) {
+    for (p, data) in image.chunks(PAGE).enumerate() {
+        if by_number {
+            sender.push_page(p as u64).unwrap();
+        } else {
+            sender.push(p as u64, data).unwrap();
+        }
+        while let Some(pkt) = sender.poll() {
+            sender.recycle(pkt);
+        }
+    }
+    sender.end_round().unwrap();
+    while let Some(pkt) = sender.poll() {
+        sender.recycle(pkt);
     }
 }
