@@ -69,24 +69,21 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// `summary.len() != summary_words(a.len())`.
 #[inline]
 pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
-    check_mask_args(a, b, masks, summary);
-    (active().diff_mask)(a, b, masks, summary)
+    active().diff_mask(a, b, masks, summary)
 }
 
 /// Index of the first byte at which `a` and `b` differ, or the length of the
 /// shorter slice when they agree on all of it.
 #[inline]
 pub fn find_diff(a: &[u8], b: &[u8]) -> usize {
-    let n = a.len().min(b.len());
-    (active().find_diff)(&a[..n], &b[..n])
+    active().find_diff(a, b)
 }
 
 /// Index of the first byte at which `a` and `b` are equal, or the length of
 /// the shorter slice when they differ on all of it.
 #[inline]
 pub fn find_equal(a: &[u8], b: &[u8]) -> usize {
-    let n = a.len().min(b.len());
-    (active().find_equal)(&a[..n], &b[..n])
+    active().find_equal(a, b)
 }
 
 fn check_mask_args(a: &[u8], b: &[u8], masks: &[u64], summary: &[u64]) {
@@ -123,23 +120,27 @@ impl Kernels {
     }
 
     /// [`is_zero`] on this backend.
+    #[inline]
     pub fn is_zero(&self, buf: &[u8]) -> bool {
         (self.is_zero)(buf)
     }
 
     /// [`diff_mask`] on this backend (same panics).
+    #[inline]
     pub fn diff_mask(&self, a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
         check_mask_args(a, b, masks, summary);
         (self.diff_mask)(a, b, masks, summary)
     }
 
     /// [`find_diff`] on this backend.
+    #[inline]
     pub fn find_diff(&self, a: &[u8], b: &[u8]) -> usize {
         let n = a.len().min(b.len());
         (self.find_diff)(&a[..n], &b[..n])
     }
 
     /// [`find_equal`] on this backend.
+    #[inline]
     pub fn find_equal(&self, a: &[u8], b: &[u8]) -> usize {
         let n = a.len().min(b.len());
         (self.find_equal)(&a[..n], &b[..n])

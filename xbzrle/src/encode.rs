@@ -96,29 +96,25 @@ fn encode_with<const COMPACT: bool>(
     // The mask is per-thread scratch: diff_mask writes every word it uses,
     // so it needs no clearing per page (a 512-byte memset per call showed
     // up at about 5% of the encoder's time).
+    let mut run = |masks: &mut [u64], summary: &mut [u64]| {
+        encode_runs::<COMPACT>(
+            old,
+            new,
+            out,
+            &mut masks[..mask_words(len)],
+            &mut summary[..summary_words(len)],
+        )
+    };
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => {
             let Scratch { masks, summary } = &mut *scratch;
-            encode_runs::<COMPACT>(
-                old,
-                new,
-                out,
-                &mut masks[..mask_words(len)],
-                &mut summary[..summary_words(len)],
-            )
+            run(masks, summary)
         }
         // Unreachable (encoding never re-enters), but stay correct anyway.
-        Err(_) => {
-            let mut masks = [0u64; mask_words(MAX_PAGE_SIZE)];
-            let mut summary = [0u64; summary_words(MAX_PAGE_SIZE)];
-            encode_runs::<COMPACT>(
-                old,
-                new,
-                out,
-                &mut masks[..mask_words(len)],
-                &mut summary[..summary_words(len)],
-            )
-        }
+        Err(_) => run(
+            &mut [0; mask_words(MAX_PAGE_SIZE)],
+            &mut [0; summary_words(MAX_PAGE_SIZE)],
+        ),
     })
 }
 
