@@ -24,7 +24,7 @@ pub use decoder::PacketDecoder;
 pub use encoder::{Batch, DeltaConfig, DeltaMode, EncoderConfig, PageEncoder, PageSource};
 pub use error::{CodecError, PacketError, PacketErrorKind};
 pub use format::{frame_len, Encoding, FrameError, FRAME_PREFIX_LEN};
-pub use receiver::{receive, Receiver, ReceiverConfig};
+pub use receiver::{receive, PageObserver, Receiver, ReceiverConfig};
 pub use sender::{Packet, Sender, SenderConfig};
 pub use stats::PipelineStats;
 

@@ -37,6 +37,13 @@ pub enum HookPoint {
 #[doc(hidden)]
 pub type TestHook = Arc<dyn Fn(HookPoint, usize, u64) -> Duration + Send + Sync>;
 
+/// Called by the worker that applied a page, with the page number and its
+/// new content in destination memory, right after it was written (e.g. to
+/// keep a per-page hash of destination memory up to date while rounds
+/// arrive). Each page is applied by one worker, so calls for the same page
+/// never overlap; a round's calls all happen before its `end_round` returns.
+pub type PageObserver = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
+
 /// Receiver settings.
 #[derive(Clone)]
 pub struct ReceiverConfig {
@@ -44,6 +51,8 @@ pub struct ReceiverConfig {
     pub workers: usize,
     /// Packets queued per worker before `submit` blocks.
     pub queue_depth: usize,
+    /// Sees every page after it was applied (none: no call).
+    pub page_observer: Option<PageObserver>,
     /// Test-only: observes (and delays) packet application.
     #[doc(hidden)]
     pub test_hook: Option<TestHook>,
@@ -54,6 +63,7 @@ impl std::fmt::Debug for ReceiverConfig {
         f.debug_struct("ReceiverConfig")
             .field("workers", &self.workers)
             .field("queue_depth", &self.queue_depth)
+            .field("page_observer", &self.page_observer.is_some())
             .field("test_hook", &self.test_hook.is_some())
             .finish()
     }
@@ -64,6 +74,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             workers: default_workers(),
             queue_depth: 8,
+            page_observer: None,
             test_hook: None,
         }
     }
@@ -171,6 +182,7 @@ pub fn receive<R>(
                 decoder,
                 shared: Arc::clone(&shared),
                 hook: config.test_hook.clone(),
+                observer: config.page_observer.clone(),
                 stats: WorkerStats::default(),
             };
             handles.push(scope.spawn(move || worker.run(rx)));
@@ -347,6 +359,7 @@ struct Worker<'a> {
     decoder: PageDecoder,
     shared: Arc<Shared>,
     hook: Option<TestHook>,
+    observer: Option<PageObserver>,
     stats: WorkerStats,
 }
 
@@ -408,7 +421,11 @@ impl Worker<'_> {
             if owner(r.page, self.workers) != self.index {
                 continue;
             }
-            self.decoder.apply(seq, &r, self.shard.page_mut(r.page))?;
+            let page = self.shard.page_mut(r.page);
+            self.decoder.apply(seq, &r, page)?;
+            if let Some(observe) = &self.observer {
+                observe(r.page, page);
+            }
             let now = Instant::now();
             self.decoder
                 .charge(r.encoding, (now - last).as_nanos() as u64);
