@@ -290,7 +290,10 @@ fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
             assert_eq!(r.refuse, RefuseCode::Version);
             assert_eq!(
                 r.reason,
-                "protocol version mismatch: we speak 1, peer speaks 9"
+                format!(
+                    "protocol version mismatch: we speak {}, peer speaks 9",
+                    vmstream::migration::wire::PROTOCOL_VERSION
+                )
             );
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -353,4 +356,80 @@ fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
     quiet.child.kill().unwrap();
     quiet.wait_exit();
     assert!(!quiet.stderr().contains("unauthenticated"));
+}
+
+/// The destination verifies the workload in the received image before it commits: an image
+/// whose digest matches but whose guest could not resume (here a byte the source's guest
+/// never wrote, in memory that must stay zero) is refused, nothing is committed, and the
+/// source's guest keeps running.
+#[test]
+fn image_that_fails_the_workload_verify_is_never_committed() {
+    use std::io::{Seek, SeekFrom, Write};
+    let _g = serial();
+    let dir = TmpDir::new("verify-refused");
+    let (src, dst) = (dir.path("ext.img"), dir.path("dst.img"));
+    let mut guest = Proc::vmstream(
+        "external guest",
+        &[
+            "guest",
+            "run",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--workload",
+            "hotset",
+            "--active",
+            "50",
+            "--rate",
+            "2000",
+            "--no-track",
+        ],
+        &[],
+    );
+    guest.wait_line("ready ");
+    // The last block is inactive (50% active): its bytes must stay zero.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.seek(SeekFrom::Start((16 << 20) - 1)).unwrap();
+    f.write_all(&[0x5a]).unwrap();
+    drop(f);
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap(), "--resume"]);
+    let to = format!("127.0.0.1:{port}");
+    let pid = guest.pid().to_string();
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--pid",
+            &pid,
+            "--dirty-tracking",
+            "hash",
+            "--to",
+            &to,
+            "--no-progress",
+        ],
+        &[],
+    );
+    let (s_status, _) = send.wait_exit();
+    assert!(!s_status.success(), "send must fail");
+    assert!(
+        send.stderr().contains("verify"),
+        "send should report the verify refusal: {}",
+        send.stderr()
+    );
+    let (r_status, _) = recv.wait_exit();
+    assert!(!r_status.success(), "recv must fail");
+    assert!(
+        recv.stderr().contains("nothing committed"),
+        "recv stderr: {}",
+        recv.stderr()
+    );
+    assert!(!dst.exists(), "nothing may be committed");
+    assert_eq!(dir.entries(), vec!["ext.img".to_string()]);
+    // The source guest was resumed and keeps committing transactions.
+    let tx = read_tx_count(&src);
+    assert!(wait_tx_above(&src, tx) > tx);
+    drop(guest);
 }

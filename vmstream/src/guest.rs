@@ -147,7 +147,28 @@ pub struct GuestSummary {
 
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
 pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
-    let (mut mem, resumed_from) = open_memory(cfg)?;
+    let (mem, resumed_from) = open_memory(cfg)?;
+    run_mapped(mem, resumed_from, cfg, out)
+}
+
+/// Continues the workload in `mem`, mapped and already recovered and verified by the
+/// caller (`report`): a destination that verified the image before committing it starts
+/// the guest without reading all of memory again. `cfg.memory` and `cfg.start` are unused.
+pub fn run_verified(
+    mem: GuestMemory,
+    report: VerifyReport,
+    cfg: &GuestConfig,
+    out: &mut dyn Write,
+) -> Result<GuestSummary, GuestError> {
+    run_mapped(mem, Some(report), cfg, out)
+}
+
+fn run_mapped(
+    mut mem: GuestMemory,
+    resumed_from: Option<VerifyReport>,
+    cfg: &GuestConfig,
+    out: &mut dyn Write,
+) -> Result<GuestSummary, GuestError> {
     let addr = mem.addr();
     let len = mem.len() as u64;
     let path = mem.path().to_path_buf();

@@ -184,6 +184,11 @@ impl GuestMemory {
         &self.path
     }
 
+    /// Records that the file behind the mapping was renamed to `path`.
+    pub fn set_path(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+
     /// The file behind the mapping.
     pub fn file(&self) -> &File {
         &self.file

@@ -1,7 +1,8 @@
 //! The destination side: an explicit state machine over `DestState`.
 //!
 //! ```text
-//! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd)
+//! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd; then the digest of
+//!   the page hashes the codec workers kept, and with --resume the workload's verify)
 //!   --> AwaitGuestState --> AwaitDigest --> Committing --digest ok--> Committed
 //!   --> Resuming (optional: run the guest) --> Done
 //! any error before Committed: Abort sent, temporary image removed, Err returned
@@ -16,17 +17,19 @@ use std::time::{Duration, Instant, SystemTime};
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
 use super::config::RecvConfig;
-use super::digest::{hex, memory_digest};
+use super::digest::{hex, PageHashes};
 use super::error::RecvError;
 use super::image::PendingImage;
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestState, Hello, HelloReply,
-    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST, KNOWN_FEATURES,
+    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
     PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
+use crate::memory::GuestMemory;
+use crate::verify::{verify_snapshot, VerifyError, VerifyReport};
 
 /// Where the destination is in the migration.
 enum DestState {
@@ -131,15 +134,16 @@ impl Write for ReadyWatch {
     }
 }
 
-/// Starts the guest on `path` (it verifies the image first) and waits for it to run.
+/// Starts the guest on the committed image `memory` (recovered and verified before the
+/// commit: `report`) and waits for it to run.
 fn start_guest(
-    path: &Path,
-    size: u64,
+    memory: GuestMemory,
+    report: VerifyReport,
     run_for: Option<Duration>,
 ) -> Result<ResumedGuest, RecvError> {
     let cfg = GuestConfig {
-        memory: MemorySource::File(path.to_path_buf()),
-        size: Some(size),
+        memory: MemorySource::File(memory.path().to_path_buf()),
+        size: Some(memory.len() as u64),
         start: StartMode::Resume,
         rate: None,
         duration: run_for,
@@ -154,7 +158,7 @@ fn start_guest(
                 line: Vec::new(),
                 ready: Some(tx),
             };
-            crate::guest::run(&cfg, &mut out)
+            crate::guest::run_verified(memory, report, &cfg, &mut out)
         })
         .map_err(|e| RecvError::Resume(format!("starting the guest thread: {e}")))?;
     match rx.recv() {
@@ -173,6 +177,11 @@ struct Dest<'a> {
     stats: &'a mut MigrationStats,
     start: Instant,
     guest: Option<ResumedGuest>,
+    /// With `--resume`: the workload's recover + verify of the final image, run before the
+    /// commit so an image the guest cannot resume from is never committed.
+    verified: Option<Result<VerifyReport, VerifyError>>,
+    /// The committed image, still mapped.
+    committed: Option<GuestMemory>,
 }
 
 fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -255,11 +264,11 @@ impl Dest<'_> {
                 format!("{:?} guests cannot be received yet", h.guest_kind),
             ));
         }
-        if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_BLAKE3_DIGEST == 0 {
+        if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_MEMORY_DIGEST == 0 {
             return Some((
                 RefuseCode::Features,
                 format!(
-                    "features {:#x}: known {KNOWN_FEATURES:#x}, the BLAKE3 digest is required",
+                    "features {:#x}: known {KNOWN_FEATURES:#x}, the memory digest is required",
                     h.features
                 ),
             ));
@@ -353,8 +362,19 @@ impl Dest<'_> {
     }
 
     fn receiving(&mut self, hello: Hello, mut image: PendingImage) -> Result<DestState, RecvError> {
+        // Destination memory is written only by the codec's workers: each keeps the hash
+        // of the pages it applies current, so the digest at the pause only hashes the list.
+        let page_size = PAGE_SIZE as usize;
+        let hashes = std::sync::Arc::new(PageHashes::zeroed(
+            hello.guest_size / PAGE_SIZE as u64,
+            page_size,
+        ));
         let config = ReceiverConfig {
             workers: self.workers(&hello),
+            page_observer: Some({
+                let hashes = std::sync::Arc::clone(&hashes);
+                std::sync::Arc::new(move |page, content: &[u8]| hashes.update(page, content))
+            }),
             ..ReceiverConfig::default()
         };
         let reader = &mut self.reader;
@@ -408,13 +428,21 @@ impl Dest<'_> {
         };
         self.stats.rounds = rounds;
         self.stats.converged = converged;
-        // Hash now, while the source still hashes its side: the digest message waits in
-        // the socket meanwhile, so the two digests overlap instead of adding up.
+        // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
-        let ours = memory_digest(image.memory_mut());
+        let ours = hashes.digest();
         self.stats
             .switchover_ms
             .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
+        if self.cfg.resume {
+            // While the source hashes its memory: recovery and verify read (and recovery
+            // may write) the final image, after our digest of it was taken.
+            let t = Instant::now();
+            self.verified = Some(verify_snapshot(image.memory_mut()));
+            self.stats
+                .switchover_ms
+                .insert("verify".into(), t.elapsed().as_secs_f64() * 1e3);
+        }
         Ok(DestState::AwaitGuestState { image, ours })
     }
 
@@ -437,11 +465,29 @@ impl Dest<'_> {
             }));
             return Err(err);
         }
+        if let Some(Err(e)) = &self.verified {
+            let err = RecvError::Resume(format!(
+                "the workload's verify of the received image failed, nothing committed: {e}"
+            ));
+            let _ = self.send(&Message::CommitReply(CommitReply {
+                status: CommitStatus::Failed,
+                digest: ours,
+                reason: err.to_string(),
+            }));
+            return Err(err);
+        }
         let t = Instant::now();
         let committed = image.commit();
         self.stats
             .switchover_ms
             .insert("commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        let committed = match committed {
+            Ok(memory) => {
+                self.committed = Some(memory);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = committed {
             let reason = e.to_string();
             let _ = self.send(&Message::CommitReply(CommitReply {
@@ -465,12 +511,13 @@ impl Dest<'_> {
 
     /// The image is committed: from here on errors do not roll anything back.
     fn committed(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        let t = Instant::now();
         let (running, tx) = if self.cfg.resume {
-            match start_guest(
-                &self.cfg.memory_file,
-                self.stats.guest_bytes,
-                self.cfg.run_for,
-            ) {
+            let started = match (self.committed.take(), self.verified.take()) {
+                (Some(memory), Some(Ok(report))) => start_guest(memory, report, self.cfg.run_for),
+                _ => Err(RecvError::Resume("no verified image to resume".into())),
+            };
+            match started {
                 Ok(g) => {
                     let tx = g.ready.tx_count;
                     self.guest = Some(g);
@@ -487,6 +534,11 @@ impl Dest<'_> {
         } else {
             (false, 0)
         };
+        if self.cfg.resume {
+            self.stats
+                .switchover_ms
+                .insert("resume".into(), t.elapsed().as_secs_f64() * 1e3);
+        }
         let at = unix_ns(SystemTime::now());
         self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
         self.stats.cpu = CpuTime::now();
@@ -546,6 +598,8 @@ pub fn receive_migration(
         stats,
         start: Instant::now(),
         guest: None,
+        verified: None,
+        committed: None,
     };
     let result = dest.run();
     let bytes = dest.reader.bytes_read();

@@ -24,7 +24,7 @@ use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
 use super::transport::{Frame, FrameReader, Link, PacketChannel};
 use super::wire::{
     Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
-    RoundEnd, FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
+    RoundEnd, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
     ROUND_FORCED,
 };
 use crate::converge::defer::HotPageDeferral;
@@ -237,7 +237,7 @@ impl Source<'_> {
             guest_kind: GuestKind::File,
             page_size: PAGE_SIZE,
             guest_size: self.guest.size(),
-            features: FEATURE_BLAKE3_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
+            features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
@@ -402,7 +402,7 @@ impl Source<'_> {
         let (digest, rs) = std::thread::scope(|s| {
             let digest = s.spawn(|| {
                 let t = Instant::now();
-                (memory_digest(memory), t.elapsed())
+                (memory_digest(memory, PAGE), t.elapsed())
             });
             let rs = io.send_round(round, &pages, PageSource::Frozen(memory), flags);
             (digest.join().expect("digest thread"), rs)
@@ -497,9 +497,9 @@ fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
     let sample_len = memory.len().min(16 << 20);
     let mut sample = vec![0u8; sample_len];
     memory.read_at(0, &mut sample);
-    let _ = memory_digest(&sample);
+    let _ = memory_digest(&sample, PAGE);
     let t = Instant::now();
-    let _ = memory_digest(&sample);
+    let _ = memory_digest(&sample, PAGE);
     let per_byte = t.elapsed().as_secs_f64() / sample_len.max(1) as f64;
     Duration::from_secs_f64(per_byte * memory.len() as f64)
 }

@@ -228,7 +228,7 @@ impl MigrationStats {
             s.push_str(&format!("  switchover: {} (ms)\n", phases.join(", ")));
         }
         if let Some(d) = &self.digest {
-            s.push_str(&format!("  digest:     blake3 {d}\n"));
+            s.push_str(&format!("  digest:     {d}\n"));
         }
         s
     }

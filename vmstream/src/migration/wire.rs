@@ -12,7 +12,7 @@ use vmstream_codec::Compression;
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 12;
 /// Size of the checksum after a control message body.
@@ -27,10 +27,11 @@ pub const PAGE_SIZE: u32 = 4096;
 /// Feature bit: the sender may use delta encodings (XBZRLE, XOR+LZ4) against pages it
 /// sent before; the receiver must keep every page it received.
 pub const FEATURE_DELTA_PAGES: u64 = 1 << 0;
-/// Feature bit: the switchover carries a BLAKE3 digest of all guest memory (mandatory).
-pub const FEATURE_BLAKE3_DIGEST: u64 = 1 << 1;
+/// Feature bit: the switchover carries the memory digest of `digest.rs` (BLAKE3 over
+/// per-page XXH3-128; mandatory).
+pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_BLAKE3_DIGEST;
+pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST;
 
 /// Frame type tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -733,13 +734,14 @@ impl GuestState {
     }
 }
 
-/// Digest algorithm tag for BLAKE3-256.
-pub const DIGEST_BLAKE3: u8 = 1;
+/// Digest algorithm tag: BLAKE3 over the XXH3-128 of each page (`digest.rs`). Tag 1 was
+/// BLAKE3 over all memory (protocol version 1).
+pub const DIGEST_PAGE_HASHES: u8 = 2;
 
-/// `Digest`: BLAKE3 of all source memory at the pause (56-byte body).
+/// `Digest`: the memory digest of all source memory at the pause (56-byte body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digest {
-    /// The 32-byte BLAKE3 hash of guest memory, page 0 first.
+    /// The 32-byte memory digest (`digest::memory_digest`).
     pub digest: [u8; 32],
     /// Bytes hashed (the guest size).
     pub guest_size: u64,
@@ -752,7 +754,7 @@ impl Digest {
     pub const LEN: usize = 56;
 
     fn encode(&self, out: &mut Vec<u8>) {
-        out.push(DIGEST_BLAKE3);
+        out.push(DIGEST_PAGE_HASHES);
         out.extend_from_slice(&[0; 7]);
         out.extend_from_slice(&self.digest);
         out.extend_from_slice(&self.guest_size.to_le_bytes());
@@ -764,7 +766,7 @@ impl Digest {
         exact(K, body, Self::LEN)?;
         let mut f = Fields::new(body);
         let alg = f.u8();
-        if alg != DIGEST_BLAKE3 {
+        if alg != DIGEST_PAGE_HASHES {
             return Err(WireError::BadField {
                 kind: K.name(),
                 field: "algorithm",
@@ -1156,7 +1158,7 @@ mod tests {
         assert_eq!(&f[4..8], &(Hello::LEN as u32 + 4).to_le_bytes());
         let b = &f[FRAME_HEADER_LEN..];
         assert_eq!(&b[..8], b"VMSTREAM");
-        assert_eq!(&b[8..10], &[1, 0]);
+        assert_eq!(&b[8..10], &[2, 0]);
         assert_eq!(b[10], 1);
         assert_eq!(&b[12..16], &4096u32.to_le_bytes());
         assert_eq!(&b[16..24], &(256u64 << 20).to_le_bytes());
