@@ -113,6 +113,7 @@ fn stress(receiver_workers: usize) {
     let rconfig = ReceiverConfig {
         workers: receiver_workers,
         queue_depth: 4,
+        page_observer: None,
         test_hook: Some(hook),
     };
     let mut sconfig = SenderConfig::new(PAGES);
