@@ -337,3 +337,54 @@ fn qemu_auto_converge_throttles_a_guest_that_outruns_the_link() {
         "the guest was never throttled: {throttles:?}"
     );
 }
+
+/// `recv --resume` without `--run-for` runs the guest until stopped: SIGTERM ends it
+/// cleanly, the receiver verifies the image after the run and exits 0.
+#[test]
+fn resumed_guest_runs_until_sigterm_and_exits_healthy() {
+    let _g = serial();
+    let dir = TmpDir::new("until-stopped");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap(), "--resume"]);
+    let to = format!("127.0.0.1:{port}");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--workload",
+            "dbsim",
+            "--rate",
+            "2000",
+            "--warmup",
+            "200ms",
+            "--to",
+            &to,
+            "--no-progress",
+        ],
+        &[],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (s_status, _) = send.wait_exit();
+    assert!(s_status.success(), "send failed: {}", send.stderr());
+    recv.wait_line("ready ");
+    let tx0 = read_tx_count(&dst);
+    assert!(
+        wait_tx_above(&dst, tx0) > tx0,
+        "the resumed guest does not run"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &recv.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (r_status, lines) = recv.wait_exit();
+    assert!(r_status.success(), "recv failed: {}", recv.stderr());
+    assert!(
+        lines.iter().any(|l| l.starts_with("verify ok")),
+        "no verify line in {lines:?}"
+    );
+}

@@ -329,6 +329,12 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     let Some(guest) = received.guest else {
         return ExitCode::SUCCESS;
     };
+    // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and we
+    // exit 0 if it is healthy (during the migration they still kill the receiver, which
+    // commits nothing).
+    if let Err(e) = crate::guest::stop_on_signals() {
+        eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
+    }
     let started = Instant::now();
     let tx_start = guest.ready.tx_count;
     let healthy = guest.join().and_then(|tx_end| {
