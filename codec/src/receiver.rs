@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::decoder::{PageDecoder, RoundTracker};
 use crate::error::CodecError;
-use crate::format::{parse_packet, verify_checksum, Limits};
+use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
 use crate::memory::{owner, split, ShardMemory};
 use crate::stats::{PipelineStats, WorkerStats};
 use crate::PAGE_SIZE;
@@ -53,6 +53,10 @@ pub struct ReceiverConfig {
     pub queue_depth: usize,
     /// Sees every page after it was applied (none: no call).
     pub page_observer: Option<PageObserver>,
+    /// Destination memory is all zero when the pipeline starts (a fresh sparse file or
+    /// memfd): a zero record for a page no record has written yet is counted but leaves
+    /// the page untouched, since even reading a hole of a shared file mapping allocates it.
+    pub zeroed_memory: bool,
     /// Test-only: observes (and delays) packet application.
     #[doc(hidden)]
     pub test_hook: Option<TestHook>,
@@ -64,6 +68,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("workers", &self.workers)
             .field("queue_depth", &self.queue_depth)
             .field("page_observer", &self.page_observer.is_some())
+            .field("zeroed_memory", &self.zeroed_memory)
             .field("test_hook", &self.test_hook.is_some())
             .finish()
     }
@@ -75,6 +80,7 @@ impl Default for ReceiverConfig {
             workers: default_workers(),
             queue_depth: 8,
             page_observer: None,
+            zeroed_memory: false,
             test_hook: None,
         }
     }
@@ -183,6 +189,9 @@ pub fn receive<R>(
                 shared: Arc::clone(&shared),
                 hook: config.test_hook.clone(),
                 observer: config.page_observer.clone(),
+                written: config
+                    .zeroed_memory
+                    .then(|| vec![0u64; guest_pages.div_ceil(64) as usize]),
                 stats: WorkerStats::default(),
             };
             handles.push(scope.spawn(move || worker.run(rx)));
@@ -360,8 +369,13 @@ struct Worker<'a> {
     shared: Arc<Shared>,
     hook: Option<TestHook>,
     observer: Option<PageObserver>,
+    /// With `zeroed_memory`: a bit per guest page this worker has written.
+    written: Option<Vec<u64>>,
     stats: WorkerStats,
 }
+
+/// What a never-written page of zeroed memory holds.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl Worker<'_> {
     fn run(mut self, jobs: ChannelReceiver<Job>) {
@@ -421,10 +435,30 @@ impl Worker<'_> {
             if owner(r.page, self.workers) != self.index {
                 continue;
             }
-            let page = self.shard.page_mut(r.page);
-            self.decoder.apply(seq, &r, page)?;
-            if let Some(observe) = &self.observer {
-                observe(r.page, page);
+            let (word, bit) = ((r.page / 64) as usize, 1u64 << (r.page % 64));
+            let hole = match &mut self.written {
+                Some(w) if w[word] & bit == 0 => {
+                    if r.encoding == Encoding::Zero {
+                        true
+                    } else {
+                        w[word] |= bit;
+                        false
+                    }
+                }
+                _ => false,
+            };
+            if hole {
+                // Still zero and unallocated: count it, do not touch it.
+                self.decoder.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
+                if let Some(observe) = &self.observer {
+                    observe(r.page, &ZERO_PAGE);
+                }
+            } else {
+                let page = self.shard.page_mut(r.page);
+                self.decoder.apply(seq, &r, page)?;
+                if let Some(observe) = &self.observer {
+                    observe(r.page, page);
+                }
             }
             let now = Instant::now();
             self.decoder

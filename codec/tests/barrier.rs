@@ -114,6 +114,7 @@ fn stress(receiver_workers: usize) {
         workers: receiver_workers,
         queue_depth: 4,
         page_observer: None,
+        zeroed_memory: false,
         test_hook: Some(hook),
     };
     let mut sconfig = SenderConfig::new(PAGES);

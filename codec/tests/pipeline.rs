@@ -222,6 +222,7 @@ fn worker_panic_fails_the_round_without_hanging() {
         workers: 2,
         queue_depth: 1,
         page_observer: None,
+        zeroed_memory: false,
         test_hook: Some(hook),
     };
     let mut sender = Sender::new(config(2)).unwrap();
@@ -329,6 +330,17 @@ fn cache_outcomes_are_counted() {
 /// barrier, over rounds that rewrite pages with delta, zero and lz4 records.
 #[test]
 fn page_observer_sees_every_page_as_applied() {
+    observer_run(false);
+}
+
+/// The same over zeroed destination memory with `zeroed_memory`: zero records for pages
+/// never written are skipped, and the result (and what the observer saw) is the same.
+#[test]
+fn zeroed_memory_skips_untouched_zero_pages_and_stays_exact() {
+    observer_run(true);
+}
+
+fn observer_run(zeroed: bool) {
     use std::sync::Mutex;
     let seen = Arc::new(Mutex::new(vec![0x33u8; PAGES as usize * PAGE_SIZE]));
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -342,12 +354,13 @@ fn page_observer_sees_every_page_as_applied() {
     };
     let mut memory = vec![0u8; PAGES as usize * PAGE_SIZE];
     let mut sender = Sender::new(config(2)).unwrap();
-    let mut dest = vec![0xffu8; PAGES as usize * PAGE_SIZE];
+    let mut dest = vec![if zeroed { 0 } else { 0xffu8 }; PAGES as usize * PAGE_SIZE];
     let mut expected_calls = 0;
     receive(
         &ReceiverConfig {
             workers: 2,
             page_observer: Some(observer),
+            zeroed_memory: zeroed,
             ..Default::default()
         },
         &mut dest,

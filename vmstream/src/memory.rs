@@ -184,6 +184,35 @@ impl GuestMemory {
         &self.path
     }
 
+    /// A bit per page that holds file data (bit set) rather than a hole (never written,
+    /// reads as zero), from `SEEK_DATA` / `SEEK_HOLE`. Reading a hole through a shared
+    /// mapping allocates it, so callers that only need its bytes skip holes. A filesystem
+    /// without hole reporting reports everything as data.
+    pub fn data_pages(&self) -> io::Result<Vec<u64>> {
+        use nix::errno::Errno;
+        use nix::unistd::{lseek, Whence};
+        let page = PAGE_SIZE as i64;
+        let end = self.len as i64;
+        let mut bits = vec![0u64; self.pages().div_ceil(64) as usize];
+        let mut off = 0i64;
+        while off < end {
+            let data = match lseek(&self.file, off, Whence::SeekData) {
+                Ok(d) => d,
+                Err(Errno::ENXIO) => break, // no data after `off`
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(&self.file, data, Whence::SeekHole)?.min(end);
+            for p in (data / page)..(hole + page - 1) / page {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            off = hole;
+        }
+        Ok(bits)
+    }
+
     /// Records that the file behind the mapping was renamed to `path`.
     pub fn set_path(&mut self, path: PathBuf) {
         self.path = path;
@@ -313,6 +342,20 @@ mod tests {
         let p = std::env::temp_dir().join(format!("vmstream-mem-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&p);
         p
+    }
+
+    #[test]
+    fn data_pages_are_the_written_ones() {
+        let mut mem = GuestMemory::memfd("data-pages", 200 * PAGE_SIZE as u64).unwrap();
+        assert!(mem.data_pages().unwrap().iter().all(|&w| w == 0));
+        for p in [0usize, 3, 64, 199] {
+            mem.as_mut_slice()[p * PAGE_SIZE + 100] = 1;
+        }
+        let bits = mem.data_pages().unwrap();
+        let set: Vec<u64> = (0..200u64)
+            .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(set, vec![0, 3, 64, 199]);
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct SendArgs {
     /// Target transactions per second of the started guest (0 = as fast as possible).
     #[arg(long, value_name = "TX/s")]
     pub rate: Option<u64>,
+    /// Percent of the started guest's blocks to format and write; the rest stays zero
+    /// (default: the workload's own, 75).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub active: Option<u8>,
     /// Migrate a running guest vmstream did not start (it writes --memory-file).
     #[arg(long)]
     pub pid: Option<u32>,
@@ -172,6 +176,7 @@ impl SendArgs {
                 size,
                 workload: self.workload,
                 rate: self.rate,
+                active: self.active,
             },
             (None, None) => return Err("--size is required without --pid".into()),
         };

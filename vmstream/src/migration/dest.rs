@@ -371,6 +371,8 @@ impl Dest<'_> {
         ));
         let config = ReceiverConfig {
             workers: self.workers(&hello),
+            // A fresh sparse file: zero pages need not be written.
+            zeroed_memory: true,
             page_observer: Some({
                 let hashes = std::sync::Arc::clone(&hashes);
                 std::sync::Arc::new(move |page, content: &[u8]| hashes.update(page, content))

@@ -59,6 +59,22 @@ pub fn memory_digest(memory: &[u8], page_size: usize) -> [u8; 32] {
     digest_of_page_hashes(page_size, memory.len() as u64, hashes)
 }
 
+/// [`memory_digest`] of `memory` whose pages with a clear bit in `data` (a bit per page,
+/// [`crate::memory::GuestMemory::data_pages`]) are holes: they are zero and hashed as such
+/// without being read (reading a hole of a shared mapping would allocate it).
+pub fn memory_digest_sparse(memory: &[u8], page_size: usize, data: &[u64]) -> [u8; 32] {
+    let zero = page_hash(&vec![0u8; page_size]);
+    let hashes: Vec<u128> = memory
+        .par_chunks(page_size)
+        .enumerate()
+        .map(|(p, page)| match data.get(p / 64) {
+            Some(w) if w & (1 << (p % 64)) == 0 => zero,
+            _ => page_hash(page),
+        })
+        .collect();
+    digest_of_page_hashes(page_size, memory.len() as u64, hashes)
+}
+
 /// Per-page hashes of a memory that changes one page at a time (the destination's image),
 /// updated from any thread as long as no two threads update the same page at once.
 pub struct PageHashes {
@@ -129,6 +145,27 @@ mod tests {
             h.update(&xxh3_128(p).to_le_bytes());
         }
         assert_eq!(memory_digest(&mem, PAGE), *h.finalize().as_bytes());
+    }
+
+    #[test]
+    fn sparse_digest_equals_the_full_digest_over_zero_holes() {
+        let mut mem = vec![0u8; 130 * PAGE];
+        for p in [1usize, 64, 129] {
+            mem[p * PAGE + 9] = p as u8;
+        }
+        let mut data = vec![0u64; 3];
+        for p in [1usize, 64, 129, 5] {
+            data[p / 64] |= 1 << (p % 64);
+        }
+        assert_eq!(
+            memory_digest_sparse(&mem, PAGE, &data),
+            memory_digest(&mem, PAGE)
+        );
+        // A short bitmap treats the pages past it as data.
+        assert_eq!(
+            memory_digest_sparse(&mem, PAGE, &data[..1]),
+            memory_digest(&mem, PAGE)
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use vmstream_codec::{Sender, SenderConfig};
 
 use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
-use super::digest::{hex, memory_digest};
+use super::digest::{hex, memory_digest, memory_digest_sparse};
 use super::error::SendError;
 use super::source_guest::{tx_count, SourceGuest};
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
@@ -66,6 +66,10 @@ pub enum Outcome {
 enum PageSource<'a> {
     /// The running guest's mapping (each page copied, racing writes are re-sent later).
     Live(&'a mut SourceGuest),
+    /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
+    /// dirty tracking started) are sent as zero without being read: a write to one after
+    /// that instant is reported by the tracker and sent again.
+    LiveSkippingHoles(&'a mut SourceGuest, &'a [u64]),
     /// Memory of the paused guest.
     Frozen(&'a [u8]),
 }
@@ -107,6 +111,13 @@ impl RoundIo {
             match &mut src {
                 PageSource::Live(g) => {
                     g.read_page_for_send(p, &mut buf);
+                    self.encoder.push(p, &buf)?;
+                }
+                PageSource::LiveSkippingHoles(g, data) => {
+                    match data.get(p as usize / 64) {
+                        Some(w) if w & (1 << (p % 64)) == 0 => g.hole_page_for_send(p, &mut buf),
+                        _ => g.read_page_for_send(p, &mut buf),
+                    }
                     self.encoder.push(p, &buf)?;
                 }
                 PageSource::Frozen(m) => self.encoder.push(p, &m[at..at + PAGE])?,
@@ -228,6 +239,8 @@ struct Source<'a> {
     switch_start: Option<Instant>,
     /// Hot-page deferral, if enabled.
     deferral: Option<HotPageDeferral>,
+    /// Data pages of the memory file when tracking started (None: read every page).
+    round0_data: Option<Vec<u64>>,
 }
 
 impl Source<'_> {
@@ -286,6 +299,8 @@ impl Source<'_> {
         }
         // Round 0 sends everything; collecting now starts tracking from this instant.
         self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        // After the tracker's reset: a hole written from now on is reported dirty.
+        self.round0_data = self.guest.memory().data_pages().ok();
         self.tx_start = (Instant::now(), tx_count(self.guest.memory()));
         Ok(SourceState::Iterate {
             round: 0,
@@ -294,9 +309,14 @@ impl Source<'_> {
     }
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
-        let mut rs = self
-            .io
-            .send_round(round, &pages, PageSource::Live(self.guest), 0)?;
+        let src = match (round, &self.round0_data) {
+            (0, Some(data)) => PageSource::LiveSkippingHoles(self.guest, data),
+            _ => PageSource::Live(self.guest),
+        };
+        let mut rs = self.io.send_round(round, &pages, src, 0)?;
+        if round == 0 {
+            self.round0_data = None;
+        }
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let pending = match &self.deferral {
@@ -396,13 +416,20 @@ impl Source<'_> {
         phase("pause_and_collect", t, self.stats);
         let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
+        // The guest is stopped: the file's holes are exact, and hashing them as zero
+        // without reading them saves allocating them.
+        let data = self.guest.memory().data_pages().ok();
         let memory = self.guest.paused_memory();
         // The digest is taken while the last pages travel: memory no longer changes.
         let t = Instant::now();
         let (digest, rs) = std::thread::scope(|s| {
             let digest = s.spawn(|| {
                 let t = Instant::now();
-                (memory_digest(memory, PAGE), t.elapsed())
+                let digest = match &data {
+                    Some(d) => memory_digest_sparse(memory, PAGE, d),
+                    None => memory_digest(memory, PAGE),
+                };
+                (digest, t.elapsed())
             });
             let rs = io.send_round(round, &pages, PageSource::Frozen(memory), flags);
             (digest.join().expect("digest thread"), rs)
@@ -602,6 +629,7 @@ pub fn migrate(
         throttle_now: 0.0,
         switch_start: None,
         deferral,
+        round0_data: None,
     };
     source
         .stats

@@ -38,6 +38,8 @@ pub enum GuestSpec {
         workload: WorkloadKind,
         /// Target transactions per second (None: the workload's default).
         rate: Option<u64>,
+        /// Percent of blocks formatted (None: the workload's default).
+        active: Option<u8>,
     },
     /// A running process that writes the memory file.
     Attach {
@@ -99,6 +101,7 @@ fn spawn_guest(
     size: u64,
     workload: WorkloadKind,
     rate: Option<u64>,
+    active: Option<u8>,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
     let exe = std::env::current_exe().map_err(GuestControlError::Spawn)?;
     let mut cmd = Command::new(exe);
@@ -110,6 +113,9 @@ fn spawn_guest(
     ]);
     if let Some(r) = rate {
         cmd.args(["--rate", &r.to_string()]);
+    }
+    if let Some(a) = active {
+        cmd.args(["--active", &a.to_string()]);
     }
     // The guest outlives a failed migration, so it must not hold our stdout/stderr open
     // (whoever reads them would wait for it): both are pipes we read ourselves.
@@ -166,8 +172,9 @@ impl SourceGuest {
                 size,
                 workload,
                 rate,
+                active,
             } => {
-                let (child, out, ready) = spawn_guest(path, *size, *workload, *rate)?;
+                let (child, out, ready) = spawn_guest(path, *size, *workload, *rate, *active)?;
                 (
                     child.id(),
                     Some(child),
@@ -240,6 +247,13 @@ impl SourceGuest {
     /// content-based tracker compares the next collection against exactly these bytes).
     pub fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) {
         self.memory.read_page(page, buf);
+        self.tracker.page_sent(page, buf);
+    }
+
+    /// Stands in for [`Self::read_page_for_send`] on a page that is a hole of the memory
+    /// file (it reads as zero; reading it would allocate it): `buf` becomes zeros.
+    pub fn hole_page_for_send(&mut self, page: u64, buf: &mut [u8]) {
+        buf.fill(0);
         self.tracker.page_sent(page, buf);
     }
 
