@@ -30,6 +30,8 @@ migrate() { # NAME SEND-FLAGS...
     "$bin" send --memory-file "$dir/src.mem" --to "127.0.0.1:$port" --no-progress \
         --stats-json "$out/$name.send.json" "$@" > "$out/$name.send.log" 2>&1
     echo "send exit $?" >> "$out/$name.send.log"
+    # A cancelled migration leaves the source guest running, by design: stop it here.
+    pkill -f "guest run --memory-file $dir/src.mem" || true
     wait "$recv"
     local same=no
     [ -f "$dir/dst.mem" ] && cmp -s "$dir/src.mem" "$dir/dst.mem" && same=yes
