@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
+use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, memory_digest};
 use super::error::RecvError;
@@ -23,8 +24,8 @@ use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestState, Hello, HelloReply,
-    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST, KNOWN_FEATURES,
-    PAGE_SIZE,
+    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST, FEATURE_CHANNELS,
+    KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
 
@@ -170,6 +171,8 @@ struct Dest<'a> {
     cfg: &'a RecvConfig,
     reader: FrameReader<TcpStream>,
     writer: FrameWriter<TcpStream>,
+    /// The listener (while channels bind) and the connections of channels 1...
+    channels: DestChannels,
     stats: &'a mut MigrationStats,
     start: Instant,
     guest: Option<ResumedGuest>,
@@ -312,6 +315,9 @@ impl Dest<'_> {
     fn handshake(&mut self) -> Result<DestState, RecvError> {
         let hello = match self.reader.read_frame() {
             Ok(Frame::Control(Message::Hello(h))) => h,
+            Ok(Frame::Control(Message::ChannelHello(c))) => {
+                return Err(self.refuse(RefuseCode::Channel, no_migration(&c).to_string()))
+            }
             Err(TransportError::Wire(e @ (WireError::Version { .. } | WireError::BadMagic(_)))) => {
                 return Err(self.refuse(RefuseCode::Version, e.to_string()))
             }
@@ -321,6 +327,16 @@ impl Dest<'_> {
         if let Some((code, reason)) = self.check_hello(&hello) {
             return Err(self.refuse(code, reason));
         }
+        // Several channels: channel 0 announces the migration id and count next.
+        let primary = if hello.features & FEATURE_CHANNELS != 0 {
+            match DestChannels::read_primary(&mut self.reader) {
+                Ok(c) => Some(c),
+                Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
+            }
+        } else {
+            self.channels.close_listener();
+            None
+        };
         let image = match PendingImage::create(&self.cfg.memory_file, hello.guest_size) {
             Ok(i) => i,
             Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
@@ -341,6 +357,17 @@ impl Dest<'_> {
             receiver_workers: workers as u32,
             reason: String::new(),
         }))?;
+        if let Some(primary) = primary {
+            self.channels.bind(&primary, self.cfg.io_timeout)?;
+            eprintln!(
+                "vmstream recv: {} channels bound (migration {})",
+                primary.count,
+                super::channels::id_hex(&primary.migration_id)
+            );
+        }
+        self.stats
+            .settings
+            .insert("channels".into(), self.channels.count().to_string());
         Ok(DestState::Receiving { hello, image })
     }
 
@@ -357,7 +384,9 @@ impl Dest<'_> {
             workers: self.workers(&hello),
             ..ReceiverConfig::default()
         };
-        let reader = &mut self.reader;
+        let mut frames = self
+            .channels
+            .frames(&mut self.reader, self.cfg.io_timeout)?;
         let writer = &mut self.writer;
         let mut converged = true;
         let mut rounds = 0u64;
@@ -366,9 +395,16 @@ impl Dest<'_> {
             image.memory_mut(),
             |rx| -> Result<PipelineStats, RecvError> {
                 loop {
-                    match reader.read_frame()? {
-                        Frame::Packet(p) => rx.submit(p)?,
-                        Frame::Control(Message::RoundEnd(end)) => {
+                    match frames.next_frame()? {
+                        (ch, Frame::Packet(p)) => {
+                            frames.packet(ch)?;
+                            rx.submit(p)?
+                        }
+                        (ch, Frame::Control(Message::RoundEnd(end))) => {
+                            // The round ends once it ended on every channel.
+                            let Some(end) = frames.round_end(ch, end)? else {
+                                continue;
+                            };
                             let t = Instant::now();
                             let st = rx.end_round(end.round)?;
                             if st.pages() != end.records || st.packets != end.packets {
@@ -395,11 +431,12 @@ impl Dest<'_> {
                                 return Ok(rx.total_stats().clone());
                             }
                         }
-                        other => return Err(unexpected("a packet or round end", other)),
+                        (_, other) => return Err(unexpected("a packet or round end", other)),
                     }
                 }
             },
         );
+        drop(frames);
         // `receive` reports worker panics; the closure reports everything else.
         self.stats.codec = match result {
             Ok(Ok(codec)) => codec,
@@ -529,7 +566,8 @@ pub fn receive_migration(
     let (stream, peer) = listener
         .accept()
         .map_err(|e| RecvError::Listen(local.to_string(), e))?;
-    drop(listener);
+    // Kept while the handshake tells whether more channels follow.
+    let channels = DestChannels::new(listener);
     eprintln!("vmstream recv: connection from {peer}");
     stream.set_nodelay(true).map_err(RecvError::Socket)?;
     stream
@@ -543,12 +581,13 @@ pub fn receive_migration(
         cfg,
         reader: FrameReader::new(stream, Some(cfg.io_timeout)),
         writer,
+        channels,
         stats,
         start: Instant::now(),
         guest: None,
     };
     let result = dest.run();
-    let bytes = dest.reader.bytes_read();
+    let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
     if let Err(e) = &result {
         let code = match e {
             RecvError::Transport(_) | RecvError::Protocol(_) => AbortCode::Protocol,

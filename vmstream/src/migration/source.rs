@@ -8,23 +8,22 @@
 //! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
 //! ```
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use vmstream_codec::{Sender, SenderConfig};
-
+use super::channels::SourceChannels;
 use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
 use super::digest::{hex, memory_digest};
 use super::error::SendError;
 use super::source_guest::{tx_count, SourceGuest};
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
-use super::transport::{Frame, FrameReader, Link, PacketChannel};
+use super::transport::{Frame, FrameReader};
 use super::wire::{
     Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
-    RoundEnd, FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
+    FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
     ROUND_FORCED,
 };
 use crate::converge::defer::HotPageDeferral;
@@ -70,26 +69,15 @@ enum PageSource<'a> {
     Frozen(&'a [u8]),
 }
 
-/// The per-connection machinery a round needs.
+/// The machinery a round needs: the channels (encoders and writers; control messages go
+/// on channel 0) and channel 0's reader.
 struct RoundIo {
-    encoder: Sender,
-    link: Link,
+    channels: SourceChannels,
     reader: FrameReader<TcpStream>,
     progress: Progress,
 }
 
 impl RoundIo {
-    /// Hands finished packets to the link and recycles written ones.
-    fn pump(&mut self) -> Result<(), SendError> {
-        while let Some(p) = self.encoder.poll() {
-            self.link.send_packet(p)?;
-        }
-        for p in self.link.returned() {
-            self.encoder.recycle(p);
-        }
-        Ok(())
-    }
-
     /// Sends one round and waits for its acknowledgement.
     fn send_round(
         &mut self,
@@ -107,26 +95,17 @@ impl RoundIo {
             match &mut src {
                 PageSource::Live(g) => {
                     g.read_page_for_send(p, &mut buf);
-                    self.encoder.push(p, &buf)?;
+                    self.channels.push(p, &buf)?;
                 }
-                PageSource::Frozen(m) => self.encoder.push(p, &m[at..at + PAGE])?,
+                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
             }
-            self.pump()?;
             if i % 256 == 255 {
                 self.progress.inc(256);
             }
         }
-        let codec = self.encoder.end_round()?;
-        self.pump()?;
-        let end = RoundEnd {
-            round,
-            records: codec.pages(),
-            packets: codec.packets,
-            packet_bytes: codec.packet_bytes,
-            flags,
-        };
-        let end_msg = Message::RoundEnd(end);
-        self.link.send_message(&end_msg)?;
+        // Every channel ends the round; the one acknowledgement covers them all.
+        let sent = self.channels.end_round(round, flags)?;
+        let (codec, end) = (sent.codec, sent.total);
         let ack = match self.reader.read_frame()? {
             Frame::Control(Message::RoundAck(a)) if a.round == round => a,
             other => return Err(unexpected("a round acknowledgement", other)),
@@ -138,9 +117,8 @@ impl RoundIo {
             )));
         }
         let duration = t0.elapsed().max(Duration::from_micros(1));
-        let wire = codec.packet_bytes
-            + codec.packets * FRAME_HEADER_LEN as u64
-            + end_msg.to_frame().len() as u64;
+        let wire =
+            codec.packet_bytes + codec.packets * FRAME_HEADER_LEN as u64 + sent.end_frame_bytes;
         let mut rs = RoundStats {
             round,
             paused: flags & ROUND_FINAL != 0,
@@ -269,12 +247,13 @@ impl Source<'_> {
     }
 
     fn handshake(&mut self) -> Result<SourceState, SendError> {
-        self.io.link.send_message(&Message::Hello(self.hello()))?;
+        self.io.channels.send_hello(self.hello())?;
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
                 self.stats
                     .settings
                     .insert("receiver_workers".into(), r.receiver_workers.to_string());
+                self.io.channels.await_bound()?;
             }
             Frame::Control(Message::HelloReply(r)) => {
                 return Err(SendError::Refused {
@@ -359,7 +338,7 @@ impl Source<'_> {
                     obs.expected_downtime().as_secs_f64() * 1e3,
                     self.cfg.downtime_limit
                 );
-                self.io.link.send_message(&Message::Abort(Abort {
+                self.io.channels.send_message(&Message::Abort(Abort {
                     code: AbortCode::Cancelled,
                     reason: reason.clone(),
                 }))?;
@@ -417,12 +396,14 @@ impl Source<'_> {
         self.stats.per_round.push(rs);
         self.stats.converged = !forced;
         self.stats.digest = Some(hex(&digest));
-        self.io.link.send_message(&Message::GuestState(GuestState {
-            guest_kind: GuestKind::File,
-            tx_count: tx_at_pause,
-            blob: Vec::new(),
-        }))?;
-        self.io.link.send_message(&Message::Digest(Digest {
+        self.io
+            .channels
+            .send_message(&Message::GuestState(GuestState {
+                guest_kind: GuestKind::File,
+                tx_count: tx_at_pause,
+                blob: Vec::new(),
+            }))?;
+        self.io.channels.send_message(&Message::Digest(Digest {
             digest,
             guest_size: self.guest.size(),
             paused_at_unix_ns: paused_at_ns,
@@ -504,21 +485,6 @@ fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
     Duration::from_secs_f64(per_byte * memory.len() as f64)
 }
 
-fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
-    let addrs: Vec<_> = to
-        .to_socket_addrs()
-        .map_err(|e| SendError::Connect(to.to_string(), e))?
-        .collect();
-    let mut last = std::io::Error::other("no address");
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(SendError::Connect(to.to_string(), last))
-}
-
 /// Migrates `guest` to `cfg.to`. Fills `stats`; on error before the commit the guest is
 /// resumed (if it was paused) and an `Abort` is sent when the connection still works.
 pub fn migrate(
@@ -527,26 +493,12 @@ pub fn migrate(
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
-    let stream = connect(&cfg.to, cfg.io_timeout)?;
-    stream.set_nodelay(true).map_err(SendError::Socket)?;
-    stream
-        .set_read_timeout(Some(cfg.io_timeout))
-        .map_err(SendError::Socket)?;
-    // A destination that stops reading must not block the writer (and a later join of it)
-    // forever.
-    stream
-        .set_write_timeout(Some(cfg.io_timeout))
-        .map_err(SendError::Socket)?;
-    let link = Link::new(
-        stream.try_clone().map_err(SendError::Socket)?,
-        cfg.max_bandwidth,
-    )
-    .map_err(SendError::Socket)?;
-    let mut sender_cfg = SenderConfig::new(guest.size() / PAGE as u64);
-    sender_cfg.workers = cfg.threads;
-    sender_cfg.batch_pages = cfg.batch_pages;
-    sender_cfg.encoder = cfg.encoder;
-    let encoder = Sender::new(sender_cfg)?;
+    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64)?;
+    if channels.count() > 1 {
+        stats
+            .settings
+            .insert("migration_id".into(), channels.migration_id());
+    }
     // The switchover also hashes all of memory (both sides in parallel): that time is
     // part of the downtime whatever the dirty pages, so the pages get what is left.
     let overhead = digest_time_estimate(guest.memory());
@@ -582,9 +534,8 @@ pub fn migrate(
         cfg,
         guest,
         io: RoundIo {
-            encoder,
-            link,
-            reader: FrameReader::new(stream, Some(cfg.io_timeout)),
+            channels,
+            reader,
             progress: Progress::new(cfg.progress),
         },
         policy,
@@ -624,7 +575,7 @@ pub fn migrate(
         }
     }
     source.io.progress.finish();
-    source.stats.codec = source.io.encoder.total_stats().clone();
+    source.stats.codec = source.io.channels.total_stats();
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {
         if source.guest.is_paused() {
@@ -633,13 +584,14 @@ pub fn migrate(
             }
         }
         // Tell the destination why, if the connection still works (best effort).
-        let _ = source.io.link.send_message(&Message::Abort(Abort {
+        let _ = source.io.channels.send_message(&Message::Abort(Abort {
             code: AbortCode::SourceError,
             reason: e.to_string(),
         }));
     }
-    let bytes = source.io.link.bytes_sent();
-    let _ = source.io.link.finish();
+    let _ = source.io.channels.finish();
+    let bytes = source.io.channels.bytes_sent();
+    source.stats.channel_bytes = source.io.channels.bytes_per_channel();
     stats.bytes_on_wire = bytes.max(stats.per_round.iter().map(|r| r.wire_bytes).sum());
     stats.cpu = CpuTime::now();
     if stats.total_time_ms == 0.0 {

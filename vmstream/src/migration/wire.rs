@@ -29,8 +29,13 @@ pub const PAGE_SIZE: u32 = 4096;
 pub const FEATURE_DELTA_PAGES: u64 = 1 << 0;
 /// Feature bit: the switchover carries a BLAKE3 digest of all guest memory (mandatory).
 pub const FEATURE_BLAKE3_DIGEST: u64 = 1 << 1;
+/// Feature bit: the migration uses several TCP connections (`--channels N`); a
+/// [`ChannelHello`] follows the `Hello` on the first one and opens each of the others.
+pub const FEATURE_CHANNELS: u64 = 1 << 2;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_BLAKE3_DIGEST;
+pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_BLAKE3_DIGEST | FEATURE_CHANNELS;
+/// Most channels one migration may use.
+pub const MAX_CHANNELS: u16 = 16;
 
 /// Frame type tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +45,8 @@ pub enum FrameType {
     Hello = 0x01,
     /// Destination -> source: handshake answer.
     HelloReply = 0x02,
+    /// Source -> destination: binds a connection to a migration as one of its channels.
+    ChannelHello = 0x03,
     /// Source -> destination: one codec packet, verbatim.
     Packet = 0x10,
     /// Source -> destination: end of a round.
@@ -60,9 +67,10 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 10] = [
+    pub const ALL: [FrameType; 11] = [
         FrameType::Hello,
         FrameType::HelloReply,
+        FrameType::ChannelHello,
         FrameType::Packet,
         FrameType::RoundEnd,
         FrameType::RoundAck,
@@ -84,6 +92,7 @@ impl FrameType {
             FrameType::Packet => return MAX_PACKET_LEN,
             FrameType::Hello => Hello::LEN,
             FrameType::HelloReply => HelloReply::FIXED_LEN + MAX_REASON_LEN,
+            FrameType::ChannelHello => ChannelHello::LEN,
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -100,6 +109,7 @@ impl FrameType {
         match self {
             FrameType::Hello => "hello",
             FrameType::HelloReply => "hello-reply",
+            FrameType::ChannelHello => "channel-hello",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",
@@ -525,13 +535,16 @@ pub enum RefuseCode {
     Codec = 6,
     /// Anything else (e.g. the destination file cannot be created).
     Other = 7,
+    /// A channel connection that belongs to no migration in progress here (wrong
+    /// migration id, index out of range, duplicate index, no migration yet).
+    Channel = 8,
 }
 
 impl RefuseCode {
     fn from_tag(tag: u8) -> Option<RefuseCode> {
         use RefuseCode::*;
         [
-            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other,
+            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel,
         ]
         .into_iter()
         .find(|c| *c as u8 == tag)
@@ -592,6 +605,65 @@ impl HelloReply {
             refuse,
             receiver_workers,
             reason,
+        })
+    }
+}
+
+/// `ChannelHello`: opens channel `index` of the `count` channels of migration
+/// `migration_id` (32-byte body). Channel 0 sends it right after its `Hello`; every other
+/// channel sends it as the first frame of its own connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHello {
+    /// Random id the source chose for this migration; binds its channels together.
+    pub migration_id: [u8; 16],
+    /// This connection's channel, `0..count`.
+    pub index: u16,
+    /// Channels of the migration, `2..=MAX_CHANNELS`.
+    pub count: u16,
+}
+
+impl ChannelHello {
+    /// Body length.
+    pub const LEN: usize = 32;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.index.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&[0; 2]);
+        out.extend_from_slice(&self.migration_id);
+    }
+
+    fn decode(body: &[u8]) -> Result<ChannelHello, WireError> {
+        const K: FrameType = FrameType::ChannelHello;
+        if body.len() >= 10 {
+            check_magic_version(K, &mut Fields::new(body))?;
+        }
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        f.bytes(10);
+        let index = f.u16();
+        let count = f.u16();
+        let reserved = f.u16();
+        let bad = |field, value: u64| WireError::BadField {
+            kind: K.name(),
+            field,
+            value,
+        };
+        if reserved != 0 {
+            return Err(bad("reserved", reserved as u64));
+        }
+        if !(2..=MAX_CHANNELS).contains(&count) {
+            return Err(bad("count", count as u64));
+        }
+        if index >= count {
+            return Err(bad("index", index as u64));
+        }
+        Ok(ChannelHello {
+            migration_id: f.bytes(16).try_into().expect("16 bytes"),
+            index,
+            count,
         })
     }
 }
@@ -953,6 +1025,8 @@ pub enum Message {
     Hello(Hello),
     /// See [`HelloReply`].
     HelloReply(HelloReply),
+    /// See [`ChannelHello`].
+    ChannelHello(ChannelHello),
     /// See [`RoundEnd`].
     RoundEnd(RoundEnd),
     /// See [`RoundAck`].
@@ -975,6 +1049,7 @@ impl Message {
         match self {
             Message::Hello(_) => FrameType::Hello,
             Message::HelloReply(_) => FrameType::HelloReply,
+            Message::ChannelHello(_) => FrameType::ChannelHello,
             Message::RoundEnd(_) => FrameType::RoundEnd,
             Message::RoundAck(_) => FrameType::RoundAck,
             Message::GuestState(_) => FrameType::GuestState,
@@ -991,6 +1066,7 @@ impl Message {
         match self {
             Message::Hello(m) => m.encode(&mut out),
             Message::HelloReply(m) => m.encode(&mut out),
+            Message::ChannelHello(m) => m.encode(&mut out),
             Message::RoundEnd(m) => m.encode(&mut out),
             Message::RoundAck(m) => m.encode(&mut out),
             Message::GuestState(m) => m.encode(&mut out),
@@ -1029,6 +1105,7 @@ impl Message {
         Ok(match kind {
             FrameType::Hello => Message::Hello(Hello::decode(body)?),
             FrameType::HelloReply => Message::HelloReply(HelloReply::decode(body)?),
+            FrameType::ChannelHello => Message::ChannelHello(ChannelHello::decode(body)?),
             FrameType::RoundEnd => Message::RoundEnd(RoundEnd::decode(body)?),
             FrameType::RoundAck => Message::RoundAck(RoundAck::decode(body)?),
             FrameType::GuestState => Message::GuestState(GuestState::decode(body)?),
@@ -1116,6 +1193,11 @@ mod tests {
             Message::Abort(Abort {
                 code: AbortCode::Cancelled,
                 reason: "timeout".into(),
+            }),
+            Message::ChannelHello(ChannelHello {
+                migration_id: [0x5c; 16],
+                index: 1,
+                count: 2,
             }),
         ]
     }
@@ -1280,6 +1362,31 @@ mod tests {
             RoundEnd::decode(&body),
             Err(WireError::BadField { field: "flags", .. })
         ));
+    }
+
+    #[test]
+    fn channel_hello_bytes_and_bounds() {
+        let h = ChannelHello {
+            migration_id: *b"0123456789abcdef",
+            index: 2,
+            count: 3,
+        };
+        let f = Message::ChannelHello(h).to_frame();
+        assert_eq!(f[0], 0x03);
+        let b = &f[FRAME_HEADER_LEN..f.len() - BODY_CRC_LEN];
+        assert_eq!(b.len(), ChannelHello::LEN);
+        assert_eq!(&b[..8], b"VMSTREAM");
+        assert_eq!(&b[10..14], &[2, 0, 3, 0]);
+        assert_eq!(&b[16..], b"0123456789abcdef");
+        for (index, count, field) in [(3, 3, "index"), (0, 1, "count"), (0, 17, "count")] {
+            let mut body = Vec::new();
+            ChannelHello { index, count, ..h }.encode(&mut body);
+            assert!(
+                matches!(ChannelHello::decode(&body), Err(WireError::BadField { field: f, .. }) if f == field),
+                "{index}/{count}"
+            );
+        }
+        assert_eq!(RefuseCode::from_tag(8), Some(RefuseCode::Channel));
     }
 
     #[test]
