@@ -20,12 +20,13 @@ use super::config::RecvConfig;
 use super::digest::{hex, memory_digest};
 use super::error::RecvError;
 use super::image::PendingImage;
+use super::impact::{sample_destination, DESTINATION_WINDOW};
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{
-    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestState, Hello, HelloReply,
-    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST, FEATURE_CHANNELS,
-    KNOWN_FEATURES, PAGE_SIZE,
+    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestSamples, GuestState,
+    Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_BLAKE3_DIGEST,
+    FEATURE_CHANNELS, KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
 
@@ -536,7 +537,28 @@ impl Dest<'_> {
         })) {
             eprintln!("vmstream recv: warning: could not report the resume: {e}");
         }
+        if running {
+            self.report_samples();
+        }
         Ok(DestState::Done)
+    }
+
+    /// Samples the resumed guest for a short window and sends the readings to the source
+    /// (its timeline); an empty report if sampling fails, so the source does not wait.
+    fn report_samples(&mut self) {
+        let window = self
+            .cfg
+            .run_for
+            .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW));
+        let samples = sample_destination(&self.cfg.memory_file, window).unwrap_or_else(|e| {
+            eprintln!("vmstream recv: warning: sampling the resumed guest: {e}");
+            GuestSamples {
+                samples: Vec::new(),
+            }
+        });
+        if let Err(e) = self.send(&Message::GuestSamples(samples)) {
+            eprintln!("vmstream recv: warning: could not report the guest samples: {e}");
+        }
     }
 }
 

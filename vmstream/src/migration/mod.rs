@@ -34,6 +34,7 @@
 //! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
 //! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
 //! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
+//! [`impact`] (the guest-impact timeline of the statistics),
 //! [`source_guest`] (the guest process on the source), [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
@@ -45,6 +46,7 @@ pub mod dest;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod impact;
 pub mod source;
 pub mod source_guest;
 pub mod stats;

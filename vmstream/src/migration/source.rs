@@ -18,6 +18,7 @@ use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
 use super::digest::{hex, memory_digest};
 use super::error::SendError;
+use super::impact::{ImpactRecorder, REPORT_WAIT};
 use super::source_guest::{tx_count, SourceGuest};
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
 use super::transport::{Frame, FrameReader};
@@ -206,6 +207,8 @@ struct Source<'a> {
     switch_start: Option<Instant>,
     /// Hot-page deferral, if enabled.
     deferral: Option<HotPageDeferral>,
+    /// The guest-impact timeline.
+    impact: ImpactRecorder,
 }
 
 impl Source<'_> {
@@ -277,6 +280,7 @@ impl Source<'_> {
             .io
             .send_round(round, &pages, PageSource::Live(self.guest), 0)?;
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let dirtied = newly.len() as u64;
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let pending = match &self.deferral {
             Some(d) => merge_pages(&newly, d.carried()),
@@ -302,6 +306,7 @@ impl Source<'_> {
         if throttle != self.throttle_now {
             self.guest.set_throttle(throttle);
             self.throttle_now = throttle;
+            self.impact.throttle(throttle);
         }
         rs.throttle = throttle;
         let state = match decision {
@@ -345,6 +350,7 @@ impl Source<'_> {
                 SourceState::Done(Outcome::Cancelled(reason))
             }
         };
+        self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);
         Ok(state)
     }
@@ -364,6 +370,7 @@ impl Source<'_> {
         }
         let t = Instant::now();
         self.guest.pause().map_err(SendError::Guest)?;
+        self.impact.pause();
         let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = tx_count(self.guest.memory());
@@ -393,6 +400,7 @@ impl Source<'_> {
             .switchover_ms
             .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
         self.switch_start = Some(Instant::now());
+        self.impact.round(&rs, 0);
         self.stats.per_round.push(rs);
         self.stats.converged = !forced;
         self.stats.digest = Some(hex(&digest));
@@ -458,6 +466,10 @@ impl Source<'_> {
                 self.stats
                     .settings
                     .insert("destination_running".into(), r.running.to_string());
+                self.impact.resumed(paused_at_ns, r.at_unix_ns);
+                if r.running {
+                    self.destination_samples();
+                }
             }
             Ok(Frame::Control(Message::Abort(a))) => eprintln!(
                 "vmstream send: warning: the destination committed but could not resume: {}",
@@ -469,6 +481,22 @@ impl Source<'_> {
             }
         }
         SourceState::Done(Outcome::Committed)
+    }
+
+    /// Reads the resumed guest's samples the destination sends after `Resumed` (for the
+    /// timeline and the TPS after the migration); a warning if they do not come.
+    fn destination_samples(&mut self) {
+        let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+        match self.io.reader.read_frame() {
+            Ok(Frame::Control(Message::GuestSamples(s))) => {
+                self.impact.destination(&s);
+                self.stats.tps.after = self.impact.destination_tps();
+            }
+            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the resume"),
+            Err(e) => {
+                eprintln!("vmstream send: warning: no guest samples from the destination: {e}")
+            }
+        }
     }
 }
 
@@ -512,6 +540,7 @@ pub fn migrate(
         on_timeout: cfg.on_timeout,
     };
     let throttle_request = Arc::new(AtomicU64::new(0f64.to_bits()));
+    let impact = ImpactRecorder::start(guest.path(), start);
     let policy: Box<dyn ConvergencePolicy> = if cfg.converge.converge == Strategy::None {
         Box::new(downtime)
     } else {
@@ -520,9 +549,16 @@ pub fn migrate(
             .strategy()
             .map_err(|e| SendError::Config(e.to_string()))?;
         let request = Arc::clone(&throttle_request);
+        let notes = impact.note_sink();
         Box::new(
-            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |_, d| {
+            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |o, d| {
                 request.store(d.throttle.to_bits(), Ordering::Relaxed);
+                if let Some(n) = &d.note {
+                    notes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((o.now, n.clone()));
+                }
             }),
         )
     };
@@ -547,6 +583,7 @@ pub fn migrate(
         throttle_now: 0.0,
         switch_start: None,
         deferral,
+        impact,
     };
     source
         .stats
@@ -576,6 +613,7 @@ pub fn migrate(
     }
     source.io.progress.finish();
     source.stats.codec = source.io.channels.total_stats();
+    source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {
         if source.guest.is_paused() {

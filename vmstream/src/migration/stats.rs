@@ -142,6 +142,8 @@ pub struct MigrationStats {
     pub per_round: Vec<RoundStats>,
     /// Codec totals (pages by encoding, cache outcomes, stage times).
     pub codec: PipelineStats,
+    /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
+    pub timeline: Option<crate::converge::timeline::Timeline>,
 }
 
 impl MigrationStats {

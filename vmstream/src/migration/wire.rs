@@ -61,13 +61,15 @@ pub enum FrameType {
     CommitReply = 0x22,
     /// Destination -> source: the guest runs again (or the image is in place).
     Resumed = 0x23,
+    /// Destination -> source: the resumed guest's transaction counter over time.
+    GuestSamples = 0x24,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 12] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -78,6 +80,7 @@ impl FrameType {
         FrameType::Digest,
         FrameType::CommitReply,
         FrameType::Resumed,
+        FrameType::GuestSamples,
         FrameType::Abort,
     ];
 
@@ -99,6 +102,7 @@ impl FrameType {
             FrameType::Digest => Digest::LEN,
             FrameType::CommitReply => CommitReply::FIXED_LEN + MAX_REASON_LEN,
             FrameType::Resumed => Resumed::LEN,
+            FrameType::GuestSamples => GuestSamples::FIXED_LEN + 16 * GuestSamples::MAX_SAMPLES,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -117,6 +121,7 @@ impl FrameType {
             FrameType::Digest => "digest",
             FrameType::CommitReply => "commit-reply",
             FrameType::Resumed => "resumed",
+            FrameType::GuestSamples => "guest-samples",
             FrameType::Abort => "abort",
         }
     }
@@ -963,6 +968,56 @@ impl Resumed {
     }
 }
 
+/// `GuestSamples`: readings of the resumed guest's transaction counter on the destination
+/// (8 bytes + 16 per sample), for the guest-impact timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSamples {
+    /// `(CLOCK_REALTIME ns since the Unix epoch, transactions committed)`, in time order.
+    pub samples: Vec<(u64, u64)>,
+}
+
+impl GuestSamples {
+    /// Body length without the samples.
+    pub const FIXED_LEN: usize = 8;
+    /// Most samples in one message (about 100 s at 100 ms).
+    pub const MAX_SAMPLES: usize = 1024;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let n = self.samples.len().min(Self::MAX_SAMPLES);
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for &(at, tx) in &self.samples[..n] {
+            out.extend_from_slice(&at.to_le_bytes());
+            out.extend_from_slice(&tx.to_le_bytes());
+        }
+    }
+
+    fn decode(body: &[u8]) -> Result<GuestSamples, WireError> {
+        const K: FrameType = FrameType::GuestSamples;
+        at_least(K, body, Self::FIXED_LEN, 16 * Self::MAX_SAMPLES)?;
+        let mut f = Fields::new(body);
+        let n = f.u32() as usize;
+        let reserved = f.u32();
+        if reserved != 0 {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "reserved",
+                value: reserved as u64,
+            });
+        }
+        exact(K, body, Self::FIXED_LEN + 16 * n)?;
+        let samples: Vec<(u64, u64)> = (0..n).map(|_| (f.u64(), f.u64())).collect();
+        if samples.windows(2).any(|w| w[1].0 < w[0].0) {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "order",
+                value: n as u64,
+            });
+        }
+        Ok(GuestSamples { samples })
+    }
+}
+
 /// Why a side aborts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -1039,6 +1094,8 @@ pub enum Message {
     CommitReply(CommitReply),
     /// See [`Resumed`].
     Resumed(Resumed),
+    /// See [`GuestSamples`].
+    GuestSamples(GuestSamples),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -1056,6 +1113,7 @@ impl Message {
             Message::Digest(_) => FrameType::Digest,
             Message::CommitReply(_) => FrameType::CommitReply,
             Message::Resumed(_) => FrameType::Resumed,
+            Message::GuestSamples(_) => FrameType::GuestSamples,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -1073,6 +1131,7 @@ impl Message {
             Message::Digest(m) => m.encode(&mut out),
             Message::CommitReply(m) => m.encode(&mut out),
             Message::Resumed(m) => m.encode(&mut out),
+            Message::GuestSamples(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -1112,6 +1171,7 @@ impl Message {
             FrameType::Digest => Message::Digest(Digest::decode(body)?),
             FrameType::CommitReply => Message::CommitReply(CommitReply::decode(body)?),
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
+            FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {
@@ -1198,6 +1258,9 @@ mod tests {
                 migration_id: [0x5c; 16],
                 index: 1,
                 count: 2,
+            }),
+            Message::GuestSamples(GuestSamples {
+                samples: vec![(10, 1), (20, 5), (20, 9)],
             }),
         ]
     }
@@ -1362,6 +1425,41 @@ mod tests {
             RoundEnd::decode(&body),
             Err(WireError::BadField { field: "flags", .. })
         ));
+    }
+
+    #[test]
+    fn guest_samples_lengths_and_order_are_checked() {
+        let m = GuestSamples {
+            samples: vec![(1, 2), (3, 4)],
+        };
+        let mut body = Vec::new();
+        m.encode(&mut body);
+        assert_eq!(body.len(), GuestSamples::FIXED_LEN + 32);
+        assert_eq!(GuestSamples::decode(&body), Ok(m.clone()));
+        // The count says 3, two are present.
+        body[0] = 3;
+        assert!(matches!(
+            GuestSamples::decode(&body),
+            Err(WireError::BodyLength { .. })
+        ));
+        let mut body = Vec::new();
+        GuestSamples {
+            samples: vec![(5, 0), (4, 0)],
+        }
+        .encode(&mut body);
+        assert!(matches!(
+            GuestSamples::decode(&body),
+            Err(WireError::BadField { field: "order", .. })
+        ));
+        let too_many = GuestSamples {
+            samples: vec![(0, 0); GuestSamples::MAX_SAMPLES + 5],
+        };
+        let mut body = Vec::new();
+        too_many.encode(&mut body);
+        assert_eq!(
+            GuestSamples::decode(&body).unwrap().samples.len(),
+            GuestSamples::MAX_SAMPLES
+        );
     }
 
     #[test]
