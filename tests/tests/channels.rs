@@ -256,4 +256,35 @@ fn stray_channel_connections_are_refused() {
     );
     assert!(!dst.exists());
     assert!(dir.entries().is_empty(), "{:?}", dir.entries());
+
+    // A source that gives up while its channels bind (e.g. one was refused) ends the
+    // binding at once: the destination reports the abort, not a binding timeout.
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--io-timeout",
+        "30s",
+    ]);
+    let (reply, mut primary) = exchange(port, &[hello(), channel_hello(0xcc, 0, 3)]);
+    assert_eq!(reply.refuse, RefuseCode::None, "{}", reply.reason);
+    let (reply, _chan1) = exchange(port, &[channel_hello(0xcc, 1, 3)]);
+    assert_eq!(reply.refuse, RefuseCode::None, "{}", reply.reason);
+    primary
+        .write_all(
+            &Message::Abort(Abort {
+                code: AbortCode::SourceError,
+                reason: "destination refused channel 2".into(),
+            })
+            .to_frame(),
+        )
+        .unwrap();
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    let err = recv.stderr();
+    assert!(
+        err.contains("source aborted") && err.contains("destination refused channel 2"),
+        "{err}"
+    );
+    assert!(!dst.exists());
+    assert!(dir.entries().is_empty(), "{:?}", dir.entries());
 }

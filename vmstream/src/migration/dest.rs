@@ -359,7 +359,8 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         if let Some(primary) = primary {
-            self.channels.bind(&primary, self.cfg.io_timeout)?;
+            self.channels
+                .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
             eprintln!(
                 "vmstream recv: {} channels bound (migration {})",
                 primary.count,

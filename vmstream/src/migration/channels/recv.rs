@@ -70,12 +70,19 @@ impl DestChannels {
 
     /// Accepts the channels 1.. of the migration channel 0 announced in `primary`,
     /// refusing (and reporting on stderr) every other connection, until all are bound or
-    /// `timeout` passed. Stops listening either way.
-    pub fn bind(&mut self, primary: &ChannelHello, timeout: Duration) -> Result<(), ChannelError> {
+    /// `timeout` passed. Stops listening either way. Channel 0 (`reader0`) must stay quiet
+    /// meanwhile: an `Abort` there (the source gave up, e.g. because a channel was
+    /// refused) or its close ends the binding at once.
+    pub fn bind(
+        &mut self,
+        primary: &ChannelHello,
+        timeout: Duration,
+        reader0: &mut FrameReader<TcpStream>,
+    ) -> Result<(), RecvError> {
         let Some(listener) = self.listener.take() else {
-            return Err(ChannelError::Accept(std::io::Error::other(
-                "the listener is closed",
-            )));
+            return Err(
+                ChannelError::Accept(std::io::Error::other("the listener is closed")).into(),
+            );
         };
         let count = primary.count as usize;
         listener
@@ -98,17 +105,34 @@ impl DestChannels {
                     ),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(frame) = pending_frame(reader0) {
+                        return Err(match frame {
+                            Ok(Frame::Control(Message::Abort(a))) => RecvError::PeerAborted {
+                                code: a.code,
+                                reason: a.reason,
+                            },
+                            Ok(f) => RecvError::Protocol(format!(
+                                "channel 0 sent a {} before every channel was bound",
+                                match f {
+                                    Frame::Control(m) => m.frame_type().name(),
+                                    Frame::Packet(_) => "packet",
+                                }
+                            )),
+                            Err(e) => e.into(),
+                        });
+                    }
                     if Instant::now() >= deadline {
                         return Err(ChannelError::BindTimeout {
                             bound: bound.iter().filter(|b| **b).count(),
                             count,
                             timeout,
-                        });
+                        }
+                        .into());
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ChannelError::Accept(e)),
+                Err(e) => return Err(ChannelError::Accept(e).into()),
             }
         }
         self.bound = slots.into_iter().flatten().collect();
@@ -223,6 +247,20 @@ fn admit(
         .set_read_timeout(Some(io_timeout))
         .map_err(|e| ChannelRefusal::NotAChannel(e.to_string()))?;
     Ok((i, reader.bytes_read()))
+}
+
+/// The next frame of `reader` if any bytes (or its end) arrived, without blocking
+/// otherwise.
+fn pending_frame(reader: &mut FrameReader<TcpStream>) -> Option<Result<Frame, TransportError>> {
+    let s = reader.get_ref();
+    s.set_nonblocking(true).ok()?;
+    // Data, its end (Ok(0)) or a socket error: read_frame reports which.
+    let arrived = match s.peek(&mut [0u8; 1]) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).ok()?;
+    arrived.then(|| reader.read_frame())
 }
 
 type ChannelFrame = (usize, Result<Frame, TransportError>);
