@@ -101,6 +101,10 @@ pub struct SendArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Parallel TCP connections (like QEMU's multifd); pages are sharded over them.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub channels: u16,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::converge::cli::ConvergeArgs,
@@ -204,6 +208,7 @@ impl SendArgs {
         cfg.stats_json = self.stats_json.clone();
         cfg.progress = !self.no_progress;
         cfg.converge = self.converge.clone();
+        cfg.channels = self.channels as usize;
         Ok(cfg)
     }
 }
@@ -276,6 +281,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
                 .map_or("unlimited".into(), |b| b.to_string()),
         ),
         ("dirty_tracking", guest.tracker_name().to_string()),
+        ("channels", cfg.channels.to_string()),
     ] {
         stats.settings.insert(k.to_string(), v);
     }

@@ -43,6 +43,8 @@ pub struct SendConfig {
     pub progress: bool,
     /// Guest throttling strategy and hot-page deferral (`crate::converge`).
     pub converge: ConvergeArgs,
+    /// Parallel TCP connections (`super::channels`), 1 to 16.
+    pub channels: usize,
 }
 
 impl SendConfig {
@@ -65,6 +67,7 @@ impl SendConfig {
             stats_json: None,
             progress: true,
             converge: ConvergeArgs::default(),
+            channels: 1,
         }
     }
 

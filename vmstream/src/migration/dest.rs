@@ -16,16 +16,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
+use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, PageHashes};
 use super::error::RecvError;
 use super::image::PendingImage;
+use super::impact::{sample_destination, DESTINATION_WINDOW};
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{
-    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestState, Hello, HelloReply,
-    Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
-    PAGE_SIZE,
+    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestKind, GuestSamples, GuestState,
+    Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
+    FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
 use crate::memory::GuestMemory;
@@ -174,6 +176,8 @@ struct Dest<'a> {
     cfg: &'a RecvConfig,
     reader: FrameReader<TcpStream>,
     writer: FrameWriter<TcpStream>,
+    /// The listener (while channels bind) and the connections of channels 1...
+    channels: DestChannels,
     stats: &'a mut MigrationStats,
     start: Instant,
     guest: Option<ResumedGuest>,
@@ -321,6 +325,9 @@ impl Dest<'_> {
     fn handshake(&mut self) -> Result<DestState, RecvError> {
         let hello = match self.reader.read_frame() {
             Ok(Frame::Control(Message::Hello(h))) => h,
+            Ok(Frame::Control(Message::ChannelHello(c))) => {
+                return Err(self.refuse(RefuseCode::Channel, no_migration(&c).to_string()))
+            }
             Err(TransportError::Wire(e @ (WireError::Version { .. } | WireError::BadMagic(_)))) => {
                 return Err(self.refuse(RefuseCode::Version, e.to_string()))
             }
@@ -330,6 +337,16 @@ impl Dest<'_> {
         if let Some((code, reason)) = self.check_hello(&hello) {
             return Err(self.refuse(code, reason));
         }
+        // Several channels: channel 0 announces the migration id and count next.
+        let primary = if hello.features & FEATURE_CHANNELS != 0 {
+            match DestChannels::read_primary(&mut self.reader) {
+                Ok(c) => Some(c),
+                Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
+            }
+        } else {
+            self.channels.close_listener();
+            None
+        };
         let image = match PendingImage::create(&self.cfg.memory_file, hello.guest_size) {
             Ok(i) => i,
             Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
@@ -350,6 +367,18 @@ impl Dest<'_> {
             receiver_workers: workers as u32,
             reason: String::new(),
         }))?;
+        if let Some(primary) = primary {
+            self.channels
+                .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
+            eprintln!(
+                "vmstream recv: {} channels bound (migration {})",
+                primary.count,
+                super::channels::id_hex(&primary.migration_id)
+            );
+        }
+        self.stats
+            .settings
+            .insert("channels".into(), self.channels.count().to_string());
         Ok(DestState::Receiving { hello, image })
     }
 
@@ -379,7 +408,9 @@ impl Dest<'_> {
             }),
             ..ReceiverConfig::default()
         };
-        let reader = &mut self.reader;
+        let mut frames = self
+            .channels
+            .frames(&mut self.reader, self.cfg.io_timeout)?;
         let writer = &mut self.writer;
         let mut converged = true;
         let mut rounds = 0u64;
@@ -388,9 +419,16 @@ impl Dest<'_> {
             image.memory_mut(),
             |rx| -> Result<PipelineStats, RecvError> {
                 loop {
-                    match reader.read_frame()? {
-                        Frame::Packet(p) => rx.submit(p)?,
-                        Frame::Control(Message::RoundEnd(end)) => {
+                    match frames.next_frame()? {
+                        (ch, Frame::Packet(p)) => {
+                            frames.packet(ch)?;
+                            rx.submit(p)?
+                        }
+                        (ch, Frame::Control(Message::RoundEnd(end))) => {
+                            // The round ends once it ended on every channel.
+                            let Some(end) = frames.round_end(ch, end)? else {
+                                continue;
+                            };
                             let t = Instant::now();
                             let st = rx.end_round(end.round)?;
                             if st.pages() != end.records || st.packets != end.packets {
@@ -417,11 +455,12 @@ impl Dest<'_> {
                                 return Ok(rx.total_stats().clone());
                             }
                         }
-                        other => return Err(unexpected("a packet or round end", other)),
+                        (_, other) => return Err(unexpected("a packet or round end", other)),
                     }
                 }
             },
         );
+        drop(frames);
         // `receive` reports worker panics; the closure reports everything else.
         self.stats.codec = match result {
             Ok(Ok(codec)) => codec,
@@ -553,7 +592,28 @@ impl Dest<'_> {
         })) {
             eprintln!("vmstream recv: warning: could not report the resume: {e}");
         }
+        if running {
+            self.report_samples();
+        }
         Ok(DestState::Done)
+    }
+
+    /// Samples the resumed guest for a short window and sends the readings to the source
+    /// (its timeline); an empty report if sampling fails, so the source does not wait.
+    fn report_samples(&mut self) {
+        let window = self
+            .cfg
+            .run_for
+            .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW));
+        let samples = sample_destination(&self.cfg.memory_file, window).unwrap_or_else(|e| {
+            eprintln!("vmstream recv: warning: sampling the resumed guest: {e}");
+            GuestSamples {
+                samples: Vec::new(),
+            }
+        });
+        if let Err(e) = self.send(&Message::GuestSamples(samples)) {
+            eprintln!("vmstream recv: warning: could not report the guest samples: {e}");
+        }
     }
 }
 
@@ -583,7 +643,8 @@ pub fn receive_migration(
     let (stream, peer) = listener
         .accept()
         .map_err(|e| RecvError::Listen(local.to_string(), e))?;
-    drop(listener);
+    // Kept while the handshake tells whether more channels follow.
+    let channels = DestChannels::new(listener);
     eprintln!("vmstream recv: connection from {peer}");
     stream.set_nodelay(true).map_err(RecvError::Socket)?;
     stream
@@ -597,6 +658,7 @@ pub fn receive_migration(
         cfg,
         reader: FrameReader::new(stream, Some(cfg.io_timeout)),
         writer,
+        channels,
         stats,
         start: Instant::now(),
         guest: None,
@@ -604,7 +666,7 @@ pub fn receive_migration(
         committed: None,
     };
     let result = dest.run();
-    let bytes = dest.reader.bytes_read();
+    let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
     if let Err(e) = &result {
         let code = match e {
             RecvError::Transport(_) | RecvError::Protocol(_) => AbortCode::Protocol,

@@ -2,6 +2,7 @@
 
 use vmstream_codec::CodecError;
 
+use super::channels::ChannelError;
 use super::image::ImageError;
 use super::source_guest::GuestControlError;
 use super::transport::TransportError;
@@ -60,6 +61,9 @@ pub enum SendError {
     /// The destination broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A parallel channel failed or was refused.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
 }
 
 impl From<WireError> for SendError {
@@ -119,6 +123,9 @@ pub enum RecvError {
     /// The committed guest could not be resumed or failed verification.
     #[error("resumed guest: {0}")]
     Resume(String),
+    /// A parallel channel failed, broke the round barrier or did not connect.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
 }
 
 impl From<WireError> for RecvError {

@@ -25,13 +25,20 @@
 //! `CommitReply { committed }` the source then resumes its guest and the destination removes
 //! its temporary image, so nothing is ever committed twice or half.
 //!
+//! With `--channels N` the rounds travel over N connections, bound together by a random
+//! migration id in a `ChannelHello`; every round's barrier spans all of them (see
+//! [`channels`]).
+//!
 //! Modules: [`wire`] (typed messages, framing, checksums), [`transport`] (frame reader and
-//! writer, token bucket, the sender's [`transport::PacketChannel`]), [`convergence`] (the
+//! writer, token bucket, the sender's [`transport::PacketChannel`]), [`channels`] (parallel
+//! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
 //! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
 //! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
+//! [`impact`] (the guest-impact timeline of the statistics),
 //! [`source_guest`] (the guest process on the source), [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
+pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod convergence;
@@ -39,6 +46,7 @@ pub mod dest;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod impact;
 pub mod source;
 pub mod source_guest;
 pub mod stats;

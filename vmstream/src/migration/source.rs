@@ -8,23 +8,23 @@
 //! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
 //! ```
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use vmstream_codec::{Sender, SenderConfig};
-
+use super::channels::SourceChannels;
 use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
 use super::digest::{hex, memory_digest, memory_digest_sparse};
 use super::error::SendError;
+use super::impact::{ImpactRecorder, REPORT_WAIT};
 use super::source_guest::{tx_count, SourceGuest};
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
-use super::transport::{Frame, FrameReader, Link, PacketChannel};
+use super::transport::{Frame, FrameReader};
 use super::wire::{
     Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
-    RoundEnd, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
+    FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
     ROUND_FORCED,
 };
 use crate::converge::defer::HotPageDeferral;
@@ -74,26 +74,15 @@ enum PageSource<'a> {
     Frozen(&'a [u8]),
 }
 
-/// The per-connection machinery a round needs.
+/// The machinery a round needs: the channels (encoders and writers; control messages go
+/// on channel 0) and channel 0's reader.
 struct RoundIo {
-    encoder: Sender,
-    link: Link,
+    channels: SourceChannels,
     reader: FrameReader<TcpStream>,
     progress: Progress,
 }
 
 impl RoundIo {
-    /// Hands finished packets to the link and recycles written ones.
-    fn pump(&mut self) -> Result<(), SendError> {
-        while let Some(p) = self.encoder.poll() {
-            self.link.send_packet(p)?;
-        }
-        for p in self.link.returned() {
-            self.encoder.recycle(p);
-        }
-        Ok(())
-    }
-
     /// Sends one round and waits for its acknowledgement.
     fn send_round(
         &mut self,
@@ -111,33 +100,24 @@ impl RoundIo {
             match &mut src {
                 PageSource::Live(g) => {
                     g.read_page_for_send(p, &mut buf);
-                    self.encoder.push(p, &buf)?;
+                    self.channels.push(p, &buf)?;
                 }
                 PageSource::LiveSkippingHoles(g, data) => {
                     match data.get(p as usize / 64) {
                         Some(w) if w & (1 << (p % 64)) == 0 => g.hole_page_for_send(p, &mut buf),
                         _ => g.read_page_for_send(p, &mut buf),
                     }
-                    self.encoder.push(p, &buf)?;
+                    self.channels.push(p, &buf)?;
                 }
-                PageSource::Frozen(m) => self.encoder.push(p, &m[at..at + PAGE])?,
+                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
             }
-            self.pump()?;
             if i % 256 == 255 {
                 self.progress.inc(256);
             }
         }
-        let codec = self.encoder.end_round()?;
-        self.pump()?;
-        let end = RoundEnd {
-            round,
-            records: codec.pages(),
-            packets: codec.packets,
-            packet_bytes: codec.packet_bytes,
-            flags,
-        };
-        let end_msg = Message::RoundEnd(end);
-        self.link.send_message(&end_msg)?;
+        // Every channel ends the round; the one acknowledgement covers them all.
+        let sent = self.channels.end_round(round, flags)?;
+        let (codec, end) = (sent.codec, sent.total);
         let ack = match self.reader.read_frame()? {
             Frame::Control(Message::RoundAck(a)) if a.round == round => a,
             other => return Err(unexpected("a round acknowledgement", other)),
@@ -149,9 +129,8 @@ impl RoundIo {
             )));
         }
         let duration = t0.elapsed().max(Duration::from_micros(1));
-        let wire = codec.packet_bytes
-            + codec.packets * FRAME_HEADER_LEN as u64
-            + end_msg.to_frame().len() as u64;
+        let wire =
+            codec.packet_bytes + codec.packets * FRAME_HEADER_LEN as u64 + sent.end_frame_bytes;
         let mut rs = RoundStats {
             round,
             paused: flags & ROUND_FINAL != 0,
@@ -241,6 +220,8 @@ struct Source<'a> {
     deferral: Option<HotPageDeferral>,
     /// Data pages of the memory file when tracking started (None: read every page).
     round0_data: Option<Vec<u64>>,
+    /// The guest-impact timeline.
+    impact: ImpactRecorder,
 }
 
 impl Source<'_> {
@@ -282,12 +263,13 @@ impl Source<'_> {
     }
 
     fn handshake(&mut self) -> Result<SourceState, SendError> {
-        self.io.link.send_message(&Message::Hello(self.hello()))?;
+        self.io.channels.send_hello(self.hello())?;
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
                 self.stats
                     .settings
                     .insert("receiver_workers".into(), r.receiver_workers.to_string());
+                self.io.channels.await_bound()?;
             }
             Frame::Control(Message::HelloReply(r)) => {
                 return Err(SendError::Refused {
@@ -318,6 +300,7 @@ impl Source<'_> {
             self.round0_data = None;
         }
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let dirtied = newly.len() as u64;
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let pending = match &self.deferral {
             Some(d) => merge_pages(&newly, d.carried()),
@@ -343,6 +326,7 @@ impl Source<'_> {
         if throttle != self.throttle_now {
             self.guest.set_throttle(throttle);
             self.throttle_now = throttle;
+            self.impact.throttle(throttle);
         }
         rs.throttle = throttle;
         let state = match decision {
@@ -379,13 +363,14 @@ impl Source<'_> {
                     obs.expected_downtime().as_secs_f64() * 1e3,
                     self.cfg.downtime_limit
                 );
-                self.io.link.send_message(&Message::Abort(Abort {
+                self.io.channels.send_message(&Message::Abort(Abort {
                     code: AbortCode::Cancelled,
                     reason: reason.clone(),
                 }))?;
                 SourceState::Done(Outcome::Cancelled(reason))
             }
         };
+        self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);
         Ok(state)
     }
@@ -405,6 +390,7 @@ impl Source<'_> {
         }
         let t = Instant::now();
         self.guest.pause().map_err(SendError::Guest)?;
+        self.impact.pause();
         let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = tx_count(self.guest.memory());
@@ -441,15 +427,18 @@ impl Source<'_> {
             .switchover_ms
             .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
         self.switch_start = Some(Instant::now());
+        self.impact.round(&rs, 0);
         self.stats.per_round.push(rs);
         self.stats.converged = !forced;
         self.stats.digest = Some(hex(&digest));
-        self.io.link.send_message(&Message::GuestState(GuestState {
-            guest_kind: GuestKind::File,
-            tx_count: tx_at_pause,
-            blob: Vec::new(),
-        }))?;
-        self.io.link.send_message(&Message::Digest(Digest {
+        self.io
+            .channels
+            .send_message(&Message::GuestState(GuestState {
+                guest_kind: GuestKind::File,
+                tx_count: tx_at_pause,
+                blob: Vec::new(),
+            }))?;
+        self.io.channels.send_message(&Message::Digest(Digest {
             digest,
             guest_size: self.guest.size(),
             paused_at_unix_ns: paused_at_ns,
@@ -504,6 +493,10 @@ impl Source<'_> {
                 self.stats
                     .settings
                     .insert("destination_running".into(), r.running.to_string());
+                self.impact.resumed(paused_at_ns, r.at_unix_ns);
+                if r.running {
+                    self.destination_samples();
+                }
             }
             Ok(Frame::Control(Message::Abort(a))) => eprintln!(
                 "vmstream send: warning: the destination committed but could not resume: {}",
@@ -515,6 +508,22 @@ impl Source<'_> {
             }
         }
         SourceState::Done(Outcome::Committed)
+    }
+
+    /// Reads the resumed guest's samples the destination sends after `Resumed` (for the
+    /// timeline and the TPS after the migration); a warning if they do not come.
+    fn destination_samples(&mut self) {
+        let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+        match self.io.reader.read_frame() {
+            Ok(Frame::Control(Message::GuestSamples(s))) => {
+                self.impact.destination(&s);
+                self.stats.tps.after = self.impact.destination_tps();
+            }
+            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the resume"),
+            Err(e) => {
+                eprintln!("vmstream send: warning: no guest samples from the destination: {e}")
+            }
+        }
     }
 }
 
@@ -537,21 +546,6 @@ fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
     Duration::from_secs_f64(per_byte * memory.len() as f64)
 }
 
-fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
-    let addrs: Vec<_> = to
-        .to_socket_addrs()
-        .map_err(|e| SendError::Connect(to.to_string(), e))?
-        .collect();
-    let mut last = std::io::Error::other("no address");
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(SendError::Connect(to.to_string(), last))
-}
-
 /// Migrates `guest` to `cfg.to`. Fills `stats`; on error before the commit the guest is
 /// resumed (if it was paused) and an `Abort` is sent when the connection still works.
 pub fn migrate(
@@ -560,26 +554,12 @@ pub fn migrate(
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
-    let stream = connect(&cfg.to, cfg.io_timeout)?;
-    stream.set_nodelay(true).map_err(SendError::Socket)?;
-    stream
-        .set_read_timeout(Some(cfg.io_timeout))
-        .map_err(SendError::Socket)?;
-    // A destination that stops reading must not block the writer (and a later join of it)
-    // forever.
-    stream
-        .set_write_timeout(Some(cfg.io_timeout))
-        .map_err(SendError::Socket)?;
-    let link = Link::new(
-        stream.try_clone().map_err(SendError::Socket)?,
-        cfg.max_bandwidth,
-    )
-    .map_err(SendError::Socket)?;
-    let mut sender_cfg = SenderConfig::new(guest.size() / PAGE as u64);
-    sender_cfg.workers = cfg.threads;
-    sender_cfg.batch_pages = cfg.batch_pages;
-    sender_cfg.encoder = cfg.encoder;
-    let encoder = Sender::new(sender_cfg)?;
+    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64)?;
+    if channels.count() > 1 {
+        stats
+            .settings
+            .insert("migration_id".into(), channels.migration_id());
+    }
     // The switchover also hashes all of memory (both sides in parallel): that time is
     // part of the downtime whatever the dirty pages, so the pages get what is left.
     let overhead = digest_time_estimate(guest.memory());
@@ -593,6 +573,7 @@ pub fn migrate(
         on_timeout: cfg.on_timeout,
     };
     let throttle_request = Arc::new(AtomicU64::new(0f64.to_bits()));
+    let impact = ImpactRecorder::start(guest.path(), start);
     let policy: Box<dyn ConvergencePolicy> = if cfg.converge.converge == Strategy::None {
         Box::new(downtime)
     } else {
@@ -601,9 +582,16 @@ pub fn migrate(
             .strategy()
             .map_err(|e| SendError::Config(e.to_string()))?;
         let request = Arc::clone(&throttle_request);
+        let notes = impact.note_sink();
         Box::new(
-            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |_, d| {
+            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |o, d| {
                 request.store(d.throttle.to_bits(), Ordering::Relaxed);
+                if let Some(n) = &d.note {
+                    notes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((o.now, n.clone()));
+                }
             }),
         )
     };
@@ -615,9 +603,8 @@ pub fn migrate(
         cfg,
         guest,
         io: RoundIo {
-            encoder,
-            link,
-            reader: FrameReader::new(stream, Some(cfg.io_timeout)),
+            channels,
+            reader,
             progress: Progress::new(cfg.progress),
         },
         policy,
@@ -630,6 +617,7 @@ pub fn migrate(
         switch_start: None,
         deferral,
         round0_data: None,
+        impact,
     };
     source
         .stats
@@ -658,7 +646,8 @@ pub fn migrate(
         }
     }
     source.io.progress.finish();
-    source.stats.codec = source.io.encoder.total_stats().clone();
+    source.stats.codec = source.io.channels.total_stats();
+    source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {
         if source.guest.is_paused() {
@@ -667,13 +656,14 @@ pub fn migrate(
             }
         }
         // Tell the destination why, if the connection still works (best effort).
-        let _ = source.io.link.send_message(&Message::Abort(Abort {
+        let _ = source.io.channels.send_message(&Message::Abort(Abort {
             code: AbortCode::SourceError,
             reason: e.to_string(),
         }));
     }
-    let bytes = source.io.link.bytes_sent();
-    let _ = source.io.link.finish();
+    let _ = source.io.channels.finish();
+    let bytes = source.io.channels.bytes_sent();
+    source.stats.channel_bytes = source.io.channels.bytes_per_channel();
     stats.bytes_on_wire = bytes.max(stats.per_round.iter().map(|r| r.wire_bytes).sum());
     stats.cpu = CpuTime::now();
     if stats.total_time_ms == 0.0 {

@@ -119,6 +119,8 @@ pub struct MigrationStats {
     pub guest_bytes: u64,
     /// `bytes_on_wire / guest_bytes`.
     pub wire_to_guest_ratio: f64,
+    /// Bytes written on each channel, channel 0 first (source; `--channels`).
+    pub channel_bytes: Vec<u64>,
     /// Rounds, the final one included.
     pub rounds: u64,
     /// Whether the expected downtime fit the limit (false: forced at timeout).
@@ -140,6 +142,8 @@ pub struct MigrationStats {
     pub per_round: Vec<RoundStats>,
     /// Codec totals (pages by encoding, cache outcomes, stage times).
     pub codec: PipelineStats,
+    /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
+    pub timeline: Option<crate::converge::timeline::Timeline>,
 }
 
 impl MigrationStats {

@@ -3,9 +3,8 @@
 //! sender's [`PacketChannel`]: a writer thread that owns the socket's write half so the
 //! encode pipeline keeps running while the kernel drains the socket.
 //!
-//! [`PacketChannel`] is the seam for N parallel channels: a multi-channel implementation
-//! spreads packets over several links and keeps the round barrier by sending `RoundEnd` on
-//! every link.
+//! Parallel channels (`--channels N`, [`super::channels`]) run one [`Link`] per connection;
+//! their writers share one [`SharedBucket`], so `--max-bandwidth` limits the total.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -217,6 +216,27 @@ impl TokenBucket {
     pub fn rate(&self) -> u64 {
         self.rate as u64
     }
+
+    /// A bucket of `rate` bytes/s that several writers share.
+    pub fn shared(rate: u64) -> SharedBucket {
+        Arc::new(Mutex::new(TokenBucket::new(rate)))
+    }
+}
+
+/// A [`TokenBucket`] shared by the writers of several connections: each takes its bytes
+/// (going into debt together) and sleeps its own wait outside the lock, so the sum of
+/// their rates is the bucket's rate.
+pub type SharedBucket = Arc<Mutex<TokenBucket>>;
+
+/// Takes `n` bytes from `bucket`, sleeping as long as needed.
+fn take_shared(bucket: &SharedBucket, n: usize) {
+    let wait = bucket
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take_at(n, Instant::now());
+    if !wait.is_zero() {
+        std::thread::sleep(wait);
+    }
 }
 
 /// Parses a bandwidth: a byte size as in [`parse_size`] (`100M` = 100 MiB/s) or a bit rate
@@ -257,7 +277,7 @@ pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     inner: W,
-    bucket: Option<TokenBucket>,
+    bucket: Option<SharedBucket>,
     bytes: u64,
     /// Test-only: flip the byte at this stream offset (`VMSTREAM_TEST_CORRUPT_AT`).
     corrupt_at: Option<u64>,
@@ -269,9 +289,15 @@ pub const CORRUPT_ENV: &str = "VMSTREAM_TEST_CORRUPT_AT";
 impl<W: Write> FrameWriter<W> {
     /// A writer over `inner`, limited to `max_bandwidth` bytes/s if given.
     pub fn new(inner: W, max_bandwidth: Option<u64>) -> Self {
+        Self::with_bucket(inner, max_bandwidth.map(TokenBucket::shared))
+    }
+
+    /// A writer over `inner` that takes its bytes from `bucket` (possibly shared with
+    /// other writers).
+    pub fn with_bucket(inner: W, bucket: Option<SharedBucket>) -> Self {
         FrameWriter {
             inner,
-            bucket: max_bandwidth.map(TokenBucket::new),
+            bucket,
             bytes: 0,
             corrupt_at: None,
         }
@@ -288,8 +314,8 @@ impl<W: Write> FrameWriter<W> {
     }
 
     fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
-        if let Some(b) = &mut self.bucket {
-            b.take(data.len());
+        if let Some(b) = &self.bucket {
+            take_shared(b, data.len());
         }
         match self.corrupt_at {
             Some(at) if at >= self.bytes && at < self.bytes + data.len() as u64 => {
@@ -346,18 +372,33 @@ impl Link {
     /// Starts a writer thread on `stream` (a clone of the connection's socket), limited to
     /// `max_bandwidth` bytes/s if given. Honours [`CORRUPT_ENV`].
     pub fn new(stream: TcpStream, max_bandwidth: Option<u64>) -> io::Result<Link> {
+        let corrupt_at = std::env::var(CORRUPT_ENV).ok().and_then(|v| v.parse().ok());
+        Link::with_options(
+            stream,
+            max_bandwidth.map(TokenBucket::shared),
+            corrupt_at,
+            "vmstream-link",
+        )
+    }
+
+    /// Starts a writer thread named `name` on `stream`, taking its bytes from `bucket`;
+    /// `corrupt_at` is the test hook of [`FrameWriter::corrupt_byte_at`].
+    pub fn with_options(
+        stream: TcpStream,
+        bucket: Option<SharedBucket>,
+        corrupt_at: Option<u64>,
+        name: &str,
+    ) -> io::Result<Link> {
         let (queue, jobs) = sync_channel::<Outgoing>(16);
         let (give_back, returned) = channel();
         let sent = Arc::new(AtomicU64::new(0));
         let error = Arc::new(Mutex::new(None));
-        let mut writer = FrameWriter::new(
-            io::BufWriter::with_capacity(256 << 10, stream),
-            max_bandwidth,
-        );
-        writer.corrupt_byte_at(std::env::var(CORRUPT_ENV).ok().and_then(|v| v.parse().ok()));
+        let mut writer =
+            FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
+        writer.corrupt_byte_at(corrupt_at);
         let (s, e) = (Arc::clone(&sent), Arc::clone(&error));
         let thread = std::thread::Builder::new()
-            .name("vmstream-link".into())
+            .name(name.into())
             .spawn(move || writer_loop(writer, jobs, give_back, &s, &e))?;
         Ok(Link {
             queue: Some(queue),
@@ -583,7 +624,8 @@ mod tests {
                     .collect::<Vec<u8>>(),
                 // A valid header of a random type with a random body.
                 1 => {
-                    let kind = FrameType::ALL[(next(&mut rng) % 10) as usize];
+                    let kind =
+                        FrameType::ALL[(next(&mut rng) % FrameType::ALL.len() as u64) as usize];
                     let len = (next(&mut rng) % 80) as u32;
                     let mut b = FrameHeader::encode(kind, len).to_vec();
                     b.extend((0..len).map(|_| next(&mut rng) as u8));

@@ -30,8 +30,13 @@ pub const FEATURE_DELTA_PAGES: u64 = 1 << 0;
 /// Feature bit: the switchover carries the memory digest of `digest.rs` (BLAKE3 over
 /// per-page XXH3-128; mandatory).
 pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
+/// Feature bit: the migration uses several TCP connections (`--channels N`); a
+/// [`ChannelHello`] follows the `Hello` on the first one and opens each of the others.
+pub const FEATURE_CHANNELS: u64 = 1 << 2;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST;
+pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST | FEATURE_CHANNELS;
+/// Most channels one migration may use.
+pub const MAX_CHANNELS: u16 = 16;
 
 /// Frame type tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,6 +46,8 @@ pub enum FrameType {
     Hello = 0x01,
     /// Destination -> source: handshake answer.
     HelloReply = 0x02,
+    /// Source -> destination: binds a connection to a migration as one of its channels.
+    ChannelHello = 0x03,
     /// Source -> destination: one codec packet, verbatim.
     Packet = 0x10,
     /// Source -> destination: end of a round.
@@ -55,15 +62,18 @@ pub enum FrameType {
     CommitReply = 0x22,
     /// Destination -> source: the guest runs again (or the image is in place).
     Resumed = 0x23,
+    /// Destination -> source: the resumed guest's transaction counter over time.
+    GuestSamples = 0x24,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 10] = [
+    pub const ALL: [FrameType; 12] = [
         FrameType::Hello,
         FrameType::HelloReply,
+        FrameType::ChannelHello,
         FrameType::Packet,
         FrameType::RoundEnd,
         FrameType::RoundAck,
@@ -71,6 +81,7 @@ impl FrameType {
         FrameType::Digest,
         FrameType::CommitReply,
         FrameType::Resumed,
+        FrameType::GuestSamples,
         FrameType::Abort,
     ];
 
@@ -85,12 +96,14 @@ impl FrameType {
             FrameType::Packet => return MAX_PACKET_LEN,
             FrameType::Hello => Hello::LEN,
             FrameType::HelloReply => HelloReply::FIXED_LEN + MAX_REASON_LEN,
+            FrameType::ChannelHello => ChannelHello::LEN,
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
             FrameType::Digest => Digest::LEN,
             FrameType::CommitReply => CommitReply::FIXED_LEN + MAX_REASON_LEN,
             FrameType::Resumed => Resumed::LEN,
+            FrameType::GuestSamples => GuestSamples::FIXED_LEN + 16 * GuestSamples::MAX_SAMPLES,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -101,6 +114,7 @@ impl FrameType {
         match self {
             FrameType::Hello => "hello",
             FrameType::HelloReply => "hello-reply",
+            FrameType::ChannelHello => "channel-hello",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",
@@ -108,6 +122,7 @@ impl FrameType {
             FrameType::Digest => "digest",
             FrameType::CommitReply => "commit-reply",
             FrameType::Resumed => "resumed",
+            FrameType::GuestSamples => "guest-samples",
             FrameType::Abort => "abort",
         }
     }
@@ -526,13 +541,16 @@ pub enum RefuseCode {
     Codec = 6,
     /// Anything else (e.g. the destination file cannot be created).
     Other = 7,
+    /// A channel connection that belongs to no migration in progress here (wrong
+    /// migration id, index out of range, duplicate index, no migration yet).
+    Channel = 8,
 }
 
 impl RefuseCode {
     fn from_tag(tag: u8) -> Option<RefuseCode> {
         use RefuseCode::*;
         [
-            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other,
+            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel,
         ]
         .into_iter()
         .find(|c| *c as u8 == tag)
@@ -593,6 +611,65 @@ impl HelloReply {
             refuse,
             receiver_workers,
             reason,
+        })
+    }
+}
+
+/// `ChannelHello`: opens channel `index` of the `count` channels of migration
+/// `migration_id` (32-byte body). Channel 0 sends it right after its `Hello`; every other
+/// channel sends it as the first frame of its own connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHello {
+    /// Random id the source chose for this migration; binds its channels together.
+    pub migration_id: [u8; 16],
+    /// This connection's channel, `0..count`.
+    pub index: u16,
+    /// Channels of the migration, `2..=MAX_CHANNELS`.
+    pub count: u16,
+}
+
+impl ChannelHello {
+    /// Body length.
+    pub const LEN: usize = 32;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.index.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&[0; 2]);
+        out.extend_from_slice(&self.migration_id);
+    }
+
+    fn decode(body: &[u8]) -> Result<ChannelHello, WireError> {
+        const K: FrameType = FrameType::ChannelHello;
+        if body.len() >= 10 {
+            check_magic_version(K, &mut Fields::new(body))?;
+        }
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        f.bytes(10);
+        let index = f.u16();
+        let count = f.u16();
+        let reserved = f.u16();
+        let bad = |field, value: u64| WireError::BadField {
+            kind: K.name(),
+            field,
+            value,
+        };
+        if reserved != 0 {
+            return Err(bad("reserved", reserved as u64));
+        }
+        if !(2..=MAX_CHANNELS).contains(&count) {
+            return Err(bad("count", count as u64));
+        }
+        if index >= count {
+            return Err(bad("index", index as u64));
+        }
+        Ok(ChannelHello {
+            migration_id: f.bytes(16).try_into().expect("16 bytes"),
+            index,
+            count,
         })
     }
 }
@@ -893,6 +970,56 @@ impl Resumed {
     }
 }
 
+/// `GuestSamples`: readings of the resumed guest's transaction counter on the destination
+/// (8 bytes + 16 per sample), for the guest-impact timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSamples {
+    /// `(CLOCK_REALTIME ns since the Unix epoch, transactions committed)`, in time order.
+    pub samples: Vec<(u64, u64)>,
+}
+
+impl GuestSamples {
+    /// Body length without the samples.
+    pub const FIXED_LEN: usize = 8;
+    /// Most samples in one message (about 100 s at 100 ms).
+    pub const MAX_SAMPLES: usize = 1024;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let n = self.samples.len().min(Self::MAX_SAMPLES);
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for &(at, tx) in &self.samples[..n] {
+            out.extend_from_slice(&at.to_le_bytes());
+            out.extend_from_slice(&tx.to_le_bytes());
+        }
+    }
+
+    fn decode(body: &[u8]) -> Result<GuestSamples, WireError> {
+        const K: FrameType = FrameType::GuestSamples;
+        at_least(K, body, Self::FIXED_LEN, 16 * Self::MAX_SAMPLES)?;
+        let mut f = Fields::new(body);
+        let n = f.u32() as usize;
+        let reserved = f.u32();
+        if reserved != 0 {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "reserved",
+                value: reserved as u64,
+            });
+        }
+        exact(K, body, Self::FIXED_LEN + 16 * n)?;
+        let samples: Vec<(u64, u64)> = (0..n).map(|_| (f.u64(), f.u64())).collect();
+        if samples.windows(2).any(|w| w[1].0 < w[0].0) {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "order",
+                value: n as u64,
+            });
+        }
+        Ok(GuestSamples { samples })
+    }
+}
+
 /// Why a side aborts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -955,6 +1082,8 @@ pub enum Message {
     Hello(Hello),
     /// See [`HelloReply`].
     HelloReply(HelloReply),
+    /// See [`ChannelHello`].
+    ChannelHello(ChannelHello),
     /// See [`RoundEnd`].
     RoundEnd(RoundEnd),
     /// See [`RoundAck`].
@@ -967,6 +1096,8 @@ pub enum Message {
     CommitReply(CommitReply),
     /// See [`Resumed`].
     Resumed(Resumed),
+    /// See [`GuestSamples`].
+    GuestSamples(GuestSamples),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -977,12 +1108,14 @@ impl Message {
         match self {
             Message::Hello(_) => FrameType::Hello,
             Message::HelloReply(_) => FrameType::HelloReply,
+            Message::ChannelHello(_) => FrameType::ChannelHello,
             Message::RoundEnd(_) => FrameType::RoundEnd,
             Message::RoundAck(_) => FrameType::RoundAck,
             Message::GuestState(_) => FrameType::GuestState,
             Message::Digest(_) => FrameType::Digest,
             Message::CommitReply(_) => FrameType::CommitReply,
             Message::Resumed(_) => FrameType::Resumed,
+            Message::GuestSamples(_) => FrameType::GuestSamples,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -993,12 +1126,14 @@ impl Message {
         match self {
             Message::Hello(m) => m.encode(&mut out),
             Message::HelloReply(m) => m.encode(&mut out),
+            Message::ChannelHello(m) => m.encode(&mut out),
             Message::RoundEnd(m) => m.encode(&mut out),
             Message::RoundAck(m) => m.encode(&mut out),
             Message::GuestState(m) => m.encode(&mut out),
             Message::Digest(m) => m.encode(&mut out),
             Message::CommitReply(m) => m.encode(&mut out),
             Message::Resumed(m) => m.encode(&mut out),
+            Message::GuestSamples(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -1031,12 +1166,14 @@ impl Message {
         Ok(match kind {
             FrameType::Hello => Message::Hello(Hello::decode(body)?),
             FrameType::HelloReply => Message::HelloReply(HelloReply::decode(body)?),
+            FrameType::ChannelHello => Message::ChannelHello(ChannelHello::decode(body)?),
             FrameType::RoundEnd => Message::RoundEnd(RoundEnd::decode(body)?),
             FrameType::RoundAck => Message::RoundAck(RoundAck::decode(body)?),
             FrameType::GuestState => Message::GuestState(GuestState::decode(body)?),
             FrameType::Digest => Message::Digest(Digest::decode(body)?),
             FrameType::CommitReply => Message::CommitReply(CommitReply::decode(body)?),
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
+            FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {
@@ -1118,6 +1255,14 @@ mod tests {
             Message::Abort(Abort {
                 code: AbortCode::Cancelled,
                 reason: "timeout".into(),
+            }),
+            Message::ChannelHello(ChannelHello {
+                migration_id: [0x5c; 16],
+                index: 1,
+                count: 2,
+            }),
+            Message::GuestSamples(GuestSamples {
+                samples: vec![(10, 1), (20, 5), (20, 9)],
             }),
         ]
     }
@@ -1282,6 +1427,66 @@ mod tests {
             RoundEnd::decode(&body),
             Err(WireError::BadField { field: "flags", .. })
         ));
+    }
+
+    #[test]
+    fn guest_samples_lengths_and_order_are_checked() {
+        let m = GuestSamples {
+            samples: vec![(1, 2), (3, 4)],
+        };
+        let mut body = Vec::new();
+        m.encode(&mut body);
+        assert_eq!(body.len(), GuestSamples::FIXED_LEN + 32);
+        assert_eq!(GuestSamples::decode(&body), Ok(m.clone()));
+        // The count says 3, two are present.
+        body[0] = 3;
+        assert!(matches!(
+            GuestSamples::decode(&body),
+            Err(WireError::BodyLength { .. })
+        ));
+        let mut body = Vec::new();
+        GuestSamples {
+            samples: vec![(5, 0), (4, 0)],
+        }
+        .encode(&mut body);
+        assert!(matches!(
+            GuestSamples::decode(&body),
+            Err(WireError::BadField { field: "order", .. })
+        ));
+        let too_many = GuestSamples {
+            samples: vec![(0, 0); GuestSamples::MAX_SAMPLES + 5],
+        };
+        let mut body = Vec::new();
+        too_many.encode(&mut body);
+        assert_eq!(
+            GuestSamples::decode(&body).unwrap().samples.len(),
+            GuestSamples::MAX_SAMPLES
+        );
+    }
+
+    #[test]
+    fn channel_hello_bytes_and_bounds() {
+        let h = ChannelHello {
+            migration_id: *b"0123456789abcdef",
+            index: 2,
+            count: 3,
+        };
+        let f = Message::ChannelHello(h).to_frame();
+        assert_eq!(f[0], 0x03);
+        let b = &f[FRAME_HEADER_LEN..f.len() - BODY_CRC_LEN];
+        assert_eq!(b.len(), ChannelHello::LEN);
+        assert_eq!(&b[..8], b"VMSTREAM");
+        assert_eq!(&b[10..14], &[2, 0, 3, 0]);
+        assert_eq!(&b[16..], b"0123456789abcdef");
+        for (index, count, field) in [(3, 3, "index"), (0, 1, "count"), (0, 17, "count")] {
+            let mut body = Vec::new();
+            ChannelHello { index, count, ..h }.encode(&mut body);
+            assert!(
+                matches!(ChannelHello::decode(&body), Err(WireError::BadField { field: f, .. }) if f == field),
+                "{index}/{count}"
+            );
+        }
+        assert_eq!(RefuseCode::from_tag(8), Some(RefuseCode::Channel));
     }
 
     #[test]

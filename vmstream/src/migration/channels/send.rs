@@ -1,0 +1,339 @@
+//! The source's channels: one encode pipeline and one writer per connection, pages routed
+//! by [`ChannelMap`], control messages on channel 0.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use vmstream_codec::{PipelineStats, Sender, SenderConfig};
+
+use super::{corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap};
+use crate::migration::config::SendConfig;
+use crate::migration::error::SendError;
+use crate::migration::transport::{
+    Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError, CORRUPT_ENV,
+};
+use crate::migration::wire::{
+    ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS, MAX_CHANNELS,
+};
+
+/// Connects to `to` (any of its addresses).
+pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .map_err(|e| SendError::Connect(to.to_string(), e))?
+        .collect();
+    let mut last = std::io::Error::other("no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(SendError::Connect(to.to_string(), last))
+}
+
+/// One channel on the source: its encode pipeline and its writer.
+struct SourceChannel {
+    encoder: Sender,
+    link: Link,
+}
+
+/// What the channels sent in one round.
+#[derive(Debug)]
+pub struct ChannelRound {
+    /// The codec statistics of the round, all channels together.
+    pub codec: PipelineStats,
+    /// The round's totals (what the destination's `RoundAck` must report).
+    pub total: RoundEnd,
+    /// Wire bytes of the `RoundEnd` frames.
+    pub end_frame_bytes: u64,
+}
+
+/// The source's channels: channel 0 (which also carries the control messages) and the
+/// others.
+pub struct SourceChannels {
+    map: ChannelMap,
+    channels: Vec<SourceChannel>,
+    /// Readers of channels 1.., only for their binding replies.
+    replies: Vec<FrameReader<TcpStream>>,
+    migration_id: [u8; 16],
+}
+
+impl std::fmt::Debug for SourceChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceChannels")
+            .field("count", &self.channels.len())
+            .field("map", &self.map)
+            .finish()
+    }
+}
+
+impl SourceChannels {
+    /// Connects `cfg.channels` connections to `cfg.to` (channel 0 first), starts their
+    /// encoders and writers, and queues the channel hello of every channel but 0. Returns
+    /// the channels and the reader of channel 0.
+    pub fn open(
+        cfg: &SendConfig,
+        guest_pages: u64,
+    ) -> Result<(SourceChannels, FrameReader<TcpStream>), SendError> {
+        let n = cfg.channels.max(1);
+        if n > MAX_CHANNELS as usize {
+            return Err(SendError::Config(format!(
+                "--channels {n}: at most {MAX_CHANNELS}"
+            )));
+        }
+        let workers = (cfg.threads / n).max(1);
+        let mut sender_cfg = SenderConfig::new(guest_pages);
+        sender_cfg.workers = workers;
+        sender_cfg.batch_pages = cfg.batch_pages;
+        sender_cfg.encoder = cfg.encoder;
+        if let Some(d) = &mut sender_cfg.encoder.delta {
+            // The page cache is a total too.
+            d.cache_bytes /= n;
+        }
+        let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
+        let corrupt = std::env::var(CORRUPT_ENV)
+            .ok()
+            .and_then(|v| corrupt_target(&v));
+        let migration_id = new_migration_id();
+        let mut channels = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(n - 1);
+        let mut reader0 = None;
+        for index in 0..n {
+            let stream = connect(&cfg.to, cfg.io_timeout)?;
+            setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+            let link = Link::with_options(
+                stream.try_clone().map_err(SendError::Socket)?,
+                bucket.clone(),
+                corrupt.and_then(|(c, at)| (c == index).then_some(at)),
+                &format!("vmstream-link-{index}"),
+            )
+            .map_err(SendError::Socket)?;
+            let reader = FrameReader::new(stream, Some(cfg.io_timeout));
+            if index == 0 {
+                reader0 = Some(reader);
+            } else {
+                replies.push(reader);
+            }
+            let mut channel = SourceChannel {
+                encoder: Sender::new(sender_cfg)?,
+                link,
+            };
+            if index > 0 {
+                channel
+                    .link
+                    .send_message(&Message::ChannelHello(ChannelHello {
+                        migration_id,
+                        index: index as u16,
+                        count: n as u16,
+                    }))?;
+            }
+            channels.push(channel);
+        }
+        let reader0 = reader0.expect("channel 0 is opened first");
+        Ok((
+            SourceChannels {
+                map: ChannelMap::new(n, workers),
+                channels,
+                replies,
+                migration_id,
+            },
+            reader0,
+        ))
+    }
+
+    /// Number of channels.
+    pub fn count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// The migration id (hex), which binds the channels together.
+    pub fn migration_id(&self) -> String {
+        id_hex(&self.migration_id)
+    }
+
+    /// Sends `hello` on channel 0, with the channels feature and channel 0's channel hello
+    /// when there are several channels.
+    pub fn send_hello(&mut self, mut hello: Hello) -> Result<(), SendError> {
+        let n = self.channels.len();
+        if n > 1 {
+            hello.features |= FEATURE_CHANNELS;
+        }
+        self.send_message(&Message::Hello(hello))?;
+        if n > 1 {
+            self.send_message(&Message::ChannelHello(ChannelHello {
+                migration_id: self.migration_id,
+                index: 0,
+                count: n as u16,
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the destination's answer on every channel but 0 (after it accepted the
+    /// hello on channel 0).
+    pub fn await_bound(&mut self) -> Result<(), SendError> {
+        for (i, r) in self.replies.iter_mut().enumerate() {
+            let channel = i + 1;
+            let transport = |source| ChannelError::Transport { channel, source };
+            match r.read_frame().map_err(transport)? {
+                Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => {}
+                Frame::Control(Message::HelloReply(h)) => {
+                    return Err(ChannelError::Refused {
+                        channel,
+                        reason: h.reason,
+                    }
+                    .into())
+                }
+                Frame::Control(m) => {
+                    return Err(SendError::Protocol(format!(
+                        "channel {channel}: expected a hello reply, got a {} message",
+                        m.frame_type().name()
+                    )))
+                }
+                Frame::Packet(_) => {
+                    return Err(SendError::Protocol(format!(
+                        "channel {channel}: expected a hello reply, got a packet"
+                    )))
+                }
+            }
+        }
+        self.replies.clear();
+        Ok(())
+    }
+
+    /// Queues page `page` (contents `data`) on its channel.
+    pub fn push(&mut self, page: u64, data: &[u8]) -> Result<(), SendError> {
+        let c = self.map.channel_of(page);
+        self.channels[c].encoder.push(page, data)?;
+        self.pump()
+    }
+
+    /// Hands finished packets of every channel to its link and recycles written ones.
+    pub fn pump(&mut self) -> Result<(), SendError> {
+        for c in &mut self.channels {
+            pump_channel(c)?;
+        }
+        Ok(())
+    }
+
+    /// Ends round `round` on every channel: flushes each encoder, sends its packets and
+    /// then its `RoundEnd` (with `flags`) on its channel.
+    pub fn end_round(&mut self, round: u64, flags: u32) -> Result<ChannelRound, SendError> {
+        let mut parts = Vec::with_capacity(self.channels.len());
+        let mut total = RoundEnd {
+            round,
+            records: 0,
+            packets: 0,
+            packet_bytes: 0,
+            flags,
+        };
+        let mut end_frame_bytes = 0;
+        for c in &mut self.channels {
+            let codec = c.encoder.end_round()?;
+            pump_channel(c)?;
+            let end = Message::RoundEnd(RoundEnd {
+                round,
+                records: codec.pages(),
+                packets: codec.packets,
+                packet_bytes: codec.packet_bytes,
+                flags,
+            });
+            c.link.send_message(&end)?;
+            end_frame_bytes += end.to_frame().len() as u64;
+            total.records += codec.pages();
+            total.packets += codec.packets;
+            total.packet_bytes += codec.packet_bytes;
+            parts.push(codec);
+        }
+        Ok(ChannelRound {
+            codec: merge_stats(&parts),
+            total,
+            end_frame_bytes,
+        })
+    }
+
+    /// Sends a control message on channel 0 (after everything queued there before).
+    pub fn send_message(&mut self, msg: &Message) -> Result<(), SendError> {
+        Ok(self.channels[0].link.send_message(msg)?)
+    }
+
+    /// Bytes written on all channels.
+    pub fn bytes_sent(&self) -> u64 {
+        self.channels.iter().map(|c| c.link.bytes_sent()).sum()
+    }
+
+    /// Bytes written on each channel.
+    pub fn bytes_per_channel(&self) -> Vec<u64> {
+        self.channels.iter().map(|c| c.link.bytes_sent()).collect()
+    }
+
+    /// Waits until every channel wrote what was queued, then stops the writers; the first
+    /// error wins.
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        let mut first = Ok(());
+        for c in &mut self.channels {
+            let r = c.link.finish();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// The codec statistics over all rounds and channels.
+    pub fn total_stats(&self) -> PipelineStats {
+        let parts: Vec<PipelineStats> = self
+            .channels
+            .iter()
+            .map(|c| c.encoder.total_stats().clone())
+            .collect();
+        merge_stats(&parts)
+    }
+}
+
+fn pump_channel(c: &mut SourceChannel) -> Result<(), SendError> {
+    while let Some(p) = c.encoder.poll() {
+        c.link.send_packet(p)?;
+    }
+    for p in c.link.returned() {
+        c.encoder.recycle(p);
+    }
+    Ok(())
+}
+
+/// The statistics of several channels as one: counts summed, worker lists concatenated,
+/// rounds counted once.
+pub fn merge_stats(parts: &[PipelineStats]) -> PipelineStats {
+    let mut out = PipelineStats::default();
+    let mut workers = Vec::new();
+    for p in parts {
+        out.add(&PipelineStats {
+            workers: Vec::new(),
+            ..p.clone()
+        });
+        workers.extend(p.workers.iter().cloned());
+    }
+    out.rounds = parts.iter().map(|p| p.rounds).max().unwrap_or(0);
+    out.workers = workers;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_stats_sum_counts_and_keep_every_worker() {
+        let a = PipelineStats {
+            rounds: 2,
+            packets: 3,
+            packet_bytes: 100,
+            workers: vec![Default::default(); 2],
+            ..Default::default()
+        };
+        let m = merge_stats(&[a.clone(), a]);
+        assert_eq!((m.rounds, m.packets, m.packet_bytes), (2, 6, 200));
+        assert_eq!(m.workers.len(), 4);
+    }
+}
