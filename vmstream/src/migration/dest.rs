@@ -27,6 +27,10 @@ use super::wire::{
     PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
+use crate::kvm::VmState;
+
+mod kvm;
+pub use kvm::{KvmResumed, KvmRunOutcome};
 
 /// Where the destination is in the migration.
 enum DestState {
@@ -59,6 +63,8 @@ enum DestState {
 pub struct Received {
     /// The resumed guest, if `--resume`: joins to its outcome.
     pub guest: Option<ResumedGuest>,
+    /// The resumed KVM guest, if `--resume` and the guest is a KVM guest.
+    pub kvm: Option<KvmResumed>,
 }
 
 /// A guest running on the committed image.
@@ -173,6 +179,11 @@ struct Dest<'a> {
     stats: &'a mut MigrationStats,
     start: Instant,
     guest: Option<ResumedGuest>,
+    /// Kind announced in the handshake.
+    guest_kind: GuestKind,
+    /// A KVM guest's validated state (from `GuestState`).
+    kvm_state: Option<VmState>,
+    kvm: Option<KvmResumed>,
 }
 
 fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -204,12 +215,8 @@ impl Dest<'_> {
                 DestState::Receiving { hello, image } => self.receiving(hello, image)?,
                 DestState::AwaitGuestState { image, ours } => match self.reader.read_frame()? {
                     Frame::Control(Message::GuestState(state)) => {
-                        if state.guest_kind != GuestKind::File {
-                            return Err(RecvError::Protocol(format!(
-                                "guest state of kind {:?} after a file-backed handshake",
-                                state.guest_kind
-                            )));
-                        }
+                        let mut image = image;
+                        self.accept_guest_state(&state, &mut image, ours)?;
                         DestState::AwaitDigest { image, ours, state }
                     }
                     other => return Err(unexpected("the guest state", other)),
@@ -249,11 +256,10 @@ impl Dest<'_> {
                 ),
             ));
         }
-        if h.guest_kind != GuestKind::File {
-            return Some((
-                RefuseCode::GuestKind,
-                format!("{:?} guests cannot be received yet", h.guest_kind),
-            ));
+        if h.guest_kind == GuestKind::Kvm {
+            if let Some(refusal) = kvm::check_hello(h, self.cfg.resume) {
+                return Some(refusal);
+            }
         }
         if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_BLAKE3_DIGEST == 0 {
             return Some((
@@ -326,6 +332,7 @@ impl Dest<'_> {
             Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
         };
         let workers = self.workers(&hello);
+        self.guest_kind = hello.guest_kind;
         self.stats.guest_bytes = hello.guest_size;
         self.stats
             .settings
@@ -465,6 +472,9 @@ impl Dest<'_> {
 
     /// The image is committed: from here on errors do not roll anything back.
     fn committed(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        if self.guest_kind == GuestKind::Kvm {
+            return self.committed_kvm(paused_at_ns);
+        }
         let (running, tx) = if self.cfg.resume {
             match start_guest(
                 &self.cfg.memory_file,
@@ -546,6 +556,9 @@ pub fn receive_migration(
         stats,
         start: Instant::now(),
         guest: None,
+        guest_kind: GuestKind::File,
+        kvm_state: None,
+        kvm: None,
     };
     let result = dest.run();
     let bytes = dest.reader.bytes_read();
@@ -562,12 +575,13 @@ pub fn receive_migration(
         }
     }
     let guest = dest.guest.take();
+    let kvm = dest.kvm.take();
     stats.bytes_on_wire = bytes;
     if stats.guest_bytes > 0 {
         stats.wire_to_guest_ratio = bytes as f64 / stats.guest_bytes as f64;
     }
     stats.cpu = CpuTime::now();
-    result.map(|()| Received { guest })
+    result.map(|()| Received { guest, kvm })
 }
 
 /// The temporary file a receive into `target` uses (for tests and cleanup tools).

@@ -19,12 +19,12 @@ use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
 use super::digest::{hex, memory_digest};
 use super::error::SendError;
-use super::source_guest::{tx_count, SourceGuest};
+use super::migratable::MigratableGuest;
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
 use super::transport::{Frame, FrameReader, Link, PacketChannel};
 use super::wire::{
-    Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
-    RoundEnd, FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
+    Abort, AbortCode, CommitStatus, Digest, GuestState, Hello, Message, RefuseCode, RoundEnd,
+    FEATURE_BLAKE3_DIGEST, FEATURE_DELTA_PAGES, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
     ROUND_FORCED,
 };
 use crate::converge::defer::HotPageDeferral;
@@ -65,7 +65,7 @@ pub enum Outcome {
 /// Where a round's pages are read from.
 enum PageSource<'a> {
     /// The running guest's mapping (each page copied, racing writes are re-sent later).
-    Live(&'a mut SourceGuest),
+    Live(&'a mut dyn MigratableGuest),
     /// Memory of the paused guest.
     Frozen(&'a [u8]),
 }
@@ -106,7 +106,8 @@ impl RoundIo {
             let at = p as usize * PAGE;
             match &mut src {
                 PageSource::Live(g) => {
-                    g.read_page_for_send(p, &mut buf);
+                    g.read_page_for_send(p, &mut buf)
+                        .map_err(SendError::Tracker)?;
                     self.encoder.push(p, &buf)?;
                 }
                 PageSource::Frozen(m) => self.encoder.push(p, &m[at..at + PAGE])?,
@@ -211,7 +212,7 @@ pub fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
 /// A migration in progress on the source.
 struct Source<'a> {
     cfg: &'a SendConfig,
-    guest: &'a mut SourceGuest,
+    guest: &'a mut dyn MigratableGuest,
     io: RoundIo,
     policy: Box<dyn ConvergencePolicy>,
     stats: &'a mut MigrationStats,
@@ -228,13 +229,15 @@ struct Source<'a> {
     switch_start: Option<Instant>,
     /// Hot-page deferral, if enabled.
     deferral: Option<HotPageDeferral>,
+    /// How long the dirty-log collection that produced the next round's pages took.
+    collect_time: Duration,
 }
 
 impl Source<'_> {
     fn hello(&self) -> Hello {
         let delta = self.cfg.encoder.delta.is_some();
         Hello {
-            guest_kind: GuestKind::File,
+            guest_kind: self.guest.kind(),
             page_size: PAGE_SIZE,
             guest_size: self.guest.size(),
             features: FEATURE_BLAKE3_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
@@ -285,8 +288,10 @@ impl Source<'_> {
             other => return Err(unexpected("a hello reply", other)),
         }
         // Round 0 sends everything; collecting now starts tracking from this instant.
+        let t = Instant::now();
         self.guest.collect_dirty().map_err(SendError::Tracker)?;
-        self.tx_start = (Instant::now(), tx_count(self.guest.memory()));
+        self.collect_time = t.elapsed();
+        self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
             round: 0,
             pages: (0..self.guest.size() / PAGE as u64).collect(),
@@ -297,7 +302,11 @@ impl Source<'_> {
         let mut rs = self
             .io
             .send_round(round, &pages, PageSource::Live(self.guest), 0)?;
+        rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
+        rs.dirty_rearm_ms = self.guest.take_rearm_time().as_secs_f64() * 1e3;
+        let t = Instant::now();
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.collect_time = t.elapsed();
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let pending = match &self.deferral {
             Some(d) => merge_pages(&newly, d.carried()),
@@ -377,17 +386,19 @@ impl Source<'_> {
         forced: bool,
     ) -> Result<SourceState, SendError> {
         let paused_at_ns = unix_ns(SystemTime::now());
-        let tx_before_pause = tx_count(self.guest.memory());
+        let tx_before_pause = self.guest.tx_count();
         let elapsed = self.tx_start.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
             self.stats.tps.during =
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
         let t = Instant::now();
-        self.guest.pause().map_err(SendError::Guest)?;
+        let state_blob = self.guest.pause().map_err(SendError::Guest)?;
+        let t_collect = Instant::now();
         let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let collect_time = t_collect.elapsed();
         let pages = merge_pages(&pending, &more);
-        let tx_at_pause = tx_count(self.guest.memory());
+        let tx_at_pause = self.guest.tx_count();
         let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
             stats
                 .switchover_ms
@@ -408,7 +419,8 @@ impl Source<'_> {
             (digest.join().expect("digest thread"), rs)
         });
         let (digest, digest_time) = digest;
-        let rs = rs?;
+        let mut rs = rs?;
+        rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
         phase("final_round_and_digest", t, self.stats);
         self.stats
             .switchover_ms
@@ -418,9 +430,9 @@ impl Source<'_> {
         self.stats.converged = !forced;
         self.stats.digest = Some(hex(&digest));
         self.io.link.send_message(&Message::GuestState(GuestState {
-            guest_kind: GuestKind::File,
+            guest_kind: self.guest.kind(),
             tx_count: tx_at_pause,
-            blob: Vec::new(),
+            blob: state_blob,
         }))?;
         self.io.link.send_message(&Message::Digest(Digest {
             digest,
@@ -523,7 +535,7 @@ fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
 /// resumed (if it was paused) and an `Abort` is sent when the connection still works.
 pub fn migrate(
     cfg: &SendConfig,
-    guest: &mut SourceGuest,
+    guest: &mut dyn MigratableGuest,
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
@@ -596,6 +608,7 @@ pub fn migrate(
         throttle_now: 0.0,
         switch_start: None,
         deferral,
+        collect_time: Duration::ZERO,
     };
     source
         .stats

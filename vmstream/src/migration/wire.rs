@@ -347,7 +347,8 @@ fn check_magic_version(kind: FrameType, f: &mut Fields<'_>) -> Result<(), WireEr
 pub enum GuestKind {
     /// A file-backed guest process (`vmstream guest run`).
     File = 1,
-    /// A KVM guest (`vmstream/src/kvm`); not migratable yet.
+    /// A KVM guest run by the sender (`vmstream/src/kvm`); `GuestState` carries its vCPU
+    /// state.
     Kvm = 2,
 }
 
@@ -790,6 +791,8 @@ pub enum CommitStatus {
     DigestMismatch = 1,
     /// The destination could not commit (I/O); nothing was committed.
     Failed = 2,
+    /// The guest state was invalid or did not fit the memory; nothing was committed.
+    StateRejected = 3,
 }
 
 /// `CommitReply`: the destination's verdict on the switchover.
@@ -823,6 +826,7 @@ impl CommitReply {
             0 => CommitStatus::Committed,
             1 => CommitStatus::DigestMismatch,
             2 => CommitStatus::Failed,
+            3 => CommitStatus::StateRejected,
             t => {
                 return Err(WireError::BadField {
                     kind: K.name(),
