@@ -1121,6 +1121,16 @@ mod tests {
                 code: AbortCode::Cancelled,
                 reason: "timeout".into(),
             }),
+            Message::GuestState(GuestState {
+                guest_kind: GuestKind::Kvm,
+                tx_count: 43,
+                blob: vec![9; 1024],
+            }),
+            Message::CommitReply(CommitReply {
+                status: CommitStatus::StateRejected,
+                digest: [8; 32],
+                reason: "invalid KVM state blob".into(),
+            }),
         ]
     }
 

@@ -101,6 +101,8 @@ pub struct KvmResumed {
     pub verified: VerifyReport,
     /// CLOCK_REALTIME ns of the first transaction observed after the resume.
     first_tx_at_ns: u64,
+    /// Time of each resume phase (restore, verify, first transaction), ms.
+    phases: Vec<(&'static str, f64)>,
 }
 
 impl std::fmt::Debug for KvmResumed {
@@ -128,25 +130,31 @@ impl KvmResumed {
     /// Restores the VM from `path` (the committed image) and `state`, verifies the paused
     /// guest, starts its vCPUs and waits (bounded) for its first transaction.
     fn start(path: &Path, size: u64, state: &VmState) -> Result<KvmResumed, RecvError> {
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
         let ram = GuestRam::open(path, size)?;
         let cfg = RestoreConfig {
             start_paused: true,
             ..RestoreConfig::default()
         };
         let mut guest = KvmGuest::restore(ram, state, &cfg)?;
+        let mut phases = vec![("kvm_restore", ms(t))];
+        let t = Instant::now();
         let verified = guest.verify()?;
+        phases.push(("kvm_verify", ms(t)));
         let tx_start = guest.total_transactions()?;
         guest.resume()?;
         let t = Instant::now();
         while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
-            std::hint::spin_loop();
             std::thread::sleep(Duration::from_micros(50));
         }
+        phases.push(("kvm_first_tx", ms(t)));
         Ok(KvmResumed {
             guest,
             tx_start,
             verified,
             first_tx_at_ns: unix_ns(SystemTime::now()),
+            phases,
         })
     }
 
@@ -224,6 +232,9 @@ impl Dest<'_> {
                             g.verified.blocks,
                             g.verified.written_blocks
                         );
+                        for (name, ms) in &g.phases {
+                            self.stats.switchover_ms.insert(name.to_string(), *ms);
+                        }
                         let r = (true, g.tx_start, g.first_tx_at_ns);
                         self.kvm = Some(g);
                         r
