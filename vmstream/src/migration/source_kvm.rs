@@ -253,8 +253,11 @@ impl MigratableGuest for KvmSourceGuest {
             return;
         };
         let _ = guest.set_throttle(0.0);
-        if self.paused && guest.resume().is_ok() {
-            self.paused = false;
+        // The VM's own flag: a pause that failed half-way left it set without a state.
+        if guest.is_paused() {
+            if let Err(e) = guest.resume() {
+                eprintln!("vmstream send: resuming the KVM guest failed: {e}");
+            }
         }
         if let AfterFailure::KeepRunning(run_for) = self.spec.after_failure {
             let mut out = std::io::stdout().lock();
