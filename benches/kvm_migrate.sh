@@ -54,9 +54,10 @@ done
 python3 - "$DIR" $MODES <<'EOF'
 import json, sys
 d, modes = sys.argv[1], sys.argv[2:]
-print("| guest | total s | downtime ms | wire MiB | rounds | converged | pages sent | last round pages "
-      "| dirty-log collect ms (sum / max) | re-arm ms | tx/s before / during / after | switchover ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| guest | total s | downtime ms | wire MiB | rounds | converged | round 0 s | round 1 pages "
+      "| pages sent | last round pages | dirty-log collect ms (sum / max) | re-arm ms "
+      "| tx/s before / during / after | switchover ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for m in modes:
     try:
         s = json.load(open(f"{d}/send-{m}.json"))
@@ -73,6 +74,7 @@ for m in modes:
     name = "file-backed (uffd-wp)" if m == "file" else f"kvm {m}"
     print(f"| {name} | {s['total_time_ms']/1e3:.1f} | {s['downtime_ms'] or 0:.0f} | "
           f"{s['bytes_on_wire']/2**20:.1f} | {s['rounds']} | {s['converged']} | "
+          f"{pr[0]['duration_ms']/1e3:.1f} | {pr[1]['dirty_pages'] if len(pr) > 1 else '-'} | "
           f"{sum(x['dirty_pages'] for x in pr)} | {pr[-1]['dirty_pages']} | "
           f"{sum(col):.1f} / {max(col):.2f} | {rearm:.1f} | "
           f"{tps(s['tps']['before'])} / {tps(s['tps']['during'])} / {tps(r['tps']['after'])} | {ph} |")

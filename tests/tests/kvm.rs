@@ -116,7 +116,7 @@ fn migrate_kvm(
             "--dirty-log",
             mode,
             "--warmup",
-            "1s",
+            "500ms",
             "--stats-json",
             sj.to_str().unwrap(),
         ],

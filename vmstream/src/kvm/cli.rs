@@ -226,15 +226,17 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         &mut out,
     )?;
     guest.pause()?;
+    let t = Instant::now();
     let report = guest.verify()?;
     let _ = writeln!(
         out,
-        "done tx={} tps={:.0} seconds={:.2} verify=ok blocks={} written_blocks={}",
+        "done tx={} tps={:.0} seconds={:.2} verify=ok blocks={} written_blocks={} verify_ms={:.1}",
         summary.tx_end,
         summary.tps(),
         summary.elapsed.as_secs_f64(),
         report.blocks,
-        report.written_blocks
+        report.written_blocks,
+        t.elapsed().as_secs_f64() * 1e3
     );
     drop(out);
     guest.shutdown();
