@@ -32,7 +32,8 @@ pub struct KvmRunArgs {
     /// Workload of the guest program: dbsim, random, hotset, idle, filedb.
     #[arg(long, default_value = "dbsim", value_parser = parse_workload)]
     pub workload: WorkloadKind,
-    /// Guest RAM in this file (created or extended; default: an anonymous memfd).
+    /// Guest RAM in this file (created or truncated: a fresh guest; default: an anonymous
+    /// memfd).
     #[arg(long, value_name = "PATH")]
     pub memory_file: Option<PathBuf>,
     /// Stop after this long (default: until SIGINT/SIGTERM).
