@@ -30,6 +30,15 @@ enum Command {
     Recv(vmstream::migration::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
     Plot(vmstream::plot::PlotArgs),
+    /// Run a KVM guest (vmstream/KVM.md).
+    #[command(subcommand)]
+    Kvm(KvmCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KvmCommand {
+    /// Run a KVM guest without migrating it, printing its transactions per second.
+    Run(vmstream::kvm::cli::KvmRunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,5 +177,6 @@ fn main() -> ExitCode {
         Command::Send(args) => vmstream::migration::run_send(&args),
         Command::Recv(args) => vmstream::migration::run_recv(&args),
         Command::Plot(args) => vmstream::plot::run(&args),
+        Command::Kvm(KvmCommand::Run(args)) => vmstream::kvm::cli::run(&args),
     }
 }

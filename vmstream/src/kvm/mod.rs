@@ -15,6 +15,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
+pub mod cli;
 pub mod dirty;
 pub mod error;
 mod guest;

@@ -51,6 +51,18 @@ impl WorkloadKind {
         .find(|k| k.code() == code)
     }
 
+    /// The name [`parse`](Self::parse) accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Dbsim => "dbsim",
+            WorkloadKind::Random => "random",
+            WorkloadKind::Hotset => "hotset",
+            WorkloadKind::Idle => "idle",
+            WorkloadKind::Touch => "touch",
+            WorkloadKind::FileDb => "filedb",
+        }
+    }
+
     /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`, `filedb`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {

@@ -11,9 +11,11 @@ use clap::{Args, ValueEnum};
 
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
-use super::dest::receive_migration;
+use super::dest::{receive_migration, KvmResumed};
+use super::migratable::open_guest;
 use super::source::{migrate, Outcome};
-use super::source_guest::{tx_count, DirtyTracking, GuestSpec, SourceGuest};
+use super::source_guest::{DirtyTracking, GuestSpec};
+use super::source_kvm::{AfterFailure, KvmSpec};
 use super::stats::MigrationStats;
 use super::transport::parse_bandwidth;
 use crate::layout::WorkloadKind;
@@ -31,31 +33,60 @@ pub enum OnOff {
     Off,
 }
 
+/// What a KVM guest does after a failed or cancelled migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailure {
+    /// Keep running in the sending process (until SIGINT/SIGTERM or --keep-running-for).
+    KeepRunning,
+    /// Stop the guest and exit.
+    Stop,
+}
+
 /// Arguments of `vmstream send`.
 #[derive(Args, Debug, Clone)]
 pub struct SendArgs {
-    /// Guest memory file (created for a new guest; the attached guest's file with --pid).
-    #[arg(long, value_name = "PATH")]
-    pub memory_file: PathBuf,
+    /// Guest memory file (created for a new guest; the attached guest's file with --pid;
+    /// optional with --kvm: RAM is a memfd without it).
+    #[arg(long, value_name = "PATH", required_unless_present = "kvm")]
+    pub memory_file: Option<PathBuf>,
     /// Memory size of the guest to start (K/M/G suffixes).
     #[arg(long, value_parser = parse_size, required_unless_present = "pid", conflicts_with = "pid")]
     pub size: Option<u64>,
-    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle.
-    #[arg(long, default_value = "dbsim", value_parser = parse_kind)]
-    pub workload: WorkloadKind,
+    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle (KVM:
+    /// dbsim, random, hotset, idle, filedb).
+    #[arg(long, default_value = "dbsim")]
+    pub workload: String,
     /// Target transactions per second of the started guest (0 = as fast as possible).
-    #[arg(long, value_name = "TX/s")]
+    #[arg(long, value_name = "TX/s", conflicts_with = "kvm")]
     pub rate: Option<u64>,
     /// Percent of the started guest's blocks to format and write; the rest stays zero
     /// (default: the workload's own, 75).
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub active: Option<u8>,
     /// Migrate a running guest vmstream did not start (it writes --memory-file).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kvm")]
     pub pid: Option<u32>,
     /// Dirty tracking: uffd-wp (default for started guests) or hash (default with --pid).
-    #[arg(long, value_parser = parse_tracking)]
+    #[arg(long, value_parser = parse_tracking, conflicts_with = "kvm")]
     pub dirty_tracking: Option<DirtyTracking>,
+    /// Start a KVM guest in this process (vmstream/KVM.md) and migrate it.
+    #[arg(long)]
+    pub kvm: bool,
+    /// vCPUs of the KVM guest.
+    #[arg(long, default_value_t = 2, requires = "kvm")]
+    pub vcpus: usize,
+    /// KVM dirty tracking: bitmap (GET_DIRTY_LOG), clear (manual protect, re-armed per
+    /// 2 MiB chunk right before sending it) or ring (per-vCPU dirty rings).
+    #[arg(long, value_parser = crate::kvm::cli::parse_dirty_log, default_value = "clear", requires = "kvm")]
+    pub dirty_log: crate::kvm::DirtyLogMode,
+    /// KVM guest after a failed or cancelled migration: keep-running (in this process,
+    /// which then exits non-zero when it stops) or stop.
+    #[arg(long, value_enum, default_value = "keep-running", requires = "kvm")]
+    pub on_failure: OnFailure,
+    /// With --on-failure keep-running: stop the guest after this long (default: run until
+    /// SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_duration, requires = "kvm")]
+    pub keep_running_for: Option<Duration>,
     /// Let the started guest run this long before migrating (ms/s/m).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub warmup: Duration,
@@ -170,15 +201,31 @@ fn parse_bw(s: &str) -> Result<u64, String> {
 impl SendArgs {
     /// The configuration these arguments describe.
     pub fn to_config(&self) -> Result<SendConfig, String> {
+        let memory_file = || {
+            self.memory_file
+                .clone()
+                .ok_or_else(|| "--memory-file is required without --kvm".to_string())
+        };
         let guest = match (self.pid, self.size) {
-            (Some(pid), _) => GuestSpec::Attach {
+            (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
                 path: self.memory_file.clone(),
+                size,
+                vcpus: self.vcpus,
+                workload: crate::kvm::cli::parse_workload(&self.workload)?,
+                dirty_log: self.dirty_log,
+                after_failure: match self.on_failure {
+                    OnFailure::KeepRunning => AfterFailure::KeepRunning(self.keep_running_for),
+                    OnFailure::Stop => AfterFailure::Stop,
+                },
+            }),
+            (Some(pid), _) => GuestSpec::Attach {
+                path: memory_file()?,
                 pid,
             },
             (None, Some(size)) => GuestSpec::Spawn {
-                path: self.memory_file.clone(),
+                path: memory_file()?,
                 size,
-                workload: self.workload,
+                workload: parse_kind(&self.workload)?,
                 rate: self.rate,
                 active: self.active,
             },
@@ -247,19 +294,14 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut guest = match SourceGuest::open(&cfg.guest, cfg.dirty_tracking) {
+    let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("vmstream send: {e}");
             return ExitCode::FAILURE;
         }
     };
-    println!(
-        "guest pid={} path={} tracking={}",
-        guest.pid(),
-        guest.path().display(),
-        guest.tracker_name()
-    );
+    println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
     let mut stats = MigrationStats {
         role: "source",
@@ -286,12 +328,12 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         stats.settings.insert(k.to_string(), v);
     }
     if !cfg.warmup.is_zero() {
-        let (t0, tx0) = (Instant::now(), tx_count(guest.memory()));
+        let (t0, tx0) = (Instant::now(), guest.tx_count());
         std::thread::sleep(cfg.warmup);
-        let tx1 = tx_count(guest.memory());
+        let tx1 = guest.tx_count();
         stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
     }
-    let result = migrate(&cfg, &mut guest, &mut stats);
+    let result = migrate(&cfg, guest.as_mut(), &mut stats);
     if stats.guest_bytes > 0 {
         stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
     }
@@ -303,20 +345,51 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         Ok(Outcome::Cancelled(reason)) => {
             stats.outcome = "cancelled".into();
             stats.error = Some(reason.clone());
-            let pid = guest.detach();
-            eprintln!("vmstream send: cancelled: {reason}; guest pid {pid} keeps running");
+            eprintln!(
+                "vmstream send: cancelled: {reason}; {}",
+                guest.failure_note()
+            );
             ExitCode::from(EXIT_CANCELLED)
         }
         Err(e) => {
             stats.outcome = "failed".into();
             stats.error = Some(e.to_string());
-            let pid = guest.detach();
-            eprintln!("vmstream send: migration failed: {e}; guest pid {pid} keeps running");
+            eprintln!(
+                "vmstream send: migration failed: {e}; {}",
+                guest.failure_note()
+            );
             ExitCode::FAILURE
         }
     };
     finish_report(&stats, cfg.stats_json.as_ref(), "send");
+    if code != ExitCode::SUCCESS {
+        // The guest runs again: a guest process goes on by itself, a KVM guest keeps
+        // running here (this may block until SIGINT/SIGTERM).
+        guest.keep_after_failure();
+    }
     code
+}
+
+/// Runs the resumed KVM guest until `--run-for` or SIGINT/SIGTERM; 0 if it stayed healthy
+/// (ledger check passed, counter grew).
+fn run_resumed_kvm(kvm: KvmResumed, cfg: &RecvConfig, stats: &mut MigrationStats) -> ExitCode {
+    match kvm.run(cfg.run_for) {
+        Ok(r) => {
+            stats.tps.after = Some(r.tps);
+            println!(
+                "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
+                r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
+            );
+            if let Some(p) = &cfg.stats_json {
+                let _ = stats.write_json(p);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `vmstream recv`: receive one migration, commit it, optionally run the guest.
@@ -337,6 +410,9 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         }
     };
     finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+    if let Some(kvm) = received.kvm {
+        return run_resumed_kvm(kvm, &cfg, &mut stats);
+    }
     let Some(guest) = received.guest else {
         return ExitCode::SUCCESS;
     };

@@ -30,8 +30,12 @@ use super::wire::{
     FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
+use crate::kvm::VmState;
 use crate::memory::GuestMemory;
 use crate::verify::{verify_snapshot, VerifyError, VerifyReport};
+
+mod kvm;
+pub use kvm::{KvmResumed, KvmRunOutcome};
 
 /// Where the destination is in the migration.
 enum DestState {
@@ -64,6 +68,8 @@ enum DestState {
 pub struct Received {
     /// The resumed guest, if `--resume`: joins to its outcome.
     pub guest: Option<ResumedGuest>,
+    /// The resumed KVM guest, if `--resume` and the guest is a KVM guest.
+    pub kvm: Option<KvmResumed>,
 }
 
 /// A guest running on the committed image.
@@ -186,6 +192,11 @@ struct Dest<'a> {
     verified: Option<Result<VerifyReport, VerifyError>>,
     /// The committed image, still mapped.
     committed: Option<GuestMemory>,
+    /// Kind announced in the handshake.
+    guest_kind: GuestKind,
+    /// A KVM guest's validated state (from `GuestState`).
+    kvm_state: Option<VmState>,
+    kvm: Option<KvmResumed>,
 }
 
 fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -217,12 +228,8 @@ impl Dest<'_> {
                 DestState::Receiving { hello, image } => self.receiving(hello, image)?,
                 DestState::AwaitGuestState { image, ours } => match self.reader.read_frame()? {
                     Frame::Control(Message::GuestState(state)) => {
-                        if state.guest_kind != GuestKind::File {
-                            return Err(RecvError::Protocol(format!(
-                                "guest state of kind {:?} after a file-backed handshake",
-                                state.guest_kind
-                            )));
-                        }
+                        let mut image = image;
+                        self.accept_guest_state(&state, &mut image, ours)?;
                         DestState::AwaitDigest { image, ours, state }
                     }
                     other => return Err(unexpected("the guest state", other)),
@@ -262,11 +269,10 @@ impl Dest<'_> {
                 ),
             ));
         }
-        if h.guest_kind != GuestKind::File {
-            return Some((
-                RefuseCode::GuestKind,
-                format!("{:?} guests cannot be received yet", h.guest_kind),
-            ));
+        if h.guest_kind == GuestKind::Kvm {
+            if let Some(refusal) = kvm::check_hello(h, self.cfg.resume) {
+                return Some(refusal);
+            }
         }
         if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_MEMORY_DIGEST == 0 {
             return Some((
@@ -352,6 +358,7 @@ impl Dest<'_> {
             Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
         };
         let workers = self.workers(&hello);
+        self.guest_kind = hello.guest_kind;
         self.stats.guest_bytes = hello.guest_size;
         self.stats
             .settings
@@ -475,9 +482,10 @@ impl Dest<'_> {
         self.stats
             .switchover_ms
             .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
-        if self.cfg.resume {
+        if self.cfg.resume && self.guest_kind == GuestKind::File {
             // While the source hashes its memory: recovery and verify read (and recovery
-            // may write) the final image, after our digest of it was taken.
+            // may write) the final image, after our digest of it was taken. (A KVM guest's
+            // ledger is checked by its VMM after the restore: `dest/kvm.rs`.)
             let t = Instant::now();
             self.verified = Some(verify_snapshot(image.memory_mut()));
             self.stats
@@ -552,6 +560,9 @@ impl Dest<'_> {
 
     /// The image is committed: from here on errors do not roll anything back.
     fn committed(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        if self.guest_kind == GuestKind::Kvm {
+            return self.committed_kvm(paused_at_ns);
+        }
         let t = Instant::now();
         let (running, tx) = if self.cfg.resume {
             let started = match (self.committed.take(), self.verified.take()) {
@@ -664,6 +675,9 @@ pub fn receive_migration(
         guest: None,
         verified: None,
         committed: None,
+        guest_kind: GuestKind::File,
+        kvm_state: None,
+        kvm: None,
     };
     let result = dest.run();
     let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
@@ -680,12 +694,13 @@ pub fn receive_migration(
         }
     }
     let guest = dest.guest.take();
+    let kvm = dest.kvm.take();
     stats.bytes_on_wire = bytes;
     if stats.guest_bytes > 0 {
         stats.wire_to_guest_ratio = bytes as f64 / stats.guest_bytes as f64;
     }
     stats.cpu = CpuTime::now();
-    result.map(|()| Received { guest })
+    result.map(|()| Received { guest, kvm })
 }
 
 /// The temporary file a receive into `target` uses (for tests and cleanup tools).

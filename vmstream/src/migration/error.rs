@@ -6,7 +6,7 @@ use super::channels::ChannelError;
 use super::image::ImageError;
 use super::source_guest::GuestControlError;
 use super::transport::TransportError;
-use super::wire::{AbortCode, CommitStatus, RefuseCode, WireError};
+use super::wire::{AbortCode, CommitStatus, GuestKind, RefuseCode, WireError};
 
 /// Why `vmstream send` failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +126,31 @@ pub enum RecvError {
     /// A parallel channel failed, broke the round barrier or did not connect.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// The guest's state was refused before the commit (nothing committed).
+    #[error("guest state refused: {0}")]
+    GuestState(#[from] GuestStateError),
+    /// The KVM guest on the destination failed (restore, verification, run).
+    #[error("KVM guest on the destination: {0}")]
+    Kvm(#[from] crate::kvm::KvmError),
+}
+
+/// Why the destination refused a `GuestState` (before committing anything).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestStateError {
+    /// The state's guest kind differs from the handshake's.
+    #[error("guest state of kind {state:?} after a {hello:?} handshake")]
+    KindMismatch {
+        /// Kind announced in `Hello`.
+        hello: GuestKind,
+        /// Kind in `GuestState`.
+        state: GuestKind,
+    },
+    /// The KVM state blob is invalid (bad magic, version, length, checksum, sections).
+    #[error("invalid KVM state blob: {0}")]
+    Invalid(#[from] crate::kvm::StateError),
+    /// A valid blob that does not belong to the migrated memory.
+    #[error("KVM state does not fit the migrated memory: {0}")]
+    DoesNotFit(String),
 }
 
 impl From<WireError> for RecvError {

@@ -52,15 +52,16 @@ fn ms(d: Duration) -> f64 {
 impl ImpactRecorder {
     /// Starts sampling the guest memory file `path` for a migration that started at
     /// `start`. Without a readable file the timeline has no source samples (a warning).
-    pub fn start(path: &Path, start: Instant) -> ImpactRecorder {
+    pub fn start(path: Option<&Path>, start: Instant) -> ImpactRecorder {
         let start_unix_ns =
             unix_ns(SystemTime::now()).saturating_sub(start.elapsed().as_nanos() as u64);
-        let sampler = match TpsSampler::start(path, SAMPLE_PERIOD) {
-            Ok(s) => Some((s, ms(start.elapsed()))),
-            Err(e) => {
+        let sampler = match path.map(|p| TpsSampler::start(p, SAMPLE_PERIOD)) {
+            Some(Ok(s)) => Some((s, ms(start.elapsed()))),
+            Some(Err(e)) => {
                 eprintln!("vmstream send: warning: no guest TPS samples: {e}");
                 None
             }
+            None => None,
         };
         ImpactRecorder {
             start,
@@ -184,7 +185,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmstream-impact-{}", std::process::id()));
         // No such file: the recorder still works, without source samples.
         let start = Instant::now();
-        let mut r = ImpactRecorder::start(&dir.join("absent"), start);
+        let mut r = ImpactRecorder::start(Some(&dir.join("absent")), start);
         r.throttle(0.5);
         r.round(
             &RoundStats {

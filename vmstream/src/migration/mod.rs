@@ -12,7 +12,7 @@
 //!   round n: Packet* (pages dirtied during round n-1), RoundEnd ->, <- RoundAck
 //!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
 //!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->, <- RoundAck
-//!   GuestState { kind, tx count, blob } ->
+//!   GuestState { kind, tx count, blob (KVM: vCPU state, validated before the commit) } ->
 //!   Digest { BLAKE3 of all memory at the pause, paused-at instant } ->
 //!                                   recompute digest; equal: fsync + rename temp over PATH
 //!                                <- CommitReply { committed | digest mismatch | failed }
@@ -35,7 +35,9 @@
 //! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
 //! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
 //! [`impact`] (the guest-impact timeline of the statistics),
-//! [`source_guest`] (the guest process on the source), [`cli`] (clap arguments of
+//! [`source_guest`] (the guest process on the source), [`source_kvm`] (a KVM guest run by
+//! the sender), [`migratable`] (the seam the source state machine sees both through),
+//! [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
 pub mod channels;
@@ -47,8 +49,10 @@ pub mod digest;
 pub mod error;
 pub mod image;
 pub mod impact;
+pub mod migratable;
 pub mod source;
 pub mod source_guest;
+pub mod source_kvm;
 pub mod stats;
 pub mod transport;
 pub mod wire;

@@ -19,7 +19,7 @@ use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObser
 use super::digest::{hex, memory_digest, memory_digest_sparse};
 use super::error::SendError;
 use super::impact::{ImpactRecorder, REPORT_WAIT};
-use super::source_guest::{tx_count, SourceGuest};
+use super::migratable::MigratableGuest;
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
 use super::transport::{Frame, FrameReader};
 use super::wire::{
@@ -65,11 +65,11 @@ pub enum Outcome {
 /// Where a round's pages are read from.
 enum PageSource<'a> {
     /// The running guest's mapping (each page copied, racing writes are re-sent later).
-    Live(&'a mut SourceGuest),
+    Live(&'a mut dyn MigratableGuest),
     /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
     /// dirty tracking started) are sent as zero without being read: a write to one after
     /// that instant is reported by the tracker and sent again.
-    LiveSkippingHoles(&'a mut SourceGuest, &'a [u64]),
+    LiveSkippingHoles(&'a mut dyn MigratableGuest, &'a [u64]),
     /// Memory of the paused guest.
     Frozen(&'a [u8]),
 }
@@ -99,7 +99,8 @@ impl RoundIo {
             let at = p as usize * PAGE;
             match &mut src {
                 PageSource::Live(g) => {
-                    g.read_page_for_send(p, &mut buf);
+                    g.read_page_for_send(p, &mut buf)
+                        .map_err(SendError::Tracker)?;
                     self.channels.push(p, &buf)?;
                 }
                 PageSource::LiveSkippingHoles(g, data) => {
@@ -107,6 +108,7 @@ impl RoundIo {
                         Some(w) if w & (1 << (p % 64)) == 0 => g.hole_page_for_send(p, &mut buf),
                         _ => g.read_page_for_send(p, &mut buf),
                     }
+                    .map_err(SendError::Tracker)?;
                     self.channels.push(p, &buf)?;
                 }
                 PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
@@ -201,7 +203,7 @@ pub fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
 /// A migration in progress on the source.
 struct Source<'a> {
     cfg: &'a SendConfig,
-    guest: &'a mut SourceGuest,
+    guest: &'a mut dyn MigratableGuest,
     io: RoundIo,
     policy: Box<dyn ConvergencePolicy>,
     stats: &'a mut MigrationStats,
@@ -222,13 +224,15 @@ struct Source<'a> {
     round0_data: Option<Vec<u64>>,
     /// The guest-impact timeline.
     impact: ImpactRecorder,
+    /// How long the dirty-log collection that produced the next round's pages took.
+    collect_time: Duration,
 }
 
 impl Source<'_> {
     fn hello(&self) -> Hello {
         let delta = self.cfg.encoder.delta.is_some();
         Hello {
-            guest_kind: GuestKind::File,
+            guest_kind: self.guest.kind(),
             page_size: PAGE_SIZE,
             guest_size: self.guest.size(),
             features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
@@ -280,10 +284,12 @@ impl Source<'_> {
             other => return Err(unexpected("a hello reply", other)),
         }
         // Round 0 sends everything; collecting now starts tracking from this instant.
+        let t = Instant::now();
         self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.collect_time = t.elapsed();
         // After the tracker's reset: a hole written from now on is reported dirty.
         self.round0_data = self.guest.memory().data_pages().ok();
-        self.tx_start = (Instant::now(), tx_count(self.guest.memory()));
+        self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
             round: 0,
             pages: (0..self.guest.size() / PAGE as u64).collect(),
@@ -292,14 +298,18 @@ impl Source<'_> {
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
         let src = match (round, &self.round0_data) {
-            (0, Some(data)) => PageSource::LiveSkippingHoles(self.guest, data),
-            _ => PageSource::Live(self.guest),
+            (0, Some(data)) => PageSource::LiveSkippingHoles(&mut *self.guest, data),
+            _ => PageSource::Live(&mut *self.guest),
         };
         let mut rs = self.io.send_round(round, &pages, src, 0)?;
         if round == 0 {
             self.round0_data = None;
         }
+        rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
+        rs.dirty_rearm_ms = self.guest.take_rearm_time().as_secs_f64() * 1e3;
+        let t = Instant::now();
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.collect_time = t.elapsed();
         let dirtied = newly.len() as u64;
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let pending = match &self.deferral {
@@ -382,18 +392,20 @@ impl Source<'_> {
         forced: bool,
     ) -> Result<SourceState, SendError> {
         let paused_at_ns = unix_ns(SystemTime::now());
-        let tx_before_pause = tx_count(self.guest.memory());
+        let tx_before_pause = self.guest.tx_count();
         let elapsed = self.tx_start.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
             self.stats.tps.during =
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
         let t = Instant::now();
-        self.guest.pause().map_err(SendError::Guest)?;
+        let state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.impact.pause();
+        let t_collect = Instant::now();
         let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let collect_time = t_collect.elapsed();
         let pages = merge_pages(&pending, &more);
-        let tx_at_pause = tx_count(self.guest.memory());
+        let tx_at_pause = self.guest.tx_count();
         let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
             stats
                 .switchover_ms
@@ -421,7 +433,8 @@ impl Source<'_> {
             (digest.join().expect("digest thread"), rs)
         });
         let (digest, digest_time) = digest;
-        let rs = rs?;
+        let mut rs = rs?;
+        rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
         phase("final_round_and_digest", t, self.stats);
         self.stats
             .switchover_ms
@@ -434,9 +447,9 @@ impl Source<'_> {
         self.io
             .channels
             .send_message(&Message::GuestState(GuestState {
-                guest_kind: GuestKind::File,
+                guest_kind: self.guest.kind(),
                 tx_count: tx_at_pause,
-                blob: Vec::new(),
+                blob: state_blob,
             }))?;
         self.io.channels.send_message(&Message::Digest(Digest {
             digest,
@@ -550,7 +563,7 @@ fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
 /// resumed (if it was paused) and an `Abort` is sent when the connection still works.
 pub fn migrate(
     cfg: &SendConfig,
-    guest: &mut SourceGuest,
+    guest: &mut dyn MigratableGuest,
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
@@ -573,7 +586,13 @@ pub fn migrate(
         on_timeout: cfg.on_timeout,
     };
     let throttle_request = Arc::new(AtomicU64::new(0f64.to_bits()));
-    let impact = ImpactRecorder::start(guest.path(), start);
+    // The sampler reads the file-backed workload's superblock; a KVM guest keeps its
+    // counters elsewhere (its timeline has rounds and throttle, no TPS samples yet).
+    let memory_path = guest.memory().path().to_path_buf();
+    let impact = ImpactRecorder::start(
+        (guest.kind() == GuestKind::File).then_some(memory_path.as_path()),
+        start,
+    );
     let policy: Box<dyn ConvergencePolicy> = if cfg.converge.converge == Strategy::None {
         Box::new(downtime)
     } else {
@@ -618,6 +637,7 @@ pub fn migrate(
         deferral,
         round0_data: None,
         impact,
+        collect_time: Duration::ZERO,
     };
     source
         .stats

@@ -48,6 +48,8 @@ pub enum GuestSpec {
         /// The writer's pid.
         pid: u32,
     },
+    /// A KVM guest run by this process (see [`super::source_kvm`]).
+    Kvm(super::source_kvm::KvmSpec),
 }
 
 /// Why the source guest could not be set up or controlled.
@@ -71,6 +73,9 @@ pub enum GuestControlError {
     /// An option combination that cannot work.
     #[error("{0}")]
     Config(String),
+    /// The KVM guest failed (start, dirty log, pause, resume).
+    #[error("KVM guest: {0}")]
+    Kvm(#[from] crate::kvm::KvmError),
 }
 
 /// The source guest.
@@ -184,6 +189,11 @@ impl SourceGuest {
                 )
             }
             GuestSpec::Attach { path, pid } => (*pid, None, None, None, path.clone()),
+            GuestSpec::Kvm(_) => {
+                return Err(GuestControlError::Config(
+                    "a KVM guest is not a guest process (see migratable::open_guest)".into(),
+                ))
+            }
         };
         // From here on a failure must not leave a spawned guest behind.
         let mut guard = KillOnDrop(child);

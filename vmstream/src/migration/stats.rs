@@ -39,6 +39,12 @@ pub struct RoundStats {
     pub throttle: f64,
     /// Dirty pages held back for a later round by hot-page deferral.
     pub deferred_pages: u64,
+    /// Time collecting the dirty log that produced this round's pages, ms (round 0: the
+    /// collect that started tracking; the final round: the collect after the pause).
+    pub dirty_log_ms: f64,
+    /// Time re-arming dirty tracking chunk by chunk while sending this round, ms (KVM
+    /// `clear` mode; 0 where the collect re-arms).
+    pub dirty_rearm_ms: f64,
 }
 
 impl RoundStats {

@@ -363,7 +363,8 @@ fn check_magic_version(kind: FrameType, f: &mut Fields<'_>) -> Result<(), WireEr
 pub enum GuestKind {
     /// A file-backed guest process (`vmstream guest run`).
     File = 1,
-    /// A KVM guest (`vmstream/src/kvm`); not migratable yet.
+    /// A KVM guest run by the sender (`vmstream/src/kvm`); `GuestState` carries its vCPU
+    /// state.
     Kvm = 2,
 }
 
@@ -869,6 +870,8 @@ pub enum CommitStatus {
     DigestMismatch = 1,
     /// The destination could not commit (I/O); nothing was committed.
     Failed = 2,
+    /// The guest state was invalid or did not fit the memory; nothing was committed.
+    StateRejected = 3,
 }
 
 /// `CommitReply`: the destination's verdict on the switchover.
@@ -902,6 +905,7 @@ impl CommitReply {
             0 => CommitStatus::Committed,
             1 => CommitStatus::DigestMismatch,
             2 => CommitStatus::Failed,
+            3 => CommitStatus::StateRejected,
             t => {
                 return Err(WireError::BadField {
                     kind: K.name(),
@@ -1263,6 +1267,16 @@ mod tests {
             }),
             Message::GuestSamples(GuestSamples {
                 samples: vec![(10, 1), (20, 5), (20, 9)],
+            }),
+            Message::GuestState(GuestState {
+                guest_kind: GuestKind::Kvm,
+                tx_count: 43,
+                blob: vec![9; 1024],
+            }),
+            Message::CommitReply(CommitReply {
+                status: CommitStatus::StateRejected,
+                digest: [8; 32],
+                reason: "invalid KVM state blob".into(),
             }),
         ]
     }

@@ -1,0 +1,295 @@
+//! KVM guests on the destination. Before anything is committed, the `GuestState` blob is
+//! parsed and validated ([`VmState::from_bytes`]: magic, version, lengths, CRC, sections)
+//! and checked against the received memory (RAM size, the parameter block's vCPU count);
+//! a bad blob is answered with `CommitReply { state rejected }` and nothing is committed.
+//! With `--resume` the committed image is mapped as guest RAM, the VM restored in the
+//! documented order (vmstream/KVM.md) with its vCPUs held, the VMM's ledger check run on
+//! the paused guest, and only then the vCPUs started.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Dest, DestState};
+use crate::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
+use crate::kvm::cli::report_while_running;
+use crate::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
+use crate::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::migration::error::{GuestStateError, RecvError};
+use crate::migration::image::PendingImage;
+use crate::migration::stats::{ms_between, unix_ns, CpuTime};
+use crate::migration::wire::{
+    Abort, AbortCode, CommitReply, CommitStatus, GuestKind, GuestState, Hello, Message, RefuseCode,
+    Resumed,
+};
+
+/// How long the destination waits for the resumed guest's first transaction (the instant
+/// reported as the end of the downtime).
+const FIRST_TX_WAIT: Duration = Duration::from_secs(2);
+
+/// Refusals specific to a KVM guest's handshake.
+pub(super) fn check_hello(h: &Hello, resume: bool) -> Option<(RefuseCode, String)> {
+    if !(RAM_MIN..=RAM_MAX).contains(&h.guest_size) || !h.guest_size.is_multiple_of(RAM_ALIGN) {
+        return Some((
+            RefuseCode::GuestSize,
+            format!(
+                "KVM guest RAM of {} bytes: must be a multiple of 2 MiB in [{RAM_MIN}, {RAM_MAX}]",
+                h.guest_size
+            ),
+        ));
+    }
+    if resume {
+        if let Err(why) = kvm_available() {
+            return Some((
+                RefuseCode::GuestKind,
+                format!("cannot resume a KVM guest here: {why}"),
+            ));
+        }
+    }
+    None
+}
+
+/// Checks a `GuestState` against the handshake's guest kind and, for KVM guests, parses
+/// and validates the state and checks it against the received memory.
+pub(super) fn check_guest_state(
+    kind: GuestKind,
+    state: &GuestState,
+    memory: &[u8],
+) -> Result<Option<VmState>, GuestStateError> {
+    if state.guest_kind != kind {
+        return Err(GuestStateError::KindMismatch {
+            hello: kind,
+            state: state.guest_kind,
+        });
+    }
+    if kind != GuestKind::Kvm {
+        return Ok(None);
+    }
+    let vm = VmState::from_bytes(&state.blob)?;
+    if vm.memory_size != memory.len() as u64 {
+        return Err(GuestStateError::DoesNotFit(format!(
+            "state is for {} bytes of RAM, the migrated memory has {}",
+            vm.memory_size,
+            memory.len()
+        )));
+    }
+    let param = |off: u64| {
+        let at = (PARAMS_GPA + off) as usize;
+        u64::from_le_bytes(memory[at..at + 8].try_into().expect("8 bytes"))
+    };
+    if param(PARAM_MAGIC) != PARAMS_MAGIC_VALUE {
+        return Err(GuestStateError::DoesNotFit(
+            "the migrated memory holds no guest parameter block".into(),
+        ));
+    }
+    if param(PARAM_VCPUS) != vm.vcpus.len() as u64 {
+        return Err(GuestStateError::DoesNotFit(format!(
+            "the memory was set up for {} vCPUs, the state has {}",
+            param(PARAM_VCPUS),
+            vm.vcpus.len()
+        )));
+    }
+    Ok(Some(vm))
+}
+
+/// A KVM guest resumed on the committed image.
+pub struct KvmResumed {
+    guest: KvmGuest,
+    /// Transactions (all vCPUs) at the resume.
+    pub tx_start: u64,
+    /// The ledger check before the resume.
+    pub verified: VerifyReport,
+    /// CLOCK_REALTIME ns of the first transaction observed after the resume.
+    first_tx_at_ns: u64,
+    /// Time of each resume phase (restore, verify, first transaction), ms.
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl std::fmt::Debug for KvmResumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmResumed")
+            .field("tx_start", &self.tx_start)
+            .finish()
+    }
+}
+
+/// What the resumed KVM guest did until it was stopped.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmRunOutcome {
+    /// Transactions at the resume.
+    pub tx_start: u64,
+    /// Transactions when paused at the end.
+    pub tx_end: u64,
+    /// Transactions per second while running.
+    pub tps: f64,
+    /// The ledger check of the paused guest at the end.
+    pub verified: VerifyReport,
+}
+
+impl KvmResumed {
+    /// Restores the VM from `path` (the committed image) and `state`, verifies the paused
+    /// guest, starts its vCPUs and waits (bounded) for its first transaction.
+    fn start(path: &Path, size: u64, state: &VmState) -> Result<KvmResumed, RecvError> {
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let ram = GuestRam::open(path, size)?;
+        let cfg = RestoreConfig {
+            start_paused: true,
+            ..RestoreConfig::default()
+        };
+        let mut guest = KvmGuest::restore(ram, state, &cfg)?;
+        let mut phases = vec![("kvm_restore", ms(t))];
+        let t = Instant::now();
+        let verified = guest.verify()?;
+        phases.push(("kvm_verify", ms(t)));
+        let tx_start = guest.total_transactions()?;
+        guest.resume()?;
+        let t = Instant::now();
+        while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        phases.push(("kvm_first_tx", ms(t)));
+        Ok(KvmResumed {
+            guest,
+            tx_start,
+            verified,
+            first_tx_at_ns: unix_ns(SystemTime::now()),
+            phases,
+        })
+    }
+
+    /// Runs the guest for `run_for` (None: until SIGINT/SIGTERM), printing its rate every
+    /// second, then pauses it, checks the ledger again and requires that its transaction
+    /// counter grew.
+    pub fn run(mut self, run_for: Option<Duration>) -> Result<KvmRunOutcome, RecvError> {
+        let mut out = std::io::stdout().lock();
+        let run = report_while_running(
+            &mut self.guest,
+            run_for,
+            Duration::from_secs(1),
+            "kvm",
+            false,
+            &mut out,
+        )?;
+        self.guest.pause()?;
+        let tx_end = self.guest.total_transactions()?;
+        let verified = self.guest.verify()?;
+        let _ = writeln!(out, "done tx={tx_end}");
+        self.guest.shutdown();
+        if tx_end <= self.tx_start {
+            return Err(RecvError::Resume(format!(
+                "the KVM guest's transaction counter did not grow ({} -> {tx_end})",
+                self.tx_start
+            )));
+        }
+        Ok(KvmRunOutcome {
+            tx_start: self.tx_start,
+            tx_end,
+            tps: run.tps(),
+            verified,
+        })
+    }
+}
+
+impl Dest<'_> {
+    /// The `GuestState` arrived: validate it before anything is committed. A refusal is
+    /// answered with `CommitReply { state rejected }` (the source is waiting for a verdict).
+    pub(super) fn accept_guest_state(
+        &mut self,
+        state: &GuestState,
+        image: &mut PendingImage,
+        ours: [u8; 32],
+    ) -> Result<(), RecvError> {
+        match check_guest_state(self.guest_kind, state, image.memory_mut()) {
+            Ok(vm) => {
+                self.kvm_state = vm;
+                Ok(())
+            }
+            Err(e) => {
+                let err = RecvError::GuestState(e);
+                let _ = self.send(&Message::CommitReply(CommitReply {
+                    status: CommitStatus::StateRejected,
+                    digest: ours,
+                    reason: err.to_string(),
+                }));
+                Err(err)
+            }
+        }
+    }
+
+    /// After the commit of a KVM guest: resume it if asked, then report `Resumed` (its
+    /// instant is the first transaction on the destination: the end of the downtime as
+    /// the guest sees it).
+    pub(super) fn committed_kvm(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        let (running, tx, at) = match (self.cfg.resume, self.kvm_state.take()) {
+            (true, Some(state)) => {
+                match KvmResumed::start(&self.cfg.memory_file, self.stats.guest_bytes, &state) {
+                    Ok(g) => {
+                        println!(
+                            "resumed kind=kvm tx={} vcpus={} verify=ok blocks={} written_blocks={}",
+                            g.tx_start,
+                            state.vcpus.len(),
+                            g.verified.blocks,
+                            g.verified.written_blocks
+                        );
+                        for (name, ms) in &g.phases {
+                            self.stats.switchover_ms.insert(name.to_string(), *ms);
+                        }
+                        let r = (true, g.tx_start, g.first_tx_at_ns);
+                        self.kvm = Some(g);
+                        r
+                    }
+                    Err(e) => {
+                        let _ = self.send(&Message::Abort(Abort {
+                            code: AbortCode::DestinationError,
+                            reason: e.to_string(),
+                        }));
+                        return Err(e);
+                    }
+                }
+            }
+            _ => (false, 0, unix_ns(SystemTime::now())),
+        };
+        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
+        self.stats.cpu = CpuTime::now();
+        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
+        if let Err(e) = self.send(&Message::Resumed(Resumed {
+            at_unix_ns: at,
+            running,
+            tx_count: tx,
+            receiver_cpu_ns: cpu_ns,
+        })) {
+            eprintln!("vmstream recv: warning: could not report the resume: {e}");
+        }
+        Ok(DestState::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(kind: GuestKind, blob: Vec<u8>) -> GuestState {
+        GuestState {
+            guest_kind: kind,
+            tx_count: 0,
+            blob,
+        }
+    }
+
+    #[test]
+    fn kind_must_match_the_handshake() {
+        let e = check_guest_state(GuestKind::File, &state(GuestKind::Kvm, vec![]), &[]);
+        assert!(matches!(e, Err(GuestStateError::KindMismatch { .. })));
+        assert!(matches!(
+            check_guest_state(GuestKind::File, &state(GuestKind::File, vec![]), &[]),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn garbage_kvm_state_is_refused_with_the_state_error() {
+        let e = check_guest_state(GuestKind::Kvm, &state(GuestKind::Kvm, vec![7; 100]), &[]);
+        assert!(matches!(e, Err(GuestStateError::Invalid(_))), "{e:?}");
+    }
+}
