@@ -16,6 +16,7 @@
 //!                                 <- GuestSamples { (at, tx count)* }
 //! ```
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -51,14 +52,15 @@ fn ms(d: Duration) -> f64 {
 
 impl ImpactRecorder {
     /// Starts sampling the guest memory file `path` for a migration that started at
-    /// `start`. Without a readable file the timeline has no source samples (a warning).
+    /// `start`. Without a file (`None`: a KVM guest), a readable one, or for memory that is
+    /// not a vmstream workload's (no transaction counter), the timeline has no source samples.
     pub fn start(path: Option<&Path>, start: Instant) -> ImpactRecorder {
         let start_unix_ns =
             unix_ns(SystemTime::now()).saturating_sub(start.elapsed().as_nanos() as u64);
-        let sampler = match path.map(|p| TpsSampler::start(p, SAMPLE_PERIOD)) {
+        let sampler = match path.map(start_sampler) {
             Some(Ok(s)) => Some((s, ms(start.elapsed()))),
             Some(Err(e)) => {
-                eprintln!("vmstream send: warning: no guest TPS samples: {e}");
+                eprintln!("vmstream send: note: no guest TPS samples: {e}");
                 None
             }
             None => None,
@@ -161,11 +163,23 @@ impl ImpactRecorder {
     }
 }
 
+/// A sampler of the transaction counter of the workload in `path`, if it holds one.
+fn start_sampler(path: &Path) -> std::io::Result<TpsSampler> {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)?.read_exact(&mut magic)?;
+    if u64::from_le_bytes(magic) != crate::layout::MAGIC {
+        return Err(std::io::Error::other(
+            "the guest memory does not hold a vmstream workload",
+        ));
+    }
+    TpsSampler::start(path, SAMPLE_PERIOD).map_err(std::io::Error::other)
+}
+
 /// Samples the transaction counter of the guest running on `path` every 100 ms for
 /// `window`; the readings with their CLOCK_REALTIME instants.
 pub fn sample_destination(path: &Path, window: Duration) -> std::io::Result<GuestSamples> {
     let t0 = unix_ns(SystemTime::now());
-    let sampler = TpsSampler::start(path, SAMPLE_PERIOD).map_err(std::io::Error::other)?;
+    let sampler = start_sampler(path)?;
     std::thread::sleep(window);
     let samples = sampler
         .stop()

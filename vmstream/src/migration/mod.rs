@@ -19,6 +19,8 @@
 //!   [source guest ended]
 //!                                   optional: resume the guest on PATH (verify first)
 //!                                <- Resumed { instant, running, tx count, cpu time }
+//!                                   if running: sample its tx counter for up to 2 s
+//!                                <- GuestSamples { (instant, tx count)* }
 //! ```
 //!
 //! Either side sends `Abort { code, reason }` when it gives up; before the
