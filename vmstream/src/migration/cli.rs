@@ -313,6 +313,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
                 .map_or("unlimited".into(), |b| b.to_string()),
         ),
         ("dirty_tracking", guest.tracker_name().to_string()),
+        ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
     ] {
         stats.settings.insert(k.to_string(), v);
     }

@@ -202,6 +202,14 @@ impl Dest<'_> {
     ) -> Result<(), RecvError> {
         match check_guest_state(self.guest_kind, state, image.memory_mut()) {
             Ok(vm) => {
+                if let Some(vm) = &vm {
+                    self.stats
+                        .settings
+                        .insert("kvm_vcpus".into(), vm.vcpus.len().to_string());
+                    self.stats
+                        .settings
+                        .insert("kvm_state_bytes".into(), state.blob.len().to_string());
+                }
                 self.kvm_state = vm;
                 Ok(())
             }
