@@ -296,6 +296,32 @@ mod tests {
     }
 
     #[test]
+    fn kvm_ram_sizes_outside_what_the_vmm_maps_are_refused() {
+        let hello = |size: u64| Hello {
+            guest_kind: GuestKind::Kvm,
+            page_size: 4096,
+            guest_size: size,
+            features: 0,
+            compression: vmstream_codec::Compression::None,
+            delta: crate::migration::wire::DeltaWire::Off,
+            codec_version: Hello::CODEC_VERSION,
+            sender_workers: 1,
+            cache_bytes: 0,
+            batch_pages: 128,
+        };
+        for bad in [(64 << 20) + 4096, 2 << 20, RAM_MAX + RAM_ALIGN] {
+            assert!(
+                matches!(
+                    check_hello(&hello(bad), false),
+                    Some((RefuseCode::GuestSize, _))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(check_hello(&hello(64 << 20), false), None);
+    }
+
+    #[test]
     fn garbage_kvm_state_is_refused_with_the_state_error() {
         let e = check_guest_state(GuestKind::Kvm, &state(GuestKind::Kvm, vec![7; 100]), &[]);
         assert!(matches!(e, Err(GuestStateError::Invalid(_))), "{e:?}");
