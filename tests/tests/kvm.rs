@@ -116,6 +116,12 @@ fn migrate_kvm(
             mode,
             "--warmup",
             "500ms",
+            // On a loaded machine the digest estimate can eat the whole downtime limit;
+            // a forced switchover is just as exact.
+            "--timeout",
+            "20s",
+            "--on-timeout",
+            "force",
             "--stats-json",
             sj.to_str().unwrap(),
         ],
@@ -269,7 +275,16 @@ fn corrupted_state_blob_is_refused_before_the_commit() {
         &src,
         "64M",
         port,
-        &["--warmup", "300ms", "--keep-running-for", "2s"],
+        &[
+            "--warmup",
+            "300ms",
+            "--keep-running-for",
+            "2s",
+            "--timeout",
+            "20s",
+            "--on-timeout",
+            "force",
+        ],
         &[("VMSTREAM_TEST_CORRUPT_STATE_AT", "200")],
     );
     let (r_status, _) = recv.wait_exit();
