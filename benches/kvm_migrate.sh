@@ -9,8 +9,9 @@
 #
 #   benches/kvm_migrate.sh [SIZE] [MODES...]     defaults: 1G bitmap clear ring file
 #
+# A mode may repeat (e.g. `256M bitmap clear bitmap clear`) to see the run-to-run spread.
 # Environment: FILE_RATE (the file-backed guest's tx/s, default 20000 as in demo.sh), WARMUP (default 10s: a fresh KVM guest pays a shadow-MMU fault per first
-# touch), BANDWIDTH (1Gbit), DIR (a tmpfs directory, default /dev/shm/vmstream-kvm-bench).
+# touch), BANDWIDTH (1Gbit; `none` for no limit), DIR (a tmpfs directory, default /dev/shm/vmstream-kvm-bench).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,12 +28,17 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 trap 'rm -rf "$DIR"' EXIT
 
+limit=(--max-bandwidth "$BANDWIDTH")
+[ "$BANDWIDTH" = none ] && limit=()
 port=7430
+runs=()
 for mode in $MODES; do
     port=$((port + 1))
+    run="$((port - 7430))-$mode"
+    runs+=("$run")
     rm -f "$DIR"/*.img
     "$BIN" recv --listen "127.0.0.1:$port" --memory-file "$DIR/dst.img" --resume --run-for 2s \
-        --stats-json "$DIR/recv-$mode.json" >"$DIR/recv-$mode.log" 2>&1 &
+        --stats-json "$DIR/recv-$run.json" >"$DIR/recv-$run.log" 2>&1 &
     recv=$!
     sleep 0.3
     if [ "$mode" = file ]; then
@@ -42,16 +48,16 @@ for mode in $MODES; do
         guest=(--kvm --vcpus 2 --workload dbsim --dirty-log "$mode" --on-failure stop)
     fi
     "$BIN" send "${guest[@]}" --size "$SIZE" --memory-file "$DIR/src.img" \
-        --to "127.0.0.1:$port" --warmup "$WARMUP" --max-bandwidth "$BANDWIDTH" \
+        --to "127.0.0.1:$port" --warmup "$WARMUP" "${limit[@]}" \
         --timeout 120s --on-timeout force --no-progress \
-        --stats-json "$DIR/send-$mode.json" >"$DIR/send-$mode.log" 2>&1 || {
+        --stats-json "$DIR/send-$run.json" >"$DIR/send-$run.log" 2>&1 || {
         echo "send ($mode) failed:" >&2
-        cat "$DIR/send-$mode.log" >&2
+        cat "$DIR/send-$run.log" >&2
     }
-    wait "$recv" || { echo "recv ($mode) failed:" >&2; cat "$DIR/recv-$mode.log" >&2; }
+    wait "$recv" || { echo "recv ($mode) failed:" >&2; cat "$DIR/recv-$run.log" >&2; }
 done
 
-python3 - "$DIR" $MODES <<'EOF'
+python3 - "$DIR" "${runs[@]}" <<'EOF'
 import json, sys
 d, modes = sys.argv[1], sys.argv[2:]
 print("| guest | total s | downtime ms | wire MiB | rounds | converged | round 0 s | round 1 pages "
@@ -71,7 +77,8 @@ for m in modes:
     tps = lambda v: "-" if v is None else f"{v:.0f}"
     phases = {**s.get("switchover_ms", {}), **{"dest_" + k: v for k, v in r.get("switchover_ms", {}).items()}}
     ph = ", ".join(f"{k} {v:.0f}" for k, v in sorted(phases.items()))
-    name = "file-backed (uffd-wp)" if m == "file" else f"kvm {m}"
+    mode = m.split("-", 1)[1]
+    name = "file-backed (uffd-wp)" if mode == "file" else f"kvm {mode}"
     print(f"| {name} | {s['total_time_ms']/1e3:.1f} | {s['downtime_ms'] or 0:.0f} | "
           f"{s['bytes_on_wire']/2**20:.1f} | {s['rounds']} | {s['converged']} | "
           f"{pr[0]['duration_ms']/1e3:.1f} | {pr[1]['dirty_pages'] if len(pr) > 1 else '-'} | "

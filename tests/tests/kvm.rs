@@ -66,7 +66,8 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
-/// `vmstream send --kvm` of a 2-vCPU dbsim guest on `src` to `port`.
+/// `vmstream send --kvm` of a 2-vCPU guest on `src` to `port` (`extra` may name the
+/// workload; dbsim by default).
 fn kvm_sender(src: &Path, size: &str, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let to = format!("127.0.0.1:{port}");
     let mut args = vec![
@@ -76,8 +77,6 @@ fn kvm_sender(src: &Path, size: &str, port: u16, extra: &[&str], envs: &[(&str, 
         size,
         "--vcpus",
         "2",
-        "--workload",
-        "dbsim",
         "--memory-file",
         src.to_str().unwrap(),
         "--to",
@@ -117,6 +116,12 @@ fn migrate_kvm(
             mode,
             "--warmup",
             "500ms",
+            // On a loaded machine the digest estimate can eat the whole downtime limit;
+            // a forced switchover is just as exact.
+            "--timeout",
+            "20s",
+            "--on-timeout",
+            "force",
             "--stats-json",
             sj.to_str().unwrap(),
         ],
@@ -270,7 +275,16 @@ fn corrupted_state_blob_is_refused_before_the_commit() {
         &src,
         "64M",
         port,
-        &["--warmup", "300ms", "--keep-running-for", "2s"],
+        &[
+            "--warmup",
+            "300ms",
+            "--keep-running-for",
+            "2s",
+            "--timeout",
+            "20s",
+            "--on-timeout",
+            "force",
+        ],
         &[("VMSTREAM_TEST_CORRUPT_STATE_AT", "200")],
     );
     let (r_status, _) = recv.wait_exit();
@@ -290,6 +304,57 @@ fn corrupted_state_blob_is_refused_before_the_commit() {
     assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
     assert!(!dst.exists(), "{} was committed", dst.display());
     assert_eq!(dir.entries(), vec!["src.img".to_string()]);
+}
+
+#[test]
+fn timeout_cancel_keeps_the_kvm_guest_running_and_exits_3() {
+    if skip() {
+        return;
+    }
+    let _g = serial();
+    let dir = TmpDir::new("kvm-cancel");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let sj = dir.path("send.json");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // Raw pages at 8 MB/s: round 0 of 16 MiB outlasts the 1 s timeout, and the random
+    // workload has rewritten thousands of pages by then (far beyond the downtime limit).
+    let mut send = kvm_sender(
+        &src,
+        "16M",
+        port,
+        &[
+            "--workload",
+            "random",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--max-bandwidth",
+            "8M",
+            "--timeout",
+            "1s",
+            "--on-timeout",
+            "cancel",
+            "--keep-running-for",
+            "2s",
+            "--stats-json",
+            sj.to_str().unwrap(),
+        ],
+        &[],
+    );
+    wait_stderr(&send, "cancelled");
+    let tx = kvm_tx(&src, 2);
+    wait_kvm_tx_above(&src, tx);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    assert!(recv.stderr().contains("Cancelled"), "{}", recv.stderr());
+    assert_eq!(read_stats(&sj)["outcome"], "cancelled");
+    assert_eq!(read_stats(&sj)["settings"]["guest_kind"], "kvm");
+    assert!(!dst.exists());
 }
 
 #[test]

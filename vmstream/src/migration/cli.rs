@@ -324,6 +324,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         ),
         ("dirty_tracking", guest.tracker_name().to_string()),
         ("channels", cfg.channels.to_string()),
+        ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
     ] {
         stats.settings.insert(k.to_string(), v);
     }

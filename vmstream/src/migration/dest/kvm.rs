@@ -202,6 +202,14 @@ impl Dest<'_> {
     ) -> Result<(), RecvError> {
         match check_guest_state(self.guest_kind, state, image.memory_mut()) {
             Ok(vm) => {
+                if let Some(vm) = &vm {
+                    self.stats
+                        .settings
+                        .insert("kvm_vcpus".into(), vm.vcpus.len().to_string());
+                    self.stats
+                        .settings
+                        .insert("kvm_state_bytes".into(), state.blob.len().to_string());
+                }
                 self.kvm_state = vm;
                 Ok(())
             }
@@ -285,6 +293,32 @@ mod tests {
             check_guest_state(GuestKind::File, &state(GuestKind::File, vec![]), &[]),
             Ok(None)
         ));
+    }
+
+    #[test]
+    fn kvm_ram_sizes_outside_what_the_vmm_maps_are_refused() {
+        let hello = |size: u64| Hello {
+            guest_kind: GuestKind::Kvm,
+            page_size: 4096,
+            guest_size: size,
+            features: 0,
+            compression: vmstream_codec::Compression::None,
+            delta: crate::migration::wire::DeltaWire::Off,
+            codec_version: Hello::CODEC_VERSION,
+            sender_workers: 1,
+            cache_bytes: 0,
+            batch_pages: 128,
+        };
+        for bad in [(64 << 20) + 4096, 2 << 20, RAM_MAX + RAM_ALIGN] {
+            assert!(
+                matches!(
+                    check_hello(&hello(bad), false),
+                    Some((RefuseCode::GuestSize, _))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(check_hello(&hello(64 << 20), false), None);
     }
 
     #[test]
