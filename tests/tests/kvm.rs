@@ -198,7 +198,7 @@ fn dbsim_256m_migrates_live_with_every_dirty_log_mode() {
         );
         assert!(s["downtime_ms"].as_f64().is_some());
         assert_eq!(s["settings"]["destination_running"], "true");
-        assert!(r["switchover_ms"]["kvm_verify"].as_f64().is_some());
+        assert!(r["switchover_ms"]["verify"].as_f64().is_some());
     }
 }
 

@@ -196,6 +196,8 @@ struct Dest<'a> {
     guest_kind: GuestKind,
     /// A KVM guest's validated state (from `GuestState`).
     kvm_state: Option<VmState>,
+    /// With `--resume`: the KVM guest's ledger check of the final image, before the commit.
+    kvm_verified: Option<Result<crate::kvm::VerifyReport, String>>,
     kvm: Option<KvmResumed>,
 }
 
@@ -482,12 +484,16 @@ impl Dest<'_> {
         self.stats
             .switchover_ms
             .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
-        if self.cfg.resume && self.guest_kind == GuestKind::File {
+        if self.cfg.resume {
             // While the source hashes its memory: recovery and verify read (and recovery
-            // may write) the final image, after our digest of it was taken. (A KVM guest's
-            // ledger is checked by its VMM after the restore: `dest/kvm.rs`.)
+            // may write) the final image, after our digest of it was taken.
             let t = Instant::now();
-            self.verified = Some(verify_snapshot(image.memory_mut()));
+            match self.guest_kind {
+                GuestKind::Kvm => {
+                    self.kvm_verified = Some(kvm::verify_pending(&image, hello.guest_size))
+                }
+                _ => self.verified = Some(verify_snapshot(image.memory_mut())),
+            }
             self.stats
                 .switchover_ms
                 .insert("verify".into(), t.elapsed().as_secs_f64() * 1e3);
@@ -514,7 +520,12 @@ impl Dest<'_> {
             }));
             return Err(err);
         }
-        if let Some(Err(e)) = &self.verified {
+        let failed_verify = match (&self.verified, &self.kvm_verified) {
+            (Some(Err(e)), _) => Some(e.to_string()),
+            (_, Some(Err(e))) => Some(e.clone()),
+            _ => None,
+        };
+        if let Some(e) = failed_verify {
             let err = RecvError::Resume(format!(
                 "the workload's verify of the received image failed, nothing committed: {e}"
             ));
@@ -677,6 +688,7 @@ pub fn receive_migration(
         committed: None,
         guest_kind: GuestKind::File,
         kvm_state: None,
+        kvm_verified: None,
         kvm: None,
     };
     let result = dest.run();
