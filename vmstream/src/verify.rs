@@ -139,10 +139,16 @@ pub struct Superblock {
 impl Superblock {
     /// Parse and sanity-check the superblock of `mem` (whose length must be the memory size).
     pub fn read(mem: &[u8]) -> Result<Self, VerifyError> {
-        if mem.len() < crate::memory::PAGE_SIZE {
+        Self::read_head(mem, mem.len())
+    }
+
+    /// [`Self::read`] from the first page of a memory of `memory_len` bytes (`head` holds
+    /// at least the superblock: a copy of page 0 will do).
+    pub fn read_head(mem: &[u8], memory_len: usize) -> Result<Self, VerifyError> {
+        if mem.len() < crate::memory::PAGE_SIZE || memory_len < crate::memory::PAGE_SIZE {
             return Err(VerifyError::Superblock(format!(
                 "memory of {} bytes",
-                mem.len()
+                memory_len
             )));
         }
         let magic = get_u64(mem, sb::MAGIC);
@@ -170,11 +176,10 @@ impl Superblock {
             journal_seq: get_u64(mem, sb::JOURNAL_SEQ),
         };
         let bad = |what: String| Err(VerifyError::Superblock(what));
-        if s.memory_size != mem.len() as u64 {
+        if s.memory_size != memory_len as u64 {
             return bad(format!(
                 "memory size {} but image is {}",
-                s.memory_size,
-                mem.len()
+                s.memory_size, memory_len
             ));
         }
         if s.block_size != kind.block_size() {
@@ -237,6 +242,13 @@ pub struct VerifyReport {
 /// Verify a consistent (recovered) image. See the module docs for what is checked. Blocks
 /// are checked on every core in ranges; the error reported is still the first bad block.
 pub fn verify(mem: &[u8]) -> Result<VerifyReport, VerifyError> {
+    verify_sparse(mem, None)
+}
+
+/// [`verify`] of memory whose pages with a clear bit in `data` (a bit per page, see
+/// [`crate::memory::GuestMemory::data_pages`]) are holes of its file: they read as zero, so
+/// the zero checks skip them instead of reading (which would allocate them).
+pub fn verify_sparse(mem: &[u8], data: Option<&[u64]>) -> Result<VerifyReport, VerifyError> {
     use rayon::prelude::*;
     let s = Superblock::read(mem)?;
     if s.journal_seq != 0 {
@@ -247,7 +259,14 @@ pub fn verify(mem: &[u8]) -> Result<VerifyReport, VerifyError> {
     let ranges: Vec<u64> = (0..g.block_count.div_ceil(RANGE)).collect();
     let sums: Vec<Result<u64, VerifyError>> = ranges
         .par_iter()
-        .map(|&r| verify_blocks(mem, &s, r * RANGE..((r + 1) * RANGE).min(g.block_count)))
+        .map(|&r| {
+            verify_blocks(
+                mem,
+                &s,
+                r * RANGE..((r + 1) * RANGE).min(g.block_count),
+                data,
+            )
+        })
         .collect();
     let mut ledger_sum: u64 = 0;
     for sum in sums {
@@ -259,9 +278,10 @@ pub fn verify(mem: &[u8]) -> Result<VerifyReport, VerifyError> {
         &mem[ledger_end..g.data_offset as usize],
         ledger_end as u64,
         None,
+        data,
     )?;
     let tail = g.block_offset(g.block_count);
-    check_zero(&mem[tail..], tail as u64, None)?;
+    check_zero(&mem[tail..], tail as u64, None, data)?;
     let expected = s.active_blocks.wrapping_add(s.tx_count);
     if ledger_sum != expected {
         return Err(VerifyError::Counter {
@@ -283,6 +303,7 @@ fn verify_blocks(
     mem: &[u8],
     s: &Superblock,
     range: std::ops::Range<u64>,
+    data: Option<&[u64]>,
 ) -> Result<u64, VerifyError> {
     let g = s.geometry();
     let bs = g.block_size as usize;
@@ -299,7 +320,7 @@ fn verify_blocks(
                     ledger,
                 });
             }
-            check_zero(block, off as u64, Some(b))?;
+            check_zero(block, off as u64, Some(b), data)?;
             continue;
         }
         let number = get_u64(block, hdr::BLOCK);
@@ -317,42 +338,87 @@ fn verify_blocks(
                 ledger,
             });
         }
-        let found = get_u64(block, hdr::CHECKSUM);
-        let computed = layout::block_checksum(block);
-        if found != computed {
-            return Err(VerifyError::Checksum {
-                block: b,
-                version,
-                found,
-                computed,
-            });
-        }
-        let last_tx = get_u64(block, hdr::LAST_TX);
-        if last_tx > s.tx_count {
+        let content = check_block_content(block, b, s)?;
+        if content.last_tx > s.tx_count {
             return Err(VerifyError::FutureTx {
                 block: b,
-                last_tx,
+                last_tx: content.last_tx,
                 tx_count: s.tx_count,
             });
-        }
-        if s.kind.fills_blocks() {
-            if let Some(at) = layout::check_fill(&block[BLOCK_HEADER_SIZE..], s.seed, b, version) {
-                return Err(VerifyError::Content {
-                    block: b,
-                    version,
-                    offset: (BLOCK_HEADER_SIZE + at) as u64,
-                });
-            }
         }
         ledger_sum = ledger_sum.wrapping_add(ledger);
     }
     Ok(ledger_sum)
 }
 
-fn check_zero(bytes: &[u8], base: u64, block: Option<u64>) -> Result<(), VerifyError> {
+/// What an active block's own bytes say, once they passed [`check_block_content`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockContent {
+    /// Header version (must equal the ledger entry).
+    pub version: u64,
+    /// Transaction that last wrote the block (must not exceed the superblock's count).
+    pub last_tx: u64,
+}
+
+/// The checks of active block `b` (its bytes: `block`) that need nothing but the block:
+/// header number, checksum and, for filling workloads, the fill pattern of its version.
+pub fn check_block_content(
+    block: &[u8],
+    b: u64,
+    s: &Superblock,
+) -> Result<BlockContent, VerifyError> {
+    let number = get_u64(block, hdr::BLOCK);
+    if number != b {
+        return Err(VerifyError::BlockNumber {
+            block: b,
+            found: number,
+        });
+    }
+    let version = get_u64(block, hdr::VERSION);
+    let found = get_u64(block, hdr::CHECKSUM);
+    let computed = layout::block_checksum(block);
+    if found != computed {
+        return Err(VerifyError::Checksum {
+            block: b,
+            version,
+            found,
+            computed,
+        });
+    }
+    if s.kind.fills_blocks() {
+        if let Some(at) = layout::check_fill(&block[BLOCK_HEADER_SIZE..], s.seed, b, version) {
+            return Err(VerifyError::Content {
+                block: b,
+                version,
+                offset: (BLOCK_HEADER_SIZE + at) as u64,
+            });
+        }
+    }
+    Ok(BlockContent {
+        version,
+        last_tx: get_u64(block, hdr::LAST_TX),
+    })
+}
+
+/// Whether every page that bytes `from..from + len` touch is a hole (clear in `data`).
+fn all_holes(data: Option<&[u64]>, from: u64, len: usize) -> bool {
+    let Some(data) = data else { return false };
+    let page = crate::memory::PAGE_SIZE as u64;
+    (from / page..(from + len as u64).div_ceil(page)).all(|p| {
+        data.get((p / 64) as usize)
+            .is_some_and(|w| w & (1 << (p % 64)) == 0)
+    })
+}
+
+fn check_zero(
+    bytes: &[u8],
+    base: u64,
+    block: Option<u64>,
+    data: Option<&[u64]>,
+) -> Result<(), VerifyError> {
     let mut at = 0;
     for chunk in bytes.chunks(crate::memory::PAGE_SIZE) {
-        if !vmstream_simd::is_zero(chunk) {
+        if !all_holes(data, base + at as u64, chunk.len()) && !vmstream_simd::is_zero(chunk) {
             let pos = chunk.iter().position(|&x| x != 0).unwrap_or(0);
             return Err(VerifyError::NotZero {
                 offset: base + (at + pos) as u64,
@@ -378,8 +444,17 @@ pub enum VerifyFileError {
 /// Recover (replay the journal) in `mem` and verify it. Use on a private view of a snapshot
 /// or on the guest's own memory before resuming.
 pub fn verify_snapshot(mem: &mut [u8]) -> Result<VerifyReport, VerifyError> {
+    verify_snapshot_sparse(mem, None)
+}
+
+/// [`verify_snapshot`] with the holes of `mem`'s file (see [`verify_sparse`]); recovery
+/// writes at most the journal's block, which then holds data anyway.
+pub fn verify_snapshot_sparse(
+    mem: &mut [u8],
+    data: Option<&[u64]>,
+) -> Result<VerifyReport, VerifyError> {
     let replayed = crate::workload::recover(mem)?;
-    let mut report = verify(mem)?;
+    let mut report = verify_sparse(mem, data)?;
     report.replayed_journal = replayed;
     Ok(report)
 }
@@ -431,6 +506,34 @@ mod tests {
                 let _ = verify_snapshot(&mut img);
             }
         }
+    }
+
+    /// With the file's holes, verify skips them and still catches a non-zero byte on a data
+    /// page where memory must stay zero.
+    #[test]
+    fn sparse_verify_skips_holes_and_still_catches_data() {
+        let mut params = WorkloadParams::new(WorkloadKind::Dbsim);
+        params.active_percent = 50;
+        let mut mem = GuestMemory::memfd("verify-sparse", 1 << 20).unwrap();
+        format(mem.as_mut_slice(), &params).unwrap();
+        let data = mem.data_pages().unwrap();
+        assert!(
+            data.iter().map(|w| w.count_ones()).sum::<u32>() < 200,
+            "mostly holes"
+        );
+        let plain = verify(mem.as_mut_slice()).unwrap();
+        assert_eq!(
+            verify_sparse(mem.as_mut_slice(), Some(&data)).unwrap(),
+            plain
+        );
+        // A write to the last (inactive) page makes it data; the sparse verify reads it.
+        let len = mem.len();
+        mem.as_mut_slice()[len - 1] = 7;
+        let data = mem.data_pages().unwrap();
+        assert!(matches!(
+            verify_sparse(mem.as_mut_slice(), Some(&data)),
+            Err(VerifyError::NotZero { .. })
+        ));
     }
 
     #[test]

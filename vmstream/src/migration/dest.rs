@@ -32,9 +32,10 @@ use super::wire::{
 use crate::guest::{GuestConfig, MemorySource, ReadyLine, StartMode};
 use crate::kvm::VmState;
 use crate::memory::GuestMemory;
-use crate::verify::{verify_snapshot, VerifyError, VerifyReport};
+use crate::verify::{VerifyError, VerifyReport};
 
 mod kvm;
+pub mod verify;
 pub use kvm::{KvmResumed, KvmRunOutcome};
 
 /// Where the destination is in the migration.
@@ -407,13 +408,31 @@ impl Dest<'_> {
             hello.guest_size / PAGE_SIZE as u64,
             page_size,
         ));
+        // With --resume, the workload's verify of the received image runs mostly during the
+        // rounds (`dest/verify.rs`), off the downtime.
+        let touched = std::sync::Arc::new(verify::TouchedPages::new(
+            hello.guest_size / PAGE_SIZE as u64,
+        ));
+        let background = if self.cfg.resume && hello.guest_kind == GuestKind::File {
+            verify::open_view(image.temp_path())
+                .map_err(std::io::Error::other)
+                .and_then(|view| verify::BackgroundVerifier::start(view, touched.clone()))
+                .map_err(|e| eprintln!("vmstream recv: note: verifying at the pause only: {e}"))
+                .ok()
+        } else {
+            None
+        };
         let config = ReceiverConfig {
             workers: self.workers(&hello),
             // A fresh sparse file: zero pages need not be written.
             zeroed_memory: true,
             page_observer: Some({
                 let hashes = std::sync::Arc::clone(&hashes);
-                std::sync::Arc::new(move |page, content: &[u8]| hashes.update(page, content))
+                let touched = std::sync::Arc::clone(&touched);
+                std::sync::Arc::new(move |page, content: &[u8]| {
+                    hashes.update(page, content);
+                    touched.mark(page);
+                })
             }),
             ..ReceiverConfig::default()
         };
@@ -459,6 +478,9 @@ impl Dest<'_> {
                                 }))
                                 .map_err(TransportError::Io)?;
                             rounds += 1;
+                            if let (Some(bg), false) = (&background, end.is_final()) {
+                                bg.round_applied();
+                            }
                             if end.is_final() {
                                 converged = end.flags & super::wire::ROUND_FORCED == 0;
                                 return Ok(rx.total_stats().clone());
@@ -492,7 +514,16 @@ impl Dest<'_> {
                 GuestKind::Kvm => {
                     self.kvm_verified = Some(kvm::verify_pending(&image, hello.guest_size))
                 }
-                _ => self.verified = Some(verify_snapshot(image.memory_mut())),
+                _ => {
+                    // Pages no record wrote are holes: the zero checks skip them.
+                    let data = image.data_pages().ok();
+                    self.verified = Some(verify::verify_at_pause(
+                        image.memory_mut(),
+                        &hashes,
+                        background,
+                        data.as_deref(),
+                    ))
+                }
             }
             self.stats
                 .switchover_ms

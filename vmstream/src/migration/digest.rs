@@ -106,6 +106,23 @@ impl PageHashes {
         }
     }
 
+    /// The hash of `page` (zero for pages outside the memory).
+    pub fn get(&self, page: u64) -> u128 {
+        let i = page as usize * 2;
+        match (self.words.get(i), self.words.get(i + 1)) {
+            (Some(lo), Some(hi)) => {
+                u128::from(lo.load(Ordering::Relaxed))
+                    | (u128::from(hi.load(Ordering::Relaxed)) << 64)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The hash of a zero page of this size.
+    pub fn zero_page_hash(&self) -> u128 {
+        page_hash(&vec![0u8; self.page_size])
+    }
+
     /// The digest of the memory these hashes describe.
     pub fn digest(&self) -> [u8; 32] {
         let pages = self.words.len() / 2;

@@ -76,6 +76,14 @@ impl PendingImage {
             .as_mut_slice()
     }
 
+    /// A bit per page that holds data in the temporary file (the rest are holes).
+    pub fn data_pages(&self) -> std::io::Result<Vec<u64>> {
+        self.memory
+            .as_ref()
+            .expect("memory present until commit")
+            .data_pages()
+    }
+
     /// The temporary file's path.
     pub fn temp_path(&self) -> &Path {
         &self.tmp
