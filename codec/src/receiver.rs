@@ -396,23 +396,18 @@ impl Worker<'_> {
         if let Some(hook) = &self.hook {
             std::thread::sleep(hook(HookPoint::BeforeApply, self.index, seq));
         }
-        let mut last = Instant::now();
         if verify_crc {
+            let start = Instant::now();
             verify_checksum(packet, Some(seq))?;
-            let now = Instant::now();
-            *checksum_ns += (now - last).as_nanos() as u64;
-            last = now;
+            *checksum_ns += start.elapsed().as_nanos() as u64;
         }
         self.stats.packets += 1;
         for r in view.records() {
             if owner(r.page, self.workers) != self.index {
                 continue;
             }
-            self.decoder.apply(seq, &r, self.shard.page_mut(r.page))?;
-            let now = Instant::now();
             self.decoder
-                .charge(r.encoding, (now - last).as_nanos() as u64);
-            last = now;
+                .apply_sampled(seq, &r, self.shard.page_mut(r.page))?;
             self.stats.pages += 1;
         }
         if let Some(hook) = &self.hook {
