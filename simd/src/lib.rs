@@ -9,6 +9,9 @@
 //! * [`find_diff`] / [`find_equal`]: position of the next differing / equal
 //!   byte between two slices.
 //!
+//! * [`crc32c`]: CRC-32C with `crc32` and carry-less multiplication
+//!   running side by side (packet checksums).
+//!
 //! Each kernel is written once over a small vector abstraction (`Vector`)
 //! and instantiated per ISA: AVX-512BW, AVX2 and SSE2 on x86-64, NEON on
 //! aarch64, and a portable 64-bit-word (SWAR) fallback everywhere. The best
@@ -26,6 +29,7 @@ use std::sync::OnceLock;
 
 #[macro_use]
 mod backend_kernels;
+mod crc32c;
 mod fallback;
 mod generic;
 mod vector;
@@ -34,6 +38,8 @@ mod vector;
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use crc32c::{crc32c, crc32c_portable};
 
 /// Bytes covered by one word of a [`diff_mask`] output.
 pub const MASK_BYTES: usize = 64;

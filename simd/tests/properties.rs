@@ -280,6 +280,15 @@ fn summary_spans_several_words() {
 }
 
 quickcheck! {
+    /// The two-engine CRC-32C against the `crc32c` crate, at any length
+    /// and start offset (long inputs take the folded path).
+    fn prop_crc32c_matches_reference(data: Vec<u8>, reps: u8, off: u8) -> bool {
+        let long: Vec<u8> = data.iter().cycle().take(data.len() * (usize::from(reps) % 40 + 1)).copied().collect();
+        let d = &long[usize::from(off).min(long.len())..];
+        vmstream_simd::crc32c(d) == crc32c::crc32c(d)
+            && vmstream_simd::crc32c_portable(d) == crc32c::crc32c(d)
+    }
+
     fn prop_random_pairs(a: Vec<u8>, b: Vec<u8>) -> bool {
         check_all(&a, &b);
         true
