@@ -3,10 +3,16 @@
 //! once per variant (rotating the order), and the table reports the median
 //! and fastest sweep and the median of per-round ratios to memcmp. Meant for
 //! comparing encoder versions on a busy machine (add the candidate as a
-//! variant); the memcmp ratio reads a little low here, because the baseline's
-//! copy buffer is touched half as often as the pages the encoders share.
+//! variant).
 //!
-//! `[OFFSET=0..63] [SET_KIB=4096] cargo run --release -p vmstream-benches --example encode_ab -- [ROUNDS] [CASE...]`
+//! `VARIANTS=memcmp,encode` keeps only those variants. Use exactly two for
+//! ratios to memcmp: memcmp reads the old pages and a copy of them, an
+//! encoder reads the old and the new pages, so with two variants every
+//! buffer is read once per round; with more encoders, the new pages are read
+//! more often than the copy and stay warmer, which makes memcmp look slower
+//! (ratios 5 to 15% too low at the 4 MiB set).
+//!
+//! `[OFFSET=0..63] [SET_KIB=4096] [VARIANTS=...] cargo run --release -p vmstream-benches --example encode_ab -- [ROUNDS] [CASE...]`
 //! (`OFFSET` places every buffer that many bytes past a 64-byte boundary;
 //! a small `SET_KIB` such as 128 keeps the data in L2 and shows compute cost.)
 
@@ -115,6 +121,9 @@ fn main() {
                 }),
             ),
         ];
+        if let Ok(keep) = std::env::var("VARIANTS") {
+            variants.retain(|v| keep.split(',').any(|k| k == v.0));
+        }
         let n = variants.len();
         let mut times = vec![Vec::with_capacity(rounds); n];
         for r in 0..rounds {
