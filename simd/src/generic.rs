@@ -204,12 +204,19 @@ where
         // SAFETY: bytes `s..s + SCAN_BLOCK` lie inside both slices.
         if unsafe { !block_equal::<V>(pa.add(s), pb.add(s), SCAN_BLOCK) } {
             any = true;
+            // Reload the block through opaque pointers. Otherwise the
+            // compiler reuses the fast path's loaded vectors here, keeps
+            // them alive across the loop and spills them to the stack on
+            // every block (8 stores per 256 bytes with AVX2), which made
+            // the unchanged-page pass twice as slow as memcmp from L1.
+            let (qa, qb) = std::hint::black_box((pa.wrapping_add(s), pb.wrapping_add(s)));
             let mut masks = [0u64; BLOCK_WINDOWS];
             let mut changed = 0u32;
             for (k, m) in masks.iter_mut().enumerate() {
-                let at = s + k * MASK_BYTES;
-                // SAFETY: window `k` of the block lies inside both slices.
-                *m = unsafe { chunk_ne_mask::<V>(pa.add(at), pb.add(at)) };
+                let at = k * MASK_BYTES;
+                // SAFETY: window `k` of the block lies inside both slices
+                // (`qa`, `qb` are `pa + s`, `pb + s`).
+                *m = unsafe { chunk_ne_mask::<V>(qa.add(at), qb.add(at)) };
                 changed |= u32::from(*m != 0) << k;
             }
             while changed != 0 {
