@@ -200,9 +200,17 @@ where
     // block. Only a block that differs is compared window by window (from
     // L1: it was just read), and only its changed windows reach `f`.
     let mut s = head;
+    // Two moving pointers rather than one index: base + offset addressing
+    // keeps the XOR's memory operand fused with it (an indexed address
+    // costs an extra uop per load on Intel cores).
+    let (mut ca, mut cb) = (pa.wrapping_add(s), pb.wrapping_add(s));
     while s + SCAN_BLOCK <= len {
-        // SAFETY: bytes `s..s + SCAN_BLOCK` lie inside both slices.
-        if unsafe { !block_equal::<V>(pa.add(s), pb.add(s), SCAN_BLOCK) } {
+        // SAFETY: bytes `s..s + SCAN_BLOCK` (at `ca`, `cb`) lie inside both
+        // slices.
+        let equal = unsafe { block_equal::<V>(ca, cb, SCAN_BLOCK) };
+        ca = ca.wrapping_add(SCAN_BLOCK);
+        cb = cb.wrapping_add(SCAN_BLOCK);
+        if !equal {
             any = true;
             // Reload the block through opaque pointers. Otherwise the
             // compiler reuses the fast path's loaded vectors here, keeps
