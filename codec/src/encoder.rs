@@ -14,7 +14,7 @@ use crate::compress::{Compression, Compressor};
 use crate::decoder::xor_into;
 use crate::error::CodecError;
 use crate::format::{Encoding, PacketWriter};
-use crate::stats::{ByEncoding, CacheStats};
+use crate::stats::{is_timed, ByEncoding, CacheStats, TIMED_EVERY};
 use crate::PAGE_SIZE;
 
 /// Which delta encoding pages found in the cache use.
@@ -347,16 +347,11 @@ impl PageEncoder {
     ) -> usize {
         writer.begin(batch.len());
         let mut snapshot = std::mem::take(&mut self.snapshot);
-        // At most one clock read per non-zero page: each page is charged the
-        // time since the previous one ended, and a run of zero pages (which
-        // cost about as much as a clock read each) is charged as a whole.
-        let mut last = Instant::now();
-        let mut zero_run = false;
-        for (page, entry) in batch.entries() {
-            if zero_run && !matches!(entry, Entry::Zero) {
-                last = self.charge(Some(Encoding::Zero), last);
-                zero_run = false;
-            }
+        for (index, (page, entry)) in batch.entries().enumerate() {
+            // One page in TIMED_EVERY is timed for the per-encoding times
+            // (a clock read per page would cost a few percent of an LZ4
+            // page on a VM).
+            let start = is_timed(seq, index as u64).then(Instant::now);
             let data = match entry {
                 Entry::Data(data) => data,
                 Entry::Zero => &ZERO_PAGE[..],
@@ -368,29 +363,15 @@ impl PageEncoder {
                 }
             };
             let encoding = self.encode_page(page, data, writer);
-            if encoding == Some(Encoding::Zero) {
-                zero_run = true;
-            } else {
-                last = self.charge(encoding, last);
+            if let (Some(start), Some(e)) = (start, encoding) {
+                self.stats.get_mut(e).nanos += start.elapsed().as_nanos() as u64 * TIMED_EVERY;
             }
         }
-        if zero_run {
-            last = self.charge(Some(Encoding::Zero), last);
-        }
         self.snapshot = snapshot;
+        let start = Instant::now();
         let len = writer.finish(round, seq);
-        self.finish_ns += last.elapsed().as_nanos() as u64;
+        self.finish_ns += start.elapsed().as_nanos() as u64;
         len
-    }
-
-    /// Charges the time since `last` to `encoding` (unchanged pages are
-    /// only in the workers' busy time); returns the new reference point.
-    fn charge(&mut self, encoding: Option<Encoding>, last: Instant) -> Instant {
-        let now = Instant::now();
-        if let Some(e) = encoding {
-            self.stats.get_mut(e).nanos += (now - last).as_nanos() as u64;
-        }
-        now
     }
 
     /// Takes the counters accumulated since the last call.

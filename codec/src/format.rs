@@ -288,7 +288,7 @@ fn stored_crc(bytes: &[u8]) -> u32 {
 /// TRAILER_LEN` bytes long.
 pub fn verify_checksum(bytes: &[u8], seq: Option<u64>) -> Result<(), PacketError> {
     let body = &bytes[..bytes.len() - TRAILER_LEN];
-    let computed = crc32c::crc32c(body);
+    let computed = vmstream_simd::crc32c(body);
     let stored = stored_crc(bytes);
     if computed != stored {
         return Err(PacketError::new(
@@ -523,7 +523,7 @@ impl PacketWriter {
             seq,
         }
         .write(&mut self.buf[..HEADER_LEN]);
-        let crc = crc32c::crc32c(&self.buf[..body]);
+        let crc = vmstream_simd::crc32c(&self.buf[..body]);
         self.buf[body..len].copy_from_slice(&crc.to_le_bytes());
         len
     }

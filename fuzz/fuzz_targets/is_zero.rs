@@ -1,4 +1,5 @@
-//! `is_zero` and the diff scanners on every backend against naive versions.
+//! `is_zero`, the diff scanners and `crc32c` on every backend against naive
+//! versions (and the `crc32c` crate).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,6 +13,7 @@ fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
     let first_diff = (0..n).find(|&i| a[i] != b[i]).unwrap_or(n);
     let first_eq = (0..n).find(|&i| a[i] == b[i]).unwrap_or(n);
     assert_eq!(vmstream_simd::is_zero(a), zero);
+    assert_eq!(vmstream_simd::crc32c(a), crc32c::crc32c(a));
     for backend in Backend::available() {
         let k = backend.kernels().unwrap();
         assert_eq!(k.is_zero(a), zero, "{backend}");
@@ -25,6 +27,27 @@ fuzz_target!(|input: (Vec<u8>, Vec<u8>)| {
         }
         for (w, &m) in masks.iter().enumerate() {
             assert_eq!(summary[w / 64] >> (w % 64) & 1 == 1, m != 0, "{backend} summary bit {w}");
+        }
+        // The windows of for_each_diff_window give back the same bits.
+        let mut bits = vec![false; n];
+        let mut last = None;
+        let any = k
+            .for_each_diff_window(a, b, |start, mask| {
+                assert_ne!(mask, 0, "{backend} empty window");
+                assert!(last.is_none_or(|l| start >= l + 64), "{backend} window order");
+                last = Some(start);
+                for i in 0..64 {
+                    if mask >> i & 1 == 1 {
+                        let pos = usize::try_from(start + i).expect("bit before the buffer");
+                        bits[pos] = true;
+                    }
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(any, first_diff < n, "{backend} window any");
+        for i in 0..n {
+            assert_eq!(bits[i], a[i] != b[i], "{backend} window bit {i}");
         }
     }
 });

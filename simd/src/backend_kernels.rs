@@ -25,6 +25,20 @@ macro_rules! backend_kernels {
             unsafe { crate::generic::find::<$vector, EQUAL>(a, b) }
         }
 
+        /// [`crate::generic::for_each_diff`] on this backend.
+        ///
+        /// # Safety
+        /// The CPU supports this backend; `a.len() == b.len()`.
+        #[target_feature($(enable = $feature),+)]
+        #[inline]
+        pub(crate) unsafe fn for_each_diff<E, F>(a: &[u8], b: &[u8], f: &mut F) -> Result<bool, E>
+        where
+            F: FnMut(isize, u64) -> Result<(), E>,
+        {
+            // SAFETY: the caller guarantees the target features and lengths.
+            unsafe { crate::generic::for_each_diff::<$vector, E, F>(a, b, f) }
+        }
+
         fn is_zero(buf: &[u8]) -> bool {
             // SAFETY: this table is only reachable through `Backend::kernels`,
             // which checked the CPU features at runtime.

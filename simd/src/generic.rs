@@ -151,6 +151,105 @@ pub(crate) unsafe fn diff_mask<V: Vector>(
     summary.iter().any(|&s| s != 0)
 }
 
+/// Bytes tested together by the equality fast path of [`for_each_diff`].
+const SCAN_BLOCK: usize = 256;
+
+/// Windows per [`SCAN_BLOCK`].
+const BLOCK_WINDOWS: usize = SCAN_BLOCK / MASK_BYTES;
+
+/// Calls `f(start, mask)`, in increasing `start`, for every 64-byte window
+/// of `a` and `b` that holds a difference (bit `i` of `mask` set when byte
+/// `start + i` differs); stops at the first error. Returns whether any byte
+/// differs. See [`crate::for_each_diff_window`].
+///
+/// # Safety
+/// The CPU supports `V`; `a.len() == b.len()` (checked by the caller).
+#[inline(always)]
+pub(crate) unsafe fn for_each_diff<V: Vector, E, F>(
+    a: &[u8],
+    b: &[u8],
+    f: &mut F,
+) -> Result<bool, E>
+where
+    F: FnMut(isize, u64) -> Result<(), E>,
+{
+    let len = a.len();
+    if len < MASK_BYTES {
+        let m = fallback::ne_mask_bytes(a, b);
+        if m != 0 {
+            f(0, m)?;
+        }
+        return Ok(m != 0);
+    }
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut any = false;
+    // Windows are aligned on `a`'s address, so the loads never split a
+    // cache line of `a` (nor of `b` when it shares the alignment, as
+    // page-aligned pages do). The bytes before the first aligned window form
+    // the top of a window that starts before `a`.
+    let head = (MASK_BYTES - pa as usize % MASK_BYTES) % MASK_BYTES;
+    if head > 0 {
+        // SAFETY: `len >= 64`.
+        let m = unsafe { chunk_ne_mask::<V>(pa, pb) } << (MASK_BYTES - head);
+        if m != 0 {
+            any = true;
+            f(head as isize - MASK_BYTES as isize, m)?;
+        }
+    }
+    // Unchanged stretches cost what memcmp costs: XOR, OR and one test per
+    // block. Only a block that differs is compared window by window (from
+    // L1: it was just read), and only its changed windows reach `f`.
+    let mut s = head;
+    // Two moving pointers rather than one index: base + offset addressing
+    // keeps the XOR's memory operand fused with it (an indexed address
+    // costs an extra uop per load on Intel cores).
+    let (mut ca, mut cb) = (pa.wrapping_add(s), pb.wrapping_add(s));
+    while s + SCAN_BLOCK <= len {
+        // SAFETY: bytes `s..s + SCAN_BLOCK` (at `ca`, `cb`) lie inside both
+        // slices.
+        let equal = unsafe { block_equal::<V>(ca, cb, SCAN_BLOCK) };
+        ca = ca.wrapping_add(SCAN_BLOCK);
+        cb = cb.wrapping_add(SCAN_BLOCK);
+        if !equal {
+            any = true;
+            // Reload the block through opaque pointers. Otherwise the
+            // compiler reuses the fast path's loaded vectors here, keeps
+            // them alive across the loop and spills them to the stack on
+            // every block (8 stores per 256 bytes with AVX2), which made
+            // the unchanged-page pass twice as slow as memcmp from L1.
+            let (qa, qb) = std::hint::black_box((pa.wrapping_add(s), pb.wrapping_add(s)));
+            let mut masks = [0u64; BLOCK_WINDOWS];
+            let mut changed = 0u32;
+            for (k, m) in masks.iter_mut().enumerate() {
+                let at = k * MASK_BYTES;
+                // SAFETY: window `k` of the block lies inside both slices
+                // (`qa`, `qb` are `pa + s`, `pb + s`).
+                *m = unsafe { chunk_ne_mask::<V>(qa.add(at), qb.add(at)) };
+                changed |= u32::from(*m != 0) << k;
+            }
+            while changed != 0 {
+                let k = changed.trailing_zeros() as usize;
+                changed &= changed - 1;
+                f((s + k * MASK_BYTES) as isize, masks[k])?;
+            }
+        }
+        s += SCAN_BLOCK;
+    }
+    while s < len {
+        // The last window may end past `len`: take the page's last 64 bytes
+        // and shift out the ones before `s`.
+        let at = s.min(len - MASK_BYTES);
+        // SAFETY: `at + 64 <= len`.
+        let m = unsafe { chunk_ne_mask::<V>(pa.add(at), pb.add(at)) } >> (s - at);
+        if m != 0 {
+            any = true;
+            f(s as isize, m)?;
+        }
+        s += MASK_BYTES;
+    }
+    Ok(any)
+}
+
 /// Index of the first byte where `a` and `b` differ (`EQUAL == false`) or are
 /// equal (`EQUAL == true`), or `a.len()` when there is none.
 ///

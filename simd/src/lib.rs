@@ -1,10 +1,16 @@
 //! CPU-dispatched SIMD kernels for scanning guest memory pages.
 //!
 //! * [`is_zero`]: is a buffer all zero bytes (zero-page detection)?
+//! * [`for_each_diff_window`]: the byte-difference mask of every changed
+//!   64-byte window of two buffers, handed to a callback during one pass
+//!   (the XBZRLE encoder's scan).
 //! * [`diff_mask`]: one bit per byte where two buffers differ, plus one bit
-//!   per non-zero mask word, the input of the XBZRLE run scanner.
+//!   per non-zero mask word, written to buffers.
 //! * [`find_diff`] / [`find_equal`]: position of the next differing / equal
 //!   byte between two slices.
+//!
+//! * [`crc32c`]: CRC-32C with `crc32` and carry-less multiplication
+//!   running side by side (packet checksums).
 //!
 //! Each kernel is written once over a small vector abstraction (`Vector`)
 //! and instantiated per ISA: AVX-512BW, AVX2 and SSE2 on x86-64, NEON on
@@ -23,6 +29,7 @@ use std::sync::OnceLock;
 
 #[macro_use]
 mod backend_kernels;
+mod crc32c;
 mod fallback;
 mod generic;
 mod vector;
@@ -31,6 +38,8 @@ mod vector;
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use crc32c::{crc32c, crc32c_portable};
 
 /// Bytes covered by one word of a [`diff_mask`] output.
 pub const MASK_BYTES: usize = 64;
@@ -70,6 +79,32 @@ pub fn is_zero(buf: &[u8]) -> bool {
 #[inline]
 pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
     active().diff_mask(a, b, masks, summary)
+}
+
+/// Calls `f(start, mask)` for every 64-byte window of `a` and `b` that
+/// holds a difference, in increasing `start`; bit `i` of `mask` is set when
+/// byte `start + i` differs. Stops at and returns the first error of `f`;
+/// otherwise returns whether any byte differs.
+///
+/// The windows tile the buffers at 64-byte steps aligned on `a`'s address
+/// (so the scan's loads do not split cache lines): the first window may
+/// start up to 63 bytes before `a` (`start` negative) and the last may end
+/// past it; bits for bytes outside the buffers are clear. A buffer shorter
+/// than 64 bytes is one window at 0.
+///
+/// This is [`diff_mask`] without a mask buffer: unchanged stretches cost
+/// what `memcmp` costs, and only changed windows are turned into masks, so a
+/// page with a few changes costs one pass plus a few nanoseconds per
+/// changed window.
+///
+/// # Panics
+/// When `a` and `b` differ in length.
+#[inline]
+pub fn for_each_diff_window<E, F>(a: &[u8], b: &[u8], f: F) -> Result<bool, E>
+where
+    F: FnMut(isize, u64) -> Result<(), E>,
+{
+    active().for_each_diff_window(a, b, f)
 }
 
 /// Index of the first byte at which `a` and `b` differ, or the length of the
@@ -130,6 +165,35 @@ impl Kernels {
     pub fn diff_mask(&self, a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
         check_mask_args(a, b, masks, summary);
         (self.diff_mask)(a, b, masks, summary)
+    }
+
+    /// [`for_each_diff_window`] on this backend (same panics).
+    #[inline]
+    pub fn for_each_diff_window<E, F>(&self, a: &[u8], b: &[u8], mut f: F) -> Result<bool, E>
+    where
+        F: FnMut(isize, u64) -> Result<(), E>,
+    {
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "for_each_diff_window: slices differ in length"
+        );
+        let f = &mut f;
+        // SAFETY (every arm): a `Kernels` of a backend exists only when
+        // `Backend::kernels` found the CPU features, and the lengths are
+        // equal (checked above).
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => unsafe { x86::avx512::for_each_diff(a, b, f) },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => unsafe { x86::avx2::for_each_diff(a, b, f) },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Sse2 => unsafe { x86::sse2::for_each_diff(a, b, f) },
+            #[cfg(target_arch = "aarch64")]
+            Backend::Neon => unsafe { aarch64::neon::for_each_diff(a, b, f) },
+            // SAFETY: `Word` uses no special instructions.
+            _ => unsafe { generic::for_each_diff::<fallback::Word, E, F>(a, b, f) },
+        }
     }
 
     /// [`find_diff`] on this backend.

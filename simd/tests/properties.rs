@@ -32,6 +32,50 @@ fn naive_summary(masks: &[u64]) -> Vec<u64> {
     s
 }
 
+/// The per-byte difference bits that `for_each_diff_window` reports, checked
+/// for the window rules on the way: increasing 64-byte steps aligned on
+/// `a`'s address (one window at 0 under 64 bytes), no bits outside the buffers, only changed windows.
+fn windows_as_bits(k: &Kernels, a: &[u8], b: &[u8]) -> (Vec<bool>, bool) {
+    let n = a.len();
+    let mut bits = vec![false; n];
+    let mut last: Option<isize> = None;
+    let name = k.backend();
+    let any = k
+        .for_each_diff_window(a, b, |start, mask| {
+            assert_ne!(mask, 0, "{name}: unchanged window reported");
+            if n >= 64 {
+                assert_eq!(
+                    (a.as_ptr() as isize + start) % 64,
+                    0,
+                    "{name}: window not aligned on a (len {n})"
+                );
+            } else {
+                assert_eq!(start, 0, "{name}: short buffers are one window");
+            }
+            assert!(
+                start > -64 && start < n as isize,
+                "{name}: window {start} outside"
+            );
+            if let Some(prev) = last {
+                assert!(start >= prev + 64, "{name}: windows out of order");
+            }
+            last = Some(start);
+            for i in 0..64 {
+                if mask >> i & 1 == 1 {
+                    let pos = start + i;
+                    assert!(
+                        pos >= 0 && pos < n as isize,
+                        "{name}: bit outside the buffer"
+                    );
+                    bits[pos as usize] = true;
+                }
+            }
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    (bits, any)
+}
+
 fn naive_find(a: &[u8], b: &[u8], equal: bool) -> usize {
     let n = a.len().min(b.len());
     (0..n).find(|&i| (a[i] == b[i]) == equal).unwrap_or(n)
@@ -65,6 +109,13 @@ fn check_all(a: &[u8], b: &[u8]) {
                 "{name} summary len {n} off {off}"
             );
             assert_eq!(any, sa != sb, "{name} diff_mask any");
+            let (bits, any) = windows_as_bits(k, sa, sb);
+            let want_bits: Vec<bool> = sa.iter().zip(sb).map(|(x, y)| x != y).collect();
+            assert_eq!(
+                bits, want_bits,
+                "{name} for_each_diff_window len {n} off {off}"
+            );
+            assert_eq!(any, sa != sb, "{name} for_each_diff_window any");
             assert_eq!(
                 k.find_diff(sa, sb),
                 naive_find(sa, sb, false),
@@ -168,6 +219,38 @@ fn find_on_unequal_lengths_uses_shorter() {
     assert_eq!(vmstream_simd::find_diff(&a, &b), 3);
 }
 
+/// An error from the callback stops the scan at once and is returned.
+#[test]
+fn for_each_diff_window_stops_at_first_error() {
+    let a = vec![0u8; 4096];
+    let b = vec![1u8; 4096];
+    for k in backends() {
+        let mut calls = 0;
+        let r = k.for_each_diff_window(&a, &b, |start, _| {
+            calls += 1;
+            if calls == 3 {
+                Err(start)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(r.is_err(), "{}", k.backend());
+        assert_eq!(calls, 3, "{}", k.backend());
+    }
+    let mut calls = 0;
+    let r = vmstream_simd::for_each_diff_window(&a, &a, |_, _| {
+        calls += 1;
+        Err(())
+    });
+    assert_eq!((r, calls), (Ok(false), 0));
+}
+
+#[test]
+#[should_panic(expected = "slices differ in length")]
+fn for_each_diff_window_rejects_unequal_lengths() {
+    let _ = vmstream_simd::for_each_diff_window(&[0u8; 3], &[0u8; 4], |_, _| Ok::<(), ()>(()));
+}
+
 #[test]
 #[should_panic(expected = "mask slice")]
 fn diff_mask_rejects_short_mask() {
@@ -197,6 +280,15 @@ fn summary_spans_several_words() {
 }
 
 quickcheck! {
+    /// The two-engine CRC-32C against the `crc32c` crate, at any length
+    /// and start offset (long inputs take the folded path).
+    fn prop_crc32c_matches_reference(data: Vec<u8>, reps: u8, off: u8) -> bool {
+        let long: Vec<u8> = data.iter().cycle().take(data.len() * (usize::from(reps) % 40 + 1)).copied().collect();
+        let d = &long[usize::from(off).min(long.len())..];
+        vmstream_simd::crc32c(d) == crc32c::crc32c(d)
+            && vmstream_simd::crc32c_portable(d) == crc32c::crc32c(d)
+    }
+
     fn prop_random_pairs(a: Vec<u8>, b: Vec<u8>) -> bool {
         check_all(&a, &b);
         true

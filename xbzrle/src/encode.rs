@@ -1,14 +1,15 @@
-//! The encoder: a vectorized diff mask of the whole page, then a scalar walk
-//! over its bits that emits one `(zrun nzrun)` pair per changed run.
+//! The encoder: one vectorized pass over both pages that hands each changed
+//! 64-byte window's byte mask to a scalar walker, which emits one
+//! `(zrun nzrun)` pair per changed run.
 //!
-//! Computing the mask in one dispatched call reads both pages once (like
-//! `memcmp`) and leaves run finding to bit tricks on 64-bit words, so each
-//! run costs a few instructions however short it is.
+//! The pass reads both pages once, like `memcmp`, and unchanged stretches
+//! cost what `memcmp` costs; run finding is bit tricks on the 64-bit masks,
+//! so each run costs a few instructions however short it is. No mask buffer
+//! is written or walked.
 
-use std::cell::RefCell;
 use std::fmt;
 
-use vmstream_simd::{diff_mask, mask_words, summary_words, MASK_BYTES};
+use vmstream_simd::MASK_BYTES;
 
 use crate::{uleb, MAX_PAGE_SIZE, MAX_RUN};
 
@@ -63,7 +64,7 @@ impl std::error::Error for EncodeError {}
 /// not fit. (Hence an `out` shorter than two bytes overflows even for
 /// identical pages.)
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with::<false>(old, new, out)
+    encode_scan::<false>(old, new, out)
 }
 
 /// Like [`encode`], but merges a short unchanged gap into the surrounding
@@ -71,15 +72,11 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, EncodeErr
 /// does). The output is not QEMU's canonical encoding but decodes under the
 /// same rules, by QEMU's decoder too.
 pub fn encode_compact(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, EncodeError> {
-    encode_with::<true>(old, new, out)
+    encode_scan::<true>(old, new, out)
 }
 
 #[inline(always)]
-fn encode_with<const COMPACT: bool>(
-    old: &[u8],
-    new: &[u8],
-    out: &mut [u8],
-) -> Result<usize, EncodeError> {
+fn check_args(old: &[u8], new: &[u8], out: &[u8]) -> Result<(), EncodeError> {
     let len = new.len();
     if old.len() != len {
         return Err(EncodeError::LengthMismatch {
@@ -93,117 +90,106 @@ fn encode_with<const COMPACT: bool>(
     if len > 0 && out.len() < 2 {
         return Err(EncodeError::Overflow);
     }
-    // The mask is per-thread scratch: diff_mask writes every word it uses,
-    // so it needs no clearing per page (a 512-byte memset per call showed
-    // up at about 5% of the encoder's time).
-    let mut run = |masks: &mut [u64], summary: &mut [u64]| {
-        encode_runs::<COMPACT>(
-            old,
-            new,
-            out,
-            &mut masks[..mask_words(len)],
-            &mut summary[..summary_words(len)],
-        )
-    };
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => {
-            let Scratch { masks, summary } = &mut *scratch;
-            run(masks, summary)
-        }
-        // Unreachable (encoding never re-enters), but stay correct anyway.
-        Err(_) => run(
-            &mut [0; mask_words(MAX_PAGE_SIZE)],
-            &mut [0; summary_words(MAX_PAGE_SIZE)],
-        ),
-    })
+    Ok(())
 }
 
-/// The encoder's per-thread diff mask.
-struct Scratch {
-    masks: [u64; mask_words(MAX_PAGE_SIZE)],
-    summary: [u64; summary_words(MAX_PAGE_SIZE)],
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch {
-            masks: [0; mask_words(MAX_PAGE_SIZE)],
-            summary: [0; summary_words(MAX_PAGE_SIZE)],
-        })
-    };
-}
-
+/// One pass over both pages: the SIMD scan hands over each changed 64-byte
+/// chunk's byte mask, and the runs are emitted from it right away.
 #[inline(always)]
-fn encode_runs<const COMPACT: bool>(
+fn encode_scan<const COMPACT: bool>(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
-    masks: &mut [u64],
-    summary: &mut [u64],
 ) -> Result<usize, EncodeError> {
-    if !diff_mask(old, new, masks, summary) {
+    check_args(old, new, out)?;
+    let mut walker = RunWalker {
+        emit: Emitter::<COMPACT> {
+            out,
+            new,
+            d: 0,
+            pos: 0,
+            pending: None,
+        },
+        open: false,
+        start: 0,
+        next: 0,
+    };
+    if !vmstream_simd::for_each_diff_window(old, new, |at, m| walker.window(at, m))? {
         return Ok(0);
     }
-    let mut emit = Emitter::<COMPACT> {
-        out,
-        new,
-        d: 0,
-        pos: 0,
-        pending: None,
-    };
-    // Walk the changed runs word by word, visiting only non-zero mask words
-    // (through the summary). In a word `m` whose previous bit is `carry`,
-    // runs start where `m & !(m << 1 | carry)` and end where
-    // `!m & (m << 1 | carry)`; starts and ends alternate, so pairing them
-    // needs no comparisons.
-    let mut open = false; // a run reaches the end of the last visited word
-    let mut start = 0;
-    let mut last_word = usize::MAX;
-    for (s, &sum) in summary.iter().enumerate() {
-        let mut sum = sum;
-        while sum != 0 {
-            let w = s * 64 + sum.trailing_zeros() as usize;
-            sum &= sum - 1;
-            let carry = if open && last_word.wrapping_add(1) == w {
-                1
-            } else {
-                if open {
-                    // The word after the run's last word is unchanged.
-                    emit.run(start, (last_word + 1) * MASK_BYTES)?;
-                    open = false;
-                }
-                0
-            };
-            let m = masks[w];
-            let shifted = (m << 1) | carry;
-            let mut starts = m & !shifted;
-            let mut ends = !m & shifted;
-            let base = w * MASK_BYTES;
-            if open && ends != 0 {
-                emit.run(start, base + ends.trailing_zeros() as usize)?;
-                ends &= ends - 1;
-                open = false;
+    walker.finish()
+}
+
+/// Turns the changed windows' byte masks into maximal runs, in order.
+///
+/// In a window's mask `m` whose previous bit is `carry`, runs start where
+/// `m & !(m << 1 | carry)` and end where `!m & (m << 1 | carry)`; starts and
+/// ends alternate, so pairing them needs no comparisons. A run may stay open
+/// across windows.
+struct RunWalker<'a, const COMPACT: bool> {
+    emit: Emitter<'a, COMPACT>,
+    /// A run reaches the end of the window that ends at `next`.
+    open: bool,
+    /// Start of the open run.
+    start: usize,
+    /// End of the last window visited.
+    next: isize,
+}
+
+impl<const COMPACT: bool> RunWalker<'_, COMPACT> {
+    /// Changed window starting at byte `at` (negative for a window that
+    /// starts before the page), with byte mask `m`.
+    #[inline(always)]
+    fn window(&mut self, at: isize, m: u64) -> Result<(), EncodeError> {
+        let carry = if self.open && self.next == at {
+            1
+        } else {
+            if self.open {
+                // The window after the run's last window is unchanged.
+                self.emit.run(self.start, self.next as usize)?;
+                self.open = false;
             }
-            while starts != 0 {
-                let run_start = base + starts.trailing_zeros() as usize;
-                starts &= starts - 1;
-                if ends == 0 {
-                    open = true;
-                    start = run_start;
-                    break;
-                }
-                emit.run(run_start, base + ends.trailing_zeros() as usize)?;
-                ends &= ends - 1;
-            }
-            last_word = w;
+            0
+        };
+        let shifted = (m << 1) | carry;
+        let mut starts = m & !shifted;
+        let mut ends = !m & shifted;
+        // Set bits are inside the page, so `base + bit` is never negative.
+        let base = at as usize;
+        if self.open && ends != 0 {
+            self.emit.run(
+                self.start,
+                base.wrapping_add(ends.trailing_zeros() as usize),
+            )?;
+            ends &= ends - 1;
+            self.open = false;
         }
+        while starts != 0 {
+            let run_start = base.wrapping_add(starts.trailing_zeros() as usize);
+            starts &= starts - 1;
+            if ends == 0 {
+                self.open = true;
+                self.start = run_start;
+                break;
+            }
+            self.emit
+                .run(run_start, base.wrapping_add(ends.trailing_zeros() as usize))?;
+            ends &= ends - 1;
+        }
+        self.next = at + MASK_BYTES as isize;
+        Ok(())
     }
-    if open {
-        // Mask bits past the page are clear, so a run still open reached
-        // the end of a whole word: the page's end or an unchanged word.
-        emit.run(start, (last_word + 1) * MASK_BYTES)?;
+
+    /// Closes a run still open and finishes the delta.
+    #[inline(always)]
+    fn finish(mut self) -> Result<usize, EncodeError> {
+        if self.open {
+            // Mask bits past the page are clear, so a run still open reached
+            // the end of its window: the page's end or an unchanged window.
+            self.emit.run(self.start, self.next as usize)?;
+        }
+        self.emit.finish()
     }
-    emit.finish()
 }
 
 /// Writes `(zrun nzrun literal)` triples with QEMU's overflow rule. In
