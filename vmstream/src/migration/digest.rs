@@ -20,14 +20,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_128;
 
 /// Domain separation for the root hash (bump with the definition).
 const DOMAIN: &[u8] = b"vmstream memory digest v2: BLAKE3 over XXH3-128 of each page";
 
-/// Hash of one page.
+/// Hash of one page: XXH3-128 (`twox-hash` picks AVX2 at run time where the CPU has it,
+/// about 1.5x the SSE2 code of a baseline x86-64 build on one core; same output).
 pub fn page_hash(page: &[u8]) -> u128 {
-    xxh3_128(page)
+    twox_hash::XxHash3_128::oneshot(page)
 }
 
 /// The digest of a memory whose page hashes are `hashes`, in page order.
@@ -159,7 +159,7 @@ mod tests {
         h.update(&(PAGE as u64).to_le_bytes());
         h.update(&(mem.len() as u64).to_le_bytes());
         for p in mem.chunks(PAGE) {
-            h.update(&xxh3_128(p).to_le_bytes());
+            h.update(&xxhash_rust::xxh3::xxh3_128(p).to_le_bytes());
         }
         assert_eq!(memory_digest(&mem, PAGE), *h.finalize().as_bytes());
     }
