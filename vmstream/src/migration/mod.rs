@@ -13,7 +13,7 @@
 //!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
 //!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->, <- RoundAck
 //!   GuestState { kind, tx count, blob (KVM: vCPU state, validated before the commit) } ->
-//!   Digest { BLAKE3 of all memory at the pause, paused-at instant } ->
+//!   Digest { memory digest at the pause (digest.rs), paused-at instant } ->
 //!                                   recompute digest; equal: fsync + rename temp over PATH
 //!                                <- CommitReply { committed | digest mismatch | failed }
 //!   [source guest ended]

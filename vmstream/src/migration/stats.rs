@@ -131,7 +131,7 @@ pub struct MigrationStats {
     pub rounds: u64,
     /// Whether the expected downtime fit the limit (false: forced at timeout).
     pub converged: bool,
-    /// BLAKE3 of guest memory at the pause, hex.
+    /// The memory digest (`digest.rs`: BLAKE3 over per-page XXH3-128) at the pause, hex.
     pub digest: Option<String>,
     /// This side's CPU time.
     pub cpu: CpuTime,
