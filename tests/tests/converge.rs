@@ -262,3 +262,34 @@ fn without_throttling_the_same_guest_does_not_converge() {
     assert_eq!(r_status.code(), Some(1));
     assert!(!dst.exists());
 }
+
+/// With `--defer-hot`, rounds hold back the hottest segments' pages, the migration still
+/// ends exact (checked by `throttled_migration`), and the stats report what deferral saved.
+#[test]
+fn hot_page_deferral_defers_pages_and_reports_the_saving() {
+    let _g = serial();
+    let (s, _dir) = throttled_migration(
+        "defer-hot",
+        &[
+            "--converge",
+            "direct-staged",
+            "--defer-hot",
+            "30",
+            "--defer-segment",
+            "1M",
+        ],
+    );
+    let deferred: u64 = s["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["deferred_pages"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(deferred > 0, "no round deferred a page");
+    let saved: u64 = s["settings"]["defer_hot_saved_bytes"]
+        .as_str()
+        .expect("defer_hot_saved_bytes")
+        .parse()
+        .unwrap();
+    assert_eq!(saved % 4096, 0, "saved bytes are whole pages: {saved}");
+}

@@ -667,6 +667,13 @@ pub fn migrate(
     }
     source.io.progress.finish();
     source.stats.codec = source.io.channels.total_stats();
+    if let Some(d) = &source.deferral {
+        // Pages written again while deferred: each would have been sent twice.
+        source
+            .stats
+            .settings
+            .insert("defer_hot_saved_bytes".into(), d.saved_bytes().to_string());
+    }
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {

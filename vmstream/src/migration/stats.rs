@@ -203,6 +203,10 @@ impl MigrationStats {
             tps(self.tps.during),
             tps(self.tps.after)
         ));
+        if let Some(saved) = self.settings.get("defer_hot_saved_bytes") {
+            let mib = saved.parse::<f64>().unwrap_or(0.0) / (1 << 20) as f64;
+            s.push_str(&format!("  hot-page deferral saved {mib:.1} MiB\n"));
+        }
         if !self.per_round.is_empty() {
             s.push_str(
                 "  round  dirty      records   wire MiB  ms       MB/s     dirty/s    est.down ms\n",
