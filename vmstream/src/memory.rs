@@ -58,6 +58,13 @@ pub enum MapMode {
     Private,
 }
 
+/// Whether `page` is a hole in `data`, a bitmap of data pages from
+/// [`GuestMemory::data_pages`]. Pages past the bitmap count as data (read them).
+pub fn page_is_hole(data: &[u64], page: u64) -> bool {
+    data.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) == 0)
+}
+
 /// A mapped guest memory region and the file behind it.
 pub struct GuestMemory {
     ptr: NonNull<u8>,

@@ -404,10 +404,7 @@ pub fn check_block_content(
 fn all_holes(data: Option<&[u64]>, from: u64, len: usize) -> bool {
     let Some(data) = data else { return false };
     let page = crate::memory::PAGE_SIZE as u64;
-    (from / page..(from + len as u64).div_ceil(page)).all(|p| {
-        data.get((p / 64) as usize)
-            .is_some_and(|w| w & (1 << (p % 64)) == 0)
-    })
+    (from / page..(from + len as u64).div_ceil(page)).all(|p| crate::memory::page_is_hole(data, p))
 }
 
 fn check_zero(

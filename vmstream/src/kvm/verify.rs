@@ -226,10 +226,7 @@ fn check_blocks(
     let in_holes = |b: u64| {
         let first = layout.block_gpa(b) / 4096;
         data.is_some_and(|d| {
-            (first..first + BLOCK_SIZE.div_ceil(4096)).all(|p| {
-                d.get((p / 64) as usize)
-                    .is_some_and(|w| w & (1 << (p % 64)) == 0)
-            })
+            (first..first + BLOCK_SIZE.div_ceil(4096)).all(|p| crate::memory::page_is_hole(d, p))
         })
     };
     for b in blocks {

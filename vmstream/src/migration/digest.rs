@@ -67,9 +67,12 @@ pub fn memory_digest_sparse(memory: &[u8], page_size: usize, data: &[u64]) -> [u
     let hashes: Vec<u128> = memory
         .par_chunks(page_size)
         .enumerate()
-        .map(|(p, page)| match data.get(p / 64) {
-            Some(w) if w & (1 << (p % 64)) == 0 => zero,
-            _ => page_hash(page),
+        .map(|(p, page)| {
+            if crate::memory::page_is_hole(data, p as u64) {
+                zero
+            } else {
+                page_hash(page)
+            }
         })
         .collect();
     digest_of_page_hashes(page_size, memory.len() as u64, hashes)

@@ -104,9 +104,10 @@ impl RoundIo {
                     self.channels.push(p, &buf)?;
                 }
                 PageSource::LiveSkippingHoles(g, data) => {
-                    match data.get(p as usize / 64) {
-                        Some(w) if w & (1 << (p % 64)) == 0 => g.hole_page_for_send(p, &mut buf),
-                        _ => g.read_page_for_send(p, &mut buf),
+                    if crate::memory::page_is_hole(data, p) {
+                        g.hole_page_for_send(p, &mut buf)
+                    } else {
+                        g.read_page_for_send(p, &mut buf)
                     }
                     .map_err(SendError::Tracker)?;
                     self.channels.push(p, &buf)?;
