@@ -223,6 +223,22 @@ impl Dest<'_> {
             .map_err(|e| RecvError::Transport(TransportError::Io(e)))
     }
 
+    /// Records the downtime (pause to `at`, the guest running again) and tells the source
+    /// in `Resumed`; after the commit a failure to report is only a warning.
+    fn report_resumed(&mut self, paused_at_ns: u64, at: u64, running: bool, tx: u64) {
+        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
+        self.stats.cpu = CpuTime::now();
+        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
+        if let Err(e) = self.send(&Message::Resumed(Resumed {
+            at_unix_ns: at,
+            running,
+            tx_count: tx,
+            receiver_cpu_ns: cpu_ns,
+        })) {
+            eprintln!("vmstream recv: warning: could not report the resume: {e}");
+        }
+    }
+
     fn run(&mut self) -> Result<(), RecvError> {
         let mut state = DestState::Handshake;
         loop {
@@ -634,17 +650,7 @@ impl Dest<'_> {
                 .insert("resume".into(), t.elapsed().as_secs_f64() * 1e3);
         }
         let at = unix_ns(SystemTime::now());
-        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
-        self.stats.cpu = CpuTime::now();
-        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
-        if let Err(e) = self.send(&Message::Resumed(Resumed {
-            at_unix_ns: at,
-            running,
-            tx_count: tx,
-            receiver_cpu_ns: cpu_ns,
-        })) {
-            eprintln!("vmstream recv: warning: could not report the resume: {e}");
-        }
+        self.report_resumed(paused_at_ns, at, running, tx);
         if running {
             self.report_samples();
         }

@@ -17,10 +17,9 @@ use crate::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
 use crate::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
-use crate::migration::stats::{ms_between, unix_ns, CpuTime};
+use crate::migration::stats::unix_ns;
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, GuestKind, GuestState, Hello, Message, RefuseCode,
-    Resumed,
 };
 
 /// How long the destination waits for the resumed guest's first transaction (the instant
@@ -284,17 +283,7 @@ impl Dest<'_> {
             }
             _ => (false, 0, unix_ns(SystemTime::now())),
         };
-        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
-        self.stats.cpu = CpuTime::now();
-        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
-        if let Err(e) = self.send(&Message::Resumed(Resumed {
-            at_unix_ns: at,
-            running,
-            tx_count: tx,
-            receiver_cpu_ns: cpu_ns,
-        })) {
-            eprintln!("vmstream recv: warning: could not report the resume: {e}");
-        }
+        self.report_resumed(paused_at_ns, at, running, tx);
         Ok(DestState::Done)
     }
 }
