@@ -39,7 +39,7 @@ fn warm_bytes() -> usize {
 
 struct Baseline {
     set: PageSet,
-    copy: Vec<u8>,
+    copy: vmstream_simd::AlignedBuf,
     idx: usize,
 }
 

@@ -5,6 +5,8 @@
 
 use std::io;
 
+use vmstream_simd::AlignedBuf;
+
 use crate::{page_pairs, Corpus};
 
 /// Page size of every set.
@@ -38,11 +40,15 @@ impl Rng {
 }
 
 /// Pairs of pages, `pages` of them, stored back to back.
+///
+/// Both buffers start on a cache line, like the pages the encoder sees in a
+/// migration (page-aligned guest memory against vmstream's aligned page
+/// cache); `vec!` would place them 16 bytes past one.
 pub struct PageSet {
     /// Old pages.
-    pub old: Vec<u8>,
+    pub old: AlignedBuf,
     /// New pages.
-    pub new: Vec<u8>,
+    pub new: AlignedBuf,
     /// Number of pairs.
     pub pages: usize,
 }
@@ -53,6 +59,7 @@ impl PageSet {
         let pages = bytes / PAGE;
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let old: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
+        let old = AlignedBuf::copy_of(&old);
         let mut new = old.clone();
         for p in new.chunks_exact_mut(PAGE) {
             mutate(p, &mut rng);
@@ -65,16 +72,19 @@ impl PageSet {
         let pairs = page_pairs(corpus, None)?;
         let want = (WARM / PAGE).min(pairs.len());
         let picked = (0..want).map(|k| &pairs[k * pairs.len() / want]);
-        let mut set = PageSet {
-            old: Vec::with_capacity(want * PAGE),
-            new: Vec::with_capacity(want * PAGE),
-            pages: want,
-        };
-        for (old, new) in picked {
-            set.old.extend_from_slice(old);
-            set.new.extend_from_slice(new);
+        let (mut old, mut new) = (
+            AlignedBuf::zeroed(want * PAGE),
+            AlignedBuf::zeroed(want * PAGE),
+        );
+        for (k, (o, n)) in picked.enumerate() {
+            old[k * PAGE..(k + 1) * PAGE].copy_from_slice(o);
+            new[k * PAGE..(k + 1) * PAGE].copy_from_slice(n);
         }
-        Ok(set)
+        Ok(PageSet {
+            old,
+            new,
+            pages: want,
+        })
     }
 
     /// Old page `i`.
@@ -134,8 +144,15 @@ pub const IS_ZERO_CASES: [Mutation; 4] = [
 ];
 
 /// A buffer of `bytes / PAGE` pages, each filled by `fill` from zero.
-pub fn filled(bytes: usize, fill: fn(&mut [u8], &mut Rng)) -> Vec<u8> {
-    let mut buf = vec![0u8; bytes];
+///
+/// Every byte is written, zeros included: an untouched zeroed allocation is
+/// backed by the kernel's shared zero page (4 KiB, always in L1) or huge
+/// zero page (2 MiB), so scanning it would measure neither a warm nor a
+/// cold set of distinct pages the way guest memory is.
+pub fn filled(bytes: usize, fill: fn(&mut [u8], &mut Rng)) -> AlignedBuf {
+    let mut buf = AlignedBuf::zeroed(bytes);
+    buf.fill(1);
+    std::hint::black_box(&mut buf[..]).fill(0);
     let mut rng = Rng(1);
     buf.chunks_exact_mut(PAGE).for_each(|p| fill(p, &mut rng));
     buf

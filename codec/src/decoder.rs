@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use vmstream_simd::AlignedBuf;
+
 use crate::compress::Decompressor;
 use crate::error::{CodecError, PacketError, PacketErrorKind};
 use crate::format::{parse_packet, Encoding, Limits, PacketView, RecordRef};
@@ -14,7 +16,7 @@ use crate::PAGE_SIZE;
 pub struct PageDecoder {
     decompressor: Decompressor,
     /// Holds a decompressed delta (XOR or XBZRLE) before it is applied.
-    xor_scratch: Box<[u8]>,
+    xor_scratch: AlignedBuf,
     /// Pages decoded, by encoding.
     pub stats: ByEncoding,
 }
@@ -24,7 +26,7 @@ impl PageDecoder {
     pub fn new() -> Result<PageDecoder, CodecError> {
         Ok(PageDecoder {
             decompressor: Decompressor::new().map_err(CodecError::Config)?,
-            xor_scratch: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+            xor_scratch: AlignedBuf::zeroed(PAGE_SIZE),
             stats: ByEncoding::default(),
         })
     }

@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use vmstream_simd::AlignedBuf;
 use vmstream_xbzrle::{DeltaEncoder, PageCache, PageOutcome};
 
 use crate::compress::{Compression, Compressor};
@@ -71,11 +72,11 @@ pub struct PageEncoder {
     full_encoding: Encoding,
     delta: Option<(DeltaEncoder, DeltaConfig)>,
     /// XOR of old and new page.
-    xor: Box<[u8]>,
+    xor: AlignedBuf,
     /// XBZRLE delta before it is (maybe) LZ4-compressed.
-    alt: Box<[u8]>,
+    alt: AlignedBuf,
     /// A page copied from a [`PageSource`].
-    snapshot: Box<[u8]>,
+    snapshot: AlignedBuf,
     /// Pages encoded, by encoding.
     pub stats: ByEncoding,
     /// Cache outcomes.
@@ -115,9 +116,9 @@ impl PageEncoder {
             compressor,
             full_encoding: config.compression.encoding(),
             delta,
-            xor: vec![0; PAGE_SIZE].into_boxed_slice(),
-            alt: vec![0; PAGE_SIZE].into_boxed_slice(),
-            snapshot: vec![0; PAGE_SIZE].into_boxed_slice(),
+            xor: AlignedBuf::zeroed(PAGE_SIZE),
+            alt: AlignedBuf::zeroed(PAGE_SIZE),
+            snapshot: AlignedBuf::zeroed(PAGE_SIZE),
             stats: ByEncoding::default(),
             cache: CacheStats::default(),
             finish_ns: 0,

@@ -26,6 +26,8 @@
 
 use std::fmt;
 
+use vmstream_simd::AlignedBuf;
+
 use crate::MAX_PAGE_SIZE;
 
 /// Default cache capacity in bytes (QEMU's default XBZRLE cache size).
@@ -199,7 +201,7 @@ pub struct PageCache {
     /// Per set, the next `ghosts` position to overwrite.
     ghost_next: Vec<usize>,
     /// `slots * page_size` bytes of page data, slot `i` at `i * page_size`.
-    data: Vec<u8>,
+    data: AlignedBuf,
     stats: CacheStats,
 }
 
@@ -269,7 +271,7 @@ impl PageCache {
             reused: vec![false; slots],
             ghosts: vec![None; if remembers { slots } else { 0 }],
             ghost_next: vec![0; if remembers { sets } else { 0 }],
-            data: vec![0; slots * page_size],
+            data: AlignedBuf::zeroed(slots * page_size),
             stats,
         })
     }
@@ -568,6 +570,19 @@ mod tests {
             PageCache::with_layout(1 << 20, PAGE, Layout::SetAssociative { ways: 0 }).unwrap_err(),
             CacheConfigError::ZeroWays
         );
+    }
+
+    #[test]
+    fn every_slot_starts_on_a_cache_line() {
+        // Guest pages are page-aligned; a cached page at another alignment
+        // makes the encoder's loads of one of the two split cache lines.
+        let cache = PageCache::new(64 * PAGE, PAGE).unwrap();
+        for slot in 0..cache.capacity_pages() {
+            assert_eq!(
+                cache.slot_data(slot).as_ptr() as usize % vmstream_simd::BUF_ALIGN,
+                0
+            );
+        }
     }
 
     #[test]

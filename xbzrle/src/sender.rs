@@ -18,6 +18,8 @@
 
 use std::time::{Duration, Instant};
 
+use vmstream_simd::AlignedBuf;
+
 use crate::cache::{CacheStats, PageCache};
 use crate::{encode, encode_compact};
 
@@ -100,14 +102,14 @@ pub struct DeltaEncoder {
     compact: bool,
     timing: bool,
     /// Reusable copy of a guest page for [`DeltaEncoder::encode_guest_page`].
-    snapshot: Vec<u8>,
+    snapshot: AlignedBuf,
     stats: DeltaStats,
 }
 
 impl DeltaEncoder {
     /// An encoder over `cache` emitting QEMU's canonical encoding.
     pub fn new(cache: PageCache) -> Self {
-        let snapshot = vec![0; cache.page_size()];
+        let snapshot = AlignedBuf::zeroed(cache.page_size());
         DeltaEncoder {
             cache,
             compact: false,
