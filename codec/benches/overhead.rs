@@ -5,7 +5,7 @@
 //! ratios between minima of the same run are what BENCH_RESULTS.md reports.
 //!
 //! Run: `cargo bench -p vmstream-codec --bench overhead` (ROUNDS=n to change
-//! the number of interleaved rounds, default 15; WHAT=page|scaling|zero and
+//! the number of interleaved rounds, default 15; WHAT=page|scaling|receiver|zero and
 //! METHOD=lz4|zstd|zlib to run a part). The per-page tables compare the
 //! variants batch by batch (see `interleaved_batches`).
 
@@ -345,6 +345,81 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
     }
 }
 
+/// The whole receive pipeline with one worker (dispatch, checksum, checks,
+/// decode into memory, barrier) against a plain loop of raw
+/// `LZ4_decompress_safe` calls over the same pages, interleaved: the
+/// end-to-end form of the per-page decompression table.
+fn receiver_overhead(inputs: &[(String, Vec<u8>)]) {
+    println!(
+        "\n### Receive pipeline, 1 worker, against a loop of raw LZ4 calls: fastest of {} interleaved rounds (MB/s of page bytes)\n",
+        rounds()
+    );
+    println!("| corpus | raw LZ4_decompress_safe loop | receive(), 1 worker | pipeline / raw |");
+    println!("|---|---:|---:|---:|");
+    let lz4 = Compression::Lz4 { acceleration: 1 };
+    for (name, image) in inputs {
+        let pages = (image.len() / PAGE) as u64;
+        let compressed = common::compress_each_page(image, |p, d| common::oneshot(lz4, p, d));
+        let mut s = Sender::new(lz4_config(pages, 1)).unwrap();
+        for (p, data) in image.chunks(PAGE).enumerate() {
+            s.push(p as u64, data).unwrap();
+        }
+        s.end_round().unwrap();
+        let mut packets = Vec::new();
+        while let Some(pkt) = s.poll() {
+            packets.push(pkt.into_vec());
+        }
+        let mut mem = vec![0u8; image.len()];
+        let mut best = [Duration::MAX; 2];
+        for r in 0..rounds() {
+            for k in 0..2 {
+                if (r + k) % 2 == 0 {
+                    let t = Instant::now();
+                    for (i, c) in compressed.iter().enumerate() {
+                        let page = &mut mem[i * PAGE..(i + 1) * PAGE];
+                        match c {
+                            Some(c) => {
+                                lz4::decompress(c, page).unwrap();
+                            }
+                            None => page.copy_from_slice(&image[i * PAGE..(i + 1) * PAGE]),
+                        }
+                    }
+                    best[0] = best[0].min(t.elapsed());
+                    continue;
+                }
+                let config = ReceiverConfig {
+                    workers: 1,
+                    ..Default::default()
+                };
+                receive(&config, &mut mem, |rx| {
+                    for round in 0..2u64 {
+                        // Fresh buffers, as the transport hands them over.
+                        let mut v = packets.clone();
+                        for p in &mut v {
+                            set_round(p, round);
+                        }
+                        let t = Instant::now();
+                        for p in v {
+                            rx.submit(p).unwrap();
+                        }
+                        rx.end_round(round).unwrap();
+                        best[1] = best[1].min(t.elapsed());
+                    }
+                })
+                .unwrap();
+            }
+        }
+        assert!(&mem == image);
+        let r = |d: Duration| mbps(image.len(), d);
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.3} |",
+            r(best[0]),
+            r(best[1]),
+            best[0].as_secs_f64() / best[1].as_secs_f64()
+        );
+    }
+}
+
 fn set_round(p: &mut [u8], round: u64) {
     p[16..24].copy_from_slice(&round.to_le_bytes());
     let body = p.len() - TRAILER_LEN;
@@ -420,6 +495,13 @@ fn main() {
             .map(|(n, i)| (n.clone(), i.repeat(4)))
             .collect();
         scaling(&big);
+    }
+    if what == "all" || what == "receiver" {
+        let big: Vec<(String, Vec<u8>)> = inputs
+            .iter()
+            .map(|(n, i)| (n.clone(), i.repeat(4)))
+            .collect();
+        receiver_overhead(&big);
     }
     if what == "all" || what == "zero" {
         zero();

@@ -21,6 +21,39 @@ pub struct PageDecoder {
     pub stats: ByEncoding,
 }
 
+/// Pulls the next packet into cache while the current one is applied, one
+/// slice per record, so that the next packet's checksum pass (the first
+/// read of it, before anything may be written) reads L2 instead of another
+/// core's cache or memory, where it ran at a third of its in-cache speed.
+#[derive(Debug)]
+pub struct Readahead<'a> {
+    rest: &'a [u8],
+    slice: usize,
+}
+
+impl<'a> Readahead<'a> {
+    /// Readahead of `next` (none: nothing to do) spread over `records` steps.
+    pub fn new(next: Option<&'a [u8]>, records: usize) -> Readahead<'a> {
+        let rest = next.unwrap_or(&[]);
+        let slice = rest
+            .len()
+            .div_ceil(records.max(1))
+            .next_multiple_of(vmstream_simd::PREFETCH_LINE);
+        Readahead { rest, slice }
+    }
+
+    /// Requests the next slice (call once per record applied).
+    #[inline]
+    pub fn step(&mut self) {
+        if self.rest.is_empty() {
+            return;
+        }
+        let (now, rest) = self.rest.split_at(self.slice.min(self.rest.len()));
+        vmstream_simd::prefetch_l2(now);
+        self.rest = rest;
+    }
+}
+
 impl PageDecoder {
     /// A decoder with fresh contexts.
     pub fn new() -> Result<PageDecoder, CodecError> {

@@ -12,8 +12,17 @@ use crate::PAGE_SIZE;
 pub const CHUNK_PAGES: u64 = 64;
 
 /// The worker, out of `workers`, that owns `page`.
+#[inline]
 pub fn owner(page: u64, workers: usize) -> usize {
-    ((page / CHUNK_PAGES) % workers as u64) as usize
+    let (chunk, w) = (page / CHUNK_PAGES, workers as u64);
+    // Called for every page on both sides: the usual worker counts (powers
+    // of two) take a mask instead of a 64-bit division (40 to 90 cycles on
+    // Skylake-class cores, a few percent of decoding a page).
+    if w.is_power_of_two() {
+        (chunk & (w - 1)) as usize
+    } else {
+        (chunk % w) as usize
+    }
 }
 
 /// One worker's share of guest memory.
@@ -25,9 +34,15 @@ pub struct ShardMemory<'a> {
 
 impl ShardMemory<'_> {
     /// The bytes of `page`, which must be in range and owned by this shard.
+    #[inline]
     pub fn page_mut(&mut self, page: u64) -> &mut [u8] {
         let chunk = page / CHUNK_PAGES;
-        let local = (chunk / self.workers) as usize;
+        // As in `owner`: a shift rather than a division when it can.
+        let local = if self.workers.is_power_of_two() {
+            (chunk >> self.workers.trailing_zeros()) as usize
+        } else {
+            (chunk / self.workers) as usize
+        };
         let at = (page % CHUNK_PAGES) as usize * PAGE_SIZE;
         &mut self.chunks[local][at..at + PAGE_SIZE]
     }
@@ -48,4 +63,31 @@ pub fn split(memory: &mut [u8], workers: usize) -> Vec<ShardMemory<'_>> {
         shards[c % workers].chunks.push(chunk);
     }
     shards
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_and_page_mut_match_the_chunk_layout_for_any_worker_count() {
+        let pages = 7 * CHUNK_PAGES + 5;
+        for workers in 1..=6usize {
+            let mut memory = vec![0u8; pages as usize * PAGE_SIZE];
+            // Tag each page with its number through its owner's shard...
+            {
+                let mut shards = split(&mut memory, workers);
+                for page in 0..pages {
+                    let w = owner(page, workers);
+                    assert_eq!(w as u64, (page / CHUNK_PAGES) % workers as u64);
+                    shards[w].page_mut(page)[..8].copy_from_slice(&page.to_le_bytes());
+                }
+            }
+            // ...and find every tag where the flat layout puts the page.
+            for page in 0..pages {
+                let at = page as usize * PAGE_SIZE;
+                assert_eq!(memory[at..at + 8], page.to_le_bytes(), "workers {workers}");
+            }
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::mpsc::{sync_channel, Receiver as ChannelReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::decoder::{PageDecoder, RoundTracker};
+use crate::decoder::{PageDecoder, Readahead, RoundTracker};
 use crate::error::CodecError;
 use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
 use crate::memory::{owner, split, ShardMemory};
@@ -380,14 +380,22 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 impl Worker<'_> {
     fn run(mut self, jobs: ChannelReceiver<Job>) {
         let mut checksum_ns = 0u64;
-        for job in jobs {
+        // A job taken early from the queue (to read its packet ahead); it
+        // is still handled next, so the order is the queue's.
+        let mut taken: Option<Job> = None;
+        while let Some(job) = taken.take().or_else(|| jobs.recv().ok()) {
             match job {
                 Job::Apply { packet, verify_crc } => {
                     if self.shared.failed.load(Ordering::SeqCst) {
                         continue; // the round is lost anyway; just drain
                     }
+                    taken = jobs.try_recv().ok();
+                    let next = match &taken {
+                        Some(Job::Apply { packet, .. }) => Some(&packet[..]),
+                        _ => None,
+                    };
                     let start = Instant::now();
-                    if let Err(e) = self.apply(&packet, verify_crc, &mut checksum_ns) {
+                    if let Err(e) = self.apply(&packet, verify_crc, next, &mut checksum_ns) {
                         self.shared.fail(e);
                     }
                     self.stats.busy_ns += start.elapsed().as_nanos() as u64;
@@ -410,6 +418,7 @@ impl Worker<'_> {
         &mut self,
         packet: &[u8],
         verify_crc: bool,
+        next: Option<&[u8]>,
         checksum_ns: &mut u64,
     ) -> Result<(), CodecError> {
         let view = parse_packet(
@@ -429,7 +438,9 @@ impl Worker<'_> {
             *checksum_ns += start.elapsed().as_nanos() as u64;
         }
         self.stats.packets += 1;
+        let mut readahead = Readahead::new(next, view.header.page_count as usize);
         for r in view.records() {
+            readahead.step();
             if owner(r.page, self.workers) != self.index {
                 continue;
             }

@@ -9,6 +9,8 @@
 //! * [`find_diff`] / [`find_equal`]: position of the next differing / equal
 //!   byte between two slices.
 //!
+//! * [`prefetch_l2`]: a cache hint for data needed soon (the receiver's
+//!   next packet).
 //! * [`crc32c`]: CRC-32C with `crc32` and carry-less multiplication
 //!   running side by side (packet checksums).
 //!
@@ -35,6 +37,7 @@ mod backend_kernels;
 mod crc32c;
 mod fallback;
 mod generic;
+mod prefetch;
 mod vector;
 
 #[cfg(target_arch = "aarch64")]
@@ -44,6 +47,7 @@ mod x86;
 
 pub use aligned::{AlignedBuf, BUF_ALIGN};
 pub use crc32c::{crc32c, crc32c_portable};
+pub use prefetch::{prefetch_l2, PREFETCH_LINE};
 
 /// Bytes covered by one word of a [`diff_mask`] output.
 pub const MASK_BYTES: usize = 64;
