@@ -12,8 +12,9 @@ const ZERO_BLOCK: usize = 256;
 
 /// True when every byte of `buf` is zero.
 ///
-/// Checks the first, middle and last vectors before scanning, so a page whose
-/// head, middle or tail holds data is rejected after three loads.
+/// Scans from both ends, and the vector in the middle joins the first test,
+/// so a page whose head, middle or tail holds data is rejected by the first
+/// test (about 20 loads for a 4 KiB page).
 ///
 /// # Safety
 /// The CPU supports `V`.
@@ -24,47 +25,50 @@ pub(crate) unsafe fn is_zero<V: Vector>(buf: &[u8]) -> bool {
         return fallback::is_zero(buf);
     }
     let start = buf.as_ptr();
-    // SAFETY: `len >= V::BYTES`, so the first, last and middle vectors
-    // (`mid <= len - V::BYTES`) are in bounds.
-    unsafe {
-        let last = start.add(len - V::BYTES);
-        let mid = start.add((len / 2) & !(V::BYTES - 1)).min(last);
-        if !V::load_unaligned(start)
-            .or(V::load_unaligned(mid))
-            .or(V::load_unaligned(last))
-            .is_all_zero()
-        {
-            return false;
-        }
-    }
-    // 256 bytes per step (8 AVX2 vectors, 4 AVX-512 ones), ORed, one test:
-    // the loop is bound by loads, and a test per 128 bytes measured 7%
-    // slower on all-zero pages.
-    let mut off = 0;
-    while off + ZERO_BLOCK <= len {
-        // SAFETY: `off + ZERO_BLOCK <= len`.
+    // SAFETY: `len >= V::BYTES`, so a vector starting at or before
+    // `len - V::BYTES` is in bounds.
+    let middle =
+        unsafe { V::load_unaligned(start.add(((len / 2) & !(V::BYTES - 1)).min(len - V::BYTES))) };
+    // A 256-byte block from each end per step (8 AVX2 vectors or 4 AVX-512
+    // ones apiece), ORed, one test. The tail is in the first test without
+    // a separate probe, and a forward plus a backward stream is what the
+    // L2 prefetcher follows within a 4 KiB page: on all-zero pages this ran
+    // as fast as a plain forward pass (within 1-4%), bound by memory.
+    let (mut lo, mut hi) = (0, len);
+    while hi - lo >= 2 * ZERO_BLOCK {
+        hi -= ZERO_BLOCK;
+        // SAFETY: `lo + ZERO_BLOCK <= hi` and `hi + ZERO_BLOCK <= len`.
         unsafe {
-            let p = start.add(off);
-            let mut acc = V::load_unaligned(p);
+            let (p, q) = (start.add(lo), start.add(hi));
+            // ORing `middle` again on later steps costs one instruction
+            // and saves a branch.
+            let mut acc = middle.or(V::load_unaligned(p)).or(V::load_unaligned(q));
             let mut k = V::BYTES;
             while k < ZERO_BLOCK {
-                acc = acc.or(V::load_unaligned(p.add(k)));
+                acc = acc
+                    .or(V::load_unaligned(p.add(k)))
+                    .or(V::load_unaligned(q.add(k)));
                 k += V::BYTES;
             }
             if !acc.is_all_zero() {
                 return false;
             }
         }
-        off += ZERO_BLOCK;
+        lo += ZERO_BLOCK;
     }
-    while off + V::BYTES <= len {
-        // SAFETY: `off + V::BYTES <= len`.
-        if unsafe { !V::load_unaligned(start.add(off)).is_all_zero() } {
+    while lo + V::BYTES <= hi {
+        // SAFETY: `lo + V::BYTES <= hi <= len`.
+        if unsafe { !V::load_unaligned(start.add(lo)).is_all_zero() } {
             return false;
         }
-        off += V::BYTES;
+        lo += V::BYTES;
     }
-    // The tail was already covered by the `last` vector above.
+    if lo < hi {
+        // Fewer than `V::BYTES` bytes left: test the vector ending at `hi`.
+        // SAFETY: `V::BYTES <= hi <= len` (`hi` starts at `len` and only
+        // drops while at least a block stays below it).
+        return unsafe { V::load_unaligned(start.add(hi - V::BYTES)).is_all_zero() };
+    }
     true
 }
 

@@ -330,3 +330,22 @@ fn active_backend_is_supported_and_overridable() {
         }
     }
 }
+
+#[test]
+fn is_zero_finds_a_single_byte_at_every_position() {
+    // Every position of lengths around the two-ended scan's block pairs,
+    // its vector tail and its final overlapping vector.
+    for len in [4096, 4095, 1000, 777, 576, 513, 512, 511, 300, 257, 100] {
+        let mut page = vec![0u8; len];
+        for pos in 0..len {
+            page[pos] = 1;
+            for k in backends() {
+                assert!(!k.is_zero(&page), "{} len {len} pos {pos}", k.backend());
+            }
+            page[pos] = 0;
+        }
+        for k in backends() {
+            assert!(k.is_zero(&page), "{} len {len}", k.backend());
+        }
+    }
+}
