@@ -271,13 +271,22 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
         );
         let mut s1 = Sender::with_source(lz4_config(pages, 1), shared.clone()).unwrap();
         let mut s2 = Sender::with_source(lz4_config(pages, 2), shared.clone()).unwrap();
+        let lz4 = Compression::Lz4 { acceleration: 1 };
         let t = interleaved(vec![
             &mut || common::send_all(&mut p1, image, false),
             &mut || common::send_all(&mut p2, image, false),
             &mut || common::send_all(&mut s1, image, true),
             &mut || common::send_all(&mut s2, image, true),
+            &mut || raw_threads(image, 1, |p, d| common::oneshot(lz4, p, d)),
+            &mut || raw_threads(image, 2, |p, d| common::oneshot(lz4, p, d)),
         ]);
         let r = |d: Duration| mbps(image.len(), d);
+        println!(
+            "| machine baseline: raw LZ4 compress calls on 1 and 2 threads | {name} | {:.0} | {:.0} | {:.2} |",
+            r(t[4]),
+            r(t[5]),
+            t[4].as_secs_f64() / t[5].as_secs_f64()
+        );
         println!(
             "| sender, push | {name} | {:.0} | {:.0} | {:.2} |",
             r(t[0]),
@@ -307,6 +316,18 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
             }
             packets.push(v);
         }
+        let compressed = common::compress_each_page(image, |p, d| common::oneshot(lz4, p, d));
+        let (mut mem1, mut mem2) = (vec![1u8; image.len()], vec![1u8; image.len()]);
+        let t = interleaved(vec![
+            &mut || raw_decompress_threads(&compressed, &mut mem1, 1),
+            &mut || raw_decompress_threads(&compressed, &mut mem2, 2),
+        ]);
+        println!(
+            "| machine baseline: raw LZ4 decompress calls on 1 and 2 threads | {name} | {:.0} | {:.0} | {:.2} |",
+            r(t[0]),
+            r(t[1]),
+            t[0].as_secs_f64() / t[1].as_secs_f64()
+        );
         let mut best = [Duration::MAX; 2];
         let mut mem = vec![0u8; image.len()];
         for _ in 0..rounds() {
@@ -418,6 +439,45 @@ fn receiver_overhead(inputs: &[(String, Vec<u8>)]) {
             best[0].as_secs_f64() / best[1].as_secs_f64()
         );
     }
+}
+
+/// The hardware's own scaling, for comparison with the pipeline's: `image`
+/// compressed page by page with `compress`, split over `threads` scoped
+/// threads (no queues, no packets).
+fn raw_threads(
+    image: &[u8],
+    threads: usize,
+    compress: impl Fn(&[u8], &mut [u8]) -> Option<usize> + Sync,
+) {
+    let per = image.len().div_ceil(threads * PAGE) * PAGE;
+    std::thread::scope(|s| {
+        for part in image.chunks(per) {
+            let compress = &compress;
+            s.spawn(move || {
+                let mut dst = vec![0u8; PAGE - 1];
+                for p in part.chunks(PAGE) {
+                    black_box(compress(p, &mut dst));
+                }
+            });
+        }
+    });
+}
+
+/// Decompression counterpart of [`raw_threads`]: each thread decodes its
+/// share of the pages into its part of `mem`.
+fn raw_decompress_threads(compressed: &[Option<Vec<u8>>], mem: &mut [u8], threads: usize) {
+    let per = compressed.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (part, out) in compressed.chunks(per).zip(mem.chunks_mut(per * PAGE)) {
+            s.spawn(move || {
+                for (c, page) in part.iter().zip(out.chunks_mut(PAGE)) {
+                    if let Some(c) = c {
+                        lz4::decompress(c, page).unwrap();
+                    }
+                }
+            });
+        }
+    });
 }
 
 fn set_round(p: &mut [u8], round: u64) {

@@ -446,13 +446,20 @@ enum Entry<'a> {
 /// stored contiguously. A zero page is recognized when pushed and not
 /// copied, which keeps the zero-page path cheap for the caller. Reused
 /// across rounds.
+///
+/// Snapshots start on cache lines, like the guest pages they copy: the
+/// XBZRLE scan compares them with aligned cache entries, and a snapshot
+/// 16 bytes off (where `Vec` storage starts) split every load.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     pages: Vec<u64>,
     /// Per page: index of its snapshot in `data`, or `ZERO_SLOT` /
     /// `SOURCE_SLOT`.
     slots: Vec<u32>,
-    data: Vec<u8>,
+    /// Room for `data.len() / PAGE_SIZE` snapshots; the first `stored` hold
+    /// data.
+    data: AlignedBuf,
+    stored: usize,
 }
 
 impl Batch {
@@ -461,20 +468,59 @@ impl Batch {
         Batch {
             pages: Vec::with_capacity(pages),
             slots: Vec::with_capacity(pages),
-            data: Vec::with_capacity(pages * PAGE_SIZE),
+            data: AlignedBuf::zeroed(pages * PAGE_SIZE),
+            stored: 0,
         }
     }
 
     /// Appends page `page` with contents `snapshot` (one page).
     pub fn push(&mut self, page: u64, snapshot: &[u8]) {
         assert_eq!(snapshot.len(), PAGE_SIZE, "a snapshot is one page");
-        self.pages.push(page);
         if is_zero_page(snapshot) {
+            self.pages.push(page);
             self.slots.push(ZERO_SLOT);
         } else {
-            self.slots.push((self.data.len() / PAGE_SIZE) as u32);
-            self.data.extend_from_slice(snapshot);
+            self.next_slot().copy_from_slice(snapshot);
+            self.keep_slot(page);
         }
+    }
+
+    /// Appends page `page`, whose contents `fill` writes straight into the
+    /// batch (saving the caller a copy of the page); a zero page is then
+    /// recognized as in [`Batch::push`]. When `fill` fails, the batch is
+    /// unchanged.
+    pub fn push_with<E>(
+        &mut self,
+        page: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        fill(self.next_slot())?;
+        let at = self.stored * PAGE_SIZE;
+        if is_zero_page(&self.data[at..at + PAGE_SIZE]) {
+            self.pages.push(page);
+            self.slots.push(ZERO_SLOT);
+        } else {
+            self.keep_slot(page);
+        }
+        Ok(())
+    }
+
+    /// The free snapshot slot after the stored ones (grown if needed).
+    fn next_slot(&mut self) -> &mut [u8] {
+        let at = self.stored * PAGE_SIZE;
+        if at + PAGE_SIZE > self.data.len() {
+            let mut grown = AlignedBuf::zeroed((self.stored + 1).max(2 * self.stored) * PAGE_SIZE);
+            grown[..at].copy_from_slice(&self.data[..at]);
+            self.data = grown;
+        }
+        &mut self.data[at..at + PAGE_SIZE]
+    }
+
+    /// Records page `page` with the snapshot just written to the next slot.
+    fn keep_slot(&mut self, page: u64) {
+        self.pages.push(page);
+        self.slots.push(self.stored as u32);
+        self.stored += 1;
     }
 
     /// Appends page `page` without contents, to be read from a
@@ -498,7 +544,7 @@ impl Batch {
     pub fn clear(&mut self) {
         self.pages.clear();
         self.slots.clear();
-        self.data.clear();
+        self.stored = 0;
     }
 
     /// The page numbers.
@@ -526,6 +572,65 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn contents(batch: &Batch) -> Vec<(u64, Option<Vec<u8>>)> {
+        batch
+            .entries()
+            .map(|(page, e)| match e {
+                Entry::Data(d) => {
+                    assert_eq!(d.as_ptr() as usize % vmstream_simd::BUF_ALIGN, 0);
+                    (page, Some(d.to_vec()))
+                }
+                Entry::Zero => (page, None),
+                Entry::Source => panic!("no source pages pushed"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn push_with_fills_in_place_grows_and_undoes_a_failed_fill() {
+        let page = |b: u8| vec![b; PAGE_SIZE];
+        let mut batch = Batch::with_capacity(2);
+        batch.push(10, &page(1));
+        batch
+            .push_with(11, |slot| {
+                slot.fill(0);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(
+            batch.push_with(12, |slot| {
+                slot.fill(9);
+                Err("read failed")
+            }),
+            Err("read failed")
+        );
+        // Past the capacity of 2 snapshots: the batch grows, earlier
+        // snapshots move along.
+        for (p, b) in [(13, 2u8), (14, 3), (15, 4)] {
+            batch
+                .push_with(p, |slot| {
+                    slot.fill(b);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+        }
+        batch.push(16, &page(0));
+        assert_eq!(
+            contents(&batch),
+            vec![
+                (10, Some(page(1))),
+                (11, None),
+                (13, Some(page(2))),
+                (14, Some(page(3))),
+                (15, Some(page(4))),
+                (16, None),
+            ]
+        );
+        batch.clear();
+        batch.push(20, &page(5));
+        assert_eq!(contents(&batch), vec![(20, Some(page(5)))]);
+    }
 
     #[test]
     fn zero_check_sees_every_byte() {

@@ -209,6 +209,23 @@ impl Sender {
         self.after_push(w)
     }
 
+    /// Like [`push`](Self::push), but `fill` writes the page's contents
+    /// straight into the batch (one copy of the page fewer for the caller).
+    /// When `fill` fails, the page is not queued and its error is returned.
+    pub fn push_with<E: From<CodecError>>(
+        &mut self,
+        page: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let w = self.admit(page)?;
+        if let Err(e) = self.pending[w].push_with(page, fill) {
+            let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+            self.pushed[word] &= !bit;
+            return Err(e);
+        }
+        Ok(self.after_push(w)?)
+    }
+
     /// Queues page `page`, to be copied from the [`PageSource`] by a worker
     /// (only for a sender made with [`with_source`](Self::with_source)).
     pub fn push_page(&mut self, page: u64) -> Result<(), CodecError> {

@@ -94,23 +94,24 @@ impl RoundIo {
         let t0 = Instant::now();
         self.progress
             .round(round, pages.len() as u64, flags & ROUND_FINAL != 0);
-        let mut buf = vec![0u8; PAGE];
         for (i, &p) in pages.iter().enumerate() {
             let at = p as usize * PAGE;
+            // Live pages are read straight into the codec's batch: the
+            // snapshot the encoder and the dirty tracker both see.
             match &mut src {
-                PageSource::Live(g) => {
-                    g.read_page_for_send(p, &mut buf)
-                        .map_err(SendError::Tracker)?;
-                    self.channels.push(p, &buf)?;
-                }
+                PageSource::Live(g) => self.channels.push_with(p, |slot| {
+                    g.read_page_for_send(p, slot).map_err(SendError::Tracker)
+                })?,
                 PageSource::LiveSkippingHoles(g, data) => {
-                    if crate::memory::page_is_hole(data, p) {
-                        g.hole_page_for_send(p, &mut buf)
-                    } else {
-                        g.read_page_for_send(p, &mut buf)
-                    }
-                    .map_err(SendError::Tracker)?;
-                    self.channels.push(p, &buf)?;
+                    let hole = crate::memory::page_is_hole(data, p);
+                    self.channels.push_with(p, |slot| {
+                        if hole {
+                            g.hole_page_for_send(p, slot)
+                        } else {
+                            g.read_page_for_send(p, slot)
+                        }
+                        .map_err(SendError::Tracker)
+                    })?
                 }
                 PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
             }

@@ -209,6 +209,18 @@ impl SourceChannels {
         self.pump()
     }
 
+    /// Queues page `page` on its channel, its contents written by `fill`
+    /// straight into the channel's batch (see [`Sender::push_with`]).
+    pub fn push_with(
+        &mut self,
+        page: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
+        let c = self.map.channel_of(page);
+        self.channels[c].encoder.push_with(page, fill)?;
+        self.pump()
+    }
+
     /// Hands finished packets of every channel to its link and recycles written ones.
     pub fn pump(&mut self) -> Result<(), SendError> {
         for c in &mut self.channels {
