@@ -15,6 +15,7 @@ pub mod encoder;
 pub mod error;
 pub mod format;
 pub mod memory;
+mod queue;
 pub mod receiver;
 pub mod sender;
 pub mod stats;

@@ -12,7 +12,7 @@
 //! it returns.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver as ChannelReceiver, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::decoder::{PageDecoder, Readahead, RoundTracker};
 use crate::error::CodecError;
 use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
 use crate::memory::{owner, split, ShardMemory};
+use crate::queue::{bounded, QueueReceiver, QueueSender};
 use crate::stats::{PipelineStats, WorkerStats};
 use crate::PAGE_SIZE;
 
@@ -129,7 +130,7 @@ impl Shared {
 /// Handle to a running receive pipeline, lent to the closure given to
 /// [`receive`].
 pub struct Receiver {
-    queues: Vec<SyncSender<Job>>,
+    queues: Vec<QueueSender<Job>>,
     shared: Arc<Shared>,
     tracker: RoundTracker,
     guest_pages: u64,
@@ -178,7 +179,7 @@ pub fn receive<R>(
         for (index, (shard, decoder)) in
             split(memory, workers).into_iter().zip(decoders).enumerate()
         {
-            let (tx, rx) = sync_channel(config.queue_depth);
+            let (tx, rx) = bounded(config.queue_depth);
             queues.push(tx);
             let worker = Worker {
                 index,
@@ -378,18 +379,18 @@ struct Worker<'a> {
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl Worker<'_> {
-    fn run(mut self, jobs: ChannelReceiver<Job>) {
+    fn run(mut self, jobs: QueueReceiver<Job>) {
         let mut checksum_ns = 0u64;
         // A job taken early from the queue (to read its packet ahead); it
         // is still handled next, so the order is the queue's.
         let mut taken: Option<Job> = None;
-        while let Some(job) = taken.take().or_else(|| jobs.recv().ok()) {
+        while let Some(job) = taken.take().or_else(|| jobs.recv()) {
             match job {
                 Job::Apply { packet, verify_crc } => {
                     if self.shared.failed.load(Ordering::SeqCst) {
                         continue; // the round is lost anyway; just drain
                     }
-                    taken = jobs.try_recv().ok();
+                    taken = jobs.try_recv();
                     let next = match &taken {
                         Some(Job::Apply { packet, .. }) => Some(&packet[..]),
                         _ => None,

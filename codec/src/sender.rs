@@ -15,6 +15,7 @@ use crate::encoder::{Batch, EncoderConfig, PageEncoder, PageSource};
 use crate::error::CodecError;
 use crate::format::{PacketWriter, MAX_PAGES_PER_PACKET};
 use crate::memory::owner;
+use crate::queue::{bounded, QueueReceiver, QueueSender};
 use crate::receiver::default_workers;
 use crate::stats::{PipelineStats, WorkerStats};
 use crate::PAGE_SIZE;
@@ -85,7 +86,7 @@ enum Job {
 /// Handle to a running send pipeline.
 pub struct Sender {
     config: SenderConfig,
-    queues: Vec<SyncSender<Job>>,
+    queues: Vec<QueueSender<Job>>,
     handles: Vec<JoinHandle<()>>,
     pending: Vec<Batch>,
     spare_batches: ChannelReceiver<Batch>,
@@ -151,7 +152,7 @@ impl Sender {
         let mut handles = Vec::new();
         for index in 0..config.workers {
             let encoder = PageEncoder::new(&per_worker)?;
-            let (tx, rx) = sync_channel(config.queue_depth);
+            let (tx, rx) = bounded(config.queue_depth);
             queues.push(tx);
             let worker = Worker {
                 encoder,
@@ -395,8 +396,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, jobs: ChannelReceiver<Job>) {
-        for job in jobs {
+    fn run(mut self, jobs: QueueReceiver<Job>) {
+        while let Some(job) = jobs.recv() {
             match job {
                 Job::Encode {
                     mut batch,
