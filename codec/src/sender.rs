@@ -28,7 +28,10 @@ pub struct SenderConfig {
     /// Pages per packet (1 to [`MAX_PAGES_PER_PACKET`]; 64 to 256 is the
     /// useful range).
     pub batch_pages: usize,
-    /// Batches queued per worker before `push` blocks.
+    /// Batches queued per worker before `push` blocks (default 8; a
+    /// blocked `push` is woken when the worker has drained half, so deeper
+    /// queues mean fewer wake-ups: 4 -> 8 cut the scaling bench's context
+    /// switches from 12.9 k to 7.9 k).
     pub queue_depth: usize,
     /// Guest size in pages (pushes beyond it are refused).
     pub guest_pages: u64,
@@ -44,7 +47,7 @@ impl SenderConfig {
         SenderConfig {
             workers: default_workers(),
             batch_pages: 128,
-            queue_depth: 4,
+            queue_depth: 8,
             guest_pages,
             encoder: EncoderConfig {
                 delta: Some(Default::default()),
