@@ -301,21 +301,8 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
         );
 
         // Receiver: packets as a sender with the same worker count makes
-        // them; each worker count runs in its own receive scope, so the
-        // two alternate scope by scope.
-        let mut packets = Vec::new();
-        for workers in [1, 2] {
-            let mut s = Sender::new(lz4_config(pages, workers)).unwrap();
-            for (p, data) in image.chunks(PAGE).enumerate() {
-                s.push(p as u64, data).unwrap();
-            }
-            s.end_round().unwrap();
-            let mut v = Vec::new();
-            while let Some(pkt) = s.poll() {
-                v.push(pkt.into_vec());
-            }
-            packets.push(v);
-        }
+        // them.
+        let packets = [first_pass_packets(image, 1), first_pass_packets(image, 2)];
         let compressed = common::compress_each_page(image, |p, d| common::oneshot(lz4, p, d));
         let (mut mem1, mut mem2) = (vec![1u8; image.len()], vec![1u8; image.len()]);
         let t = interleaved(vec![
@@ -328,32 +315,13 @@ fn scaling(inputs: &[(String, Vec<u8>)]) {
             r(t[1]),
             t[0].as_secs_f64() / t[1].as_secs_f64()
         );
+        // Each worker count runs in its own receive scope, so the two
+        // alternate scope by scope.
         let mut best = [Duration::MAX; 2];
         let mut mem = vec![0u8; image.len()];
         for _ in 0..rounds() {
             for (i, workers) in [1usize, 2].into_iter().enumerate() {
-                receive(
-                    &ReceiverConfig {
-                        workers,
-                        ..Default::default()
-                    },
-                    &mut mem,
-                    |rx| {
-                        for round in 0..3u64 {
-                            let mut v = packets[i].clone();
-                            for p in &mut v {
-                                set_round(p, round);
-                            }
-                            let t = Instant::now();
-                            for p in v {
-                                rx.submit(p).unwrap();
-                            }
-                            rx.end_round(round).unwrap();
-                            best[i] = best[i].min(t.elapsed());
-                        }
-                    },
-                )
-                .unwrap();
+                best[i] = best[i].min(fastest_receive(workers, &mut mem, &packets[i], 3));
             }
         }
         assert!(&mem == image);
@@ -379,55 +347,27 @@ fn receiver_overhead(inputs: &[(String, Vec<u8>)]) {
     println!("|---|---:|---:|---:|");
     let lz4 = Compression::Lz4 { acceleration: 1 };
     for (name, image) in inputs {
-        let pages = (image.len() / PAGE) as u64;
         let compressed = common::compress_each_page(image, |p, d| common::oneshot(lz4, p, d));
-        let mut s = Sender::new(lz4_config(pages, 1)).unwrap();
-        for (p, data) in image.chunks(PAGE).enumerate() {
-            s.push(p as u64, data).unwrap();
-        }
-        s.end_round().unwrap();
-        let mut packets = Vec::new();
-        while let Some(pkt) = s.poll() {
-            packets.push(pkt.into_vec());
-        }
+        let packets = first_pass_packets(image, 1);
         let mut mem = vec![0u8; image.len()];
         let mut best = [Duration::MAX; 2];
         for r in 0..rounds() {
             for k in 0..2 {
-                if (r + k) % 2 == 0 {
-                    let t = Instant::now();
-                    for (i, c) in compressed.iter().enumerate() {
-                        let page = &mut mem[i * PAGE..(i + 1) * PAGE];
-                        match c {
-                            Some(c) => {
-                                lz4::decompress(c, page).unwrap();
-                            }
-                            None => page.copy_from_slice(&image[i * PAGE..(i + 1) * PAGE]),
-                        }
-                    }
-                    best[0] = best[0].min(t.elapsed());
+                if (r + k) % 2 == 1 {
+                    best[1] = best[1].min(fastest_receive(1, &mut mem, &packets, 2));
                     continue;
                 }
-                let config = ReceiverConfig {
-                    workers: 1,
-                    ..Default::default()
-                };
-                receive(&config, &mut mem, |rx| {
-                    for round in 0..2u64 {
-                        // Fresh buffers, as the transport hands them over.
-                        let mut v = packets.clone();
-                        for p in &mut v {
-                            set_round(p, round);
+                let t = Instant::now();
+                for (i, c) in compressed.iter().enumerate() {
+                    let page = &mut mem[i * PAGE..(i + 1) * PAGE];
+                    match c {
+                        Some(c) => {
+                            lz4::decompress(c, page).unwrap();
                         }
-                        let t = Instant::now();
-                        for p in v {
-                            rx.submit(p).unwrap();
-                        }
-                        rx.end_round(round).unwrap();
-                        best[1] = best[1].min(t.elapsed());
+                        None => page.copy_from_slice(&image[i * PAGE..(i + 1) * PAGE]),
                     }
-                })
-                .unwrap();
+                }
+                best[0] = best[0].min(t.elapsed());
             }
         }
         assert!(&mem == image);
@@ -478,6 +418,47 @@ fn raw_decompress_threads(compressed: &[Option<Vec<u8>>], mem: &mut [u8], thread
             });
         }
     });
+}
+
+/// The packets a `workers`-worker sender makes of `image` in its first pass.
+fn first_pass_packets(image: &[u8], workers: usize) -> Vec<Vec<u8>> {
+    let mut s = Sender::new(lz4_config((image.len() / PAGE) as u64, workers)).unwrap();
+    for (p, data) in image.chunks(PAGE).enumerate() {
+        s.push(p as u64, data).unwrap();
+    }
+    s.end_round().unwrap();
+    let mut packets = Vec::new();
+    while let Some(pkt) = s.poll() {
+        packets.push(pkt.into_vec());
+    }
+    packets
+}
+
+/// The fastest of `rounds` rounds of submitting `packets` (fresh copies, as
+/// the transport hands them over) and waiting for the barrier, in one
+/// receive scope of `workers` workers over `mem`.
+fn fastest_receive(workers: usize, mem: &mut [u8], packets: &[Vec<u8>], rounds: u64) -> Duration {
+    let config = ReceiverConfig {
+        workers,
+        ..Default::default()
+    };
+    let mut best = Duration::MAX;
+    receive(&config, mem, |rx| {
+        for round in 0..rounds {
+            let mut v = packets.to_vec();
+            for p in &mut v {
+                set_round(p, round);
+            }
+            let t = Instant::now();
+            for p in v {
+                rx.submit(p).unwrap();
+            }
+            rx.end_round(round).unwrap();
+            best = best.min(t.elapsed());
+        }
+    })
+    .unwrap();
+    best
 }
 
 fn set_round(p: &mut [u8], round: u64) {
