@@ -33,7 +33,7 @@ macro_rules! backend_kernels {
         #[inline]
         pub(crate) unsafe fn for_each_diff<E, F>(a: &[u8], b: &[u8], f: &mut F) -> Result<bool, E>
         where
-            F: FnMut(isize, u64) -> Result<(), E>,
+            F: crate::DiffWindowSink<E>,
         {
             // SAFETY: the caller guarantees the target features and lengths.
             unsafe { crate::generic::for_each_diff::<$vector, E, F>(a, b, f) }

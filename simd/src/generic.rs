@@ -191,13 +191,13 @@ pub(crate) unsafe fn for_each_diff<V: Vector, E, F>(
     f: &mut F,
 ) -> Result<bool, E>
 where
-    F: FnMut(isize, u64) -> Result<(), E>,
+    F: crate::DiffWindowSink<E>,
 {
     let len = a.len();
     if len < MASK_BYTES {
         let m = fallback::ne_mask_bytes(a, b);
         if m != 0 {
-            f(0, m)?;
+            f.window(0, m)?;
         }
         return Ok(m != 0);
     }
@@ -213,7 +213,7 @@ where
         let m = unsafe { chunk_ne_mask::<V>(pa, pb) } << (MASK_BYTES - head);
         if m != 0 {
             any = true;
-            f(head as isize - MASK_BYTES as isize, m)?;
+            f.window(head as isize - MASK_BYTES as isize, m)?;
         }
     }
     // Unchanged stretches cost what memcmp costs: XOR, OR and one test per
@@ -250,7 +250,7 @@ where
             while changed != 0 {
                 let k = changed.trailing_zeros() as usize;
                 changed &= changed - 1;
-                f((s + k * MASK_BYTES) as isize, masks[k])?;
+                f.window((s + k * MASK_BYTES) as isize, masks[k])?;
             }
         }
         s += SCAN_BLOCK;
@@ -263,7 +263,7 @@ where
         let m = unsafe { chunk_ne_mask::<V>(pa.add(at), pb.add(at)) } >> (s - at);
         if m != 0 {
             any = true;
-            f(s as isize, m)?;
+            f.window(s as isize, m)?;
         }
         s += MASK_BYTES;
     }

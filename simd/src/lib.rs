@@ -90,6 +90,23 @@ pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> 
     active().diff_mask(a, b, masks, summary)
 }
 
+/// What [`for_each_diff_window`] hands each changed window to. Closures
+/// `FnMut(isize, u64) -> Result<(), E>` are sinks. A type can also be one
+/// itself: its `#[inline(always)]` `window` is then compiled into the SIMD
+/// scan, where a large closure stays an out-of-line call per changed window
+/// (the XBZRLE run walker does this).
+pub trait DiffWindowSink<E> {
+    /// The window starting at byte `start` differs where `mask` has bits.
+    fn window(&mut self, start: isize, mask: u64) -> Result<(), E>;
+}
+
+impl<E, F: FnMut(isize, u64) -> Result<(), E>> DiffWindowSink<E> for F {
+    #[inline(always)]
+    fn window(&mut self, start: isize, mask: u64) -> Result<(), E> {
+        self(start, mask)
+    }
+}
+
 /// Calls `f(start, mask)` for every 64-byte window of `a` and `b` that
 /// holds a difference, in increasing `start`; bit `i` of `mask` is set when
 /// byte `start + i` differs. Stops at and returns the first error of `f`;
@@ -111,7 +128,7 @@ pub fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> 
 #[inline]
 pub fn for_each_diff_window<E, F>(a: &[u8], b: &[u8], f: F) -> Result<bool, E>
 where
-    F: FnMut(isize, u64) -> Result<(), E>,
+    F: DiffWindowSink<E>,
 {
     active().for_each_diff_window(a, b, f)
 }
@@ -180,7 +197,7 @@ impl Kernels {
     #[inline]
     pub fn for_each_diff_window<E, F>(&self, a: &[u8], b: &[u8], mut f: F) -> Result<bool, E>
     where
-        F: FnMut(isize, u64) -> Result<(), E>,
+        F: DiffWindowSink<E>,
     {
         assert_eq!(
             a.len(),

@@ -114,7 +114,7 @@ fn encode_scan<const COMPACT: bool>(
         start: 0,
         next: 0,
     };
-    if !vmstream_simd::for_each_diff_window(old, new, |at, m| walker.window(at, m))? {
+    if !vmstream_simd::for_each_diff_window(old, new, &mut walker)? {
         return Ok(0);
     }
     walker.finish()
@@ -136,11 +136,22 @@ struct RunWalker<'a, const COMPACT: bool> {
     next: isize,
 }
 
+/// The walker is the scan's sink itself, so its window handling is
+/// compiled into the SIMD loop rather than called per changed window.
+impl<const COMPACT: bool> vmstream_simd::DiffWindowSink<EncodeError>
+    for &mut RunWalker<'_, COMPACT>
+{
+    #[inline(always)]
+    fn window(&mut self, at: isize, m: u64) -> Result<(), EncodeError> {
+        self.changed_window(at, m)
+    }
+}
+
 impl<const COMPACT: bool> RunWalker<'_, COMPACT> {
     /// Changed window starting at byte `at` (negative for a window that
     /// starts before the page), with byte mask `m`.
     #[inline(always)]
-    fn window(&mut self, at: isize, m: u64) -> Result<(), EncodeError> {
+    fn changed_window(&mut self, at: isize, m: u64) -> Result<(), EncodeError> {
         let carry = if self.open && self.next == at {
             1
         } else {
