@@ -476,13 +476,11 @@ impl Batch {
     /// Appends page `page` with contents `snapshot` (one page).
     pub fn push(&mut self, page: u64, snapshot: &[u8]) {
         assert_eq!(snapshot.len(), PAGE_SIZE, "a snapshot is one page");
-        if is_zero_page(snapshot) {
-            self.pages.push(page);
-            self.slots.push(ZERO_SLOT);
-        } else {
+        let zero = is_zero_page(snapshot);
+        if !zero {
             self.next_slot().copy_from_slice(snapshot);
-            self.keep_slot(page);
         }
+        self.record(page, zero);
     }
 
     /// Appends page `page`, whose contents `fill` writes straight into the
@@ -494,14 +492,10 @@ impl Batch {
         page: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        fill(self.next_slot())?;
-        let at = self.stored * PAGE_SIZE;
-        if is_zero_page(&self.data[at..at + PAGE_SIZE]) {
-            self.pages.push(page);
-            self.slots.push(ZERO_SLOT);
-        } else {
-            self.keep_slot(page);
-        }
+        let slot = self.next_slot();
+        fill(slot)?;
+        let zero = is_zero_page(slot);
+        self.record(page, zero);
         Ok(())
     }
 
@@ -516,11 +510,16 @@ impl Batch {
         &mut self.data[at..at + PAGE_SIZE]
     }
 
-    /// Records page `page` with the snapshot just written to the next slot.
-    fn keep_slot(&mut self, page: u64) {
+    /// Records page `page`: a zero page, or the snapshot just written to
+    /// the next slot.
+    fn record(&mut self, page: u64, zero: bool) {
         self.pages.push(page);
-        self.slots.push(self.stored as u32);
-        self.stored += 1;
+        if zero {
+            self.slots.push(ZERO_SLOT);
+        } else {
+            self.slots.push(self.stored as u32);
+            self.stored += 1;
+        }
     }
 
     /// Appends page `page` without contents, to be read from a

@@ -57,6 +57,11 @@ impl SenderConfig {
     }
 }
 
+/// Word and bit of `page` in the per-round bitmap of pushed pages.
+fn pushed_bit(page: u64) -> (usize, u64) {
+    ((page / 64) as usize, 1u64 << (page % 64))
+}
+
 /// An encoded packet.
 #[derive(Debug)]
 pub struct Packet {
@@ -223,7 +228,7 @@ impl Sender {
     ) -> Result<(), E> {
         let w = self.admit(page)?;
         if let Err(e) = self.pending[w].push_with(page, fill) {
-            let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+            let (word, bit) = pushed_bit(page);
             self.pushed[word] &= !bit;
             return Err(e);
         }
@@ -254,7 +259,7 @@ impl Sender {
                 guest_pages: self.config.guest_pages,
             });
         }
-        let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        let (word, bit) = pushed_bit(page);
         if self.pushed[word] & bit != 0 {
             return Err(CodecError::DuplicatePage {
                 page,
