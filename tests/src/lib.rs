@@ -327,6 +327,35 @@ pub fn files_identical(a: &Path, b: &Path) -> bool {
     true
 }
 
+/// The value of `key` (e.g. `tx=`) in a line of `key=value` words.
+pub fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// The first of `lines` that starts with `prefix`.
+pub fn line_starting<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in {lines:?}"))
+}
+
+/// Waits for a receiver that must fail: exit status 1, each of `reasons` in its stderr and
+/// nothing committed at `dst`. Returns the stderr for further checks.
+pub fn expect_receiver_failure(recv: &mut Proc, dst: &Path, reasons: &[&str]) -> String {
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    let err = recv.stderr();
+    for reason in reasons {
+        assert!(err.contains(reason), "{err}");
+    }
+    assert!(!dst.exists());
+    err
+}
+
 /// Reads a stats JSON file.
 pub fn read_stats(path: &Path) -> serde_json::Value {
     let text =

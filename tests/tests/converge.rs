@@ -19,13 +19,25 @@ fn throttles(s: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
-/// The value of `key` (e.g. `tx=`) in a `key=value` line.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
+/// The guest and link of these tests: 32 MiB of `random` writes at full speed, sent
+/// uncompressed over an 80 MiB/s link (all of memory takes 400 ms, above the 300 ms
+/// downtime limit).
+const FLAT_OUT_GUEST: [&str; 14] = [
+    "--size",
+    "32M",
+    "--workload",
+    "random",
+    "--rate",
+    "0",
+    "--warmup",
+    "200ms",
+    "--compress",
+    "none",
+    "--xbzrle",
+    "off",
+    "--max-bandwidth",
+    "80M",
+];
 
 /// Migrates a 32 MiB `random` guest running flat out over an 80 MiB/s link with
 /// `strategy` and resumes it on the destination for 1 s. All of its memory is dirty after
@@ -45,24 +57,9 @@ fn throttled_migration(name: &str, strategy: &[&str]) -> (serde_json::Value, Tmp
         rj.to_str().unwrap(),
     ]);
     let to = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "send",
-        "--memory-file",
-        src.to_str().unwrap(),
-        "--size",
-        "32M",
-        "--workload",
-        "random",
-        "--rate",
-        "0",
-        "--warmup",
-        "200ms",
-        "--compress",
-        "none",
-        "--xbzrle",
-        "off",
-        "--max-bandwidth",
-        "80M",
+    let mut args = vec!["send", "--memory-file", src.to_str().unwrap()];
+    args.extend_from_slice(&FLAT_OUT_GUEST);
+    args.extend_from_slice(&[
         // A strategy that fails to converge ends the test as a cancel, not a hang.
         "--timeout",
         "30s",
@@ -73,7 +70,7 @@ fn throttled_migration(name: &str, strategy: &[&str]) -> (serde_json::Value, Tmp
         sj.to_str().unwrap(),
         "--to",
         &to,
-    ];
+    ]);
     args.extend_from_slice(strategy);
     let mut send = Proc::vmstream("send", &args, &[]);
     let _guest = KillPid(guest_pid(&mut send));
@@ -100,19 +97,13 @@ fn throttled_migration(name: &str, strategy: &[&str]) -> (serde_json::Value, Tmp
     let tx_at_pause = vmstream::verify::verify_file(&src)
         .expect("the source image at the pause verifies")
         .tx_count;
-    let ready = lines
-        .iter()
-        .find(|l| l.starts_with("ready "))
-        .expect("resumed guest's ready line");
+    let ready = line_starting(&lines, "ready ");
     assert_eq!(
         field(ready, "tx="),
         tx_at_pause,
         "resumed from another state"
     );
-    let verified = lines
-        .iter()
-        .find(|l| l.starts_with("verify ok"))
-        .unwrap_or_else(|| panic!("no verify line: {lines:?}"));
+    let verified = line_starting(&lines, "verify ok");
     assert!(field(verified, "tx=") > tx_at_pause, "{verified}");
     // Throttling, not luck, made it fit.
     let th = throttles(&s);
@@ -223,38 +214,20 @@ fn without_throttling_the_same_guest_does_not_converge() {
     let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     let to = format!("127.0.0.1:{port}");
-    let mut send = Proc::vmstream(
-        "send",
-        &[
-            "send",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--size",
-            "32M",
-            "--workload",
-            "random",
-            "--rate",
-            "0",
-            "--warmup",
-            "200ms",
-            "--compress",
-            "none",
-            "--xbzrle",
-            "off",
-            "--max-bandwidth",
-            "80M",
-            "--timeout",
-            "3s",
-            "--on-timeout",
-            "cancel",
-            "--converge",
-            "none",
-            "--no-progress",
-            "--to",
-            &to,
-        ],
-        &[],
-    );
+    let mut args = vec!["send", "--memory-file", src.to_str().unwrap()];
+    args.extend_from_slice(&FLAT_OUT_GUEST);
+    args.extend_from_slice(&[
+        "--timeout",
+        "3s",
+        "--on-timeout",
+        "cancel",
+        "--converge",
+        "none",
+        "--no-progress",
+        "--to",
+        &to,
+    ]);
+    let mut send = Proc::vmstream("send", &args, &[]);
     let _guest = KillPid(guest_pid(&mut send));
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(3), "not cancelled: {}", send.stderr());

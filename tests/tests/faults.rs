@@ -298,28 +298,14 @@ fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let (status, _) = recv.wait_exit();
-    assert_eq!(status.code(), Some(1));
-    assert!(
-        recv.stderr().contains("protocol version mismatch"),
-        "{}",
-        recv.stderr()
-    );
-    assert!(!dst.exists());
+    expect_receiver_failure(&mut recv, &dst, &["protocol version mismatch"]);
 
     // Not a vmstream peer at all.
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    let (status, _) = recv.wait_exit();
-    assert_eq!(status.code(), Some(1));
-    assert!(
-        recv.stderr().contains("frame header checksum"),
-        "{}",
-        recv.stderr()
-    );
-    assert!(!dst.exists());
+    expect_receiver_failure(&mut recv, &dst, &["frame header checksum"]);
     assert!(dir.entries().is_empty(), "{:?}", dir.entries());
 }
 

@@ -58,14 +58,6 @@ fn wait_stderr(p: &Proc, needle: &str) {
     }
 }
 
-/// `key=N` in `line`.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
-
 /// `vmstream send --kvm` of a 2-vCPU guest on `src` to `port` (`extra` may name the
 /// workload; dbsim by default).
 fn kvm_sender(src: &Path, size: &str, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
@@ -177,20 +169,14 @@ fn dbsim_256m_migrates_live_with_every_dirty_log_mode() {
         let (s, r, lines) = migrate_kvm(&dir, mode, true);
         let tx_at_pause = kvm_tx(&dir.path("src.img"), 2);
         assert!(tx_at_pause > 0);
-        let resumed = lines
-            .iter()
-            .find(|l| l.starts_with("resumed kind=kvm"))
-            .unwrap_or_else(|| panic!("{mode}: no resume line in {lines:?}"));
+        let resumed = line_starting(&lines, "resumed kind=kvm");
         assert!(resumed.contains("verify=ok"), "{resumed}");
         assert_eq!(
             field(resumed, "tx="),
             tx_at_pause,
             "{mode}: resumed elsewhere"
         );
-        let ok = lines
-            .iter()
-            .find(|l| l.starts_with("verify ok"))
-            .unwrap_or_else(|| panic!("{mode}: no final verify in {lines:?}"));
+        let ok = line_starting(&lines, "verify ok");
         assert_eq!(field(ok, "resumed_from="), tx_at_pause);
         assert!(
             field(ok, "tx=") > tx_at_pause,
@@ -253,10 +239,7 @@ fn receiver_killed_mid_migration_leaves_the_kvm_guest_running() {
     wait_kvm_tx_above(&src, later);
     let (status, lines) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
-    let done = lines
-        .iter()
-        .find(|l| l.starts_with("done tx="))
-        .unwrap_or_else(|| panic!("no done line in {lines:?}"));
+    let done = line_starting(&lines, "done tx=");
     assert!(field(done, "tx=") > later, "{done}");
     // (A SIGKILLed receiver cannot remove its temporary file; it never becomes PATH.)
     assert!(!dst.exists(), "{} was committed", dst.display());
@@ -454,7 +437,7 @@ fn kvm_run_prints_rates_and_verifies() {
         rates.iter().all(|l| l.contains("dirty_pages=")),
         "{lines:?}"
     );
-    let done = lines.iter().find(|l| l.starts_with("done tx=")).unwrap();
+    let done = line_starting(&lines, "done tx=");
     assert!(
         field(done, "tx=") > 0 && done.contains("verify=ok"),
         "{done}"

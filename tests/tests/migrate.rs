@@ -114,28 +114,16 @@ fn dbsim_256m_default_settings_resumes_on_destination() {
         .tx_count;
     let (r_status, lines) = recv.wait_exit();
     assert!(r_status.success(), "recv failed: {}", recv.stderr());
-    let ready = lines
-        .iter()
-        .find(|l| l.starts_with("ready "))
-        .expect("resumed guest's ready line");
-    let done = lines
-        .iter()
-        .find(|l| l.starts_with("done tx="))
-        .expect("resumed guest's done line");
+    let ready = line_starting(&lines, "ready ");
+    let done = line_starting(&lines, "done tx=");
     assert!(
         lines.iter().any(|l| l.starts_with("verify ok")),
         "{lines:?}"
     );
-    let tx_of = |l: &str, key: &str| -> u64 {
-        l.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {l:?}"))
-    };
-    let resumed_at = tx_of(ready, "tx=");
+    let resumed_at = field(ready, "tx=");
     assert_eq!(resumed_at, tx_at_pause, "resumed from another state");
     assert!(
-        tx_of(done, "tx=") > resumed_at,
+        field(done, "tx=") > resumed_at,
         "the transaction counter did not grow on the destination: {ready} / {done}"
     );
     let (s, r) = (read_stats(&sj), read_stats(&rj));
