@@ -5,8 +5,8 @@
 //! ratios between minima of the same run are what BENCH_RESULTS.md reports.
 //!
 //! Run: `cargo bench -p vmstream-codec --bench overhead` (ROUNDS=n to change
-//! the number of interleaved rounds, default 15; WHAT=page|scaling|receiver|zero and
-//! METHOD=lz4|zstd|zlib to run a part). The per-page tables compare the
+//! the number of interleaved rounds, default 15; WHAT=page|scaling|receiver|zero,
+//! METHOD=lz4|zstd|zlib and CORPUS=synthetic|pg|linux (a name prefix) to run a part). The per-page tables compare the
 //! variants batch by batch (see `interleaved_batches`).
 
 #[path = "common/mod.rs"]
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::PAGE;
 use vmstream_codec::compress::{lz4, zlib, Compressor, Decompressor};
-use vmstream_codec::decoder::PageDecoder;
-use vmstream_codec::format::{parse_packet, Limits, PacketWriter, TRAILER_LEN};
+use vmstream_codec::decoder::{prefetch_zero_target, PageDecoder};
+use vmstream_codec::format::{parse_packet, Encoding, Limits, PacketWriter, TRAILER_LEN};
 use vmstream_codec::{
     receive, Batch, Compression, EncoderConfig, PageEncoder, ReceiverConfig, Sender, SenderConfig,
 };
@@ -218,7 +218,14 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
                             },
                         )
                         .unwrap();
-                        for r in view.records() {
+                        // As `PacketDecoder::apply` (minus the round
+                        // tracking, as every round resends the batch).
+                        let mut records = view.records().peekable();
+                        while let Some(r) = records.next() {
+                            if let Some(n) = records.peek().filter(|n| n.encoding == Encoding::Zero)
+                            {
+                                prefetch_zero_target(&mem[n.page as usize * PAGE..][..PAGE]);
+                            }
                             let at = r.page as usize * PAGE;
                             pdec.apply_sampled(view.header.seq, &r, &mut mem[at..at + PAGE])
                                 .unwrap();
@@ -526,6 +533,9 @@ fn main() {
     let mut inputs = vec![("synthetic".to_string(), common::synthetic(4096, 0).base)];
     for c in common::real_corpora() {
         inputs.push((c.name.clone(), sample(&c.base, 4096)));
+    }
+    if let Ok(only) = std::env::var("CORPUS") {
+        inputs.retain(|(name, _)| name.starts_with(&only));
     }
     if what == "all" || what == "page" {
         per_page(&inputs);

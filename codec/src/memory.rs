@@ -36,6 +36,20 @@ impl ShardMemory<'_> {
     /// The bytes of `page`, which must be in range and owned by this shard.
     #[inline]
     pub fn page_mut(&mut self, page: u64) -> &mut [u8] {
+        let (local, at) = self.locate(page);
+        &mut self.chunks[local][at..at + PAGE_SIZE]
+    }
+
+    /// [`page_mut`](Self::page_mut), read-only.
+    #[inline]
+    pub fn page(&self, page: u64) -> &[u8] {
+        let (local, at) = self.locate(page);
+        &self.chunks[local][at..at + PAGE_SIZE]
+    }
+
+    /// Index of `page`'s chunk in this shard, and the page's offset in it.
+    #[inline]
+    fn locate(&self, page: u64) -> (usize, usize) {
         let chunk = page / CHUNK_PAGES;
         // As in `owner`: a shift rather than a division when it can.
         let local = if self.workers.is_power_of_two() {
@@ -43,8 +57,7 @@ impl ShardMemory<'_> {
         } else {
             (chunk / self.workers) as usize
         };
-        let at = (page % CHUNK_PAGES) as usize * PAGE_SIZE;
-        &mut self.chunks[local][at..at + PAGE_SIZE]
+        (local, (page % CHUNK_PAGES) as usize * PAGE_SIZE)
     }
 }
 
@@ -81,6 +94,10 @@ mod tests {
                     let w = owner(page, workers);
                     assert_eq!(w as u64, (page / CHUNK_PAGES) % workers as u64);
                     shards[w].page_mut(page)[..8].copy_from_slice(&page.to_le_bytes());
+                }
+                for page in 0..pages {
+                    let w = owner(page, workers);
+                    assert_eq!(shards[w].page(page)[..8], page.to_le_bytes());
                 }
             }
             // ...and find every tag where the flat layout puts the page.

@@ -16,7 +16,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::decoder::{PageDecoder, Readahead, RoundTracker};
+use crate::decoder::{prefetch_zero_target, PageDecoder, Readahead, RoundTracker};
 use crate::error::CodecError;
 use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
 use crate::memory::{owner, split, ShardMemory};
@@ -388,6 +388,17 @@ struct Worker<'a> {
     stats: WorkerStats,
 }
 
+impl Worker<'_> {
+    /// With `zeroed_memory`: `page` was never written, so it still reads
+    /// as zeros.
+    #[inline]
+    fn is_hole(&self, page: u64) -> bool {
+        self.written
+            .as_ref()
+            .is_some_and(|w| w[(page / 64) as usize] & (1 << (page % 64)) == 0)
+    }
+}
+
 /// What a never-written page of zeroed memory holds.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
@@ -453,23 +464,26 @@ impl Worker<'_> {
         }
         self.stats.packets += 1;
         let mut readahead = Readahead::new(next, view.header.page_count as usize);
-        for r in view.records() {
+        let mut records = view.records().peekable();
+        while let Some(r) = records.next() {
             readahead.step();
             if owner(r.page, self.workers) != self.index {
                 continue;
             }
-            let (word, bit) = ((r.page / 64) as usize, 1u64 << (r.page % 64));
-            let hole = match &mut self.written {
-                Some(w) if w[word] & bit == 0 => {
-                    if r.encoding == Encoding::Zero {
-                        true
-                    } else {
-                        w[word] |= bit;
-                        false
-                    }
+            if let Some(n) = records.peek() {
+                if n.encoding == Encoding::Zero
+                    && owner(n.page, self.workers) == self.index
+                    && !self.is_hole(n.page)
+                {
+                    prefetch_zero_target(self.shard.page(n.page));
                 }
-                _ => false,
-            };
+            }
+            let hole = r.encoding == Encoding::Zero && self.is_hole(r.page);
+            if r.encoding != Encoding::Zero {
+                if let Some(w) = &mut self.written {
+                    w[(r.page / 64) as usize] |= 1 << (r.page % 64);
+                }
+            }
             if hole {
                 // Still zero and unallocated: count it, do not touch it.
                 self.decoder.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
