@@ -266,6 +266,52 @@ pub fn start_receiver(args: &[&str]) -> (Proc, u16) {
     (p, port)
 }
 
+/// Starts a 16 MiB `hotset` guest at 2000 tx/s that vmstream does not track
+/// (`guest run --no-track`, plus `extra` arguments) on `memory_file`, and
+/// waits until it is ready: the "guest vmstream did not start" of the hash
+/// tracking tests.
+pub fn start_external_guest(memory_file: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "guest",
+        "run",
+        "--memory-file",
+        memory_file.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--workload",
+        "hotset",
+        "--rate",
+        "2000",
+        "--no-track",
+    ];
+    args.extend_from_slice(extra);
+    let mut guest = Proc::vmstream("external guest", &args, &[]);
+    guest.wait_line("ready ");
+    guest
+}
+
+/// Starts `vmstream send` of the external `guest` on `memory_file` with hash
+/// dirty tracking to the receiver on `port`.
+pub fn send_external_guest(memory_file: &Path, guest: &Proc, port: u16) -> Proc {
+    let (pid, to) = (guest.pid().to_string(), format!("127.0.0.1:{port}"));
+    Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            memory_file.to_str().unwrap(),
+            "--pid",
+            &pid,
+            "--dirty-tracking",
+            "hash",
+            "--to",
+            &to,
+            "--no-progress",
+        ],
+        &[],
+    )
+}
+
 /// The guest pid from the sender's `guest pid=N ...` line.
 pub fn guest_pid(sender: &mut Proc) -> u32 {
     let line = sender.wait_line("guest pid=");

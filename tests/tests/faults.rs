@@ -354,50 +354,14 @@ fn image_that_fails_the_workload_verify_is_never_committed() {
     let _g = serial();
     let dir = TmpDir::new("verify-refused");
     let (src, dst) = (dir.path("ext.img"), dir.path("dst.img"));
-    let mut guest = Proc::vmstream(
-        "external guest",
-        &[
-            "guest",
-            "run",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "hotset",
-            "--active",
-            "50",
-            "--rate",
-            "2000",
-            "--no-track",
-        ],
-        &[],
-    );
-    guest.wait_line("ready ");
+    let guest = start_external_guest(&src, &["--active", "50"]);
     // The last block is inactive (50% active): its bytes must stay zero.
     let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
     f.seek(SeekFrom::Start((16 << 20) - 1)).unwrap();
     f.write_all(&[0x5a]).unwrap();
     drop(f);
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap(), "--resume"]);
-    let to = format!("127.0.0.1:{port}");
-    let pid = guest.pid().to_string();
-    let mut send = Proc::vmstream(
-        "send",
-        &[
-            "send",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--pid",
-            &pid,
-            "--dirty-tracking",
-            "hash",
-            "--to",
-            &to,
-            "--no-progress",
-        ],
-        &[],
-    );
+    let mut send = send_external_guest(&src, &guest, port);
     let (s_status, _) = send.wait_exit();
     assert!(!s_status.success(), "send must fail");
     assert!(

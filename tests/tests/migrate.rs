@@ -229,48 +229,18 @@ fn hash_tracking_migrates_a_guest_vmstream_did_not_start() {
     let _g = serial();
     let dir = TmpDir::new("hash");
     let (src, dst) = (dir.path("ext.img"), dir.path("dst.img"));
-    let mut guest = Proc::vmstream(
-        "external guest",
-        &[
-            "guest",
-            "run",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "hotset",
-            "--rate",
-            "2000",
-            "--no-track",
-        ],
-        &[],
-    );
-    guest.wait_line("ready ");
+    let mut guest = start_external_guest(&src, &[]);
     let tx0 = read_tx_count(&src);
     wait_tx_above(&src, tx0);
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
-    let to = format!("127.0.0.1:{port}");
-    let pid = guest.pid().to_string();
-    let mut send = Proc::vmstream(
-        "send",
-        &[
-            "send",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--pid",
-            &pid,
-            "--dirty-tracking",
-            "hash",
-            "--to",
-            &to,
-            "--no-progress",
-        ],
-        &[],
-    );
+    let mut send = send_external_guest(&src, &guest, port);
     assert_eq!(
         send.wait_line("guest pid="),
-        format!("guest pid={pid} path={} tracking=hash", src.display())
+        format!(
+            "guest pid={} path={} tracking=hash",
+            guest.pid(),
+            src.display()
+        )
     );
     let (s_status, _) = send.wait_exit();
     assert!(s_status.success(), "send failed: {}", send.stderr());
