@@ -266,6 +266,24 @@ pub fn start_receiver(args: &[&str]) -> (Proc, u16) {
     (p, port)
 }
 
+/// Starts a receiver into `memory_file` that resumes the guest for `run_for`
+/// after the switchover and writes its statistics to `stats_json`.
+pub fn start_resuming_receiver(
+    memory_file: &Path,
+    run_for: &str,
+    stats_json: &Path,
+) -> (Proc, u16) {
+    start_receiver(&[
+        "--memory-file",
+        memory_file.to_str().unwrap(),
+        "--resume",
+        "--run-for",
+        run_for,
+        "--stats-json",
+        stats_json.to_str().unwrap(),
+    ])
+}
+
 /// Starts a 16 MiB `hotset` guest at 2000 tx/s that vmstream does not track
 /// (`guest run --no-track`, plus `extra` arguments) on `memory_file`, and
 /// waits until it is ready: the "guest vmstream did not start" of the hash

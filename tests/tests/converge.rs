@@ -47,15 +47,7 @@ fn throttled_migration(name: &str, strategy: &[&str]) -> (serde_json::Value, Tmp
     let dir = TmpDir::new(name);
     let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
     let (sj, rj) = (dir.path("send.json"), dir.path("recv.json"));
-    let (mut recv, port) = start_receiver(&[
-        "--memory-file",
-        dst.to_str().unwrap(),
-        "--resume",
-        "--run-for",
-        "1s",
-        "--stats-json",
-        rj.to_str().unwrap(),
-    ]);
+    let (mut recv, port) = start_resuming_receiver(&dst, "1s", &rj);
     let to = format!("127.0.0.1:{port}");
     let mut args = vec!["send", "--memory-file", src.to_str().unwrap()];
     args.extend_from_slice(&FLAT_OUT_GUEST);

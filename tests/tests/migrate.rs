@@ -71,15 +71,7 @@ fn dbsim_256m_default_settings_resumes_on_destination() {
     let dir = TmpDir::new("dbsim256");
     let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
     let (sj, rj) = (dir.path("send.json"), dir.path("recv.json"));
-    let (mut recv, port) = start_receiver(&[
-        "--memory-file",
-        dst.to_str().unwrap(),
-        "--resume",
-        "--run-for",
-        "1500ms",
-        "--stats-json",
-        rj.to_str().unwrap(),
-    ]);
+    let (mut recv, port) = start_resuming_receiver(&dst, "1500ms", &rj);
     let to = format!("127.0.0.1:{port}");
     let mut send = Proc::vmstream(
         "send",
