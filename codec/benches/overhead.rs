@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::PAGE;
 use vmstream_codec::compress::{lz4, zlib, Compressor, Decompressor};
-use vmstream_codec::decoder::{prefetch_zero_target, PageDecoder};
-use vmstream_codec::format::{parse_packet, Encoding, Limits, PacketWriter, TRAILER_LEN};
+use vmstream_codec::decoder::PageDecoder;
+use vmstream_codec::format::{parse_packet, Limits, PacketWriter, TRAILER_LEN};
 use vmstream_codec::{
     receive, Batch, Compression, EncoderConfig, PageEncoder, ReceiverConfig, Sender, SenderConfig,
 };
@@ -218,18 +218,9 @@ fn per_page(inputs: &[(String, Vec<u8>)]) {
                             },
                         )
                         .unwrap();
-                        // As `PacketDecoder::apply` (minus the round
-                        // tracking, as every round resends the batch).
-                        let mut records = view.records().peekable();
-                        while let Some(r) = records.next() {
-                            if let Some(n) = records.peek().filter(|n| n.encoding == Encoding::Zero)
-                            {
-                                prefetch_zero_target(&mem[n.page as usize * PAGE..][..PAGE]);
-                            }
-                            let at = r.page as usize * PAGE;
-                            pdec.apply_sampled(view.header.seq, &r, &mut mem[at..at + PAGE])
-                                .unwrap();
-                        }
+                        // As `PacketDecoder::apply`, minus the round
+                        // tracking (every round resends the batch).
+                        pdec.apply_packet(&view, &mut mem).unwrap();
                     },
                 ],
             );

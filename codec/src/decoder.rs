@@ -91,6 +91,26 @@ impl PageDecoder {
         result
     }
 
+    /// Applies every record of the validated packet `view` to `memory`, the
+    /// whole guest (record pages are inside it: the parser checked them),
+    /// with [`apply_sampled`](Self::apply_sampled), reading each zero
+    /// record's destination ahead (see [`prefetch_zero_target`]).
+    pub fn apply_packet(
+        &mut self,
+        view: &PacketView<'_>,
+        memory: &mut [u8],
+    ) -> Result<(), PacketError> {
+        let mut records = view.records().peekable();
+        while let Some(r) = records.next() {
+            if let Some(next) = records.peek().filter(|n| n.encoding == Encoding::Zero) {
+                prefetch_zero_target(&memory[next.page as usize * PAGE_SIZE..][..PAGE_SIZE]);
+            }
+            let at = r.page as usize * PAGE_SIZE;
+            self.apply_sampled(view.header.seq, &r, &mut memory[at..at + PAGE_SIZE])?;
+        }
+        Ok(())
+    }
+
     /// Applies `record` of packet `seq` to `page` (its `PAGE_SIZE` bytes of
     /// destination memory). Compressed payloads decompress directly into
     /// `page` and must produce exactly one page; an XBZRLE payload is fully
@@ -309,16 +329,7 @@ impl PacketDecoder {
             },
         )?;
         self.tracker.admit(&view)?;
-        let mut records = view.records().peekable();
-        while let Some(r) = records.next() {
-            if let Some(next) = records.peek().filter(|n| n.encoding == Encoding::Zero) {
-                prefetch_zero_target(&memory[next.page as usize * PAGE_SIZE..][..PAGE_SIZE]);
-            }
-            let at = r.page as usize * PAGE_SIZE;
-            self.pages
-                .apply_sampled(view.header.seq, &r, &mut memory[at..at + PAGE_SIZE])?;
-        }
-        Ok(())
+        self.pages.apply_packet(&view, memory)
     }
 
     /// Ends round `round`: later packets must carry `round + 1`.
