@@ -8,6 +8,7 @@ use vmstream_simd::AlignedBuf;
 use crate::compress::Decompressor;
 use crate::error::{CodecError, PacketError, PacketErrorKind};
 use crate::format::{parse_packet, Encoding, Limits, PacketView, RecordRef};
+use crate::memory::{page_bit, page_bitmap};
 use crate::stats::{is_timed, ByEncoding, TIMED_EVERY};
 use crate::PAGE_SIZE;
 
@@ -238,7 +239,7 @@ impl RoundTracker {
     pub fn new(guest_pages: u64) -> RoundTracker {
         RoundTracker {
             round: 0,
-            seen: vec![0; guest_pages.div_ceil(64) as usize],
+            seen: page_bitmap(guest_pages),
         }
     }
 
@@ -261,11 +262,12 @@ impl RoundTracker {
             ));
         }
         for (n, r) in view.records().enumerate() {
-            let (word, bit) = ((r.page / 64) as usize, 1u64 << (r.page % 64));
+            let (word, bit) = page_bit(r.page);
             if self.seen[word] & bit != 0 {
                 // Undo this packet's marks so the tracker stays exact.
                 for u in view.records().take(n) {
-                    self.seen[(u.page / 64) as usize] &= !(1u64 << (u.page % 64));
+                    let (word, bit) = page_bit(u.page);
+                    self.seen[word] &= !bit;
                 }
                 return Err(PacketError::new(
                     seq,

@@ -25,6 +25,18 @@ pub fn owner(page: u64, workers: usize) -> usize {
     }
 }
 
+/// An all-clear bitmap with a bit per page of a `guest_pages`-page guest
+/// (bit [`page_bit`]`(page)`).
+pub(crate) fn page_bitmap(guest_pages: u64) -> Vec<u64> {
+    vec![0; guest_pages.div_ceil(64) as usize]
+}
+
+/// Word and bit of `page` in a [`page_bitmap`].
+#[inline]
+pub(crate) fn page_bit(page: u64) -> (usize, u64) {
+    ((page / 64) as usize, 1u64 << (page % 64))
+}
+
 /// One worker's share of guest memory.
 #[derive(Debug)]
 pub struct ShardMemory<'a> {

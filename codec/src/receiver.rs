@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::decoder::{prefetch_zero_target, PageDecoder, Readahead, RoundTracker};
 use crate::error::CodecError;
 use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
-use crate::memory::{owner, split, ShardMemory};
+use crate::memory::{owner, page_bit, page_bitmap, split, ShardMemory};
 use crate::queue::{bounded, QueueReceiver, QueueSender};
 use crate::stats::{PipelineStats, WorkerStats};
 use crate::PAGE_SIZE;
@@ -194,9 +194,7 @@ pub fn receive<R>(
                 shared: Arc::clone(&shared),
                 hook: config.test_hook.clone(),
                 observer: config.page_observer.clone(),
-                written: config
-                    .zeroed_memory
-                    .then(|| vec![0u64; guest_pages.div_ceil(64) as usize]),
+                written: config.zeroed_memory.then(|| page_bitmap(guest_pages)),
                 stats: WorkerStats::default(),
             };
             // Named, so profiles and `top -H` tell the decoders apart.
@@ -388,21 +386,18 @@ struct Worker<'a> {
     stats: WorkerStats,
 }
 
+/// What a never-written page of zeroed memory holds.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 impl Worker<'_> {
     /// With `zeroed_memory`: `page` was never written, so it still reads
     /// as zeros.
     #[inline]
     fn is_hole(&self, page: u64) -> bool {
-        self.written
-            .as_ref()
-            .is_some_and(|w| w[(page / 64) as usize] & (1 << (page % 64)) == 0)
+        let (word, bit) = page_bit(page);
+        self.written.as_ref().is_some_and(|w| w[word] & bit == 0)
     }
-}
 
-/// What a never-written page of zeroed memory holds.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-
-impl Worker<'_> {
     fn run(mut self, jobs: QueueReceiver<Job>) {
         let mut checksum_ns = 0u64;
         // A job taken early from the queue (to read its packet ahead); it
@@ -481,7 +476,8 @@ impl Worker<'_> {
             let hole = r.encoding == Encoding::Zero && self.is_hole(r.page);
             if r.encoding != Encoding::Zero {
                 if let Some(w) = &mut self.written {
-                    w[(r.page / 64) as usize] |= 1 << (r.page % 64);
+                    let (word, bit) = page_bit(r.page);
+                    w[word] |= bit;
                 }
             }
             if hole {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::encoder::{Batch, EncoderConfig, PageEncoder, PageSource};
 use crate::error::CodecError;
 use crate::format::{PacketWriter, MAX_PAGES_PER_PACKET};
-use crate::memory::owner;
+use crate::memory::{owner, page_bit, page_bitmap};
 use crate::queue::{bounded, QueueReceiver, QueueSender};
 use crate::receiver::default_workers;
 use crate::stats::{PipelineStats, WorkerStats};
@@ -55,11 +55,6 @@ impl SenderConfig {
             },
         }
     }
-}
-
-/// Word and bit of `page` in the per-round bitmap of pushed pages.
-fn pushed_bit(page: u64) -> (usize, u64) {
-    ((page / 64) as usize, 1u64 << (page % 64))
 }
 
 /// An encoded packet.
@@ -193,7 +188,7 @@ impl Sender {
             round: 0,
             failed: None,
             total: PipelineStats::default(),
-            pushed: vec![0; config.guest_pages.div_ceil(64) as usize],
+            pushed: page_bitmap(config.guest_pages),
             has_source: source.is_some(),
         })
     }
@@ -228,7 +223,7 @@ impl Sender {
     ) -> Result<(), E> {
         let w = self.admit(page)?;
         if let Err(e) = self.pending[w].push_with(page, fill) {
-            let (word, bit) = pushed_bit(page);
+            let (word, bit) = page_bit(page);
             self.pushed[word] &= !bit;
             return Err(e);
         }
@@ -259,7 +254,7 @@ impl Sender {
                 guest_pages: self.config.guest_pages,
             });
         }
-        let (word, bit) = pushed_bit(page);
+        let (word, bit) = page_bit(page);
         if self.pushed[word] & bit != 0 {
             return Err(CodecError::DuplicatePage {
                 page,
