@@ -356,15 +356,9 @@ fn receiver_overhead(inputs: &[(String, Vec<u8>)]) {
                     continue;
                 }
                 let t = Instant::now();
-                for (i, c) in compressed.iter().enumerate() {
-                    let page = &mut mem[i * PAGE..(i + 1) * PAGE];
-                    match c {
-                        Some(c) => {
-                            lz4::decompress(c, page).unwrap();
-                        }
-                        None => page.copy_from_slice(&image[i * PAGE..(i + 1) * PAGE]),
-                    }
-                }
+                common::decompress_into_memory(&compressed, image, &mut mem, |c, page| {
+                    lz4::decompress(c, page).unwrap()
+                });
                 best[0] = best[0].min(t.elapsed());
             }
         }
