@@ -206,3 +206,53 @@ impl GuestRam {
         self.write(gpa, &value.to_le_bytes())
     }
 }
+
+/// Read access to guest RAM for the checks that only read it (parameter block, ledger
+/// check): the VM's [`GuestRam`], or a byte image of it, such as the image a migration
+/// destination received, read through the mapping it was written through (a fresh mapping
+/// would fault every page in again, during the downtime).
+pub trait RamRead: Sync {
+    /// Size in bytes.
+    fn ram_size(&self) -> u64;
+
+    /// Copies guest bytes at `gpa` into `buf`.
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Reads a u64 (little-endian, any alignment).
+    fn read_le_u64(&self, gpa: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_bytes(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl RamRead for GuestRam {
+    fn ram_size(&self) -> u64 {
+        self.size()
+    }
+
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(gpa, buf)
+    }
+}
+
+impl RamRead for [u8] {
+    fn ram_size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let src = usize::try_from(gpa)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+            .ok_or_else(|| {
+                KvmError::GuestMemory(format!(
+                    "read of {} bytes at {gpa:#x} outside {} bytes of RAM",
+                    buf.len(),
+                    self.len()
+                ))
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}

@@ -31,7 +31,7 @@ pub mod verify;
 pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogMode, DirtyLogStats};
 pub use error::{KvmError, Result};
 pub use guest::{kvm_available, GuestConfig, KvmGuest, RestoreConfig, THROTTLE_PERIOD};
-pub use memory::GuestRam;
+pub use memory::{GuestRam, RamRead};
 pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
 pub use state::{StateError, VcpuState, VmState};
 pub use tracker::KvmDirtyTracker;

@@ -4,7 +4,7 @@
 
 use super::abi::*;
 use super::error::{KvmError, Result};
-use super::memory::GuestRam;
+use super::memory::RamRead;
 
 /// What the guest program does on every vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,8 +219,8 @@ impl Params {
     }
 
     /// Reads the parameter block back from guest RAM (after a restore).
-    pub fn read_from(ram: &GuestRam) -> Result<Self> {
-        let get = |off: u64| ram.read_u64(PARAMS_GPA + off);
+    pub fn read_from<R: RamRead + ?Sized>(ram: &R) -> Result<Self> {
+        let get = |off: u64| ram.read_le_u64(PARAMS_GPA + off);
         let bad = |m: String| Err(KvmError::BadParams(m));
         if get(PARAM_MAGIC)? != PARAMS_MAGIC_VALUE {
             return bad("bad magic".into());
@@ -233,10 +233,10 @@ impl Params {
             return bad("unknown workload".into());
         };
         let memory_size = get(PARAM_MEMORY_SIZE)?;
-        if memory_size != ram.size() {
+        if memory_size != ram.ram_size() {
             return bad(format!(
                 "written for {memory_size} bytes of RAM, have {}",
-                ram.size()
+                ram.ram_size()
             ));
         }
         let layout = GuestLayout::for_memory(memory_size)?;

@@ -6,7 +6,7 @@
 
 use super::abi::*;
 use super::error::{KvmError, Result};
-use super::memory::GuestRam;
+use super::memory::{GuestRam, RamRead};
 use super::params::{Params, WorkloadKind};
 
 /// What the verifier checked.
@@ -90,6 +90,47 @@ pub fn block_checksum(block: &[u8]) -> u64 {
         .wrapping_add(version.wrapping_mul(CHECKSUM_K_VERSION))
 }
 
+/// What a block's own bytes say: everything the ledger check needs from the block itself.
+/// The destination computes these during the live rounds for blocks that stop changing
+/// (`migration::dest::kvm_verify`), so the check at the pause reads only the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockFacts {
+    /// Every byte is zero (the other fields are then zero too).
+    pub zero: bool,
+    /// Header block number.
+    pub number: u64,
+    /// Header version.
+    pub version: u64,
+    /// Header checksum.
+    pub stored: u64,
+    /// Checksum of the contents ([`block_checksum`]).
+    pub computed: u64,
+}
+
+impl BlockFacts {
+    /// The facts of `block` (`BLOCK_SIZE` bytes).
+    pub fn of(block: &[u8]) -> BlockFacts {
+        if vmstream_simd::is_zero(block) {
+            return BlockFacts {
+                zero: true,
+                ..BlockFacts::default()
+            };
+        }
+        let word =
+            |o: u64| u64::from_le_bytes(block[o as usize..o as usize + 8].try_into().unwrap());
+        BlockFacts {
+            zero: false,
+            number: word(BLOCK_HDR_NUMBER),
+            version: word(BLOCK_HDR_VERSION),
+            stored: word(BLOCK_HDR_CHECKSUM),
+            computed: block_checksum(block),
+        }
+    }
+}
+
+/// Facts of blocks known without reading them (`None`: read the block).
+pub type KnownFacts<'a> = &'a (dyn Fn(u64) -> Option<BlockFacts> + Sync);
+
 /// Verifies a dbsim guest's RAM. Other workloads have no invariants beyond
 /// "untouched blocks stay zero", which is checked for them too.
 /// Inner `Err(VerifyError)` = the guest's data is wrong; outer = could not read.
@@ -105,18 +146,30 @@ pub fn verify_sparse(
     params: &Params,
     data: Option<&[u64]>,
 ) -> Result<VerifyReport> {
+    verify_known(ram, params, data, &|_| None)
+}
+
+/// [`verify_sparse`] taking the facts of some blocks from `known` instead of reading them.
+/// The result is the same as reading every block, provided `known` returns a block's facts
+/// only when they describe its current bytes.
+pub fn verify_known<R: RamRead + ?Sized>(
+    ram: &R,
+    params: &Params,
+    data: Option<&[u64]>,
+    known: KnownFacts<'_>,
+) -> Result<VerifyReport> {
     if params.workload.kind == WorkloadKind::FileDb {
         return verify_image(ram);
     }
-    Ok(check_sparse(ram, params, data)??)
+    Ok(check_known(ram, params, data, known)??)
 }
 
 /// The filedb image at IMAGE_GPA, checked by the file-backed guests'
 /// verifier on a private copy (an armed journal is replayed first, as after
 /// a pause mid-transaction).
-pub fn verify_image(ram: &GuestRam) -> Result<VerifyReport> {
-    let mut image = vec![0u8; (ram.size() - IMAGE_GPA) as usize];
-    ram.read(IMAGE_GPA, &mut image)?;
+pub fn verify_image<R: RamRead + ?Sized>(ram: &R) -> Result<VerifyReport> {
+    let mut image = vec![0u8; (ram.ram_size() - IMAGE_GPA) as usize];
+    ram.read_bytes(IMAGE_GPA, &mut image)?;
     let r = crate::verify::verify_snapshot(&mut image).map_err(KvmError::ImageVerify)?;
     Ok(VerifyReport {
         blocks: r.blocks,
@@ -131,18 +184,20 @@ pub fn check(
     ram: &GuestRam,
     params: &Params,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
-    check_sparse(ram, params, None)
+    check_known(ram, params, None, &|_| None)
 }
 
-/// [`check`] skipping blocks that must be zero and are holes (see [`verify_sparse`]).
-pub fn check_sparse(
-    ram: &GuestRam,
+/// [`check`] skipping blocks that must be zero and are holes (see [`verify_sparse`]) and
+/// taking the facts of blocks from `known` where it has them (see [`verify_known`]).
+fn check_known<R: RamRead + ?Sized>(
+    ram: &R,
     params: &Params,
     data: Option<&[u64]>,
+    known: KnownFacts<'_>,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
     let layout = &params.layout;
     let mut ledger = vec![0u8; (layout.block_count * 8) as usize];
-    ram.read(layout.ledger_gpa, &mut ledger)?;
+    ram.read_bytes(layout.ledger_gpa, &mut ledger)?;
     let ledger: Vec<u64> = ledger
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
@@ -151,8 +206,8 @@ pub fn check_sparse(
     let mut counts = Vec::new();
     for v in 0..params.vcpus {
         let rec = VCPU_AREA_GPA + v * VCPU_AREA_STRIDE;
-        counts.push(ram.read_u64(rec + VCPU_TX_COUNT)?);
-        let f = ram.read_u64(rec + VCPU_INFLIGHT)?;
+        counts.push(ram.read_le_u64(rec + VCPU_TX_COUNT)?);
+        let f = ram.read_le_u64(rec + VCPU_INFLIGHT)?;
         inflight.push(f.checked_sub(1));
     }
     let dbsim = params.workload.kind == WorkloadKind::Dbsim;
@@ -169,8 +224,15 @@ pub fn check_sparse(
                 .map(|t| {
                     let range =
                         (t * per).min(layout.block_count)..((t + 1) * per).min(layout.block_count);
-                    let (ledger, inflight) = (&ledger, &inflight);
-                    s.spawn(move || check_blocks(ram, params, ledger, inflight, range, data))
+                    let blocks = Blocks {
+                        ram,
+                        params,
+                        ledger: &ledger,
+                        inflight: &inflight,
+                        data,
+                        known,
+                    };
+                    s.spawn(move || blocks.check(range))
                 })
                 .collect();
             handles
@@ -209,95 +271,101 @@ pub fn check_sparse(
     Ok(Ok(report))
 }
 
-/// Checks blocks `blocks` (see [`check`]); `ledger` and `inflight` as read by it.
-fn check_blocks(
-    ram: &GuestRam,
-    params: &Params,
-    ledger: &[u64],
-    inflight: &[Option<u64>],
-    blocks: std::ops::Range<u64>,
-    data: Option<&[u64]>,
-) -> Result<std::result::Result<VerifyReport, VerifyError>> {
-    let layout = &params.layout;
-    let dbsim = params.workload.kind == WorkloadKind::Dbsim;
-    let active = params.active_blocks();
-    let mut report = VerifyReport::default();
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    let in_holes = |b: u64| {
-        let first = layout.block_gpa(b) / 4096;
-        data.is_some_and(|d| {
-            (first..first + BLOCK_SIZE.div_ceil(4096)).all(|p| crate::memory::page_is_hole(d, p))
-        })
-    };
-    for b in blocks {
-        let must_be_zero = if dbsim {
-            ledger[b as usize] == 0 && !inflight.contains(&Some(b))
-        } else {
-            b >= active
+/// What the per-block check reads: the RAM, its ledger and in-flight blocks (as read once by
+/// [`check_known`]), the data pages of a sparse file and the facts known without reading.
+struct Blocks<'a, R: ?Sized> {
+    ram: &'a R,
+    params: &'a Params,
+    ledger: &'a [u64],
+    inflight: &'a [Option<u64>],
+    data: Option<&'a [u64]>,
+    known: KnownFacts<'a>,
+}
+
+impl<R: RamRead + ?Sized> Blocks<'_, R> {
+    /// Checks the blocks in `range` (see [`check`]).
+    fn check(
+        self,
+        range: std::ops::Range<u64>,
+    ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+        let layout = &self.params.layout;
+        let dbsim = self.params.workload.kind == WorkloadKind::Dbsim;
+        let active = self.params.active_blocks();
+        let mut report = VerifyReport::default();
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        let in_holes = |b: u64| {
+            let first = layout.block_gpa(b) / 4096;
+            self.data.is_some_and(|d| {
+                (first..first + BLOCK_SIZE.div_ceil(4096))
+                    .all(|p| crate::memory::page_is_hole(d, p))
+            })
         };
-        if must_be_zero && in_holes(b) {
-            // Zero by construction: a hole of the file.
+        for b in range {
             report.blocks += 1;
-            continue;
-        }
-        ram.read(layout.block_gpa(b), &mut block)?;
-        report.blocks += 1;
-        if !dbsim {
-            if b >= active && !vmstream_simd::is_zero(&block) {
-                return Ok(Err(VerifyError::NotZero { block: b }));
+            let is_inflight = self.inflight.contains(&Some(b));
+            let led = self.ledger[b as usize];
+            let must_be_zero = if dbsim {
+                led == 0 && !is_inflight
+            } else if b < active {
+                // Other workloads promise nothing about the blocks they write.
+                continue;
+            } else {
+                true
+            };
+            if must_be_zero && in_holes(b) {
+                // Zero by construction: a hole of the file.
+                continue;
             }
-            continue;
-        }
-        let word =
-            |o: u64| u64::from_le_bytes(block[o as usize..o as usize + 8].try_into().unwrap());
-        let is_inflight = inflight.contains(&Some(b));
-        let led = ledger[b as usize];
-        report.versions += led;
-        if is_inflight {
-            report.inflight += 1;
-        }
-        if led == 0 && !is_inflight {
-            if !vmstream_simd::is_zero(&block) {
-                return Ok(Err(VerifyError::NotZero { block: b }));
+            let facts = match (self.known)(b) {
+                Some(facts) => facts,
+                None => {
+                    self.ram.read_bytes(layout.block_gpa(b), &mut block)?;
+                    BlockFacts::of(&block)
+                }
+            };
+            if must_be_zero {
+                if !facts.zero {
+                    return Ok(Err(VerifyError::NotZero { block: b }));
+                }
+                continue;
             }
-            continue;
-        }
-        report.written_blocks += 1;
-        let number = word(BLOCK_HDR_NUMBER);
-        let version = word(BLOCK_HDR_VERSION);
-        if is_inflight {
-            // Mid-transaction: the header may be fresh or one version ahead.
-            if version != led && version != led + 1 {
+            report.versions += led;
+            if is_inflight {
+                report.inflight += 1;
+            }
+            report.written_blocks += 1;
+            if is_inflight {
+                // Mid-transaction: the header may be fresh or one version ahead.
+                if facts.version != led && facts.version != led + 1 {
+                    return Ok(Err(VerifyError::VersionMismatch {
+                        block: b,
+                        version: facts.version,
+                        ledger: led,
+                    }));
+                }
+                continue;
+            }
+            if facts.number != b {
+                return Ok(Err(VerifyError::WrongNumber {
+                    block: b,
+                    found: facts.number,
+                }));
+            }
+            if facts.version != led {
                 return Ok(Err(VerifyError::VersionMismatch {
                     block: b,
-                    version,
+                    version: facts.version,
                     ledger: led,
                 }));
             }
-            continue;
+            if facts.stored != facts.computed {
+                return Ok(Err(VerifyError::Checksum {
+                    block: b,
+                    stored: facts.stored,
+                    computed: facts.computed,
+                }));
+            }
         }
-        if number != b {
-            return Ok(Err(VerifyError::WrongNumber {
-                block: b,
-                found: number,
-            }));
-        }
-        if version != led {
-            return Ok(Err(VerifyError::VersionMismatch {
-                block: b,
-                version,
-                ledger: led,
-            }));
-        }
-        let stored = word(BLOCK_HDR_CHECKSUM);
-        let computed = block_checksum(&block);
-        if stored != computed {
-            return Ok(Err(VerifyError::Checksum {
-                block: b,
-                stored,
-                computed,
-            }));
-        }
+        Ok(Ok(report))
     }
-    Ok(Ok(report))
 }

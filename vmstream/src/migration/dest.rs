@@ -200,6 +200,9 @@ struct Dest<'a> {
     /// With `--resume`: the KVM guest's ledger check of the final image, before the commit.
     kvm_verified: Option<Result<crate::kvm::VerifyReport, String>>,
     kvm: Option<KvmResumed>,
+    /// The background verify's read-only view of the image, unmapped only when the
+    /// destination is done (unmapping it at the pause would be downtime).
+    verify_view: Option<std::sync::Arc<crate::memory::GuestMemory>>,
 }
 
 fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -429,12 +432,14 @@ impl Dest<'_> {
         let touched = std::sync::Arc::new(verify::TouchedPages::new(
             hello.guest_size / PAGE_SIZE as u64,
         ));
-        let background = if self.cfg.resume && hello.guest_kind == GuestKind::File {
-            verify::open_view(image.temp_path())
-                .map_err(std::io::Error::other)
-                .and_then(|view| verify::BackgroundVerifier::start(view, touched.clone()))
+        let background = if self.cfg.resume {
+            verify::Background::start(hello.guest_kind, image.temp_path(), touched.clone())
                 .map_err(|e| eprintln!("vmstream recv: note: verifying at the pause only: {e}"))
                 .ok()
+                .map(|(background, view)| {
+                    self.verify_view = Some(view);
+                    background
+                })
         } else {
             None
         };
@@ -526,11 +531,19 @@ impl Dest<'_> {
             // While the source hashes its memory: recovery and verify read (and recovery
             // may write) the final image, after our digest of it was taken.
             let t = Instant::now();
-            match self.guest_kind {
-                GuestKind::Kvm => {
-                    self.kvm_verified = Some(kvm::verify_pending(&image, hello.guest_size))
+            match (self.guest_kind, background) {
+                (GuestKind::Kvm, background) => {
+                    let background = match background {
+                        Some(verify::Background::Kvm(bg)) => Some(bg),
+                        _ => None,
+                    };
+                    self.kvm_verified = Some(kvm::verify_pending(&mut image, &hashes, background))
                 }
-                _ => {
+                (_, background) => {
+                    let background = match background {
+                        Some(verify::Background::File(bg)) => Some(bg),
+                        _ => None,
+                    };
                     // Pages no record wrote are holes: the zero checks skip them.
                     let data = image.data_pages().ok();
                     self.verified = Some(verify::verify_at_pause(
@@ -727,6 +740,7 @@ pub fn receive_migration(
         kvm_state: None,
         kvm_verified: None,
         kvm: None,
+        verify_view: None,
     };
     let result = dest.run();
     let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();

@@ -10,11 +10,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::verify::{BackgroundVerifier, KvmChecks, KvmKnownFacts};
 use super::{Dest, DestState};
 use crate::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
 use crate::kvm::cli::report_while_running;
 use crate::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
 use crate::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::stats::unix_ns;
@@ -50,16 +52,20 @@ pub(super) fn check_hello(h: &Hello, resume: bool) -> Option<(RefuseCode, String
 
 /// The KVM guest's ledger check on the received image (`image`, not yet committed), done
 /// while the source still hashes its memory so it is off the resume path; a failure means
-/// nothing is committed.
+/// nothing is committed. Blocks whose facts follow from the image's page hashes (`hashes`,
+/// current after the last barrier: zero pages, and blocks the background checks saw in
+/// their current state) are not read.
 pub(super) fn verify_pending(
-    image: &PendingImage,
-    size: u64,
+    image: &mut PendingImage,
+    hashes: &PageHashes,
+    background: Option<BackgroundVerifier<KvmChecks>>,
 ) -> Result<crate::kvm::VerifyReport, String> {
-    let ram = GuestRam::open(image.temp_path(), size).map_err(|e| e.to_string())?;
-    let params = crate::kvm::Params::read_from(&ram).map_err(|e| e.to_string())?;
-    // Pages the codec never wrote are holes: blocks that must be zero there are not read.
-    let data = image.data_pages().ok();
-    crate::kvm::verify::verify_sparse(&ram, &params, data.as_deref()).map_err(|e| e.to_string())
+    // Read through the mapping the codec wrote: its pages are faulted in already.
+    let ram: &[u8] = image.memory_mut();
+    let params = crate::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
+    let known = KvmKnownFacts::new(background, hashes, params.layout);
+    crate::kvm::verify::verify_known(ram, &params, None, &|b| known.get(b))
+        .map_err(|e| e.to_string())
 }
 
 /// Checks a `GuestState` against the handshake's guest kind and, for KVM guests, parses

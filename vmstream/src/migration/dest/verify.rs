@@ -6,17 +6,22 @@
 //! downtime. A full verify reads every block; here most of it happens during the live
 //! rounds instead:
 //!
-//! - after each round's barrier a background thread checks the active blocks whose pages
-//!   the codec applied since its last pass. It reads a copy of each block through a second,
-//!   read-only mapping of the pending image (the next round may be writing meanwhile), runs
-//!   the checks that need only the block (number, checksum, fill) on the copy and remembers
-//!   the copy's page hashes with the result;
+//! - after each round's barrier a background thread ([`BackgroundVerifier`]) checks the
+//!   blocks whose pages the codec applied since its last pass. It reads a copy of each block
+//!   through a second, read-only mapping of the pending image (the next round may be writing
+//!   meanwhile), runs the checks that need only the block on the copy and remembers the
+//!   copy's page hashes with the result. What those checks are depends on the guest
+//!   ([`BlockChecks`]): number, checksum and fill for the file-backed guest
+//!   ([`FileChecks`]); header, checksum and zero test for the KVM guest's ledger check
+//!   ([`KvmChecks`]);
 //! - at the pause, a block whose pages still have those hashes (the codec workers keep the
 //!   page hashes current: [`PageHashes`]) holds exactly the bytes that were checked, so only
-//!   its version is compared with the ledger. Other blocks, and the block the journal
-//!   recovery rewrote, are checked from memory. Inactive blocks must hash as zero pages.
+//!   what involves the rest of memory is done then (versions against the ledger, sums).
+//!   Other blocks, and the block the journal recovery rewrote, are checked from memory.
 //!
-//! Any failure falls back to the full verifier, which names the first bad block exactly.
+//! The file-backed guest's quick path falls back to the full verifier on any failure, which
+//! names the first bad block exactly; the KVM ledger check takes each block's facts from the
+//! background or from memory, and reports what the full check would.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -25,9 +30,13 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
+use crate::kvm::abi::BLOCK_SIZE as KVM_BLOCK_SIZE;
+use crate::kvm::verify::BlockFacts;
+use crate::kvm::GuestLayout;
 use crate::layout::{get_u64, sb};
 use crate::memory::{GuestMemory, MapMode, PAGE_SIZE};
 use crate::migration::digest::PageHashes;
+use crate::migration::wire::GuestKind;
 use crate::verify::{
     check_block_content, verify_sparse, BlockContent, Superblock, VerifyError, VerifyReport,
 };
@@ -62,33 +71,38 @@ impl TouchedPages {
     }
 }
 
-/// What the background pass learned about one block.
-#[derive(Clone, Copy, Debug, Default)]
-struct Checked {
-    /// Hashes of the block's pages (at most 2) in the copy that was checked.
-    hashes: [u128; 2],
-    /// The copy passed the block's own checks.
-    content: Option<BlockContent>,
+/// How often the background checks what landed during round 0.
+const FIRST_ROUND_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One guest kind's part of the background verify: the checks of the blocks that hold the
+/// pages the codec applied since the last pass, remembered with the hashes of the copies
+/// they ran on (a block whose pages still hash the same at the pause need not be read).
+pub trait BlockChecks: Send + 'static {
+    /// Checks the blocks holding `pages`, reading them through `view` (a read-only mapping
+    /// of the pending image, which the next round may be writing); returns early once
+    /// `stop` is set.
+    fn pass(&mut self, view: &GuestMemory, pages: Vec<u64>, stop: &AtomicBool);
 }
 
-/// What the background passes learned: the superblock they read and a result per block.
-type Learned = (Superblock, Vec<Checked>);
-
-/// The background half: block results gathered during the live rounds.
-pub struct BackgroundVerifier {
+/// The background half: block results gathered during the live rounds by a thread that
+/// runs `C`'s checks after each round's barrier.
+pub struct BackgroundVerifier<C> {
     kick: mpsc::Sender<()>,
     stop: Arc<AtomicBool>,
-    /// Passes completed (tests wait on it).
+    /// Passes completed after a barrier (tests wait on it).
     passes: Arc<AtomicU64>,
-    thread: Option<JoinHandle<Option<Learned>>>,
+    thread: Option<JoinHandle<C>>,
 }
 
-impl BackgroundVerifier {
-    /// Starts the thread; `view` is a read-only mapping of the pending image.
+impl<C: BlockChecks> BackgroundVerifier<C> {
+    /// Starts the thread; `view` is a read-only mapping of the pending image. The caller
+    /// decides when the mapping goes: unmapping a large mapping with its pages faulted in
+    /// takes tens of ms, too long for the pause.
     pub fn start(
-        view: GuestMemory,
+        view: Arc<GuestMemory>,
         touched: Arc<TouchedPages>,
-    ) -> std::io::Result<BackgroundVerifier> {
+        mut checks: C,
+    ) -> std::io::Result<BackgroundVerifier<C>> {
         let (kick, kicks) = mpsc::channel::<()>();
         let stop = Arc::new(AtomicBool::new(false));
         let passes = Arc::new(AtomicU64::new(0));
@@ -96,7 +110,37 @@ impl BackgroundVerifier {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
-                .spawn(move || background(view, &touched, &kicks, &stop, &passes))?
+                .spawn(move || {
+                    // Round 0 carries most of memory, each page once: check it as it lands
+                    // (every FIRST_ROUND_POLL) rather than all after its barrier, when the
+                    // remaining rounds may be too short for the pass. From the first barrier
+                    // on, pages may be rewritten within a round: check after barriers only.
+                    let mut first_round = true;
+                    loop {
+                        let kicked = if first_round {
+                            match kicks.recv_timeout(FIRST_ROUND_POLL) {
+                                Ok(()) => true,
+                                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            }
+                        } else {
+                            match kicks.recv() {
+                                Ok(()) => true,
+                                Err(_) => break,
+                            }
+                        };
+                        first_round &= !kicked;
+                        while kicks.try_recv().is_ok() {}
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        checks.pass(&view, touched.take(), &stop);
+                        if kicked {
+                            passes.fetch_add(1, Ordering::Release);
+                        }
+                    }
+                    checks
+                })?
         };
         Ok(BackgroundVerifier {
             kick,
@@ -111,60 +155,77 @@ impl BackgroundVerifier {
         let _ = self.kick.send(());
     }
 
-    /// Passes completed so far.
+    /// Passes completed after a barrier so far (each covers every page applied before
+    /// its [`round_applied`](Self::round_applied)).
     pub fn passes(&self) -> u64 {
         self.passes.load(Ordering::Acquire)
     }
 
     /// Stops the thread (a pass in progress is cut short) and returns what it learned.
-    fn finish(mut self) -> Option<Learned> {
+    pub fn finish(mut self) -> Option<C> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(());
-        self.thread.take().and_then(|t| t.join().ok()).flatten()
+        self.thread.take().and_then(|t| t.join().ok())
     }
 }
 
-impl Drop for BackgroundVerifier {
+impl<C> Drop for BackgroundVerifier<C> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(());
     }
 }
 
-fn background(
-    view: GuestMemory,
-    touched: &TouchedPages,
-    kicks: &mpsc::Receiver<()>,
-    stop: &AtomicBool,
-    passes: &AtomicU64,
-) -> Option<Learned> {
-    let mut state: Option<Learned> = None;
-    let mut head = vec![0u8; PAGE_SIZE];
-    let mut block = Vec::new();
-    while kicks.recv().is_ok() {
-        while kicks.try_recv().is_ok() {}
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let pages = touched.take();
-        view.read_at(0, &mut head);
-        let Ok(s) = Superblock::read_head(&head, view.len()) else {
-            continue; // not (yet) a consistent superblock: the pause decides
+/// Hashes of the pages of a block copy (blocks of one or two pages).
+pub fn block_page_hashes(block: &[u8]) -> [u128; 2] {
+    let mut hashes = [0u128; 2];
+    for (h, page) in hashes.iter_mut().zip(block.chunks(PAGE_SIZE)) {
+        *h = crate::migration::digest::page_hash(page);
+    }
+    hashes
+}
+
+/// What the background pass learned about one block of the file-backed guest.
+#[derive(Clone, Copy, Debug, Default)]
+struct Checked {
+    /// Hashes of the block's pages (at most 2) in the copy that was checked.
+    hashes: [u128; 2],
+    /// The copy passed the block's own checks.
+    content: Option<BlockContent>,
+}
+
+/// What the background passes learned: the superblock they read and a result per block.
+type Learned = (Superblock, Vec<Checked>);
+
+/// The file-backed guest's background checks (number, checksum and fill of each block).
+#[derive(Default)]
+pub struct FileChecks {
+    learned: Option<Learned>,
+    head: Vec<u8>,
+    block: Vec<u8>,
+}
+
+impl BlockChecks for FileChecks {
+    fn pass(&mut self, view: &GuestMemory, pages: Vec<u64>, stop: &AtomicBool) {
+        self.head.resize(PAGE_SIZE, 0);
+        view.read_at(0, &mut self.head);
+        let Ok(s) = Superblock::read_head(&self.head, view.len()) else {
+            return; // not (yet) a consistent superblock: the pause decides
         };
         let g = s.geometry();
-        if !matches!(&state, Some((old, _)) if same_layout(old, &s)) {
+        if !matches!(&self.learned, Some((old, _)) if same_layout(old, &s)) {
             // First pass (or the layout changed): every block is unchecked.
-            state = Some((s.clone(), vec![Checked::default(); g.block_count as usize]));
+            self.learned = Some((s.clone(), vec![Checked::default(); g.block_count as usize]));
         }
-        let Some((_, checked)) = state.as_mut() else {
-            continue;
+        let Some((_, checked)) = self.learned.as_mut() else {
+            return;
         };
-        let bs = g.block_size as usize;
-        block.resize(bs, 0);
+        let block = &mut self.block;
+        block.resize(g.block_size as usize, 0);
         let mut last = u64::MAX;
         for p in pages {
             if stop.load(Ordering::Relaxed) {
-                return state;
+                return;
             }
             let Some(b) = block_of_page(&s, p) else {
                 continue;
@@ -173,22 +234,119 @@ fn background(
                 continue;
             }
             last = b;
-            view.read_at(g.block_offset(b), &mut block);
-            checked[b as usize] = check_copy(&block, b, &s);
+            view.read_at(g.block_offset(b), block);
+            checked[b as usize] = check_copy(block, b, &s);
         }
-        passes.fetch_add(1, Ordering::Release);
     }
-    state
+}
+
+/// Pages per KVM block (the block facts keep a hash for each).
+const KVM_BLOCK_PAGES: usize = (KVM_BLOCK_SIZE as usize).div_ceil(PAGE_SIZE);
+
+/// A KVM block's facts with the page hashes of the copy they were computed on.
+type KvmChecked = ([u128; 2], BlockFacts);
+
+/// The KVM guest's background checks: the facts of each block copy (header, checksum, zero;
+/// see [`BlockFacts`]). The ledger check at the pause combines them with the ledger and the
+/// vCPU records it reads then, reading only blocks whose pages changed since their copy.
+#[derive(Default)]
+pub struct KvmChecks {
+    /// The block layout (it follows from the RAM size) and, per block, the page hashes of
+    /// the copy checked and its facts.
+    learned: Option<(GuestLayout, Vec<Option<KvmChecked>>)>,
+    block: Vec<u8>,
+}
+
+impl BlockChecks for KvmChecks {
+    fn pass(&mut self, view: &GuestMemory, pages: Vec<u64>, stop: &AtomicBool) {
+        if self.learned.is_none() {
+            let Ok(layout) = GuestLayout::for_memory(view.len() as u64) else {
+                return; // not a KVM guest's RAM size: the pause reads everything
+            };
+            self.learned = Some((layout, vec![None; layout.block_count as usize]));
+        }
+        let Some((layout, facts)) = self.learned.as_mut() else {
+            return;
+        };
+        let block = &mut self.block;
+        block.resize(KVM_BLOCK_SIZE as usize, 0);
+        let mut last = u64::MAX;
+        for p in pages {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(b) = (p * PAGE_SIZE as u64)
+                .checked_sub(layout.blocks_gpa)
+                .map(|off| off / KVM_BLOCK_SIZE)
+                .filter(|&b| b < layout.block_count)
+            else {
+                continue;
+            };
+            if b == last {
+                continue;
+            }
+            last = b;
+            view.read_at(layout.block_gpa(b) as usize, block);
+            facts[b as usize] = Some((block_page_hashes(block), BlockFacts::of(block)));
+        }
+    }
+}
+
+/// What the KVM ledger check at the pause knows of each block without reading it, from
+/// the image's current page hashes ([`PageHashes`]: the codec keeps them as it writes): a
+/// block whose pages hash as zero pages is all zero (most never-written blocks), and a block
+/// whose pages still hash as in the copy the background checked has that copy's facts.
+pub struct KvmKnownFacts<'a> {
+    /// The background's facts, when they are for this layout.
+    learned: Option<Vec<Option<KvmChecked>>>,
+    hashes: &'a PageHashes,
+    zero: u128,
+    layout: GuestLayout,
+}
+
+impl<'a> KvmKnownFacts<'a> {
+    /// Stops the background checks (if any) and takes what they learned; `layout` is the
+    /// guest's, as read from its parameter block.
+    pub fn new(
+        background: Option<BackgroundVerifier<KvmChecks>>,
+        hashes: &'a PageHashes,
+        layout: GuestLayout,
+    ) -> KvmKnownFacts<'a> {
+        let learned = background
+            .and_then(BackgroundVerifier::finish)
+            .and_then(|c| c.learned)
+            .filter(|(l, _)| *l == layout)
+            .map(|(_, facts)| facts);
+        KvmKnownFacts {
+            learned,
+            hashes,
+            zero: hashes.zero_page_hash(),
+            layout,
+        }
+    }
+
+    /// The facts of block `b`, when they follow from the page hashes.
+    pub fn get(&self, b: u64) -> Option<BlockFacts> {
+        let first = self.layout.block_gpa(b) / PAGE_SIZE as u64;
+        let mut now = [0u128; 2];
+        for (j, h) in now.iter_mut().enumerate().take(KVM_BLOCK_PAGES) {
+            *h = self.hashes.get(first + j as u64);
+        }
+        if now[..KVM_BLOCK_PAGES].iter().all(|&h| h == self.zero) {
+            return Some(BlockFacts {
+                zero: true,
+                ..BlockFacts::default()
+            });
+        }
+        let (copy, facts) = self.learned.as_ref()?.get(b as usize)?.as_ref()?;
+        (*copy == now).then_some(*facts)
+    }
 }
 
 /// Checks a copy of block `b` and records its page hashes.
 fn check_copy(block: &[u8], b: u64, s: &Superblock) -> Checked {
-    let mut hashes = [0u128; 2];
-    for (h, page) in hashes.iter_mut().zip(block.chunks(PAGE_SIZE)) {
-        *h = crate::migration::digest::page_hash(page);
-    }
     Checked {
-        hashes,
+        hashes: block_page_hashes(block),
         content: check_block_content(block, b, s).ok(),
     }
 }
@@ -209,6 +367,46 @@ fn same_layout(a: &Superblock, b: &Superblock) -> bool {
         && a.seed == b.seed
 }
 
+/// The background verify of the guest kind being received.
+pub enum Background {
+    /// A file-backed guest's workload.
+    File(BackgroundVerifier<FileChecks>),
+    /// A KVM guest's ledger check.
+    Kvm(BackgroundVerifier<KvmChecks>),
+}
+
+impl Background {
+    /// Starts the background checks for `kind` on the pending image at `path`; returns them
+    /// with the read-only view they read through (see [`BackgroundVerifier::start`]).
+    pub fn start(
+        kind: GuestKind,
+        path: &std::path::Path,
+        touched: Arc<TouchedPages>,
+    ) -> std::io::Result<(Background, Arc<GuestMemory>)> {
+        let view = Arc::new(open_view(path).map_err(std::io::Error::other)?);
+        let v = Arc::clone(&view);
+        let background = match kind {
+            GuestKind::File => Background::File(BackgroundVerifier::start(
+                v,
+                touched,
+                FileChecks::default(),
+            )?),
+            GuestKind::Kvm => {
+                Background::Kvm(BackgroundVerifier::start(v, touched, KvmChecks::default())?)
+            }
+        };
+        Ok((background, view))
+    }
+
+    /// A round passed its barrier: check what it changed.
+    pub fn round_applied(&self) {
+        match self {
+            Background::File(bg) => bg.round_applied(),
+            Background::Kvm(bg) => bg.round_applied(),
+        }
+    }
+}
+
 /// Opens the read-only view the background verifier reads through.
 pub fn open_view(path: &std::path::Path) -> Result<GuestMemory, crate::memory::MemoryError> {
     GuestMemory::open(path, MapMode::SharedReadOnly)
@@ -220,10 +418,12 @@ pub fn open_view(path: &std::path::Path) -> Result<GuestMemory, crate::memory::M
 pub fn verify_at_pause(
     mem: &mut [u8],
     hashes: &PageHashes,
-    background: Option<BackgroundVerifier>,
+    background: Option<BackgroundVerifier<FileChecks>>,
     data: Option<&[u64]>,
 ) -> Result<VerifyReport, VerifyError> {
-    let learned = background.and_then(BackgroundVerifier::finish);
+    let learned = background
+        .and_then(BackgroundVerifier::finish)
+        .and_then(|c| c.learned);
     let head = Superblock::read(mem)?;
     let journal_block =
         (get_u64(mem, sb::JOURNAL_SEQ) != 0).then(|| get_u64(mem, sb::JOURNAL_BLOCK));
@@ -349,7 +549,7 @@ mod tests {
         }
     }
 
-    fn run_pass(bg: &BackgroundVerifier) {
+    fn run_pass<C: BlockChecks>(bg: &BackgroundVerifier<C>) {
         let before = bg.passes();
         bg.round_applied();
         while bg.passes() == before {
@@ -361,7 +561,7 @@ mod tests {
         GuestMemory,
         Arc<PageHashes>,
         Arc<TouchedPages>,
-        BackgroundVerifier,
+        BackgroundVerifier<FileChecks>,
     ) {
         let mut mem = GuestMemory::memfd("dest-verify", SIZE).unwrap();
         format(
@@ -373,7 +573,9 @@ mod tests {
         let touched = Arc::new(TouchedPages::new(mem.pages()));
         rehash(&mem, &hashes, &touched);
         let view = open_view(mem.path()).unwrap();
-        let bg = BackgroundVerifier::start(view, Arc::clone(&touched)).unwrap();
+        let bg =
+            BackgroundVerifier::start(Arc::new(view), Arc::clone(&touched), FileChecks::default())
+                .unwrap();
         (mem, hashes, touched, bg)
     }
 
@@ -431,5 +633,104 @@ mod tests {
             verify_at_pause(mem.as_mut_slice(), &hashes, None, None).unwrap(),
             full
         );
+    }
+
+    /// Runs the KVM guest until it committed `more` further transactions, then pauses it.
+    fn run_kvm(guest: &mut crate::kvm::KvmGuest, more: u64) {
+        let start = guest.total_transactions().unwrap();
+        guest.resume().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while guest.total_transactions().unwrap() < start + more
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        guest.pause().unwrap();
+    }
+
+    /// The KVM ledger check at the pause, with block facts from a background pass taken
+    /// before more transactions ran, gives the full check's result: blocks changed since are
+    /// read again (through the page hashes), and a block corrupted after its background check
+    /// is reported as the full check reports it.
+    #[test]
+    fn kvm_ledger_check_with_background_facts_equals_the_full_check() {
+        use crate::kvm::verify::{verify, verify_known};
+        use crate::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
+        if let Err(why) = kvm_available() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("vmstream-kvm-bg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram");
+        let size = 16u64 << 20;
+        let cfg = GuestConfig {
+            vcpus: 2,
+            ..GuestConfig::default()
+        };
+        let mut guest = KvmGuest::start(GuestRam::open(&path, size).unwrap(), &cfg).unwrap();
+        guest.pause().unwrap();
+        let mem = open_view(&path).unwrap();
+        let hashes = PageHashes::zeroed(mem.pages(), PAGE_SIZE);
+        let touched = Arc::new(TouchedPages::new(mem.pages()));
+        let bg = BackgroundVerifier::start(
+            Arc::new(open_view(&path).unwrap()),
+            Arc::clone(&touched),
+            KvmChecks::default(),
+        )
+        .unwrap();
+        run_kvm(&mut guest, 50_000);
+        rehash(&mem, &hashes, &touched);
+        run_pass(&bg);
+        // More transactions after the pass: their blocks' facts are stale.
+        run_kvm(&mut guest, 20_000);
+        rehash(&mem, &hashes, &touched);
+        let (ram, params) = (Arc::clone(guest.ram()), guest.params().clone());
+        let known = KvmKnownFacts::new(Some(bg), &hashes, params.layout);
+        let from_background = AtomicU64::new(0);
+        let get = |b: u64| {
+            let f = known.get(b);
+            if f.is_some_and(|f| !f.zero) {
+                from_background.fetch_add(1, Ordering::Relaxed);
+            }
+            f
+        };
+        let full = verify(&ram, &params).unwrap();
+        assert_eq!(verify_known(&*ram, &params, None, &get).unwrap(), full);
+        let used = from_background.load(Ordering::Relaxed);
+        assert!(
+            used > 0 && used < full.written_blocks,
+            "background facts used for {used} of {} written blocks",
+            full.written_blocks
+        );
+        // Corrupt a block whose background facts were current.
+        let b = (0..params.layout.block_count)
+            .find(|&b| known.get(b).is_some_and(|f| !f.zero))
+            .unwrap();
+        let gpa = params.layout.block_gpa(b) + 5000;
+        ram.write_u64(gpa, ram.read_u64(gpa).unwrap() ^ 4).unwrap();
+        rehash(&mem, &hashes, &touched);
+        let expected = verify(&ram, &params).unwrap_err().to_string();
+        assert!(expected.contains(&format!("block {b}")), "{expected}");
+        let got = verify_known(&*ram, &params, None, &get).unwrap_err();
+        assert_eq!(got.to_string(), expected);
+        ram.write_u64(gpa, ram.read_u64(gpa).unwrap() ^ 4).unwrap();
+        // A block that must stay zero and holds data is found although its neighbours'
+        // facts come from the hashes.
+        let tail = params.layout.block_count - 1;
+        assert!(known.get(tail).is_some_and(|f| f.zero));
+        ram.write_u64(params.layout.block_gpa(tail) + 64, 1)
+            .unwrap();
+        rehash(&mem, &hashes, &touched);
+        let expected = verify(&ram, &params).unwrap_err().to_string();
+        assert!(expected.contains("should be all zero"), "{expected}");
+        assert_eq!(
+            verify_known(&*ram, &params, None, &get)
+                .unwrap_err()
+                .to_string(),
+            expected
+        );
+        guest.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
