@@ -71,7 +71,7 @@ impl PageDecoder {
     }
 
     /// [`apply`](Self::apply), timing one record in
-    /// [`TIMED_EVERY`](crate::stats::TIMED_EVERY) for the statistics (the
+    /// [`TIMED_EVERY`] for the statistics (the
     /// timed one is charged that many times): a clock read per page would
     /// cost a few percent of an LZ4 page.
     pub fn apply_sampled(

@@ -1,5 +1,5 @@
 //! The bridge from a [`ThrottleStrategy`] to the migration's
-//! [`ConvergencePolicy`](crate::migration::convergence::ConvergencePolicy) seam.
+//! [`ConvergencePolicy`] seam.
 //!
 //! [`Converger`] turns the migration's per-round observation into a
 //! [`RoundObservation`], asks the strategy, hands the [`Decision`] (throttle, note) to a

@@ -16,14 +16,14 @@ use super::{Decision, RoundObservation, SettingError, SwitchReason, ThrottleStra
 /// Auto-converge settings (QEMU parameter names in brackets).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AutoConvergeConfig {
-    /// First throttle [`cpu-throttle-initial`], in (0, 0.99].
+    /// First throttle (QEMU `cpu-throttle-initial`), in (0, 0.99].
     pub initial: f64,
-    /// Step after the first [`cpu-throttle-increment`], in (0, 0.99].
+    /// Step after the first (QEMU `cpu-throttle-increment`), in (0, 0.99].
     pub increment: f64,
-    /// Cap [`max-cpu-throttle`], in (0, 0.99].
+    /// Cap (QEMU `max-cpu-throttle`), in (0, 0.99].
     pub max: f64,
     /// Dirtied / transferred ratio above which a period is high
-    /// [`throttle-trigger-threshold`], in (0, 1].
+    /// (QEMU `throttle-trigger-threshold`), in (0, 1].
     pub trigger_threshold: f64,
     /// Shortest period evaluated.
     pub min_period: Duration,

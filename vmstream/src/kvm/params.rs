@@ -1,6 +1,6 @@
 //! Workload configuration and the guest-memory layout derived from the RAM
 //! size, written into (and read back from) the parameter block at
-//! [`PARAMS_GPA`](super::abi::PARAMS_GPA).
+//! [`PARAMS_GPA`].
 
 use super::abi::*;
 use super::error::{KvmError, Result};
