@@ -135,33 +135,22 @@ pub type KnownFacts<'a> = &'a (dyn Fn(u64) -> Option<BlockFacts> + Sync);
 /// "untouched blocks stay zero", which is checked for them too.
 /// Inner `Err(VerifyError)` = the guest's data is wrong; outer = could not read.
 pub fn verify(ram: &GuestRam, params: &Params) -> Result<VerifyReport> {
-    verify_sparse(ram, params, None)
+    verify_known(ram, params, &|_| None)
 }
 
-/// [`verify`] of RAM whose file has holes where `data` (a bit per 4 KiB page) is clear: a
-/// block that must be zero and lies entirely in holes is not read (reading a hole of a
-/// shared mapping allocates it).
-pub fn verify_sparse(
-    ram: &GuestRam,
-    params: &Params,
-    data: Option<&[u64]>,
-) -> Result<VerifyReport> {
-    verify_known(ram, params, data, &|_| None)
-}
-
-/// [`verify_sparse`] taking the facts of some blocks from `known` instead of reading them.
-/// The result is the same as reading every block, provided `known` returns a block's facts
-/// only when they describe its current bytes.
+/// [`verify`] taking the facts of some blocks from `known` instead of reading them (a
+/// migration destination knows most of them from its page hashes, see
+/// `migration::dest::verify`). The result is the same as reading every block, provided
+/// `known` returns a block's facts only when they describe its current bytes.
 pub fn verify_known<R: RamRead + ?Sized>(
     ram: &R,
     params: &Params,
-    data: Option<&[u64]>,
     known: KnownFacts<'_>,
 ) -> Result<VerifyReport> {
     if params.workload.kind == WorkloadKind::FileDb {
         return verify_image(ram);
     }
-    Ok(check_known(ram, params, data, known)??)
+    Ok(check_known(ram, params, known)??)
 }
 
 /// The filedb image at IMAGE_GPA, checked by the file-backed guests'
@@ -184,15 +173,14 @@ pub fn check(
     ram: &GuestRam,
     params: &Params,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
-    check_known(ram, params, None, &|_| None)
+    check_known(ram, params, &|_| None)
 }
 
-/// [`check`] skipping blocks that must be zero and are holes (see [`verify_sparse`]) and
-/// taking the facts of blocks from `known` where it has them (see [`verify_known`]).
+/// [`check`] taking the facts of blocks from `known` where it has them (see
+/// [`verify_known`]).
 fn check_known<R: RamRead + ?Sized>(
     ram: &R,
     params: &Params,
-    data: Option<&[u64]>,
     known: KnownFacts<'_>,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
     let layout = &params.layout;
@@ -229,7 +217,6 @@ fn check_known<R: RamRead + ?Sized>(
                         params,
                         ledger: &ledger,
                         inflight: &inflight,
-                        data,
                         known,
                     };
                     s.spawn(move || blocks.check(range))
@@ -272,13 +259,12 @@ fn check_known<R: RamRead + ?Sized>(
 }
 
 /// What the per-block check reads: the RAM, its ledger and in-flight blocks (as read once by
-/// [`check_known`]), the data pages of a sparse file and the facts known without reading.
+/// [`check_known`]) and the facts known without reading.
 struct Blocks<'a, R: ?Sized> {
     ram: &'a R,
     params: &'a Params,
     ledger: &'a [u64],
     inflight: &'a [Option<u64>],
-    data: Option<&'a [u64]>,
     known: KnownFacts<'a>,
 }
 
@@ -293,13 +279,6 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
         let active = self.params.active_blocks();
         let mut report = VerifyReport::default();
         let mut block = vec![0u8; BLOCK_SIZE as usize];
-        let in_holes = |b: u64| {
-            let first = layout.block_gpa(b) / 4096;
-            self.data.is_some_and(|d| {
-                (first..first + BLOCK_SIZE.div_ceil(4096))
-                    .all(|p| crate::memory::page_is_hole(d, p))
-            })
-        };
         for b in range {
             report.blocks += 1;
             let is_inflight = self.inflight.contains(&Some(b));
@@ -312,10 +291,6 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
             } else {
                 true
             };
-            if must_be_zero && in_holes(b) {
-                // Zero by construction: a hole of the file.
-                continue;
-            }
             let facts = match (self.known)(b) {
                 Some(facts) => facts,
                 None => {

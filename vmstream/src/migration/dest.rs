@@ -531,25 +531,23 @@ impl Dest<'_> {
             // While the source hashes its memory: recovery and verify read (and recovery
             // may write) the final image, after our digest of it was taken.
             let t = Instant::now();
-            match (self.guest_kind, background) {
-                (GuestKind::Kvm, background) => {
-                    let background = match background {
-                        Some(verify::Background::Kvm(bg)) => Some(bg),
-                        _ => None,
-                    };
-                    self.kvm_verified = Some(kvm::verify_pending(&mut image, &hashes, background))
+            let (file_background, kvm_background) = match background {
+                Some(verify::Background::File(bg)) => (Some(bg), None),
+                Some(verify::Background::Kvm(bg)) => (None, Some(bg)),
+                None => (None, None),
+            };
+            match self.guest_kind {
+                GuestKind::Kvm => {
+                    self.kvm_verified =
+                        Some(kvm::verify_pending(&mut image, &hashes, kvm_background))
                 }
-                (_, background) => {
-                    let background = match background {
-                        Some(verify::Background::File(bg)) => Some(bg),
-                        _ => None,
-                    };
+                _ => {
                     // Pages no record wrote are holes: the zero checks skip them.
                     let data = image.data_pages().ok();
                     self.verified = Some(verify::verify_at_pause(
                         image.memory_mut(),
                         &hashes,
-                        background,
+                        file_background,
                         data.as_deref(),
                     ))
                 }

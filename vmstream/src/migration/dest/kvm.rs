@@ -64,8 +64,7 @@ pub(super) fn verify_pending(
     let ram: &[u8] = image.memory_mut();
     let params = crate::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
     let known = KvmKnownFacts::new(background, hashes, params.layout);
-    crate::kvm::verify::verify_known(ram, &params, None, &|b| known.get(b))
-        .map_err(|e| e.to_string())
+    crate::kvm::verify::verify_known(ram, &params, &|b| known.get(b)).map_err(|e| e.to_string())
 }
 
 /// Checks a `GuestState` against the handshake's guest kind and, for KVM guests, parses

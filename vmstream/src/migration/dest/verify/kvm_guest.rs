@@ -184,7 +184,7 @@ mod tests {
             f
         };
         let full = verify(&ram, &params).unwrap();
-        assert_eq!(verify_known(&*ram, &params, None, &get).unwrap(), full);
+        assert_eq!(verify_known(&*ram, &params, &get).unwrap(), full);
         let used = from_background.load(Ordering::Relaxed);
         assert!(
             used > 0 && used < full.written_blocks,
@@ -200,7 +200,7 @@ mod tests {
         rehash(&mem, &hashes, &touched);
         let expected = verify(&ram, &params).unwrap_err().to_string();
         assert!(expected.contains(&format!("block {b}")), "{expected}");
-        let got = verify_known(&*ram, &params, None, &get).unwrap_err();
+        let got = verify_known(&*ram, &params, &get).unwrap_err();
         assert_eq!(got.to_string(), expected);
         ram.write_u64(gpa, ram.read_u64(gpa).unwrap() ^ 4).unwrap();
         // A block that must stay zero and holds data is found although its neighbours'
@@ -213,9 +213,7 @@ mod tests {
         let expected = verify(&ram, &params).unwrap_err().to_string();
         assert!(expected.contains("should be all zero"), "{expected}");
         assert_eq!(
-            verify_known(&*ram, &params, None, &get)
-                .unwrap_err()
-                .to_string(),
+            verify_known(&*ram, &params, &get).unwrap_err().to_string(),
             expected
         );
         guest.shutdown();
