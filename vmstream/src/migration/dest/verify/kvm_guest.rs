@@ -13,6 +13,8 @@ use crate::migration::digest::PageHashes;
 
 /// Pages per KVM block (the block facts keep a hash for each).
 const KVM_BLOCK_PAGES: usize = (KVM_BLOCK_SIZE as usize).div_ceil(PAGE_SIZE);
+// A copy's hashes are kept in a [u128; 2] (`block_page_hashes`).
+const _: () = assert!(KVM_BLOCK_PAGES <= 2);
 
 /// A KVM block's facts with the page hashes of the copy they were computed on.
 type KvmChecked = ([u128; 2], BlockFacts);
