@@ -342,6 +342,30 @@ fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
     quiet.child.kill().unwrap();
     quiet.wait_exit();
     assert!(!quiet.stderr().contains("unauthenticated"));
+    // So does any address with a key: only sources that hold it are admitted.
+    let key = dir.path("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let mut keyed = Proc::vmstream(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            "0.0.0.0:0",
+            "--memory-file",
+            dst.to_str().unwrap(),
+            "--auth-key-file",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    keyed.wait_line("listening on ");
+    keyed.child.kill().unwrap();
+    keyed.wait_exit();
+    assert!(
+        !keyed.stderr().contains("unauthenticated"),
+        "{}",
+        keyed.stderr()
+    );
 }
 
 /// The destination verifies the workload in the received image before it commits: an image

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 
+use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
 use super::dest::{receive_migration, KvmResumed};
@@ -136,6 +137,10 @@ pub struct SendArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub channels: u16,
+    /// Pre-shared key file (16 to 4096 random bytes): authenticate the destination and
+    /// prove this key to it on every connection (recv needs the same file).
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: Option<PathBuf>,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::converge::cli::ConvergeArgs,
@@ -144,7 +149,8 @@ pub struct SendArgs {
 /// Arguments of `vmstream recv`.
 #[derive(Args, Debug, Clone)]
 pub struct RecvArgs {
-    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (unauthenticated: warns).
+    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (warns without
+    /// --auth-key-file).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit).
@@ -168,6 +174,10 @@ pub struct RecvArgs {
     /// Longest wait for the source on the socket.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub io_timeout: Duration,
+    /// Pre-shared key file (16 to 4096 random bytes): admit only a source that proves
+    /// this key, and prove it to the source (send needs the same file).
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: Option<PathBuf>,
 }
 
 fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
@@ -256,13 +266,14 @@ impl SendArgs {
         cfg.progress = !self.no_progress;
         cfg.converge = self.converge.clone();
         cfg.channels = self.channels as usize;
+        cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         Ok(cfg)
     }
 }
 
 impl RecvArgs {
     /// The configuration these arguments describe.
-    pub fn to_config(&self) -> RecvConfig {
+    pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
         cfg.resume = self.resume;
         cfg.run_for = self.run_for;
@@ -270,8 +281,26 @@ impl RecvArgs {
         cfg.threads = self.threads;
         cfg.expect_size = self.size;
         cfg.io_timeout = self.io_timeout;
-        cfg
+        cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        Ok(cfg)
     }
+}
+
+/// The key of `--auth-key-file`; warns when other users may read the file.
+fn read_key(path: Option<&std::path::Path>) -> Result<Option<AuthKey>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let key = AuthKey::from_file(path).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "vmstream: warning: the key file {} is accessible to other users \
+                 (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(key))
 }
 
 fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
@@ -324,6 +353,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         ),
         ("dirty_tracking", guest.tracker_name().to_string()),
         ("channels", cfg.channels.to_string()),
+        ("authenticated", cfg.auth_key.is_some().to_string()),
         ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
     ] {
         stats.settings.insert(k.to_string(), v);
@@ -395,11 +425,20 @@ fn run_resumed_kvm(kvm: KvmResumed, cfg: &RecvConfig, stats: &mut MigrationStats
 
 /// `vmstream recv`: receive one migration, commit it, optionally run the guest.
 pub fn run_recv(args: &RecvArgs) -> ExitCode {
-    let cfg = args.to_config();
+    let cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut stats = MigrationStats {
         role: "destination",
         ..Default::default()
     };
+    stats
+        .settings
+        .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
     let received = match receive_migration(&cfg, &mut stats) {
         Ok(r) => r,
         Err(e) => {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
 
+use super::auth::AuthKey;
 use super::convergence::OnTimeout;
 use super::source_guest::{DirtyTracking, GuestSpec};
 use super::wire::DeltaWire;
@@ -45,6 +46,8 @@ pub struct SendConfig {
     pub converge: ConvergeArgs,
     /// Parallel TCP connections (`super::channels`), 1 to 16.
     pub channels: usize,
+    /// Pre-shared key: authenticate every connection with it (`super::auth`).
+    pub auth_key: Option<AuthKey>,
 }
 
 impl SendConfig {
@@ -68,6 +71,7 @@ impl SendConfig {
             progress: true,
             converge: ConvergeArgs::default(),
             channels: 1,
+            auth_key: None,
         }
     }
 
@@ -137,6 +141,8 @@ pub struct RecvConfig {
     pub max_size: u64,
     /// Longest wait for the peer on the socket.
     pub io_timeout: Duration,
+    /// Pre-shared key: admit only sources that prove it (`super::auth`).
+    pub auth_key: Option<AuthKey>,
 }
 
 impl RecvConfig {
@@ -152,6 +158,7 @@ impl RecvConfig {
             expect_size: None,
             max_size: 1 << 40,
             io_timeout: Duration::from_secs(120),
+            auth_key: None,
         }
     }
 }

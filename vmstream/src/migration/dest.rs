@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
+use super::auth::{admit_source, Admission};
 use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, PageHashes};
@@ -351,7 +352,15 @@ impl Dest<'_> {
     }
 
     fn handshake(&mut self) -> Result<DestState, RecvError> {
-        let hello = match self.reader.read_frame() {
+        let first = match admit_source(
+            self.cfg.auth_key.as_ref(),
+            &mut self.writer,
+            &mut self.reader,
+        ) {
+            Admission::Frame(f) => f,
+            Admission::Refuse(reason) => return Err(self.refuse(RefuseCode::Auth, reason)),
+        };
+        let hello = match first {
             Ok(Frame::Control(Message::Hello(h))) => h,
             Ok(Frame::Control(Message::ChannelHello(c))) => {
                 return Err(self.refuse(RefuseCode::Channel, no_migration(&c).to_string()))
@@ -397,8 +406,12 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         if let Some(primary) = primary {
-            self.channels
-                .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
+            self.channels.bind(
+                &primary,
+                self.cfg.io_timeout,
+                &mut self.reader,
+                self.cfg.auth_key.as_ref(),
+            )?;
             eprintln!(
                 "vmstream recv: {} channels bound (migration {})",
                 primary.count,
@@ -695,10 +708,11 @@ pub fn receive_migration(
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
     let (addr, explicit) = listen_addr(&cfg.listen)?;
-    if explicit && !addr.ip().is_loopback() {
+    if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
         eprintln!(
             "vmstream recv: warning: listening on {addr}: the migration stream is \
-             unauthenticated, anyone who connects can write this guest's memory"
+             unauthenticated, anyone who connects can write this guest's memory \
+             (--auth-key-file admits only sources that hold a shared key)"
         );
     }
     let listener = TcpListener::bind(addr).map_err(|e| RecvError::Listen(addr.to_string(), e))?;

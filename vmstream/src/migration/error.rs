@@ -2,6 +2,7 @@
 
 use vmstream_codec::CodecError;
 
+use super::auth::AuthError;
 use super::channels::ChannelError;
 use super::image::ImageError;
 use super::source_guest::GuestControlError;
@@ -64,6 +65,9 @@ pub enum SendError {
     /// A parallel channel failed or was refused.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// Authenticating the destination failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl From<WireError> for SendError {

@@ -27,11 +27,15 @@
 //! `CommitReply { committed }` the source then resumes its guest and the destination removes
 //! its temporary image, so nothing is ever committed twice or half.
 //!
+//! With `--auth-key-file` on both sides, every connection first runs a mutual
+//! challenge-response over a pre-shared key (see [`auth`]).
+//!
 //! With `--channels N` the rounds travel over N connections, bound together by a random
 //! migration id in a `ChannelHello`; every round's barrier spans all of them (see
 //! [`channels`]).
 //!
-//! Modules: [`wire`] (typed messages, framing, checksums), [`transport`] (frame reader and
+//! Modules: [`wire`] (typed messages, framing, checksums), [`auth`] (peer
+//! authentication), [`transport`] (frame reader and
 //! writer, token bucket, the sender's [`transport::PacketChannel`]), [`channels`] (parallel
 //! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
 //! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
@@ -42,6 +46,7 @@
 //! [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
+pub mod auth;
 pub mod channels;
 pub mod cli;
 pub mod config;

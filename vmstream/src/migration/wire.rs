@@ -48,6 +48,12 @@ pub enum FrameType {
     HelloReply = 0x02,
     /// Source -> destination: binds a connection to a migration as one of its channels.
     ChannelHello = 0x03,
+    /// Source -> destination: opens the key exchange (`--auth-key-file`).
+    AuthHello = 0x04,
+    /// Destination -> source: its proof of the key and its challenge.
+    AuthChallenge = 0x05,
+    /// Source -> destination: its proof of the key.
+    AuthProof = 0x06,
     /// Source -> destination: one codec packet, verbatim.
     Packet = 0x10,
     /// Source -> destination: end of a round.
@@ -70,10 +76,13 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 12] = [
+    pub const ALL: [FrameType; 15] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
+        FrameType::AuthHello,
+        FrameType::AuthChallenge,
+        FrameType::AuthProof,
         FrameType::Packet,
         FrameType::RoundEnd,
         FrameType::RoundAck,
@@ -97,6 +106,9 @@ impl FrameType {
             FrameType::Hello => Hello::LEN,
             FrameType::HelloReply => HelloReply::FIXED_LEN + MAX_REASON_LEN,
             FrameType::ChannelHello => ChannelHello::LEN,
+            FrameType::AuthHello => AuthHello::LEN,
+            FrameType::AuthChallenge => AuthChallenge::LEN,
+            FrameType::AuthProof => AuthProof::LEN,
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -115,6 +127,9 @@ impl FrameType {
             FrameType::Hello => "hello",
             FrameType::HelloReply => "hello-reply",
             FrameType::ChannelHello => "channel-hello",
+            FrameType::AuthHello => "auth-hello",
+            FrameType::AuthChallenge => "auth-challenge",
+            FrameType::AuthProof => "auth-proof",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",
@@ -545,13 +560,15 @@ pub enum RefuseCode {
     /// A channel connection that belongs to no migration in progress here (wrong
     /// migration id, index out of range, duplicate index, no migration yet).
     Channel = 8,
+    /// Authentication: the peers' keys differ, or only one side has a key.
+    Auth = 9,
 }
 
 impl RefuseCode {
     fn from_tag(tag: u8) -> Option<RefuseCode> {
         use RefuseCode::*;
         [
-            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel,
+            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel, Auth,
         ]
         .into_iter()
         .find(|c| *c as u8 == tag)
@@ -671,6 +688,100 @@ impl ChannelHello {
             migration_id: f.bytes(16).try_into().expect("16 bytes"),
             index,
             count,
+        })
+    }
+}
+
+/// Bytes of a nonce or an authentication tag.
+pub const AUTH_BYTES: usize = 32;
+
+/// `AuthHello`: a source with a key opens its connection with this, before its `Hello` or
+/// `ChannelHello` (48-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthHello {
+    /// The source's fresh random nonce.
+    pub nonce: [u8; AUTH_BYTES],
+}
+
+impl AuthHello {
+    /// Body length.
+    pub const LEN: usize = 48;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 6]);
+        out.extend_from_slice(&self.nonce);
+    }
+
+    fn decode(body: &[u8]) -> Result<AuthHello, WireError> {
+        const K: FrameType = FrameType::AuthHello;
+        if body.len() >= 10 {
+            check_magic_version(K, &mut Fields::new(body))?;
+        }
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        f.bytes(10);
+        if f.bytes(6).iter().any(|&b| b != 0) {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "reserved",
+                value: 0,
+            });
+        }
+        Ok(AuthHello {
+            nonce: f.bytes(AUTH_BYTES).try_into().expect("32 bytes"),
+        })
+    }
+}
+
+/// `AuthChallenge`: the destination's nonce and its tag over both nonces (64-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthChallenge {
+    /// The destination's fresh random nonce.
+    pub nonce: [u8; AUTH_BYTES],
+    /// The destination's proof of the key.
+    pub tag: [u8; AUTH_BYTES],
+}
+
+impl AuthChallenge {
+    /// Body length.
+    pub const LEN: usize = 64;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(&self.tag);
+    }
+
+    fn decode(body: &[u8]) -> Result<AuthChallenge, WireError> {
+        exact(FrameType::AuthChallenge, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        Ok(AuthChallenge {
+            nonce: f.bytes(AUTH_BYTES).try_into().expect("32 bytes"),
+            tag: f.bytes(AUTH_BYTES).try_into().expect("32 bytes"),
+        })
+    }
+}
+
+/// `AuthProof`: the source's tag over both nonces (32-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthProof {
+    /// The source's proof of the key.
+    pub tag: [u8; AUTH_BYTES],
+}
+
+impl AuthProof {
+    /// Body length.
+    pub const LEN: usize = 32;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.tag);
+    }
+
+    fn decode(body: &[u8]) -> Result<AuthProof, WireError> {
+        exact(FrameType::AuthProof, body, Self::LEN)?;
+        Ok(AuthProof {
+            tag: body.try_into().expect("32 bytes"),
         })
     }
 }
@@ -1088,6 +1199,12 @@ pub enum Message {
     HelloReply(HelloReply),
     /// See [`ChannelHello`].
     ChannelHello(ChannelHello),
+    /// See [`AuthHello`].
+    AuthHello(AuthHello),
+    /// See [`AuthChallenge`].
+    AuthChallenge(AuthChallenge),
+    /// See [`AuthProof`].
+    AuthProof(AuthProof),
     /// See [`RoundEnd`].
     RoundEnd(RoundEnd),
     /// See [`RoundAck`].
@@ -1113,6 +1230,9 @@ impl Message {
             Message::Hello(_) => FrameType::Hello,
             Message::HelloReply(_) => FrameType::HelloReply,
             Message::ChannelHello(_) => FrameType::ChannelHello,
+            Message::AuthHello(_) => FrameType::AuthHello,
+            Message::AuthChallenge(_) => FrameType::AuthChallenge,
+            Message::AuthProof(_) => FrameType::AuthProof,
             Message::RoundEnd(_) => FrameType::RoundEnd,
             Message::RoundAck(_) => FrameType::RoundAck,
             Message::GuestState(_) => FrameType::GuestState,
@@ -1131,6 +1251,9 @@ impl Message {
             Message::Hello(m) => m.encode(&mut out),
             Message::HelloReply(m) => m.encode(&mut out),
             Message::ChannelHello(m) => m.encode(&mut out),
+            Message::AuthHello(m) => m.encode(&mut out),
+            Message::AuthChallenge(m) => m.encode(&mut out),
+            Message::AuthProof(m) => m.encode(&mut out),
             Message::RoundEnd(m) => m.encode(&mut out),
             Message::RoundAck(m) => m.encode(&mut out),
             Message::GuestState(m) => m.encode(&mut out),
@@ -1171,6 +1294,9 @@ impl Message {
             FrameType::Hello => Message::Hello(Hello::decode(body)?),
             FrameType::HelloReply => Message::HelloReply(HelloReply::decode(body)?),
             FrameType::ChannelHello => Message::ChannelHello(ChannelHello::decode(body)?),
+            FrameType::AuthHello => Message::AuthHello(AuthHello::decode(body)?),
+            FrameType::AuthChallenge => Message::AuthChallenge(AuthChallenge::decode(body)?),
+            FrameType::AuthProof => Message::AuthProof(AuthProof::decode(body)?),
             FrameType::RoundEnd => Message::RoundEnd(RoundEnd::decode(body)?),
             FrameType::RoundAck => Message::RoundAck(RoundAck::decode(body)?),
             FrameType::GuestState => Message::GuestState(GuestState::decode(body)?),
@@ -1268,6 +1394,17 @@ mod tests {
             Message::GuestSamples(GuestSamples {
                 samples: vec![(10, 1), (20, 5), (20, 9)],
             }),
+            Message::AuthHello(AuthHello { nonce: [0x11; 32] }),
+            Message::AuthChallenge(AuthChallenge {
+                nonce: [0x22; 32],
+                tag: [0x33; 32],
+            }),
+            Message::AuthProof(AuthProof { tag: [0x44; 32] }),
+            Message::HelloReply(HelloReply {
+                refuse: RefuseCode::Auth,
+                receiver_workers: 0,
+                reason: "keys differ".into(),
+            }),
             Message::GuestState(GuestState {
                 guest_kind: GuestKind::Kvm,
                 tx_count: 43,
@@ -1294,6 +1431,48 @@ mod tests {
             assert_eq!(parse(&frame).unwrap(), m);
             assert!(frame.len() - FRAME_HEADER_LEN <= m.frame_type().max_payload());
         }
+    }
+
+    #[test]
+    fn auth_bodies_are_exact_and_checked() {
+        let body = |m: Message| {
+            let f = m.to_frame();
+            f[FRAME_HEADER_LEN..f.len() - BODY_CRC_LEN].to_vec()
+        };
+        let b = body(Message::AuthHello(AuthHello { nonce: [7; 32] }));
+        assert_eq!(b.len(), AuthHello::LEN);
+        assert_eq!(&b[..8], &MAGIC);
+        assert_eq!(&b[8..10], &PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(&b[10..16], &[0; 6]);
+        assert_eq!(&b[16..], &[7; 32]);
+        let mut bad = b.clone();
+        bad[12] = 1;
+        assert!(matches!(
+            AuthHello::decode(&bad),
+            Err(WireError::BadField {
+                field: "reserved",
+                ..
+            })
+        ));
+        bad = b.clone();
+        bad[8] = 9;
+        assert!(matches!(
+            AuthHello::decode(&bad),
+            Err(WireError::Version { theirs: 9, .. })
+        ));
+        let c = body(Message::AuthChallenge(AuthChallenge {
+            nonce: [1; 32],
+            tag: [2; 32],
+        }));
+        assert_eq!(c, [[1u8; 32], [2u8; 32]].concat());
+        let p = body(Message::AuthProof(AuthProof { tag: [3; 32] }));
+        assert_eq!(p, [3u8; 32]);
+        assert!(matches!(
+            AuthProof::decode(&p[..31]),
+            Err(WireError::BodyLength { got: 31, .. })
+        ));
+        assert_eq!(RefuseCode::from_tag(9), Some(RefuseCode::Auth));
+        assert_eq!(RefuseCode::from_tag(10), None);
     }
 
     #[test]

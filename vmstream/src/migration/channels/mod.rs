@@ -173,6 +173,9 @@ pub enum ChannelRefusal {
     /// The connection did not open with a channel hello.
     #[error("expected a channel hello: {0}")]
     NotAChannel(String),
+    /// The connection did not authenticate (`super::auth`).
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Lower-case hex of a migration id.

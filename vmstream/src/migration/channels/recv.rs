@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{check_channel, id_hex, setup_socket, ChannelError, ChannelRefusal, RoundBarrier};
+use crate::migration::auth::{admit_source, Admission, AuthKey};
 use crate::migration::error::RecvError;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{ChannelHello, HelloReply, Message, RefuseCode, RoundEnd};
@@ -78,6 +79,7 @@ impl DestChannels {
         primary: &ChannelHello,
         timeout: Duration,
         reader0: &mut FrameReader<TcpStream>,
+        key: Option<&AuthKey>,
     ) -> Result<(), RecvError> {
         let Some(listener) = self.listener.take() else {
             return Err(
@@ -94,7 +96,7 @@ impl DestChannels {
         bound[0] = true;
         while bound.iter().any(|b| !b) {
             match listener.accept() {
-                Ok((stream, peer)) => match admit(&stream, primary, &bound, timeout) {
+                Ok((stream, peer)) => match admit(&stream, primary, &bound, timeout, key) {
                     Ok((i, hello_bytes)) => {
                         bound[i] = true;
                         slots[i] = Some(stream);
@@ -203,6 +205,7 @@ fn admit(
     primary: &ChannelHello,
     bound: &[bool],
     io_timeout: Duration,
+    key: Option<&AuthKey>,
 ) -> Result<(usize, u64), ChannelRefusal> {
     let setup = || -> std::io::Result<(FrameReader<TcpStream>, FrameWriter<TcpStream>)> {
         stream.set_nonblocking(false)?;
@@ -215,18 +218,23 @@ fn admit(
     };
     let (mut reader, mut writer) =
         setup().map_err(|e| ChannelRefusal::NotAChannel(e.to_string()))?;
-    let verdict = match reader.read_frame() {
-        Ok(Frame::Control(Message::ChannelHello(c))) => check_channel(&c, primary, bound),
-        Ok(Frame::Control(Message::Hello(_))) => Err(ChannelRefusal::NotAChannel(format!(
+    let first = match admit_source(key, &mut writer, &mut reader) {
+        Admission::Frame(f) => Ok(f),
+        Admission::Refuse(reason) => Err(ChannelRefusal::Auth(reason)),
+    };
+    let verdict = match first {
+        Err(refusal) => Err(refusal),
+        Ok(Ok(Frame::Control(Message::ChannelHello(c)))) => check_channel(&c, primary, bound),
+        Ok(Ok(Frame::Control(Message::Hello(_)))) => Err(ChannelRefusal::NotAChannel(format!(
             "a hello, but migration {} is in progress here",
             id_hex(&primary.migration_id)
         ))),
-        Ok(Frame::Control(m)) => Err(ChannelRefusal::NotAChannel(format!(
+        Ok(Ok(Frame::Control(m))) => Err(ChannelRefusal::NotAChannel(format!(
             "got a {} message",
             m.frame_type().name()
         ))),
-        Ok(Frame::Packet(_)) => Err(ChannelRefusal::NotAChannel("got a packet".into())),
-        Err(e) => Err(ChannelRefusal::NotAChannel(e.to_string())),
+        Ok(Ok(Frame::Packet(_))) => Err(ChannelRefusal::NotAChannel("got a packet".into())),
+        Ok(Err(e)) => Err(ChannelRefusal::NotAChannel(e.to_string())),
     };
     let reply = match &verdict {
         Ok(_) => HelloReply {
@@ -235,7 +243,10 @@ fn admit(
             reason: String::new(),
         },
         Err(r) => HelloReply {
-            refuse: RefuseCode::Channel,
+            refuse: match r {
+                ChannelRefusal::Auth(_) => RefuseCode::Auth,
+                _ => RefuseCode::Channel,
+            },
             receiver_workers: 0,
             reason: r.to_string(),
         },

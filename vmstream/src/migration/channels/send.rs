@@ -7,6 +7,7 @@ use std::time::Duration;
 use vmstream_codec::{PipelineStats, Sender, SenderConfig};
 
 use super::{corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap};
+use crate::migration::auth::{authenticate_destination, AuthKey, SourceAuth};
 use crate::migration::config::SendConfig;
 use crate::migration::error::SendError;
 use crate::migration::transport::{
@@ -32,10 +33,48 @@ pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
     Err(SendError::Connect(to.to_string(), last))
 }
 
+/// The error for a destination that answered a connection's authentication with `frame`
+/// (a refused hello, normally).
+fn refusal(channel: usize, frame: Frame) -> SendError {
+    match frame {
+        Frame::Control(Message::HelloReply(h)) if channel == 0 => SendError::Refused {
+            code: h.refuse,
+            reason: h.reason,
+        },
+        Frame::Control(Message::HelloReply(h)) => ChannelError::Refused {
+            channel,
+            reason: h.reason,
+        }
+        .into(),
+        Frame::Control(m) => SendError::Protocol(format!(
+            "channel {channel}: expected the destination's challenge, got a {} message",
+            m.frame_type().name()
+        )),
+        Frame::Packet(_) => SendError::Protocol(format!(
+            "channel {channel}: expected the destination's challenge, got a packet"
+        )),
+    }
+}
+
 /// One channel on the source: its encode pipeline and its writer.
 struct SourceChannel {
     encoder: Sender,
     link: Link,
+}
+
+impl SourceChannel {
+    /// Runs the key exchange on this channel's connection (`crate::migration::auth`).
+    fn authenticate(
+        &mut self,
+        index: usize,
+        key: &AuthKey,
+        reader: &mut FrameReader<TcpStream>,
+    ) -> Result<(), SendError> {
+        match authenticate_destination(key, &mut |m| self.link.send_message(m), reader)? {
+            SourceAuth::Authenticated => Ok(()),
+            SourceAuth::Answered(frame) => Err(refusal(index, frame)),
+        }
+    }
 }
 
 /// What the channels sent in one round.
@@ -57,6 +96,8 @@ pub struct SourceChannels {
     /// Readers of channels 1.., only for their binding replies.
     replies: Vec<FrameReader<TcpStream>>,
     migration_id: [u8; 16],
+    /// The pre-shared key every channel proves (`crate::migration::auth`).
+    auth_key: Option<AuthKey>,
 }
 
 impl std::fmt::Debug for SourceChannels {
@@ -102,6 +143,10 @@ impl SourceChannels {
         for index in 0..n {
             let stream = connect(&cfg.to, cfg.io_timeout)?;
             setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+            let mut reader = FrameReader::new(
+                stream.try_clone().map_err(SendError::Socket)?,
+                Some(cfg.io_timeout),
+            );
             let link = Link::with_options(
                 stream.try_clone().map_err(SendError::Socket)?,
                 bucket.clone(),
@@ -109,26 +154,21 @@ impl SourceChannels {
                 &format!("vmstream-link-{index}"),
             )
             .map_err(SendError::Socket)?;
-            let reader = FrameReader::new(stream, Some(cfg.io_timeout));
+            let mut channel = SourceChannel {
+                encoder: Sender::new(sender_cfg)?,
+                link,
+            };
+            // Channel 0 authenticates now, before its hello; the others once the
+            // destination took the migration and listens for them (`await_bound`).
+            if let (0, Some(key)) = (index, &cfg.auth_key) {
+                channel.authenticate(0, key, &mut reader)?;
+            }
+            channels.push(channel);
             if index == 0 {
                 reader0 = Some(reader);
             } else {
                 replies.push(reader);
             }
-            let mut channel = SourceChannel {
-                encoder: Sender::new(sender_cfg)?,
-                link,
-            };
-            if index > 0 {
-                channel
-                    .link
-                    .send_message(&Message::ChannelHello(ChannelHello {
-                        migration_id,
-                        index: index as u16,
-                        count: n as u16,
-                    }))?;
-            }
-            channels.push(channel);
         }
         let reader0 = reader0.expect("channel 0 is opened first");
         Ok((
@@ -137,6 +177,7 @@ impl SourceChannels {
                 channels,
                 replies,
                 migration_id,
+                auth_key: cfg.auth_key.clone(),
             },
             reader0,
         ))
@@ -173,8 +214,18 @@ impl SourceChannels {
     /// Waits for the destination's answer on every channel but 0 (after it accepted the
     /// hello on channel 0).
     pub fn await_bound(&mut self) -> Result<(), SendError> {
+        let count = self.channels.len() as u16;
         for (i, r) in self.replies.iter_mut().enumerate() {
             let channel = i + 1;
+            let c = &mut self.channels[channel];
+            if let Some(key) = &self.auth_key {
+                c.authenticate(channel, key, r)?;
+            }
+            c.link.send_message(&Message::ChannelHello(ChannelHello {
+                migration_id: self.migration_id,
+                index: channel as u16,
+                count,
+            }))?;
             let transport = |source| ChannelError::Transport { channel, source };
             match r.read_frame().map_err(transport)? {
                 Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => {}
