@@ -1,7 +1,7 @@
 //! Peer authentication (`--auth-key-file`) with the real binary: the same key on both sides
 //! migrates exactly (over two channels, each authenticated); a different key, or a key on
-//! one side only, is refused on both sides with the cause named, the source guest keeps
-//! running and nothing is committed.
+//! one side only, is refused with the cause named and the refused source's guest keeps
+//! running; a destination with a key goes on listening for the source that holds it.
 
 use std::path::Path;
 
@@ -11,10 +11,11 @@ fn write_key(path: &Path, byte: u8) {
     std::fs::write(path, [byte; 32]).unwrap();
 }
 
-/// A sender of a 16 MiB dbsim guest to `port` with `extra` arguments.
-fn sender(dir: &TmpDir, port: u16, extra: &[&str]) -> Proc {
+/// A sender of a 16 MiB dbsim guest on `src` (in `dir`) to `port` with `extra`
+/// arguments.
+fn sender_of(dir: &TmpDir, src: &str, port: u16, extra: &[&str]) -> Proc {
     let to = format!("127.0.0.1:{port}");
-    let src = dir.path("src.img");
+    let src = dir.path(src);
     let mut args = vec![
         "send",
         "--memory-file",
@@ -56,8 +57,9 @@ fn same_key_on_both_sides_migrates_exactly_over_two_channels() {
         "--stats-json",
         rj.to_str().unwrap(),
     ]);
-    let mut send = sender(
+    let mut send = sender_of(
         &dir,
+        "src.img",
         port,
         &[
             "--auth-key-file",
@@ -82,68 +84,104 @@ fn same_key_on_both_sides_migrates_exactly_over_two_channels() {
     assert_eq!(r["settings"]["channels"], "2");
 }
 
-/// Runs a migration whose authentication must fail: both sides exit 1 with their causes
-/// on stderr, the source's guest keeps running, nothing is committed.
-fn refused(recv_key: Option<u8>, send_key: Option<u8>, send_says: &str, recv_says: &str) {
-    let dir = TmpDir::new("auth-refused");
-    let (rk, sk, dst) = (
-        dir.path("recv.key"),
-        dir.path("send.key"),
-        dir.path("dst.img"),
-    );
-    let mut recv_args = vec!["--memory-file", dst.to_str().unwrap()];
-    if let Some(b) = recv_key {
-        write_key(&rk, b);
-        recv_args.extend(["--auth-key-file", rk.to_str().unwrap()]);
+/// Runs a sender (of `src`) whose authentication must fail: it exits 1 naming `cause`,
+/// and its guest keeps running.
+fn refused_sender(dir: &TmpDir, port: u16, src: &str, key: Option<&Path>, cause: &str) {
+    let mut args = vec![];
+    if let Some(k) = key {
+        args.extend(["--auth-key-file", k.to_str().unwrap()]);
     }
-    let (mut recv, port) = start_receiver(&recv_args);
-    let mut send_args = vec![];
-    if let Some(b) = send_key {
-        write_key(&sk, b);
-        send_args.extend(["--auth-key-file", sk.to_str().unwrap()]);
-    }
-    let mut send = sender(&dir, port, &send_args);
+    let mut send = sender_of(dir, src, port, &args);
     let _guest = KillPid(guest_pid(&mut send));
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "{}", send.stderr());
-    assert!(send.stderr().contains(send_says), "{}", send.stderr());
-    expect_receiver_failure(&mut recv, &dst, &[recv_says]);
-    let src = dir.path("src.img");
+    assert!(send.stderr().contains(cause), "{}", send.stderr());
+    let src = dir.path(src);
     let tx = read_tx_count(&src);
     wait_tx_above(&src, tx);
-    assert!(
-        dir.entries().iter().all(|e| !e.contains("dst.img")),
-        "{:?}",
-        dir.entries()
-    );
 }
 
+/// Waits until `p`'s stderr contains `text`.
+fn wait_stderr(p: &Proc, text: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !p.stderr().contains(text) {
+        assert!(std::time::Instant::now() < deadline, "{}", p.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A destination with a key refuses a source with another key, a source without one and
+/// a stranger, each with its cause, keeps listening through all of them and commits only
+/// the migration of the source that holds its key.
 #[test]
-fn different_keys_are_refused_on_both_sides() {
+fn a_keyed_destination_refuses_wrong_and_missing_keys_and_still_takes_its_source() {
+    use std::io::Write;
     let _g = serial();
-    refused(
-        Some(1),
-        Some(2),
+    let dir = TmpDir::new("auth-refused");
+    let (key, other, dst) = (dir.path("key"), dir.path("other"), dir.path("dst.img"));
+    write_key(&key, 1);
+    write_key(&other, 2);
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    refused_sender(
+        &dir,
+        port,
+        "wrong.img",
+        Some(&other),
         "the destination does not hold this key",
-        "the destination's proof does not match this source's key",
     );
+    wait_stderr(
+        &recv,
+        "the destination's proof does not match this source's key; still listening",
+    );
+    refused_sender(
+        &dir,
+        port,
+        "keyless.img",
+        None,
+        "this destination requires authentication: run send with --auth-key-file",
+    );
+    wait_stderr(&recv, "this destination requires authentication: run send with --auth-key-file and the destination's key; still listening");
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stranger
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_stderr(&recv, "before authenticating: frame header checksum");
+    assert!(!dst.exists());
+    // The source with the key migrates exactly.
+    let mut send = sender_of(
+        &dir,
+        "src.img",
+        port,
+        &["--auth-key-file", key.to_str().unwrap()],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (s_status, _) = send.wait_exit();
+    assert!(s_status.success(), "send failed: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert!(r_status.success(), "recv failed: {}", recv.stderr());
+    assert!(files_identical(&dir.path("src.img"), &dst));
 }
 
 #[test]
-fn a_key_on_one_side_only_is_refused_with_its_cause() {
+fn a_key_on_the_source_only_is_refused_on_both_sides() {
     let _g = serial();
-    refused(
-        Some(1),
-        None,
-        "this destination requires authentication",
-        "this destination requires authentication",
-    );
-    refused(
-        None,
-        Some(1),
+    let dir = TmpDir::new("auth-keyless-dest");
+    let (key, dst) = (dir.path("key"), dir.path("dst.img"));
+    write_key(&key, 1);
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    refused_sender(
+        &dir,
+        port,
+        "src.img",
+        Some(&key),
         "the source authenticates (--auth-key-file) but this destination has no key",
-        "this destination has no key",
     );
+    expect_receiver_failure(&mut recv, &dst, &["this destination has no key"]);
 }
 
 #[test]

@@ -193,9 +193,10 @@ pub fn authenticate_destination(
 #[derive(Debug)]
 pub enum Admission {
     /// The connection's first frame after the exchange (or without one, when neither side
-    /// has a key), or the error reading it.
+    /// has a key), or the error reading it. With a key, this means the source proved it.
     Frame(Result<Frame, TransportError>),
-    /// Refuse the connection (`HelloReply{Auth}`) for this reason.
+    /// Refuse the connection (`HelloReply{Auth}`) for this reason. With a key, every
+    /// connection that did not prove it ends here, read errors included.
     Refuse(String),
 }
 
@@ -214,7 +215,7 @@ pub fn admit_source<W: Write>(
             )
         }
         (None, other) => return Admission::Frame(other),
-        (Some(_), Err(e)) => return Admission::Frame(Err(e)),
+        (Some(_), Err(e)) => return Admission::Refuse(format!("before authenticating: {e}")),
         (Some(k), Ok(Frame::Control(Message::AuthHello(h)))) => (k, h),
         (Some(_), Ok(Frame::Control(Message::Hello(_) | Message::ChannelHello(_)))) => {
             return Admission::Refuse(
@@ -223,7 +224,15 @@ pub fn admit_source<W: Write>(
                     .into(),
             )
         }
-        (Some(_), Ok(other)) => return Admission::Frame(Ok(other)),
+        (Some(_), Ok(other)) => {
+            return Admission::Refuse(format!(
+                "this destination requires authentication, got a {} first",
+                match other {
+                    Frame::Control(m) => m.frame_type().name(),
+                    Frame::Packet(_) => "packet",
+                }
+            ))
+        }
     };
     let ours = match nonce() {
         Ok(n) => n,
@@ -233,7 +242,7 @@ pub fn admit_source<W: Write>(
     if let Err(e) =
         writer.write_message(&Message::AuthChallenge(AuthChallenge { nonce: ours, tag }))
     {
-        return Admission::Frame(Err(TransportError::Io(e)));
+        return Admission::Refuse(format!("before authenticating: {e}"));
     }
     match reader.read_frame() {
         Ok(Frame::Control(Message::AuthProof(p))) => {
@@ -255,7 +264,7 @@ pub fn admit_source<W: Write>(
                 }
             ))
         }
-        Err(e) => return Admission::Frame(Err(e)),
+        Err(e) => return Admission::Refuse(format!("before authenticating: {e}")),
     }
     Admission::Frame(reader.read_frame())
 }
