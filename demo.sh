@@ -13,7 +13,8 @@ cargo build --release -p vmstream --quiet
 bin=target/release/vmstream
 dir=$(mktemp -d /dev/shm/vmstream-demo.XXXXXX)
 trap 'kill "${recv_pid:-}" 2>/dev/null || true; rm -rf "$dir"' EXIT
-# Both sides prove a shared key to each other before anything else (--auth-key-file).
+# Both sides prove a shared key to each other before anything else, then encrypt the
+# stream with keys derived from it (--auth-key-file).
 (umask 077; head -c 32 /dev/urandom > "$dir/key")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 

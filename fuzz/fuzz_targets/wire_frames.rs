@@ -2,15 +2,17 @@
 //! is typed, and every control message it accepts encodes back to a frame that parses to
 //! the same message. The input is a list of frames whose headers (and, when asked, body
 //! checksums) are made valid, so the fuzzer gets past the checksums into the typed field
-//! checks, followed by raw bytes.
+//! checks, followed by raw bytes. Half the time the reader expects sealed records
+//! (`vmstream::migration::seal`), which arbitrary bytes never open: only typed errors.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vmstream::migration::seal::Opener;
 use vmstream::migration::transport::{Frame, FrameReader};
 use vmstream::migration::wire::{FrameHeader, Message, FRAME_HEADER_LEN};
 
-fuzz_target!(|input: (Vec<(u8, bool, Vec<u8>)>, Vec<u8>)| {
-    let (frames, tail) = input;
+fuzz_target!(|input: (bool, Vec<(u8, bool, Vec<u8>)>, Vec<u8>)| {
+    let (sealed, frames, tail) = input;
     let mut stream = Vec::new();
     for (tag, fix_crc, mut body) in frames {
         if fix_crc {
@@ -27,6 +29,10 @@ fuzz_target!(|input: (Vec<(u8, bool, Vec<u8>)>, Vec<u8>)| {
     }
     stream.extend_from_slice(&tail);
     let mut reader = FrameReader::new(&stream[..], None);
+    if sealed {
+        // The sealed-record path: lengths, truncation and forgeries must be typed errors.
+        reader.open_with(Opener::new(&[7; 32]));
+    }
     while let Ok(frame) = reader.read_frame() {
         if let Frame::Control(m) = frame {
             let again = m.to_frame();

@@ -45,6 +45,24 @@ pub fn vmstream_bin() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "vmstream", "--bin", "vmstream"]);
+        // Cargo gives this test process the test crate's package variables; build scripts
+        // that watch them (ring's does) would rebuild for them, and again for the next
+        // plain `cargo build`.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_str())
+            {
+                cmd.env_remove(&k);
+            }
+        }
         if release {
             cmd.arg("--release");
         }

@@ -212,3 +212,64 @@ fn a_short_key_file_is_a_usage_error() {
         recv.stderr()
     );
 }
+
+/// With a key every frame after the exchange is sealed: a byte changed on the wire (the
+/// sender's test hook flips one inside round 0) fails authentication at the destination,
+/// which commits nothing; the source learns why and its guest keeps running.
+#[test]
+fn a_byte_changed_on_the_wire_fails_authentication_and_rolls_back() {
+    let _g = serial();
+    let dir = TmpDir::new("auth-tamper");
+    let (key, dst) = (dir.path("key"), dir.path("dst.img"));
+    write_key(&key, 1);
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let to = format!("127.0.0.1:{port}");
+    let src = dir.path("src.img");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--workload",
+            "random",
+            "--rate",
+            "2000",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--max-bandwidth",
+            "64M",
+            "--io-timeout",
+            "10s",
+            "--no-progress",
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--to",
+            &to,
+        ],
+        &[("VMSTREAM_TEST_CORRUPT_AT", "300000")],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", send.stderr());
+    let err = expect_receiver_failure(&mut recv, &dst, &["failed authentication"]);
+    assert!(err.contains("sealed record"), "{err}");
+    assert!(
+        send.stderr().contains("failed authentication"),
+        "the sender did not learn why: {}",
+        send.stderr()
+    );
+    let tx = read_tx_count(&src);
+    wait_tx_above(&src, tx);
+}

@@ -21,14 +21,15 @@
 //! A side that has a key and meets one that has none, or whose tag does not check, refuses
 //! with `HelloReply{Auth}` (destination) or fails (source) and names the cause.
 //!
-//! What this does not do: encrypt, or authenticate the frames after the exchange. It keeps
-//! out whoever does not hold the key, not an attacker on the path (use a trusted network
-//! or a tunnel for that).
+//! After the exchange every frame of the connection is sealed (AES-256-GCM, `super::seal`)
+//! under two session keys derived from `K` and both nonces, one per direction, so the
+//! guest's memory is neither readable nor changeable on the path.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
+use super::seal::{Opener, Sealer};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{Abort, AbortCode, AuthChallenge, AuthHello, AuthProof, Message, AUTH_BYTES};
 
@@ -43,6 +44,10 @@ const KEY_CONTEXT: &str = "vmstream 2026-11-22 migration peer authentication key
 const SOURCE_LABEL: &[u8] = b"vmstream auth: source proves the key";
 /// Label of the destination's tag.
 const DESTINATION_LABEL: &[u8] = b"vmstream auth: destination proves the key";
+/// Label of the key that seals the frames from the source to the destination.
+const TO_DESTINATION_LABEL: &[u8] = b"vmstream seal: source to destination";
+/// Label of the key that seals the frames from the destination to the source.
+const TO_SOURCE_LABEL: &[u8] = b"vmstream seal: destination to source";
 
 /// The key both sides derive from the same key file.
 #[derive(Clone)]
@@ -102,6 +107,19 @@ impl AuthKey {
         })
     }
 
+    /// The session keys of the connection with these nonces: (source to destination,
+    /// destination to source).
+    fn session_keys(&self, source_nonce: &[u8], destination_nonce: &[u8]) -> ([u8; 32], [u8; 32]) {
+        (
+            *self
+                .tag(TO_DESTINATION_LABEL, source_nonce, destination_nonce)
+                .as_bytes(),
+            *self
+                .tag(TO_SOURCE_LABEL, source_nonce, destination_nonce)
+                .as_bytes(),
+        )
+    }
+
     /// The tag of one side over both nonces.
     fn tag(&self, label: &[u8], source_nonce: &[u8], destination_nonce: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.0);
@@ -135,8 +153,9 @@ pub enum AuthError {
 /// What the source got back for its `AuthHello`.
 #[derive(Debug)]
 pub enum SourceAuth {
-    /// Both sides proved the key: go on with the hello.
-    Authenticated,
+    /// Both sides proved the key: seal what follows with these (the reader already opens
+    /// with its half), then go on with the hello.
+    Authenticated(Box<Sealer>),
     /// The destination answered with this frame instead of a challenge (a refusal: it has
     /// no key).
     Answered(Frame),
@@ -151,9 +170,10 @@ fn nonce() -> Result<[u8; AUTH_BYTES], AuthError> {
 }
 
 /// Source side, on a fresh connection before its hello: proves the key and checks the
-/// destination's proof, writing through `send` and reading from `reader`. A refusal
-/// (`HelloReply`) comes back as [`SourceAuth::Answered`] for the caller to report like any
-/// refused hello.
+/// destination's proof, writing through `send` and reading from `reader`, which then opens
+/// the destination's sealed frames; the caller seals its own from then on with the
+/// returned [`Sealer`]. A refusal (`HelloReply`) comes back as [`SourceAuth::Answered`] for
+/// the caller to report like any refused hello.
 pub fn authenticate_destination(
     key: &AuthKey,
     send: &mut dyn FnMut(&Message) -> Result<(), TransportError>,
@@ -186,7 +206,11 @@ pub fn authenticate_destination(
     }
     let tag = *key.tag(SOURCE_LABEL, &ours, &challenge.nonce).as_bytes();
     send(&Message::AuthProof(AuthProof { tag }))?;
-    Ok(SourceAuth::Authenticated)
+    let (to_destination, to_source) = key.session_keys(&ours, &challenge.nonce);
+    reader.open_with(Opener::new(&to_source));
+    Ok(SourceAuth::Authenticated(Box::new(Sealer::new(
+        &to_destination,
+    ))))
 }
 
 /// What the destination makes of a connection's opening.
@@ -202,6 +226,7 @@ pub enum Admission {
 
 /// Destination side: reads a connection's opening, running the exchange when the source
 /// starts one or `key` requires it, and returns the frame that follows it (the hello).
+/// After the exchange `writer` seals and `reader` opens (`super::seal`).
 pub fn admit_source<W: Write>(
     key: Option<&AuthKey>,
     writer: &mut FrameWriter<W>,
@@ -251,6 +276,9 @@ pub fn admit_source<W: Write>(
                     "authentication failed: the source does not hold this destination's key".into(),
                 );
             }
+            let (to_destination, to_source) = key.session_keys(&hello.nonce, &ours);
+            writer.seal_with(Sealer::new(&to_source));
+            reader.open_with(Opener::new(&to_destination));
         }
         Ok(Frame::Control(Message::Abort(a))) => {
             return Admission::Refuse(format!("the source gave up: {}", a.reason))
@@ -321,7 +349,23 @@ mod tests {
         let src = source_key
             .map(|k| authenticate_destination(&k, &mut |m| Ok(w.write_message(m)?), &mut r))
             .transpose();
-        if matches!(src, Ok(None) | Ok(Some(SourceAuth::Authenticated))) {
+        if let Ok(Some(SourceAuth::Authenticated(sealer))) = src {
+            w.seal_with(*sealer);
+            let hello = crate::migration::wire::ChannelHello {
+                migration_id: [9; 16],
+                index: 1,
+                count: 2,
+            };
+            let _ = w.write_message(&Message::ChannelHello(hello));
+            let out = dest.join().unwrap();
+            return (
+                Ok(Some(SourceAuth::Authenticated(Box::new(Sealer::new(
+                    &[0; 32],
+                ))))),
+                out,
+            );
+        }
+        if matches!(src, Ok(None)) {
             let hello = crate::migration::wire::ChannelHello {
                 migration_id: [9; 16],
                 index: 1,
@@ -341,7 +385,7 @@ mod tests {
     fn same_key_authenticates_both_sides_and_the_hello_follows() {
         let (src, dest) = exchange(Some(key(1)), Some(key(1)));
         assert!(
-            matches!(src, Ok(Some(SourceAuth::Authenticated))),
+            matches!(src, Ok(Some(SourceAuth::Authenticated(_)))),
             "{src:?}"
         );
         assert!(admitted_channel_hello(&dest), "{dest:?}");

@@ -138,7 +138,8 @@ pub struct SendArgs {
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub channels: u16,
     /// Pre-shared key file (16 to 4096 random bytes): authenticate the destination and
-    /// prove this key to it on every connection (recv needs the same file).
+    /// prove this key to it on every connection, then encrypt and authenticate the stream
+    /// (AES-256-GCM); recv needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
     /// Throttling strategy and hot-page deferral.
@@ -175,7 +176,8 @@ pub struct RecvArgs {
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub io_timeout: Duration,
     /// Pre-shared key file (16 to 4096 random bytes): admit only a source that proves
-    /// this key, and prove it to the source (send needs the same file).
+    /// this key, prove it to the source, then encrypt and authenticate the stream
+    /// (AES-256-GCM); send needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
 }

@@ -761,10 +761,7 @@ pub fn receive_migration(
                     .map_err(RecvError::Socket)?;
                 s.set_write_timeout(Some(cfg.io_timeout))
                     .map_err(RecvError::Socket)?;
-                let reader = FrameReader::new(
-                    s.try_clone().map_err(RecvError::Socket)?,
-                    Some(cfg.io_timeout),
-                );
+                reader.set_timeout(Some(cfg.io_timeout));
                 break (reader, writer, Some(opening));
             }
         }

@@ -28,14 +28,15 @@
 //! its temporary image, so nothing is ever committed twice or half.
 //!
 //! With `--auth-key-file` on both sides, every connection first runs a mutual
-//! challenge-response over a pre-shared key (see [`auth`]).
+//! challenge-response over a pre-shared key (see [`auth`]), and every frame after it is
+//! sealed with AES-256-GCM (see [`seal`]).
 //!
 //! With `--channels N` the rounds travel over N connections, bound together by a random
 //! migration id in a `ChannelHello`; every round's barrier spans all of them (see
 //! [`channels`]).
 //!
 //! Modules: [`wire`] (typed messages, framing, checksums), [`auth`] (peer
-//! authentication), [`transport`] (frame reader and
+//! authentication), [`seal`] (encrypted, authenticated frames), [`transport`] (frame reader and
 //! writer, token bucket, the sender's [`transport::PacketChannel`]), [`channels`] (parallel
 //! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
 //! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
@@ -57,6 +58,7 @@ pub mod error;
 pub mod image;
 pub mod impact;
 pub mod migratable;
+pub mod seal;
 pub mod source;
 pub mod source_guest;
 pub mod source_kvm;

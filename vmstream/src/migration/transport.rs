@@ -3,6 +3,9 @@
 //! sender's [`PacketChannel`]: a writer thread that owns the socket's write half so the
 //! encode pipeline keeps running while the kernel drains the socket.
 //!
+//! After authentication both ends are switched to sealed records ([`super::seal`]):
+//! [`FrameReader::open_with`], [`FrameWriter::seal_with`], [`Link::seal_with`].
+//!
 //! Parallel channels (`--channels N`, [`super::channels`]) run one [`Link`] per connection;
 //! their writers share one [`SharedBucket`], so `--max-bandwidth` limits the total.
 
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_codec::Packet;
 
+use super::seal::{Opener, SealError, Sealer, LEN_PREFIX};
 use super::wire::{
     packet_frame_header, FrameHeader, FrameType, Message, WireError, FRAME_HEADER_LEN,
 };
@@ -49,6 +53,9 @@ pub enum TransportError {
     /// A socket error.
     #[error("socket: {0}")]
     Io(#[from] io::Error),
+    /// A sealed record did not open (`super::seal`).
+    #[error(transparent)]
+    Seal(#[from] SealError),
 }
 
 /// A received frame.
@@ -66,6 +73,8 @@ pub struct FrameReader<R> {
     inner: R,
     bytes: u64,
     timeout: Option<Duration>,
+    /// Set once the connection is sealed (`super::seal`).
+    opener: Option<Opener>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -76,7 +85,23 @@ impl<R: Read> FrameReader<R> {
             inner,
             bytes: 0,
             timeout,
+            opener: None,
         }
+    }
+
+    /// From now on the frames arrive sealed (`super::seal`).
+    pub fn open_with(&mut self, opener: Opener) {
+        self.opener = Some(opener);
+    }
+
+    /// Hands the sealing state on to another reader of the same connection.
+    pub fn take_opener(&mut self) -> Option<Opener> {
+        self.opener.take()
+    }
+
+    /// The timeout named in timeout errors (set the socket's to the same value).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
     }
 
     /// The underlying stream.
@@ -112,9 +137,45 @@ impl<R: Read> FrameReader<R> {
         Ok(got)
     }
 
+    /// Reads `needed` bytes into a new buffer (allocated as they arrive, so a large
+    /// declared length costs nothing until its bytes come).
+    fn read_exactly(
+        &mut self,
+        needed: usize,
+        kind: &'static str,
+    ) -> Result<Vec<u8>, TransportError> {
+        let mut buf = Vec::with_capacity(needed.min(1 << 20));
+        let read = (&mut self.inner).take(needed as u64).read_to_end(&mut buf);
+        self.bytes += buf.len() as u64;
+        match read {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if buf.len() < needed {
+            return Err(TransportError::Truncated {
+                kind,
+                got: buf.len(),
+                needed,
+            });
+        }
+        Ok(buf)
+    }
+
     /// Reads the next frame. The payload buffer is allocated only after the header passed
-    /// its checksum and the length its type's bound.
+    /// its checksum and the length its type's bound (a sealed record's length is checked
+    /// against the largest frame first).
     pub fn read_frame(&mut self) -> Result<Frame, TransportError> {
+        if self.opener.is_some() {
+            return self.read_sealed();
+        }
         let mut h = [0u8; FRAME_HEADER_LEN];
         let got = self.fill(&mut h)?;
         if got == 0 {
@@ -154,6 +215,43 @@ impl<R: Read> FrameReader<R> {
                 needed,
             });
         }
+        Ok(match header.kind {
+            FrameType::Packet => Frame::Packet(payload),
+            kind => Frame::Control(Message::decode(kind, &payload)?),
+        })
+    }
+
+    /// A sealed record: length, then ciphertext and tag, opened into exactly one frame.
+    fn read_sealed(&mut self) -> Result<Frame, TransportError> {
+        let mut l = [0u8; LEN_PREFIX];
+        let got = self.fill(&mut l)?;
+        if got == 0 {
+            return Err(TransportError::Closed);
+        }
+        if got < LEN_PREFIX {
+            return Err(TransportError::Truncated {
+                kind: "sealed length",
+                got,
+                needed: LEN_PREFIX,
+            });
+        }
+        let len = u32::from_le_bytes(l) as usize;
+        let opener = self.opener.as_mut().expect("sealed");
+        opener.check_len(len)?;
+        let mut sealed = self.read_exactly(len, "sealed")?;
+        self.opener.as_mut().expect("sealed").open(&mut sealed)?;
+        let header = FrameHeader::decode(sealed[..FRAME_HEADER_LEN].try_into().expect("checked"))?;
+        if header.len as usize != sealed.len() - FRAME_HEADER_LEN {
+            return Err(WireError::BodyLength {
+                kind: header.kind.name(),
+                expected: header.len.to_string(),
+                got: sealed.len() - FRAME_HEADER_LEN,
+            }
+            .into());
+        }
+        // Shift the payload down in place (no second buffer).
+        sealed.drain(..FRAME_HEADER_LEN);
+        let payload = sealed;
         Ok(match header.kind {
             FrameType::Packet => Frame::Packet(payload),
             kind => Frame::Control(Message::decode(kind, &payload)?),
@@ -281,6 +379,8 @@ pub struct FrameWriter<W> {
     bytes: u64,
     /// Test-only: flip the byte at this stream offset (`VMSTREAM_TEST_CORRUPT_AT`).
     corrupt_at: Option<u64>,
+    /// Set once the connection is sealed (`super::seal`), with its record buffer.
+    sealer: Option<(Sealer, Vec<u8>)>,
 }
 
 /// Environment variable (tests only): stream offset of one byte the sender flips.
@@ -300,7 +400,13 @@ impl<W: Write> FrameWriter<W> {
             bucket,
             bytes: 0,
             corrupt_at: None,
+            sealer: None,
         }
+    }
+
+    /// From now on every frame is written sealed (`super::seal`).
+    pub fn seal_with(&mut self, sealer: Sealer) {
+        self.sealer = Some((sealer, Vec::new()));
     }
 
     /// Test hook: flip the byte at stream offset `at` when it is written.
@@ -329,15 +435,32 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
+    /// Writes the frame made of `parts`, sealed once the connection is.
+    fn write_frame(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        match self.sealer.take() {
+            None => {
+                for p in parts {
+                    self.write_chunk(p)?;
+                }
+                Ok(())
+            }
+            Some((mut sealer, mut record)) => {
+                sealer.seal(parts, &mut record);
+                let written = self.write_chunk(&record);
+                self.sealer = Some((sealer, record));
+                written
+            }
+        }
+    }
+
     /// Writes a codec packet in a `Packet` frame.
     pub fn write_packet(&mut self, packet: &[u8]) -> io::Result<()> {
-        self.write_chunk(&packet_frame_header(packet))?;
-        self.write_chunk(packet)
+        self.write_frame(&[&packet_frame_header(packet), packet])
     }
 
     /// Writes a control message and flushes.
     pub fn write_message(&mut self, msg: &Message) -> io::Result<()> {
-        self.write_chunk(&msg.to_frame())?;
+        self.write_frame(&[&msg.to_frame()])?;
         self.inner.flush()
     }
 }
@@ -357,6 +480,8 @@ pub trait PacketChannel: Send {
 enum Outgoing {
     Packet(Packet),
     Message(Vec<u8>),
+    /// Seal every frame queued after this one.
+    Seal(Box<Sealer>),
 }
 
 /// A [`PacketChannel`] over one TCP connection, with a writer thread.
@@ -435,6 +560,11 @@ impl Link {
         }
     }
 
+    /// Seals every frame queued after this call (`super::seal`).
+    pub fn seal_with(&mut self, sealer: Sealer) -> Result<(), TransportError> {
+        self.push(Outgoing::Seal(Box::new(sealer)))
+    }
+
     /// Waits until everything queued is written, then stops the writer thread.
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.queue = None;
@@ -469,8 +599,12 @@ fn writer_loop(
                 r
             }
             Outgoing::Message(frame) => writer
-                .write_chunk(&frame)
+                .write_frame(&[&frame])
                 .and_then(|_| writer.inner.flush()),
+            Outgoing::Seal(sealer) => {
+                writer.seal_with(*sealer);
+                Ok(())
+            }
         };
         sent.store(writer.bytes_written(), Ordering::Relaxed);
         if let Err(e) = result {
@@ -570,6 +704,66 @@ mod tests {
                 got: 5,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn sealed_frames_round_trip_and_any_change_is_refused() {
+        let key = [3u8; 32];
+        let mut w = FrameWriter::new(Vec::new(), None);
+        let ack = Message::RoundAck(RoundAck {
+            round: 3,
+            records: 1,
+            packets: 1,
+            barrier_ns: 0,
+        });
+        // The exchange itself travels in the clear; everything after it is sealed.
+        w.write_message(&ack).unwrap();
+        let clear = w.inner.len();
+        w.seal_with(Sealer::new(&key));
+        w.write_message(&ack).unwrap();
+        w.write_packet(b"guest memory").unwrap();
+        let bytes = w.inner.clone();
+        assert_eq!(w.bytes_written(), bytes.len() as u64);
+        assert!(!bytes[clear..].windows(12).any(|x| x == b"guest memory"));
+        let mut r = FrameReader::new(&bytes[..], None);
+        assert!(matches!(r.read_frame().unwrap(), Frame::Control(m) if m == ack));
+        r.open_with(Opener::new(&key));
+        assert!(matches!(r.read_frame().unwrap(), Frame::Control(m) if m == ack));
+        assert!(matches!(r.read_frame().unwrap(), Frame::Packet(p) if p == b"guest memory"));
+        assert!(matches!(r.read_frame(), Err(TransportError::Closed)));
+        let read_sealed = |bytes: &[u8]| {
+            let mut r = FrameReader::new(&bytes[clear..], None);
+            r.open_with(Opener::new(&key));
+            r.read_frame().and_then(|_| r.read_frame())
+        };
+        for at in clear..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(
+                    read_sealed(&bad),
+                    Err(TransportError::Seal(_) | TransportError::Truncated { .. })
+                ),
+                "flip at {at}"
+            );
+        }
+        // A dropped record: the next one does not open under its number.
+        let first = 4 + u32::from_le_bytes(bytes[clear..clear + 4].try_into().unwrap()) as usize;
+        let mut r = FrameReader::new(&bytes[clear + first..], None);
+        r.open_with(Opener::new(&key));
+        assert!(matches!(
+            r.read_frame(),
+            Err(TransportError::Seal(SealError::Forged { record: 0 }))
+        ));
+        // A length beyond any frame is refused before reading (or allocating) it.
+        let mut huge = bytes[..clear].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = FrameReader::new(&huge[clear..], None);
+        r.open_with(Opener::new(&key));
+        assert!(matches!(
+            r.read_frame(),
+            Err(TransportError::Seal(SealError::Length { .. }))
         ));
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::{check_channel, id_hex, setup_socket, ChannelError, ChannelRefusal, RoundBarrier};
 use crate::migration::auth::{admit_source, Admission, AuthKey};
 use crate::migration::error::RecvError;
+use crate::migration::seal::Opener;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{ChannelHello, HelloReply, Message, RefuseCode, RoundEnd};
 
@@ -17,7 +18,8 @@ use crate::migration::wire::{ChannelHello, HelloReply, Message, RefuseCode, Roun
 #[derive(Debug, Default)]
 pub struct DestChannels {
     listener: Option<TcpListener>,
-    bound: Vec<TcpStream>,
+    /// The connections, with their sealing state when authenticated.
+    bound: Vec<(TcpStream, Option<Opener>)>,
     count: usize,
     /// Bytes read on channels 1.. (channel 0 counts its own).
     extra_bytes: u64,
@@ -91,15 +93,16 @@ impl DestChannels {
             .set_nonblocking(true)
             .map_err(ChannelError::Accept)?;
         let deadline = Instant::now() + timeout;
-        let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
+        let mut slots: Vec<Option<(TcpStream, Option<Opener>)>> =
+            (0..count).map(|_| None).collect();
         let mut bound = vec![false; count];
         bound[0] = true;
         while bound.iter().any(|b| !b) {
             match listener.accept() {
                 Ok((stream, peer)) => match admit(&stream, primary, &bound, timeout, key) {
-                    Ok((i, hello_bytes)) => {
+                    Ok((i, hello_bytes, opener)) => {
                         bound[i] = true;
-                        slots[i] = Some(stream);
+                        slots[i] = Some((stream, opener));
                         self.extra_bytes += hello_bytes;
                     }
                     Err(reason) => eprintln!(
@@ -175,9 +178,13 @@ impl DestChannels {
         );
         let mut sockets = vec![clone0];
         let mut readers = vec![reader];
-        for s in std::mem::take(&mut self.bound) {
+        for (s, opener) in std::mem::take(&mut self.bound) {
             sockets.push(s.try_clone().map_err(RecvError::Socket)?);
-            readers.push(FrameReader::new(s, Some(io_timeout)));
+            let mut reader = FrameReader::new(s, Some(io_timeout));
+            if let Some(o) = opener {
+                reader.open_with(o);
+            }
+            readers.push(reader);
         }
         let (tx, rx) = sync_channel(2 * count);
         let mut threads = Vec::with_capacity(count);
@@ -199,14 +206,15 @@ impl DestChannels {
 }
 
 /// Reads the first frame of a channel connection and answers it; `Ok((index, bytes
-/// read))` if it is a channel of `primary`'s migration that is not bound yet.
+/// read, sealing state))` if it is a channel of `primary`'s migration that is not bound
+/// yet.
 fn admit(
     stream: &TcpStream,
     primary: &ChannelHello,
     bound: &[bool],
     io_timeout: Duration,
     key: Option<&AuthKey>,
-) -> Result<(usize, u64), ChannelRefusal> {
+) -> Result<(usize, u64, Option<Opener>), ChannelRefusal> {
     let setup = || -> std::io::Result<(FrameReader<TcpStream>, FrameWriter<TcpStream>)> {
         stream.set_nonblocking(false)?;
         setup_socket(stream, io_timeout)?;
@@ -257,7 +265,7 @@ fn admit(
     stream
         .set_read_timeout(Some(io_timeout))
         .map_err(|e| ChannelRefusal::NotAChannel(e.to_string()))?;
-    Ok((i, reader.bytes_read()))
+    Ok((i, reader.bytes_read(), reader.take_opener()))
 }
 
 /// The next frame of `reader` if any bytes (or its end) arrived, without blocking

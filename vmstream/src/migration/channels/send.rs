@@ -63,7 +63,8 @@ struct SourceChannel {
 }
 
 impl SourceChannel {
-    /// Runs the key exchange on this channel's connection (`crate::migration::auth`).
+    /// Runs the key exchange on this channel's connection (`crate::migration::auth`), then
+    /// seals both directions.
     fn authenticate(
         &mut self,
         index: usize,
@@ -71,7 +72,7 @@ impl SourceChannel {
         reader: &mut FrameReader<TcpStream>,
     ) -> Result<(), SendError> {
         match authenticate_destination(key, &mut |m| self.link.send_message(m), reader)? {
-            SourceAuth::Authenticated => Ok(()),
+            SourceAuth::Authenticated(sealer) => Ok(self.link.seal_with(*sealer)?),
             SourceAuth::Answered(frame) => Err(refusal(index, frame)),
         }
     }
