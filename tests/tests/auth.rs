@@ -14,6 +14,17 @@ fn write_key(path: &Path, byte: u8) {
 /// A sender of a 16 MiB dbsim guest on `src` (in `dir`) to `port` with `extra`
 /// arguments.
 fn sender_of(dir: &TmpDir, src: &str, port: u16, extra: &[&str]) -> Proc {
+    sender_with_env(dir, src, port, extra, &[])
+}
+
+/// [`sender_of`] with `envs` added to its environment.
+fn sender_with_env(
+    dir: &TmpDir,
+    src: &str,
+    port: u16,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
     let to = format!("127.0.0.1:{port}");
     let src = dir.path(src);
     let mut args = vec![
@@ -35,7 +46,19 @@ fn sender_of(dir: &TmpDir, src: &str, port: u16, extra: &[&str]) -> Proc {
         &to,
     ];
     args.extend_from_slice(extra);
-    Proc::vmstream("send", &args, &[])
+    Proc::vmstream("send", &args, envs)
+}
+
+/// A receiver into `dst` that requires `key`, with `extra` arguments.
+fn keyed_receiver(dst: &Path, key: &Path, extra: &[&str]) -> (Proc, u16) {
+    let mut args = vec![
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    start_receiver(&args)
 }
 
 #[test]
@@ -49,14 +72,7 @@ fn same_key_on_both_sides_migrates_exactly_over_two_channels() {
         dir.path("send.json"),
         dir.path("recv.json"),
     );
-    let (mut recv, port) = start_receiver(&[
-        "--memory-file",
-        dst.to_str().unwrap(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--stats-json",
-        rj.to_str().unwrap(),
-    ]);
+    let (mut recv, port) = keyed_receiver(&dst, &key, &["--stats-json", rj.to_str().unwrap()]);
     let mut send = sender_of(
         &dir,
         "src.img",
@@ -121,12 +137,7 @@ fn a_keyed_destination_refuses_wrong_and_missing_keys_and_still_takes_its_source
     let (key, other, dst) = (dir.path("key"), dir.path("other"), dir.path("dst.img"));
     write_key(&key, 1);
     write_key(&other, 2);
-    let (mut recv, port) = start_receiver(&[
-        "--memory-file",
-        dst.to_str().unwrap(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-    ]);
+    let (mut recv, port) = keyed_receiver(&dst, &key, &[]);
     refused_sender(
         &dir,
         port,
@@ -222,44 +233,25 @@ fn a_byte_changed_on_the_wire_fails_authentication_and_rolls_back() {
     let dir = TmpDir::new("auth-tamper");
     let (key, dst) = (dir.path("key"), dir.path("dst.img"));
     write_key(&key, 1);
-    let (mut recv, port) = start_receiver(&[
-        "--memory-file",
-        dst.to_str().unwrap(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-    ]);
-    let to = format!("127.0.0.1:{port}");
-    let src = dir.path("src.img");
-    let mut send = Proc::vmstream(
-        "send",
+    let (mut recv, port) = keyed_receiver(&dst, &key, &[]);
+    // Uncompressed, slowed down: the flipped byte lands inside round 0's packets.
+    let mut send = sender_with_env(
+        &dir,
+        "src.img",
+        port,
         &[
-            "send",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "random",
-            "--rate",
-            "2000",
-            "--warmup",
-            "200ms",
             "--compress",
             "none",
             "--xbzrle",
             "off",
             "--max-bandwidth",
             "64M",
-            "--io-timeout",
-            "10s",
-            "--no-progress",
             "--auth-key-file",
             key.to_str().unwrap(),
-            "--to",
-            &to,
         ],
         &[("VMSTREAM_TEST_CORRUPT_AT", "300000")],
     );
+    let src = dir.path("src.img");
     let _guest = KillPid(guest_pid(&mut send));
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "{}", send.stderr());

@@ -309,22 +309,25 @@ fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
     assert!(dir.entries().is_empty(), "{:?}", dir.entries());
 }
 
+/// A receiver into `dst` listening on every address (`0.0.0.0`), with `extra` arguments.
+fn listen_on_all(dst: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "recv",
+        "--listen",
+        "0.0.0.0:0",
+        "--memory-file",
+        dst.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::vmstream("recv", &args, &[])
+}
+
 #[test]
 fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
     let _g = serial();
     let dir = TmpDir::new("listen");
     let dst = dir.path("dst.img");
-    let mut recv = Proc::vmstream(
-        "recv",
-        &[
-            "recv",
-            "--listen",
-            "0.0.0.0:0",
-            "--memory-file",
-            dst.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut recv = listen_on_all(&dst, &[]);
     assert!(recv
         .wait_line("listening on ")
         .starts_with("listening on 0.0.0.0:"));
@@ -345,19 +348,7 @@ fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
     // So does any address with a key: only sources that hold it are admitted.
     let key = dir.path("key");
     std::fs::write(&key, [7u8; 32]).unwrap();
-    let mut keyed = Proc::vmstream(
-        "recv",
-        &[
-            "recv",
-            "--listen",
-            "0.0.0.0:0",
-            "--memory-file",
-            dst.to_str().unwrap(),
-            "--auth-key-file",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut keyed = listen_on_all(&dst, &["--auth-key-file", key.to_str().unwrap()]);
     keyed.wait_line("listening on ");
     keyed.child.kill().unwrap();
     keyed.wait_exit();

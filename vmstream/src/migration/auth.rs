@@ -349,23 +349,16 @@ mod tests {
         let src = source_key
             .map(|k| authenticate_destination(&k, &mut |m| Ok(w.write_message(m)?), &mut r))
             .transpose();
-        if let Ok(Some(SourceAuth::Authenticated(sealer))) = src {
-            w.seal_with(*sealer);
-            let hello = crate::migration::wire::ChannelHello {
-                migration_id: [9; 16],
-                index: 1,
-                count: 2,
-            };
-            let _ = w.write_message(&Message::ChannelHello(hello));
-            let out = dest.join().unwrap();
-            return (
-                Ok(Some(SourceAuth::Authenticated(Box::new(Sealer::new(
-                    &[0; 32],
-                ))))),
-                out,
-            );
-        }
-        if matches!(src, Ok(None)) {
+        // Authenticated or without keys, the source goes on with its hello (sealed after an
+        // exchange, as the sealer it was handed says).
+        let src = src.map(|auth| match auth {
+            Some(SourceAuth::Authenticated(sealer)) => {
+                w.seal_with(*sealer);
+                Some(SourceAuth::Authenticated(Box::new(Sealer::new(&[0; 32]))))
+            }
+            other => other,
+        });
+        if matches!(src, Ok(None | Some(SourceAuth::Authenticated(_)))) {
             let hello = crate::migration::wire::ChannelHello {
                 migration_id: [9; 16],
                 index: 1,

@@ -122,19 +122,21 @@ impl<R: Read> FrameReader<R> {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.read_error(e)),
             }
         }
         self.bytes += got as u64;
         Ok(got)
+    }
+
+    /// A read error, typed: the socket's read timeout is `Timeout`.
+    fn read_error(&self, e: io::Error) -> TransportError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                TransportError::Timeout(self.timeout.unwrap_or_default())
+            }
+            _ => e.into(),
+        }
     }
 
     /// Reads `needed` bytes into a new buffer (allocated as they arrive, so a large
@@ -147,18 +149,7 @@ impl<R: Read> FrameReader<R> {
         let mut buf = Vec::with_capacity(needed.min(1 << 20));
         let read = (&mut self.inner).take(needed as u64).read_to_end(&mut buf);
         self.bytes += buf.len() as u64;
-        match read {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        read.map_err(|e| self.read_error(e))?;
         if buf.len() < needed {
             return Err(TransportError::Truncated {
                 kind,
@@ -189,32 +180,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let header = FrameHeader::decode(&h)?;
-        let needed = header.len as usize;
-        // Read into spare capacity: no zeroing of a buffer about to be overwritten.
-        let mut payload = Vec::with_capacity(needed);
-        let read = (&mut self.inner)
-            .take(needed as u64)
-            .read_to_end(&mut payload);
-        self.bytes += payload.len() as u64;
-        match read {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(TransportError::Timeout(self.timeout.unwrap_or_default()))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        if payload.len() < needed {
-            return Err(TransportError::Truncated {
-                kind: header.kind.name(),
-                got: payload.len(),
-                needed,
-            });
-        }
+        let payload = self.read_exactly(header.len as usize, header.kind.name())?;
         Ok(match header.kind {
             FrameType::Packet => Frame::Packet(payload),
             kind => Frame::Control(Message::decode(kind, &payload)?),
