@@ -742,7 +742,16 @@ pub fn receive_migration(
         };
         // With a key, a connection that does not prove it cannot end the receive, nor hold
         // it up for long: it is refused and the next one is awaited.
-        let (mut reader, mut writer) = open_connection(stream, cfg.io_timeout.min(AUTH_WAIT))?;
+        let (mut reader, mut writer) = match open_connection(stream, cfg.io_timeout.min(AUTH_WAIT))
+        {
+            Ok(rw) => rw,
+            Err(e) => {
+                eprintln!(
+                    "vmstream recv: dropped the connection from {peer}: {e}; still listening"
+                );
+                continue;
+            }
+        };
         match admit_source(Some(key), &mut writer, &mut reader) {
             Admission::Refuse(reason) => {
                 let _ = writer.write_message(&Message::HelloReply(HelloReply {
