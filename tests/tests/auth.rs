@@ -40,7 +40,7 @@ fn sender_with_env(
         "--warmup",
         "200ms",
         "--io-timeout",
-        "10s",
+        "30s",
         "--no-progress",
         "--to",
         &to,
@@ -264,4 +264,36 @@ fn a_byte_changed_on_the_wire_fails_authentication_and_rolls_back() {
     );
     let tx = read_tx_count(&src);
     wait_tx_above(&src, tx);
+}
+
+/// A connection that says nothing holds a keyed destination up for at most 10 s (its
+/// `--io-timeout` otherwise): it is refused and the source behind it is served.
+#[test]
+fn a_silent_connection_cannot_hold_a_keyed_destination() {
+    let _g = serial();
+    let dir = TmpDir::new("auth-silent");
+    let (key, dst) = (dir.path("key"), dir.path("dst.img"));
+    write_key(&key, 1);
+    let (mut recv, port) = keyed_receiver(&dst, &key, &[]);
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_stderr(&recv, "connection from");
+    let t = std::time::Instant::now();
+    let mut send = sender_of(
+        &dir,
+        "src.img",
+        port,
+        &["--auth-key-file", key.to_str().unwrap()],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (s_status, _) = send.wait_exit();
+    assert!(s_status.success(), "send failed: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert!(r_status.success(), "recv failed: {}", recv.stderr());
+    assert!(
+        recv.stderr()
+            .contains("before authenticating: no data from peer within 10s"),
+        "{}",
+        recv.stderr()
+    );
+    assert!(files_identical(&dir.path("src.img"), &dst));
 }
