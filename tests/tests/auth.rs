@@ -277,7 +277,8 @@ fn a_silent_connection_cannot_hold_a_keyed_destination() {
     let (mut recv, port) = keyed_receiver(&dst, &key, &[]);
     let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     wait_stderr(&recv, "connection from");
-    let t = std::time::Instant::now();
+    // The sender waits up to its --io-timeout (30 s) for the challenge; the silent
+    // connection is refused after 10 s.
     let mut send = sender_of(
         &dir,
         "src.img",
