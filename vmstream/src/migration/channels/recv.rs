@@ -384,3 +384,53 @@ impl Drop for ChannelFrames<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::migration::transport::FrameWriter;
+
+    /// A connection to a keyed destination that sends a channel hello of the migration in
+    /// progress without proving the key is refused with the authentication status: nobody
+    /// without the key can add a channel (and so pages) to a migration.
+    #[test]
+    fn an_unauthenticated_channel_is_refused_by_a_keyed_destination() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let primary = ChannelHello {
+            migration_id: [4; 16],
+            index: 0,
+            count: 2,
+        };
+        let mut w = FrameWriter::new(client.try_clone().unwrap(), None);
+        w.write_message(&Message::ChannelHello(ChannelHello {
+            index: 1,
+            ..primary
+        }))
+        .unwrap();
+        let key = AuthKey::from_secret(&[1; 32]).unwrap();
+        let verdict = admit(
+            &server,
+            &primary,
+            &[true, false],
+            Duration::from_secs(5),
+            Some(&key),
+        );
+        match verdict {
+            Err(ChannelRefusal::Auth(r)) => assert!(r.contains("requires authentication"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut r = FrameReader::new(client.try_clone().unwrap(), None);
+        match r.read_frame() {
+            Ok(Frame::Control(Message::HelloReply(h))) => assert_eq!(h.refuse, RefuseCode::Auth),
+            other => panic!("{other:?}"),
+        }
+        let _ = client.shutdown(std::net::Shutdown::Both);
+    }
+}
