@@ -12,7 +12,7 @@
 //!        <-------------------------------------------- AuthChallenge{nonce_d, tag_d}
 //!   check tag_d (or Abort and fail)
 //!   AuthProof{tag_s} -------------------------------->  check tag_s (or refuse)
-//!   Hello / ChannelHello, as without a key
+//!   Hello / ChannelHello, as without a key, and everything after it: sealed
 //! ```
 //!
 //! `tag_x = BLAKE3-keyed(K, label_x || nonce_s || nonce_d)`, with a label per side so one
@@ -161,12 +161,15 @@ pub enum SourceAuth {
     Answered(Frame),
 }
 
+/// `N` bytes from the kernel's random source.
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b))?;
+    Ok(b)
+}
+
 fn nonce() -> Result<[u8; AUTH_BYTES], AuthError> {
-    let mut n = [0u8; AUTH_BYTES];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(AuthError::Random)?;
-    Ok(n)
+    random_bytes().map_err(AuthError::Random)
 }
 
 /// Source side, on a fresh connection before its hello: proves the key and checks the

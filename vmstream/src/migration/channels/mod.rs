@@ -40,7 +40,6 @@
 //! Files: `mod.rs` (errors, refusals, sharding, ids, the round barrier), [`send`] (the
 //! source's channels), [`recv`] (binding and reading them on the destination).
 
-use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -249,13 +248,10 @@ impl ChannelMap {
 /// A fresh random migration id (from the kernel's random source; without it, from the
 /// clock, the pid and std's randomly keyed hasher).
 pub fn new_migration_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .is_ok()
-    {
+    if let Ok(id) = super::auth::random_bytes() {
         return id;
     }
+    let mut id = [0u8; 16];
     use std::hash::{BuildHasher, Hasher};
     for half in id.chunks_mut(8) {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
