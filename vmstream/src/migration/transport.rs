@@ -67,6 +67,16 @@ pub enum Frame {
     Control(Message),
 }
 
+impl Frame {
+    /// The frame of type `kind` with `payload`: a packet verbatim, a control message decoded.
+    fn new(kind: FrameType, payload: Vec<u8>) -> Result<Frame, TransportError> {
+        Ok(match kind {
+            FrameType::Packet => Frame::Packet(payload),
+            kind => Frame::Control(Message::decode(kind, &payload)?),
+        })
+    }
+}
+
 /// Reads frames from a stream.
 #[derive(Debug)]
 pub struct FrameReader<R> {
@@ -181,10 +191,7 @@ impl<R: Read> FrameReader<R> {
         }
         let header = FrameHeader::decode(&h)?;
         let payload = self.read_exactly(header.len as usize, header.kind.name())?;
-        Ok(match header.kind {
-            FrameType::Packet => Frame::Packet(payload),
-            kind => Frame::Control(Message::decode(kind, &payload)?),
-        })
+        Frame::new(header.kind, payload)
     }
 
     /// A sealed record: length, then ciphertext and tag, opened into exactly one frame.
@@ -217,11 +224,7 @@ impl<R: Read> FrameReader<R> {
         }
         // Shift the payload down in place (no second buffer).
         sealed.drain(..FRAME_HEADER_LEN);
-        let payload = sealed;
-        Ok(match header.kind {
-            FrameType::Packet => Frame::Packet(payload),
-            kind => Frame::Control(Message::decode(kind, &payload)?),
-        })
+        Frame::new(header.kind, sealed)
     }
 }
 
@@ -639,15 +642,19 @@ mod tests {
         assert_eq!(b.rate(), 1_000_000);
     }
 
-    #[test]
-    fn frames_survive_a_stream_and_eof_is_typed() {
-        let mut w = FrameWriter::new(Vec::new(), None);
-        let ack = Message::RoundAck(RoundAck {
+    fn ack() -> Message {
+        Message::RoundAck(RoundAck {
             round: 3,
             records: 1,
             packets: 1,
             barrier_ns: 0,
-        });
+        })
+    }
+
+    #[test]
+    fn frames_survive_a_stream_and_eof_is_typed() {
+        let mut w = FrameWriter::new(Vec::new(), None);
+        let ack = ack();
         w.write_message(&ack).unwrap();
         w.write_packet(b"not really a packet").unwrap();
         let bytes = w.inner.clone();
@@ -677,12 +684,7 @@ mod tests {
     fn sealed_frames_round_trip_and_any_change_is_refused() {
         let key = [3u8; 32];
         let mut w = FrameWriter::new(Vec::new(), None);
-        let ack = Message::RoundAck(RoundAck {
-            round: 3,
-            records: 1,
-            packets: 1,
-            barrier_ns: 0,
-        });
+        let ack = ack();
         // The exchange itself travels in the clear; everything after it is sealed.
         w.write_message(&ack).unwrap();
         let clear = w.inner.len();
