@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
-use super::auth::{admit_source, Admission};
+use super::admission::Admissions;
+use super::auth::Admission;
 use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, PageHashes};
@@ -201,8 +202,7 @@ struct Dest<'a> {
     /// With `--resume`: the KVM guest's ledger check of the final image, before the commit.
     kvm_verified: Option<Result<crate::kvm::VerifyReport, String>>,
     kvm: Option<KvmResumed>,
-    /// The first connection's opening, when it was read before (with a key, while waiting
-    /// for a source that proves it).
+    /// The source connection's opening (`super::admission`), until the handshake takes it.
     opening: Option<Admission>,
     /// The background verify's read-only view of the image, unmapped only when the
     /// destination is done (unmapping it at the pause would be downtime).
@@ -355,14 +355,10 @@ impl Dest<'_> {
     }
 
     fn handshake(&mut self) -> Result<DestState, RecvError> {
-        let opening = match self.opening.take() {
-            Some(o) => o,
-            None => admit_source(
-                self.cfg.auth_key.as_ref(),
-                &mut self.writer,
-                &mut self.reader,
-            ),
-        };
+        let opening = self
+            .opening
+            .take()
+            .ok_or_else(|| RecvError::Protocol("the handshake ran twice".into()))?;
         let first = match opening {
             Admission::Frame(f) => f,
             Admission::Refuse(reason) => return Err(self.refuse(RefuseCode::Auth, reason)),
@@ -413,12 +409,8 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         if let Some(primary) = primary {
-            self.channels.bind(
-                &primary,
-                self.cfg.io_timeout,
-                &mut self.reader,
-                self.cfg.auth_key.as_ref(),
-            )?;
+            self.channels
+                .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
             eprintln!(
                 "vmstream recv: {} channels bound (migration {})",
                 primary.count,
@@ -731,57 +723,24 @@ pub fn receive_migration(
         let _ = writeln!(out, "listening on {local}");
         let _ = out.flush();
     }
-    let (reader, writer, opening) = loop {
-        let (stream, peer) = listener
-            .accept()
-            .map_err(|e| RecvError::Listen(local.to_string(), e))?;
-        eprintln!("vmstream recv: connection from {peer}");
-        let Some(key) = &cfg.auth_key else {
-            let (reader, writer) = open_connection(stream, cfg.io_timeout)?;
-            break (reader, writer, None);
-        };
-        // With a key, a connection that does not prove it cannot end the receive, nor hold
-        // it up for long: it is refused and the next one is awaited.
-        let (mut reader, mut writer) = match open_connection(stream, cfg.io_timeout.min(AUTH_WAIT))
-        {
-            Ok(rw) => rw,
-            Err(e) => {
-                eprintln!(
-                    "vmstream recv: dropped the connection from {peer}: {e}; still listening"
-                );
-                continue;
-            }
-        };
-        match admit_source(Some(key), &mut writer, &mut reader) {
-            Admission::Refuse(reason) => {
-                let _ = writer.write_message(&Message::HelloReply(HelloReply {
-                    refuse: RefuseCode::Auth,
-                    receiver_workers: 0,
-                    reason: reason.clone(),
-                }));
-                eprintln!(
-                    "vmstream recv: refused the connection from {peer}: {reason}; still \
-                     listening"
-                );
-            }
-            opening => {
-                let s = reader.get_ref();
-                s.set_read_timeout(Some(cfg.io_timeout))
-                    .map_err(RecvError::Socket)?;
-                s.set_write_timeout(Some(cfg.io_timeout))
-                    .map_err(RecvError::Socket)?;
-                reader.set_timeout(Some(cfg.io_timeout));
-                break (reader, writer, Some(opening));
-            }
+    // Connections are read concurrently (`super::admission`): the first opening is the
+    // source's; with a key, the first that proved it, while the others are refused.
+    let mut admissions = Admissions::new(listener, cfg.auth_key.clone(), cfg.io_timeout)
+        .map_err(|e| RecvError::Listen(local.to_string(), e))?;
+    let source = loop {
+        match admissions.next(Duration::from_secs(1)) {
+            Ok(Some(opening)) => break opening,
+            Ok(None) => {}
+            Err(e) => return Err(RecvError::Listen(local.to_string(), e)),
         }
     };
     // Kept while the handshake tells whether more channels follow.
-    let channels = DestChannels::new(listener);
+    let channels = DestChannels::new(admissions);
     let mut dest = Dest {
         cfg,
-        reader,
-        writer,
-        opening,
+        reader: source.reader,
+        writer: source.writer,
+        opening: Some(source.admission),
         channels,
         stats,
         start: Instant::now(),
@@ -816,26 +775,6 @@ pub fn receive_migration(
     }
     stats.cpu = CpuTime::now();
     result.map(|()| Received { guest, kvm })
-}
-
-/// How long a connection to a destination with a key may take to prove it.
-const AUTH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Sets up an accepted connection (no delay, `timeout` both ways) and returns its frame
-/// reader and writer.
-fn open_connection(
-    stream: TcpStream,
-    timeout: std::time::Duration,
-) -> Result<(FrameReader<TcpStream>, FrameWriter<TcpStream>), RecvError> {
-    stream.set_nodelay(true).map_err(RecvError::Socket)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(RecvError::Socket)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(RecvError::Socket)?;
-    let writer = FrameWriter::new(stream.try_clone().map_err(RecvError::Socket)?, None);
-    Ok((FrameReader::new(stream, Some(timeout)), writer))
 }
 
 /// The temporary file a receive into `target` uses (for tests and cleanup tools).

@@ -47,6 +47,7 @@
 //! [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
+pub mod admission;
 pub mod auth;
 pub mod channels;
 pub mod cli;

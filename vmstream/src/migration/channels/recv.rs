@@ -1,23 +1,24 @@
 //! The destination's side of the channels: binding them (refusing strays) and reading
 //! their frames into one decode pipeline behind the [`RoundBarrier`].
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::mpsc::{sync_channel, Receiver as FrameQueue, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{check_channel, id_hex, setup_socket, ChannelError, ChannelRefusal, RoundBarrier};
-use crate::migration::auth::{admit_source, Admission, AuthKey};
+use super::{check_channel, id_hex, ChannelError, ChannelRefusal, RoundBarrier};
+use crate::migration::admission::{Admissions, Opening};
+use crate::migration::auth::Admission;
 use crate::migration::error::RecvError;
 use crate::migration::seal::Opener;
-use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
+use crate::migration::transport::{Frame, FrameReader, TransportError};
 use crate::migration::wire::{ChannelHello, HelloReply, Message, RefuseCode, RoundEnd};
 
-/// The destination's channel setup: the listener (kept open while channels bind) and
-/// the connections of channels 1...
+/// The destination's channel setup: the admission of connections (kept open while
+/// channels bind) and the connections of channels 1...
 #[derive(Debug, Default)]
 pub struct DestChannels {
-    listener: Option<TcpListener>,
+    admissions: Option<Admissions>,
     /// The connections, with their sealing state when authenticated.
     bound: Vec<(TcpStream, Option<Opener>)>,
     count: usize,
@@ -25,14 +26,11 @@ pub struct DestChannels {
     extra_bytes: u64,
 }
 
-/// Longest wait for the first frame of a channel connection.
-const CHANNEL_HELLO_WAIT: Duration = Duration::from_secs(10);
-
 impl DestChannels {
-    /// Channel setup around the listener that accepted channel 0.
-    pub fn new(listener: TcpListener) -> DestChannels {
+    /// Channel setup around the admissions that admitted channel 0.
+    pub fn new(admissions: Admissions) -> DestChannels {
         DestChannels {
-            listener: Some(listener),
+            admissions: Some(admissions),
             count: 1,
             ..Default::default()
         }
@@ -40,7 +38,7 @@ impl DestChannels {
 
     /// Stops listening (a single-channel migration, or every channel bound).
     pub fn close_listener(&mut self) {
-        self.listener = None;
+        self.admissions = None;
     }
 
     /// Channels of the migration (1 until bound).
@@ -71,45 +69,44 @@ impl DestChannels {
         }
     }
 
-    /// Accepts the channels 1.. of the migration channel 0 announced in `primary`,
-    /// refusing (and reporting on stderr) every other connection, until all are bound or
-    /// `timeout` passed. Stops listening either way. Channel 0 (`reader0`) must stay quiet
-    /// meanwhile: an `Abort` there (the source gave up, e.g. because a channel was
-    /// refused) or its close ends the binding at once.
+    /// Takes the channels 1.. of the migration channel 0 announced in `primary` from the
+    /// connections admitted meanwhile, refusing (and reporting on stderr) every other one,
+    /// until all are bound or `timeout` passed. Stops listening either way. Channel 0
+    /// (`reader0`) must stay quiet meanwhile: an `Abort` there (the source gave up, e.g.
+    /// because a channel was refused) or its close ends the binding at once.
     pub fn bind(
         &mut self,
         primary: &ChannelHello,
         timeout: Duration,
         reader0: &mut FrameReader<TcpStream>,
-        key: Option<&AuthKey>,
     ) -> Result<(), RecvError> {
-        let Some(listener) = self.listener.take() else {
+        let Some(mut admissions) = self.admissions.take() else {
             return Err(
                 ChannelError::Accept(std::io::Error::other("the listener is closed")).into(),
             );
         };
         let count = primary.count as usize;
-        listener
-            .set_nonblocking(true)
-            .map_err(ChannelError::Accept)?;
         let deadline = Instant::now() + timeout;
         let mut slots: Vec<Option<(TcpStream, Option<Opener>)>> =
             (0..count).map(|_| None).collect();
         let mut bound = vec![false; count];
         bound[0] = true;
         while bound.iter().any(|b| !b) {
-            match listener.accept() {
-                Ok((stream, peer)) => match admit(&stream, primary, &bound, timeout, key) {
-                    Ok((i, hello_bytes, opener)) => {
-                        bound[i] = true;
-                        slots[i] = Some((stream, opener));
-                        self.extra_bytes += hello_bytes;
+            match admissions.next(Duration::from_millis(5)) {
+                Ok(Some(opening)) => {
+                    let peer = opening.peer;
+                    match admit(opening, primary, &bound) {
+                        Ok((i, stream, hello_bytes, opener)) => {
+                            bound[i] = true;
+                            slots[i] = Some((stream, opener));
+                            self.extra_bytes += hello_bytes;
+                        }
+                        Err(reason) => eprintln!(
+                            "vmstream recv: refused a channel connection from {peer}: {reason}"
+                        ),
                     }
-                    Err(reason) => eprintln!(
-                        "vmstream recv: refused a channel connection from {peer}: {reason}"
-                    ),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                }
+                Ok(None) => {
                     if let Some(frame) = pending_frame(reader0) {
                         return Err(match frame {
                             Ok(Frame::Control(Message::Abort(a))) => RecvError::PeerAborted {
@@ -134,9 +131,7 @@ impl DestChannels {
                         }
                         .into());
                     }
-                    std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ChannelError::Accept(e).into()),
             }
         }
@@ -205,44 +200,39 @@ impl DestChannels {
     }
 }
 
-/// Reads the first frame of a channel connection and answers it; `Ok((index, bytes
-/// read, sealing state))` if it is a channel of `primary`'s migration that is not bound
-/// yet.
+/// Answers the opening of a channel connection; `Ok((index, stream, bytes read, sealing
+/// state))` if it is a channel of `primary`'s migration that is not bound yet.
 fn admit(
-    stream: &TcpStream,
+    opening: Opening,
     primary: &ChannelHello,
     bound: &[bool],
-    io_timeout: Duration,
-    key: Option<&AuthKey>,
-) -> Result<(usize, u64, Option<Opener>), ChannelRefusal> {
-    let setup = || -> std::io::Result<(FrameReader<TcpStream>, FrameWriter<TcpStream>)> {
-        stream.set_nonblocking(false)?;
-        setup_socket(stream, io_timeout)?;
-        stream.set_read_timeout(Some(io_timeout.min(CHANNEL_HELLO_WAIT)))?;
-        Ok((
-            FrameReader::new(stream.try_clone()?, None),
-            FrameWriter::new(stream.try_clone()?, None),
-        ))
-    };
-    let (mut reader, mut writer) =
-        setup().map_err(|e| ChannelRefusal::NotAChannel(e.to_string()))?;
-    let first = match admit_source(key, &mut writer, &mut reader) {
-        Admission::Frame(f) => Ok(f),
+) -> Result<(usize, TcpStream, u64, Option<Opener>), ChannelRefusal> {
+    let Opening {
+        mut reader,
+        mut writer,
+        admission,
+        ..
+    } = opening;
+    let verdict = match admission {
+        // Only without a key: with one, the admission answered it already.
         Admission::Refuse(reason) => Err(ChannelRefusal::Auth(reason)),
-    };
-    let verdict = match first {
-        Err(refusal) => Err(refusal),
-        Ok(Ok(Frame::Control(Message::ChannelHello(c)))) => check_channel(&c, primary, bound),
-        Ok(Ok(Frame::Control(Message::Hello(_)))) => Err(ChannelRefusal::NotAChannel(format!(
-            "a hello, but migration {} is in progress here",
-            id_hex(&primary.migration_id)
-        ))),
-        Ok(Ok(Frame::Control(m))) => Err(ChannelRefusal::NotAChannel(format!(
+        Admission::Frame(Ok(Frame::Control(Message::ChannelHello(c)))) => {
+            check_channel(&c, primary, bound)
+        }
+        Admission::Frame(Ok(Frame::Control(Message::Hello(_)))) => {
+            Err(ChannelRefusal::NotAChannel(format!(
+                "a hello, but migration {} is in progress here",
+                id_hex(&primary.migration_id)
+            )))
+        }
+        Admission::Frame(Ok(Frame::Control(m))) => Err(ChannelRefusal::NotAChannel(format!(
             "got a {} message",
             m.frame_type().name()
         ))),
-        Ok(Ok(Frame::Packet(_))) => Err(ChannelRefusal::NotAChannel("got a packet".into())),
-        Ok(Err(e)) => Err(ChannelRefusal::NotAChannel(e.to_string())),
+        Admission::Frame(Ok(Frame::Packet(_))) => {
+            Err(ChannelRefusal::NotAChannel("got a packet".into()))
+        }
+        Admission::Frame(Err(e)) => Err(ChannelRefusal::NotAChannel(e.to_string())),
     };
     let reply = match &verdict {
         Ok(_) => HelloReply {
@@ -262,10 +252,11 @@ fn admit(
     let sent = writer.write_message(&Message::HelloReply(reply));
     let i = verdict?;
     sent.map_err(|e| ChannelRefusal::NotAChannel(format!("answering the channel hello: {e}")))?;
-    stream
-        .set_read_timeout(Some(io_timeout))
+    let stream = reader
+        .get_ref()
+        .try_clone()
         .map_err(|e| ChannelRefusal::NotAChannel(e.to_string()))?;
-    Ok((i, reader.bytes_read(), reader.take_opener()))
+    Ok((i, stream, reader.bytes_read(), reader.take_opener()))
 }
 
 /// The next frame of `reader` if any bytes (or its end) arrived, without blocking
@@ -382,55 +373,5 @@ impl Drop for ChannelFrames<'_> {
                 (_, Err(_)) => {}
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::TcpListener;
-
-    use super::*;
-    use crate::migration::transport::FrameWriter;
-
-    /// A connection to a keyed destination that sends a channel hello of the migration in
-    /// progress without proving the key is refused with the authentication status: nobody
-    /// without the key can add a channel (and so pages) to a migration.
-    #[test]
-    fn an_unauthenticated_channel_is_refused_by_a_keyed_destination() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (server, _) = l.accept().unwrap();
-        let primary = ChannelHello {
-            migration_id: [4; 16],
-            index: 0,
-            count: 2,
-        };
-        let mut w = FrameWriter::new(client.try_clone().unwrap(), None);
-        w.write_message(&Message::ChannelHello(ChannelHello {
-            index: 1,
-            ..primary
-        }))
-        .unwrap();
-        let key = AuthKey::from_secret(&[1; 32]).unwrap();
-        let verdict = admit(
-            &server,
-            &primary,
-            &[true, false],
-            Duration::from_secs(5),
-            Some(&key),
-        );
-        match verdict {
-            Err(ChannelRefusal::Auth(r)) => assert!(r.contains("requires authentication"), "{r}"),
-            other => panic!("{other:?}"),
-        }
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut r = FrameReader::new(client.try_clone().unwrap(), None);
-        match r.read_frame() {
-            Ok(Frame::Control(Message::HelloReply(h))) => assert_eq!(h.refuse, RefuseCode::Auth),
-            other => panic!("{other:?}"),
-        }
-        let _ = client.shutdown(std::net::Shutdown::Both);
     }
 }
