@@ -136,7 +136,20 @@ pub struct Proc {
 impl Proc {
     /// Runs `vmstream ARGS...` with `envs` added.
     pub fn vmstream(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Proc::spawn(name, args, envs, false)
+    }
+
+    /// [`Proc::vmstream`] as the leader of a process group of its own, like a job a shell
+    /// runs: signalling the group (`kill -INT -PID`) is what a terminal's Ctrl-C does.
+    pub fn vmstream_job(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Proc::spawn(name, args, envs, true)
+    }
+
+    fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)], own_group: bool) -> Proc {
         let mut cmd = Command::new(vmstream_bin());
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

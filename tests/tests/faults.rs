@@ -32,8 +32,22 @@ fn guard_guest(send: &mut Proc) -> KillPid {
 /// Starts a sender of a 16 MiB random guest to `port`, slowed down so that faults hit
 /// the middle of the migration.
 fn slow_sender(dir: &TmpDir, port: u16, bandwidth: &str, envs: &[(&str, &str)]) -> Proc {
+    slow_sender_by(Proc::vmstream, dir, port, bandwidth, envs)
+}
+
+/// How a test starts a `vmstream` process: [`Proc::vmstream`] or [`Proc::vmstream_job`].
+type Spawn = fn(&str, &[&str], &[(&str, &str)]) -> Proc;
+
+/// [`slow_sender`], started by `spawn`.
+fn slow_sender_by(
+    spawn: Spawn,
+    dir: &TmpDir,
+    port: u16,
+    bandwidth: &str,
+    envs: &[(&str, &str)],
+) -> Proc {
     let to = format!("127.0.0.1:{port}");
-    Proc::vmstream(
+    spawn(
         "send",
         &[
             "send",
@@ -61,6 +75,49 @@ fn slow_sender(dir: &TmpDir, port: u16, bandwidth: &str, envs: &[(&str, &str)]) 
         ],
         envs,
     )
+}
+
+/// Ctrl-C in the sender's terminal (SIGINT to its whole process group) in the middle of
+/// round 0 cancels the migration: the guest process, in a group of its own, keeps running,
+/// the destination rolls back, and the sender exits 3.
+#[test]
+fn ctrl_c_cancels_the_migration_and_the_guest_keeps_running() {
+    let _g = serial();
+    let dir = TmpDir::new("ctrl-c");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // 16 MiB at 4 MiB/s: round 0 takes 4 s.
+    let mut send = slow_sender_by(Proc::vmstream_job, &dir, port, "4M", &[]);
+    let _guest = guard_guest(&mut send);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !recv.stderr().contains("connection from") {
+        assert!(std::time::Instant::now() < deadline, "{}", recv.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let group = format!("-{}", send.pid());
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    assert!(
+        send.stderr()
+            .contains("cancelled: on request (SIGINT or SIGTERM"),
+        "{}",
+        send.stderr()
+    );
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    assert!(
+        recv.stderr().contains("source aborted (Cancelled)"),
+        "{}",
+        recv.stderr()
+    );
+    assert_source_guest_runs(&dir.path("src.img"));
+    assert_not_committed(&dir, &dst, None);
 }
 
 #[test]

@@ -337,6 +337,65 @@ fn timeout_cancel_keeps_the_kvm_guest_running_and_exits_3() {
     assert!(!dst.exists());
 }
 
+/// SIGINT to the sender in the middle of a round cancels the migration like the timeout
+/// does, instead of ending the process and the KVM guest with it: the guest keeps running,
+/// the destination rolls back, the exit code is 3.
+#[test]
+fn sigint_cancels_the_migration_and_the_kvm_guest_keeps_running() {
+    if skip() {
+        return;
+    }
+    let _g = serial();
+    let dir = TmpDir::new("kvm-sigint");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let sj = dir.path("send.json");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // Raw pages at 4 MB/s: round 0 of 16 MiB takes 4 s.
+    let mut send = kvm_sender(
+        &src,
+        "16M",
+        port,
+        &[
+            "--workload",
+            "random",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--max-bandwidth",
+            "4M",
+            "--keep-running-for",
+            "2s",
+            "--stats-json",
+            sj.to_str().unwrap(),
+        ],
+        &[],
+    );
+    wait_stderr(&recv, "connection from");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &send.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    wait_stderr(&send, "cancelled: on request (SIGINT or SIGTERM");
+    let tx = kvm_tx(&src, 2);
+    wait_kvm_tx_above(&src, tx);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1));
+    assert!(
+        recv.stderr().contains("source aborted (Cancelled)"),
+        "{}",
+        recv.stderr()
+    );
+    assert_eq!(read_stats(&sj)["outcome"], "cancelled");
+    assert!(!dst.exists());
+}
+
 #[test]
 fn qemu_auto_converge_throttles_a_kvm_guest() {
     if skip() {

@@ -1,10 +1,12 @@
 //! The `vmstream send` and `vmstream recv` command lines: clap arguments, turned into
 //! [`SendConfig`] / [`RecvConfig`], run, reported (stats JSON, summary) and mapped to an
-//! exit code: 0 committed, 1 failed, 3 cancelled at the timeout.
+//! exit code: 0 committed, 1 failed, 3 cancelled (at the timeout, or by SIGINT/SIGTERM).
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -22,7 +24,7 @@ use super::transport::parse_bandwidth;
 use crate::layout::WorkloadKind;
 use crate::units::{parse_duration, parse_size};
 
-/// Exit code of a migration cancelled at its timeout.
+/// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
 pub const EXIT_CANCELLED: u8 = 3;
 
 /// XBZRLE switch.
@@ -316,9 +318,38 @@ fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
     let _ = out.flush();
 }
 
+/// SIGINT and SIGTERM set a cancel flag while this lives; afterwards they act as by default
+/// again (end the process).
+struct CancelOnSignals {
+    cancel: Arc<AtomicBool>,
+    act_by_default: Arc<AtomicBool>,
+}
+
+impl CancelOnSignals {
+    fn install() -> std::io::Result<CancelOnSignals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let s = CancelOnSignals {
+            cancel: Arc::new(AtomicBool::new(false)),
+            act_by_default: Arc::new(AtomicBool::new(false)),
+        };
+        for signal in [SIGINT, SIGTERM] {
+            // (signal-hook cannot restore the default action on unregistering: emulate it.)
+            signal_hook::flag::register_conditional_default(signal, s.act_by_default.clone())?;
+            signal_hook::flag::register(signal, s.cancel.clone())?;
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for CancelOnSignals {
+    fn drop(&mut self) {
+        self.act_by_default.store(true, Ordering::Relaxed);
+    }
+}
+
 /// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
 pub fn run_send(args: &SendArgs) -> ExitCode {
-    let cfg = match args.to_config() {
+    let mut cfg = match args.to_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmstream send: {e}");
@@ -334,6 +365,16 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     };
     println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
+    // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
+    // than end this process (and with it a KVM guest, or a paused guest process's resume).
+    let signals = match CancelOnSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmstream send: handling SIGINT/SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    cfg.cancel = Some(signals.cancel.clone());
     let mut stats = MigrationStats {
         role: "source",
         guest_bytes: guest.size(),
@@ -367,6 +408,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
     }
     let result = migrate(&cfg, guest.as_mut(), &mut stats);
+    drop(signals);
     if stats.guest_bytes > 0 {
         stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
     }

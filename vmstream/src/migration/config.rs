@@ -1,6 +1,8 @@
 //! Settings of both sides, built by the CLI (see [`super::cli`]) or by library callers.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
@@ -48,6 +50,11 @@ pub struct SendConfig {
     pub channels: usize,
     /// Pre-shared key: authenticate every connection with it (`super::auth`).
     pub auth_key: Option<AuthKey>,
+    /// Set to `true` (from any thread, or a signal handler) to cancel the migration, as
+    /// `--on-timeout cancel` does: the destination is told and rolls back, the source
+    /// guest keeps running. Checked between pages until the guest is paused for the final
+    /// round; from there the migration runs to its end (a few hundred ms).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl SendConfig {
@@ -72,6 +79,7 @@ impl SendConfig {
             converge: ConvergeArgs::default(),
             channels: 1,
             auth_key: None,
+            cancel: None,
         }
     }
 

@@ -68,6 +68,9 @@ pub enum SendError {
     /// Authenticating the destination failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// `SendConfig::cancel` was set (the source turns this into `Outcome::Cancelled`).
+    #[error("cancelled on request")]
+    Cancelled,
 }
 
 impl From<WireError> for SendError {

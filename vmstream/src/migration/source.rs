@@ -2,14 +2,14 @@
 //!
 //! ```text
 //! Handshake --accepted--> Iterate(0) --policy: continue--> Iterate(n+1)
-//!                            |  \--policy: cancel--> Done(Cancelled)
+//!                            |  \--policy: cancel, or SendConfig::cancel set--> Done(Cancelled)
 //!                            \--policy: switch over--> Switchover --> AwaitCommit
 //! AwaitCommit --committed--> Committed (source guest ended) --> Done(Committed)
 //! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
 //! ```
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,6 +31,9 @@ use crate::converge::defer::HotPageDeferral;
 use crate::converge::{Converger, Strategy};
 
 const PAGE: usize = PAGE_SIZE as usize;
+
+/// Why a migration cancelled through `SendConfig::cancel` ended.
+const CANCELLED: &str = "on request (SIGINT or SIGTERM from the command line)";
 
 /// Where the source is in the migration.
 #[derive(Debug)]
@@ -80,6 +83,8 @@ struct RoundIo {
     channels: SourceChannels,
     reader: FrameReader<TcpStream>,
     progress: Progress,
+    /// `SendConfig::cancel`.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl RoundIo {
@@ -92,9 +97,14 @@ impl RoundIo {
         flags: u32,
     ) -> Result<RoundStats, SendError> {
         let t0 = Instant::now();
-        self.progress
-            .round(round, pages.len() as u64, flags & ROUND_FINAL != 0);
+        let last = flags & ROUND_FINAL != 0;
+        self.progress.round(round, pages.len() as u64, last);
         for (i, &p) in pages.iter().enumerate() {
+            // The final round runs to its end: the guest is paused, and only the
+            // destination's verdict may end the migration now.
+            if i % 256 == 0 && !last && self.cancelled() {
+                return Err(SendError::Cancelled);
+            }
             let at = p as usize * PAGE;
             // Live pages are read straight into the codec's batch: the
             // snapshot the encoder and the dirty tracker both see.
@@ -148,6 +158,15 @@ impl RoundIo {
         self.progress
             .message(format!("{:.0} MB/s", rs.bandwidth_bytes_per_s / 1e6));
         Ok(rs)
+    }
+}
+
+impl RoundIo {
+    /// Whether `SendConfig::cancel` was set.
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -247,9 +266,28 @@ impl Source<'_> {
         }
     }
 
+    /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
+    /// running.
+    fn cancel(&mut self, reason: &str) -> Result<Outcome, SendError> {
+        self.io.channels.send_message(&Message::Abort(Abort {
+            code: AbortCode::Cancelled,
+            reason: reason.into(),
+        }))?;
+        Ok(Outcome::Cancelled(reason.into()))
+    }
+
     fn run(&mut self) -> Result<Outcome, SendError> {
         let mut state = SourceState::Handshake;
         loop {
+            let before_pause = matches!(
+                state,
+                SourceState::Handshake
+                    | SourceState::Iterate { .. }
+                    | SourceState::Switchover { .. }
+            );
+            if before_pause && self.io.cancelled() {
+                return self.cancel(CANCELLED);
+            }
             state = match state {
                 SourceState::Handshake => self.handshake()?,
                 SourceState::Iterate { round, pages } => self.iterate(round, pages)?,
@@ -303,7 +341,12 @@ impl Source<'_> {
             (0, Some(data)) => PageSource::LiveSkippingHoles(&mut *self.guest, data),
             _ => PageSource::Live(&mut *self.guest),
         };
-        let mut rs = self.io.send_round(round, &pages, src, 0)?;
+        let mut rs = match self.io.send_round(round, &pages, src, 0) {
+            Err(SendError::Cancelled) => {
+                return self.cancel(CANCELLED).map(SourceState::Done);
+            }
+            other => other?,
+        };
         if round == 0 {
             self.round0_data = None;
         }
@@ -375,11 +418,7 @@ impl Source<'_> {
                     obs.expected_downtime().as_secs_f64() * 1e3,
                     self.cfg.downtime_limit
                 );
-                self.io.channels.send_message(&Message::Abort(Abort {
-                    code: AbortCode::Cancelled,
-                    reason: reason.clone(),
-                }))?;
-                SourceState::Done(Outcome::Cancelled(reason))
+                SourceState::Done(self.cancel(&reason)?)
             }
         };
         self.impact.round(&rs, dirtied);
@@ -578,6 +617,13 @@ pub fn migrate(
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
+    if cfg
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+    {
+        return Ok(Outcome::Cancelled(CANCELLED.into()));
+    }
     let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64)?;
     if channels.count() > 1 {
         stats
@@ -636,6 +682,7 @@ pub fn migrate(
             channels,
             reader,
             progress: Progress::new(cfg.progress),
+            cancel: cfg.cancel.clone(),
         },
         policy,
         stats,

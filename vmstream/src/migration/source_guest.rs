@@ -3,6 +3,7 @@
 //! tracker, pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the final kill.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
@@ -124,7 +125,10 @@ fn spawn_guest(
     }
     // The guest outlives a failed migration, so it must not hold our stdout/stderr open
     // (whoever reads them would wait for it): both are pipes we read ourselves.
+    // Its own process group: a terminal's Ctrl-C, meant to cancel the migration, must not
+    // reach the guest too.
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
