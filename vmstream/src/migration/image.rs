@@ -1,7 +1,8 @@
 //! The destination image: guest memory is received into a temporary file next to the
 //! target path and only renamed over it once the digest matched ([`PendingImage::commit`]).
 //! Dropping an uncommitted image removes the temporary file, so a failed migration leaves
-//! the target path as it was.
+//! the target path as it was; what a killed receiver left, the next one removes
+//! ([`remove_stale_temps`]).
 
 use std::fs::File;
 use std::io;
@@ -47,18 +48,69 @@ impl std::fmt::Debug for PendingImage {
 
 /// The temporary path used while receiving into `target`.
 pub fn temp_path(target: &Path) -> Result<PathBuf, ImageError> {
+    let mut tmp_name = temp_prefix(target)?;
+    tmp_name.push(std::process::id().to_string());
+    Ok(target.with_file_name(tmp_name))
+}
+
+/// The name of a temporary image for `target` without the receiver's pid.
+fn temp_prefix(target: &Path) -> Result<std::ffi::OsString, ImageError> {
     let name = target
         .file_name()
         .ok_or_else(|| ImageError::BadPath(target.to_path_buf()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".vmstream-recv-{}", std::process::id()));
-    Ok(target.with_file_name(tmp_name))
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".vmstream-recv-");
+    Ok(prefix)
+}
+
+/// Removes the temporary images for `target` that receivers which no longer run left
+/// behind (killed, e.g. by SIGKILL or a Ctrl-C, before they could roll back): on tmpfs each
+/// one holds guest-sized memory. Those of running receivers are left alone. Returns the
+/// paths removed.
+pub fn remove_stale_temps(target: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let prefix = temp_prefix(target)?;
+    let prefix = prefix.as_encoded_bytes();
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new()); // creating the image will report it
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.as_encoded_bytes().strip_prefix(prefix) else {
+            continue;
+        };
+        let Some(pid) = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A live pid may be another program that reused it: keep the file then too.
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 impl PendingImage {
     /// Creates a zeroed temporary image of `size` bytes next to `target`.
     pub fn create(target: &Path, size: u64) -> Result<PendingImage, ImageError> {
+        for stale in remove_stale_temps(target)? {
+            eprintln!(
+                "vmstream recv: removed {}, left by a receiver that no longer runs",
+                stale.display()
+            );
+        }
         let tmp = temp_path(target)?;
         let memory = GuestMemory::create(&tmp, size)?;
         Ok(PendingImage {
@@ -140,6 +192,30 @@ mod tests {
         let d = std::env::temp_dir().join(format!("vmstream-image-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// What a killed receiver left is removed; a running receiver's image is not.
+    #[test]
+    fn creating_an_image_removes_those_of_receivers_that_no_longer_run() {
+        // Not inside `dir()`: the other test removes that when it ends.
+        let d = std::env::temp_dir().join(format!("vmstream-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let target = d.join("guest.img");
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let stale = d.join(format!(".guest.img.vmstream-recv-{dead}"));
+        let running = d.join(".guest.img.vmstream-recv-1"); // init runs
+        let other = d.join(format!(".other.img.vmstream-recv-{dead}"));
+        for p in [&stale, &running, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let img = PendingImage::create(&target, 8192).unwrap();
+        assert!(!stale.exists());
+        assert!(running.exists() && other.exists());
+        assert!(img.temp_path().exists());
+        drop(img);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
