@@ -507,3 +507,56 @@ impl CuttingProxy {
         CuttingProxy { port }
     }
 }
+
+/// A TCP proxy to `127.0.0.1:target` that delays everything, in both directions, by a fixed
+/// time (a long round trip, bandwidth unchanged). Serves any number of connections.
+pub struct DelayProxy {
+    /// The proxy's port.
+    pub port: u16,
+}
+
+impl DelayProxy {
+    /// Starts the proxy with `one_way` of delay per direction.
+    pub fn start(target: u16, one_way: Duration) -> DelayProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    return;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                delayed_pump(client, server, one_way);
+                delayed_pump(s2, c2, one_way);
+            }
+        });
+        DelayProxy { port }
+    }
+}
+
+/// Forwards `from` to `to`, each chunk `delay` after it was read, in order.
+fn delayed_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}

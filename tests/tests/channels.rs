@@ -5,12 +5,14 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
+use std::time::Duration;
 
 use vmstream::migration::transport::{Frame, FrameReader};
 use vmstream::migration::wire::{
     Abort, AbortCode, ChannelHello, DeltaWire, GuestKind, Hello, HelloReply, Message, RefuseCode,
     KNOWN_FEATURES,
 };
+
 use vmstream_tests::*;
 
 /// Arguments of a sender of a small dbsim guest to `port` over `channels` channels.
@@ -95,6 +97,40 @@ fn two_channels_migrate_exactly() {
     assert_eq!(per_channel.iter().sum::<u64>(), s["bytes_on_wire"]);
     assert_eq!(s["bytes_on_wire"], r["bytes_on_wire"]);
     assert!(dir.entries().iter().all(|e| !e.contains("vmstream-recv")));
+}
+
+/// Sixteen keyed channels bind over a 600 ms round trip: the source binds them all at once.
+/// (One after the other, two round trips each, the last would open about 18 s after the
+/// destination accepted it, past the 10 s a connection has to open.)
+#[test]
+fn sixteen_keyed_channels_bind_over_a_long_round_trip() {
+    let _g = serial();
+    let dir = TmpDir::new("chan16-rtt");
+    let (src, dst, key) = (dir.path("src.img"), dir.path("dst.img"), dir.path("key"));
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let sj = dir.path("send.json");
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let proxy = DelayProxy::start(port, Duration::from_millis(300));
+    let to = format!("127.0.0.1:{}", proxy.port);
+    let mut args = sender_args(&src, &sj, &to, "16", "1G");
+    args.extend(["--auth-key-file", key.to_str().unwrap()]);
+    let mut send = Proc::vmstream("send", &args, &[]);
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert!(status.success(), "send failed: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert!(r_status.success(), "recv failed: {}", recv.stderr());
+    assert!(
+        recv.stderr().contains("16 channels bound"),
+        "{}",
+        recv.stderr()
+    );
+    assert!(files_identical(&src, &dst), "images differ");
 }
 
 #[test]

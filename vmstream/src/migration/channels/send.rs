@@ -63,6 +63,43 @@ struct SourceChannel {
 }
 
 impl SourceChannel {
+    /// Binds this channel, `channel` of `count` of migration `migration_id`: the key
+    /// exchange (with a key), its channel hello, the destination's answer on `reply`.
+    fn bind(
+        &mut self,
+        channel: usize,
+        count: u16,
+        migration_id: [u8; 16],
+        key: Option<&AuthKey>,
+        reply: &mut FrameReader<TcpStream>,
+    ) -> Result<(), SendError> {
+        if let Some(key) = key {
+            self.authenticate(channel, key, reply)?;
+        }
+        self.link
+            .send_message(&Message::ChannelHello(ChannelHello {
+                migration_id,
+                index: channel as u16,
+                count,
+            }))?;
+        let transport = |source| ChannelError::Transport { channel, source };
+        match reply.read_frame().map_err(transport)? {
+            Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => Ok(()),
+            Frame::Control(Message::HelloReply(h)) => Err(ChannelError::Refused {
+                channel,
+                reason: h.reason,
+            }
+            .into()),
+            Frame::Control(m) => Err(SendError::Protocol(format!(
+                "channel {channel}: expected a hello reply, got a {} message",
+                m.frame_type().name()
+            ))),
+            Frame::Packet(_) => Err(SendError::Protocol(format!(
+                "channel {channel}: expected a hello reply, got a packet"
+            ))),
+        }
+    }
+
     /// Runs the key exchange on this channel's connection (`crate::migration::auth`), then
     /// seals both directions.
     fn authenticate(
@@ -212,44 +249,28 @@ impl SourceChannels {
         Ok(())
     }
 
-    /// Waits for the destination's answer on every channel but 0 (after it accepted the
-    /// hello on channel 0).
+    /// Binds every channel but 0 (after the destination accepted the hello on channel 0):
+    /// each authenticates when there is a key, sends its channel hello and waits for the
+    /// answer, all channels at once. (The destination gives a connection 10 s from its
+    /// accept to open, and channels 1.. connected with channel 0: one after the other, many
+    /// channels over a long round trip would run out of it.)
     pub fn await_bound(&mut self) -> Result<(), SendError> {
         let count = self.channels.len() as u16;
-        for (i, r) in self.replies.iter_mut().enumerate() {
-            let channel = i + 1;
-            let c = &mut self.channels[channel];
-            if let Some(key) = &self.auth_key {
-                c.authenticate(channel, key, r)?;
-            }
-            c.link.send_message(&Message::ChannelHello(ChannelHello {
-                migration_id: self.migration_id,
-                index: channel as u16,
-                count,
-            }))?;
-            let transport = |source| ChannelError::Transport { channel, source };
-            match r.read_frame().map_err(transport)? {
-                Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => {}
-                Frame::Control(Message::HelloReply(h)) => {
-                    return Err(ChannelError::Refused {
-                        channel,
-                        reason: h.reason,
-                    }
-                    .into())
-                }
-                Frame::Control(m) => {
-                    return Err(SendError::Protocol(format!(
-                        "channel {channel}: expected a hello reply, got a {} message",
-                        m.frame_type().name()
-                    )))
-                }
-                Frame::Packet(_) => {
-                    return Err(SendError::Protocol(format!(
-                        "channel {channel}: expected a hello reply, got a packet"
-                    )))
-                }
-            }
-        }
+        let (migration_id, key) = (self.migration_id, self.auth_key.as_ref());
+        let results: Vec<Result<(), SendError>> = std::thread::scope(|s| {
+            let binds: Vec<_> = self.channels[1..]
+                .iter_mut()
+                .zip(self.replies.iter_mut())
+                .enumerate()
+                .map(|(i, (c, r))| s.spawn(move || c.bind(i + 1, count, migration_id, key, r)))
+                .collect();
+            binds
+                .into_iter()
+                .map(|b| b.join().expect("channel binding thread"))
+                .collect()
+        });
+        // The lowest channel's error, as when they were bound in order.
+        results.into_iter().collect::<Result<(), SendError>>()?;
         self.replies.clear();
         Ok(())
     }
