@@ -508,6 +508,15 @@ impl CuttingProxy {
     }
 }
 
+/// Sends SIG`signal` (e.g. `INT`) to `target`: a pid, or `-PGID` for a process group.
+pub fn send_signal(signal: &str, target: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), "--", target])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {target}");
+}
+
 /// A TCP proxy to `127.0.0.1:target` that delays everything, in both directions, by a fixed
 /// time (a long round trip, bandwidth unchanged). Serves any number of connections.
 pub struct DelayProxy {

@@ -49,6 +49,23 @@ fn sender_args<'a>(
     ]
 }
 
+/// Waits for `send` (of the guest on `src`) and `recv` (into `dst`) to commit over
+/// `channels` channels, byte-exact.
+fn expect_committed(send: &mut Proc, recv: &mut Proc, channels: usize, src: &Path, dst: &Path) {
+    let _guest = KillPid(guest_pid(send));
+    let (status, _) = send.wait_exit();
+    assert!(status.success(), "send failed: {}", send.stderr());
+    let (r_status, _) = recv.wait_exit();
+    assert!(r_status.success(), "recv failed: {}", recv.stderr());
+    assert!(
+        recv.stderr()
+            .contains(&format!("{channels} channels bound")),
+        "{}",
+        recv.stderr()
+    );
+    assert!(files_identical(src, dst), "images differ");
+}
+
 #[test]
 fn two_channels_migrate_exactly() {
     let _g = serial();
@@ -64,17 +81,7 @@ fn two_channels_migrate_exactly() {
     let to = format!("127.0.0.1:{port}");
     // 32 MiB at 48 MiB/s in total: a few rounds, shared by both channels.
     let mut send = Proc::vmstream("send", &sender_args(&src, &sj, &to, "2", "48M"), &[]);
-    let _guest = KillPid(guest_pid(&mut send));
-    let (status, _) = send.wait_exit();
-    assert!(status.success(), "send failed: {}", send.stderr());
-    let (r_status, _) = recv.wait_exit();
-    assert!(r_status.success(), "recv failed: {}", recv.stderr());
-    assert!(
-        recv.stderr().contains("2 channels bound"),
-        "{}",
-        recv.stderr()
-    );
-    assert!(files_identical(&src, &dst), "images differ");
+    expect_committed(&mut send, &mut recv, 2, &src, &dst);
     let (s, r) = (read_stats(&sj), read_stats(&rj));
     assert_eq!(s["outcome"], "committed");
     assert_eq!(r["outcome"], "committed");
@@ -120,17 +127,7 @@ fn sixteen_keyed_channels_bind_over_a_long_round_trip() {
     let mut args = sender_args(&src, &sj, &to, "16", "1G");
     args.extend(["--auth-key-file", key.to_str().unwrap()]);
     let mut send = Proc::vmstream("send", &args, &[]);
-    let _guest = KillPid(guest_pid(&mut send));
-    let (status, _) = send.wait_exit();
-    assert!(status.success(), "send failed: {}", send.stderr());
-    let (r_status, _) = recv.wait_exit();
-    assert!(r_status.success(), "recv failed: {}", recv.stderr());
-    assert!(
-        recv.stderr().contains("16 channels bound"),
-        "{}",
-        recv.stderr()
-    );
-    assert!(files_identical(&src, &dst), "images differ");
+    expect_committed(&mut send, &mut recv, 16, &src, &dst);
 }
 
 #[test]

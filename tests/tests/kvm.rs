@@ -286,114 +286,86 @@ fn corrupted_state_blob_is_refused_before_the_commit() {
     assert_eq!(dir.entries(), vec!["src.img".to_string()]);
 }
 
+/// Migrates a 16 MiB random KVM guest as raw pages at `bandwidth` with `extra` arguments,
+/// runs `cancel` on the sender and the receiver, and checks how the migration ended:
+/// cancelled (exit 3, `reason` in the message), the guest still running in the sender, the
+/// destination rolled back.
+fn cancelled_kvm_migration(
+    name: &str,
+    bandwidth: &str,
+    extra: &[&str],
+    cancel: impl FnOnce(&Proc, &Proc),
+    reason: &str,
+) {
+    let _g = serial();
+    let dir = TmpDir::new(name);
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let sj = dir.path("send.json");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let mut args = vec![
+        "--workload",
+        "random",
+        "--warmup",
+        "200ms",
+        "--compress",
+        "none",
+        "--xbzrle",
+        "off",
+        "--max-bandwidth",
+        bandwidth,
+        "--keep-running-for",
+        "2s",
+        "--stats-json",
+        sj.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut send = kvm_sender(&src, "16M", port, &args, &[]);
+    cancel(&send, &recv);
+    wait_stderr(&send, &format!("cancelled: {reason}"));
+    let tx = kvm_tx(&src, 2);
+    wait_kvm_tx_above(&src, tx);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    expect_receiver_failure(&mut recv, &dst, &["source aborted (Cancelled)"]);
+    assert_eq!(read_stats(&sj)["outcome"], "cancelled");
+    assert_eq!(read_stats(&sj)["settings"]["guest_kind"], "kvm");
+}
+
 #[test]
 fn timeout_cancel_keeps_the_kvm_guest_running_and_exits_3() {
     if skip() {
         return;
     }
-    let _g = serial();
-    let dir = TmpDir::new("kvm-cancel");
-    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
-    let sj = dir.path("send.json");
-    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     // Raw pages at 8 MB/s: round 0 of 16 MiB outlasts the 1 s timeout, and the random
     // workload has rewritten thousands of pages by then (far beyond the downtime limit).
-    let mut send = kvm_sender(
-        &src,
-        "16M",
-        port,
-        &[
-            "--workload",
-            "random",
-            "--warmup",
-            "200ms",
-            "--compress",
-            "none",
-            "--xbzrle",
-            "off",
-            "--max-bandwidth",
-            "8M",
-            "--timeout",
-            "1s",
-            "--on-timeout",
-            "cancel",
-            "--keep-running-for",
-            "2s",
-            "--stats-json",
-            sj.to_str().unwrap(),
-        ],
-        &[],
+    cancelled_kvm_migration(
+        "kvm-cancel",
+        "8M",
+        &["--timeout", "1s", "--on-timeout", "cancel"],
+        |_, _| {},
+        "migration did not converge",
     );
-    wait_stderr(&send, "cancelled");
-    let tx = kvm_tx(&src, 2);
-    wait_kvm_tx_above(&src, tx);
-    let (status, _) = send.wait_exit();
-    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
-    let (r_status, _) = recv.wait_exit();
-    assert_eq!(r_status.code(), Some(1));
-    assert!(recv.stderr().contains("Cancelled"), "{}", recv.stderr());
-    assert_eq!(read_stats(&sj)["outcome"], "cancelled");
-    assert_eq!(read_stats(&sj)["settings"]["guest_kind"], "kvm");
-    assert!(!dst.exists());
 }
 
 /// SIGINT to the sender in the middle of a round cancels the migration like the timeout
-/// does, instead of ending the process and the KVM guest with it: the guest keeps running,
-/// the destination rolls back, the exit code is 3.
+/// does, instead of ending the process and the KVM guest with it.
 #[test]
 fn sigint_cancels_the_migration_and_the_kvm_guest_keeps_running() {
     if skip() {
         return;
     }
-    let _g = serial();
-    let dir = TmpDir::new("kvm-sigint");
-    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
-    let sj = dir.path("send.json");
-    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     // Raw pages at 4 MB/s: round 0 of 16 MiB takes 4 s.
-    let mut send = kvm_sender(
-        &src,
-        "16M",
-        port,
-        &[
-            "--workload",
-            "random",
-            "--warmup",
-            "200ms",
-            "--compress",
-            "none",
-            "--xbzrle",
-            "off",
-            "--max-bandwidth",
-            "4M",
-            "--keep-running-for",
-            "2s",
-            "--stats-json",
-            sj.to_str().unwrap(),
-        ],
+    cancelled_kvm_migration(
+        "kvm-sigint",
+        "4M",
         &[],
+        |send, recv| {
+            wait_stderr(recv, "connection from");
+            std::thread::sleep(Duration::from_millis(300));
+            send_signal("INT", &send.pid().to_string());
+        },
+        "on request (SIGINT or SIGTERM",
     );
-    wait_stderr(&recv, "connection from");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &send.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    wait_stderr(&send, "cancelled: on request (SIGINT or SIGTERM");
-    let tx = kvm_tx(&src, 2);
-    wait_kvm_tx_above(&src, tx);
-    let (status, _) = send.wait_exit();
-    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
-    let (r_status, _) = recv.wait_exit();
-    assert_eq!(r_status.code(), Some(1));
-    assert!(
-        recv.stderr().contains("source aborted (Cancelled)"),
-        "{}",
-        recv.stderr()
-    );
-    assert_eq!(read_stats(&sj)["outcome"], "cancelled");
-    assert!(!dst.exists());
 }
 
 #[test]
