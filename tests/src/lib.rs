@@ -194,6 +194,20 @@ impl Proc {
         }
     }
 
+    /// Waits (bounded by [`WAIT`]) until the process wrote `needle` to stderr.
+    pub fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {needle:?} on stderr: {}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -120,15 +120,6 @@ fn refused_sender(dir: &TmpDir, port: u16, src: &str, key: Option<&Path>, cause:
     wait_tx_above(&src, tx);
 }
 
-/// Waits until `p`'s stderr contains `text`.
-fn wait_stderr(p: &Proc, text: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !p.stderr().contains(text) {
-        assert!(std::time::Instant::now() < deadline, "{}", p.stderr());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 /// A destination with a key refuses a source with another key, a source without one and
 /// a stranger, each with its cause, keeps listening through all of them and commits only
 /// the migration of the source that holds its key.
@@ -148,10 +139,7 @@ fn a_keyed_destination_refuses_wrong_and_missing_keys_and_still_takes_its_source
         Some(&other),
         "the destination does not hold this key",
     );
-    wait_stderr(
-        &recv,
-        "the destination's proof does not match this source's key; still listening",
-    );
+    recv.wait_stderr("the destination's proof does not match this source's key; still listening");
     refused_sender(
         &dir,
         port,
@@ -159,12 +147,12 @@ fn a_keyed_destination_refuses_wrong_and_missing_keys_and_still_takes_its_source
         None,
         "this destination requires authentication: run send with --auth-key-file",
     );
-    wait_stderr(&recv, "this destination requires authentication: run send with --auth-key-file and the destination's key; still listening");
+    recv.wait_stderr("this destination requires authentication: run send with --auth-key-file and the destination's key; still listening");
     let mut stranger = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stranger
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    wait_stderr(&recv, "before authenticating: frame header checksum");
+    recv.wait_stderr("before authenticating: frame header checksum");
     assert!(!dst.exists());
     // The source with the key migrates exactly.
     migrate_keyed(&dir, &mut recv, port, &key, &[]);
@@ -269,7 +257,7 @@ fn silent_connections_cannot_hold_a_keyed_destination() {
     write_key(&key, 1);
     let (mut recv, port) = keyed_receiver(&dst, &key, &[]);
     let first = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    wait_stderr(&recv, "before authenticating: no data from peer within 10s");
+    recv.wait_stderr("before authenticating: no data from peer within 10s");
     drop(first);
     // Served one after the other, these four would hold the source for 40 s, past the
     // 30 s its --io-timeout waits for the destination's challenge.

@@ -44,20 +44,6 @@ fn wait_kvm_tx_above(path: &Path, than: u64) -> u64 {
     }
 }
 
-/// Waits (bounded) until `p` wrote `needle` to stderr.
-fn wait_stderr(p: &Proc, needle: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !p.stderr().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "{}: no {needle:?} on stderr: {}",
-            p.name,
-            p.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// `vmstream send --kvm` of a 2-vCPU guest on `src` to `port` (`extra` may name the
 /// workload; dbsim by default).
 fn kvm_sender(src: &Path, size: &str, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
@@ -222,9 +208,9 @@ fn receiver_killed_mid_migration_leaves_the_kvm_guest_running() {
     std::thread::sleep(Duration::from_millis(1500));
     recv.child.kill().unwrap();
     recv.wait_exit();
-    wait_stderr(&send, "migration failed");
+    send.wait_stderr("migration failed");
     // stderr is unbuffered: the failure line may arrive in pieces, the note after it.
-    wait_stderr(&send, "keeps running in this process");
+    send.wait_stderr("keeps running in this process");
     // The VM lives in the send process, which is still running it: its counters (read
     // from the shared RAM file) keep growing.
     let tx = kvm_tx(&src, 2);
@@ -275,8 +261,8 @@ fn corrupted_state_blob_is_refused_before_the_commit() {
             && err.contains("nothing committed"),
         "{err}"
     );
-    wait_stderr(&send, "migration failed");
-    wait_stderr(&send, "StateRejected");
+    send.wait_stderr("migration failed");
+    send.wait_stderr("StateRejected");
     // The source guest was resumed and keeps running.
     let tx = kvm_tx(&src, 2);
     wait_kvm_tx_above(&src, tx);
@@ -321,7 +307,7 @@ fn cancelled_kvm_migration(
     args.extend_from_slice(extra);
     let mut send = kvm_sender(&src, "16M", port, &args, &[]);
     cancel(&send, &recv);
-    wait_stderr(&send, &format!("cancelled: {reason}"));
+    send.wait_stderr(&format!("cancelled: {reason}"));
     let tx = kvm_tx(&src, 2);
     wait_kvm_tx_above(&src, tx);
     let (status, _) = send.wait_exit();
@@ -360,7 +346,7 @@ fn sigint_cancels_the_migration_and_the_kvm_guest_keeps_running() {
         "4M",
         &[],
         |send, recv| {
-            wait_stderr(recv, "connection from");
+            recv.wait_stderr("connection from");
             std::thread::sleep(Duration::from_millis(300));
             send_signal("INT", &send.pid().to_string());
         },

@@ -5,8 +5,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -15,6 +13,7 @@ use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
 use super::dest::{receive_migration, KvmResumed};
+use super::interrupt::OnInterrupt;
 use super::migratable::open_guest;
 use super::source::{migrate, Outcome};
 use super::source_guest::{DirtyTracking, GuestSpec};
@@ -318,35 +317,6 @@ fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
     let _ = out.flush();
 }
 
-/// SIGINT and SIGTERM set a cancel flag while this lives; afterwards they act as by default
-/// again (end the process).
-struct CancelOnSignals {
-    cancel: Arc<AtomicBool>,
-    act_by_default: Arc<AtomicBool>,
-}
-
-impl CancelOnSignals {
-    fn install() -> std::io::Result<CancelOnSignals> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let s = CancelOnSignals {
-            cancel: Arc::new(AtomicBool::new(false)),
-            act_by_default: Arc::new(AtomicBool::new(false)),
-        };
-        for signal in [SIGINT, SIGTERM] {
-            // (signal-hook cannot restore the default action on unregistering: emulate it.)
-            signal_hook::flag::register_conditional_default(signal, s.act_by_default.clone())?;
-            signal_hook::flag::register(signal, s.cancel.clone())?;
-        }
-        Ok(s)
-    }
-}
-
-impl Drop for CancelOnSignals {
-    fn drop(&mut self) {
-        self.act_by_default.store(true, Ordering::Relaxed);
-    }
-}
-
 /// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
 pub fn run_send(args: &SendArgs) -> ExitCode {
     let mut cfg = match args.to_config() {
@@ -367,14 +337,14 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     let _ = std::io::stdout().flush();
     // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
     // than end this process (and with it a KVM guest, or a paused guest process's resume).
-    let signals = match CancelOnSignals::install() {
+    let signals = match OnInterrupt::install() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmstream send: handling SIGINT/SIGTERM: {e}");
             return ExitCode::FAILURE;
         }
     };
-    cfg.cancel = Some(signals.cancel.clone());
+    cfg.cancel = Some(signals.flag());
     let mut stats = MigrationStats {
         role: "source",
         guest_bytes: guest.size(),
@@ -469,7 +439,7 @@ fn run_resumed_kvm(kvm: KvmResumed, cfg: &RecvConfig, stats: &mut MigrationStats
 
 /// `vmstream recv`: receive one migration, commit it, optionally run the guest.
 pub fn run_recv(args: &RecvArgs) -> ExitCode {
-    let cfg = match args.to_config() {
+    let mut cfg = match args.to_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmstream recv: {e}");
@@ -483,7 +453,19 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     stats
         .settings
         .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
-    let received = match receive_migration(&cfg, &mut stats) {
+    // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
+    // temporary image removed, the source told.
+    let signals = match OnInterrupt::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmstream recv: handling SIGINT/SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    cfg.cancel = Some(signals.flag());
+    let received = receive_migration(&cfg, &mut stats);
+    drop(signals);
+    let received = match received {
         Ok(r) => r,
         Err(e) => {
             stats.outcome = "failed".into();
@@ -501,8 +483,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     };
     // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and we
-    // exit 0 if it is healthy (during the migration they still kill the receiver, which
-    // commits nothing).
+    // exit 0 if it is healthy.
     if let Err(e) = crate::guest::stop_on_signals() {
         eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
     }

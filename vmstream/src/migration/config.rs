@@ -151,6 +151,10 @@ pub struct RecvConfig {
     pub io_timeout: Duration,
     /// Pre-shared key: admit only sources that prove it (`super::auth`).
     pub auth_key: Option<AuthKey>,
+    /// Set to `true` (from any thread, or a signal handler) to end the receive: until the
+    /// source's final digest is read it fails with [`super::error::RecvError::Interrupted`]
+    /// (nothing committed, the source told); after that the commit completes.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl RecvConfig {
@@ -167,6 +171,7 @@ impl RecvConfig {
             max_size: 1 << 40,
             io_timeout: Duration::from_secs(120),
             auth_key: None,
+            cancel: None,
         }
     }
 }

@@ -11,7 +11,8 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
@@ -24,6 +25,7 @@ use super::digest::{hex, PageHashes};
 use super::error::RecvError;
 use super::image::PendingImage;
 use super::impact::{sample_destination, DESTINATION_WINDOW};
+use super::interrupt;
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
 use super::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use super::wire::{
@@ -728,12 +730,21 @@ pub fn receive_migration(
     let mut admissions = Admissions::new(listener, cfg.auth_key.clone(), cfg.io_timeout)
         .map_err(|e| RecvError::Listen(local.to_string(), e))?;
     let source = loop {
-        match admissions.next(Duration::from_secs(1)) {
+        if interrupt::requested(cfg.cancel.as_ref()) {
+            return Err(RecvError::Interrupted);
+        }
+        match admissions.next(Duration::from_millis(200)) {
             Ok(Some(opening)) => break opening,
             Ok(None) => {}
             Err(e) => return Err(RecvError::Listen(local.to_string(), e)),
         }
     };
+    let _watch = cfg
+        .cancel
+        .as_ref()
+        .map(|flag| InterruptWatch::start(flag.clone(), source.reader.get_ref()))
+        .transpose()
+        .map_err(RecvError::Socket)?;
     // Kept while the handshake tells whether more channels follow.
     let channels = DestChannels::new(admissions);
     let mut dest = Dest {
@@ -753,7 +764,10 @@ pub fn receive_migration(
         kvm: None,
         verify_view: None,
     };
-    let result = dest.run();
+    let mut result = dest.run();
+    if result.is_err() && interrupt::requested(cfg.cancel.as_ref()) {
+        result = Err(RecvError::Interrupted);
+    }
     let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
     if let Err(e) = &result {
         let code = match e {
@@ -775,6 +789,40 @@ pub fn receive_migration(
     }
     stats.cpu = CpuTime::now();
     result.map(|()| Received { guest, kvm })
+}
+
+/// Ends a receive that is waiting for the source once `RecvConfig::cancel` is set: shuts
+/// the read side of channel 0, so a blocked read ends (with more channels, the others are
+/// shut when the rounds end early). Writes still work: the source is told why. Stops
+/// watching when dropped.
+struct InterruptWatch {
+    done: Arc<AtomicBool>,
+}
+
+impl InterruptWatch {
+    fn start(flag: Arc<AtomicBool>, channel0: &TcpStream) -> std::io::Result<InterruptWatch> {
+        let socket = channel0.try_clone()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let watching = done.clone();
+        std::thread::Builder::new()
+            .name("vmstream-interrupt".into())
+            .spawn(move || {
+                while !watching.load(Ordering::Relaxed) {
+                    if flag.load(Ordering::Relaxed) {
+                        let _ = socket.shutdown(std::net::Shutdown::Read);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })?;
+        Ok(InterruptWatch { done })
+    }
+}
+
+impl Drop for InterruptWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The temporary file a receive into `target` uses (for tests and cleanup tools).

@@ -85,6 +85,9 @@ pub enum RecvError {
     /// Bad options.
     #[error("{0}")]
     Config(String),
+    /// `RecvConfig::cancel` was set (SIGINT or SIGTERM on the command line).
+    #[error("interrupted (SIGINT or SIGTERM)")]
+    Interrupted,
     /// Listening or accepting failed.
     #[error("listening on {0}: {1}")]
     Listen(String, std::io::Error),

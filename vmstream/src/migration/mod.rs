@@ -58,6 +58,7 @@ pub mod digest;
 pub mod error;
 pub mod image;
 pub mod impact;
+pub mod interrupt;
 pub mod migratable;
 pub mod seal;
 pub mod source;

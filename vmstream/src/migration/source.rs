@@ -164,9 +164,7 @@ impl RoundIo {
 impl RoundIo {
     /// Whether `SendConfig::cancel` was set.
     fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+        super::interrupt::requested(self.cancel.as_ref())
     }
 }
 
@@ -617,11 +615,7 @@ pub fn migrate(
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
-    if cfg
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
-    {
+    if super::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }
     let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64)?;
