@@ -13,7 +13,7 @@ use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
 use super::dest::{receive_migration, KvmResumed};
-use super::interrupt::OnInterrupt;
+use super::interrupt::flag_on_interrupt;
 use super::migratable::open_guest;
 use super::source::{migrate, Outcome};
 use super::source_guest::{DirtyTracking, GuestSpec};
@@ -337,14 +337,13 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     let _ = std::io::stdout().flush();
     // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
     // than end this process (and with it a KVM guest, or a paused guest process's resume).
-    let signals = match OnInterrupt::install() {
-        Ok(s) => s,
+    match flag_on_interrupt() {
+        Ok(flag) => cfg.cancel = Some(flag),
         Err(e) => {
             eprintln!("vmstream send: handling SIGINT/SIGTERM: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    cfg.cancel = Some(signals.flag());
+    }
     let mut stats = MigrationStats {
         role: "source",
         guest_bytes: guest.size(),
@@ -378,7 +377,6 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
     }
     let result = migrate(&cfg, guest.as_mut(), &mut stats);
-    drop(signals);
     if stats.guest_bytes > 0 {
         stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
     }
@@ -455,17 +453,14 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
     // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
     // temporary image removed, the source told.
-    let signals = match OnInterrupt::install() {
-        Ok(s) => s,
+    match flag_on_interrupt() {
+        Ok(flag) => cfg.cancel = Some(flag),
         Err(e) => {
             eprintln!("vmstream recv: handling SIGINT/SIGTERM: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    cfg.cancel = Some(signals.flag());
-    let received = receive_migration(&cfg, &mut stats);
-    drop(signals);
-    let received = match received {
+    }
+    let received = match receive_migration(&cfg, &mut stats) {
         Ok(r) => r,
         Err(e) => {
             stats.outcome = "failed".into();

@@ -7,40 +7,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// SIGINT and SIGTERM set [`OnInterrupt::flag`] while this lives; afterwards they act as
-/// by default again (end the process).
-#[derive(Debug)]
-pub struct OnInterrupt {
-    flag: Arc<AtomicBool>,
-    act_by_default: Arc<AtomicBool>,
-}
-
-impl OnInterrupt {
-    /// Registers the handlers.
-    pub fn install() -> std::io::Result<OnInterrupt> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let s = OnInterrupt {
-            flag: Arc::new(AtomicBool::new(false)),
-            act_by_default: Arc::new(AtomicBool::new(false)),
-        };
-        for signal in [SIGINT, SIGTERM] {
-            // (signal-hook cannot restore the default action on unregistering: emulate it.)
-            signal_hook::flag::register_conditional_default(signal, s.act_by_default.clone())?;
-            signal_hook::flag::register(signal, s.flag.clone())?;
-        }
-        Ok(s)
+/// From now on SIGINT and SIGTERM set the returned flag instead of ending the process.
+/// Whatever runs after the migration installs its own handling if it runs on (a resumed
+/// guest's clean stop, the KVM run loop's); signal-hook cannot give the default action
+/// back.
+pub fn flag_on_interrupt() -> std::io::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(signal, flag.clone())?;
     }
-
-    /// Set once SIGINT or SIGTERM arrived.
-    pub fn flag(&self) -> Arc<AtomicBool> {
-        self.flag.clone()
-    }
-}
-
-impl Drop for OnInterrupt {
-    fn drop(&mut self) {
-        self.act_by_default.store(true, Ordering::Relaxed);
-    }
+    Ok(flag)
 }
 
 /// Whether `flag` (a `cancel` setting) is set.
