@@ -267,6 +267,9 @@ impl Source<'_> {
     /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
     /// running.
     fn cancel(&mut self, reason: &str) -> Result<Outcome, SendError> {
+        // The destination throws away what the round sent so far: do not make the Abort
+        // wait behind it on a slow link.
+        self.io.channels.discard_packets();
         self.io.channels.send_message(&Message::Abort(Abort {
             code: AbortCode::Cancelled,
             reason: reason.into(),

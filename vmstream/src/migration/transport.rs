@@ -11,7 +11,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender as ChannelSender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -459,6 +459,8 @@ pub struct Link {
     returned: Receiver<Packet>,
     sent: Arc<AtomicU64>,
     error: Arc<Mutex<Option<io::Error>>>,
+    /// Set by [`Link::discard_packets`].
+    discard: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -490,15 +492,17 @@ impl Link {
         let mut writer =
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
         writer.corrupt_byte_at(corrupt_at);
-        let (s, e) = (Arc::clone(&sent), Arc::clone(&error));
+        let discard = Arc::new(AtomicBool::new(false));
+        let (s, e, d) = (Arc::clone(&sent), Arc::clone(&error), Arc::clone(&discard));
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e))?;
+            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e, &d))?;
         Ok(Link {
             queue: Some(queue),
             returned,
             sent,
             error,
+            discard,
             thread: Some(thread),
         })
     }
@@ -534,6 +538,13 @@ impl Link {
         self.push(Outgoing::Seal(Box::new(sealer)))
     }
 
+    /// From now on packets, queued or not, are dropped unwritten (whole frames: the stream
+    /// stays well formed); messages are still written. For a migration that is given up,
+    /// so that its `Abort` does not wait behind data the destination will throw away.
+    pub fn discard_packets(&self) {
+        self.discard.store(true, Ordering::Relaxed);
+    }
+
     /// Waits until everything queued is written, then stops the writer thread.
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.queue = None;
@@ -559,11 +570,16 @@ fn writer_loop(
     give_back: ChannelSender<Packet>,
     sent: &AtomicU64,
     error: &Mutex<Option<io::Error>>,
+    discard: &AtomicBool,
 ) {
     for job in jobs {
         let result = match job {
             Outgoing::Packet(p) => {
-                let r = writer.write_packet(p.bytes());
+                let r = if discard.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    writer.write_packet(p.bytes())
+                };
                 let _ = give_back.send(p);
                 r
             }
@@ -649,6 +665,42 @@ mod tests {
             packets: 1,
             barrier_ns: 0,
         })
+    }
+
+    /// After `discard_packets` a link writes no packet, queued or new, and still writes
+    /// messages, frame by frame (what a cancelled migration's `Abort` relies on).
+    #[test]
+    fn discarded_packets_are_not_written_and_messages_still_are() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let mut config = vmstream_codec::SenderConfig::new(2);
+        config.batch_pages = 1;
+        let mut codec = vmstream_codec::Sender::new(config).unwrap();
+        codec.push(0, &[7u8; 4096]).unwrap();
+        codec.push(1, &[9u8; 4096]).unwrap();
+        codec.end_round().unwrap();
+        let (first, second) = (codec.poll().unwrap(), codec.poll().unwrap());
+        let (first_bytes, second_bytes) = (first.bytes().to_vec(), second.bytes().to_vec());
+        let mut link = Link::new(client, None).unwrap();
+        let mut r = FrameReader::new(server, Some(Duration::from_secs(5)));
+        link.send_packet(first).unwrap();
+        link.send_message(&ack()).unwrap();
+        assert!(matches!(r.read_frame().unwrap(), Frame::Packet(p) if p == first_bytes));
+        assert!(matches!(r.read_frame().unwrap(), Frame::Control(m) if m == ack()));
+        link.discard_packets();
+        link.send_packet(second).unwrap();
+        let abort = Message::Abort(Abort {
+            code: AbortCode::Cancelled,
+            reason: "given up".into(),
+        });
+        link.send_message(&abort).unwrap();
+        link.finish().unwrap();
+        match r.read_frame().unwrap() {
+            Frame::Control(m) => assert_eq!(m, abort),
+            Frame::Packet(p) => panic!("a discarded packet was written ({})", p == second_bytes),
+        }
+        assert!(matches!(r.read_frame(), Err(TransportError::Closed)));
     }
 
     #[test]

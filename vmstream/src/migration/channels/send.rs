@@ -338,6 +338,14 @@ impl SourceChannels {
         })
     }
 
+    /// Drops the packets queued on every channel, and those queued later, unwritten (see
+    /// [`Link::discard_packets`]): the migration is given up.
+    pub fn discard_packets(&mut self) {
+        for c in &self.channels {
+            c.link.discard_packets();
+        }
+    }
+
     /// Sends a control message on channel 0 (after everything queued there before).
     pub fn send_message(&mut self, msg: &Message) -> Result<(), SendError> {
         Ok(self.channels[0].link.send_message(msg)?)
