@@ -5,8 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 use vmstream_xbzrle::{decode, encode, encode_compact, EncodeError};
 
-/// Builds `old` from the seed bytes and `new` by applying `edits`
-/// (position, value) pairs, so the fuzzer controls where pages differ.
+// Builds `old` from the seed bytes and `new` by applying `edits`
+// (position, value) pairs, so the fuzzer controls where pages differ.
 fuzz_target!(|input: (u16, u16, Vec<u8>, Vec<(u16, u8)>)| {
     let (len, dlen, seed, edits) = input;
     let len = usize::from(len) % 4097;
