@@ -94,8 +94,11 @@ pub fn remove_stale_temps(target: &Path) -> Result<Vec<PathBuf>, ImageError> {
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        // A receiver in another pid namespace (another container on a shared directory)
+        // is not in our /proc, but it holds its image's lock.
         let path = entry.path();
-        if std::fs::remove_file(&path).is_ok() {
+        let unused = File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+        if unused && std::fs::remove_file(&path).is_ok() {
             removed.push(path);
         }
     }
@@ -113,6 +116,13 @@ impl PendingImage {
         }
         let tmp = temp_path(target)?;
         let memory = GuestMemory::create(&tmp, size)?;
+        // Held while the file is open: tells `remove_stale_temps` elsewhere it is in use.
+        if let Err(e) = memory.file().try_lock() {
+            eprintln!(
+                "vmstream recv: warning: could not lock {}: {e}",
+                tmp.display()
+            );
+        }
         Ok(PendingImage {
             target: target.to_path_buf(),
             tmp,
@@ -207,12 +217,17 @@ mod tests {
         let stale = d.join(format!(".guest.img.vmstream-recv-{dead}"));
         let running = d.join(".guest.img.vmstream-recv-1"); // init runs
         let other = d.join(format!(".other.img.vmstream-recv-{dead}"));
-        for p in [&stale, &running, &other] {
+        // A dead pid here, but locked: a receiver in another pid namespace.
+        let elsewhere = d.join(format!(".guest.img.vmstream-recv-{}", dead + 1_000_000));
+        for p in [&stale, &running, &other, &elsewhere] {
             std::fs::write(p, b"x").unwrap();
         }
+        let lock = File::open(&elsewhere).unwrap();
+        lock.try_lock().unwrap();
         let img = PendingImage::create(&target, 8192).unwrap();
         assert!(!stale.exists());
-        assert!(running.exists() && other.exists());
+        assert!(running.exists() && other.exists() && elsewhere.exists());
+        drop(lock);
         assert!(img.temp_path().exists());
         drop(img);
         std::fs::remove_dir_all(&d).unwrap();
