@@ -25,8 +25,17 @@ enum Command {
     #[command(subcommand)]
     Guest(GuestCommand),
     /// Start (or attach to) a guest and migrate it live to a receiver.
+    ///
+    /// Exit code: 0 committed, 1 failed, 2 bad arguments, 3 cancelled (at --timeout with
+    /// --on-timeout cancel, or by SIGINT/SIGTERM before the final round). Whenever the
+    /// migration does not commit, the source guest keeps running (a KVM guest as
+    /// --on-failure says) and the receiver commits nothing.
     Send(vmstream::migration::SendArgs),
     /// Receive a migrating guest, commit its memory, optionally run it.
+    ///
+    /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed, 2 bad
+    /// arguments. SIGINT/SIGTERM before the source's final digest end the receive: nothing
+    /// committed, the temporary image removed, the source told.
     Recv(vmstream::migration::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
     Plot(vmstream::plot::PlotArgs),
