@@ -522,6 +522,13 @@ impl CuttingProxy {
     }
 }
 
+/// After a migration that did not commit, the file-backed guest on `src` still runs: its
+/// transaction count moves on.
+pub fn assert_source_guest_runs(src: &Path) {
+    let tx = read_tx_count(src);
+    wait_tx_above(src, tx);
+}
+
 /// Sends SIG`signal` (e.g. `INT`) to `target`: a pid, or `-PGID` for a process group.
 pub fn send_signal(signal: &str, target: &str) {
     let status = Command::new("kill")

@@ -16,13 +16,6 @@ fn assert_not_committed(dir: &TmpDir, dst: &Path, before: Option<&[u8]>) {
     let _ = dir;
 }
 
-/// After a failure the sender leaves its guest running: checks that it still commits
-/// transactions (the caller's `KillPid` guard ends it).
-fn assert_source_guest_runs(src: &Path) {
-    let tx = read_tx_count(src);
-    wait_tx_above(src, tx);
-}
-
 /// The guest pid the sender announced, killed when the guard drops (even if the test
 /// fails earlier).
 fn guard_guest(send: &mut Proc) -> KillPid {
