@@ -372,6 +372,23 @@ fn check_magic_version(kind: FrameType, f: &mut Fields<'_>) -> Result<(), WireEr
     Ok(())
 }
 
+/// The fields of a versioned body (`Hello`, `HelloReply`, `ChannelHello`, `AuthHello`)
+/// after its magic and version, which are checked first: a peer of another version may use
+/// another length. Then `length` checks the length.
+fn versioned_body(
+    kind: FrameType,
+    body: &[u8],
+    length: impl FnOnce(&[u8]) -> Result<(), WireError>,
+) -> Result<Fields<'_>, WireError> {
+    if body.len() >= 10 {
+        check_magic_version(kind, &mut Fields::new(body))?;
+    }
+    length(body)?;
+    let mut f = Fields::new(body);
+    f.bytes(10);
+    Ok(f)
+}
+
 /// Which kind of guest is migrated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[repr(u8)]
@@ -468,13 +485,7 @@ impl Hello {
 
     fn decode(body: &[u8]) -> Result<Hello, WireError> {
         const K: FrameType = FrameType::Hello;
-        // Magic and version first: a peer of another version may use another length.
-        if body.len() >= 10 {
-            check_magic_version(K, &mut Fields::new(body))?;
-        }
-        exact(K, body, Self::LEN)?;
-        let mut f = Fields::new(body);
-        f.bytes(10);
+        let mut f = versioned_body(K, body, |b| exact(K, b, Self::LEN))?;
         let kind_tag = f.u8();
         let guest_kind = GuestKind::from_tag(kind_tag).ok_or(WireError::BadField {
             kind: K.name(),
@@ -602,12 +613,7 @@ impl HelloReply {
 
     fn decode(body: &[u8]) -> Result<HelloReply, WireError> {
         const K: FrameType = FrameType::HelloReply;
-        if body.len() >= 10 {
-            check_magic_version(K, &mut Fields::new(body))?;
-        }
-        at_least(K, body, Self::FIXED_LEN, MAX_REASON_LEN)?;
-        let mut f = Fields::new(body);
-        f.bytes(10);
+        let mut f = versioned_body(K, body, |b| at_least(K, b, Self::FIXED_LEN, MAX_REASON_LEN))?;
         let code = f.u8();
         let refuse = RefuseCode::from_tag(code).ok_or(WireError::BadField {
             kind: K.name(),
@@ -661,12 +667,7 @@ impl ChannelHello {
 
     fn decode(body: &[u8]) -> Result<ChannelHello, WireError> {
         const K: FrameType = FrameType::ChannelHello;
-        if body.len() >= 10 {
-            check_magic_version(K, &mut Fields::new(body))?;
-        }
-        exact(K, body, Self::LEN)?;
-        let mut f = Fields::new(body);
-        f.bytes(10);
+        let mut f = versioned_body(K, body, |b| exact(K, b, Self::LEN))?;
         let index = f.u16();
         let count = f.u16();
         let reserved = f.u16();
@@ -716,12 +717,7 @@ impl AuthHello {
 
     fn decode(body: &[u8]) -> Result<AuthHello, WireError> {
         const K: FrameType = FrameType::AuthHello;
-        if body.len() >= 10 {
-            check_magic_version(K, &mut Fields::new(body))?;
-        }
-        exact(K, body, Self::LEN)?;
-        let mut f = Fields::new(body);
-        f.bytes(10);
+        let mut f = versioned_body(K, body, |b| exact(K, b, Self::LEN))?;
         if f.bytes(6).iter().any(|&b| b != 0) {
             return Err(WireError::BadField {
                 kind: K.name(),
