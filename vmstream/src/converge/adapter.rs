@@ -90,7 +90,8 @@ impl Converger {
         } else {
             0.0
         };
-        let bytes_sent = bw * duration.as_secs_f64();
+        // The bandwidth is the transfer's: the round trip the round waited carried nothing.
+        let bytes_sent = bw * duration.saturating_sub(obs.round_trip).as_secs_f64();
         self.total_bytes += bytes_sent;
         self.total_secs += duration.as_secs_f64();
         let remaining = obs.pending_pages as f64 * obs.bytes_per_page.max(0.0);
@@ -112,7 +113,9 @@ impl Converger {
             } else {
                 u64::MAX
             },
-            downtime_limit: self.limit,
+            // The strategies weigh bytes against bandwidth; the last bytes' travel time
+            // comes off their limit.
+            downtime_limit: self.limit.saturating_sub(obs.round_trip / 2),
         }
     }
 }
@@ -158,6 +161,7 @@ mod tests {
             pending_pages: pending,
             bytes_per_page: 4096.0,
             bandwidth: 10e6,
+            round_trip: Duration::ZERO,
             dirty_rate: 0.0,
         }
     }

@@ -20,14 +20,19 @@ pub struct RoundObservation {
     pub pending_pages: u64,
     /// Expected wire bytes per pending page (from the last round's encoding).
     pub bytes_per_page: f64,
-    /// Bandwidth the last round achieved, bytes per second.
+    /// Transfer bandwidth, bytes per second: wire bytes over the time they took, without
+    /// the round trips spent waiting for acknowledgements.
     pub bandwidth: f64,
+    /// The round trip to the destination. The last pages arrive half of it after the
+    /// pause at best.
+    pub round_trip: Duration,
     /// Pages the guest dirtied per second during the last round.
     pub dirty_rate: f64,
 }
 
 impl RoundObservation {
-    /// Expected downtime if the switchover happened now: remaining bytes / bandwidth.
+    /// Expected downtime if the switchover happened now: remaining bytes / bandwidth, plus
+    /// the half round trip the last of them travel (zero when nothing remains).
     pub fn expected_downtime(&self) -> Duration {
         let bytes = self.pending_pages as f64 * self.bytes_per_page;
         if bytes <= 0.0 {
@@ -36,7 +41,10 @@ impl RoundObservation {
         if self.bandwidth <= 0.0 || !self.bandwidth.is_finite() {
             return Duration::MAX;
         }
-        Duration::try_from_secs_f64(bytes / self.bandwidth).unwrap_or(Duration::MAX)
+        Duration::try_from_secs_f64(bytes / self.bandwidth)
+            .ok()
+            .and_then(|t| t.checked_add(self.round_trip / 2))
+            .unwrap_or(Duration::MAX)
     }
 }
 
@@ -113,6 +121,7 @@ mod tests {
             pending_pages: pending,
             bytes_per_page: 1000.0,
             bandwidth,
+            round_trip: Duration::ZERO,
             dirty_rate: 0.0,
         }
     }
@@ -125,6 +134,28 @@ mod tests {
         );
         assert_eq!(obs(0, 0.0, 0).expected_downtime(), Duration::ZERO);
         assert_eq!(obs(1, 0.0, 0).expected_downtime(), Duration::MAX);
+    }
+
+    #[test]
+    fn expected_downtime_adds_half_the_round_trip() {
+        let far = RoundObservation {
+            round_trip: Duration::from_millis(600),
+            ..obs(300, 1_000_000.0, 0)
+        };
+        assert_eq!(far.expected_downtime(), Duration::from_millis(600));
+        // Nothing left to send: the switchover waits for no page.
+        let done = RoundObservation {
+            pending_pages: 0,
+            ..far
+        };
+        assert_eq!(done.expected_downtime(), Duration::ZERO);
+        let mut p = DowntimePolicy {
+            limit: Duration::from_millis(300),
+            timeout: None,
+            on_timeout: OnTimeout::Cancel,
+        };
+        assert_eq!(p.decide(&far), Decision::Continue);
+        assert_eq!(p.decide(&done), Decision::Switchover { forced: false });
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //!                                <- RoundAck { round, records, packets }   (barrier passed)
 //!   round n: Packet* (pages dirtied during round n-1), RoundEnd ->, <- RoundAck
 //!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
-//!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->, <- RoundAck
+//!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->
 //!   GuestState { kind, tx count, blob (KVM: vCPU state, validated before the commit) } ->
 //!   Digest { memory digest at the pause (digest.rs), paused-at instant } ->
+//!                                <- RoundAck (of the final round; the two messages above
+//!                                   do not wait for it: a round trip less of pause)
 //!                                   recompute digest; equal: fsync + rename temp over PATH
 //!                                <- CommitReply { committed | digest mismatch | failed }
 //!   [source guest ended]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::channels::SourceChannels;
+use super::channels::{ChannelRound, SourceChannels};
 use super::config::SendConfig;
 use super::convergence::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
 use super::digest::{hex, memory_digest, memory_digest_sparse};
@@ -85,6 +85,18 @@ struct RoundIo {
     progress: Progress,
     /// `SendConfig::cancel`.
     cancel: Option<Arc<AtomicBool>>,
+    /// The round trip to the destination, at most: the shortest exchange seen (the
+    /// handshake, or a round from its first page to its acknowledgement).
+    round_trip: Duration,
+}
+
+/// A round whose pages and `RoundEnd` are queued and whose acknowledgement is awaited.
+struct RoundInFlight {
+    round: u64,
+    flags: u32,
+    pages: u64,
+    started: Instant,
+    sent: ChannelRound,
 }
 
 impl RoundIo {
@@ -93,10 +105,22 @@ impl RoundIo {
         &mut self,
         round: u64,
         pages: &[u64],
-        mut src: PageSource<'_>,
+        src: PageSource<'_>,
         flags: u32,
     ) -> Result<RoundStats, SendError> {
-        let t0 = Instant::now();
+        let r = self.send_pages(round, pages, src, flags)?;
+        self.await_ack(r)
+    }
+
+    /// Queues a round's pages and then its `RoundEnd` on every channel.
+    fn send_pages(
+        &mut self,
+        round: u64,
+        pages: &[u64],
+        mut src: PageSource<'_>,
+        flags: u32,
+    ) -> Result<RoundInFlight, SendError> {
+        let started = Instant::now();
         let last = flags & ROUND_FINAL != 0;
         self.progress.round(round, pages.len() as u64, last);
         for (i, &p) in pages.iter().enumerate() {
@@ -131,6 +155,26 @@ impl RoundIo {
         }
         // Every channel ends the round; the one acknowledgement covers them all.
         let sent = self.channels.end_round(round, flags)?;
+        Ok(RoundInFlight {
+            round,
+            flags,
+            pages: pages.len() as u64,
+            started,
+            sent,
+        })
+    }
+
+    /// Reads the acknowledgement of `r` and checks it covers everything sent. The round's
+    /// duration (from its first page to the acknowledgement) includes one round trip,
+    /// which also bounds the round trip from above.
+    fn await_ack(&mut self, r: RoundInFlight) -> Result<RoundStats, SendError> {
+        let RoundInFlight {
+            round,
+            flags,
+            pages,
+            started,
+            sent,
+        } = r;
         let (codec, end) = (sent.codec, sent.total);
         let ack = match self.reader.read_frame()? {
             Frame::Control(Message::RoundAck(a)) if a.round == round => a,
@@ -142,13 +186,14 @@ impl RoundIo {
                 ack.records, ack.packets, end.records, end.packets
             )));
         }
-        let duration = t0.elapsed().max(Duration::from_micros(1));
+        let duration = started.elapsed().max(Duration::from_micros(1));
+        self.round_trip = self.round_trip.min(duration);
         let wire =
             codec.packet_bytes + codec.packets * FRAME_HEADER_LEN as u64 + sent.end_frame_bytes;
         let mut rs = RoundStats {
             round,
             paused: flags & ROUND_FINAL != 0,
-            dirty_pages: pages.len() as u64,
+            dirty_pages: pages,
             wire_bytes: wire,
             duration_ms: duration.as_secs_f64() * 1e3,
             bandwidth_bytes_per_s: wire as f64 / duration.as_secs_f64(),
@@ -235,7 +280,7 @@ struct Source<'a> {
     throttle_request: Arc<AtomicU64>,
     /// Throttle currently applied to the guest.
     throttle_now: f64,
-    /// When the digest was sent (the commit wait starts).
+    /// When the final round was acknowledged (the commit wait starts).
     switch_start: Option<Instant>,
     /// Hot-page deferral, if enabled.
     deferral: Option<HotPageDeferral>,
@@ -245,6 +290,8 @@ struct Source<'a> {
     impact: ImpactRecorder,
     /// How long the dirty-log collection that produced the next round's pages took.
     collect_time: Duration,
+    /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
+    bandwidth: Option<f64>,
 }
 
 impl Source<'_> {
@@ -308,9 +355,12 @@ impl Source<'_> {
     }
 
     fn handshake(&mut self) -> Result<SourceState, SendError> {
+        let asked = Instant::now();
         self.io.channels.send_hello(self.hello())?;
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
+                self.io.round_trip = asked.elapsed();
+                self.warn_if_out_of_reach();
                 self.stats
                     .settings
                     .insert("receiver_workers".into(), r.receiver_workers.to_string());
@@ -335,6 +385,39 @@ impl Source<'_> {
             round: 0,
             pages: (0..self.guest.size() / PAGE as u64).collect(),
         })
+    }
+
+    /// The last pages reach the destination half a round trip after the pause at best: a
+    /// downtime limit below that cannot be met, and the user should know before waiting.
+    fn warn_if_out_of_reach(&mut self) {
+        let rtt = self.io.round_trip;
+        self.stats.settings.insert(
+            "handshake_round_trip_ms".into(),
+            format!("{:.1}", rtt.as_secs_f64() * 1e3),
+        );
+        if rtt / 2 >= self.cfg.downtime_limit {
+            eprintln!(
+                "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
+                 no switchover can stay within the {:.0} ms downtime limit; the migration \
+                 iterates until --timeout (raise --downtime-limit to at least half the round trip)",
+                rtt.as_secs_f64() * 1e3,
+                self.cfg.downtime_limit.as_secs_f64() * 1e3
+            );
+        }
+    }
+
+    /// The transfer bandwidth after round `rs`: its wire bytes over its duration less the
+    /// round trip spent waiting for its acknowledgement. A round made mostly of that wait
+    /// says little about the link, and the estimate from an earlier round stands.
+    fn update_bandwidth(&mut self, rs: &RoundStats) -> f64 {
+        let duration = Duration::from_secs_f64(rs.duration_ms / 1e3);
+        let rtt = self.io.round_trip;
+        let transfer = duration.saturating_sub(rtt);
+        if self.bandwidth.is_none() || transfer >= rtt {
+            let secs = transfer.max(Duration::from_micros(1)).as_secs_f64();
+            self.bandwidth = Some(rs.wire_bytes as f64 / secs);
+        }
+        self.bandwidth.unwrap_or(rs.bandwidth_bytes_per_s)
     }
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
@@ -372,7 +455,8 @@ impl Source<'_> {
             elapsed: self.start.elapsed(),
             pending_pages: pending.len() as u64,
             bytes_per_page: self.bytes_per_page,
-            bandwidth: rs.bandwidth_bytes_per_s,
+            bandwidth: self.update_bandwidth(&rs),
+            round_trip: self.io.round_trip,
             dirty_rate: newly.len() as f64 / secs,
         };
         rs.dirty_pages_per_s = obs.dirty_rate;
@@ -462,7 +546,7 @@ impl Source<'_> {
         let memory = self.guest.paused_memory();
         // The digest is taken while the last pages travel: memory no longer changes.
         let t = Instant::now();
-        let (digest, rs) = std::thread::scope(|s| {
+        let (digest, in_flight) = std::thread::scope(|s| {
             let digest = s.spawn(|| {
                 let t = Instant::now();
                 let digest = match &data {
@@ -471,21 +555,14 @@ impl Source<'_> {
                 };
                 (digest, t.elapsed())
             });
-            let rs = io.send_round(round, &pages, PageSource::Frozen(memory), flags);
-            (digest.join().expect("digest thread"), rs)
+            let sent = io.send_pages(round, &pages, PageSource::Frozen(memory), flags);
+            (digest.join().expect("digest thread"), sent)
         });
         let (digest, digest_time) = digest;
-        let mut rs = rs?;
-        rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
-        phase("final_round_and_digest", t, self.stats);
-        self.stats
-            .switchover_ms
-            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
-        self.switch_start = Some(Instant::now());
-        self.impact.round(&rs, 0);
-        self.stats.per_round.push(rs);
-        self.stats.converged = !forced;
-        self.stats.digest = Some(hex(&digest));
+        let in_flight = in_flight?;
+        // The guest state and the digest follow the last pages at once, ahead of their
+        // acknowledgement: the destination reads them after the final round whenever they
+        // come, and the pause is shorter by a round trip. Only the commit reply decides.
         self.io
             .channels
             .send_message(&Message::GuestState(GuestState {
@@ -498,6 +575,17 @@ impl Source<'_> {
             guest_size: self.guest.size(),
             paused_at_unix_ns: paused_at_ns,
         }))?;
+        let mut rs = self.io.await_ack(in_flight)?;
+        rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
+        phase("final_round_and_digest", t, self.stats);
+        self.stats
+            .switchover_ms
+            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
+        self.switch_start = Some(Instant::now());
+        self.impact.round(&rs, 0);
+        self.stats.per_round.push(rs);
+        self.stats.converged = !forced;
+        self.stats.digest = Some(hex(&digest));
         Ok(SourceState::AwaitCommit {
             digest,
             paused_at_ns,
@@ -680,6 +768,7 @@ pub fn migrate(
             reader,
             progress: Progress::new(cfg.progress),
             cancel: cfg.cancel.clone(),
+            round_trip: Duration::MAX,
         },
         policy,
         stats,
@@ -693,6 +782,7 @@ pub fn migrate(
         round0_data: None,
         impact,
         collect_time: Duration::ZERO,
+        bandwidth: None,
     };
     source
         .stats
