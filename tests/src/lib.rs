@@ -145,8 +145,32 @@ impl Proc {
         Proc::spawn(name, args, envs, true)
     }
 
+    /// [`Proc::vmstream_job`] started with SIGINT ignored, as a shell script starts its
+    /// background jobs (`trap '' INT` and `exec`: an ignored signal stays ignored across
+    /// exec).
+    pub fn vmstream_job_ignoring_sigint(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let bin = vmstream_bin();
+        let mut wrapped = vec![
+            "-c",
+            "trap '' INT; exec \"$0\" \"$@\"",
+            bin.to_str().unwrap(),
+        ];
+        wrapped.extend_from_slice(args);
+        Proc::spawn_program(name, Path::new("sh"), &wrapped, envs, true)
+    }
+
     fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)], own_group: bool) -> Proc {
-        let mut cmd = Command::new(vmstream_bin());
+        Proc::spawn_program(name, &vmstream_bin(), args, envs, own_group)
+    }
+
+    fn spawn_program(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        own_group: bool,
+    ) -> Proc {
+        let mut cmd = Command::new(program);
         if own_group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }

@@ -97,6 +97,40 @@ fn ctrl_c_cancels_the_migration_and_the_guest_keeps_running() {
     assert_source_guest_runs(&dir.path("src.img"));
 }
 
+/// A sender started with SIGINT ignored (a shell script's background job) keeps it
+/// ignored: Ctrl-C in the terminal does not cancel the migration. SIGTERM still does.
+#[test]
+fn an_ignored_sigint_stays_ignored() {
+    let _g = serial();
+    let dir = TmpDir::new("sigint-ignored");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // 16 MiB at 4 MiB/s: round 0 takes 4 s.
+    let mut send = slow_sender_by(Proc::vmstream_job_ignoring_sigint, &dir, port, "4M", &[]);
+    let _guest = guard_guest(&mut send);
+    recv.wait_stderr("connection from");
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal("INT", &format!("-{}", send.pid()));
+    // Handled, it would cancel within a round's 256 pages (a quarter second here).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        send.child.try_wait().unwrap().is_none(),
+        "SIGINT ended the sender: {}",
+        send.stderr()
+    );
+    send_signal("TERM", &send.pid().to_string());
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "stderr: {}", send.stderr());
+    assert!(
+        send.stderr()
+            .contains("cancelled: on request (SIGINT or SIGTERM"),
+        "{}",
+        send.stderr()
+    );
+    expect_receiver_failure(&mut recv, &dst, &["source aborted (Cancelled)"]);
+    assert_source_guest_runs(&dir.path("src.img"));
+}
+
 /// SIGINT to the receiver in the middle of round 0 ends the receive cleanly: nothing
 /// committed and no temporary image left, the source told why, its guest still running.
 #[test]

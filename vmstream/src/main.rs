@@ -27,8 +27,9 @@ enum Command {
     /// Start (or attach to) a guest and migrate it live to a receiver.
     ///
     /// Exit code: 0 committed, 1 failed, 2 bad arguments, 3 cancelled (at --timeout with
-    /// --on-timeout cancel, or by SIGINT/SIGTERM before the final round). Whenever the
-    /// migration does not commit, the source guest keeps running (a KVM guest as
+    /// --on-timeout cancel, or by SIGINT/SIGTERM before the final round; a signal ignored
+    /// when vmstream started, as in a script's background job, stays ignored). Whenever
+    /// the migration does not commit, the source guest keeps running (a KVM guest as
     /// --on-failure says) and the receiver commits nothing.
     Send(vmstream::migration::SendArgs),
     /// Receive a migrating guest, commit its memory, optionally run it.
