@@ -97,6 +97,39 @@ fn ctrl_c_cancels_the_migration_and_the_guest_keeps_running() {
     assert_source_guest_runs(&dir.path("src.img"));
 }
 
+/// A source that dies between the destination's commit reply and its `Handover` (its guest
+/// ended): the destination keeps the committed image but does not resume the guest, since
+/// the source's copy may still run; it says why and exits 1.
+#[test]
+fn a_source_crash_after_the_commit_leaves_the_destination_copy_stopped() {
+    let _g = serial();
+    let dir = TmpDir::new("crash-after-commit");
+    let (dst, rj) = (dir.path("dst.img"), dir.path("recv.json"));
+    let (mut recv, port) = start_resuming_receiver(&dst, "1s", &rj);
+    let crash = vmstream::migration::source::CRASH_AFTER_COMMIT_ENV;
+    let mut send = slow_sender(&dir, port, "64M", &[(crash, "1")]);
+    let _guest = guard_guest(&mut send);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(70), "stderr: {}", send.stderr());
+    let (r_status, lines) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1), "{}", recv.stderr());
+    let err = recv.stderr();
+    assert!(
+        err.contains("committed")
+            && err.contains("the source did not confirm that its guest ended")
+            && !err.contains("nothing committed"),
+        "{err}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("ready ")),
+        "a guest started on the destination: {lines:?}"
+    );
+    let stats = read_stats(&rj);
+    assert_eq!(stats["outcome"], "committed");
+    // The committed image is whole: the workload's own check passes on it.
+    vmstream::verify::verify_file(&dst).expect("the committed image verifies");
+}
+
 /// A sender started with SIGINT ignored (a shell script's background job) keeps it
 /// ignored: Ctrl-C in the terminal does not cancel the migration. SIGTERM still does.
 #[test]

@@ -462,6 +462,16 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     }
     let received = match receive_migration(&cfg, &mut stats) {
         Ok(r) => r,
+        // After the commit (a guest that did not resume) the image stays committed.
+        Err(e) if stats.outcome == "committed" => {
+            stats.error = Some(e.to_string());
+            eprintln!(
+                "vmstream recv: committed {}, but {e}",
+                cfg.memory_file.display()
+            );
+            finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             stats.outcome = "failed".into();
             stats.error = Some(e.to_string());

@@ -4,8 +4,9 @@
 //! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd; then the digest of
 //!   the page hashes the codec workers kept, and with --resume the workload's verify)
 //!   --> AwaitGuestState --> AwaitDigest --> Committing --digest ok--> Committed
-//!   --> Resuming (optional: run the guest) --> Done
+//!   --Handover (the source guest ended)--> Resuming (optional: run the guest) --> Done
 //! any error before Committed: Abort sent, temporary image removed, Err returned
+//! no Handover after Committed: the image stays committed, no guest is run, Err returned
 //! ```
 
 use std::io::Write;
@@ -641,8 +642,27 @@ impl Dest<'_> {
         })
     }
 
+    /// Waits for the source's `Handover` (its guest ended). Without it a guest must not run
+    /// here: the source may have resumed its own copy.
+    fn await_handover(&mut self) -> Result<(), RecvError> {
+        match self.reader.read_frame() {
+            Ok(Frame::Control(Message::Handover(_))) => Ok(()),
+            Ok(other) => Err(RecvError::NoHandover(
+                unexpected("the handover", other).to_string(),
+            )),
+            Err(e) => Err(RecvError::NoHandover(e.to_string())),
+        }
+    }
+
     /// The image is committed: from here on errors do not roll anything back.
     fn committed(&mut self, paused_at_ns: u64) -> Result<DestState, RecvError> {
+        if let Err(e) = self.await_handover() {
+            if self.cfg.resume {
+                return Err(e);
+            }
+            // Nothing runs here: the image is in place all the same.
+            eprintln!("vmstream recv: warning: {e}");
+        }
         if self.guest_kind == GuestKind::Kvm {
             return self.committed_kvm(paused_at_ns);
         }

@@ -133,6 +133,14 @@ pub enum RecvError {
     /// The committed guest could not be resumed or failed verification.
     #[error("resumed guest: {0}")]
     Resume(String),
+    /// The image is committed, but the source did not confirm that its guest ended
+    /// (`Handover`), so the copy here was not started.
+    #[error(
+        "the source did not confirm that its guest ended ({0}): the committed image was not \
+         resumed here, so that the guest does not run twice; start it only once the source \
+         guest is known to be gone"
+    )]
+    NoHandover(String),
     /// A parallel channel failed, broke the round barrier or did not connect.
     #[error(transparent)]
     Channel(#[from] ChannelError),

@@ -19,7 +19,8 @@
 //!                                   recompute digest; equal: fsync + rename temp over PATH
 //!                                <- CommitReply { committed | digest mismatch | failed }
 //!   [source guest ended]
-//!                                   optional: resume the guest on PATH (verify first)
+//!   Handover { when it ended } ->   only now, optionally: resume the guest on PATH (verify
+//!                                   first); no Handover: never resumed (no two copies)
 //!                                <- Resumed { instant, running, tx count, cpu time }
 //!                                   if running: sample its tx counter for up to 2 s
 //!                                <- GuestSamples { (instant, tx count)* }

@@ -4,7 +4,7 @@
 //! Handshake --accepted--> Iterate(0) --policy: continue--> Iterate(n+1)
 //!                            |  \--policy: cancel, or SendConfig::cancel set--> Done(Cancelled)
 //!                            \--policy: switch over--> Switchover --> AwaitCommit
-//! AwaitCommit --committed--> Committed (source guest ended) --> Done(Committed)
+//! AwaitCommit --committed--> Committed (source guest ended, Handover sent) --> Done(Committed)
 //! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
 //! ```
 
@@ -23,14 +23,19 @@ use super::migratable::MigratableGuest;
 use super::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
 use super::transport::{Frame, FrameReader};
 use super::wire::{
-    Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Hello, Message, RefuseCode,
-    FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, FRAME_HEADER_LEN, PAGE_SIZE, ROUND_FINAL,
-    ROUND_FORCED,
+    Abort, AbortCode, CommitStatus, Digest, GuestKind, GuestState, Handover, Hello, Message,
+    RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, FRAME_HEADER_LEN, PAGE_SIZE,
+    ROUND_FINAL, ROUND_FORCED,
 };
 use crate::converge::defer::HotPageDeferral;
 use crate::converge::{Converger, Strategy};
 
 const PAGE: usize = PAGE_SIZE as usize;
+
+/// Set (to anything), `vmstream send` exits with status 70 right after the destination's
+/// commit reply, before ending its guest or sending `Handover`: a source that crashed at
+/// the worst moment, for the fault tests.
+pub const CRASH_AFTER_COMMIT_ENV: &str = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
 
 /// Why a migration cancelled through `SendConfig::cancel` ended.
 const CANCELLED: &str = "on request (SIGINT or SIGTERM from the command line)";
@@ -623,11 +628,31 @@ impl Source<'_> {
         }
     }
 
-    /// After the commit nothing may roll back: errors become warnings.
+    /// After the commit nothing may roll back: errors become warnings. The destination runs
+    /// its copy only once told that ours ended (`Handover`): never two running copies.
     fn committed(&mut self, paused_at_ns: u64) -> SourceState {
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
-        if let Err(e) = self.guest.terminate() {
-            eprintln!("vmstream send: warning: ending the source guest: {e}");
+        if std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some() {
+            eprintln!("vmstream send: {CRASH_AFTER_COMMIT_ENV} is set: exiting as if crashed");
+            std::process::exit(70);
+        }
+        let handover = match self.guest.terminate() {
+            Ok(()) => Message::Handover(Handover {
+                ended_at_unix_ns: unix_ns(SystemTime::now()),
+            }),
+            Err(e) => {
+                eprintln!(
+                    "vmstream send: warning: ending the source guest: {e}; the destination \
+                     keeps its committed copy stopped"
+                );
+                Message::Abort(Abort {
+                    code: AbortCode::SourceError,
+                    reason: format!("the source guest could not be ended: {e}"),
+                })
+            }
+        };
+        if let Err(e) = self.io.channels.send_message(&handover) {
+            eprintln!("vmstream send: warning: telling the destination our guest ended: {e}");
         }
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::Resumed(r))) => {

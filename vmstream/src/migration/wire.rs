@@ -12,7 +12,7 @@ use vmstream_codec::Compression;
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 12;
 /// Size of the checksum after a control message body.
@@ -70,13 +70,15 @@ pub enum FrameType {
     Resumed = 0x23,
     /// Destination -> source: the resumed guest's transaction counter over time.
     GuestSamples = 0x24,
+    /// Source -> destination: the source guest ended; the destination's copy may run.
+    Handover = 0x25,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 15] = [
+    pub const ALL: [FrameType; 16] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -91,6 +93,7 @@ impl FrameType {
         FrameType::CommitReply,
         FrameType::Resumed,
         FrameType::GuestSamples,
+        FrameType::Handover,
         FrameType::Abort,
     ];
 
@@ -116,6 +119,7 @@ impl FrameType {
             FrameType::CommitReply => CommitReply::FIXED_LEN + MAX_REASON_LEN,
             FrameType::Resumed => Resumed::LEN,
             FrameType::GuestSamples => GuestSamples::FIXED_LEN + 16 * GuestSamples::MAX_SAMPLES,
+            FrameType::Handover => Handover::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -138,6 +142,7 @@ impl FrameType {
             FrameType::CommitReply => "commit-reply",
             FrameType::Resumed => "resumed",
             FrameType::GuestSamples => "guest-samples",
+            FrameType::Handover => "handover",
             FrameType::Abort => "abort",
         }
     }
@@ -1081,6 +1086,32 @@ impl Resumed {
     }
 }
 
+/// `Handover`: the source ended its guest after the commit (8-byte body). The destination
+/// runs its copy only after this: if the source fails between the commit reply and here,
+/// the guest runs nowhere (the committed image waits) rather than in two places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// CLOCK_REALTIME instant, ns since the Unix epoch, when the source guest had ended.
+    pub ended_at_unix_ns: u64,
+}
+
+impl Handover {
+    /// Body length.
+    pub const LEN: usize = 8;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.ended_at_unix_ns.to_le_bytes());
+    }
+
+    fn decode(body: &[u8]) -> Result<Handover, WireError> {
+        exact(FrameType::Handover, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        Ok(Handover {
+            ended_at_unix_ns: f.u64(),
+        })
+    }
+}
+
 /// `GuestSamples`: readings of the resumed guest's transaction counter on the destination
 /// (8 bytes + 16 per sample), for the guest-impact timeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1215,6 +1246,8 @@ pub enum Message {
     Resumed(Resumed),
     /// See [`GuestSamples`].
     GuestSamples(GuestSamples),
+    /// See [`Handover`].
+    Handover(Handover),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -1236,6 +1269,7 @@ impl Message {
             Message::CommitReply(_) => FrameType::CommitReply,
             Message::Resumed(_) => FrameType::Resumed,
             Message::GuestSamples(_) => FrameType::GuestSamples,
+            Message::Handover(_) => FrameType::Handover,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -1257,6 +1291,7 @@ impl Message {
             Message::CommitReply(m) => m.encode(&mut out),
             Message::Resumed(m) => m.encode(&mut out),
             Message::GuestSamples(m) => m.encode(&mut out),
+            Message::Handover(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -1300,6 +1335,7 @@ impl Message {
             FrameType::CommitReply => Message::CommitReply(CommitReply::decode(body)?),
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
             FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
+            FrameType::Handover => Message::Handover(Handover::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {
@@ -1389,6 +1425,9 @@ mod tests {
             }),
             Message::GuestSamples(GuestSamples {
                 samples: vec![(10, 1), (20, 5), (20, 9)],
+            }),
+            Message::Handover(Handover {
+                ended_at_unix_ns: 1_700_000_000_123_456_789,
             }),
             Message::AuthHello(AuthHello { nonce: [0x11; 32] }),
             Message::AuthChallenge(AuthChallenge {
@@ -1482,6 +1521,19 @@ mod tests {
         assert_eq!(lens[3], RoundAck::LEN);
         assert_eq!(lens[5], Digest::LEN);
         assert_eq!(lens[7], Resumed::LEN);
+        let handover = Message::Handover(Handover {
+            ended_at_unix_ns: 0x0102_0304_0506_0708,
+        })
+        .to_frame();
+        assert_eq!(handover[0], 0x25);
+        assert_eq!(
+            &handover[FRAME_HEADER_LEN..FRAME_HEADER_LEN + Handover::LEN],
+            &0x0102_0304_0506_0708u64.to_le_bytes()
+        );
+        assert_eq!(
+            handover.len(),
+            FRAME_HEADER_LEN + Handover::LEN + BODY_CRC_LEN
+        );
         assert_eq!(lens[1], HelloReply::FIXED_LEN + "size differs: é".len());
     }
 
@@ -1492,7 +1544,7 @@ mod tests {
         assert_eq!(&f[4..8], &(Hello::LEN as u32 + 4).to_le_bytes());
         let b = &f[FRAME_HEADER_LEN..];
         assert_eq!(&b[..8], b"VMSTREAM");
-        assert_eq!(&b[8..10], &[2, 0]);
+        assert_eq!(&b[8..10], &[3, 0]);
         assert_eq!(b[10], 1);
         assert_eq!(&b[12..16], &4096u32.to_le_bytes());
         assert_eq!(&b[16..24], &(256u64 << 20).to_le_bytes());
