@@ -645,7 +645,12 @@ impl Dest<'_> {
     /// Waits for the source's `Handover` (its guest ended). Without it a guest must not run
     /// here: the source may have resumed its own copy.
     fn await_handover(&mut self) -> Result<(), RecvError> {
-        match self.reader.read_frame() {
+        let t = Instant::now();
+        let frame = self.reader.read_frame();
+        self.stats
+            .switchover_ms
+            .insert("await_handover".into(), t.elapsed().as_secs_f64() * 1e3);
+        match frame {
             Ok(Frame::Control(Message::Handover(_))) => Ok(()),
             Ok(other) => Err(RecvError::NoHandover(
                 unexpected("the handover", other).to_string(),
