@@ -34,9 +34,11 @@ enum Command {
     Send(vmstream::migration::SendArgs),
     /// Receive a migrating guest, commit its memory, optionally run it.
     ///
-    /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed, 2 bad
-    /// arguments. SIGINT/SIGTERM before the source's final digest end the receive: nothing
-    /// committed, the temporary image removed, the source told.
+    /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed (also
+    /// when the image is committed but, with --resume, not started because the source did not
+    /// confirm that its guest ended), 2 bad arguments. SIGINT/SIGTERM before the source's
+    /// final digest end the receive: nothing committed, the temporary image removed, the
+    /// source told.
     Recv(vmstream::migration::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
     Plot(vmstream::plot::PlotArgs),
