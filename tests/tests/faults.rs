@@ -187,6 +187,36 @@ fn sigint_ends_the_receive_cleanly() {
     assert_source_guest_runs(&dir.path("src.img"));
 }
 
+/// The guest process killed in the middle of round 0 (an OOM kill, a crash): the sender
+/// notices within a few pages, fails with the guest's exit status instead of waiting to
+/// pause a dead process, and the destination commits nothing.
+#[test]
+fn guest_killed_mid_migration() {
+    let _g = serial();
+    let dir = TmpDir::new("kill-guest");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    // 16 MiB at 4 MiB/s: the kill lands in round 0.
+    let mut send = slow_sender(&dir, port, "4M", &[]);
+    let guest = guard_guest(&mut send);
+    recv.wait_stderr("connection from");
+    std::thread::sleep(Duration::from_millis(500));
+    send_signal("KILL", &guest.0.to_string());
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
+    let err = send.stderr();
+    assert!(
+        err.contains(&format!(
+            "the guest (pid {}) exited during the migration: signal: 9",
+            guest.0
+        )) && err.contains("had exited")
+            && !err.contains("keeps running"),
+        "{err}"
+    );
+    expect_receiver_failure(&mut recv, &dst, &["source aborted (SourceError)", "exited"]);
+    assert_not_committed(&dir, &dst, None);
+}
+
 #[test]
 fn receiver_killed_mid_migration() {
     let _g = serial();

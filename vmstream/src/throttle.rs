@@ -227,8 +227,15 @@ fn all_threads_stopped(pid: u32) -> io::Result<bool> {
         let state = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.trim_start().chars().next());
-        if state != Some('T') {
-            return Ok(false);
+        match state {
+            Some('T') => {}
+            // A dead process never stops: say so now rather than at the timeout.
+            Some('Z' | 'X') => {
+                return Err(io::Error::other(format!(
+                    "process {pid} has exited, it cannot be stopped"
+                )))
+            }
+            _ => return Ok(false),
         }
     }
     Ok(true)
@@ -267,6 +274,19 @@ mod tests {
         // At 99% a 5 ms overrun costs 99 times that, up to the cap.
         assert_eq!(stop_time(0.99, Some(MS * 5 / 10 + MS / 10)), MS * 594 / 10);
         assert_eq!(stop_time(0.99, Some(50 * MS)), MAX_STOP);
+    }
+
+    #[test]
+    fn waiting_for_a_dead_process_to_stop_fails_at_once() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie.
+        while process_state(pid).unwrap() != 'Z' {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let err = wait_stopped(pid, Duration::from_secs(600)).unwrap_err();
+        assert!(err.to_string().contains("has exited"), "{err}");
+        child.wait().unwrap();
     }
 
     #[test]

@@ -72,6 +72,12 @@ pub trait MigratableGuest {
     /// Ends the guest after a committed migration; its memory stays as at the pause.
     fn terminate(&mut self) -> Result<(), GuestControlError>;
 
+    /// Fails if the guest ended by itself (a guest process killed or crashed); cheap enough
+    /// to call every few pages. A guest in this process cannot end without us.
+    fn check_alive(&mut self) -> Result<(), GuestControlError> {
+        Ok(())
+    }
+
     /// After a failed or cancelled migration (the guest runs again): what becomes of the
     /// guest, for the error message.
     fn failure_note(&self) -> String;
@@ -162,8 +168,16 @@ impl MigratableGuest for SourceGuest {
         SourceGuest::terminate(self)
     }
 
+    fn check_alive(&mut self) -> Result<(), GuestControlError> {
+        SourceGuest::check_alive(self)
+    }
+
     fn failure_note(&self) -> String {
-        format!("guest pid {} keeps running", self.pid())
+        if self.has_exited() {
+            format!("guest pid {} had exited", self.pid())
+        } else {
+            format!("guest pid {} keeps running", self.pid())
+        }
     }
 
     fn keep_after_failure(self: Box<Self>) {

@@ -131,8 +131,13 @@ impl RoundIo {
         for (i, &p) in pages.iter().enumerate() {
             // The final round runs to its end: the guest is paused, and only the
             // destination's verdict may end the migration now.
-            if i % 256 == 0 && !last && self.cancelled() {
-                return Err(SendError::Cancelled);
+            if i % 256 == 0 && !last {
+                if self.cancelled() {
+                    return Err(SendError::Cancelled);
+                }
+                if let PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) = &mut src {
+                    g.check_alive().map_err(SendError::Guest)?;
+                }
             }
             let at = p as usize * PAGE;
             // Live pages are read straight into the codec's batch: the
@@ -441,6 +446,7 @@ impl Source<'_> {
         }
         rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
         rs.dirty_rearm_ms = self.guest.take_rearm_time().as_secs_f64() * 1e3;
+        self.guest.check_alive().map_err(SendError::Guest)?;
         let t = Instant::now();
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         self.collect_time = t.elapsed();
@@ -852,7 +858,9 @@ pub fn migrate(
                 eprintln!("vmstream send: resuming the source guest failed: {r}");
             }
         }
-        // Tell the destination why, if the connection still works (best effort).
+        // Tell the destination why, if the connection still works (best effort), without
+        // making it wait behind queued pages it will throw away.
+        source.io.channels.discard_packets();
         let _ = source.io.channels.send_message(&Message::Abort(Abort {
             code: AbortCode::SourceError,
             reason: e.to_string(),

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -77,6 +78,14 @@ pub enum GuestControlError {
     /// The KVM guest failed (start, dirty log, pause, resume).
     #[error("KVM guest: {0}")]
     Kvm(#[from] crate::kvm::KvmError),
+    /// The guest process ended while it was being migrated (killed, crashed).
+    #[error("the guest (pid {pid}) exited during the migration: {how}")]
+    Exited {
+        /// Its pid.
+        pid: u32,
+        /// Its exit status, as far as known.
+        how: String,
+    },
 }
 
 /// The source guest.
@@ -89,7 +98,14 @@ pub struct SourceGuest {
     tracker: Box<dyn DirtyTracker>,
     throttle: Throttle,
     paused: bool,
+    /// How the guest process ended, once [`SourceGuest::check_alive`] found it gone.
+    exited: Option<String>,
+    /// When `check_alive` last looked.
+    alive_checked: Option<Instant>,
 }
+
+/// How often [`SourceGuest::check_alive`] looks at the process at most.
+const ALIVE_CHECK_PERIOD: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for SourceGuest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -234,7 +250,50 @@ impl SourceGuest {
             tracker,
             throttle,
             paused: false,
+            exited: None,
+            alive_checked: None,
         })
+    }
+
+    /// Fails if the guest process has ended (looked at every 100 ms at most): a guest that
+    /// died mid-migration ends it at once, with its exit status, instead of at the pause.
+    pub fn check_alive(&mut self) -> Result<(), GuestControlError> {
+        if let Some(how) = &self.exited {
+            return Err(self.exited_error(how.clone()));
+        }
+        if self
+            .alive_checked
+            .is_some_and(|t| t.elapsed() < ALIVE_CHECK_PERIOD)
+        {
+            return Ok(());
+        }
+        self.alive_checked = Some(Instant::now());
+        let how = match &mut self.child {
+            // Our child: its status, once it ended.
+            Some(c) => c.try_wait().ok().flatten().map(|status| status.to_string()),
+            // Attached by pid: gone, or a zombie its parent has not reaped yet.
+            None => match crate::throttle::process_state(self.pid) {
+                Ok('Z' | 'X') => Some("it is a zombie (dead)".to_string()),
+                Ok(_) => None,
+                Err(_) => Some("it no longer exists".to_string()),
+            },
+        };
+        match how {
+            Some(how) => {
+                self.exited = Some(how.clone());
+                Err(self.exited_error(how))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn exited_error(&self, how: String) -> GuestControlError {
+        GuestControlError::Exited { pid: self.pid, how }
+    }
+
+    /// Whether `check_alive` found the guest gone.
+    pub fn has_exited(&self) -> bool {
+        self.exited.is_some()
     }
 
     /// The guest's pid.
