@@ -113,9 +113,9 @@ impl Converger {
             } else {
                 u64::MAX
             },
-            // The strategies weigh bytes against bandwidth; the last bytes' travel time
-            // comes off their limit.
-            downtime_limit: self.limit.saturating_sub(obs.round_trip / 2),
+            // The strategies weigh bytes against bandwidth; the switchover's latency comes
+            // off their limit.
+            downtime_limit: self.limit.saturating_sub(obs.switchover_latency()),
         }
     }
 }
@@ -162,6 +162,7 @@ mod tests {
             bytes_per_page: 4096.0,
             bandwidth: 10e6,
             round_trip: Duration::ZERO,
+            destination_resumes: false,
             dirty_rate: 0.0,
         }
     }

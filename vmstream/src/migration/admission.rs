@@ -189,6 +189,7 @@ impl Attempt {
             let _ = writer.write_message(&Message::HelloReply(HelloReply {
                 refuse: RefuseCode::Auth,
                 receiver_workers: 0,
+                resumes: false,
                 reason: reason.clone(),
             }));
             eprintln!(
@@ -237,6 +238,7 @@ fn refuse_busy(writer: &mut FrameWriter<TcpStream>) {
     let _ = writer.write_message(&Message::HelloReply(HelloReply {
         refuse: RefuseCode::Other,
         receiver_workers: 0,
+        resumes: false,
         reason: "this destination has taken another migration and admits no more connections"
             .into(),
     }));

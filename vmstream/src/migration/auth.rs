@@ -343,6 +343,7 @@ mod tests {
                 let _ = w.write_message(&Message::HelloReply(HelloReply {
                     refuse: RefuseCode::Auth,
                     receiver_workers: 0,
+                    resumes: false,
                     reason: reason.clone(),
                 }));
             }

@@ -26,13 +26,27 @@ pub struct RoundObservation {
     /// The round trip to the destination. The last pages arrive half of it after the
     /// pause at best.
     pub round_trip: Duration,
+    /// The destination resumes the guest, which it does one more round trip later (its
+    /// `CommitReply` out, the source's `Handover` back).
+    pub destination_resumes: bool,
     /// Pages the guest dirtied per second during the last round.
     pub dirty_rate: f64,
 }
 
 impl RoundObservation {
-    /// Expected downtime if the switchover happened now: remaining bytes / bandwidth, plus
-    /// the half round trip the last of them travel (zero when nothing remains).
+    /// The part of the downtime that no bandwidth shortens: half a round trip for the last
+    /// pages, and a whole one more when the destination resumes the guest.
+    pub fn switchover_latency(&self) -> Duration {
+        let half = self.round_trip / 2;
+        if self.destination_resumes {
+            half.saturating_add(self.round_trip)
+        } else {
+            half
+        }
+    }
+
+    /// Expected downtime if the switchover happened now: remaining bytes / bandwidth plus
+    /// the [`switchover_latency`](Self::switchover_latency) (zero when nothing remains).
     pub fn expected_downtime(&self) -> Duration {
         let bytes = self.pending_pages as f64 * self.bytes_per_page;
         if bytes <= 0.0 {
@@ -43,7 +57,7 @@ impl RoundObservation {
         }
         Duration::try_from_secs_f64(bytes / self.bandwidth)
             .ok()
-            .and_then(|t| t.checked_add(self.round_trip / 2))
+            .and_then(|t| t.checked_add(self.switchover_latency()))
             .unwrap_or(Duration::MAX)
     }
 }
@@ -122,6 +136,7 @@ mod tests {
             bytes_per_page: 1000.0,
             bandwidth,
             round_trip: Duration::ZERO,
+            destination_resumes: false,
             dirty_rate: 0.0,
         }
     }
@@ -143,6 +158,12 @@ mod tests {
             ..obs(300, 1_000_000.0, 0)
         };
         assert_eq!(far.expected_downtime(), Duration::from_millis(600));
+        // Resuming there waits for the handover: one round trip more.
+        let resuming = RoundObservation {
+            destination_resumes: true,
+            ..far
+        };
+        assert_eq!(resuming.expected_downtime(), Duration::from_millis(1200));
         // Nothing left to send: the switchover waits for no page.
         let done = RoundObservation {
             pending_pages: 0,

@@ -198,6 +198,9 @@ struct Dest<'a> {
     verified: Option<Result<VerifyReport, VerifyError>>,
     /// The committed image, still mapped.
     committed: Option<GuestMemory>,
+    /// When the image was committed (CLOCK_REALTIME ns): the end of the downtime when no
+    /// guest is resumed here.
+    committed_at_ns: u64,
     /// Kind announced in the handshake.
     guest_kind: GuestKind,
     /// A KVM guest's validated state (from `GuestState`).
@@ -352,6 +355,7 @@ impl Dest<'_> {
         let _ = self.send(&Message::HelloReply(HelloReply {
             refuse: code,
             receiver_workers: 0,
+            resumes: false,
             reason: reason.clone(),
         }));
         RecvError::Refused { code, reason }
@@ -409,6 +413,7 @@ impl Dest<'_> {
         self.send(&Message::HelloReply(HelloReply {
             refuse: RefuseCode::None,
             receiver_workers: workers as u32,
+            resumes: self.cfg.resume,
             reason: String::new(),
         }))?;
         if let Some(primary) = primary {
@@ -617,6 +622,7 @@ impl Dest<'_> {
         let committed = match committed {
             Ok(memory) => {
                 self.committed = Some(memory);
+                self.committed_at_ns = unix_ns(SystemTime::now());
                 Ok(())
             }
             Err(e) => Err(e),
@@ -699,7 +705,11 @@ impl Dest<'_> {
                 .switchover_ms
                 .insert("resume".into(), t.elapsed().as_secs_f64() * 1e3);
         }
-        let at = unix_ns(SystemTime::now());
+        let at = if running {
+            unix_ns(SystemTime::now())
+        } else {
+            self.committed_at_ns
+        };
         self.report_resumed(paused_at_ns, at, running, tx);
         if running {
             self.report_samples();
@@ -783,6 +793,7 @@ pub fn receive_migration(
         guest: None,
         verified: None,
         committed: None,
+        committed_at_ns: 0,
         guest_kind: GuestKind::File,
         kvm_state: None,
         kvm_verified: None,

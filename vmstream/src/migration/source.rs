@@ -198,6 +198,17 @@ impl RoundIo {
         }
         let duration = started.elapsed().max(Duration::from_micros(1));
         self.round_trip = self.round_trip.min(duration);
+        // From the last RoundEnd on the wire to its acknowledgement, less the destination's
+        // barrier: one round trip plus any wait behind pages still being applied. (In the
+        // final round the guest state and digest were flushed after the RoundEnd.)
+        if let (Some(flushed), false) =
+            (self.channels.message_flushed_at(), flags & ROUND_FINAL != 0)
+        {
+            let sample = flushed
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(ack.barrier_ns));
+            self.round_trip = self.round_trip.min(sample.max(Duration::from_micros(1)));
+        }
         let wire =
             codec.packet_bytes + codec.packets * FRAME_HEADER_LEN as u64 + sent.end_frame_bytes;
         let mut rs = RoundStats {
@@ -302,6 +313,8 @@ struct Source<'a> {
     collect_time: Duration,
     /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
     bandwidth: Option<f64>,
+    /// The destination said it resumes the guest (`HelloReply`).
+    destination_resumes: bool,
 }
 
 impl Source<'_> {
@@ -370,6 +383,7 @@ impl Source<'_> {
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
                 self.io.round_trip = asked.elapsed();
+                self.destination_resumes = r.resumes;
                 self.warn_if_out_of_reach();
                 self.stats
                     .settings
@@ -397,21 +411,34 @@ impl Source<'_> {
         })
     }
 
-    /// The last pages reach the destination half a round trip after the pause at best: a
-    /// downtime limit below that cannot be met, and the user should know before waiting.
+    /// The last pages reach the destination half a round trip after the pause at best, and a
+    /// destination that resumes the guest waits one more for our `Handover`: a downtime
+    /// limit below that cannot be met, and the user should know before waiting.
     fn warn_if_out_of_reach(&mut self) {
         let rtt = self.io.round_trip;
         self.stats.settings.insert(
             "handshake_round_trip_ms".into(),
             format!("{:.1}", rtt.as_secs_f64() * 1e3),
         );
-        if rtt / 2 >= self.cfg.downtime_limit {
+        let floor = if self.destination_resumes {
+            rtt / 2 + rtt
+        } else {
+            rtt / 2
+        };
+        if floor >= self.cfg.downtime_limit {
             eprintln!(
                 "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
-                 no switchover can stay within the {:.0} ms downtime limit; the migration \
-                 iterates until --timeout (raise --downtime-limit to at least half the round trip)",
+                 no switchover can stay within the {:.0} ms downtime limit (it takes at least \
+                 {:.0} ms{}); the migration iterates until --timeout (raise --downtime-limit)",
                 rtt.as_secs_f64() * 1e3,
-                self.cfg.downtime_limit.as_secs_f64() * 1e3
+                self.cfg.downtime_limit.as_secs_f64() * 1e3,
+                floor.as_secs_f64() * 1e3,
+                if self.destination_resumes {
+                    ": half a round trip for the last pages, one more before the destination \
+                     resumes the guest"
+                } else {
+                    ": half a round trip for the last pages"
+                }
             );
         }
     }
@@ -468,9 +495,14 @@ impl Source<'_> {
             bytes_per_page: self.bytes_per_page,
             bandwidth: self.update_bandwidth(&rs),
             round_trip: self.io.round_trip,
+            destination_resumes: self.destination_resumes,
             dirty_rate: newly.len() as f64 / secs,
         };
         rs.dirty_pages_per_s = obs.dirty_rate;
+        self.stats.settings.insert(
+            "round_trip_ms".into(),
+            format!("{:.2}", obs.round_trip.as_secs_f64() * 1e3),
+        );
         rs.expected_downtime_ms = obs.expected_downtime().as_secs_f64() * 1e3;
         let decision = self.policy.decide(&obs);
         let throttle = f64::from_bits(self.throttle_request.load(Ordering::Relaxed));
@@ -814,6 +846,7 @@ pub fn migrate(
         impact,
         collect_time: Duration::ZERO,
         bandwidth: None,
+        destination_resumes: false,
     };
     source
         .stats

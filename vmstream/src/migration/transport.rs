@@ -461,6 +461,8 @@ pub struct Link {
     error: Arc<Mutex<Option<io::Error>>>,
     /// Set by [`Link::discard_packets`].
     discard: Arc<AtomicBool>,
+    /// When the writer last flushed a control message to the socket.
+    message_flushed: Arc<Mutex<Option<Instant>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -493,18 +495,30 @@ impl Link {
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
         writer.corrupt_byte_at(corrupt_at);
         let discard = Arc::new(AtomicBool::new(false));
+        let message_flushed = Arc::new(Mutex::new(None));
         let (s, e, d) = (Arc::clone(&sent), Arc::clone(&error), Arc::clone(&discard));
+        let m = Arc::clone(&message_flushed);
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e, &d))?;
+            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e, &d, &m))?;
         Ok(Link {
             queue: Some(queue),
             returned,
             sent,
             error,
             discard,
+            message_flushed,
             thread: Some(thread),
         })
+    }
+
+    /// When the writer last flushed a control message (everything queued before it went
+    /// out first): a reply to it cannot come sooner than one round trip later.
+    pub fn message_flushed_at(&self) -> Option<Instant> {
+        *self
+            .message_flushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn push(&mut self, job: Outgoing) -> Result<(), TransportError> {
@@ -571,6 +585,7 @@ fn writer_loop(
     sent: &AtomicU64,
     error: &Mutex<Option<io::Error>>,
     discard: &AtomicBool,
+    message_flushed: &Mutex<Option<Instant>>,
 ) {
     for job in jobs {
         let result = match job {
@@ -583,9 +598,16 @@ fn writer_loop(
                 let _ = give_back.send(p);
                 r
             }
-            Outgoing::Message(frame) => writer
-                .write_frame(&[&frame])
-                .and_then(|_| writer.inner.flush()),
+            Outgoing::Message(frame) => {
+                let r = writer
+                    .write_frame(&[&frame])
+                    .and_then(|_| writer.inner.flush());
+                if r.is_ok() {
+                    *message_flushed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Instant::now());
+                }
+                r
+            }
             Outgoing::Seal(sealer) => {
                 writer.seal_with(*sealer);
                 Ok(())

@@ -598,6 +598,9 @@ pub struct HelloReply {
     pub refuse: RefuseCode,
     /// Receiver decode workers.
     pub receiver_workers: u32,
+    /// The destination resumes the guest after the commit (and the source's `Handover`):
+    /// its downtime includes that exchange's round trip.
+    pub resumes: bool,
     /// Human-readable reason (empty when accepted).
     pub reason: String,
 }
@@ -610,7 +613,7 @@ impl HelloReply {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         out.push(self.refuse as u8);
-        out.push(0);
+        out.push(self.resumes as u8);
         out.extend_from_slice(&self.receiver_workers.to_le_bytes());
         out.extend_from_slice(&[0; 2]);
         push_reason(out, &self.reason);
@@ -625,20 +628,28 @@ impl HelloReply {
             field: "status",
             value: code as u64,
         })?;
-        let r0 = f.u8();
+        let flags = f.u8();
+        if flags > 1 {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "flags",
+                value: flags as u64,
+            });
+        }
         let receiver_workers = f.u32();
-        let r1 = f.u16();
-        if r0 != 0 || r1 != 0 {
+        let reserved = f.u16();
+        if reserved != 0 {
             return Err(WireError::BadField {
                 kind: K.name(),
                 field: "reserved",
-                value: r0 as u64 | (r1 as u64) << 8,
+                value: reserved as u64,
             });
         }
         let reason = reason_of(K, &mut f)?;
         Ok(HelloReply {
             refuse,
             receiver_workers,
+            resumes: flags == 1,
             reason,
         })
     }
@@ -1378,6 +1389,7 @@ mod tests {
             Message::HelloReply(HelloReply {
                 refuse: RefuseCode::GuestSize,
                 receiver_workers: 3,
+                resumes: true,
                 reason: "size differs: é".into(),
             }),
             Message::RoundEnd(RoundEnd {
@@ -1438,6 +1450,7 @@ mod tests {
             Message::HelloReply(HelloReply {
                 refuse: RefuseCode::Auth,
                 receiver_workers: 0,
+                resumes: false,
                 reason: "keys differ".into(),
             }),
             Message::GuestState(GuestState {

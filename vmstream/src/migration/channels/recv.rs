@@ -238,6 +238,7 @@ fn admit(
         Ok(_) => HelloReply {
             refuse: RefuseCode::None,
             receiver_workers: 0,
+            resumes: false,
             reason: String::new(),
         },
         Err(r) => HelloReply {
@@ -246,6 +247,7 @@ fn admit(
                 _ => RefuseCode::Channel,
             },
             receiver_workers: 0,
+            resumes: false,
             reason: r.to_string(),
         },
     };

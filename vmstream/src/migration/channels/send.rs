@@ -356,6 +356,15 @@ impl SourceChannels {
         self.channels.iter().map(|c| c.link.bytes_sent()).sum()
     }
 
+    /// When the last channel flushed its last control message (a round's `RoundEnd`, after
+    /// all of the round's packets).
+    pub fn message_flushed_at(&self) -> Option<std::time::Instant> {
+        self.channels
+            .iter()
+            .filter_map(|c| c.link.message_flushed_at())
+            .max()
+    }
+
     /// Bytes written on each channel.
     pub fn bytes_per_channel(&self) -> Vec<u64> {
         self.channels.iter().map(|c| c.link.bytes_sent()).collect()

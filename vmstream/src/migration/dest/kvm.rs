@@ -286,7 +286,7 @@ impl Dest<'_> {
                     }
                 }
             }
-            _ => (false, 0, unix_ns(SystemTime::now())),
+            _ => (false, 0, self.committed_at_ns),
         };
         self.report_resumed(paused_at_ns, at, running, tx);
         Ok(DestState::Done)
