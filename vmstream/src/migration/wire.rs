@@ -628,14 +628,7 @@ impl HelloReply {
             field: "status",
             value: code as u64,
         })?;
-        let flags = f.u8();
-        if flags > 1 {
-            return Err(WireError::BadField {
-                kind: K.name(),
-                field: "flags",
-                value: flags as u64,
-            });
-        }
+        let resumes = bool_byte(K, "flags", f.u8())?;
         let receiver_workers = f.u32();
         let reserved = f.u16();
         if reserved != 0 {
@@ -649,7 +642,7 @@ impl HelloReply {
         Ok(HelloReply {
             refuse,
             receiver_workers,
-            resumes: flags == 1,
+            resumes,
             reason,
         })
     }
@@ -1079,21 +1072,27 @@ impl Resumed {
         exact(K, body, Self::LEN)?;
         let mut f = Fields::new(body);
         let at_unix_ns = f.u64();
-        let running = f.u8();
-        if running > 1 {
-            return Err(WireError::BadField {
-                kind: K.name(),
-                field: "running",
-                value: running as u64,
-            });
-        }
+        let running = bool_byte(K, "running", f.u8())?;
         f.bytes(7);
         Ok(Resumed {
             at_unix_ns,
-            running: running == 1,
+            running,
             tx_count: f.u64(),
             receiver_cpu_ns: f.u64(),
         })
+    }
+}
+
+/// A byte that must be 0 (false) or 1 (true).
+fn bool_byte(kind: FrameType, field: &'static str, v: u8) -> Result<bool, WireError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(WireError::BadField {
+            kind: kind.name(),
+            field,
+            value: v as u64,
+        }),
     }
 }
 
@@ -1479,6 +1478,31 @@ mod tests {
             assert_eq!(parse(&frame).unwrap(), m);
             assert!(frame.len() - FRAME_HEADER_LEN <= m.frame_type().max_payload());
         }
+    }
+
+    #[test]
+    fn hello_reply_flags_byte_is_checked() {
+        let reply = |resumes| HelloReply {
+            refuse: RefuseCode::None,
+            receiver_workers: 2,
+            resumes,
+            reason: String::new(),
+        };
+        let mut body = Vec::new();
+        reply(true).encode(&mut body);
+        assert_eq!(body[11], 1);
+        assert_eq!(HelloReply::decode(&body).unwrap(), reply(true));
+        body[11] = 0;
+        assert_eq!(HelloReply::decode(&body).unwrap(), reply(false));
+        body[11] = 2;
+        assert!(matches!(
+            HelloReply::decode(&body),
+            Err(WireError::BadField {
+                field: "flags",
+                value: 2,
+                ..
+            })
+        ));
     }
 
     #[test]
