@@ -46,11 +46,11 @@ impl RoundObservation {
     }
 
     /// Expected downtime if the switchover happened now: remaining bytes / bandwidth plus
-    /// the [`switchover_latency`](Self::switchover_latency) (zero when nothing remains).
+    /// the [`switchover_latency`](Self::switchover_latency).
     pub fn expected_downtime(&self) -> Duration {
         let bytes = self.pending_pages as f64 * self.bytes_per_page;
         if bytes <= 0.0 {
-            return Duration::ZERO;
+            return self.switchover_latency();
         }
         if self.bandwidth <= 0.0 || !self.bandwidth.is_finite() {
             return Duration::MAX;
@@ -107,7 +107,8 @@ pub struct DowntimePolicy {
 
 impl ConvergencePolicy for DowntimePolicy {
     fn decide(&mut self, obs: &RoundObservation) -> Decision {
-        if obs.expected_downtime() <= self.limit {
+        // With nothing pending another round cannot shorten the downtime.
+        if obs.expected_downtime() <= self.limit || obs.pending_pages == 0 {
             return Decision::Switchover { forced: false };
         }
         match self.timeout {
@@ -164,12 +165,12 @@ mod tests {
             ..far
         };
         assert_eq!(resuming.expected_downtime(), Duration::from_millis(1200));
-        // Nothing left to send: the switchover waits for no page.
+        // Nothing left to send: only the latency is left, and no round can shorten it.
         let done = RoundObservation {
             pending_pages: 0,
             ..far
         };
-        assert_eq!(done.expected_downtime(), Duration::ZERO);
+        assert_eq!(done.expected_downtime(), Duration::from_millis(300));
         let mut p = DowntimePolicy {
             limit: Duration::from_millis(300),
             timeout: None,
@@ -177,6 +178,13 @@ mod tests {
         };
         assert_eq!(p.decide(&far), Decision::Continue);
         assert_eq!(p.decide(&done), Decision::Switchover { forced: false });
+        // Even when that latency exceeds the limit: iterating would only spin.
+        let beyond = RoundObservation {
+            round_trip: Duration::from_secs(1),
+            ..done
+        };
+        assert!(beyond.expected_downtime() > p.limit);
+        assert_eq!(p.decide(&beyond), Decision::Switchover { forced: false });
     }
 
     #[test]
