@@ -337,13 +337,9 @@ impl Source<'_> {
     /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
     /// running.
     fn cancel(&mut self, reason: &str) -> Result<Outcome, SendError> {
-        // The destination throws away what the round sent so far: do not make the Abort
-        // wait behind it on a slow link.
-        self.io.channels.discard_packets();
-        self.io.channels.send_message(&Message::Abort(Abort {
-            code: AbortCode::Cancelled,
-            reason: reason.into(),
-        }))?;
+        self.io
+            .channels
+            .abort(AbortCode::Cancelled, reason.into())?;
         Ok(Outcome::Cancelled(reason.into()))
     }
 
@@ -891,13 +887,11 @@ pub fn migrate(
                 eprintln!("vmstream send: resuming the source guest failed: {r}");
             }
         }
-        // Tell the destination why, if the connection still works (best effort), without
-        // making it wait behind queued pages it will throw away.
-        source.io.channels.discard_packets();
-        let _ = source.io.channels.send_message(&Message::Abort(Abort {
-            code: AbortCode::SourceError,
-            reason: e.to_string(),
-        }));
+        // Tell the destination why, if the connection still works (best effort).
+        let _ = source
+            .io
+            .channels
+            .abort(AbortCode::SourceError, e.to_string());
     }
     let _ = source.io.channels.finish();
     let bytes = source.io.channels.bytes_sent();

@@ -14,7 +14,8 @@ use crate::migration::transport::{
     Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError, CORRUPT_ENV,
 };
 use crate::migration::wire::{
-    ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS, MAX_CHANNELS,
+    Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
+    MAX_CHANNELS,
 };
 
 /// Connects to `to` (any of its addresses).
@@ -338,12 +339,15 @@ impl SourceChannels {
         })
     }
 
-    /// Drops the packets queued on every channel, and those queued later, unwritten (see
-    /// [`Link::discard_packets`]): the migration is given up.
-    pub fn discard_packets(&mut self) {
+    /// Gives the migration up: drops the packets queued on every channel, and those queued
+    /// later, unwritten (see [`Link::discard_packets`]; the destination would throw them
+    /// away, and the `Abort` must not wait behind them on a slow link), then sends
+    /// `Abort{code, reason}` on channel 0.
+    pub fn abort(&mut self, code: AbortCode, reason: String) -> Result<(), SendError> {
         for c in &self.channels {
             c.link.discard_packets();
         }
+        self.send_message(&Message::Abort(Abort { code, reason }))
     }
 
     /// Sends a control message on channel 0 (after everything queued there before).
