@@ -457,13 +457,21 @@ enum Outgoing {
 pub struct Link {
     queue: Option<SyncSender<Outgoing>>,
     returned: Receiver<Packet>,
-    sent: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<io::Error>>>,
-    /// Set by [`Link::discard_packets`].
-    discard: Arc<AtomicBool>,
-    /// When the writer last flushed a control message to the socket.
-    message_flushed: Arc<Mutex<Option<Instant>>>,
+    shared: Arc<LinkShared>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What a [`Link`] and its writer thread share.
+#[derive(Default)]
+struct LinkShared {
+    /// Bytes written so far.
+    sent: AtomicU64,
+    /// The write error that stopped the writer.
+    error: Mutex<Option<io::Error>>,
+    /// Set by [`Link::discard_packets`].
+    discard: AtomicBool,
+    /// When the writer last flushed a control message to the socket.
+    message_flushed: Mutex<Option<Instant>>,
 }
 
 impl Link {
@@ -489,25 +497,18 @@ impl Link {
     ) -> io::Result<Link> {
         let (queue, jobs) = sync_channel::<Outgoing>(16);
         let (give_back, returned) = channel();
-        let sent = Arc::new(AtomicU64::new(0));
-        let error = Arc::new(Mutex::new(None));
         let mut writer =
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
         writer.corrupt_byte_at(corrupt_at);
-        let discard = Arc::new(AtomicBool::new(false));
-        let message_flushed = Arc::new(Mutex::new(None));
-        let (s, e, d) = (Arc::clone(&sent), Arc::clone(&error), Arc::clone(&discard));
-        let m = Arc::clone(&message_flushed);
+        let shared = Arc::new(LinkShared::default());
+        let writer_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer_loop(writer, jobs, give_back, &s, &e, &d, &m))?;
+            .spawn(move || writer_loop(writer, jobs, give_back, &writer_shared))?;
         Ok(Link {
             queue: Some(queue),
             returned,
-            sent,
-            error,
-            discard,
-            message_flushed,
+            shared,
             thread: Some(thread),
         })
     }
@@ -516,6 +517,7 @@ impl Link {
     /// out first): a reply to it cannot come sooner than one round trip later.
     pub fn message_flushed_at(&self) -> Option<Instant> {
         *self
+            .shared
             .message_flushed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -533,7 +535,13 @@ impl Link {
     }
 
     fn take_error(&mut self) -> TransportError {
-        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e)
                 if matches!(
                     e.kind(),
@@ -556,7 +564,7 @@ impl Link {
     /// stays well formed); messages are still written. For a migration that is given up,
     /// so that its `Abort` does not wait behind data the destination will throw away.
     pub fn discard_packets(&self) {
-        self.discard.store(true, Ordering::Relaxed);
+        self.shared.discard.store(true, Ordering::Relaxed);
     }
 
     /// Waits until everything queued is written, then stops the writer thread.
@@ -565,7 +573,13 @@ impl Link {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e) => Err(TransportError::Io(e)),
             None => Ok(()),
         }
@@ -582,15 +596,12 @@ fn writer_loop(
     mut writer: FrameWriter<io::BufWriter<TcpStream>>,
     jobs: Receiver<Outgoing>,
     give_back: ChannelSender<Packet>,
-    sent: &AtomicU64,
-    error: &Mutex<Option<io::Error>>,
-    discard: &AtomicBool,
-    message_flushed: &Mutex<Option<Instant>>,
+    shared: &LinkShared,
 ) {
     for job in jobs {
         let result = match job {
             Outgoing::Packet(p) => {
-                let r = if discard.load(Ordering::Relaxed) {
+                let r = if shared.discard.load(Ordering::Relaxed) {
                     Ok(())
                 } else {
                     writer.write_packet(p.bytes())
@@ -603,8 +614,10 @@ fn writer_loop(
                     .write_frame(&[&frame])
                     .and_then(|_| writer.inner.flush());
                 if r.is_ok() {
-                    *message_flushed.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Instant::now());
+                    *shared
+                        .message_flushed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
                 r
             }
@@ -613,14 +626,14 @@ fn writer_loop(
                 Ok(())
             }
         };
-        sent.store(writer.bytes_written(), Ordering::Relaxed);
+        shared.sent.store(writer.bytes_written(), Ordering::Relaxed);
         if let Err(e) = result {
-            *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             return; // dropping `jobs` makes the next send fail
         }
     }
     if let Err(e) = writer.inner.flush() {
-        *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     }
 }
 
@@ -638,7 +651,7 @@ impl PacketChannel for Link {
     }
 
     fn bytes_sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.shared.sent.load(Ordering::Relaxed)
     }
 }
 
