@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -317,6 +319,13 @@ fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
     let _ = out.flush();
 }
 
+/// [`flag_on_interrupt`] for `vmstream WHO`; `None` after saying why it failed.
+fn interrupt_flag(who: &str) -> Option<Arc<AtomicBool>> {
+    flag_on_interrupt()
+        .map_err(|e| eprintln!("vmstream {who}: handling SIGINT/SIGTERM: {e}"))
+        .ok()
+}
+
 /// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
 pub fn run_send(args: &SendArgs) -> ExitCode {
     let mut cfg = match args.to_config() {
@@ -337,13 +346,10 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     let _ = std::io::stdout().flush();
     // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
     // than end this process (and with it a KVM guest, or a paused guest process's resume).
-    match flag_on_interrupt() {
-        Ok(flag) => cfg.cancel = Some(flag),
-        Err(e) => {
-            eprintln!("vmstream send: handling SIGINT/SIGTERM: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
+    let Some(flag) = interrupt_flag("send") else {
+        return ExitCode::FAILURE;
+    };
+    cfg.cancel = Some(flag);
     let mut stats = MigrationStats {
         role: "source",
         guest_bytes: guest.size(),
@@ -453,13 +459,10 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
     // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
     // temporary image removed, the source told.
-    match flag_on_interrupt() {
-        Ok(flag) => cfg.cancel = Some(flag),
-        Err(e) => {
-            eprintln!("vmstream recv: handling SIGINT/SIGTERM: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
+    let Some(flag) = interrupt_flag("recv") else {
+        return ExitCode::FAILURE;
+    };
+    cfg.cancel = Some(flag);
     let received = match receive_migration(&cfg, &mut stats) {
         Ok(r) => r,
         // After the commit (a guest that did not resume) the image stays committed.
