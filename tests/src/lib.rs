@@ -378,25 +378,23 @@ pub fn start_external_guest(memory_file: &Path, extra: &[&str]) -> Proc {
 }
 
 /// Starts `vmstream send` of the external `guest` on `memory_file` with hash
-/// dirty tracking to the receiver on `port`.
-pub fn send_external_guest(memory_file: &Path, guest: &Proc, port: u16) -> Proc {
+/// dirty tracking to the receiver on `port`, with `extra` arguments.
+pub fn send_external_guest(memory_file: &Path, guest: &Proc, port: u16, extra: &[&str]) -> Proc {
     let (pid, to) = (guest.pid().to_string(), format!("127.0.0.1:{port}"));
-    Proc::vmstream(
+    let mut args = vec![
         "send",
-        &[
-            "send",
-            "--memory-file",
-            memory_file.to_str().unwrap(),
-            "--pid",
-            &pid,
-            "--dirty-tracking",
-            "hash",
-            "--to",
-            &to,
-            "--no-progress",
-        ],
-        &[],
-    )
+        "--memory-file",
+        memory_file.to_str().unwrap(),
+        "--pid",
+        &pid,
+        "--dirty-tracking",
+        "hash",
+        "--to",
+        &to,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    Proc::vmstream("send", &args, &[])
 }
 
 /// The guest pid from the sender's `guest pid=N ...` line.

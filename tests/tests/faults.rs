@@ -530,7 +530,7 @@ fn image_that_fails_the_workload_verify_is_never_committed() {
     f.write_all(&[0x5a]).unwrap();
     drop(f);
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap(), "--resume"]);
-    let mut send = send_external_guest(&src, &guest, port);
+    let mut send = send_external_guest(&src, &guest, port, &[]);
     let (s_status, _) = send.wait_exit();
     assert!(!s_status.success(), "send must fail");
     assert!(

@@ -114,6 +114,8 @@ fn migrate_kvm(
     assert_eq!(s["outcome"], "committed");
     assert_eq!(r["outcome"], "committed");
     assert_eq!(s["settings"]["dirty_tracking"], format!("kvm-{mode}"));
+    // KVM's log re-arms before each page is queued: the encode workers copy the pages.
+    assert_eq!(s["settings"]["page_copies"], "encode workers");
     // PATH holds the memory at the pause: its digest is the one both sides agreed on.
     let at_pause = std::fs::read(&src).unwrap();
     assert_eq!(at_pause.len(), 256 << 20);

@@ -47,6 +47,8 @@ fn migrate(
     let (s, r) = (read_stats(&sj), read_stats(&rj));
     assert_eq!(s["outcome"], "committed");
     assert_eq!(r["outcome"], "committed");
+    // uffd-wp re-arms in its collection, so the encode workers copy the live pages.
+    assert_eq!(s["settings"]["page_copies"], "encode workers");
     assert!(s["digest"].is_string());
     assert_eq!(s["digest"], r["digest"], "digests differ");
     assert_eq!(s["rounds"], r["rounds"]);
@@ -225,7 +227,8 @@ fn hash_tracking_migrates_a_guest_vmstream_did_not_start() {
     let tx0 = read_tx_count(&src);
     wait_tx_above(&src, tx0);
     let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
-    let mut send = send_external_guest(&src, &guest, port);
+    let sj = dir.path("send.json");
+    let mut send = send_external_guest(&src, &guest, port, &["--stats-json", sj.to_str().unwrap()]);
     assert_eq!(
         send.wait_line("guest pid="),
         format!(
@@ -246,6 +249,8 @@ fn hash_tracking_migrates_a_guest_vmstream_did_not_start() {
     );
     assert!(files_identical(&src, &dst));
     assert!(read_tx_count(&dst) > tx0);
+    // The hash tracker must see every page sent: this thread copies them, not the workers.
+    assert_eq!(read_stats(&sj)["settings"]["page_copies"], "sending thread");
 }
 
 #[test]

@@ -38,6 +38,11 @@ pub trait DirtyTracker: Send {
     fn page_sent(&mut self, page: u64, data: &[u8]) {
         let _ = (page, data);
     }
+    /// Whether [`Self::page_sent`] must see every page sent (content-based trackers): the
+    /// sender then reads pages itself instead of letting its encode workers read them.
+    fn needs_sent_pages(&self) -> bool {
+        false
+    }
 }
 
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -293,6 +298,10 @@ impl DirtyTracker for HashTracker {
 
     fn page_sent(&mut self, page: u64, data: &[u8]) {
         self.hashes[page as usize] = xxhash_rust::xxh3::xxh3_64(data);
+    }
+
+    fn needs_sent_pages(&self) -> bool {
+        true
     }
 }
 

@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Page size of guest memory in bytes; dirty tracking and migration work in these units.
 pub const PAGE_SIZE: usize = 4096;
@@ -67,18 +68,80 @@ pub fn page_is_hole(data: &[u64], page: u64) -> bool {
 
 /// A mapped guest memory region and the file behind it.
 pub struct GuestMemory {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: Arc<Mapping>,
     mode: MapMode,
     file: File,
     path: PathBuf,
 }
 
+/// The mapped region, shared by its [`GuestMemory`] and any [`MemoryReader`]s: unmapped
+/// when the last of them drops.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
 // SAFETY: the mapping is plain memory owned by this value; concurrent access from other
 // threads goes through raw-pointer copies or atomics, never through shared `&mut`.
-unsafe impl Send for GuestMemory {}
-// SAFETY: see `Send`; `&self` methods only read via raw pointers or use atomics.
-unsafe impl Sync for GuestMemory {}
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`; shared access only reads via raw pointers or uses atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Copy `buf.len()` bytes starting at `offset` into `buf`.
+    fn read_at(&self, offset: usize, buf: &mut [u8]) {
+        let end = offset.checked_add(buf.len()).expect("offset overflow");
+        assert!(end <= self.len, "read {offset}..{end} past {}", self.len);
+        // SAFETY: the range is inside the mapping (checked above); `buf` is a distinct
+        // Rust buffer, so the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region we mapped; its last holder is going away.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Copies pages out of a [`GuestMemory`]'s mapping from any thread (the codec's encode
+/// workers read a live guest's pages themselves), keeping the mapping alive while it
+/// lives.
+#[derive(Clone)]
+pub struct MemoryReader {
+    map: Arc<Mapping>,
+}
+
+impl MemoryReader {
+    /// Copy page `page` into `buf` (which must be [`PAGE_SIZE`] bytes); see
+    /// [`GuestMemory::read_at`] for concurrent writers.
+    pub fn read_page(&self, page: u64, buf: &mut [u8]) {
+        assert_eq!(buf.len(), PAGE_SIZE);
+        self.map.read_at(page as usize * PAGE_SIZE, buf);
+    }
+
+    /// Pages in the mapping.
+    pub fn pages(&self) -> u64 {
+        (self.map.len / PAGE_SIZE) as u64
+    }
+}
+
+impl std::fmt::Debug for MemoryReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryReader")
+            .field("len", &self.map.len)
+            .finish()
+    }
+}
 
 impl GuestMemory {
     /// Create the file at `path` as `size` zero bytes (old contents are discarded) and map
@@ -163,8 +226,10 @@ impl GuestMemory {
             ));
         }
         Ok(Self {
-            ptr: NonNull::new(ptr.cast()).expect("mmap never returns NULL on success"),
-            len,
+            map: Arc::new(Mapping {
+                ptr: NonNull::new(ptr.cast()).expect("mmap never returns NULL on success"),
+                len,
+            }),
             mode,
             file,
             path,
@@ -173,17 +238,17 @@ impl GuestMemory {
 
     /// Size of the mapping in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// True if the mapping is empty (never, sizes are checked).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
     /// Number of [`PAGE_SIZE`] pages.
     pub fn pages(&self) -> u64 {
-        (self.len / PAGE_SIZE) as u64
+        (self.map.len / PAGE_SIZE) as u64
     }
 
     /// The path other processes can open to map the same memory.
@@ -199,7 +264,7 @@ impl GuestMemory {
         use nix::errno::Errno;
         use nix::unistd::{lseek, Whence};
         let page = PAGE_SIZE as i64;
-        let end = self.len as i64;
+        let end = self.map.len as i64;
         let mut bits = vec![0u64; self.pages().div_ceil(64) as usize];
         let mut off = 0i64;
         while off < end {
@@ -237,22 +302,27 @@ impl GuestMemory {
 
     /// Start address of the mapping (for userfaultfd registration and pagemap scans).
     pub fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
+        self.map.ptr.as_ptr() as u64
     }
 
     /// Raw pointer to the first byte.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.map.ptr.as_ptr()
     }
 
     /// The whole mapping as a mutable slice, for the single writer (the guest).
+    ///
+    /// [`MemoryReader`]s of it may still copy pages out meanwhile, as other processes may:
+    /// like theirs, their copies then mix old and new bytes. A sender only reads through
+    /// this slice, and only while its guest is paused.
     ///
     /// Panics on a read-only mapping.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         assert!(self.mode != MapMode::SharedReadOnly, "read-only mapping");
         // SAFETY: the mapping is `len` bytes, writable (checked above), and `&mut self`
-        // guarantees no other reference into it exists in this process.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        // guarantees no other reference into it exists in this process (readers copy
+        // through raw pointers and hold none).
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr(), self.map.len) }
     }
 
     /// Copy `buf.len()` bytes starting at `offset` into `buf`.
@@ -260,16 +330,13 @@ impl GuestMemory {
     /// Another process may write the memory at the same time; the copy then holds a mix of
     /// old and new bytes, which dirty tracking accounts for.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) {
-        let end = offset.checked_add(buf.len()).expect("offset overflow");
-        assert!(end <= self.len, "read {offset}..{end} past {}", self.len);
-        // SAFETY: the range is inside the mapping (checked above); `buf` is a distinct
-        // Rust buffer, so the regions do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
+        self.map.read_at(offset, buf)
+    }
+
+    /// A reader of this mapping for other threads (see [`MemoryReader`]).
+    pub fn reader(&self) -> MemoryReader {
+        MemoryReader {
+            map: Arc::clone(&self.map),
         }
     }
 
@@ -283,11 +350,19 @@ impl GuestMemory {
     pub fn write_at(&self, offset: usize, data: &[u8]) {
         assert!(self.mode != MapMode::SharedReadOnly, "read-only mapping");
         let end = offset.checked_add(data.len()).expect("offset overflow");
-        assert!(end <= self.len, "write {offset}..{end} past {}", self.len);
+        assert!(
+            end <= self.map.len,
+            "write {offset}..{end} past {}",
+            self.map.len
+        );
         // SAFETY: the range is inside a writable mapping (checked above) and `data` is a
         // distinct Rust buffer.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.ptr.as_ptr().add(offset),
+                data.len(),
+            )
         }
     }
 
@@ -295,19 +370,19 @@ impl GuestMemory {
     /// another process updates).
     pub fn load_u64(&self, offset: usize) -> u64 {
         assert!(
-            offset.is_multiple_of(8) && offset + 8 <= self.len,
+            offset.is_multiple_of(8) && offset + 8 <= self.map.len,
             "bad u64 offset {offset}"
         );
         // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); AtomicU64 has
         // the same layout as u64, and atomics are sound under concurrent writers.
-        let a = unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU64) };
+        let a = unsafe { &*(self.map.ptr.as_ptr().add(offset) as *const AtomicU64) };
         u64::from_le(a.load(Ordering::Acquire))
     }
 
     /// Flush the mapping to the file (msync); only matters for disk-backed files.
     pub fn sync(&self) -> Result<(), MemoryError> {
         // SAFETY: the range is exactly our mapping.
-        let rc = unsafe { libc::msync(self.ptr.as_ptr().cast(), self.len, libc::MS_SYNC) };
+        let rc = unsafe { libc::msync(self.map.ptr.as_ptr().cast(), self.map.len, libc::MS_SYNC) };
         if rc != 0 {
             return Err(io_err("msync")(io::Error::last_os_error()));
         }
@@ -315,20 +390,11 @@ impl GuestMemory {
     }
 }
 
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region we mapped; no references outlive `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
-    }
-}
-
 impl std::fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestMemory")
             .field("path", &self.path)
-            .field("len", &self.len)
+            .field("len", &self.map.len)
             .field("mode", &self.mode)
             .finish()
     }

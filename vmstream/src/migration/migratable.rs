@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::source_guest::{DirtyTracking, GuestControlError, GuestSpec, SourceGuest};
 use super::source_kvm::KvmSourceGuest;
 use super::wire::GuestKind;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, MemoryReader};
 
 /// A guest on the source side of a migration.
 pub trait MigratableGuest {
@@ -39,6 +39,23 @@ pub trait MigratableGuest {
     /// Copies page `page` of the running guest into `buf` for sending. Pages of one round
     /// come in ascending order (a tracker that re-arms per chunk relies on it).
     fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// A reader of live guest memory for the codec's encode workers, which then copy the
+    /// pages themselves, in parallel, instead of this thread copying each one
+    /// ([`Self::read_page_for_send`]). `None` when every page sent must pass through the
+    /// guest's own code (a content-based dirty tracker that hashes what was sent).
+    fn page_reader(&self) -> Option<MemoryReader> {
+        None
+    }
+
+    /// With a [`Self::page_reader`]: called for page `page` before it is queued for the
+    /// workers to read (in ascending order within a round, like
+    /// [`Self::read_page_for_send`]), so that whatever re-arms dirty tracking for it
+    /// happens before that read.
+    fn before_queue(&mut self, page: u64) -> io::Result<()> {
+        let _ = page;
+        Ok(())
+    }
 
     /// Stands in for [`Self::read_page_for_send`] on a page that was a hole of the memory
     /// file when dirty tracking was last reset: `buf` becomes what the page holds. The
@@ -130,6 +147,12 @@ impl MigratableGuest for SourceGuest {
 
     fn collect_dirty(&mut self) -> io::Result<Vec<u64>> {
         SourceGuest::collect_dirty(self)
+    }
+
+    /// A write-tracking tracker re-arms in `collect_dirty`, before any read: nothing to
+    /// do per page.
+    fn page_reader(&self) -> Option<MemoryReader> {
+        SourceGuest::page_reader(self)
     }
 
     fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -140,22 +140,33 @@ impl RoundIo {
                 }
             }
             let at = p as usize * PAGE;
-            // Live pages are read straight into the codec's batch: the
-            // snapshot the encoder and the dirty tracker both see.
+            // Live pages are read by the encode workers themselves, in parallel, when the
+            // guest allows it; otherwise by this thread straight into the codec's batch.
+            // Either way the one copy is the snapshot the encoder and the page cache see.
+            let workers_read = self.channels.reads_pages();
             match &mut src {
+                PageSource::Live(g) if workers_read => {
+                    g.before_queue(p).map_err(SendError::Tracker)?;
+                    self.channels.push_page(p)?
+                }
                 PageSource::Live(g) => self.channels.push_with(p, |slot| {
                     g.read_page_for_send(p, slot).map_err(SendError::Tracker)
                 })?,
                 PageSource::LiveSkippingHoles(g, data) => {
                     let hole = crate::memory::page_is_hole(data, p);
-                    self.channels.push_with(p, |slot| {
-                        if hole {
-                            g.hole_page_for_send(p, slot)
-                        } else {
-                            g.read_page_for_send(p, slot)
-                        }
-                        .map_err(SendError::Tracker)
-                    })?
+                    if workers_read && !hole {
+                        g.before_queue(p).map_err(SendError::Tracker)?;
+                        self.channels.push_page(p)?
+                    } else {
+                        self.channels.push_with(p, |slot| {
+                            if hole {
+                                g.hole_page_for_send(p, slot)
+                            } else {
+                                g.read_page_for_send(p, slot)
+                            }
+                            .map_err(SendError::Tracker)
+                        })?
+                    }
                 }
                 PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
             }
@@ -768,7 +779,17 @@ pub fn migrate(
     if super::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }
-    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64)?;
+    let (channels, reader) =
+        SourceChannels::open(cfg, guest.size() / PAGE as u64, guest.page_reader())?;
+    stats.settings.insert(
+        "page_copies".into(),
+        if channels.reads_pages() {
+            "encode workers"
+        } else {
+            "sending thread"
+        }
+        .into(),
+    );
     if channels.count() > 1 {
         stats
             .settings

@@ -323,6 +323,11 @@ impl SourceGuest {
         self.tracker.page_sent(page, buf);
     }
 
+    /// A reader for the encode workers, unless the tracker must see every page sent.
+    pub fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
+        (!self.tracker.needs_sent_pages()).then(|| self.memory.reader())
+    }
+
     /// Stands in for [`Self::read_page_for_send`] on a page that is a hole of the memory
     /// file (it reads as zero; reading it would allocate it): `buf` becomes zeros.
     pub fn hole_page_for_send(&mut self, page: u64, buf: &mut [u8]) {

@@ -168,6 +168,18 @@ impl MigratableGuest for KvmSourceGuest {
     }
 
     fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.before_queue(page)?;
+        self.memory.read_page(page, buf);
+        Ok(())
+    }
+
+    fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
+        Some(self.memory.reader())
+    }
+
+    /// In `clear` mode, re-arms the dirty log of the page's chunk when the round's pages
+    /// enter it: before the page is read, so a write after the read is logged.
+    fn before_queue(&mut self, page: u64) -> std::io::Result<()> {
         if self.spec.dirty_log == DirtyLogMode::Clear {
             let chunk = page / CLEAR_CHUNK_PAGES;
             if self.armed_chunk != Some(chunk) {
@@ -179,7 +191,6 @@ impl MigratableGuest for KvmSourceGuest {
                 self.armed_chunk = Some(chunk);
             }
         }
-        self.memory.read_page(page, buf);
         Ok(())
     }
 

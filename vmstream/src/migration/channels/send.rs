@@ -2,11 +2,13 @@
 //! by [`ChannelMap`], control messages on channel 0.
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
-use vmstream_codec::{PipelineStats, Sender, SenderConfig};
+use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 
 use super::{corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap};
+use crate::memory::MemoryReader;
 use crate::migration::auth::{authenticate_destination, AuthKey, SourceAuth};
 use crate::migration::config::SendConfig;
 use crate::migration::error::SendError;
@@ -54,6 +56,15 @@ fn refusal(channel: usize, frame: Frame) -> SendError {
         Frame::Packet(_) => SendError::Protocol(format!(
             "channel {channel}: expected the destination's challenge, got a packet"
         )),
+    }
+}
+
+/// Live guest memory, read by the encode workers: each copies a page into its batch
+/// snapshot and encodes (and caches) only that copy, so a racing guest write cannot make
+/// the page cache disagree with what was sent.
+impl PageSource for MemoryReader {
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        MemoryReader::read_page(self, page, out)
     }
 }
 
@@ -137,6 +148,8 @@ pub struct SourceChannels {
     migration_id: [u8; 16],
     /// The pre-shared key every channel proves (`crate::migration::auth`).
     auth_key: Option<AuthKey>,
+    /// The encoders read pages from guest memory themselves.
+    reads_pages: bool,
 }
 
 impl std::fmt::Debug for SourceChannels {
@@ -151,11 +164,15 @@ impl std::fmt::Debug for SourceChannels {
 impl SourceChannels {
     /// Connects `cfg.channels` connections to `cfg.to` (channel 0 first), starts their
     /// encoders and writers, and queues the channel hello of every channel but 0. Returns
-    /// the channels and the reader of channel 0.
+    /// the channels and the reader of channel 0. With `reader`, the encoders' workers copy
+    /// pages queued with [`Self::push_page`] from it themselves.
     pub fn open(
         cfg: &SendConfig,
         guest_pages: u64,
+        reader: Option<MemoryReader>,
     ) -> Result<(SourceChannels, FrameReader<TcpStream>), SendError> {
+        let source: Option<Arc<dyn PageSource>> =
+            reader.map(|r| Arc::new(r) as Arc<dyn PageSource>);
         let n = cfg.channels.max(1);
         if n > MAX_CHANNELS as usize {
             return Err(SendError::Config(format!(
@@ -193,10 +210,11 @@ impl SourceChannels {
                 &format!("vmstream-link-{index}"),
             )
             .map_err(SendError::Socket)?;
-            let mut channel = SourceChannel {
-                encoder: Sender::new(sender_cfg)?,
-                link,
+            let encoder = match &source {
+                Some(source) => Sender::with_source(sender_cfg, Arc::clone(source))?,
+                None => Sender::new(sender_cfg)?,
             };
+            let mut channel = SourceChannel { encoder, link };
             // Channel 0 authenticates now, before its hello; the others once the
             // destination took the migration and listens for them (`await_bound`).
             if let (0, Some(key)) = (index, &cfg.auth_key) {
@@ -217,6 +235,7 @@ impl SourceChannels {
                 replies,
                 migration_id,
                 auth_key: cfg.auth_key.clone(),
+                reads_pages: source.is_some(),
             },
             reader0,
         ))
@@ -292,6 +311,19 @@ impl SourceChannels {
     ) -> Result<(), SendError> {
         let c = self.map.channel_of(page);
         self.channels[c].encoder.push_with(page, fill)?;
+        self.pump()
+    }
+
+    /// Whether the channels were opened with a memory reader ([`Self::push_page`] works).
+    pub fn reads_pages(&self) -> bool {
+        self.reads_pages
+    }
+
+    /// Queues page `page` on its channel by number: a worker of its encoder reads it from
+    /// the memory reader given to [`Self::open`].
+    pub fn push_page(&mut self, page: u64) -> Result<(), SendError> {
+        let c = self.map.channel_of(page);
+        self.channels[c].encoder.push_page(page)?;
         self.pump()
     }
 
