@@ -128,11 +128,6 @@ impl MemoryReader {
         assert_eq!(buf.len(), PAGE_SIZE);
         self.map.read_at(page as usize * PAGE_SIZE, buf);
     }
-
-    /// Pages in the mapping.
-    pub fn pages(&self) -> u64 {
-        (self.map.len / PAGE_SIZE) as u64
-    }
 }
 
 impl std::fmt::Debug for MemoryReader {
@@ -429,6 +424,32 @@ mod tests {
             .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
             .collect();
         assert_eq!(set, vec![0, 3, 64, 199]);
+    }
+
+    #[test]
+    fn a_reader_sees_later_writes_from_another_thread_and_outlives_its_memory() {
+        let mut mem = GuestMemory::memfd("reader", 4 * PAGE_SIZE as u64).unwrap();
+        let reader = mem.reader();
+        mem.as_mut_slice()[2 * PAGE_SIZE + 5] = 0x5A;
+        let page = std::thread::spawn({
+            let reader = reader.clone();
+            move || {
+                let mut page = vec![0u8; PAGE_SIZE];
+                reader.read_page(2, &mut page);
+                page
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(page[5], 0x5A);
+        assert_eq!(page.iter().filter(|&&b| b != 0).count(), 1);
+        // The mapping stays until its last holder goes: a reader the encode workers still
+        // hold must not read unmapped memory after the guest's side dropped its own.
+        mem.as_mut_slice()[3 * PAGE_SIZE] = 9;
+        drop(mem);
+        let mut page = vec![0u8; PAGE_SIZE];
+        reader.read_page(3, &mut page);
+        assert_eq!(page[0], 9);
     }
 
     #[test]
