@@ -128,6 +128,7 @@ impl RoundIo {
         let started = Instant::now();
         let last = flags & ROUND_FINAL != 0;
         self.progress.round(round, pages.len() as u64, last);
+        let workers_read = self.channels.reads_pages();
         for (i, &p) in pages.iter().enumerate() {
             // The final round runs to its end: the guest is paused, and only the
             // destination's verdict may end the migration now.
@@ -143,30 +144,27 @@ impl RoundIo {
             // Live pages are read by the encode workers themselves, in parallel, when the
             // guest allows it; otherwise by this thread straight into the codec's batch.
             // Either way the one copy is the snapshot the encoder and the page cache see.
-            let workers_read = self.channels.reads_pages();
+            // Holes of a sparse memory file are filled with zeros here, never read.
+            let hole = match &src {
+                PageSource::LiveSkippingHoles(_, data) => crate::memory::page_is_hole(data, p),
+                _ => false,
+            };
             match &mut src {
-                PageSource::Live(g) if workers_read => {
+                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
+                    if workers_read && !hole =>
+                {
                     g.before_queue(p).map_err(SendError::Tracker)?;
                     self.channels.push_page(p)?
                 }
-                PageSource::Live(g) => self.channels.push_with(p, |slot| {
-                    g.read_page_for_send(p, slot).map_err(SendError::Tracker)
-                })?,
-                PageSource::LiveSkippingHoles(g, data) => {
-                    let hole = crate::memory::page_is_hole(data, p);
-                    if workers_read && !hole {
-                        g.before_queue(p).map_err(SendError::Tracker)?;
-                        self.channels.push_page(p)?
-                    } else {
-                        self.channels.push_with(p, |slot| {
-                            if hole {
-                                g.hole_page_for_send(p, slot)
-                            } else {
-                                g.read_page_for_send(p, slot)
-                            }
-                            .map_err(SendError::Tracker)
-                        })?
-                    }
+                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                    self.channels.push_with(p, |slot| {
+                        if hole {
+                            g.hole_page_for_send(p, slot)
+                        } else {
+                            g.read_page_for_send(p, slot)
+                        }
+                        .map_err(SendError::Tracker)
+                    })?
                 }
                 PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
             }
