@@ -341,26 +341,6 @@ impl GuestMemory {
         self.read_at(page as usize * PAGE_SIZE, buf);
     }
 
-    /// Copy `data` into the memory at `offset` (the receiving side's page writes).
-    pub fn write_at(&self, offset: usize, data: &[u8]) {
-        assert!(self.mode != MapMode::SharedReadOnly, "read-only mapping");
-        let end = offset.checked_add(data.len()).expect("offset overflow");
-        assert!(
-            end <= self.map.len,
-            "write {offset}..{end} past {}",
-            self.map.len
-        );
-        // SAFETY: the range is inside a writable mapping (checked above) and `data` is a
-        // distinct Rust buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.map.ptr.as_ptr().add(offset),
-                data.len(),
-            )
-        }
-    }
-
     /// Atomically load the aligned little-endian u64 at `offset` (e.g. a counter that
     /// another process updates).
     pub fn load_u64(&self, offset: usize) -> u64 {
