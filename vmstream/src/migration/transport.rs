@@ -474,6 +474,18 @@ struct LinkShared {
     message_flushed: Mutex<Option<Instant>>,
 }
 
+impl LinkShared {
+    /// Records the write error that stops the writer.
+    fn set_error(&self, e: io::Error) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// Takes the writer's error, if it stopped on one.
+    fn take_error(&self) -> Option<io::Error> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl Link {
     /// Starts a writer thread on `stream` (a clone of the connection's socket), limited to
     /// `max_bandwidth` bytes/s if given. Honours [`CORRUPT_ENV`].
@@ -535,13 +547,7 @@ impl Link {
     }
 
     fn take_error(&mut self) -> TransportError {
-        match self
-            .shared
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match self.shared.take_error() {
             Some(e)
                 if matches!(
                     e.kind(),
@@ -573,13 +579,7 @@ impl Link {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        match self
-            .shared
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match self.shared.take_error() {
             Some(e) => Err(TransportError::Io(e)),
             None => Ok(()),
         }
@@ -628,12 +628,12 @@ fn writer_loop(
         };
         shared.sent.store(writer.bytes_written(), Ordering::Relaxed);
         if let Err(e) = result {
-            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            shared.set_error(e);
             return; // dropping `jobs` makes the next send fail
         }
     }
     if let Err(e) = writer.inner.flush() {
-        *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        shared.set_error(e);
     }
 }
 
