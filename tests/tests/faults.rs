@@ -82,7 +82,7 @@ fn ctrl_c_cancels_the_migration_and_the_guest_keeps_running() {
     expect_cancelled_by_signal(&mut send, &mut recv, &dir);
 }
 
-/// Receiver and sender (spawned by `spawn`, a job of its own) of a 16 MiB guest at 4 MiB/s,
+/// Receiver and sender (started by `spawn`, see [`Spawn`]) of a 16 MiB guest at 4 MiB/s,
 /// 300 ms into the 4 s of round 0; and the guard of the sender's guest.
 fn job_in_round_0(spawn: Spawn, dir: &TmpDir) -> (Proc, Proc, KillPid) {
     let dst = dir.path("dst.img");
@@ -168,11 +168,7 @@ fn sigint_ends_the_receive_cleanly() {
     let _g = serial();
     let dir = TmpDir::new("recv-sigint");
     let dst = dir.path("dst.img");
-    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
-    let mut send = slow_sender(&dir, port, "4M", &[]);
-    let _guest = guard_guest(&mut send);
-    recv.wait_stderr("connection from");
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut recv, mut send, _guest) = job_in_round_0(Proc::vmstream, &dir);
     send_signal("INT", &recv.pid().to_string());
     expect_receiver_failure(&mut recv, &dst, &["interrupted (SIGINT or SIGTERM)"]);
     assert_eq!(dir.entries(), vec!["src.img".to_string()]);
@@ -195,12 +191,9 @@ fn guest_killed_mid_migration() {
     let _g = serial();
     let dir = TmpDir::new("kill-guest");
     let dst = dir.path("dst.img");
-    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
-    // 16 MiB at 4 MiB/s: the kill lands in round 0.
-    let mut send = slow_sender(&dir, port, "4M", &[]);
-    let guest = guard_guest(&mut send);
-    recv.wait_stderr("connection from");
-    std::thread::sleep(Duration::from_millis(500));
+    // 16 MiB at 4 MiB/s: the kill lands in round 0, 500 ms after the connection.
+    let (mut recv, mut send, guest) = job_in_round_0(Proc::vmstream, &dir);
+    std::thread::sleep(Duration::from_millis(200));
     send_signal("KILL", &guest.0.to_string());
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "stderr: {}", send.stderr());
