@@ -172,6 +172,19 @@ fn dbsim_256m_migrates_live_with_every_dirty_log_mode() {
         );
         assert!(s["downtime_ms"].as_f64().is_some());
         assert_eq!(s["settings"]["destination_running"], "true");
+        // The destination sampled the resumed guest for the source's timeline.
+        assert!(
+            s["tps"]["after"].as_f64().is_some_and(|t| t > 0.0),
+            "{mode}: no destination samples: {}",
+            s["tps"]
+        );
+        assert!(
+            s["timeline"]["samples"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty()),
+            "{mode}: {}",
+            s["timeline"]
+        );
         assert!(r["switchover_ms"]["verify"].as_f64().is_some());
     }
 }

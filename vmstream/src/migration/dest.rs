@@ -717,14 +717,26 @@ impl Dest<'_> {
         Ok(DestState::Done)
     }
 
-    /// Samples the resumed guest for a short window and sends the readings to the source
-    /// (its timeline); an empty report if sampling fails, so the source does not wait.
-    fn report_samples(&mut self) {
-        let window = self
-            .cfg
+    /// How long the resumed guest is sampled for the source: [`DESTINATION_WINDOW`], or
+    /// `--run-for` if shorter.
+    fn sample_window(&self) -> Duration {
+        self.cfg
             .run_for
-            .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW));
-        let samples = sample_destination(&self.cfg.memory_file, window).unwrap_or_else(|e| {
+            .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW))
+    }
+
+    /// Samples the resumed guest process for a short window and sends the readings to the
+    /// source (its timeline).
+    fn report_samples(&mut self) {
+        let samples = sample_destination(&self.cfg.memory_file, self.sample_window())
+            .map_err(|e| e.to_string());
+        self.send_samples(samples);
+    }
+
+    /// Sends the resumed guest's samples to the source; an empty report if sampling
+    /// failed, so the source does not wait.
+    fn send_samples(&mut self, samples: Result<GuestSamples, String>) {
+        let samples = samples.unwrap_or_else(|e| {
             eprintln!("vmstream recv: warning: sampling the resumed guest: {e}");
             GuestSamples {
                 samples: Vec::new(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::verify::{BackgroundVerifier, KvmChecks, KvmKnownFacts};
 use super::{Dest, DestState};
 use crate::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
-use crate::kvm::cli::report_while_running;
+use crate::kvm::cli::{install_stop_handler, report_while_running, stop_requested};
 use crate::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
 use crate::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
 use crate::migration::digest::PageHashes;
@@ -21,8 +21,10 @@ use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::stats::unix_ns;
 use crate::migration::wire::{
-    Abort, AbortCode, CommitReply, CommitStatus, GuestKind, GuestState, Hello, Message, RefuseCode,
+    Abort, AbortCode, CommitReply, CommitStatus, GuestKind, GuestSamples, GuestState, Hello,
+    Message, RefuseCode,
 };
+use crate::sampler::SAMPLE_PERIOD;
 
 /// How long the destination waits for the resumed guest's first transaction (the instant
 /// reported as the end of the downtime).
@@ -121,6 +123,8 @@ pub struct KvmResumed {
     first_tx_at_ns: u64,
     /// Time of each resume phase (restore, verify, first transaction), ms.
     phases: Vec<(&'static str, f64)>,
+    /// When the vCPUs were started: `--run-for` counts from here, as for a guest process.
+    resumed_at: Instant,
 }
 
 impl std::fmt::Debug for KvmResumed {
@@ -166,6 +170,7 @@ impl KvmResumed {
         let tx_start = guest.total_transactions()?;
         guest.resume()?;
         let t = Instant::now();
+        let resumed_at = t;
         while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -176,7 +181,27 @@ impl KvmResumed {
             verified,
             first_tx_at_ns: unix_ns(SystemTime::now()),
             phases,
+            resumed_at,
         })
+    }
+
+    /// Reads the guest's transaction counter every [`SAMPLE_PERIOD`] for `window` (less
+    /// if a vCPU fails or SIGINT/SIGTERM arrives): the destination's part of the source's
+    /// timeline, as [`sample_destination`](crate::migration::impact::sample_destination)
+    /// reads a guest process's.
+    fn sample(&self, window: Duration) -> Result<GuestSamples, RecvError> {
+        install_stop_handler();
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        while samples.len() < GuestSamples::MAX_SAMPLES {
+            samples.push((unix_ns(SystemTime::now()), self.guest.total_transactions()?));
+            let next = SAMPLE_PERIOD * samples.len() as u32;
+            if next > window || stop_requested() || !self.guest.failures().is_empty() {
+                break;
+            }
+            std::thread::sleep(next.saturating_sub(start.elapsed()));
+        }
+        Ok(GuestSamples { samples })
     }
 
     /// Runs the guest for `run_for` (None: until SIGINT/SIGTERM), printing its rate every
@@ -184,14 +209,17 @@ impl KvmResumed {
     /// counter grew.
     pub fn run(mut self, run_for: Option<Duration>) -> Result<KvmRunOutcome, RecvError> {
         let mut out = std::io::stdout().lock();
-        let run = report_while_running(
+        // The samples for the source already took part of `run_for`.
+        let remaining = run_for.map(|d| d.saturating_sub(self.resumed_at.elapsed()));
+        report_while_running(
             &mut self.guest,
-            run_for,
+            remaining,
             Duration::from_secs(1),
             "kvm",
             false,
             &mut out,
         )?;
+        let ran = self.resumed_at.elapsed();
         self.guest.pause()?;
         let tx_end = self.guest.total_transactions()?;
         let verified = self.guest.verify()?;
@@ -206,7 +234,7 @@ impl KvmResumed {
         Ok(KvmRunOutcome {
             tx_start: self.tx_start,
             tx_end,
-            tps: run.tps(),
+            tps: tx_end.saturating_sub(self.tx_start) as f64 / ran.as_secs_f64().max(1e-9),
             verified,
         })
     }
@@ -289,6 +317,10 @@ impl Dest<'_> {
             _ => (false, 0, self.committed_at_ns),
         };
         self.report_resumed(paused_at_ns, at, running, tx);
+        if let Some(g) = &self.kvm {
+            let samples = g.sample(self.sample_window()).map_err(|e| e.to_string());
+            self.send_samples(samples);
+        }
         Ok(DestState::Done)
     }
 }
