@@ -217,6 +217,18 @@ fn pad(lo: f64, hi: f64) -> (f64, f64) {
     }
 }
 
+/// Decimals that tell apart the ticks of an axis spanning `span`: plotters puts about ten
+/// on an axis, so whole numbers repeat on a short one (a 3 s migration's time axis was
+/// labelled `0, 1, 2, 2, 2, 3`).
+fn label_decimals(span: f64) -> usize {
+    let step = span / 10.0;
+    if step >= 1.0 || !step.is_finite() {
+        0
+    } else {
+        ((-step.log10()).ceil() as usize).min(4)
+    }
+}
+
 /// The shaded downtime interval in seconds, at least 0.4% of the axis wide so a few ms stay
 /// visible on a minutes-long plot.
 fn downtime_band(t: &Timeline, x: &std::ops::Range<f64>) -> Option<(f64, f64, f64)> {
@@ -253,15 +265,15 @@ fn draw_upper(
         .configure_mesh()
         .x_desc("time since migration start (s)")
         .y_desc("MiB per round")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&|v| format!("{v:.*}", label_decimals(x.end - x.start)))
+        .y_label_formatter(&|v| format!("{v:.*}", label_decimals(y_bytes.end)))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(draw_err)?;
     chart
         .configure_secondary_axes()
         .y_desc("guest transactions/s")
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.*}", label_decimals(y_tps.end)))
         .draw()
         .map_err(draw_err)?;
     if let Some((a, b, ms)) = downtime_band(t, &x) {
@@ -335,7 +347,7 @@ fn draw_lower(
         .configure_mesh()
         .x_desc("time since migration start (s)")
         .y_desc("throttle (%)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&|v| format!("{v:.*}", label_decimals(x.end - x.start)))
         // Above 100 is room for the legend only.
         .y_label_formatter(&|v| {
             if *v <= 100.0 {
@@ -442,5 +454,69 @@ mod tests {
         // A single instant still draws.
         let svg = render_svg(&t, "x", 800, 600).unwrap();
         assert!(svg.starts_with("<svg"));
+    }
+
+    /// The text of every `<text>` element of `svg`.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                Some(
+                    t.split_once('>')?
+                        .1
+                        .split_once("</text>")?
+                        .0
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn label_decimals_follow_the_tick_step() {
+        assert_eq!(label_decimals(45.0), 0);
+        assert_eq!(label_decimals(10.0), 0);
+        assert_eq!(label_decimals(9.0), 1);
+        assert_eq!(label_decimals(3.0), 1);
+        assert_eq!(label_decimals(0.6), 2);
+        assert_eq!(label_decimals(f64::INFINITY), 0);
+        assert_eq!(label_decimals(1e-12), 4);
+    }
+
+    #[test]
+    fn tick_labels_of_short_axes_are_distinct() {
+        // Seconds on the time axis, MiB on the bytes axis: whole numbers repeated there
+        // (`0, 1, 2, 2, 2, 3`).
+        for (span_ms, mib) in [(600.0, 0.5), (3000.0, 3.0), (45_000.0, 400.0)] {
+            let t = Timeline {
+                rounds: vec![crate::converge::timeline::TimelineRound {
+                    round: 0,
+                    start_ms: 0.0,
+                    duration_ms: span_ms,
+                    sent_bytes: (mib * MIB) as u64,
+                    ..Default::default()
+                }],
+                pause_ms: Some(span_ms),
+                ..Default::default()
+            };
+            let numbers: Vec<String> = texts(&render_svg(&t, "x", 800, 600).unwrap())
+                .into_iter()
+                .filter(|s| s.parse::<f64>().is_ok())
+                .collect();
+            // Each axis's ticks come in a row, ascending: a repeat is a neighbour.
+            assert!(numbers.len() >= 12, "{span_ms} ms: {numbers:?}");
+            assert!(
+                numbers.windows(2).all(|w| w[0] != w[1]),
+                "{span_ms} ms: {numbers:?}"
+            );
+            // The time axis's labels, with the decimals its span needs.
+            let d = label_decimals(span_ms / 1e3 * 1.02);
+            let time = numbers
+                .iter()
+                .filter(|s| s.split_once('.').map_or(0, |(_, f)| f.len()) == d)
+                .count();
+            assert!(time >= 8, "{span_ms} ms: {numbers:?}");
+        }
     }
 }
