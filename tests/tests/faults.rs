@@ -172,6 +172,16 @@ fn sigint_ends_the_receive_cleanly() {
     send_signal("INT", &recv.pid().to_string());
     expect_receiver_failure(&mut recv, &dst, &["interrupted (SIGINT or SIGTERM)"]);
     assert_eq!(dir.entries(), vec!["src.img".to_string()]);
+    // The summary counts the time the receive ran (it was only set at a commit).
+    let (_, lines) = recv.wait_exit();
+    let total = line_starting(&lines, "  total time:");
+    let ms: f64 = total
+        .trim_start_matches("  total time:")
+        .trim_end_matches(" ms")
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{total:?}: {e}"));
+    assert!(ms >= 100.0, "{total}");
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1));
     assert!(

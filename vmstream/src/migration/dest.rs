@@ -816,6 +816,10 @@ pub fn receive_migration(
     if result.is_err() && interrupt::requested(cfg.cancel.as_ref()) {
         result = Err(RecvError::Interrupted);
     }
+    // Set at the commit; a receive that ended before it took this long.
+    if dest.stats.total_time_ms == 0.0 {
+        dest.stats.total_time_ms = dest.start.elapsed().as_secs_f64() * 1e3;
+    }
     let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
     if let Err(e) = &result {
         let code = match e {
