@@ -243,6 +243,81 @@ fn receiver_killed_mid_migration() {
     assert_not_committed(&dir, &dst, None);
 }
 
+/// The single-letter state of process `pid` (`R`, `S`, `T` stopped, `Z`...), `None` once
+/// it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ...`: the command may hold spaces and parentheses.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The sender killed outright (SIGKILL: no cleanup at all) while its guest is paused for
+/// the switchover. The guest's process group, its own, is then orphaned with a stopped
+/// member, and the kernel sends it SIGHUP and SIGCONT: the guest survives the first (it
+/// died of it before), runs again, and nothing is committed.
+#[test]
+fn sender_killed_during_the_switchover_leaves_the_guest_running() {
+    let _g = serial();
+    let dir = TmpDir::new("kill-send-paused");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let to = format!("127.0.0.1:{port}");
+    // Round 0 of 16 MiB at 4 MiB/s dirties every page (2000 random writes a second), so
+    // the forced final round keeps the guest stopped for about 4 s. No throttling
+    // (`--converge none`, the default) stops it before.
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--workload",
+            "random",
+            "--rate",
+            "2000",
+            "--warmup",
+            "200ms",
+            "--compress",
+            "none",
+            "--xbzrle",
+            "off",
+            "--max-bandwidth",
+            "4M",
+            "--timeout",
+            "1s",
+            "--on-timeout",
+            "force",
+            "--no-progress",
+            "--to",
+            &to,
+        ],
+        &[],
+    );
+    let guest = guard_guest(&mut send);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while process_state(guest.0) != Some('T') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest was never paused; sender: {}",
+            send.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(process_state(guest.0), Some('T'), "still paused");
+    send.child.kill().unwrap();
+    send.wait_exit();
+    expect_receiver_failure(&mut recv, &dst, &["nothing committed"]);
+    assert_source_guest_runs(&src);
+    assert!(
+        matches!(process_state(guest.0), Some('R' | 'S')),
+        "{:?}",
+        process_state(guest.0)
+    );
+}
+
 #[test]
 fn connection_dropped_mid_migration() {
     let _g = serial();

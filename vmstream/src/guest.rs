@@ -149,6 +149,7 @@ pub struct GuestSummary {
 
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
 pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
+    survive_hangup()?;
     let (mem, resumed_from) = open_memory(cfg)?;
     run_mapped(mem, resumed_from, cfg, out)
 }
@@ -316,6 +317,19 @@ pub fn stop_on_signals() -> io::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(flag))?;
     }
+    Ok(())
+}
+
+/// Keeps SIGHUP from ending the guest. A guest outlives the `vmstream send` that started
+/// it (a failed migration leaves the source guest running), and it runs in a process group
+/// of its own. If `send` dies while the guest is stopped (paused for the switchover), that
+/// group is orphaned with a stopped member, and the kernel sends it SIGHUP, then SIGCONT.
+/// The guest must not die of the first; the second resumes it.
+fn survive_hangup() -> io::Result<()> {
+    signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(AtomicBool::new(false)),
+    )?;
     Ok(())
 }
 
