@@ -318,6 +318,67 @@ fn sender_killed_during_the_switchover_leaves_the_guest_running() {
     );
 }
 
+/// `send --size` on the memory file of a guest that still runs (one a failed migration
+/// left behind, say) must not start a second guest there: that one truncated the memory
+/// under the first, which died of SIGBUS.
+#[test]
+fn send_refuses_the_memory_file_of_a_running_guest() {
+    let _g = serial();
+    let dir = TmpDir::new("in-use");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let src_arg = src.to_str().unwrap();
+    let mut first = Proc::vmstream(
+        "guest",
+        &[
+            "guest",
+            "run",
+            "--memory-file",
+            src_arg,
+            "--size",
+            "16M",
+            "--workload",
+            "random",
+            "--rate",
+            "2000",
+            "--duration",
+            "60s",
+        ],
+        &[],
+    );
+    let ready = first.wait_line("ready pid=");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let to = format!("127.0.0.1:{port}");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src_arg,
+            "--size",
+            "16M",
+            "--no-progress",
+            "--to",
+            &to,
+        ],
+        &[],
+    );
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", send.stderr());
+    assert!(
+        send.stderr().contains(&format!(
+            "the guest did not start: {src_arg} is in use by another running guest"
+        )),
+        "{}",
+        send.stderr()
+    );
+    // The first guest runs on (a truncation killed it with SIGBUS).
+    assert_source_guest_runs(&src);
+    assert!(first.child.try_wait().unwrap().is_none(), "{ready}");
+    assert_eq!(std::fs::metadata(&src).unwrap().len(), 16 << 20);
+    recv.child.kill().unwrap();
+    assert!(!dst.exists());
+}
+
 #[test]
 fn connection_dropped_mid_migration() {
     let _g = serial();

@@ -11,12 +11,16 @@
 //! - `count` -> `tx=COUNT`;
 //! - `exit` (or end of input): stop the guest.
 
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::layout::WorkloadKind;
 use crate::memory::{GuestMemory, MapMode, MemoryError};
@@ -82,6 +86,9 @@ pub enum GuestError {
     /// Inconsistent options.
     #[error("{0}")]
     Config(String),
+    /// Another guest process runs on the memory file.
+    #[error("{0} is in use by another running guest")]
+    InUse(PathBuf),
 }
 
 /// The line a guest prints once it runs with tracking armed:
@@ -150,6 +157,10 @@ pub struct GuestSummary {
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
 pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
     survive_hangup()?;
+    let _owner = match &cfg.memory {
+        MemorySource::File(p) => Some(own_memory_file(p, matches!(cfg.start, StartMode::Init(_)))?),
+        MemorySource::Memfd => None,
+    };
     let (mem, resumed_from) = open_memory(cfg)?;
     run_mapped(mem, resumed_from, cfg, out)
 }
@@ -318,6 +329,27 @@ pub fn stop_on_signals() -> io::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(flag))?;
     }
     Ok(())
+}
+
+/// Takes an exclusive `flock` on the memory file at `path` (created if missing and
+/// `create`), held
+/// while the returned lock lives, before the file is formatted or resumed: a second guest
+/// on the same file (a `vmstream send --size` with the path of a guest still running, say)
+/// would truncate or rewrite the memory under the first, which then dies of SIGBUS or
+/// corrupts its state.
+fn own_memory_file(path: &std::path::Path, create: bool) -> Result<Flock<File>, GuestError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| GuestError::Config(format!("open {}: {e}", path.display())))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(GuestError::InUse(path.to_path_buf())),
+        Err((_, e)) => Err(GuestError::Config(format!("lock {}: {e}", path.display()))),
+    }
 }
 
 /// Keeps SIGHUP from ending the guest. A guest outlives the `vmstream send` that started

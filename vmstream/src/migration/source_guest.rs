@@ -164,10 +164,17 @@ fn spawn_guest(
             let status = child.wait().ok();
             let mut message = String::new();
             let _ = BufReader::new(err).read_to_string(&mut message);
-            Err(GuestControlError::NotReady(format!(
-                "{} (read {r:?}, line {line:?}, exit {status:?})",
-                message.trim()
-            )))
+            // The guest's own words when it said why (`vmstream guest run: ...`).
+            let message = message.trim().trim_start_matches("vmstream guest run: ");
+            Err(GuestControlError::NotReady(match (message, r) {
+                ("", Err(e)) => format!("reading its ready line: {e}"),
+                ("", Ok(_)) => format!(
+                    "it printed {:?} instead of its ready line and exited ({})",
+                    line.trim(),
+                    status.map_or("status unknown".into(), |s| s.to_string())
+                ),
+                (m, _) => m.to_string(),
+            }))
         }
     }
 }
