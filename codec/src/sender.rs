@@ -41,6 +41,33 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
+    /// Checks the settings a [`Sender`] would refuse, without starting one (an
+    /// application validating its options before it starts anything else).
+    pub fn validate(&self) -> Result<(), CodecError> {
+        PageEncoder::new(&self.per_worker_encoder()?).map(drop)
+    }
+
+    /// Each worker's encoder settings (its share of the page cache), once the
+    /// counts are checked.
+    fn per_worker_encoder(&self) -> Result<EncoderConfig, CodecError> {
+        if self.workers == 0 || self.queue_depth == 0 {
+            return Err(CodecError::Config(
+                "sender needs at least one worker and a queue depth of 1".into(),
+            ));
+        }
+        if !(1..=MAX_PAGES_PER_PACKET).contains(&self.batch_pages) {
+            return Err(CodecError::Config(format!(
+                "batch_pages {} outside 1..={MAX_PAGES_PER_PACKET}",
+                self.batch_pages
+            )));
+        }
+        let mut per_worker = self.encoder;
+        if let Some(d) = &mut per_worker.delta {
+            d.cache_bytes /= self.workers;
+        }
+        Ok(per_worker)
+    }
+
     /// Defaults for a guest of `guest_pages` pages: one worker per core,
     /// 128-page packets, LZ4, XBZRLE+LZ4 deltas with a 64 MiB page cache.
     pub fn new(guest_pages: u64) -> SenderConfig {
@@ -133,21 +160,7 @@ impl Sender {
         config: SenderConfig,
         source: Option<Arc<dyn PageSource>>,
     ) -> Result<Sender, CodecError> {
-        if config.workers == 0 || config.queue_depth == 0 {
-            return Err(CodecError::Config(
-                "sender needs at least one worker and a queue depth of 1".into(),
-            ));
-        }
-        if !(1..=MAX_PAGES_PER_PACKET).contains(&config.batch_pages) {
-            return Err(CodecError::Config(format!(
-                "batch_pages {} outside 1..={MAX_PAGES_PER_PACKET}",
-                config.batch_pages
-            )));
-        }
-        let mut per_worker = config.encoder;
-        if let Some(d) = &mut per_worker.delta {
-            d.cache_bytes /= config.workers;
-        }
+        let per_worker = config.per_worker_encoder()?;
         let (batch_tx, spare_batches) = channel();
         let (packet_tx, packets) = channel();
         let spare_buffers = Arc::new(Mutex::new(Vec::new()));

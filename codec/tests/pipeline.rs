@@ -154,26 +154,37 @@ fn stats_serialize_to_json_and_back() {
 
 #[test]
 fn bad_configuration_and_pushes_are_refused() {
-    assert!(matches!(
-        Sender::new(SenderConfig {
-            workers: 0,
-            ..config(1)
-        }),
-        Err(CodecError::Config(_))
-    ));
-    assert!(matches!(
-        Sender::new(SenderConfig {
-            batch_pages: 0,
-            ..config(1)
-        }),
-        Err(CodecError::Config(_))
-    ));
     let mut bad_level = config(1);
     bad_level.encoder.compression = Compression::Zlib { level: 12 };
-    assert!(matches!(Sender::new(bad_level), Err(CodecError::Config(_))));
     let mut bad_delta = config(1);
     bad_delta.encoder.delta.as_mut().unwrap().max_delta = PAGE_SIZE;
-    assert!(matches!(Sender::new(bad_delta), Err(CodecError::Config(_))));
+    let mut no_cache = config(1);
+    no_cache.encoder.delta.as_mut().unwrap().cache_bytes = 0;
+    for bad in [
+        SenderConfig {
+            workers: 0,
+            ..config(1)
+        },
+        SenderConfig {
+            batch_pages: 0,
+            ..config(1)
+        },
+        SenderConfig {
+            batch_pages: 100_000,
+            ..config(1)
+        },
+        bad_level,
+        bad_delta,
+        no_cache,
+    ] {
+        // `validate` refuses what `Sender::new` refuses, without starting workers.
+        assert!(
+            matches!(bad.validate(), Err(CodecError::Config(_))),
+            "{bad:?}"
+        );
+        assert!(matches!(Sender::new(bad), Err(CodecError::Config(_))));
+    }
+    assert!(config(2).validate().is_ok());
 
     let mut s = Sender::new(config(2)).unwrap();
     assert_eq!(

@@ -318,6 +318,116 @@ fn sender_killed_during_the_switchover_leaves_the_guest_running() {
     );
 }
 
+/// SIGTERM during `--warmup` cancels at once (it waited for the warmup's end), names the
+/// guest that keeps running, and exits 3.
+#[test]
+fn sigterm_during_the_warmup_cancels_at_once() {
+    let _g = serial();
+    let dir = TmpDir::new("warmup-sigterm");
+    let src = dir.path("src.img");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--warmup",
+            "30s",
+            "--no-progress",
+            "--to",
+            "127.0.0.1:9",
+        ],
+        &[],
+    );
+    let guest = guard_guest(&mut send);
+    let t = std::time::Instant::now();
+    send_signal("TERM", &send.pid().to_string());
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(3), "{}", send.stderr());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        send.stderr()
+            .contains(&format!("guest pid {} keeps running", guest.0)),
+        "{}",
+        send.stderr()
+    );
+    assert_source_guest_runs(&src);
+}
+
+/// Settings the migration would refuse are refused before anything starts: exit 2, the
+/// reason, no guest started (it used to run, and was left running, before the error).
+#[test]
+fn bad_send_settings_are_refused_before_the_guest_starts() {
+    let _g = serial();
+    let dir = TmpDir::new("bad-settings");
+    let src = dir.path("src.img");
+    let cases: [(&[&str], &str); 12] = [
+        (
+            &["--size", "1000"],
+            "--size 1000: must be a non-zero multiple of 4096",
+        ),
+        (
+            &["--size", "0"],
+            "--size 0: must be a non-zero multiple of 4096",
+        ),
+        (&["--kvm", "--size", "3M"], "must be a multiple of 2 MiB"),
+        (&["--batch-pages", "0"], "batch_pages 0 outside 1..=4096"),
+        (
+            &["--batch-pages", "5000"],
+            "batch_pages 5000 outside 1..=4096",
+        ),
+        (
+            &["--compress", "zlib", "--compress-level", "99"],
+            "zlib level 99",
+        ),
+        (&["--xbzrle-cache", "0"], "page cache"),
+        (
+            &["--defer-hot", "50", "--defer-segment", "1000"],
+            "hot-page deferral",
+        ),
+        (&["--io-timeout", "0"], "--io-timeout must be above 0"),
+        (
+            &["--downtime-limit", "0"],
+            "--downtime-limit must be above 0",
+        ),
+        (
+            &["--to", "nonsense"],
+            "--to nonsense: invalid socket address",
+        ),
+        (&["--to", "127.0.0.1:99999"], "--to 127.0.0.1:99999"),
+    ];
+    for (extra, reason) in cases {
+        let mut args = vec![
+            "send",
+            "--memory-file",
+            src.to_str().unwrap(),
+            "--no-progress",
+        ];
+        if !extra.contains(&"--size") {
+            args.extend(["--size", "16M"]);
+        }
+        if !extra.contains(&"--to") {
+            args.extend(["--to", "127.0.0.1:9"]);
+        }
+        args.extend(extra);
+        let mut send = Proc::vmstream("send", &args, &[]);
+        let (status, lines) = send.wait_exit();
+        assert_eq!(status.code(), Some(2), "{extra:?}: {}", send.stderr());
+        assert!(
+            send.stderr().contains(reason),
+            "{extra:?}: {}",
+            send.stderr()
+        );
+        assert!(
+            !lines.iter().any(|l| l.starts_with("guest pid=")),
+            "{extra:?}: {lines:?}"
+        );
+        assert!(!src.exists(), "{extra:?}: a guest was started");
+    }
+}
+
 /// `send --size` on the memory file of a guest that still runs (one a failed migration
 /// left behind, say) must not start a second guest there: that one truncated the memory
 /// under the first, which died of SIGBUS.

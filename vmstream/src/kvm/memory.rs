@@ -42,7 +42,9 @@ impl std::fmt::Debug for GuestRam {
     }
 }
 
-fn check_size(size: u64) -> Result<()> {
+/// Refuses a RAM size the VMM cannot map (also checked by `vmstream send` before it starts
+/// anything).
+pub fn check_size(size: u64) -> Result<()> {
     if !(RAM_MIN..=RAM_MAX).contains(&size) || !size.is_multiple_of(RAM_ALIGN) {
         return Err(KvmError::Config(format!(
             "guest RAM of {size} bytes: must be a multiple of 2 MiB in [{RAM_MIN}, {RAM_MAX}]"

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,6 +272,7 @@ impl SendArgs {
         cfg.converge = self.converge.clone();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.check()?;
         Ok(cfg)
     }
 }
@@ -326,6 +327,9 @@ fn interrupt_flag(who: &str) -> Option<Arc<AtomicBool>> {
         .ok()
 }
 
+/// How often the warmup looks for SIGINT/SIGTERM.
+const WARMUP_POLL: Duration = Duration::from_millis(20);
+
 /// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
 pub fn run_send(args: &SendArgs) -> ExitCode {
     let mut cfg = match args.to_config() {
@@ -335,6 +339,13 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
+    // than end this process (and with it a KVM guest, or a paused guest process's resume).
+    // Taken before the guest starts: a signal while it starts must not orphan it unnamed.
+    let Some(flag) = interrupt_flag("send") else {
+        return ExitCode::FAILURE;
+    };
+    cfg.cancel = Some(flag.clone());
     let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking) {
         Ok(g) => g,
         Err(e) => {
@@ -344,12 +355,6 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     };
     println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
-    // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
-    // than end this process (and with it a KVM guest, or a paused guest process's resume).
-    let Some(flag) = interrupt_flag("send") else {
-        return ExitCode::FAILURE;
-    };
-    cfg.cancel = Some(flag);
     let mut stats = MigrationStats {
         role: "source",
         guest_bytes: guest.size(),
@@ -378,9 +383,14 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     }
     if !cfg.warmup.is_zero() {
         let (t0, tx0) = (Instant::now(), guest.tx_count());
-        std::thread::sleep(cfg.warmup);
+        // A signal ends the warmup (and `migrate` then cancels at once).
+        while t0.elapsed() < cfg.warmup && !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(cfg.warmup.saturating_sub(t0.elapsed()).min(WARMUP_POLL));
+        }
         let tx1 = guest.tx_count();
-        stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
+        if !flag.load(Ordering::Relaxed) {
+            stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
+        }
     }
     let result = migrate(&cfg, guest.as_mut(), &mut stats);
     if stats.guest_bytes > 0 {

@@ -1,5 +1,6 @@
 //! Settings of both sides, built by the CLI (see [`super::cli`]) or by library callers.
 
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
 
 use super::auth::AuthKey;
+use super::channels::send::sender_config;
 use super::convergence::OnTimeout;
 use super::source_guest::{DirtyTracking, GuestSpec};
-use super::wire::DeltaWire;
+use super::wire::{DeltaWire, PAGE_SIZE};
 use crate::converge::cli::ConvergeArgs;
 
 /// Everything `vmstream send` needs.
@@ -81,6 +83,52 @@ impl SendConfig {
             auth_key: None,
             cancel: None,
         }
+    }
+
+    /// Checks, before anything starts, what the migration would otherwise refuse only once
+    /// the guest runs (leaving it running for nothing): the guest size, the encoder
+    /// pipeline, the convergence settings, the timeouts and the destination's address.
+    pub fn check(&self) -> Result<(), String> {
+        let guest_bytes = match &self.guest {
+            GuestSpec::Spawn { size, .. } => {
+                if *size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
+                    return Err(format!(
+                        "--size {size}: must be a non-zero multiple of {PAGE_SIZE} bytes"
+                    ));
+                }
+                Some(*size)
+            }
+            GuestSpec::Kvm(k) => {
+                crate::kvm::memory::check_size(k.size).map_err(|e| format!("--size: {e}"))?;
+                Some(k.size)
+            }
+            // An attached guest's size is its file's; opening it reports a bad one.
+            GuestSpec::Attach { path, .. } => std::fs::metadata(path).ok().map(|m| m.len()),
+        };
+        if self.io_timeout.is_zero() {
+            return Err("--io-timeout must be above 0".into());
+        }
+        if self.downtime_limit.is_zero() {
+            return Err(
+                "--downtime-limit must be above 0 (a switchover pauses the guest for some time)"
+                    .into(),
+            );
+        }
+        let pages = guest_bytes.unwrap_or(0) / PAGE_SIZE as u64;
+        sender_config(self, pages.max(1))
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| format!("encoder settings: {e}"))?;
+        self.converge.strategy().map_err(|e| e.to_string())?;
+        if guest_bytes.is_some() {
+            self.converge
+                .deferral(pages)
+                .map_err(|e| format!("hot-page deferral: {e}"))?;
+        }
+        self.to
+            .to_socket_addrs()
+            .map_err(|e| format!("--to {}: {e}", self.to))?;
+        Ok(())
     }
 
     /// The delta mode as announced in the handshake.

@@ -354,6 +354,7 @@ impl Source<'_> {
 
     fn run(&mut self) -> Result<Outcome, SendError> {
         let mut state = SourceState::Handshake;
+        let mut late_signal_noted = false;
         loop {
             let before_pause = matches!(
                 state,
@@ -361,8 +362,17 @@ impl Source<'_> {
                     | SourceState::Iterate { .. }
                     | SourceState::Switchover { .. }
             );
-            if before_pause && self.io.cancelled() {
-                return self.cancel(CANCELLED);
+            if self.io.cancelled() {
+                if before_pause {
+                    return self.cancel(CANCELLED);
+                }
+                if !late_signal_noted {
+                    eprintln!(
+                        "vmstream send: note: SIGINT/SIGTERM after the guest was paused for the \
+                         switchover: the migration finishes (its last pages are on the way)"
+                    );
+                    late_signal_noted = true;
+                }
             }
             state = match state {
                 SourceState::Handshake => self.handshake()?,
@@ -434,7 +444,7 @@ impl Source<'_> {
             eprintln!(
                 "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
                  no switchover can stay within the {:.0} ms downtime limit (it takes at least \
-                 {:.0} ms{}); the migration iterates until --timeout (raise --downtime-limit)",
+                 {:.0} ms{}); the migration iterates {} (raise --downtime-limit)",
                 rtt.as_secs_f64() * 1e3,
                 self.cfg.downtime_limit.as_secs_f64() * 1e3,
                 floor.as_secs_f64() * 1e3,
@@ -443,6 +453,11 @@ impl Source<'_> {
                      resumes the guest"
                 } else {
                     ": half a round trip for the last pages"
+                },
+                if self.cfg.timeout.is_some() {
+                    "until --timeout"
+                } else {
+                    "until a round finds nothing dirty, with no --timeout set"
                 }
             );
         }

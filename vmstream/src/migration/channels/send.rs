@@ -138,6 +138,26 @@ pub struct ChannelRound {
     pub end_frame_bytes: u64,
 }
 
+/// Each channel's encoder pipeline for `cfg`: `--threads` and the page cache split
+/// between the channels.
+pub(crate) fn sender_config(cfg: &SendConfig, guest_pages: u64) -> Result<SenderConfig, SendError> {
+    let n = cfg.channels.max(1);
+    if n > MAX_CHANNELS as usize {
+        return Err(SendError::Config(format!(
+            "--channels {n}: at most {MAX_CHANNELS}"
+        )));
+    }
+    let mut sender_cfg = SenderConfig::new(guest_pages);
+    sender_cfg.workers = (cfg.threads / n).max(1);
+    sender_cfg.batch_pages = cfg.batch_pages;
+    sender_cfg.encoder = cfg.encoder;
+    if let Some(d) = &mut sender_cfg.encoder.delta {
+        // The page cache is a total too.
+        d.cache_bytes /= n;
+    }
+    Ok(sender_cfg)
+}
+
 /// The source's channels: channel 0 (which also carries the control messages) and the
 /// others.
 pub struct SourceChannels {
@@ -174,20 +194,7 @@ impl SourceChannels {
         let source: Option<Arc<dyn PageSource>> =
             reader.map(|r| Arc::new(r) as Arc<dyn PageSource>);
         let n = cfg.channels.max(1);
-        if n > MAX_CHANNELS as usize {
-            return Err(SendError::Config(format!(
-                "--channels {n}: at most {MAX_CHANNELS}"
-            )));
-        }
-        let workers = (cfg.threads / n).max(1);
-        let mut sender_cfg = SenderConfig::new(guest_pages);
-        sender_cfg.workers = workers;
-        sender_cfg.batch_pages = cfg.batch_pages;
-        sender_cfg.encoder = cfg.encoder;
-        if let Some(d) = &mut sender_cfg.encoder.delta {
-            // The page cache is a total too.
-            d.cache_bytes /= n;
-        }
+        let sender_cfg = sender_config(cfg, guest_pages)?;
         let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
         let corrupt = std::env::var(CORRUPT_ENV)
             .ok()
@@ -230,7 +237,7 @@ impl SourceChannels {
         let reader0 = reader0.expect("channel 0 is opened first");
         Ok((
             SourceChannels {
-                map: ChannelMap::new(n, workers),
+                map: ChannelMap::new(n, sender_cfg.workers),
                 channels,
                 replies,
                 migration_id,
