@@ -340,6 +340,51 @@ pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
     parse_size(s)
 }
 
+/// A socket whose send timeout holds for a whole write, not each retry of one. When
+/// `SO_SNDTIMEO` fires, the kernel returns what it took before as a short write; a caller
+/// that retries the rest (`write_all`, `BufWriter`) waited a second full timeout (a stalled
+/// destination took twice `--io-timeout` to notice). Here the next call fails at once.
+#[derive(Debug)]
+pub struct SendTimeout {
+    inner: TcpStream,
+    /// The socket's send timeout, read once.
+    timeout: Option<Duration>,
+    /// A write came back short after blocking for the whole timeout.
+    timed_out: bool,
+}
+
+impl SendTimeout {
+    /// Wraps `inner`, whose send timeout is already set.
+    pub fn new(inner: TcpStream) -> io::Result<SendTimeout> {
+        Ok(SendTimeout {
+            timeout: inner.write_timeout()?,
+            inner,
+            timed_out: false,
+        })
+    }
+}
+
+impl Write for SendTimeout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.timed_out {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took nothing for the whole send timeout",
+            ));
+        }
+        let t = Instant::now();
+        let n = self.inner.write(buf)?;
+        if n < buf.len() && self.timeout.is_some_and(|d| t.elapsed() >= d) {
+            self.timed_out = true;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Writes frames to a stream, optionally rate limited, counting bytes.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -509,6 +554,7 @@ impl Link {
     ) -> io::Result<Link> {
         let (queue, jobs) = sync_channel::<Outgoing>(16);
         let (give_back, returned) = channel();
+        let stream = SendTimeout::new(stream)?;
         let mut writer =
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
         writer.corrupt_byte_at(corrupt_at);
@@ -593,7 +639,7 @@ impl Drop for Link {
 }
 
 fn writer_loop(
-    mut writer: FrameWriter<io::BufWriter<TcpStream>>,
+    mut writer: FrameWriter<io::BufWriter<SendTimeout>>,
     jobs: Receiver<Outgoing>,
     give_back: ChannelSender<Packet>,
     shared: &LinkShared,
@@ -659,6 +705,22 @@ impl PacketChannel for Link {
 mod tests {
     use super::super::wire::{Abort, AbortCode, RoundAck};
     use super::*;
+
+    /// A peer that takes nothing: the write that fills the socket buffers comes back short
+    /// after the send timeout, and the retry fails at once (`TimedOut`) instead of blocking
+    /// for a second timeout and failing with `WouldBlock`.
+    #[test]
+    fn a_send_timeout_holds_for_the_whole_write() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let err = w.write_all(&vec![7u8; 256 << 20]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
 
     #[test]
     fn bandwidths_parse() {
