@@ -273,6 +273,33 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// [`Proc::wait_stderr`] for a process that must keep running meanwhile: panics at
+    /// once if it exits first.
+    pub fn wait_stderr_running(&mut self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(needle) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Its last words may still be in the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                if self.stderr().contains(needle) {
+                    return;
+                }
+                panic!(
+                    "{} exited ({status}) before writing {needle:?}: {}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {needle:?} on stderr: {}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits (bounded) for the exit; returns the status and all stdout lines.
     pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>) {
         let deadline = Instant::now() + WAIT;
