@@ -300,6 +300,19 @@ impl Proc {
         }
     }
 
+    /// Waits at most `within` for the exit: `None` if the process still runs (it is left
+    /// running), else the status and all stdout lines as [`Proc::wait_exit`].
+    pub fn exit_within(&mut self, within: Duration) -> Option<(ExitStatus, Vec<String>)> {
+        let deadline = Instant::now() + within;
+        while self.child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(self.wait_exit())
+    }
+
     /// Waits (bounded) for the exit; returns the status and all stdout lines.
     pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>) {
         let deadline = Instant::now() + WAIT;

@@ -1,10 +1,71 @@
-//! `vmstream recv` before and around its migration: without a key, connections that
-//! never send a frame do not end the receive.
+//! `vmstream recv` before and around its migration: arguments are checked before it
+//! listens, and without a key, connections that never send a frame do not end the
+//! receive.
 
 use std::net::TcpStream;
 use std::path::Path;
+use std::time::Duration;
 
 use vmstream_tests::*;
+
+/// Runs `vmstream recv ARGS` that must be refused as a usage error: exit 2 within a few
+/// seconds with `reason` on stderr, without listening and without a migration summary.
+fn expect_usage_error(args: &[&str], reason: &str) {
+    let mut all = vec!["recv"];
+    all.extend_from_slice(args);
+    let mut recv = Proc::vmstream("recv", &all, &[]);
+    let Some((status, lines)) = recv.exit_within(Duration::from_secs(10)) else {
+        panic!(
+            "recv {args:?} still runs after 10 s; stderr: {}",
+            recv.stderr()
+        )
+    };
+    let err = recv.stderr();
+    assert_eq!(status.code(), Some(2), "recv {args:?}: {err}");
+    assert!(err.contains(reason), "recv {args:?}: {err}");
+    assert!(!err.contains("migration failed"), "recv {args:?}: {err}");
+    // Neither a `listening on` line nor a summary.
+    assert!(lines.is_empty(), "recv {args:?}: {lines:?}");
+}
+
+/// A directory as the memory file, one in a directory that does not exist, a size that is
+/// not a non-zero multiple of the page size, and a listen address that is not one are all
+/// refused with exit 2 before the receiver listens, and nothing is created (a directory's
+/// temporary image would go into its parent).
+#[test]
+fn bad_arguments_are_refused_before_listening() {
+    let dir = TmpDir::new("recv-args");
+    let images = dir.path("images");
+    std::fs::create_dir(&images).unwrap();
+    let dst = dir.path("dst.img");
+    let dst = dst.to_str().unwrap();
+    expect_usage_error(
+        &["--listen", "0", "--memory-file", images.to_str().unwrap()],
+        &format!("--memory-file {}: is a directory", images.display()),
+    );
+    let missing = dir.path("no/such/dir/x.mem");
+    expect_usage_error(
+        &["--listen", "0", "--memory-file", missing.to_str().unwrap()],
+        &format!(
+            "directory {} does not exist",
+            dir.path("no/such/dir").display()
+        ),
+    );
+    for size in ["0", "1000"] {
+        expect_usage_error(
+            &["--listen", "0", "--memory-file", dst, "--size", size],
+            &format!("expected guest size {size} (--size) must be a non-zero multiple of 4096"),
+        );
+    }
+    for listen in ["99999", "abc"] {
+        expect_usage_error(
+            &["--listen", listen, "--memory-file", dst],
+            &format!("bad listen address \"{listen}\""),
+        );
+    }
+    assert_eq!(dir.entries(), ["images"]);
+    assert!(std::fs::read_dir(&images).unwrap().next().is_none());
+}
 
 /// A sender of a 16 MiB guest on `dir/src.img` to `port`.
 fn sender(dir: &TmpDir, port: u16) -> Proc {

@@ -14,7 +14,9 @@ use clap::{Args, ValueEnum};
 use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
-use super::dest::{receive_migration, KvmResumed};
+use super::dest::{check_config, receive_migration, KvmResumed};
+use super::error::RecvError;
+use super::image::ImageError;
 use super::interrupt::flag_on_interrupt;
 use super::migratable::open_guest;
 use super::source::{migrate, Outcome};
@@ -157,7 +159,8 @@ pub struct RecvArgs {
     /// --auth-key-file).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Where the committed guest memory goes (replaced atomically on commit).
+    /// Where the committed guest memory goes (replaced atomically on commit): a regular
+    /// file or a new name, in a directory that exists.
     #[arg(long, value_name = "PATH")]
     pub memory_file: PathBuf,
     /// Run the guest on the received memory after the commit (verifies it first).
@@ -172,7 +175,7 @@ pub struct RecvArgs {
     /// Decode threads (default: the sender's thread count).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Refuse a guest whose memory size differs (K/M/G).
+    /// Refuse a guest whose memory size differs (K/M/G; a non-zero multiple of 4096).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Longest wait for the source on the socket.
@@ -277,7 +280,8 @@ impl SendArgs {
 }
 
 impl RecvArgs {
-    /// The configuration these arguments describe.
+    /// The configuration these arguments describe, checked ([`check_config`]: listen
+    /// address, size, memory file) before anything is created or bound.
     pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
         cfg.resume = self.resume;
@@ -287,6 +291,12 @@ impl RecvArgs {
         cfg.expect_size = self.size;
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        check_config(&cfg).map_err(|e| match e {
+            RecvError::Image(ImageError::Unusable { path, why }) => {
+                format!("--memory-file {}: {why}", path.display())
+            }
+            other => other.to_string(),
+        })?;
         Ok(cfg)
     }
 }

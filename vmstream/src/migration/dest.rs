@@ -24,7 +24,7 @@ use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, PageHashes};
 use super::error::RecvError;
-use super::image::PendingImage;
+use super::image::{check_target, PendingImage};
 use super::impact::{sample_destination, DESTINATION_WINDOW};
 use super::interrupt;
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
@@ -102,7 +102,7 @@ impl ResumedGuest {
 pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
     let bad = || {
         RecvError::Config(format!(
-            "bad listen address {s:?} (PORT, :PORT or HOST:PORT)"
+            "bad listen address {s:?} (PORT, :PORT or HOST:PORT, the port 0 to 65535)"
         ))
     };
     let port_only = s.strip_prefix(':').unwrap_or(s);
@@ -748,6 +748,25 @@ impl Dest<'_> {
     }
 }
 
+/// Checks a receive's settings before anything is created or bound: the listen address,
+/// the expected size and the target path ([`check_target`]: not a directory or a device,
+/// in a directory that exists). Errors are [`RecvError::Config`] and
+/// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
+pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
+    listen_addr(&cfg.listen)?;
+    if let Some(size) = cfg.expect_size {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
+            return Err(RecvError::Config(format!(
+                "expected guest size {size} (--size) must be a non-zero multiple of \
+                 {PAGE_SIZE} bytes, at most {}",
+                cfg.max_size
+            )));
+        }
+    }
+    check_target(&cfg.memory_file)?;
+    Ok(())
+}
+
 /// Listens, accepts one source and receives its guest into `cfg.memory_file`. Prints
 /// `listening on ADDR` on stdout once bound. Fills `stats`; on success returns the resumed
 /// guest (with `cfg.resume`).
@@ -755,6 +774,7 @@ pub fn receive_migration(
     cfg: &RecvConfig,
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
+    check_config(cfg)?;
     let (addr, explicit) = listen_addr(&cfg.listen)?;
     if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
         eprintln!(

@@ -19,6 +19,14 @@ pub enum ImageError {
     /// The target path has no usable parent directory or file name.
     #[error("bad destination path {0}")]
     BadPath(PathBuf),
+    /// The target path cannot take an image (a directory, a device, no such directory).
+    #[error("{path}: {why}")]
+    Unusable {
+        /// The target path.
+        path: PathBuf,
+        /// Why, in words.
+        why: String,
+    },
     /// Syncing or renaming failed.
     #[error("{what}: {source}")]
     Io {
@@ -62,6 +70,81 @@ fn temp_prefix(target: &Path) -> Result<std::ffi::OsString, ImageError> {
     prefix.push(name);
     prefix.push(".vmstream-recv-");
     Ok(prefix)
+}
+
+/// The directory `target` is (to be) in.
+fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What kind of file `t` is, for messages.
+fn kind_name(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Checks that `target` can take a committed image, without creating anything: its
+/// directory exists, and the path itself is absent or a regular file (a symbolic link is
+/// followed for the check; the commit replaces the link). A directory, a device or a
+/// missing directory would otherwise fail only at the commit, after the whole migration.
+pub fn check_target(target: &Path) -> Result<(), ImageError> {
+    let unusable = |why: String| ImageError::Unusable {
+        path: target.to_path_buf(),
+        why,
+    };
+    if target.as_os_str().is_empty() {
+        return Err(unusable("an empty path".into()));
+    }
+    match std::fs::metadata(target) {
+        Ok(m) if m.is_dir() => {
+            return Err(unusable(format!(
+                "is a directory: give the path of the image file to write in it, e.g. {}",
+                target.join("guest.mem").display()
+            )))
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(unusable(format!(
+                "is {}: the committed image would replace it",
+                kind_name(m.file_type())
+            )))
+        }
+        Ok(_) => {}
+        // A missing directory (or a file in its place) is reported below.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) => {}
+        Err(e) => return Err(unusable(e.to_string())),
+    }
+    if target.as_os_str().as_encoded_bytes().ends_with(b"/") || target.file_name().is_none() {
+        return Err(unusable("names a directory, not an image file".into()));
+    }
+    let dir = parent_dir(target);
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(unusable(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(unusable(format!(
+            "directory {} does not exist",
+            dir.display()
+        ))),
+        Err(e) => Err(unusable(format!("directory {}: {e}", dir.display()))),
+    }
 }
 
 /// Removes the temporary images for `target` that receivers which no longer run left
@@ -204,6 +287,15 @@ mod tests {
         d
     }
 
+    fn entries(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// What a killed receiver left is removed; a running receiver's image is not.
     #[test]
     fn creating_an_image_removes_those_of_receivers_that_no_longer_run() {
@@ -230,6 +322,27 @@ mod tests {
         drop(lock);
         assert!(img.temp_path().exists());
         drop(img);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Paths that cannot take an image are refused before anything is created.
+    #[test]
+    fn unusable_targets_are_refused() {
+        let d = dir().join("check");
+        std::fs::create_dir_all(&d).unwrap();
+        let why = |p: &Path| match check_target(p) {
+            Err(ImageError::Unusable { why, .. }) => why,
+            other => panic!("{}: {other:?}", p.display()),
+        };
+        assert!(why(&d).starts_with("is a directory"), "{}", why(&d));
+        assert!(why(&d.join("no/x.img")).contains("does not exist"));
+        assert!(why(Path::new("/dev/null")).contains("character device"));
+        std::fs::write(d.join("f"), b"").unwrap();
+        assert!(why(&d.join("f/x.img")).contains("is not a directory"));
+        assert!(why(Path::new("")).contains("empty"));
+        check_target(&d.join("new.img")).unwrap();
+        check_target(&d.join("f")).unwrap();
+        assert_eq!(entries(&d), ["f"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
