@@ -1,6 +1,6 @@
 //! `vmstream recv` before and around its migration: arguments are checked before it
-//! listens, and without a key, connections that never send a frame do not end the
-//! receive.
+//! listens, a memory file is written by one receive at a time, and without a key,
+//! connections that never send a frame do not end the receive.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -104,6 +104,104 @@ fn expect_migration(dir: &TmpDir, recv: &mut Proc, port: u16, dst: &Path) {
     assert!(status.success(), "recv: {}", recv.stderr());
     assert!(files_identical(&dir.path("src.img"), dst));
     assert_eq!(dir.entries(), ["dst.img", "src.img"]);
+}
+
+/// The pid-named temporary image of a receiver `pid` into `dst.img`.
+fn claim_of(pid: u32) -> String {
+    format!(".dst.img.vmstream-recv-{pid}")
+}
+
+/// A second receive into a memory file that a running receiver is receiving into refuses
+/// to start (two commits into one file: one guest's memory would be lost), names the
+/// other receiver, and leaves its directory as it was; the first one migrates.
+#[test]
+fn a_second_receive_into_the_same_file_refuses_to_start() {
+    let _g = serial();
+    let dir = TmpDir::new("recv-twice");
+    let dst = dir.path("dst.img");
+    let (mut first, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    assert_eq!(dir.entries(), [claim_of(first.pid())]);
+    let mut second = Proc::vmstream(
+        "second recv",
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory-file",
+            dst.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let Some((status, lines)) = second.exit_within(Duration::from_secs(10)) else {
+        panic!("a second receiver into {} runs", dst.display())
+    };
+    assert_eq!(status.code(), Some(1), "{}", second.stderr());
+    let expected = format!(
+        "vmstream recv: another vmstream recv (pid {}) is receiving into {}",
+        first.pid(),
+        dst.display()
+    );
+    assert!(second.stderr().contains(&expected), "{}", second.stderr());
+    assert!(lines.is_empty(), "{lines:?}");
+    assert_eq!(dir.entries(), [claim_of(first.pid())]);
+    expect_migration(&dir, &mut first, port, &dst);
+}
+
+/// Two receivers started at the same time into one memory file: exactly one listens, the
+/// other refuses and names it; a receiver killed outright leaves its temporary file, which
+/// the next one removes. The last winner migrates.
+#[test]
+fn of_two_receives_started_together_exactly_one_listens() {
+    let _g = serial();
+    let dir = TmpDir::new("recv-race");
+    let dst = dir.path("dst.img");
+    let args = [
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--memory-file",
+        dst.to_str().unwrap(),
+    ];
+    for round in 0..5 {
+        let mut pair = [
+            Proc::vmstream("recv a", &args, &[]),
+            Proc::vmstream("recv b", &args, &[]),
+        ];
+        // Whichever exits is the loser; the other must be listening.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let loser = loop {
+            if let Some(i) = (0..2).find(|&i| pair[i].child.try_wait().unwrap().is_some()) {
+                break i;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: both receivers run: {} / {}",
+                pair[0].stderr(),
+                pair[1].stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let winner = 1 - loser;
+        let line = pair[winner].wait_line("listening on ");
+        let (status, lines) = pair[loser].wait_exit();
+        assert_eq!(status.code(), Some(1), "{}", pair[loser].stderr());
+        assert!(lines.is_empty(), "{lines:?}");
+        let named = format!("another vmstream recv (pid {})", pair[winner].pid());
+        assert!(
+            pair[loser].stderr().contains(&named),
+            "{}",
+            pair[loser].stderr()
+        );
+        assert_eq!(dir.entries(), [claim_of(pair[winner].pid())]);
+        if round == 4 {
+            let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+            expect_migration(&dir, &mut pair[winner], port, &dst);
+        } else {
+            // Killed outright: its temporary file stays for the next round to remove.
+            pair[winner].child.kill().unwrap();
+            pair[winner].wait_exit();
+        }
+    }
 }
 
 /// Without a key, a connection that closes before sending anything and one that says

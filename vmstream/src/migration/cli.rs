@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
-use super::dest::{check_config, receive_migration, KvmResumed};
+use super::dest::{check_config, listen, receive_on, KvmResumed};
 use super::error::RecvError;
 use super::image::ImageError;
 use super::interrupt::flag_on_interrupt;
@@ -160,7 +160,9 @@ pub struct RecvArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit): a regular
-    /// file or a new name, in a directory that exists.
+    /// file or a new name, in a directory that exists. While the receive runs its
+    /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
+    /// the same file refuses to start.
     #[arg(long, value_name = "PATH")]
     pub memory_file: PathBuf,
     /// Run the guest on the received memory after the commit (verifies it first).
@@ -473,7 +475,20 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     cfg.cancel = Some(flag);
-    let received = match receive_migration(&cfg, &mut stats) {
+    // Refused before listening (the memory file in use by another receive, the address
+    // taken): nothing was received, so no summary.
+    let listening = match listen(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            return ExitCode::from(match e {
+                RecvError::Config(_)
+                | RecvError::Image(ImageError::Unusable { .. } | ImageError::BadPath(_)) => 2,
+                _ => 1,
+            });
+        }
+    };
+    let received = match receive_on(&cfg, listening, &mut stats) {
         Ok(r) => r,
         // After the commit (a guest that did not resume) the image stays committed.
         Err(e) if stats.outcome == "committed" => {
