@@ -273,6 +273,46 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// [`Proc::wait_stderr`] for a process that must keep running meanwhile: panics at
+    /// once if it exits first.
+    pub fn wait_stderr_running(&mut self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(needle) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Its last words may still be in the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                if self.stderr().contains(needle) {
+                    return;
+                }
+                panic!(
+                    "{} exited ({status}) before writing {needle:?}: {}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {needle:?} on stderr: {}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits at most `within` for the exit: `None` if the process still runs (it is left
+    /// running), else the status and all stdout lines as [`Proc::wait_exit`].
+    pub fn exit_within(&mut self, within: Duration) -> Option<(ExitStatus, Vec<String>)> {
+        let deadline = Instant::now() + within;
+        while self.child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(self.wait_exit())
+    }
+
     /// Waits (bounded) for the exit; returns the status and all stdout lines.
     pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>) {
         let deadline = Instant::now() + WAIT;

@@ -743,7 +743,9 @@ fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // The default stays on loopback, silently.
+    // The default stays on loopback, silently. (Each receiver has a memory file of its
+    // own: a second receive into one that is being received into refuses to start.)
+    let dst = dir.path("dst2.img");
     let (mut quiet, _) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
     quiet.child.kill().unwrap();
     quiet.wait_exit();
@@ -751,6 +753,7 @@ fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
     // So does any address with a key: only sources that hold it are admitted.
     let key = dir.path("key");
     std::fs::write(&key, [7u8; 32]).unwrap();
+    let dst = dir.path("dst3.img");
     let mut keyed = listen_on_all(&dst, &["--auth-key-file", key.to_str().unwrap()]);
     keyed.wait_line("listening on ");
     keyed.child.kill().unwrap();

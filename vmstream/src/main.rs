@@ -36,9 +36,11 @@ enum Command {
     ///
     /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed (also
     /// when the image is committed but, with --resume, not started because the source did not
-    /// confirm that its guest ended), 2 bad arguments. SIGINT/SIGTERM before the source's
-    /// final digest end the receive: nothing committed, the temporary image removed, the
-    /// source told.
+    /// confirm that its guest ended, and when another receive is receiving into the same
+    /// --memory-file), 2 bad arguments (checked before listening: the listen address, --size,
+    /// a --memory-file that is a directory or a device or in a missing directory).
+    /// SIGINT/SIGTERM before the source's final digest end the receive: nothing committed,
+    /// the temporary image removed, the source told.
     Recv(vmstream::migration::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
     Plot(vmstream::plot::PlotArgs),

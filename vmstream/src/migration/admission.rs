@@ -6,6 +6,7 @@
 //! Admissions::next --accept--> connection thread: first frame within AUTH_WAIT
 //!        ^                        |  (with a key: the exchange, then the hello)
 //!        |                        |-- with a key, not proved: HelloReply{Auth}, reported, closed
+//!        |                        |-- without: closed or silent before a frame: reported, closed
 //!        \----- Opening ----------/-- otherwise: its opening, to whoever calls next()
 //! Admissions dropped: openings still queued or still coming are refused as busy
 //! ```
@@ -21,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::auth::{admit_source, Admission, AuthKey};
-use super::transport::{FrameReader, FrameWriter};
+use super::transport::{FrameReader, FrameWriter, TransportError};
 use super::wire::{HelloReply, Message, RefuseCode};
 
 /// How long a connection may take, from its accept, to send its first frame (with a key:
@@ -185,6 +186,19 @@ impl Attempt {
             }
         };
         let admission = admit_source(self.key.as_ref(), &mut writer, &mut reader);
+        // Without a key: a connection that ended or stalled before its first frame (a port
+        // scanner, a health check, a peer that gave up) never opened, so it cannot be the
+        // source: dropped, like one that fails to prove a key. What did arrive as a frame,
+        // garbage included, is handed over.
+        if let Admission::Frame(Err(e)) = &admission {
+            if never_opened(e) {
+                eprintln!(
+                    "vmstream recv: dropped the connection from {peer}: {e}, before its \
+                     first frame; still listening"
+                );
+                return None;
+            }
+        }
         if let (Some(_), Admission::Refuse(reason)) = (&self.key, &admission) {
             let _ = writer.write_message(&Message::HelloReply(HelloReply {
                 refuse: RefuseCode::Auth,
@@ -215,6 +229,18 @@ impl Attempt {
             admission,
         })
     }
+}
+
+/// Whether reading a connection's first frame failed because the connection ended or said
+/// nothing (in time), rather than on what it sent.
+fn never_opened(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Closed
+            | TransportError::Truncated { .. }
+            | TransportError::Timeout(_)
+            | TransportError::Io(_)
+    )
 }
 
 /// Sets up an accepted connection (blocking, no delay, `timeout` both ways) and returns
@@ -335,6 +361,29 @@ mod tests {
         assert_eq!(opening.peer, c.local_addr().unwrap());
         assert!(is_hello(&opening.admission), "{:?}", opening.admission);
         drop(silent);
+    }
+
+    /// Without a key, connections that close, stop inside their first frame or say nothing
+    /// until the admission's read timeout are dropped (never handed over), and the source
+    /// behind them is served.
+    #[test]
+    fn without_a_key_connections_that_never_open_are_dropped() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // The admission's read timeout is the io timeout here: 300 ms.
+        let mut a = Admissions::new(l, None, Duration::from_millis(300)).unwrap();
+        drop(client(addr)); // connect, close
+        let (mut half, ..) = client(addr);
+        std::io::Write::write_all(&mut half, &Message::ChannelHello(HELLO).to_frame()[..5])
+            .unwrap();
+        drop(half); // closed inside its first frame
+        let _silent = client(addr);
+        // Longer than the admission's read timeout: the silent one timed out too.
+        assert!(a.next(Duration::from_millis(800)).unwrap().is_none());
+        assert_eq!(a.pending.load(Ordering::Acquire), 0);
+        let (_c, _r, mut w) = client(addr);
+        w.write_message(&Message::ChannelHello(HELLO)).unwrap();
+        assert!(is_hello(&next_opening(&mut a).admission));
     }
 
     /// Without a key the first connection to open is handed over, whatever it sent; one

@@ -14,7 +14,9 @@ use clap::{Args, ValueEnum};
 use super::auth::AuthKey;
 use super::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use super::convergence::OnTimeout;
-use super::dest::{receive_migration, KvmResumed};
+use super::dest::{check_config, listen, receive_on, KvmResumed};
+use super::error::RecvError;
+use super::image::ImageError;
 use super::interrupt::flag_on_interrupt;
 use super::migratable::open_guest;
 use super::source::{migrate, Outcome};
@@ -157,7 +159,10 @@ pub struct RecvArgs {
     /// --auth-key-file).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// Where the committed guest memory goes (replaced atomically on commit).
+    /// Where the committed guest memory goes (replaced atomically on commit): a regular
+    /// file or a new name, in a directory that exists. While the receive runs its
+    /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
+    /// the same file refuses to start.
     #[arg(long, value_name = "PATH")]
     pub memory_file: PathBuf,
     /// Run the guest on the received memory after the commit (verifies it first).
@@ -172,7 +177,7 @@ pub struct RecvArgs {
     /// Decode threads (default: the sender's thread count).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Refuse a guest whose memory size differs (K/M/G).
+    /// Refuse a guest whose memory size differs (K/M/G; a non-zero multiple of 4096).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Longest wait for the source on the socket.
@@ -278,7 +283,8 @@ impl SendArgs {
 }
 
 impl RecvArgs {
-    /// The configuration these arguments describe.
+    /// The configuration these arguments describe, checked ([`check_config`]: listen
+    /// address, size, memory file) before anything is created or bound.
     pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
         cfg.resume = self.resume;
@@ -288,6 +294,12 @@ impl RecvArgs {
         cfg.expect_size = self.size;
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        check_config(&cfg).map_err(|e| match e {
+            RecvError::Image(ImageError::Unusable { path, why }) => {
+                format!("--memory-file {}: {why}", path.display())
+            }
+            other => other.to_string(),
+        })?;
         Ok(cfg)
     }
 }
@@ -473,7 +485,20 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     cfg.cancel = Some(flag);
-    let received = match receive_migration(&cfg, &mut stats) {
+    // Refused before listening (the memory file in use by another receive, the address
+    // taken): nothing was received, so no summary.
+    let listening = match listen(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            return ExitCode::from(match e {
+                RecvError::Config(_)
+                | RecvError::Image(ImageError::Unusable { .. } | ImageError::BadPath(_)) => 2,
+                _ => 1,
+            });
+        }
+    };
+    let received = match receive_on(&cfg, listening, &mut stats) {
         Ok(r) => r,
         // After the commit (a guest that did not resume) the image stays committed.
         Err(e) if stats.outcome == "committed" => {

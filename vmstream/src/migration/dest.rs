@@ -24,7 +24,7 @@ use super::channels::{no_migration, DestChannels};
 use super::config::RecvConfig;
 use super::digest::{hex, PageHashes};
 use super::error::RecvError;
-use super::image::PendingImage;
+use super::image::{check_target, PendingImage, Reservation};
 use super::impact::{sample_destination, DESTINATION_WINDOW};
 use super::interrupt;
 use super::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
@@ -102,7 +102,7 @@ impl ResumedGuest {
 pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
     let bad = || {
         RecvError::Config(format!(
-            "bad listen address {s:?} (PORT, :PORT or HOST:PORT)"
+            "bad listen address {s:?} (PORT, :PORT or HOST:PORT, the port 0 to 65535)"
         ))
     };
     let port_only = s.strip_prefix(':').unwrap_or(s);
@@ -210,6 +210,8 @@ struct Dest<'a> {
     kvm: Option<KvmResumed>,
     /// The source connection's opening (`super::admission`), until the handshake takes it.
     opening: Option<Admission>,
+    /// The claimed target (`super::image`), until the handshake sizes its image.
+    claim: Option<Reservation>,
     /// The background verify's read-only view of the image, unmapped only when the
     /// destination is done (unmapping it at the pause would be downtime).
     verify_view: Option<std::sync::Arc<crate::memory::GuestMemory>>,
@@ -394,9 +396,14 @@ impl Dest<'_> {
             self.channels.close_listener();
             None
         };
-        let image = match PendingImage::create(&self.cfg.memory_file, hello.guest_size) {
-            Ok(i) => i,
-            Err(e) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
+        let image = match self
+            .claim
+            .take()
+            .map(|c| PendingImage::create(c, hello.guest_size))
+        {
+            Some(Ok(i)) => i,
+            Some(Err(e)) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
+            None => return Err(RecvError::Protocol("the handshake ran twice".into())),
         };
         let workers = self.workers(&hello);
         self.guest_kind = hello.guest_kind;
@@ -748,14 +755,56 @@ impl Dest<'_> {
     }
 }
 
-/// Listens, accepts one source and receives its guest into `cfg.memory_file`. Prints
-/// `listening on ADDR` on stdout once bound. Fills `stats`; on success returns the resumed
-/// guest (with `cfg.resume`).
-pub fn receive_migration(
-    cfg: &RecvConfig,
-    stats: &mut MigrationStats,
-) -> Result<Received, RecvError> {
+/// Checks a receive's settings before anything is created or bound: the listen address,
+/// the expected size and the target path ([`check_target`]: not a directory or a device,
+/// in a directory that exists). Errors are [`RecvError::Config`] and
+/// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
+pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
+    listen_addr(&cfg.listen)?;
+    if let Some(size) = cfg.expect_size {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
+            return Err(RecvError::Config(format!(
+                "expected guest size {size} (--size) must be a non-zero multiple of \
+                 {PAGE_SIZE} bytes, at most {}",
+                cfg.max_size
+            )));
+        }
+    }
+    check_target(&cfg.memory_file)?;
+    Ok(())
+}
+
+/// A receive that listens: its settings checked, its target claimed (no other receive
+/// can write it meanwhile, see [`Reservation`]), its socket bound. [`receive_on`] takes
+/// the migration; dropped unused, it releases the target.
+#[derive(Debug)]
+pub struct Listening {
+    claim: Reservation,
+    listener: TcpListener,
+    local: SocketAddr,
+}
+
+impl Listening {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// Prepares a receive into `cfg.memory_file`: checks the settings ([`check_config`]),
+/// claims the target (refused with [`super::image::ImageError::Busy`] while another
+/// receiver writes it) and binds the listening socket. Prints `listening on ADDR` on
+/// stdout once bound. Nothing has been received when this fails.
+pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
+    check_config(cfg)?;
     let (addr, explicit) = listen_addr(&cfg.listen)?;
+    let claim = Reservation::claim(&cfg.memory_file)?;
+    for stale in claim.removed() {
+        eprintln!(
+            "vmstream recv: removed {}, left by a receiver that no longer runs",
+            stale.display()
+        );
+    }
     if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
         eprintln!(
             "vmstream recv: warning: listening on {addr}: the migration stream is \
@@ -772,6 +821,35 @@ pub fn receive_migration(
         let _ = writeln!(out, "listening on {local}");
         let _ = out.flush();
     }
+    Ok(Listening {
+        claim,
+        listener,
+        local,
+    })
+}
+
+/// Listens, accepts one source and receives its guest into `cfg.memory_file`: [`listen`],
+/// then [`receive_on`].
+pub fn receive_migration(
+    cfg: &RecvConfig,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    let listening = listen(cfg)?;
+    receive_on(cfg, listening, stats)
+}
+
+/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`. Fills
+/// `stats`; on success returns the resumed guest (with `cfg.resume`).
+pub fn receive_on(
+    cfg: &RecvConfig,
+    listening: Listening,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    let Listening {
+        claim,
+        listener,
+        local,
+    } = listening;
     // Connections are read concurrently (`super::admission`): the first opening is the
     // source's; with a key, the first that proved it, while the others are refused.
     let mut admissions = Admissions::new(listener, cfg.auth_key.clone(), cfg.io_timeout)
@@ -799,6 +877,7 @@ pub fn receive_migration(
         reader: source.reader,
         writer: source.writer,
         opening: Some(source.admission),
+        claim: Some(claim),
         channels,
         stats,
         start: Instant::now(),
