@@ -63,6 +63,10 @@ fn bad_arguments_are_refused_before_listening() {
             &format!("bad listen address \"{listen}\""),
         );
     }
+    expect_usage_error(
+        &["--listen", "0", "--memory-file", dst, "--io-timeout", "0"],
+        "--io-timeout must be above 0",
+    );
     assert_eq!(dir.entries(), ["images"]);
     assert!(std::fs::read_dir(&images).unwrap().next().is_none());
 }
