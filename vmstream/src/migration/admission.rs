@@ -7,6 +7,7 @@
 //!        ^                        |  (with a key: the exchange, then the hello)
 //!        |                        |-- with a key, not proved: HelloReply{Auth}, reported, closed
 //!        |                        |-- without: closed or silent before a frame: reported, closed
+//!        |                        |-- the oldest of 64 being read when one more comes: closed
 //!        \----- Opening ----------/-- otherwise: its opening, to whoever calls next()
 //! Admissions dropped: openings still queued or still coming are refused as busy
 //! ```
@@ -15,9 +16,10 @@
 //! connection that proved the key), then, with several channels, the next ones as
 //! channels 1.. (`super::channels`).
 
+use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -29,8 +31,28 @@ use super::wire::{HelloReply, Message, RefuseCode};
 /// to prove the key and send it).
 pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 
-/// Connections read at the same time; one more is closed right away.
+/// Connections read at the same time. One more closes the oldest still being read: a
+/// flood of connections that say nothing cannot keep a source out (it proves its key or
+/// sends its first frame within a round trip of connecting, long before 64 later
+/// connections make it the oldest).
 const MAX_PENDING: usize = 64;
+
+/// Where a connection's admission stands; the attempt and the evictor each claim it once.
+const READING: u8 = 0;
+/// Its opening is handed over (or about to be): not evicted.
+const HANDED_OVER: u8 = 1;
+/// Closed to make room for a newer connection.
+const EVICTED: u8 = 2;
+
+/// A connection being read, as [`Admissions`] sees it.
+struct Pending {
+    peer: SocketAddr,
+    /// The same socket as the attempt's, to shut it down.
+    socket: TcpStream,
+    state: Arc<AtomicU8>,
+    /// Set by the attempt when it ends, whatever the outcome.
+    done: Arc<AtomicBool>,
+}
 
 /// How often [`Admissions::next`] looks for new connections while it waits.
 const POLL: Duration = Duration::from_millis(5);
@@ -59,6 +81,8 @@ pub struct Admissions {
     sender: mpsc::Sender<Opening>,
     openings: mpsc::Receiver<Opening>,
     pending: Arc<AtomicUsize>,
+    /// The connections being read, oldest first (ended ones pruned when room is needed).
+    reading: VecDeque<Pending>,
 }
 
 impl std::fmt::Debug for Admissions {
@@ -86,6 +110,7 @@ impl Admissions {
             sender,
             openings,
             pending: Arc::new(AtomicUsize::new(0)),
+            reading: VecDeque::new(),
         })
     }
 
@@ -121,26 +146,69 @@ impl Admissions {
     /// Starts reading the opening of `stream` on a thread of its own.
     fn start(&mut self, stream: TcpStream, peer: SocketAddr) {
         eprintln!("vmstream recv: connection from {peer}");
-        if self.pending.load(Ordering::Acquire) >= MAX_PENDING {
-            eprintln!(
-                "vmstream recv: closed the connection from {peer}: {MAX_PENDING} connections \
-                 are already being read; still listening"
-            );
-            return;
+        self.reading.retain(|p| !p.done.load(Ordering::Acquire));
+        if self.reading.len() >= MAX_PENDING {
+            self.evict_oldest();
         }
+        let socket = match stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "vmstream recv: dropped the connection from {peer}: socket: {e}; still \
+                     listening"
+                );
+                return;
+            }
+        };
+        let (state, done) = (
+            Arc::new(AtomicU8::new(READING)),
+            Arc::new(AtomicBool::new(false)),
+        );
         self.pending.fetch_add(1, Ordering::AcqRel);
         let attempt = Attempt {
             key: self.key.clone(),
             io_timeout: self.io_timeout,
             sender: self.sender.clone(),
             pending: self.pending.clone(),
+            state: state.clone(),
+            done: done.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name("vmstream-admit".into())
             .spawn(move || attempt.run(stream, peer));
-        if let Err(e) = spawned {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            eprintln!("vmstream recv: dropped the connection from {peer}: {e}; still listening");
+        match spawned {
+            Ok(_) => self.reading.push_back(Pending {
+                peer,
+                socket,
+                state,
+                done,
+            }),
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                eprintln!(
+                    "vmstream recv: dropped the connection from {peer}: {e}; still listening"
+                );
+            }
+        }
+    }
+
+    /// Closes the oldest connection still being read (its attempt then ends on the closed
+    /// socket). One whose opening is being handed over is left alone.
+    fn evict_oldest(&mut self) {
+        while let Some(oldest) = self.reading.pop_front() {
+            let claimed = oldest
+                .state
+                .compare_exchange(READING, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if claimed {
+                let _ = oldest.socket.shutdown(std::net::Shutdown::Both);
+                eprintln!(
+                    "vmstream recv: closed the connection from {}: {MAX_PENDING} connections \
+                     were being read, it was the oldest; still listening",
+                    oldest.peer
+                );
+                return;
+            }
         }
     }
 }
@@ -160,16 +228,26 @@ struct Attempt {
     io_timeout: Duration,
     sender: mpsc::Sender<Opening>,
     pending: Arc<AtomicUsize>,
+    /// Claimed by this attempt before it hands its opening over, or by the evictor.
+    state: Arc<AtomicU8>,
+    done: Arc<AtomicBool>,
 }
 
 impl Attempt {
     fn run(self, stream: TcpStream, peer: SocketAddr) {
-        if let Some(opening) = self.read(stream, peer) {
+        let opening = self.read(stream, peer).filter(|_| {
+            // An evicted connection's socket is shut: whatever it read is not handed over.
+            self.state
+                .compare_exchange(READING, HANDED_OVER, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
+        if let Some(opening) = opening {
             if let Err(mpsc::SendError(mut late)) = self.sender.send(opening) {
                 refuse_busy(&mut late.writer);
             }
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.done.store(true, Ordering::Release);
     }
 
     /// Reads the opening; `None` (reported, and answered where it can be) when the
@@ -361,6 +439,47 @@ mod tests {
         assert_eq!(opening.peer, c.local_addr().unwrap());
         assert!(is_hello(&opening.admission), "{:?}", opening.admission);
         drop(silent);
+    }
+
+    /// More silent connections than are read at once do not keep a source out: the oldest
+    /// is closed to make room (a flood used to have the source's connection closed).
+    #[test]
+    fn a_flood_of_silent_connections_makes_room_for_a_source() {
+        let key = AuthKey::from_secret(&[1; 32]).unwrap();
+        let (mut a, addr) = admissions(Some(&key));
+        let mut silent: Vec<_> = (0..MAX_PENDING + 3).map(|_| client(addr)).collect();
+        assert!(a.next(Duration::from_millis(300)).unwrap().is_none());
+        assert_eq!(a.reading.len(), MAX_PENDING);
+        let source = std::thread::spawn(move || {
+            let (c, mut r, mut w) = client(addr);
+            match authenticate_destination(&key, &mut |m| Ok(w.write_message(m)?), &mut r) {
+                Ok(SourceAuth::Authenticated(sealer)) => w.seal_with(*sealer),
+                other => panic!("{other:?}"),
+            }
+            w.write_message(&Message::ChannelHello(HELLO)).unwrap();
+            c
+        });
+        let opening = next_opening(&mut a);
+        let c = source.join().unwrap();
+        assert_eq!(opening.peer, c.local_addr().unwrap());
+        assert!(is_hello(&opening.admission), "{:?}", opening.admission);
+        // The first four were closed (three for the flood, one for the source), the rest
+        // are still being read.
+        let mut byte = [0u8; 1];
+        for (k, (c, ..)) in silent.iter_mut().enumerate() {
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let closed = loop {
+                match std::io::Read::read(c, &mut byte) {
+                    Ok(0) => break true,
+                    Ok(_) => continue,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break false
+                    }
+                    Err(_) => break true,
+                }
+            };
+            assert_eq!(closed, k < 4, "connection {k}");
+        }
     }
 
     /// Without a key, connections that close, stop inside their first frame or say nothing
