@@ -94,6 +94,18 @@ impl std::fmt::Debug for PageEncoder {
     }
 }
 
+/// Refuses delta settings [`PageEncoder::new`] would refuse, allocating nothing.
+pub(crate) fn check_delta(d: &DeltaConfig) -> Result<(), CodecError> {
+    if d.max_delta < 2 || d.max_delta >= PAGE_SIZE {
+        return Err(CodecError::Config(format!(
+            "max_delta {} outside 2..{PAGE_SIZE}",
+            d.max_delta
+        )));
+    }
+    PageCache::check(d.cache_bytes, PAGE_SIZE)
+        .map_err(|e| CodecError::Config(format!("page cache: {e}")))
+}
+
 impl PageEncoder {
     /// An encoder for `config`.
     pub fn new(config: &EncoderConfig) -> Result<PageEncoder, CodecError> {
@@ -101,12 +113,7 @@ impl PageEncoder {
         let delta = match config.delta {
             None => None,
             Some(d) => {
-                if d.max_delta < 2 || d.max_delta >= PAGE_SIZE {
-                    return Err(CodecError::Config(format!(
-                        "max_delta {} outside 2..{PAGE_SIZE}",
-                        d.max_delta
-                    )));
-                }
+                check_delta(&d)?;
                 let cache = PageCache::new(d.cache_bytes, PAGE_SIZE)
                     .map_err(|e| CodecError::Config(format!("page cache: {e}")))?;
                 Some((DeltaEncoder::new(cache), d))

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::encoder::{Batch, EncoderConfig, PageEncoder, PageSource};
+use crate::compress::Compressor;
+use crate::encoder::{check_delta, Batch, EncoderConfig, PageEncoder, PageSource};
 use crate::error::CodecError;
 use crate::format::{PacketWriter, MAX_PAGES_PER_PACKET};
 use crate::memory::{owner, page_bit, page_bitmap};
@@ -41,10 +42,13 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
-    /// Checks the settings a [`Sender`] would refuse, without starting one (an
-    /// application validating its options before it starts anything else).
+    /// Checks the settings a [`Sender`] would refuse, without starting one or allocating
+    /// its page cache (an application validating its options before it starts anything
+    /// else).
     pub fn validate(&self) -> Result<(), CodecError> {
-        PageEncoder::new(&self.per_worker_encoder()?).map(drop)
+        let per_worker = self.per_worker_encoder()?;
+        Compressor::new(per_worker.compression).map_err(CodecError::Config)?;
+        per_worker.delta.as_ref().map_or(Ok(()), check_delta)
     }
 
     /// Each worker's encoder settings (its share of the page cache), once the

@@ -226,22 +226,29 @@ impl PageCache {
         Self::with_layout(capacity_bytes, page_size, Layout::default())
     }
 
+    /// Refuses what [`PageCache::new`] refuses for `capacity_bytes` and `page_size`,
+    /// allocating nothing (a caller checking its settings before it starts).
+    pub fn check(capacity_bytes: usize, page_size: usize) -> Result<(), CacheConfigError> {
+        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+            return Err(CacheConfigError::BadPageSize { page_size });
+        }
+        if capacity_bytes / page_size == 0 {
+            return Err(CacheConfigError::TooSmall {
+                capacity_bytes,
+                page_size,
+            });
+        }
+        Ok(())
+    }
+
     /// A cache with the given layout; see [`PageCache::new`].
     pub fn with_layout(
         capacity_bytes: usize,
         page_size: usize,
         layout: Layout,
     ) -> Result<Self, CacheConfigError> {
-        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
-            return Err(CacheConfigError::BadPageSize { page_size });
-        }
+        Self::check(capacity_bytes, page_size)?;
         let pages = capacity_bytes / page_size;
-        if pages == 0 {
-            return Err(CacheConfigError::TooSmall {
-                capacity_bytes,
-                page_size,
-            });
-        }
         let (sets, ways) = match layout {
             Layout::DirectMapped => (pages, 1),
             Layout::SetAssociative { ways: 0 } => return Err(CacheConfigError::ZeroWays),

@@ -293,10 +293,6 @@ impl RecvArgs {
         cfg.threads = self.threads;
         cfg.expect_size = self.size;
         cfg.io_timeout = self.io_timeout;
-        if cfg.io_timeout.is_zero() {
-            // Every connection would be dropped for it, and the receive never end.
-            return Err("--io-timeout must be above 0".into());
-        }
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         check_config(&cfg).map_err(|e| match e {
             RecvError::Image(ImageError::Unusable { path, why }) => {

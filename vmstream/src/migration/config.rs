@@ -1,6 +1,5 @@
 //! Settings of both sides, built by the CLI (see [`super::cli`]) or by library callers.
 
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -14,6 +13,9 @@ use super::convergence::OnTimeout;
 use super::source_guest::{DirtyTracking, GuestSpec};
 use super::wire::{DeltaWire, PAGE_SIZE};
 use crate::converge::cli::ConvergeArgs;
+
+/// The page cache's size unless set (QEMU's default too).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
@@ -68,7 +70,11 @@ impl SendConfig {
             dirty_tracking: None,
             to: to.into(),
             warmup: Duration::ZERO,
-            encoder: encoder_config(Compression::Lz4 { acceleration: 1 }, true, 64 << 20),
+            encoder: encoder_config(
+                Compression::Lz4 { acceleration: 1 },
+                true,
+                DEFAULT_CACHE_BYTES,
+            ),
             threads: vmstream_codec::receiver::default_workers(),
             batch_pages: 128,
             downtime_limit: Duration::from_millis(300),
@@ -114,8 +120,8 @@ impl SendConfig {
                     .into(),
             );
         }
-        let pages = guest_bytes.unwrap_or(0) / PAGE_SIZE as u64;
-        sender_config(self, pages.max(1))
+        let pages = guest_bytes.map_or(u64::MAX, |b| b / PAGE_SIZE as u64);
+        sender_config(self, pages)
             .map_err(|e| e.to_string())?
             .validate()
             .map_err(|e| format!("encoder settings: {e}"))?;
@@ -125,9 +131,7 @@ impl SendConfig {
                 .deferral(pages)
                 .map_err(|e| format!("hot-page deferral: {e}"))?;
         }
-        self.to
-            .to_socket_addrs()
-            .map_err(|e| format!("--to {}: {e}", self.to))?;
+        check_address(&self.to).map_err(|e| format!("--to {}: {e}", self.to))?;
         Ok(())
     }
 
@@ -140,6 +144,23 @@ impl SendConfig {
             Some(DeltaMode::Smallest) => DeltaWire::Smallest,
             Some(DeltaMode::XbzrleLz4) => DeltaWire::XbzrleLz4,
         }
+    }
+}
+
+/// Refuses an address that is not `HOST:PORT` with a port in 1..=65535 (`[V6]:PORT` for an
+/// IPv6 literal). The name itself is resolved when connecting, where a resolver failure
+/// is a failed migration, not a bad argument.
+fn check_address(addr: &str) -> Result<(), &'static str> {
+    let (host, port) = addr.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    if host.is_empty() {
+        return Err("expected HOST:PORT (no host)");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 address goes in brackets: [ADDR]:PORT");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("the port must be a number in 1..=65535"),
     }
 }
 
@@ -220,6 +241,33 @@ impl RecvConfig {
             io_timeout: Duration::from_secs(120),
             auth_key: None,
             cancel: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked_for_shape_not_resolved() {
+        for ok in [
+            "127.0.0.1:7000",
+            "dest.example:7000",
+            "[::1]:7000",
+            "localhost:1",
+        ] {
+            assert_eq!(check_address(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "nonsense",
+            ":7000",
+            "host:",
+            "host:0",
+            "host:99999",
+            "::1:7000",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
         }
     }
 }

@@ -761,6 +761,10 @@ impl Dest<'_> {
 /// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
 pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
     listen_addr(&cfg.listen)?;
+    if cfg.io_timeout.is_zero() {
+        // Every connection would be dropped for it, and the receive never end.
+        return Err(RecvError::Config("--io-timeout must be above 0".into()));
+    }
     if let Some(size) = cfg.expect_size {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
             return Err(RecvError::Config(format!(

@@ -789,6 +789,8 @@ pub fn migrate(
     stats: &mut MigrationStats,
 ) -> Result<Outcome, SendError> {
     let start = Instant::now();
+    // Library callers too (the CLI checked before starting the guest).
+    cfg.check().map_err(SendError::Config)?;
     if super::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }

@@ -10,14 +10,14 @@ use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 use super::{corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap};
 use crate::memory::MemoryReader;
 use crate::migration::auth::{authenticate_destination, AuthKey, SourceAuth};
-use crate::migration::config::SendConfig;
+use crate::migration::config::{SendConfig, DEFAULT_CACHE_BYTES};
 use crate::migration::error::SendError;
 use crate::migration::transport::{
     Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError, CORRUPT_ENV,
 };
 use crate::migration::wire::{
     Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
-    MAX_CHANNELS,
+    MAX_CHANNELS, PAGE_SIZE,
 };
 
 /// Connects to `to` (any of its addresses).
@@ -152,8 +152,13 @@ pub(crate) fn sender_config(cfg: &SendConfig, guest_pages: u64) -> Result<Sender
     sender_cfg.batch_pages = cfg.batch_pages;
     sender_cfg.encoder = cfg.encoder;
     if let Some(d) = &mut sender_cfg.encoder.delta {
-        // The page cache is a total too.
-        d.cache_bytes /= n;
+        // No larger than the guest or the default, whichever is larger: more would hold
+        // pages the guest does not have, and a huge `--xbzrle-cache` could not even be
+        // allocated. A total, like `--threads`.
+        let most = guest_pages
+            .saturating_mul(PAGE_SIZE as u64)
+            .max(DEFAULT_CACHE_BYTES as u64);
+        d.cache_bytes = (d.cache_bytes as u64).min(most) as usize / n;
     }
     Ok(sender_cfg)
 }
