@@ -340,17 +340,16 @@ pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
     parse_size(s)
 }
 
-/// A socket whose send timeout holds for a whole write, not each retry of one. When
-/// `SO_SNDTIMEO` fires, the kernel returns what it took before as a short write; a caller
-/// that retries the rest (`write_all`, `BufWriter`) waited a second full timeout (a stalled
-/// destination took twice `--io-timeout` to notice). Here the next call fails at once.
+/// A socket whose send timeout means "the peer took nothing for this long". A blocking
+/// send under `SO_SNDTIMEO` returns short when the timeout fires, and a caller that
+/// retries the rest (`write_all`, `BufWriter`) waited a second full timeout: a stalled
+/// destination took twice `--io-timeout` to notice. Here each write sends what fits now
+/// and otherwise waits, at most the timeout, for room.
 #[derive(Debug)]
 pub struct SendTimeout {
     inner: TcpStream,
-    /// The socket's send timeout, read once.
+    /// The socket's send timeout, read once (`None`: wait for ever).
     timeout: Option<Duration>,
-    /// A write came back short after blocking for the whole timeout.
-    timed_out: bool,
 }
 
 impl SendTimeout {
@@ -359,25 +358,43 @@ impl SendTimeout {
         Ok(SendTimeout {
             timeout: inner.write_timeout()?,
             inner,
-            timed_out: false,
         })
     }
 }
 
 impl Write for SendTimeout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.timed_out {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer took nothing for the whole send timeout",
-            ));
+        use nix::errno::Errno;
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::{AsFd, AsRawFd};
+        loop {
+            match send(
+                self.inner.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let wait = match self.timeout {
+                Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [PollFd::new(self.inner.as_fd(), PollFlags::POLLOUT)];
+            match poll(&mut fds, wait) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer took nothing for the whole send timeout",
+                    ))
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let t = Instant::now();
-        let n = self.inner.write(buf)?;
-        if n < buf.len() && self.timeout.is_some_and(|d| t.elapsed() >= d) {
-            self.timed_out = true;
-        }
-        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -718,8 +735,37 @@ mod tests {
             .set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
-        let err = w.write_all(&vec![7u8; 256 << 20]).unwrap_err();
+        let err = w.write_all(&vec![7u8; 32 << 20]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    /// A peer that reads slowly but keeps reading is no timeout, however long the whole
+    /// write takes: the timeout is for a peer that takes nothing.
+    #[test]
+    fn a_slow_peer_that_keeps_reading_is_no_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let total = 24 << 20;
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < total {
+                // About 10 MB/s: the one 24 MiB write takes over two timeouts (the
+                // kernel's blocking send returned short at the first, which was taken
+                // for a stall).
+                std::thread::sleep(Duration::from_millis(100));
+                got += peer.read(&mut buf).unwrap();
+            }
+            got
+        });
+        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        w.write_all(&vec![7u8; total]).unwrap();
+        w.flush().unwrap();
+        assert_eq!(reader.join().unwrap(), total);
     }
 
     #[test]
