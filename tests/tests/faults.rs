@@ -489,6 +489,58 @@ fn send_refuses_the_memory_file_of_a_running_guest() {
     assert!(!dst.exists());
 }
 
+/// The same for a guest that `recv --resume` runs on the image it committed: a `send --size`
+/// on that path truncated it under the receiver, which died of SIGBUS.
+#[test]
+fn send_refuses_the_memory_file_of_a_resumed_guest() {
+    let _g = serial();
+    let dir = TmpDir::new("in-use-resumed");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--resume",
+        "--run-for",
+        "60s",
+    ]);
+    let mut send = slow_sender(&dir, port, "64M", &[]);
+    let _guest = guard_guest(&mut send);
+    let (status, _) = send.wait_exit();
+    assert!(status.success(), "{}", send.stderr());
+    recv.wait_line("ready pid=");
+    let to = "127.0.0.1:9";
+    let mut second = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--memory-file",
+            dst.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--no-progress",
+            "--to",
+            to,
+        ],
+        &[],
+    );
+    let (status, _) = second.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", second.stderr());
+    assert!(
+        second
+            .stderr()
+            .contains("is in use by another running guest"),
+        "{}",
+        second.stderr()
+    );
+    // The resumed guest runs on.
+    assert_source_guest_runs(&dst);
+    assert!(
+        recv.child.try_wait().unwrap().is_none(),
+        "{}",
+        recv.stderr()
+    );
+}
+
 #[test]
 fn connection_dropped_mid_migration() {
     let _g = serial();

@@ -337,7 +337,10 @@ pub fn stop_on_signals() -> io::Result<()> {
 /// on the same file (a `vmstream send --size` with the path of a guest still running, say)
 /// would truncate or rewrite the memory under the first, which then dies of SIGBUS or
 /// corrupts its state.
-fn own_memory_file(path: &std::path::Path, create: bool) -> Result<Flock<File>, GuestError> {
+pub(crate) fn own_memory_file(
+    path: &std::path::Path,
+    create: bool,
+) -> Result<Flock<File>, GuestError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)

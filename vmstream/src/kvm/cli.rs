@@ -188,11 +188,8 @@ pub fn run(args: &KvmRunArgs) -> ExitCode {
 
 fn run_inner(args: &KvmRunArgs) -> Result<()> {
     let ram = match &args.memory_file {
-        Some(p) => {
-            // A fresh guest: old contents would not match its empty ledger.
-            std::fs::File::create(p).map_err(super::KvmError::Memory)?;
-            GuestRam::open(p, args.size)?
-        }
+        // A fresh guest: old contents would not match its empty ledger.
+        Some(p) => GuestRam::create(p, args.size)?,
         None => GuestRam::memfd(args.size)?,
     };
     let path = ram.shared_path();

@@ -72,6 +72,19 @@ impl GuestRam {
     /// Opens (creating if needed) a regular file as guest RAM of `size` bytes.
     /// A shorter file is extended with zeros; existing contents are kept.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
+        Self::open_owned(path, size, false)
+    }
+
+    /// Like [`open`](Self::open), for a fresh guest: the file's old contents are dropped
+    /// (after the lock is taken, so never under a guest still running on it).
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        Self::open_owned(path, size, true)
+    }
+
+    /// Opens `path` and takes an exclusive lock on it for the RAM's life, as a guest
+    /// process does on its memory file (`crate::guest`): a second VM or guest on the same
+    /// file would rewrite the memory under the first.
+    fn open_owned(path: &Path, size: u64, fresh: bool) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -79,6 +92,16 @@ impl GuestRam {
             .truncate(false)
             .open(path)
             .map_err(KvmError::Memory)?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => KvmError::Config(format!(
+                "{} is in use by another running guest",
+                path.display()
+            )),
+            std::fs::TryLockError::Error(e) => KvmError::Memory(e),
+        })?;
+        if fresh {
+            file.set_len(0).map_err(KvmError::Memory)?;
+        }
         let mut ram = Self::from_file(file, size)?;
         ram.path = Some(path.to_path_buf());
         Ok(ram)

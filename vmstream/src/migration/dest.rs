@@ -164,10 +164,14 @@ fn start_guest(
         control_stdin: false,
         track_writes: false,
     };
+    // Held while the guest runs, as a guest process holds its own.
+    let owner = crate::guest::own_memory_file(memory.path(), false)
+        .map_err(|e| RecvError::Resume(e.to_string()))?;
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("vmstream-guest".into())
         .spawn(move || {
+            let _owner = owner;
             let mut out = ReadyWatch {
                 line: Vec::new(),
                 ready: Some(tx),

@@ -79,12 +79,7 @@ impl KvmSourceGuest {
     /// logging on, and maps its RAM for the sender.
     pub fn start(spec: &KvmSpec) -> Result<KvmSourceGuest, GuestControlError> {
         let ram = match &spec.path {
-            Some(p) => {
-                std::fs::File::create(p).map_err(|e| {
-                    GuestControlError::Config(format!("creating {}: {e}", p.display()))
-                })?;
-                GuestRam::open(p, spec.size)?
-            }
+            Some(p) => GuestRam::create(p, spec.size)?,
             None => GuestRam::memfd(spec.size)?,
         };
         let path = ram.shared_path();
