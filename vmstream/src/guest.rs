@@ -332,11 +332,10 @@ pub fn stop_on_signals() -> io::Result<()> {
 }
 
 /// Takes an exclusive `flock` on the memory file at `path` (created if missing and
-/// `create`), held
-/// while the returned lock lives, before the file is formatted or resumed: a second guest
-/// on the same file (a `vmstream send --size` with the path of a guest still running, say)
-/// would truncate or rewrite the memory under the first, which then dies of SIGBUS or
-/// corrupts its state.
+/// `create`), held while the returned lock lives, before the file is formatted or resumed:
+/// a second guest on the same file (a `vmstream send --size` with the path of a guest still
+/// running, say) would truncate or rewrite the memory under the first, which then dies of
+/// SIGBUS or corrupts its state.
 pub(crate) fn own_memory_file(
     path: &std::path::Path,
     create: bool,
@@ -359,7 +358,10 @@ pub(crate) fn own_memory_file(
 /// it (a failed migration leaves the source guest running), and it runs in a process group
 /// of its own. If `send` dies while the guest is stopped (paused for the switchover), that
 /// group is orphaned with a stopped member, and the kernel sends it SIGHUP, then SIGCONT.
-/// The guest must not die of the first; the second resumes it.
+/// The guest must not die of the first; the second resumes it. (A group is orphaned when
+/// no parent of its members is in the same session but another group: a guest adopted by
+/// a subreaper of its own session gets neither signal and stays stopped until sent
+/// SIGCONT.)
 fn survive_hangup() -> io::Result<()> {
     signal_hook::flag::register(
         signal_hook::consts::SIGHUP,

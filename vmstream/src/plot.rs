@@ -222,7 +222,7 @@ fn pad(lo: f64, hi: f64) -> (f64, f64) {
 /// labelled `0, 1, 2, 2, 2, 3`).
 fn label_decimals(span: f64) -> usize {
     let step = span / 10.0;
-    if step >= 1.0 || !step.is_finite() {
+    if step >= 1.0 || step <= 0.0 || !step.is_finite() {
         0
     } else {
         ((-step.log10()).ceil() as usize).min(4)
@@ -481,6 +481,7 @@ mod tests {
         assert_eq!(label_decimals(3.0), 1);
         assert_eq!(label_decimals(0.6), 2);
         assert_eq!(label_decimals(f64::INFINITY), 0);
+        assert_eq!(label_decimals(0.0), 0);
         assert_eq!(label_decimals(1e-12), 4);
     }
 

@@ -31,10 +31,11 @@ use super::wire::{HelloReply, Message, RefuseCode};
 /// to prove the key and send it).
 pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 
-/// Connections read at the same time. One more closes the oldest still being read: a
-/// flood of connections that say nothing cannot keep a source out (it proves its key or
-/// sends its first frame within a round trip of connecting, long before 64 later
-/// connections make it the oldest).
+/// Connections read at the same time. One more closes the oldest still being read, so a
+/// burst of connections that say nothing does not keep a source out (it proves its key or
+/// sends its first frame within a few round trips of connecting). A sustained flood that
+/// opens 64 connections within a source's key exchange still can: that is a firewall's
+/// job (rate limits per address).
 const MAX_PENDING: usize = 64;
 
 /// Where a connection's admission stands; the attempt and the evictor each claim it once.
@@ -81,7 +82,7 @@ pub struct Admissions {
     sender: mpsc::Sender<Opening>,
     openings: mpsc::Receiver<Opening>,
     pending: Arc<AtomicUsize>,
-    /// The connections being read, oldest first (ended ones pruned when room is needed).
+    /// The connections being read, oldest first (ended ones pruned as `next` polls).
     reading: VecDeque<Pending>,
 }
 
@@ -119,6 +120,8 @@ impl Admissions {
     pub fn next(&mut self, wait: Duration) -> std::io::Result<Option<Opening>> {
         let deadline = Instant::now() + wait;
         loop {
+            // Ended attempts' sockets are closed here, not kept open until the next accept.
+            self.reading.retain(|p| !p.done.load(Ordering::Acquire));
             if let Ok(opening) = self.openings.try_recv() {
                 return Ok(Some(opening));
             }
@@ -146,7 +149,6 @@ impl Admissions {
     /// Starts reading the opening of `stream` on a thread of its own.
     fn start(&mut self, stream: TcpStream, peer: SocketAddr) {
         eprintln!("vmstream recv: connection from {peer}");
-        self.reading.retain(|p| !p.done.load(Ordering::Acquire));
         if self.reading.len() >= MAX_PENDING {
             self.evict_oldest();
         }
@@ -264,6 +266,10 @@ impl Attempt {
             }
         };
         let admission = admit_source(self.key.as_ref(), &mut writer, &mut reader);
+        if self.state.load(Ordering::Acquire) == EVICTED {
+            // Closed under it, and reported then: whatever it read says nothing of the peer.
+            return None;
+        }
         // Without a key: a connection that ended or stalled before its first frame (a port
         // scanner, a health check, a peer that gave up) never opened, so it cannot be the
         // source: dropped, like one that fails to prove a key. What did arrive as a frame,
