@@ -652,3 +652,25 @@ fn delayed_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
         let _ = to.shutdown(Shutdown::Write);
     });
 }
+
+/// `vmstream send` arguments for a 16 MiB `random` guest (2000 writes a second, 200 ms of
+/// warmup) on `src` to `to`, without a progress bar, then `extra`.
+pub fn random_guest_send_args(src: &Path, to: &str, extra: &[&str]) -> Vec<String> {
+    let base = [
+        "send",
+        "--memory-file",
+        src.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--workload",
+        "random",
+        "--rate",
+        "2000",
+        "--warmup",
+        "200ms",
+        "--no-progress",
+        "--to",
+        to,
+    ];
+    base.iter().chain(extra).map(|a| a.to_string()).collect()
+}

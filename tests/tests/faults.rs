@@ -40,32 +40,20 @@ fn slow_sender_by(
     envs: &[(&str, &str)],
 ) -> Proc {
     let to = format!("127.0.0.1:{port}");
+    let extra = [
+        "--compress",
+        "none",
+        "--xbzrle",
+        "off",
+        "--max-bandwidth",
+        bandwidth,
+        "--io-timeout",
+        "10s",
+    ];
+    let args = random_guest_send_args(&dir.path("src.img"), &to, &extra);
     spawn(
         "send",
-        &[
-            "send",
-            "--memory-file",
-            dir.path("src.img").to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "random",
-            "--rate",
-            "2000",
-            "--warmup",
-            "200ms",
-            "--compress",
-            "none",
-            "--xbzrle",
-            "off",
-            "--max-bandwidth",
-            bandwidth,
-            "--io-timeout",
-            "10s",
-            "--no-progress",
-            "--to",
-            &to,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         envs,
     )
 }
@@ -265,20 +253,10 @@ fn sender_killed_during_the_switchover_leaves_the_guest_running() {
     // Round 0 of 16 MiB at 4 MiB/s dirties every page (2000 random writes a second), so
     // the forced final round keeps the guest stopped for about 4 s. No throttling
     // (`--converge none`, the default) stops it before.
-    let mut send = Proc::vmstream(
-        "send",
+    let args = random_guest_send_args(
+        &src,
+        &to,
         &[
-            "send",
-            "--memory-file",
-            src.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "random",
-            "--rate",
-            "2000",
-            "--warmup",
-            "200ms",
             "--compress",
             "none",
             "--xbzrle",
@@ -289,10 +267,11 @@ fn sender_killed_during_the_switchover_leaves_the_guest_running() {
             "1s",
             "--on-timeout",
             "force",
-            "--no-progress",
-            "--to",
-            &to,
         ],
+    );
+    let mut send = Proc::vmstream(
+        "send",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[],
     );
     let guest = guard_guest(&mut send);

@@ -73,25 +73,10 @@ fn bad_arguments_are_refused_before_listening() {
 
 /// A sender of a 16 MiB guest on `dir/src.img` to `port`.
 fn sender(dir: &TmpDir, port: u16) -> Proc {
-    let to = format!("127.0.0.1:{port}");
+    let args = random_guest_send_args(&dir.path("src.img"), &format!("127.0.0.1:{port}"), &[]);
     Proc::vmstream(
         "send",
-        &[
-            "send",
-            "--memory-file",
-            dir.path("src.img").to_str().unwrap(),
-            "--size",
-            "16M",
-            "--workload",
-            "random",
-            "--rate",
-            "2000",
-            "--warmup",
-            "200ms",
-            "--no-progress",
-            "--to",
-            &to,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[],
     )
 }

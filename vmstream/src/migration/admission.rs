@@ -398,6 +398,20 @@ mod tests {
         }
     }
 
+    /// A source on its own thread: proves `key` to `addr`, then sends [`HELLO`] sealed;
+    /// joined, its socket.
+    fn keyed_source(addr: SocketAddr, key: AuthKey) -> std::thread::JoinHandle<TcpStream> {
+        std::thread::spawn(move || {
+            let (c, mut r, mut w) = client(addr);
+            match authenticate_destination(&key, &mut |m| Ok(w.write_message(m)?), &mut r) {
+                Ok(SourceAuth::Authenticated(sealer)) => w.seal_with(*sealer),
+                other => panic!("{other:?}"),
+            }
+            w.write_message(&Message::ChannelHello(HELLO)).unwrap();
+            c
+        })
+    }
+
     fn is_hello(a: &Admission) -> bool {
         matches!(a, Admission::Frame(Ok(Frame::Control(Message::ChannelHello(h)))) if h == &HELLO)
     }
@@ -431,15 +445,7 @@ mod tests {
         // Let the destination accept them first.
         assert!(a.next(Duration::from_millis(200)).unwrap().is_none());
         // The source runs while the destination accepts (in `next`).
-        let source = std::thread::spawn(move || {
-            let (c, mut r, mut w) = client(addr);
-            match authenticate_destination(&key, &mut |m| Ok(w.write_message(m)?), &mut r) {
-                Ok(SourceAuth::Authenticated(sealer)) => w.seal_with(*sealer),
-                other => panic!("{other:?}"),
-            }
-            w.write_message(&Message::ChannelHello(HELLO)).unwrap();
-            c
-        });
+        let source = keyed_source(addr, key);
         let opening = next_opening(&mut a);
         let c = source.join().unwrap();
         assert_eq!(opening.peer, c.local_addr().unwrap());
@@ -456,15 +462,7 @@ mod tests {
         let mut silent: Vec<_> = (0..MAX_PENDING + 3).map(|_| client(addr)).collect();
         assert!(a.next(Duration::from_millis(300)).unwrap().is_none());
         assert_eq!(a.reading.len(), MAX_PENDING);
-        let source = std::thread::spawn(move || {
-            let (c, mut r, mut w) = client(addr);
-            match authenticate_destination(&key, &mut |m| Ok(w.write_message(m)?), &mut r) {
-                Ok(SourceAuth::Authenticated(sealer)) => w.seal_with(*sealer),
-                other => panic!("{other:?}"),
-            }
-            w.write_message(&Message::ChannelHello(HELLO)).unwrap();
-            c
-        });
+        let source = keyed_source(addr, key);
         let opening = next_opening(&mut a);
         let c = source.join().unwrap();
         assert_eq!(opening.peer, c.local_addr().unwrap());
