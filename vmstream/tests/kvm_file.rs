@@ -57,6 +57,12 @@ fn guest_on_a_file_writes_through_and_restores_from_it() {
     let ram_copy = GuestRam::open(&path.0, size).unwrap();
     assert_eq!(ram_copy.path(), Some(path.0.as_path()));
     assert_eq!(ram_copy.shared_path(), path.0);
+    // RAM on a file is owned: a second guest on it would rewrite it under the first.
+    assert!(matches!(
+        GuestRam::open(&path.0, size),
+        Err(e) if e.to_string().contains("is in use by another running guest")
+    ));
+    drop(ram_copy);
     assert_eq!(bytes.len() as u64, size);
     for (v, &c) in counts.iter().enumerate() {
         let off = 0x81000 + v * 64;
