@@ -220,16 +220,7 @@ impl Proc {
 
     /// Waits (bounded by [`WAIT`]) until the process wrote `needle` to stderr.
     pub fn wait_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.stderr().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{}: no {needle:?} on stderr: {}",
-                self.name,
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_stderr(&self.name, &self.stderr, needle, || None);
     }
 
     /// The pid.
@@ -276,28 +267,10 @@ impl Proc {
     /// [`Proc::wait_stderr`] for a process that must keep running meanwhile: panics at
     /// once if it exits first.
     pub fn wait_stderr_running(&mut self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.stderr().contains(needle) {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Its last words may still be in the pipe.
-                std::thread::sleep(Duration::from_millis(100));
-                if self.stderr().contains(needle) {
-                    return;
-                }
-                panic!(
-                    "{} exited ({status}) before writing {needle:?}: {}",
-                    self.name,
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no {needle:?} on stderr: {}",
-                self.name,
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = &mut self.child;
+        wait_for_stderr(&self.name, &self.stderr, needle, || {
+            child.try_wait().expect("try_wait")
+        });
     }
 
     /// Waits at most `within` for the exit: `None` if the process still runs (it is left
@@ -651,6 +624,37 @@ fn delayed_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
         }
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// Waits (bounded by [`WAIT`]) until `stderr` (process `name`'s) holds `needle`; panics
+/// if `exited` reports an exit first and the needle is not among its last words.
+fn wait_for_stderr(
+    name: &str,
+    stderr: &Mutex<String>,
+    needle: &str,
+    mut exited: impl FnMut() -> Option<ExitStatus>,
+) {
+    let text = || stderr.lock().unwrap().clone();
+    let deadline = Instant::now() + WAIT;
+    while !text().contains(needle) {
+        if let Some(status) = exited() {
+            // Its last words may still be in the pipe.
+            std::thread::sleep(Duration::from_millis(100));
+            if text().contains(needle) {
+                return;
+            }
+            panic!(
+                "{name} exited ({status}) before writing {needle:?}: {}",
+                text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no {needle:?} on stderr: {}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `vmstream send` arguments for a 16 MiB `random` guest (2000 writes a second, 200 ms of
