@@ -11,7 +11,7 @@
 //! - `count` -> `tx=COUNT`;
 //! - `exit` (or end of input): stop the guest.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +19,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
-
 use crate::layout::WorkloadKind;
-use crate::memory::{GuestMemory, MapMode, MemoryError};
+use crate::memory::{open_owned, GuestMemory, MapMode, MemoryError, OwnError};
 use crate::uffd::WpAsync;
 use crate::verify::{verify_snapshot, VerifyError, VerifyReport};
 use crate::workload::{format, Workload, WorkloadError, WorkloadParams};
@@ -331,27 +328,15 @@ pub fn stop_on_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Takes an exclusive `flock` on the memory file at `path` (created if missing and
-/// `create`), held while the returned lock lives, before the file is formatted or resumed:
-/// a second guest on the same file (a `vmstream send --size` with the path of a guest still
-/// running, say) would truncate or rewrite the memory under the first, which then dies of
-/// SIGBUS or corrupts its state.
-pub(crate) fn own_memory_file(
-    path: &std::path::Path,
-    create: bool,
-) -> Result<Flock<File>, GuestError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| GuestError::Config(format!("open {}: {e}", path.display())))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((_, Errno::EWOULDBLOCK)) => Err(GuestError::InUse(path.to_path_buf())),
-        Err((_, e)) => Err(GuestError::Config(format!("lock {}: {e}", path.display()))),
-    }
+/// [`open_owned`] for a guest of this module: the memory file at `path` (created if
+/// missing and `create`), locked while the returned file stays open, before the file is
+/// formatted or resumed.
+pub(crate) fn own_memory_file(path: &std::path::Path, create: bool) -> Result<File, GuestError> {
+    open_owned(path, create).map_err(|e| match e {
+        OwnError::InUse => GuestError::InUse(path.to_path_buf()),
+        OwnError::Open(e) => GuestError::Config(format!("open {}: {e}", path.display())),
+        OwnError::Lock(e) => GuestError::Config(format!("lock {}: {e}", path.display())),
+    })
 }
 
 /// Keeps SIGHUP from ending the guest. A guest outlives the `vmstream send` that started

@@ -375,6 +375,38 @@ impl std::fmt::Debug for GuestMemory {
     }
 }
 
+/// Why [`open_owned`] failed.
+#[derive(Debug)]
+pub enum OwnError {
+    /// Another guest holds the file.
+    InUse,
+    /// Opening the file failed.
+    Open(io::Error),
+    /// Locking it failed for another reason than its being held.
+    Lock(io::Error),
+}
+
+/// Opens the guest memory file at `path` (created if missing and `create`, never
+/// truncated) and takes an exclusive `flock` on it, held while the returned file stays
+/// open. Every guest owns its file this way (a guest process, the receiver's resumed guest,
+/// KVM RAM): a second guest on the same file (a `vmstream send --size` with the path of a
+/// guest still running, say) would truncate or rewrite the memory under the first, which
+/// then dies of SIGBUS or corrupts its state.
+pub fn open_owned(path: &Path, create: bool) -> Result<File, OwnError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(OwnError::Open)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OwnError::InUse),
+        Err(std::fs::TryLockError::Error(e)) => Err(OwnError::Lock(e)),
+    }
+}
+
 fn check_size(size: u64) -> Result<(), MemoryError> {
     if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
         return Err(MemoryError::BadSize(size));

@@ -3,7 +3,7 @@
 //! migration code) can map. The VMM's own writes go through vm-memory, which
 //! records them in an atomic dirty bitmap that the dirty logs OR in.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
@@ -18,6 +18,7 @@ use vm_memory::{
 
 use super::abi::{PAGE_SIZE, PD_MAX_TABLES};
 use super::error::{KvmError, Result};
+use crate::memory::{open_owned, OwnError};
 
 /// Guest RAM alignment: the identity map uses 2 MiB pages.
 pub const RAM_ALIGN: u64 = 2 << 20;
@@ -72,32 +73,24 @@ impl GuestRam {
     /// Opens (creating if needed) a regular file as guest RAM of `size` bytes.
     /// A shorter file is extended with zeros; existing contents are kept.
     pub fn open(path: &Path, size: u64) -> Result<Self> {
-        Self::open_owned(path, size, false)
+        Self::owned(path, size, false)
     }
 
     /// Like [`open`](Self::open), for a fresh guest: the file's old contents are dropped
     /// (after the lock is taken, so never under a guest still running on it).
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        Self::open_owned(path, size, true)
+        Self::owned(path, size, true)
     }
 
-    /// Opens `path` and takes an exclusive lock on it for the RAM's life, as a guest
-    /// process does on its memory file (`crate::guest`): a second VM or guest on the same
-    /// file would rewrite the memory under the first.
-    fn open_owned(path: &Path, size: u64, fresh: bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(KvmError::Memory)?;
-        file.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::WouldBlock => KvmError::Config(format!(
+    /// Opens `path` and holds its lock for the RAM's life, as every guest owns its memory
+    /// file ([`open_owned`]).
+    fn owned(path: &Path, size: u64, fresh: bool) -> Result<Self> {
+        let file = open_owned(path, true).map_err(|e| match e {
+            OwnError::InUse => KvmError::Config(format!(
                 "{} is in use by another running guest",
                 path.display()
             )),
-            std::fs::TryLockError::Error(e) => KvmError::Memory(e),
+            OwnError::Open(e) | OwnError::Lock(e) => KvmError::Memory(e),
         })?;
         if fresh {
             file.set_len(0).map_err(KvmError::Memory)?;
