@@ -407,7 +407,8 @@ pub fn open_owned(path: &Path, create: bool) -> Result<File, OwnError> {
     }
 }
 
-fn check_size(size: u64) -> Result<(), MemoryError> {
+/// Refuses a guest memory size that is zero or not a whole number of pages.
+pub(crate) fn check_size(size: u64) -> Result<(), MemoryError> {
     if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
         return Err(MemoryError::BadSize(size));
     }

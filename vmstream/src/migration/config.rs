@@ -97,11 +97,9 @@ impl SendConfig {
     pub fn check(&self) -> Result<(), String> {
         let guest_bytes = match &self.guest {
             GuestSpec::Spawn { size, .. } => {
-                if *size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
-                    return Err(format!(
-                        "--size {size}: must be a non-zero multiple of {PAGE_SIZE} bytes"
-                    ));
-                }
+                crate::memory::check_size(*size).map_err(|_| {
+                    format!("--size {size}: must be a non-zero multiple of {PAGE_SIZE} bytes")
+                })?;
                 Some(*size)
             }
             GuestSpec::Kvm(k) => {

@@ -170,7 +170,6 @@ impl KvmResumed {
         let tx_start = guest.total_transactions()?;
         guest.resume()?;
         let t = Instant::now();
-        let resumed_at = t;
         while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -181,7 +180,7 @@ impl KvmResumed {
             verified,
             first_tx_at_ns: unix_ns(SystemTime::now()),
             phases,
-            resumed_at,
+            resumed_at: t,
         })
     }
 
