@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ const READING: u8 = 0;
 const HANDED_OVER: u8 = 1;
 /// Closed to make room for a newer connection.
 const EVICTED: u8 = 2;
+/// Its attempt ended, whatever the outcome: nothing left to evict.
+const ENDED: u8 = 3;
 
 /// A connection being read, as [`Admissions`] sees it.
 struct Pending {
@@ -51,8 +53,6 @@ struct Pending {
     /// The same socket as the attempt's, to shut it down.
     socket: TcpStream,
     state: Arc<AtomicU8>,
-    /// Set by the attempt when it ends, whatever the outcome.
-    done: Arc<AtomicBool>,
 }
 
 /// How often [`Admissions::next`] looks for new connections while it waits.
@@ -81,7 +81,6 @@ pub struct Admissions {
     io_timeout: Duration,
     sender: mpsc::Sender<Opening>,
     openings: mpsc::Receiver<Opening>,
-    pending: Arc<AtomicUsize>,
     /// The connections being read, oldest first (ended ones pruned as `next` polls).
     reading: VecDeque<Pending>,
 }
@@ -90,7 +89,7 @@ impl std::fmt::Debug for Admissions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admissions")
             .field("listener", &self.listener)
-            .field("pending", &self.pending.load(Ordering::Relaxed))
+            .field("reading", &self.reading.len())
             .finish()
     }
 }
@@ -110,7 +109,6 @@ impl Admissions {
             io_timeout,
             sender,
             openings,
-            pending: Arc::new(AtomicUsize::new(0)),
             reading: VecDeque::new(),
         })
     }
@@ -121,7 +119,8 @@ impl Admissions {
         let deadline = Instant::now() + wait;
         loop {
             // Ended attempts' sockets are closed here, not kept open until the next accept.
-            self.reading.retain(|p| !p.done.load(Ordering::Acquire));
+            self.reading
+                .retain(|p| p.state.load(Ordering::Acquire) != ENDED);
             if let Ok(opening) = self.openings.try_recv() {
                 return Ok(Some(opening));
             }
@@ -162,18 +161,12 @@ impl Admissions {
                 return;
             }
         };
-        let (state, done) = (
-            Arc::new(AtomicU8::new(READING)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        let state = Arc::new(AtomicU8::new(READING));
         let attempt = Attempt {
             key: self.key.clone(),
             io_timeout: self.io_timeout,
             sender: self.sender.clone(),
-            pending: self.pending.clone(),
             state: state.clone(),
-            done: done.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name("vmstream-admit".into())
@@ -183,10 +176,8 @@ impl Admissions {
                 peer,
                 socket,
                 state,
-                done,
             }),
             Err(e) => {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
                 eprintln!(
                     "vmstream recv: dropped the connection from {peer}: {e}; still listening"
                 );
@@ -229,10 +220,9 @@ struct Attempt {
     key: Option<AuthKey>,
     io_timeout: Duration,
     sender: mpsc::Sender<Opening>,
-    pending: Arc<AtomicUsize>,
-    /// Claimed by this attempt before it hands its opening over, or by the evictor.
+    /// Claimed by this attempt before it hands its opening over, or by the evictor; set
+    /// to `ENDED` when the attempt ends.
     state: Arc<AtomicU8>,
-    done: Arc<AtomicBool>,
 }
 
 impl Attempt {
@@ -248,8 +238,7 @@ impl Attempt {
                 refuse_busy(&mut late.writer);
             }
         }
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        self.done.store(true, Ordering::Release);
+        self.state.store(ENDED, Ordering::Release);
     }
 
     /// Reads the opening; `None` (reported, and answered where it can be) when the
@@ -503,7 +492,7 @@ mod tests {
         let _silent = client(addr);
         // Longer than the admission's read timeout: the silent one timed out too.
         assert!(a.next(Duration::from_millis(800)).unwrap().is_none());
-        assert_eq!(a.pending.load(Ordering::Acquire), 0);
+        assert!(a.reading.is_empty());
         let (_c, _r, mut w) = client(addr);
         w.write_message(&Message::ChannelHello(HELLO)).unwrap();
         assert!(is_hello(&next_opening(&mut a).admission));
