@@ -102,6 +102,12 @@ impl Mapping {
             )
         }
     }
+
+    /// Copies page `page` into `buf` (one page long).
+    fn read_page(&self, page: u64, buf: &mut [u8]) {
+        assert_eq!(buf.len(), PAGE_SIZE);
+        self.read_at(page as usize * PAGE_SIZE, buf);
+    }
 }
 
 impl Drop for Mapping {
@@ -125,8 +131,7 @@ impl MemoryReader {
     /// Copy page `page` into `buf` (which must be [`PAGE_SIZE`] bytes); see
     /// [`GuestMemory::read_at`] for concurrent writers.
     pub fn read_page(&self, page: u64, buf: &mut [u8]) {
-        assert_eq!(buf.len(), PAGE_SIZE);
-        self.map.read_at(page as usize * PAGE_SIZE, buf);
+        self.map.read_page(page, buf)
     }
 }
 
@@ -337,8 +342,7 @@ impl GuestMemory {
 
     /// Copy page `page` into `buf` (which must be [`PAGE_SIZE`] bytes).
     pub fn read_page(&self, page: u64, buf: &mut [u8]) {
-        assert_eq!(buf.len(), PAGE_SIZE);
-        self.read_at(page as usize * PAGE_SIZE, buf);
+        self.map.read_page(page, buf)
     }
 
     /// Atomically load the aligned little-endian u64 at `offset` (e.g. a counter that
