@@ -3,11 +3,11 @@
 //! the same message. The input is a list of frames whose headers (and, when asked, body
 //! checksums) are made valid, so the fuzzer gets past the checksums into the typed field
 //! checks, followed by raw bytes. Half the time the reader expects sealed records
-//! (`vmstream::migration::seal`), which arbitrary bytes never open: only typed errors.
+//! (`vmstream::migration::connect::seal`), which arbitrary bytes never open: only typed errors.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmstream::migration::seal::Opener;
+use vmstream::migration::connect::seal::Opener;
 use vmstream::migration::transport::{Frame, FrameReader};
 use vmstream::migration::wire::{FrameHeader, Message, FRAME_HEADER_LEN};
 

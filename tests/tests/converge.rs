@@ -86,7 +86,7 @@ fn throttled_migration(name: &str, strategy: &[&str]) -> (serde_json::Value, Tmp
         "source image differs from the commit"
     );
     // The destination verified the image, resumed from the pause and kept running.
-    let tx_at_pause = vmstream::verify::verify_file(&src)
+    let tx_at_pause = vmstream::guest::file::verify::verify_file(&src)
         .expect("the source image at the pause verifies")
         .tx_count;
     let ready = line_starting(&lines, "ready ");

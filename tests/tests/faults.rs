@@ -127,7 +127,7 @@ fn a_source_crash_after_the_commit_leaves_the_destination_copy_stopped() {
     let stats = read_stats(&rj);
     assert_eq!(stats["outcome"], "committed");
     // The committed image is whole: the workload's own check passes on it.
-    vmstream::verify::verify_file(&dst).expect("the committed image verifies");
+    vmstream::guest::file::verify::verify_file(&dst).expect("the committed image verifies");
 }
 
 /// A sender started with SIGINT ignored (a shell script's background job) keeps it

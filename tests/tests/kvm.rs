@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
+use vmstream::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use vmstream::migration::digest::{hex, memory_digest};
 use vmstream_tests::*;
 
 fn skip() -> bool {
-    if let Err(why) = vmstream::kvm::kvm_available() {
+    if let Err(why) = vmstream::guest::kvm::kvm_available() {
         eprintln!("skipping: {why}");
         return true;
     }

@@ -103,7 +103,7 @@ fn dbsim_256m_default_settings_resumes_on_destination() {
     assert!(s_status.success(), "send failed: {}", send.stderr());
     // The source guest ended at the pause: its memory is what the destination resumed
     // (verify replays a transaction the pause interrupted, as the resume does).
-    let tx_at_pause = vmstream::verify::verify_file(&src)
+    let tx_at_pause = vmstream::guest::file::verify::verify_file(&src)
         .expect("the source image at the pause verifies")
         .tx_count;
     let (r_status, lines) = recv.wait_exit();

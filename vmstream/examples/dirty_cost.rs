@@ -6,9 +6,9 @@
 
 use std::time::Instant;
 
-use vmstream::dirty::{DirtyTracker, HashTracker, UffdWpTracker};
 use vmstream::memory::{GuestMemory, PAGE_SIZE};
-use vmstream::uffd::WpAsync;
+use vmstream::track::uffd::WpAsync;
+use vmstream::track::{DirtyTracker, HashTracker, UffdWpTracker};
 
 fn main() {
     let size = std::env::args()

@@ -1,16 +1,14 @@
 //! vmstream: pre-copy live migration of guest memory.
+//!
+//! The pipeline, one top module a stage (see `DESIGN.md`): [`guest`] -> [`track`] ->
+//! [`migration`] (encode, transport, decode, commit) with [`converge`] deciding the rounds and
+//! [`telemetry`] measuring them; [`cli`] parses arguments and prints.
 
+pub mod cli;
 pub mod converge;
-pub mod dirty;
 pub mod guest;
-pub mod kvm;
-pub mod layout;
 pub mod memory;
 pub mod migration;
-pub mod plot;
-pub mod sampler;
-pub mod throttle;
-pub mod uffd;
+pub mod telemetry;
+pub mod track;
 pub mod units;
-pub mod verify;
-pub mod workload;

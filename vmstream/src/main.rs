@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vmstream::guest::{self, GuestConfig, MemorySource, StartMode};
-use vmstream::layout::WorkloadKind;
+use vmstream::guest::file::layout::WorkloadKind;
+use vmstream::guest::file::verify::verify_file;
+use vmstream::guest::file::workload::WorkloadParams;
+use vmstream::guest::file::{GuestConfig, MemorySource, StartMode};
 use vmstream::units::{parse_duration, parse_size};
-use vmstream::verify::verify_file;
-use vmstream::workload::WorkloadParams;
 
 /// Pre-copy live migration of guest memory.
 #[derive(Parser, Debug)]
@@ -31,7 +31,7 @@ enum Command {
     /// when vmstream started, as in a script's background job, stays ignored). Whenever
     /// the migration does not commit, the source guest keeps running (a KVM guest as
     /// --on-failure says) and the receiver commits nothing.
-    Send(vmstream::migration::SendArgs),
+    Send(vmstream::cli::SendArgs),
     /// Receive a migrating guest, commit its memory, optionally run it.
     ///
     /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed (also
@@ -41,9 +41,9 @@ enum Command {
     /// a --memory-file that is a directory or a device or in a missing directory).
     /// SIGINT/SIGTERM before the source's final digest end the receive: nothing committed,
     /// the temporary image removed, the source told.
-    Recv(vmstream::migration::RecvArgs),
+    Recv(vmstream::cli::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
-    Plot(vmstream::plot::PlotArgs),
+    Plot(vmstream::telemetry::plot::PlotArgs),
     /// Run a KVM guest (vmstream/KVM.md).
     #[command(subcommand)]
     Kvm(KvmCommand),
@@ -52,7 +52,7 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum KvmCommand {
     /// Run a KVM guest without migrating it, printing its transactions per second.
-    Run(vmstream::kvm::cli::KvmRunArgs),
+    Run(vmstream::cli::kvm::KvmRunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Guest(GuestCommand::Run(args)) => {
             let cfg = guest_config(args);
-            match guest::run(&cfg, &mut std::io::stdout().lock()) {
+            match vmstream::guest::file::run(&cfg, &mut std::io::stdout().lock()) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vmstream guest run: {e}");
@@ -188,9 +188,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Send(args) => vmstream::migration::run_send(&args),
-        Command::Recv(args) => vmstream::migration::run_recv(&args),
-        Command::Plot(args) => vmstream::plot::run(&args),
-        Command::Kvm(KvmCommand::Run(args)) => vmstream::kvm::cli::run(&args),
+        Command::Send(args) => vmstream::cli::run_send(&args),
+        Command::Recv(args) => vmstream::cli::run_recv(&args),
+        Command::Plot(args) => vmstream::telemetry::plot::run(&args),
+        Command::Kvm(KvmCommand::Run(args)) => vmstream::cli::kvm::run(&args),
     }
 }

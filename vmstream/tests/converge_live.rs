@@ -12,11 +12,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{Guest, TmpFile};
-use vmstream::converge::timeline::TimelineRecorder;
 use vmstream::converge::{RoundObservation, Strategy, SwitchReason};
-use vmstream::dirty::{DirtyTracker, UffdWpTracker};
-use vmstream::sampler::TpsSampler;
-use vmstream::throttle::Throttle;
+use vmstream::guest::file::throttle::Throttle;
+use vmstream::telemetry::sampler::TpsSampler;
+use vmstream::telemetry::timeline::TimelineRecorder;
+use vmstream::track::{DirtyTracker, UffdWpTracker};
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -140,7 +140,7 @@ fn live(strategy: Strategy) {
     .unwrap();
     let title =
         format!("live guest (hotset 96 MiB of 256 MiB), 200 MiB/s link, --converge {strategy}");
-    vmstream::plot::plot_file(&json, &svg, &title, 1200, 760).unwrap();
+    vmstream::telemetry::plot::plot_file(&json, &svg, &title, 1200, 760).unwrap();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("guest TPS"));
 }
 

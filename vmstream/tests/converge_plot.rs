@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use vmstream::converge::timeline::TimelineRecorder;
 use vmstream::converge::{
     AutoConverge, AutoConvergeConfig, DirectStaged, DirectStagedConfig, NoThrottle,
-    RoundObservation, SwitchReason, ThrottleStrategy, Timeline,
+    RoundObservation, SwitchReason, ThrottleStrategy,
 };
-use vmstream::sampler::Sample;
+use vmstream::telemetry::sampler::Sample;
+use vmstream::telemetry::timeline::{Timeline, TimelineRecorder};
 
 const PAGE: u64 = 4096;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -337,7 +337,7 @@ fn strategy_table() {
 
 #[test]
 fn plot_reads_the_migration_statistics_without_a_timeline() {
-    use vmstream::migration::stats::{MigrationStats, RoundStats};
+    use vmstream::telemetry::stats::{MigrationStats, RoundStats};
     // The statistics `vmstream send --stats-json` writes today (no timeline yet).
     let mut stats = MigrationStats {
         role: "source",
@@ -362,14 +362,15 @@ fn plot_reads_the_migration_statistics_without_a_timeline() {
     let dir = tmpdir("stats");
     let path = dir.join("send.json");
     stats.write_json(&path).unwrap();
-    let t = vmstream::plot::load_timeline(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let t =
+        vmstream::telemetry::plot::load_timeline(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(t.rounds.len(), 3);
     assert_eq!(t.rounds[1].start_ms, 2000.0);
     assert_eq!(t.rounds[1].sent_bytes, 8 << 20);
     assert_eq!(t.rounds[0].dirty_bytes, 2000 * 4096);
     assert_eq!(t.downtime(), Some((2300.0, 2342.0)));
     let out = dir.join("send.svg");
-    vmstream::plot::plot_file(&path, &out, "send", 900, 600).unwrap();
+    vmstream::telemetry::plot::plot_file(&path, &out, "send", 900, 600).unwrap();
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.contains("downtime 42.0 ms"));
     // No samples: no TPS series.
@@ -380,7 +381,7 @@ fn plot_reads_the_migration_statistics_without_a_timeline() {
 #[test]
 fn plot_never_panics_on_odd_timelines() {
     use quickcheck::{Arbitrary, Gen, QuickCheck};
-    use vmstream::converge::timeline::{TimelineRound, TimelineSample};
+    use vmstream::telemetry::timeline::{TimelineRound, TimelineSample};
 
     fn odd(g: &mut Gen) -> f64 {
         let any = f64::arbitrary(g);
@@ -426,9 +427,9 @@ fn plot_never_panics_on_odd_timelines() {
             resume_ms: Some(odd(&mut g)),
             notes: Vec::new(),
         };
-        match vmstream::plot::render_svg(&t, "odd", 640, 480) {
+        match vmstream::telemetry::plot::render_svg(&t, "odd", 640, 480) {
             Ok(svg) => svg.starts_with("<svg"),
-            Err(e) => matches!(e, vmstream::plot::PlotError::NoData),
+            Err(e) => matches!(e, vmstream::telemetry::plot::PlotError::NoData),
         }
     }
     QuickCheck::new()

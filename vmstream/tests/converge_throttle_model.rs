@@ -9,9 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Guest, TmpFile};
+use vmstream::guest::file::throttle::Throttle;
 use vmstream::memory::{GuestMemory, MapMode};
-use vmstream::sampler::read_tx_count;
-use vmstream::throttle::Throttle;
+use vmstream::telemetry::sampler::read_tx_count;
 
 #[test]
 #[ignore = "measurement; prints a table"]

@@ -8,10 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::{Guest, TmpFile};
-use vmstream::dirty::{DirtyTracker, HashTracker, UffdWpTracker};
-use vmstream::layout::Geometry;
+use vmstream::guest::file::layout::Geometry;
+use vmstream::guest::file::throttle::Throttle;
 use vmstream::memory::{GuestMemory, MapMode, PAGE_SIZE};
-use vmstream::throttle::Throttle;
+use vmstream::track::{DirtyTracker, HashTracker, UffdWpTracker};
 
 /// Pages a filling transaction on each of `blocks` writes: the superblock (journal and
 /// counter), the ledger page of each block, and the block's page.

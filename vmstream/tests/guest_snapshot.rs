@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::{Guest, TmpFile};
 use nix::sys::signal::{kill, Signal};
-use vmstream::layout::{get_u64, hdr, WorkloadKind};
-use vmstream::throttle::wait_stopped;
-use vmstream::verify::{verify_file, verify_snapshot, Superblock, VerifyError};
+use vmstream::guest::file::layout::{get_u64, hdr, WorkloadKind};
+use vmstream::guest::file::throttle::wait_stopped;
+use vmstream::guest::file::verify::{verify_file, verify_snapshot, Superblock, VerifyError};
 
 /// Run `kind` for a while, SIGSTOP it, copy the memory file and return the copy's bytes.
 fn stopped_snapshots(kind: &str, count: usize) -> Vec<Vec<u8>> {
@@ -203,7 +203,7 @@ fn fill_workload_content_is_checked_exactly() {
     // Rewrite one payload word and fix the checksum: only the content check can tell.
     let off = g.block_offset(9);
     img[off + 1000] ^= 0x80;
-    let sum = vmstream::layout::block_checksum(&img[off..off + 4096]);
+    let sum = vmstream::guest::file::layout::block_checksum(&img[off..off + 4096]);
     img[off + hdr::CHECKSUM..off + hdr::CHECKSUM + 8].copy_from_slice(&sum.to_le_bytes());
     assert!(matches!(
         verify_snapshot(&mut img),

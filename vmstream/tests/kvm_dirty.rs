@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{
+use vmstream::guest::kvm::{
     kvm_available, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig,
     WorkloadKind,
 };
@@ -134,7 +134,7 @@ fn clear_mode_keeps_pages_dirty_until_cleared() {
 /// Through the crate's DirtyTracker contract (collect resets tracking).
 #[test]
 fn kvm_logs_work_as_dirty_trackers() {
-    use vmstream::dirty::DirtyTracker;
+    use vmstream::track::DirtyTracker;
     if skip() {
         return;
     }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig};
+use vmstream::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig};
 
 struct TempFile(std::path::PathBuf);
 

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::abi::IMAGE_GPA;
-use vmstream::kvm::{
+use vmstream::guest::kvm::abi::IMAGE_GPA;
+use vmstream::guest::kvm::{
     kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig, WorkloadConfig, WorkloadKind,
 };
 
@@ -53,7 +53,7 @@ fn filedb_image_verifies_at_every_pause_and_after_restore() {
     let at_pause = guest.transactions().unwrap()[0];
     let mut image = vec![0u8; (guest.ram().size() - IMAGE_GPA) as usize];
     guest.ram().read(IMAGE_GPA, &mut image).unwrap();
-    let r = vmstream::verify::verify_snapshot(&mut image).unwrap();
+    let r = vmstream::guest::file::verify::verify_snapshot(&mut image).unwrap();
     assert!(
         r.tx_count + 1 >= at_pause && r.tx_count <= at_pause + 1,
         "{r:?} vs {at_pause}"
@@ -69,7 +69,7 @@ fn filedb_image_verifies_at_every_pause_and_after_restore() {
         b[0]
     };
     copy.write(victim, &[byte ^ 0x20]).unwrap();
-    assert!(vmstream::kvm::verify::verify_image(&copy).is_err());
+    assert!(vmstream::guest::kvm::verify::verify_image(&copy).is_err());
     copy.write(victim, &[byte]).unwrap();
 
     drop(guest);

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{
+use vmstream::guest::kvm::{
     kvm_available, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, RestoreConfig, VmState,
     WorkloadConfig, WorkloadKind,
 };
@@ -162,10 +162,10 @@ fn measure_random_by_size() {
 
 /// Copies the pages of `set` (all if None) in 2 MiB chunks, re-arming each chunk first.
 fn copy(
-    log: &mut Box<dyn vmstream::kvm::DirtyLog>,
+    log: &mut Box<dyn vmstream::guest::kvm::DirtyLog>,
     src: &GuestRam,
     dst: &GuestRam,
-    set: Option<&vmstream::kvm::DirtyBitmap>,
+    set: Option<&vmstream::guest::kvm::DirtyBitmap>,
 ) -> u64 {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;

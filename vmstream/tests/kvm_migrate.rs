@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{
+use vmstream::guest::kvm::{
     kvm_available, DirtyBitmap, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest,
     RestoreConfig, VmState, WorkloadConfig,
 };

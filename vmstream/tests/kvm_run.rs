@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest, WorkloadConfig, WorkloadKind};
+use vmstream::guest::kvm::{
+    kvm_available, GuestConfig, GuestRam, KvmGuest, WorkloadConfig, WorkloadKind,
+};
 
 fn skip() -> bool {
     if let Err(why) = kvm_available() {
@@ -125,7 +127,7 @@ fn repeated_pause_resume_keeps_the_guest_consistent() {
     }
     assert!(matches!(
         guest.resume(),
-        Err(vmstream::kvm::KvmError::NotPaused)
+        Err(vmstream::guest::kvm::KvmError::NotPaused)
     ));
 }
 
@@ -161,7 +163,7 @@ fn touch_guest_can_be_paused_while_polling() {
 
 #[test]
 fn invalid_configurations_are_refused() {
-    use vmstream::kvm::{DirtyLogMode, KvmError};
+    use vmstream::guest::kvm::{DirtyLogMode, KvmError};
     assert!(matches!(GuestRam::memfd(3 << 20), Err(KvmError::Config(_))));
     assert!(matches!(GuestRam::memfd(0), Err(KvmError::Config(_))));
     if skip() {

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::verify::VerifyError;
-use vmstream::kvm::{
+use vmstream::guest::kvm::verify::VerifyError;
+use vmstream::guest::kvm::{
     kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, RestoreConfig, StateError, VmState,
     WorkloadConfig,
 };

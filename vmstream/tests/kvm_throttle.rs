@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
+use vmstream::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
 
 #[test]
 fn throttled_vcpus_sleep_and_still_progress() {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::kvm::{
+use vmstream::guest::kvm::{
     kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, VerifyError, WorkloadConfig,
 };
 

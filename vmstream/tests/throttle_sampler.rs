@@ -5,9 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Guest, TmpFile};
+use vmstream::guest::file::throttle::{process_state, Throttle};
 use vmstream::memory::{GuestMemory, MapMode};
-use vmstream::sampler::{read_tx_count, TpsSampler};
-use vmstream::throttle::{process_state, Throttle};
+use vmstream::telemetry::sampler::{read_tx_count, TpsSampler};
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -57,7 +57,7 @@ fn throttling_stops_the_guest_part_of_the_time_and_drop_releases_it() {
     let pid = g.child.id();
     let t = Throttle::new(pid).unwrap();
     t.set(5.0);
-    assert_eq!(t.fraction(), vmstream::throttle::MAX_FRACTION);
+    assert_eq!(t.fraction(), vmstream::guest::file::throttle::MAX_FRACTION);
     t.set(0.5);
     wait_for("a throttle stop", || process_state(pid).unwrap() == 'T');
     wait_for("a throttle continue", || process_state(pid).unwrap() != 'T');

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use super::{Decision, RoundObservation, SwitchReason, ThrottleStrategy};
-use crate::migration::convergence::{self as mc, ConvergencePolicy, DowntimePolicy, OnTimeout};
+use crate::converge::policy::{self as mc, ConvergencePolicy, DowntimePolicy, OnTimeout};
+use crate::converge::{Decision, RoundObservation, SwitchReason, ThrottleStrategy};
 
 /// Called with every observation and the strategy's decision.
 pub type DecisionHook = Box<dyn FnMut(&RoundObservation, &Decision) + Send>;

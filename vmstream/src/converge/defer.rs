@@ -11,7 +11,7 @@
 //! and [`HotPageDeferral::finish`] hands back everything at the switchover, so no page is
 //! deferred forever.
 
-use super::SettingError;
+use crate::converge::SettingError;
 
 /// Deferral settings.
 #[derive(Debug, Clone, Copy, PartialEq)]

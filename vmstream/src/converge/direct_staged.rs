@@ -16,8 +16,8 @@
 
 use std::time::Duration;
 
-use super::{clamp_throttle, Decision, RoundObservation, SwitchReason, ThrottleStrategy};
-use super::{SettingError, MAX_THROTTLE};
+use crate::converge::{clamp_throttle, Decision, RoundObservation, SwitchReason, ThrottleStrategy};
+use crate::converge::{SettingError, MAX_THROTTLE};
 
 /// Direct-staged settings.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -5,7 +5,7 @@
 //! round (time comes from [`RoundObservation::now`], never from a clock read) and answers
 //! with a [`Decision`]. The migration loop applies the throttle and performs the
 //! switchover; [`adapter::Converger`] plugs a strategy into the
-//! [`crate::migration::convergence::ConvergencePolicy`] seam.
+//! [`crate::converge::policy::ConvergencePolicy`] seam.
 //!
 //! Modules: [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
 //! [`defer`] (hot-page deferral), [`timeline`] (the serde guest-impact timeline),
@@ -17,18 +17,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod adapter;
-pub mod cli;
 pub mod defer;
 pub mod direct_staged;
+pub mod policy;
 pub mod qemu;
-pub mod timeline;
 
 pub use adapter::Converger;
-pub use cli::ConvergeArgs;
 pub use defer::{DeferConfig, DeferError, HotPageDeferral, Split};
 pub use direct_staged::{DirectStaged, DirectStagedConfig};
 pub use qemu::{AutoConverge, AutoConvergeConfig};
-pub use timeline::{Timeline, TimelineRound, TimelineSample};
 
 /// Largest throttle fraction any strategy asks for (the guest keeps 1% of its CPU time).
 pub const MAX_THROTTLE: f64 = 0.99;

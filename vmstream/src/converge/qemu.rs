@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::{Decision, RoundObservation, SettingError, SwitchReason, ThrottleStrategy};
+use crate::converge::{Decision, RoundObservation, SettingError, SwitchReason, ThrottleStrategy};
 
 /// Auto-converge settings (QEMU parameter names in brackets).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,13 +61,17 @@ impl AutoConvergeConfig {
                 })
             }
         };
-        frac("cpu-throttle-initial", self.initial, super::MAX_THROTTLE)?;
+        frac(
+            "cpu-throttle-initial",
+            self.initial,
+            crate::converge::MAX_THROTTLE,
+        )?;
         frac(
             "cpu-throttle-increment",
             self.increment,
-            super::MAX_THROTTLE,
+            crate::converge::MAX_THROTTLE,
         )?;
-        frac("max-cpu-throttle", self.max, super::MAX_THROTTLE)?;
+        frac("max-cpu-throttle", self.max, crate::converge::MAX_THROTTLE)?;
         frac("throttle-trigger-threshold", self.trigger_threshold, 1.0)?;
         if self.triggers == 0 {
             return Err(SettingError::OutOfRange {

@@ -1,4 +1,4 @@
-//! Settings of both sides, built by the CLI (see [`super::cli`]) or by library callers.
+//! Settings of both sides, built by the CLI (see [`crate::cli::migration`]) or by library callers.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
 
-use super::auth::AuthKey;
-use super::channels::send::sender_config;
-use super::convergence::OnTimeout;
-use super::source_guest::{DirtyTracking, GuestSpec};
-use super::wire::{DeltaWire, PAGE_SIZE};
-use crate::converge::cli::ConvergeArgs;
+use crate::cli::converge::ConvergeArgs;
+use crate::converge::policy::OnTimeout;
+use crate::guest::file::source::{DirtyTracking, GuestSpec};
+use crate::migration::connect::auth::AuthKey;
+use crate::migration::connect::channels::send::sender_config;
+use crate::migration::wire::{DeltaWire, PAGE_SIZE};
 
 /// The page cache's size unless set (QEMU's default too).
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -50,9 +50,9 @@ pub struct SendConfig {
     pub progress: bool,
     /// Guest throttling strategy and hot-page deferral (`crate::converge`).
     pub converge: ConvergeArgs,
-    /// Parallel TCP connections (`super::channels`), 1 to 16.
+    /// Parallel TCP connections (`crate::migration::connect::channels`), 1 to 16.
     pub channels: usize,
-    /// Pre-shared key: authenticate every connection with it (`super::auth`).
+    /// Pre-shared key: authenticate every connection with it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
     /// Set to `true` (from any thread, or a signal handler) to cancel the migration, as
     /// `--on-timeout cancel` does: the destination is told and rolls back, the source
@@ -103,7 +103,8 @@ impl SendConfig {
                 Some(*size)
             }
             GuestSpec::Kvm(k) => {
-                crate::kvm::memory::check_size(k.size).map_err(|e| format!("--size: {e}"))?;
+                crate::guest::kvm::memory::check_size(k.size)
+                    .map_err(|e| format!("--size: {e}"))?;
                 Some(k.size)
             }
             // An attached guest's size is its file's; opening it reports a bad one.
@@ -216,10 +217,10 @@ pub struct RecvConfig {
     pub max_size: u64,
     /// Longest wait for the peer on the socket.
     pub io_timeout: Duration,
-    /// Pre-shared key: admit only sources that prove it (`super::auth`).
+    /// Pre-shared key: admit only sources that prove it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
     /// Set to `true` (from any thread, or a signal handler) to end the receive: until the
-    /// source's final digest is read it fails with [`super::error::RecvError::Interrupted`]
+    /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
     pub cancel: Option<Arc<AtomicBool>>,
 }

@@ -2,12 +2,12 @@
 
 use vmstream_codec::CodecError;
 
-use super::auth::AuthError;
-use super::channels::ChannelError;
-use super::image::ImageError;
-use super::source_guest::GuestControlError;
-use super::transport::TransportError;
-use super::wire::{AbortCode, CommitStatus, GuestKind, RefuseCode, WireError};
+use crate::guest::file::source::GuestControlError;
+use crate::migration::connect::auth::AuthError;
+use crate::migration::connect::channels::ChannelError;
+use crate::migration::image::ImageError;
+use crate::migration::transport::TransportError;
+use crate::migration::wire::{AbortCode, CommitStatus, GuestKind, RefuseCode, WireError};
 
 /// Why `vmstream send` failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +149,7 @@ pub enum RecvError {
     GuestState(#[from] GuestStateError),
     /// The KVM guest on the destination failed (restore, verification, run).
     #[error("KVM guest on the destination: {0}")]
-    Kvm(#[from] crate::kvm::KvmError),
+    Kvm(#[from] crate::guest::kvm::KvmError),
 }
 
 /// Why the destination refused a `GuestState` (before committing anything).
@@ -165,7 +165,7 @@ pub enum GuestStateError {
     },
     /// The KVM state blob is invalid (bad magic, version, length, checksum, sections).
     #[error("invalid KVM state blob: {0}")]
-    Invalid(#[from] crate::kvm::StateError),
+    Invalid(#[from] crate::guest::kvm::StateError),
     /// A valid blob that does not belong to the migrated memory.
     #[error("KVM state does not fit the migrated memory: {0}")]
     DoesNotFit(String),

@@ -1,6 +1,6 @@
 //! SIGINT and SIGTERM (a terminal's Ctrl-C, a service manager's stop) during a migration:
-//! they set a flag that the migration acts on ([`super::config::SendConfig::cancel`],
-//! [`super::config::RecvConfig::cancel`]) instead of ending the process on the spot, which
+//! they set a flag that the migration acts on ([`crate::migration::config::SendConfig::cancel`],
+//! [`crate::migration::config::RecvConfig::cancel`]) instead of ending the process on the spot, which
 //! would end an in-process KVM guest with it on the source and strand a temporary image on
 //! the destination.
 

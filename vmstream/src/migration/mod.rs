@@ -50,27 +50,16 @@
 //! [`cli`] (clap arguments of
 //! `vmstream send` / `vmstream recv`).
 
-pub mod admission;
-pub mod auth;
-pub mod channels;
-pub mod cli;
 pub mod config;
-pub mod convergence;
+pub mod connect;
 pub mod dest;
 pub mod digest;
 pub mod error;
 pub mod image;
-pub mod impact;
 pub mod interrupt;
-pub mod migratable;
-pub mod seal;
 pub mod source;
-pub mod source_guest;
-pub mod source_kvm;
-pub mod stats;
 pub mod transport;
 pub mod wire;
 
-pub use cli::{run_recv, run_send, RecvArgs, SendArgs};
 pub use config::{RecvConfig, SendConfig};
 pub use error::{RecvError, SendError};

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use vmstream::guest::ReadyLine;
+use vmstream::guest::file::ReadyLine;
 
 /// A running guest child process; killed on drop.
 pub struct Guest {

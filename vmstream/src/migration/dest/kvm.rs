@@ -10,21 +10,21 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::verify::{BackgroundVerifier, KvmChecks, KvmKnownFacts};
-use super::{Dest, DestState};
-use crate::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
-use crate::kvm::cli::{install_stop_handler, report_while_running, stop_requested};
-use crate::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
-use crate::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::cli::kvm::{install_stop_handler, report_while_running, stop_requested};
+use crate::guest::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
+use crate::guest::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
+use crate::guest::kvm::{kvm_available, GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::migration::dest::verify::{BackgroundVerifier, KvmChecks, KvmKnownFacts};
+use crate::migration::dest::{Dest, DestState};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
-use crate::migration::stats::unix_ns;
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, GuestKind, GuestSamples, GuestState, Hello,
     Message, RefuseCode,
 };
-use crate::sampler::SAMPLE_PERIOD;
+use crate::telemetry::sampler::SAMPLE_PERIOD;
+use crate::telemetry::stats::unix_ns;
 
 /// How long the destination waits for the resumed guest's first transaction (the instant
 /// reported as the end of the downtime).
@@ -61,12 +61,13 @@ pub(super) fn verify_pending(
     image: &mut PendingImage,
     hashes: &PageHashes,
     background: Option<BackgroundVerifier<KvmChecks>>,
-) -> Result<crate::kvm::VerifyReport, String> {
+) -> Result<crate::guest::kvm::VerifyReport, String> {
     // Read through the mapping the codec wrote: its pages are faulted in already.
     let ram: &[u8] = image.memory_mut();
-    let params = crate::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
+    let params = crate::guest::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
     let known = KvmKnownFacts::new(background, hashes, params.layout);
-    crate::kvm::verify::verify_known(ram, &params, &|b| known.get(b)).map_err(|e| e.to_string())
+    crate::guest::kvm::verify::verify_known(ram, &params, &|b| known.get(b))
+        .map_err(|e| e.to_string())
 }
 
 /// Checks a `GuestState` against the handshake's guest kind and, for KVM guests, parses
@@ -155,7 +156,7 @@ impl KvmResumed {
         path: &Path,
         size: u64,
         state: &VmState,
-        verified: crate::kvm::VerifyReport,
+        verified: crate::guest::kvm::VerifyReport,
     ) -> Result<KvmResumed, RecvError> {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
@@ -186,7 +187,7 @@ impl KvmResumed {
 
     /// Reads the guest's transaction counter every [`SAMPLE_PERIOD`] for `window` (less
     /// if a vCPU fails or SIGINT/SIGTERM arrives): the destination's part of the source's
-    /// timeline, as [`sample_destination`](crate::migration::impact::sample_destination)
+    /// timeline, as [`sample_destination`](crate::telemetry::impact::sample_destination)
     /// reads a guest process's.
     fn sample(&self, window: Duration) -> Result<GuestSamples, RecvError> {
         install_stop_handler();

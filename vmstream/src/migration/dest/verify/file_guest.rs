@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use super::{block_page_hashes, BackgroundVerifier, BlockChecks};
-use crate::layout::{get_u64, sb};
-use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::digest::PageHashes;
-use crate::verify::{
+use crate::guest::file::layout::{get_u64, sb};
+use crate::guest::file::verify::{
     check_block_content, verify_sparse, BlockContent, Superblock, VerifyError, VerifyReport,
 };
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::migration::dest::verify::{block_page_hashes, BackgroundVerifier, BlockChecks};
+use crate::migration::digest::PageHashes;
 
 /// What the background pass learned about one block of the file-backed guest.
 #[derive(Clone, Copy, Debug, Default)]
@@ -108,7 +108,7 @@ pub fn verify_at_pause(
     let head = Superblock::read(mem)?;
     let journal_block =
         (get_u64(mem, sb::JOURNAL_SEQ) != 0).then(|| get_u64(mem, sb::JOURNAL_BLOCK));
-    let replayed = crate::workload::recover(mem)?;
+    let replayed = crate::guest::file::workload::recover(mem)?;
     let full = |mem: &mut [u8]| {
         verify_sparse(mem, data).map(|mut r| {
             r.replayed_journal = replayed;
@@ -216,9 +216,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::guest::file::workload::{format, Workload, WorkloadParams};
     use crate::migration::dest::verify::test_support::{rehash, run_pass};
     use crate::migration::dest::verify::{open_view, TouchedPages};
-    use crate::workload::{format, Workload, WorkloadParams};
 
     const SIZE: u64 = 4 << 20;
 
@@ -231,7 +231,7 @@ mod tests {
         let mut mem = GuestMemory::memfd("dest-verify", SIZE).unwrap();
         format(
             mem.as_mut_slice(),
-            &WorkloadParams::new(crate::layout::WorkloadKind::Dbsim),
+            &WorkloadParams::new(crate::guest::file::layout::WorkloadKind::Dbsim),
         )
         .unwrap();
         let hashes = Arc::new(PageHashes::zeroed(mem.pages(), PAGE_SIZE));
@@ -265,7 +265,7 @@ mod tests {
             }
         }
         rehash(&mem, &hashes, &touched);
-        let full = crate::verify::verify(mem.as_mut_slice()).unwrap();
+        let full = crate::guest::file::verify::verify(mem.as_mut_slice()).unwrap();
         let quick = verify_at_pause(mem.as_mut_slice(), &hashes, Some(bg), None).unwrap();
         assert_eq!(quick, full);
     }
@@ -281,7 +281,7 @@ mod tests {
         mem.as_mut_slice()[off] ^= 0x10;
         rehash(&mem, &hashes, &touched);
         let mut copy = mem.as_mut_slice().to_vec();
-        let expected = crate::verify::verify_snapshot(&mut copy).unwrap_err();
+        let expected = crate::guest::file::verify::verify_snapshot(&mut copy).unwrap_err();
         let got = verify_at_pause(mem.as_mut_slice(), &hashes, Some(bg), None).unwrap_err();
         assert_eq!(got, expected);
     }
@@ -293,7 +293,7 @@ mod tests {
     fn without_background_results_the_full_verifier_runs() {
         let (mut mem, hashes, _touched, bg) = setup();
         drop(bg);
-        let full = crate::verify::verify(mem.as_mut_slice()).unwrap();
+        let full = crate::guest::file::verify::verify(mem.as_mut_slice()).unwrap();
         assert_eq!(
             verify_at_pause(mem.as_mut_slice(), &hashes, None, None).unwrap(),
             full

@@ -4,11 +4,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{block_page_hashes, BackgroundVerifier, BlockChecks};
-use crate::kvm::abi::BLOCK_SIZE as KVM_BLOCK_SIZE;
-use crate::kvm::verify::BlockFacts;
-use crate::kvm::GuestLayout;
+use crate::guest::kvm::abi::BLOCK_SIZE as KVM_BLOCK_SIZE;
+use crate::guest::kvm::verify::BlockFacts;
+use crate::guest::kvm::GuestLayout;
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::migration::dest::verify::{block_page_hashes, BackgroundVerifier, BlockChecks};
 use crate::migration::digest::PageHashes;
 
 /// Pages per KVM block (the block facts keep a hash for each).
@@ -126,7 +126,7 @@ mod tests {
     use crate::migration::dest::verify::{open_view, TouchedPages};
 
     /// Runs the KVM guest until it committed `more` further transactions, then pauses it.
-    fn run_kvm(guest: &mut crate::kvm::KvmGuest, more: u64) {
+    fn run_kvm(guest: &mut crate::guest::kvm::KvmGuest, more: u64) {
         let start = guest.total_transactions().unwrap();
         guest.resume().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -146,8 +146,8 @@ mod tests {
     /// is reported as the full check reports it.
     #[test]
     fn kvm_ledger_check_with_background_facts_equals_the_full_check() {
-        use crate::kvm::verify::{verify, verify_known};
-        use crate::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
+        use crate::guest::kvm::verify::{verify, verify_known};
+        use crate::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
         if let Err(why) = kvm_available() {
             eprintln!("skipping: {why}");
             return;
@@ -161,7 +161,7 @@ mod tests {
         let size = 64u64 << 20;
         let cfg = GuestConfig {
             vcpus: 2,
-            workload: crate::kvm::WorkloadConfig {
+            workload: crate::guest::kvm::WorkloadConfig {
                 hot_hit_permille: 950,
                 ..Default::default()
             },

@@ -1,0 +1,210 @@
+//! Command-line options of the convergence strategies, for `#[command(flatten)]` into
+//! `vmstream send`'s arguments.
+
+use std::collections::BTreeMap;
+
+use crate::converge::{
+    AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
+    HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
+};
+use crate::units::parse_size;
+
+/// `--converge`, auto-converge settings and `--defer-hot`.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct ConvergeArgs {
+    /// Guest throttling while iterating: none, qemu (auto-converge) or direct-staged.
+    #[arg(long, value_name = "STRATEGY", default_value = "none")]
+    pub converge: Strategy,
+    /// qemu: first throttle, percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 20,
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub cpu_throttle_initial: u8,
+    /// qemu: throttle step after the first, percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub cpu_throttle_increment: u8,
+    /// qemu: largest throttle, percent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 99,
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub max_cpu_throttle: u8,
+    /// qemu: a period is high when it dirtied more than this percent of what it sent.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub throttle_trigger_threshold: u8,
+    /// Hold back the dirty pages of the hottest PERCENT of memory segments each round
+    /// (0 = off).
+    #[arg(long, value_name = "PERCENT", default_value_t = 0.0, value_parser = parse_percent)]
+    pub defer_hot: f64,
+    /// Segment size for --defer-hot (K/M/G suffixes).
+    #[arg(long, value_name = "BYTES", default_value = "2M", value_parser = parse_size)]
+    pub defer_segment: u64,
+}
+
+impl Default for ConvergeArgs {
+    fn default() -> Self {
+        ConvergeArgs {
+            converge: Strategy::None,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+            throttle_trigger_threshold: 50,
+            defer_hot: 0.0,
+            defer_segment: 2 << 20,
+        }
+    }
+}
+
+/// A percentage in `[0, 100]`.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not in 0..=100"))
+    }
+}
+
+impl ConvergeArgs {
+    /// The auto-converge settings from the options.
+    pub fn auto_converge(&self) -> AutoConvergeConfig {
+        AutoConvergeConfig {
+            initial: self.cpu_throttle_initial as f64 / 100.0,
+            increment: self.cpu_throttle_increment as f64 / 100.0,
+            max: self.max_cpu_throttle as f64 / 100.0,
+            trigger_threshold: self.throttle_trigger_threshold as f64 / 100.0,
+            ..Default::default()
+        }
+    }
+
+    /// The chosen strategy, its settings checked.
+    pub fn strategy(&self) -> Result<Box<dyn ThrottleStrategy>, SettingError> {
+        Ok(match self.converge {
+            Strategy::None => Box::new(NoThrottle),
+            Strategy::Qemu => {
+                let cfg = self.auto_converge();
+                cfg.validate()?;
+                Box::new(AutoConverge::new(cfg))
+            }
+            Strategy::DirectStaged => {
+                let cfg = DirectStagedConfig::default();
+                cfg.validate()?;
+                Box::new(DirectStaged::new(cfg))
+            }
+        })
+    }
+
+    /// Hot-page deferral over `guest_pages` 4 KiB pages, or `None` when `--defer-hot` is 0.
+    pub fn deferral(&self, guest_pages: u64) -> Result<Option<HotPageDeferral>, DeferError> {
+        if self.defer_hot == 0.0 {
+            return Ok(None);
+        }
+        let cfg = DeferConfig {
+            segment_bytes: self.defer_segment,
+            ..DeferConfig::new(self.defer_hot)
+        };
+        HotPageDeferral::new(cfg, guest_pages).map(Some)
+    }
+
+    /// The settings, for the statistics' `settings` map.
+    pub fn settings(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("converge".into(), self.converge.name().into());
+        if self.converge == Strategy::Qemu {
+            let c = self.auto_converge();
+            m.insert(
+                "auto_converge".into(),
+                format!(
+                    "initial {}%, increment {}%, max {}%, threshold {}%",
+                    c.initial * 100.0,
+                    c.increment * 100.0,
+                    c.max * 100.0,
+                    c.trigger_threshold * 100.0
+                ),
+            );
+        }
+        if self.defer_hot > 0.0 {
+            m.insert(
+                "defer_hot".into(),
+                format!("{}% of {} B segments", self.defer_hot, self.defer_segment),
+            );
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        c: ConvergeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ConvergeArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|c| c.c)
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        assert_eq!(parse(&[]).unwrap(), ConvergeArgs::default());
+        let a = parse(&[
+            "--converge",
+            "qemu",
+            "--cpu-throttle-initial",
+            "30",
+            "--cpu-throttle-increment",
+            "5",
+            "--max-cpu-throttle",
+            "80",
+            "--throttle-trigger-threshold",
+            "70",
+            "--defer-hot",
+            "12.5%",
+            "--defer-segment",
+            "64K",
+        ])
+        .unwrap();
+        assert_eq!(a.converge, Strategy::Qemu);
+        let c = a.auto_converge();
+        assert_eq!(
+            (c.initial, c.increment, c.max, c.trigger_threshold),
+            (0.3, 0.05, 0.8, 0.7)
+        );
+        assert_eq!(a.strategy().unwrap().name(), "qemu");
+        assert_eq!(a.defer_hot, 12.5);
+        assert_eq!(a.defer_segment, 64 << 10);
+        assert!(a.deferral(1024).unwrap().is_some());
+        assert!(ConvergeArgs::default().deferral(1024).unwrap().is_none());
+        let s = a.settings();
+        assert_eq!(s["converge"], "qemu");
+        assert!(s["defer_hot"].contains("12.5%"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            &["--converge", "fast"][..],
+            &["--cpu-throttle-initial", "0"],
+            &["--max-cpu-throttle", "100"],
+            &["--defer-hot", "101"],
+            &["--defer-hot", "x"],
+            &["--defer-segment", "lots"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        // A segment that is not a multiple of the page is a typed error when built.
+        let a = parse(&["--defer-hot", "5", "--defer-segment", "5000"]).unwrap();
+        assert!(matches!(
+            a.deferral(100),
+            Err(DeferError::SegmentSize { .. })
+        ));
+    }
+}

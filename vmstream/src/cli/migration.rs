@@ -1,0 +1,559 @@
+//! The `vmstream send` and `vmstream recv` command lines: clap arguments, turned into
+//! [`SendConfig`] / [`RecvConfig`], run, reported (stats JSON, summary) and mapped to an
+//! exit code: 0 committed, 1 failed, 3 cancelled (at the timeout, or by SIGINT/SIGTERM).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use crate::converge::policy::OnTimeout;
+use crate::guest::file::layout::WorkloadKind;
+use crate::guest::file::source::{DirtyTracking, GuestSpec};
+use crate::guest::kvm::source::{AfterFailure, KvmSpec};
+use crate::guest::migratable::open_guest;
+use crate::migration::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
+use crate::migration::connect::auth::AuthKey;
+use crate::migration::dest::{check_config, listen, receive_on, KvmResumed};
+use crate::migration::error::RecvError;
+use crate::migration::image::ImageError;
+use crate::migration::interrupt::flag_on_interrupt;
+use crate::migration::source::{migrate, Outcome};
+use crate::migration::transport::parse_bandwidth;
+use crate::telemetry::stats::MigrationStats;
+use crate::units::{parse_duration, parse_size};
+
+/// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
+pub const EXIT_CANCELLED: u8 = 3;
+
+/// XBZRLE switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// What a KVM guest does after a failed or cancelled migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailure {
+    /// Keep running in the sending process (until SIGINT/SIGTERM or --keep-running-for).
+    KeepRunning,
+    /// Stop the guest and exit.
+    Stop,
+}
+
+/// Arguments of `vmstream send`.
+#[derive(Args, Debug, Clone)]
+pub struct SendArgs {
+    /// Guest memory file (created for a new guest; the attached guest's file with --pid;
+    /// optional with --kvm: RAM is a memfd without it).
+    #[arg(long, value_name = "PATH", required_unless_present = "kvm")]
+    pub memory_file: Option<PathBuf>,
+    /// Memory size of the guest to start (K/M/G suffixes).
+    #[arg(long, value_parser = parse_size, required_unless_present = "pid", conflicts_with = "pid")]
+    pub size: Option<u64>,
+    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle (KVM:
+    /// dbsim, random, hotset, idle, filedb).
+    #[arg(long, default_value = "dbsim")]
+    pub workload: String,
+    /// Target transactions per second of the started guest (0 = as fast as possible).
+    #[arg(long, value_name = "TX/s", conflicts_with = "kvm")]
+    pub rate: Option<u64>,
+    /// Percent of the started guest's blocks to format and write; the rest stays zero
+    /// (default: the workload's own, 75).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub active: Option<u8>,
+    /// Migrate a running guest vmstream did not start (it writes --memory-file).
+    #[arg(long, conflicts_with = "kvm")]
+    pub pid: Option<u32>,
+    /// Dirty tracking: uffd-wp (default for started guests) or hash (default with --pid).
+    #[arg(long, value_parser = parse_tracking, conflicts_with = "kvm")]
+    pub dirty_tracking: Option<DirtyTracking>,
+    /// Start a KVM guest in this process (vmstream/KVM.md) and migrate it.
+    #[arg(long)]
+    pub kvm: bool,
+    /// vCPUs of the KVM guest.
+    #[arg(long, default_value_t = 2, requires = "kvm")]
+    pub vcpus: usize,
+    /// KVM dirty tracking: bitmap (GET_DIRTY_LOG), clear (manual protect, re-armed per
+    /// 2 MiB chunk right before sending it) or ring (per-vCPU dirty rings).
+    #[arg(long, value_parser = crate::cli::kvm::parse_dirty_log, default_value = "clear", requires = "kvm")]
+    pub dirty_log: crate::guest::kvm::DirtyLogMode,
+    /// KVM guest after a failed or cancelled migration: keep-running (in this process,
+    /// which then exits non-zero when it stops) or stop.
+    #[arg(long, value_enum, default_value = "keep-running", requires = "kvm")]
+    pub on_failure: OnFailure,
+    /// With --on-failure keep-running: stop the guest after this long (default: run until
+    /// SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_duration, requires = "kvm")]
+    pub keep_running_for: Option<Duration>,
+    /// Let the started guest run this long before migrating (ms/s/m).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub warmup: Duration,
+    /// Destination address HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// Full-page compression: lz4, zstd, zlib, none.
+    #[arg(long, default_value = "lz4")]
+    pub compress: String,
+    /// Compression level (lz4: acceleration; zstd, zlib: level).
+    #[arg(long)]
+    pub compress_level: Option<i32>,
+    /// XBZRLE deltas against a page cache.
+    #[arg(long, value_enum, default_value = "on")]
+    pub xbzrle: OnOff,
+    /// XBZRLE page cache size (K/M/G).
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub xbzrle_cache: u64,
+    /// Encode threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Pages per packet.
+    #[arg(long, default_value_t = 128)]
+    pub batch_pages: usize,
+    /// Switch over once the expected downtime is within this (ms/s).
+    #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+    pub downtime_limit: Duration,
+    /// Emulate a slower link: bytes/s (100M) or bits/s (1Gbit).
+    #[arg(long, value_parser = parse_bw)]
+    pub max_bandwidth: Option<u64>,
+    /// Give up or force the switchover after this long (see --on-timeout).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// What happens at the timeout: cancel (the source keeps running) or force.
+    #[arg(long, value_parser = parse_on_timeout, default_value = "cancel")]
+    pub on_timeout: OnTimeout,
+    /// Longest wait for the destination on the socket.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub io_timeout: Duration,
+    /// Write statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Parallel TCP connections (like QEMU's multifd); pages are sharded over them.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub channels: u16,
+    /// Pre-shared key file (16 to 4096 random bytes): authenticate the destination and
+    /// prove this key to it on every connection, then encrypt and authenticate the stream
+    /// (AES-256-GCM); recv needs the same file.
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: Option<PathBuf>,
+    /// Throttling strategy and hot-page deferral.
+    #[command(flatten)]
+    pub converge: crate::cli::converge::ConvergeArgs,
+}
+
+/// Arguments of `vmstream recv`.
+#[derive(Args, Debug, Clone)]
+pub struct RecvArgs {
+    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (warns without
+    /// --auth-key-file).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Where the committed guest memory goes (replaced atomically on commit): a regular
+    /// file or a new name, in a directory that exists. While the receive runs its
+    /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
+    /// the same file refuses to start.
+    #[arg(long, value_name = "PATH")]
+    pub memory_file: PathBuf,
+    /// Run the guest on the received memory after the commit (verifies it first).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop the resumed guest after this long (default: run until stopped).
+    #[arg(long, value_parser = parse_duration, requires = "resume")]
+    pub run_for: Option<Duration>,
+    /// Write statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Decode threads (default: the sender's thread count).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Refuse a guest whose memory size differs (K/M/G; a non-zero multiple of 4096).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Longest wait for the source on the socket.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub io_timeout: Duration,
+    /// Pre-shared key file (16 to 4096 random bytes): admit only a source that proves
+    /// this key, prove it to the source, then encrypt and authenticate the stream
+    /// (AES-256-GCM); send needs the same file.
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: Option<PathBuf>,
+}
+
+fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::from_name(s).ok_or_else(|| format!("unknown workload {s:?}"))
+}
+
+fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
+    match s {
+        "uffd-wp" | "uffd" => Ok(DirtyTracking::UffdWp),
+        "hash" => Ok(DirtyTracking::Hash),
+        _ => Err(format!("unknown dirty tracking {s:?} (uffd-wp, hash)")),
+    }
+}
+
+fn parse_on_timeout(s: &str) -> Result<OnTimeout, String> {
+    match s {
+        "cancel" => Ok(OnTimeout::Cancel),
+        "force" => Ok(OnTimeout::Force),
+        _ => Err(format!("unknown timeout strategy {s:?} (cancel, force)")),
+    }
+}
+
+fn parse_bw(s: &str) -> Result<u64, String> {
+    match parse_bandwidth(s) {
+        Ok(0) => Err("bandwidth must be above 0".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl SendArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> Result<SendConfig, String> {
+        let memory_file = || {
+            self.memory_file
+                .clone()
+                .ok_or_else(|| "--memory-file is required without --kvm".to_string())
+        };
+        let guest = match (self.pid, self.size) {
+            (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
+                path: self.memory_file.clone(),
+                size,
+                vcpus: self.vcpus,
+                workload: crate::cli::kvm::parse_workload(&self.workload)?,
+                dirty_log: self.dirty_log,
+                after_failure: match self.on_failure {
+                    OnFailure::KeepRunning => AfterFailure::KeepRunning(self.keep_running_for),
+                    OnFailure::Stop => AfterFailure::Stop,
+                },
+            }),
+            (Some(pid), _) => GuestSpec::Attach {
+                path: memory_file()?,
+                pid,
+            },
+            (None, Some(size)) => GuestSpec::Spawn {
+                path: memory_file()?,
+                size,
+                workload: parse_kind(&self.workload)?,
+                rate: self.rate,
+                active: self.active,
+            },
+            (None, None) => return Err("--size is required without --pid".into()),
+        };
+        let compression = parse_compression(&self.compress, self.compress_level)?;
+        if self.threads == Some(0) {
+            return Err("--threads must be at least 1".into());
+        }
+        let mut cfg = SendConfig::new(guest, self.to.clone());
+        cfg.dirty_tracking = self.dirty_tracking;
+        cfg.warmup = self.warmup;
+        cfg.encoder = encoder_config(
+            compression,
+            self.xbzrle == OnOff::On,
+            self.xbzrle_cache as usize,
+        );
+        if let Some(t) = self.threads {
+            cfg.threads = t;
+        }
+        cfg.batch_pages = self.batch_pages;
+        cfg.downtime_limit = self.downtime_limit;
+        cfg.max_bandwidth = self.max_bandwidth;
+        cfg.timeout = self.timeout;
+        cfg.on_timeout = self.on_timeout;
+        cfg.io_timeout = self.io_timeout;
+        cfg.stats_json = self.stats_json.clone();
+        cfg.progress = !self.no_progress;
+        cfg.converge = self.converge.clone();
+        cfg.channels = self.channels as usize;
+        cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
+impl RecvArgs {
+    /// The configuration these arguments describe, checked ([`check_config`]: listen
+    /// address, size, memory file) before anything is created or bound.
+    pub fn to_config(&self) -> Result<RecvConfig, String> {
+        let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
+        cfg.resume = self.resume;
+        cfg.run_for = self.run_for;
+        cfg.stats_json = self.stats_json.clone();
+        cfg.threads = self.threads;
+        cfg.expect_size = self.size;
+        cfg.io_timeout = self.io_timeout;
+        cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        check_config(&cfg).map_err(|e| match e {
+            RecvError::Image(ImageError::Unusable { path, why }) => {
+                format!("--memory-file {}: {why}", path.display())
+            }
+            other => other.to_string(),
+        })?;
+        Ok(cfg)
+    }
+}
+
+/// The key of `--auth-key-file`; warns when other users may read the file.
+fn read_key(path: Option<&std::path::Path>) -> Result<Option<AuthKey>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let key = AuthKey::from_file(path).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "vmstream: warning: the key file {} is accessible to other users \
+                 (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(key))
+}
+
+fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
+    if let Some(path) = json {
+        if let Err(e) = stats.write_json(path) {
+            eprintln!("vmstream {who}: writing {}: {e}", path.display());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", stats.summary());
+    let _ = out.flush();
+}
+
+/// [`flag_on_interrupt`] for `vmstream WHO`; `None` after saying why it failed.
+fn interrupt_flag(who: &str) -> Option<Arc<AtomicBool>> {
+    flag_on_interrupt()
+        .map_err(|e| eprintln!("vmstream {who}: handling SIGINT/SIGTERM: {e}"))
+        .ok()
+}
+
+/// How often the warmup looks for SIGINT/SIGTERM.
+const WARMUP_POLL: Duration = Duration::from_millis(20);
+
+/// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
+pub fn run_send(args: &SendArgs) -> ExitCode {
+    let mut cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmstream send: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // From here SIGINT and SIGTERM cancel the migration, and the guest keeps running, rather
+    // than end this process (and with it a KVM guest, or a paused guest process's resume).
+    // Taken before the guest starts: a signal while it starts must not orphan it unnamed.
+    let Some(flag) = interrupt_flag("send") else {
+        return ExitCode::FAILURE;
+    };
+    cfg.cancel = Some(flag.clone());
+    let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmstream send: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", guest.describe());
+    let _ = std::io::stdout().flush();
+    let mut stats = MigrationStats {
+        role: "source",
+        guest_bytes: guest.size(),
+        ..Default::default()
+    };
+    stats.settings.extend(cfg.converge.settings());
+    for (k, v) in [
+        ("compression", format!("{:?}", cfg.encoder.compression)),
+        ("xbzrle", format!("{}", cfg.encoder.delta.is_some())),
+        ("threads", cfg.threads.to_string()),
+        (
+            "downtime_limit_ms",
+            cfg.downtime_limit.as_millis().to_string(),
+        ),
+        (
+            "max_bandwidth",
+            cfg.max_bandwidth
+                .map_or("unlimited".into(), |b| b.to_string()),
+        ),
+        ("dirty_tracking", guest.tracker_name().to_string()),
+        ("channels", cfg.channels.to_string()),
+        ("authenticated", cfg.auth_key.is_some().to_string()),
+        ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
+    ] {
+        stats.settings.insert(k.to_string(), v);
+    }
+    if !cfg.warmup.is_zero() {
+        let (t0, tx0) = (Instant::now(), guest.tx_count());
+        // A signal ends the warmup (and `migrate` then cancels at once).
+        while t0.elapsed() < cfg.warmup && !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(cfg.warmup.saturating_sub(t0.elapsed()).min(WARMUP_POLL));
+        }
+        let tx1 = guest.tx_count();
+        if !flag.load(Ordering::Relaxed) {
+            stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
+        }
+    }
+    let result = migrate(&cfg, guest.as_mut(), &mut stats);
+    if stats.guest_bytes > 0 {
+        stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
+    }
+    let code = match result {
+        Ok(Outcome::Committed) => {
+            stats.outcome = "committed".into();
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Cancelled(reason)) => {
+            stats.outcome = "cancelled".into();
+            stats.error = Some(reason.clone());
+            eprintln!(
+                "vmstream send: cancelled: {reason}; {}",
+                guest.failure_note()
+            );
+            ExitCode::from(EXIT_CANCELLED)
+        }
+        Err(e) => {
+            stats.outcome = "failed".into();
+            stats.error = Some(e.to_string());
+            eprintln!(
+                "vmstream send: migration failed: {e}; {}",
+                guest.failure_note()
+            );
+            ExitCode::FAILURE
+        }
+    };
+    finish_report(&stats, cfg.stats_json.as_ref(), "send");
+    if code != ExitCode::SUCCESS {
+        // The guest runs again: a guest process goes on by itself, a KVM guest keeps
+        // running here (this may block until SIGINT/SIGTERM).
+        guest.keep_after_failure();
+    }
+    code
+}
+
+/// Runs the resumed KVM guest until `--run-for` or SIGINT/SIGTERM; 0 if it stayed healthy
+/// (ledger check passed, counter grew).
+fn run_resumed_kvm(kvm: KvmResumed, cfg: &RecvConfig, stats: &mut MigrationStats) -> ExitCode {
+    match kvm.run(cfg.run_for) {
+        Ok(r) => {
+            stats.tps.after = Some(r.tps);
+            println!(
+                "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
+                r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
+            );
+            if let Some(p) = &cfg.stats_json {
+                let _ = stats.write_json(p);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vmstream recv`: receive one migration, commit it, optionally run the guest.
+pub fn run_recv(args: &RecvArgs) -> ExitCode {
+    let mut cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut stats = MigrationStats {
+        role: "destination",
+        ..Default::default()
+    };
+    stats
+        .settings
+        .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
+    // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
+    // temporary image removed, the source told.
+    let Some(flag) = interrupt_flag("recv") else {
+        return ExitCode::FAILURE;
+    };
+    cfg.cancel = Some(flag);
+    // Refused before listening (the memory file in use by another receive, the address
+    // taken): nothing was received, so no summary.
+    let listening = match listen(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            return ExitCode::from(match e {
+                RecvError::Config(_)
+                | RecvError::Image(ImageError::Unusable { .. } | ImageError::BadPath(_)) => 2,
+                _ => 1,
+            });
+        }
+    };
+    let received = match receive_on(&cfg, listening, &mut stats) {
+        Ok(r) => r,
+        // After the commit (a guest that did not resume) the image stays committed.
+        Err(e) if stats.outcome == "committed" => {
+            stats.error = Some(e.to_string());
+            eprintln!(
+                "vmstream recv: committed {}, but {e}",
+                cfg.memory_file.display()
+            );
+            finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            stats.outcome = "failed".into();
+            stats.error = Some(e.to_string());
+            eprintln!("vmstream recv: migration failed: {e}; nothing committed");
+            finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+            return ExitCode::FAILURE;
+        }
+    };
+    finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+    if let Some(kvm) = received.kvm {
+        return run_resumed_kvm(kvm, &cfg, &mut stats);
+    }
+    let Some(guest) = received.guest else {
+        return ExitCode::SUCCESS;
+    };
+    // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and we
+    // exit 0 if it is healthy.
+    if let Err(e) = crate::guest::file::stop_on_signals() {
+        eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
+    }
+    let started = Instant::now();
+    let tx_start = guest.ready.tx_count;
+    let healthy = guest.join().and_then(|tx_end| {
+        let report = crate::guest::file::verify::verify_file(&cfg.memory_file).map_err(|e| {
+            crate::migration::error::RecvError::Resume(format!("verify after run: {e}"))
+        })?;
+        Ok((tx_end, report))
+    });
+    match healthy {
+        Ok((tx_end, report)) => {
+            let secs = started.elapsed().as_secs_f64();
+            stats.tps.after = Some(tx_end.saturating_sub(tx_start) as f64 / secs.max(1e-9));
+            println!(
+                "verify ok tx={} resumed_from={tx_start} blocks={}",
+                report.tx_count, report.blocks
+            );
+            if let Some(p) = &cfg.stats_json {
+                let _ = stats.write_json(p);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmstream recv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Command-line arguments and printing: the engine returns values, only this module prints.
+
+pub mod converge;
+pub mod kvm;
+pub mod migration;
+
+pub use migration::{run_recv, run_send, RecvArgs, SendArgs};

@@ -1,0 +1,287 @@
+//! The source guest of `vmstream send --kvm`: a KVM guest ([`crate::guest::kvm`]) run by this
+//! process, its RAM a shared file (`--memory-file`) or memfd that the sender maps like a
+//! file-backed guest's memory. Dirty pages come from KVM's dirty log (`--dirty-log
+//! bitmap|clear|ring`); in `clear` mode each 2 MiB chunk is re-armed right before its first
+//! page is read, so writes that land between the collect and the read are not sent twice.
+//! Pausing captures the vCPU state ([`crate::guest::kvm::VmState`]), which travels as the
+//! `GuestState` blob. After a failed migration the guest keeps running in this process
+//! (`--on-failure`), since the VM cannot outlive it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::cli::kvm::report_while_running;
+use crate::guest::file::source::GuestControlError;
+use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
+use crate::guest::kvm::{DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
+use crate::guest::migratable::MigratableGuest;
+use crate::memory::{GuestMemory, MapMode};
+use crate::migration::wire::GuestKind;
+
+/// Pages re-armed together in `clear` mode (2 MiB: one `KVM_CLEAR_DIRTY_LOG` per chunk).
+pub const CLEAR_CHUNK_PAGES: u64 = 512;
+
+/// Test hook: flip the byte at this offset of the state blob (tests only).
+pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
+
+/// What becomes of the KVM guest after a failed or cancelled migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Keep it running in this process, for this long (None: until SIGINT/SIGTERM).
+    KeepRunning(Option<Duration>),
+    /// Stop it at once.
+    Stop,
+}
+
+/// The KVM guest `vmstream send --kvm` starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvmSpec {
+    /// Guest RAM file (None: an anonymous memfd).
+    pub path: Option<PathBuf>,
+    /// RAM size in bytes.
+    pub size: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest program workload.
+    pub workload: crate::guest::kvm::WorkloadKind,
+    /// Dirty tracking mechanism.
+    pub dirty_log: DirtyLogMode,
+    /// After a failed or cancelled migration.
+    pub after_failure: AfterFailure,
+}
+
+/// A running KVM guest on the source.
+pub struct KvmSourceGuest {
+    /// None once terminated.
+    guest: Option<KvmGuest>,
+    log: Box<dyn DirtyLog>,
+    memory: GuestMemory,
+    path: PathBuf,
+    spec: KvmSpec,
+    /// Clear mode: the chunk re-armed last in the current round.
+    armed_chunk: Option<u64>,
+    rearm_time: Duration,
+    paused: bool,
+}
+
+impl std::fmt::Debug for KvmSourceGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmSourceGuest")
+            .field("spec", &self.spec)
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+impl KvmSourceGuest {
+    /// Creates the VM (a fresh guest: an existing `spec.path` is truncated) with dirty
+    /// logging on, and maps its RAM for the sender.
+    pub fn start(spec: &KvmSpec) -> Result<KvmSourceGuest, GuestControlError> {
+        let ram = match &spec.path {
+            Some(p) => GuestRam::create(p, spec.size)?,
+            None => GuestRam::memfd(spec.size)?,
+        };
+        let path = ram.shared_path();
+        let cfg = GuestConfig {
+            vcpus: spec.vcpus,
+            workload: WorkloadConfig {
+                kind: spec.workload,
+                ..WorkloadConfig::default()
+            },
+            dirty_log: Some(spec.dirty_log),
+            ..GuestConfig::default()
+        };
+        let guest = KvmGuest::start(ram, &cfg)?;
+        let log = guest.dirty_log()?;
+        let memory = GuestMemory::open_sized(&path, spec.size, MapMode::Shared)?;
+        Ok(KvmSourceGuest {
+            guest: Some(guest),
+            log,
+            memory,
+            path,
+            spec: spec.clone(),
+            armed_chunk: None,
+            rearm_time: Duration::ZERO,
+            paused: false,
+        })
+    }
+
+    fn guest(&mut self) -> Result<&mut KvmGuest, GuestControlError> {
+        self.guest
+            .as_mut()
+            .ok_or_else(|| GuestControlError::Config("the KVM guest was terminated".into()))
+    }
+}
+
+impl MigratableGuest for KvmSourceGuest {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Kvm
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "guest pid={} kind=kvm path={} vcpus={} workload={} tracking={}",
+            std::process::id(),
+            self.path.display(),
+            self.spec.vcpus,
+            self.spec.workload.name(),
+            self.tracker_name()
+        )
+    }
+
+    fn size(&self) -> u64 {
+        self.spec.size
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    fn tx_count(&self) -> u64 {
+        (0..self.spec.vcpus as u64)
+            .map(|i| {
+                self.memory
+                    .load_u64((VCPU_AREA_GPA + i * VCPU_AREA_STRIDE + VCPU_TX_COUNT) as usize)
+            })
+            .sum()
+    }
+
+    fn tracker_name(&self) -> &'static str {
+        match self.spec.dirty_log {
+            DirtyLogMode::Bitmap => "kvm-bitmap",
+            DirtyLogMode::Clear => "kvm-clear",
+            DirtyLogMode::Ring => "kvm-ring",
+        }
+    }
+
+    fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
+        let map = self.log.collect().map_err(std::io::Error::other)?;
+        // A new round starts: in clear mode every chunk must be re-armed again.
+        self.armed_chunk = None;
+        Ok(map.iter().collect())
+    }
+
+    fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.before_queue(page)?;
+        self.memory.read_page(page, buf);
+        Ok(())
+    }
+
+    fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
+        Some(self.memory.reader())
+    }
+
+    /// In `clear` mode, re-arms the dirty log of the page's chunk when the round's pages
+    /// enter it: before the page is read, so a write after the read is logged.
+    fn before_queue(&mut self, page: u64) -> std::io::Result<()> {
+        if self.spec.dirty_log == DirtyLogMode::Clear {
+            let chunk = page / CLEAR_CHUNK_PAGES;
+            if self.armed_chunk != Some(chunk) {
+                let t = Instant::now();
+                self.log
+                    .clear(chunk * CLEAR_CHUNK_PAGES, CLEAR_CHUNK_PAGES)
+                    .map_err(std::io::Error::other)?;
+                self.rearm_time += t.elapsed();
+                self.armed_chunk = Some(chunk);
+            }
+        }
+        Ok(())
+    }
+
+    fn paused_memory(&mut self) -> &[u8] {
+        debug_assert!(self.paused);
+        self.memory.as_mut_slice()
+    }
+
+    fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
+        let state = self.guest()?.pause()?;
+        self.paused = true;
+        let mut blob = state.to_bytes();
+        if let Some(at) = std::env::var(CORRUPT_STATE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            if let Some(b) = blob.get_mut(at) {
+                *b ^= 0x5a;
+            }
+        }
+        Ok(blob)
+    }
+
+    fn resume(&mut self) -> Result<(), GuestControlError> {
+        if self.paused {
+            self.guest()?.resume()?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn set_throttle(&mut self, fraction: f64) {
+        if let Some(g) = self.guest.as_mut() {
+            if let Err(e) = g.set_throttle(fraction) {
+                eprintln!("vmstream send: warning: throttling the KVM guest: {e}");
+            }
+        }
+    }
+
+    fn take_rearm_time(&mut self) -> Duration {
+        std::mem::take(&mut self.rearm_time)
+    }
+
+    fn terminate(&mut self) -> Result<(), GuestControlError> {
+        if let Some(g) = self.guest.take() {
+            g.shutdown();
+        }
+        Ok(())
+    }
+
+    fn failure_note(&self) -> String {
+        match self.spec.after_failure {
+            AfterFailure::Stop => "the KVM guest is stopped (--on-failure stop)".into(),
+            AfterFailure::KeepRunning(None) => format!(
+                "the KVM guest keeps running in this process (pid {}) until SIGINT/SIGTERM",
+                std::process::id()
+            ),
+            AfterFailure::KeepRunning(Some(d)) => format!(
+                "the KVM guest keeps running in this process (pid {}) for {d:?}",
+                std::process::id()
+            ),
+        }
+    }
+
+    fn keep_after_failure(mut self: Box<Self>) {
+        let Some(mut guest) = self.guest.take() else {
+            return;
+        };
+        let _ = guest.set_throttle(0.0);
+        // The VM's own flag: a pause that failed half-way left it set without a state.
+        if guest.is_paused() {
+            if let Err(e) = guest.resume() {
+                eprintln!("vmstream send: resuming the KVM guest failed: {e}");
+            }
+        }
+        if let AfterFailure::KeepRunning(run_for) = self.spec.after_failure {
+            let mut out = std::io::stdout().lock();
+            let run = report_while_running(
+                &mut guest,
+                run_for,
+                Duration::from_secs(1),
+                "kvm",
+                false,
+                &mut out,
+            );
+            match run {
+                Ok(s) => {
+                    let _ = writeln!(out, "done tx={} tps={:.0}", s.tx_end, s.tps());
+                }
+                Err(e) => eprintln!("vmstream send: the KVM guest failed: {e}"),
+            }
+        }
+        guest.shutdown();
+    }
+}
