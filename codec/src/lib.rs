@@ -8,6 +8,7 @@
 //!   page classification + packetizing, and validation + application.
 //! - [`sender::Sender`] / [`receiver::receive`]: the parallel pipelines.
 //! - [`stats`]: serde-serializable counters.
+#![warn(missing_docs)]
 
 pub mod compress;
 pub mod decoder;

@@ -26,6 +26,7 @@
 //! All lengths and alignments are accepted; [`AlignedBuf`] gives buffers
 //! the cache-line alignment guest pages have, which the scans run fastest
 //! on.
+#![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::OnceLock;
