@@ -6,6 +6,7 @@
 //! every page number (for routing and duplicate checks) without walking the
 //! payloads; a writer appends payloads as it encodes and writes the table
 //! last, so pages that turn out to need no record leave no gap.
+#![forbid(unsafe_code)]
 
 use crate::error::{PacketError, PacketErrorKind};
 use crate::PAGE_SIZE;
