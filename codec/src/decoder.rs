@@ -1,5 +1,6 @@
 //! Applying validated page records to destination memory, and the
 //! single-threaded [`PacketDecoder`] built on it.
+#![forbid(unsafe_code)]
 
 use std::time::Instant;
 

@@ -5,6 +5,7 @@
 //! method, raw when compression does not shrink the page. Every path keeps
 //! the page cache equal to what the destination will hold, following
 //! [`vmstream_xbzrle::sender`]'s rules.
+#![forbid(unsafe_code)]
 
 use std::time::Instant;
 

@@ -1,5 +1,6 @@
 //! Typed errors. Every packet failure names the packet (its sequence number,
 //! when the header was long enough to hold one) and the offending field.
+#![forbid(unsafe_code)]
 
 use crate::format::Encoding;
 

@@ -6,6 +6,7 @@
 //! every page number (for routing and duplicate checks) without walking the
 //! payloads; a writer appends payloads as it encodes and writes the table
 //! last, so pages that turn out to need no record leave no gap.
+#![forbid(unsafe_code)]
 
 use crate::error::{PacketError, PacketErrorKind};
 use crate::PAGE_SIZE;
@@ -20,11 +21,10 @@ pub const HEADER_LEN: usize = 32;
 pub const RECORD_LEN: usize = 12;
 /// Size of the trailing CRC32C.
 pub const TRAILER_LEN: usize = 4;
-/// How many leading bytes [`frame_len`] needs to size a packet.
-pub const FRAME_PREFIX_LEN: usize = 12;
 /// Largest page count a packet may declare.
 pub const MAX_PAGES_PER_PACKET: usize = 4096;
-/// Largest packet [`frame_len`] accepts: a full packet of raw pages.
+/// Largest packet the format allows, in bytes: a full packet of raw pages.
+/// A transport that frames whole packets can bound its reads with it.
 pub const MAX_PACKET_LEN: usize = packet_capacity(MAX_PAGES_PER_PACKET);
 
 /// Bytes a packet of `pages` pages can take at most (every page raw).
@@ -173,46 +173,6 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Why [`frame_len`] cannot size a packet.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    /// Fewer than [`FRAME_PREFIX_LEN`] bytes were given.
-    #[error("need {FRAME_PREFIX_LEN} bytes to frame a packet, got {0}")]
-    Short(usize),
-    /// The stream is not at a packet boundary.
-    #[error("bad packet magic {0:02x?}")]
-    BadMagic([u8; 4]),
-    /// A packet version this crate does not speak.
-    #[error("unsupported packet version {0}")]
-    UnsupportedVersion(u16),
-    /// `packet_len` is below the minimum or above [`MAX_PACKET_LEN`].
-    #[error("packet_len {0} outside {min}..={max}", min = HEADER_LEN + TRAILER_LEN, max = MAX_PACKET_LEN)]
-    BadLength(u32),
-}
-
-/// Reads the total packet length from the first [`FRAME_PREFIX_LEN`] bytes
-/// of a packet, so a stream reader can frame packets: read 12 bytes, call
-/// this, read the rest. Checks magic, version and the length's bounds; the
-/// full validation happens when the packet is decoded.
-pub fn frame_len(prefix: &[u8]) -> Result<usize, FrameError> {
-    if prefix.len() < FRAME_PREFIX_LEN {
-        return Err(FrameError::Short(prefix.len()));
-    }
-    let magic: [u8; 4] = prefix[0..4].try_into().expect("4 bytes");
-    if magic != MAGIC {
-        return Err(FrameError::BadMagic(magic));
-    }
-    let version = u16_at(prefix, 4);
-    if version != VERSION {
-        return Err(FrameError::UnsupportedVersion(version));
-    }
-    let len = u32_at(prefix, 8);
-    if (len as usize) < HEADER_LEN + TRAILER_LEN || len as usize > MAX_PACKET_LEN {
-        return Err(FrameError::BadLength(len));
-    }
-    Ok(len as usize)
 }
 
 /// A packet whose header and record table passed validation; payloads are

@@ -2,13 +2,17 @@
 //! packets on the sender and applies packets straight into destination
 //! memory on the receiver, both in parallel, with round barriers.
 //!
-//! - [`format`](mod@format): the versioned wire format (see `FORMAT.md`) and
-//!   [`frame_len`] for stream framing.
+//! - [`format`](mod@format): the versioned wire format (see `FORMAT.md`).
 //! - [`encoder::PageEncoder`] / [`decoder::PacketDecoder`]: single-threaded
 //!   page classification + packetizing, and validation + application.
 //! - [`sender::Sender`] / [`receiver::receive`]: the parallel pipelines.
 //! - [`stats`]: serde-serializable counters.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
+// Only the FFI compressors need `unsafe`; every other module forbids it
+// (`#![forbid(unsafe_code)]` in its file).
+#[allow(unsafe_code)]
 pub mod compress;
 pub mod decoder;
 pub mod encoder;
@@ -24,7 +28,7 @@ pub use compress::Compression;
 pub use decoder::PacketDecoder;
 pub use encoder::{Batch, DeltaConfig, DeltaMode, EncoderConfig, PageEncoder, PageSource};
 pub use error::{CodecError, PacketError, PacketErrorKind};
-pub use format::{frame_len, Encoding, FrameError, FRAME_PREFIX_LEN};
+pub use format::Encoding;
 pub use receiver::{receive, PageObserver, Receiver, ReceiverConfig};
 pub use sender::{Packet, Sender, SenderConfig};
 pub use stats::PipelineStats;

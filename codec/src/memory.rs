@@ -5,6 +5,7 @@
 //! byte, and all writes to one page happen in one worker in submission
 //! order. The sender shards pages with the same function, so with equal
 //! worker counts each packet lands on exactly one receiver worker.
+#![forbid(unsafe_code)]
 
 use crate::PAGE_SIZE;
 

@@ -10,6 +10,7 @@
 //! pipeline's samples, most of it on the worker, which is the bottleneck.
 //! Waking the producer in bursts keeps the queue fed with a quarter as many
 //! wake-ups. The consumer is woken only when it actually sleeps.
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

@@ -10,6 +10,7 @@
 //! before it has been applied, and nothing of the next round can be applied
 //! before that because the next round's packets are only submitted after
 //! it returns.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};

@@ -3,6 +3,7 @@
 //! page's cache entry is only ever touched by one worker, in push order.
 //! Each worker batches its pages into packets; the caller collects them
 //! with [`Sender::poll`].
+#![forbid(unsafe_code)]
 
 use std::sync::mpsc::{
     channel, sync_channel, Receiver as ChannelReceiver, Sender as ChannelSender, SyncSender,

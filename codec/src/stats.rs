@@ -1,5 +1,6 @@
 //! Counters the pipelines report per round and in total. All structs are
 //! serde-serializable so they can feed migration statistics directly.
+#![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
 

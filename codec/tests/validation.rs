@@ -1,9 +1,8 @@
-//! One test per validation failure of the receiver, plus framing.
+//! One test per validation failure of the receiver.
 
 use vmstream_codec::compress::lz4;
 use vmstream_codec::format::{
-    frame_len, parse_packet, Encoding, FrameError, Limits, PacketWriter, HEADER_LEN, RECORD_LEN,
-    TRAILER_LEN,
+    parse_packet, Encoding, Limits, PacketWriter, HEADER_LEN, RECORD_LEN, TRAILER_LEN,
 };
 use vmstream_codec::{
     receive, CodecError, PacketDecoder, PacketError, PacketErrorKind, ReceiverConfig, PAGE_SIZE,
@@ -445,24 +444,6 @@ fn error_display_names_packet_and_field() {
 }
 
 #[test]
-fn frame_len_sizes_packets() {
-    let p = sample_packet();
-    assert_eq!(frame_len(&p[..12]), Ok(p.len()));
-    assert_eq!(frame_len(&p[..11]), Err(FrameError::Short(11)));
-    let mut bad = p.clone();
-    bad[1] = 0;
-    assert!(matches!(frame_len(&bad), Err(FrameError::BadMagic(_))));
-    bad = p.clone();
-    bad[4] = 3;
-    assert_eq!(frame_len(&bad), Err(FrameError::UnsupportedVersion(3)));
-    bad = p.clone();
-    bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(frame_len(&bad), Err(FrameError::BadLength(u32::MAX)));
-    bad[8..12].copy_from_slice(&3u32.to_le_bytes());
-    assert_eq!(frame_len(&bad), Err(FrameError::BadLength(3)));
-}
-
-#[test]
 fn parse_reports_checksum_before_structure_when_unverified() {
     // Corrupt a record tag without resealing: a parse that skips the CRC
     // must still blame the checksum, not the tag.
@@ -575,7 +556,6 @@ fn corrupted_packets_never_panic() {
         }
         let mut mem = vec![0u8; GUEST_PAGES as usize * PAGE_SIZE];
         let _ = PacketDecoder::new(GUEST_PAGES).unwrap().apply(&p, &mut mem);
-        let _ = frame_len(&p);
         TestResult::passed()
     }
     quickcheck(prop as fn(Vec<(u16, u8)>, u16, bool, u8) -> TestResult);
@@ -620,36 +600,4 @@ fn corpus_packets() -> Vec<Vec<u8>> {
         }
     }
     out
-}
-
-#[test]
-fn frame_len_splits_a_byte_stream_into_packets() {
-    use std::io::Read;
-    let packets = corpus_packets();
-    let stream: Vec<u8> = packets.concat();
-    let mut reader = std::io::Cursor::new(stream);
-    let mut framed = Vec::new();
-    loop {
-        let mut prefix = [0u8; vmstream_codec::FRAME_PREFIX_LEN];
-        match reader.read_exact(&mut prefix) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => panic!("{e}"),
-        }
-        let len = frame_len(&prefix).unwrap();
-        let mut packet = prefix.to_vec();
-        packet.resize(len, 0);
-        reader.read_exact(&mut packet[prefix.len()..]).unwrap();
-        // Every framed packet is whole: it parses with its checksum.
-        parse_packet(
-            &packet,
-            Limits {
-                guest_pages: GUEST_PAGES,
-                verify_checksum: true,
-            },
-        )
-        .unwrap();
-        framed.push(packet);
-    }
-    assert_eq!(framed, packets);
 }

@@ -46,17 +46,20 @@ macro_rules! backend_kernels {
         }
 
         fn diff_mask(a: &[u8], b: &[u8], masks: &mut [u64], summary: &mut [u64]) -> bool {
-            // SAFETY: as for `is_zero`; `crate::diff_mask` checked the lengths.
+            // SAFETY: as for `is_zero`; `Kernels::diff_mask`, the only
+            // caller, checked the lengths (`check_mask_args`).
             unsafe { diff_mask_tf(a, b, masks, summary) }
         }
 
         fn find_diff(a: &[u8], b: &[u8]) -> usize {
-            // SAFETY: as for `is_zero`; `crate::find_diff` equalized the lengths.
+            // SAFETY: as for `is_zero`; `Kernels::find_diff`, the only
+            // caller, cut both slices to the same length.
             unsafe { find_tf::<false>(a, b) }
         }
 
         fn find_equal(a: &[u8], b: &[u8]) -> usize {
-            // SAFETY: as for `is_zero`; `crate::find_equal` equalized the lengths.
+            // SAFETY: as for `is_zero`; `Kernels::find_equal`, the only
+            // caller, cut both slices to the same length.
             unsafe { find_tf::<true>(a, b) }
         }
 

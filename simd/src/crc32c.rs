@@ -200,9 +200,10 @@ mod x86 {
             // Multiplying two of these (carry-less product, then `crc32`
             // of it, which multiplies by x^32 and reduces) adds their
             // exponents plus 33, which is what the table's -33 is for.
-            // SAFETY: the caller guarantees the features.
             k = Some(match k {
                 None => t,
+                // SAFETY: the caller guarantees SSE4.2 and PCLMULQDQ, all
+                // `shift` needs.
                 Some(k) => unsafe { shift(k, t) },
             });
         }

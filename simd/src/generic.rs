@@ -146,8 +146,11 @@ pub(crate) unsafe fn diff_mask<V: Vector>(
         let base = w * MASK_BYTES;
         // Unchanged stretches (most of a page) cost what memcmp costs:
         // XOR, OR and one test per QUICK_CHUNKS chunks.
-        // SAFETY: chunks `w..w + QUICK_CHUNKS` lie inside both slices.
         if w + QUICK_CHUNKS <= full
+            // SAFETY: the caller guarantees `V`'s features and
+            // `a.len() == b.len()`; `w + QUICK_CHUNKS <= full`, so chunks
+            // `w..w + QUICK_CHUNKS` (bytes `base..base + QUICK_CHUNKS * 64`)
+            // lie inside both slices.
             && unsafe { block_equal::<V>(pa.add(base), pb.add(base), QUICK_CHUNKS * MASK_BYTES) }
         {
             masks[w..w + QUICK_CHUNKS].fill(0);

@@ -26,7 +26,7 @@
 //! All lengths and alignments are accepted; [`AlignedBuf`] gives buffers
 //! the cache-line alignment guest pages have, which the scans run fastest
 //! on.
-#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -205,19 +205,29 @@ impl Kernels {
             "for_each_diff_window: slices differ in length"
         );
         let f = &mut f;
-        // SAFETY (every arm): a `Kernels` of a backend exists only when
-        // `Backend::kernels` found the CPU features, and the lengths are
-        // equal (checked above).
+        // In every arm the lengths are equal (asserted above), and a
+        // `Kernels` whose `backend` is a SIMD backend exists only as that
+        // backend's `KERNELS`, which `Backend::kernels` hands out after
+        // finding the CPU features at runtime.
         match self.backend {
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `self` is `avx512::KERNELS`, so the CPU has AVX-512F
+            // and AVX-512BW; `a.len() == b.len()`.
             Backend::Avx512 => unsafe { x86::avx512::for_each_diff(a, b, f) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `self` is `avx2::KERNELS`, so the CPU has AVX2;
+            // `a.len() == b.len()`.
             Backend::Avx2 => unsafe { x86::avx2::for_each_diff(a, b, f) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: `self` is `sse2::KERNELS`, so the CPU has SSE2;
+            // `a.len() == b.len()`.
             Backend::Sse2 => unsafe { x86::sse2::for_each_diff(a, b, f) },
             #[cfg(target_arch = "aarch64")]
+            // SAFETY: `self` is `neon::KERNELS`, so the CPU has NEON;
+            // `a.len() == b.len()`.
             Backend::Neon => unsafe { aarch64::neon::for_each_diff(a, b, f) },
-            // SAFETY: `Word` uses no special instructions.
+            // SAFETY: `Word` uses no special instructions, so any CPU
+            // supports it; `a.len() == b.len()`.
             _ => unsafe { generic::for_each_diff::<fallback::Word, E, F>(a, b, f) },
         }
     }
@@ -325,10 +335,19 @@ impl fmt::Display for Backend {
 
 static FALLBACK: Kernels = Kernels {
     backend: Backend::Fallback,
-    // SAFETY (all four): `Word` uses no special instructions.
+    // `Word` uses no special instructions, so every CPU supports it. The
+    // table's functions are called only through `Kernels`' methods, which
+    // check or equalize the lengths first.
+    // SAFETY: `Word` runs on any CPU; `is_zero` has no other requirement.
     is_zero: |buf| unsafe { generic::is_zero::<fallback::Word>(buf) },
+    // SAFETY: `Word` runs on any CPU; `Kernels::diff_mask` checked the
+    // lengths of all four slices (`check_mask_args`).
     diff_mask: |a, b, m, s| unsafe { generic::diff_mask::<fallback::Word>(a, b, m, s) },
+    // SAFETY: `Word` runs on any CPU; `Kernels::find_diff` cut both slices
+    // to the same length.
     find_diff: |a, b| unsafe { generic::find::<fallback::Word, false>(a, b) },
+    // SAFETY: `Word` runs on any CPU; `Kernels::find_equal` cut both slices
+    // to the same length.
     find_equal: |a, b| unsafe { generic::find::<fallback::Word, true>(a, b) },
 };
 

@@ -15,6 +15,8 @@
 //! may start with a zero-length `zrun`, never ends with a `zrun`, and is empty
 //! for identical pages. [`encode_compact`] may also merge short unchanged gaps
 //! into literals; its output decodes with the same rules.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cache;
 mod decode;

@@ -2,8 +2,12 @@
 //!
 //! Each worker owns one [`Compressor`] or [`Decompressor`]; contexts are
 //! created once and reset between pages, so no page allocates.
+#![deny(unsafe_code)]
 
+// The liblz4 and zlib bindings are the crate's only `unsafe` code.
+#[allow(unsafe_code)]
 pub mod lz4;
+#[allow(unsafe_code)]
 pub mod zlib;
 
 use crate::format::Encoding;

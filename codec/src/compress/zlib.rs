@@ -17,7 +17,9 @@ extern "C" fn zalloc(_opaque: *mut c_void, items: c_uint, size: c_uint) -> *mut 
 }
 
 extern "C" fn zfree(_opaque: *mut c_void, ptr: *mut c_void) {
-    // SAFETY: `ptr` came from `zalloc` (calloc) above, or is NULL.
+    // SAFETY: this private function is only installed as a stream's
+    // `zfree`, so only zlib calls it, with NULL or a pointer `zalloc`
+    // (calloc) returned and zlib has not freed yet.
     unsafe { libc::free(ptr) }
 }
 
