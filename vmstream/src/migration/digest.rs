@@ -155,6 +155,14 @@ mod tests {
     }
 
     #[test]
+    fn page_hash_is_the_reference_xxh3_128() {
+        // Known answers of the reference C implementation (python-xxhash 3.x, seed 0).
+        assert_eq!(page_hash(b""), 0x99aa06d3014798d86001c324468d497f);
+        let page: Vec<u8> = (0..PAGE).map(|i| i as u8).collect();
+        assert_eq!(page_hash(&page), 0x03916578969f7a66eb4b7c3707879151);
+    }
+
+    #[test]
     fn parallel_digest_equals_the_definition() {
         let mem = memory(37, 1);
         let mut h = blake3::Hasher::new();
@@ -162,7 +170,7 @@ mod tests {
         h.update(&(PAGE as u64).to_le_bytes());
         h.update(&(mem.len() as u64).to_le_bytes());
         for p in mem.chunks(PAGE) {
-            h.update(&xxhash_rust::xxh3::xxh3_128(p).to_le_bytes());
+            h.update(&twox_hash::XxHash3_128::oneshot(p).to_le_bytes());
         }
         assert_eq!(memory_digest(&mem, PAGE), *h.finalize().as_bytes());
     }

@@ -264,7 +264,7 @@ impl HashTracker {
                                     PAGE_SIZE,
                                 )
                             };
-                            let new = xxhash_rust::xxh3::xxh3_64(bytes);
+                            let new = twox_hash::XxHash3_64::oneshot(bytes);
                             if new != *h {
                                 *h = new;
                                 dirty.push(page);
@@ -301,7 +301,7 @@ impl DirtyTracker for HashTracker {
     }
 
     fn page_sent(&mut self, page: u64, data: &[u8]) {
-        self.hashes[page as usize] = xxhash_rust::xxh3::xxh3_64(data);
+        self.hashes[page as usize] = twox_hash::XxHash3_64::oneshot(data);
     }
 
     fn needs_sent_pages(&self) -> bool {
