@@ -95,10 +95,8 @@ impl WpAsync {
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi`.
-        check(
-            unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) },
-            "UFFDIO_API (WP_ASYNC)",
-        )?;
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
+        check(rc, "UFFDIO_API (WP_ASYNC)")?;
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
             mode: REGISTER_MODE_WP,
@@ -106,10 +104,8 @@ impl WpAsync {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one `UffdioRegister`; the range is ours
         // per the caller's contract.
-        check(
-            unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) },
-            "UFFDIO_REGISTER (WP)",
-        )?;
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        check(rc, "UFFDIO_REGISTER (WP)")?;
         let wp = Self { fd, start, len };
         wp.protect_all()?;
         Ok(wp)

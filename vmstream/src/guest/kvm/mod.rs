@@ -12,7 +12,6 @@
 //! `vmstream/KVM.md`.
 
 #![warn(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
 pub mod error;
