@@ -50,7 +50,7 @@ pub struct DeltaConfig {
 impl Default for DeltaConfig {
     fn default() -> Self {
         DeltaConfig {
-            cache_bytes: 64 << 20,
+            cache_bytes: crate::DEFAULT_CACHE_BYTES,
             max_delta: PAGE_SIZE / 2,
             mode: DeltaMode::Xbzrle,
         }

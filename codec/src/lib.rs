@@ -32,6 +32,8 @@ pub use format::Encoding;
 pub use receiver::{receive, PageObserver, Receiver, ReceiverConfig};
 pub use sender::{Packet, Sender, SenderConfig};
 pub use stats::PipelineStats;
+/// The XBZRLE page cache's size unless set (64 MiB, QEMU's default too).
+pub use vmstream_xbzrle::DEFAULT_CACHE_BYTES;
 
 /// Page size of the format: every page record covers this many bytes.
 pub const PAGE_SIZE: usize = 4096;

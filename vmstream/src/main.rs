@@ -31,7 +31,7 @@ enum Command {
     /// when vmstream started, as in a script's background job, stays ignored). Whenever
     /// the migration does not commit, the source guest keeps running (a KVM guest as
     /// --on-failure says) and the receiver commits nothing.
-    Send(vmstream::cli::SendArgs),
+    Send(Box<vmstream::cli::SendArgs>),
     /// Receive a migrating guest, commit its memory, optionally run it.
     ///
     /// Exit code: 0 committed (and, with --resume, the guest ran healthy), 1 failed (also

@@ -108,9 +108,9 @@ pub struct SendArgs {
     /// XBZRLE deltas against a page cache.
     #[arg(long, value_enum, default_value = "on")]
     pub xbzrle: OnOff,
-    /// XBZRLE page cache size (K/M/G).
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
-    pub xbzrle_cache: u64,
+    /// XBZRLE page cache size (K/M/G) [default: 64M, QEMU's]
+    #[arg(long, value_parser = parse_size)]
+    pub xbzrle_cache: Option<u64>,
     /// Encode threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -261,7 +261,8 @@ impl SendArgs {
         cfg.encoder = encoder_config(
             compression,
             self.xbzrle == OnOff::On,
-            self.xbzrle_cache as usize,
+            self.xbzrle_cache
+                .map_or(vmstream_codec::DEFAULT_CACHE_BYTES, |b| b as usize),
         );
         if let Some(t) = self.threads {
             cfg.threads = t;

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig};
+use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig, DEFAULT_CACHE_BYTES};
 
 use crate::cli::converge::ConvergeArgs;
 use crate::converge::policy::OnTimeout;
@@ -13,9 +13,6 @@ use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
 use crate::migration::wire::{DeltaWire, PAGE_SIZE};
-
-/// The page cache's size unless set (QEMU's default too).
-pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]

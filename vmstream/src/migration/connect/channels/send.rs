@@ -8,7 +8,7 @@ use std::time::Duration;
 use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 
 use crate::memory::MemoryReader;
-use crate::migration::config::{SendConfig, DEFAULT_CACHE_BYTES};
+use crate::migration::config::SendConfig;
 use crate::migration::connect::auth::{authenticate_destination, AuthKey, SourceAuth};
 use crate::migration::connect::channels::{
     corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
@@ -21,6 +21,7 @@ use crate::migration::wire::{
     Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
     MAX_CHANNELS, PAGE_SIZE,
 };
+use vmstream_codec::DEFAULT_CACHE_BYTES;
 
 /// Connects to `to` (any of its addresses).
 pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
