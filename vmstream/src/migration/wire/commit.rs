@@ -1,0 +1,162 @@
+//! The switchover: the paused guest's [`GuestState`] and memory [`Digest`], and the
+//! destination's verdict, [`CommitReply`].
+
+use super::fields::{at_least, exact, push_reason, reason_of, Fields};
+use super::{FrameType, GuestKind, WireError, MAX_REASON_LEN};
+
+/// Largest opaque guest state blob (room for vCPU state of a KVM guest).
+pub const MAX_GUEST_STATE_LEN: usize = 1 << 20;
+
+/// `GuestState`: the guest's non-memory state at the pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestState {
+    /// Kind of guest (must match the handshake).
+    pub guest_kind: GuestKind,
+    /// Transactions the guest had committed at the pause (file-backed guests).
+    pub tx_count: u64,
+    /// Opaque state (vCPU registers of a KVM guest; empty for file-backed guests).
+    pub blob: Vec<u8>,
+}
+
+impl GuestState {
+    /// Body length without the blob.
+    pub const FIXED_LEN: usize = 16;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.guest_kind as u8);
+        out.extend_from_slice(&[0; 7]);
+        out.extend_from_slice(&self.tx_count.to_le_bytes());
+        out.extend_from_slice(&self.blob);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<GuestState, WireError> {
+        const K: FrameType = FrameType::GuestState;
+        at_least(K, body, Self::FIXED_LEN, MAX_GUEST_STATE_LEN)?;
+        let mut f = Fields::new(body);
+        let tag = f.u8();
+        let guest_kind = GuestKind::from_tag(tag).ok_or(WireError::BadField {
+            kind: K.name(),
+            field: "guest_kind",
+            value: tag as u64,
+        })?;
+        f.bytes(7);
+        Ok(GuestState {
+            guest_kind,
+            tx_count: f.u64(),
+            blob: f.rest().to_vec(),
+        })
+    }
+}
+
+/// Digest algorithm tag: BLAKE3 over the XXH3-128 of each page (`digest.rs`). Tag 1 was
+/// BLAKE3 over all memory (protocol version 1).
+pub const DIGEST_PAGE_HASHES: u8 = 2;
+
+/// `Digest`: the memory digest of all source memory at the pause (56-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    /// The 32-byte memory digest (`digest::memory_digest`).
+    pub digest: [u8; 32],
+    /// Bytes hashed (the guest size).
+    pub guest_size: u64,
+    /// CLOCK_REALTIME instant of the pause, ns since the Unix epoch (downtime start).
+    pub paused_at_unix_ns: u64,
+}
+
+impl Digest {
+    /// Body length.
+    pub const LEN: usize = 56;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.push(DIGEST_PAGE_HASHES);
+        out.extend_from_slice(&[0; 7]);
+        out.extend_from_slice(&self.digest);
+        out.extend_from_slice(&self.guest_size.to_le_bytes());
+        out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<Digest, WireError> {
+        const K: FrameType = FrameType::Digest;
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        let alg = f.u8();
+        if alg != DIGEST_PAGE_HASHES {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "algorithm",
+                value: alg as u64,
+            });
+        }
+        f.bytes(7);
+        Ok(Digest {
+            digest: f.bytes(32).try_into().expect("32 bytes"),
+            guest_size: f.u64(),
+            paused_at_unix_ns: f.u64(),
+        })
+    }
+}
+
+/// Outcome carried by `CommitReply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CommitStatus {
+    /// The image is committed at the destination path.
+    Committed = 0,
+    /// The destination's digest differs; nothing was committed.
+    DigestMismatch = 1,
+    /// The destination could not commit (I/O); nothing was committed.
+    Failed = 2,
+    /// The guest state was invalid or did not fit the memory; nothing was committed.
+    StateRejected = 3,
+}
+
+/// `CommitReply`: the destination's verdict on the switchover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReply {
+    /// The verdict.
+    pub status: CommitStatus,
+    /// The digest the destination computed over its memory.
+    pub digest: [u8; 32],
+    /// Reason (empty when committed).
+    pub reason: String,
+}
+
+impl CommitReply {
+    /// Body length without the reason.
+    pub const FIXED_LEN: usize = 42;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.status as u8);
+        out.extend_from_slice(&[0; 7]);
+        out.extend_from_slice(&self.digest);
+        push_reason(out, &self.reason);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<CommitReply, WireError> {
+        const K: FrameType = FrameType::CommitReply;
+        at_least(K, body, Self::FIXED_LEN, MAX_REASON_LEN)?;
+        let mut f = Fields::new(body);
+        let tag = f.u8();
+        let status = match tag {
+            0 => CommitStatus::Committed,
+            1 => CommitStatus::DigestMismatch,
+            2 => CommitStatus::Failed,
+            3 => CommitStatus::StateRejected,
+            t => {
+                return Err(WireError::BadField {
+                    kind: K.name(),
+                    field: "status",
+                    value: t as u64,
+                })
+            }
+        };
+        f.bytes(7);
+        let digest = f.bytes(32).try_into().expect("32 bytes");
+        let reason = reason_of(K, &mut f)?;
+        Ok(CommitReply {
+            status,
+            digest,
+            reason,
+        })
+    }
+}

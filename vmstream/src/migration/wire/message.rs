@@ -1,0 +1,139 @@
+//! [`Message`], every control message, and its framing: header, body and body CRC32C on
+//! the way out; CRC check and typed decode of the body on the way in.
+
+use super::{
+    Abort, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest, FrameHeader,
+    FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed, RoundAck, RoundEnd,
+    WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+};
+
+/// A control message (everything but codec packets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`HelloReply`].
+    HelloReply(HelloReply),
+    /// See [`ChannelHello`].
+    ChannelHello(ChannelHello),
+    /// See [`AuthHello`].
+    AuthHello(AuthHello),
+    /// See [`AuthChallenge`].
+    AuthChallenge(AuthChallenge),
+    /// See [`AuthProof`].
+    AuthProof(AuthProof),
+    /// See [`RoundEnd`].
+    RoundEnd(RoundEnd),
+    /// See [`RoundAck`].
+    RoundAck(RoundAck),
+    /// See [`GuestState`].
+    GuestState(GuestState),
+    /// See [`Digest`].
+    Digest(Digest),
+    /// See [`CommitReply`].
+    CommitReply(CommitReply),
+    /// See [`Resumed`].
+    Resumed(Resumed),
+    /// See [`GuestSamples`].
+    GuestSamples(GuestSamples),
+    /// See [`Handover`].
+    Handover(Handover),
+    /// See [`Abort`].
+    Abort(Abort),
+}
+
+impl Message {
+    /// The frame type of this message.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Message::Hello(_) => FrameType::Hello,
+            Message::HelloReply(_) => FrameType::HelloReply,
+            Message::ChannelHello(_) => FrameType::ChannelHello,
+            Message::AuthHello(_) => FrameType::AuthHello,
+            Message::AuthChallenge(_) => FrameType::AuthChallenge,
+            Message::AuthProof(_) => FrameType::AuthProof,
+            Message::RoundEnd(_) => FrameType::RoundEnd,
+            Message::RoundAck(_) => FrameType::RoundAck,
+            Message::GuestState(_) => FrameType::GuestState,
+            Message::Digest(_) => FrameType::Digest,
+            Message::CommitReply(_) => FrameType::CommitReply,
+            Message::Resumed(_) => FrameType::Resumed,
+            Message::GuestSamples(_) => FrameType::GuestSamples,
+            Message::Handover(_) => FrameType::Handover,
+            Message::Abort(_) => FrameType::Abort,
+        }
+    }
+
+    /// The whole frame: header, body, body CRC.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = vec![0u8; FRAME_HEADER_LEN];
+        match self {
+            Message::Hello(m) => m.encode(&mut out),
+            Message::HelloReply(m) => m.encode(&mut out),
+            Message::ChannelHello(m) => m.encode(&mut out),
+            Message::AuthHello(m) => m.encode(&mut out),
+            Message::AuthChallenge(m) => m.encode(&mut out),
+            Message::AuthProof(m) => m.encode(&mut out),
+            Message::RoundEnd(m) => m.encode(&mut out),
+            Message::RoundAck(m) => m.encode(&mut out),
+            Message::GuestState(m) => m.encode(&mut out),
+            Message::Digest(m) => m.encode(&mut out),
+            Message::CommitReply(m) => m.encode(&mut out),
+            Message::Resumed(m) => m.encode(&mut out),
+            Message::GuestSamples(m) => m.encode(&mut out),
+            Message::Handover(m) => m.encode(&mut out),
+            Message::Abort(m) => m.encode(&mut out),
+        }
+        let crc = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        let len = (out.len() - FRAME_HEADER_LEN) as u32;
+        out[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader::encode(self.frame_type(), len));
+        out
+    }
+
+    /// Parses the payload of a control frame of type `kind`: checks the body CRC, then
+    /// decodes the typed body. `kind` must not be [`FrameType::Packet`].
+    pub fn decode(kind: FrameType, payload: &[u8]) -> Result<Message, WireError> {
+        if payload.len() < BODY_CRC_LEN {
+            return Err(WireError::BodyLength {
+                kind: kind.name(),
+                expected: format!("at least {BODY_CRC_LEN}"),
+                got: payload.len(),
+            });
+        }
+        let (body, crc) = payload.split_at(payload.len() - BODY_CRC_LEN);
+        let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(body);
+        if stored != computed {
+            return Err(WireError::BodyChecksum {
+                kind: kind.name(),
+                stored,
+                computed,
+            });
+        }
+        Ok(match kind {
+            FrameType::Hello => Message::Hello(Hello::decode(body)?),
+            FrameType::HelloReply => Message::HelloReply(HelloReply::decode(body)?),
+            FrameType::ChannelHello => Message::ChannelHello(ChannelHello::decode(body)?),
+            FrameType::AuthHello => Message::AuthHello(AuthHello::decode(body)?),
+            FrameType::AuthChallenge => Message::AuthChallenge(AuthChallenge::decode(body)?),
+            FrameType::AuthProof => Message::AuthProof(AuthProof::decode(body)?),
+            FrameType::RoundEnd => Message::RoundEnd(RoundEnd::decode(body)?),
+            FrameType::RoundAck => Message::RoundAck(RoundAck::decode(body)?),
+            FrameType::GuestState => Message::GuestState(GuestState::decode(body)?),
+            FrameType::Digest => Message::Digest(Digest::decode(body)?),
+            FrameType::CommitReply => Message::CommitReply(CommitReply::decode(body)?),
+            FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
+            FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
+            FrameType::Handover => Message::Handover(Handover::decode(body)?),
+            FrameType::Abort => Message::Abort(Abort::decode(body)?),
+            FrameType::Packet => {
+                return Err(WireError::BadField {
+                    kind: "packet",
+                    field: "type",
+                    value: kind as u64,
+                })
+            }
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! Round barriers: the source's [`RoundEnd`] after a round's packets and the
+//! destination's [`RoundAck`] once it applied them.
+
+use super::fields::{exact, Fields};
+use super::{FrameType, WireError};
+
+/// `RoundEnd` flag: this is the final round, sent with the guest paused.
+pub const ROUND_FINAL: u32 = 1 << 0;
+/// `RoundEnd` flag: the switchover was forced (timeout) rather than converged.
+pub const ROUND_FORCED: u32 = 1 << 1;
+
+/// `RoundEnd`: all of a round's packets were sent (40-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    /// The round.
+    pub round: u64,
+    /// Page records in the round's packets.
+    pub records: u64,
+    /// Packets in the round.
+    pub packets: u64,
+    /// Packet bytes in the round.
+    pub packet_bytes: u64,
+    /// `ROUND_*` flags.
+    pub flags: u32,
+}
+
+impl RoundEnd {
+    /// Body length.
+    pub const LEN: usize = 40;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.records.to_le_bytes());
+        out.extend_from_slice(&self.packets.to_le_bytes());
+        out.extend_from_slice(&self.packet_bytes.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<RoundEnd, WireError> {
+        const K: FrameType = FrameType::RoundEnd;
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        let r = RoundEnd {
+            round: f.u64(),
+            records: f.u64(),
+            packets: f.u64(),
+            packet_bytes: f.u64(),
+            flags: f.u32(),
+        };
+        let reserved = f.u32();
+        if r.flags & !(ROUND_FINAL | ROUND_FORCED) != 0 || reserved != 0 {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "flags",
+                value: r.flags as u64,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Whether this ends the final round.
+    pub fn is_final(&self) -> bool {
+        self.flags & ROUND_FINAL != 0
+    }
+}
+
+/// `RoundAck`: the destination applied a round (32-byte body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundAck {
+    /// The round.
+    pub round: u64,
+    /// Page records applied.
+    pub records: u64,
+    /// Packets applied.
+    pub packets: u64,
+    /// Time the destination waited at the round barrier, ns.
+    pub barrier_ns: u64,
+}
+
+impl RoundAck {
+    /// Body length.
+    pub const LEN: usize = 32;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.round, self.records, self.packets, self.barrier_ns] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<RoundAck, WireError> {
+        exact(FrameType::RoundAck, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        Ok(RoundAck {
+            round: f.u64(),
+            records: f.u64(),
+            packets: f.u64(),
+            barrier_ns: f.u64(),
+        })
+    }
+}
