@@ -8,8 +8,8 @@
 //! [`crate::converge::policy::ConvergencePolicy`] seam.
 //!
 //! Modules: [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
-//! [`defer`] (hot-page deferral), [`timeline`] (the serde guest-impact timeline),
-//! [`adapter`] (the bridge to the migration state machine), [`cli`] (the `vmstream send`
+//! [`defer`] (hot-page deferral), [`crate::telemetry::timeline`] (the serde guest-impact timeline),
+//! [`adapter`] (the bridge to the migration state machine), [`crate::cli::converge`] (the `vmstream send`
 //! options).
 
 use std::fmt;

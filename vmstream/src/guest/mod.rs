@@ -1,4 +1,4 @@
-//! Guests a migration moves: process guests on a memory file ([`file`]) and KVM guests run
+//! Guests a migration moves: process guests on a memory file ([`file`](mod@file)) and KVM guests run
 //! by vmstream's own VMM ([`kvm`]), both seen by the source through [`migratable`].
 
 pub mod file;

@@ -31,24 +31,18 @@
 //! its temporary image, so nothing is ever committed twice or half.
 //!
 //! With `--auth-key-file` on both sides, every connection first runs a mutual
-//! challenge-response over a pre-shared key (see [`auth`]), and every frame after it is
-//! sealed with AES-256-GCM (see [`seal`]).
+//! challenge-response over a pre-shared key (see [`connect::auth`]), and every frame after it is
+//! sealed with AES-256-GCM (see [`connect::seal`]).
 //!
 //! With `--channels N` the rounds travel over N connections, bound together by a random
 //! migration id in a `ChannelHello`; every round's barrier spans all of them (see
-//! [`channels`]).
+//! [`connect::channels`]).
 //!
-//! Modules: [`wire`] (typed messages, framing, checksums), [`auth`] (peer
-//! authentication), [`seal`] (encrypted, authenticated frames), [`transport`] (frame reader and
-//! writer, token bucket, the sender's [`transport::PacketChannel`]), [`channels`] (parallel
-//! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
-//! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
-//! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
-//! [`impact`] (the guest-impact timeline of the statistics),
-//! [`source_guest`] (the guest process on the source), [`source_kvm`] (a KVM guest run by
-//! the sender), [`migratable`] (the seam the source state machine sees both through),
-//! [`cli`] (clap arguments of
-//! `vmstream send` / `vmstream recv`).
+//! Modules: [`wire`] (typed messages, framing, checksums), [`transport`] (frame reader and
+//! writer, rate limit, the sender's link), [`connect`] (authentication, sealed frames,
+//! admission, parallel channels), [`source`] and [`dest`] (the two state machines), [`image`]
+//! (temporary image, commit, rollback), [`digest`] (the switchover digest), [`config`] (the
+//! settings of both sides), [`error`] (their errors), [`interrupt`] (cancellation).
 
 pub mod config;
 pub mod connect;
