@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::guest::file::source::{DirtyTracking, GuestControlError, GuestSpec, SourceGuest};
 use crate::guest::kvm::source::KvmSourceGuest;
+use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MemoryReader};
-use crate::migration::wire::GuestKind;
 
 /// A guest on the source side of a migration.
 pub trait MigratableGuest {

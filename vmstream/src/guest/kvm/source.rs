@@ -16,8 +16,8 @@ use crate::guest::file::source::GuestControlError;
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use crate::guest::kvm::{DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
 use crate::guest::migratable::MigratableGuest;
+use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
-use crate::migration::wire::GuestKind;
 
 /// Pages re-armed together in `clear` mode (2 MiB: one `KVM_CLEAR_DIRTY_LOG` per chunk).
 pub const CLEAR_CHUNK_PAGES: u64 = 512;

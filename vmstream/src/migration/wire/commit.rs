@@ -34,7 +34,7 @@ impl GuestState {
         at_least(K, body, Self::FIXED_LEN, MAX_GUEST_STATE_LEN)?;
         let mut f = Fields::new(body);
         let tag = f.u8();
-        let guest_kind = GuestKind::from_tag(tag).ok_or(WireError::BadField {
+        let guest_kind = super::hello::guest_kind_from_tag(tag).ok_or(WireError::BadField {
             kind: K.name(),
             field: "guest_kind",
             value: tag as u64,

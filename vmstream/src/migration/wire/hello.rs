@@ -6,26 +6,13 @@ use vmstream_codec::Compression;
 
 use super::fields::{at_least, bool_byte, exact, push_reason, reason_of, versioned_body};
 use super::{FrameType, WireError, MAGIC, MAX_REASON_LEN, PROTOCOL_VERSION};
+use crate::guest::GuestKind;
 
-/// Which kind of guest is migrated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[repr(u8)]
-pub enum GuestKind {
-    /// A file-backed guest process (`vmstream guest run`).
-    File = 1,
-    /// A KVM guest run by the sender (`vmstream/src/kvm`); `GuestState` carries its vCPU
-    /// state.
-    Kvm = 2,
-}
-
-impl GuestKind {
-    pub(super) fn from_tag(tag: u8) -> Option<GuestKind> {
-        match tag {
-            1 => Some(GuestKind::File),
-            2 => Some(GuestKind::Kvm),
-            _ => None,
-        }
-    }
+/// The [`GuestKind`] whose wire tag (its discriminant) is `tag`.
+pub(super) fn guest_kind_from_tag(tag: u8) -> Option<GuestKind> {
+    [GuestKind::File, GuestKind::Kvm]
+        .into_iter()
+        .find(|k| *k as u8 == tag)
 }
 
 /// How pages found in the sender's page cache travel.
@@ -105,7 +92,7 @@ impl Hello {
         const K: FrameType = FrameType::Hello;
         let mut f = versioned_body(K, body, |b| exact(K, b, Self::LEN))?;
         let kind_tag = f.u8();
-        let guest_kind = GuestKind::from_tag(kind_tag).ok_or(WireError::BadField {
+        let guest_kind = guest_kind_from_tag(kind_tag).ok_or(WireError::BadField {
             kind: K.name(),
             field: "guest_kind",
             value: kind_tag as u64,

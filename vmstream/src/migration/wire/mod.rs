@@ -33,6 +33,7 @@ mod round;
 #[cfg(test)]
 mod tests;
 
+pub use crate::guest::GuestKind;
 pub use abort::{Abort, AbortCode};
 pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_BYTES};
 pub use channel::{ChannelHello, MAX_CHANNELS};
@@ -42,7 +43,7 @@ pub use commit::{
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
-pub use hello::{DeltaWire, GuestKind, Hello, HelloReply, RefuseCode};
+pub use hello::{DeltaWire, Hello, HelloReply, RefuseCode};
 pub use message::Message;
 pub use resume::{GuestSamples, Handover, Resumed};
 pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
