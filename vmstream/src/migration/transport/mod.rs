@@ -23,7 +23,6 @@ use crate::migration::connect::seal::{Opener, SealError, Sealer, LEN_PREFIX};
 use crate::migration::wire::{
     packet_frame_header, FrameHeader, FrameType, Message, WireError, FRAME_HEADER_LEN,
 };
-use crate::units::{parse_size, UnitError};
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -304,40 +303,6 @@ fn take_shared(bucket: &SharedBucket, n: usize) {
     if !wait.is_zero() {
         std::thread::sleep(wait);
     }
-}
-
-/// Parses a bandwidth: a byte size as in [`parse_size`] (`100M` = 100 MiB/s) or a bit rate
-/// with decimal prefixes (`1Gbit` = 10^9 bit/s = 125 000 000 bytes/s, also `Kbit`, `Mbit`,
-/// `bit`). A trailing `/s` or `ps` is ignored. Returns bytes per second.
-pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
-    let s = input.trim();
-    let s = s
-        .strip_suffix("/s")
-        .or_else(|| s.strip_suffix("ps"))
-        .unwrap_or(s)
-        .trim();
-    let lower = s.to_ascii_lowercase();
-    if let Some(num) = lower
-        .strip_suffix("bit")
-        .or_else(|| lower.strip_suffix("bits"))
-    {
-        let (digits, mult) = match num.trim().char_indices().last() {
-            Some((i, 'k')) => (&num[..i], 1_000u64),
-            Some((i, 'm')) => (&num[..i], 1_000_000),
-            Some((i, 'g')) => (&num[..i], 1_000_000_000),
-            Some((i, 't')) => (&num[..i], 1_000_000_000_000),
-            _ => (num, 1),
-        };
-        let n: u64 = digits
-            .trim()
-            .parse()
-            .map_err(|_| UnitError::Syntax(input.to_string(), "a number of bits, e.g. 1Gbit"))?;
-        let bits = n
-            .checked_mul(mult)
-            .ok_or_else(|| UnitError::Overflow(input.to_string()))?;
-        return Ok(bits / 8);
-    }
-    parse_size(s)
 }
 
 /// A socket whose send timeout means "the peer took nothing for this long". A blocking
@@ -766,19 +731,6 @@ mod tests {
         w.write_all(&vec![7u8; total]).unwrap();
         w.flush().unwrap();
         assert_eq!(reader.join().unwrap(), total);
-    }
-
-    #[test]
-    fn bandwidths_parse() {
-        assert_eq!(parse_bandwidth("1Gbit"), Ok(125_000_000));
-        assert_eq!(parse_bandwidth("800Mbit/s"), Ok(100_000_000));
-        assert_eq!(parse_bandwidth("64kbit"), Ok(8_000));
-        assert_eq!(parse_bandwidth("100M"), Ok(100 << 20));
-        assert_eq!(parse_bandwidth("512K/s"), Ok(512 << 10));
-        assert_eq!(parse_bandwidth("4096"), Ok(4096));
-        assert!(parse_bandwidth("fastbit").is_err());
-        assert!(parse_bandwidth("1Xbit").is_err());
-        assert!(parse_bandwidth("").is_err());
     }
 
     #[test]
