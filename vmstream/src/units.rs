@@ -1,8 +1,9 @@
-//! Parsers for command-line sizes (`64M`, `1G`, `4096`) and durations (`500ms`, `2s`).
+//! Parsers for command-line sizes (`64M`, `1G`, `4096`), bandwidths (`1Gbit`, `100M/s`) and
+//! durations (`500ms`, `2s`).
 
 use std::time::Duration;
 
-/// Why a size or duration did not parse.
+/// Why a size, bandwidth or duration did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
     /// Empty input.
@@ -75,6 +76,40 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
         .ok_or_else(|| UnitError::Overflow(input.to_string()))
 }
 
+/// Parses a bandwidth: a byte size as in [`parse_size`] (`100M` = 100 MiB/s) or a bit rate
+/// with decimal prefixes (`1Gbit` = 10^9 bit/s = 125 000 000 bytes/s, also `Kbit`, `Mbit`,
+/// `bit`). A trailing `/s` or `ps` is ignored. Returns bytes per second.
+pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
+    let s = input.trim();
+    let s = s
+        .strip_suffix("/s")
+        .or_else(|| s.strip_suffix("ps"))
+        .unwrap_or(s)
+        .trim();
+    let lower = s.to_ascii_lowercase();
+    if let Some(num) = lower
+        .strip_suffix("bit")
+        .or_else(|| lower.strip_suffix("bits"))
+    {
+        let (digits, mult) = match num.trim().char_indices().last() {
+            Some((i, 'k')) => (&num[..i], 1_000u64),
+            Some((i, 'm')) => (&num[..i], 1_000_000),
+            Some((i, 'g')) => (&num[..i], 1_000_000_000),
+            Some((i, 't')) => (&num[..i], 1_000_000_000_000),
+            _ => (num, 1),
+        };
+        let n: u64 = digits
+            .trim()
+            .parse()
+            .map_err(|_| UnitError::Syntax(input.to_string(), "a number of bits, e.g. 1Gbit"))?;
+        let bits = n
+            .checked_mul(mult)
+            .ok_or_else(|| UnitError::Overflow(input.to_string()))?;
+        return Ok(bits / 8);
+    }
+    parse_size(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +151,18 @@ mod tests {
             parse_duration("18446744073709551615s"),
             Err(UnitError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn bandwidths_parse() {
+        assert_eq!(parse_bandwidth("1Gbit"), Ok(125_000_000));
+        assert_eq!(parse_bandwidth("800Mbit/s"), Ok(100_000_000));
+        assert_eq!(parse_bandwidth("64kbit"), Ok(8_000));
+        assert_eq!(parse_bandwidth("100M"), Ok(100 << 20));
+        assert_eq!(parse_bandwidth("512K/s"), Ok(512 << 10));
+        assert_eq!(parse_bandwidth("4096"), Ok(4096));
+        assert!(parse_bandwidth("fastbit").is_err());
+        assert!(parse_bandwidth("1Xbit").is_err());
+        assert!(parse_bandwidth("").is_err());
     }
 }

@@ -23,9 +23,8 @@ use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
 use crate::migration::interrupt::flag_on_interrupt;
 use crate::migration::source::{migrate, Outcome};
-use crate::migration::transport::parse_bandwidth;
 use crate::telemetry::stats::MigrationStats;
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_bandwidth, parse_duration, parse_size};
 
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
 pub const EXIT_CANCELLED: u8 = 3;
