@@ -15,7 +15,7 @@ fuzz_target!(|input: (bool, Vec<u8>)| {
     let (fix_crc, mut packet) = input;
     if fix_crc && packet.len() >= 4 {
         let n = packet.len() - 4;
-        let crc = crc32c::crc32c(&packet[..n]);
+        let crc = vmstream_simd::crc32c(&packet[..n]);
         packet[n..].copy_from_slice(&crc.to_le_bytes());
     }
     let mut buf = vec![0x5au8; PAGES * PAGE + 2 * GUARD];

@@ -16,13 +16,13 @@ fuzz_target!(|input: (bool, Vec<(u8, bool, Vec<u8>)>, Vec<u8>)| {
     let mut stream = Vec::new();
     for (tag, fix_crc, mut body) in frames {
         if fix_crc {
-            let crc = crc32c::crc32c(&body);
+            let crc = vmstream_simd::crc32c(&body);
             body.extend_from_slice(&crc.to_le_bytes());
         }
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0] = tag;
         h[4..8].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c(&h[..8]);
+        let crc = vmstream_simd::crc32c(&h[..8]);
         h[8..12].copy_from_slice(&crc.to_le_bytes());
         stream.extend_from_slice(&h);
         stream.extend_from_slice(&body);

@@ -713,7 +713,7 @@ fn wrong_protocol_version_and_garbage_are_refused_with_typed_errors() {
     let mut frame = hello.to_frame();
     frame[FRAME_HEADER_LEN + 8] = 9; // version field of the body
     let body_end = frame.len() - 4;
-    let crc = crc32c::crc32c(&frame[FRAME_HEADER_LEN..body_end]);
+    let crc = vmstream_simd::crc32c(&frame[FRAME_HEADER_LEN..body_end]);
     frame[body_end..].copy_from_slice(&crc.to_le_bytes());
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(WAIT)).unwrap();

@@ -141,7 +141,7 @@ fn restore_refuses_memory_of_another_size() {
 
 fn fix_crc(blob: &mut [u8]) {
     let end = blob.len() - 8;
-    let crc = crc32c::crc32c(&blob[..end]);
+    let crc = vmstream_simd::crc32c(&blob[..end]);
     blob[end..end + 4].copy_from_slice(&crc.to_le_bytes());
 }
 

@@ -442,7 +442,7 @@ impl VmState {
         buf[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         buf[16..24].copy_from_slice(&(total as u64).to_le_bytes());
         buf[24..28].copy_from_slice(&sections.to_le_bytes());
-        let crc = crc32c::crc32c(&buf);
+        let crc = vmstream_simd::crc32c(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
         buf
@@ -475,7 +475,7 @@ impl VmState {
         }
         let body_end = blob.len() - TRAILER_LEN;
         let stored = u32_at(body_end);
-        let computed = crc32c::crc32c(&blob[..body_end]);
+        let computed = vmstream_simd::crc32c(&blob[..body_end]);
         if stored != computed {
             return Err(StateError::ChecksumMismatch { stored, computed });
         }

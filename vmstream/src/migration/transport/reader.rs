@@ -226,7 +226,7 @@ mod tests {
                     // Make the body CRC right half of the time so the decoders run.
                     if len >= 4 && next(&mut rng).is_multiple_of(2) {
                         let body_end = b.len() - 4;
-                        let crc = crc32c::crc32c(&b[FRAME_HEADER_LEN..body_end]);
+                        let crc = vmstream_simd::crc32c(&b[FRAME_HEADER_LEN..body_end]);
                         b[body_end..].copy_from_slice(&crc.to_le_bytes());
                     }
                     b

@@ -222,7 +222,7 @@ impl FrameHeader {
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0] = kind as u8;
         h[4..8].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c(&h[..8]);
+        let crc = vmstream_simd::crc32c(&h[..8]);
         h[8..12].copy_from_slice(&crc.to_le_bytes());
         h
     }
@@ -231,7 +231,7 @@ impl FrameHeader {
     /// type, reserved bits and the length bound.
     pub fn decode(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, WireError> {
         let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(&h[..8]);
+        let computed = vmstream_simd::crc32c(&h[..8]);
         if stored != computed {
             return Err(WireError::HeaderChecksum { stored, computed });
         }
@@ -281,12 +281,12 @@ mod tests {
         ));
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0] = 0x55;
-        let crc = crc32c::crc32c(&h[..8]);
+        let crc = vmstream_simd::crc32c(&h[..8]);
         h[8..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(FrameHeader::decode(&h), Err(WireError::UnknownType(0x55)));
         let mut h = FrameHeader::encode(FrameType::Abort, 8);
         h[1] = 1;
-        let crc = crc32c::crc32c(&h[..8]);
+        let crc = vmstream_simd::crc32c(&h[..8]);
         h[8..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             FrameHeader::decode(&h),

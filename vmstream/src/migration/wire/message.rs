@@ -84,7 +84,7 @@ impl Message {
             Message::Handover(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
-        let crc = crc32c::crc32c(&out[FRAME_HEADER_LEN..]);
+        let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
         out.extend_from_slice(&crc.to_le_bytes());
         let len = (out.len() - FRAME_HEADER_LEN) as u32;
         out[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader::encode(self.frame_type(), len));
@@ -103,7 +103,7 @@ impl Message {
         }
         let (body, crc) = payload.split_at(payload.len() - BODY_CRC_LEN);
         let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(body);
+        let computed = vmstream_simd::crc32c(body);
         if stored != computed {
             return Err(WireError::BodyChecksum {
                 kind: kind.name(),
