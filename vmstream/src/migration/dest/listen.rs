@@ -1,6 +1,6 @@
 //! Listening for the source: the receive's settings checked, its target claimed, its socket
 //! bound, one source admitted (and SIGINT/SIGTERM watched while it migrates); the migration
-//! itself is the state machine's ([`super`]).
+//! itself is the state machine's ([`super::machine`]).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::migration::config::RecvConfig;
 use crate::migration::connect::admission::Admissions;
-use crate::migration::dest::{receive_from, Received};
+use crate::migration::dest::machine::{self, Received};
 use crate::migration::error::RecvError;
 use crate::migration::image::{check_target, Reservation};
 use crate::migration::interrupt;
@@ -156,7 +156,7 @@ pub fn receive_on(
         .map(|flag| InterruptWatch::start(flag.clone(), source.reader.get_ref()))
         .transpose()
         .map_err(RecvError::Socket)?;
-    receive_from(cfg, source, claim, admissions, stats)
+    machine::receive_from(cfg, source, claim, admissions, stats)
 }
 
 /// Ends a receive that is waiting for the source once `RecvConfig::cancel` is set: shuts
