@@ -92,7 +92,7 @@ pub fn block_checksum(block: &[u8]) -> u64 {
 
 /// What a block's own bytes say: everything the ledger check needs from the block itself.
 /// The destination computes these during the live rounds for blocks that stop changing
-/// (`migration::dest::kvm_verify`), so the check at the pause reads only the rest.
+/// (`migration::dest::verify`), so the check at the pause reads only the rest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockFacts {
     /// Every byte is zero (the other fields are then zero too).

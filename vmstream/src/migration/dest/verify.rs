@@ -11,9 +11,9 @@
 //!   through a second, read-only mapping of the pending image (the next round may be writing
 //!   meanwhile), runs the checks that need only the block on the copy and remembers the
 //!   copy's page hashes with the result. What those checks are depends on the guest
-//!   ([`BlockChecks`]): number, checksum and fill for the file-backed guest
-//!   ([`FileChecks`]); header, checksum and zero test for the KVM guest's ledger check
-//!   ([`KvmChecks`]);
+//!   ([`BlockChecks`], each [`IncomingGuest`](super::incoming::IncomingGuest) has its own):
+//!   number, checksum and fill for the file-backed guest; header, checksum and zero test
+//!   for the KVM guest's ledger check;
 //! - at the pause, a block whose pages still have those hashes (the codec workers keep the
 //!   page hashes current: [`PageHashes`](crate::migration::digest::PageHashes)) holds exactly the bytes that were checked, so only
 //!   what involves the rest of memory is done then (versions against the ledger, sums).
@@ -29,13 +29,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::memory::{GuestMemory, MapMode, PAGE_SIZE};
-use crate::migration::wire::GuestKind;
-
-mod file_guest;
-mod kvm_guest;
-
-pub use file_guest::{verify_at_pause, FileChecks};
-pub use kvm_guest::{KvmChecks, KvmKnownFacts};
 
 /// Pages the codec applied since the background verifier last looked (a bit per page).
 pub struct TouchedPages(Vec<AtomicU64>);
@@ -146,6 +139,18 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         })
     }
 
+    /// Starts `checks` on the pending image at `path` through a read-only view of it,
+    /// returned for the caller to keep (see [`Self::start`]).
+    pub fn open(
+        path: &std::path::Path,
+        touched: Arc<TouchedPages>,
+        checks: C,
+    ) -> std::io::Result<(BackgroundVerifier<C>, Arc<GuestMemory>)> {
+        let view = Arc::new(open_view(path).map_err(std::io::Error::other)?);
+        let background = BackgroundVerifier::start(Arc::clone(&view), touched, checks)?;
+        Ok((background, view))
+    }
+
     /// A round passed its barrier: check what it changed.
     pub fn round_applied(&self) {
         let _ = self.kick.send(());
@@ -181,46 +186,6 @@ pub fn block_page_hashes(block: &[u8]) -> [u128; 2] {
     hashes
 }
 
-/// The background verify of the guest kind being received.
-pub enum Background {
-    /// A file-backed guest's workload.
-    File(BackgroundVerifier<FileChecks>),
-    /// A KVM guest's ledger check.
-    Kvm(BackgroundVerifier<KvmChecks>),
-}
-
-impl Background {
-    /// Starts the background checks for `kind` on the pending image at `path`; returns them
-    /// with the read-only view they read through (see [`BackgroundVerifier::start`]).
-    pub fn start(
-        kind: GuestKind,
-        path: &std::path::Path,
-        touched: Arc<TouchedPages>,
-    ) -> std::io::Result<(Background, Arc<GuestMemory>)> {
-        let view = Arc::new(open_view(path).map_err(std::io::Error::other)?);
-        let v = Arc::clone(&view);
-        let background = match kind {
-            GuestKind::File => Background::File(BackgroundVerifier::start(
-                v,
-                touched,
-                FileChecks::default(),
-            )?),
-            GuestKind::Kvm => {
-                Background::Kvm(BackgroundVerifier::start(v, touched, KvmChecks::default())?)
-            }
-        };
-        Ok((background, view))
-    }
-
-    /// A round passed its barrier: check what it changed.
-    pub fn round_applied(&self) {
-        match self {
-            Background::File(bg) => bg.round_applied(),
-            Background::Kvm(bg) => bg.round_applied(),
-        }
-    }
-}
-
 /// Opens the read-only view the background verifier reads through.
 pub fn open_view(path: &std::path::Path) -> Result<GuestMemory, crate::memory::MemoryError> {
     GuestMemory::open(path, MapMode::SharedReadOnly)
@@ -228,7 +193,7 @@ pub fn open_view(path: &std::path::Path) -> Result<GuestMemory, crate::memory::M
 
 /// Test support shared by the guest kinds' tests.
 #[cfg(test)]
-mod test_support {
+pub(super) mod test_support {
     use super::*;
     use crate::migration::digest::PageHashes;
 

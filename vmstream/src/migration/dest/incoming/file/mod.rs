@@ -1,0 +1,214 @@
+//! A file-backed guest (`vmstream guest run`) on the destination: its workload's verify of
+//! the received image (mostly during the rounds, [`checks`]) and, with `--resume`, the
+//! guest run in this process on the committed image.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::guest::file::verify::{VerifyError, VerifyReport};
+use crate::guest::file::{
+    GuestConfig, GuestError, GuestSummary, MemorySource, ReadyLine, StartMode,
+};
+use crate::memory::GuestMemory;
+use crate::migration::dest::incoming::{IncomingGuest, Resumption};
+use crate::migration::dest::machine::Received;
+use crate::migration::dest::verify::{BackgroundVerifier, TouchedPages};
+use crate::migration::digest::PageHashes;
+use crate::migration::error::{GuestStateError, RecvError};
+use crate::migration::image::PendingImage;
+use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
+use crate::telemetry::impact::sample_destination;
+use crate::telemetry::stats::unix_ns;
+
+mod checks;
+
+use checks::{verify_at_pause, FileChecks};
+
+/// A file-backed guest being received.
+#[derive(Default)]
+pub struct IncomingFileGuest {
+    /// With `--resume`: the checks of the workload's blocks during the rounds.
+    background: Option<BackgroundVerifier<FileChecks>>,
+    /// The background's read-only view of the image, unmapped only when the destination is
+    /// done (unmapping it at the pause would be downtime).
+    view: Option<Arc<GuestMemory>>,
+    /// With `--resume`: the workload's recover + verify of the final image, run before the
+    /// commit so an image the guest cannot resume from is never committed.
+    verified: Option<Result<VerifyReport, VerifyError>>,
+    resumed: Option<ResumedGuest>,
+}
+
+impl IncomingGuest for IncomingFileGuest {
+    fn kind(&self) -> GuestKind {
+        GuestKind::File
+    }
+
+    fn check_hello(&self, _hello: &Hello, _resume: bool) -> Option<(RefuseCode, String)> {
+        None
+    }
+
+    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()> {
+        let (background, view) = BackgroundVerifier::open(path, touched, FileChecks::default())?;
+        self.background = Some(background);
+        self.view = Some(view);
+        Ok(())
+    }
+
+    fn round_applied(&self) {
+        if let Some(bg) = &self.background {
+            bg.round_applied();
+        }
+    }
+
+    fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
+        // Pages no record wrote are holes: the zero checks skip them.
+        let data = image.data_pages().ok();
+        self.verified = Some(verify_at_pause(
+            image.memory_mut(),
+            hashes,
+            self.background.take(),
+            data.as_deref(),
+        ));
+    }
+
+    fn verify_failure(&self) -> Option<String> {
+        match &self.verified {
+            Some(Err(e)) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    fn accept_state(
+        &mut self,
+        _state: &GuestState,
+        _memory: &[u8],
+    ) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+        // A guest process has no state besides its memory.
+        Ok(Vec::new())
+    }
+
+    fn resume(
+        &mut self,
+        memory: GuestMemory,
+        _target: &Path,
+        run_for: Option<Duration>,
+    ) -> Result<Resumption, RecvError> {
+        let t = Instant::now();
+        let guest = match self.verified.take() {
+            Some(Ok(report)) => start_guest(memory, report, run_for)?,
+            _ => return Err(RecvError::Resume("no verified image to resume".into())),
+        };
+        let resumption = Resumption {
+            tx_count: guest.ready.tx_count,
+            phases: vec![("resume", t.elapsed().as_secs_f64() * 1e3)],
+            at_unix_ns: unix_ns(SystemTime::now()),
+        };
+        self.resumed = Some(guest);
+        Ok(resumption)
+    }
+
+    /// Samples the resumed guest process (through its memory file `target`).
+    fn sample(&self, target: &Path, window: Duration) -> Result<GuestSamples, String> {
+        sample_destination(target, window).map_err(|e| e.to_string())
+    }
+
+    fn into_received(self: Box<Self>) -> Received {
+        Received {
+            guest: self.resumed,
+            kvm: None,
+        }
+    }
+}
+
+/// A guest running on the committed image.
+#[derive(Debug)]
+pub struct ResumedGuest {
+    /// Its ready line.
+    pub ready: ReadyLine,
+    thread: std::thread::JoinHandle<Result<GuestSummary, GuestError>>,
+}
+
+impl ResumedGuest {
+    /// Waits until the guest stops (`--run-for`) and returns its final transaction count.
+    pub fn join(self) -> Result<u64, RecvError> {
+        match self.thread.join() {
+            Ok(Ok(s)) => Ok(s.tx_count),
+            Ok(Err(e)) => Err(RecvError::Resume(e.to_string())),
+            Err(_) => Err(RecvError::Resume("guest thread panicked".into())),
+        }
+    }
+}
+
+/// Lines written by the resumed guest go to stdout; its ready line is also reported.
+struct ReadyWatch {
+    line: Vec<u8>,
+    ready: Option<mpsc::Sender<ReadyLine>>,
+}
+
+impl Write for ReadyWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b != b'\n' {
+                self.line.push(b);
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.line).to_string();
+            self.line.clear();
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            if let Some(r) = ReadyLine::parse(&line) {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// Starts the guest on the committed image `memory` (recovered and verified before the
+/// commit: `report`) and waits for it to run.
+fn start_guest(
+    memory: GuestMemory,
+    report: VerifyReport,
+    run_for: Option<Duration>,
+) -> Result<ResumedGuest, RecvError> {
+    let cfg = GuestConfig {
+        memory: MemorySource::File(memory.path().to_path_buf()),
+        size: Some(memory.len() as u64),
+        start: StartMode::Resume,
+        rate: None,
+        duration: run_for,
+        control_stdin: false,
+        track_writes: false,
+    };
+    // Held while the guest runs, as a guest process holds its own.
+    let owner = crate::guest::file::own_memory_file(memory.path(), false)
+        .map_err(|e| RecvError::Resume(e.to_string()))?;
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("vmstream-guest".into())
+        .spawn(move || {
+            let _owner = owner;
+            let mut out = ReadyWatch {
+                line: Vec::new(),
+                ready: Some(tx),
+            };
+            crate::guest::file::run_verified(memory, report, &cfg, &mut out)
+        })
+        .map_err(|e| RecvError::Resume(format!("starting the guest thread: {e}")))?;
+    match rx.recv() {
+        Ok(ready) => Ok(ResumedGuest { ready, thread }),
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(RecvError::Resume(e.to_string())),
+            _ => Err(RecvError::Resume("the guest stopped before running".into())),
+        },
+    }
+}

@@ -1,0 +1,235 @@
+//! KVM guests on the destination. Before anything is committed, the `GuestState` blob is
+//! parsed and validated ([`VmState::from_bytes`]: magic, version, lengths, CRC, sections)
+//! and checked against the received memory (RAM size, the parameter block's vCPU count);
+//! a bad blob is answered with `CommitReply { state rejected }` and nothing is committed.
+//! With `--resume` the VMM's ledger check runs on the received image before the commit
+//! (mostly during the rounds, [`checks`]), and the committed image is mapped as guest RAM,
+//! the VM restored in the documented order (vmstream/KVM.md) with its vCPUs held, and only
+//! then the vCPUs started ([`resumed`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::guest::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
+use crate::guest::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
+use crate::guest::kvm::{kvm_available, VerifyReport, VmState};
+use crate::memory::GuestMemory;
+use crate::migration::dest::incoming::{IncomingGuest, Resumption};
+use crate::migration::dest::machine::Received;
+use crate::migration::dest::verify::{BackgroundVerifier, TouchedPages};
+use crate::migration::digest::PageHashes;
+use crate::migration::error::{GuestStateError, RecvError};
+use crate::migration::image::PendingImage;
+use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
+
+mod checks;
+mod resumed;
+
+use checks::{KvmChecks, KvmKnownFacts};
+pub use resumed::{KvmResumed, KvmRunOutcome};
+
+/// A KVM guest being received.
+#[derive(Default)]
+pub struct IncomingKvmGuest {
+    /// With `--resume`: the block checks of the ledger check during the rounds.
+    background: Option<BackgroundVerifier<KvmChecks>>,
+    /// The background's read-only view of the image, unmapped only when the destination is
+    /// done (unmapping it at the pause would be downtime).
+    view: Option<Arc<GuestMemory>>,
+    /// The guest's validated state (from `GuestState`).
+    state: Option<VmState>,
+    /// With `--resume`: the ledger check of the final image, before the commit.
+    verified: Option<Result<VerifyReport, String>>,
+    /// The committed image as the codec mapped it; the VM maps it again, and unmapping this
+    /// one at the resume would be downtime.
+    committed: Option<GuestMemory>,
+    resumed: Option<KvmResumed>,
+}
+
+impl IncomingGuest for IncomingKvmGuest {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Kvm
+    }
+
+    fn check_hello(&self, hello: &Hello, resume: bool) -> Option<(RefuseCode, String)> {
+        check_hello(hello, resume)
+    }
+
+    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()> {
+        let (background, view) = BackgroundVerifier::open(path, touched, KvmChecks::default())?;
+        self.background = Some(background);
+        self.view = Some(view);
+        Ok(())
+    }
+
+    fn round_applied(&self) {
+        if let Some(bg) = &self.background {
+            bg.round_applied();
+        }
+    }
+
+    fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
+        self.verified = Some(verify_pending(image, hashes, self.background.take()));
+    }
+
+    fn verify_failure(&self) -> Option<String> {
+        match &self.verified {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn accept_state(
+        &mut self,
+        state: &GuestState,
+        memory: &[u8],
+    ) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+        let vm = check_state(state, memory)?;
+        let settings = vec![
+            ("kvm_vcpus", vm.vcpus.len().to_string()),
+            ("kvm_state_bytes", state.blob.len().to_string()),
+        ];
+        self.state = Some(vm);
+        Ok(settings)
+    }
+
+    /// Restores the VM and starts it; its instant is the first transaction on the
+    /// destination: the end of the downtime as the guest sees it.
+    fn resume(
+        &mut self,
+        memory: GuestMemory,
+        target: &Path,
+        _run_for: Option<Duration>,
+    ) -> Result<Resumption, RecvError> {
+        let size = memory.len() as u64;
+        self.committed = Some(memory);
+        let (Some(state), Some(Ok(verified))) = (self.state.take(), self.verified.take()) else {
+            return Err(RecvError::Resume("no verified KVM image to resume".into()));
+        };
+        let (guest, resumption) = KvmResumed::start(target, size, &state, verified)?;
+        println!(
+            "resumed kind=kvm tx={} vcpus={} verify=ok blocks={} written_blocks={}",
+            guest.tx_start,
+            state.vcpus.len(),
+            guest.verified.blocks,
+            guest.verified.written_blocks
+        );
+        self.resumed = Some(guest);
+        Ok(resumption)
+    }
+
+    fn sample(&self, _target: &Path, window: Duration) -> Result<GuestSamples, String> {
+        match &self.resumed {
+            Some(guest) => guest.sample(window).map_err(|e| e.to_string()),
+            None => Err("no KVM guest was resumed".into()),
+        }
+    }
+
+    fn into_received(self: Box<Self>) -> Received {
+        Received {
+            guest: None,
+            kvm: self.resumed,
+        }
+    }
+}
+
+/// Refusals specific to a KVM guest's handshake.
+fn check_hello(h: &Hello, resume: bool) -> Option<(RefuseCode, String)> {
+    if !(RAM_MIN..=RAM_MAX).contains(&h.guest_size) || !h.guest_size.is_multiple_of(RAM_ALIGN) {
+        return Some((
+            RefuseCode::GuestSize,
+            format!(
+                "KVM guest RAM of {} bytes: must be a multiple of 2 MiB in [{RAM_MIN}, {RAM_MAX}]",
+                h.guest_size
+            ),
+        ));
+    }
+    if resume {
+        if let Err(why) = kvm_available() {
+            return Some((
+                RefuseCode::GuestKind,
+                format!("cannot resume a KVM guest here: {why}"),
+            ));
+        }
+    }
+    None
+}
+
+/// The KVM guest's ledger check on the received image (`image`, not yet committed), done
+/// while the source still hashes its memory so it is off the resume path; a failure means
+/// nothing is committed. Blocks whose facts follow from the image's page hashes (`hashes`,
+/// current after the last barrier: zero pages, and blocks the background checks saw in
+/// their current state) are not read.
+fn verify_pending(
+    image: &mut PendingImage,
+    hashes: &PageHashes,
+    background: Option<BackgroundVerifier<KvmChecks>>,
+) -> Result<VerifyReport, String> {
+    // Read through the mapping the codec wrote: its pages are faulted in already.
+    let ram: &[u8] = image.memory_mut();
+    let params = crate::guest::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
+    let known = KvmKnownFacts::new(background, hashes, params.layout);
+    crate::guest::kvm::verify::verify_known(ram, &params, &|b| known.get(b))
+        .map_err(|e| e.to_string())
+}
+
+/// Parses and validates a KVM guest's state and checks it against the received memory.
+fn check_state(state: &GuestState, memory: &[u8]) -> Result<VmState, GuestStateError> {
+    let vm = VmState::from_bytes(&state.blob)?;
+    if vm.memory_size != memory.len() as u64 {
+        return Err(GuestStateError::DoesNotFit(format!(
+            "state is for {} bytes of RAM, the migrated memory has {}",
+            vm.memory_size,
+            memory.len()
+        )));
+    }
+    let param = |off: u64| {
+        let at = (PARAMS_GPA + off) as usize;
+        u64::from_le_bytes(memory[at..at + 8].try_into().expect("8 bytes"))
+    };
+    if param(PARAM_MAGIC) != PARAMS_MAGIC_VALUE {
+        return Err(GuestStateError::DoesNotFit(
+            "the migrated memory holds no guest parameter block".into(),
+        ));
+    }
+    if param(PARAM_VCPUS) != vm.vcpus.len() as u64 {
+        return Err(GuestStateError::DoesNotFit(format!(
+            "the memory was set up for {} vCPUs, the state has {}",
+            param(PARAM_VCPUS),
+            vm.vcpus.len()
+        )));
+    }
+    Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_ram_sizes_outside_what_the_vmm_maps_are_refused() {
+        let hello = |size: u64| Hello {
+            guest_kind: GuestKind::Kvm,
+            page_size: 4096,
+            guest_size: size,
+            features: 0,
+            compression: vmstream_codec::Compression::None,
+            delta: crate::migration::wire::DeltaWire::Off,
+            codec_version: Hello::CODEC_VERSION,
+            sender_workers: 1,
+            cache_bytes: 0,
+            batch_pages: 128,
+        };
+        for bad in [(64 << 20) + 4096, 2 << 20, RAM_MAX + RAM_ALIGN] {
+            assert!(
+                matches!(
+                    check_hello(&hello(bad), false),
+                    Some((RefuseCode::GuestSize, _))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(check_hello(&hello(64 << 20), false), None);
+    }
+}

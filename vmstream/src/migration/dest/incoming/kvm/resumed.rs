@@ -1,0 +1,147 @@
+//! A KVM guest resumed on the committed image: restored with its vCPUs held, started, and
+//! then sampled for the source and run until `--run-for` or a signal.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cli::kvm::{install_stop_handler, report_while_running, stop_requested};
+use crate::guest::kvm::{GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::migration::dest::incoming::Resumption;
+use crate::migration::error::RecvError;
+use crate::migration::wire::GuestSamples;
+use crate::telemetry::sampler::SAMPLE_PERIOD;
+use crate::telemetry::stats::unix_ns;
+
+/// How long the destination waits for the resumed guest's first transaction (the instant
+/// reported as the end of the downtime).
+const FIRST_TX_WAIT: Duration = Duration::from_secs(2);
+
+/// A KVM guest resumed on the committed image.
+pub struct KvmResumed {
+    guest: KvmGuest,
+    /// Transactions (all vCPUs) at the resume.
+    pub tx_start: u64,
+    /// The ledger check before the resume.
+    pub verified: VerifyReport,
+    /// When the vCPUs were started: `--run-for` counts from here, as for a guest process.
+    resumed_at: Instant,
+}
+
+impl std::fmt::Debug for KvmResumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmResumed")
+            .field("tx_start", &self.tx_start)
+            .finish()
+    }
+}
+
+/// What the resumed KVM guest did until it was stopped.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmRunOutcome {
+    /// Transactions at the resume.
+    pub tx_start: u64,
+    /// Transactions when paused at the end.
+    pub tx_end: u64,
+    /// Transactions per second while running.
+    pub tps: f64,
+    /// The ledger check of the paused guest at the end.
+    pub verified: VerifyReport,
+}
+
+impl KvmResumed {
+    /// Restores the VM from `path` (the committed image) and `state` with its vCPUs held,
+    /// starts them and waits (bounded) for its first transaction: the instant of the
+    /// [`Resumption`], whose phases are the restore and that wait. `verified` is the ledger
+    /// check of the received image before the commit.
+    pub(super) fn start(
+        path: &Path,
+        size: u64,
+        state: &VmState,
+        verified: VerifyReport,
+    ) -> Result<(KvmResumed, Resumption), RecvError> {
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let ram = GuestRam::open(path, size)?;
+        let cfg = RestoreConfig {
+            start_paused: true,
+            ..RestoreConfig::default()
+        };
+        let mut guest = KvmGuest::restore(ram, state, &cfg)?;
+        // The ledger was checked on the received image before the commit.
+        let mut phases = vec![("kvm_restore", ms(t))];
+        let tx_start = guest.total_transactions()?;
+        guest.resume()?;
+        let t = Instant::now();
+        while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        phases.push(("kvm_first_tx", ms(t)));
+        let resumption = Resumption {
+            tx_count: tx_start,
+            at_unix_ns: unix_ns(SystemTime::now()),
+            phases,
+        };
+        let resumed = KvmResumed {
+            guest,
+            tx_start,
+            verified,
+            resumed_at: t,
+        };
+        Ok((resumed, resumption))
+    }
+
+    /// Reads the guest's transaction counter every [`SAMPLE_PERIOD`] for `window` (less
+    /// if a vCPU fails or SIGINT/SIGTERM arrives): the destination's part of the source's
+    /// timeline, as [`sample_destination`](crate::telemetry::impact::sample_destination)
+    /// reads a guest process's.
+    pub(super) fn sample(&self, window: Duration) -> Result<GuestSamples, RecvError> {
+        install_stop_handler();
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        while samples.len() < GuestSamples::MAX_SAMPLES {
+            samples.push((unix_ns(SystemTime::now()), self.guest.total_transactions()?));
+            let next = SAMPLE_PERIOD * samples.len() as u32;
+            if next > window || stop_requested() || !self.guest.failures().is_empty() {
+                break;
+            }
+            std::thread::sleep(next.saturating_sub(start.elapsed()));
+        }
+        Ok(GuestSamples { samples })
+    }
+
+    /// Runs the guest for `run_for` (None: until SIGINT/SIGTERM), printing its rate every
+    /// second, then pauses it, checks the ledger again and requires that its transaction
+    /// counter grew.
+    pub fn run(mut self, run_for: Option<Duration>) -> Result<KvmRunOutcome, RecvError> {
+        let mut out = std::io::stdout().lock();
+        // The samples for the source already took part of `run_for`.
+        let remaining = run_for.map(|d| d.saturating_sub(self.resumed_at.elapsed()));
+        report_while_running(
+            &mut self.guest,
+            remaining,
+            Duration::from_secs(1),
+            "kvm",
+            false,
+            &mut out,
+        )?;
+        let ran = self.resumed_at.elapsed();
+        self.guest.pause()?;
+        let tx_end = self.guest.total_transactions()?;
+        let verified = self.guest.verify()?;
+        let _ = writeln!(out, "done tx={tx_end}");
+        self.guest.shutdown();
+        if tx_end <= self.tx_start {
+            return Err(RecvError::Resume(format!(
+                "the KVM guest's transaction counter did not grow ({} -> {tx_end})",
+                self.tx_start
+            )));
+        }
+        Ok(KvmRunOutcome {
+            tx_start: self.tx_start,
+            tx_end,
+            tps: tx_end.saturating_sub(self.tx_start) as f64 / ran.as_secs_f64().max(1e-9),
+            verified,
+        })
+    }
+}

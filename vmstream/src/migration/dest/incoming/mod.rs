@@ -1,0 +1,141 @@
+//! The seam between the destination state machine and the kind of guest it receives: a
+//! file-backed guest process ([`IncomingFileGuest`]) or a KVM guest ([`IncomingKvmGuest`]).
+//! The machine receives the rounds, digests and commits the image the same way for either;
+//! checking the guest, verifying its image before the commit and resuming it differ, and
+//! are each kind's [`IncomingGuest`] operations.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::memory::GuestMemory;
+use crate::migration::dest::machine::Received;
+use crate::migration::dest::verify::TouchedPages;
+use crate::migration::digest::PageHashes;
+use crate::migration::error::{GuestStateError, RecvError};
+use crate::migration::image::PendingImage;
+use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
+
+mod file;
+mod kvm;
+
+pub use file::{IncomingFileGuest, ResumedGuest};
+pub use kvm::{IncomingKvmGuest, KvmResumed, KvmRunOutcome};
+
+/// A guest on the destination side of a migration, from the handshake that named its kind
+/// to the resume.
+pub trait IncomingGuest {
+    /// The kind the handshake announced.
+    fn kind(&self) -> GuestKind;
+
+    /// Refusals specific to this kind, checked with the rest of the `Hello`; `resume`:
+    /// whether the guest is to run here.
+    fn check_hello(&self, hello: &Hello, resume: bool) -> Option<(RefuseCode, String)>;
+
+    /// With `--resume`: starts checking, during the live rounds, the blocks of the pending
+    /// image at `path` whose pages `touched` marks (see [`super::verify`]). On error the
+    /// image is verified at the pause only.
+    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()>;
+
+    /// A live round passed its barrier: the background checks what it changed.
+    fn round_applied(&self);
+
+    /// With `--resume`, at the pause: the workload's verify of the final image (a guest
+    /// that could not resume from it must not have it committed). `hashes` describe the
+    /// image as the codec left it. The result is kept for [`Self::verify_failure`] and
+    /// [`Self::resume`].
+    fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes);
+
+    /// Why the verify at the pause failed, if it did: then nothing is committed.
+    fn verify_failure(&self) -> Option<String>;
+
+    /// Validates this kind's `GuestState` (its kind already matches) against the received
+    /// `memory`; returns the settings to record in the statistics.
+    fn accept_state(
+        &mut self,
+        state: &GuestState,
+        memory: &[u8],
+    ) -> Result<Vec<(&'static str, String)>, GuestStateError>;
+
+    /// Runs the guest on the committed image (`memory`, mapped from `target`), verified at
+    /// the pause; `run_for` bounds how long it runs (None: until stopped).
+    fn resume(
+        &mut self,
+        memory: GuestMemory,
+        target: &Path,
+        run_for: Option<Duration>,
+    ) -> Result<Resumption, RecvError>;
+
+    /// Reads the resumed guest's transaction counter for `window`: the destination's part
+    /// of the source's timeline.
+    fn sample(&self, target: &Path, window: Duration) -> Result<GuestSamples, String>;
+
+    /// What the receive hands its caller: the resumed guest, if any.
+    fn into_received(self: Box<Self>) -> Received;
+}
+
+/// A guest running again on the destination.
+#[derive(Debug)]
+pub struct Resumption {
+    /// Its transactions when it resumed.
+    pub tx_count: u64,
+    /// When it ran again (CLOCK_REALTIME ns): the end of the downtime.
+    pub at_unix_ns: u64,
+    /// Time of each resume phase, ms (switchover phases of the statistics).
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// The incoming guest of `kind`.
+pub fn incoming_guest(kind: GuestKind) -> Box<dyn IncomingGuest> {
+    match kind {
+        GuestKind::File => Box::new(IncomingFileGuest::default()),
+        GuestKind::Kvm => Box::new(IncomingKvmGuest::default()),
+    }
+}
+
+/// Checks a `GuestState` against the kind the handshake announced, then lets `guest`
+/// validate it against the received `memory`; returns the settings to record.
+pub fn check_guest_state(
+    guest: &mut dyn IncomingGuest,
+    state: &GuestState,
+    memory: &[u8],
+) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+    if state.guest_kind != guest.kind() {
+        return Err(GuestStateError::KindMismatch {
+            hello: guest.kind(),
+            state: state.guest_kind,
+        });
+    }
+    guest.accept_state(state, memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(kind: GuestKind, blob: Vec<u8>) -> GuestState {
+        GuestState {
+            guest_kind: kind,
+            tx_count: 0,
+            blob,
+        }
+    }
+
+    #[test]
+    fn kind_must_match_the_handshake() {
+        let mut file = incoming_guest(GuestKind::File);
+        let e = check_guest_state(&mut *file, &state(GuestKind::Kvm, vec![]), &[]);
+        assert!(matches!(e, Err(GuestStateError::KindMismatch { .. })));
+        assert!(matches!(
+            check_guest_state(&mut *file, &state(GuestKind::File, vec![]), &[]),
+            Ok(settings) if settings.is_empty()
+        ));
+    }
+
+    #[test]
+    fn garbage_kvm_state_is_refused_with_the_state_error() {
+        let mut kvm = incoming_guest(GuestKind::Kvm);
+        let e = check_guest_state(&mut *kvm, &state(GuestKind::Kvm, vec![7; 100]), &[]);
+        assert!(matches!(e, Err(GuestStateError::Invalid(_))), "{e:?}");
+    }
+}

@@ -1,0 +1,221 @@
+//! Listening for the source: the receive's settings checked, its target claimed, its socket
+//! bound, one source admitted (and SIGINT/SIGTERM watched while it migrates); the migration
+//! itself is the state machine's ([`super::machine`]).
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::migration::config::RecvConfig;
+use crate::migration::connect::admission::Admissions;
+use crate::migration::dest::machine::{self, Received};
+use crate::migration::error::RecvError;
+use crate::migration::image::{check_target, Reservation};
+use crate::migration::interrupt;
+use crate::migration::wire::PAGE_SIZE;
+use crate::telemetry::stats::MigrationStats;
+
+/// Parses `--listen`: `PORT` or `:PORT` listen on 127.0.0.1; `HOST:PORT` is explicit.
+/// Returns the address and whether it was given explicitly.
+pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
+    let bad = || {
+        RecvError::Config(format!(
+            "bad listen address {s:?} (PORT, :PORT or HOST:PORT, the port 0 to 65535)"
+        ))
+    };
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok((
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            false,
+        ));
+    }
+    let addr: SocketAddr = s.parse().map_err(|_| bad())?;
+    Ok((addr, true))
+}
+
+/// Checks a receive's settings before anything is created or bound: the listen address,
+/// the expected size and the target path ([`check_target`]: not a directory or a device,
+/// in a directory that exists). Errors are [`RecvError::Config`] and
+/// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
+pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
+    listen_addr(&cfg.listen)?;
+    if cfg.io_timeout.is_zero() {
+        // Every connection would be dropped for it, and the receive never end.
+        return Err(RecvError::Config("--io-timeout must be above 0".into()));
+    }
+    if let Some(size) = cfg.expect_size {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
+            return Err(RecvError::Config(format!(
+                "expected guest size {size} (--size) must be a non-zero multiple of \
+                 {PAGE_SIZE} bytes, at most {}",
+                cfg.max_size
+            )));
+        }
+    }
+    check_target(&cfg.memory_file)?;
+    Ok(())
+}
+
+/// A receive that listens: its settings checked, its target claimed (no other receive
+/// can write it meanwhile, see [`Reservation`]), its socket bound. [`receive_on`] takes
+/// the migration; dropped unused, it releases the target.
+#[derive(Debug)]
+pub struct Listening {
+    claim: Reservation,
+    listener: TcpListener,
+    local: SocketAddr,
+}
+
+impl Listening {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// Prepares a receive into `cfg.memory_file`: checks the settings ([`check_config`]),
+/// claims the target (refused with [`crate::migration::image::ImageError::Busy`] while another
+/// receiver writes it) and binds the listening socket. Prints `listening on ADDR` on
+/// stdout once bound. Nothing has been received when this fails.
+pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
+    check_config(cfg)?;
+    let (addr, explicit) = listen_addr(&cfg.listen)?;
+    let claim = Reservation::claim(&cfg.memory_file)?;
+    for stale in claim.removed() {
+        eprintln!(
+            "vmstream recv: removed {}, left by a receiver that no longer runs",
+            stale.display()
+        );
+    }
+    if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
+        eprintln!(
+            "vmstream recv: warning: listening on {addr}: the migration stream is \
+             unauthenticated, anyone who connects can write this guest's memory \
+             (--auth-key-file admits only sources that hold a shared key)"
+        );
+    }
+    let listener = TcpListener::bind(addr).map_err(|e| RecvError::Listen(addr.to_string(), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| RecvError::Listen(addr.to_string(), e))?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}");
+        let _ = out.flush();
+    }
+    Ok(Listening {
+        claim,
+        listener,
+        local,
+    })
+}
+
+/// Listens, accepts one source and receives its guest into `cfg.memory_file`: [`listen`],
+/// then [`receive_on`].
+pub fn receive_migration(
+    cfg: &RecvConfig,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    let listening = listen(cfg)?;
+    receive_on(cfg, listening, stats)
+}
+
+/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`. Fills
+/// `stats`; on success returns the resumed guest (with `cfg.resume`).
+pub fn receive_on(
+    cfg: &RecvConfig,
+    listening: Listening,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    let Listening {
+        claim,
+        listener,
+        local,
+    } = listening;
+    // Connections are read concurrently (`crate::migration::connect::admission`): the first opening is the
+    // source's; with a key, the first that proved it, while the others are refused.
+    let mut admissions = Admissions::new(listener, cfg.auth_key.clone(), cfg.io_timeout)
+        .map_err(|e| RecvError::Listen(local.to_string(), e))?;
+    let source = loop {
+        if interrupt::requested(cfg.cancel.as_ref()) {
+            return Err(RecvError::Interrupted);
+        }
+        match admissions.next(Duration::from_millis(200)) {
+            Ok(Some(opening)) => break opening,
+            Ok(None) => {}
+            Err(e) => return Err(RecvError::Listen(local.to_string(), e)),
+        }
+    };
+    let _watch = cfg
+        .cancel
+        .as_ref()
+        .map(|flag| InterruptWatch::start(flag.clone(), source.reader.get_ref()))
+        .transpose()
+        .map_err(RecvError::Socket)?;
+    machine::receive_from(cfg, source, claim, admissions, stats)
+}
+
+/// Ends a receive that is waiting for the source once `RecvConfig::cancel` is set: shuts
+/// the read side of channel 0, so a blocked read ends (with more channels, the others are
+/// shut when the rounds end early). Writes still work: the source is told why. Stops
+/// watching when dropped.
+struct InterruptWatch {
+    done: Arc<AtomicBool>,
+}
+
+impl InterruptWatch {
+    fn start(flag: Arc<AtomicBool>, channel0: &TcpStream) -> std::io::Result<InterruptWatch> {
+        let socket = channel0.try_clone()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let watching = done.clone();
+        std::thread::Builder::new()
+            .name("vmstream-interrupt".into())
+            .spawn(move || {
+                while !watching.load(Ordering::Relaxed) {
+                    if flag.load(Ordering::Relaxed) {
+                        let _ = socket.shutdown(std::net::Shutdown::Read);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })?;
+        Ok(InterruptWatch { done })
+    }
+}
+
+impl Drop for InterruptWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The temporary file a receive into `target` uses (for tests and cleanup tools).
+pub fn temp_image_path(target: &Path) -> Option<PathBuf> {
+    crate::migration::image::temp_path(target).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_defaults_to_loopback() {
+        assert_eq!(
+            listen_addr("7000").unwrap(),
+            ("127.0.0.1:7000".parse().unwrap(), false)
+        );
+        assert_eq!(
+            listen_addr(":0").unwrap(),
+            ("127.0.0.1:0".parse().unwrap(), false)
+        );
+        assert_eq!(
+            listen_addr("0.0.0.0:9").unwrap(),
+            ("0.0.0.0:9".parse().unwrap(), true)
+        );
+        assert!(listen_addr("nonsense").is_err());
+    }
+}

@@ -1,0 +1,706 @@
+//! The destination's state machine over `DestState`: from the source's `Hello` to the
+//! commit of the image and the resume of the guest.
+//!
+//! ```text
+//! Handshake --accepted--> Receiving (rounds until the FINAL RoundEnd; then the digest of
+//!   the page hashes the codec workers kept, and with --resume the workload's verify)
+//!   --> AwaitGuestState --> AwaitDigest --> Committing --digest ok--> Committed
+//!   --Handover (the source guest ended)--> Resuming (optional: run the guest) --> Done
+//! any error before Committed: Abort sent, temporary image removed, Err returned
+//! no Handover after Committed: the image stays committed, no guest is run, Err returned
+//! ```
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant, SystemTime};
+
+use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
+
+use crate::memory::GuestMemory;
+use crate::migration::config::RecvConfig;
+use crate::migration::connect::admission::{Admissions, Opening};
+use crate::migration::connect::auth::Admission;
+use crate::migration::connect::channels::{no_migration, DestChannels};
+use crate::migration::dest::incoming::{
+    check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
+};
+use crate::migration::dest::verify::TouchedPages;
+use crate::migration::digest::{hex, PageHashes};
+use crate::migration::error::RecvError;
+use crate::migration::image::{PendingImage, Reservation};
+use crate::migration::interrupt;
+use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
+use crate::migration::wire::{
+    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestSamples, GuestState, Hello,
+    HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
+    FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
+};
+use crate::telemetry::impact::DESTINATION_WINDOW;
+use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
+
+/// Where the destination is in the migration. From the handshake on, the states carry the
+/// guest of the kind the `Hello` announced.
+enum DestState {
+    /// Wait for `Hello`, answer it.
+    Handshake,
+    /// Apply rounds into the temporary image until the final one.
+    Receiving {
+        hello: Hello,
+        image: PendingImage,
+        guest: Box<dyn IncomingGuest>,
+    },
+    /// Wait for the guest's state.
+    AwaitGuestState {
+        image: PendingImage,
+        ours: [u8; 32],
+        guest: Box<dyn IncomingGuest>,
+    },
+    /// Wait for the source's digest.
+    AwaitDigest {
+        image: PendingImage,
+        ours: [u8; 32],
+        state: GuestState,
+        guest: Box<dyn IncomingGuest>,
+    },
+    /// Compare digests; commit or refuse.
+    Committing {
+        image: PendingImage,
+        ours: [u8; 32],
+        digest: Digest,
+        guest: Box<dyn IncomingGuest>,
+    },
+    /// The image is in place (`memory`, committed at `committed_at_ns`, CLOCK_REALTIME: the
+    /// end of the downtime when no guest is resumed here); optionally run the guest, then
+    /// report.
+    Committed {
+        paused_at_ns: u64,
+        committed_at_ns: u64,
+        memory: GuestMemory,
+        guest: Box<dyn IncomingGuest>,
+    },
+    /// Finished.
+    Done(Received),
+}
+
+/// What a successful receive produced.
+#[derive(Debug)]
+pub struct Received {
+    /// The resumed guest, if `--resume`: joins to its outcome.
+    pub guest: Option<ResumedGuest>,
+    /// The resumed KVM guest, if `--resume` and the guest is a KVM guest.
+    pub kvm: Option<KvmResumed>,
+}
+
+struct Dest<'a> {
+    cfg: &'a RecvConfig,
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<TcpStream>,
+    /// The listener (while channels bind) and the connections of channels 1...
+    channels: DestChannels,
+    stats: &'a mut MigrationStats,
+    start: Instant,
+    /// The source connection's opening (`crate::migration::connect::admission`), until the handshake takes it.
+    opening: Option<Admission>,
+    /// The claimed target (`crate::migration::image`), until the handshake sizes its image.
+    claim: Option<Reservation>,
+}
+
+/// Receives the migration the source (its connection: `source`, the first admitted on
+/// `admissions`) sends into the target `claim` reserved. Fills `stats`; on an error before
+/// the commit tells the source (`Abort`), and the temporary image is gone.
+pub(super) fn receive_from(
+    cfg: &RecvConfig,
+    source: Opening,
+    claim: Reservation,
+    admissions: Admissions,
+    stats: &mut MigrationStats,
+) -> Result<Received, RecvError> {
+    // Kept while the handshake tells whether more channels follow.
+    let channels = DestChannels::new(admissions);
+    let mut dest = Dest {
+        cfg,
+        reader: source.reader,
+        writer: source.writer,
+        opening: Some(source.admission),
+        claim: Some(claim),
+        channels,
+        stats,
+        start: Instant::now(),
+    };
+    let mut result = dest.run();
+    if result.is_err() && interrupt::requested(cfg.cancel.as_ref()) {
+        result = Err(RecvError::Interrupted);
+    }
+    // Set at the commit; a receive that ended before it took this long.
+    if dest.stats.total_time_ms == 0.0 {
+        dest.stats.total_time_ms = dest.start.elapsed().as_secs_f64() * 1e3;
+    }
+    let bytes = dest.reader.bytes_read() + dest.channels.extra_bytes();
+    if let Err(e) = &result {
+        let code = match e {
+            RecvError::Transport(_) | RecvError::Protocol(_) => AbortCode::Protocol,
+            _ => AbortCode::DestinationError,
+        };
+        if !matches!(e, RecvError::Refused { .. } | RecvError::PeerAborted { .. }) {
+            let _ = dest.send(&Message::Abort(Abort {
+                code,
+                reason: e.to_string(),
+            }));
+        }
+    }
+    stats.bytes_on_wire = bytes;
+    if stats.guest_bytes > 0 {
+        stats.wire_to_guest_ratio = bytes as f64 / stats.guest_bytes as f64;
+    }
+    stats.cpu = CpuTime::now();
+    result
+}
+
+fn unexpected(wanted: &str, got: Frame) -> RecvError {
+    match got {
+        Frame::Control(Message::Abort(a)) => RecvError::PeerAborted {
+            code: a.code,
+            reason: a.reason,
+        },
+        Frame::Control(m) => RecvError::Protocol(format!(
+            "expected {wanted}, got a {} message",
+            m.frame_type().name()
+        )),
+        Frame::Packet(_) => RecvError::Protocol(format!("expected {wanted}, got a packet")),
+    }
+}
+
+impl Dest<'_> {
+    fn send(&mut self, m: &Message) -> Result<(), RecvError> {
+        self.writer
+            .write_message(m)
+            .map_err(|e| RecvError::Transport(TransportError::Io(e)))
+    }
+
+    /// Records the downtime (pause to `at`, the guest running again) and tells the source
+    /// in `Resumed`; after the commit a failure to report is only a warning.
+    fn report_resumed(&mut self, paused_at_ns: u64, at: u64, running: bool, tx: u64) {
+        self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
+        self.stats.cpu = CpuTime::now();
+        let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
+        if let Err(e) = self.send(&Message::Resumed(Resumed {
+            at_unix_ns: at,
+            running,
+            tx_count: tx,
+            receiver_cpu_ns: cpu_ns,
+        })) {
+            eprintln!("vmstream recv: warning: could not report the resume: {e}");
+        }
+    }
+
+    fn run(&mut self) -> Result<Received, RecvError> {
+        let mut state = DestState::Handshake;
+        loop {
+            state = match state {
+                DestState::Handshake => self.handshake()?,
+                DestState::Receiving {
+                    hello,
+                    image,
+                    guest,
+                } => self.receiving(hello, image, guest)?,
+                DestState::AwaitGuestState {
+                    mut image,
+                    ours,
+                    mut guest,
+                } => match self.reader.read_frame()? {
+                    Frame::Control(Message::GuestState(state)) => {
+                        self.accept_guest_state(&state, guest.as_mut(), &mut image, ours)?;
+                        DestState::AwaitDigest {
+                            image,
+                            ours,
+                            state,
+                            guest,
+                        }
+                    }
+                    other => return Err(unexpected("the guest state", other)),
+                },
+                DestState::AwaitDigest {
+                    image,
+                    ours,
+                    state,
+                    guest,
+                } => match self.reader.read_frame()? {
+                    Frame::Control(Message::Digest(digest)) => {
+                        self.stats
+                            .settings
+                            .insert("source_tx_at_pause".into(), state.tx_count.to_string());
+                        DestState::Committing {
+                            image,
+                            ours,
+                            digest,
+                            guest,
+                        }
+                    }
+                    other => return Err(unexpected("the digest", other)),
+                },
+                DestState::Committing {
+                    image,
+                    ours,
+                    digest,
+                    guest,
+                } => self.committing(image, ours, digest, guest)?,
+                DestState::Committed {
+                    paused_at_ns,
+                    committed_at_ns,
+                    memory,
+                    guest,
+                } => self.committed(paused_at_ns, committed_at_ns, memory, guest)?,
+                DestState::Done(received) => return Ok(received),
+            };
+        }
+    }
+
+    /// Checks a `Hello` (with the checks of `guest`, of the kind it announces); `Some`
+    /// refusal if we cannot take this guest.
+    fn check_hello(&self, h: &Hello, guest: &dyn IncomingGuest) -> Option<(RefuseCode, String)> {
+        if h.page_size != PAGE_SIZE {
+            return Some((
+                RefuseCode::PageSize,
+                format!(
+                    "page size {} (this destination uses {PAGE_SIZE})",
+                    h.page_size
+                ),
+            ));
+        }
+        if let Some(refusal) = guest.check_hello(h, self.cfg.resume) {
+            return Some(refusal);
+        }
+        if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_MEMORY_DIGEST == 0 {
+            return Some((
+                RefuseCode::Features,
+                format!(
+                    "features {:#x}: known {KNOWN_FEATURES:#x}, the memory digest is required",
+                    h.features
+                ),
+            ));
+        }
+        if h.codec_version != Hello::CODEC_VERSION {
+            return Some((
+                RefuseCode::Version,
+                format!(
+                    "codec packet format {} (this destination reads {})",
+                    h.codec_version,
+                    Hello::CODEC_VERSION
+                ),
+            ));
+        }
+        if h.guest_size == 0
+            || !h.guest_size.is_multiple_of(PAGE_SIZE as u64)
+            || h.guest_size > self.cfg.max_size
+        {
+            return Some((
+                RefuseCode::GuestSize,
+                format!(
+                    "guest size {} must be a non-zero multiple of {PAGE_SIZE} up to {}",
+                    h.guest_size, self.cfg.max_size
+                ),
+            ));
+        }
+        if let Some(want) = self.cfg.expect_size {
+            if h.guest_size != want {
+                return Some((
+                    RefuseCode::GuestSize,
+                    format!(
+                        "guest memory size mismatch: source has {} bytes, destination expects {want}",
+                        h.guest_size
+                    ),
+                ));
+            }
+        }
+        None
+    }
+
+    fn refuse(&mut self, code: RefuseCode, reason: String) -> RecvError {
+        let _ = self.send(&Message::HelloReply(HelloReply {
+            refuse: code,
+            receiver_workers: 0,
+            resumes: false,
+            reason: reason.clone(),
+        }));
+        RecvError::Refused { code, reason }
+    }
+
+    fn handshake(&mut self) -> Result<DestState, RecvError> {
+        let opening = self
+            .opening
+            .take()
+            .ok_or_else(|| RecvError::Protocol("the handshake ran twice".into()))?;
+        let first = match opening {
+            Admission::Frame(f) => f,
+            Admission::Refuse(reason) => return Err(self.refuse(RefuseCode::Auth, reason)),
+        };
+        let hello = match first {
+            Ok(Frame::Control(Message::Hello(h))) => h,
+            Ok(Frame::Control(Message::ChannelHello(c))) => {
+                return Err(self.refuse(RefuseCode::Channel, no_migration(&c).to_string()))
+            }
+            Err(TransportError::Wire(e @ (WireError::Version { .. } | WireError::BadMagic(_)))) => {
+                return Err(self.refuse(RefuseCode::Version, e.to_string()))
+            }
+            Ok(other) => return Err(unexpected("a hello", other)),
+            Err(e) => return Err(e.into()),
+        };
+        let guest = incoming_guest(hello.guest_kind);
+        if let Some((code, reason)) = self.check_hello(&hello, guest.as_ref()) {
+            return Err(self.refuse(code, reason));
+        }
+        // Several channels: channel 0 announces the migration id and count next.
+        let primary = if hello.features & FEATURE_CHANNELS != 0 {
+            match DestChannels::read_primary(&mut self.reader) {
+                Ok(c) => Some(c),
+                Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
+            }
+        } else {
+            self.channels.close_listener();
+            None
+        };
+        let image = match self
+            .claim
+            .take()
+            .map(|c| PendingImage::create(c, hello.guest_size))
+        {
+            Some(Ok(i)) => i,
+            Some(Err(e)) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
+            None => return Err(RecvError::Protocol("the handshake ran twice".into())),
+        };
+        let workers = self.workers(&hello);
+        self.stats.guest_bytes = hello.guest_size;
+        self.stats
+            .settings
+            .insert("receiver_workers".into(), workers.to_string());
+        self.stats
+            .settings
+            .insert("compression".into(), format!("{:?}", hello.compression));
+        self.stats
+            .settings
+            .insert("delta".into(), format!("{:?}", hello.delta));
+        self.send(&Message::HelloReply(HelloReply {
+            refuse: RefuseCode::None,
+            receiver_workers: workers as u32,
+            resumes: self.cfg.resume,
+            reason: String::new(),
+        }))?;
+        if let Some(primary) = primary {
+            self.channels
+                .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
+            eprintln!(
+                "vmstream recv: {} channels bound (migration {})",
+                primary.count,
+                crate::migration::connect::channels::id_hex(&primary.migration_id)
+            );
+        }
+        self.stats
+            .settings
+            .insert("channels".into(), self.channels.count().to_string());
+        Ok(DestState::Receiving {
+            hello,
+            image,
+            guest,
+        })
+    }
+
+    fn workers(&self, hello: &Hello) -> usize {
+        let cores = vmstream_codec::receiver::default_workers();
+        self.cfg
+            .threads
+            .unwrap_or(hello.sender_workers as usize)
+            .clamp(1, 2 * cores)
+    }
+
+    fn receiving(
+        &mut self,
+        hello: Hello,
+        mut image: PendingImage,
+        mut guest: Box<dyn IncomingGuest>,
+    ) -> Result<DestState, RecvError> {
+        // Destination memory is written only by the codec's workers: each keeps the hash
+        // of the pages it applies current, so the digest at the pause only hashes the list.
+        let page_size = PAGE_SIZE as usize;
+        let hashes = std::sync::Arc::new(PageHashes::zeroed(
+            hello.guest_size / PAGE_SIZE as u64,
+            page_size,
+        ));
+        // With --resume, the workload's verify of the received image runs mostly during the
+        // rounds (`dest/verify.rs`), off the downtime.
+        let touched = std::sync::Arc::new(TouchedPages::new(hello.guest_size / PAGE_SIZE as u64));
+        if self.cfg.resume {
+            if let Err(e) = guest.start_background(image.temp_path(), touched.clone()) {
+                eprintln!("vmstream recv: note: verifying at the pause only: {e}");
+            }
+        }
+        let config = ReceiverConfig {
+            workers: self.workers(&hello),
+            // A fresh sparse file: zero pages need not be written.
+            zeroed_memory: true,
+            page_observer: Some({
+                let hashes = std::sync::Arc::clone(&hashes);
+                let touched = std::sync::Arc::clone(&touched);
+                std::sync::Arc::new(move |page, content: &[u8]| {
+                    hashes.update(page, content);
+                    touched.mark(page);
+                })
+            }),
+            ..ReceiverConfig::default()
+        };
+        let mut frames = self
+            .channels
+            .frames(&mut self.reader, self.cfg.io_timeout)?;
+        let writer = &mut self.writer;
+        let mut converged = true;
+        let mut rounds = 0u64;
+        let result = receive(
+            &config,
+            image.memory_mut(),
+            |rx| -> Result<PipelineStats, RecvError> {
+                loop {
+                    match frames.next_frame()? {
+                        (ch, Frame::Packet(p)) => {
+                            frames.packet(ch)?;
+                            rx.submit(p)?
+                        }
+                        (ch, Frame::Control(Message::RoundEnd(end))) => {
+                            // The round ends once it ended on every channel.
+                            let Some(end) = frames.round_end(ch, end)? else {
+                                continue;
+                            };
+                            let t = Instant::now();
+                            let st = rx.end_round(end.round)?;
+                            if st.pages() != end.records || st.packets != end.packets {
+                                return Err(RecvError::Protocol(format!(
+                                "round {}: applied {} records in {} packets, source sent {} in {}",
+                                end.round,
+                                st.pages(),
+                                st.packets,
+                                end.records,
+                                end.packets
+                            )));
+                            }
+                            writer
+                                .write_message(&Message::RoundAck(RoundAck {
+                                    round: end.round,
+                                    records: st.pages(),
+                                    packets: st.packets,
+                                    barrier_ns: t.elapsed().as_nanos() as u64,
+                                }))
+                                .map_err(TransportError::Io)?;
+                            rounds += 1;
+                            if !end.is_final() {
+                                guest.round_applied();
+                            }
+                            if end.is_final() {
+                                converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;
+                                return Ok(rx.total_stats().clone());
+                            }
+                        }
+                        (_, other) => return Err(unexpected("a packet or round end", other)),
+                    }
+                }
+            },
+        );
+        drop(frames);
+        // `receive` reports worker panics; the closure reports everything else.
+        self.stats.codec = match result {
+            Ok(Ok(codec)) => codec,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        self.stats.rounds = rounds;
+        self.stats.converged = converged;
+        // The page hashes are current (every round passed its barrier): hash the list.
+        let t = Instant::now();
+        let ours = hashes.digest();
+        self.stats
+            .switchover_ms
+            .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
+        if self.cfg.resume {
+            // While the source hashes its memory: recovery and verify read (and recovery
+            // may write) the final image, after our digest of it was taken.
+            let t = Instant::now();
+            guest.verify_at_pause(&mut image, &hashes);
+            self.stats
+                .switchover_ms
+                .insert("verify".into(), t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(DestState::AwaitGuestState { image, ours, guest })
+    }
+
+    /// The `GuestState` arrived: validate it before anything is committed. A refusal is
+    /// answered with `CommitReply { state rejected }` (the source is waiting for a verdict).
+    fn accept_guest_state(
+        &mut self,
+        state: &GuestState,
+        guest: &mut dyn IncomingGuest,
+        image: &mut PendingImage,
+        ours: [u8; 32],
+    ) -> Result<(), RecvError> {
+        match check_guest_state(guest, state, image.memory_mut()) {
+            Ok(settings) => {
+                for (name, value) in settings {
+                    self.stats.settings.insert(name.into(), value);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let err = RecvError::GuestState(e);
+                let _ = self.send(&Message::CommitReply(CommitReply {
+                    status: CommitStatus::StateRejected,
+                    digest: ours,
+                    reason: err.to_string(),
+                }));
+                Err(err)
+            }
+        }
+    }
+
+    fn committing(
+        &mut self,
+        image: PendingImage,
+        ours: [u8; 32],
+        digest: Digest,
+        guest: Box<dyn IncomingGuest>,
+    ) -> Result<DestState, RecvError> {
+        self.stats.digest = Some(hex(&ours));
+        if digest.guest_size != self.stats.guest_bytes || ours != digest.digest {
+            let err = RecvError::DigestMismatch {
+                source_digest: hex(&digest.digest),
+                ours: hex(&ours),
+            };
+            let _ = self.send(&Message::CommitReply(CommitReply {
+                status: CommitStatus::DigestMismatch,
+                digest: ours,
+                reason: err.to_string(),
+            }));
+            return Err(err);
+        }
+        if let Some(e) = guest.verify_failure() {
+            let err = RecvError::Resume(format!(
+                "the workload's verify of the received image failed, nothing committed: {e}"
+            ));
+            let _ = self.send(&Message::CommitReply(CommitReply {
+                status: CommitStatus::Failed,
+                digest: ours,
+                reason: err.to_string(),
+            }));
+            return Err(err);
+        }
+        let t = Instant::now();
+        let committed = image.commit();
+        self.stats
+            .switchover_ms
+            .insert("commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        let (memory, committed_at_ns) = match committed {
+            Ok(memory) => (memory, unix_ns(SystemTime::now())),
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = self.send(&Message::CommitReply(CommitReply {
+                    status: CommitStatus::Failed,
+                    digest: ours,
+                    reason,
+                }));
+                return Err(e.into());
+            }
+        };
+        self.stats.outcome = "committed".into();
+        self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        self.send(&Message::CommitReply(CommitReply {
+            status: CommitStatus::Committed,
+            digest: ours,
+            reason: String::new(),
+        }))?;
+        Ok(DestState::Committed {
+            paused_at_ns: digest.paused_at_unix_ns,
+            committed_at_ns,
+            memory,
+            guest,
+        })
+    }
+
+    /// Waits for the source's `Handover` (its guest ended). Without it a guest must not run
+    /// here: the source may have resumed its own copy.
+    fn await_handover(&mut self) -> Result<(), RecvError> {
+        let t = Instant::now();
+        let frame = self.reader.read_frame();
+        self.stats
+            .switchover_ms
+            .insert("await_handover".into(), t.elapsed().as_secs_f64() * 1e3);
+        match frame {
+            Ok(Frame::Control(Message::Handover(_))) => Ok(()),
+            Ok(other) => Err(RecvError::NoHandover(
+                unexpected("the handover", other).to_string(),
+            )),
+            Err(e) => Err(RecvError::NoHandover(e.to_string())),
+        }
+    }
+
+    /// The image is committed: from here on errors do not roll anything back. Resumes the
+    /// guest if asked, then reports `Resumed` (the end of the downtime: the guest running
+    /// again, or without `--resume` the commit) and, while the guest runs, its samples.
+    fn committed(
+        &mut self,
+        paused_at_ns: u64,
+        committed_at_ns: u64,
+        memory: GuestMemory,
+        mut guest: Box<dyn IncomingGuest>,
+    ) -> Result<DestState, RecvError> {
+        if let Err(e) = self.await_handover() {
+            if self.cfg.resume {
+                return Err(e);
+            }
+            // Nothing runs here: the image is in place all the same.
+            eprintln!("vmstream recv: warning: {e}");
+        }
+        // Without --resume the image stays mapped until the report is sent.
+        let resumed = if self.cfg.resume {
+            match guest.resume(memory, &self.cfg.memory_file, self.cfg.run_for) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let _ = self.send(&Message::Abort(Abort {
+                        code: AbortCode::DestinationError,
+                        reason: e.to_string(),
+                    }));
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        match &resumed {
+            Some(r) => {
+                for (name, ms) in &r.phases {
+                    self.stats.switchover_ms.insert(name.to_string(), *ms);
+                }
+                self.report_resumed(paused_at_ns, r.at_unix_ns, true, r.tx_count);
+                let samples = guest.sample(&self.cfg.memory_file, self.sample_window());
+                self.send_samples(samples);
+            }
+            None => self.report_resumed(paused_at_ns, committed_at_ns, false, 0),
+        }
+        Ok(DestState::Done(guest.into_received()))
+    }
+
+    /// How long the resumed guest is sampled for the source: [`DESTINATION_WINDOW`], or
+    /// `--run-for` if shorter.
+    fn sample_window(&self) -> Duration {
+        self.cfg
+            .run_for
+            .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW))
+    }
+
+    /// Sends the resumed guest's samples to the source; an empty report if sampling
+    /// failed, so the source does not wait.
+    fn send_samples(&mut self, samples: Result<GuestSamples, String>) {
+        let samples = samples.unwrap_or_else(|e| {
+            eprintln!("vmstream recv: warning: sampling the resumed guest: {e}");
+            GuestSamples {
+                samples: Vec::new(),
+            }
+        });
+        if let Err(e) = self.send(&Message::GuestSamples(samples)) {
+            eprintln!("vmstream recv: warning: could not report the guest samples: {e}");
+        }
+    }
+}
