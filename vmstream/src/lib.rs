@@ -9,6 +9,7 @@ pub mod converge;
 pub mod guest;
 pub mod memory;
 pub mod migration;
+pub mod signals;
 pub mod telemetry;
 pub mod track;
 pub mod units;

@@ -21,8 +21,8 @@ use crate::migration::connect::auth::AuthKey;
 use crate::migration::dest::{check_config, listen, receive_on, KvmResumed};
 use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
-use crate::migration::interrupt::flag_on_interrupt;
 use crate::migration::source::{migrate, Outcome};
+use crate::signals::new_stop_flag;
 use crate::telemetry::stats::MigrationStats;
 use crate::units::{parse_bandwidth, parse_duration, parse_size};
 
@@ -332,9 +332,9 @@ fn finish_report(stats: &MigrationStats, json: Option<&PathBuf>, who: &str) {
     let _ = out.flush();
 }
 
-/// [`flag_on_interrupt`] for `vmstream WHO`; `None` after saying why it failed.
+/// [`new_stop_flag`] for `vmstream WHO`; `None` after saying why it failed.
 fn interrupt_flag(who: &str) -> Option<Arc<AtomicBool>> {
-    flag_on_interrupt()
+    new_stop_flag()
         .map_err(|e| eprintln!("vmstream {who}: handling SIGINT/SIGTERM: {e}"))
         .ok()
 }
@@ -527,7 +527,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     };
     // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and we
     // exit 0 if it is healthy.
-    if let Err(e) = crate::guest::file::stop_on_signals() {
+    if let Err(e) = crate::signals::stop_running_guests_on_signals() {
         eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
     }
     let started = Instant::now();

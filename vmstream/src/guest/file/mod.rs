@@ -20,9 +20,9 @@ pub mod workload;
 use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::guest::file::layout::WorkloadKind;
@@ -317,23 +317,6 @@ fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result
     Ok(true)
 }
 
-/// Run transactions at the stored rate until the duration ends or the control channel
-/// says exit. After a stall of more than 100 ms (SIGSTOP, throttling) the backlog is
-/// dropped instead of replayed in a burst.
-/// Set by SIGTERM / SIGINT once [`stop_on_signals`] registered it.
-static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-/// Makes SIGTERM and SIGINT stop running workloads cleanly (the current transaction
-/// finishes, the run returns as if its duration had passed) instead of killing the
-/// process, so a resumed guest can be stopped and still reported healthy.
-pub fn stop_on_signals() -> io::Result<()> {
-    let flag = STOP.get_or_init(|| Arc::new(AtomicBool::new(false)));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(flag))?;
-    }
-    Ok(())
-}
-
 /// [`open_owned`] for a guest of this module: the memory file at `path` (created if
 /// missing and `create`), locked while the returned file stays open, before the file is
 /// formatted or resumed.
@@ -361,10 +344,11 @@ fn survive_hangup() -> io::Result<()> {
     Ok(())
 }
 
-fn stop_requested() -> bool {
-    STOP.get().is_some_and(|f| f.load(Ordering::Relaxed))
-}
-
+/// Run transactions at the stored rate until the duration ends or the control channel
+/// says exit. After a stall of more than 100 ms (SIGSTOP, throttling) the backlog is
+/// dropped instead of replayed in a burst.
+/// SIGINT or SIGTERM end it too once [`crate::signals::stop_running_guests_on_signals`]
+/// registered them (a resumed guest).
 fn run_loop(
     w: &mut Workload<'_>,
     duration: Option<Duration>,
@@ -389,7 +373,9 @@ fn run_loop(
                 }
             }
         }
-        if duration.is_some_and(|d| start.elapsed() >= d) || stop_requested() {
+        if duration.is_some_and(|d| start.elapsed() >= d)
+            || crate::signals::running_guests_stop_requested()
+        {
             return Ok(());
         }
         let rate = w.rate();

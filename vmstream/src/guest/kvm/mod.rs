@@ -19,6 +19,7 @@ mod guest;
 mod machine;
 pub mod memory;
 pub mod params;
+pub mod run;
 pub mod setup;
 pub mod source;
 pub mod state;

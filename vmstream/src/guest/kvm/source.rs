@@ -11,9 +11,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::kvm::report_while_running;
 use crate::guest::file::source::GuestControlError;
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
+use crate::guest::kvm::run::report_while_running;
 use crate::guest::kvm::{DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;

@@ -5,11 +5,12 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cli::kvm::{install_stop_handler, report_while_running, stop_requested};
+use crate::guest::kvm::run::report_while_running;
 use crate::guest::kvm::{GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
 use crate::migration::dest::incoming::Resumption;
 use crate::migration::error::RecvError;
 use crate::migration::wire::GuestSamples;
+use crate::signals::{running_guests_stop_requested, stop_running_guests_on_signals};
 use crate::telemetry::sampler::SAMPLE_PERIOD;
 use crate::telemetry::stats::unix_ns;
 
@@ -96,13 +97,14 @@ impl KvmResumed {
     /// timeline, as [`sample_destination`](crate::telemetry::impact::sample_destination)
     /// reads a guest process's.
     pub(super) fn sample(&self, window: Duration) -> Result<GuestSamples, RecvError> {
-        install_stop_handler();
+        let _ = stop_running_guests_on_signals();
         let start = Instant::now();
         let mut samples = Vec::new();
         while samples.len() < GuestSamples::MAX_SAMPLES {
             samples.push((unix_ns(SystemTime::now()), self.guest.total_transactions()?));
             let next = SAMPLE_PERIOD * samples.len() as u32;
-            if next > window || stop_requested() || !self.guest.failures().is_empty() {
+            if next > window || running_guests_stop_requested() || !self.guest.failures().is_empty()
+            {
                 break;
             }
             std::thread::sleep(next.saturating_sub(start.elapsed()));
