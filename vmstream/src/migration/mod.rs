@@ -10,7 +10,7 @@
 //!   RoundEnd { round, records, packets } ->
 //!                                <- RoundAck { round, records, packets }   (barrier passed)
 //!   round n: Packet* (pages dirtied during round n-1), RoundEnd ->, <- RoundAck
-//!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
+//!   ... until the DowntimePolicy says switch over (or cancel: Abort ->)
 //!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->
 //!   GuestState { kind, tx count, blob (KVM: vCPU state, validated before the commit) } ->
 //!   Digest { memory digest at the pause (digest.rs), paused-at instant } ->
@@ -41,8 +41,8 @@
 //! Modules: [`wire`] (typed messages, framing, checksums), [`auth`] (peer
 //! authentication), [`seal`] (encrypted, authenticated frames), [`transport`] (frame reader and
 //! writer, token bucket, the sender's [`transport::PacketChannel`]), [`channels`] (parallel
-//! channels: sharding, binding, the cross-channel round barrier), [`convergence`] (the
-//! [`convergence::ConvergencePolicy`] seam), [`source`] and [`dest`] (the two state
+//! channels: sharding, binding, the cross-channel round barrier), [`source`] (asks
+//! [`crate::converge::DowntimePolicy`] after every round) and [`dest`] (the two state
 //! machines), [`image`] (temporary image, commit, rollback), [`digest`], [`stats`],
 //! [`impact`] (the guest-impact timeline of the statistics),
 //! [`source_guest`] (the guest process on the source), [`source_kvm`] (a KVM guest run by

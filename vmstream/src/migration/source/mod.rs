@@ -1,7 +1,7 @@
 //! The source side: an explicit state machine over `SourceState`.
 //!
 //! ```text
-//! Handshake --accepted--> Iterate(0) --policy: continue--> Iterate(n+1)
+//! Handshake --accepted--> Iterate(0) --policy: iterate--> Iterate(n+1)
 //!                            |  \--policy: cancel, or SendConfig::cancel set--> Done(Cancelled)
 //!                            \--policy: switch over--> Switchover --> AwaitCommit
 //! AwaitCommit --committed--> Committed (source guest ended, Handover sent) --> Done(Committed)
@@ -9,13 +9,11 @@
 //! ```
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::converge::defer::HotPageDeferral;
-use crate::converge::policy::{ConvergencePolicy, Decision, DowntimePolicy, RoundObservation};
-use crate::converge::{Converger, Strategy};
+use crate::converge::{switchover_latency, DowntimePolicy, RoundObservation, SwitchReason};
 use crate::guest::migratable::MigratableGuest;
 use crate::migration::config::SendConfig;
 use crate::migration::connect::channels::{ChannelRound, SourceChannels};
@@ -40,6 +38,15 @@ pub const CRASH_AFTER_COMMIT_ENV: &str = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
 /// Why a migration cancelled through `SendConfig::cancel` ended.
 const CANCELLED: &str = "on request (SIGINT or SIGTERM from the command line)";
 
+/// How a migration that did not fail ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination committed the image.
+    Committed,
+    /// The policy cancelled (timeout); the source guest keeps running.
+    Cancelled(String),
+}
+
 /// Where the source is in the migration.
 #[derive(Debug)]
 enum SourceState {
@@ -59,15 +66,6 @@ enum SourceState {
     Committed { paused_at_ns: u64 },
     /// Finished.
     Done(Outcome),
-}
-
-/// How a migration that did not fail ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The destination committed the image.
-    Committed,
-    /// The policy cancelled (timeout); the source guest keeps running.
-    Cancelled(String),
 }
 
 /// Where a round's pages are read from.
@@ -234,9 +232,7 @@ impl RoundIo {
             .message(format!("{:.0} MB/s", rs.bandwidth_bytes_per_s / 1e6));
         Ok(rs)
     }
-}
 
-impl RoundIo {
     /// Whether `SendConfig::cancel` was set.
     fn cancelled(&self) -> bool {
         crate::migration::interrupt::requested(self.cancel.as_ref())
@@ -259,7 +255,7 @@ fn unexpected(wanted: &str, got: Frame) -> SendError {
 }
 
 /// Merges two sorted page lists without duplicates.
-pub fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
+fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() || j < b.len() {
@@ -299,34 +295,62 @@ struct Source<'a> {
     cfg: &'a SendConfig,
     guest: &'a mut dyn MigratableGuest,
     io: RoundIo,
-    policy: Box<dyn ConvergencePolicy>,
+    policy: DowntimePolicy,
     stats: &'a mut MigrationStats,
     start: Instant,
-    /// Expected wire bytes per non-zero page (refined after every round).
-    bytes_per_page: f64,
     /// Instant and transaction count when the migration started.
     tx_start: (Instant, u64),
-    /// Throttle the policy asked for last (f64 bits), set by its decision hook.
-    throttle_request: Arc<AtomicU64>,
-    /// Throttle currently applied to the guest.
-    throttle_now: f64,
     /// When the final round was acknowledged (the commit wait starts).
     switch_start: Option<Instant>,
-    /// Hot-page deferral, if enabled.
-    deferral: Option<HotPageDeferral>,
-    /// Data pages of the memory file when tracking started (None: read every page).
-    round0_data: Option<Vec<u64>>,
     /// The guest-impact timeline.
     impact: ImpactRecorder,
+    /// Expected wire bytes per non-zero page (refined after every round).
+    bytes_per_page: f64,
+    /// Throttle currently applied to the guest.
+    throttle: f64,
+    /// Data pages of the memory file when tracking started (None: read every page).
+    round0_data: Option<Vec<u64>>,
     /// How long the dirty-log collection that produced the next round's pages took.
     collect_time: Duration,
     /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
     bandwidth: Option<f64>,
     /// The destination said it resumes the guest (`HelloReply`).
     destination_resumes: bool,
+    /// Time and bytes behind the observations so far.
+    clock: RoundClock,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// A migration of `guest` that started at `start`, before its handshake.
+    fn new(
+        cfg: &'a SendConfig,
+        guest: &'a mut dyn MigratableGuest,
+        io: RoundIo,
+        policy: DowntimePolicy,
+        stats: &'a mut MigrationStats,
+        start: Instant,
+        impact: ImpactRecorder,
+    ) -> Source<'a> {
+        Source {
+            cfg,
+            guest,
+            io,
+            policy,
+            stats,
+            start,
+            tx_start: (start, 0),
+            switch_start: None,
+            impact,
+            bytes_per_page: PAGE as f64,
+            throttle: 0.0,
+            round0_data: None,
+            collect_time: Duration::ZERO,
+            bandwidth: None,
+            destination_resumes: false,
+            clock: RoundClock::default(),
+        }
+    }
+
     fn hello(&self) -> Hello {
         let delta = self.cfg.encoder.delta.is_some();
         Hello {
@@ -435,11 +459,7 @@ impl Source<'_> {
             "handshake_round_trip_ms".into(),
             format!("{:.1}", rtt.as_secs_f64() * 1e3),
         );
-        let floor = if self.destination_resumes {
-            rtt / 2 + rtt
-        } else {
-            rtt / 2
-        };
+        let floor = switchover_latency(rtt, self.destination_resumes);
         if floor >= self.cfg.downtime_limit {
             eprintln!(
                 "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
@@ -498,80 +518,80 @@ impl Source<'_> {
         let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
         self.collect_time = t.elapsed();
         let dirtied = newly.len() as u64;
-        // Everything unsent: the new dirty pages and what deferral still holds back.
-        let pending = match &self.deferral {
-            Some(d) => merge_pages(&newly, d.carried()),
-            None => newly.clone(),
-        };
         let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
         if nonzero > 0 {
             self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
         }
-        let secs = rs.duration_ms / 1e3;
-        let obs = RoundObservation {
-            round,
-            elapsed: self.start.elapsed(),
-            pending_pages: pending.len() as u64,
-            bytes_per_page: self.bytes_per_page,
-            bandwidth: self.update_bandwidth(&rs),
-            round_trip: self.io.round_trip,
-            destination_resumes: self.destination_resumes,
-            dirty_rate: newly.len() as f64 / secs,
-        };
-        rs.dirty_pages_per_s = obs.dirty_rate;
+        rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
+        let round_trip = self.io.round_trip;
         self.stats.settings.insert(
             "round_trip_ms".into(),
-            format!("{:.2}", obs.round_trip.as_secs_f64() * 1e3),
+            format!("{:.2}", round_trip.as_secs_f64() * 1e3),
         );
-        rs.expected_downtime_ms = obs.expected_downtime().as_secs_f64() * 1e3;
-        let decision = self.policy.decide(&obs);
-        let throttle = f64::from_bits(self.throttle_request.load(Ordering::Relaxed));
-        if throttle != self.throttle_now {
-            self.guest.set_throttle(throttle);
-            self.throttle_now = throttle;
-            self.impact.throttle(throttle);
-        }
-        rs.throttle = throttle;
-        let state = match decision {
-            Decision::Continue => {
-                let pages = match &mut self.deferral {
-                    Some(d) => {
-                        let split = d
-                            .split(&newly)
-                            .map_err(|e| SendError::Config(e.to_string()))?;
-                        rs.deferred_pages = split.deferred.len() as u64;
-                        split.send_now
-                    }
-                    None => newly,
-                };
-                SourceState::Iterate {
-                    round: round + 1,
-                    pages,
-                }
-            }
-            Decision::Switchover { forced } => SourceState::Switchover {
-                round: round + 1,
-                pending: match &mut self.deferral {
-                    Some(d) => d
-                        .finish(&newly)
-                        .map_err(|e| SendError::Config(e.to_string()))?,
-                    None => newly,
-                },
-                forced,
+        let latency = switchover_latency(round_trip, self.destination_resumes);
+        let now = self.start.elapsed();
+        let bandwidth = self.update_bandwidth(&rs);
+        // Everything unsent: the new dirty pages and what deferral still holds back.
+        let unsent = self.policy.unsent_pages(&newly);
+        let remaining = unsent as f64 * self.bytes_per_page.max(0.0);
+        let obs = RoundObservation {
+            dirty_pages: unsent,
+            dirty_bytes: unsent.saturating_mul(PAGE as u64),
+            remaining_dirty_bytes: if remaining.is_finite() {
+                remaining as u64
+            } else {
+                u64::MAX
             },
-            Decision::Cancel => {
+            downtime_limit: self.policy.page_limit(latency),
+            ..self.clock.observe(round, now, bandwidth, round_trip)
+        };
+        // The whole pause expected: the pages, and the latency no bandwidth shortens.
+        let expected_downtime = obs.expected_downtime().saturating_add(latency);
+        rs.expected_downtime_ms = expected_downtime.as_secs_f64() * 1e3;
+        let decision = self
+            .policy
+            .decide(&obs, newly)
+            .map_err(|e| SendError::Config(e.to_string()))?;
+        if let Some(note) = decision.note {
+            self.impact.note(obs.now, note);
+        }
+        self.apply_throttle(decision.throttle);
+        rs.throttle = decision.throttle;
+        let state = match decision.switchover {
+            _ if decision.cancel => {
                 let reason = format!(
                     "migration did not converge within {:?} (expected downtime {:.0} ms > limit {:?})",
                     self.cfg.timeout.unwrap_or_default(),
-                    obs.expected_downtime().as_secs_f64() * 1e3,
+                    expected_downtime.as_secs_f64() * 1e3,
                     self.cfg.downtime_limit
                 );
                 SourceState::Done(self.cancel(&reason)?)
             }
+            None => {
+                rs.deferred_pages = decision.pages.deferred.len() as u64;
+                SourceState::Iterate {
+                    round: round + 1,
+                    pages: decision.pages.send_now,
+                }
+            }
+            Some(reason) => SourceState::Switchover {
+                round: round + 1,
+                pending: decision.pages.send_now,
+                forced: reason == SwitchReason::Forced,
+            },
         };
         self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);
         Ok(state)
+    }
+
+    /// Sets the guest's throttle to the decided `fraction` when it changed, and records it.
+    fn apply_throttle(&mut self, fraction: f64) {
+        if fraction != self.throttle {
+            self.guest.set_throttle(fraction);
+            self.throttle = fraction;
+            self.impact.throttle(fraction);
+        }
     }
 
     fn switchover(
@@ -756,6 +776,60 @@ impl Source<'_> {
     }
 }
 
+/// Time and transfer since the migration started, as the rounds' observations see them:
+/// each round lasts from the previous observation to its own, so the rounds tile the
+/// migration's time.
+#[derive(Debug, Default)]
+struct RoundClock {
+    /// When the previous observation was made, since the migration started.
+    observed_at: Duration,
+    /// Bytes sent in all observed rounds.
+    bytes: f64,
+    /// Seconds of all observed rounds.
+    secs: f64,
+}
+
+impl RoundClock {
+    /// The observation of round `round`, which ended at `now` having sent at `bandwidth`
+    /// (bytes per second; non-finite or negative: nothing) all of its time but the
+    /// `round_trip` it waited for its acknowledgement, which carried nothing. Its pages
+    /// and the limit are the caller's to fill in (they are zero here).
+    fn observe(
+        &mut self,
+        round: u64,
+        now: Duration,
+        bandwidth: f64,
+        round_trip: Duration,
+    ) -> RoundObservation {
+        let duration = now.saturating_sub(self.observed_at);
+        self.observed_at = now;
+        let bw = if bandwidth.is_finite() && bandwidth > 0.0 {
+            bandwidth
+        } else {
+            0.0
+        };
+        let bytes_sent = bw * duration.saturating_sub(round_trip).as_secs_f64();
+        self.bytes += bytes_sent;
+        self.secs += duration.as_secs_f64();
+        RoundObservation {
+            round,
+            now,
+            dirty_pages: 0,
+            dirty_bytes: 0,
+            bytes_sent: bytes_sent as u64,
+            duration,
+            bandwidth_bytes_per_s: bw,
+            avg_bandwidth: if self.secs > 0.0 {
+                self.bytes / self.secs
+            } else {
+                bw
+            },
+            remaining_dirty_bytes: 0,
+            downtime_limit: Duration::ZERO,
+        }
+    }
+}
+
 /// How long hashing all of `memory` takes, extrapolated from hashing a 64 MiB sample of it:
 /// the fastest of three runs (the first also starts the thread pool; a busy machine
 /// makes single runs several times slower than the hash at the pause turns out).
@@ -820,12 +894,6 @@ pub fn migrate(
         "switchover_digest_estimate_ms".into(),
         format!("{:.1}", overhead.as_secs_f64() * 1e3),
     );
-    let downtime = DowntimePolicy {
-        limit: page_budget(cfg.downtime_limit, overhead),
-        timeout: cfg.timeout,
-        on_timeout: cfg.on_timeout,
-    };
-    let throttle_request = Arc::new(AtomicU64::new(0f64.to_bits()));
     // The sampler reads the file-backed workload's superblock; a KVM guest keeps its
     // counters elsewhere (its timeline has rounds and throttle, no TPS samples yet).
     let memory_path = guest.memory().path().to_path_buf();
@@ -833,56 +901,29 @@ pub fn migrate(
         (guest.kind() == GuestKind::File).then_some(memory_path.as_path()),
         start,
     );
-    let policy: Box<dyn ConvergencePolicy> = if cfg.converge.converge == Strategy::None {
-        Box::new(downtime)
-    } else {
-        let strategy = cfg
-            .converge
-            .strategy()
-            .map_err(|e| SendError::Config(e.to_string()))?;
-        let request = Arc::clone(&throttle_request);
-        let notes = impact.note_sink();
-        Box::new(
-            Converger::new(strategy, downtime, PAGE as u64).with_hook(move |o, d| {
-                request.store(d.throttle.to_bits(), Ordering::Relaxed);
-                if let Some(n) = &d.note {
-                    notes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((o.now, n.clone()));
-                }
-            }),
-        )
-    };
+    let strategy = cfg
+        .converge
+        .strategy()
+        .map_err(|e| SendError::Config(e.to_string()))?;
     let deferral = cfg
         .converge
         .deferral(guest.size() / PAGE as u64)
         .map_err(|e| SendError::Config(e.to_string()))?;
-    let mut source = Source {
-        cfg,
-        guest,
-        io: RoundIo {
-            channels,
-            reader,
-            progress: Progress::new(cfg.progress),
-            cancel: cfg.cancel.clone(),
-            round_trip: Duration::MAX,
-        },
-        policy,
-        stats,
-        start,
-        bytes_per_page: PAGE as f64,
-        tx_start: (start, 0),
-        throttle_request,
-        throttle_now: 0.0,
-        switch_start: None,
-        deferral,
-        round0_data: None,
-        impact,
-        collect_time: Duration::ZERO,
-        bandwidth: None,
-        destination_resumes: false,
+    let policy = DowntimePolicy::new(
+        page_budget(cfg.downtime_limit, overhead),
+        cfg.timeout,
+        cfg.on_timeout,
+        strategy,
+    )
+    .with_deferral(deferral);
+    let io = RoundIo {
+        channels,
+        reader,
+        progress: Progress::new(cfg.progress),
+        cancel: cfg.cancel.clone(),
+        round_trip: Duration::MAX,
     };
+    let mut source = Source::new(cfg, guest, io, policy, stats, start, impact);
     source
         .stats
         .settings
@@ -911,7 +952,7 @@ pub fn migrate(
     }
     source.io.progress.finish();
     source.stats.codec = source.io.channels.total_stats();
-    if let Some(d) = &source.deferral {
+    if let Some(d) = source.policy.deferral() {
         // Pages written again while deferred: each would have been sent twice.
         source
             .stats
@@ -961,5 +1002,21 @@ mod tests {
         assert_eq!(merge_pages(&[1, 3, 5], &[2, 3, 9]), vec![1, 2, 3, 5, 9]);
         assert_eq!(merge_pages(&[], &[4]), vec![4]);
         assert_eq!(merge_pages(&[4, 4], &[]), vec![4]);
+    }
+
+    #[test]
+    fn rounds_tile_the_time_and_send_at_the_bandwidth_but_for_the_round_trip() {
+        let mut clock = RoundClock::default();
+        let o = clock.observe(0, Duration::from_secs(2), 10e6, Duration::ZERO);
+        assert_eq!(o.duration, Duration::from_secs(2));
+        assert_eq!(o.bytes_sent, 20_000_000);
+        assert_eq!(o.avg_bandwidth, 10e6);
+        let o = clock.observe(1, Duration::from_secs(3), 20e6, Duration::from_millis(500));
+        assert_eq!(o.duration, Duration::from_secs(1));
+        assert_eq!(o.bytes_sent, 10_000_000);
+        // 30 MB in 3 s.
+        assert_eq!(o.avg_bandwidth, 10e6);
+        let o = clock.observe(2, Duration::from_secs(4), f64::NAN, Duration::ZERO);
+        assert_eq!((o.bandwidth_bytes_per_s, o.bytes_sent), (0.0, 0));
     }
 }
