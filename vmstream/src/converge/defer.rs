@@ -183,6 +183,12 @@ impl HotPageDeferral {
         self.split(newly_dirty).map(|s| s.send_now)
     }
 
+    /// Pages still unsent after a round that found `newly_dirty` (sorted, without
+    /// duplicates): those and the pages deferred last round.
+    pub fn unsent_pages(&self, newly_dirty: &[u64]) -> u64 {
+        (self.carried.len() + newly_dirty.len()) as u64 - count_common(&self.carried, newly_dirty)
+    }
+
     /// Bytes not sent twice: deferred pages written again before they were sent.
     pub fn saved_bytes(&self) -> u64 {
         self.saved_pages * self.cfg.page_size

@@ -1,36 +1,34 @@
-//! Convergence strategies: how hard to throttle the guest, when to force the switchover,
-//! which hot pages to hold back, and the guest-impact timeline (see `vmstream/CONVERGENCE.md`).
+//! The convergence model: after every round the source hands the [`DowntimePolicy`] one
+//! [`RoundObservation`] and applies the [`Decision`] it answers with: switch over or not
+//! (and why), the guest's throttle, and which dirty pages hot-page deferral holds back (see
+//! `vmstream/CONVERGENCE.md`).
 //!
-//! Everything here is pure and deterministic: a strategy sees one [`RoundObservation`] per
-//! round (time comes from [`RoundObservation::now`], never from a clock read) and answers
-//! with a [`Decision`]. The migration loop applies the throttle and performs the
-//! switchover; [`adapter::Converger`] plugs a strategy into the
-//! [`crate::converge::policy::ConvergencePolicy`] seam.
+//! Everything here is pure and deterministic: time comes from [`RoundObservation::now`],
+//! never from a clock read, so scripted observation sequences drive it exactly.
 //!
-//! Modules: [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
-//! [`defer`] (hot-page deferral), [`crate::telemetry::timeline`] (the serde guest-impact timeline),
-//! [`adapter`] (the bridge to the migration state machine), [`crate::cli::converge`] (the `vmstream send`
-//! options).
+//! Modules: [`policy`] (the downtime policy: the limit, the timeout rule, and the strategies
+//! inside it), [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
+//! [`defer`] (hot-page deferral).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub mod adapter;
 pub mod defer;
 pub mod direct_staged;
 pub mod policy;
 pub mod qemu;
 
-pub use adapter::Converger;
 pub use defer::{DeferConfig, DeferError, HotPageDeferral, Split};
 pub use direct_staged::{DirectStaged, DirectStagedConfig};
+pub use policy::{switchover_latency, DowntimePolicy, OnTimeout};
 pub use qemu::{AutoConverge, AutoConvergeConfig};
 
 /// Largest throttle fraction any strategy asks for (the guest keeps 1% of its CPU time).
 pub const MAX_THROTTLE: f64 = 0.99;
 
-/// What the source measured in the round that just ended; the input of every strategy.
+/// What the source measured in the round that just ended; the input of the model and of
+/// every strategy in it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoundObservation {
     /// The round just completed (0 = the full copy).
@@ -52,7 +50,8 @@ pub struct RoundObservation {
     pub avg_bandwidth: f64,
     /// Bytes still to send if the switchover happened now (wire estimate).
     pub remaining_dirty_bytes: u64,
-    /// Largest acceptable downtime.
+    /// How long the remaining bytes may take at the switchover: the downtime limit less
+    /// what no bandwidth shortens (the switchover digest, the [`switchover_latency`]).
     pub downtime_limit: Duration,
 }
 
@@ -69,7 +68,8 @@ impl RoundObservation {
     }
 
     /// Expected downtime if the switchover happened now: remaining bytes over this round's
-    /// bandwidth (the same estimate as the migration's downtime rule).
+    /// bandwidth. The fixed part of the pause is already off [`Self::downtime_limit`]; the
+    /// whole pause expected is this plus the [`switchover_latency`].
     pub fn expected_downtime(&self) -> Duration {
         if self.remaining_dirty_bytes == 0 {
             return Duration::ZERO;
@@ -81,30 +81,41 @@ impl RoundObservation {
         Duration::try_from_secs_f64(self.remaining_dirty_bytes as f64 / bw).unwrap_or(Duration::MAX)
     }
 
-    /// Whether the remaining data fits the downtime limit.
+    /// Whether the remaining data fits the downtime limit. With nothing remaining it always
+    /// does: another round could not shorten the pause.
     pub fn fits_downtime(&self) -> bool {
         self.expected_downtime() <= self.downtime_limit
     }
 }
 
-/// Why a strategy asks for the switchover.
+/// Why the switchover happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SwitchReason {
     /// The expected downtime fits the limit.
     Converged,
-    /// The strategy ran out of throttle: the downtime will exceed the limit.
+    /// The downtime will exceed the limit: the strategy ran out of throttle, or the
+    /// timeout expired under [`OnTimeout::Force`].
     Forced,
 }
 
-/// A strategy's answer for the next round.
+/// What to do after a round. A [`ThrottleStrategy`] decides the throttle and the
+/// switchover; the [`DowntimePolicy`] around it adds the timeout rule (`cancel`, or a forced
+/// switchover) and hot-page deferral (`pages`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     /// Throttle fraction for the next round, in `[0, MAX_THROTTLE]`: the guest gets about
     /// `1 - throttle` of its CPU time.
     pub throttle: f64,
-    /// Switch over now, and why; `None` keeps iterating.
+    /// Switch over now, and why; `None` keeps iterating (unless `cancel`).
     pub switchover: Option<SwitchReason>,
+    /// Give up, the source guest keeps running: the timeout expired while iterating under
+    /// [`OnTimeout::Cancel`]. Only the [`DowntimePolicy`] sets it, never with `switchover`.
+    pub cancel: bool,
+    /// The dirty pages, split for the next round: `send_now` goes in it (everything still
+    /// dirty when switching over), `deferred` stays dirty. The [`DowntimePolicy`] fills it;
+    /// a strategy's decision leaves it empty.
+    pub pages: Split,
     /// A human-readable remark on a state change (for logs and the timeline).
     pub note: Option<String>,
 }
@@ -115,6 +126,8 @@ impl Decision {
         Decision {
             throttle: clamp_throttle(throttle),
             switchover: None,
+            cancel: false,
+            pages: Split::default(),
             note: None,
         }
     }
@@ -122,9 +135,8 @@ impl Decision {
     /// Switch over for `reason`, keeping `throttle` until the pause.
     pub fn switch(throttle: f64, reason: SwitchReason) -> Decision {
         Decision {
-            throttle: clamp_throttle(throttle),
             switchover: Some(reason),
-            note: None,
+            ..Decision::iterate(throttle)
         }
     }
 
@@ -167,7 +179,8 @@ pub trait ThrottleStrategy: Send {
     fn name(&self) -> &'static str;
 }
 
-/// No throttling: switch over when the downtime fits, otherwise keep iterating.
+/// No throttling: switch over when the downtime fits, otherwise keep iterating (the
+/// downtime rule alone).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoThrottle;
 

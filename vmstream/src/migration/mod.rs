@@ -10,7 +10,7 @@
 //!   RoundEnd { round, records, packets } ->
 //!                                <- RoundAck { round, records, packets }   (barrier passed)
 //!   round n: Packet* (pages dirtied during round n-1), RoundEnd ->, <- RoundAck
-//!   ... until the ConvergencePolicy says switch over (or cancel: Abort ->)
+//!   ... until the DowntimePolicy says switch over (or cancel: Abort ->)
 //!   [guest paused] final round: Packet*, RoundEnd { FINAL } ->
 //!   GuestState { kind, tx count, blob (KVM: vCPU state, validated before the commit) } ->
 //!   Digest { memory digest at the pause (digest.rs), paused-at instant } ->
@@ -40,7 +40,8 @@
 //!
 //! Modules: [`wire`] (typed messages, framing, checksums), [`transport`] (frame reader and
 //! writer, rate limit, the sender's link), [`connect`] (authentication, sealed frames,
-//! admission, parallel channels), [`source`] and [`dest`] (the two state machines), [`image`]
+//! admission, parallel channels), [`source`] (asks [`crate::converge::DowntimePolicy`] after every round) and [`dest`]
+//! (the two state machines), [`image`]
 //! (temporary image, commit, rollback), [`digest`] (the switchover digest), [`config`] (the
 //! settings of both sides), [`error`] (their errors), [`interrupt`] (cancellation).
 

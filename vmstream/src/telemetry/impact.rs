@@ -18,7 +18,6 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::migration::wire::{GuestSamples, PAGE_SIZE};
@@ -32,9 +31,6 @@ pub const DESTINATION_WINDOW: Duration = Duration::from_secs(2);
 /// Longest the source waits for the destination's samples after `Resumed`.
 pub const REPORT_WAIT: Duration = Duration::from_secs(10);
 
-/// Notes (strategy remarks) collected by a decision hook: `(time since start, text)`.
-pub type NoteSink = Arc<Mutex<Vec<(Duration, String)>>>;
-
 /// Builds the timeline on the source while the migration runs.
 #[derive(Debug)]
 pub struct ImpactRecorder {
@@ -42,7 +38,6 @@ pub struct ImpactRecorder {
     start_unix_ns: u64,
     sampler: Option<(TpsSampler, f64)>,
     recorder: TimelineRecorder,
-    notes: NoteSink,
     destination: Vec<(u64, u64)>,
 }
 
@@ -70,14 +65,13 @@ impl ImpactRecorder {
             start_unix_ns,
             sampler,
             recorder: TimelineRecorder::new(),
-            notes: NoteSink::default(),
             destination: Vec::new(),
         }
     }
 
-    /// A handle a convergence hook can push strategy notes into.
-    pub fn note_sink(&self) -> NoteSink {
-        Arc::clone(&self.notes)
+    /// A strategy's remark at `at` (since the migration started).
+    pub fn note(&mut self, at: Duration, text: impl Into<String>) {
+        self.recorder.note(at, text);
     }
 
     /// A round just ended (`rs` as the source measured it); `dirtied_pages` were written
@@ -128,15 +122,7 @@ impl ImpactRecorder {
     /// The timeline: source samples up to the resume, then the destination's. Stops the
     /// sampler; call once.
     pub fn finish(&mut self) -> Timeline {
-        let mut recorder = std::mem::take(&mut self.recorder);
-        for (at, text) in self
-            .notes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            recorder.note(at, text);
-        }
+        let recorder = std::mem::take(&mut self.recorder);
         let (samples, offset) = match self.sampler.take() {
             Some((s, offset)) => (s.stop(), offset),
             None => (Vec::new(), 0.0),
@@ -221,10 +207,7 @@ mod tests {
             ],
         });
         assert_eq!(r.destination_tps(), Some(150.0));
-        r.note_sink()
-            .lock()
-            .unwrap()
-            .push((Duration::from_millis(5), "x".into()));
+        r.note(Duration::from_millis(5), "x");
         let t = r.finish();
         assert!(r.finish().rounds.is_empty());
         assert_eq!(t.rounds[0].dirty_bytes, 3 * 4096);

@@ -447,7 +447,7 @@ impl KvmGuest {
     /// of every 10 ms period. 0 turns throttling off.
     pub fn set_throttle(&mut self, p: f64) -> Result<()> {
         let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 0.99) };
-        self.shared.throttle.store(p.to_bits(), Ordering::Relaxed);
+        self.shared.throttle.set(p);
         if p > 0.0 && self.throttle_thread.is_none() {
             let shared = self.shared.clone();
             let handle = std::thread::Builder::new()
@@ -470,7 +470,7 @@ impl KvmGuest {
 
     /// Current throttle fraction.
     pub fn throttle(&self) -> f64 {
-        f64::from_bits(self.shared.throttle.load(Ordering::Relaxed))
+        self.shared.throttle.get()
     }
 
     /// Stops all threads and returns guest RAM (for inspection or a restore).
@@ -503,14 +503,14 @@ impl Drop for KvmGuest {
 /// Each period: let vCPUs run (1 - p) of it, then make them sleep p of it.
 fn throttle_thread(shared: &Shared) {
     while shared.command() != Command::Exit {
-        let p = f64::from_bits(shared.throttle.load(Ordering::Relaxed));
+        let p = shared.throttle.get();
         if p <= 0.0 {
             std::thread::sleep(THROTTLE_PERIOD);
             continue;
         }
         std::thread::sleep(THROTTLE_PERIOD.mul_f64(1.0 - p));
         // Re-read: throttling may have been turned off or changed meanwhile.
-        let p = f64::from_bits(shared.throttle.load(Ordering::Relaxed));
+        let p = shared.throttle.get();
         if p <= 0.0 {
             continue;
         }

@@ -62,6 +62,24 @@ pub(crate) struct Parking {
     pub(crate) failed: Vec<Option<String>>,
 }
 
+/// The vCPUs' throttle fraction: set through the VMM API, read every period by the
+/// throttle thread while the vCPUs run, so it is shared and lock-free. Std has no atomic
+/// f64: the fraction's bits are stored in an `AtomicU64`, hidden behind `set` and `get`.
+#[derive(Debug, Default)]
+pub(crate) struct ThrottleFraction(AtomicU64);
+
+impl ThrottleFraction {
+    /// Sets the fraction (0 = no throttle).
+    pub(crate) fn set(&self, fraction: f64) {
+        self.0.store(fraction.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The fraction last set (0 before any).
+    pub(crate) fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// State shared between the VMM API and the vCPU threads.
 pub(crate) struct Shared {
     command: AtomicU8,
@@ -70,8 +88,8 @@ pub(crate) struct Shared {
     pub(crate) cond: Condvar,
     pub(crate) slots: Vec<VcpuSlot>,
     pub(crate) epoch: Instant,
-    /// Throttle fraction as f64 bits.
-    pub(crate) throttle: AtomicU64,
+    /// The throttle fraction the throttle thread applies.
+    pub(crate) throttle: ThrottleFraction,
     pub(crate) rings: Option<Arc<DirtyRings>>,
     pub(crate) msr_indices: Vec<u32>,
 }
@@ -127,7 +145,7 @@ impl Shared {
                 })
                 .collect(),
             epoch: Instant::now(),
-            throttle: AtomicU64::new(0f64.to_bits()),
+            throttle: ThrottleFraction::default(),
             rings,
             msr_indices,
         }

@@ -1,0 +1,442 @@
+//! The source's state machine: its states and the transitions between them, the
+//! handshake, and the iterating rounds, after each of which the source asks the
+//! [`DowntimePolicy`] and applies its decision (throttle, deferral, switchover or cancel).
+//!
+//! ```text
+//! Handshake --accepted--> Iterate(0) --policy: iterate--> Iterate(n+1)
+//!                            |  \--policy: cancel, or SendConfig::cancel set--> Done(Cancelled)
+//!                            \--policy: switch over--> Switchover --> AwaitCommit
+//! AwaitCommit --committed--> Committed (source guest ended, Handover sent) --> Done(Committed)
+//! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
+//! ```
+
+use std::time::{Duration, Instant};
+
+use crate::converge::{switchover_latency, DowntimePolicy, RoundObservation, SwitchReason};
+use crate::guest::migratable::MigratableGuest;
+use crate::migration::config::SendConfig;
+use crate::migration::error::SendError;
+use crate::migration::transport::Frame;
+use crate::migration::wire::{
+    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, PAGE_SIZE,
+};
+use crate::telemetry::impact::ImpactRecorder;
+use crate::telemetry::stats::{MigrationStats, RoundStats};
+
+use super::round::{unexpected, PageSource, RoundIo};
+use super::{Outcome, CANCELLED, PAGE};
+
+/// Where the source is in the migration.
+#[derive(Debug)]
+pub(super) enum SourceState {
+    /// Send `Hello`, wait for `HelloReply`.
+    Handshake,
+    /// Send `pages` (all pages in round 0) with the guest running.
+    Iterate { round: u64, pages: Vec<u64> },
+    /// Pause, send the rest, the guest state and the digest.
+    Switchover {
+        round: u64,
+        pending: Vec<u64>,
+        forced: bool,
+    },
+    /// Wait for the destination's verdict.
+    AwaitCommit { digest: [u8; 32], paused_at_ns: u64 },
+    /// The destination committed; end our guest and learn when it resumed there.
+    Committed { paused_at_ns: u64 },
+    /// Finished.
+    Done(Outcome),
+}
+
+/// A migration in progress on the source.
+pub(super) struct Source<'a> {
+    cfg: &'a SendConfig,
+    pub(super) guest: &'a mut dyn MigratableGuest,
+    pub(super) io: RoundIo,
+    pub(super) policy: DowntimePolicy,
+    pub(super) stats: &'a mut MigrationStats,
+    pub(super) start: Instant,
+    /// Instant and transaction count when the migration started.
+    pub(super) tx_start: (Instant, u64),
+    /// When the final round was acknowledged (the commit wait starts).
+    pub(super) switch_start: Option<Instant>,
+    /// The guest-impact timeline.
+    pub(super) impact: ImpactRecorder,
+    /// Expected wire bytes per non-zero page (refined after every round).
+    bytes_per_page: f64,
+    /// Throttle currently applied to the guest.
+    throttle: f64,
+    /// Data pages of the memory file when tracking started (None: read every page).
+    round0_data: Option<Vec<u64>>,
+    /// How long the dirty-log collection that produced the next round's pages took.
+    collect_time: Duration,
+    /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
+    bandwidth: Option<f64>,
+    /// The destination said it resumes the guest (`HelloReply`).
+    destination_resumes: bool,
+    /// Time and bytes behind the observations so far.
+    clock: RoundClock,
+}
+
+impl<'a> Source<'a> {
+    /// A migration of `guest` that started at `start`, before its handshake.
+    pub(super) fn new(
+        cfg: &'a SendConfig,
+        guest: &'a mut dyn MigratableGuest,
+        io: RoundIo,
+        policy: DowntimePolicy,
+        stats: &'a mut MigrationStats,
+        start: Instant,
+        impact: ImpactRecorder,
+    ) -> Source<'a> {
+        Source {
+            cfg,
+            guest,
+            io,
+            policy,
+            stats,
+            start,
+            tx_start: (start, 0),
+            switch_start: None,
+            impact,
+            bytes_per_page: PAGE as f64,
+            throttle: 0.0,
+            round0_data: None,
+            collect_time: Duration::ZERO,
+            bandwidth: None,
+            destination_resumes: false,
+            clock: RoundClock::default(),
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let delta = self.cfg.encoder.delta.is_some();
+        Hello {
+            guest_kind: self.guest.kind(),
+            page_size: PAGE_SIZE,
+            guest_size: self.guest.size(),
+            features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
+            compression: self.cfg.encoder.compression,
+            delta: self.cfg.delta_wire(),
+            codec_version: Hello::CODEC_VERSION,
+            sender_workers: self.cfg.threads as u32,
+            cache_bytes: self.cfg.encoder.delta.map_or(0, |d| d.cache_bytes as u64),
+            batch_pages: self.cfg.batch_pages as u32,
+        }
+    }
+
+    /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
+    /// running.
+    fn cancel(&mut self, reason: &str) -> Result<Outcome, SendError> {
+        self.io
+            .channels
+            .abort(AbortCode::Cancelled, reason.into())?;
+        Ok(Outcome::Cancelled(reason.into()))
+    }
+
+    pub(super) fn run(&mut self) -> Result<Outcome, SendError> {
+        let mut state = SourceState::Handshake;
+        let mut late_signal_noted = false;
+        loop {
+            let before_pause = matches!(
+                state,
+                SourceState::Handshake
+                    | SourceState::Iterate { .. }
+                    | SourceState::Switchover { .. }
+            );
+            if self.io.cancelled() {
+                if before_pause {
+                    return self.cancel(CANCELLED);
+                }
+                if !late_signal_noted {
+                    eprintln!(
+                        "vmstream send: note: SIGINT/SIGTERM after the guest was paused for the \
+                         switchover: the migration finishes (its last pages are on the way)"
+                    );
+                    late_signal_noted = true;
+                }
+            }
+            state = match state {
+                SourceState::Handshake => self.handshake()?,
+                SourceState::Iterate { round, pages } => self.iterate(round, pages)?,
+                SourceState::Switchover {
+                    round,
+                    pending,
+                    forced,
+                } => self.switchover(round, pending, forced)?,
+                SourceState::AwaitCommit {
+                    digest,
+                    paused_at_ns,
+                } => self.await_commit(digest, paused_at_ns)?,
+                SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns),
+                SourceState::Done(outcome) => return Ok(outcome),
+            };
+        }
+    }
+
+    fn handshake(&mut self) -> Result<SourceState, SendError> {
+        let asked = Instant::now();
+        self.io.channels.send_hello(self.hello())?;
+        match self.io.reader.read_frame()? {
+            Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
+                self.io.round_trip = asked.elapsed();
+                self.destination_resumes = r.resumes;
+                self.warn_if_out_of_reach();
+                self.stats
+                    .settings
+                    .insert("receiver_workers".into(), r.receiver_workers.to_string());
+                self.io.channels.await_bound()?;
+            }
+            Frame::Control(Message::HelloReply(r)) => {
+                return Err(SendError::Refused {
+                    code: r.refuse,
+                    reason: r.reason,
+                })
+            }
+            other => return Err(unexpected("a hello reply", other)),
+        }
+        // Round 0 sends everything; collecting now starts tracking from this instant.
+        let t = Instant::now();
+        self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.collect_time = t.elapsed();
+        // After the tracker's reset: a hole written from now on is reported dirty.
+        self.round0_data = self.guest.memory().data_pages().ok();
+        self.tx_start = (Instant::now(), self.guest.tx_count());
+        Ok(SourceState::Iterate {
+            round: 0,
+            pages: (0..self.guest.size() / PAGE as u64).collect(),
+        })
+    }
+
+    /// The last pages reach the destination half a round trip after the pause at best, and a
+    /// destination that resumes the guest waits one more for our `Handover`: a downtime
+    /// limit below that cannot be met, and the user should know before waiting.
+    fn warn_if_out_of_reach(&mut self) {
+        let rtt = self.io.round_trip;
+        self.stats.settings.insert(
+            "handshake_round_trip_ms".into(),
+            format!("{:.1}", rtt.as_secs_f64() * 1e3),
+        );
+        let floor = switchover_latency(rtt, self.destination_resumes);
+        if floor >= self.cfg.downtime_limit {
+            eprintln!(
+                "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
+                 no switchover can stay within the {:.0} ms downtime limit (it takes at least \
+                 {:.0} ms{}); the migration iterates {} (raise --downtime-limit)",
+                rtt.as_secs_f64() * 1e3,
+                self.cfg.downtime_limit.as_secs_f64() * 1e3,
+                floor.as_secs_f64() * 1e3,
+                if self.destination_resumes {
+                    ": half a round trip for the last pages, one more before the destination \
+                     resumes the guest"
+                } else {
+                    ": half a round trip for the last pages"
+                },
+                if self.cfg.timeout.is_some() {
+                    "until --timeout"
+                } else {
+                    "until a round finds nothing dirty, with no --timeout set"
+                }
+            );
+        }
+    }
+
+    /// The transfer bandwidth after round `rs`: its wire bytes over its duration less the
+    /// round trip spent waiting for its acknowledgement. A round made mostly of that wait
+    /// says little about the link, and the estimate from an earlier round stands.
+    fn update_bandwidth(&mut self, rs: &RoundStats) -> f64 {
+        let duration = Duration::from_secs_f64(rs.duration_ms / 1e3);
+        let rtt = self.io.round_trip;
+        let transfer = duration.saturating_sub(rtt);
+        if self.bandwidth.is_none() || transfer >= rtt {
+            let secs = transfer.max(Duration::from_micros(1)).as_secs_f64();
+            self.bandwidth = Some(rs.wire_bytes as f64 / secs);
+        }
+        self.bandwidth.unwrap_or(rs.bandwidth_bytes_per_s)
+    }
+
+    fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
+        let src = match (round, &self.round0_data) {
+            (0, Some(data)) => PageSource::LiveSkippingHoles(&mut *self.guest, data),
+            _ => PageSource::Live(&mut *self.guest),
+        };
+        let mut rs = match self.io.send_round(round, &pages, src, 0) {
+            Err(SendError::Cancelled) => {
+                return self.cancel(CANCELLED).map(SourceState::Done);
+            }
+            other => other?,
+        };
+        if round == 0 {
+            self.round0_data = None;
+        }
+        rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
+        rs.dirty_rearm_ms = self.guest.take_rearm_time().as_secs_f64() * 1e3;
+        self.guest.check_alive().map_err(SendError::Guest)?;
+        let t = Instant::now();
+        let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        self.collect_time = t.elapsed();
+        let dirtied = newly.len() as u64;
+        rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
+        let round_trip = self.io.round_trip;
+        self.stats.settings.insert(
+            "round_trip_ms".into(),
+            format!("{:.2}", round_trip.as_secs_f64() * 1e3),
+        );
+        let latency = switchover_latency(round_trip, self.destination_resumes);
+        // Everything unsent: the new dirty pages and what deferral still holds back.
+        let unsent = self.policy.unsent_pages(&newly);
+        let obs = self.observe(round, &rs, unsent, latency);
+        // The whole pause expected: the pages, and the latency no bandwidth shortens.
+        let expected_downtime = obs.expected_downtime().saturating_add(latency);
+        rs.expected_downtime_ms = expected_downtime.as_secs_f64() * 1e3;
+        let decision = self
+            .policy
+            .decide(&obs, newly)
+            .map_err(|e| SendError::Config(e.to_string()))?;
+        if let Some(note) = decision.note {
+            self.impact.note(obs.now, note);
+        }
+        self.apply_throttle(decision.throttle);
+        rs.throttle = decision.throttle;
+        let state = match decision.switchover {
+            _ if decision.cancel => {
+                let reason = format!(
+                    "migration did not converge within {:?} (expected downtime {:.0} ms > limit {:?})",
+                    self.cfg.timeout.unwrap_or_default(),
+                    expected_downtime.as_secs_f64() * 1e3,
+                    self.cfg.downtime_limit
+                );
+                SourceState::Done(self.cancel(&reason)?)
+            }
+            None => {
+                rs.deferred_pages = decision.pages.deferred.len() as u64;
+                SourceState::Iterate {
+                    round: round + 1,
+                    pages: decision.pages.send_now,
+                }
+            }
+            Some(reason) => SourceState::Switchover {
+                round: round + 1,
+                pending: decision.pages.send_now,
+                forced: reason == SwitchReason::Forced,
+            },
+        };
+        self.impact.round(&rs, dirtied);
+        self.stats.per_round.push(rs);
+        Ok(state)
+    }
+
+    /// The observation of round `round`, measured in `rs`, after which `unsent` pages are
+    /// still to send and a switchover would take `latency` more than the pages.
+    fn observe(
+        &mut self,
+        round: u64,
+        rs: &RoundStats,
+        unsent: u64,
+        latency: Duration,
+    ) -> RoundObservation {
+        let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
+        if nonzero > 0 {
+            self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
+        }
+        let now = self.start.elapsed();
+        let bandwidth = self.update_bandwidth(rs);
+        let remaining = unsent as f64 * self.bytes_per_page.max(0.0);
+        RoundObservation {
+            dirty_pages: unsent,
+            dirty_bytes: unsent.saturating_mul(PAGE as u64),
+            remaining_dirty_bytes: if remaining.is_finite() {
+                remaining as u64
+            } else {
+                u64::MAX
+            },
+            downtime_limit: self.policy.page_limit(latency),
+            ..self
+                .clock
+                .observe(round, now, bandwidth, self.io.round_trip)
+        }
+    }
+
+    /// Sets the guest's throttle to the decided `fraction` when it changed, and records it.
+    fn apply_throttle(&mut self, fraction: f64) {
+        if fraction != self.throttle {
+            self.guest.set_throttle(fraction);
+            self.throttle = fraction;
+            self.impact.throttle(fraction);
+        }
+    }
+}
+
+/// Time and transfer since the migration started, as the rounds' observations see them:
+/// each round lasts from the previous observation to its own, so the rounds tile the
+/// migration's time.
+#[derive(Debug, Default)]
+struct RoundClock {
+    /// When the previous observation was made, since the migration started.
+    observed_at: Duration,
+    /// Bytes sent in all observed rounds.
+    bytes: f64,
+    /// Seconds of all observed rounds.
+    secs: f64,
+}
+
+impl RoundClock {
+    /// The observation of round `round`, which ended at `now` having sent at `bandwidth`
+    /// (bytes per second; non-finite or negative: nothing) all of its time but the
+    /// `round_trip` it waited for its acknowledgement, which carried nothing. Its pages
+    /// and the limit are the caller's to fill in (they are zero here).
+    fn observe(
+        &mut self,
+        round: u64,
+        now: Duration,
+        bandwidth: f64,
+        round_trip: Duration,
+    ) -> RoundObservation {
+        let duration = now.saturating_sub(self.observed_at);
+        self.observed_at = now;
+        let bw = if bandwidth.is_finite() && bandwidth > 0.0 {
+            bandwidth
+        } else {
+            0.0
+        };
+        let bytes_sent = bw * duration.saturating_sub(round_trip).as_secs_f64();
+        self.bytes += bytes_sent;
+        self.secs += duration.as_secs_f64();
+        RoundObservation {
+            round,
+            now,
+            dirty_pages: 0,
+            dirty_bytes: 0,
+            bytes_sent: bytes_sent as u64,
+            duration,
+            bandwidth_bytes_per_s: bw,
+            avg_bandwidth: if self.secs > 0.0 {
+                self.bytes / self.secs
+            } else {
+                bw
+            },
+            remaining_dirty_bytes: 0,
+            downtime_limit: Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_tile_the_time_and_send_at_the_bandwidth_but_for_the_round_trip() {
+        let mut clock = RoundClock::default();
+        let o = clock.observe(0, Duration::from_secs(2), 10e6, Duration::ZERO);
+        assert_eq!(o.duration, Duration::from_secs(2));
+        assert_eq!(o.bytes_sent, 20_000_000);
+        assert_eq!(o.avg_bandwidth, 10e6);
+        let o = clock.observe(1, Duration::from_secs(3), 20e6, Duration::from_millis(500));
+        assert_eq!(o.duration, Duration::from_secs(1));
+        assert_eq!(o.bytes_sent, 10_000_000);
+        // 30 MB in 3 s.
+        assert_eq!(o.avg_bandwidth, 10e6);
+        let o = clock.observe(2, Duration::from_secs(4), f64::NAN, Duration::ZERO);
+        assert_eq!((o.bandwidth_bytes_per_s, o.bytes_sent), (0.0, 0));
+    }
+}

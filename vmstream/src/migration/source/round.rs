@@ -1,0 +1,250 @@
+//! One round on the wire: sending a round's pages on every channel, awaiting the
+//! destination's acknowledgement, and the measurements that come with it.
+
+use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::guest::migratable::MigratableGuest;
+use crate::migration::connect::channels::{ChannelRound, SourceChannels};
+use crate::migration::error::SendError;
+use crate::migration::transport::{Frame, FrameReader};
+use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
+use crate::telemetry::stats::{Progress, RoundStats};
+
+use super::PAGE;
+
+/// Where a round's pages are read from.
+pub(super) enum PageSource<'a> {
+    /// The running guest's mapping (each page copied, racing writes are re-sent later).
+    Live(&'a mut dyn MigratableGuest),
+    /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
+    /// dirty tracking started) are sent as zero without being read: a write to one after
+    /// that instant is reported by the tracker and sent again.
+    LiveSkippingHoles(&'a mut dyn MigratableGuest, &'a [u64]),
+    /// Memory of the paused guest.
+    Frozen(&'a [u8]),
+}
+
+/// The machinery a round needs: the channels (encoders and writers; control messages go
+/// on channel 0) and channel 0's reader.
+pub(super) struct RoundIo {
+    pub(super) channels: SourceChannels,
+    pub(super) reader: FrameReader<TcpStream>,
+    pub(super) progress: Progress,
+    /// `SendConfig::cancel`.
+    pub(super) cancel: Option<Arc<AtomicBool>>,
+    /// The round trip to the destination, at most: the shortest exchange seen (the
+    /// handshake, or a round from its first page to its acknowledgement).
+    pub(super) round_trip: Duration,
+}
+
+/// A round whose pages and `RoundEnd` are queued and whose acknowledgement is awaited.
+pub(super) struct RoundInFlight {
+    round: u64,
+    flags: u32,
+    pages: u64,
+    started: Instant,
+    sent: ChannelRound,
+}
+
+impl RoundIo {
+    /// Sends one round and waits for its acknowledgement.
+    pub(super) fn send_round(
+        &mut self,
+        round: u64,
+        pages: &[u64],
+        src: PageSource<'_>,
+        flags: u32,
+    ) -> Result<RoundStats, SendError> {
+        let r = self.send_pages(round, pages, src, flags)?;
+        self.await_ack(r)
+    }
+
+    /// Queues a round's pages and then its `RoundEnd` on every channel.
+    pub(super) fn send_pages(
+        &mut self,
+        round: u64,
+        pages: &[u64],
+        mut src: PageSource<'_>,
+        flags: u32,
+    ) -> Result<RoundInFlight, SendError> {
+        let started = Instant::now();
+        let last = flags & ROUND_FINAL != 0;
+        self.progress.round(round, pages.len() as u64, last);
+        let workers_read = self.channels.reads_pages();
+        for (i, &p) in pages.iter().enumerate() {
+            // The final round runs to its end: the guest is paused, and only the
+            // destination's verdict may end the migration now.
+            if i % 256 == 0 && !last {
+                if self.cancelled() {
+                    return Err(SendError::Cancelled);
+                }
+                if let PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) = &mut src {
+                    g.check_alive().map_err(SendError::Guest)?;
+                }
+            }
+            let at = p as usize * PAGE;
+            // Live pages are read by the encode workers themselves, in parallel, when the
+            // guest allows it; otherwise by this thread straight into the codec's batch.
+            // Either way the one copy is the snapshot the encoder and the page cache see.
+            // Holes of a sparse memory file are filled with zeros here, never read.
+            let hole = match &src {
+                PageSource::LiveSkippingHoles(_, data) => crate::memory::page_is_hole(data, p),
+                _ => false,
+            };
+            match &mut src {
+                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
+                    if workers_read && !hole =>
+                {
+                    g.before_queue(p).map_err(SendError::Tracker)?;
+                    self.channels.push_page(p)?
+                }
+                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                    self.channels.push_with(p, |slot| {
+                        if hole {
+                            g.hole_page_for_send(p, slot)
+                        } else {
+                            g.read_page_for_send(p, slot)
+                        }
+                        .map_err(SendError::Tracker)
+                    })?
+                }
+                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
+            }
+            if i % 256 == 255 {
+                self.progress.inc(256);
+            }
+        }
+        // Every channel ends the round; the one acknowledgement covers them all.
+        let sent = self.channels.end_round(round, flags)?;
+        Ok(RoundInFlight {
+            round,
+            flags,
+            pages: pages.len() as u64,
+            started,
+            sent,
+        })
+    }
+
+    /// Reads the acknowledgement of `r` and checks it covers everything sent. The round's
+    /// duration (from its first page to the acknowledgement) includes one round trip,
+    /// which also bounds the round trip from above.
+    pub(super) fn await_ack(&mut self, r: RoundInFlight) -> Result<RoundStats, SendError> {
+        let RoundInFlight {
+            round,
+            flags,
+            pages,
+            started,
+            sent,
+        } = r;
+        let (codec, end) = (sent.codec, sent.total);
+        let ack = match self.reader.read_frame()? {
+            Frame::Control(Message::RoundAck(a)) if a.round == round => a,
+            other => return Err(unexpected("a round acknowledgement", other)),
+        };
+        if ack.records != end.records || ack.packets != end.packets {
+            return Err(SendError::Protocol(format!(
+                "round {round}: destination applied {} records in {} packets, we sent {} in {}",
+                ack.records, ack.packets, end.records, end.packets
+            )));
+        }
+        let duration = started.elapsed().max(Duration::from_micros(1));
+        self.round_trip = self.round_trip.min(duration);
+        // From the last RoundEnd on the wire to its acknowledgement, less the destination's
+        // barrier: one round trip plus any wait behind pages still being applied. (In the
+        // final round the guest state and digest were flushed after the RoundEnd.)
+        if let (Some(flushed), false) =
+            (self.channels.message_flushed_at(), flags & ROUND_FINAL != 0)
+        {
+            let sample = flushed
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(ack.barrier_ns));
+            self.round_trip = self.round_trip.min(sample.max(Duration::from_micros(1)));
+        }
+        let wire =
+            codec.packet_bytes + codec.packets * FRAME_HEADER_LEN as u64 + sent.end_frame_bytes;
+        let mut rs = RoundStats {
+            round,
+            paused: flags & ROUND_FINAL != 0,
+            dirty_pages: pages,
+            wire_bytes: wire,
+            duration_ms: duration.as_secs_f64() * 1e3,
+            bandwidth_bytes_per_s: wire as f64 / duration.as_secs_f64(),
+            ..Default::default()
+        };
+        rs.set_encodings(&codec);
+        self.progress
+            .message(format!("{:.0} MB/s", rs.bandwidth_bytes_per_s / 1e6));
+        Ok(rs)
+    }
+
+    /// Whether `SendConfig::cancel` was set.
+    pub(super) fn cancelled(&self) -> bool {
+        crate::migration::interrupt::requested(self.cancel.as_ref())
+    }
+}
+
+/// Maps an unexpected frame to an error; an `Abort` becomes [`SendError::PeerAborted`].
+pub(super) fn unexpected(wanted: &str, got: Frame) -> SendError {
+    match got {
+        Frame::Control(Message::Abort(a)) => SendError::PeerAborted {
+            code: a.code,
+            reason: a.reason,
+        },
+        Frame::Control(m) => SendError::Protocol(format!(
+            "expected {wanted}, got a {} message",
+            m.frame_type().name()
+        )),
+        Frame::Packet(_) => SendError::Protocol(format!("expected {wanted}, got a packet")),
+    }
+}
+
+/// Merges two sorted page lists without duplicates.
+pub(super) fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if y < x => {
+                j += 1;
+                y
+            }
+            (Some(&x), Some(_)) => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!(),
+        };
+        if out.last() != Some(&next) {
+            out.push(next);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_sorted_and_deduplicated() {
+        assert_eq!(merge_pages(&[1, 3, 5], &[2, 3, 9]), vec![1, 2, 3, 5, 9]);
+        assert_eq!(merge_pages(&[], &[4]), vec![4]);
+        assert_eq!(merge_pages(&[4, 4], &[]), vec![4]);
+    }
+}

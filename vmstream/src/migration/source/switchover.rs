@@ -1,0 +1,202 @@
+//! The end of a migration on the source: pause the guest, send the final round with the
+//! guest state and the memory digest, await the destination's commit, then end our guest,
+//! hand over, and collect the destination's resume report and samples.
+
+use std::time::{Instant, SystemTime};
+
+use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
+use crate::migration::error::SendError;
+use crate::migration::transport::Frame;
+use crate::migration::wire::{
+    Abort, AbortCode, CommitStatus, Digest, GuestState, Handover, Message, ROUND_FINAL,
+    ROUND_FORCED,
+};
+use crate::telemetry::impact::REPORT_WAIT;
+use crate::telemetry::stats::{unix_ns, MigrationStats};
+
+use super::machine::{Source, SourceState};
+use super::round::{merge_pages, unexpected, PageSource};
+use super::{Outcome, CRASH_AFTER_COMMIT_ENV, PAGE};
+
+impl Source<'_> {
+    pub(super) fn switchover(
+        &mut self,
+        round: u64,
+        pending: Vec<u64>,
+        forced: bool,
+    ) -> Result<SourceState, SendError> {
+        let paused_at_ns = unix_ns(SystemTime::now());
+        let tx_before_pause = self.guest.tx_count();
+        let elapsed = self.tx_start.0.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            self.stats.tps.during =
+                Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
+        }
+        let t = Instant::now();
+        let state_blob = self.guest.pause().map_err(SendError::Guest)?;
+        self.impact.pause();
+        let t_collect = Instant::now();
+        let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
+        let collect_time = t_collect.elapsed();
+        let pages = merge_pages(&pending, &more);
+        let tx_at_pause = self.guest.tx_count();
+        let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
+            stats
+                .switchover_ms
+                .insert(name.to_string(), t.elapsed().as_secs_f64() * 1e3);
+        };
+        phase("pause_and_collect", t, self.stats);
+        let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
+        let io = &mut self.io;
+        // The guest is stopped: the file's holes are exact, and hashing them as zero
+        // without reading them saves allocating them.
+        let data = self.guest.memory().data_pages().ok();
+        let memory = self.guest.paused_memory();
+        // The digest is taken while the last pages travel: memory no longer changes.
+        let t = Instant::now();
+        let (digest, in_flight) = std::thread::scope(|s| {
+            let digest = s.spawn(|| {
+                let t = Instant::now();
+                let digest = match &data {
+                    Some(d) => memory_digest_sparse(memory, PAGE, d),
+                    None => memory_digest(memory, PAGE),
+                };
+                (digest, t.elapsed())
+            });
+            let sent = io.send_pages(round, &pages, PageSource::Frozen(memory), flags);
+            (digest.join().expect("digest thread"), sent)
+        });
+        let (digest, digest_time) = digest;
+        let in_flight = in_flight?;
+        // The guest state and the digest follow the last pages at once, ahead of their
+        // acknowledgement: the destination reads them after the final round whenever they
+        // come, and the pause is shorter by a round trip. Only the commit reply decides.
+        self.io
+            .channels
+            .send_message(&Message::GuestState(GuestState {
+                guest_kind: self.guest.kind(),
+                tx_count: tx_at_pause,
+                blob: state_blob,
+            }))?;
+        self.io.channels.send_message(&Message::Digest(Digest {
+            digest,
+            guest_size: self.guest.size(),
+            paused_at_unix_ns: paused_at_ns,
+        }))?;
+        let mut rs = self.io.await_ack(in_flight)?;
+        rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
+        phase("final_round_and_digest", t, self.stats);
+        self.stats
+            .switchover_ms
+            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
+        self.switch_start = Some(Instant::now());
+        self.impact.round(&rs, 0);
+        self.stats.per_round.push(rs);
+        self.stats.converged = !forced;
+        self.stats.digest = Some(hex(&digest));
+        Ok(SourceState::AwaitCommit {
+            digest,
+            paused_at_ns,
+        })
+    }
+
+    pub(super) fn await_commit(
+        &mut self,
+        digest: [u8; 32],
+        paused_at_ns: u64,
+    ) -> Result<SourceState, SendError> {
+        let reply = match self.io.reader.read_frame()? {
+            Frame::Control(Message::CommitReply(r)) => r,
+            other => return Err(unexpected("the commit reply", other)),
+        };
+        if let Some(t) = self.switch_start {
+            self.stats
+                .switchover_ms
+                .insert("await_commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        }
+        match reply.status {
+            CommitStatus::Committed if reply.digest == digest => {
+                Ok(SourceState::Committed { paused_at_ns })
+            }
+            CommitStatus::Committed => Err(SendError::Protocol(format!(
+                "destination committed with digest {} but ours is {}",
+                hex(&reply.digest),
+                hex(&digest)
+            ))),
+            status => Err(SendError::CommitRefused {
+                status,
+                reason: reply.reason,
+                their_digest: hex(&reply.digest),
+            }),
+        }
+    }
+
+    /// After the commit nothing may roll back: errors become warnings. The destination runs
+    /// its copy only once told that ours ended (`Handover`): never two running copies.
+    pub(super) fn committed(&mut self, paused_at_ns: u64) -> SourceState {
+        self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        if std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some() {
+            eprintln!("vmstream send: {CRASH_AFTER_COMMIT_ENV} is set: exiting as if crashed");
+            std::process::exit(70);
+        }
+        let handover = match self.guest.terminate() {
+            Ok(()) => Message::Handover(Handover {
+                ended_at_unix_ns: unix_ns(SystemTime::now()),
+            }),
+            Err(e) => {
+                eprintln!(
+                    "vmstream send: warning: ending the source guest: {e}; the destination \
+                     keeps its committed copy stopped"
+                );
+                Message::Abort(Abort {
+                    code: AbortCode::SourceError,
+                    reason: format!("the source guest could not be ended: {e}"),
+                })
+            }
+        };
+        if let Err(e) = self.io.channels.send_message(&handover) {
+            eprintln!("vmstream send: warning: telling the destination our guest ended: {e}");
+        }
+        match self.io.reader.read_frame() {
+            Ok(Frame::Control(Message::Resumed(r))) => {
+                self.stats.downtime_ms = Some(crate::telemetry::stats::ms_between(
+                    paused_at_ns,
+                    r.at_unix_ns,
+                ));
+                self.stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
+                self.stats
+                    .settings
+                    .insert("destination_running".into(), r.running.to_string());
+                self.impact.resumed(paused_at_ns, r.at_unix_ns);
+                if r.running {
+                    self.destination_samples();
+                }
+            }
+            Ok(Frame::Control(Message::Abort(a))) => eprintln!(
+                "vmstream send: warning: the destination committed but could not resume: {}",
+                a.reason
+            ),
+            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the commit"),
+            Err(e) => {
+                eprintln!("vmstream send: warning: no resume report from the destination: {e}")
+            }
+        }
+        SourceState::Done(Outcome::Committed)
+    }
+
+    /// Reads the resumed guest's samples the destination sends after `Resumed` (for the
+    /// timeline and the TPS after the migration); a warning if they do not come.
+    fn destination_samples(&mut self) {
+        let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+        match self.io.reader.read_frame() {
+            Ok(Frame::Control(Message::GuestSamples(s))) => {
+                self.impact.destination(&s);
+                self.stats.tps.after = self.impact.destination_tps();
+            }
+            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the resume"),
+            Err(e) => {
+                eprintln!("vmstream send: warning: no guest samples from the destination: {e}")
+            }
+        }
+    }
+}
