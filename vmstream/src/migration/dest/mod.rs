@@ -1,5 +1,5 @@
-//! The destination side: listening for the source ([`listen`]), the state machine that
-//! receives, verifies and commits the guest's image ([`machine`]), and the seam to the kind
+//! The destination side: listening for the source (`listen.rs`), the state machine that
+//! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
 //! ([`verify`]).
 
