@@ -1,12 +1,7 @@
 //! Command-line options of the convergence strategies, for `#[command(flatten)]` into
 //! `vmstream send`'s arguments.
 
-use std::collections::BTreeMap;
-
-use crate::converge::{
-    AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
-    HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
-};
+use crate::converge::{AutoConvergeConfig, ConvergeConfig, DeferConfig, Strategy};
 use crate::units::parse_size;
 
 /// `--converge`, auto-converge settings and `--defer-hot`.
@@ -40,20 +35,6 @@ pub struct ConvergeArgs {
     pub defer_segment: u64,
 }
 
-impl Default for ConvergeArgs {
-    fn default() -> Self {
-        ConvergeArgs {
-            converge: Strategy::None,
-            cpu_throttle_initial: 20,
-            cpu_throttle_increment: 10,
-            max_cpu_throttle: 99,
-            throttle_trigger_threshold: 50,
-            defer_hot: 0.0,
-            defer_segment: 2 << 20,
-        }
-    }
-}
-
 /// A percentage in `[0, 100]`.
 pub fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -69,70 +50,22 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 impl ConvergeArgs {
-    /// The auto-converge settings from the options.
-    pub fn auto_converge(&self) -> AutoConvergeConfig {
-        AutoConvergeConfig {
-            initial: self.cpu_throttle_initial as f64 / 100.0,
-            increment: self.cpu_throttle_increment as f64 / 100.0,
-            max: self.max_cpu_throttle as f64 / 100.0,
-            trigger_threshold: self.throttle_trigger_threshold as f64 / 100.0,
-            ..Default::default()
+    /// The convergence settings these options give.
+    pub fn to_config(&self) -> ConvergeConfig {
+        ConvergeConfig {
+            strategy: self.converge,
+            auto_converge: AutoConvergeConfig {
+                initial: self.cpu_throttle_initial as f64 / 100.0,
+                increment: self.cpu_throttle_increment as f64 / 100.0,
+                max: self.max_cpu_throttle as f64 / 100.0,
+                trigger_threshold: self.throttle_trigger_threshold as f64 / 100.0,
+                ..Default::default()
+            },
+            deferral: (self.defer_hot > 0.0).then(|| DeferConfig {
+                segment_bytes: self.defer_segment,
+                ..DeferConfig::new(self.defer_hot)
+            }),
         }
-    }
-
-    /// The chosen strategy, its settings checked.
-    pub fn strategy(&self) -> Result<Box<dyn ThrottleStrategy>, SettingError> {
-        Ok(match self.converge {
-            Strategy::None => Box::new(NoThrottle),
-            Strategy::Qemu => {
-                let cfg = self.auto_converge();
-                cfg.validate()?;
-                Box::new(AutoConverge::new(cfg))
-            }
-            Strategy::DirectStaged => {
-                let cfg = DirectStagedConfig::default();
-                cfg.validate()?;
-                Box::new(DirectStaged::new(cfg))
-            }
-        })
-    }
-
-    /// Hot-page deferral over `guest_pages` 4 KiB pages, or `None` when `--defer-hot` is 0.
-    pub fn deferral(&self, guest_pages: u64) -> Result<Option<HotPageDeferral>, DeferError> {
-        if self.defer_hot == 0.0 {
-            return Ok(None);
-        }
-        let cfg = DeferConfig {
-            segment_bytes: self.defer_segment,
-            ..DeferConfig::new(self.defer_hot)
-        };
-        HotPageDeferral::new(cfg, guest_pages).map(Some)
-    }
-
-    /// The settings, for the statistics' `settings` map.
-    pub fn settings(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        m.insert("converge".into(), self.converge.name().into());
-        if self.converge == Strategy::Qemu {
-            let c = self.auto_converge();
-            m.insert(
-                "auto_converge".into(),
-                format!(
-                    "initial {}%, increment {}%, max {}%, threshold {}%",
-                    c.initial * 100.0,
-                    c.increment * 100.0,
-                    c.max * 100.0,
-                    c.trigger_threshold * 100.0
-                ),
-            );
-        }
-        if self.defer_hot > 0.0 {
-            m.insert(
-                "defer_hot".into(),
-                format!("{}% of {} B segments", self.defer_hot, self.defer_segment),
-            );
-        }
-        m
     }
 }
 
@@ -154,7 +87,8 @@ mod tests {
 
     #[test]
     fn defaults_and_flags() {
-        assert_eq!(parse(&[]).unwrap(), ConvergeArgs::default());
+        // The options' defaults are the library's.
+        assert_eq!(parse(&[]).unwrap().to_config(), ConvergeConfig::default());
         let a = parse(&[
             "--converge",
             "qemu",
@@ -173,17 +107,18 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.converge, Strategy::Qemu);
-        let c = a.auto_converge();
+        let cfg = a.to_config();
+        let c = cfg.auto_converge;
         assert_eq!(
             (c.initial, c.increment, c.max, c.trigger_threshold),
             (0.3, 0.05, 0.8, 0.7)
         );
-        assert_eq!(a.strategy().unwrap().name(), "qemu");
+        assert_eq!(cfg.strategy().unwrap().name(), "qemu");
         assert_eq!(a.defer_hot, 12.5);
         assert_eq!(a.defer_segment, 64 << 10);
-        assert!(a.deferral(1024).unwrap().is_some());
-        assert!(ConvergeArgs::default().deferral(1024).unwrap().is_none());
-        let s = a.settings();
+        assert!(cfg.deferral(1024).unwrap().is_some());
+        assert!(ConvergeConfig::default().deferral(1024).unwrap().is_none());
+        let s = cfg.settings();
         assert_eq!(s["converge"], "qemu");
         assert!(s["defer_hot"].contains("12.5%"));
     }
@@ -203,8 +138,8 @@ mod tests {
         // A segment that is not a multiple of the page is a typed error when built.
         let a = parse(&["--defer-hot", "5", "--defer-segment", "5000"]).unwrap();
         assert!(matches!(
-            a.deferral(100),
-            Err(DeferError::SegmentSize { .. })
+            a.to_config().deferral(100),
+            Err(crate::converge::DeferError::SegmentSize { .. })
         ));
     }
 }

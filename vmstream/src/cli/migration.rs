@@ -274,7 +274,7 @@ impl SendArgs {
         cfg.io_timeout = self.io_timeout;
         cfg.stats_json = self.stats_json.clone();
         cfg.progress = !self.no_progress;
-        cfg.converge = self.converge.clone();
+        cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.check()?;

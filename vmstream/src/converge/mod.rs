@@ -14,11 +14,13 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod config;
 pub mod defer;
 pub mod direct_staged;
 pub mod policy;
 pub mod qemu;
 
+pub use config::ConvergeConfig;
 pub use defer::{DeferConfig, DeferError, HotPageDeferral, Split};
 pub use direct_staged::{DirectStaged, DirectStagedConfig};
 pub use policy::{switchover_latency, DowntimePolicy, OnTimeout};

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig, DEFAULT_CACHE_BYTES};
 
-use crate::cli::converge::ConvergeArgs;
 use crate::converge::policy::OnTimeout;
+use crate::converge::ConvergeConfig;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
@@ -46,7 +46,7 @@ pub struct SendConfig {
     /// Show a progress bar on a terminal.
     pub progress: bool,
     /// Guest throttling strategy and hot-page deferral (`crate::converge`).
-    pub converge: ConvergeArgs,
+    pub converge: ConvergeConfig,
     /// Parallel TCP connections (`crate::migration::connect::channels`), 1 to 16.
     pub channels: usize,
     /// Pre-shared key: authenticate every connection with it (`crate::migration::connect::auth`).
@@ -81,7 +81,7 @@ impl SendConfig {
             io_timeout: Duration::from_secs(120),
             stats_json: None,
             progress: true,
-            converge: ConvergeArgs::default(),
+            converge: ConvergeConfig::default(),
             channels: 1,
             auth_key: None,
             cancel: None,

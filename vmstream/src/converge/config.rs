@@ -1,0 +1,83 @@
+//! The convergence settings of one migration: which throttle strategy, its auto-converge
+//! settings, and hot-page deferral. The CLI builds them from `vmstream send`'s options;
+//! the source turns them into the [`crate::converge::DowntimePolicy`]'s parts.
+
+use std::collections::BTreeMap;
+
+use crate::converge::{
+    AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
+    HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
+};
+
+/// Throttle strategy and hot-page deferral of a migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvergeConfig {
+    /// The throttle strategy.
+    pub strategy: Strategy,
+    /// Auto-converge's settings (used by [`Strategy::Qemu`]).
+    pub auto_converge: AutoConvergeConfig,
+    /// Hot-page deferral, or `None` when off.
+    pub deferral: Option<DeferConfig>,
+}
+
+impl Default for ConvergeConfig {
+    /// No throttling, QEMU's auto-converge defaults, no deferral.
+    fn default() -> Self {
+        ConvergeConfig {
+            strategy: Strategy::None,
+            auto_converge: AutoConvergeConfig::default(),
+            deferral: None,
+        }
+    }
+}
+
+impl ConvergeConfig {
+    /// The chosen strategy, its settings checked.
+    pub fn strategy(&self) -> Result<Box<dyn ThrottleStrategy>, SettingError> {
+        Ok(match self.strategy {
+            Strategy::None => Box::new(NoThrottle),
+            Strategy::Qemu => {
+                self.auto_converge.validate()?;
+                Box::new(AutoConverge::new(self.auto_converge))
+            }
+            Strategy::DirectStaged => {
+                let cfg = DirectStagedConfig::default();
+                cfg.validate()?;
+                Box::new(DirectStaged::new(cfg))
+            }
+        })
+    }
+
+    /// Hot-page deferral over `guest_pages` pages, or `None` when off.
+    pub fn deferral(&self, guest_pages: u64) -> Result<Option<HotPageDeferral>, DeferError> {
+        self.deferral
+            .map(|cfg| HotPageDeferral::new(cfg, guest_pages))
+            .transpose()
+    }
+
+    /// The settings, for the statistics' `settings` map.
+    pub fn settings(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("converge".into(), self.strategy.name().into());
+        if self.strategy == Strategy::Qemu {
+            let c = &self.auto_converge;
+            m.insert(
+                "auto_converge".into(),
+                format!(
+                    "initial {}%, increment {}%, max {}%, threshold {}%",
+                    c.initial * 100.0,
+                    c.increment * 100.0,
+                    c.max * 100.0,
+                    c.trigger_threshold * 100.0
+                ),
+            );
+        }
+        if let Some(d) = &self.deferral {
+            m.insert(
+                "defer_hot".into(),
+                format!("{}% of {} B segments", d.percent, d.segment_bytes),
+            );
+        }
+        m
+    }
+}
