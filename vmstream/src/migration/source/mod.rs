@@ -28,7 +28,8 @@ use crate::migration::wire::{
     ROUND_FINAL, ROUND_FORCED,
 };
 use crate::telemetry::impact::{ImpactRecorder, REPORT_WAIT};
-use crate::telemetry::stats::{unix_ns, CpuTime, MigrationStats, Progress, RoundStats};
+use crate::telemetry::progress::Progress;
+use crate::telemetry::stats::{unix_ns, CpuTime, MigrationStats, RoundStats};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
