@@ -1,12 +1,11 @@
 //! Command-line options of the convergence strategies, for `#[command(flatten)]` into
 //! `vmstream send`'s arguments.
 
-use std::collections::BTreeMap;
-
 use crate::converge::{
     AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
     HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
 };
+use crate::telemetry::settings::Settings;
 use crate::units::parse_size;
 
 /// `--converge`, auto-converge settings and `--defer-hot`.
@@ -109,30 +108,27 @@ impl ConvergeArgs {
         HotPageDeferral::new(cfg, guest_pages).map(Some)
     }
 
-    /// The settings, for the statistics' `settings` map.
-    pub fn settings(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        m.insert("converge".into(), self.converge.name().into());
-        if self.converge == Strategy::Qemu {
+    /// The statistics' settings these options set (the strategy, its percentages, the
+    /// deferral); the others are `None`.
+    pub fn settings(&self) -> Settings {
+        let auto_converge = (self.converge == Strategy::Qemu).then(|| {
             let c = self.auto_converge();
-            m.insert(
-                "auto_converge".into(),
-                format!(
-                    "initial {}%, increment {}%, max {}%, threshold {}%",
-                    c.initial * 100.0,
-                    c.increment * 100.0,
-                    c.max * 100.0,
-                    c.trigger_threshold * 100.0
-                ),
-            );
+            format!(
+                "initial {}%, increment {}%, max {}%, threshold {}%",
+                c.initial * 100.0,
+                c.increment * 100.0,
+                c.max * 100.0,
+                c.trigger_threshold * 100.0
+            )
+        });
+        let defer_hot = (self.defer_hot > 0.0)
+            .then(|| format!("{}% of {} B segments", self.defer_hot, self.defer_segment));
+        Settings {
+            converge: Some(self.converge),
+            auto_converge,
+            defer_hot,
+            ..Settings::default()
         }
-        if self.defer_hot > 0.0 {
-            m.insert(
-                "defer_hot".into(),
-                format!("{}% of {} B segments", self.defer_hot, self.defer_segment),
-            );
-        }
-        m
     }
 }
 
@@ -183,9 +179,9 @@ mod tests {
         assert_eq!(a.defer_segment, 64 << 10);
         assert!(a.deferral(1024).unwrap().is_some());
         assert!(ConvergeArgs::default().deferral(1024).unwrap().is_none());
-        let s = a.settings();
+        let s = serde_json::to_value(a.settings()).unwrap();
         assert_eq!(s["converge"], "qemu");
-        assert!(s["defer_hot"].contains("12.5%"));
+        assert!(s["defer_hot"].as_str().unwrap().contains("12.5%"));
     }
 
     #[test]

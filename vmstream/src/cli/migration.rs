@@ -24,7 +24,8 @@ use crate::migration::image::ImageError;
 use crate::migration::interrupt::flag_on_interrupt;
 use crate::migration::source::{migrate, Outcome};
 use crate::migration::transport::parse_bandwidth;
-use crate::telemetry::stats::MigrationStats;
+use crate::telemetry::settings::Settings;
+use crate::telemetry::stats::{MigrationOutcome, MigrationStats, Role};
 use crate::units::{parse_duration, parse_size};
 
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
@@ -368,31 +369,21 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
     let mut stats = MigrationStats {
-        role: "source",
         guest_bytes: guest.size(),
-        ..Default::default()
+        ..MigrationStats::new(Role::Source)
     };
-    stats.settings.extend(cfg.converge.settings());
-    for (k, v) in [
-        ("compression", format!("{:?}", cfg.encoder.compression)),
-        ("xbzrle", format!("{}", cfg.encoder.delta.is_some())),
-        ("threads", cfg.threads.to_string()),
-        (
-            "downtime_limit_ms",
-            cfg.downtime_limit.as_millis().to_string(),
-        ),
-        (
-            "max_bandwidth",
-            cfg.max_bandwidth
-                .map_or("unlimited".into(), |b| b.to_string()),
-        ),
-        ("dirty_tracking", guest.tracker_name().to_string()),
-        ("channels", cfg.channels.to_string()),
-        ("authenticated", cfg.auth_key.is_some().to_string()),
-        ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
-    ] {
-        stats.settings.insert(k.to_string(), v);
-    }
+    stats.settings = Settings {
+        compression: Some(format!("{:?}", cfg.encoder.compression)),
+        xbzrle: Some(cfg.encoder.delta.is_some()),
+        threads: Some(cfg.threads),
+        downtime_limit_ms: Some(cfg.downtime_limit.as_millis()),
+        max_bandwidth: Some(cfg.max_bandwidth.into()),
+        dirty_tracking: Some(guest.tracker_name().to_string()),
+        channels: Some(cfg.channels),
+        authenticated: Some(cfg.auth_key.is_some()),
+        guest_kind: Some(format!("{:?}", guest.kind()).to_lowercase()),
+        ..cfg.converge.settings()
+    };
     if !cfg.warmup.is_zero() {
         let (t0, tx0) = (Instant::now(), guest.tx_count());
         // A signal ends the warmup (and `migrate` then cancels at once).
@@ -405,16 +396,14 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         }
     }
     let result = migrate(&cfg, guest.as_mut(), &mut stats);
-    if stats.guest_bytes > 0 {
-        stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
-    }
+    stats.set_wire_ratio();
     let code = match result {
         Ok(Outcome::Committed) => {
-            stats.outcome = "committed".into();
+            stats.outcome = MigrationOutcome::Committed;
             ExitCode::SUCCESS
         }
         Ok(Outcome::Cancelled(reason)) => {
-            stats.outcome = "cancelled".into();
+            stats.outcome = MigrationOutcome::Cancelled;
             stats.error = Some(reason.clone());
             eprintln!(
                 "vmstream send: cancelled: {reason}; {}",
@@ -423,7 +412,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             ExitCode::from(EXIT_CANCELLED)
         }
         Err(e) => {
-            stats.outcome = "failed".into();
+            stats.outcome = MigrationOutcome::Failed;
             stats.error = Some(e.to_string());
             eprintln!(
                 "vmstream send: migration failed: {e}; {}",
@@ -472,13 +461,8 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut stats = MigrationStats {
-        role: "destination",
-        ..Default::default()
-    };
-    stats
-        .settings
-        .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
+    let mut stats = MigrationStats::new(Role::Destination);
+    stats.settings.authenticated = Some(cfg.auth_key.is_some());
     // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
     // temporary image removed, the source told.
     let Some(flag) = interrupt_flag("recv") else {
@@ -501,7 +485,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     let received = match receive_on(&cfg, listening, &mut stats) {
         Ok(r) => r,
         // After the commit (a guest that did not resume) the image stays committed.
-        Err(e) if stats.outcome == "committed" => {
+        Err(e) if stats.outcome == MigrationOutcome::Committed => {
             stats.error = Some(e.to_string());
             eprintln!(
                 "vmstream recv: committed {}, but {e}",
@@ -511,7 +495,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            stats.outcome = "failed".into();
+            stats.outcome = MigrationOutcome::Failed;
             stats.error = Some(e.to_string());
             eprintln!("vmstream recv: migration failed: {e}; nothing committed");
             finish_report(&stats, cfg.stats_json.as_ref(), "recv");

@@ -1,16 +1,71 @@
-//! Migration statistics: per-round figures, final figures of each side, the JSON written by
-//! `--stats-json` and the one-screen summary.
+//! Migration statistics: per-round figures and the final figures of each side, typed and
+//! serialized by serde as the JSON of `--stats-json` (external scripts read its field
+//! names), and the one-screen summary.
 
-use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use vmstream_codec::format::Encoding;
+use serde::{Deserialize, Serialize};
+use vmstream_codec::stats::ByEncoding;
 use vmstream_codec::PipelineStats;
 
+use crate::telemetry::settings::Settings;
+use crate::telemetry::switchover::SwitchoverTimes;
+use crate::telemetry::timeline::Timeline;
+
+/// Page records of a round by encoding; encodings a round did not use are not written.
+/// Fields are in alphabetical order, the order the JSON always had.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PagesByEncoding {
+    /// LZ4 pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lz4: u64,
+    /// Raw pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub raw: u64,
+    /// XBZRLE deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xbzrle: u64,
+    /// LZ4 of XBZRLE deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xbzrle_lz4: u64,
+    /// LZ4 of XOR deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xor_lz4: u64,
+    /// All-zero pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zero: u64,
+    /// Deflate pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zlib: u64,
+    /// zstd pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zstd: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl From<&ByEncoding> for PagesByEncoding {
+    fn from(b: &ByEncoding) -> PagesByEncoding {
+        PagesByEncoding {
+            lz4: b.lz4.pages,
+            raw: b.raw.pages,
+            xbzrle: b.xbzrle.pages,
+            xbzrle_lz4: b.xbzrle_lz4.pages,
+            xor_lz4: b.xor_lz4.pages,
+            zero: b.zero.pages,
+            zlib: b.zlib.pages,
+            zstd: b.zstd.pages,
+        }
+    }
+}
+
 /// One round as the source saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundStats {
     /// Round number (0 = full copy).
     pub round: u64,
@@ -20,8 +75,8 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// Page records sent (pages identical to the cached copy need none).
     pub records: u64,
-    /// Records by encoding name.
-    pub pages_by_encoding: BTreeMap<String, u64>,
+    /// Records by encoding.
+    pub pages_by_encoding: PagesByEncoding,
     /// Codec packet bytes.
     pub packet_bytes: u64,
     /// Bytes written to the socket (frames included).
@@ -49,19 +104,14 @@ pub struct RoundStats {
 impl RoundStats {
     /// Fills the encoding breakdown from a codec round.
     pub fn set_encodings(&mut self, codec: &PipelineStats) {
-        for e in Encoding::ALL {
-            let n = codec.by_encoding.get(e).pages;
-            if n > 0 {
-                self.pages_by_encoding.insert(e.name().to_string(), n);
-            }
-        }
+        self.pages_by_encoding = PagesByEncoding::from(&codec.by_encoding);
         self.records = codec.pages();
         self.packet_bytes = codec.packet_bytes;
     }
 }
 
 /// Transactions per second of the guest in each phase (None when not measured).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TpsPhases {
     /// During the warm-up, before the migration started.
     pub before: Option<f64>,
@@ -72,7 +122,7 @@ pub struct TpsPhases {
 }
 
 /// CPU time of a process, from getrusage.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuTime {
     /// User time, ms.
     pub user_ms: f64,
@@ -103,14 +153,55 @@ impl CpuTime {
     }
 }
 
+/// Which side wrote the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `vmstream send`.
+    Source,
+    /// `vmstream recv`.
+    Destination,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// How a migration ended, as the statistics record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationOutcome {
+    /// The destination committed the image.
+    Committed,
+    /// Cancelled (at the timeout, or by SIGINT/SIGTERM); the source guest runs on.
+    Cancelled,
+    /// An error ended it.
+    Failed,
+}
+
+impl fmt::Display for MigrationOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationOutcome::Committed => "committed",
+            MigrationOutcome::Cancelled => "cancelled",
+            MigrationOutcome::Failed => "failed",
+        })
+    }
+}
+
 /// Final figures of a migration (both sides write this shape; fields a side does not
 /// know are null).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStats {
-    /// "source" or "destination".
-    pub role: &'static str,
-    /// "committed", "cancelled" or "failed".
-    pub outcome: String,
+    /// Which side wrote them.
+    pub role: Role,
+    /// How the migration ended.
+    pub outcome: MigrationOutcome,
     /// Error message when not committed.
     pub error: Option<String>,
     /// From connection to commit acknowledgement (source) or commit (destination), ms.
@@ -139,19 +230,53 @@ pub struct MigrationStats {
     /// Guest transactions per second by phase.
     pub tps: TpsPhases,
     /// Settings that shaped the run.
-    pub settings: BTreeMap<String, String>,
-    /// Time of each switchover phase, ms (source: pause_and_collect,
-    /// final_round_and_digest, digest, await_commit; destination: digest, commit).
-    pub switchover_ms: BTreeMap<String, f64>,
+    pub settings: Settings,
+    /// Time of each switchover phase, ms.
+    pub switchover_ms: SwitchoverTimes,
     /// Per round (source only).
     pub per_round: Vec<RoundStats>,
     /// Codec totals (pages by encoding, cache outcomes, stage times).
     pub codec: PipelineStats,
     /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
-    pub timeline: Option<crate::telemetry::timeline::Timeline>,
+    pub timeline: Option<Timeline>,
 }
 
 impl MigrationStats {
+    /// Empty statistics of `role`'s side: [`MigrationOutcome::Failed`] until the engine
+    /// records the commit or the cancellation.
+    pub fn new(role: Role) -> MigrationStats {
+        MigrationStats {
+            role,
+            outcome: MigrationOutcome::Failed,
+            error: None,
+            total_time_ms: 0.0,
+            downtime_ms: None,
+            bytes_on_wire: 0,
+            guest_bytes: 0,
+            wire_to_guest_ratio: 0.0,
+            channel_bytes: Vec::new(),
+            rounds: 0,
+            converged: false,
+            digest: None,
+            cpu: CpuTime::default(),
+            peer_cpu_ms: None,
+            tps: TpsPhases::default(),
+            settings: Settings::default(),
+            switchover_ms: SwitchoverTimes::default(),
+            per_round: Vec::new(),
+            codec: PipelineStats::default(),
+            timeline: None,
+        }
+    }
+
+    /// Sets [`MigrationStats::wire_to_guest_ratio`] from the bytes on the wire (0 for an
+    /// unknown guest size).
+    pub fn set_wire_ratio(&mut self) {
+        if self.guest_bytes > 0 {
+            self.wire_to_guest_ratio = self.bytes_on_wire as f64 / self.guest_bytes as f64;
+        }
+    }
+
     /// Writes the statistics as pretty JSON to `path`.
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
@@ -202,9 +327,11 @@ impl MigrationStats {
             tps(self.tps.during),
             tps(self.tps.after)
         ));
-        if let Some(saved) = self.settings.get("defer_hot_saved_bytes") {
-            let mib = saved.parse::<f64>().unwrap_or(0.0) / (1 << 20) as f64;
-            s.push_str(&format!("  hot-page deferral saved {mib:.1} MiB\n"));
+        if let Some(saved) = self.settings.defer_hot_saved_bytes {
+            s.push_str(&format!(
+                "  hot-page deferral saved {:.1} MiB\n",
+                mib(saved)
+            ));
         }
         if !self.per_round.is_empty() {
             s.push_str(
@@ -232,12 +359,12 @@ impl MigrationStats {
                 ));
             }
         }
-        if !self.switchover_ms.is_empty() {
-            let phases: Vec<String> = self
-                .switchover_ms
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.1}"))
-                .collect();
+        let phases: Vec<String> = self
+            .switchover_ms
+            .phases()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        if !phases.is_empty() {
             s.push_str(&format!("  switchover: {} (ms)\n", phases.join(", ")));
         }
         if let Some(d) = &self.digest {
@@ -262,10 +389,13 @@ mod tests {
     use std::collections::BTreeSet;
 
     use serde_json::Value;
+    use vmstream_codec::format::Encoding;
     use vmstream_codec::stats::WorkerStats;
 
     use super::*;
-    use crate::telemetry::timeline::{Timeline, TimelineNote, TimelineRound, TimelineSample};
+    use crate::converge::Strategy;
+    use crate::telemetry::settings::{BandwidthLimit, PageCopies};
+    use crate::telemetry::timeline::{TimelineNote, TimelineRound, TimelineSample};
 
     /// Every key path of `v`: objects' keys joined by `.`, array elements as `[]`.
     fn key_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
@@ -299,48 +429,48 @@ mod tests {
         codec.workers.push(WorkerStats::default());
         let mut round = RoundStats::default();
         round.set_encodings(&codec);
-        let settings = [
-            "authenticated",
-            "auto_converge",
-            "channels",
-            "compression",
-            "converge",
-            "defer_hot",
-            "defer_hot_saved_bytes",
-            "delta",
-            "destination_running",
-            "dirty_tracking",
-            "downtime_limit_ms",
-            "guest_kind",
-            "handshake_round_trip_ms",
-            "kvm_state_bytes",
-            "kvm_vcpus",
-            "max_bandwidth",
-            "migration_id",
-            "page_copies",
-            "policy",
-            "receiver_workers",
-            "round_trip_ms",
-            "source_tx_at_pause",
-            "switchover_digest_estimate_ms",
-            "threads",
-            "xbzrle",
-        ];
-        let phases = [
-            "await_commit",
-            "await_handover",
-            "commit",
-            "digest",
-            "final_round_and_digest",
-            "kvm_first_tx",
-            "kvm_restore",
-            "pause_and_collect",
-            "resume",
-            "verify",
-        ];
+        let text = || Some("x".to_string());
+        let settings = Settings {
+            authenticated: Some(true),
+            auto_converge: text(),
+            channels: Some(1),
+            compression: text(),
+            converge: Some(Strategy::Qemu),
+            defer_hot: text(),
+            defer_hot_saved_bytes: Some(1),
+            delta: text(),
+            destination_running: Some(true),
+            dirty_tracking: text(),
+            downtime_limit_ms: Some(1),
+            guest_kind: text(),
+            handshake_round_trip_ms: Some(1.0),
+            kvm_state_bytes: Some(1),
+            kvm_vcpus: Some(1),
+            max_bandwidth: Some(BandwidthLimit::Unlimited),
+            migration_id: text(),
+            page_copies: Some(PageCopies::EncodeWorkers),
+            policy: text(),
+            receiver_workers: Some(1),
+            round_trip_ms: Some(1.0),
+            source_tx_at_pause: Some(1),
+            switchover_digest_estimate_ms: Some(1.0),
+            threads: Some(1),
+            xbzrle: Some(true),
+        };
+        let switchover_ms = SwitchoverTimes {
+            await_commit: Some(1.0),
+            await_handover: Some(1.0),
+            commit: Some(1.0),
+            digest: Some(1.0),
+            final_round_and_digest: Some(1.0),
+            kvm_first_tx: Some(1.0),
+            kvm_restore: Some(1.0),
+            pause_and_collect: Some(1.0),
+            resume: Some(1.0),
+            verify: Some(1.0),
+        };
         MigrationStats {
-            role: "source",
-            outcome: "committed".into(),
+            outcome: MigrationOutcome::Committed,
             error: Some("e".into()),
             downtime_ms: Some(1.0),
             channel_bytes: vec![1],
@@ -351,11 +481,8 @@ mod tests {
                 during: Some(1.0),
                 after: Some(1.0),
             },
-            settings: settings
-                .iter()
-                .map(|k| (k.to_string(), "1".to_string()))
-                .collect(),
-            switchover_ms: phases.iter().map(|k| (k.to_string(), 1.0)).collect(),
+            settings,
+            switchover_ms,
             per_round: vec![round],
             codec,
             timeline: Some(Timeline {
@@ -365,7 +492,7 @@ mod tests {
                 resume_ms: Some(2.0),
                 notes: vec![TimelineNote::default()],
             }),
-            ..Default::default()
+            ..MigrationStats::new(Role::Source)
         }
     }
 
@@ -592,9 +719,34 @@ mod tests {
     #[test]
     fn summary_of_full_statistics() {
         let mut stats = fully_populated();
-        stats
-            .settings
-            .insert("defer_hot_saved_bytes".into(), (3u64 << 20).to_string());
+        stats.settings.defer_hot_saved_bytes = Some(3 << 20);
         assert_eq!(stats.summary(), SUMMARY);
+    }
+
+    #[test]
+    fn statistics_read_back_as_written() {
+        let stats = fully_populated();
+        let json = serde_json::to_string_pretty(&stats).unwrap();
+        let back: MigrationStats = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, stats);
+    }
+
+    #[test]
+    fn roles_and_outcomes_are_written_as_before() {
+        for (role, name) in [(Role::Source, "source"), (Role::Destination, "destination")] {
+            assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{name}\""));
+            assert_eq!(role.to_string(), name);
+        }
+        for (outcome, name) in [
+            (MigrationOutcome::Committed, "committed"),
+            (MigrationOutcome::Cancelled, "cancelled"),
+            (MigrationOutcome::Failed, "failed"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&outcome).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!(outcome.to_string(), name);
+        }
     }
 }

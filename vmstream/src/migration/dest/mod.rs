@@ -37,7 +37,7 @@ use crate::migration::wire::{
     FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::telemetry::impact::{sample_destination, DESTINATION_WINDOW};
-use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
+use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
 
 mod kvm;
 pub mod verify;
@@ -276,9 +276,7 @@ impl Dest<'_> {
                 },
                 DestState::AwaitDigest { image, ours, state } => match self.reader.read_frame()? {
                     Frame::Control(Message::Digest(digest)) => {
-                        self.stats
-                            .settings
-                            .insert("source_tx_at_pause".into(), state.tx_count.to_string());
+                        self.stats.settings.source_tx_at_pause = Some(state.tx_count);
                         DestState::Committing {
                             image,
                             ours,
@@ -414,15 +412,9 @@ impl Dest<'_> {
         let workers = self.workers(&hello);
         self.guest_kind = hello.guest_kind;
         self.stats.guest_bytes = hello.guest_size;
-        self.stats
-            .settings
-            .insert("receiver_workers".into(), workers.to_string());
-        self.stats
-            .settings
-            .insert("compression".into(), format!("{:?}", hello.compression));
-        self.stats
-            .settings
-            .insert("delta".into(), format!("{:?}", hello.delta));
+        self.stats.settings.receiver_workers = Some(workers);
+        self.stats.settings.compression = Some(format!("{:?}", hello.compression));
+        self.stats.settings.delta = Some(format!("{:?}", hello.delta));
         self.send(&Message::HelloReply(HelloReply {
             refuse: RefuseCode::None,
             receiver_workers: workers as u32,
@@ -438,9 +430,7 @@ impl Dest<'_> {
                 crate::migration::connect::channels::id_hex(&primary.migration_id)
             );
         }
-        self.stats
-            .settings
-            .insert("channels".into(), self.channels.count().to_string());
+        self.stats.settings.channels = Some(self.channels.count());
         Ok(DestState::Receiving { hello, image })
     }
 
@@ -557,9 +547,7 @@ impl Dest<'_> {
         // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
         let ours = hashes.digest();
-        self.stats
-            .switchover_ms
-            .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.digest = Some(t.elapsed().as_secs_f64() * 1e3);
         if self.cfg.resume {
             // While the source hashes its memory: recovery and verify read (and recovery
             // may write) the final image, after our digest of it was taken.
@@ -585,9 +573,7 @@ impl Dest<'_> {
                     ))
                 }
             }
-            self.stats
-                .switchover_ms
-                .insert("verify".into(), t.elapsed().as_secs_f64() * 1e3);
+            self.stats.switchover_ms.verify = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         Ok(DestState::AwaitGuestState { image, ours })
     }
@@ -629,9 +615,7 @@ impl Dest<'_> {
         }
         let t = Instant::now();
         let committed = image.commit();
-        self.stats
-            .switchover_ms
-            .insert("commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.commit = Some(t.elapsed().as_secs_f64() * 1e3);
         let committed = match committed {
             Ok(memory) => {
                 self.committed = Some(memory);
@@ -649,7 +633,7 @@ impl Dest<'_> {
             }));
             return Err(e.into());
         }
-        self.stats.outcome = "committed".into();
+        self.stats.outcome = MigrationOutcome::Committed;
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
         self.send(&Message::CommitReply(CommitReply {
             status: CommitStatus::Committed,
@@ -666,9 +650,7 @@ impl Dest<'_> {
     fn await_handover(&mut self) -> Result<(), RecvError> {
         let t = Instant::now();
         let frame = self.reader.read_frame();
-        self.stats
-            .switchover_ms
-            .insert("await_handover".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.await_handover = Some(t.elapsed().as_secs_f64() * 1e3);
         match frame {
             Ok(Frame::Control(Message::Handover(_))) => Ok(()),
             Ok(other) => Err(RecvError::NoHandover(
@@ -714,9 +696,7 @@ impl Dest<'_> {
             (false, 0)
         };
         if self.cfg.resume {
-            self.stats
-                .switchover_ms
-                .insert("resume".into(), t.elapsed().as_secs_f64() * 1e3);
+            self.stats.switchover_ms.resume = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         let at = if running {
             unix_ns(SystemTime::now())
@@ -925,9 +905,7 @@ pub fn receive_on(
     let guest = dest.guest.take();
     let kvm = dest.kvm.take();
     stats.bytes_on_wire = bytes;
-    if stats.guest_bytes > 0 {
-        stats.wire_to_guest_ratio = bytes as f64 / stats.guest_bytes as f64;
-    }
+    stats.set_wire_ratio();
     stats.cpu = CpuTime::now();
     result.map(|()| Received { guest, kvm })
 }

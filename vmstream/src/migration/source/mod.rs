@@ -29,6 +29,7 @@ use crate::migration::wire::{
 };
 use crate::telemetry::impact::{ImpactRecorder, REPORT_WAIT};
 use crate::telemetry::progress::Progress;
+use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{unix_ns, CpuTime, MigrationStats, RoundStats};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -401,9 +402,7 @@ impl Source<'_> {
                 self.io.round_trip = asked.elapsed();
                 self.destination_resumes = r.resumes;
                 self.warn_if_out_of_reach();
-                self.stats
-                    .settings
-                    .insert("receiver_workers".into(), r.receiver_workers.to_string());
+                self.stats.settings.receiver_workers = Some(r.receiver_workers as usize);
                 self.io.channels.await_bound()?;
             }
             Frame::Control(Message::HelloReply(r)) => {
@@ -432,10 +431,7 @@ impl Source<'_> {
     /// limit below that cannot be met, and the user should know before waiting.
     fn warn_if_out_of_reach(&mut self) {
         let rtt = self.io.round_trip;
-        self.stats.settings.insert(
-            "handshake_round_trip_ms".into(),
-            format!("{:.1}", rtt.as_secs_f64() * 1e3),
-        );
+        self.stats.settings.handshake_round_trip_ms = Some(rtt.as_secs_f64() * 1e3);
         let floor = if self.destination_resumes {
             rtt / 2 + rtt
         } else {
@@ -504,7 +500,7 @@ impl Source<'_> {
             Some(d) => merge_pages(&newly, d.carried()),
             None => newly.clone(),
         };
-        let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
+        let nonzero = rs.records - rs.pages_by_encoding.zero;
         if nonzero > 0 {
             self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
         }
@@ -520,10 +516,7 @@ impl Source<'_> {
             dirty_rate: newly.len() as f64 / secs,
         };
         rs.dirty_pages_per_s = obs.dirty_rate;
-        self.stats.settings.insert(
-            "round_trip_ms".into(),
-            format!("{:.2}", obs.round_trip.as_secs_f64() * 1e3),
-        );
+        self.stats.settings.round_trip_ms = Some(obs.round_trip.as_secs_f64() * 1e3);
         rs.expected_downtime_ms = obs.expected_downtime().as_secs_f64() * 1e3;
         let decision = self.policy.decide(&obs);
         let throttle = f64::from_bits(self.throttle_request.load(Ordering::Relaxed));
@@ -596,12 +589,8 @@ impl Source<'_> {
         let collect_time = t_collect.elapsed();
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = self.guest.tx_count();
-        let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
-            stats
-                .switchover_ms
-                .insert(name.to_string(), t.elapsed().as_secs_f64() * 1e3);
-        };
-        phase("pause_and_collect", t, self.stats);
+        let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.pause_and_collect = ms(t);
         let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
         // The guest is stopped: the file's holes are exact, and hashing them as zero
@@ -641,10 +630,8 @@ impl Source<'_> {
         }))?;
         let mut rs = self.io.await_ack(in_flight)?;
         rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
-        phase("final_round_and_digest", t, self.stats);
-        self.stats
-            .switchover_ms
-            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
+        self.stats.switchover_ms.final_round_and_digest = ms(t);
+        self.stats.switchover_ms.digest = Some(digest_time.as_secs_f64() * 1e3);
         self.switch_start = Some(Instant::now());
         self.impact.round(&rs, 0);
         self.stats.per_round.push(rs);
@@ -666,9 +653,7 @@ impl Source<'_> {
             other => return Err(unexpected("the commit reply", other)),
         };
         if let Some(t) = self.switch_start {
-            self.stats
-                .switchover_ms
-                .insert("await_commit".into(), t.elapsed().as_secs_f64() * 1e3);
+            self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         match reply.status {
             CommitStatus::Committed if reply.digest == digest => {
@@ -720,9 +705,7 @@ impl Source<'_> {
                     r.at_unix_ns,
                 ));
                 self.stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
-                self.stats
-                    .settings
-                    .insert("destination_running".into(), r.running.to_string());
+                self.stats.settings.destination_running = Some(r.running);
                 self.impact.resumed(paused_at_ns, r.at_unix_ns);
                 if r.running {
                     self.destination_samples();
@@ -800,27 +783,18 @@ pub fn migrate(
     }
     let (channels, reader) =
         SourceChannels::open(cfg, guest.size() / PAGE as u64, guest.page_reader())?;
-    stats.settings.insert(
-        "page_copies".into(),
-        if channels.reads_pages() {
-            "encode workers"
-        } else {
-            "sending thread"
-        }
-        .into(),
-    );
+    stats.settings.page_copies = Some(if channels.reads_pages() {
+        PageCopies::EncodeWorkers
+    } else {
+        PageCopies::SendingThread
+    });
     if channels.count() > 1 {
-        stats
-            .settings
-            .insert("migration_id".into(), channels.migration_id());
+        stats.settings.migration_id = Some(channels.migration_id());
     }
     // The switchover also hashes all of memory (both sides in parallel): that time is
     // part of the downtime whatever the dirty pages, so the pages get what is left.
     let overhead = digest_time_estimate(guest.memory());
-    stats.settings.insert(
-        "switchover_digest_estimate_ms".into(),
-        format!("{:.1}", overhead.as_secs_f64() * 1e3),
-    );
+    stats.settings.switchover_digest_estimate_ms = Some(overhead.as_secs_f64() * 1e3);
     let downtime = DowntimePolicy {
         limit: page_budget(cfg.downtime_limit, overhead),
         timeout: cfg.timeout,
@@ -884,10 +858,7 @@ pub fn migrate(
         bandwidth: None,
         destination_resumes: false,
     };
-    source
-        .stats
-        .settings
-        .insert("policy".into(), source.policy.name().into());
+    source.stats.settings.policy = Some(source.policy.name().into());
     let mut result = source.run();
     if let Err(SendError::Transport(_)) = &result {
         // A destination that gave up first says why before closing: prefer its reason.
@@ -914,10 +885,7 @@ pub fn migrate(
     source.stats.codec = source.io.channels.total_stats();
     if let Some(d) = &source.deferral {
         // Pages written again while deferred: each would have been sent twice.
-        source
-            .stats
-            .settings
-            .insert("defer_hot_saved_bytes".into(), d.saved_bytes().to_string());
+        source.stats.settings.defer_hot_saved_bytes = Some(d.saved_bytes());
     }
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
