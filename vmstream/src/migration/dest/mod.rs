@@ -40,8 +40,10 @@ use crate::telemetry::impact::{sample_destination, DESTINATION_WINDOW};
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
 
 mod kvm;
+mod report;
 pub mod verify;
 pub use kvm::{KvmResumed, KvmRunOutcome};
+pub use report::{receive_migration, receive_on, run_resumed, RecvReport, ResumedRun};
 
 /// Where the destination is in the migration.
 enum DestState {
@@ -818,19 +820,10 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     })
 }
 
-/// Listens, accepts one source and receives its guest into `cfg.memory_file`: [`listen`],
-/// then [`receive_on`].
-pub fn receive_migration(
-    cfg: &RecvConfig,
-    stats: &mut MigrationStats,
-) -> Result<Received, RecvError> {
-    let listening = listen(cfg)?;
-    receive_on(cfg, listening, stats)
-}
-
-/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`. Fills
-/// `stats`; on success returns the resumed guest (with `cfg.resume`).
-pub fn receive_on(
+/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`, filling
+/// `stats` ([`receive_on`] makes and finishes them); on success returns the resumed guest
+/// (with `cfg.resume`).
+fn receive_into(
     cfg: &RecvConfig,
     listening: Listening,
     stats: &mut MigrationStats,

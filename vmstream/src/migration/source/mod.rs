@@ -32,6 +32,9 @@ use crate::telemetry::progress::Progress;
 use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{unix_ns, CpuTime, MigrationStats, RoundStats};
 
+mod report;
+pub use report::{migrate, SendReport};
+
 const PAGE: usize = PAGE_SIZE as usize;
 
 /// Set (to anything), `vmstream send` exits with status 70 right after the destination's
@@ -768,9 +771,10 @@ fn page_budget(limit: Duration, overhead: Duration) -> Duration {
     limit.saturating_sub(overhead).max(limit / 10)
 }
 
-/// Migrates `guest` to `cfg.to`. Fills `stats`; on error before the commit the guest is
-/// resumed (if it was paused) and an `Abort` is sent when the connection still works.
-pub fn migrate(
+/// Migrates `guest` to `cfg.to`, filling `stats` ([`migrate`] makes and finishes them); on
+/// error before the commit the guest is resumed (if it was paused) and an `Abort` is sent
+/// when the connection still works.
+fn run_migration(
     cfg: &SendConfig,
     guest: &mut dyn MigratableGuest,
     stats: &mut MigrationStats,
