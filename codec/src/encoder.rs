@@ -16,7 +16,7 @@ use crate::compress::{Compression, Compressor};
 use crate::decoder::xor_into;
 use crate::error::CodecError;
 use crate::format::{Encoding, PacketWriter};
-use crate::stats::{is_timed, ByEncoding, CacheStats, TIMED_EVERY};
+use crate::stats::{is_timed, ByEncoding, CacheOutcomes, TIMED_EVERY};
 use crate::PAGE_SIZE;
 
 /// Which delta encoding pages found in the cache use.
@@ -81,7 +81,7 @@ pub struct PageEncoder {
     /// Pages encoded, by encoding.
     pub stats: ByEncoding,
     /// Cache outcomes.
-    pub cache: CacheStats,
+    pub cache: CacheOutcomes,
     /// Time spent finishing packets (record table, header, CRC), ns.
     pub finish_ns: u64,
 }
@@ -128,7 +128,7 @@ impl PageEncoder {
             alt: AlignedBuf::zeroed(PAGE_SIZE),
             snapshot: AlignedBuf::zeroed(PAGE_SIZE),
             stats: ByEncoding::default(),
-            cache: CacheStats::default(),
+            cache: CacheOutcomes::default(),
             finish_ns: 0,
         })
     }
@@ -384,7 +384,7 @@ impl PageEncoder {
     }
 
     /// Takes the counters accumulated since the last call.
-    pub fn take_stats(&mut self) -> (ByEncoding, CacheStats) {
+    pub fn take_stats(&mut self) -> (ByEncoding, CacheOutcomes) {
         (
             std::mem::take(&mut self.stats),
             std::mem::take(&mut self.cache),

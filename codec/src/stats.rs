@@ -119,9 +119,12 @@ impl ByEncoding {
     }
 }
 
-/// Outcomes of the XBZRLE/XOR page cache on the sender.
+/// How each dirty page the sender offered to its XBZRLE/XOR page cache ended: sent as a
+/// delta, sent whole (not cached, or its delta too large) or not sent (unchanged). Not
+/// the cache's own counters (lookups, inserts, evictions): those are
+/// [`vmstream_xbzrle::CacheStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheStats {
+pub struct CacheOutcomes {
     /// Pages found in the cache and sent as a delta.
     pub hits: u64,
     /// Pages not in the cache (sent full).
@@ -132,8 +135,8 @@ pub struct CacheStats {
     pub unchanged: u64,
 }
 
-impl CacheStats {
-    fn add(&mut self, o: &CacheStats) {
+impl CacheOutcomes {
+    fn add(&mut self, o: &CacheOutcomes) {
         self.hits += o.hits;
         self.misses += o.misses;
         self.overflows += o.overflows;
@@ -192,7 +195,7 @@ pub struct PipelineStats {
     /// Pages by encoding.
     pub by_encoding: ByEncoding,
     /// Page cache outcomes (sender only).
-    pub cache: CacheStats,
+    pub cache: CacheOutcomes,
     /// Packets.
     pub packets: u64,
     /// Packet bytes on the wire (headers, tables, payloads, CRCs).

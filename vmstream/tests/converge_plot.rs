@@ -337,13 +337,12 @@ fn strategy_table() {
 
 #[test]
 fn plot_reads_the_migration_statistics_without_a_timeline() {
-    use vmstream::telemetry::stats::{MigrationStats, RoundStats};
+    use vmstream::telemetry::stats::{MigrationOutcome, MigrationStats, Role, RoundStats};
     // The statistics `vmstream send --stats-json` writes today (no timeline yet).
     let mut stats = MigrationStats {
-        role: "source",
-        outcome: "committed".into(),
+        outcome: MigrationOutcome::Committed,
         downtime_ms: Some(42.0),
-        ..Default::default()
+        ..MigrationStats::new(Role::Source)
     };
     for (round, ms, wire, rate, paused) in [
         (0u64, 2000.0, 500 << 20, 1000.0, false),

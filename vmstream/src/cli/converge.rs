@@ -118,9 +118,9 @@ mod tests {
         assert_eq!(a.defer_segment, 64 << 10);
         assert!(cfg.deferral(1024).unwrap().is_some());
         assert!(ConvergeConfig::default().deferral(1024).unwrap().is_none());
-        let s = cfg.settings();
+        let s = serde_json::to_value(cfg.settings()).unwrap();
         assert_eq!(s["converge"], "qemu");
-        assert!(s["defer_hot"].contains("12.5%"));
+        assert!(s["defer_hot"].as_str().unwrap().contains("12.5%"));
     }
 
     #[test]

@@ -5,9 +5,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
@@ -18,12 +18,14 @@ use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
 use crate::migration::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use crate::migration::connect::auth::AuthKey;
-use crate::migration::dest::{check_config, listen, receive_on, KvmResumed};
+use crate::migration::dest::{
+    check_config, listen, receive_on, run_resumed, RecvReport, ResumedRun,
+};
 use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
-use crate::migration::source::{migrate, Outcome};
+use crate::migration::source::{migrate, Outcome, SendReport};
 use crate::signals::new_stop_flag;
-use crate::telemetry::stats::MigrationStats;
+use crate::telemetry::stats::{MigrationOutcome, MigrationStats};
 use crate::units::{parse_bandwidth, parse_duration, parse_size};
 
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
@@ -339,9 +341,6 @@ fn interrupt_flag(who: &str) -> Option<Arc<AtomicBool>> {
         .ok()
 }
 
-/// How often the warmup looks for SIGINT/SIGTERM.
-const WARMUP_POLL: Duration = Duration::from_millis(20);
-
 /// `vmstream send`: start (or attach to) the guest, warm it up, migrate it.
 pub fn run_send(args: &SendArgs) -> ExitCode {
     let mut cfg = match args.to_config() {
@@ -357,7 +356,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     let Some(flag) = interrupt_flag("send") else {
         return ExitCode::FAILURE;
     };
-    cfg.cancel = Some(flag.clone());
+    cfg.cancel = Some(flag);
     let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking) {
         Ok(g) => g,
         Err(e) => {
@@ -367,55 +366,11 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     };
     println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
-    let mut stats = MigrationStats {
-        role: "source",
-        guest_bytes: guest.size(),
-        ..Default::default()
-    };
-    stats.settings.extend(cfg.converge.settings());
-    for (k, v) in [
-        ("compression", format!("{:?}", cfg.encoder.compression)),
-        ("xbzrle", format!("{}", cfg.encoder.delta.is_some())),
-        ("threads", cfg.threads.to_string()),
-        (
-            "downtime_limit_ms",
-            cfg.downtime_limit.as_millis().to_string(),
-        ),
-        (
-            "max_bandwidth",
-            cfg.max_bandwidth
-                .map_or("unlimited".into(), |b| b.to_string()),
-        ),
-        ("dirty_tracking", guest.tracker_name().to_string()),
-        ("channels", cfg.channels.to_string()),
-        ("authenticated", cfg.auth_key.is_some().to_string()),
-        ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),
-    ] {
-        stats.settings.insert(k.to_string(), v);
-    }
-    if !cfg.warmup.is_zero() {
-        let (t0, tx0) = (Instant::now(), guest.tx_count());
-        // A signal ends the warmup (and `migrate` then cancels at once).
-        while t0.elapsed() < cfg.warmup && !flag.load(Ordering::Relaxed) {
-            std::thread::sleep(cfg.warmup.saturating_sub(t0.elapsed()).min(WARMUP_POLL));
-        }
-        let tx1 = guest.tx_count();
-        if !flag.load(Ordering::Relaxed) {
-            stats.tps.before = Some(tx1.saturating_sub(tx0) as f64 / t0.elapsed().as_secs_f64());
-        }
-    }
-    let result = migrate(&cfg, guest.as_mut(), &mut stats);
-    if stats.guest_bytes > 0 {
-        stats.wire_to_guest_ratio = stats.bytes_on_wire as f64 / stats.guest_bytes as f64;
-    }
+    // A signal during the warm-up ends it, and the migration then cancels at once.
+    let SendReport { stats, result } = migrate(&cfg, guest.as_mut());
     let code = match result {
-        Ok(Outcome::Committed) => {
-            stats.outcome = "committed".into();
-            ExitCode::SUCCESS
-        }
+        Ok(Outcome::Committed) => ExitCode::SUCCESS,
         Ok(Outcome::Cancelled(reason)) => {
-            stats.outcome = "cancelled".into();
-            stats.error = Some(reason.clone());
             eprintln!(
                 "vmstream send: cancelled: {reason}; {}",
                 guest.failure_note()
@@ -423,8 +378,6 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             ExitCode::from(EXIT_CANCELLED)
         }
         Err(e) => {
-            stats.outcome = "failed".into();
-            stats.error = Some(e.to_string());
             eprintln!(
                 "vmstream send: migration failed: {e}; {}",
                 guest.failure_note()
@@ -441,28 +394,6 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     code
 }
 
-/// Runs the resumed KVM guest until `--run-for` or SIGINT/SIGTERM; 0 if it stayed healthy
-/// (ledger check passed, counter grew).
-fn run_resumed_kvm(kvm: KvmResumed, cfg: &RecvConfig, stats: &mut MigrationStats) -> ExitCode {
-    match kvm.run(cfg.run_for) {
-        Ok(r) => {
-            stats.tps.after = Some(r.tps);
-            println!(
-                "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
-                r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
-            );
-            if let Some(p) = &cfg.stats_json {
-                let _ = stats.write_json(p);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("vmstream recv: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 /// `vmstream recv`: receive one migration, commit it, optionally run the guest.
 pub fn run_recv(args: &RecvArgs) -> ExitCode {
     let mut cfg = match args.to_config() {
@@ -472,13 +403,6 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut stats = MigrationStats {
-        role: "destination",
-        ..Default::default()
-    };
-    stats
-        .settings
-        .insert("authenticated".into(), cfg.auth_key.is_some().to_string());
     // Until the receive ends, SIGINT and SIGTERM end it cleanly: nothing committed, the
     // temporary image removed, the source told.
     let Some(flag) = interrupt_flag("recv") else {
@@ -498,11 +422,11 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             });
         }
     };
-    let received = match receive_on(&cfg, listening, &mut stats) {
+    let RecvReport { mut stats, result } = receive_on(&cfg, listening);
+    let received = match result {
         Ok(r) => r,
         // After the commit (a guest that did not resume) the image stays committed.
-        Err(e) if stats.outcome == "committed" => {
-            stats.error = Some(e.to_string());
+        Err(e) if stats.outcome == MigrationOutcome::Committed => {
             eprintln!(
                 "vmstream recv: committed {}, but {e}",
                 cfg.memory_file.display()
@@ -511,49 +435,39 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            stats.outcome = "failed".into();
-            stats.error = Some(e.to_string());
             eprintln!("vmstream recv: migration failed: {e}; nothing committed");
             finish_report(&stats, cfg.stats_json.as_ref(), "recv");
             return ExitCode::FAILURE;
         }
     };
     finish_report(&stats, cfg.stats_json.as_ref(), "recv");
-    if let Some(kvm) = received.kvm {
-        return run_resumed_kvm(kvm, &cfg, &mut stats);
-    }
-    let Some(guest) = received.guest else {
-        return ExitCode::SUCCESS;
-    };
-    // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and we
-    // exit 0 if it is healthy.
-    if let Err(e) = crate::signals::stop_running_guests_on_signals() {
-        eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
-    }
-    let started = Instant::now();
-    let tx_start = guest.ready.tx_count;
-    let healthy = guest.join().and_then(|tx_end| {
-        let report = crate::guest::file::verify::verify_file(&cfg.memory_file).map_err(|e| {
-            crate::migration::error::RecvError::Resume(format!("verify after run: {e}"))
-        })?;
-        Ok((tx_end, report))
-    });
-    match healthy {
-        Ok((tx_end, report)) => {
-            let secs = started.elapsed().as_secs_f64();
-            stats.tps.after = Some(tx_end.saturating_sub(tx_start) as f64 / secs.max(1e-9));
-            println!(
-                "verify ok tx={} resumed_from={tx_start} blocks={}",
-                report.tx_count, report.blocks
-            );
-            if let Some(p) = &cfg.stats_json {
-                let _ = stats.write_json(p);
-            }
-            ExitCode::SUCCESS
+    if received.kvm.is_none() && received.guest.is_some() {
+        // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and
+        // we exit 0 if it is healthy.
+        if let Err(e) = crate::signals::stop_running_guests_on_signals() {
+            eprintln!("vmstream recv: warning: SIGTERM/SIGINT will kill the guest: {e}");
         }
-        Err(e) => {
+    }
+    let run = match run_resumed(received, &cfg, &mut stats) {
+        None => return ExitCode::SUCCESS,
+        Some(Ok(run)) => run,
+        Some(Err(e)) => {
             eprintln!("vmstream recv: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    match run {
+        ResumedRun::Kvm(r) => println!(
+            "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
+            r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
+        ),
+        ResumedRun::File { tx_start, report } => println!(
+            "verify ok tx={} resumed_from={tx_start} blocks={}",
+            report.tx_count, report.blocks
+        ),
     }
+    if let Some(p) = &cfg.stats_json {
+        let _ = stats.write_json(p);
+    }
+    ExitCode::SUCCESS
 }

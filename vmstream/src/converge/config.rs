@@ -2,12 +2,11 @@
 //! settings, and hot-page deferral. The CLI builds them from `vmstream send`'s options;
 //! the source turns them into the [`crate::converge::DowntimePolicy`]'s parts.
 
-use std::collections::BTreeMap;
-
 use crate::converge::{
     AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
     HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
 };
+use crate::telemetry::settings::Settings;
 
 /// Throttle strategy and hot-page deferral of a migration.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,29 +54,27 @@ impl ConvergeConfig {
             .transpose()
     }
 
-    /// The settings, for the statistics' `settings` map.
-    pub fn settings(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        m.insert("converge".into(), self.strategy.name().into());
-        if self.strategy == Strategy::Qemu {
+    /// The statistics' settings these set (the strategy, its percentages, the deferral);
+    /// the others are `None`.
+    pub fn settings(&self) -> Settings {
+        let auto_converge = (self.strategy == Strategy::Qemu).then(|| {
             let c = &self.auto_converge;
-            m.insert(
-                "auto_converge".into(),
-                format!(
-                    "initial {}%, increment {}%, max {}%, threshold {}%",
-                    c.initial * 100.0,
-                    c.increment * 100.0,
-                    c.max * 100.0,
-                    c.trigger_threshold * 100.0
-                ),
-            );
+            format!(
+                "initial {}%, increment {}%, max {}%, threshold {}%",
+                c.initial * 100.0,
+                c.increment * 100.0,
+                c.max * 100.0,
+                c.trigger_threshold * 100.0
+            )
+        });
+        let defer_hot = self
+            .deferral
+            .map(|d| format!("{}% of {} B segments", d.percent, d.segment_bytes));
+        Settings {
+            converge: Some(self.strategy),
+            auto_converge,
+            defer_hot,
+            ..Settings::default()
         }
-        if let Some(d) = &self.deferral {
-            m.insert(
-                "defer_hot".into(),
-                format!("{}% of {} B segments", d.percent, d.segment_bytes),
-            );
-        }
-        m
     }
 }

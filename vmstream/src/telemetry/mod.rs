@@ -1,9 +1,13 @@
-//! What a migration measures: typed statistics ([`stats`]), the guest-impact timeline
-//! ([`impact`], [`timeline`]), the guest's transaction sampler ([`sampler`]) and plots
-//! ([`plot`]).
+//! What a migration measures: typed statistics ([`stats`], with the run's [`settings`] and
+//! [`switchover`] phase times), the guest-impact timeline ([`impact`], [`timeline`]), the
+//! guest's transaction sampler ([`sampler`]), plots ([`plot`]) and the terminal progress
+//! bar ([`progress`]).
 
 pub mod impact;
 pub mod plot;
+pub mod progress;
 pub mod sampler;
+pub mod settings;
 pub mod stats;
+pub mod switchover;
 pub mod timeline;

@@ -1,17 +1,71 @@
-//! Migration statistics: per-round figures, final figures of each side, the JSON written by
-//! `--stats-json`, the one-screen summary and the terminal progress bar.
+//! Migration statistics: per-round figures and the final figures of each side, typed and
+//! serialized by serde as the JSON of `--stats-json` (external scripts read its field
+//! names), and the one-screen summary.
 
-use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::fmt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use vmstream_codec::format::Encoding;
+use serde::{Deserialize, Serialize};
+use vmstream_codec::stats::ByEncoding;
 use vmstream_codec::PipelineStats;
 
+use crate::telemetry::settings::Settings;
+use crate::telemetry::switchover::SwitchoverTimes;
+use crate::telemetry::timeline::Timeline;
+
+/// Page records of a round by encoding; encodings a round did not use are not written.
+/// Fields are in alphabetical order, the order the JSON always had.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PagesByEncoding {
+    /// LZ4 pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lz4: u64,
+    /// Raw pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub raw: u64,
+    /// XBZRLE deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xbzrle: u64,
+    /// LZ4 of XBZRLE deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xbzrle_lz4: u64,
+    /// LZ4 of XOR deltas.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub xor_lz4: u64,
+    /// All-zero pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zero: u64,
+    /// Deflate pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zlib: u64,
+    /// zstd pages.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zstd: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl From<&ByEncoding> for PagesByEncoding {
+    fn from(b: &ByEncoding) -> PagesByEncoding {
+        PagesByEncoding {
+            lz4: b.lz4.pages,
+            raw: b.raw.pages,
+            xbzrle: b.xbzrle.pages,
+            xbzrle_lz4: b.xbzrle_lz4.pages,
+            xor_lz4: b.xor_lz4.pages,
+            zero: b.zero.pages,
+            zlib: b.zlib.pages,
+            zstd: b.zstd.pages,
+        }
+    }
+}
+
 /// One round as the source saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundStats {
     /// Round number (0 = full copy).
     pub round: u64,
@@ -21,8 +75,8 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// Page records sent (pages identical to the cached copy need none).
     pub records: u64,
-    /// Records by encoding name.
-    pub pages_by_encoding: BTreeMap<String, u64>,
+    /// Records by encoding.
+    pub pages_by_encoding: PagesByEncoding,
     /// Codec packet bytes.
     pub packet_bytes: u64,
     /// Bytes written to the socket (frames included).
@@ -50,19 +104,14 @@ pub struct RoundStats {
 impl RoundStats {
     /// Fills the encoding breakdown from a codec round.
     pub fn set_encodings(&mut self, codec: &PipelineStats) {
-        for e in Encoding::ALL {
-            let n = codec.by_encoding.get(e).pages;
-            if n > 0 {
-                self.pages_by_encoding.insert(e.name().to_string(), n);
-            }
-        }
+        self.pages_by_encoding = PagesByEncoding::from(&codec.by_encoding);
         self.records = codec.pages();
         self.packet_bytes = codec.packet_bytes;
     }
 }
 
 /// Transactions per second of the guest in each phase (None when not measured).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TpsPhases {
     /// During the warm-up, before the migration started.
     pub before: Option<f64>,
@@ -73,7 +122,7 @@ pub struct TpsPhases {
 }
 
 /// CPU time of a process, from getrusage.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuTime {
     /// User time, ms.
     pub user_ms: f64,
@@ -104,14 +153,55 @@ impl CpuTime {
     }
 }
 
+/// Which side wrote the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `vmstream send`.
+    Source,
+    /// `vmstream recv`.
+    Destination,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// How a migration ended, as the statistics record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationOutcome {
+    /// The destination committed the image.
+    Committed,
+    /// Cancelled (at the timeout, or by SIGINT/SIGTERM); the source guest runs on.
+    Cancelled,
+    /// An error ended it.
+    Failed,
+}
+
+impl fmt::Display for MigrationOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationOutcome::Committed => "committed",
+            MigrationOutcome::Cancelled => "cancelled",
+            MigrationOutcome::Failed => "failed",
+        })
+    }
+}
+
 /// Final figures of a migration (both sides write this shape; fields a side does not
 /// know are null).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStats {
-    /// "source" or "destination".
-    pub role: &'static str,
-    /// "committed", "cancelled" or "failed".
-    pub outcome: String,
+    /// Which side wrote them.
+    pub role: Role,
+    /// How the migration ended.
+    pub outcome: MigrationOutcome,
     /// Error message when not committed.
     pub error: Option<String>,
     /// From connection to commit acknowledgement (source) or commit (destination), ms.
@@ -140,19 +230,53 @@ pub struct MigrationStats {
     /// Guest transactions per second by phase.
     pub tps: TpsPhases,
     /// Settings that shaped the run.
-    pub settings: BTreeMap<String, String>,
-    /// Time of each switchover phase, ms (source: pause_and_collect,
-    /// final_round_and_digest, digest, await_commit; destination: digest, commit).
-    pub switchover_ms: BTreeMap<String, f64>,
+    pub settings: Settings,
+    /// Time of each switchover phase, ms.
+    pub switchover_ms: SwitchoverTimes,
     /// Per round (source only).
     pub per_round: Vec<RoundStats>,
     /// Codec totals (pages by encoding, cache outcomes, stage times).
     pub codec: PipelineStats,
     /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
-    pub timeline: Option<crate::telemetry::timeline::Timeline>,
+    pub timeline: Option<Timeline>,
 }
 
 impl MigrationStats {
+    /// Empty statistics of `role`'s side: [`MigrationOutcome::Failed`] until the engine
+    /// records the commit or the cancellation.
+    pub fn new(role: Role) -> MigrationStats {
+        MigrationStats {
+            role,
+            outcome: MigrationOutcome::Failed,
+            error: None,
+            total_time_ms: 0.0,
+            downtime_ms: None,
+            bytes_on_wire: 0,
+            guest_bytes: 0,
+            wire_to_guest_ratio: 0.0,
+            channel_bytes: Vec::new(),
+            rounds: 0,
+            converged: false,
+            digest: None,
+            cpu: CpuTime::default(),
+            peer_cpu_ms: None,
+            tps: TpsPhases::default(),
+            settings: Settings::default(),
+            switchover_ms: SwitchoverTimes::default(),
+            per_round: Vec::new(),
+            codec: PipelineStats::default(),
+            timeline: None,
+        }
+    }
+
+    /// Sets [`MigrationStats::wire_to_guest_ratio`] from the bytes on the wire (0 for an
+    /// unknown guest size).
+    pub fn set_wire_ratio(&mut self) {
+        if self.guest_bytes > 0 {
+            self.wire_to_guest_ratio = self.bytes_on_wire as f64 / self.guest_bytes as f64;
+        }
+    }
+
     /// Writes the statistics as pretty JSON to `path`.
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
@@ -203,9 +327,11 @@ impl MigrationStats {
             tps(self.tps.during),
             tps(self.tps.after)
         ));
-        if let Some(saved) = self.settings.get("defer_hot_saved_bytes") {
-            let mib = saved.parse::<f64>().unwrap_or(0.0) / (1 << 20) as f64;
-            s.push_str(&format!("  hot-page deferral saved {mib:.1} MiB\n"));
+        if let Some(saved) = self.settings.defer_hot_saved_bytes {
+            s.push_str(&format!(
+                "  hot-page deferral saved {:.1} MiB\n",
+                mib(saved)
+            ));
         }
         if !self.per_round.is_empty() {
             s.push_str(
@@ -233,12 +359,12 @@ impl MigrationStats {
                 ));
             }
         }
-        if !self.switchover_ms.is_empty() {
-            let phases: Vec<String> = self
-                .switchover_ms
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.1}"))
-                .collect();
+        let phases: Vec<String> = self
+            .switchover_ms
+            .phases()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        if !phases.is_empty() {
             s.push_str(&format!("  switchover: {} (ms)\n", phases.join(", ")));
         }
         if let Some(d) = &self.digest {
@@ -258,59 +384,369 @@ pub fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
     (to_ns as f64 - from_ns as f64) / 1e6
 }
 
-/// A progress bar on stderr, only when stderr is a terminal.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-}
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
 
-impl Progress {
-    /// A bar if stderr is a terminal and `enabled`.
-    pub fn new(enabled: bool) -> Progress {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {pos}/{len} pages {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
-        Progress { bar }
-    }
+    use serde_json::Value;
+    use vmstream_codec::format::Encoding;
+    use vmstream_codec::stats::WorkerStats;
 
-    /// Starts round `round` of `pages` pages.
-    pub fn round(&self, round: u64, pages: u64, paused: bool) {
-        if let Some(b) = &self.bar {
-            b.set_prefix(if paused {
-                "final".to_string()
-            } else {
-                format!("round {round}")
-            });
-            b.set_position(0);
-            b.set_length(pages);
+    use super::*;
+    use crate::converge::Strategy;
+    use crate::telemetry::settings::{BandwidthLimit, PageCopies};
+    use crate::telemetry::timeline::{TimelineNote, TimelineRound, TimelineSample};
+
+    /// Every key path of `v`: objects' keys joined by `.`, array elements as `[]`.
+    fn key_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.insert(path.clone());
+                    key_paths(child, &path, out);
+                }
+            }
+            Value::Array(items) => {
+                for child in items {
+                    key_paths(child, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Advances by `n` pages.
-    pub fn inc(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(n);
+    /// Statistics with every optional part present: what either side may write.
+    fn fully_populated() -> MigrationStats {
+        let mut codec = PipelineStats::default();
+        for e in Encoding::ALL {
+            codec.by_encoding.record(e, 4096, 100, 10);
+        }
+        codec.workers.push(WorkerStats::default());
+        let mut round = RoundStats::default();
+        round.set_encodings(&codec);
+        let text = || Some("x".to_string());
+        let settings = Settings {
+            authenticated: Some(true),
+            auto_converge: text(),
+            channels: Some(1),
+            compression: text(),
+            converge: Some(Strategy::Qemu),
+            defer_hot: text(),
+            defer_hot_saved_bytes: Some(1),
+            delta: text(),
+            destination_running: Some(true),
+            dirty_tracking: text(),
+            downtime_limit_ms: Some(1),
+            guest_kind: text(),
+            handshake_round_trip_ms: Some(1.0),
+            kvm_state_bytes: Some(1),
+            kvm_vcpus: Some(1),
+            max_bandwidth: Some(BandwidthLimit::Unlimited),
+            migration_id: text(),
+            page_copies: Some(PageCopies::EncodeWorkers),
+            policy: text(),
+            receiver_workers: Some(1),
+            round_trip_ms: Some(1.0),
+            source_tx_at_pause: Some(1),
+            switchover_digest_estimate_ms: Some(1.0),
+            threads: Some(1),
+            xbzrle: Some(true),
+        };
+        let switchover_ms = SwitchoverTimes {
+            await_commit: Some(1.0),
+            await_handover: Some(1.0),
+            commit: Some(1.0),
+            digest: Some(1.0),
+            final_round_and_digest: Some(1.0),
+            kvm_first_tx: Some(1.0),
+            kvm_restore: Some(1.0),
+            pause_and_collect: Some(1.0),
+            resume: Some(1.0),
+            verify: Some(1.0),
+        };
+        MigrationStats {
+            outcome: MigrationOutcome::Committed,
+            error: Some("e".into()),
+            downtime_ms: Some(1.0),
+            channel_bytes: vec![1],
+            digest: Some("00".into()),
+            peer_cpu_ms: Some(1.0),
+            tps: TpsPhases {
+                before: Some(1.0),
+                during: Some(1.0),
+                after: Some(1.0),
+            },
+            settings,
+            switchover_ms,
+            per_round: vec![round],
+            codec,
+            timeline: Some(Timeline {
+                samples: vec![TimelineSample::default()],
+                rounds: vec![TimelineRound::default()],
+                pause_ms: Some(1.0),
+                resume_ms: Some(2.0),
+                notes: vec![TimelineNote::default()],
+            }),
+            ..MigrationStats::new(Role::Source)
         }
     }
 
-    /// Shows `msg` next to the bar.
-    pub fn message(&self, msg: String) {
-        if let Some(b) = &self.bar {
-            b.set_message(msg);
+    /// The summary of [`fully_populated`] (with 3 MiB saved by deferral), as printed today.
+    const SUMMARY: &str = concat!(
+        "migration committed (source), 0 round(s), not converged\n",
+        "  error:      e\n",
+        "  total time: 0 ms\n",
+        "  downtime:   1.0 ms\n",
+        "  wire:       0.0 MiB for 0.0 MiB of guest memory (0.000x)\n",
+        "  cpu:        0 ms user + 0 ms sys, peer 1 ms\n",
+        "  guest tx/s: before 1 / during 1 / after 1\n",
+        "  hot-page deferral saved 3.0 MiB\n",
+        "  round  dirty      records   wire MiB  ms       MB/s     dirty/s    est.down ms\n",
+        "  0      0          8         0.00      0.0      0.0      0          0.0\n",
+        "  switchover: await_commit 1.0, await_handover 1.0, commit 1.0, digest 1.0, final_round_and_digest 1.0, kvm_first_tx 1.0, kvm_restore 1.0, pause_and_collect 1.0, resume 1.0, verify 1.0 (ms)\n",
+        "  digest:     00\n",
+    );
+
+    /// The key paths of `--stats-json` as external scripts read them; a change here breaks
+    /// them.
+    const KEY_PATHS: &[&str] = &[
+        "bytes_on_wire",
+        "channel_bytes",
+        "codec",
+        "codec.by_encoding",
+        "codec.by_encoding.lz4",
+        "codec.by_encoding.lz4.bytes_in",
+        "codec.by_encoding.lz4.bytes_out",
+        "codec.by_encoding.lz4.nanos",
+        "codec.by_encoding.lz4.pages",
+        "codec.by_encoding.raw",
+        "codec.by_encoding.raw.bytes_in",
+        "codec.by_encoding.raw.bytes_out",
+        "codec.by_encoding.raw.nanos",
+        "codec.by_encoding.raw.pages",
+        "codec.by_encoding.xbzrle",
+        "codec.by_encoding.xbzrle.bytes_in",
+        "codec.by_encoding.xbzrle.bytes_out",
+        "codec.by_encoding.xbzrle.nanos",
+        "codec.by_encoding.xbzrle.pages",
+        "codec.by_encoding.xbzrle_lz4",
+        "codec.by_encoding.xbzrle_lz4.bytes_in",
+        "codec.by_encoding.xbzrle_lz4.bytes_out",
+        "codec.by_encoding.xbzrle_lz4.nanos",
+        "codec.by_encoding.xbzrle_lz4.pages",
+        "codec.by_encoding.xor_lz4",
+        "codec.by_encoding.xor_lz4.bytes_in",
+        "codec.by_encoding.xor_lz4.bytes_out",
+        "codec.by_encoding.xor_lz4.nanos",
+        "codec.by_encoding.xor_lz4.pages",
+        "codec.by_encoding.zero",
+        "codec.by_encoding.zero.bytes_in",
+        "codec.by_encoding.zero.bytes_out",
+        "codec.by_encoding.zero.nanos",
+        "codec.by_encoding.zero.pages",
+        "codec.by_encoding.zlib",
+        "codec.by_encoding.zlib.bytes_in",
+        "codec.by_encoding.zlib.bytes_out",
+        "codec.by_encoding.zlib.nanos",
+        "codec.by_encoding.zlib.pages",
+        "codec.by_encoding.zstd",
+        "codec.by_encoding.zstd.bytes_in",
+        "codec.by_encoding.zstd.bytes_out",
+        "codec.by_encoding.zstd.nanos",
+        "codec.by_encoding.zstd.pages",
+        "codec.cache",
+        "codec.cache.hits",
+        "codec.cache.misses",
+        "codec.cache.overflows",
+        "codec.cache.unchanged",
+        "codec.packet_bytes",
+        "codec.packets",
+        "codec.rounds",
+        "codec.times",
+        "codec.times.barrier_wait_ns",
+        "codec.times.busy_ns",
+        "codec.times.checksum_ns",
+        "codec.times.dispatch_ns",
+        "codec.workers",
+        "codec.workers[].busy_ns",
+        "codec.workers[].packets",
+        "codec.workers[].pages",
+        "converged",
+        "cpu",
+        "cpu.sys_ms",
+        "cpu.user_ms",
+        "digest",
+        "downtime_ms",
+        "error",
+        "guest_bytes",
+        "outcome",
+        "peer_cpu_ms",
+        "per_round",
+        "per_round[].bandwidth_bytes_per_s",
+        "per_round[].deferred_pages",
+        "per_round[].dirty_log_ms",
+        "per_round[].dirty_pages",
+        "per_round[].dirty_pages_per_s",
+        "per_round[].dirty_rearm_ms",
+        "per_round[].duration_ms",
+        "per_round[].expected_downtime_ms",
+        "per_round[].packet_bytes",
+        "per_round[].pages_by_encoding",
+        "per_round[].pages_by_encoding.lz4",
+        "per_round[].pages_by_encoding.raw",
+        "per_round[].pages_by_encoding.xbzrle",
+        "per_round[].pages_by_encoding.xbzrle_lz4",
+        "per_round[].pages_by_encoding.xor_lz4",
+        "per_round[].pages_by_encoding.zero",
+        "per_round[].pages_by_encoding.zlib",
+        "per_round[].pages_by_encoding.zstd",
+        "per_round[].paused",
+        "per_round[].records",
+        "per_round[].round",
+        "per_round[].throttle",
+        "per_round[].wire_bytes",
+        "role",
+        "rounds",
+        "settings",
+        "settings.authenticated",
+        "settings.auto_converge",
+        "settings.channels",
+        "settings.compression",
+        "settings.converge",
+        "settings.defer_hot",
+        "settings.defer_hot_saved_bytes",
+        "settings.delta",
+        "settings.destination_running",
+        "settings.dirty_tracking",
+        "settings.downtime_limit_ms",
+        "settings.guest_kind",
+        "settings.handshake_round_trip_ms",
+        "settings.kvm_state_bytes",
+        "settings.kvm_vcpus",
+        "settings.max_bandwidth",
+        "settings.migration_id",
+        "settings.page_copies",
+        "settings.policy",
+        "settings.receiver_workers",
+        "settings.round_trip_ms",
+        "settings.source_tx_at_pause",
+        "settings.switchover_digest_estimate_ms",
+        "settings.threads",
+        "settings.xbzrle",
+        "switchover_ms",
+        "switchover_ms.await_commit",
+        "switchover_ms.await_handover",
+        "switchover_ms.commit",
+        "switchover_ms.digest",
+        "switchover_ms.final_round_and_digest",
+        "switchover_ms.kvm_first_tx",
+        "switchover_ms.kvm_restore",
+        "switchover_ms.pause_and_collect",
+        "switchover_ms.resume",
+        "switchover_ms.verify",
+        "timeline",
+        "timeline.notes",
+        "timeline.notes[].t_ms",
+        "timeline.notes[].text",
+        "timeline.pause_ms",
+        "timeline.resume_ms",
+        "timeline.rounds",
+        "timeline.rounds[].deferred_bytes",
+        "timeline.rounds[].dirty_bytes",
+        "timeline.rounds[].duration_ms",
+        "timeline.rounds[].paused",
+        "timeline.rounds[].round",
+        "timeline.rounds[].sent_bytes",
+        "timeline.rounds[].start_ms",
+        "timeline.rounds[].throttle",
+        "timeline.samples",
+        "timeline.samples[].t_ms",
+        "timeline.samples[].throttle",
+        "timeline.samples[].tps",
+        "total_time_ms",
+        "tps",
+        "tps.after",
+        "tps.before",
+        "tps.during",
+        "wire_to_guest_ratio",
+    ];
+
+    #[test]
+    fn stats_json_keeps_its_key_paths() {
+        let json = serde_json::to_value(fully_populated()).unwrap();
+        let mut paths = BTreeSet::new();
+        key_paths(&json, "", &mut paths);
+        let expected: BTreeSet<String> = KEY_PATHS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(paths, expected);
+        // Scripts compare settings as text and read the rest as numbers.
+        for (k, v) in json["settings"].as_object().unwrap() {
+            assert!(v.is_string(), "settings.{k} is {v}");
         }
+        for (k, v) in json["switchover_ms"].as_object().unwrap() {
+            assert!(v.is_f64(), "switchover_ms.{k} is {v}");
+        }
+        for (k, v) in json["per_round"][0]["pages_by_encoding"]
+            .as_object()
+            .unwrap()
+        {
+            assert!(v.is_u64(), "pages_by_encoding.{k} is {v}");
+        }
+        assert_eq!(json["role"], "source");
+        assert_eq!(json["outcome"], "committed");
     }
 
-    /// Removes the bar.
-    pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
+    #[test]
+    fn pages_by_encoding_lists_only_the_encodings_used() {
+        let mut codec = PipelineStats::default();
+        codec.by_encoding.record(Encoding::Zero, 4096, 0, 1);
+        codec.by_encoding.record(Encoding::Lz4, 4096, 10, 1);
+        codec.by_encoding.record(Encoding::Lz4, 4096, 10, 1);
+        let mut round = RoundStats::default();
+        round.set_encodings(&codec);
+        let json = serde_json::to_value(&round).unwrap();
+        assert_eq!(
+            json["pages_by_encoding"],
+            serde_json::json!({"lz4": 2, "zero": 1})
+        );
+        assert_eq!(round.records, 3);
+    }
+
+    #[test]
+    fn summary_of_full_statistics() {
+        let mut stats = fully_populated();
+        stats.settings.defer_hot_saved_bytes = Some(3 << 20);
+        assert_eq!(stats.summary(), SUMMARY);
+    }
+
+    #[test]
+    fn statistics_read_back_as_written() {
+        let stats = fully_populated();
+        let json = serde_json::to_string_pretty(&stats).unwrap();
+        let back: MigrationStats = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, stats);
+    }
+
+    #[test]
+    fn roles_and_outcomes_are_written_as_before() {
+        for (role, name) in [(Role::Source, "source"), (Role::Destination, "destination")] {
+            assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{name}\""));
+            assert_eq!(role.to_string(), name);
+        }
+        for (outcome, name) in [
+            (MigrationOutcome::Committed, "committed"),
+            (MigrationOutcome::Cancelled, "cancelled"),
+            (MigrationOutcome::Failed, "failed"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&outcome).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!(outcome.to_string(), name);
         }
     }
 }

@@ -61,7 +61,7 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
 }
 
 /// A receive that listens: its settings checked, its target claimed (no other receive
-/// can write it meanwhile, see [`Reservation`]), its socket bound. [`receive_on`] takes
+/// can write it meanwhile, see [`Reservation`]), its socket bound. [`receive_on`](super::receive_on) takes
 /// the migration; dropped unused, it releases the target.
 #[derive(Debug)]
 pub struct Listening {
@@ -114,19 +114,10 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     })
 }
 
-/// Listens, accepts one source and receives its guest into `cfg.memory_file`: [`listen`],
-/// then [`receive_on`].
-pub fn receive_migration(
-    cfg: &RecvConfig,
-    stats: &mut MigrationStats,
-) -> Result<Received, RecvError> {
-    let listening = listen(cfg)?;
-    receive_on(cfg, listening, stats)
-}
-
-/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`. Fills
-/// `stats`; on success returns the resumed guest (with `cfg.resume`).
-pub fn receive_on(
+/// Accepts one source on `listening` and receives its guest into `cfg.memory_file`, filling
+/// `stats` ([`receive_on`](super::receive_on) makes and finishes them); on success returns
+/// the resumed guest (with `cfg.resume`).
+pub(super) fn receive_into(
     cfg: &RecvConfig,
     listening: Listening,
     stats: &mut MigrationStats,

@@ -35,7 +35,7 @@ use crate::migration::wire::{
     FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
-use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationStats};
+use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
 
 /// Where the destination is in the migration. From the handshake on, the states carry the
 /// guest of the kind the `Hello` announced.
@@ -225,9 +225,7 @@ impl Dest<'_> {
                     guest,
                 } => match self.reader.read_frame()? {
                     Frame::Control(Message::Digest(digest)) => {
-                        self.stats
-                            .settings
-                            .insert("source_tx_at_pause".into(), state.tx_count.to_string());
+                        self.stats.settings.source_tx_at_pause = Some(state.tx_count);
                         DestState::Committing {
                             image,
                             ours,
@@ -369,15 +367,9 @@ impl Dest<'_> {
         };
         let workers = self.workers(&hello);
         self.stats.guest_bytes = hello.guest_size;
-        self.stats
-            .settings
-            .insert("receiver_workers".into(), workers.to_string());
-        self.stats
-            .settings
-            .insert("compression".into(), format!("{:?}", hello.compression));
-        self.stats
-            .settings
-            .insert("delta".into(), format!("{:?}", hello.delta));
+        self.stats.settings.receiver_workers = Some(workers);
+        self.stats.settings.compression = Some(format!("{:?}", hello.compression));
+        self.stats.settings.delta = Some(format!("{:?}", hello.delta));
         self.send(&Message::HelloReply(HelloReply {
             refuse: RefuseCode::None,
             receiver_workers: workers as u32,
@@ -393,9 +385,7 @@ impl Dest<'_> {
                 crate::migration::connect::channels::id_hex(&primary.migration_id)
             );
         }
-        self.stats
-            .settings
-            .insert("channels".into(), self.channels.count().to_string());
+        self.stats.settings.channels = Some(self.channels.count());
         Ok(DestState::Receiving {
             hello,
             image,
@@ -513,17 +503,13 @@ impl Dest<'_> {
         // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
         let ours = hashes.digest();
-        self.stats
-            .switchover_ms
-            .insert("digest".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.digest = Some(t.elapsed().as_secs_f64() * 1e3);
         if self.cfg.resume {
             // While the source hashes its memory: recovery and verify read (and recovery
             // may write) the final image, after our digest of it was taken.
             let t = Instant::now();
             guest.verify_at_pause(&mut image, &hashes);
-            self.stats
-                .switchover_ms
-                .insert("verify".into(), t.elapsed().as_secs_f64() * 1e3);
+            self.stats.switchover_ms.verify = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         Ok(DestState::AwaitGuestState { image, ours, guest })
     }
@@ -537,13 +523,8 @@ impl Dest<'_> {
         image: &mut PendingImage,
         ours: [u8; 32],
     ) -> Result<(), RecvError> {
-        match check_guest_state(guest, state, image.memory_mut()) {
-            Ok(settings) => {
-                for (name, value) in settings {
-                    self.stats.settings.insert(name.into(), value);
-                }
-                Ok(())
-            }
+        match check_guest_state(guest, state, image.memory_mut(), &mut self.stats.settings) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 let err = RecvError::GuestState(e);
                 let _ = self.send(&Message::CommitReply(CommitReply {
@@ -589,9 +570,7 @@ impl Dest<'_> {
         }
         let t = Instant::now();
         let committed = image.commit();
-        self.stats
-            .switchover_ms
-            .insert("commit".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.commit = Some(t.elapsed().as_secs_f64() * 1e3);
         let (memory, committed_at_ns) = match committed {
             Ok(memory) => (memory, unix_ns(SystemTime::now())),
             Err(e) => {
@@ -604,7 +583,7 @@ impl Dest<'_> {
                 return Err(e.into());
             }
         };
-        self.stats.outcome = "committed".into();
+        self.stats.outcome = MigrationOutcome::Committed;
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
         self.send(&Message::CommitReply(CommitReply {
             status: CommitStatus::Committed,
@@ -624,9 +603,7 @@ impl Dest<'_> {
     fn await_handover(&mut self) -> Result<(), RecvError> {
         let t = Instant::now();
         let frame = self.reader.read_frame();
-        self.stats
-            .switchover_ms
-            .insert("await_handover".into(), t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.await_handover = Some(t.elapsed().as_secs_f64() * 1e3);
         match frame {
             Ok(Frame::Control(Message::Handover(_))) => Ok(()),
             Ok(other) => Err(RecvError::NoHandover(
@@ -670,9 +647,10 @@ impl Dest<'_> {
         };
         match &resumed {
             Some(r) => {
-                for (name, ms) in &r.phases {
-                    self.stats.switchover_ms.insert(name.to_string(), *ms);
-                }
+                let times = &mut self.stats.switchover_ms;
+                times.resume = r.phases.resume;
+                times.kvm_restore = r.phases.kvm_restore;
+                times.kvm_first_tx = r.phases.kvm_first_tx;
                 self.report_resumed(paused_at_ns, r.at_unix_ns, true, r.tx_count);
                 let samples = guest.sample(&self.cfg.memory_file, self.sample_window());
                 self.send_samples(samples);

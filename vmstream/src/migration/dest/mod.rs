@@ -6,10 +6,10 @@
 pub mod incoming;
 mod listen;
 mod machine;
+mod report;
 pub mod verify;
 
 pub use incoming::{KvmResumed, KvmRunOutcome, ResumedGuest};
-pub use listen::{
-    check_config, listen, listen_addr, receive_migration, receive_on, temp_image_path, Listening,
-};
+pub use listen::{check_config, listen, listen_addr, temp_image_path, Listening};
 pub use machine::Received;
+pub use report::{receive_migration, receive_on, run_resumed, RecvReport, ResumedRun};

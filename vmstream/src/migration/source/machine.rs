@@ -181,9 +181,7 @@ impl<'a> Source<'a> {
                 self.io.round_trip = asked.elapsed();
                 self.destination_resumes = r.resumes;
                 self.warn_if_out_of_reach();
-                self.stats
-                    .settings
-                    .insert("receiver_workers".into(), r.receiver_workers.to_string());
+                self.stats.settings.receiver_workers = Some(r.receiver_workers as usize);
                 self.io.channels.await_bound()?;
             }
             Frame::Control(Message::HelloReply(r)) => {
@@ -212,10 +210,7 @@ impl<'a> Source<'a> {
     /// limit below that cannot be met, and the user should know before waiting.
     fn warn_if_out_of_reach(&mut self) {
         let rtt = self.io.round_trip;
-        self.stats.settings.insert(
-            "handshake_round_trip_ms".into(),
-            format!("{:.1}", rtt.as_secs_f64() * 1e3),
-        );
+        self.stats.settings.handshake_round_trip_ms = Some(rtt.as_secs_f64() * 1e3);
         let floor = switchover_latency(rtt, self.destination_resumes);
         if floor >= self.cfg.downtime_limit {
             eprintln!(
@@ -277,10 +272,7 @@ impl<'a> Source<'a> {
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
         let round_trip = self.io.round_trip;
-        self.stats.settings.insert(
-            "round_trip_ms".into(),
-            format!("{:.2}", round_trip.as_secs_f64() * 1e3),
-        );
+        self.stats.settings.round_trip_ms = Some(round_trip.as_secs_f64() * 1e3);
         let latency = switchover_latency(round_trip, self.destination_resumes);
         // Everything unsent: the new dirty pages and what deferral still holds back.
         let unsent = self.policy.unsent_pages(&newly);
@@ -334,7 +326,7 @@ impl<'a> Source<'a> {
         unsent: u64,
         latency: Duration,
     ) -> RoundObservation {
-        let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
+        let nonzero = rs.records - rs.pages_by_encoding.zero;
         if nonzero > 0 {
             self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
         }

@@ -14,11 +14,16 @@ use crate::migration::error::SendError;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{AbortCode, GuestKind, Message, PAGE_SIZE};
 use crate::telemetry::impact::ImpactRecorder;
-use crate::telemetry::stats::{CpuTime, MigrationStats, Progress};
+use crate::telemetry::progress::Progress;
+use crate::telemetry::settings::PageCopies;
+use crate::telemetry::stats::{CpuTime, MigrationStats};
 
 mod machine;
+mod report;
 mod round;
 mod switchover;
+
+pub use report::{migrate, SendReport};
 
 use machine::Source;
 use round::RoundIo;
@@ -70,9 +75,10 @@ fn page_budget(limit: Duration, overhead: Duration) -> Duration {
     limit.saturating_sub(overhead).max(limit / 10)
 }
 
-/// Migrates `guest` to `cfg.to`. Fills `stats`; on error before the commit the guest is
-/// resumed (if it was paused) and an `Abort` is sent when the connection still works.
-pub fn migrate(
+/// Migrates `guest` to `cfg.to`, filling `stats` ([`migrate`] makes and finishes them); on
+/// error before the commit the guest is resumed (if it was paused) and an `Abort` is sent
+/// when the connection still works.
+fn run_migration(
     cfg: &SendConfig,
     guest: &mut dyn MigratableGuest,
     stats: &mut MigrationStats,
@@ -85,27 +91,18 @@ pub fn migrate(
     }
     let (channels, reader) =
         SourceChannels::open(cfg, guest.size() / PAGE as u64, guest.page_reader())?;
-    stats.settings.insert(
-        "page_copies".into(),
-        if channels.reads_pages() {
-            "encode workers"
-        } else {
-            "sending thread"
-        }
-        .into(),
-    );
+    stats.settings.page_copies = Some(if channels.reads_pages() {
+        PageCopies::EncodeWorkers
+    } else {
+        PageCopies::SendingThread
+    });
     if channels.count() > 1 {
-        stats
-            .settings
-            .insert("migration_id".into(), channels.migration_id());
+        stats.settings.migration_id = Some(channels.migration_id());
     }
     // The switchover also hashes all of memory (both sides in parallel): that time is
     // part of the downtime whatever the dirty pages, so the pages get what is left.
     let overhead = digest_time_estimate(guest.memory());
-    stats.settings.insert(
-        "switchover_digest_estimate_ms".into(),
-        format!("{:.1}", overhead.as_secs_f64() * 1e3),
-    );
+    stats.settings.switchover_digest_estimate_ms = Some(overhead.as_secs_f64() * 1e3);
     // The sampler reads the file-backed workload's superblock; a KVM guest keeps its
     // counters elsewhere (its timeline has rounds and throttle, no TPS samples yet).
     let memory_path = guest.memory().path().to_path_buf();
@@ -136,10 +133,7 @@ pub fn migrate(
         round_trip: Duration::MAX,
     };
     let mut source = Source::new(cfg, guest, io, policy, stats, start, impact);
-    source
-        .stats
-        .settings
-        .insert("policy".into(), source.policy.name().into());
+    source.stats.settings.policy = Some(source.policy.name().into());
     let mut result = source.run();
     if let Err(SendError::Transport(_)) = &result {
         // A destination that gave up first says why before closing: prefer its reason.
@@ -166,10 +160,7 @@ pub fn migrate(
     source.stats.codec = source.io.channels.total_stats();
     if let Some(d) = source.policy.deferral() {
         // Pages written again while deferred: each would have been sent twice.
-        source
-            .stats
-            .settings
-            .insert("defer_hot_saved_bytes".into(), d.saved_bytes().to_string());
+        source.stats.settings.defer_hot_saved_bytes = Some(d.saved_bytes());
     }
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;

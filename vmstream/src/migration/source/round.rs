@@ -11,7 +11,8 @@ use crate::migration::connect::channels::{ChannelRound, SourceChannels};
 use crate::migration::error::SendError;
 use crate::migration::transport::{Frame, FrameReader};
 use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
-use crate::telemetry::stats::{Progress, RoundStats};
+use crate::telemetry::progress::Progress;
+use crate::telemetry::stats::RoundStats;
 
 use super::PAGE;
 

@@ -12,7 +12,7 @@ use crate::migration::wire::{
     ROUND_FORCED,
 };
 use crate::telemetry::impact::REPORT_WAIT;
-use crate::telemetry::stats::{unix_ns, MigrationStats};
+use crate::telemetry::stats::unix_ns;
 
 use super::machine::{Source, SourceState};
 use super::round::{merge_pages, unexpected, PageSource};
@@ -40,12 +40,8 @@ impl Source<'_> {
         let collect_time = t_collect.elapsed();
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = self.guest.tx_count();
-        let phase = |name: &str, t: Instant, stats: &mut MigrationStats| {
-            stats
-                .switchover_ms
-                .insert(name.to_string(), t.elapsed().as_secs_f64() * 1e3);
-        };
-        phase("pause_and_collect", t, self.stats);
+        let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);
+        self.stats.switchover_ms.pause_and_collect = ms(t);
         let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
         // The guest is stopped: the file's holes are exact, and hashing them as zero
@@ -85,10 +81,8 @@ impl Source<'_> {
         }))?;
         let mut rs = self.io.await_ack(in_flight)?;
         rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
-        phase("final_round_and_digest", t, self.stats);
-        self.stats
-            .switchover_ms
-            .insert("digest".into(), digest_time.as_secs_f64() * 1e3);
+        self.stats.switchover_ms.final_round_and_digest = ms(t);
+        self.stats.switchover_ms.digest = Some(digest_time.as_secs_f64() * 1e3);
         self.switch_start = Some(Instant::now());
         self.impact.round(&rs, 0);
         self.stats.per_round.push(rs);
@@ -110,9 +104,7 @@ impl Source<'_> {
             other => return Err(unexpected("the commit reply", other)),
         };
         if let Some(t) = self.switch_start {
-            self.stats
-                .switchover_ms
-                .insert("await_commit".into(), t.elapsed().as_secs_f64() * 1e3);
+            self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         match reply.status {
             CommitStatus::Committed if reply.digest == digest => {
@@ -164,9 +156,7 @@ impl Source<'_> {
                     r.at_unix_ns,
                 ));
                 self.stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
-                self.stats
-                    .settings
-                    .insert("destination_running".into(), r.running.to_string());
+                self.stats.settings.destination_running = Some(r.running);
                 self.impact.resumed(paused_at_ns, r.at_unix_ns);
                 if r.running {
                     self.destination_samples();

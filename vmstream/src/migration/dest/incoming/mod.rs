@@ -4,6 +4,8 @@
 //! checking the guest, verifying its image before the commit and resuming it differ, and
 //! are each kind's [`IncomingGuest`] operations.
 
+use crate::telemetry::settings::Settings;
+use crate::telemetry::switchover::SwitchoverTimes;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,12 +52,13 @@ pub trait IncomingGuest {
     fn verify_failure(&self) -> Option<String>;
 
     /// Validates this kind's `GuestState` (its kind already matches) against the received
-    /// `memory`; returns the settings to record in the statistics.
+    /// `memory`; records what it learnt in the statistics' `settings`.
     fn accept_state(
         &mut self,
         state: &GuestState,
         memory: &[u8],
-    ) -> Result<Vec<(&'static str, String)>, GuestStateError>;
+        settings: &mut Settings,
+    ) -> Result<(), GuestStateError>;
 
     /// Runs the guest on the committed image (`memory`, mapped from `target`), verified at
     /// the pause; `run_for` bounds how long it runs (None: until stopped).
@@ -81,8 +84,8 @@ pub struct Resumption {
     pub tx_count: u64,
     /// When it ran again (CLOCK_REALTIME ns): the end of the downtime.
     pub at_unix_ns: u64,
-    /// Time of each resume phase, ms (switchover phases of the statistics).
-    pub phases: Vec<(&'static str, f64)>,
+    /// Time of the resume's phases, ms (only those fields are set).
+    pub phases: SwitchoverTimes,
 }
 
 /// The incoming guest of `kind`.
@@ -99,14 +102,15 @@ pub fn check_guest_state(
     guest: &mut dyn IncomingGuest,
     state: &GuestState,
     memory: &[u8],
-) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+    settings: &mut Settings,
+) -> Result<(), GuestStateError> {
     if state.guest_kind != guest.kind() {
         return Err(GuestStateError::KindMismatch {
             hello: guest.kind(),
             state: state.guest_kind,
         });
     }
-    guest.accept_state(state, memory)
+    guest.accept_state(state, memory, settings)
 }
 
 #[cfg(test)]
@@ -124,18 +128,37 @@ mod tests {
     #[test]
     fn kind_must_match_the_handshake() {
         let mut file = incoming_guest(GuestKind::File);
-        let e = check_guest_state(&mut *file, &state(GuestKind::Kvm, vec![]), &[]);
+        let mut settings = Settings::default();
+        let e = check_guest_state(
+            &mut *file,
+            &state(GuestKind::Kvm, vec![]),
+            &[],
+            &mut settings,
+        );
         assert!(matches!(e, Err(GuestStateError::KindMismatch { .. })));
         assert!(matches!(
-            check_guest_state(&mut *file, &state(GuestKind::File, vec![]), &[]),
-            Ok(settings) if settings.is_empty()
+            check_guest_state(
+                &mut *file,
+                &state(GuestKind::File, vec![]),
+                &[],
+                &mut settings
+            ),
+            Ok(())
         ));
+        // A guest process has no state to record.
+        assert_eq!(settings, Settings::default());
     }
 
     #[test]
     fn garbage_kvm_state_is_refused_with_the_state_error() {
         let mut kvm = incoming_guest(GuestKind::Kvm);
-        let e = check_guest_state(&mut *kvm, &state(GuestKind::Kvm, vec![7; 100]), &[]);
+        let mut settings = Settings::default();
+        let e = check_guest_state(
+            &mut *kvm,
+            &state(GuestKind::Kvm, vec![7; 100]),
+            &[],
+            &mut settings,
+        );
         assert!(matches!(e, Err(GuestStateError::Invalid(_))), "{e:?}");
     }
 }

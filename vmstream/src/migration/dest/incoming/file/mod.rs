@@ -20,7 +20,9 @@ use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
 use crate::telemetry::impact::sample_destination;
+use crate::telemetry::settings::Settings;
 use crate::telemetry::stats::unix_ns;
+use crate::telemetry::switchover::SwitchoverTimes;
 
 mod checks;
 
@@ -84,9 +86,10 @@ impl IncomingGuest for IncomingFileGuest {
         &mut self,
         _state: &GuestState,
         _memory: &[u8],
-    ) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+        _settings: &mut Settings,
+    ) -> Result<(), GuestStateError> {
         // A guest process has no state besides its memory.
-        Ok(Vec::new())
+        Ok(())
     }
 
     fn resume(
@@ -102,7 +105,10 @@ impl IncomingGuest for IncomingFileGuest {
         };
         let resumption = Resumption {
             tx_count: guest.ready.tx_count,
-            phases: vec![("resume", t.elapsed().as_secs_f64() * 1e3)],
+            phases: SwitchoverTimes {
+                resume: Some(t.elapsed().as_secs_f64() * 1e3),
+                ..SwitchoverTimes::default()
+            },
             at_unix_ns: unix_ns(SystemTime::now()),
         };
         self.resumed = Some(guest);

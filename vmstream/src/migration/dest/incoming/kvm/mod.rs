@@ -22,6 +22,7 @@ use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
+use crate::telemetry::settings::Settings;
 
 mod checks;
 mod resumed;
@@ -84,14 +85,13 @@ impl IncomingGuest for IncomingKvmGuest {
         &mut self,
         state: &GuestState,
         memory: &[u8],
-    ) -> Result<Vec<(&'static str, String)>, GuestStateError> {
+        settings: &mut Settings,
+    ) -> Result<(), GuestStateError> {
         let vm = check_state(state, memory)?;
-        let settings = vec![
-            ("kvm_vcpus", vm.vcpus.len().to_string()),
-            ("kvm_state_bytes", state.blob.len().to_string()),
-        ];
+        settings.kvm_vcpus = Some(vm.vcpus.len());
+        settings.kvm_state_bytes = Some(state.blob.len());
         self.state = Some(vm);
-        Ok(settings)
+        Ok(())
     }
 
     /// Restores the VM and starts it; its instant is the first transaction on the

@@ -13,6 +13,7 @@ use crate::migration::wire::GuestSamples;
 use crate::signals::{running_guests_stop_requested, stop_running_guests_on_signals};
 use crate::telemetry::sampler::SAMPLE_PERIOD;
 use crate::telemetry::stats::unix_ns;
+use crate::telemetry::switchover::SwitchoverTimes;
 
 /// How long the destination waits for the resumed guest's first transaction (the instant
 /// reported as the end of the downtime).
@@ -70,18 +71,21 @@ impl KvmResumed {
         };
         let mut guest = KvmGuest::restore(ram, state, &cfg)?;
         // The ledger was checked on the received image before the commit.
-        let mut phases = vec![("kvm_restore", ms(t))];
+        let kvm_restore = Some(ms(t));
         let tx_start = guest.total_transactions()?;
         guest.resume()?;
         let t = Instant::now();
         while guest.total_transactions()? == tx_start && t.elapsed() < FIRST_TX_WAIT {
             std::thread::sleep(Duration::from_micros(50));
         }
-        phases.push(("kvm_first_tx", ms(t)));
         let resumption = Resumption {
             tx_count: tx_start,
             at_unix_ns: unix_ns(SystemTime::now()),
-            phases,
+            phases: SwitchoverTimes {
+                kvm_restore,
+                kvm_first_tx: Some(ms(t)),
+                ..SwitchoverTimes::default()
+            },
         };
         let resumed = KvmResumed {
             guest,
