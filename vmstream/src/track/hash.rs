@@ -111,6 +111,11 @@ impl DirtyTracker for HashTracker {
     fn needs_sent_pages(&self) -> bool {
         true
     }
+
+    /// A hole hashes as zeros (sent as zeros, told with `page_sent`): any write changes that.
+    fn reports_writes_to_holes(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

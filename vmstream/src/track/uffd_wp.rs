@@ -129,6 +129,11 @@ impl DirtyTracker for UffdWpTracker {
     fn name(&self) -> &'static str {
         "uffd-wp"
     }
+
+    /// The guest armed write-protection of unpopulated pages too: a write to a hole faults.
+    fn reports_writes_to_holes(&self) -> bool {
+        true
+    }
 }
 
 /// Find where process `pid` maps the file at `path` (offset 0, matched by device and inode,
