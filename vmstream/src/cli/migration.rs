@@ -386,7 +386,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             cfg.max_bandwidth
                 .map_or("unlimited".into(), |b| b.to_string()),
         ),
-        ("dirty_tracking", guest.tracker_name().to_string()),
+        ("dirty_tracking", guest.tracker().name().to_string()),
         ("channels", cfg.channels.to_string()),
         ("authenticated", cfg.auth_key.is_some().to_string()),
         ("guest_kind", format!("{:?}", guest.kind()).to_lowercase()),

@@ -118,16 +118,12 @@ impl MigratableGuest for KvmSourceGuest {
             self.path.display(),
             self.spec.vcpus,
             self.spec.workload.name(),
-            self.tracker_name()
+            self.tracker.name()
         )
     }
 
     fn size(&self) -> u64 {
         self.spec.size
-    }
-
-    fn memory(&self) -> &GuestMemory {
-        &self.memory
     }
 
     fn tx_count(&self) -> u64 {
@@ -139,31 +135,17 @@ impl MigratableGuest for KvmSourceGuest {
             .sum()
     }
 
-    fn tracker_name(&self) -> &'static str {
-        self.tracker.name()
-    }
-
-    fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
-        self.tracker.collect()
-    }
-
-    fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.before_queue(page)?;
-        self.memory.read_page(page, buf);
-        Ok(())
-    }
-
-    fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
-        Some(self.memory.reader())
-    }
-
-    fn before_queue(&mut self, page: u64) -> std::io::Result<()> {
-        self.tracker.before_read(page)
+    fn memory(&self) -> &GuestMemory {
+        &self.memory
     }
 
     fn paused_memory(&mut self) -> &[u8] {
         debug_assert!(self.paused);
         self.memory.as_mut_slice()
+    }
+
+    fn tracker(&mut self) -> &mut dyn DirtyTracker {
+        &mut self.tracker
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
@@ -199,10 +181,6 @@ impl MigratableGuest for KvmSourceGuest {
                 eprintln!("vmstream send: warning: throttling the KVM guest: {e}");
             }
         }
-    }
-
-    fn take_rearm_time(&mut self) -> Duration {
-        self.tracker.take_rearm_time()
     }
 
     fn terminate(&mut self) -> Result<(), GuestControlError> {

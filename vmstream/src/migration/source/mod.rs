@@ -83,8 +83,9 @@ pub fn migrate(
     if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }
-    let (channels, reader) =
-        SourceChannels::open(cfg, guest.size() / PAGE as u64, guest.page_reader())?;
+    // The encode workers read pages themselves unless the tracker must see every page sent.
+    let workers_reader = (!guest.tracker().needs_sent_pages()).then(|| guest.memory().reader());
+    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64, workers_reader)?;
     stats.settings.insert(
         "page_copies".into(),
         if channels.reads_pages() {
