@@ -525,11 +525,6 @@ impl KvmDirtyTracker {
             rearm_time: Duration::ZERO,
         }
     }
-
-    /// The log tracked with (for its mode and statistics).
-    pub fn log(&self) -> &dyn DirtyLog {
-        self.log.as_ref()
-    }
 }
 
 impl DirtyTracker for KvmDirtyTracker {
