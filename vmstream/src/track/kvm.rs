@@ -1,10 +1,12 @@
-//! Dirty-page tracking for migration, three KVM mechanisms behind one trait:
+//! KVM's dirty log: three KVM mechanisms behind one [`DirtyLog`] interface, and
+//! [`KvmDirtyTracker`], the crate's [`DirtyTracker`] over it that a migration uses.
 //!
 //! * `bitmap`: memslot flag KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG, which
 //!   returns and clears (re-protects) the log in one call.
 //! * `clear`: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG only reads;
 //!   the sender re-arms each chunk with KVM_CLEAR_DIRTY_LOG right before
-//!   sending it ([`DirtyLog::clear`]), so pages written after that are caught.
+//!   reading it ([`DirtyLog::clear`], which the tracker calls from
+//!   [`DirtyTracker::before_read`]), so pages written after that are caught.
 //! * `ring`: per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING_ACQ_REL) harvested
 //!   by the collector; a vCPU whose ring fills harvests its own ring on the
 //!   ring-full exit instead of waiting (no spinning, no stall).
@@ -13,6 +15,7 @@
 //! Exactness needs the vCPUs to have exited since the writes (a progress
 //! exit, or the final pause), as hardware may buffer dirty GFNs until exit.
 
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use crate::guest::kvm::abi::PAGE_SIZE;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::GuestRam;
+use crate::track::DirtyTracker;
 
 /// ioctl numbers kvm-ioctls does not wrap.
 mod ioctls {
@@ -492,6 +496,76 @@ impl DirtyLog for RingLog {
             ring_entries: self.rings.entries_seen.load(Ordering::Relaxed),
             ..self.stats
         }
+    }
+}
+
+/// Pages re-armed together in `clear` mode (2 MiB: one `KVM_CLEAR_DIRTY_LOG` per chunk).
+pub const CLEAR_CHUNK_PAGES: u64 = 512;
+
+/// A KVM dirty log as the crate's [`DirtyTracker`]. In `clear` mode the pages a collect
+/// reported stay unprotected until [`DirtyTracker::before_read`] re-arms their 2 MiB chunk,
+/// right before the chunk's first page is read: a write between the collect and that read
+/// is sent with the page, not again next round; a write after the re-arm is reported.
+pub struct KvmDirtyTracker {
+    log: Box<dyn DirtyLog>,
+    pages: u64,
+    /// Clear mode: the chunk re-armed last in the current round.
+    armed_chunk: Option<u64>,
+    rearm_time: Duration,
+}
+
+impl KvmDirtyTracker {
+    /// Tracks with `log` (from [`KvmGuest::dirty_log`](crate::guest::kvm::KvmGuest::dirty_log))
+    /// a guest of `pages` 4 KiB pages.
+    pub fn new(log: Box<dyn DirtyLog>, pages: u64) -> Self {
+        Self {
+            log,
+            pages,
+            armed_chunk: None,
+            rearm_time: Duration::ZERO,
+        }
+    }
+}
+
+impl DirtyTracker for KvmDirtyTracker {
+    fn name(&self) -> &'static str {
+        match self.log.mode() {
+            DirtyLogMode::Bitmap => "kvm-bitmap",
+            DirtyLogMode::Clear => "kvm-clear",
+            DirtyLogMode::Ring => "kvm-ring",
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn collect(&mut self) -> io::Result<Vec<u64>> {
+        let map = self.log.collect().map_err(io::Error::other)?;
+        // A new round starts: in clear mode every chunk must be re-armed again.
+        self.armed_chunk = None;
+        Ok(map.iter().collect())
+    }
+
+    /// In `clear` mode, re-arms the page's chunk when the round's pages enter it.
+    fn before_read(&mut self, page: u64) -> io::Result<()> {
+        if self.log.mode() != DirtyLogMode::Clear {
+            return Ok(());
+        }
+        let chunk = page / CLEAR_CHUNK_PAGES;
+        if self.armed_chunk != Some(chunk) {
+            let t = Instant::now();
+            self.log
+                .clear(chunk * CLEAR_CHUNK_PAGES, CLEAR_CHUNK_PAGES)
+                .map_err(io::Error::other)?;
+            self.rearm_time += t.elapsed();
+            self.armed_chunk = Some(chunk);
+        }
+        Ok(())
+    }
+
+    fn take_rearm_time(&mut self) -> Duration {
+        std::mem::take(&mut self.rearm_time)
     }
 }
 

@@ -1,393 +1,78 @@
-//! Dirty page tracking: which guest pages changed since the last collection.
+//! Dirty page tracking: which guest pages changed since the last collection. Every tracker
+//! implements the one trait [`DirtyTracker`]:
 //!
-//! Both trackers follow the same contract: [`DirtyTracker::collect`] returns (sorted, page
-//! indices relative to the start of guest memory) every page written since the previous
-//! `collect` (or since the tracker was created), and resets tracking in the same step.
-//! Call `collect` *before* reading the pages you send: a write racing with the read then
-//! shows up again in the next round, never gets lost.
+//! - [`UffdWpTracker`] (`uffd_wp`): for guest processes vmstream starts, which armed
+//!   userfaultfd async write-protect ([`uffd`]) on their memory; `PAGEMAP_SCAN` reports and
+//!   re-protects the written pages.
+//! - [`HashTracker`] (`hash`): for any writer; compares a hash of every page with the hash
+//!   of what was last sent.
+//! - [`KvmDirtyTracker`] (`kvm`): KVM's dirty log of a guest this process runs, in one of
+//!   its three modes (bitmap, manual clear, per-vCPU rings).
 //!
-//! - [`UffdWpTracker`]: for guests vmstream starts. The guest armed userfaultfd async
-//!   write-protect on its mapping ([`crate::track::uffd`]); `PAGEMAP_SCAN` with
-//!   `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` on `/proc/PID/pagemap` returns the written
-//!   pages and re-protects them atomically. Cost is proportional to the page tables, not
-//!   to memory contents.
-//! - [`HashTracker`]: for any writer (another PID, `pwrite`, a VMM we did not start): hashes
-//!   every page with xxh3-64 and compares with the hash of what was last sent. Reads all of
-//!   memory each round. The sender must report every page it sends with
-//!   [`DirtyTracker::page_sent`]: otherwise a page read as B after `collect` hashed it as A,
-//!   that changes back to A before the next round, would be missed (the receiver has B).
+//! What the sender does with a tracker each round: [`DirtyTracker::collect`] the dirty
+//! pages; for every page it sends, in ascending order, call [`DirtyTracker::before_read`]
+//! before the page's contents are read (a tracker that re-arms lazily re-arms there); and,
+//! when [`DirtyTracker::needs_sent_pages`], hand the bytes it sent to
+//! [`DirtyTracker::page_sent`]. Tracking thus restarts for a page before the page is read:
+//! a write racing with the read shows up again in the next round, never gets lost.
 
+pub mod hash;
 pub mod kvm;
-pub mod kvm_tracker;
 pub mod uffd;
+pub mod uffd_wp;
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::time::Duration;
 
-use crate::memory::{GuestMemory, MapMode, MemoryError, PAGE_SIZE};
+pub use hash::HashTracker;
+pub use kvm::KvmDirtyTracker;
+pub use uffd_wp::UffdWpTracker;
 
 /// Something that reports the guest pages written since it was last asked.
 pub trait DirtyTracker: Send {
-    /// Pages written since the previous call (sorted page indices); resets tracking.
-    fn collect(&mut self) -> io::Result<Vec<u64>>;
+    /// Short name for logs and statistics ("uffd-wp", "hash", "kvm-clear", ...).
+    fn name(&self) -> &'static str;
+
     /// Number of pages tracked.
     fn pages(&self) -> u64;
-    /// Short name for logs ("uffd-wp", "hash").
-    fn name(&self) -> &'static str;
+
+    /// Pages written since the previous call (or since the tracker was created): page
+    /// indices from the start of guest memory, sorted, without duplicates. Tracking of
+    /// these pages restarts here, or at the latest in [`Self::before_read`].
+    fn collect(&mut self) -> io::Result<Vec<u64>>;
+
+    /// Called for each page the sender sends from the running guest, in ascending order
+    /// within a round, before the page's contents are read: a tracker that re-arms
+    /// tracking lazily (KVM's manual-clear mode, per chunk) re-arms it here, so a write
+    /// after the read is reported by the next [`Self::collect`].
+    fn before_read(&mut self, page: u64) -> io::Result<()> {
+        let _ = page;
+        Ok(())
+    }
+
+    /// Whether [`Self::page_sent`] must see every page sent (content-based trackers): the
+    /// sender then reads pages itself instead of letting its encode workers read them.
+    fn needs_sent_pages(&self) -> bool {
+        false
+    }
+
     /// Tell the tracker the bytes of `page` that were actually sent. Content-based trackers
     /// compare against these (so a page that changes and changes back between `collect` and
     /// the read is not lost); write-tracking trackers ignore it.
     fn page_sent(&mut self, page: u64, data: &[u8]) {
         let _ = (page, data);
     }
-    /// Whether [`Self::page_sent`] must see every page sent (content-based trackers): the
-    /// sender then reads pages itself instead of letting its encode workers read them.
-    fn needs_sent_pages(&self) -> bool {
+
+    /// Whether a later write to a page that is a hole of the memory file now is reported by
+    /// [`Self::collect`], so the sender may send the hole as zeros without reading it
+    /// (reading a hole allocates it). If not, the sender reads every page.
+    fn reports_writes_to_holes(&self) -> bool {
         false
     }
-}
 
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: u64 =
-    (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// Dirty tracking through userfaultfd async write-protect + `PAGEMAP_SCAN`.
-pub struct UffdWpTracker {
-    pagemap: File,
-    start: u64,
-    len: u64,
-    regions: Vec<PageRegion>,
-}
-
-impl UffdWpTracker {
-    /// Track `[start, start+len)` in process `pid`, where that process armed
-    /// [`crate::track::uffd::WpAsync`] (the guest prints both in its ready line).
-    pub fn new(pid: u32, start: u64, len: u64) -> io::Result<Self> {
-        Self::with_vec_len(pid, start, len, 1024)
-    }
-
-    /// Like [`UffdWpTracker::new`] with a given number of output regions per ioctl (small
-    /// values exercise the resume-from-`walk_end` loop).
-    pub fn with_vec_len(pid: u32, start: u64, len: u64, vec_len: usize) -> io::Result<Self> {
-        if !start.is_multiple_of(PAGE_SIZE as u64)
-            || !len.is_multiple_of(PAGE_SIZE as u64)
-            || vec_len == 0
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "unaligned range",
-            ));
-        }
-        let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
-        Ok(Self {
-            pagemap,
-            start,
-            len,
-            regions: vec![PageRegion::default(); vec_len],
-        })
-    }
-}
-
-impl DirtyTracker for UffdWpTracker {
-    fn collect(&mut self) -> io::Result<Vec<u64>> {
-        let end = self.start + self.len;
-        let mut cursor = self.start;
-        let mut pages = Vec::new();
-        while cursor < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                start: cursor,
-                end,
-                vec: self.regions.as_mut_ptr() as u64,
-                vec_len: self.regions.len() as u64,
-                category_mask: PAGE_IS_WRITTEN,
-                return_mask: PAGE_IS_WRITTEN,
-                ..Default::default()
-            };
-            // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` regions into
-            // `self.regions`, which outlives the call; it updates `arg.walk_end`.
-            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("PAGEMAP_SCAN: {e}")));
-            }
-            for r in &self.regions[..n as usize] {
-                let first = (r.start - self.start) / PAGE_SIZE as u64;
-                let last = (r.end - self.start) / PAGE_SIZE as u64;
-                pages.extend(first..last);
-            }
-            if arg.walk_end <= cursor {
-                return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
-            }
-            cursor = arg.walk_end;
-        }
-        Ok(pages)
-    }
-
-    fn pages(&self) -> u64 {
-        self.len / PAGE_SIZE as u64
-    }
-
-    fn name(&self) -> &'static str {
-        "uffd-wp"
-    }
-}
-
-/// Find where process `pid` maps the file at `path` (offset 0, matched by device and inode,
-/// so memfds and `/proc/PID/fd/N` paths work): returns `(start, len)` of the largest such
-/// mapping. For guests that did not print a ready line.
-pub fn find_mapping(pid: u32, path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    let want_dev = format!(
-        "{:02x}:{:02x}",
-        libc::major(meta.dev()),
-        libc::minor(meta.dev())
-    );
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut best: Option<(u64, u64)> = None;
-    for line in maps.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [range, _perms, offset, dev, inode, ..] = f.as_slice() else {
-            continue;
-        };
-        if *dev != want_dev || inode.parse::<u64>().ok() != Some(meta.ino()) {
-            continue;
-        }
-        if u64::from_str_radix(offset, 16).ok() != Some(0) {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        if best.is_none_or(|(_, len)| b - a > len) {
-            best = Some((a, b - a));
-        }
-    }
-    best.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("process {pid} does not map {}", path.display()),
-        )
-    })
-}
-
-/// Dirty tracking by comparing a per-page xxh3-64 hash with the previous round's.
-pub struct HashTracker {
-    mem: GuestMemory,
-    hashes: Vec<u64>,
-    threads: usize,
-}
-
-impl HashTracker {
-    /// Map the file at `path` read-only (shared) and record the current hash of every page.
-    pub fn open(path: &Path) -> Result<Self, MemoryError> {
-        let mem = GuestMemory::open(path, MapMode::SharedReadOnly)?;
-        Ok(Self::new(mem))
-    }
-
-    /// Track `mem` (any mapping that sees the writer's updates); hashes all pages now.
-    pub fn new(mem: GuestMemory) -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut t = Self {
-            hashes: vec![0; mem.pages() as usize],
-            mem,
-            threads,
-        };
-        t.rehash(&mut |_| {});
-        t
-    }
-
-    /// Number of hashing threads (default: available parallelism).
-    pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
-    }
-
-    /// The mapping being hashed.
-    pub fn memory(&self) -> &GuestMemory {
-        &self.mem
-    }
-
-    fn rehash(&mut self, changed: &mut dyn FnMut(u64)) {
-        let base = self.mem.as_ptr() as usize;
-        let per = self.hashes.len().div_ceil(self.threads).max(1);
-        let results: Vec<Vec<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .hashes
-                .chunks_mut(per)
-                .enumerate()
-                .map(|(c, hashes)| {
-                    s.spawn(move || {
-                        let mut dirty = Vec::new();
-                        for (i, h) in hashes.iter_mut().enumerate() {
-                            let page = (c * per + i) as u64;
-                            // SAFETY: the page lies inside the mapping, which outlives the
-                            // scope. Another process may write it concurrently; the hash
-                            // then covers a mix, and the next round sees the final bytes.
-                            let bytes = unsafe {
-                                std::slice::from_raw_parts(
-                                    (base + page as usize * PAGE_SIZE) as *const u8,
-                                    PAGE_SIZE,
-                                )
-                            };
-                            let new = twox_hash::XxHash3_64::oneshot(bytes);
-                            if new != *h {
-                                *h = new;
-                                dirty.push(page);
-                            }
-                        }
-                        dirty
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("hash thread"))
-                .collect()
-        });
-        for page in results.into_iter().flatten() {
-            changed(page);
-        }
-    }
-}
-
-impl DirtyTracker for HashTracker {
-    fn collect(&mut self) -> io::Result<Vec<u64>> {
-        let mut pages = Vec::new();
-        self.rehash(&mut |p| pages.push(p));
-        Ok(pages)
-    }
-
-    fn pages(&self) -> u64 {
-        self.mem.pages()
-    }
-
-    fn name(&self) -> &'static str {
-        "hash"
-    }
-
-    fn page_sent(&mut self, page: u64, data: &[u8]) {
-        self.hashes[page as usize] = twox_hash::XxHash3_64::oneshot(data);
-    }
-
-    fn needs_sent_pages(&self) -> bool {
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pagemap_scan_ioctl_number() {
-        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
-        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
-    }
-
-    #[test]
-    fn uffd_wp_tracks_own_writes_across_small_vectors() {
-        let p = std::env::temp_dir().join(format!("vmstream-dirty-{}", std::process::id()));
-        let mut mem = GuestMemory::create(&p, 64 * PAGE_SIZE as u64).unwrap();
-        // SAFETY: the range is `mem`'s mapping, which outlives `wp`.
-        let wp = unsafe { crate::track::uffd::WpAsync::arm(mem.addr(), mem.len() as u64) }.unwrap();
-        let mut t =
-            UffdWpTracker::with_vec_len(std::process::id(), mem.addr(), mem.len() as u64, 2)
-                .unwrap();
-        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
-        let written = [0u64, 3, 4, 5, 9, 20, 40, 63];
-        for &pg in &written {
-            mem.as_mut_slice()[pg as usize * PAGE_SIZE + 100] = 1;
-        }
-        assert_eq!(t.collect().unwrap(), written);
-        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
-        // pwrite does not go through the mapping: not tracked (documented limitation).
-        use std::os::unix::fs::FileExt;
-        mem.file().write_at(&[7], 10 * PAGE_SIZE as u64).unwrap();
-        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
-        drop(wp);
-        std::fs::remove_file(&p).unwrap();
-    }
-
-    #[test]
-    fn find_mapping_locates_files_and_memfds() {
-        let p = std::env::temp_dir().join(format!("vmstream-maps-{}", std::process::id()));
-        let mem = GuestMemory::create(&p, 8 * PAGE_SIZE as u64).unwrap();
-        let me = std::process::id();
-        assert_eq!(
-            find_mapping(me, &p).unwrap(),
-            (mem.addr(), mem.len() as u64)
-        );
-        let fd = GuestMemory::memfd("vmstream-maps", 4 * PAGE_SIZE as u64).unwrap();
-        assert_eq!(
-            find_mapping(me, fd.path()).unwrap(),
-            (fd.addr(), fd.len() as u64)
-        );
-        drop(mem);
-        let e = find_mapping(me, &p).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        std::fs::remove_file(&p).unwrap();
-    }
-
-    #[test]
-    fn hash_tracker_sees_pwrite() {
-        let p = std::env::temp_dir().join(format!("vmstream-hash-{}", std::process::id()));
-        let mem = GuestMemory::create(&p, 32 * PAGE_SIZE as u64).unwrap();
-        let mut t = HashTracker::open(&p).unwrap();
-        t.set_threads(3);
-        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
-        use std::os::unix::fs::FileExt;
-        for pg in [1u64, 17, 31] {
-            mem.file()
-                .write_at(&[9], pg * PAGE_SIZE as u64 + 5)
-                .unwrap();
-        }
-        assert_eq!(t.collect().unwrap(), vec![1, 17, 31]);
-        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
-        // A-B-A: collect hashed A, the sender read B, the page went back to A. Without
-        // page_sent the page would never be resent.
-        let mut sent = vec![0u8; PAGE_SIZE];
-        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
-        assert_eq!(t.collect().unwrap(), vec![2]);
-        mem.file().write_at(&[2], 2 * PAGE_SIZE as u64).unwrap();
-        mem.read_page(2, &mut sent);
-        t.page_sent(2, &sent);
-        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
-        assert_eq!(t.collect().unwrap(), vec![2]);
-        std::fs::remove_file(&p).unwrap();
+    /// Time spent re-arming tracking in [`Self::before_read`] since the last call (zero for
+    /// trackers that re-arm in [`Self::collect`]).
+    fn take_rearm_time(&mut self) -> Duration {
+        Duration::ZERO
     }
 }

@@ -1,6 +1,7 @@
 //! The guest on the source side: a `vmstream guest run` child that `vmstream send` starts,
 //! or a process it attaches to by pid. Gives the sender a mapping of guest memory, a dirty
-//! tracker, pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the final kill.
+//! tracker (uffd-wp or hash), pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the
+//! final kill.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -323,25 +324,6 @@ impl SourceGuest {
         &self.memory
     }
 
-    /// Copies page `page` into `buf` for sending and tells the tracker what was sent (a
-    /// content-based tracker compares the next collection against exactly these bytes).
-    pub fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) {
-        self.memory.read_page(page, buf);
-        self.tracker.page_sent(page, buf);
-    }
-
-    /// A reader for the encode workers, unless the tracker must see every page sent.
-    pub fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
-        (!self.tracker.needs_sent_pages()).then(|| self.memory.reader())
-    }
-
-    /// Stands in for [`Self::read_page_for_send`] on a page that is a hole of the memory
-    /// file (it reads as zero; reading it would allocate it): `buf` becomes zeros.
-    pub fn hole_page_for_send(&mut self, page: u64, buf: &mut [u8]) {
-        buf.fill(0);
-        self.tracker.page_sent(page, buf);
-    }
-
     /// All of guest memory as a slice. Only call while the guest is paused (the slice must
     /// not change while borrowed).
     pub fn paused_memory(&mut self) -> &[u8] {
@@ -354,21 +336,9 @@ impl SourceGuest {
         self.tracker.name()
     }
 
-    /// Pages written since the last call (see [`DirtyTracker::collect`]), sorted and
-    /// without duplicates (the codec refuses a page twice in one round, and a
-    /// `PAGEMAP_SCAN` walk resumed mid-region can report a page twice).
-    pub fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
-        let mut pages = self.tracker.collect()?;
-        pages.sort_unstable();
-        pages.dedup();
-        let limit = self.memory.pages();
-        if pages.last().is_some_and(|&p| p >= limit) {
-            return Err(std::io::Error::other(format!(
-                "{} tracker reported a page beyond the guest's {limit} pages",
-                self.tracker.name()
-            )));
-        }
-        Ok(pages)
+    /// The dirty tracker of guest memory.
+    pub fn tracker(&mut self) -> &mut dyn DirtyTracker {
+        self.tracker.as_mut()
     }
 
     /// Stops the guest and waits until all its threads are stopped.

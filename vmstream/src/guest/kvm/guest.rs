@@ -19,7 +19,9 @@ use crate::guest::kvm::setup;
 use crate::guest::kvm::state::{restore_vcpu, StateError, VmState};
 use crate::guest::kvm::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
 use crate::guest::kvm::verify::{self, VerifyReport};
-use crate::track::kvm::{self as dirty, DirtyLog, DirtyLogMode, DEFAULT_RING_ENTRIES};
+use crate::track::kvm::{
+    self as dirty, DirtyLog, DirtyLogMode, KvmDirtyTracker, DEFAULT_RING_ENTRIES,
+};
 
 /// How long `pause` waits for every vCPU to stop before giving up.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -324,12 +326,10 @@ impl KvmGuest {
         )
     }
 
-    /// The dirty log as a [`crate::track::DirtyTracker`] (see [`KvmDirtyTracker`](crate::guest::kvm::KvmDirtyTracker)).
-    pub fn dirty_tracker(&self) -> Result<crate::guest::kvm::KvmDirtyTracker> {
-        Ok(crate::guest::kvm::KvmDirtyTracker::new(
-            self.dirty_log()?,
-            self.ram.pages(),
-        ))
+    /// A new handle on the dirty log as the crate's [`crate::track::DirtyTracker`] (see
+    /// [`KvmDirtyTracker`]).
+    pub fn dirty_tracker(&self) -> Result<KvmDirtyTracker> {
+        Ok(KvmDirtyTracker::new(self.dirty_log()?, self.ram.pages()))
     }
 
     /// Dirty ring entries per vCPU, if ring mode is on.

@@ -27,7 +27,6 @@ mod vcpu;
 pub mod verify;
 
 pub use crate::track::kvm::{DirtyBitmap, DirtyLog, DirtyLogMode, DirtyLogStats};
-pub use crate::track::kvm_tracker::KvmDirtyTracker;
 pub use error::{KvmError, Result};
 pub use guest::{kvm_available, GuestConfig, KvmGuest, RestoreConfig, THROTTLE_PERIOD};
 pub use memory::{GuestRam, RamRead};

@@ -1,26 +1,23 @@
 //! The source guest of `vmstream send --kvm`: a KVM guest ([`crate::guest::kvm`]) run by this
 //! process, its RAM a shared file (`--memory-file`) or memfd that the sender maps like a
 //! file-backed guest's memory. Dirty pages come from KVM's dirty log (`--dirty-log
-//! bitmap|clear|ring`); in `clear` mode each 2 MiB chunk is re-armed right before its first
-//! page is read, so writes that land between the collect and the read are not sent twice.
+//! bitmap|clear|ring`) through a [`KvmDirtyTracker`].
 //! Pausing captures the vCPU state ([`crate::guest::kvm::VmState`]), which travels as the
 //! `GuestState` blob. After a failed migration the guest keeps running in this process
 //! (`--on-failure`), since the VM cannot outlive it.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::guest::file::source::GuestControlError;
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
+use crate::guest::kvm::{DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
-
-/// Pages re-armed together in `clear` mode (2 MiB: one `KVM_CLEAR_DIRTY_LOG` per chunk).
-pub const CLEAR_CHUNK_PAGES: u64 = 512;
+use crate::track::{DirtyTracker, KvmDirtyTracker};
 
 /// Test hook: flip the byte at this offset of the state blob (tests only).
 pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
@@ -55,13 +52,10 @@ pub struct KvmSpec {
 pub struct KvmSourceGuest {
     /// None once terminated.
     guest: Option<KvmGuest>,
-    log: Box<dyn DirtyLog>,
+    tracker: KvmDirtyTracker,
     memory: GuestMemory,
     path: PathBuf,
     spec: KvmSpec,
-    /// Clear mode: the chunk re-armed last in the current round.
-    armed_chunk: Option<u64>,
-    rearm_time: Duration,
     paused: bool,
 }
 
@@ -93,16 +87,14 @@ impl KvmSourceGuest {
             ..GuestConfig::default()
         };
         let guest = KvmGuest::start(ram, &cfg)?;
-        let log = guest.dirty_log()?;
+        let tracker = guest.dirty_tracker()?;
         let memory = GuestMemory::open_sized(&path, spec.size, MapMode::Shared)?;
         Ok(KvmSourceGuest {
             guest: Some(guest),
-            log,
+            tracker,
             memory,
             path,
             spec: spec.clone(),
-            armed_chunk: None,
-            rearm_time: Duration::ZERO,
             paused: false,
         })
     }
@@ -126,16 +118,12 @@ impl MigratableGuest for KvmSourceGuest {
             self.path.display(),
             self.spec.vcpus,
             self.spec.workload.name(),
-            self.tracker_name()
+            self.tracker.name()
         )
     }
 
     fn size(&self) -> u64 {
         self.spec.size
-    }
-
-    fn memory(&self) -> &GuestMemory {
-        &self.memory
     }
 
     fn tx_count(&self) -> u64 {
@@ -147,51 +135,17 @@ impl MigratableGuest for KvmSourceGuest {
             .sum()
     }
 
-    fn tracker_name(&self) -> &'static str {
-        match self.spec.dirty_log {
-            DirtyLogMode::Bitmap => "kvm-bitmap",
-            DirtyLogMode::Clear => "kvm-clear",
-            DirtyLogMode::Ring => "kvm-ring",
-        }
-    }
-
-    fn collect_dirty(&mut self) -> std::io::Result<Vec<u64>> {
-        let map = self.log.collect().map_err(std::io::Error::other)?;
-        // A new round starts: in clear mode every chunk must be re-armed again.
-        self.armed_chunk = None;
-        Ok(map.iter().collect())
-    }
-
-    fn read_page_for_send(&mut self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.before_queue(page)?;
-        self.memory.read_page(page, buf);
-        Ok(())
-    }
-
-    fn page_reader(&self) -> Option<crate::memory::MemoryReader> {
-        Some(self.memory.reader())
-    }
-
-    /// In `clear` mode, re-arms the dirty log of the page's chunk when the round's pages
-    /// enter it: before the page is read, so a write after the read is logged.
-    fn before_queue(&mut self, page: u64) -> std::io::Result<()> {
-        if self.spec.dirty_log == DirtyLogMode::Clear {
-            let chunk = page / CLEAR_CHUNK_PAGES;
-            if self.armed_chunk != Some(chunk) {
-                let t = Instant::now();
-                self.log
-                    .clear(chunk * CLEAR_CHUNK_PAGES, CLEAR_CHUNK_PAGES)
-                    .map_err(std::io::Error::other)?;
-                self.rearm_time += t.elapsed();
-                self.armed_chunk = Some(chunk);
-            }
-        }
-        Ok(())
+    fn memory(&self) -> &GuestMemory {
+        &self.memory
     }
 
     fn paused_memory(&mut self) -> &[u8] {
         debug_assert!(self.paused);
         self.memory.as_mut_slice()
+    }
+
+    fn tracker(&mut self) -> &mut dyn DirtyTracker {
+        &mut self.tracker
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
@@ -227,10 +181,6 @@ impl MigratableGuest for KvmSourceGuest {
                 eprintln!("vmstream send: warning: throttling the KVM guest: {e}");
             }
         }
-    }
-
-    fn take_rearm_time(&mut self) -> Duration {
-        std::mem::take(&mut self.rearm_time)
     }
 
     fn terminate(&mut self) -> Result<(), GuestControlError> {

@@ -193,11 +193,12 @@ impl<'a> Source<'a> {
             other => return Err(unexpected("a hello reply", other)),
         }
         // Round 0 sends everything; collecting now starts tracking from this instant.
-        let t = Instant::now();
-        self.guest.collect_dirty().map_err(SendError::Tracker)?;
-        self.collect_time = t.elapsed();
-        // After the tracker's reset: a hole written from now on is reported dirty.
-        self.round0_data = self.guest.memory().data_pages().ok();
+        (_, self.collect_time) = self.collect_dirty()?;
+        // After the tracker's reset: a hole written from now on is reported dirty, if the
+        // tracker sees such writes (otherwise every page is read).
+        if self.guest.tracker().reports_writes_to_holes() {
+            self.round0_data = self.guest.memory().data_pages().ok();
+        }
         self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
             round: 0,
@@ -264,11 +265,10 @@ impl<'a> Source<'a> {
             self.round0_data = None;
         }
         rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
-        rs.dirty_rearm_ms = self.guest.take_rearm_time().as_secs_f64() * 1e3;
+        rs.dirty_rearm_ms = self.guest.tracker().take_rearm_time().as_secs_f64() * 1e3;
         self.guest.check_alive().map_err(SendError::Guest)?;
-        let t = Instant::now();
-        let newly = self.guest.collect_dirty().map_err(SendError::Tracker)?;
-        self.collect_time = t.elapsed();
+        let (newly, collect_time) = self.collect_dirty()?;
+        self.collect_time = collect_time;
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
         let round_trip = self.io.round_trip;
@@ -315,6 +315,23 @@ impl<'a> Source<'a> {
         self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);
         Ok(state)
+    }
+
+    /// The pages the guest's tracker found dirty since its last collection, and how long
+    /// collecting took. The tracker's list is sorted and without duplicates; a page beyond
+    /// guest memory is refused here, before the codec sees it.
+    pub(super) fn collect_dirty(&mut self) -> Result<(Vec<u64>, Duration), SendError> {
+        let t = Instant::now();
+        let limit = self.guest.size() / PAGE as u64;
+        let tracker = self.guest.tracker();
+        let pages = tracker.collect().map_err(SendError::Tracker)?;
+        if pages.last().is_some_and(|&p| p >= limit) {
+            return Err(SendError::Tracker(std::io::Error::other(format!(
+                "{} tracker reported a page beyond the guest's {limit} pages",
+                tracker.name()
+            ))));
+        }
+        Ok((pages, t.elapsed()))
     }
 
     /// The observation of round `round`, measured in `rs`, after which `unsent` pages are

@@ -89,8 +89,9 @@ fn run_migration(
     if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }
-    let (channels, reader) =
-        SourceChannels::open(cfg, guest.size() / PAGE as u64, guest.page_reader())?;
+    // The encode workers read pages themselves unless the tracker must see every page sent.
+    let workers_reader = (!guest.tracker().needs_sent_pages()).then(|| guest.memory().reader());
+    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64, workers_reader)?;
     stats.settings.page_copies = Some(if channels.reads_pages() {
         PageCopies::EncodeWorkers
     } else {

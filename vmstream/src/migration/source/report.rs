@@ -65,14 +65,14 @@ fn warm_up(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Option<f64> {
 }
 
 /// The settings the source knows before it connects: the configuration's and the guest's.
-fn settings(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Settings {
+fn settings(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> Settings {
     Settings {
         compression: Some(format!("{:?}", cfg.encoder.compression)),
         xbzrle: Some(cfg.encoder.delta.is_some()),
         threads: Some(cfg.threads),
         downtime_limit_ms: Some(cfg.downtime_limit.as_millis()),
         max_bandwidth: Some(cfg.max_bandwidth.into()),
-        dirty_tracking: Some(guest.tracker_name().to_string()),
+        dirty_tracking: Some(guest.tracker().name().to_string()),
         channels: Some(cfg.channels),
         authenticated: Some(cfg.auth_key.is_some()),
         guest_kind: Some(format!("{:?}", guest.kind()).to_lowercase()),

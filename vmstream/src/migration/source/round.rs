@@ -22,7 +22,9 @@ pub(super) enum PageSource<'a> {
     Live(&'a mut dyn MigratableGuest),
     /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
     /// dirty tracking started) are sent as zero without being read: a write to one after
-    /// that instant is reported by the tracker and sent again.
+    /// that instant is reported by the tracker (it
+    /// [`reports_writes_to_holes`](crate::track::DirtyTracker::reports_writes_to_holes))
+    /// and sent again.
     LiveSkippingHoles(&'a mut dyn MigratableGuest, &'a [u64]),
     /// Memory of the paused guest.
     Frozen(&'a [u8]),
@@ -74,7 +76,18 @@ impl RoundIo {
         let started = Instant::now();
         let last = flags & ROUND_FINAL != 0;
         self.progress.round(round, pages.len() as u64, last);
-        let workers_read = self.channels.reads_pages();
+        // Live pages are read by the encode workers themselves, in parallel, when the
+        // tracker allows it; otherwise by this thread (with this reader) straight into the
+        // codec's batch. Either way the one copy is the snapshot the encoder and the page
+        // cache see.
+        let reader = match &src {
+            PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
+                if !self.channels.reads_pages() =>
+            {
+                Some(g.memory().reader())
+            }
+            _ => None,
+        };
         for (i, &p) in pages.iter().enumerate() {
             // The final round runs to its end: the guest is paused, and only the
             // destination's verdict may end the migration now.
@@ -87,32 +100,31 @@ impl RoundIo {
                 }
             }
             let at = p as usize * PAGE;
-            // Live pages are read by the encode workers themselves, in parallel, when the
-            // guest allows it; otherwise by this thread straight into the codec's batch.
-            // Either way the one copy is the snapshot the encoder and the page cache see.
-            // Holes of a sparse memory file are filled with zeros here, never read.
-            let hole = match &src {
-                PageSource::LiveSkippingHoles(_, data) => crate::memory::page_is_hole(data, p),
-                _ => false,
-            };
             match &mut src {
-                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
-                    if workers_read && !hole =>
-                {
-                    g.before_queue(p).map_err(SendError::Tracker)?;
-                    self.channels.push_page(p)?
-                }
-                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
+                // Holes of a sparse memory file are filled with zeros here, never read.
+                PageSource::LiveSkippingHoles(g, data) if crate::memory::page_is_hole(data, p) => {
+                    let tracker = g.tracker();
                     self.channels.push_with(p, |slot| {
-                        if hole {
-                            g.hole_page_for_send(p, slot)
-                        } else {
-                            g.read_page_for_send(p, slot)
-                        }
-                        .map_err(SendError::Tracker)
+                        slot.fill(0);
+                        tracker.page_sent(p, slot);
+                        Ok(())
                     })?
                 }
-                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
+                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                    // Tracking restarts for the page before it is read: a write racing
+                    // with the read is reported next round.
+                    let tracker = g.tracker();
+                    tracker.before_read(p).map_err(SendError::Tracker)?;
+                    match &reader {
+                        Some(reader) => self.channels.push_with(p, |slot| {
+                            reader.read_page(p, slot);
+                            tracker.page_sent(p, slot);
+                            Ok(())
+                        })?,
+                        None => self.channels.push_page(p)?,
+                    }
+                }
             }
             if i % 256 == 255 {
                 self.progress.inc(256);

@@ -35,9 +35,7 @@ impl Source<'_> {
         let t = Instant::now();
         let state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.impact.pause();
-        let t_collect = Instant::now();
-        let more = self.guest.collect_dirty().map_err(SendError::Tracker)?;
-        let collect_time = t_collect.elapsed();
+        let (more, collect_time) = self.collect_dirty()?;
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = self.guest.tx_count();
         let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);

@@ -1,0 +1,152 @@
+//! The hash dirty tracker, for any writer (another PID, `pwrite`, a VMM we did not start):
+//! hashes every page with xxh3-64 and compares with the hash of what was last sent. Reads
+//! all of memory each round. The sender must report every page it sends with
+//! [`DirtyTracker::page_sent`]: otherwise a page read as B after `collect` hashed it as A,
+//! that changes back to A before the next round, would be missed (the receiver has B).
+
+use std::io;
+use std::path::Path;
+
+use crate::memory::{GuestMemory, MapMode, MemoryError, PAGE_SIZE};
+use crate::track::DirtyTracker;
+
+/// Dirty tracking by comparing a per-page xxh3-64 hash with the previous round's.
+pub struct HashTracker {
+    mem: GuestMemory,
+    hashes: Vec<u64>,
+    threads: usize,
+}
+
+impl HashTracker {
+    /// Map the file at `path` read-only (shared) and record the current hash of every page.
+    pub fn open(path: &Path) -> Result<Self, MemoryError> {
+        let mem = GuestMemory::open(path, MapMode::SharedReadOnly)?;
+        Ok(Self::new(mem))
+    }
+
+    /// Track `mem` (any mapping that sees the writer's updates); hashes all pages now.
+    pub fn new(mem: GuestMemory) -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut t = Self {
+            hashes: vec![0; mem.pages() as usize],
+            mem,
+            threads,
+        };
+        t.rehash(&mut |_| {});
+        t
+    }
+
+    /// Number of hashing threads (default: available parallelism).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The mapping being hashed.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    fn rehash(&mut self, changed: &mut dyn FnMut(u64)) {
+        let base = self.mem.as_ptr() as usize;
+        let per = self.hashes.len().div_ceil(self.threads).max(1);
+        let results: Vec<Vec<u64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hashes
+                .chunks_mut(per)
+                .enumerate()
+                .map(|(c, hashes)| {
+                    s.spawn(move || {
+                        let mut dirty = Vec::new();
+                        for (i, h) in hashes.iter_mut().enumerate() {
+                            let page = (c * per + i) as u64;
+                            // SAFETY: the page lies inside the mapping, which outlives the
+                            // scope. Another process may write it concurrently; the hash
+                            // then covers a mix, and the next round sees the final bytes.
+                            let bytes = unsafe {
+                                std::slice::from_raw_parts(
+                                    (base + page as usize * PAGE_SIZE) as *const u8,
+                                    PAGE_SIZE,
+                                )
+                            };
+                            let new = twox_hash::XxHash3_64::oneshot(bytes);
+                            if new != *h {
+                                *h = new;
+                                dirty.push(page);
+                            }
+                        }
+                        dirty
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("hash thread"))
+                .collect()
+        });
+        for page in results.into_iter().flatten() {
+            changed(page);
+        }
+    }
+}
+
+impl DirtyTracker for HashTracker {
+    fn collect(&mut self) -> io::Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        self.rehash(&mut |p| pages.push(p));
+        Ok(pages)
+    }
+
+    fn pages(&self) -> u64 {
+        self.mem.pages()
+    }
+
+    fn name(&self) -> &'static str {
+        "hash"
+    }
+
+    fn page_sent(&mut self, page: u64, data: &[u8]) {
+        self.hashes[page as usize] = twox_hash::XxHash3_64::oneshot(data);
+    }
+
+    fn needs_sent_pages(&self) -> bool {
+        true
+    }
+
+    /// A hole hashes as zeros (sent as zeros, told with `page_sent`): any write changes that.
+    fn reports_writes_to_holes(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_tracker_sees_pwrite() {
+        let p = std::env::temp_dir().join(format!("vmstream-hash-{}", std::process::id()));
+        let mem = GuestMemory::create(&p, 32 * PAGE_SIZE as u64).unwrap();
+        let mut t = HashTracker::open(&p).unwrap();
+        t.set_threads(3);
+        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        use std::os::unix::fs::FileExt;
+        for pg in [1u64, 17, 31] {
+            mem.file()
+                .write_at(&[9], pg * PAGE_SIZE as u64 + 5)
+                .unwrap();
+        }
+        assert_eq!(t.collect().unwrap(), vec![1, 17, 31]);
+        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        // A-B-A: collect hashed A, the sender read B, the page went back to A. Without
+        // page_sent the page would never be resent.
+        let mut sent = vec![0u8; PAGE_SIZE];
+        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![2]);
+        mem.file().write_at(&[2], 2 * PAGE_SIZE as u64).unwrap();
+        mem.read_page(2, &mut sent);
+        t.page_sent(2, &sent);
+        mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![2]);
+        std::fs::remove_file(&p).unwrap();
+    }
+}
