@@ -5,6 +5,7 @@
 use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::RamRead;
+use crate::memory::PAGE_SIZE;
 
 /// What the guest program does on every vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +134,7 @@ impl GuestLayout {
             .ok_or_else(|| KvmError::Config("RAM smaller than the system area".into()))?;
         let mut blocks = avail / (BLOCK_SIZE + 8);
         loop {
-            let ledger = (blocks * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let ledger = (blocks * 8).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
             if SYSTEM_AREA_SIZE + ledger + blocks * BLOCK_SIZE <= memory_size {
                 let layout = Self {
                     memory_size,

@@ -14,17 +14,18 @@ use std::time::{Duration, Instant};
 
 use crate::converge::{switchover_latency, DowntimePolicy, RoundObservation, SwitchReason};
 use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
 use crate::migration::error::SendError;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, PAGE_SIZE,
+    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
 use super::round::{unexpected, PageSource, RoundIo};
-use super::{Outcome, CANCELLED, PAGE};
+use super::{Outcome, CANCELLED};
 
 /// Where the source is in the migration.
 #[derive(Debug)]
@@ -98,7 +99,7 @@ impl<'a> Source<'a> {
             tx_start: (start, 0),
             switch_start: None,
             impact,
-            bytes_per_page: PAGE as f64,
+            bytes_per_page: PAGE_SIZE as f64,
             throttle: 0.0,
             round0_data: None,
             collect_time: Duration::ZERO,
@@ -112,7 +113,7 @@ impl<'a> Source<'a> {
         let delta = self.cfg.encoder.delta.is_some();
         Hello {
             guest_kind: self.guest.kind(),
-            page_size: PAGE_SIZE,
+            page_size: PAGE_SIZE as u32,
             guest_size: self.guest.size(),
             features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
             compression: self.cfg.encoder.compression,
@@ -203,7 +204,7 @@ impl<'a> Source<'a> {
         self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
             round: 0,
-            pages: (0..self.guest.size() / PAGE as u64).collect(),
+            pages: (0..self.guest.size() / PAGE_SIZE as u64).collect(),
         })
     }
 
@@ -336,14 +337,15 @@ impl<'a> Source<'a> {
     ) -> RoundObservation {
         let nonzero = rs.records - rs.pages_by_encoding.get("zero").copied().unwrap_or(0);
         if nonzero > 0 {
-            self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
+            self.bytes_per_page =
+                (rs.packet_bytes as f64 / nonzero as f64).min(PAGE_SIZE as f64 + 16.0);
         }
         let now = self.start.elapsed();
         let bandwidth = self.update_bandwidth(rs);
         let remaining = unsent as f64 * self.bytes_per_page.max(0.0);
         RoundObservation {
             dirty_pages: unsent,
-            dirty_bytes: unsent.saturating_mul(PAGE as u64),
+            dirty_bytes: unsent.saturating_mul(PAGE_SIZE as u64),
             remaining_dirty_bytes: if remaining.is_finite() {
                 remaining as u64
             } else {

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::{ChannelRound, SourceChannels};
 use crate::migration::error::SendError;
 use crate::migration::transport::{Frame, FrameReader};
 use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
 use crate::telemetry::stats::{Progress, RoundStats};
-
-use super::PAGE;
 
 /// Where a round's pages are read from.
 pub(super) enum PageSource<'a> {
@@ -85,7 +84,7 @@ impl RoundIo {
                     g.check_alive().map_err(SendError::Guest)?;
                 }
             }
-            let at = p as usize * PAGE;
+            let at = p as usize * PAGE_SIZE;
             // Live pages are read by the encode workers themselves, in parallel, when the
             // guest allows it; otherwise by this thread straight into the codec's batch.
             // Either way the one copy is the snapshot the encoder and the page cache see.
@@ -111,7 +110,7 @@ impl RoundIo {
                         .map_err(SendError::Tracker)
                     })?
                 }
-                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
+                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE_SIZE])?,
             }
             if i % 256 == 255 {
                 self.progress.inc(256);
