@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use vmstream::guest::file::layout::WorkloadKind;
 use vmstream::guest::file::verify::verify_file;
 use vmstream::guest::file::workload::WorkloadParams;
-use vmstream::guest::file::{GuestConfig, MemorySource, StartMode};
+use vmstream::guest::file::{MemorySource, ProcessGuestConfig, StartMode};
 use vmstream::units::{parse_duration, parse_size};
 
 /// Pre-copy live migration of guest memory.
@@ -124,7 +124,7 @@ fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
     })
 }
 
-fn guest_config(a: RunArgs) -> GuestConfig {
+fn guest_config(a: RunArgs) -> ProcessGuestConfig {
     let rate = match (a.rate, a.dirty_rate) {
         (Some(r), _) => Some(r),
         (None, Some(bytes)) => Some((bytes / a.workload.block_size()).max(1)),
@@ -144,7 +144,7 @@ fn guest_config(a: RunArgs) -> GuestConfig {
         p.rate = rate.unwrap_or(0);
         StartMode::Init(p)
     };
-    GuestConfig {
+    ProcessGuestConfig {
         memory: match a.memory_file {
             Some(p) if !a.memfd => MemorySource::File(p),
             _ => MemorySource::Memfd,

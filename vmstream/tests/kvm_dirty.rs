@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig,
+    kvm_available, DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig,
     WorkloadKind,
 };
 
@@ -25,14 +25,14 @@ fn skip() -> bool {
 }
 
 fn start(kind: WorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             kind,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(mode),
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
 }
@@ -237,7 +237,7 @@ fn ring_full_exits_do_not_stall_the_guest() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             kind: WorkloadKind::Random,
@@ -279,7 +279,7 @@ fn ring_full_harvest_stays_exact() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             kind: WorkloadKind::Touch,

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, RestoreConfig, VmState,
+    kvm_available, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, RestoreConfig, VmState,
     WorkloadConfig, WorkloadKind,
 };
 
@@ -51,12 +51,12 @@ fn measure() {
         WorkloadKind::Hotset,
         WorkloadKind::Idle,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
                 kind,
                 ..WorkloadConfig::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut guest = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         let t = Instant::now();
@@ -77,9 +77,9 @@ fn measure() {
         DirtyLogMode::Clear,
         DirtyLogMode::Ring,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             dirty_log: Some(mode),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         let mut log = guest.dirty_log().unwrap();
@@ -115,7 +115,7 @@ fn measure() {
     }
 
     let mut guest =
-        KvmGuest::start(GuestRam::memfd(mem).unwrap(), &GuestConfig::default()).unwrap();
+        KvmGuest::start(GuestRam::memfd(mem).unwrap(), &KvmGuestConfig::default()).unwrap();
     warm_up(&guest);
     let t = Instant::now();
     let state = guest.pause().unwrap();
@@ -146,12 +146,12 @@ fn measure_random_by_size() {
         return;
     }
     for mib in [16, 256, 1024, 2048] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
                 kind: WorkloadKind::Random,
                 ..WorkloadConfig::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(GuestRam::memfd(mib * MIB).unwrap(), &cfg).unwrap();
         let warm = warm_up(&guest);
@@ -200,9 +200,9 @@ fn measure_precopy() {
         DirtyLogMode::Clear,
         DirtyLogMode::Ring,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             dirty_log: Some(mode),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut src = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         warm_up(&src);

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::verify::VerifyError;
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, RestoreConfig, StateError, VmState,
-    WorkloadConfig,
+    kvm_available, GuestRam, KvmError, KvmGuest, KvmGuestConfig, RestoreConfig, StateError,
+    VmState, WorkloadConfig,
 };
 
 fn skip() -> bool {
@@ -19,13 +19,13 @@ fn skip() -> bool {
 }
 
 fn start(mib: u64) -> KvmGuest {
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             seed: 7,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, VerifyError, WorkloadConfig,
+    kvm_available, GuestRam, KvmError, KvmGuest, KvmGuestConfig, VerifyError, WorkloadConfig,
 };
 
 #[test]
@@ -14,13 +14,13 @@ fn corruption_anywhere_is_found_and_the_first_bad_block_is_named() {
         eprintln!("skipping: {why}");
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             seed: 5,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

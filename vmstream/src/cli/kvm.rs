@@ -13,7 +13,7 @@ use crate::guest::kvm::error::Result;
 use crate::guest::kvm::memory::GuestRam;
 use crate::guest::kvm::params::{WorkloadConfig, WorkloadKind};
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{GuestConfig, KvmGuest};
+use crate::guest::kvm::{KvmGuest, KvmGuestConfig};
 use crate::track::kvm::DirtyLogMode;
 use crate::units::{parse_duration, parse_size};
 
@@ -81,7 +81,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         None => GuestRam::memfd(args.size)?,
     };
     let path = ram.shared_path();
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: args.vcpus,
         workload: WorkloadConfig {
             kind: args.workload,
@@ -89,7 +89,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
             ..WorkloadConfig::default()
         },
         dirty_log: args.dirty_log,
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(ram, &cfg)?;
     let mut out = std::io::stdout().lock();

@@ -51,7 +51,7 @@ pub enum StartMode {
 
 /// Everything `vmstream guest run` needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestConfig {
+pub struct ProcessGuestConfig {
     /// Guest memory.
     pub memory: MemorySource,
     /// Memory size: required for init, checked against the file on resume if given.
@@ -158,7 +158,7 @@ pub struct GuestSummary {
 }
 
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
-pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
+pub fn run(cfg: &ProcessGuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
     survive_hangup()?;
     let _owner = match &cfg.memory {
         MemorySource::File(p) => Some(own_memory_file(p, matches!(cfg.start, StartMode::Init(_)))?),
@@ -174,7 +174,7 @@ pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, Guest
 pub fn run_verified(
     mem: GuestMemory,
     report: VerifyReport,
-    cfg: &GuestConfig,
+    cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
     run_mapped(mem, Some(report), cfg, out)
@@ -183,7 +183,7 @@ pub fn run_verified(
 fn run_mapped(
     mut mem: GuestMemory,
     resumed_from: Option<VerifyReport>,
-    cfg: &GuestConfig,
+    cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
     let addr = mem.addr();
@@ -221,7 +221,9 @@ fn run_mapped(
     })
 }
 
-fn open_memory(cfg: &GuestConfig) -> Result<(GuestMemory, Option<VerifyReport>), GuestError> {
+fn open_memory(
+    cfg: &ProcessGuestConfig,
+) -> Result<(GuestMemory, Option<VerifyReport>), GuestError> {
     match &cfg.start {
         StartMode::Init(params) => {
             let size = cfg

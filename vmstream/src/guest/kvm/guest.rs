@@ -29,7 +29,7 @@ pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// How to start a fresh guest.
 #[derive(Clone, Debug)]
-pub struct GuestConfig {
+pub struct KvmGuestConfig {
     /// Number of vCPUs (one thread each), 1..=64.
     pub vcpus: usize,
     /// What the guest program does.
@@ -40,7 +40,7 @@ pub struct GuestConfig {
     pub ring_entries: u32,
 }
 
-impl Default for GuestConfig {
+impl Default for KvmGuestConfig {
     fn default() -> Self {
         Self {
             vcpus: 2,
@@ -105,7 +105,7 @@ pub fn kvm_available() -> std::result::Result<(), String> {
 impl KvmGuest {
     /// Creates a VM on `ram`, writes page tables, guest program and
     /// parameters into it, and starts `cfg.vcpus` vCPU threads.
-    pub fn start(ram: GuestRam, cfg: &GuestConfig) -> Result<Self> {
+    pub fn start(ram: GuestRam, cfg: &KvmGuestConfig) -> Result<Self> {
         let params = Params {
             workload: cfg.workload.clone(),
             layout: GuestLayout::for_memory(ram.size())?,

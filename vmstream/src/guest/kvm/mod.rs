@@ -29,7 +29,7 @@ pub mod verify;
 pub use crate::track::kvm::{DirtyBitmap, DirtyLog, DirtyLogMode, DirtyLogStats};
 pub use crate::track::kvm_tracker::KvmDirtyTracker;
 pub use error::{KvmError, Result};
-pub use guest::{kvm_available, GuestConfig, KvmGuest, RestoreConfig, THROTTLE_PERIOD};
+pub use guest::{kvm_available, KvmGuest, KvmGuestConfig, RestoreConfig, THROTTLE_PERIOD};
 pub use memory::{GuestRam, RamRead};
 pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
 pub use state::{StateError, VcpuState, VmState};

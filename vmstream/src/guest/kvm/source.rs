@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use crate::guest::file::source::GuestControlError;
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
+use crate::guest::kvm::{
+    DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig,
+};
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
@@ -83,14 +85,14 @@ impl KvmSourceGuest {
             None => GuestRam::memfd(spec.size)?,
         };
         let path = ram.shared_path();
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             vcpus: spec.vcpus,
             workload: WorkloadConfig {
                 kind: spec.workload,
                 ..WorkloadConfig::default()
             },
             dirty_log: Some(spec.dirty_log),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(ram, &cfg)?;
         let log = guest.dirty_log()?;

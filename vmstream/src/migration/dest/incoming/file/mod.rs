@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::guest::file::verify::{VerifyError, VerifyReport};
 use crate::guest::file::{
-    GuestConfig, GuestError, GuestSummary, MemorySource, ReadyLine, StartMode,
+    GuestError, GuestSummary, MemorySource, ProcessGuestConfig, ReadyLine, StartMode,
 };
 use crate::memory::GuestMemory;
 use crate::migration::dest::incoming::{IncomingGuest, Resumption};
@@ -180,7 +180,7 @@ fn start_guest(
     report: VerifyReport,
     run_for: Option<Duration>,
 ) -> Result<ResumedGuest, RecvError> {
-    let cfg = GuestConfig {
+    let cfg = ProcessGuestConfig {
         memory: MemorySource::File(memory.path().to_path_buf()),
         size: Some(memory.len() as u64),
         start: StartMode::Resume,
