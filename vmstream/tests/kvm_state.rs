@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::guest::kvm::verify::VerifyError;
+use vmstream::guest::kvm::verify::KvmVerifyError;
 use vmstream::guest::kvm::{
     kvm_available, GuestRam, KvmError, KvmGuest, KvmGuestConfig, RestoreConfig, StateError,
     VmState, WorkloadConfig,
@@ -236,7 +236,7 @@ fn verifier_catches_corrupted_blocks() {
     let old = guest.ram().read_u64(gpa).unwrap();
     guest.ram().write_u64(gpa, old ^ 1).unwrap();
     match guest.verify() {
-        Err(KvmError::Verify(VerifyError::Checksum { block: b, .. })) => assert_eq!(b, block),
+        Err(KvmError::Verify(KvmVerifyError::Checksum { block: b, .. })) => assert_eq!(b, block),
         other => panic!("expected checksum error, got {other:?}"),
     }
     guest.ram().write_u64(gpa, old).unwrap();
@@ -249,6 +249,6 @@ fn verifier_catches_corrupted_blocks() {
         .unwrap();
     assert!(matches!(
         guest.verify(),
-        Err(KvmError::Verify(VerifyError::VersionMismatch { .. }))
+        Err(KvmError::Verify(KvmVerifyError::VersionMismatch { .. }))
     ));
 }

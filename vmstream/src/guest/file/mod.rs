@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::guest::file::layout::WorkloadKind;
-use crate::guest::file::verify::{verify_snapshot, VerifyError, VerifyReport};
+use crate::guest::file::verify::{verify_snapshot, ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::workload::{format, Workload, WorkloadError, WorkloadParams};
 use crate::memory::{open_owned, GuestMemory, MapMode, MemoryError, OwnError};
 use crate::track::uffd::WpAsync;
@@ -79,7 +79,7 @@ pub enum GuestError {
     Workload(#[from] WorkloadError),
     /// Resume found an inconsistent image and refuses to run.
     #[error("refusing to resume: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(#[from] ImageVerifyError),
     /// Arming userfaultfd write-protect failed.
     #[error("userfaultfd write-protect: {0}")]
     Uffd(io::Error),
@@ -152,7 +152,7 @@ impl ReadyLine {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestSummary {
     /// Verify result at resume (None for init).
-    pub resumed_from: Option<VerifyReport>,
+    pub resumed_from: Option<ImageVerifyReport>,
     /// Transactions committed at the end.
     pub tx_count: u64,
 }
@@ -173,7 +173,7 @@ pub fn run(cfg: &ProcessGuestConfig, out: &mut dyn Write) -> Result<GuestSummary
 /// the guest without reading all of memory again. `cfg.memory` and `cfg.start` are unused.
 pub fn run_verified(
     mem: GuestMemory,
-    report: VerifyReport,
+    report: ImageVerifyReport,
     cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
@@ -182,7 +182,7 @@ pub fn run_verified(
 
 fn run_mapped(
     mut mem: GuestMemory,
-    resumed_from: Option<VerifyReport>,
+    resumed_from: Option<ImageVerifyReport>,
     cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
@@ -223,7 +223,7 @@ fn run_mapped(
 
 fn open_memory(
     cfg: &ProcessGuestConfig,
-) -> Result<(GuestMemory, Option<VerifyReport>), GuestError> {
+) -> Result<(GuestMemory, Option<ImageVerifyReport>), GuestError> {
     match &cfg.start {
         StartMode::Init(params) => {
             let size = cfg

@@ -22,7 +22,7 @@ use crate::guest::file::layout::{get_u32, get_u64, put_u32, put_u64, splitmix64}
 use crate::guest::file::layout::{
     JOURNAL_MAX_UPDATES, JOURNAL_ROWS, JOURNAL_UPDATE_DATA, JOURNAL_UPDATE_SIZE,
 };
-use crate::guest::file::verify::{Superblock, VerifyError};
+use crate::guest::file::verify::{ImageVerifyError, Superblock};
 
 /// dbsim row size in bytes.
 pub const ROW_SIZE: usize = 128;
@@ -94,7 +94,7 @@ pub enum WorkloadError {
     BadParam(String),
     /// The memory does not hold a valid guest (or fails verification).
     #[error(transparent)]
-    Verify(#[from] VerifyError),
+    Verify(#[from] ImageVerifyError),
     /// The memory mapping is not writable or has the wrong size.
     #[error("memory slice of {actual} bytes does not match the superblock's {expected}")]
     SizeMismatch {
@@ -432,14 +432,14 @@ fn apply_journal(mem: &mut [u8], s: &Superblock) {
 
 /// Make a memory image taken at any instant consistent: if the journal is armed, validate
 /// the record and replay it. Returns whether a record was replayed.
-pub fn recover(mem: &mut [u8]) -> Result<bool, VerifyError> {
+pub fn recover(mem: &mut [u8]) -> Result<bool, ImageVerifyError> {
     let s = Superblock::read(mem)?;
     let seq = get_u64(mem, sb::JOURNAL_SEQ);
     if seq == 0 {
         return Ok(false);
     }
     let g = s.geometry();
-    let bad = |why: String| VerifyError::Journal { seq, why };
+    let bad = |why: String| ImageVerifyError::Journal { seq, why };
     let tx = s.tx_count;
     if seq != tx + 1 && seq != tx {
         return Err(bad(format!("sequence does not follow tx count {tx}")));
@@ -600,12 +600,12 @@ mod tests {
         put_u32(&mut mem, sb::JOURNAL_UPDATES + 4, 200);
         assert!(matches!(
             recover(&mut mem),
-            Err(VerifyError::Journal { seq: 1, .. })
+            Err(ImageVerifyError::Journal { seq: 1, .. })
         ));
         put_u64(&mut mem, sb::JOURNAL_SEQ, 7);
         assert!(matches!(
             recover(&mut mem),
-            Err(VerifyError::Journal { seq: 7, .. })
+            Err(ImageVerifyError::Journal { seq: 7, .. })
         ));
     }
 

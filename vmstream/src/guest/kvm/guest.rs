@@ -18,7 +18,7 @@ use crate::guest::kvm::params::{GuestLayout, Params, WorkloadConfig, WorkloadKin
 use crate::guest::kvm::setup;
 use crate::guest::kvm::state::{restore_vcpu, StateError, VmState};
 use crate::guest::kvm::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
-use crate::guest::kvm::verify::{self, VerifyReport};
+use crate::guest::kvm::verify::{self, KvmVerifyReport};
 use crate::track::kvm::{self as dirty, DirtyLog, DirtyLogMode, DEFAULT_RING_ENTRIES};
 
 /// How long `pause` waits for every vCPU to stop before giving up.
@@ -383,7 +383,7 @@ impl KvmGuest {
 
     /// Checks every block against the ledger (dbsim); see [`verify::verify`].
     /// Exact when paused; while running, blocks change under the reader.
-    pub fn verify(&self) -> Result<VerifyReport> {
+    pub fn verify(&self) -> Result<KvmVerifyReport> {
         verify::verify(&self.ram, &self.params)
     }
 

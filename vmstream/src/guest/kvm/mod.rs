@@ -33,4 +33,4 @@ pub use guest::{kvm_available, KvmGuest, KvmGuestConfig, RestoreConfig, THROTTLE
 pub use memory::{GuestRam, RamRead};
 pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
 pub use state::{StateError, VcpuState, VmState};
-pub use verify::{VerifyError, VerifyReport};
+pub use verify::{KvmVerifyError, KvmVerifyReport};

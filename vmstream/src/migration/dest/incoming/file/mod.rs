@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::guest::file::verify::{VerifyError, VerifyReport};
+use crate::guest::file::verify::{ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::{
     GuestError, GuestSummary, MemorySource, ProcessGuestConfig, ReadyLine, StartMode,
 };
@@ -36,7 +36,7 @@ pub struct IncomingFileGuest {
     view: Option<Arc<GuestMemory>>,
     /// With `--resume`: the workload's recover + verify of the final image, run before the
     /// commit so an image the guest cannot resume from is never committed.
-    verified: Option<Result<VerifyReport, VerifyError>>,
+    verified: Option<Result<ImageVerifyReport, ImageVerifyError>>,
     resumed: Option<ResumedGuest>,
 }
 
@@ -177,7 +177,7 @@ impl Write for ReadyWatch {
 /// commit: `report`) and waits for it to run.
 fn start_guest(
     memory: GuestMemory,
-    report: VerifyReport,
+    report: ImageVerifyReport,
     run_for: Option<Duration>,
 ) -> Result<ResumedGuest, RecvError> {
     let cfg = ProcessGuestConfig {
