@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Guest, TmpFile};
 use nix::sys::signal::{kill, Signal};
-use vmstream::guest::file::layout::{get_u64, hdr, WorkloadKind};
+use vmstream::guest::file::layout::{get_u64, hdr, ImageWorkloadKind};
 use vmstream::guest::file::throttle::wait_stopped;
 use vmstream::guest::file::verify::{verify_file, verify_snapshot, ImageVerifyError, Superblock};
 
@@ -41,13 +41,13 @@ fn verified(mut img: Vec<u8>) -> Result<(Vec<u8>, u64), ImageVerifyError> {
 
 #[test]
 fn stopped_copies_verify_for_every_workload() {
-    for kind in WorkloadKind::ALL {
+    for kind in ImageWorkloadKind::ALL {
         let snaps = stopped_snapshots(kind.name(), 3);
         let mut last = 0;
         for s in snaps {
             let (_, tx) = verified(s).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
             assert!(tx >= last, "{}: counter went back", kind.name());
-            if kind != WorkloadKind::Idle {
+            if kind != ImageWorkloadKind::Idle {
                 assert!(tx > last, "{}: no progress", kind.name());
             }
             last = tx;
@@ -69,7 +69,7 @@ fn resume_continues_from_a_copy_and_refuses_a_bad_one() {
         "200ms",
     ]);
     assert_eq!(g.ready.tx_count, tx);
-    assert_eq!(g.ready.kind, WorkloadKind::Dbsim);
+    assert_eq!(g.ready.kind, ImageWorkloadKind::Dbsim);
     let (status, out) = g.wait_output();
     assert!(status.success());
     let done: u64 = out

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig,
-    WorkloadKind,
+    kvm_available, DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind,
+    WorkloadConfig,
 };
 
 const MODES: [DirtyLogMode; 3] = [
@@ -24,7 +24,7 @@ fn skip() -> bool {
     false
 }
 
-fn start(kind: WorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
+fn start(kind: KvmWorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
     let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
@@ -60,7 +60,7 @@ fn touched_pages_are_reported_exactly_in_every_mode() {
         return;
     }
     for mode in MODES {
-        let guest = start(WorkloadKind::Touch, mode, 32);
+        let guest = start(KvmWorkloadKind::Touch, mode, 32);
         let pages = guest.ram().pages();
         let mut log = guest.dirty_log().unwrap();
         assert_eq!(log.mode(), mode);
@@ -109,7 +109,7 @@ fn clear_mode_keeps_pages_dirty_until_cleared() {
     if skip() {
         return;
     }
-    let guest = start(WorkloadKind::Touch, DirtyLogMode::Clear, 16);
+    let guest = start(KvmWorkloadKind::Touch, DirtyLogMode::Clear, 16);
     let pages = guest.ram().pages();
     let mut log = guest.dirty_log().unwrap();
     touch_and_wait(&guest, 0, &[]);
@@ -139,7 +139,7 @@ fn kvm_logs_work_as_dirty_trackers() {
         return;
     }
     for mode in MODES {
-        let guest = start(WorkloadKind::Touch, mode, 16);
+        let guest = start(KvmWorkloadKind::Touch, mode, 16);
         let mut tracker = guest.dirty_tracker().unwrap();
         assert_eq!(tracker.pages(), guest.ram().pages());
         assert!(tracker.name().starts_with("kvm-"));
@@ -164,7 +164,7 @@ fn clear_mode_keeps_writes_made_after_the_collect() {
     if skip() {
         return;
     }
-    let guest = start(WorkloadKind::Touch, DirtyLogMode::Clear, 16);
+    let guest = start(KvmWorkloadKind::Touch, DirtyLogMode::Clear, 16);
     let pages = guest.ram().pages();
     let mut log = guest.dirty_log().unwrap();
     touch_and_wait(&guest, 0, &[]);
@@ -187,7 +187,7 @@ fn dbsim_changes_are_all_reported_in_every_mode() {
         return;
     }
     for mode in MODES {
-        let mut guest = start(WorkloadKind::Dbsim, mode, 32);
+        let mut guest = start(KvmWorkloadKind::Dbsim, mode, 32);
         let size = guest.ram().size();
         let pages = guest.ram().pages();
         let mut log = guest.dirty_log().unwrap();
@@ -240,7 +240,7 @@ fn ring_full_exits_do_not_stall_the_guest() {
     let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
-            kind: WorkloadKind::Random,
+            kind: KvmWorkloadKind::Random,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(DirtyLogMode::Ring),
@@ -282,7 +282,7 @@ fn ring_full_harvest_stays_exact() {
     let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
-            kind: WorkloadKind::Touch,
+            kind: KvmWorkloadKind::Touch,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(DirtyLogMode::Ring),

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, RestoreConfig, VmState,
-    WorkloadConfig, WorkloadKind,
+    kvm_available, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind,
+    RestoreConfig, VmState, WorkloadConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -45,11 +45,11 @@ fn measure() {
     let mem = 256 * MIB;
     println!("guest RAM {} MiB, 2 vCPUs", mem / MIB);
     for kind in [
-        WorkloadKind::Dbsim,
-        WorkloadKind::FileDb,
-        WorkloadKind::Random,
-        WorkloadKind::Hotset,
-        WorkloadKind::Idle,
+        KvmWorkloadKind::Dbsim,
+        KvmWorkloadKind::FileDb,
+        KvmWorkloadKind::Random,
+        KvmWorkloadKind::Hotset,
+        KvmWorkloadKind::Idle,
     ] {
         let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
@@ -148,7 +148,7 @@ fn measure_random_by_size() {
     for mib in [16, 256, 1024, 2048] {
         let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
-                kind: WorkloadKind::Random,
+                kind: KvmWorkloadKind::Random,
                 ..WorkloadConfig::default()
             },
             ..KvmGuestConfig::default()

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig, WorkloadKind,
+    kvm_available, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind, WorkloadConfig,
 };
 
 fn skip() -> bool {
@@ -77,9 +77,9 @@ fn every_workload_kind_runs() {
         return;
     }
     for kind in [
-        WorkloadKind::Random,
-        WorkloadKind::Hotset,
-        WorkloadKind::Idle,
+        KvmWorkloadKind::Random,
+        KvmWorkloadKind::Hotset,
+        KvmWorkloadKind::Idle,
     ] {
         let ram = GuestRam::memfd(16 << 20).unwrap();
         let cfg = KvmGuestConfig {
@@ -138,7 +138,7 @@ fn touch_guest_can_be_paused_while_polling() {
     }
     let cfg = KvmGuestConfig {
         workload: WorkloadConfig {
-            kind: WorkloadKind::Touch,
+            kind: KvmWorkloadKind::Touch,
             ..WorkloadConfig::default()
         },
         ..KvmGuestConfig::default()

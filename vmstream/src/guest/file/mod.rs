@@ -25,7 +25,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::guest::file::layout::WorkloadKind;
+use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::verify::{verify_snapshot, ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::workload::{format, Workload, WorkloadError, WorkloadParams};
 use crate::memory::{open_owned, GuestMemory, MapMode, MemoryError, OwnError};
@@ -107,7 +107,7 @@ pub struct ReadyLine {
     /// Path that maps the same memory.
     pub path: PathBuf,
     /// Workload.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Transactions committed at start.
     pub tx_count: u64,
 }
@@ -142,7 +142,7 @@ impl ReadyLine {
             addr: u64::from_str_radix(addr.strip_prefix("0x")?, 16).ok()?,
             len: get("len")?.parse().ok()?,
             path: PathBuf::from(get("path")?),
-            kind: WorkloadKind::from_name(&get("kind")?)?,
+            kind: ImageWorkloadKind::from_name(&get("kind")?)?,
             tx_count: get("tx")?.parse().ok()?,
         })
     }
@@ -358,7 +358,7 @@ fn run_loop(
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let start = Instant::now();
-    let idle = w.superblock().kind == WorkloadKind::Idle;
+    let idle = w.superblock().kind == ImageWorkloadKind::Idle;
     let mut base = (Instant::now(), 0u64);
     let mut done = 0u64;
     loop {
@@ -432,7 +432,7 @@ mod tests {
             addr: 0x7f00_dead_0000,
             len: 1 << 20,
             path: "/dev/shm/g".into(),
-            kind: WorkloadKind::Hotset,
+            kind: ImageWorkloadKind::Hotset,
             tx_count: 9,
         };
         assert_eq!(ReadyLine::parse(&r.to_string()), Some(r));

@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use crate::guest::file::layout::{
-    self, get_u32, get_u64, hdr, sb, Geometry, WorkloadKind, BLOCK_HEADER_SIZE,
+    self, get_u32, get_u64, hdr, sb, Geometry, ImageWorkloadKind, BLOCK_HEADER_SIZE,
 };
 use crate::memory::{GuestMemory, MapMode, MemoryError};
 
@@ -115,7 +115,7 @@ pub enum ImageVerifyError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
     /// Workload.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Total memory size.
     pub memory_size: u64,
     /// Block size.
@@ -162,7 +162,7 @@ impl Superblock {
             return Err(ImageVerifyError::LayoutVersion(version));
         }
         let code = get_u32(mem, sb::KIND);
-        let kind = WorkloadKind::from_code(code)
+        let kind = ImageWorkloadKind::from_code(code)
             .ok_or_else(|| ImageVerifyError::Superblock(format!("workload kind {code}")))?;
         let s = Self {
             kind,
@@ -202,8 +202,8 @@ impl Superblock {
             ));
         }
         let hot_ok = match kind {
-            WorkloadKind::Dbsim => s.hot_blocks == s.active_blocks.div_ceil(10),
-            WorkloadKind::Hotset => (1..=s.active_blocks).contains(&s.hot_blocks),
+            ImageWorkloadKind::Dbsim => s.hot_blocks == s.active_blocks.div_ceil(10),
+            ImageWorkloadKind::Hotset => (1..=s.active_blocks).contains(&s.hot_blocks),
             _ => true,
         };
         if !hot_ok {
@@ -230,7 +230,7 @@ impl Superblock {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageVerifyReport {
     /// Workload kind.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Blocks checked (all of them).
     pub blocks: u64,
     /// Active blocks.
@@ -473,7 +473,7 @@ mod tests {
     use crate::guest::file::layout::splitmix64;
     use crate::guest::file::workload::{format, Workload, WorkloadParams};
 
-    fn image(kind: WorkloadKind) -> Vec<u8> {
+    fn image(kind: ImageWorkloadKind) -> Vec<u8> {
         let mut mem = vec![0u8; 64 << 10];
         format(&mut mem, &WorkloadParams::new(kind)).unwrap();
         let mut w = Workload::attach(&mut mem).unwrap();
@@ -488,7 +488,7 @@ mod tests {
     #[test]
     fn every_flip_outside_the_superblock_is_caught_and_none_panics() {
         let mut rng = 42;
-        for kind in WorkloadKind::ALL {
+        for kind in ImageWorkloadKind::ALL {
             let good = image(kind);
             for _ in 0..150 {
                 let mut img = good.clone();
@@ -514,7 +514,7 @@ mod tests {
     /// page where memory must stay zero.
     #[test]
     fn sparse_verify_skips_holes_and_still_catches_data() {
-        let mut params = WorkloadParams::new(WorkloadKind::Dbsim);
+        let mut params = WorkloadParams::new(ImageWorkloadKind::Dbsim);
         params.active_percent = 50;
         let mut mem = GuestMemory::memfd("verify-sparse", 1 << 20).unwrap();
         format(mem.as_mut_slice(), &params).unwrap();
@@ -545,7 +545,7 @@ mod tests {
             Err(ImageVerifyError::Superblock(_))
         ));
         assert_eq!(verify(&[0u8; 8192]), Err(ImageVerifyError::BadMagic(0)));
-        let good = image(WorkloadKind::Dbsim);
+        let good = image(ImageWorkloadKind::Dbsim);
         assert!(matches!(
             verify(&good[..good.len() - 4096]),
             Err(ImageVerifyError::Superblock(_))

@@ -14,7 +14,7 @@ use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::machine::{create_machine, format_image, vcpu_cpuid, Machine};
 use crate::guest::kvm::memory::GuestRam;
-use crate::guest::kvm::params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
+use crate::guest::kvm::params::{GuestLayout, KvmWorkloadKind, Params, WorkloadConfig};
 use crate::guest::kvm::setup;
 use crate::guest::kvm::state::{restore_vcpu, StateError, VmState};
 use crate::guest::kvm::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
@@ -113,7 +113,7 @@ impl KvmGuest {
         };
         params.validate()?;
         let ram = Arc::new(ram);
-        if cfg.workload.kind == WorkloadKind::FileDb {
+        if cfg.workload.kind == KvmWorkloadKind::FileDb {
             format_image(&ram, &cfg.workload)?;
         }
         let machine = create_machine(&ram, cfg.vcpus, cfg.dirty_log, cfg.ring_entries, |_| {

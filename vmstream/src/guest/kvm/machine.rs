@@ -169,7 +169,7 @@ pub(crate) fn format_image(ram: &GuestRam, w: &WorkloadConfig) -> Result<()> {
         active_percent: (w.active_permille / 10).clamp(1, 100) as u8,
         seed: w.seed,
         ..crate::guest::file::workload::WorkloadParams::new(
-            crate::guest::file::layout::WorkloadKind::Dbsim,
+            crate::guest::file::layout::ImageWorkloadKind::Dbsim,
         )
     };
     crate::guest::file::workload::format(&mut image, &params).map_err(KvmError::ImageFormat)?;

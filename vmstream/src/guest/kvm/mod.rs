@@ -31,6 +31,6 @@ pub use crate::track::kvm_tracker::KvmDirtyTracker;
 pub use error::{KvmError, Result};
 pub use guest::{kvm_available, KvmGuest, KvmGuestConfig, RestoreConfig, THROTTLE_PERIOD};
 pub use memory::{GuestRam, RamRead};
-pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
+pub use params::{GuestLayout, KvmWorkloadKind, Params, WorkloadConfig};
 pub use state::{StateError, VcpuState, VmState};
 pub use verify::{KvmVerifyError, KvmVerifyReport};

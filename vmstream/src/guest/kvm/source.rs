@@ -46,7 +46,7 @@ pub struct KvmSpec {
     /// vCPUs.
     pub vcpus: usize,
     /// Guest program workload.
-    pub workload: crate::guest::kvm::WorkloadKind,
+    pub workload: crate::guest::kvm::KvmWorkloadKind,
     /// Dirty tracking mechanism.
     pub dirty_log: DirtyLogMode,
     /// After a failed or cancelled migration.

@@ -7,7 +7,7 @@
 use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::{GuestRam, RamRead};
-use crate::guest::kvm::params::{Params, WorkloadKind};
+use crate::guest::kvm::params::{KvmWorkloadKind, Params};
 
 /// What the verifier of a KVM guest's RAM checked (blocks against the ledger and the vCPU
 /// counters); the filedb workload's [`ImageVerifyReport`] is translated into it.
@@ -150,7 +150,7 @@ pub fn verify_known<R: RamRead + ?Sized>(
     params: &Params,
     known: KnownFacts<'_>,
 ) -> Result<KvmVerifyReport> {
-    if params.workload.kind == WorkloadKind::FileDb {
+    if params.workload.kind == KvmWorkloadKind::FileDb {
         return verify_image(ram);
     }
     Ok(check_known(ram, params, known)??)
@@ -202,7 +202,7 @@ fn check_known<R: RamRead + ?Sized>(
         let f = ram.read_le_u64(rec + VCPU_INFLIGHT)?;
         inflight.push(f.checked_sub(1));
     }
-    let dbsim = params.workload.kind == WorkloadKind::Dbsim;
+    let dbsim = params.workload.kind == KvmWorkloadKind::Dbsim;
     // Blocks are independent: check ranges of them on all cores (this check is part of a
     // migrated guest's downtime). The first error in block order wins, as sequentially.
     let threads = std::thread::available_parallelism()
@@ -279,7 +279,7 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
         range: std::ops::Range<u64>,
     ) -> Result<std::result::Result<KvmVerifyReport, KvmVerifyError>> {
         let layout = &self.params.layout;
-        let dbsim = self.params.workload.kind == WorkloadKind::Dbsim;
+        let dbsim = self.params.workload.kind == KvmWorkloadKind::Dbsim;
         let active = self.params.active_blocks();
         let mut report = KvmVerifyReport::default();
         let mut block = vec![0u8; BLOCK_SIZE as usize];

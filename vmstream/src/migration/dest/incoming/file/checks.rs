@@ -232,7 +232,7 @@ mod tests {
         let mut mem = GuestMemory::memfd("dest-verify", SIZE).unwrap();
         format(
             mem.as_mut_slice(),
-            &WorkloadParams::new(crate::guest::file::layout::WorkloadKind::Dbsim),
+            &WorkloadParams::new(crate::guest::file::layout::ImageWorkloadKind::Dbsim),
         )
         .unwrap();
         let hashes = Arc::new(PageHashes::zeroed(mem.pages(), PAGE_SIZE));
