@@ -24,7 +24,7 @@ use crate::migration::wire::{
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
-use super::round::{unexpected, PageSource, RoundIo};
+use super::round::{unexpected, PageOrigin, RoundIo};
 use super::{Outcome, CANCELLED};
 
 /// Where the source is in the migration.
@@ -257,8 +257,8 @@ impl<'a> Source<'a> {
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
         let src = match (round, &self.round0_data) {
-            (0, Some(data)) => PageSource::LiveSkippingHoles(&mut *self.guest, data),
-            _ => PageSource::Live(&mut *self.guest),
+            (0, Some(data)) => PageOrigin::LiveSkippingHoles(&mut *self.guest, data),
+            _ => PageOrigin::Live(&mut *self.guest),
         };
         let mut rs = match self.io.send_round(round, &pages, src, 0) {
             Err(SendError::Cancelled) => {

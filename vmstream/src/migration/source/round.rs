@@ -14,8 +14,9 @@ use crate::migration::transport::{Frame, FrameReader};
 use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
 use crate::telemetry::stats::{Progress, RoundStats};
 
-/// Where a round's pages are read from.
-pub(super) enum PageSource<'a> {
+/// Where a round's pages are read from: the running guest or the paused guest's memory (not
+/// the codec's `PageSource`, which is what the encode workers copy live pages from).
+pub(super) enum PageOrigin<'a> {
     /// The running guest's mapping (each page copied, racing writes are re-sent later).
     Live(&'a mut dyn MigratableGuest),
     /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
@@ -54,7 +55,7 @@ impl RoundIo {
         &mut self,
         round: u64,
         pages: &[u64],
-        src: PageSource<'_>,
+        src: PageOrigin<'_>,
         flags: u32,
     ) -> Result<RoundStats, SendError> {
         let r = self.send_pages(round, pages, src, flags)?;
@@ -66,7 +67,7 @@ impl RoundIo {
         &mut self,
         round: u64,
         pages: &[u64],
-        mut src: PageSource<'_>,
+        mut src: PageOrigin<'_>,
         flags: u32,
     ) -> Result<RoundInFlight, SendError> {
         let started = Instant::now();
@@ -80,7 +81,7 @@ impl RoundIo {
                 if self.cancelled() {
                     return Err(SendError::Cancelled);
                 }
-                if let PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) = &mut src {
+                if let PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) = &mut src {
                     g.check_alive().map_err(SendError::Guest)?;
                 }
             }
@@ -90,17 +91,17 @@ impl RoundIo {
             // Either way the one copy is the snapshot the encoder and the page cache see.
             // Holes of a sparse memory file are filled with zeros here, never read.
             let hole = match &src {
-                PageSource::LiveSkippingHoles(_, data) => crate::memory::page_is_hole(data, p),
+                PageOrigin::LiveSkippingHoles(_, data) => crate::memory::page_is_hole(data, p),
                 _ => false,
             };
             match &mut src {
-                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
+                PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _)
                     if workers_read && !hole =>
                 {
                     g.before_queue(p).map_err(SendError::Tracker)?;
                     self.channels.push_page(p)?
                 }
-                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) => {
                     self.channels.push_with(p, |slot| {
                         if hole {
                             g.hole_page_for_send(p, slot)
@@ -110,7 +111,7 @@ impl RoundIo {
                         .map_err(SendError::Tracker)
                     })?
                 }
-                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE_SIZE])?,
+                PageOrigin::Frozen(m) => self.channels.push(p, &m[at..at + PAGE_SIZE])?,
             }
             if i % 256 == 255 {
                 self.progress.inc(256);

@@ -16,7 +16,7 @@ use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::stats::{unix_ns, MigrationStats};
 
 use super::machine::{Source, SourceState};
-use super::round::{merge_pages, unexpected, PageSource};
+use super::round::{merge_pages, unexpected, PageOrigin};
 use super::{Outcome, CRASH_AFTER_COMMIT_ENV};
 
 impl Source<'_> {
@@ -64,7 +64,7 @@ impl Source<'_> {
                 };
                 (digest, t.elapsed())
             });
-            let sent = io.send_pages(round, &pages, PageSource::Frozen(memory), flags);
+            let sent = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
             (digest.join().expect("digest thread"), sent)
         });
         let (digest, digest_time) = digest;
