@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vmstream::guest::file::layout::WorkloadKind;
+use vmstream::guest::file::layout::ImageWorkloadKind;
 use vmstream::guest::file::verify::verify_file;
 use vmstream::guest::file::workload::WorkloadParams;
-use vmstream::guest::file::{GuestConfig, MemorySource, StartMode};
+use vmstream::guest::file::{MemorySource, ProcessGuestConfig, StartMode};
 use vmstream::units::{parse_duration, parse_size};
 
 /// Pre-copy live migration of guest memory.
@@ -76,7 +76,7 @@ struct RunArgs {
     size: Option<u64>,
     /// Workload: dbsim, random, sequential, hotset, idle (init only).
     #[arg(long, default_value = "dbsim", value_parser = parse_kind)]
-    workload: WorkloadKind,
+    workload: ImageWorkloadKind,
     /// Format the memory for a fresh guest (default).
     #[arg(long, conflicts_with = "resume")]
     init: bool,
@@ -117,14 +117,14 @@ struct VerifyArgs {
     memory_file: PathBuf,
 }
 
-fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
-    WorkloadKind::from_name(s).ok_or_else(|| {
-        let names: Vec<_> = WorkloadKind::ALL.iter().map(|k| k.name()).collect();
+fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
+    ImageWorkloadKind::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = ImageWorkloadKind::ALL.iter().map(|k| k.name()).collect();
         format!("unknown workload {s:?} (one of {})", names.join(", "))
     })
 }
 
-fn guest_config(a: RunArgs) -> GuestConfig {
+fn guest_config(a: RunArgs) -> ProcessGuestConfig {
     let rate = match (a.rate, a.dirty_rate) {
         (Some(r), _) => Some(r),
         (None, Some(bytes)) => Some((bytes / a.workload.block_size()).max(1)),
@@ -144,7 +144,7 @@ fn guest_config(a: RunArgs) -> GuestConfig {
         p.rate = rate.unwrap_or(0);
         StartMode::Init(p)
     };
-    GuestConfig {
+    ProcessGuestConfig {
         memory: match a.memory_file {
             Some(p) if !a.memfd => MemorySource::File(p),
             _ => MemorySource::Memfd,

@@ -13,8 +13,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Page size of guest memory in bytes; dirty tracking and migration work in these units.
-pub const PAGE_SIZE: usize = 4096;
+/// Page size of guest memory in bytes (4 KiB): dirty tracking, the KVM guest's page tables
+/// and migration (the codec's page records, the `Hello`'s `page_size`) all work in these
+/// units, so the whole project uses this one definition, the codec's.
+pub use vmstream_codec::PAGE_SIZE;
 
 /// Errors from creating or mapping guest memory.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,7 @@ use std::path::Path;
 
 use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
 use vmstream::converge::{DeferConfig, DeferError, HotPageDeferral};
-
-const PAGE: u64 = 4096;
+use vmstream::memory::PAGE_SIZE;
 
 #[derive(Debug, Clone)]
 struct Scenario {
@@ -62,8 +61,8 @@ impl Arbitrary for Scenario {
 fn deferral(s: &Scenario) -> HotPageDeferral {
     let cfg = DeferConfig {
         percent: s.percent,
-        segment_bytes: s.pages_per_segment * PAGE,
-        page_size: PAGE,
+        segment_bytes: s.pages_per_segment * PAGE_SIZE as u64,
+        page_size: PAGE_SIZE as u64,
         stop_below: 0.10,
         max_consecutive: s.max_consecutive,
     };
@@ -145,11 +144,11 @@ fn invariants(s: Scenario) -> TestResult {
         }
         prev_deferred = deferred;
     }
-    if d.saved_bytes() != saved * PAGE {
+    if d.saved_bytes() != saved * PAGE_SIZE as u64 {
         return TestResult::error(format!(
             "saved {} B, model {} B",
             d.saved_bytes(),
-            saved * PAGE
+            saved * PAGE_SIZE as u64
         ));
     }
     // Switchover: everything still dirty is sent, nothing stays deferred.
@@ -166,10 +165,10 @@ fn invariants(s: Scenario) -> TestResult {
     // the savings are exactly the sends avoided.
     events += last.len() as u64;
     sends += all.len() as u64;
-    if sends * PAGE + d.saved_bytes() != events * PAGE {
+    if sends * PAGE_SIZE as u64 + d.saved_bytes() != events * PAGE_SIZE as u64 {
         return TestResult::error(format!(
             "{sends} sends + {} saved != {events} dirtyings",
-            d.saved_bytes() / PAGE
+            d.saved_bytes() / PAGE_SIZE as u64
         ));
     }
     TestResult::passed()
@@ -198,7 +197,7 @@ fn deferral_saves_bytes_on_a_hot_region() {
     }
     // max_consecutive = 8 > 5 rounds: the hot pages never went out.
     assert_eq!(sent_hot, 0);
-    assert_eq!(d.saved_bytes(), 4 * 4 * 512 * PAGE);
+    assert_eq!(d.saved_bytes(), 4 * 4 * 512 * PAGE_SIZE as u64);
     assert_eq!(d.finish(&[]).unwrap(), hot);
 }
 
@@ -266,7 +265,7 @@ fn deferral_on_the_real_corpora() {
                 let cfg = DeferConfig {
                     percent,
                     segment_bytes: segment_kib << 10,
-                    page_size: PAGE,
+                    page_size: PAGE_SIZE as u64,
                     stop_below: 0.0,
                     max_consecutive: 8,
                 };
@@ -277,11 +276,15 @@ fn deferral_on_the_real_corpora() {
                 }
                 sent += d.finish(&[]).unwrap().len() as u64;
                 // Real data obeys the same identity as the property test.
-                assert_eq!(sent * PAGE + d.saved_bytes(), events * PAGE, "{name}");
+                assert_eq!(
+                    sent * PAGE_SIZE as u64 + d.saved_bytes(),
+                    events * PAGE_SIZE as u64,
+                    "{name}"
+                );
                 println!(
                     "| {name} | {percent} | {segment_kib} KiB | {sent} | {:.1} | {:.1} |",
                     d.saved_bytes() as f64 / (1u64 << 20) as f64,
-                    d.saved_bytes() as f64 / (events * PAGE) as f64 * 100.0
+                    d.saved_bytes() as f64 / (events * PAGE_SIZE as u64) as f64 * 100.0
                 );
             }
         }

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use common::{Guest, TmpFile};
 use vmstream::converge::{RoundObservation, Strategy, SwitchReason};
 use vmstream::guest::file::throttle::Throttle;
+use vmstream::memory::PAGE_SIZE;
 use vmstream::telemetry::sampler::TpsSampler;
 use vmstream::telemetry::timeline::TimelineRecorder;
 use vmstream::track::{DirtyTracker, UffdWpTracker};
 
-const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
 /// Emulated link speed.
 const BANDWIDTH: u64 = 200 * MIB;
@@ -48,28 +48,36 @@ fn live(strategy: Strategy) {
     let mut policy = strategy.build();
     let mut rec = TimelineRecorder::new();
     tracker.collect().unwrap();
-    let mut pending = g.ready.len / PAGE;
+    let mut pending = g.ready.len / PAGE_SIZE as u64;
     let mut sent_total = 0u64;
     let reason = 'migration: {
         for round in 0.. {
             let round_start = start.elapsed();
-            let bytes = pending * PAGE;
+            let bytes = pending * PAGE_SIZE as u64;
             std::thread::sleep(Duration::from_secs_f64(bytes as f64 / BANDWIDTH as f64));
             let dirty = tracker.collect().unwrap().len() as u64;
             let now = start.elapsed();
             let duration = now - round_start;
             sent_total += bytes;
-            rec.round(round, round_start, duration, dirty * PAGE, bytes, 0, false);
+            rec.round(
+                round,
+                round_start,
+                duration,
+                dirty * PAGE_SIZE as u64,
+                bytes,
+                0,
+                false,
+            );
             let obs = RoundObservation {
                 round,
                 now,
                 dirty_pages: dirty,
-                dirty_bytes: dirty * PAGE,
+                dirty_bytes: dirty * PAGE_SIZE as u64,
                 bytes_sent: bytes,
                 duration,
                 bandwidth_bytes_per_s: bytes as f64 / duration.as_secs_f64(),
                 avg_bandwidth: sent_total as f64 / now.as_secs_f64(),
-                remaining_dirty_bytes: dirty * PAGE,
+                remaining_dirty_bytes: dirty * PAGE_SIZE as u64,
                 downtime_limit: LIMIT,
             };
             let d = policy.observe(&obs);
@@ -95,14 +103,14 @@ fn live(strategy: Strategy) {
     throttle.pause().unwrap();
     rec.pause(paused_at);
     let last = pending + tracker.collect().unwrap().len() as u64;
-    let final_secs = (last * PAGE) as f64 / BANDWIDTH as f64;
+    let final_secs = (last * PAGE_SIZE as u64) as f64 / BANDWIDTH as f64;
     std::thread::sleep(Duration::from_secs_f64(final_secs));
     rec.round(
         u64::MAX,
         paused_at,
         Duration::from_secs_f64(final_secs),
         0,
-        last * PAGE,
+        last * PAGE_SIZE as u64,
         0,
         true,
     );

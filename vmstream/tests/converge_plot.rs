@@ -10,10 +10,10 @@ use vmstream::converge::{
     AutoConverge, AutoConvergeConfig, DirectStaged, DirectStagedConfig, NoThrottle,
     RoundObservation, SwitchReason, ThrottleStrategy,
 };
+use vmstream::memory::PAGE_SIZE;
 use vmstream::telemetry::sampler::Sample;
 use vmstream::telemetry::timeline::{Timeline, TimelineRecorder};
 
-const PAGE: u64 = 4096;
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// A guest writing randomly in a hot working set, on a link of fixed bandwidth.
@@ -46,7 +46,7 @@ impl Sim {
         let mut p = 0.0;
         let mut throttle_log = vec![(0.0, 0.0)];
         for round in 0..10_000u64 {
-            let bytes = pending * PAGE;
+            let bytes = pending * PAGE_SIZE as u64;
             let secs = bytes as f64 / self.bandwidth;
             let dirty = self.dirtied(secs, p);
             let start = Duration::from_secs_f64(now);
@@ -55,7 +55,7 @@ impl Sim {
                 round,
                 start,
                 Duration::from_secs_f64(secs),
-                dirty * PAGE,
+                dirty * PAGE_SIZE as u64,
                 bytes,
                 0,
                 false,
@@ -64,12 +64,12 @@ impl Sim {
                 round,
                 now: Duration::from_secs_f64(now),
                 dirty_pages: dirty,
-                dirty_bytes: dirty * PAGE,
+                dirty_bytes: dirty * PAGE_SIZE as u64,
                 bytes_sent: bytes,
                 duration: Duration::from_secs_f64(secs),
                 bandwidth_bytes_per_s: self.bandwidth,
                 avg_bandwidth: self.bandwidth,
-                remaining_dirty_bytes: dirty * PAGE,
+                remaining_dirty_bytes: dirty * PAGE_SIZE as u64,
                 downtime_limit: limit,
             };
             let d = strategy.observe(&obs);
@@ -85,14 +85,14 @@ impl Sim {
             let timed_out = now >= 60.0;
             if d.switchover.is_some() || timed_out {
                 let reason = d.switchover;
-                let final_secs = (dirty * PAGE) as f64 / self.bandwidth;
+                let final_secs = (dirty * PAGE_SIZE as u64) as f64 / self.bandwidth;
                 rec.pause(obs.now);
                 rec.round(
                     round + 1,
                     obs.now,
                     Duration::from_secs_f64(final_secs),
                     0,
-                    dirty * PAGE,
+                    dirty * PAGE_SIZE as u64,
                     0,
                     true,
                 );
@@ -134,8 +134,8 @@ impl Sim {
 
 fn sim() -> Sim {
     Sim {
-        memory_pages: (1u64 << 30) / PAGE,
-        hot_pages: (256u64 << 20) / PAGE,
+        memory_pages: (1u64 << 30) / PAGE_SIZE as u64,
+        hot_pages: (256u64 << 20) / PAGE_SIZE as u64,
         write_rate: 60_000.0,
         bandwidth: 100.0 * MIB,
         tps: 50_000.0,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::{Guest, TmpFile};
 use nix::sys::signal::{kill, Signal};
-use vmstream::guest::file::layout::{get_u64, hdr, WorkloadKind};
+use vmstream::guest::file::layout::{get_u64, hdr, ImageWorkloadKind};
 use vmstream::guest::file::throttle::wait_stopped;
-use vmstream::guest::file::verify::{verify_file, verify_snapshot, Superblock, VerifyError};
+use vmstream::guest::file::verify::{verify_file, verify_snapshot, ImageVerifyError, Superblock};
 
 /// Run `kind` for a while, SIGSTOP it, copy the memory file and return the copy's bytes.
 fn stopped_snapshots(kind: &str, count: usize) -> Vec<Vec<u8>> {
@@ -34,20 +34,20 @@ fn stopped_snapshots(kind: &str, count: usize) -> Vec<Vec<u8>> {
     snaps
 }
 
-fn verified(mut img: Vec<u8>) -> Result<(Vec<u8>, u64), VerifyError> {
+fn verified(mut img: Vec<u8>) -> Result<(Vec<u8>, u64), ImageVerifyError> {
     let r = verify_snapshot(&mut img)?;
     Ok((img, r.tx_count))
 }
 
 #[test]
 fn stopped_copies_verify_for_every_workload() {
-    for kind in WorkloadKind::ALL {
+    for kind in ImageWorkloadKind::ALL {
         let snaps = stopped_snapshots(kind.name(), 3);
         let mut last = 0;
         for s in snaps {
             let (_, tx) = verified(s).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
             assert!(tx >= last, "{}: counter went back", kind.name());
-            if kind != WorkloadKind::Idle {
+            if kind != ImageWorkloadKind::Idle {
                 assert!(tx > last, "{}: no progress", kind.name());
             }
             last = tx;
@@ -69,7 +69,7 @@ fn resume_continues_from_a_copy_and_refuses_a_bad_one() {
         "200ms",
     ]);
     assert_eq!(g.ready.tx_count, tx);
-    assert_eq!(g.ready.kind, WorkloadKind::Dbsim);
+    assert_eq!(g.ready.kind, ImageWorkloadKind::Dbsim);
     let (status, out) = g.wait_output();
     assert!(status.success());
     let done: u64 = out
@@ -121,7 +121,7 @@ fn verify_names_the_first_bad_block() {
     img[g.block_offset(7) + 3000] ^= 1;
     assert!(matches!(
         verify_snapshot(&mut img),
-        Err(VerifyError::Checksum { block: 7, .. })
+        Err(ImageVerifyError::Checksum { block: 7, .. })
     ));
 
     // A whole block rolled back to its previous version (a lost update).
@@ -135,7 +135,7 @@ fn verify_names_the_first_bad_block() {
     );
     assert_eq!(
         verify_snapshot(&mut img),
-        Err(VerifyError::Version {
+        Err(ImageVerifyError::Version {
             block: b,
             header: ov,
             ledger: nv
@@ -153,7 +153,7 @@ fn verify_names_the_first_bad_block() {
     let p = g.block_offset(b2) + 4096;
     img[p..p + 4096].copy_from_slice(&old[p..p + 4096]);
     assert!(
-        matches!(verify_snapshot(&mut img), Err(VerifyError::Checksum { block, .. }) if block == b2)
+        matches!(verify_snapshot(&mut img), Err(ImageVerifyError::Checksum { block, .. }) if block == b2)
     );
 
     // A stale ledger page: the first block it covers that changed shows a version mismatch.
@@ -161,7 +161,7 @@ fn verify_names_the_first_bad_block() {
     img[4096..8192].copy_from_slice(&old[4096..8192]);
     let first = changed_block(&old, &new, 0);
     assert!(
-        matches!(verify_snapshot(&mut img), Err(VerifyError::Version { block, .. }) if block == first)
+        matches!(verify_snapshot(&mut img), Err(ImageVerifyError::Version { block, .. }) if block == first)
     );
 
     // A lost (zero) page at the start of a block.
@@ -170,7 +170,7 @@ fn verify_names_the_first_bad_block() {
     img[off..off + 4096].fill(0);
     assert_eq!(
         verify_snapshot(&mut img),
-        Err(VerifyError::BlockNumber {
+        Err(ImageVerifyError::BlockNumber {
             block: 11,
             found: 0
         })
@@ -182,7 +182,7 @@ fn verify_names_the_first_bad_block() {
     img[128..136].fill(0); // keep the old journal from being replayed
     assert!(matches!(
         verify_snapshot(&mut img),
-        Err(VerifyError::FutureTx { .. } | VerifyError::Counter { .. })
+        Err(ImageVerifyError::FutureTx { .. } | ImageVerifyError::Counter { .. })
     ));
 
     // Garbage in memory the workload never touches.
@@ -191,7 +191,7 @@ fn verify_names_the_first_bad_block() {
     img[inactive] = 1;
     assert!(matches!(
         verify_snapshot(&mut img),
-        Err(VerifyError::NotZero { block: Some(b), .. }) if b == s.active_blocks
+        Err(ImageVerifyError::NotZero { block: Some(b), .. }) if b == s.active_blocks
     ));
 }
 
@@ -207,7 +207,7 @@ fn fill_workload_content_is_checked_exactly() {
     img[off + hdr::CHECKSUM..off + hdr::CHECKSUM + 8].copy_from_slice(&sum.to_le_bytes());
     assert!(matches!(
         verify_snapshot(&mut img),
-        Err(VerifyError::Content {
+        Err(ImageVerifyError::Content {
             block: 9,
             offset: 1000,
             ..

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig,
-    WorkloadKind,
+    kvm_available, DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind,
+    WorkloadConfig,
 };
 use vmstream::track::DirtyTracker;
 
@@ -25,15 +25,15 @@ fn skip() -> bool {
     false
 }
 
-fn start(kind: WorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
-    let cfg = GuestConfig {
+fn start(kind: KvmWorkloadKind, mode: DirtyLogMode, mib: u64) -> KvmGuest {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             kind,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(mode),
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
 }
@@ -61,7 +61,7 @@ fn touched_pages_are_reported_exactly_in_every_mode() {
         return;
     }
     for mode in MODES {
-        let guest = start(WorkloadKind::Touch, mode, 32);
+        let guest = start(KvmWorkloadKind::Touch, mode, 32);
         let pages = guest.ram().pages();
         let mut log = guest.dirty_log().unwrap();
         assert_eq!(log.mode(), mode);
@@ -110,7 +110,7 @@ fn clear_mode_keeps_pages_dirty_until_cleared() {
     if skip() {
         return;
     }
-    let guest = start(WorkloadKind::Touch, DirtyLogMode::Clear, 16);
+    let guest = start(KvmWorkloadKind::Touch, DirtyLogMode::Clear, 16);
     let pages = guest.ram().pages();
     let mut log = guest.dirty_log().unwrap();
     touch_and_wait(&guest, 0, &[]);
@@ -149,7 +149,7 @@ fn kvm_logs_work_as_dirty_trackers() {
         return;
     }
     for mode in MODES {
-        let guest = start(WorkloadKind::Touch, mode, 16);
+        let guest = start(KvmWorkloadKind::Touch, mode, 16);
         let mut tracker = guest.dirty_tracker().unwrap();
         assert_eq!(tracker.pages(), guest.ram().pages());
         assert!(tracker.name().starts_with("kvm-"));
@@ -172,7 +172,7 @@ fn kvm_tracker_rearms_before_the_read() {
         return;
     }
     for mode in MODES {
-        let guest = start(WorkloadKind::Touch, mode, 16);
+        let guest = start(KvmWorkloadKind::Touch, mode, 16);
         let mut tracker = guest.dirty_tracker().unwrap();
         touch_and_wait(&guest, 0, &[]);
         send_round(&mut tracker);
@@ -203,7 +203,7 @@ fn clear_mode_keeps_writes_made_after_the_collect() {
     if skip() {
         return;
     }
-    let guest = start(WorkloadKind::Touch, DirtyLogMode::Clear, 16);
+    let guest = start(KvmWorkloadKind::Touch, DirtyLogMode::Clear, 16);
     let pages = guest.ram().pages();
     let mut log = guest.dirty_log().unwrap();
     touch_and_wait(&guest, 0, &[]);
@@ -226,7 +226,7 @@ fn dbsim_changes_are_all_reported_in_every_mode() {
         return;
     }
     for mode in MODES {
-        let mut guest = start(WorkloadKind::Dbsim, mode, 32);
+        let mut guest = start(KvmWorkloadKind::Dbsim, mode, 32);
         let size = guest.ram().size();
         let pages = guest.ram().pages();
         let mut log = guest.dirty_log().unwrap();
@@ -276,10 +276,10 @@ fn ring_full_exits_do_not_stall_the_guest() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
-            kind: WorkloadKind::Random,
+            kind: KvmWorkloadKind::Random,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(DirtyLogMode::Ring),
@@ -318,10 +318,10 @@ fn ring_full_harvest_stays_exact() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
-            kind: WorkloadKind::Touch,
+            kind: KvmWorkloadKind::Touch,
             ..WorkloadConfig::default()
         },
         dirty_log: Some(DirtyLogMode::Ring),

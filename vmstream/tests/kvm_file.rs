@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig};
+use vmstream::guest::kvm::{kvm_available, GuestRam, KvmGuest, KvmGuestConfig, RestoreConfig};
 
 struct TempFile(std::path::PathBuf);
 
@@ -41,7 +41,7 @@ fn guest_on_a_file_writes_through_and_restores_from_it() {
     let size = 16 << 20;
     let mut guest = KvmGuest::start(
         GuestRam::open(&path.0, size).unwrap(),
-        &GuestConfig::default(),
+        &KvmGuestConfig::default(),
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::abi::IMAGE_GPA;
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmGuest, RestoreConfig, WorkloadConfig, WorkloadKind,
+    kvm_available, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind, RestoreConfig,
+    WorkloadConfig,
 };
 
 fn wait_tx(guest: &KvmGuest, min: u64) -> u64 {
@@ -27,14 +28,14 @@ fn filedb_image_verifies_at_every_pause_and_after_restore() {
         eprintln!("skipping: {why}");
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
-            kind: WorkloadKind::FileDb,
+            kind: KvmWorkloadKind::FileDb,
             report_shift: 10,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
     let mut replayed = 0;

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyLogMode, GuestConfig, GuestRam, KvmGuest, RestoreConfig, VmState,
-    WorkloadConfig, WorkloadKind,
+    kvm_available, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind,
+    RestoreConfig, VmState, WorkloadConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -45,18 +45,18 @@ fn measure() {
     let mem = 256 * MIB;
     println!("guest RAM {} MiB, 2 vCPUs", mem / MIB);
     for kind in [
-        WorkloadKind::Dbsim,
-        WorkloadKind::FileDb,
-        WorkloadKind::Random,
-        WorkloadKind::Hotset,
-        WorkloadKind::Idle,
+        KvmWorkloadKind::Dbsim,
+        KvmWorkloadKind::FileDb,
+        KvmWorkloadKind::Random,
+        KvmWorkloadKind::Hotset,
+        KvmWorkloadKind::Idle,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
                 kind,
                 ..WorkloadConfig::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut guest = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         let t = Instant::now();
@@ -77,9 +77,9 @@ fn measure() {
         DirtyLogMode::Clear,
         DirtyLogMode::Ring,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             dirty_log: Some(mode),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         let mut log = guest.dirty_log().unwrap();
@@ -115,7 +115,7 @@ fn measure() {
     }
 
     let mut guest =
-        KvmGuest::start(GuestRam::memfd(mem).unwrap(), &GuestConfig::default()).unwrap();
+        KvmGuest::start(GuestRam::memfd(mem).unwrap(), &KvmGuestConfig::default()).unwrap();
     warm_up(&guest);
     let t = Instant::now();
     let state = guest.pause().unwrap();
@@ -146,12 +146,12 @@ fn measure_random_by_size() {
         return;
     }
     for mib in [16, 256, 1024, 2048] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             workload: WorkloadConfig {
-                kind: WorkloadKind::Random,
+                kind: KvmWorkloadKind::Random,
                 ..WorkloadConfig::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(GuestRam::memfd(mib * MIB).unwrap(), &cfg).unwrap();
         let warm = warm_up(&guest);
@@ -200,9 +200,9 @@ fn measure_precopy() {
         DirtyLogMode::Clear,
         DirtyLogMode::Ring,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             dirty_log: Some(mode),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut src = KvmGuest::start(GuestRam::memfd(mem).unwrap(), &cfg).unwrap();
         warm_up(&src);

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, DirtyBitmap, DirtyLog, DirtyLogMode, GuestConfig, GuestRam, KvmGuest,
+    kvm_available, DirtyBitmap, DirtyLog, DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig,
     RestoreConfig, VmState, WorkloadConfig,
 };
 
@@ -51,14 +51,14 @@ fn precopy_migration_in_every_mode() {
         DirtyLogMode::Clear,
         DirtyLogMode::Ring,
     ] {
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             vcpus: 2,
             workload: WorkloadConfig {
                 seed: 11,
                 ..WorkloadConfig::default()
             },
             dirty_log: Some(mode),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut src = KvmGuest::start(GuestRam::memfd(32 << 20).unwrap(), &cfg).unwrap();
         let mut log = src.dirty_log().unwrap();

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmGuest, WorkloadConfig, WorkloadKind,
+    kvm_available, GuestRam, KvmGuest, KvmGuestConfig, KvmWorkloadKind, WorkloadConfig,
 };
 
 fn skip() -> bool {
@@ -34,13 +34,13 @@ fn two_vcpu_dbsim_guest_makes_progress_and_verifies() {
         return;
     }
     let ram = GuestRam::memfd(64 << 20).unwrap();
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             report_shift: 12,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(ram, &cfg).unwrap();
     let first = wait_for_counts(&guest, 10_000);
@@ -77,18 +77,18 @@ fn every_workload_kind_runs() {
         return;
     }
     for kind in [
-        WorkloadKind::Random,
-        WorkloadKind::Hotset,
-        WorkloadKind::Idle,
+        KvmWorkloadKind::Random,
+        KvmWorkloadKind::Hotset,
+        KvmWorkloadKind::Idle,
     ] {
         let ram = GuestRam::memfd(16 << 20).unwrap();
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             vcpus: 2,
             workload: WorkloadConfig {
                 kind,
                 ..WorkloadConfig::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(ram, &cfg).unwrap();
         let counts = wait_for_counts(&guest, 10);
@@ -102,12 +102,12 @@ fn repeated_pause_resume_keeps_the_guest_consistent() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         workload: WorkloadConfig {
             report_shift: 8,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
     let mut last = vec![0, 0];
@@ -136,12 +136,12 @@ fn touch_guest_can_be_paused_while_polling() {
     if skip() {
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         workload: WorkloadConfig {
-            kind: WorkloadKind::Touch,
+            kind: KvmWorkloadKind::Touch,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
     for _ in 0..5 {
@@ -170,34 +170,34 @@ fn invalid_configurations_are_refused() {
         return;
     }
     let ram = || GuestRam::memfd(8 << 20).unwrap();
-    let zero = GuestConfig {
+    let zero = KvmGuestConfig {
         vcpus: 0,
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     assert!(matches!(
         KvmGuest::start(ram(), &zero),
         Err(KvmError::Config(_))
     ));
-    let small_ring = GuestConfig {
+    let small_ring = KvmGuestConfig {
         dirty_log: Some(DirtyLogMode::Ring),
         ring_entries: 1024,
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     assert!(matches!(
         KvmGuest::start(ram(), &small_ring),
         Err(KvmError::Config(_))
     ));
-    let no_rows = GuestConfig {
+    let no_rows = KvmGuestConfig {
         workload: WorkloadConfig {
             rows_per_tx: 0,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     assert!(matches!(
         KvmGuest::start(ram(), &no_rows),
         Err(KvmError::Config(_))
     ));
-    let no_log = KvmGuest::start(ram(), &GuestConfig::default()).unwrap();
+    let no_log = KvmGuest::start(ram(), &KvmGuestConfig::default()).unwrap();
     assert!(no_log.dirty_log().is_err());
 }

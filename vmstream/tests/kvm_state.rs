@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::guest::kvm::verify::VerifyError;
+use vmstream::guest::kvm::verify::KvmVerifyError;
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, RestoreConfig, StateError, VmState,
-    WorkloadConfig,
+    kvm_available, GuestRam, KvmError, KvmGuest, KvmGuestConfig, RestoreConfig, StateError,
+    VmState, WorkloadConfig,
 };
 
 fn skip() -> bool {
@@ -19,13 +19,13 @@ fn skip() -> bool {
 }
 
 fn start(mib: u64) -> KvmGuest {
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             seed: 7,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     KvmGuest::start(GuestRam::memfd(mib << 20).unwrap(), &cfg).unwrap()
 }
@@ -236,7 +236,7 @@ fn verifier_catches_corrupted_blocks() {
     let old = guest.ram().read_u64(gpa).unwrap();
     guest.ram().write_u64(gpa, old ^ 1).unwrap();
     match guest.verify() {
-        Err(KvmError::Verify(VerifyError::Checksum { block: b, .. })) => assert_eq!(b, block),
+        Err(KvmError::Verify(KvmVerifyError::Checksum { block: b, .. })) => assert_eq!(b, block),
         other => panic!("expected checksum error, got {other:?}"),
     }
     guest.ram().write_u64(gpa, old).unwrap();
@@ -249,6 +249,6 @@ fn verifier_catches_corrupted_blocks() {
         .unwrap();
     assert!(matches!(
         guest.verify(),
-        Err(KvmError::Verify(VerifyError::VersionMismatch { .. }))
+        Err(KvmError::Verify(KvmVerifyError::VersionMismatch { .. }))
     ));
 }

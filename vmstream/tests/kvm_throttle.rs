@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmstream::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
+use vmstream::guest::kvm::{kvm_available, GuestRam, KvmGuest, KvmGuestConfig};
 
 #[test]
 fn throttled_vcpus_sleep_and_still_progress() {
@@ -11,8 +11,11 @@ fn throttled_vcpus_sleep_and_still_progress() {
         eprintln!("skipping: {why}");
         return;
     }
-    let mut guest =
-        KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &GuestConfig::default()).unwrap();
+    let mut guest = KvmGuest::start(
+        GuestRam::memfd(16 << 20).unwrap(),
+        &KvmGuestConfig::default(),
+    )
+    .unwrap();
     guest.set_throttle(0.5).unwrap();
     assert_eq!(guest.throttle(), 0.5);
     let deadline = Instant::now() + Duration::from_secs(10);

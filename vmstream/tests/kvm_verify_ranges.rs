@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use vmstream::guest::kvm::{
-    kvm_available, GuestConfig, GuestRam, KvmError, KvmGuest, VerifyError, WorkloadConfig,
+    kvm_available, GuestRam, KvmError, KvmGuest, KvmGuestConfig, KvmVerifyError, WorkloadConfig,
 };
 
 #[test]
@@ -14,13 +14,13 @@ fn corruption_anywhere_is_found_and_the_first_bad_block_is_named() {
         eprintln!("skipping: {why}");
         return;
     }
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: 2,
         workload: WorkloadConfig {
             seed: 5,
             ..WorkloadConfig::default()
         },
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(GuestRam::memfd(16 << 20).unwrap(), &cfg).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -50,12 +50,12 @@ fn corruption_anywhere_is_found_and_the_first_bad_block_is_named() {
     };
     flip(last);
     match guest.verify() {
-        Err(KvmError::Verify(VerifyError::Checksum { block, .. })) => assert_eq!(block, last),
+        Err(KvmError::Verify(KvmVerifyError::Checksum { block, .. })) => assert_eq!(block, last),
         other => panic!("expected a checksum error in block {last}, got {other:?}"),
     }
     flip(first);
     match guest.verify() {
-        Err(KvmError::Verify(VerifyError::Checksum { block, .. })) => assert_eq!(block, first),
+        Err(KvmError::Verify(KvmVerifyError::Checksum { block, .. })) => assert_eq!(block, first),
         other => panic!("expected a checksum error in block {first}, got {other:?}"),
     }
     flip(first);
@@ -66,6 +66,6 @@ fn corruption_anywhere_is_found_and_the_first_bad_block_is_named() {
     ram.write_u64(layout.block_gpa(tail) + 64, 1).unwrap();
     assert!(matches!(
         guest.verify(),
-        Err(KvmError::Verify(VerifyError::NotZero { block })) if block == tail
+        Err(KvmError::Verify(KvmVerifyError::NotZero { block })) if block == tail
     ));
 }

@@ -11,9 +11,9 @@ use clap::Args;
 
 use crate::guest::kvm::error::Result;
 use crate::guest::kvm::memory::GuestRam;
-use crate::guest::kvm::params::{WorkloadConfig, WorkloadKind};
+use crate::guest::kvm::params::{KvmWorkloadKind, WorkloadConfig};
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{GuestConfig, KvmGuest};
+use crate::guest::kvm::{KvmGuest, KvmGuestConfig};
 use crate::track::kvm::DirtyLogMode;
 use crate::units::{parse_duration, parse_size};
 
@@ -28,7 +28,7 @@ pub struct KvmRunArgs {
     pub vcpus: usize,
     /// Workload of the guest program: dbsim, random, hotset, idle, filedb.
     #[arg(long, default_value = "dbsim", value_parser = parse_workload)]
-    pub workload: WorkloadKind,
+    pub workload: KvmWorkloadKind,
     /// Guest RAM in this file (created or truncated: a fresh guest; default: an anonymous
     /// memfd).
     #[arg(long, value_name = "PATH")]
@@ -49,9 +49,9 @@ pub struct KvmRunArgs {
 }
 
 /// Parses a workload name a KVM guest can run from the command line.
-pub fn parse_workload(s: &str) -> std::result::Result<WorkloadKind, String> {
-    match WorkloadKind::parse(s) {
-        Some(WorkloadKind::Touch) | None => Err(format!(
+pub fn parse_workload(s: &str) -> std::result::Result<KvmWorkloadKind, String> {
+    match KvmWorkloadKind::parse(s) {
+        Some(KvmWorkloadKind::Touch) | None => Err(format!(
             "unknown KVM workload {s:?} (dbsim, random, hotset, idle, filedb)"
         )),
         Some(k) => Ok(k),
@@ -81,7 +81,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         None => GuestRam::memfd(args.size)?,
     };
     let path = ram.shared_path();
-    let cfg = GuestConfig {
+    let cfg = KvmGuestConfig {
         vcpus: args.vcpus,
         workload: WorkloadConfig {
             kind: args.workload,
@@ -89,7 +89,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
             ..WorkloadConfig::default()
         },
         dirty_log: args.dirty_log,
-        ..GuestConfig::default()
+        ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(ram, &cfg)?;
     let mut out = std::io::stdout().lock();

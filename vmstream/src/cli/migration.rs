@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::converge::policy::OnTimeout;
-use crate::guest::file::layout::WorkloadKind;
+use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
@@ -191,8 +191,8 @@ pub struct RecvArgs {
     pub auth_key_file: Option<PathBuf>,
 }
 
-fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
-    WorkloadKind::from_name(s).ok_or_else(|| format!("unknown workload {s:?}"))
+fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
+    ImageWorkloadKind::from_name(s).ok_or_else(|| format!("unknown workload {s:?}"))
 }
 
 fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {

@@ -34,7 +34,7 @@ impl DeferConfig {
         DeferConfig {
             percent,
             segment_bytes: 2 << 20,
-            page_size: 4096,
+            page_size: crate::memory::PAGE_SIZE as u64,
             stop_below: 0.10,
             max_consecutive: 8,
         }

@@ -10,9 +10,10 @@ use vmstream_codec::{Compression, DeltaConfig, DeltaMode, EncoderConfig, DEFAULT
 use crate::converge::policy::OnTimeout;
 use crate::converge::ConvergeConfig;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
+use crate::memory::PAGE_SIZE;
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
-use crate::migration::wire::{DeltaWire, PAGE_SIZE};
+use crate::migration::wire::DeltaWire;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]

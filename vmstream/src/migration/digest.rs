@@ -145,11 +145,10 @@ pub fn hex(digest: &[u8; 32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const PAGE: usize = 4096;
+    use crate::memory::PAGE_SIZE;
 
     fn memory(pages: usize, seed: u8) -> Vec<u8> {
-        (0..pages * PAGE)
+        (0..pages * PAGE_SIZE)
             .map(|i| ((i * 7 + seed as usize) % 251) as u8)
             .collect()
     }
@@ -158,7 +157,7 @@ mod tests {
     fn page_hash_is_the_reference_xxh3_128() {
         // Known answers of the reference C implementation (python-xxhash 3.x, seed 0).
         assert_eq!(page_hash(b""), 0x99aa06d3014798d86001c324468d497f);
-        let page: Vec<u8> = (0..PAGE).map(|i| i as u8).collect();
+        let page: Vec<u8> = (0..PAGE_SIZE).map(|i| i as u8).collect();
         assert_eq!(page_hash(&page), 0x03916578969f7a66eb4b7c3707879151);
     }
 
@@ -167,65 +166,65 @@ mod tests {
         let mem = memory(37, 1);
         let mut h = blake3::Hasher::new();
         h.update(DOMAIN);
-        h.update(&(PAGE as u64).to_le_bytes());
+        h.update(&(PAGE_SIZE as u64).to_le_bytes());
         h.update(&(mem.len() as u64).to_le_bytes());
-        for p in mem.chunks(PAGE) {
+        for p in mem.chunks(PAGE_SIZE) {
             h.update(&twox_hash::XxHash3_128::oneshot(p).to_le_bytes());
         }
-        assert_eq!(memory_digest(&mem, PAGE), *h.finalize().as_bytes());
+        assert_eq!(memory_digest(&mem, PAGE_SIZE), *h.finalize().as_bytes());
     }
 
     #[test]
     fn sparse_digest_equals_the_full_digest_over_zero_holes() {
-        let mut mem = vec![0u8; 130 * PAGE];
+        let mut mem = vec![0u8; 130 * PAGE_SIZE];
         for p in [1usize, 64, 129] {
-            mem[p * PAGE + 9] = p as u8;
+            mem[p * PAGE_SIZE + 9] = p as u8;
         }
         let mut data = vec![0u64; 3];
         for p in [1usize, 64, 129, 5] {
             data[p / 64] |= 1 << (p % 64);
         }
         assert_eq!(
-            memory_digest_sparse(&mem, PAGE, &data),
-            memory_digest(&mem, PAGE)
+            memory_digest_sparse(&mem, PAGE_SIZE, &data),
+            memory_digest(&mem, PAGE_SIZE)
         );
         // A short bitmap treats the pages past it as data.
         assert_eq!(
-            memory_digest_sparse(&mem, PAGE, &data[..1]),
-            memory_digest(&mem, PAGE)
+            memory_digest_sparse(&mem, PAGE_SIZE, &data[..1]),
+            memory_digest(&mem, PAGE_SIZE)
         );
     }
 
     #[test]
     fn incremental_hashes_track_page_writes() {
-        let mut mem = vec![0u8; 300 * PAGE];
-        let hashes = PageHashes::zeroed(300, PAGE);
-        assert_eq!(hashes.digest(), memory_digest(&mem, PAGE));
+        let mut mem = vec![0u8; 300 * PAGE_SIZE];
+        let hashes = PageHashes::zeroed(300, PAGE_SIZE);
+        assert_eq!(hashes.digest(), memory_digest(&mem, PAGE_SIZE));
         for (round, page) in [(1u8, 0usize), (2, 299), (3, 17), (4, 17), (5, 150)] {
-            mem[page * PAGE + round as usize] = round;
-            hashes.update(page as u64, &mem[page * PAGE..][..PAGE]);
-            assert_eq!(hashes.digest(), memory_digest(&mem, PAGE));
+            mem[page * PAGE_SIZE + round as usize] = round;
+            hashes.update(page as u64, &mem[page * PAGE_SIZE..][..PAGE_SIZE]);
+            assert_eq!(hashes.digest(), memory_digest(&mem, PAGE_SIZE));
         }
         // A page written without an update shows as a mismatch.
-        mem[5 * PAGE] ^= 1;
-        assert_ne!(hashes.digest(), memory_digest(&mem, PAGE));
+        mem[5 * PAGE_SIZE] ^= 1;
+        assert_ne!(hashes.digest(), memory_digest(&mem, PAGE_SIZE));
         // Out-of-range updates are ignored, not a panic.
-        hashes.update(300, &mem[..PAGE]);
+        hashes.update(300, &mem[..PAGE_SIZE]);
     }
 
     #[test]
     fn digest_depends_on_every_byte_order_and_size() {
         let a = memory(8, 3);
-        let d = memory_digest(&a, PAGE);
+        let d = memory_digest(&a, PAGE_SIZE);
         let mut b = a.clone();
-        b[8 * PAGE - 1] ^= 0x80;
-        assert_ne!(memory_digest(&b, PAGE), d);
+        b[8 * PAGE_SIZE - 1] ^= 0x80;
+        assert_ne!(memory_digest(&b, PAGE_SIZE), d);
         // Swapped pages differ.
         let mut c = a.clone();
-        c[..PAGE].copy_from_slice(&a[PAGE..2 * PAGE]);
-        c[PAGE..2 * PAGE].copy_from_slice(&a[..PAGE]);
-        assert_ne!(memory_digest(&c, PAGE), d);
-        assert_ne!(memory_digest(&a[..7 * PAGE], PAGE), d);
+        c[..PAGE_SIZE].copy_from_slice(&a[PAGE_SIZE..2 * PAGE_SIZE]);
+        c[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(&a[..PAGE_SIZE]);
+        assert_ne!(memory_digest(&c, PAGE_SIZE), d);
+        assert_ne!(memory_digest(&a[..7 * PAGE_SIZE], PAGE_SIZE), d);
         assert_eq!(hex(&[0xab; 32]).len(), 64);
     }
 }

@@ -20,7 +20,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::migration::wire::{GuestSamples, PAGE_SIZE};
+use crate::memory::PAGE_SIZE;
+use crate::migration::wire::GuestSamples;
 use crate::telemetry::sampler::{TpsSampler, SAMPLE_PERIOD};
 use crate::telemetry::stats::{unix_ns, RoundStats};
 use crate::telemetry::timeline::{Timeline, TimelineRecorder, TimelineSample};

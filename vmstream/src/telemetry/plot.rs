@@ -15,6 +15,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::memory::PAGE_SIZE;
 use crate::telemetry::timeline::{Timeline, TimelineRound};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -144,7 +145,8 @@ pub fn timeline_from_round_stats(v: &Value) -> Option<Timeline> {
             round: r.get("round").and_then(Value::as_u64).unwrap_or(i as u64),
             start_ms: start,
             duration_ms,
-            dirty_bytes: (num(r, "dirty_pages_per_s") * duration_ms / 1e3 * 4096.0) as u64,
+            dirty_bytes: (num(r, "dirty_pages_per_s") * duration_ms / 1e3 * PAGE_SIZE as f64)
+                as u64,
             sent_bytes: num(r, "wire_bytes") as u64,
             deferred_bytes: 0,
             throttle: 0.0,

@@ -25,9 +25,9 @@ use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_gfn};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::bitmap::AtomicBitmap;
 
-use crate::guest::kvm::abi::PAGE_SIZE;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::GuestRam;
+use crate::memory::PAGE_SIZE;
 use crate::track::DirtyTracker;
 
 /// ioctl numbers kvm-ioctls does not wrap.
@@ -389,13 +389,13 @@ impl DirtyRings {
                 fetch: 0,
             }));
         }
-        let pages = ram_size / PAGE_SIZE;
+        let pages = ram_size / PAGE_SIZE as u64;
         Ok(Self {
             vm,
             rings,
             harvested: AtomicBitmap::new(
                 ram_size as usize,
-                std::num::NonZeroUsize::new(PAGE_SIZE as usize).unwrap(),
+                std::num::NonZeroUsize::new(PAGE_SIZE).unwrap(),
             ),
             pages,
             full_exits: AtomicU64::new(0),

@@ -30,7 +30,7 @@ pub mod sb {
     pub const MAGIC: usize = 0;
     /// u32 [`super::LAYOUT_VERSION`].
     pub const LAYOUT_VERSION: usize = 8;
-    /// u32 workload kind ([`super::WorkloadKind`] code).
+    /// u32 workload kind ([`super::ImageWorkloadKind`] code).
     pub const KIND: usize = 12;
     /// Total guest memory size in bytes.
     pub const MEMORY_SIZE: usize = 16;
@@ -87,9 +87,13 @@ pub const JOURNAL_ROWS: u32 = 1;
 /// Journal kind: rewrite the whole payload with [`fill_payload`].
 pub const JOURNAL_FILL: u32 = 2;
 
-/// The built-in guest workloads.
+/// The workloads of a guest image, recorded in its superblock: what a process guest runs.
+/// The KVM guest program has its own workloads ([`KvmWorkloadKind`]); its `filedb` runs this
+/// layout's `Dbsim`.
+///
+/// [`KvmWorkloadKind`]: crate::guest::kvm::KvmWorkloadKind
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WorkloadKind {
+pub enum ImageWorkloadKind {
     /// Database-like: 8 KiB blocks of rows, small scattered row updates, 80/20 hot blocks.
     Dbsim,
     /// Rewrite a uniformly random 4 KiB block per transaction.
@@ -102,24 +106,24 @@ pub enum WorkloadKind {
     Idle,
 }
 
-impl WorkloadKind {
+impl ImageWorkloadKind {
     /// All kinds, in code order.
-    pub const ALL: [WorkloadKind; 5] = [
-        WorkloadKind::Dbsim,
-        WorkloadKind::Random,
-        WorkloadKind::Sequential,
-        WorkloadKind::Hotset,
-        WorkloadKind::Idle,
+    pub const ALL: [ImageWorkloadKind; 5] = [
+        ImageWorkloadKind::Dbsim,
+        ImageWorkloadKind::Random,
+        ImageWorkloadKind::Sequential,
+        ImageWorkloadKind::Hotset,
+        ImageWorkloadKind::Idle,
     ];
 
     /// The u32 stored in the superblock.
     pub fn code(self) -> u32 {
         match self {
-            WorkloadKind::Dbsim => 1,
-            WorkloadKind::Random => 2,
-            WorkloadKind::Sequential => 3,
-            WorkloadKind::Hotset => 4,
-            WorkloadKind::Idle => 5,
+            ImageWorkloadKind::Dbsim => 1,
+            ImageWorkloadKind::Random => 2,
+            ImageWorkloadKind::Sequential => 3,
+            ImageWorkloadKind::Hotset => 4,
+            ImageWorkloadKind::Idle => 5,
         }
     }
 
@@ -131,11 +135,11 @@ impl WorkloadKind {
     /// Name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            WorkloadKind::Dbsim => "dbsim",
-            WorkloadKind::Random => "random",
-            WorkloadKind::Sequential => "sequential",
-            WorkloadKind::Hotset => "hotset",
-            WorkloadKind::Idle => "idle",
+            ImageWorkloadKind::Dbsim => "dbsim",
+            ImageWorkloadKind::Random => "random",
+            ImageWorkloadKind::Sequential => "sequential",
+            ImageWorkloadKind::Hotset => "hotset",
+            ImageWorkloadKind::Idle => "idle",
         }
     }
 
@@ -147,14 +151,14 @@ impl WorkloadKind {
     /// Block size this workload uses.
     pub fn block_size(self) -> u64 {
         match self {
-            WorkloadKind::Dbsim => 8192,
+            ImageWorkloadKind::Dbsim => 8192,
             _ => 4096,
         }
     }
 
     /// True if blocks are rewritten whole with [`fill_payload`] (so verify can check content).
     pub fn fills_blocks(self) -> bool {
-        self != WorkloadKind::Dbsim
+        self != ImageWorkloadKind::Dbsim
     }
 }
 
@@ -354,10 +358,10 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in WorkloadKind::ALL {
-            assert_eq!(WorkloadKind::from_code(k.code()), Some(k));
-            assert_eq!(WorkloadKind::from_name(k.name()), Some(k));
+        for k in ImageWorkloadKind::ALL {
+            assert_eq!(ImageWorkloadKind::from_code(k.code()), Some(k));
+            assert_eq!(ImageWorkloadKind::from_name(k.name()), Some(k));
         }
-        assert_eq!(WorkloadKind::from_code(0), None);
+        assert_eq!(ImageWorkloadKind::from_code(0), None);
     }
 }

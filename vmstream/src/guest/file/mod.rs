@@ -25,8 +25,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::guest::file::layout::WorkloadKind;
-use crate::guest::file::verify::{verify_snapshot, VerifyError, VerifyReport};
+use crate::guest::file::layout::ImageWorkloadKind;
+use crate::guest::file::verify::{verify_snapshot, ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::workload::{format, Workload, WorkloadError, WorkloadParams};
 use crate::memory::{open_owned, GuestMemory, MapMode, MemoryError, OwnError};
 use crate::track::uffd::WpAsync;
@@ -51,7 +51,7 @@ pub enum StartMode {
 
 /// Everything `vmstream guest run` needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestConfig {
+pub struct ProcessGuestConfig {
     /// Guest memory.
     pub memory: MemorySource,
     /// Memory size: required for init, checked against the file on resume if given.
@@ -79,7 +79,7 @@ pub enum GuestError {
     Workload(#[from] WorkloadError),
     /// Resume found an inconsistent image and refuses to run.
     #[error("refusing to resume: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(#[from] ImageVerifyError),
     /// Arming userfaultfd write-protect failed.
     #[error("userfaultfd write-protect: {0}")]
     Uffd(io::Error),
@@ -107,7 +107,7 @@ pub struct ReadyLine {
     /// Path that maps the same memory.
     pub path: PathBuf,
     /// Workload.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Transactions committed at start.
     pub tx_count: u64,
 }
@@ -142,7 +142,7 @@ impl ReadyLine {
             addr: u64::from_str_radix(addr.strip_prefix("0x")?, 16).ok()?,
             len: get("len")?.parse().ok()?,
             path: PathBuf::from(get("path")?),
-            kind: WorkloadKind::from_name(&get("kind")?)?,
+            kind: ImageWorkloadKind::from_name(&get("kind")?)?,
             tx_count: get("tx")?.parse().ok()?,
         })
     }
@@ -152,13 +152,13 @@ impl ReadyLine {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestSummary {
     /// Verify result at resume (None for init).
-    pub resumed_from: Option<VerifyReport>,
+    pub resumed_from: Option<ImageVerifyReport>,
     /// Transactions committed at the end.
     pub tx_count: u64,
 }
 
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
-pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
+pub fn run(cfg: &ProcessGuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
     survive_hangup()?;
     let _owner = match &cfg.memory {
         MemorySource::File(p) => Some(own_memory_file(p, matches!(cfg.start, StartMode::Init(_)))?),
@@ -173,8 +173,8 @@ pub fn run(cfg: &GuestConfig, out: &mut dyn Write) -> Result<GuestSummary, Guest
 /// the guest without reading all of memory again. `cfg.memory` and `cfg.start` are unused.
 pub fn run_verified(
     mem: GuestMemory,
-    report: VerifyReport,
-    cfg: &GuestConfig,
+    report: ImageVerifyReport,
+    cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
     run_mapped(mem, Some(report), cfg, out)
@@ -182,8 +182,8 @@ pub fn run_verified(
 
 fn run_mapped(
     mut mem: GuestMemory,
-    resumed_from: Option<VerifyReport>,
-    cfg: &GuestConfig,
+    resumed_from: Option<ImageVerifyReport>,
+    cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
     let addr = mem.addr();
@@ -221,7 +221,9 @@ fn run_mapped(
     })
 }
 
-fn open_memory(cfg: &GuestConfig) -> Result<(GuestMemory, Option<VerifyReport>), GuestError> {
+fn open_memory(
+    cfg: &ProcessGuestConfig,
+) -> Result<(GuestMemory, Option<ImageVerifyReport>), GuestError> {
     match &cfg.start {
         StartMode::Init(params) => {
             let size = cfg
@@ -356,7 +358,7 @@ fn run_loop(
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let start = Instant::now();
-    let idle = w.superblock().kind == WorkloadKind::Idle;
+    let idle = w.superblock().kind == ImageWorkloadKind::Idle;
     let mut base = (Instant::now(), 0u64);
     let mut done = 0u64;
     loop {
@@ -430,7 +432,7 @@ mod tests {
             addr: 0x7f00_dead_0000,
             len: 1 << 20,
             path: "/dev/shm/g".into(),
-            kind: WorkloadKind::Hotset,
+            kind: ImageWorkloadKind::Hotset,
             tx_count: 9,
         };
         assert_eq!(ReadyLine::parse(&r.to_string()), Some(r));

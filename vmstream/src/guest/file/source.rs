@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::guest::file::layout::WorkloadKind;
+use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::throttle::Throttle;
 use crate::guest::file::ReadyLine;
 use crate::memory::{GuestMemory, MapMode};
@@ -38,7 +38,7 @@ pub enum GuestSpec {
         /// Memory size in bytes.
         size: u64,
         /// Workload.
-        workload: WorkloadKind,
+        workload: ImageWorkloadKind,
         /// Target transactions per second (None: the workload's default).
         rate: Option<u64>,
         /// Percent of blocks formatted (None: the workload's default).
@@ -122,7 +122,7 @@ impl std::fmt::Debug for SourceGuest {
 fn spawn_guest(
     path: &Path,
     size: u64,
-    workload: WorkloadKind,
+    workload: ImageWorkloadKind,
     rate: Option<u64>,
     active: Option<u8>,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {

@@ -15,14 +15,14 @@
 use std::path::Path;
 
 use crate::guest::file::layout::{
-    self, get_u32, get_u64, hdr, sb, Geometry, WorkloadKind, BLOCK_HEADER_SIZE,
+    self, get_u32, get_u64, hdr, sb, Geometry, ImageWorkloadKind, BLOCK_HEADER_SIZE,
 };
 use crate::memory::{GuestMemory, MapMode, MemoryError};
 
 /// Why a guest memory image is not a consistent vmstream guest. Block errors name the first
 /// bad block.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
+pub enum ImageVerifyError {
     /// Offset 0 does not hold the vmstream magic.
     #[error("no vmstream guest superblock (magic {0:#018x})")]
     BadMagic(u64),
@@ -115,7 +115,7 @@ pub enum VerifyError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
     /// Workload.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Total memory size.
     pub memory_size: u64,
     /// Block size.
@@ -140,30 +140,30 @@ pub struct Superblock {
 
 impl Superblock {
     /// Parse and sanity-check the superblock of `mem` (whose length must be the memory size).
-    pub fn read(mem: &[u8]) -> Result<Self, VerifyError> {
+    pub fn read(mem: &[u8]) -> Result<Self, ImageVerifyError> {
         Self::read_head(mem, mem.len())
     }
 
     /// [`Self::read`] from the first page of a memory of `memory_len` bytes (`head` holds
     /// at least the superblock: a copy of page 0 will do).
-    pub fn read_head(mem: &[u8], memory_len: usize) -> Result<Self, VerifyError> {
+    pub fn read_head(mem: &[u8], memory_len: usize) -> Result<Self, ImageVerifyError> {
         if mem.len() < crate::memory::PAGE_SIZE || memory_len < crate::memory::PAGE_SIZE {
-            return Err(VerifyError::Superblock(format!(
+            return Err(ImageVerifyError::Superblock(format!(
                 "memory of {} bytes",
                 memory_len
             )));
         }
         let magic = get_u64(mem, sb::MAGIC);
         if magic != layout::MAGIC {
-            return Err(VerifyError::BadMagic(magic));
+            return Err(ImageVerifyError::BadMagic(magic));
         }
         let version = get_u32(mem, sb::LAYOUT_VERSION);
         if version != layout::LAYOUT_VERSION {
-            return Err(VerifyError::LayoutVersion(version));
+            return Err(ImageVerifyError::LayoutVersion(version));
         }
         let code = get_u32(mem, sb::KIND);
-        let kind = WorkloadKind::from_code(code)
-            .ok_or_else(|| VerifyError::Superblock(format!("workload kind {code}")))?;
+        let kind = ImageWorkloadKind::from_code(code)
+            .ok_or_else(|| ImageVerifyError::Superblock(format!("workload kind {code}")))?;
         let s = Self {
             kind,
             memory_size: get_u64(mem, sb::MEMORY_SIZE),
@@ -177,7 +177,7 @@ impl Superblock {
             tx_count: get_u64(mem, sb::TX_COUNT),
             journal_seq: get_u64(mem, sb::JOURNAL_SEQ),
         };
-        let bad = |what: String| Err(VerifyError::Superblock(what));
+        let bad = |what: String| Err(ImageVerifyError::Superblock(what));
         if s.memory_size != memory_len as u64 {
             return bad(format!(
                 "memory size {} but image is {}",
@@ -202,8 +202,8 @@ impl Superblock {
             ));
         }
         let hot_ok = match kind {
-            WorkloadKind::Dbsim => s.hot_blocks == s.active_blocks.div_ceil(10),
-            WorkloadKind::Hotset => (1..=s.active_blocks).contains(&s.hot_blocks),
+            ImageWorkloadKind::Dbsim => s.hot_blocks == s.active_blocks.div_ceil(10),
+            ImageWorkloadKind::Hotset => (1..=s.active_blocks).contains(&s.hot_blocks),
             _ => true,
         };
         if !hot_ok {
@@ -226,11 +226,11 @@ impl Superblock {
     }
 }
 
-/// What a successful verify saw.
+/// What a successful verify of a guest image (the layout of `layout.rs`) saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerifyReport {
+pub struct ImageVerifyReport {
     /// Workload kind.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Blocks checked (all of them).
     pub blocks: u64,
     /// Active blocks.
@@ -243,23 +243,26 @@ pub struct VerifyReport {
 
 /// Verify a consistent (recovered) image. See the module docs for what is checked. Blocks
 /// are checked on every core in ranges; the error reported is still the first bad block.
-pub fn verify(mem: &[u8]) -> Result<VerifyReport, VerifyError> {
+pub fn verify(mem: &[u8]) -> Result<ImageVerifyReport, ImageVerifyError> {
     verify_sparse(mem, None)
 }
 
 /// [`verify`] of memory whose pages with a clear bit in `data` (a bit per page, see
 /// [`crate::memory::GuestMemory::data_pages`]) are holes of its file: they read as zero, so
 /// the zero checks skip them instead of reading (which would allocate them).
-pub fn verify_sparse(mem: &[u8], data: Option<&[u64]>) -> Result<VerifyReport, VerifyError> {
+pub fn verify_sparse(
+    mem: &[u8],
+    data: Option<&[u64]>,
+) -> Result<ImageVerifyReport, ImageVerifyError> {
     use rayon::prelude::*;
     let s = Superblock::read(mem)?;
     if s.journal_seq != 0 {
-        return Err(VerifyError::JournalArmed(s.journal_seq));
+        return Err(ImageVerifyError::JournalArmed(s.journal_seq));
     }
     let g = s.geometry();
     const RANGE: u64 = 4096;
     let ranges: Vec<u64> = (0..g.block_count.div_ceil(RANGE)).collect();
-    let sums: Vec<Result<u64, VerifyError>> = ranges
+    let sums: Vec<Result<u64, ImageVerifyError>> = ranges
         .par_iter()
         .map(|&r| {
             verify_blocks(
@@ -286,12 +289,12 @@ pub fn verify_sparse(mem: &[u8], data: Option<&[u64]>) -> Result<VerifyReport, V
     check_zero(&mem[tail..], tail as u64, None, data)?;
     let expected = s.active_blocks.wrapping_add(s.tx_count);
     if ledger_sum != expected {
-        return Err(VerifyError::Counter {
+        return Err(ImageVerifyError::Counter {
             ledger_sum,
             expected,
         });
     }
-    Ok(VerifyReport {
+    Ok(ImageVerifyReport {
         kind: s.kind,
         blocks: g.block_count,
         active_blocks: s.active_blocks,
@@ -306,7 +309,7 @@ fn verify_blocks(
     s: &Superblock,
     range: std::ops::Range<u64>,
     data: Option<&[u64]>,
-) -> Result<u64, VerifyError> {
+) -> Result<u64, ImageVerifyError> {
     let g = s.geometry();
     let bs = g.block_size as usize;
     let mut ledger_sum: u64 = 0;
@@ -316,7 +319,7 @@ fn verify_blocks(
         let block = &mem[off..off + bs];
         if b >= s.active_blocks {
             if ledger != 0 {
-                return Err(VerifyError::Version {
+                return Err(ImageVerifyError::Version {
                     block: b,
                     header: get_u64(block, hdr::VERSION),
                     ledger,
@@ -327,14 +330,14 @@ fn verify_blocks(
         }
         let number = get_u64(block, hdr::BLOCK);
         if number != b {
-            return Err(VerifyError::BlockNumber {
+            return Err(ImageVerifyError::BlockNumber {
                 block: b,
                 found: number,
             });
         }
         let version = get_u64(block, hdr::VERSION);
         if version != ledger || ledger == 0 {
-            return Err(VerifyError::Version {
+            return Err(ImageVerifyError::Version {
                 block: b,
                 header: version,
                 ledger,
@@ -342,7 +345,7 @@ fn verify_blocks(
         }
         let content = check_block_content(block, b, s)?;
         if content.last_tx > s.tx_count {
-            return Err(VerifyError::FutureTx {
+            return Err(ImageVerifyError::FutureTx {
                 block: b,
                 last_tx: content.last_tx,
                 tx_count: s.tx_count,
@@ -368,10 +371,10 @@ pub fn check_block_content(
     block: &[u8],
     b: u64,
     s: &Superblock,
-) -> Result<BlockContent, VerifyError> {
+) -> Result<BlockContent, ImageVerifyError> {
     let number = get_u64(block, hdr::BLOCK);
     if number != b {
-        return Err(VerifyError::BlockNumber {
+        return Err(ImageVerifyError::BlockNumber {
             block: b,
             found: number,
         });
@@ -380,7 +383,7 @@ pub fn check_block_content(
     let found = get_u64(block, hdr::CHECKSUM);
     let computed = layout::block_checksum(block);
     if found != computed {
-        return Err(VerifyError::Checksum {
+        return Err(ImageVerifyError::Checksum {
             block: b,
             version,
             found,
@@ -389,7 +392,7 @@ pub fn check_block_content(
     }
     if s.kind.fills_blocks() {
         if let Some(at) = layout::check_fill(&block[BLOCK_HEADER_SIZE..], s.seed, b, version) {
-            return Err(VerifyError::Content {
+            return Err(ImageVerifyError::Content {
                 block: b,
                 version,
                 offset: (BLOCK_HEADER_SIZE + at) as u64,
@@ -414,12 +417,12 @@ fn check_zero(
     base: u64,
     block: Option<u64>,
     data: Option<&[u64]>,
-) -> Result<(), VerifyError> {
+) -> Result<(), ImageVerifyError> {
     let mut at = 0;
     for chunk in bytes.chunks(crate::memory::PAGE_SIZE) {
         if !all_holes(data, base + at as u64, chunk.len()) && !vmstream_simd::is_zero(chunk) {
             let pos = chunk.iter().position(|&x| x != 0).unwrap_or(0);
-            return Err(VerifyError::NotZero {
+            return Err(ImageVerifyError::NotZero {
                 offset: base + (at + pos) as u64,
                 block,
             });
@@ -437,12 +440,12 @@ pub enum VerifyFileError {
     Memory(#[from] MemoryError),
     /// The image is inconsistent.
     #[error(transparent)]
-    Verify(#[from] VerifyError),
+    Verify(#[from] ImageVerifyError),
 }
 
 /// Recover (replay the journal) in `mem` and verify it. Use on a private view of a snapshot
 /// or on the guest's own memory before resuming.
-pub fn verify_snapshot(mem: &mut [u8]) -> Result<VerifyReport, VerifyError> {
+pub fn verify_snapshot(mem: &mut [u8]) -> Result<ImageVerifyReport, ImageVerifyError> {
     verify_snapshot_sparse(mem, None)
 }
 
@@ -451,7 +454,7 @@ pub fn verify_snapshot(mem: &mut [u8]) -> Result<VerifyReport, VerifyError> {
 pub fn verify_snapshot_sparse(
     mem: &mut [u8],
     data: Option<&[u64]>,
-) -> Result<VerifyReport, VerifyError> {
+) -> Result<ImageVerifyReport, ImageVerifyError> {
     let replayed = crate::guest::file::workload::recover(mem)?;
     let mut report = verify_sparse(mem, data)?;
     report.replayed_journal = replayed;
@@ -459,7 +462,7 @@ pub fn verify_snapshot_sparse(
 }
 
 /// Verify the guest memory file at `path` without changing it (private mapping).
-pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
+pub fn verify_file(path: &Path) -> Result<ImageVerifyReport, VerifyFileError> {
     let mut mem = GuestMemory::open(path, MapMode::Private)?;
     Ok(verify_snapshot(mem.as_mut_slice())?)
 }
@@ -470,7 +473,7 @@ mod tests {
     use crate::guest::file::layout::splitmix64;
     use crate::guest::file::workload::{format, Workload, WorkloadParams};
 
-    fn image(kind: WorkloadKind) -> Vec<u8> {
+    fn image(kind: ImageWorkloadKind) -> Vec<u8> {
         let mut mem = vec![0u8; 64 << 10];
         format(&mut mem, &WorkloadParams::new(kind)).unwrap();
         let mut w = Workload::attach(&mut mem).unwrap();
@@ -485,7 +488,7 @@ mod tests {
     #[test]
     fn every_flip_outside_the_superblock_is_caught_and_none_panics() {
         let mut rng = 42;
-        for kind in WorkloadKind::ALL {
+        for kind in ImageWorkloadKind::ALL {
             let good = image(kind);
             for _ in 0..150 {
                 let mut img = good.clone();
@@ -511,7 +514,7 @@ mod tests {
     /// page where memory must stay zero.
     #[test]
     fn sparse_verify_skips_holes_and_still_catches_data() {
-        let mut params = WorkloadParams::new(WorkloadKind::Dbsim);
+        let mut params = WorkloadParams::new(ImageWorkloadKind::Dbsim);
         params.active_percent = 50;
         let mut mem = GuestMemory::memfd("verify-sparse", 1 << 20).unwrap();
         format(mem.as_mut_slice(), &params).unwrap();
@@ -531,7 +534,7 @@ mod tests {
         let data = mem.data_pages().unwrap();
         assert!(matches!(
             verify_sparse(mem.as_mut_slice(), Some(&data)),
-            Err(VerifyError::NotZero { .. })
+            Err(ImageVerifyError::NotZero { .. })
         ));
     }
 
@@ -539,16 +542,16 @@ mod tests {
     fn truncated_or_foreign_images_are_errors() {
         assert!(matches!(
             Superblock::read(&[0u8; 100]),
-            Err(VerifyError::Superblock(_))
+            Err(ImageVerifyError::Superblock(_))
         ));
-        assert_eq!(verify(&[0u8; 8192]), Err(VerifyError::BadMagic(0)));
-        let good = image(WorkloadKind::Dbsim);
+        assert_eq!(verify(&[0u8; 8192]), Err(ImageVerifyError::BadMagic(0)));
+        let good = image(ImageWorkloadKind::Dbsim);
         assert!(matches!(
             verify(&good[..good.len() - 4096]),
-            Err(VerifyError::Superblock(_))
+            Err(ImageVerifyError::Superblock(_))
         ));
         let mut v2 = good.clone();
         v2[sb::LAYOUT_VERSION] = 2;
-        assert_eq!(verify(&v2), Err(VerifyError::LayoutVersion(2)));
+        assert_eq!(verify(&v2), Err(ImageVerifyError::LayoutVersion(2)));
     }
 }

@@ -16,13 +16,13 @@
 use std::sync::atomic::{compiler_fence, Ordering};
 
 use crate::guest::file::layout::{
-    self, hdr, sb, Geometry, WorkloadKind, BLOCK_HEADER_SIZE, JOURNAL_FILL,
+    self, hdr, sb, Geometry, ImageWorkloadKind, BLOCK_HEADER_SIZE, JOURNAL_FILL,
 };
 use crate::guest::file::layout::{get_u32, get_u64, put_u32, put_u64, splitmix64};
 use crate::guest::file::layout::{
     JOURNAL_MAX_UPDATES, JOURNAL_ROWS, JOURNAL_UPDATE_DATA, JOURNAL_UPDATE_SIZE,
 };
-use crate::guest::file::verify::{Superblock, VerifyError};
+use crate::guest::file::verify::{ImageVerifyError, Superblock};
 
 /// dbsim row size in bytes.
 pub const ROW_SIZE: usize = 128;
@@ -59,7 +59,7 @@ pub mod row {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadParams {
     /// Which workload.
-    pub kind: WorkloadKind,
+    pub kind: ImageWorkloadKind,
     /// Percent of blocks that are formatted and written (the rest stays zero), 1..=100.
     pub active_percent: u8,
     /// Hot set size in bytes for `hotset` (default: 10 % of the active blocks).
@@ -72,10 +72,14 @@ pub struct WorkloadParams {
 
 impl WorkloadParams {
     /// Defaults for `kind`: dbsim keeps 25 % of memory untouched, the others use all of it.
-    pub fn new(kind: WorkloadKind) -> Self {
+    pub fn new(kind: ImageWorkloadKind) -> Self {
         Self {
             kind,
-            active_percent: if kind == WorkloadKind::Dbsim { 75 } else { 100 },
+            active_percent: if kind == ImageWorkloadKind::Dbsim {
+                75
+            } else {
+                100
+            },
             hot_set_bytes: None,
             rate: 0,
             seed: 0x005E_ED0F_6E57,
@@ -94,7 +98,7 @@ pub enum WorkloadError {
     BadParam(String),
     /// The memory does not hold a valid guest (or fails verification).
     #[error(transparent)]
-    Verify(#[from] VerifyError),
+    Verify(#[from] ImageVerifyError),
     /// The memory mapping is not writable or has the wrong size.
     #[error("memory slice of {actual} bytes does not match the superblock's {expected}")]
     SizeMismatch {
@@ -118,8 +122,8 @@ pub fn format(mem: &mut [u8], p: &WorkloadParams) -> Result<Geometry, WorkloadEr
     }
     let active = (g.block_count * p.active_percent as u64 / 100).max(1);
     let hot = match p.kind {
-        WorkloadKind::Dbsim => active.div_ceil(HOT_STRIDE),
-        WorkloadKind::Hotset => match p.hot_set_bytes {
+        ImageWorkloadKind::Dbsim => active.div_ceil(HOT_STRIDE),
+        ImageWorkloadKind::Hotset => match p.hot_set_bytes {
             Some(b) => (b / g.block_size).clamp(1, active),
             None => (active / 10).max(1),
         },
@@ -275,14 +279,14 @@ impl<'m> Workload<'m> {
         let mut rng = get_u64(self.mem, sb::RNG_STATE);
         let active = self.sb.active_blocks;
         let info = match self.sb.kind {
-            WorkloadKind::Idle => None,
-            WorkloadKind::Random => {
+            ImageWorkloadKind::Idle => None,
+            ImageWorkloadKind::Random => {
                 let b = splitmix64(&mut rng) % active;
                 Some(self.commit_fill(b))
             }
-            WorkloadKind::Sequential | WorkloadKind::Hotset => {
+            ImageWorkloadKind::Sequential | ImageWorkloadKind::Hotset => {
                 let cursor = get_u64(self.mem, sb::CURSOR);
-                let span = if self.sb.kind == WorkloadKind::Hotset {
+                let span = if self.sb.kind == ImageWorkloadKind::Hotset {
                     self.sb.hot_blocks
                 } else {
                     active
@@ -291,7 +295,7 @@ impl<'m> Workload<'m> {
                 put_u64(self.mem, sb::CURSOR, (b + 1) % span);
                 Some(self.commit_fill(b))
             }
-            WorkloadKind::Dbsim => {
+            ImageWorkloadKind::Dbsim => {
                 let b = self.pick_dbsim_block(&mut rng);
                 let updates = self.dbsim_updates(&mut rng);
                 Some(self.commit(b, JOURNAL_ROWS, &updates))
@@ -432,14 +436,14 @@ fn apply_journal(mem: &mut [u8], s: &Superblock) {
 
 /// Make a memory image taken at any instant consistent: if the journal is armed, validate
 /// the record and replay it. Returns whether a record was replayed.
-pub fn recover(mem: &mut [u8]) -> Result<bool, VerifyError> {
+pub fn recover(mem: &mut [u8]) -> Result<bool, ImageVerifyError> {
     let s = Superblock::read(mem)?;
     let seq = get_u64(mem, sb::JOURNAL_SEQ);
     if seq == 0 {
         return Ok(false);
     }
     let g = s.geometry();
-    let bad = |why: String| VerifyError::Journal { seq, why };
+    let bad = |why: String| ImageVerifyError::Journal { seq, why };
     let tx = s.tx_count;
     if seq != tx + 1 && seq != tx {
         return Err(bad(format!("sequence does not follow tx count {tx}")));
@@ -492,7 +496,7 @@ mod tests {
     use super::*;
     use crate::guest::file::verify::{verify, verify_snapshot};
 
-    fn formatted(kind: WorkloadKind, size: usize) -> Vec<u8> {
+    fn formatted(kind: ImageWorkloadKind, size: usize) -> Vec<u8> {
         let mut mem = vec![0u8; size];
         format(&mut mem, &WorkloadParams::new(kind)).unwrap();
         mem
@@ -500,14 +504,18 @@ mod tests {
 
     #[test]
     fn every_workload_stays_consistent() {
-        for kind in WorkloadKind::ALL {
+        for kind in ImageWorkloadKind::ALL {
             let mut mem = formatted(kind, 1 << 20);
             assert_eq!(verify(&mem).unwrap().tx_count, 0);
             let mut w = Workload::attach(&mut mem).unwrap();
             for _ in 0..500 {
                 w.step();
             }
-            let expect = if kind == WorkloadKind::Idle { 0 } else { 500 };
+            let expect = if kind == ImageWorkloadKind::Idle {
+                0
+            } else {
+                500
+            };
             assert_eq!(w.tx_count(), expect);
             let r = verify(&mem).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
             assert_eq!((r.kind, r.tx_count), (kind, expect));
@@ -516,7 +524,7 @@ mod tests {
 
     #[test]
     fn dbsim_keeps_inactive_memory_zero_and_prefers_hot_blocks() {
-        let mut mem = formatted(WorkloadKind::Dbsim, 4 << 20);
+        let mut mem = formatted(ImageWorkloadKind::Dbsim, 4 << 20);
         let mut w = Workload::attach(&mut mem).unwrap();
         let (active, count) = (w.superblock().active_blocks, w.geometry().block_count);
         assert_eq!(active, count * 75 / 100);
@@ -538,7 +546,7 @@ mod tests {
     /// ledger, counter. Each must recover to exactly the after-image.
     #[test]
     fn every_mid_transaction_state_recovers() {
-        for kind in [WorkloadKind::Dbsim, WorkloadKind::Random] {
+        for kind in [ImageWorkloadKind::Dbsim, ImageWorkloadKind::Random] {
             let mut before = formatted(kind, 256 << 10);
             let mut w = Workload::attach(&mut before).unwrap();
             for _ in 0..50 {
@@ -594,25 +602,25 @@ mod tests {
 
     #[test]
     fn a_bad_journal_record_is_refused() {
-        let mut mem = formatted(WorkloadKind::Dbsim, 256 << 10);
+        let mut mem = formatted(ImageWorkloadKind::Dbsim, 256 << 10);
         Workload::attach(&mut mem).unwrap().step().unwrap();
         put_u64(&mut mem, sb::JOURNAL_SEQ, 1);
         put_u32(&mut mem, sb::JOURNAL_UPDATES + 4, 200);
         assert!(matches!(
             recover(&mut mem),
-            Err(VerifyError::Journal { seq: 1, .. })
+            Err(ImageVerifyError::Journal { seq: 1, .. })
         ));
         put_u64(&mut mem, sb::JOURNAL_SEQ, 7);
         assert!(matches!(
             recover(&mut mem),
-            Err(VerifyError::Journal { seq: 7, .. })
+            Err(ImageVerifyError::Journal { seq: 7, .. })
         ));
     }
 
     #[test]
     fn format_rejects_bad_parameters() {
         let mut tiny = vec![0u8; 8192];
-        let p = WorkloadParams::new(WorkloadKind::Random);
+        let p = WorkloadParams::new(ImageWorkloadKind::Random);
         assert!(matches!(
             format(&mut tiny, &p),
             Err(WorkloadError::TooSmall(8192))

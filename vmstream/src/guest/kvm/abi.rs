@@ -8,6 +8,3 @@ include!(concat!(env!("OUT_DIR"), "/guest_abi.rs"));
 /// The guest program: the flat `.text` of `guest-asm/guest.S`, loaded at
 /// [`CODE_GPA`] and entered at its first byte.
 pub const GUEST_PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
-
-/// Guest page size (4 KiB); dirty logs count in these pages.
-pub const PAGE_SIZE: u64 = 4096;

@@ -3,7 +3,7 @@
 use std::io;
 
 use crate::guest::kvm::state::StateError;
-use crate::guest::kvm::verify::VerifyError;
+use crate::guest::kvm::verify::KvmVerifyError;
 
 /// Everything that can go wrong creating, running, pausing or restoring a guest.
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +51,13 @@ pub enum KvmError {
     State(#[from] StateError),
     /// The guest's data broke an invariant.
     #[error("verification failed: {0}")]
-    Verify(#[from] VerifyError),
+    Verify(#[from] KvmVerifyError),
     /// The file-format image (filedb workload) could not be formatted.
     #[error("formatting the guest image: {0}")]
     ImageFormat(#[source] crate::guest::file::workload::WorkloadError),
     /// The file-format image (filedb workload) failed the file-backed verifier.
     #[error("image verification failed: {0}")]
-    ImageVerify(#[source] crate::guest::file::verify::VerifyError),
+    ImageVerify(#[source] crate::guest::file::verify::ImageVerifyError),
     /// A thread could not be started.
     #[error("cannot spawn thread: {0}")]
     Thread(#[source] io::Error),

@@ -14,11 +14,11 @@ use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::machine::{create_machine, format_image, vcpu_cpuid, Machine};
 use crate::guest::kvm::memory::GuestRam;
-use crate::guest::kvm::params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
+use crate::guest::kvm::params::{GuestLayout, KvmWorkloadKind, Params, WorkloadConfig};
 use crate::guest::kvm::setup;
 use crate::guest::kvm::state::{restore_vcpu, StateError, VmState};
 use crate::guest::kvm::vcpu::{install_kick_handler, vcpu_thread, Command, Shared};
-use crate::guest::kvm::verify::{self, VerifyReport};
+use crate::guest::kvm::verify::{self, KvmVerifyReport};
 use crate::track::kvm::{
     self as dirty, DirtyLog, DirtyLogMode, KvmDirtyTracker, DEFAULT_RING_ENTRIES,
 };
@@ -31,7 +31,7 @@ pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// How to start a fresh guest.
 #[derive(Clone, Debug)]
-pub struct GuestConfig {
+pub struct KvmGuestConfig {
     /// Number of vCPUs (one thread each), 1..=64.
     pub vcpus: usize,
     /// What the guest program does.
@@ -42,7 +42,7 @@ pub struct GuestConfig {
     pub ring_entries: u32,
 }
 
-impl Default for GuestConfig {
+impl Default for KvmGuestConfig {
     fn default() -> Self {
         Self {
             vcpus: 2,
@@ -107,7 +107,7 @@ pub fn kvm_available() -> std::result::Result<(), String> {
 impl KvmGuest {
     /// Creates a VM on `ram`, writes page tables, guest program and
     /// parameters into it, and starts `cfg.vcpus` vCPU threads.
-    pub fn start(ram: GuestRam, cfg: &GuestConfig) -> Result<Self> {
+    pub fn start(ram: GuestRam, cfg: &KvmGuestConfig) -> Result<Self> {
         let params = Params {
             workload: cfg.workload.clone(),
             layout: GuestLayout::for_memory(ram.size())?,
@@ -115,7 +115,7 @@ impl KvmGuest {
         };
         params.validate()?;
         let ram = Arc::new(ram);
-        if cfg.workload.kind == WorkloadKind::FileDb {
+        if cfg.workload.kind == KvmWorkloadKind::FileDb {
             format_image(&ram, &cfg.workload)?;
         }
         let machine = create_machine(&ram, cfg.vcpus, cfg.dirty_log, cfg.ring_entries, |_| {
@@ -383,7 +383,7 @@ impl KvmGuest {
 
     /// Checks every block against the ledger (dbsim); see [`verify::verify`].
     /// Exact when paused; while running, blocks change under the reader.
-    pub fn verify(&self) -> Result<VerifyReport> {
+    pub fn verify(&self) -> Result<KvmVerifyReport> {
         verify::verify(&self.ram, &self.params)
     }
 

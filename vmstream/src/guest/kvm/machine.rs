@@ -16,6 +16,7 @@ use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::GuestRam;
 use crate::guest::kvm::params::WorkloadConfig;
 use crate::guest::kvm::state::saved_msr_indices;
+use crate::memory::PAGE_SIZE;
 use crate::track::kvm::{DirtyLogMode, DirtyRings, RAM_SLOT};
 
 /// A VM with its memory slot and vCPUs, not yet running.
@@ -148,7 +149,7 @@ vmm_sys_util::ioctl_io_nr!(KVM_SET_NR_MMU_PAGES, 0xAE, 0x44);
 /// one per guest page still thrashed at 512 MiB, four per page did not.
 /// The cap only bounds allocation; unused shadow pages cost nothing.
 fn raise_mmu_page_limit(vm: &VmFd, ram_size: u64) -> Result<()> {
-    let pages = (ram_size / PAGE_SIZE * 4).max(8192);
+    let pages = (ram_size / PAGE_SIZE as u64 * 4).max(8192);
     // SAFETY: KVM_SET_NR_MMU_PAGES takes the page count by value; the VM fd is valid.
     let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_val(vm, KVM_SET_NR_MMU_PAGES(), pages) };
     if ret < 0 {
@@ -168,7 +169,7 @@ pub(crate) fn format_image(ram: &GuestRam, w: &WorkloadConfig) -> Result<()> {
         active_percent: (w.active_permille / 10).clamp(1, 100) as u8,
         seed: w.seed,
         ..crate::guest::file::workload::WorkloadParams::new(
-            crate::guest::file::layout::WorkloadKind::Dbsim,
+            crate::guest::file::layout::ImageWorkloadKind::Dbsim,
         )
     };
     crate::guest::file::workload::format(&mut image, &params).map_err(KvmError::ImageFormat)?;

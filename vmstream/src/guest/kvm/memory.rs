@@ -16,9 +16,9 @@ use vm_memory::{
     MmapRegion,
 };
 
-use crate::guest::kvm::abi::{PAGE_SIZE, PD_MAX_TABLES};
+use crate::guest::kvm::abi::PD_MAX_TABLES;
 use crate::guest::kvm::error::{KvmError, Result};
-use crate::memory::{open_owned, OwnError};
+use crate::memory::{open_owned, OwnError, PAGE_SIZE};
 
 /// Guest RAM alignment: the identity map uses 2 MiB pages.
 pub const RAM_ALIGN: u64 = 2 << 20;
@@ -145,7 +145,7 @@ impl GuestRam {
 
     /// Number of 4 KiB pages.
     pub fn pages(&self) -> u64 {
-        self.size / PAGE_SIZE
+        self.size / PAGE_SIZE as u64
     }
 
     /// The backing file (memfd or regular file).

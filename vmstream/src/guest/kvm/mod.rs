@@ -28,8 +28,8 @@ pub mod verify;
 
 pub use crate::track::kvm::{DirtyBitmap, DirtyLog, DirtyLogMode, DirtyLogStats};
 pub use error::{KvmError, Result};
-pub use guest::{kvm_available, GuestConfig, KvmGuest, RestoreConfig, THROTTLE_PERIOD};
+pub use guest::{kvm_available, KvmGuest, KvmGuestConfig, RestoreConfig, THROTTLE_PERIOD};
 pub use memory::{GuestRam, RamRead};
-pub use params::{GuestLayout, Params, WorkloadConfig, WorkloadKind};
+pub use params::{GuestLayout, KvmWorkloadKind, Params, WorkloadConfig};
 pub use state::{StateError, VcpuState, VmState};
-pub use verify::{VerifyError, VerifyReport};
+pub use verify::{KvmVerifyError, KvmVerifyReport};

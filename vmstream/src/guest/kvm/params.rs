@@ -5,10 +5,15 @@
 use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::RamRead;
+use crate::memory::PAGE_SIZE;
 
-/// What the guest program does on every vCPU.
+/// What the KVM guest program does on every vCPU: its own workloads, written in assembly,
+/// not the image workloads of the process guests ([`ImageWorkloadKind`]) even where the
+/// names match.
+///
+/// [`ImageWorkloadKind`]: crate::guest::file::layout::ImageWorkloadKind
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkloadKind {
+pub enum KvmWorkloadKind {
     /// Versioned 8 KiB blocks with checksums and a ledger; hot/cold skew.
     Dbsim,
     /// One random u64 store per transaction over the vCPU's blocks.
@@ -26,26 +31,26 @@ pub enum WorkloadKind {
     FileDb,
 }
 
-impl WorkloadKind {
+impl KvmWorkloadKind {
     fn code(self) -> u64 {
         match self {
-            WorkloadKind::Dbsim => WORKLOAD_DBSIM,
-            WorkloadKind::Random => WORKLOAD_RANDOM,
-            WorkloadKind::Hotset => WORKLOAD_HOTSET,
-            WorkloadKind::Idle => WORKLOAD_IDLE,
-            WorkloadKind::Touch => WORKLOAD_TOUCH,
-            WorkloadKind::FileDb => WORKLOAD_FILEDB,
+            KvmWorkloadKind::Dbsim => WORKLOAD_DBSIM,
+            KvmWorkloadKind::Random => WORKLOAD_RANDOM,
+            KvmWorkloadKind::Hotset => WORKLOAD_HOTSET,
+            KvmWorkloadKind::Idle => WORKLOAD_IDLE,
+            KvmWorkloadKind::Touch => WORKLOAD_TOUCH,
+            KvmWorkloadKind::FileDb => WORKLOAD_FILEDB,
         }
     }
 
     fn from_code(code: u64) -> Option<Self> {
         [
-            WorkloadKind::Dbsim,
-            WorkloadKind::Random,
-            WorkloadKind::Hotset,
-            WorkloadKind::Idle,
-            WorkloadKind::Touch,
-            WorkloadKind::FileDb,
+            KvmWorkloadKind::Dbsim,
+            KvmWorkloadKind::Random,
+            KvmWorkloadKind::Hotset,
+            KvmWorkloadKind::Idle,
+            KvmWorkloadKind::Touch,
+            KvmWorkloadKind::FileDb,
         ]
         .into_iter()
         .find(|k| k.code() == code)
@@ -54,24 +59,24 @@ impl WorkloadKind {
     /// The name [`parse`](Self::parse) accepts.
     pub fn name(self) -> &'static str {
         match self {
-            WorkloadKind::Dbsim => "dbsim",
-            WorkloadKind::Random => "random",
-            WorkloadKind::Hotset => "hotset",
-            WorkloadKind::Idle => "idle",
-            WorkloadKind::Touch => "touch",
-            WorkloadKind::FileDb => "filedb",
+            KvmWorkloadKind::Dbsim => "dbsim",
+            KvmWorkloadKind::Random => "random",
+            KvmWorkloadKind::Hotset => "hotset",
+            KvmWorkloadKind::Idle => "idle",
+            KvmWorkloadKind::Touch => "touch",
+            KvmWorkloadKind::FileDb => "filedb",
         }
     }
 
     /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`, `filedb`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
-            "dbsim" => Some(WorkloadKind::Dbsim),
-            "random" => Some(WorkloadKind::Random),
-            "hotset" => Some(WorkloadKind::Hotset),
-            "idle" => Some(WorkloadKind::Idle),
-            "touch" => Some(WorkloadKind::Touch),
-            "filedb" => Some(WorkloadKind::FileDb),
+            "dbsim" => Some(KvmWorkloadKind::Dbsim),
+            "random" => Some(KvmWorkloadKind::Random),
+            "hotset" => Some(KvmWorkloadKind::Hotset),
+            "idle" => Some(KvmWorkloadKind::Idle),
+            "touch" => Some(KvmWorkloadKind::Touch),
+            "filedb" => Some(KvmWorkloadKind::FileDb),
             _ => None,
         }
     }
@@ -81,7 +86,7 @@ impl WorkloadKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadConfig {
     /// Which workload.
-    pub kind: WorkloadKind,
+    pub kind: KvmWorkloadKind,
     /// PRNG seed.
     pub seed: u64,
     /// Share (per mille) of blocks the workload touches; the rest stay zero.
@@ -101,7 +106,7 @@ impl Default for WorkloadConfig {
     /// 4 words per transaction, a report every 64 Ki transactions.
     fn default() -> Self {
         Self {
-            kind: WorkloadKind::Dbsim,
+            kind: KvmWorkloadKind::Dbsim,
             seed: 1,
             active_permille: 750,
             hot_permille: 100,
@@ -133,7 +138,7 @@ impl GuestLayout {
             .ok_or_else(|| KvmError::Config("RAM smaller than the system area".into()))?;
         let mut blocks = avail / (BLOCK_SIZE + 8);
         loop {
-            let ledger = (blocks * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let ledger = (blocks * 8).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
             if SYSTEM_AREA_SIZE + ledger + blocks * BLOCK_SIZE <= memory_size {
                 let layout = Self {
                     memory_size,
@@ -229,7 +234,7 @@ impl Params {
         if version != PARAMS_VERSION_VALUE {
             return bad(format!("unsupported version {version}"));
         }
-        let Some(kind) = WorkloadKind::from_code(get(PARAM_WORKLOAD)?) else {
+        let Some(kind) = KvmWorkloadKind::from_code(get(PARAM_WORKLOAD)?) else {
             return bad("unknown workload".into());
         };
         let memory_size = get(PARAM_MEMORY_SIZE)?;

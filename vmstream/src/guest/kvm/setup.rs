@@ -8,6 +8,7 @@ use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::GuestRam;
 use crate::guest::kvm::params::Params;
+use crate::memory::PAGE_SIZE;
 
 // Page-table entry bits.
 const PTE_PRESENT: u64 = 1 << 0;
@@ -123,7 +124,7 @@ pub fn write_system_area(ram: &GuestRam, params: &Params) -> Result<()> {
     let gib = ram.size().div_ceil(1 << 30);
     ram.write_u64(PML4_GPA, PDPT_GPA | TABLE_FLAGS)?;
     for g in 0..gib {
-        let pd = PD_GPA + g * PAGE_SIZE;
+        let pd = PD_GPA + g * PAGE_SIZE as u64;
         ram.write_u64(PDPT_GPA + g * 8, pd | TABLE_FLAGS)?;
         let first = g << 30;
         let entries: Vec<u8> = (0..512u64)
@@ -182,7 +183,7 @@ pub fn initial_regs(vcpu: u64) -> kvm_regs {
 const _: () = {
     assert!(STACK_AREA_GPA >= CODE_GPA + CODE_MAX);
     assert!(TSS_GPA + TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES < PML4_GPA);
-    assert!(PD_GPA + PD_MAX_TABLES * PAGE_SIZE <= PARAMS_GPA);
+    assert!(PD_GPA + PD_MAX_TABLES * PAGE_SIZE as u64 <= PARAMS_GPA);
     assert!(VCPU_AREA_GPA + MAX_VCPUS * VCPU_AREA_STRIDE <= CODE_GPA);
     assert!(PORT_TOUCH_DONE < TSS_IOMAP_BYTES * 8);
 };

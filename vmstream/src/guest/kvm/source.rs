@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::guest::file::source::GuestControlError;
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{DirtyLogMode, GuestConfig, GuestRam, KvmGuest, WorkloadConfig};
+use crate::guest::kvm::{DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig};
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
@@ -41,7 +41,7 @@ pub struct KvmSpec {
     /// vCPUs.
     pub vcpus: usize,
     /// Guest program workload.
-    pub workload: crate::guest::kvm::WorkloadKind,
+    pub workload: crate::guest::kvm::KvmWorkloadKind,
     /// Dirty tracking mechanism.
     pub dirty_log: DirtyLogMode,
     /// After a failed or cancelled migration.
@@ -77,14 +77,14 @@ impl KvmSourceGuest {
             None => GuestRam::memfd(spec.size)?,
         };
         let path = ram.shared_path();
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             vcpus: spec.vcpus,
             workload: WorkloadConfig {
                 kind: spec.workload,
                 ..WorkloadConfig::default()
             },
             dirty_log: Some(spec.dirty_log),
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(ram, &cfg)?;
         let tracker = guest.dirty_tracker()?;

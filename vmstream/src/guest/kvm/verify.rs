@@ -7,11 +7,14 @@
 use crate::guest::kvm::abi::*;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::{GuestRam, RamRead};
-use crate::guest::kvm::params::{Params, WorkloadKind};
+use crate::guest::kvm::params::{KvmWorkloadKind, Params};
 
-/// What the verifier checked.
+/// What the verifier of a KVM guest's RAM checked (blocks against the ledger and the vCPU
+/// counters); the filedb workload's [`ImageVerifyReport`] is translated into it.
+///
+/// [`ImageVerifyReport`]: crate::guest::file::verify::ImageVerifyReport
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VerifyReport {
+pub struct KvmVerifyReport {
     /// Blocks checked.
     pub blocks: u64,
     /// Blocks written at least once.
@@ -24,7 +27,7 @@ pub struct VerifyReport {
 
 /// A broken invariant, with the block it was found in.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
+pub enum KvmVerifyError {
     /// Header block number is wrong.
     #[error("block {block}: header says block {found}")]
     WrongNumber {
@@ -133,8 +136,8 @@ pub type KnownFacts<'a> = &'a (dyn Fn(u64) -> Option<BlockFacts> + Sync);
 
 /// Verifies a dbsim guest's RAM. Other workloads have no invariants beyond
 /// "untouched blocks stay zero", which is checked for them too.
-/// Inner `Err(VerifyError)` = the guest's data is wrong; outer = could not read.
-pub fn verify(ram: &GuestRam, params: &Params) -> Result<VerifyReport> {
+/// Inner `Err(KvmVerifyError)` = the guest's data is wrong; outer = could not read.
+pub fn verify(ram: &GuestRam, params: &Params) -> Result<KvmVerifyReport> {
     verify_known(ram, params, &|_| None)
 }
 
@@ -146,8 +149,8 @@ pub fn verify_known<R: RamRead + ?Sized>(
     ram: &R,
     params: &Params,
     known: KnownFacts<'_>,
-) -> Result<VerifyReport> {
-    if params.workload.kind == WorkloadKind::FileDb {
+) -> Result<KvmVerifyReport> {
+    if params.workload.kind == KvmWorkloadKind::FileDb {
         return verify_image(ram);
     }
     Ok(check_known(ram, params, known)??)
@@ -156,12 +159,12 @@ pub fn verify_known<R: RamRead + ?Sized>(
 /// The filedb image at IMAGE_GPA, checked by the file-backed guests'
 /// verifier on a private copy (an armed journal is replayed first, as after
 /// a pause mid-transaction).
-pub fn verify_image<R: RamRead + ?Sized>(ram: &R) -> Result<VerifyReport> {
+pub fn verify_image<R: RamRead + ?Sized>(ram: &R) -> Result<KvmVerifyReport> {
     let mut image = vec![0u8; (ram.ram_size() - IMAGE_GPA) as usize];
     ram.read_bytes(IMAGE_GPA, &mut image)?;
     let r =
         crate::guest::file::verify::verify_snapshot(&mut image).map_err(KvmError::ImageVerify)?;
-    Ok(VerifyReport {
+    Ok(KvmVerifyReport {
         blocks: r.blocks,
         written_blocks: r.active_blocks,
         versions: r.active_blocks + r.tx_count,
@@ -169,11 +172,11 @@ pub fn verify_image<R: RamRead + ?Sized>(ram: &R) -> Result<VerifyReport> {
     })
 }
 
-/// Like [`verify`], but returns the typed [`VerifyError`].
+/// Like [`verify`], but returns the typed [`KvmVerifyError`].
 pub fn check(
     ram: &GuestRam,
     params: &Params,
-) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+) -> Result<std::result::Result<KvmVerifyReport, KvmVerifyError>> {
     check_known(ram, params, &|_| None)
 }
 
@@ -183,7 +186,7 @@ fn check_known<R: RamRead + ?Sized>(
     ram: &R,
     params: &Params,
     known: KnownFacts<'_>,
-) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+) -> Result<std::result::Result<KvmVerifyReport, KvmVerifyError>> {
     let layout = &params.layout;
     let mut ledger = vec![0u8; (layout.block_count * 8) as usize];
     ram.read_bytes(layout.ledger_gpa, &mut ledger)?;
@@ -199,7 +202,7 @@ fn check_known<R: RamRead + ?Sized>(
         let f = ram.read_le_u64(rec + VCPU_INFLIGHT)?;
         inflight.push(f.checked_sub(1));
     }
-    let dbsim = params.workload.kind == WorkloadKind::Dbsim;
+    let dbsim = params.workload.kind == KvmWorkloadKind::Dbsim;
     // Blocks are independent: check ranges of them on all cores (this check is part of a
     // migrated guest's downtime). The first error in block order wins, as sequentially.
     let threads = std::thread::available_parallelism()
@@ -207,7 +210,7 @@ fn check_known<R: RamRead + ?Sized>(
         .clamp(1, 8)
         .min(layout.block_count.max(1));
     let per = layout.block_count.div_ceil(threads);
-    let parts: Vec<Result<std::result::Result<VerifyReport, VerifyError>>> =
+    let parts: Vec<Result<std::result::Result<KvmVerifyReport, KvmVerifyError>>> =
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
@@ -228,7 +231,7 @@ fn check_known<R: RamRead + ?Sized>(
                 .map(|h| h.join().expect("verify thread"))
                 .collect()
         });
-    let mut report = VerifyReport::default();
+    let mut report = KvmVerifyReport::default();
     for part in parts {
         let r = match part? {
             Ok(r) => r,
@@ -248,7 +251,7 @@ fn check_known<R: RamRead + ?Sized>(
             // between the two is one ahead.
             let ok = versions == count || (inflight[v as usize].is_some() && versions == count + 1);
             if !ok {
-                return Ok(Err(VerifyError::CountMismatch {
+                return Ok(Err(KvmVerifyError::CountMismatch {
                     vcpu: v,
                     versions,
                     count,
@@ -274,11 +277,11 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
     fn check(
         self,
         range: std::ops::Range<u64>,
-    ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+    ) -> Result<std::result::Result<KvmVerifyReport, KvmVerifyError>> {
         let layout = &self.params.layout;
-        let dbsim = self.params.workload.kind == WorkloadKind::Dbsim;
+        let dbsim = self.params.workload.kind == KvmWorkloadKind::Dbsim;
         let active = self.params.active_blocks();
-        let mut report = VerifyReport::default();
+        let mut report = KvmVerifyReport::default();
         let mut block = vec![0u8; BLOCK_SIZE as usize];
         for b in range {
             report.blocks += 1;
@@ -301,7 +304,7 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
             };
             if must_be_zero {
                 if !facts.zero {
-                    return Ok(Err(VerifyError::NotZero { block: b }));
+                    return Ok(Err(KvmVerifyError::NotZero { block: b }));
                 }
                 continue;
             }
@@ -313,7 +316,7 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
             if is_inflight {
                 // Mid-transaction: the header may be fresh or one version ahead.
                 if facts.version != led && facts.version != led + 1 {
-                    return Ok(Err(VerifyError::VersionMismatch {
+                    return Ok(Err(KvmVerifyError::VersionMismatch {
                         block: b,
                         version: facts.version,
                         ledger: led,
@@ -322,20 +325,20 @@ impl<R: RamRead + ?Sized> Blocks<'_, R> {
                 continue;
             }
             if facts.number != b {
-                return Ok(Err(VerifyError::WrongNumber {
+                return Ok(Err(KvmVerifyError::WrongNumber {
                     block: b,
                     found: facts.number,
                 }));
             }
             if facts.version != led {
-                return Ok(Err(VerifyError::VersionMismatch {
+                return Ok(Err(KvmVerifyError::VersionMismatch {
                     block: b,
                     version: facts.version,
                     ledger: led,
                 }));
             }
             if facts.stored != facts.computed {
-                return Ok(Err(VerifyError::Checksum {
+                return Ok(Err(KvmVerifyError::Checksum {
                     block: b,
                     stored: facts.stored,
                     computed: facts.computed,

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
 use crate::migration::connect::admission::Admissions;
 use crate::migration::dest::machine::{self, Received};
 use crate::migration::error::RecvError;
 use crate::migration::image::{check_target, Reservation};
 use crate::migration::interrupt;
-use crate::migration::wire::PAGE_SIZE;
 use crate::telemetry::stats::MigrationStats;
 
 /// Parses `--listen`: `PORT` or `:PORT` listen on 127.0.0.1; `HOST:PORT` is explicit.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::config::RecvConfig;
 use crate::migration::connect::admission::{Admissions, Opening};
 use crate::migration::connect::auth::Admission;
@@ -32,7 +32,7 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestSamples, GuestState, Hello,
     HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
-    FEATURE_MEMORY_DIGEST, KNOWN_FEATURES, PAGE_SIZE,
+    FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -255,7 +255,7 @@ impl Dest<'_> {
     /// Checks a `Hello` (with the checks of `guest`, of the kind it announces); `Some`
     /// refusal if we cannot take this guest.
     fn check_hello(&self, h: &Hello, guest: &dyn IncomingGuest) -> Option<(RefuseCode, String)> {
-        if h.page_size != PAGE_SIZE {
+        if h.page_size != PAGE_SIZE as u32 {
             return Some((
                 RefuseCode::PageSize,
                 format!(
@@ -409,10 +409,9 @@ impl Dest<'_> {
     ) -> Result<DestState, RecvError> {
         // Destination memory is written only by the codec's workers: each keeps the hash
         // of the pages it applies current, so the digest at the pause only hashes the list.
-        let page_size = PAGE_SIZE as usize;
         let hashes = std::sync::Arc::new(PageHashes::zeroed(
             hello.guest_size / PAGE_SIZE as u64,
-            page_size,
+            PAGE_SIZE,
         ));
         // With --resume, the workload's verify of the received image runs mostly during the
         // rounds (`dest/verify.rs`), off the downtime.

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::guest::file::verify::{verify_file, VerifyReport};
+use crate::guest::file::verify::{verify_file, ImageVerifyReport};
 use crate::migration::config::RecvConfig;
 use crate::migration::error::RecvError;
 use crate::telemetry::stats::{MigrationStats, Role};
@@ -50,7 +50,7 @@ pub enum ResumedRun {
         /// Transactions at the resume.
         tx_start: u64,
         /// The verify after the run.
-        report: VerifyReport,
+        report: ImageVerifyReport,
     },
     /// A KVM guest.
     Kvm(KvmRunOutcome),

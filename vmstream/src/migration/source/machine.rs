@@ -14,17 +14,18 @@ use std::time::{Duration, Instant};
 
 use crate::converge::{switchover_latency, DowntimePolicy, RoundObservation, SwitchReason};
 use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
 use crate::migration::error::SendError;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST, PAGE_SIZE,
+    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
-use super::round::{unexpected, PageSource, RoundIo};
-use super::{Outcome, CANCELLED, PAGE};
+use super::round::{unexpected, PageOrigin, RoundIo};
+use super::{Outcome, CANCELLED};
 
 /// Where the source is in the migration.
 #[derive(Debug)]
@@ -98,7 +99,7 @@ impl<'a> Source<'a> {
             tx_start: (start, 0),
             switch_start: None,
             impact,
-            bytes_per_page: PAGE as f64,
+            bytes_per_page: PAGE_SIZE as f64,
             throttle: 0.0,
             round0_data: None,
             collect_time: Duration::ZERO,
@@ -112,7 +113,7 @@ impl<'a> Source<'a> {
         let delta = self.cfg.encoder.delta.is_some();
         Hello {
             guest_kind: self.guest.kind(),
-            page_size: PAGE_SIZE,
+            page_size: PAGE_SIZE as u32,
             guest_size: self.guest.size(),
             features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
             compression: self.cfg.encoder.compression,
@@ -202,7 +203,7 @@ impl<'a> Source<'a> {
         self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
             round: 0,
-            pages: (0..self.guest.size() / PAGE as u64).collect(),
+            pages: (0..self.guest.size() / PAGE_SIZE as u64).collect(),
         })
     }
 
@@ -252,8 +253,8 @@ impl<'a> Source<'a> {
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
         let src = match (round, &self.round0_data) {
-            (0, Some(data)) => PageSource::LiveSkippingHoles(&mut *self.guest, data),
-            _ => PageSource::Live(&mut *self.guest),
+            (0, Some(data)) => PageOrigin::LiveSkippingHoles(&mut *self.guest, data),
+            _ => PageOrigin::Live(&mut *self.guest),
         };
         let mut rs = match self.io.send_round(round, &pages, src, 0) {
             Err(SendError::Cancelled) => {
@@ -322,7 +323,7 @@ impl<'a> Source<'a> {
     /// guest memory is refused here, before the codec sees it.
     pub(super) fn collect_dirty(&mut self) -> Result<(Vec<u64>, Duration), SendError> {
         let t = Instant::now();
-        let limit = self.guest.size() / PAGE as u64;
+        let limit = self.guest.size() / PAGE_SIZE as u64;
         let tracker = self.guest.tracker();
         let pages = tracker.collect().map_err(SendError::Tracker)?;
         if pages.last().is_some_and(|&p| p >= limit) {
@@ -345,14 +346,15 @@ impl<'a> Source<'a> {
     ) -> RoundObservation {
         let nonzero = rs.records - rs.pages_by_encoding.zero;
         if nonzero > 0 {
-            self.bytes_per_page = (rs.packet_bytes as f64 / nonzero as f64).min(PAGE as f64 + 16.0);
+            self.bytes_per_page =
+                (rs.packet_bytes as f64 / nonzero as f64).min(PAGE_SIZE as f64 + 16.0);
         }
         let now = self.start.elapsed();
         let bandwidth = self.update_bandwidth(rs);
         let remaining = unsent as f64 * self.bytes_per_page.max(0.0);
         RoundObservation {
             dirty_pages: unsent,
-            dirty_bytes: unsent.saturating_mul(PAGE as u64),
+            dirty_bytes: unsent.saturating_mul(PAGE_SIZE as u64),
             remaining_dirty_bytes: if remaining.is_finite() {
                 remaining as u64
             } else {

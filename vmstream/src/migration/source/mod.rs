@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use crate::converge::DowntimePolicy;
 use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::memory_digest;
 use crate::migration::error::SendError;
 use crate::migration::transport::Frame;
-use crate::migration::wire::{AbortCode, GuestKind, Message, PAGE_SIZE};
+use crate::migration::wire::{AbortCode, GuestKind, Message};
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::progress::Progress;
 use crate::telemetry::settings::PageCopies;
@@ -27,8 +28,6 @@ pub use report::{migrate, SendReport};
 
 use machine::Source;
 use round::RoundIo;
-
-const PAGE: usize = PAGE_SIZE as usize;
 
 /// Set (to anything), `vmstream send` exits with status 70 right after the destination's
 /// commit reply, before ending its guest or sending `Handover`: a source that crashed at
@@ -57,7 +56,7 @@ fn digest_time_estimate(memory: &crate::memory::GuestMemory) -> Duration {
     let best = (0..3)
         .map(|_| {
             let t = Instant::now();
-            let _ = memory_digest(&sample, PAGE);
+            let _ = memory_digest(&sample, PAGE_SIZE);
             t.elapsed()
         })
         .min()
@@ -91,7 +90,8 @@ fn run_migration(
     }
     // The encode workers read pages themselves unless the tracker must see every page sent.
     let workers_reader = (!guest.tracker().needs_sent_pages()).then(|| guest.memory().reader());
-    let (channels, reader) = SourceChannels::open(cfg, guest.size() / PAGE as u64, workers_reader)?;
+    let (channels, reader) =
+        SourceChannels::open(cfg, guest.size() / PAGE_SIZE as u64, workers_reader)?;
     stats.settings.page_copies = Some(if channels.reads_pages() {
         PageCopies::EncodeWorkers
     } else {
@@ -117,7 +117,7 @@ fn run_migration(
         .map_err(|e| SendError::Config(e.to_string()))?;
     let deferral = cfg
         .converge
-        .deferral(guest.size() / PAGE as u64)
+        .deferral(guest.size() / PAGE_SIZE as u64)
         .map_err(|e| SendError::Config(e.to_string()))?;
     let policy = DowntimePolicy::new(
         page_budget(cfg.downtime_limit, overhead),

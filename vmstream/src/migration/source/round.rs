@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::{ChannelRound, SourceChannels};
 use crate::migration::error::SendError;
 use crate::migration::transport::{Frame, FrameReader};
@@ -14,10 +15,9 @@ use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
 use crate::telemetry::progress::Progress;
 use crate::telemetry::stats::RoundStats;
 
-use super::PAGE;
-
-/// Where a round's pages are read from.
-pub(super) enum PageSource<'a> {
+/// Where a round's pages are read from: the running guest or the paused guest's memory (not
+/// the codec's `PageSource`, which is what the encode workers copy live pages from).
+pub(super) enum PageOrigin<'a> {
     /// The running guest's mapping (each page copied, racing writes are re-sent later).
     Live(&'a mut dyn MigratableGuest),
     /// The same, but pages whose bit is clear in the bitmap (holes of the memory file when
@@ -58,7 +58,7 @@ impl RoundIo {
         &mut self,
         round: u64,
         pages: &[u64],
-        src: PageSource<'_>,
+        src: PageOrigin<'_>,
         flags: u32,
     ) -> Result<RoundStats, SendError> {
         let r = self.send_pages(round, pages, src, flags)?;
@@ -70,7 +70,7 @@ impl RoundIo {
         &mut self,
         round: u64,
         pages: &[u64],
-        mut src: PageSource<'_>,
+        mut src: PageOrigin<'_>,
         flags: u32,
     ) -> Result<RoundInFlight, SendError> {
         let started = Instant::now();
@@ -81,7 +81,7 @@ impl RoundIo {
         // codec's batch. Either way the one copy is the snapshot the encoder and the page
         // cache see.
         let reader = match &src {
-            PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _)
+            PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _)
                 if !self.channels.reads_pages() =>
             {
                 Some(g.memory().reader())
@@ -95,15 +95,15 @@ impl RoundIo {
                 if self.cancelled() {
                     return Err(SendError::Cancelled);
                 }
-                if let PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) = &mut src {
+                if let PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) = &mut src {
                     g.check_alive().map_err(SendError::Guest)?;
                 }
             }
-            let at = p as usize * PAGE;
+            let at = p as usize * PAGE_SIZE;
             match &mut src {
-                PageSource::Frozen(m) => self.channels.push(p, &m[at..at + PAGE])?,
+                PageOrigin::Frozen(m) => self.channels.push(p, &m[at..at + PAGE_SIZE])?,
                 // Holes of a sparse memory file are filled with zeros here, never read.
-                PageSource::LiveSkippingHoles(g, data) if crate::memory::page_is_hole(data, p) => {
+                PageOrigin::LiveSkippingHoles(g, data) if crate::memory::page_is_hole(data, p) => {
                     let tracker = g.tracker();
                     self.channels.push_with(p, |slot| {
                         slot.fill(0);
@@ -111,7 +111,7 @@ impl RoundIo {
                         Ok(())
                     })?
                 }
-                PageSource::Live(g) | PageSource::LiveSkippingHoles(g, _) => {
+                PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) => {
                     // Tracking restarts for the page before it is read: a write racing
                     // with the read is reported next round.
                     let tracker = g.tracker();

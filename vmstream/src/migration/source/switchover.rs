@@ -4,6 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
+use crate::memory::PAGE_SIZE;
 use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
 use crate::migration::transport::Frame;
@@ -15,8 +16,8 @@ use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::stats::unix_ns;
 
 use super::machine::{Source, SourceState};
-use super::round::{merge_pages, unexpected, PageSource};
-use super::{Outcome, CRASH_AFTER_COMMIT_ENV, PAGE};
+use super::round::{merge_pages, unexpected, PageOrigin};
+use super::{Outcome, CRASH_AFTER_COMMIT_ENV};
 
 impl Source<'_> {
     pub(super) fn switchover(
@@ -52,12 +53,12 @@ impl Source<'_> {
             let digest = s.spawn(|| {
                 let t = Instant::now();
                 let digest = match &data {
-                    Some(d) => memory_digest_sparse(memory, PAGE, d),
-                    None => memory_digest(memory, PAGE),
+                    Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
+                    None => memory_digest(memory, PAGE_SIZE),
                 };
                 (digest, t.elapsed())
             });
-            let sent = io.send_pages(round, &pages, PageSource::Frozen(memory), flags);
+            let sent = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
             (digest.join().expect("digest thread"), sent)
         });
         let (digest, digest_time) = digest;

@@ -54,8 +54,6 @@ pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 pub const PROTOCOL_VERSION: u16 = 3;
 /// Longest human-readable reason carried in a refusal or abort.
 pub const MAX_REASON_LEN: usize = 1024;
-/// Page size every peer of this version uses.
-pub const PAGE_SIZE: u32 = 4096;
 
 /// Feature bit: the sender may use delta encodings (XBZRLE, XOR+LZ4) against pages it
 /// sent before; the receiver must keep every page it received.

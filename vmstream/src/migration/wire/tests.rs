@@ -10,7 +10,7 @@ use super::*;
 pub(super) fn hello() -> Hello {
     Hello {
         guest_kind: GuestKind::File,
-        page_size: PAGE_SIZE,
+        page_size: crate::memory::PAGE_SIZE as u32,
         guest_size: 256 << 20,
         features: KNOWN_FEATURES,
         compression: Compression::Zstd { level: 3 },

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 
-use crate::memory::MemoryReader;
+use crate::memory::{MemoryReader, PAGE_SIZE};
 use crate::migration::config::SendConfig;
 use crate::migration::connect::auth::{authenticate_destination, AuthKey, SourceAuth};
 use crate::migration::connect::channels::{
@@ -19,7 +19,7 @@ use crate::migration::transport::{
 };
 use crate::migration::wire::{
     Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
-    MAX_CHANNELS, PAGE_SIZE,
+    MAX_CHANNELS,
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use crate::guest::file::layout::{get_u64, sb};
 use crate::guest::file::verify::{
-    check_block_content, verify_sparse, BlockContent, Superblock, VerifyError, VerifyReport,
+    check_block_content, verify_sparse, BlockContent, ImageVerifyError, ImageVerifyReport,
+    Superblock,
 };
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::dest::verify::{block_page_hashes, BackgroundVerifier, BlockChecks};
@@ -101,7 +102,7 @@ pub fn verify_at_pause(
     hashes: &PageHashes,
     background: Option<BackgroundVerifier<FileChecks>>,
     data: Option<&[u64]>,
-) -> Result<VerifyReport, VerifyError> {
+) -> Result<ImageVerifyReport, ImageVerifyError> {
     let learned = background
         .and_then(BackgroundVerifier::finish)
         .and_then(|c| c.learned);
@@ -129,7 +130,7 @@ pub fn verify_at_pause(
         &checked,
         replayed.then_some(journal_block).flatten(),
     ) {
-        Ok(()) => Ok(VerifyReport {
+        Ok(()) => Ok(ImageVerifyReport {
             kind: s.kind,
             blocks: s.block_count,
             active_blocks: s.active_blocks,
@@ -231,7 +232,7 @@ mod tests {
         let mut mem = GuestMemory::memfd("dest-verify", SIZE).unwrap();
         format(
             mem.as_mut_slice(),
-            &WorkloadParams::new(crate::guest::file::layout::WorkloadKind::Dbsim),
+            &WorkloadParams::new(crate::guest::file::layout::ImageWorkloadKind::Dbsim),
         )
         .unwrap();
         let hashes = Arc::new(PageHashes::zeroed(mem.pages(), PAGE_SIZE));

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::guest::file::verify::{VerifyError, VerifyReport};
+use crate::guest::file::verify::{ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::{
-    GuestConfig, GuestError, GuestSummary, MemorySource, ReadyLine, StartMode,
+    GuestError, GuestSummary, MemorySource, ProcessGuestConfig, ReadyLine, StartMode,
 };
 use crate::memory::GuestMemory;
 use crate::migration::dest::incoming::{IncomingGuest, Resumption};
@@ -38,7 +38,7 @@ pub struct IncomingFileGuest {
     view: Option<Arc<GuestMemory>>,
     /// With `--resume`: the workload's recover + verify of the final image, run before the
     /// commit so an image the guest cannot resume from is never committed.
-    verified: Option<Result<VerifyReport, VerifyError>>,
+    verified: Option<Result<ImageVerifyReport, ImageVerifyError>>,
     resumed: Option<ResumedGuest>,
 }
 
@@ -183,10 +183,10 @@ impl Write for ReadyWatch {
 /// commit: `report`) and waits for it to run.
 fn start_guest(
     memory: GuestMemory,
-    report: VerifyReport,
+    report: ImageVerifyReport,
     run_for: Option<Duration>,
 ) -> Result<ResumedGuest, RecvError> {
-    let cfg = GuestConfig {
+    let cfg = ProcessGuestConfig {
         memory: MemorySource::File(memory.path().to_path_buf()),
         size: Some(memory.len() as u64),
         start: StartMode::Resume,

@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn kvm_ledger_check_with_background_facts_equals_the_full_check() {
         use crate::guest::kvm::verify::{verify, verify_known};
-        use crate::guest::kvm::{kvm_available, GuestConfig, GuestRam, KvmGuest};
+        use crate::guest::kvm::{kvm_available, GuestRam, KvmGuest, KvmGuestConfig};
         if let Err(why) = kvm_available() {
             eprintln!("skipping: {why}");
             return;
@@ -159,13 +159,13 @@ mod tests {
         // rewrites leave most of those the first run wrote with current background facts,
         // even when pausing the guest overshoots the count by a million transactions.
         let size = 64u64 << 20;
-        let cfg = GuestConfig {
+        let cfg = KvmGuestConfig {
             vcpus: 2,
             workload: crate::guest::kvm::WorkloadConfig {
                 hot_hit_permille: 950,
                 ..Default::default()
             },
-            ..GuestConfig::default()
+            ..KvmGuestConfig::default()
         };
         let mut guest = KvmGuest::start(GuestRam::open(&path, size).unwrap(), &cfg).unwrap();
         guest.pause().unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::guest::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
 use crate::guest::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
-use crate::guest::kvm::{kvm_available, VerifyReport, VmState};
+use crate::guest::kvm::{kvm_available, KvmVerifyReport, VmState};
 use crate::memory::GuestMemory;
 use crate::migration::dest::incoming::{IncomingGuest, Resumption};
 use crate::migration::dest::machine::Received;
@@ -41,7 +41,7 @@ pub struct IncomingKvmGuest {
     /// The guest's validated state (from `GuestState`).
     state: Option<VmState>,
     /// With `--resume`: the ledger check of the final image, before the commit.
-    verified: Option<Result<VerifyReport, String>>,
+    verified: Option<Result<KvmVerifyReport, String>>,
     /// The committed image as the codec mapped it; the VM maps it again, and unmapping this
     /// one at the resume would be downtime.
     committed: Option<GuestMemory>,
@@ -165,7 +165,7 @@ fn verify_pending(
     image: &mut PendingImage,
     hashes: &PageHashes,
     background: Option<BackgroundVerifier<KvmChecks>>,
-) -> Result<VerifyReport, String> {
+) -> Result<KvmVerifyReport, String> {
     // Read through the mapping the codec wrote: its pages are faulted in already.
     let ram: &[u8] = image.memory_mut();
     let params = crate::guest::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;

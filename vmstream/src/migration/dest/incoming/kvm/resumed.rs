@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::guest::kvm::run::report_while_running;
-use crate::guest::kvm::{GuestRam, KvmGuest, RestoreConfig, VerifyReport, VmState};
+use crate::guest::kvm::{GuestRam, KvmGuest, KvmVerifyReport, RestoreConfig, VmState};
 use crate::migration::dest::incoming::Resumption;
 use crate::migration::error::RecvError;
 use crate::migration::wire::GuestSamples;
@@ -25,7 +25,7 @@ pub struct KvmResumed {
     /// Transactions (all vCPUs) at the resume.
     pub tx_start: u64,
     /// The ledger check before the resume.
-    pub verified: VerifyReport,
+    pub verified: KvmVerifyReport,
     /// When the vCPUs were started: `--run-for` counts from here, as for a guest process.
     resumed_at: Instant,
 }
@@ -48,7 +48,7 @@ pub struct KvmRunOutcome {
     /// Transactions per second while running.
     pub tps: f64,
     /// The ledger check of the paused guest at the end.
-    pub verified: VerifyReport,
+    pub verified: KvmVerifyReport,
 }
 
 impl KvmResumed {
@@ -60,7 +60,7 @@ impl KvmResumed {
         path: &Path,
         size: u64,
         state: &VmState,
-        verified: VerifyReport,
+        verified: KvmVerifyReport,
     ) -> Result<(KvmResumed, Resumption), RecvError> {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
