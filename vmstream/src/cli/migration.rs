@@ -29,6 +29,10 @@ use crate::units::{parse_bandwidth, parse_duration, parse_size};
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
 pub const EXIT_CANCELLED: u8 = 3;
 
+/// Exit code of a sender stopped by an injected crash after the commit (only a binary built
+/// with the `fault-injection` feature injects one).
+pub const EXIT_CRASHED_AFTER_COMMIT: u8 = 70;
+
 /// XBZRLE switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -277,6 +281,10 @@ impl SendArgs {
         cfg.converge = self.converge.clone();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        #[cfg(feature = "fault-injection")]
+        {
+            cfg.faults = crate::cli::fault_env::source_faults()?;
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -412,6 +420,11 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         Ok(Outcome::Committed) => {
             stats.outcome = "committed".into();
             ExitCode::SUCCESS
+        }
+        Ok(Outcome::CrashedAfterCommit) => {
+            // As a killed process would: no report, the guest left as it is (paused).
+            eprintln!("vmstream send: injected crash after the commit: exiting as if crashed");
+            std::process::exit(EXIT_CRASHED_AFTER_COMMIT.into());
         }
         Ok(Outcome::Cancelled(reason)) => {
             stats.outcome = "cancelled".into();
