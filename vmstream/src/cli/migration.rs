@@ -251,6 +251,7 @@ impl SendArgs {
                 workload: parse_kind(&self.workload)?,
                 rate: self.rate,
                 active: self.active,
+                guest_exe: None,
             },
             (None, None) => return Err("--size is required without --pid".into()),
         };
