@@ -27,7 +27,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 /// The `vmstream` binary: `CARGO_BIN_EXE_vmstream` if set, else `target/<profile>/vmstream`
-/// next to this test executable, built with cargo first so it is not stale.
+/// next to this test executable, built with cargo first (with the `fault-injection`
+/// feature) so it is not stale.
 pub fn vmstream_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -44,7 +45,10 @@ pub fn vmstream_bin() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // With the `VMSTREAM_TEST_*` fault hooks (`vmstream/src/cli/fault_env.rs`), which a
+        // plain build leaves out.
         cmd.args(["build", "-q", "-p", "vmstream", "--bin", "vmstream"]);
+        cmd.args(["--features", "fault-injection"]);
         // Cargo gives this test process the test crate's package variables; build scripts
         // that watch them (ring's does) would rebuild for them, and again for the next
         // plain `cargo build`.

@@ -106,7 +106,7 @@ fn a_source_crash_after_the_commit_leaves_the_destination_copy_stopped() {
     let dir = TmpDir::new("crash-after-commit");
     let (dst, rj) = (dir.path("dst.img"), dir.path("recv.json"));
     let (mut recv, port) = start_resuming_receiver(&dst, "1s", &rj);
-    let crash = vmstream::migration::source::CRASH_AFTER_COMMIT_ENV;
+    let crash = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
     let mut send = slow_sender(&dir, port, "64M", &[(crash, "1")]);
     let _guest = guard_guest(&mut send);
     let (status, _) = send.wait_exit();

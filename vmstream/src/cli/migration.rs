@@ -31,6 +31,10 @@ use crate::units::{parse_bandwidth, parse_duration, parse_size};
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
 pub const EXIT_CANCELLED: u8 = 3;
 
+/// Exit code of a sender stopped by an injected crash after the commit (only a binary built
+/// with the `fault-injection` feature injects one).
+pub const EXIT_CRASHED_AFTER_COMMIT: u8 = 70;
+
 /// XBZRLE switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -249,6 +253,7 @@ impl SendArgs {
                 workload: parse_kind(&self.workload)?,
                 rate: self.rate,
                 active: self.active,
+                guest_exe: None,
             },
             (None, None) => return Err("--size is required without --pid".into()),
         };
@@ -279,6 +284,10 @@ impl SendArgs {
         cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        #[cfg(feature = "fault-injection")]
+        {
+            cfg.faults = crate::cli::fault_env::source_faults()?;
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -370,6 +379,11 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     let SendReport { stats, result } = migrate(&cfg, guest.as_mut());
     let code = match result {
         Ok(Outcome::Committed) => ExitCode::SUCCESS,
+        Ok(Outcome::CrashedAfterCommit) => {
+            // As a killed process would: no report, the guest left as it is (paused).
+            eprintln!("vmstream send: injected crash after the commit: exiting as if crashed");
+            std::process::exit(EXIT_CRASHED_AFTER_COMMIT.into());
+        }
         Ok(Outcome::Cancelled(reason)) => {
             eprintln!(
                 "vmstream send: cancelled: {reason}; {}",

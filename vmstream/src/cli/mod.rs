@@ -1,6 +1,8 @@
 //! Command-line arguments and printing: the engine returns values, only this module prints.
 
 pub mod converge;
+#[cfg(feature = "fault-injection")]
+pub mod fault_env;
 pub mod kvm;
 pub mod migration;
 

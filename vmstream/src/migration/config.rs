@@ -13,6 +13,7 @@ use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
+use crate::migration::fault::{DestFaults, SourceFaults};
 use crate::migration::wire::DeltaWire;
 
 /// Everything `vmstream send` needs.
@@ -57,6 +58,8 @@ pub struct SendConfig {
     /// guest keeps running. Checked between pages until the guest is paused for the final
     /// round; from there the migration runs to its end (a few hundred ms).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Faults to inject, for tests (default: none).
+    pub faults: SourceFaults,
 }
 
 impl SendConfig {
@@ -86,6 +89,7 @@ impl SendConfig {
             channels: 1,
             auth_key: None,
             cancel: None,
+            faults: SourceFaults::default(),
         }
     }
 
@@ -221,6 +225,8 @@ pub struct RecvConfig {
     /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Faults to inject, for tests (default: none).
+    pub faults: DestFaults,
 }
 
 impl RecvConfig {
@@ -238,6 +244,7 @@ impl RecvConfig {
             io_timeout: Duration::from_secs(120),
             auth_key: None,
             cancel: None,
+            faults: DestFaults::default(),
         }
     }
 }

@@ -43,13 +43,15 @@
 //! admission, parallel channels), [`source`] (asks [`crate::converge::DowntimePolicy`] after every round) and [`dest`]
 //! (the two state machines), [`image`]
 //! (temporary image, commit, rollback), [`digest`] (the switchover digest), [`config`] (the
-//! settings of both sides), [`error`] (their errors), [`interrupt`] (cancellation).
+//! settings of both sides), [`error`] (their errors), [`interrupt`] (cancellation), [`fault`]
+//! (the faults tests inject).
 
 pub mod config;
 pub mod connect;
 pub mod dest;
 pub mod digest;
 pub mod error;
+pub mod fault;
 pub mod image;
 pub mod interrupt;
 pub mod source;

@@ -43,6 +43,9 @@ pub enum GuestSpec {
         rate: Option<u64>,
         /// Percent of blocks formatted (None: the workload's default).
         active: Option<u8>,
+        /// The `vmstream` executable that runs it (None: this process's own; a test
+        /// process names the real binary).
+        guest_exe: Option<PathBuf>,
     },
     /// A running process that writes the memory file.
     Attach {
@@ -120,13 +123,17 @@ impl std::fmt::Debug for SourceGuest {
 }
 
 fn spawn_guest(
+    exe: Option<&Path>,
     path: &Path,
     size: u64,
     workload: ImageWorkloadKind,
     rate: Option<u64>,
     active: Option<u8>,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
-    let exe = std::env::current_exe().map_err(GuestControlError::Spawn)?;
+    let exe = match exe {
+        Some(exe) => exe.to_path_buf(),
+        None => std::env::current_exe().map_err(GuestControlError::Spawn)?,
+    };
     let mut cmd = Command::new(exe);
     cmd.args(["guest", "run", "--memory-file"]).arg(path).args([
         "--size",
@@ -206,8 +213,10 @@ impl SourceGuest {
                 workload,
                 rate,
                 active,
+                guest_exe,
             } => {
-                let (child, out, ready) = spawn_guest(path, *size, *workload, *rate, *active)?;
+                let (child, out, ready) =
+                    spawn_guest(guest_exe.as_deref(), path, *size, *workload, *rate, *active)?;
                 (
                     child.id(),
                     Some(child),

@@ -19,9 +19,6 @@ use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
 use crate::track::{DirtyTracker, KvmDirtyTracker};
 
-/// Test hook: flip the byte at this offset of the state blob (tests only).
-pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
-
 /// What becomes of the KVM guest after a failed or cancelled migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterFailure {
@@ -151,16 +148,7 @@ impl MigratableGuest for KvmSourceGuest {
     fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
         let state = self.guest()?.pause()?;
         self.paused = true;
-        let mut blob = state.to_bytes();
-        if let Some(at) = std::env::var(CORRUPT_STATE_ENV)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            if let Some(b) = blob.get_mut(at) {
-                *b ^= 0x5a;
-            }
-        }
-        Ok(blob)
+        Ok(state.to_bytes())
     }
 
     fn resume(&mut self) -> Result<(), GuestControlError> {

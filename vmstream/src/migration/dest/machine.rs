@@ -26,6 +26,7 @@ use crate::migration::dest::incoming::{
 use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
+use crate::migration::fault::is_dropped;
 use crate::migration::image::{PendingImage, Reservation};
 use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
@@ -171,9 +172,13 @@ fn unexpected(wanted: &str, got: Frame) -> RecvError {
 
 impl Dest<'_> {
     fn send(&mut self, m: &Message) -> Result<(), RecvError> {
-        self.writer
-            .write_message(m)
-            .map_err(|e| RecvError::Transport(TransportError::Io(e)))
+        self.writer.write_message(m).map_err(|e| {
+            if is_dropped(&e) {
+                // An injected drop: the whole connection goes, as with a cut link.
+                let _ = self.writer.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+            RecvError::Transport(TransportError::Io(e))
+        })
     }
 
     /// Records the downtime (pause to `at`, the guest running again) and tells the source
@@ -584,6 +589,10 @@ impl Dest<'_> {
         };
         self.stats.outcome = MigrationOutcome::Committed;
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        if let Some(fault) = self.cfg.faults.commit_reply {
+            let next = self.writer.bytes_written();
+            self.writer.inject([(next, fault)]);
+        }
         self.send(&Message::CommitReply(CommitReply {
             status: CommitStatus::Committed,
             digest: ours,

@@ -7,6 +7,7 @@
 //!                            |  \--policy: cancel, or SendConfig::cancel set--> Done(Cancelled)
 //!                            \--policy: switch over--> Switchover --> AwaitCommit
 //! AwaitCommit --committed--> Committed (source guest ended, Handover sent) --> Done(Committed)
+//!   (an injected crash: Committed --> Done(CrashedAfterCommit), guest paused, no Handover)
 //! any error before the commit acknowledgement: guest resumed, Abort sent, Err returned
 //! ```
 
@@ -50,7 +51,7 @@ pub(super) enum SourceState {
 
 /// A migration in progress on the source.
 pub(super) struct Source<'a> {
-    cfg: &'a SendConfig,
+    pub(super) cfg: &'a SendConfig,
     pub(super) guest: &'a mut dyn MigratableGuest,
     pub(super) io: RoundIo,
     pub(super) policy: DowntimePolicy,

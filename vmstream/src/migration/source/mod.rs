@@ -29,11 +29,6 @@ pub use report::{migrate, SendReport};
 use machine::Source;
 use round::RoundIo;
 
-/// Set (to anything), `vmstream send` exits with status 70 right after the destination's
-/// commit reply, before ending its guest or sending `Handover`: a source that crashed at
-/// the worst moment, for the fault tests.
-pub const CRASH_AFTER_COMMIT_ENV: &str = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
-
 /// Why a migration cancelled through `SendConfig::cancel` ended.
 const CANCELLED: &str = "on request (SIGINT or SIGTERM from the command line)";
 
@@ -44,6 +39,10 @@ pub enum Outcome {
     Committed,
     /// The policy cancelled (timeout); the source guest keeps running.
     Cancelled(String),
+    /// The destination committed, and the source then stopped as the injected crash
+    /// ([`SourceFaults::crash_after_commit`](crate::migration::fault::SourceFaults)) asked:
+    /// its guest left paused, not ended, and no `Handover` sent.
+    CrashedAfterCommit,
 }
 
 /// How long hashing all of `memory` takes, extrapolated from hashing a 64 MiB sample of it:

@@ -36,7 +36,10 @@ pub fn migrate(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> SendReport 
     let result = run_migration(cfg, guest, &mut stats);
     stats.set_wire_ratio();
     match &result {
-        Ok(Outcome::Committed) => stats.outcome = MigrationOutcome::Committed,
+        // The destination committed either way; an injected crash only skips the end.
+        Ok(Outcome::Committed | Outcome::CrashedAfterCommit) => {
+            stats.outcome = MigrationOutcome::Committed
+        }
         Ok(Outcome::Cancelled(reason)) => {
             stats.outcome = MigrationOutcome::Cancelled;
             stats.error = Some(reason.clone());

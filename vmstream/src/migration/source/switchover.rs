@@ -17,7 +17,7 @@ use crate::telemetry::stats::unix_ns;
 
 use super::machine::{Source, SourceState};
 use super::round::{merge_pages, unexpected, PageOrigin};
-use super::{Outcome, CRASH_AFTER_COMMIT_ENV};
+use super::Outcome;
 
 impl Source<'_> {
     pub(super) fn switchover(
@@ -34,7 +34,8 @@ impl Source<'_> {
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
         let t = Instant::now();
-        let state_blob = self.guest.pause().map_err(SendError::Guest)?;
+        let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
+        self.cfg.faults.corrupt_guest_state(&mut state_blob);
         self.impact.pause();
         let (more, collect_time) = self.collect_dirty()?;
         let pages = merge_pages(&pending, &more);
@@ -126,9 +127,9 @@ impl Source<'_> {
     /// its copy only once told that ours ended (`Handover`): never two running copies.
     pub(super) fn committed(&mut self, paused_at_ns: u64) -> SourceState {
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
-        if std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some() {
-            eprintln!("vmstream send: {CRASH_AFTER_COMMIT_ENV} is set: exiting as if crashed");
-            std::process::exit(70);
+        if self.cfg.faults.crash_after_commit {
+            // As if killed: nothing more is done, said or sent.
+            return SourceState::Done(Outcome::CrashedAfterCommit);
         }
         let handover = match self.guest.terminate() {
             Ok(()) => Message::Handover(Handover {

@@ -2,7 +2,7 @@
 //! half, so the encode pipeline keeps running while the kernel drains the socket.
 
 use std::io;
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender as ChannelSender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use vmstream_codec::Packet;
 
-use super::{FrameWriter, SendTimeout, SharedBucket, TokenBucket, TransportError, CORRUPT_ENV};
+use super::{FrameWriter, SendTimeout, SharedBucket, TokenBucket, TransportError};
 use crate::migration::connect::seal::Sealer;
+use crate::migration::fault::{is_dropped, StreamFault};
 use crate::migration::wire::Message;
 
 /// Where the source sends packets and control messages.
@@ -69,23 +70,22 @@ impl LinkShared {
 
 impl Link {
     /// Starts a writer thread on `stream` (a clone of the connection's socket), limited to
-    /// `max_bandwidth` bytes/s if given. Honours [`CORRUPT_ENV`].
+    /// `max_bandwidth` bytes/s if given.
     pub fn new(stream: TcpStream, max_bandwidth: Option<u64>) -> io::Result<Link> {
-        let corrupt_at = std::env::var(CORRUPT_ENV).ok().and_then(|v| v.parse().ok());
         Link::with_options(
             stream,
             max_bandwidth.map(TokenBucket::shared),
-            corrupt_at,
+            Vec::new(),
             "vmstream-link",
         )
     }
 
     /// Starts a writer thread named `name` on `stream`, taking its bytes from `bucket`;
-    /// `corrupt_at` is the test hook of [`FrameWriter::corrupt_byte_at`].
+    /// `faults` are a test's, by stream offset ([`FrameWriter::inject`]).
     pub fn with_options(
         stream: TcpStream,
         bucket: Option<SharedBucket>,
-        corrupt_at: Option<u64>,
+        faults: Vec<(u64, StreamFault)>,
         name: &str,
     ) -> io::Result<Link> {
         let (queue, jobs) = sync_channel::<Outgoing>(16);
@@ -93,7 +93,7 @@ impl Link {
         let stream = SendTimeout::new(stream)?;
         let mut writer =
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
-        writer.corrupt_byte_at(corrupt_at);
+        writer.inject(faults);
         let shared = Arc::new(LinkShared::default());
         let writer_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -208,6 +208,10 @@ fn writer_loop(
         };
         shared.sent.store(writer.bytes_written(), Ordering::Relaxed);
         if let Err(e) = result {
+            if is_dropped(&e) {
+                // An injected drop: the whole connection goes, as with a cut link.
+                let _ = writer.get_ref().get_ref().socket().shutdown(Shutdown::Both);
+            }
             shared.set_error(e);
             return; // dropping `jobs` makes the next send fail
         }
@@ -277,5 +281,39 @@ mod tests {
             Frame::Packet(p) => panic!("a discarded packet was written ({})", p == second_bytes),
         }
         assert!(matches!(r.read_frame(), Err(TransportError::Closed)));
+    }
+
+    /// An injected drop shuts the whole connection: the peer reads the bytes before the
+    /// offset and then the end of the stream, and the link's next send fails with the
+    /// injected error.
+    #[test]
+    fn an_injected_drop_closes_the_connection_at_its_offset() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let frame = ack().to_frame();
+        let at = frame.len() as u64 + 5;
+        let mut link =
+            Link::with_options(client, None, vec![(at, StreamFault::Drop)], "t").unwrap();
+        link.send_message(&ack()).unwrap();
+        let _ = link.send_message(&ack());
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len() as u64, at);
+        assert_eq!(got[..frame.len()], frame[..]);
+        let err = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                link.send_message(&ack()).err()
+            })
+            .expect("sends keep succeeding after the drop");
+        assert!(
+            matches!(&err, TransportError::Io(e) if is_dropped(e)),
+            "{err}"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub use link::{Link, PacketChannel};
 pub use rate::{SharedBucket, TokenBucket};
 pub use reader::{Frame, FrameReader};
 pub use send_timeout::SendTimeout;
-pub use writer::{FrameWriter, CORRUPT_ENV};
+pub use writer::FrameWriter;
 
 /// A control message for the reader, writer and link tests.
 #[cfg(test)]

@@ -25,6 +25,11 @@ impl SendTimeout {
             inner,
         })
     }
+
+    /// The socket.
+    pub fn socket(&self) -> &TcpStream {
+        &self.inner
+    }
 }
 
 impl Write for SendTimeout {

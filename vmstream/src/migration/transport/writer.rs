@@ -1,10 +1,13 @@
 //! [`FrameWriter`]: writes frames to a byte stream, sealed once the connection is, optionally
-//! rate limited by a [`SharedBucket`], counting bytes.
+//! rate limited by a [`SharedBucket`], counting bytes; a test's [`StreamFault`]s are applied
+//! as the stream passes their offsets.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use super::rate::{take_shared, SharedBucket, TokenBucket};
 use crate::migration::connect::seal::Sealer;
+use crate::migration::fault::{dropped, StreamFault};
 use crate::migration::wire::{packet_frame_header, Message};
 
 /// Writes frames to a stream, optionally rate limited, counting bytes.
@@ -13,14 +16,11 @@ pub struct FrameWriter<W> {
     inner: W,
     bucket: Option<SharedBucket>,
     bytes: u64,
-    /// Test-only: flip the byte at this stream offset (`VMSTREAM_TEST_CORRUPT_AT`).
-    corrupt_at: Option<u64>,
+    /// Injected faults not yet reached, by stream offset (`crate::migration::fault`).
+    faults: VecDeque<(u64, StreamFault)>,
     /// Set once the connection is sealed (`crate::migration::connect::seal`), with its record buffer.
     sealer: Option<(Sealer, Vec<u8>)>,
 }
-
-/// Environment variable (tests only): stream offset of one byte the sender flips.
-pub const CORRUPT_ENV: &str = "VMSTREAM_TEST_CORRUPT_AT";
 
 impl<W: Write> FrameWriter<W> {
     /// A writer over `inner`, limited to `max_bandwidth` bytes/s if given.
@@ -35,7 +35,7 @@ impl<W: Write> FrameWriter<W> {
             inner,
             bucket,
             bytes: 0,
-            corrupt_at: None,
+            faults: VecDeque::new(),
             sealer: None,
         }
     }
@@ -45,9 +45,17 @@ impl<W: Write> FrameWriter<W> {
         self.sealer = Some((sealer, Vec::new()));
     }
 
-    /// Test hook: flip the byte at stream offset `at` when it is written.
-    pub fn corrupt_byte_at(&mut self, at: Option<u64>) {
-        self.corrupt_at = at;
+    /// Applies `faults` (stream offset, fault) as the stream reaches them; a fault at an
+    /// offset already written applies at the next byte.
+    pub fn inject(&mut self, faults: impl IntoIterator<Item = (u64, StreamFault)>) {
+        let mut all: Vec<_> = self.faults.drain(..).chain(faults).collect();
+        all.sort_by_key(|&(at, _)| at);
+        self.faults = all.into();
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
     }
 
     /// Bytes written so far.
@@ -59,15 +67,39 @@ impl<W: Write> FrameWriter<W> {
         if let Some(b) = &self.bucket {
             take_shared(b, data.len());
         }
-        match self.corrupt_at {
-            Some(at) if at >= self.bytes && at < self.bytes + data.len() as u64 => {
-                let mut copy = data.to_vec();
-                copy[(at - self.bytes) as usize] ^= 0x5a;
-                self.inner.write_all(&copy)?;
-            }
-            _ => self.inner.write_all(data)?,
+        if self.faults.is_empty() {
+            self.inner.write_all(data)?;
+            self.bytes += data.len() as u64;
+            return Ok(());
         }
-        self.bytes += data.len() as u64;
+        self.write_faulty(data)
+    }
+
+    /// [`Self::write_chunk`] through the faults within `data`: each stall or drop lets the
+    /// bytes before its offset go out first.
+    fn write_faulty(&mut self, data: &[u8]) -> io::Result<()> {
+        let start = self.bytes;
+        let end = start + data.len() as u64;
+        let mut data = std::borrow::Cow::Borrowed(data);
+        let mut done = 0;
+        while let Some((at, fault)) = self.faults.front().copied().filter(|&(at, _)| at < end) {
+            self.faults.pop_front();
+            let i = at.saturating_sub(start) as usize;
+            if let StreamFault::Corrupt = fault {
+                data.to_mut()[i] ^= 0x5a;
+                continue;
+            }
+            self.inner.write_all(&data[done..i])?;
+            self.inner.flush()?;
+            self.bytes = start + i as u64;
+            done = i;
+            match fault {
+                StreamFault::Stall(d) => std::thread::sleep(d),
+                _ => return Err(dropped(self.bytes)),
+            }
+        }
+        self.inner.write_all(&data[done..])?;
+        self.bytes = end;
         Ok(())
     }
 
@@ -206,10 +238,34 @@ mod tests {
         let len = abort.to_frame().len() as u64;
         for at in 0..len {
             let mut w = FrameWriter::new(Vec::new(), None);
-            w.corrupt_byte_at(Some(at));
+            w.inject([(at, StreamFault::Corrupt)]);
             w.write_message(&abort).unwrap();
             let mut r = FrameReader::new(&w.inner[..], None);
             assert!(r.read_frame().is_err(), "flip at {at} unnoticed");
         }
+    }
+
+    /// A drop writes exactly the bytes before its offset and then fails with the injected
+    /// error; a stall delays the bytes from its offset on and changes none of them.
+    #[test]
+    fn drops_cut_the_stream_at_their_offset_and_stalls_only_delay_it() {
+        let frame = ack().to_frame();
+        let mut w = FrameWriter::new(Vec::new(), None);
+        w.inject([(frame.len() as u64 + 7, StreamFault::Drop)]);
+        w.write_message(&ack()).unwrap();
+        let err = w.write_message(&ack()).unwrap_err();
+        assert!(crate::migration::fault::is_dropped(&err), "{err}");
+        assert_eq!(w.inner.len(), frame.len() + 7);
+        assert_eq!(w.bytes_written(), frame.len() as u64 + 7);
+
+        let stall = std::time::Duration::from_millis(60);
+        let mut w = FrameWriter::new(Vec::new(), None);
+        w.inject([(3, StreamFault::Stall(stall)), (5, StreamFault::Corrupt)]);
+        let t = std::time::Instant::now();
+        w.write_message(&ack()).unwrap();
+        assert!(t.elapsed() >= stall);
+        let mut expected = frame.clone();
+        expected[5] ^= 0x5a;
+        assert_eq!(w.inner, expected);
     }
 }

@@ -267,15 +267,6 @@ pub fn new_migration_id() -> [u8; 16] {
     id
 }
 
-/// The channel and stream offset of [`CORRUPT_ENV`](crate::migration::transport::CORRUPT_ENV): `OFFSET` (channel 0) or
-/// `CHANNEL:OFFSET`.
-pub fn corrupt_target(value: &str) -> Option<(usize, u64)> {
-    match value.split_once(':') {
-        Some((c, o)) => Some((c.trim().parse().ok()?, o.trim().parse().ok()?)),
-        None => Some((0, value.trim().parse().ok()?)),
-    }
-}
-
 pub(crate) fn setup_socket(s: &TcpStream, io_timeout: Duration) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(io_timeout))?;
@@ -485,14 +476,6 @@ mod tests {
             msg.contains("stray channel 1") && msg.contains(&"01".repeat(16)),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn corrupt_target_parses_both_forms() {
-        assert_eq!(corrupt_target("300000"), Some((0, 300_000)));
-        assert_eq!(corrupt_target("1:4096"), Some((1, 4096)));
-        assert_eq!(corrupt_target("x"), None);
-        assert_eq!(corrupt_target("1:"), None);
     }
 
     #[test]

@@ -11,11 +11,11 @@ use crate::memory::{MemoryReader, PAGE_SIZE};
 use crate::migration::config::SendConfig;
 use crate::migration::connect::auth::{authenticate_destination, AuthKey, SourceAuth};
 use crate::migration::connect::channels::{
-    corrupt_target, id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
+    id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
 };
 use crate::migration::error::SendError;
 use crate::migration::transport::{
-    Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError, CORRUPT_ENV,
+    Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError,
 };
 use crate::migration::wire::{
     Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
@@ -204,9 +204,6 @@ impl SourceChannels {
         let n = cfg.channels.max(1);
         let sender_cfg = sender_config(cfg, guest_pages)?;
         let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
-        let corrupt = std::env::var(CORRUPT_ENV)
-            .ok()
-            .and_then(|v| corrupt_target(&v));
         let migration_id = new_migration_id();
         let mut channels = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n - 1);
@@ -221,7 +218,7 @@ impl SourceChannels {
             let link = Link::with_options(
                 stream.try_clone().map_err(SendError::Socket)?,
                 bucket.clone(),
-                corrupt.and_then(|(c, at)| (c == index).then_some(at)),
+                cfg.faults.on_channel(index),
                 &format!("vmstream-link-{index}"),
             )
             .map_err(SendError::Socket)?;
