@@ -3,5 +3,6 @@
 pub mod converge;
 pub mod kvm;
 pub mod migration;
+pub mod notices;
 
 pub use migration::{run_recv, run_send, RecvArgs, SendArgs};

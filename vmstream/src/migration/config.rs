@@ -13,6 +13,7 @@ use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
 use crate::migration::wire::{DeltaWire, PAGE_SIZE};
+use crate::telemetry::notice::Notices;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
@@ -43,7 +44,7 @@ pub struct SendConfig {
     pub io_timeout: Duration,
     /// Where to write statistics JSON.
     pub stats_json: Option<PathBuf>,
-    /// Show a progress bar on a terminal.
+    /// Tell the rounds' progress ([`crate::telemetry::progress`]) to `notices`.
     pub progress: bool,
     /// Guest throttling strategy and hot-page deferral (`crate::converge`).
     pub converge: ConvergeConfig,
@@ -56,6 +57,9 @@ pub struct SendConfig {
     /// guest keeps running. Checked between pages until the guest is paused for the final
     /// round; from there the migration runs to its end (a few hundred ms).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where the migration's notices go (warnings, notes, progress; the KVM guest's
+    /// lines): silent unless the caller installs a sink.
+    pub notices: Notices,
 }
 
 impl SendConfig {
@@ -85,6 +89,7 @@ impl SendConfig {
             channels: 1,
             auth_key: None,
             cancel: None,
+            notices: Notices::default(),
         }
     }
 
@@ -220,6 +225,9 @@ pub struct RecvConfig {
     /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where the receive's notices go (connections, warnings, `listening on`, the
+    /// resumed guest's lines): silent unless the caller installs a sink.
+    pub notices: Notices,
 }
 
 impl RecvConfig {
@@ -237,6 +245,7 @@ impl RecvConfig {
             io_timeout: Duration::from_secs(120),
             auth_key: None,
             cancel: None,
+            notices: Notices::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! or a process it attaches to by pid. Gives the sender a mapping of guest memory, a dirty
 //! tracker, pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the final kill.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
@@ -15,6 +15,7 @@ use crate::guest::file::layout::WorkloadKind;
 use crate::guest::file::throttle::Throttle;
 use crate::guest::file::ReadyLine;
 use crate::memory::{GuestMemory, MapMode};
+use crate::telemetry::notice::{Notice, Notices};
 use crate::track::{DirtyTracker, HashTracker, UffdWpTracker};
 
 /// How dirty pages are found.
@@ -124,6 +125,7 @@ fn spawn_guest(
     workload: WorkloadKind,
     rate: Option<u64>,
     active: Option<u8>,
+    notices: &Notices,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
     let exe = std::env::current_exe().map_err(GuestControlError::Spawn)?;
     let mut cmd = Command::new(exe);
@@ -156,7 +158,7 @@ fn spawn_guest(
     let read = out.read_line(&mut line);
     match (read, ReadyLine::parse(&line)) {
         (Ok(_), Some(ready)) => {
-            forward_stderr(err);
+            forward_stderr(err, notices.clone());
             Ok((child, out, ready))
         }
         (r, _) => {
@@ -179,24 +181,26 @@ fn spawn_guest(
     }
 }
 
-/// Copies the guest's stderr lines to ours, prefixed, while we run.
-fn forward_stderr(err: ChildStderr) {
+/// Tells the guest's stderr lines to `notices`, while we run.
+fn forward_stderr(err: ChildStderr, notices: Notices) {
     let _ = std::thread::Builder::new()
         .name("vmstream-guest-stderr".into())
         .spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                let _ = writeln!(std::io::stderr(), "guest: {line}");
+                notices.tell(Notice::GuestStderr(line));
             }
         });
 }
 
 impl SourceGuest {
     /// Starts or attaches to the guest and sets up `tracking` (default: uffd-wp for a
-    /// spawned guest, hash for an attached one).
+    /// spawned guest, hash for an attached one); a started guest's stderr lines go to
+    /// `notices`.
     pub fn open(
         spec: &GuestSpec,
         tracking: Option<DirtyTracking>,
+        notices: &Notices,
     ) -> Result<SourceGuest, GuestControlError> {
         let (pid, child, stdout, ready, path) = match spec {
             GuestSpec::Spawn {
@@ -206,7 +210,8 @@ impl SourceGuest {
                 rate,
                 active,
             } => {
-                let (child, out, ready) = spawn_guest(path, *size, *workload, *rate, *active)?;
+                let (child, out, ready) =
+                    spawn_guest(path, *size, *workload, *rate, *active, notices)?;
                 (
                     child.id(),
                     Some(child),
