@@ -4,5 +4,6 @@ pub mod converge;
 pub mod kvm;
 pub mod migration;
 pub mod notices;
+pub mod plot;
 
 pub use migration::{run_recv, run_send, RecvArgs, SendArgs};
