@@ -43,7 +43,7 @@ enum Command {
     /// the temporary image removed, the source told.
     Recv(vmstream::cli::RecvArgs),
     /// Plot the guest-impact timeline of a statistics JSON as SVG.
-    Plot(vmstream::telemetry::plot::PlotArgs),
+    Plot(vmstream::cli::plot::PlotArgs),
     /// Run a KVM guest (vmstream/KVM.md).
     #[command(subcommand)]
     Kvm(KvmCommand),
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
         },
         Command::Send(args) => vmstream::cli::run_send(&args),
         Command::Recv(args) => vmstream::cli::run_recv(&args),
-        Command::Plot(args) => vmstream::telemetry::plot::run(&args),
+        Command::Plot(args) => vmstream::cli::plot::run(&args),
         Command::Kvm(KvmCommand::Run(args)) => vmstream::cli::kvm::run(&args),
     }
 }

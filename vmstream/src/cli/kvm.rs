@@ -2,13 +2,13 @@
 //! transactions per second every interval ([`report_while_running`]) and a summary at
 //! the end.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use crate::cli::notices::printer;
 use crate::guest::kvm::error::Result;
 use crate::guest::kvm::memory::GuestRam;
 use crate::guest::kvm::params::{KvmWorkloadKind, WorkloadConfig};
@@ -92,9 +92,8 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         ..KvmGuestConfig::default()
     };
     let mut guest = KvmGuest::start(ram, &cfg)?;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
+    let notices = printer("kvm run");
+    notices.output(format!(
         "kvm guest pid={} path={} size={} vcpus={} workload={} dirty_log={}",
         std::process::id(),
         path.display(),
@@ -102,20 +101,19 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         args.vcpus,
         args.workload.name(),
         args.dirty_log.map_or("off", |m| m.name())
-    );
+    ));
     let summary = report_while_running(
         &mut guest,
         args.run_for,
         args.interval,
         "kvm",
         true,
-        &mut out,
+        &notices,
     )?;
     guest.pause()?;
     let t = Instant::now();
     let report = guest.verify()?;
-    let _ = writeln!(
-        out,
+    notices.output(format!(
         "done tx={} tps={:.0} seconds={:.2} verify=ok blocks={} written_blocks={} verify_ms={:.1}",
         summary.tx_end,
         summary.tps(),
@@ -123,8 +121,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         report.blocks,
         report.written_blocks,
         t.elapsed().as_secs_f64() * 1e3
-    );
-    drop(out);
+    ));
     guest.shutdown();
     Ok(())
 }

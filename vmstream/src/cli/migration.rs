@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::cli::notices::printer;
 use crate::converge::policy::OnTimeout;
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
@@ -366,7 +367,8 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     cfg.cancel = Some(flag);
-    let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking) {
+    cfg.notices = printer("send");
+    let mut guest = match open_guest(&cfg.guest, cfg.dirty_tracking, &cfg.notices) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("vmstream send: {e}");
@@ -423,6 +425,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     cfg.cancel = Some(flag);
+    cfg.notices = printer("recv");
     // Refused before listening (the memory file in use by another receive, the address
     // taken): nothing was received, so no summary.
     let listening = match listen(&cfg) {

@@ -5,5 +5,7 @@ pub mod converge;
 pub mod fault_env;
 pub mod kvm;
 pub mod migration;
+pub mod notices;
+pub mod plot;
 
 pub use migration::{run_recv, run_send, RecvArgs, SendArgs};

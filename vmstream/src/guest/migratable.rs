@@ -9,6 +9,7 @@ use crate::guest::file::source::{DirtyTracking, GuestControlError, GuestSpec, So
 use crate::guest::kvm::source::KvmSourceGuest;
 use crate::guest::GuestKind;
 use crate::memory::GuestMemory;
+use crate::telemetry::notice::Notices;
 use crate::track::DirtyTracker;
 
 /// A guest on the source side of a migration: what it is, its memory and the tracker of
@@ -68,14 +69,16 @@ pub trait MigratableGuest {
     fn keep_after_failure(self: Box<Self>);
 }
 
-/// Starts (or attaches to) the guest `spec` describes.
+/// Starts (or attaches to) the guest `spec` describes; what it has to tell (a guest
+/// process's stderr, a KVM guest's warnings and lines) goes to `notices`.
 pub fn open_guest(
     spec: &GuestSpec,
     tracking: Option<DirtyTracking>,
+    notices: &Notices,
 ) -> Result<Box<dyn MigratableGuest>, GuestControlError> {
     Ok(match spec {
-        GuestSpec::Kvm(k) => Box::new(KvmSourceGuest::start(k)?),
-        _ => Box::new(SourceGuest::open(spec, tracking)?),
+        GuestSpec::Kvm(k) => Box::new(KvmSourceGuest::start(k, notices)?),
+        _ => Box::new(SourceGuest::open(spec, tracking, notices)?),
     })
 }
 

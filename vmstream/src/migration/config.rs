@@ -15,6 +15,7 @@ use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
 use crate::migration::fault::{DestFaults, SourceFaults};
 use crate::migration::wire::DeltaWire;
+use crate::telemetry::notice::Notices;
 
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
@@ -45,7 +46,7 @@ pub struct SendConfig {
     pub io_timeout: Duration,
     /// Where to write statistics JSON.
     pub stats_json: Option<PathBuf>,
-    /// Show a progress bar on a terminal.
+    /// Tell the rounds' progress ([`crate::telemetry::progress`]) to `notices`.
     pub progress: bool,
     /// Guest throttling strategy and hot-page deferral (`crate::converge`).
     pub converge: ConvergeConfig,
@@ -60,6 +61,9 @@ pub struct SendConfig {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Faults to inject, for tests (default: none).
     pub faults: SourceFaults,
+    /// Where the migration's notices go (warnings, notes, progress; the KVM guest's
+    /// lines): silent unless the caller installs a sink.
+    pub notices: Notices,
 }
 
 impl SendConfig {
@@ -90,6 +94,7 @@ impl SendConfig {
             auth_key: None,
             cancel: None,
             faults: SourceFaults::default(),
+            notices: Notices::default(),
         }
     }
 
@@ -227,6 +232,9 @@ pub struct RecvConfig {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Faults to inject, for tests (default: none).
     pub faults: DestFaults,
+    /// Where the receive's notices go (connections, warnings, `listening on`, the
+    /// resumed guest's lines): silent unless the caller installs a sink.
+    pub notices: Notices,
 }
 
 impl RecvConfig {
@@ -245,6 +253,7 @@ impl RecvConfig {
             auth_key: None,
             cancel: None,
             faults: DestFaults::default(),
+            notices: Notices::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::memory::{GuestMemory, MemoryError};
+use crate::telemetry::notice::Notices;
 
 /// Why the image could not be prepared or committed.
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +205,10 @@ impl Reservation {
     /// claim at the same time the later look always sees the earlier lock: they cannot
     /// both proceed. They also take turns on a lock of the directory while they claim, so
     /// that one of them wins rather than both refusing.
-    pub fn claim(target: &Path) -> Result<Reservation, ImageError> {
+    ///
+    /// Where file locks are unsupported the claim goes on (others fall back on our pid),
+    /// with a warning to `notices`.
+    pub fn claim(target: &Path, notices: &Notices) -> Result<Reservation, ImageError> {
         check_target(target)?;
         let prefix = temp_prefix(target)?;
         let tmp = temp_path(target)?;
@@ -216,7 +220,7 @@ impl Reservation {
             tmp,
             removed: Vec::new(),
         };
-        claim.lock = Some(claim.create_locked()?);
+        claim.lock = Some(claim.create_locked(notices)?);
         let entries = std::fs::read_dir(&dir).map_err(|source| ImageError::Io {
             what: format!("read directory {}", dir.display()),
             source,
@@ -269,7 +273,7 @@ impl Reservation {
     /// Creates this receiver's temporary file and locks it. A file of that name already
     /// there is ours by name: locked, it is another receive in this process (busy);
     /// otherwise a process that had our pid left it, and it is replaced.
-    fn create_locked(&self) -> Result<File, ImageError> {
+    fn create_locked(&self, notices: &Notices) -> Result<File, ImageError> {
         let create_err = |source| ImageError::Io {
             what: format!("create {}", self.tmp.display()),
             source,
@@ -292,10 +296,9 @@ impl Reservation {
                             )));
                         }
                         // Locks unsupported here: others fall back on our pid.
-                        Err(e) => eprintln!(
-                            "vmstream recv: warning: could not lock {}: {e}",
-                            self.tmp.display()
-                        ),
+                        Err(e) => {
+                            notices.warning(format!("could not lock {}: {e}", self.tmp.display()))
+                        }
                     }
                     return Ok(file);
                 }
@@ -476,7 +479,7 @@ mod tests {
         for p in [&stale, &running, &other] {
             std::fs::write(p, b"x").unwrap();
         }
-        let claim = Reservation::claim(&target).unwrap();
+        let claim = Reservation::claim(&target, &Notices::silent()).unwrap();
         assert_eq!(claim.removed(), std::slice::from_ref(&stale));
         assert!(!stale.exists());
         assert!(running.exists() && other.exists());
@@ -497,7 +500,7 @@ mod tests {
         let lock = File::open(&theirs).unwrap();
         lock.try_lock().unwrap();
         let before = entries(&d);
-        match Reservation::claim(&target) {
+        match Reservation::claim(&target, &Notices::silent()) {
             Err(e @ ImageError::Busy { pid: 4000000, .. }) => {
                 let m = e.to_string();
                 assert!(
@@ -509,10 +512,10 @@ mod tests {
         }
         assert_eq!(entries(&d), before);
         // Another target in the same directory is not affected.
-        drop(Reservation::claim(&d.join("other.img")).unwrap());
+        drop(Reservation::claim(&d.join("other.img"), &Notices::silent()).unwrap());
         // Unlocked (its receiver died), it is removed and the claim succeeds.
         drop(lock);
-        let claim = Reservation::claim(&target).unwrap();
+        let claim = Reservation::claim(&target, &Notices::silent()).unwrap();
         assert!(!theirs.exists());
         drop(claim);
         assert!(entries(&d).is_empty(), "{:?}", entries(&d));
@@ -525,9 +528,9 @@ mod tests {
     fn a_second_claim_in_this_process_is_refused() {
         let d = dir("twice");
         let target = d.join("guest.img");
-        let first = Reservation::claim(&target).unwrap();
+        let first = Reservation::claim(&target, &Notices::silent()).unwrap();
         assert!(matches!(
-            Reservation::claim(&target),
+            Reservation::claim(&target, &Notices::silent()),
             Err(ImageError::Busy { pid, .. }) if pid == std::process::id()
         ));
         assert!(
@@ -553,7 +556,7 @@ mod tests {
                 for _ in 0..4 {
                     s.spawn(|| {
                         barrier.wait();
-                        if let Ok(c) = Reservation::claim(&target) {
+                        if let Ok(c) = Reservation::claim(&target, &Notices::silent()) {
                             assert_eq!(held.fetch_add(1, Ordering::SeqCst), 0);
                             won.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(Duration::from_millis(5));
@@ -594,7 +597,11 @@ mod tests {
         let d = dir("commit");
         let target = d.join("guest.img");
         std::fs::write(&target, b"old").unwrap();
-        let mut img = PendingImage::create(Reservation::claim(&target).unwrap(), 8192).unwrap();
+        let mut img = PendingImage::create(
+            Reservation::claim(&target, &Notices::silent()).unwrap(),
+            8192,
+        )
+        .unwrap();
         let tmp = img.temp_path().to_path_buf();
         assert!(tmp.exists());
         img.memory_mut()[5000] = 42;
@@ -602,7 +609,11 @@ mod tests {
         assert!(!tmp.exists(), "rollback removes the temporary file");
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
 
-        let mut img = PendingImage::create(Reservation::claim(&target).unwrap(), 8192).unwrap();
+        let mut img = PendingImage::create(
+            Reservation::claim(&target, &Notices::silent()).unwrap(),
+            8192,
+        )
+        .unwrap();
         img.memory_mut()[5000] = 42;
         img.commit().unwrap();
         let bytes = std::fs::read(&target).unwrap();

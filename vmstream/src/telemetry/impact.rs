@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::wire::GuestSamples;
+use crate::telemetry::notice::Notices;
 use crate::telemetry::sampler::{TpsSampler, SAMPLE_PERIOD};
 use crate::telemetry::stats::{unix_ns, RoundStats};
 use crate::telemetry::timeline::{Timeline, TimelineRecorder, TimelineSample};
@@ -49,14 +50,15 @@ fn ms(d: Duration) -> f64 {
 impl ImpactRecorder {
     /// Starts sampling the guest memory file `path` for a migration that started at
     /// `start`. Without a file (`None`: a KVM guest), a readable one, or for memory that is
-    /// not a vmstream workload's (no transaction counter), the timeline has no source samples.
-    pub fn start(path: Option<&Path>, start: Instant) -> ImpactRecorder {
+    /// not a vmstream workload's (no transaction counter), the timeline has no source samples
+    /// (for a file, with a note to `notices` saying why).
+    pub fn start(path: Option<&Path>, start: Instant, notices: &Notices) -> ImpactRecorder {
         let start_unix_ns =
             unix_ns(SystemTime::now()).saturating_sub(start.elapsed().as_nanos() as u64);
         let sampler = match path.map(start_sampler) {
             Some(Ok(s)) => Some((s, ms(start.elapsed()))),
             Some(Err(e)) => {
-                eprintln!("vmstream send: note: no guest TPS samples: {e}");
+                notices.note(format!("no guest TPS samples: {e}"));
                 None
             }
             None => None,
@@ -180,13 +182,26 @@ pub fn sample_destination(path: &Path, window: Duration) -> std::io::Result<Gues
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::notice::Notice;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn destination_samples_follow_the_source_and_replace_its_tail() {
         let dir = std::env::temp_dir().join(format!("vmstream-impact-{}", std::process::id()));
-        // No such file: the recorder still works, without source samples.
+        // No such file: the recorder still works, without source samples, and says so.
         let start = Instant::now();
-        let mut r = ImpactRecorder::start(Some(&dir.join("absent")), start);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let notices = Notices::new({
+            let told = told.clone();
+            move |n: &Notice| told.lock().unwrap().push(n.clone())
+        });
+        let mut r = ImpactRecorder::start(Some(&dir.join("absent")), start, &notices);
+        let told = told.lock().unwrap().clone();
+        let said_why = |t: &str| t.starts_with("no guest TPS samples: ");
+        assert!(
+            matches!(&told[..], [Notice::Note(t)] if said_why(t)),
+            "{told:?}"
+        );
         r.throttle(0.5);
         r.round(
             &RoundStats {

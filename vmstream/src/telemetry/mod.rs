@@ -1,9 +1,10 @@
 //! What a migration measures: typed statistics ([`stats`], with the run's [`settings`] and
 //! [`switchover`] phase times), the guest-impact timeline ([`impact`], [`timeline`]), the
-//! guest's transaction sampler ([`sampler`]), plots ([`plot`]) and the terminal progress
-//! bar ([`progress`]).
+//! guest's transaction sampler ([`sampler`]), plots ([`plot`]), and what the engine tells
+//! its caller while it runs: [`notice`]s, among them the sender's [`progress`].
 
 pub mod impact;
+pub mod notice;
 pub mod plot;
 pub mod progress;
 pub mod sampler;

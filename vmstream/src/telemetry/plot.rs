@@ -1,4 +1,4 @@
-//! `vmstream plot STATS.json -o FILE.svg`: draws the guest-impact timeline.
+//! The guest-impact timeline drawn as SVG, for `vmstream plot STATS.json -o FILE.svg`.
 //!
 //! Upper panel: bytes the guest dirtied and bytes sent per round as bars (MiB, left axis)
 //! and the guest's transactions per second as a line (right axis). Lower panel: the
@@ -9,7 +9,6 @@
 //! `per_round` and `downtime_ms` when no timeline was recorded.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -27,26 +26,6 @@ const DOWNTIME: RGBColor = RGBColor(120, 120, 120);
 /// Widths of the axis label areas, pixels.
 const LEFT_AXIS: u32 = 70;
 const RIGHT_AXIS: u32 = 80;
-
-/// Arguments of `vmstream plot`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PlotArgs {
-    /// Statistics JSON written by `vmstream send --stats-json` (or a bare timeline).
-    #[arg(value_name = "STATS.json")]
-    pub stats: PathBuf,
-    /// The SVG file to write.
-    #[arg(short = 'o', long, value_name = "FILE.svg")]
-    pub output: PathBuf,
-    /// Image width in pixels.
-    #[arg(long, default_value_t = 1200)]
-    pub width: u32,
-    /// Image height in pixels.
-    #[arg(long, default_value_t = 760)]
-    pub height: u32,
-    /// Title (default: the statistics file name).
-    #[arg(long)]
-    pub title: Option<String>,
-}
 
 /// Why a plot could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -75,22 +54,6 @@ pub enum PlotError {
 
 fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
     PlotError::Draw(format!("{e:?}"))
-}
-
-/// Runs `vmstream plot`; prints errors and returns the exit code.
-pub fn run(args: &PlotArgs) -> ExitCode {
-    let title = args.title.clone().unwrap_or_else(|| {
-        args.stats
-            .file_name()
-            .map_or("migration".into(), |n| n.to_string_lossy().into_owned())
-    });
-    match plot_file(&args.stats, &args.output, &title, args.width, args.height) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vmstream plot: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// Reads `stats`, draws it, writes the SVG to `out`.

@@ -1,62 +1,73 @@
-//! The terminal progress bar of `vmstream send`: pages of the current round, on stderr
-//! when it is a terminal.
+//! The sender's progress through its rounds (pages of the current round, the last round's
+//! bandwidth), told as [`ProgressEvent`] notices; the CLI draws them as a progress bar.
 
-use std::io::IsTerminal;
-use std::time::Duration;
+use crate::telemetry::notice::{Notice, Notices};
 
-/// A progress bar on stderr, only when stderr is a terminal.
+/// A step of the sender's progress.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ProgressEvent {
+    /// The migration started sending.
+    Started,
+    /// Round `round` of `pages` pages started; `paused`: the final one, guest paused.
+    Round {
+        /// Round number.
+        round: u64,
+        /// Pages to send in it.
+        pages: u64,
+        /// Whether the guest is paused (the final round).
+        paused: bool,
+    },
+    /// This many more pages of the round were queued.
+    Pages(u64),
+    /// A round ended, sent at this rate (wire bytes per second).
+    Bandwidth(f64),
+    /// The migration ended.
+    Finished,
+}
+
+/// Tells the sender's progress, when enabled.
+#[derive(Debug, Clone)]
 pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
+    notices: Option<Notices>,
 }
 
 impl Progress {
-    /// A bar if stderr is a terminal and `enabled`.
-    pub fn new(enabled: bool) -> Progress {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {pos}/{len} pages {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
-        Progress { bar }
+    /// Progress told to `notices` if `enabled` (else nothing is told).
+    pub fn new(enabled: bool, notices: &Notices) -> Progress {
+        let progress = Progress {
+            notices: enabled.then(|| notices.clone()),
+        };
+        progress.tell(ProgressEvent::Started);
+        progress
+    }
+
+    fn tell(&self, event: ProgressEvent) {
+        if let Some(n) = &self.notices {
+            n.tell(Notice::Progress(event));
+        }
     }
 
     /// Starts round `round` of `pages` pages.
     pub fn round(&self, round: u64, pages: u64, paused: bool) {
-        if let Some(b) = &self.bar {
-            b.set_prefix(if paused {
-                "final".to_string()
-            } else {
-                format!("round {round}")
-            });
-            b.set_position(0);
-            b.set_length(pages);
-        }
+        self.tell(ProgressEvent::Round {
+            round,
+            pages,
+            paused,
+        });
     }
 
     /// Advances by `n` pages.
     pub fn inc(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(n);
-        }
+        self.tell(ProgressEvent::Pages(n));
     }
 
-    /// Shows `msg` next to the bar.
-    pub fn message(&self, msg: String) {
-        if let Some(b) = &self.bar {
-            b.set_message(msg);
-        }
+    /// A round ended at `bytes_per_s` on the wire.
+    pub fn bandwidth(&self, bytes_per_s: f64) {
+        self.tell(ProgressEvent::Bandwidth(bytes_per_s));
     }
 
-    /// Removes the bar.
+    /// The migration ended.
     pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
+        self.tell(ProgressEvent::Finished);
     }
 }

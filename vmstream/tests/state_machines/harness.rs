@@ -17,6 +17,7 @@ use vmstream::migration::dest::{listen, receive_on, temp_image_path, Received};
 use vmstream::migration::error::{RecvError, SendError};
 use vmstream::migration::fault::{LinkFault, StreamFault};
 use vmstream::migration::source::{migrate, Outcome};
+use vmstream::telemetry::notice::Notices;
 use vmstream::telemetry::stats::{MigrationOutcome, MigrationStats};
 use vmstream_codec::Compression;
 
@@ -97,7 +98,7 @@ impl Guest {
             active: None,
             guest_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_vmstream"))),
         };
-        let guest = Guest(open_guest(&spec, None).expect("start the guest"));
+        let guest = Guest(open_guest(&spec, None, &Notices::default()).expect("start the guest"));
         std::thread::sleep(Duration::from_millis(200));
         (guest, spec)
     }
@@ -117,7 +118,8 @@ impl Guest {
             dirty_log: DirtyLogMode::Clear,
             after_failure: AfterFailure::Stop,
         });
-        let guest = Guest(open_guest(&spec, None).expect("start the KVM guest"));
+        let guest =
+            Guest(open_guest(&spec, None, &Notices::default()).expect("start the KVM guest"));
         std::thread::sleep(Duration::from_millis(200));
         Some((guest, spec))
     }

@@ -3,7 +3,7 @@
 //! tracker (uffd-wp or hash), pause/resume (SIGSTOP/SIGCONT through [`Throttle`]) and the
 //! final kill.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
@@ -16,6 +16,7 @@ use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::throttle::Throttle;
 use crate::guest::file::ReadyLine;
 use crate::memory::{GuestMemory, MapMode};
+use crate::telemetry::notice::{Notice, Notices};
 use crate::track::{DirtyTracker, HashTracker, UffdWpTracker};
 
 /// How dirty pages are found.
@@ -129,6 +130,7 @@ fn spawn_guest(
     workload: ImageWorkloadKind,
     rate: Option<u64>,
     active: Option<u8>,
+    notices: &Notices,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
     let exe = match exe {
         Some(exe) => exe.to_path_buf(),
@@ -164,7 +166,7 @@ fn spawn_guest(
     let read = out.read_line(&mut line);
     match (read, ReadyLine::parse(&line)) {
         (Ok(_), Some(ready)) => {
-            forward_stderr(err);
+            forward_stderr(err, notices.clone());
             Ok((child, out, ready))
         }
         (r, _) => {
@@ -187,24 +189,26 @@ fn spawn_guest(
     }
 }
 
-/// Copies the guest's stderr lines to ours, prefixed, while we run.
-fn forward_stderr(err: ChildStderr) {
+/// Tells the guest's stderr lines to `notices`, while we run.
+fn forward_stderr(err: ChildStderr, notices: Notices) {
     let _ = std::thread::Builder::new()
         .name("vmstream-guest-stderr".into())
         .spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                let _ = writeln!(std::io::stderr(), "guest: {line}");
+                notices.tell(Notice::GuestStderr(line));
             }
         });
 }
 
 impl SourceGuest {
     /// Starts or attaches to the guest and sets up `tracking` (default: uffd-wp for a
-    /// spawned guest, hash for an attached one).
+    /// spawned guest, hash for an attached one); a started guest's stderr lines go to
+    /// `notices`.
     pub fn open(
         spec: &GuestSpec,
         tracking: Option<DirtyTracking>,
+        notices: &Notices,
     ) -> Result<SourceGuest, GuestControlError> {
         let (pid, child, stdout, ready, path) = match spec {
             GuestSpec::Spawn {
@@ -215,8 +219,15 @@ impl SourceGuest {
                 active,
                 guest_exe,
             } => {
-                let (child, out, ready) =
-                    spawn_guest(guest_exe.as_deref(), path, *size, *workload, *rate, *active)?;
+                let (child, out, ready) = spawn_guest(
+                    guest_exe.as_deref(),
+                    path,
+                    *size,
+                    *workload,
+                    *rate,
+                    *active,
+                    notices,
+                )?;
                 (
                     child.id(),
                     Some(child),

@@ -3,11 +3,11 @@
 //! and so does the migration, which keeps a KVM guest running the same way after a failed
 //! migration (source) or after a resume (destination).
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::guest::kvm::error::Result;
 use crate::guest::kvm::KvmGuest;
+use crate::telemetry::notice::Notices;
 
 /// What a reporting run measured.
 #[derive(Debug, Clone, Copy)]
@@ -27,8 +27,8 @@ impl RunSummary {
     }
 }
 
-/// Lets `guest` run for `run_for` (None: until SIGINT/SIGTERM), printing
-/// `PREFIX tps=.. tx=.. per_vcpu=[..]` every `interval` to `out`. With
+/// Lets `guest` run for `run_for` (None: until SIGINT/SIGTERM), telling the output line
+/// `PREFIX tps=.. tx=.. per_vcpu=[..]` every `interval` to `notices`. With
 /// `collect_dirty` and a dirty log, each interval also collects it (clearing
 /// everything in clear mode) and reports the dirty pages and the collection
 /// time. Fails if a vCPU stops on an error.
@@ -38,7 +38,7 @@ pub fn report_while_running(
     interval: Duration,
     prefix: &str,
     collect_dirty: bool,
-    out: &mut dyn Write,
+    notices: &Notices,
 ) -> Result<RunSummary> {
     // A failure to register leaves the signals' default action: the run still ends.
     let _ = crate::signals::stop_running_guests_on_signals();
@@ -73,8 +73,7 @@ pub fn report_while_running(
                     collect.as_secs_f64() * 1e3
                 );
             }
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+            notices.output(line);
             (last_t, last_tx) = (now, tx);
         }
         if let Some((vcpu, reason)) = guest.failures().into_iter().next() {

@@ -6,7 +6,6 @@
 //! `GuestState` blob. After a failed migration the guest keeps running in this process
 //! (`--on-failure`), since the VM cannot outlive it.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::guest::kvm::{DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, Worklo
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
+use crate::telemetry::notice::Notices;
 use crate::track::{DirtyTracker, KvmDirtyTracker};
 
 /// What becomes of the KVM guest after a failed or cancelled migration.
@@ -54,6 +54,8 @@ pub struct KvmSourceGuest {
     path: PathBuf,
     spec: KvmSpec,
     paused: bool,
+    /// Told of trouble, and of the guest's rate while it keeps running after a failure.
+    notices: Notices,
 }
 
 impl std::fmt::Debug for KvmSourceGuest {
@@ -67,8 +69,9 @@ impl std::fmt::Debug for KvmSourceGuest {
 
 impl KvmSourceGuest {
     /// Creates the VM (a fresh guest: an existing `spec.path` is truncated) with dirty
-    /// logging on, and maps its RAM for the sender.
-    pub fn start(spec: &KvmSpec) -> Result<KvmSourceGuest, GuestControlError> {
+    /// logging on, and maps its RAM for the sender. Its warnings, and its lines when it
+    /// keeps running after a failed migration, go to `notices`.
+    pub fn start(spec: &KvmSpec, notices: &Notices) -> Result<KvmSourceGuest, GuestControlError> {
         let ram = match &spec.path {
             Some(p) => GuestRam::create(p, spec.size)?,
             None => GuestRam::memfd(spec.size)?,
@@ -93,6 +96,7 @@ impl KvmSourceGuest {
             path,
             spec: spec.clone(),
             paused: false,
+            notices: notices.clone(),
         })
     }
 
@@ -166,7 +170,8 @@ impl MigratableGuest for KvmSourceGuest {
     fn set_throttle(&mut self, fraction: f64) {
         if let Some(g) = self.guest.as_mut() {
             if let Err(e) = g.set_throttle(fraction) {
-                eprintln!("vmstream send: warning: throttling the KVM guest: {e}");
+                self.notices
+                    .warning(format!("throttling the KVM guest: {e}"));
             }
         }
     }
@@ -200,24 +205,24 @@ impl MigratableGuest for KvmSourceGuest {
         // The VM's own flag: a pause that failed half-way left it set without a state.
         if guest.is_paused() {
             if let Err(e) = guest.resume() {
-                eprintln!("vmstream send: resuming the KVM guest failed: {e}");
+                self.notices
+                    .error(format!("resuming the KVM guest failed: {e}"));
             }
         }
         if let AfterFailure::KeepRunning(run_for) = self.spec.after_failure {
-            let mut out = std::io::stdout().lock();
             let run = report_while_running(
                 &mut guest,
                 run_for,
                 Duration::from_secs(1),
                 "kvm",
                 false,
-                &mut out,
+                &self.notices,
             );
             match run {
-                Ok(s) => {
-                    let _ = writeln!(out, "done tx={} tps={:.0}", s.tx_end, s.tps());
-                }
-                Err(e) => eprintln!("vmstream send: the KVM guest failed: {e}"),
+                Ok(s) => self
+                    .notices
+                    .output(format!("done tx={} tps={:.0}", s.tx_end, s.tps())),
+                Err(e) => self.notices.error(format!("the KVM guest failed: {e}")),
             }
         }
         guest.shutdown();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::migration::connect::auth::{admit_source, Admission, AuthKey};
 use crate::migration::transport::{FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{HelloReply, Message, RefuseCode};
+use crate::telemetry::notice::Notices;
 
 /// How long a connection may take, from its accept, to send its first frame (with a key:
 /// to prove the key and send it).
@@ -79,6 +80,8 @@ pub struct Admissions {
     listener: TcpListener,
     key: Option<AuthKey>,
     io_timeout: Duration,
+    /// Told of each connection and of those dropped.
+    notices: Notices,
     sender: mpsc::Sender<Opening>,
     openings: mpsc::Receiver<Opening>,
     /// The connections being read, oldest first (ended ones pruned as `next` polls).
@@ -95,11 +98,13 @@ impl std::fmt::Debug for Admissions {
 }
 
 impl Admissions {
-    /// Admits connections of `listener`, each required to prove `key` when there is one.
+    /// Admits connections of `listener`, each required to prove `key` when there is one;
+    /// tells `notices` of each connection and of those dropped.
     pub fn new(
         listener: TcpListener,
         key: Option<AuthKey>,
         io_timeout: Duration,
+        notices: Notices,
     ) -> std::io::Result<Admissions> {
         listener.set_nonblocking(true)?;
         let (sender, openings) = mpsc::channel();
@@ -107,10 +112,16 @@ impl Admissions {
             listener,
             key,
             io_timeout,
+            notices,
             sender,
             openings,
             reading: VecDeque::new(),
         })
+    }
+
+    /// Where this admission tells of connections (channels refused later, too).
+    pub fn notices(&self) -> &Notices {
+        &self.notices
     }
 
     /// The next connection's opening, accepting (and starting to read) new connections
@@ -147,17 +158,16 @@ impl Admissions {
 
     /// Starts reading the opening of `stream` on a thread of its own.
     fn start(&mut self, stream: TcpStream, peer: SocketAddr) {
-        eprintln!("vmstream recv: connection from {peer}");
+        self.notices.info(format!("connection from {peer}"));
         if self.reading.len() >= MAX_PENDING {
             self.evict_oldest();
         }
         let socket = match stream.try_clone() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!(
-                    "vmstream recv: dropped the connection from {peer}: socket: {e}; still \
-                     listening"
-                );
+                self.notices.info(format!(
+                    "dropped the connection from {peer}: socket: {e}; still listening"
+                ));
                 return;
             }
         };
@@ -165,6 +175,7 @@ impl Admissions {
         let attempt = Attempt {
             key: self.key.clone(),
             io_timeout: self.io_timeout,
+            notices: self.notices.clone(),
             sender: self.sender.clone(),
             state: state.clone(),
         };
@@ -178,9 +189,9 @@ impl Admissions {
                 state,
             }),
             Err(e) => {
-                eprintln!(
-                    "vmstream recv: dropped the connection from {peer}: {e}; still listening"
-                );
+                self.notices.info(format!(
+                    "dropped the connection from {peer}: {e}; still listening"
+                ));
             }
         }
     }
@@ -195,11 +206,11 @@ impl Admissions {
                 .is_ok();
             if claimed {
                 let _ = oldest.socket.shutdown(std::net::Shutdown::Both);
-                eprintln!(
-                    "vmstream recv: closed the connection from {}: {MAX_PENDING} connections \
-                     were being read, it was the oldest; still listening",
+                self.notices.info(format!(
+                    "closed the connection from {}: {MAX_PENDING} connections were being \
+                     read, it was the oldest; still listening",
                     oldest.peer
-                );
+                ));
                 return;
             }
         }
@@ -219,6 +230,7 @@ impl Drop for Admissions {
 struct Attempt {
     key: Option<AuthKey>,
     io_timeout: Duration,
+    notices: Notices,
     sender: mpsc::Sender<Opening>,
     /// Claimed by this attempt before it hands its opening over, or by the evictor; set
     /// to `ENDED` when the attempt ends.
@@ -247,10 +259,9 @@ impl Attempt {
         let (mut reader, mut writer) = match open(stream, self.io_timeout.min(AUTH_WAIT)) {
             Ok(rw) => rw,
             Err(e) => {
-                eprintln!(
-                    "vmstream recv: dropped the connection from {peer}: socket: {e}; still \
-                     listening"
-                );
+                self.notices.info(format!(
+                    "dropped the connection from {peer}: socket: {e}; still listening"
+                ));
                 return None;
             }
         };
@@ -265,10 +276,10 @@ impl Attempt {
         // garbage included, is handed over.
         if let Admission::Frame(Err(e)) = &admission {
             if never_opened(e) {
-                eprintln!(
-                    "vmstream recv: dropped the connection from {peer}: {e}, before its \
-                     first frame; still listening"
-                );
+                self.notices.info(format!(
+                    "dropped the connection from {peer}: {e}, before its first frame; still \
+                     listening"
+                ));
                 return None;
             }
         }
@@ -279,9 +290,9 @@ impl Attempt {
                 resumes: false,
                 reason: reason.clone(),
             }));
-            eprintln!(
-                "vmstream recv: refused the connection from {peer}: {reason}; still listening"
-            );
+            self.notices.info(format!(
+                "refused the connection from {peer}: {reason}; still listening"
+            ));
             return None;
         }
         let s = reader.get_ref();
@@ -289,9 +300,9 @@ impl Attempt {
             .set_read_timeout(Some(self.io_timeout))
             .and_then(|()| s.set_write_timeout(Some(self.io_timeout)));
         if let Err(e) = timeouts {
-            eprintln!(
-                "vmstream recv: dropped the connection from {peer}: socket: {e}; still listening"
-            );
+            self.notices.info(format!(
+                "dropped the connection from {peer}: socket: {e}; still listening"
+            ));
             return None;
         }
         reader.set_timeout(Some(self.io_timeout));
@@ -362,7 +373,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         (
-            Admissions::new(l, key.cloned(), Duration::from_secs(5)).unwrap(),
+            Admissions::new(l, key.cloned(), Duration::from_secs(5), Notices::silent()).unwrap(),
             addr,
         )
     }
@@ -483,7 +494,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         // The admission's read timeout is the io timeout here: 300 ms.
-        let mut a = Admissions::new(l, None, Duration::from_millis(300)).unwrap();
+        let mut a =
+            Admissions::new(l, None, Duration::from_millis(300), Notices::silent()).unwrap();
         drop(client(addr)); // connect, close
         let (mut half, ..) = client(addr);
         std::io::Write::write_all(&mut half, &Message::ChannelHello(HELLO).to_frame()[..5])

@@ -2,7 +2,6 @@
 //! bound, one source admitted (and SIGINT/SIGTERM watched while it migrates); the migration
 //! itself is the state machine's ([`super::machine`]).
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +15,7 @@ use crate::migration::dest::machine::{self, Received};
 use crate::migration::error::RecvError;
 use crate::migration::image::{check_target, Reservation};
 use crate::migration::interrupt;
+use crate::telemetry::notice::Notice;
 use crate::telemetry::stats::MigrationStats;
 
 /// Parses `--listen`: `PORT` or `:PORT` listen on 127.0.0.1; `HOST:PORT` is explicit.
@@ -79,34 +79,30 @@ impl Listening {
 
 /// Prepares a receive into `cfg.memory_file`: checks the settings ([`check_config`]),
 /// claims the target (refused with [`crate::migration::image::ImageError::Busy`] while another
-/// receiver writes it) and binds the listening socket. Prints `listening on ADDR` on
-/// stdout once bound. Nothing has been received when this fails.
+/// receiver writes it) and binds the listening socket, then tells [`Notice::Listening`].
+/// Nothing has been received when this fails.
 pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     check_config(cfg)?;
     let (addr, explicit) = listen_addr(&cfg.listen)?;
-    let claim = Reservation::claim(&cfg.memory_file)?;
+    let claim = Reservation::claim(&cfg.memory_file, &cfg.notices)?;
     for stale in claim.removed() {
-        eprintln!(
-            "vmstream recv: removed {}, left by a receiver that no longer runs",
+        cfg.notices.info(format!(
+            "removed {}, left by a receiver that no longer runs",
             stale.display()
-        );
+        ));
     }
     if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
-        eprintln!(
-            "vmstream recv: warning: listening on {addr}: the migration stream is \
-             unauthenticated, anyone who connects can write this guest's memory \
-             (--auth-key-file admits only sources that hold a shared key)"
-        );
+        cfg.notices.warning(format!(
+            "listening on {addr}: the migration stream is unauthenticated, anyone who \
+             connects can write this guest's memory (--auth-key-file admits only sources \
+             that hold a shared key)"
+        ));
     }
     let listener = TcpListener::bind(addr).map_err(|e| RecvError::Listen(addr.to_string(), e))?;
     let local = listener
         .local_addr()
         .map_err(|e| RecvError::Listen(addr.to_string(), e))?;
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {local}");
-        let _ = out.flush();
-    }
+    cfg.notices.tell(Notice::Listening(local));
     Ok(Listening {
         claim,
         listener,
@@ -129,8 +125,13 @@ pub(super) fn receive_into(
     } = listening;
     // Connections are read concurrently (`crate::migration::connect::admission`): the first opening is the
     // source's; with a key, the first that proved it, while the others are refused.
-    let mut admissions = Admissions::new(listener, cfg.auth_key.clone(), cfg.io_timeout)
-        .map_err(|e| RecvError::Listen(local.to_string(), e))?;
+    let mut admissions = Admissions::new(
+        listener,
+        cfg.auth_key.clone(),
+        cfg.io_timeout,
+        cfg.notices.clone(),
+    )
+    .map_err(|e| RecvError::Listen(local.to_string(), e))?;
     let source = loop {
         if interrupt::requested(cfg.cancel.as_ref()) {
             return Err(RecvError::Interrupted);

@@ -193,7 +193,9 @@ impl Dest<'_> {
             tx_count: tx,
             receiver_cpu_ns: cpu_ns,
         })) {
-            eprintln!("vmstream recv: warning: could not report the resume: {e}");
+            self.cfg
+                .notices
+                .warning(format!("could not report the resume: {e}"));
         }
     }
 
@@ -347,7 +349,7 @@ impl Dest<'_> {
             Ok(other) => return Err(unexpected("a hello", other)),
             Err(e) => return Err(e.into()),
         };
-        let guest = incoming_guest(hello.guest_kind);
+        let guest = incoming_guest(hello.guest_kind, &self.cfg.notices);
         if let Some((code, reason)) = self.check_hello(&hello, guest.as_ref()) {
             return Err(self.refuse(code, reason));
         }
@@ -384,11 +386,11 @@ impl Dest<'_> {
         if let Some(primary) = primary {
             self.channels
                 .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
-            eprintln!(
-                "vmstream recv: {} channels bound (migration {})",
+            self.cfg.notices.info(format!(
+                "{} channels bound (migration {})",
                 primary.count,
                 crate::migration::connect::channels::id_hex(&primary.migration_id)
-            );
+            ));
         }
         self.stats.settings.channels = Some(self.channels.count());
         Ok(DestState::Receiving {
@@ -423,7 +425,9 @@ impl Dest<'_> {
         let touched = std::sync::Arc::new(TouchedPages::new(hello.guest_size / PAGE_SIZE as u64));
         if self.cfg.resume {
             if let Err(e) = guest.start_background(image.temp_path(), touched.clone()) {
-                eprintln!("vmstream recv: note: verifying at the pause only: {e}");
+                self.cfg
+                    .notices
+                    .note(format!("verifying at the pause only: {e}"));
             }
         }
         let config = ReceiverConfig {
@@ -636,7 +640,7 @@ impl Dest<'_> {
                 return Err(e);
             }
             // Nothing runs here: the image is in place all the same.
-            eprintln!("vmstream recv: warning: {e}");
+            self.cfg.notices.warning(e.to_string());
         }
         // Without --resume the image stays mapped until the report is sent.
         let resumed = if self.cfg.resume {
@@ -680,13 +684,17 @@ impl Dest<'_> {
     /// failed, so the source does not wait.
     fn send_samples(&mut self, samples: Result<GuestSamples, String>) {
         let samples = samples.unwrap_or_else(|e| {
-            eprintln!("vmstream recv: warning: sampling the resumed guest: {e}");
+            self.cfg
+                .notices
+                .warning(format!("sampling the resumed guest: {e}"));
             GuestSamples {
                 samples: Vec::new(),
             }
         });
         if let Err(e) = self.send(&Message::GuestSamples(samples)) {
-            eprintln!("vmstream recv: warning: could not report the guest samples: {e}");
+            self.cfg
+                .notices
+                .warning(format!("could not report the guest samples: {e}"));
         }
     }
 }

@@ -150,9 +150,9 @@ impl<'a> Source<'a> {
                     return self.cancel(CANCELLED);
                 }
                 if !late_signal_noted {
-                    eprintln!(
-                        "vmstream send: note: SIGINT/SIGTERM after the guest was paused for the \
-                         switchover: the migration finishes (its last pages are on the way)"
+                    self.cfg.notices.note(
+                        "SIGINT/SIGTERM after the guest was paused for the switchover: the \
+                         migration finishes (its last pages are on the way)",
                     );
                     late_signal_noted = true;
                 }
@@ -216,8 +216,8 @@ impl<'a> Source<'a> {
         self.stats.settings.handshake_round_trip_ms = Some(rtt.as_secs_f64() * 1e3);
         let floor = switchover_latency(rtt, self.destination_resumes);
         if floor >= self.cfg.downtime_limit {
-            eprintln!(
-                "vmstream send: warning: the round trip to the destination takes {:.0} ms, so \
+            self.cfg.notices.warning(format!(
+                "the round trip to the destination takes {:.0} ms, so \
                  no switchover can stay within the {:.0} ms downtime limit (it takes at least \
                  {:.0} ms{}); the migration iterates {} (raise --downtime-limit)",
                 rtt.as_secs_f64() * 1e3,
@@ -234,7 +234,7 @@ impl<'a> Source<'a> {
                 } else {
                     "until a round finds nothing dirty, with no --timeout set"
                 }
-            );
+            ));
         }
     }
 

@@ -109,6 +109,7 @@ fn run_migration(
     let impact = ImpactRecorder::start(
         (guest.kind() == GuestKind::File).then_some(memory_path.as_path()),
         start,
+        &cfg.notices,
     );
     let strategy = cfg
         .converge
@@ -128,7 +129,7 @@ fn run_migration(
     let io = RoundIo {
         channels,
         reader,
-        progress: Progress::new(cfg.progress),
+        progress: Progress::new(cfg.progress, &cfg.notices),
         cancel: cfg.cancel.clone(),
         round_trip: Duration::MAX,
     };
@@ -167,7 +168,8 @@ fn run_migration(
     if let Err(e) = &result {
         if source.guest.is_paused() {
             if let Err(r) = source.guest.resume() {
-                eprintln!("vmstream send: resuming the source guest failed: {r}");
+                cfg.notices
+                    .error(format!("resuming the source guest failed: {r}"));
             }
         }
         // Tell the destination why, if the connection still works (best effort).

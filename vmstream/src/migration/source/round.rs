@@ -188,8 +188,7 @@ impl RoundIo {
             ..Default::default()
         };
         rs.set_encodings(&codec);
-        self.progress
-            .message(format!("{:.0} MB/s", rs.bandwidth_bytes_per_s / 1e6));
+        self.progress.bandwidth(rs.bandwidth_bytes_per_s);
         Ok(rs)
     }
 

@@ -131,15 +131,16 @@ impl Source<'_> {
             // As if killed: nothing more is done, said or sent.
             return SourceState::Done(Outcome::CrashedAfterCommit);
         }
+        let notices = &self.cfg.notices;
         let handover = match self.guest.terminate() {
             Ok(()) => Message::Handover(Handover {
                 ended_at_unix_ns: unix_ns(SystemTime::now()),
             }),
             Err(e) => {
-                eprintln!(
-                    "vmstream send: warning: ending the source guest: {e}; the destination \
-                     keeps its committed copy stopped"
-                );
+                notices.warning(format!(
+                    "ending the source guest: {e}; the destination keeps its committed copy \
+                     stopped"
+                ));
                 Message::Abort(Abort {
                     code: AbortCode::SourceError,
                     reason: format!("the source guest could not be ended: {e}"),
@@ -147,7 +148,7 @@ impl Source<'_> {
             }
         };
         if let Err(e) = self.io.channels.send_message(&handover) {
-            eprintln!("vmstream send: warning: telling the destination our guest ended: {e}");
+            notices.warning(format!("telling the destination our guest ended: {e}"));
         }
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::Resumed(r))) => {
@@ -162,14 +163,12 @@ impl Source<'_> {
                     self.destination_samples();
                 }
             }
-            Ok(Frame::Control(Message::Abort(a))) => eprintln!(
-                "vmstream send: warning: the destination committed but could not resume: {}",
+            Ok(Frame::Control(Message::Abort(a))) => notices.warning(format!(
+                "the destination committed but could not resume: {}",
                 a.reason
-            ),
-            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the commit"),
-            Err(e) => {
-                eprintln!("vmstream send: warning: no resume report from the destination: {e}")
-            }
+            )),
+            Ok(_) => notices.warning("unexpected message after the commit"),
+            Err(e) => notices.warning(format!("no resume report from the destination: {e}")),
         }
         SourceState::Done(Outcome::Committed)
     }
@@ -177,16 +176,15 @@ impl Source<'_> {
     /// Reads the resumed guest's samples the destination sends after `Resumed` (for the
     /// timeline and the TPS after the migration); a warning if they do not come.
     fn destination_samples(&mut self) {
+        let notices = &self.cfg.notices;
         let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::GuestSamples(s))) => {
                 self.impact.destination(&s);
                 self.stats.tps.after = self.impact.destination_tps();
             }
-            Ok(_) => eprintln!("vmstream send: warning: unexpected message after the resume"),
-            Err(e) => {
-                eprintln!("vmstream send: warning: no guest samples from the destination: {e}")
-            }
+            Ok(_) => notices.warning("unexpected message after the resume"),
+            Err(e) => notices.warning(format!("no guest samples from the destination: {e}")),
         }
     }
 }

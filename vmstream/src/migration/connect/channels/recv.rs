@@ -72,10 +72,10 @@ impl DestChannels {
     }
 
     /// Takes the channels 1.. of the migration channel 0 announced in `primary` from the
-    /// connections admitted meanwhile, refusing (and reporting on stderr) every other one,
-    /// until all are bound or `timeout` passed. Stops listening either way. Channel 0
-    /// (`reader0`) must stay quiet meanwhile: an `Abort` there (the source gave up, e.g.
-    /// because a channel was refused) or its close ends the binding at once.
+    /// connections admitted meanwhile, refusing (and telling the admissions' notices) every
+    /// other one, until all are bound or `timeout` passed. Stops listening either way.
+    /// Channel 0 (`reader0`) must stay quiet meanwhile: an `Abort` there (the source gave
+    /// up, e.g. because a channel was refused) or its close ends the binding at once.
     pub fn bind(
         &mut self,
         primary: &ChannelHello,
@@ -103,9 +103,9 @@ impl DestChannels {
                             slots[i] = Some((stream, opener));
                             self.extra_bytes += hello_bytes;
                         }
-                        Err(reason) => eprintln!(
-                            "vmstream recv: refused a channel connection from {peer}: {reason}"
-                        ),
+                        Err(reason) => admissions.notices().info(format!(
+                            "refused a channel connection from {peer}: {reason}"
+                        )),
                     }
                 }
                 Ok(None) => {

@@ -4,6 +4,7 @@
 //! checking the guest, verifying its image before the commit and resuming it differ, and
 //! are each kind's [`IncomingGuest`] operations.
 
+use crate::telemetry::notice::Notices;
 use crate::telemetry::settings::Settings;
 use crate::telemetry::switchover::SwitchoverTimes;
 use std::path::Path;
@@ -88,11 +89,11 @@ pub struct Resumption {
     pub phases: SwitchoverTimes,
 }
 
-/// The incoming guest of `kind`.
-pub fn incoming_guest(kind: GuestKind) -> Box<dyn IncomingGuest> {
+/// The incoming guest of `kind`; once resumed, the lines it reports go to `notices`.
+pub fn incoming_guest(kind: GuestKind, notices: &Notices) -> Box<dyn IncomingGuest> {
     match kind {
-        GuestKind::File => Box::new(IncomingFileGuest::default()),
-        GuestKind::Kvm => Box::new(IncomingKvmGuest::default()),
+        GuestKind::File => Box::new(IncomingFileGuest::new(notices.clone())),
+        GuestKind::Kvm => Box::new(IncomingKvmGuest::new(notices.clone())),
     }
 }
 
@@ -127,7 +128,7 @@ mod tests {
 
     #[test]
     fn kind_must_match_the_handshake() {
-        let mut file = incoming_guest(GuestKind::File);
+        let mut file = incoming_guest(GuestKind::File, &Notices::silent());
         let mut settings = Settings::default();
         let e = check_guest_state(
             &mut *file,
@@ -151,7 +152,7 @@ mod tests {
 
     #[test]
     fn garbage_kvm_state_is_refused_with_the_state_error() {
-        let mut kvm = incoming_guest(GuestKind::Kvm);
+        let mut kvm = incoming_guest(GuestKind::Kvm, &Notices::silent());
         let mut settings = Settings::default();
         let e = check_guest_state(
             &mut *kvm,

@@ -20,6 +20,7 @@ use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
 use crate::telemetry::impact::sample_destination;
+use crate::telemetry::notice::Notices;
 use crate::telemetry::settings::Settings;
 use crate::telemetry::stats::unix_ns;
 use crate::telemetry::switchover::SwitchoverTimes;
@@ -40,6 +41,19 @@ pub struct IncomingFileGuest {
     /// commit so an image the guest cannot resume from is never committed.
     verified: Option<Result<ImageVerifyReport, ImageVerifyError>>,
     resumed: Option<ResumedGuest>,
+    /// Told the lines the resumed guest writes.
+    notices: Notices,
+}
+
+impl IncomingFileGuest {
+    /// A guest process's image to receive; the lines the guest writes once resumed go to
+    /// `notices`.
+    pub fn new(notices: Notices) -> IncomingFileGuest {
+        IncomingFileGuest {
+            notices,
+            ..IncomingFileGuest::default()
+        }
+    }
 }
 
 impl IncomingGuest for IncomingFileGuest {
@@ -100,7 +114,7 @@ impl IncomingGuest for IncomingFileGuest {
     ) -> Result<Resumption, RecvError> {
         let t = Instant::now();
         let guest = match self.verified.take() {
-            Some(Ok(report)) => start_guest(memory, report, run_for)?,
+            Some(Ok(report)) => start_guest(memory, report, run_for, self.notices.clone())?,
             _ => return Err(RecvError::Resume("no verified image to resume".into())),
         };
         let resumption = Resumption {
@@ -147,10 +161,12 @@ impl ResumedGuest {
     }
 }
 
-/// Lines written by the resumed guest go to stdout; its ready line is also reported.
+/// Lines written by the resumed guest go to `notices` as output; its ready line is also
+/// handed to whoever waits for it.
 struct ReadyWatch {
     line: Vec<u8>,
     ready: Option<mpsc::Sender<ReadyLine>>,
+    notices: Notices,
 }
 
 impl Write for ReadyWatch {
@@ -162,10 +178,9 @@ impl Write for ReadyWatch {
             }
             let line = String::from_utf8_lossy(&self.line).to_string();
             self.line.clear();
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{line}")?;
-            out.flush()?;
-            if let Some(r) = ReadyLine::parse(&line) {
+            let ready = ReadyLine::parse(&line);
+            self.notices.output(line);
+            if let Some(r) = ready {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(r);
                 }
@@ -175,16 +190,18 @@ impl Write for ReadyWatch {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
+        // Each line was told as it ended.
+        Ok(())
     }
 }
 
 /// Starts the guest on the committed image `memory` (recovered and verified before the
-/// commit: `report`) and waits for it to run.
+/// commit: `report`) and waits for it to run; the lines it writes go to `notices`.
 fn start_guest(
     memory: GuestMemory,
     report: ImageVerifyReport,
     run_for: Option<Duration>,
+    notices: Notices,
 ) -> Result<ResumedGuest, RecvError> {
     let cfg = ProcessGuestConfig {
         memory: MemorySource::File(memory.path().to_path_buf()),
@@ -206,6 +223,7 @@ fn start_guest(
             let mut out = ReadyWatch {
                 line: Vec::new(),
                 ready: Some(tx),
+                notices,
             };
             crate::guest::file::run_verified(memory, report, &cfg, &mut out)
         })

@@ -22,6 +22,7 @@ use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
 use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseCode};
+use crate::telemetry::notice::Notices;
 use crate::telemetry::settings::Settings;
 
 mod checks;
@@ -46,6 +47,18 @@ pub struct IncomingKvmGuest {
     /// one at the resume would be downtime.
     committed: Option<GuestMemory>,
     resumed: Option<KvmResumed>,
+    /// Told the resume and, as it runs, the guest's rate.
+    notices: Notices,
+}
+
+impl IncomingKvmGuest {
+    /// A KVM guest to receive; its lines once resumed go to `notices`.
+    pub fn new(notices: Notices) -> IncomingKvmGuest {
+        IncomingKvmGuest {
+            notices,
+            ..IncomingKvmGuest::default()
+        }
+    }
 }
 
 impl IncomingGuest for IncomingKvmGuest {
@@ -107,14 +120,15 @@ impl IncomingGuest for IncomingKvmGuest {
         let (Some(state), Some(Ok(verified))) = (self.state.take(), self.verified.take()) else {
             return Err(RecvError::Resume("no verified KVM image to resume".into()));
         };
-        let (guest, resumption) = KvmResumed::start(target, size, &state, verified)?;
-        println!(
+        let (guest, resumption) =
+            KvmResumed::start(target, size, &state, verified, self.notices.clone())?;
+        self.notices.output(format!(
             "resumed kind=kvm tx={} vcpus={} verify=ok blocks={} written_blocks={}",
             guest.tx_start,
             state.vcpus.len(),
             guest.verified.blocks,
             guest.verified.written_blocks
-        );
+        ));
         self.resumed = Some(guest);
         Ok(resumption)
     }

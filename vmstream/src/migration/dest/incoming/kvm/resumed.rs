@@ -1,7 +1,6 @@
 //! A KVM guest resumed on the committed image: restored with its vCPUs held, started, and
 //! then sampled for the source and run until `--run-for` or a signal.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,6 +10,7 @@ use crate::migration::dest::incoming::Resumption;
 use crate::migration::error::RecvError;
 use crate::migration::wire::GuestSamples;
 use crate::signals::{running_guests_stop_requested, stop_running_guests_on_signals};
+use crate::telemetry::notice::Notices;
 use crate::telemetry::sampler::SAMPLE_PERIOD;
 use crate::telemetry::stats::unix_ns;
 use crate::telemetry::switchover::SwitchoverTimes;
@@ -28,6 +28,8 @@ pub struct KvmResumed {
     pub verified: KvmVerifyReport,
     /// When the vCPUs were started: `--run-for` counts from here, as for a guest process.
     resumed_at: Instant,
+    /// Told the guest's rate as it runs, and its end.
+    notices: Notices,
 }
 
 impl std::fmt::Debug for KvmResumed {
@@ -55,12 +57,14 @@ impl KvmResumed {
     /// Restores the VM from `path` (the committed image) and `state` with its vCPUs held,
     /// starts them and waits (bounded) for its first transaction: the instant of the
     /// [`Resumption`], whose phases are the restore and that wait. `verified` is the ledger
-    /// check of the received image before the commit.
+    /// check of the received image before the commit; [`Self::run`] tells its lines to
+    /// `notices`.
     pub(super) fn start(
         path: &Path,
         size: u64,
         state: &VmState,
         verified: KvmVerifyReport,
+        notices: Notices,
     ) -> Result<(KvmResumed, Resumption), RecvError> {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
@@ -92,6 +96,7 @@ impl KvmResumed {
             tx_start,
             verified,
             resumed_at: t,
+            notices,
         };
         Ok((resumed, resumption))
     }
@@ -116,11 +121,10 @@ impl KvmResumed {
         Ok(GuestSamples { samples })
     }
 
-    /// Runs the guest for `run_for` (None: until SIGINT/SIGTERM), printing its rate every
+    /// Runs the guest for `run_for` (None: until SIGINT/SIGTERM), telling its rate every
     /// second, then pauses it, checks the ledger again and requires that its transaction
     /// counter grew.
     pub fn run(mut self, run_for: Option<Duration>) -> Result<KvmRunOutcome, RecvError> {
-        let mut out = std::io::stdout().lock();
         // The samples for the source already took part of `run_for`.
         let remaining = run_for.map(|d| d.saturating_sub(self.resumed_at.elapsed()));
         report_while_running(
@@ -129,13 +133,13 @@ impl KvmResumed {
             Duration::from_secs(1),
             "kvm",
             false,
-            &mut out,
+            &self.notices,
         )?;
         let ran = self.resumed_at.elapsed();
         self.guest.pause()?;
         let tx_end = self.guest.total_transactions()?;
         let verified = self.guest.verify()?;
-        let _ = writeln!(out, "done tx={tx_end}");
+        self.notices.output(format!("done tx={tx_end}"));
         self.guest.shutdown();
         if tx_end <= self.tx_start {
             return Err(RecvError::Resume(format!(
