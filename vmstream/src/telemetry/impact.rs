@@ -21,7 +21,6 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::memory::PAGE_SIZE;
-use crate::migration::wire::GuestSamples;
 use crate::telemetry::notice::Notices;
 use crate::telemetry::sampler::{TpsSampler, SAMPLE_PERIOD};
 use crate::telemetry::stats::{unix_ns, RoundStats};
@@ -110,9 +109,9 @@ impl ImpactRecorder {
             .resumed_after(Duration::from_nanos(resumed_ns.saturating_sub(paused_ns)));
     }
 
-    /// The destination's readings of the resumed guest.
-    pub fn destination(&mut self, samples: &GuestSamples) {
-        self.destination = samples.samples.clone();
+    /// The destination's readings of the resumed guest: (CLOCK_REALTIME ns, transactions).
+    pub fn destination(&mut self, samples: &[(u64, u64)]) {
+        self.destination = samples.to_vec();
     }
 
     /// Transactions per second of the resumed guest over the destination's samples.
@@ -165,18 +164,22 @@ fn start_sampler(path: &Path) -> std::io::Result<TpsSampler> {
 }
 
 /// Samples the transaction counter of the guest running on `path` every 100 ms for
-/// `window`; the readings with their CLOCK_REALTIME instants.
-pub fn sample_destination(path: &Path, window: Duration) -> std::io::Result<GuestSamples> {
+/// `window`; at most `max` readings with their CLOCK_REALTIME instants.
+pub fn sample_destination(
+    path: &Path,
+    window: Duration,
+    max: usize,
+) -> std::io::Result<Vec<(u64, u64)>> {
     let t0 = unix_ns(SystemTime::now());
     let sampler = start_sampler(path)?;
     std::thread::sleep(window);
     let samples = sampler
         .stop()
         .into_iter()
-        .take(GuestSamples::MAX_SAMPLES)
+        .take(max)
         .map(|s| (t0 + s.at.as_nanos() as u64, s.tx_count))
         .collect();
-    Ok(GuestSamples { samples })
+    Ok(samples)
 }
 
 #[cfg(test)]
@@ -215,13 +218,11 @@ mod tests {
         r.pause();
         let paused = r.start_unix_ns + 1_000_000_000;
         r.resumed(paused, paused + 50_000_000);
-        r.destination(&GuestSamples {
-            samples: vec![
-                (paused + 60_000_000, 100),
-                (paused + 160_000_000, 110),
-                (paused + 260_000_000, 130),
-            ],
-        });
+        r.destination(&[
+            (paused + 60_000_000, 100),
+            (paused + 160_000_000, 110),
+            (paused + 260_000_000, 130),
+        ]);
         assert_eq!(r.destination_tps(), Some(150.0));
         r.note(Duration::from_millis(5), "x");
         let t = r.finish();

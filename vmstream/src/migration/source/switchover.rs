@@ -180,7 +180,7 @@ impl Source<'_> {
         let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::GuestSamples(s))) => {
-                self.impact.destination(&s);
+                self.impact.destination(&s.samples);
                 self.stats.tps.after = self.impact.destination_tps();
             }
             Ok(_) => notices.warning("unexpected message after the resume"),

@@ -131,7 +131,9 @@ impl IncomingGuest for IncomingFileGuest {
 
     /// Samples the resumed guest process (through its memory file `target`).
     fn sample(&self, target: &Path, window: Duration) -> Result<GuestSamples, String> {
-        sample_destination(target, window).map_err(|e| e.to_string())
+        sample_destination(target, window, GuestSamples::MAX_SAMPLES)
+            .map(|samples| GuestSamples { samples })
+            .map_err(|e| e.to_string())
     }
 
     fn into_received(self: Box<Self>) -> Received {
