@@ -29,7 +29,8 @@ one() { # LABEL BIN
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]} outcome={s['outcome']} total_ms={s['total_time_ms']:.0f} "
-      f"downtime_ms={s['downtime_ms']:.1f} wire_mib={s['bytes_on_wire'] / 2**20:.0f} rounds={s['rounds']}")
+      f"downtime_ms={s['downtime_ms']:.1f} wire_mib={s['bytes_on_wire'] / 2**20:.0f} rounds={s['rounds']} "
+      + " ".join(f"{k}={v:.1f}" for k, v in sorted(s.get("switchover_ms", {}).items())))
 PY
 }
 
