@@ -1,5 +1,6 @@
 //! The `vmstream guest` command line: exit codes and messages.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::process::Command;

@@ -1,5 +1,6 @@
 //! Pausing, throttling and sampling a real guest process.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! Dirty trackers against a real guest process: they must report exactly the pages the
 //! guest wrote, no more, none missing.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::collections::BTreeSet;

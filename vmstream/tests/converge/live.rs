@@ -6,6 +6,7 @@
 //! `VMSTREAM_LIVE_OUT=DIR cargo test -p vmstream --release --test converge_live -- --ignored --nocapture`
 //! to keep the stats JSON and SVG of each run in DIR.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! A running guest is stopped with SIGSTOP, its memory file copied, and the copy verified;
 //! corrupt and stale copies are caught with the exact bad block.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::time::Duration;

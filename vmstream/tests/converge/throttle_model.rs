@@ -4,6 +4,7 @@
 //! A measurement, not a check of timing: run by hand with
 //! `cargo test -p vmstream --release --test converge_throttle_model -- --ignored --nocapture`.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
