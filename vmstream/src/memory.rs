@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,8 +156,10 @@ impl GuestMemory {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(PRIVATE_MODE)
             .open(path)
             .map_err(io_err(format!("open {}", path.display())))?;
+        make_private(&file).map_err(io_err(format!("chmod {}", path.display())))?;
         file.set_len(size)
             .map_err(io_err(format!("resize {}", path.display())))?;
         Self::map(file, path.to_path_buf(), size, MapMode::Shared)
@@ -381,6 +384,16 @@ impl std::fmt::Debug for GuestMemory {
     }
 }
 
+/// Permissions of every guest memory file vmstream creates: guest memory holds the guest's
+/// secrets, so only its owner may read it, whatever the umask.
+pub const PRIVATE_MODE: u32 = 0o600;
+
+/// Sets `file` to [`PRIVATE_MODE`] (a file that existed before keeps its own mode
+/// otherwise, and the umask can only take bits away).
+pub fn make_private(file: &File) -> io::Result<()> {
+    file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_MODE))
+}
+
 /// Why [`open_owned`] failed.
 #[derive(Debug)]
 pub enum OwnError {
@@ -404,8 +417,12 @@ pub fn open_owned(path: &Path, create: bool) -> Result<File, OwnError> {
         .write(true)
         .create(create)
         .truncate(false)
+        .mode(PRIVATE_MODE)
         .open(path)
         .map_err(OwnError::Open)?;
+    if create {
+        make_private(&file).map_err(OwnError::Open)?;
+    }
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(OwnError::InUse),
@@ -493,6 +510,29 @@ mod tests {
         c.as_mut_slice()[0] = 2;
         assert_eq!(a.as_mut_slice()[0], 1);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn guest_memory_files_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // A file that existed with wider permissions, created anew as guest memory.
+        let old = tmp("private-old");
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(GuestMemory::create(&old, 4096).unwrap());
+        assert_eq!(mode(&old), 0o600);
+        // A new file a guest owns, under the usual 022 umask or any other.
+        let new = tmp("private-new");
+        let _ = std::fs::remove_file(&new);
+        drop(open_owned(&new, true).unwrap());
+        assert_eq!(mode(&new), 0o600);
+        // Opening an existing file does not change it.
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o640)).unwrap();
+        drop(open_owned(&new, false).unwrap());
+        assert_eq!(mode(&new), 0o640);
+        std::fs::remove_file(&old).unwrap();
+        std::fs::remove_file(&new).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -283,6 +284,7 @@ impl Reservation {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(crate::memory::PRIVATE_MODE)
                 .open(&self.tmp)
             {
                 Ok(file) => {
@@ -620,6 +622,10 @@ mod tests {
         assert_eq!(bytes.len(), 8192);
         assert_eq!(bytes[5000], 42);
         assert_eq!(entries(&d), ["guest.img"]);
+        // Guest memory is private, although the file it replaced was world-readable.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
