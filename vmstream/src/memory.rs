@@ -384,6 +384,43 @@ impl std::fmt::Debug for GuestMemory {
     }
 }
 
+/// The union of two sorted page lists (trackers', deferral's), sorted and without duplicates
+/// even where an input repeats a page.
+pub fn merge_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if y < x => {
+                j += 1;
+                y
+            }
+            (Some(&x), Some(_)) => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!(),
+        };
+        if out.last() != Some(&next) {
+            out.push(next);
+        }
+    }
+    out
+}
+
 /// Permissions of every guest memory file vmstream creates: guest memory holds the guest's
 /// secrets, so only its owner may read it, whatever the umask.
 pub const PRIVATE_MODE: u32 = 0o600;
@@ -510,6 +547,13 @@ mod tests {
         c.as_mut_slice()[0] = 2;
         assert_eq!(a.as_mut_slice()[0], 1);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn merge_is_sorted_and_deduplicated() {
+        assert_eq!(merge_pages(&[1, 3, 5], &[2, 3, 9]), vec![1, 2, 3, 5, 9]);
+        assert_eq!(merge_pages(&[], &[4]), vec![4]);
+        assert_eq!(merge_pages(&[4, 4], &[]), vec![4]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! deferred forever.
 
 use crate::converge::SettingError;
+use crate::memory::merge_pages;
 
 /// Deferral settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +143,7 @@ impl HotPageDeferral {
     pub fn split(&mut self, newly_dirty: &[u64]) -> Result<Split, DeferError> {
         let newly = self.normalise(newly_dirty)?;
         self.saved_pages += count_common(&self.carried, &newly);
-        let dirty = merge(&self.carried, &newly);
+        let dirty = merge_pages(&self.carried, &newly);
         let remaining = dirty.len() as f64 * self.cfg.page_size as f64;
         let memory = self.guest_pages as f64 * self.cfg.page_size as f64;
         if !self.stopped && remaining < self.cfg.stop_below * memory {
@@ -268,32 +269,6 @@ fn count_common(a: &[u64], b: &[u64]) -> u64 {
         }
     }
     n
-}
-
-/// Union of two sorted, deduplicated lists.
-fn merge(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => {
-                out.push(a[i]);
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                out.push(b[j]);
-                j += 1;
-            }
-            std::cmp::Ordering::Equal => {
-                out.push(a[i]);
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::stats::unix_ns;
 
 use super::machine::{Source, SourceState};
-use super::round::{merge_pages, unexpected, PageOrigin};
+use super::round::{unexpected, PageOrigin};
 use super::Outcome;
+use crate::memory::merge_pages;
 
 impl Source<'_> {
     pub(super) fn switchover(
