@@ -72,6 +72,15 @@ pub enum AuthKeyError {
         /// The error.
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO would block the reader until someone writes it, a device
+    /// would never end).
+    #[error("the key file {path} is {kind}, not a regular file: put the key in a file")]
+    NotRegular {
+        /// The file.
+        path: String,
+        /// What it is, in words.
+        kind: &'static str,
+    },
     /// Too short or too long.
     #[error(
         "the key file {path} holds {len} bytes: use {MIN_KEY_BYTES} to {MAX_KEY_BYTES} \
@@ -93,16 +102,41 @@ impl AuthKey {
             .then(|| AuthKey(blake3::derive_key(KEY_CONTEXT, secret)))
     }
 
-    /// The key derived from the contents of the file at `path`.
+    /// The key derived from the contents of the file at `path`, which must be a regular
+    /// file (a link to one is followed: the operator named it). It is opened without
+    /// blocking and checked before anything is read, so a FIFO or a device is refused at
+    /// once rather than waited on.
     pub fn from_file(path: &Path) -> Result<AuthKey, AuthKeyError> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         let shown = path.display().to_string();
+        let read_err = |source| AuthKeyError::Read {
+            path: shown.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let kind = file.metadata().map_err(read_err)?.file_type();
+        if !kind.is_file() {
+            let kind = if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_dir() {
+                "a directory"
+            } else if kind.is_char_device() || kind.is_block_device() {
+                "a device"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            return Err(AuthKeyError::NotRegular { path: shown, kind });
+        }
         let mut secret = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_KEY_BYTES as u64 + 1).read_to_end(&mut secret))
-            .map_err(|source| AuthKeyError::Read {
-                path: shown.clone(),
-                source,
-            })?;
+        file.take(MAX_KEY_BYTES as u64 + 1)
+            .read_to_end(&mut secret)
+            .map_err(read_err)?;
         AuthKey::from_secret(&secret).ok_or(AuthKeyError::Length {
             path: shown,
             len: secret.len(),
@@ -494,6 +528,56 @@ mod tests {
             AuthKey::from_file(&dir.join("absent")),
             Err(AuthKeyError::Read { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A FIFO (which no one writes), a directory or a device as the key file is refused at
+    /// once, without reading; a link to a regular key file is followed. The FIFO is read
+    /// in a thread, so that a reader that blocks fails the test instead of hanging it.
+    #[test]
+    fn key_files_must_be_regular_files() {
+        let dir = std::env::temp_dir().join(format!("vmstream-auth-kind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(AuthKey::from_file(&f));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO key file still blocks after 10 s");
+        match r {
+            Err(e @ AuthKeyError::NotRegular { kind: "a FIFO", .. }) => {
+                assert!(
+                    e.to_string().contains("is a FIFO, not a regular file"),
+                    "{e}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            AuthKey::from_file(&dir),
+            Err(AuthKeyError::NotRegular {
+                kind: "a directory",
+                ..
+            })
+        ));
+        assert!(matches!(
+            AuthKey::from_file(Path::new("/dev/zero")),
+            Err(AuthKeyError::NotRegular {
+                kind: "a device",
+                ..
+            })
+        ));
+        std::fs::write(dir.join("key"), [7u8; 32]).unwrap();
+        std::os::unix::fs::symlink(dir.join("key"), dir.join("link")).unwrap();
+        assert_eq!(
+            AuthKey::from_file(&dir.join("link")).unwrap().0,
+            AuthKey::from_secret(&[7u8; 32]).unwrap().0
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
