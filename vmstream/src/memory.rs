@@ -148,21 +148,32 @@ impl std::fmt::Debug for MemoryReader {
 
 impl GuestMemory {
     /// Create the file at `path` as `size` zero bytes (old contents are discarded) and map
-    /// it shared.
+    /// it shared. A symbolic link at `path` is refused, not followed: the file written is
+    /// the one named.
     pub fn create(path: &Path, size: u64) -> Result<Self, MemoryError> {
         check_size(size)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(PRIVATE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io_err(format!("open {}", path.display())))?;
+        Self::create_from(file, path.to_path_buf(), size)
+    }
+
+    /// Like [`Self::create`] on a file the caller opened (read-write) and keeps using:
+    /// its old contents are discarded, it is made private ([`PRIVATE_MODE`]), sized to
+    /// `size` zero bytes and mapped shared. `path` names it for other processes.
+    pub fn create_from(file: File, path: PathBuf, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
         make_private(&file).map_err(io_err(format!("chmod {}", path.display())))?;
-        file.set_len(size)
+        file.set_len(0)
+            .and_then(|()| file.set_len(size))
             .map_err(io_err(format!("resize {}", path.display())))?;
-        Self::map(file, path.to_path_buf(), size, MapMode::Shared)
+        Self::map(file, path, size, MapMode::Shared)
     }
 
     /// Open an existing guest memory file and map it with `mode`; the size is the file's size.
@@ -172,25 +183,35 @@ impl GuestMemory {
             .write(mode == MapMode::Shared)
             .open(path)
             .map_err(io_err(format!("open {}", path.display())))?;
+        Self::open_from(file, path.to_path_buf(), mode)
+    }
+
+    /// Like [`Self::open`] on a file the caller opened (read-write for
+    /// [`MapMode::Shared`]); `path` names it.
+    pub fn open_from(file: File, path: PathBuf, mode: MapMode) -> Result<Self, MemoryError> {
         let size = file
             .metadata()
             .map_err(io_err(format!("stat {}", path.display())))?
             .len();
         check_size(size)?;
-        Self::map(file, path.to_path_buf(), size, mode)
+        Self::map(file, path, size, mode)
     }
 
     /// Open an existing file and require it to be exactly `size` bytes.
     pub fn open_sized(path: &Path, size: u64, mode: MapMode) -> Result<Self, MemoryError> {
-        let mem = Self::open(path, mode)?;
-        if mem.len() as u64 != size {
+        Self::open(path, mode)?.sized(size)
+    }
+
+    /// This memory if it is exactly `size` bytes ([`MemoryError::SizeMismatch`] otherwise).
+    pub fn sized(self, size: u64) -> Result<Self, MemoryError> {
+        if self.len() as u64 != size {
             return Err(MemoryError::SizeMismatch {
-                path: path.to_path_buf(),
-                actual: mem.len() as u64,
+                path: self.path.clone(),
+                actual: self.len() as u64,
                 expected: size,
             });
         }
-        Ok(mem)
+        Ok(self)
     }
 
     /// Create an anonymous memfd of `size` bytes and map it shared.
@@ -444,7 +465,10 @@ pub enum OwnError {
 
 /// Opens the guest memory file at `path` (created if missing and `create`, never
 /// truncated) and takes an exclusive `flock` on it, held while the returned file stays
-/// open. Every guest owns its file this way (a guest process, the receiver's resumed guest,
+/// open. The caller uses the returned handle, never the path again. With `create` (a
+/// fresh guest that will write the file from scratch) a symbolic link at `path` is
+/// refused rather than followed: a link planted there must not make the guest overwrite
+/// the file it points to. Every guest owns its file this way (a guest process, the receiver's resumed guest,
 /// KVM RAM): a second guest on the same file (a `vmstream send --size` with the path of a
 /// guest still running, say) would truncate or rewrite the memory under the first, which
 /// then dies of SIGBUS or corrupts its state.
@@ -455,11 +479,22 @@ pub fn open_owned(path: &Path, create: bool) -> Result<File, OwnError> {
         .create(create)
         .truncate(false)
         .mode(PRIVATE_MODE)
+        .custom_flags(if create { libc::O_NOFOLLOW } else { 0 })
         .open(path)
         .map_err(OwnError::Open)?;
     if create {
         make_private(&file).map_err(OwnError::Open)?;
     }
+    lock_owned(file)
+}
+
+/// [`open_owned`] for a file already open (a committed image, still mapped): takes the
+/// lock on another handle of the same open file, returned to hold.
+pub fn own_open_file(file: &File) -> Result<File, OwnError> {
+    lock_owned(file.try_clone().map_err(OwnError::Open)?)
+}
+
+fn lock_owned(file: File) -> Result<File, OwnError> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(OwnError::InUse),
@@ -577,6 +612,26 @@ mod tests {
         assert_eq!(mode(&new), 0o640);
         std::fs::remove_file(&old).unwrap();
         std::fs::remove_file(&new).unwrap();
+    }
+
+    /// A link planted where a fresh guest's memory file is to be created is refused, not
+    /// followed: the file it points to keeps its bytes and its length. An existing file is
+    /// opened through a link as the operator named it.
+    #[test]
+    fn a_new_memory_file_is_never_created_through_a_link() {
+        let victim = tmp("link-victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = tmp("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(matches!(
+            GuestMemory::create(&link, 4096),
+            Err(MemoryError::Io { .. })
+        ));
+        assert!(matches!(open_owned(&link, true), Err(OwnError::Open(_))));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        drop(open_owned(&link, false).unwrap());
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_file(&victim).unwrap();
     }
 
     #[test]

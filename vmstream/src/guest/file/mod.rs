@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::verify::{verify_snapshot, ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::workload::{format, Workload, WorkloadError, WorkloadParams};
-use crate::memory::{open_owned, GuestMemory, MapMode, MemoryError, OwnError};
+use crate::memory::{open_owned, own_open_file, GuestMemory, MapMode, MemoryError, OwnError};
 use crate::track::uffd::WpAsync;
 
 /// Where guest memory lives.
@@ -160,11 +160,11 @@ pub struct GuestSummary {
 /// Map, format or resume, arm tracking, print the ready line to `out`, run the workload.
 pub fn run(cfg: &ProcessGuestConfig, out: &mut dyn Write) -> Result<GuestSummary, GuestError> {
     survive_hangup()?;
-    let _owner = match &cfg.memory {
+    let owner = match &cfg.memory {
         MemorySource::File(p) => Some(own_memory_file(p, matches!(cfg.start, StartMode::Init(_)))?),
         MemorySource::Memfd => None,
     };
-    let (mem, resumed_from) = open_memory(cfg)?;
+    let (mem, resumed_from) = open_memory(cfg, owner.as_ref())?;
     run_mapped(mem, resumed_from, cfg, out)
 }
 
@@ -221,16 +221,25 @@ fn run_mapped(
     })
 }
 
+/// Maps the guest's memory: a file through `owner`, the handle its lock is on (the path is
+/// not opened again: what it names may have changed since).
 fn open_memory(
     cfg: &ProcessGuestConfig,
+    owner: Option<&File>,
 ) -> Result<(GuestMemory, Option<ImageVerifyReport>), GuestError> {
+    let handle = |p: &std::path::Path| {
+        owner
+            .expect("a memory file is owned")
+            .try_clone()
+            .map_err(|e| GuestError::Config(format!("dup {}: {e}", p.display())))
+    };
     match &cfg.start {
         StartMode::Init(params) => {
             let size = cfg
                 .size
                 .ok_or_else(|| GuestError::Config("--init needs --size".into()))?;
             let mut mem = match &cfg.memory {
-                MemorySource::File(p) => GuestMemory::create(p, size)?,
+                MemorySource::File(p) => GuestMemory::create_from(handle(p)?, p.clone(), size)?,
                 MemorySource::Memfd => GuestMemory::memfd("vmstream-guest", size)?,
             };
             format(mem.as_mut_slice(), params)?;
@@ -242,9 +251,10 @@ fn open_memory(
                     "--resume needs --memory-file (a new memfd is empty)".into(),
                 ));
             };
+            let mem = GuestMemory::open_from(handle(p)?, p.clone(), MapMode::Shared)?;
             let mut mem = match cfg.size {
-                Some(size) => GuestMemory::open_sized(p, size, MapMode::Shared)?,
-                None => GuestMemory::open(p, MapMode::Shared)?,
+                Some(size) => mem.sized(size)?,
+                None => mem,
             };
             let report = verify_snapshot(mem.as_mut_slice())?;
             Ok((mem, Some(report)))
@@ -323,11 +333,21 @@ fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result
 /// missing and `create`), locked while the returned file stays open, before the file is
 /// formatted or resumed.
 pub(crate) fn own_memory_file(path: &std::path::Path, create: bool) -> Result<File, GuestError> {
-    open_owned(path, create).map_err(|e| match e {
+    open_owned(path, create).map_err(|e| own_error(path, e))
+}
+
+/// [`own_memory_file`] for memory already mapped (a destination's committed image): the
+/// lock is taken on its own file, not on whatever its path names now.
+pub(crate) fn own_mapped_memory(mem: &GuestMemory) -> Result<File, GuestError> {
+    own_open_file(mem.file()).map_err(|e| own_error(mem.path(), e))
+}
+
+fn own_error(path: &std::path::Path, e: OwnError) -> GuestError {
+    match e {
         OwnError::InUse => GuestError::InUse(path.to_path_buf()),
         OwnError::Open(e) => GuestError::Config(format!("open {}: {e}", path.display())),
         OwnError::Lock(e) => GuestError::Config(format!("lock {}: {e}", path.display())),
-    })
+    }
 }
 
 /// Keeps SIGHUP from ending the guest. A guest outlives the `vmstream send` that started

@@ -424,7 +424,11 @@ impl Dest<'_> {
         // rounds (`dest/verify.rs`), off the downtime.
         let touched = std::sync::Arc::new(TouchedPages::new(hello.guest_size / PAGE_SIZE as u64));
         if self.cfg.resume {
-            if let Err(e) = guest.start_background(image.temp_path(), touched.clone()) {
+            let started = image
+                .read_only_view()
+                .map_err(std::io::Error::other)
+                .and_then(|view| guest.start_background(view, touched.clone()));
+            if let Err(e) = started {
                 self.cfg
                     .notices
                     .note(format!("verifying at the pause only: {e}"));

@@ -139,14 +139,14 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         })
     }
 
-    /// Starts `checks` on the pending image at `path` through a read-only view of it,
+    /// Starts `checks` on the pending image through `view`, a read-only mapping of it,
     /// returned for the caller to keep (see [`Self::start`]).
     pub fn open(
-        path: &std::path::Path,
+        view: GuestMemory,
         touched: Arc<TouchedPages>,
         checks: C,
     ) -> std::io::Result<(BackgroundVerifier<C>, Arc<GuestMemory>)> {
-        let view = Arc::new(open_view(path).map_err(std::io::Error::other)?);
+        let view = Arc::new(view);
         let background = BackgroundVerifier::start(Arc::clone(&view), touched, checks)?;
         Ok((background, view))
     }
@@ -186,7 +186,8 @@ pub fn block_page_hashes(block: &[u8]) -> [u128; 2] {
     hashes
 }
 
-/// Opens the read-only view the background verifier reads through.
+/// A read-only view of the image at `path`, as the background verifier reads (the receiver
+/// maps its image's own file instead, [`crate::migration::image::PendingImage::read_only_view`]).
 pub fn open_view(path: &std::path::Path) -> Result<GuestMemory, crate::memory::MemoryError> {
     GuestMemory::open(path, MapMode::SharedReadOnly)
 }

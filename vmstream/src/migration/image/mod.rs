@@ -9,15 +9,23 @@
 //! receives cannot both commit into one path (the later rename would silently replace the
 //! first guest's memory). What a killed receiver left behind (its file, no longer locked)
 //! the next claim removes.
+//!
+//! The temporary file is opened once, when it is created, and used through that handle
+//! only (sizing, mapping, fsync); every name is looked up relative to a handle of the
+//! target's directory without following links (`dir.rs`). A link put in place of the
+//! temporary file is never written through: the receive fails
+//! ([`ImageError::Replaced`]) and the link is left where it is.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use crate::memory::{GuestMemory, MemoryError};
-use crate::telemetry::notice::Notices;
+use crate::memory::{GuestMemory, MapMode, MemoryError};
+
+mod claim;
+mod dir;
+
+pub use claim::Reservation;
 
 /// Why the image could not be prepared or committed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +58,22 @@ pub enum ImageError {
         /// The other receiver's temporary file.
         temp: PathBuf,
     },
+    /// A running guest holds the target: receiving into it would replace the memory under
+    /// that guest.
+    #[error(
+        "{0} is the memory file of a running guest (it holds the file's lock): a received \
+         image would replace that guest's memory under it; stop the guest or receive into \
+         another file"
+    )]
+    InUse(PathBuf),
+    /// The temporary file's name no longer is the file this receiver created (another
+    /// file or a link was put in its place): nothing was written through it, and nothing
+    /// is committed.
+    #[error(
+        "{0} was replaced by another file while receiving (a link?): nothing was written \
+         through it, and nothing is committed"
+    )]
+    Replaced(PathBuf),
     /// Syncing or renaming failed.
     #[error("{what}: {source}")]
     Io {
@@ -63,17 +87,23 @@ pub enum ImageError {
 
 /// The temporary path used while receiving into `target`.
 pub fn temp_path(target: &Path) -> Result<PathBuf, ImageError> {
-    let mut tmp_name = temp_prefix(target)?;
-    tmp_name.push(std::process::id().to_string());
-    Ok(target.with_file_name(tmp_name))
+    Ok(target.with_file_name(temp_name(target)?))
+}
+
+/// The file name of this receiver's temporary image for `target`:
+/// `.NAME.vmstream-recv-PID`.
+fn temp_name(target: &Path) -> Result<OsString, ImageError> {
+    let mut name = temp_prefix(target)?;
+    name.push(std::process::id().to_string());
+    Ok(name)
 }
 
 /// The name of a temporary image for `target` without the receiver's pid.
-fn temp_prefix(target: &Path) -> Result<std::ffi::OsString, ImageError> {
+fn temp_prefix(target: &Path) -> Result<OsString, ImageError> {
     let name = target
         .file_name()
         .ok_or_else(|| ImageError::BadPath(target.to_path_buf()))?;
-    let mut prefix = std::ffi::OsString::from(".");
+    let mut prefix = OsString::from(".");
     prefix.push(name);
     prefix.push(".vmstream-recv-");
     Ok(prefix)
@@ -154,215 +184,6 @@ pub fn check_target(target: &Path) -> Result<(), ImageError> {
     }
 }
 
-/// Whether process `pid` exists (in our pid namespace).
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// `try_lock` retried until `within` passed (a claim that looks at other receivers' files
-/// holds each of their locks for an instant). `Ok(false)`: still locked by someone else.
-fn lock_within(file: &File, within: Duration) -> io::Result<bool> {
-    let deadline = Instant::now() + within;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(true),
-            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(TryLockError::WouldBlock) => return Ok(false),
-            Err(TryLockError::Error(e)) => return Err(e),
-        }
-    }
-}
-
-/// A target claimed for one receive: its temporary file exists (empty until the handshake
-/// sizes it, [`PendingImage::create`]) and this process holds an exclusive `flock` on it.
-/// Dropped unused, it removes the file.
-pub struct Reservation {
-    target: PathBuf,
-    tmp: PathBuf,
-    /// Open (and locked) while the file is ours; `None` once it was committed.
-    lock: Option<File>,
-    removed: Vec<PathBuf>,
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("target", &self.target)
-            .field("tmp", &self.tmp)
-            .finish()
-    }
-}
-
-impl Reservation {
-    /// Claims `target` for a receive: checks it ([`check_target`]), creates and locks this
-    /// receiver's temporary file beside it, then looks at the other receivers' temporary
-    /// files for the same target: one that is locked belongs to a receiver that runs
-    /// ([`ImageError::Busy`]); one that is not, of a pid that no longer runs, was left by a
-    /// killed receiver and is removed ([`Reservation::removed`]).
-    ///
-    /// Each receiver locks its own file before it looks at the others', so of two that
-    /// claim at the same time the later look always sees the earlier lock: they cannot
-    /// both proceed. They also take turns on a lock of the directory while they claim, so
-    /// that one of them wins rather than both refusing.
-    ///
-    /// Where file locks are unsupported the claim goes on (others fall back on our pid),
-    /// with a warning to `notices`.
-    pub fn claim(target: &Path, notices: &Notices) -> Result<Reservation, ImageError> {
-        check_target(target)?;
-        let prefix = temp_prefix(target)?;
-        let tmp = temp_path(target)?;
-        let dir = parent_dir(target);
-        let _turn = DirTurn::take(&dir);
-        let mut claim = Reservation {
-            target: target.to_path_buf(),
-            lock: None,
-            tmp,
-            removed: Vec::new(),
-        };
-        claim.lock = Some(claim.create_locked(notices)?);
-        let entries = std::fs::read_dir(&dir).map_err(|source| ImageError::Io {
-            what: format!("read directory {}", dir.display()),
-            source,
-        })?;
-        let ours = std::process::id();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .as_encoded_bytes()
-                .strip_prefix(prefix.as_encoded_bytes())
-                .and_then(|p| std::str::from_utf8(p).ok())
-                .and_then(|p| p.parse::<u32>().ok())
-                .filter(|&p| p != ours)
-            else {
-                continue;
-            };
-            let path = entry.path();
-            let busy = || ImageError::Busy {
-                pid,
-                target: target.to_path_buf(),
-                temp: path.clone(),
-            };
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                // Not ours to look at (another user's?): trust the pid.
-                Err(_) if alive(pid) => return Err(busy()),
-                Err(_) => continue,
-            };
-            match file.try_lock() {
-                // Locked: its receiver runs (in another pid namespace if not in our /proc).
-                Err(TryLockError::WouldBlock) => return Err(busy()),
-                // Locks unsupported here: trust the pid.
-                Err(TryLockError::Error(_)) if alive(pid) => return Err(busy()),
-                Err(TryLockError::Error(_)) => {}
-                // Unlocked but the pid runs: another program that reused the pid. Left
-                // alone.
-                Ok(()) if alive(pid) => {}
-                Ok(()) => {
-                    drop(file);
-                    if std::fs::remove_file(&path).is_ok() {
-                        claim.removed.push(path);
-                    }
-                }
-            }
-        }
-        Ok(claim)
-    }
-
-    /// Creates this receiver's temporary file and locks it. A file of that name already
-    /// there is ours by name: locked, it is another receive in this process (busy);
-    /// otherwise a process that had our pid left it, and it is replaced.
-    fn create_locked(&self, notices: &Notices) -> Result<File, ImageError> {
-        let create_err = |source| ImageError::Io {
-            what: format!("create {}", self.tmp.display()),
-            source,
-        };
-        for _ in 0..2 {
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(crate::memory::PRIVATE_MODE)
-                .open(&self.tmp)
-            {
-                Ok(file) => {
-                    match lock_within(&file, Duration::from_secs(1)) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            let _ = std::fs::remove_file(&self.tmp);
-                            return Err(create_err(io::Error::new(
-                                io::ErrorKind::WouldBlock,
-                                "another process keeps it locked",
-                            )));
-                        }
-                        // Locks unsupported here: others fall back on our pid.
-                        Err(e) => {
-                            notices.warning(format!("could not lock {}: {e}", self.tmp.display()))
-                        }
-                    }
-                    return Ok(file);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let held = File::open(&self.tmp)
-                        .is_ok_and(|f| matches!(f.try_lock(), Err(TryLockError::WouldBlock)));
-                    if held {
-                        return Err(ImageError::Busy {
-                            pid: std::process::id(),
-                            target: self.target.clone(),
-                            temp: self.tmp.clone(),
-                        });
-                    }
-                    std::fs::remove_file(&self.tmp).map_err(create_err)?;
-                }
-                Err(e) => return Err(create_err(e)),
-            }
-        }
-        Err(create_err(io::Error::from(io::ErrorKind::AlreadyExists)))
-    }
-
-    /// The target this reservation is for.
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
-    /// The temporary file.
-    pub fn temp_path(&self) -> &Path {
-        &self.tmp
-    }
-
-    /// Temporary files of receivers that no longer run, removed by the claim.
-    pub fn removed(&self) -> &[PathBuf] {
-        &self.removed
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // Removed while still locked, so no other claim takes it for a killed receiver's.
-        if self.lock.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// A lock on a directory, held while a receiver claims a target in it (best effort: where
-/// the directory cannot be opened or locked within a moment, the claim goes on without it,
-/// as safely, see [`Reservation::claim`]). Released on drop.
-struct DirTurn {
-    _lock: Option<File>,
-}
-
-impl DirTurn {
-    fn take(dir: &Path) -> DirTurn {
-        let lock = File::open(dir)
-            .ok()
-            .filter(|d| lock_within(d, Duration::from_secs(2)).unwrap_or(false));
-        DirTurn { _lock: lock }
-    }
-}
-
 /// A received image that is not committed yet.
 pub struct PendingImage {
     memory: Option<GuestMemory>,
@@ -380,9 +201,12 @@ impl std::fmt::Debug for PendingImage {
 }
 
 impl PendingImage {
-    /// Sizes the claimed temporary file to `size` zeroed bytes and maps it.
+    /// Sizes the claimed temporary file to `size` zeroed bytes and maps it, through the
+    /// handle the claim created (refused if its name was replaced meanwhile).
     pub fn create(claim: Reservation, size: u64) -> Result<PendingImage, ImageError> {
-        let memory = GuestMemory::create(&claim.tmp, size)?;
+        claim.check_temp_is_ours()?;
+        let file = claim.handle()?;
+        let memory = GuestMemory::create_from(file, claim.tmp.clone(), size)?;
         Ok(PendingImage {
             memory: Some(memory),
             claim,
@@ -405,15 +229,28 @@ impl PendingImage {
             .data_pages()
     }
 
+    /// A read-only mapping of the image for another thread (the background verify), of
+    /// the same file, not reopened by name.
+    pub fn read_only_view(&self) -> Result<GuestMemory, ImageError> {
+        Ok(GuestMemory::open_from(
+            self.claim.handle()?,
+            self.claim.tmp.clone(),
+            MapMode::SharedReadOnly,
+        )?)
+    }
+
     /// The temporary file's path.
     pub fn temp_path(&self) -> &Path {
         &self.claim.tmp
     }
 
     /// Makes the image durable and atomically replaces the target with it: msync, fsync,
-    /// rename, fsync of the directory. On error the temporary file is removed. Returns the
+    /// rename, fsync of the directory. The rename is refused if the temporary name no
+    /// longer is this image's file ([`ImageError::Replaced`]) or a running guest holds the
+    /// target ([`ImageError::InUse`]). On error the temporary file is removed. Returns the
     /// mapping, now of the target (a resumed guest runs on it without mapping and faulting
-    /// in all of memory again; unmapping a large image also takes tens of ms).
+    /// in all of memory again; unmapping a large image also takes tens of ms); its lock is
+    /// released, for the guest that resumes on it to take.
     pub fn commit(mut self) -> Result<GuestMemory, ImageError> {
         let io = |what: &str| {
             let what = what.to_string();
@@ -426,152 +263,65 @@ impl PendingImage {
             .file()
             .sync_all()
             .map_err(io(&format!("fsync {}", tmp.display())))?;
-        std::fs::rename(tmp, target).map_err(io(&format!(
-            "rename {} to {}",
-            tmp.display(),
-            target.display()
-        )))?;
-        // The file is the target's now: nothing to remove (its lock goes with the claim).
-        self.claim.lock = None;
-        let dir = parent_dir(target);
+        self.claim.check_temp_is_ours()?;
+        // Held across the rename: no guest starts on the file being replaced meanwhile.
+        let _replaced = claim::refuse_held(&self.claim.dir, &self.claim.name, target)?;
+        self.claim
+            .dir
+            .rename(&self.claim.tmp_name, &self.claim.name)
+            .map_err(io(&format!(
+                "rename {} to {}",
+                tmp.display(),
+                target.display()
+            )))?;
+        // The file is the target's now: nothing to remove.
+        self.claim.file = None;
+        let mut memory = self.memory.take().expect("memory present until commit");
+        memory
+            .file()
+            .unlock()
+            .map_err(io(&format!("unlock {}", target.display())))?;
+        // Whatever was renamed, the target must now be this image (a name swapped between
+        // the check and the rename would have been moved instead).
+        if !self
+            .claim
+            .dir
+            .names(&self.claim.name, memory.file())
+            .map_err(io(&format!("stat {}", target.display())))?
+        {
+            return Err(ImageError::Replaced(tmp.clone()));
+        }
+        memory.set_path(target.clone());
         // The rename is only durable once the directory is synced; the file is in place
         // already, so a failure here is reported but leaves nothing to roll back.
-        let mut memory = self.memory.take().expect("memory present until commit");
-        memory.set_path(target.clone());
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&format!("fsync {}", dir.display())))?;
+        self.claim
+            .dir
+            .sync()
+            .map_err(io(&format!("fsync {}", self.claim.dir.path().display())))?;
         Ok(memory)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::telemetry::notice::Notices;
 
     /// A fresh directory of its own for each test.
-    fn dir(name: &str) -> PathBuf {
+    pub(super) fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmstream-image-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     }
 
-    fn entries(d: &Path) -> Vec<String> {
+    pub(super) fn entries(d: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(d)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
         v
-    }
-
-    /// What a killed receiver left is removed; the file of a live pid that holds no lock
-    /// (another program reusing the pid) is left alone.
-    #[test]
-    fn a_claim_removes_what_receivers_that_no_longer_run_left() {
-        let d = dir("stale");
-        let target = d.join("guest.img");
-        let mut gone = std::process::Command::new("true").spawn().unwrap();
-        let dead = gone.id();
-        gone.wait().unwrap();
-        let stale = d.join(format!(".guest.img.vmstream-recv-{dead}"));
-        let running = d.join(".guest.img.vmstream-recv-1"); // init runs
-        let other = d.join(format!(".other.img.vmstream-recv-{dead}"));
-        for p in [&stale, &running, &other] {
-            std::fs::write(p, b"x").unwrap();
-        }
-        let claim = Reservation::claim(&target, &Notices::silent()).unwrap();
-        assert_eq!(claim.removed(), std::slice::from_ref(&stale));
-        assert!(!stale.exists());
-        assert!(running.exists() && other.exists());
-        assert!(claim.temp_path().exists());
-        drop(claim);
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    /// A temporary file whose lock is held belongs to a receiver that runs, whatever its
-    /// pid (one in another pid namespace is not in our /proc): the claim refuses, names
-    /// it, and leaves the directory as it was.
-    #[test]
-    fn a_locked_temporary_file_of_the_same_target_is_refused() {
-        let d = dir("busy");
-        let target = d.join("guest.img");
-        let theirs = d.join(".guest.img.vmstream-recv-4000000");
-        std::fs::write(&theirs, b"").unwrap();
-        let lock = File::open(&theirs).unwrap();
-        lock.try_lock().unwrap();
-        let before = entries(&d);
-        match Reservation::claim(&target, &Notices::silent()) {
-            Err(e @ ImageError::Busy { pid: 4000000, .. }) => {
-                let m = e.to_string();
-                assert!(
-                    m.contains("pid 4000000") && m.contains(".guest.img.vmstream-recv-4000000"),
-                    "{m}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(entries(&d), before);
-        // Another target in the same directory is not affected.
-        drop(Reservation::claim(&d.join("other.img"), &Notices::silent()).unwrap());
-        // Unlocked (its receiver died), it is removed and the claim succeeds.
-        drop(lock);
-        let claim = Reservation::claim(&target, &Notices::silent()).unwrap();
-        assert!(!theirs.exists());
-        drop(claim);
-        assert!(entries(&d).is_empty(), "{:?}", entries(&d));
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    /// Two receives into one target in the same process (library callers): the second
-    /// finds the first's lock.
-    #[test]
-    fn a_second_claim_in_this_process_is_refused() {
-        let d = dir("twice");
-        let target = d.join("guest.img");
-        let first = Reservation::claim(&target, &Notices::silent()).unwrap();
-        assert!(matches!(
-            Reservation::claim(&target, &Notices::silent()),
-            Err(ImageError::Busy { pid, .. }) if pid == std::process::id()
-        ));
-        assert!(
-            first.temp_path().exists(),
-            "the refused claim removed the first's file"
-        );
-        drop(first);
-        assert!(entries(&d).is_empty());
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    /// Claims racing from many threads (each with its own file descriptions): never two
-    /// hold the target at the same time, and one of them gets it.
-    #[test]
-    fn racing_claims_never_hold_the_target_together() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let d = dir("race");
-        let target = d.join("guest.img");
-        for _ in 0..20 {
-            let (held, won) = (AtomicUsize::new(0), AtomicUsize::new(0));
-            let barrier = std::sync::Barrier::new(4);
-            std::thread::scope(|s| {
-                for _ in 0..4 {
-                    s.spawn(|| {
-                        barrier.wait();
-                        if let Ok(c) = Reservation::claim(&target, &Notices::silent()) {
-                            assert_eq!(held.fetch_add(1, Ordering::SeqCst), 0);
-                            won.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(Duration::from_millis(5));
-                            held.fetch_sub(1, Ordering::SeqCst);
-                            drop(c);
-                        }
-                    });
-                }
-            });
-            assert!(won.into_inner() >= 1);
-        }
-        assert!(entries(&d).is_empty());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// Paths that cannot take an image are refused before anything is created.
@@ -626,6 +376,96 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Replaces `name` (a file) with a link to `to`.
+    fn swap_for_link(name: &Path, to: &Path) {
+        std::fs::remove_file(name).unwrap();
+        std::os::unix::fs::symlink(to, name).unwrap();
+    }
+
+    /// The temporary image replaced by a link to another file, before the handshake sizes
+    /// it or after, while the image is received: the file it points to is never written
+    /// (same bytes, same length), nothing is committed, the receive fails with
+    /// [`ImageError::Replaced`], and the link is left for the operator to see.
+    #[test]
+    fn a_link_in_place_of_the_temporary_image_is_never_written_through() {
+        let d = dir("swap");
+        let target = d.join("guest.img");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let claim = Reservation::claim(&target, &Notices::silent()).unwrap();
+        let tmp = claim.temp_path().to_path_buf();
+        swap_for_link(&tmp, &victim);
+        match PendingImage::create(claim, 8192) {
+            Err(e @ ImageError::Replaced(_)) => {
+                assert!(
+                    e.to_string().contains("was replaced by another file"),
+                    "{e}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&tmp).unwrap().is_symlink());
+        std::fs::remove_file(&tmp).unwrap();
+
+        let mut img = PendingImage::create(
+            Reservation::claim(&target, &Notices::silent()).unwrap(),
+            8192,
+        )
+        .unwrap();
+        swap_for_link(&tmp, &victim);
+        img.memory_mut()[..8192].fill(0xEE);
+        assert!(matches!(img.commit(), Err(ImageError::Replaced(_))));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!target.exists());
+        assert!(std::fs::symlink_metadata(&tmp).unwrap().is_symlink());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A link at the target itself is replaced by the image, not followed: the file it
+    /// pointed to keeps its bytes, and the target is a regular file holding the guest.
+    #[test]
+    fn a_link_at_the_target_is_replaced_not_followed() {
+        let d = dir("target-link");
+        let target = d.join("guest.img");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let mut img = PendingImage::create(
+            Reservation::claim(&target, &Notices::silent()).unwrap(),
+            8192,
+        )
+        .unwrap();
+        img.memory_mut()[100] = 7;
+        let memory = img.commit().unwrap();
+        assert_eq!(memory.path(), target);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let meta = std::fs::symlink_metadata(&target).unwrap();
+        assert!(meta.is_file() && meta.len() == 8192);
+        assert_eq!(std::fs::read(&target).unwrap()[100], 7);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A guest that started on the target while the image was received keeps its file:
+    /// the commit is refused and the temporary image removed.
+    #[test]
+    fn a_commit_over_a_running_guests_file_is_refused() {
+        let d = dir("commit-in-use");
+        let target = d.join("guest.img");
+        let img = PendingImage::create(
+            Reservation::claim(&target, &Notices::silent()).unwrap(),
+            8192,
+        )
+        .unwrap();
+        std::fs::write(&target, b"guest memory").unwrap();
+        let guest = crate::memory::open_owned(&target, false).unwrap();
+        assert!(matches!(img.commit(), Err(ImageError::InUse(_))));
+        assert_eq!(std::fs::read(&target).unwrap(), b"guest memory");
+        assert_eq!(entries(&d), ["guest.img"]);
+        drop(guest);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

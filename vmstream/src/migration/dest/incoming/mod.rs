@@ -36,9 +36,13 @@ pub trait IncomingGuest {
     fn check_hello(&self, hello: &Hello, resume: bool) -> Option<(RefuseCode, String)>;
 
     /// With `--resume`: starts checking, during the live rounds, the blocks of the pending
-    /// image at `path` whose pages `touched` marks (see [`super::verify`]). On error the
-    /// image is verified at the pause only.
-    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()>;
+    /// image (`view`, a read-only mapping of it) whose pages `touched` marks (see
+    /// [`super::verify`]). On error the image is verified at the pause only.
+    fn start_background(
+        &mut self,
+        view: GuestMemory,
+        touched: Arc<TouchedPages>,
+    ) -> std::io::Result<()>;
 
     /// A live round passed its barrier: the background checks what it changed.
     fn round_applied(&self);

@@ -65,8 +65,12 @@ impl IncomingGuest for IncomingFileGuest {
         None
     }
 
-    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()> {
-        let (background, view) = BackgroundVerifier::open(path, touched, FileChecks::default())?;
+    fn start_background(
+        &mut self,
+        view: GuestMemory,
+        touched: Arc<TouchedPages>,
+    ) -> std::io::Result<()> {
+        let (background, view) = BackgroundVerifier::open(view, touched, FileChecks::default())?;
         self.background = Some(background);
         self.view = Some(view);
         Ok(())
@@ -214,8 +218,9 @@ fn start_guest(
         control_stdin: false,
         track_writes: false,
     };
-    // Held while the guest runs, as a guest process holds its own.
-    let owner = crate::guest::file::own_memory_file(memory.path(), false)
+    // Held while the guest runs, as a guest process holds its own: taken on the committed
+    // file itself (its name is not looked up again).
+    let owner = crate::guest::file::own_mapped_memory(&memory)
         .map_err(|e| RecvError::Resume(e.to_string()))?;
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()

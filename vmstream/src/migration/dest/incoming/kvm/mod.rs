@@ -70,8 +70,12 @@ impl IncomingGuest for IncomingKvmGuest {
         check_hello(hello, resume)
     }
 
-    fn start_background(&mut self, path: &Path, touched: Arc<TouchedPages>) -> std::io::Result<()> {
-        let (background, view) = BackgroundVerifier::open(path, touched, KvmChecks::default())?;
+    fn start_background(
+        &mut self,
+        view: GuestMemory,
+        touched: Arc<TouchedPages>,
+    ) -> std::io::Result<()> {
+        let (background, view) = BackgroundVerifier::open(view, touched, KvmChecks::default())?;
         self.background = Some(background);
         self.view = Some(view);
         Ok(())
