@@ -203,6 +203,45 @@ fn a_short_key_file_is_a_usage_error() {
     );
 }
 
+/// A FIFO as the key file (no one writes it) is refused at once as a usage error, with
+/// what it is, rather than read forever; nothing is created. Waited for 10 s only to tell a
+/// hang from a refusal.
+#[test]
+fn a_fifo_as_the_key_file_is_refused_at_once() {
+    let _g = serial();
+    let dir = TmpDir::new("auth-fifo");
+    let key = dir.path("key");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut recv = Proc::vmstream(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory-file",
+            dir.path("dst.img").to_str().unwrap(),
+            "--auth-key-file",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let Some((status, lines)) = recv.exit_within(std::time::Duration::from_secs(10)) else {
+        panic!("recv still reads the FIFO key file after 10 s")
+    };
+    assert_eq!(status.code(), Some(2), "{}", recv.stderr());
+    let expected = format!(
+        "the key file {} is a FIFO, not a regular file",
+        key.display()
+    );
+    assert!(recv.stderr().contains(&expected), "{}", recv.stderr());
+    assert!(lines.is_empty(), "{lines:?}");
+    assert_eq!(dir.entries(), ["key"]);
+}
+
 /// With a key every frame after the exchange is sealed: a byte changed on the wire (the
 /// sender's test hook flips one inside round 0) fails authentication at the destination,
 /// which commits nothing; the source learns why and its guest keeps running.

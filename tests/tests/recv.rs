@@ -1,6 +1,7 @@
 //! `vmstream recv` before and around its migration: arguments are checked before it
-//! listens, a memory file is written by one receive at a time, and without a key,
-//! connections that never send a frame do not end the receive.
+//! listens, a memory file is written by one receive at a time and never while a running
+//! guest holds it, no file is written through a link put in the receiver's way, and
+//! without a key, connections that never send a frame do not end the receive.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -219,4 +220,101 @@ fn keyless_connections_that_never_open_do_not_end_the_receive() {
     );
     drop(silent);
     expect_migration(&dir, &mut recv, port, &dst);
+}
+
+/// Asserts that the file at `path` still holds exactly `bytes` (without printing what
+/// replaced them: a whole guest image).
+fn assert_holds(path: &Path, bytes: &[u8]) {
+    let now = std::fs::read(path).unwrap();
+    assert!(
+        now == bytes,
+        "{} was written: {} bytes now",
+        path.display(),
+        now.len()
+    );
+}
+
+/// The attack of issue 19: once the receiver listens, its temporary image is replaced by a
+/// link to another file (the victim), and the target is a link to a second one. The
+/// receiver never writes through either link: it refuses the source (its image was
+/// replaced), both victims keep their bytes and lengths, and the link stays where it was
+/// put. The next receive into the same target replaces the target's link with a regular
+/// file holding the guest.
+#[test]
+fn links_in_the_receivers_way_are_never_written_through() {
+    let _g = serial();
+    let dir = TmpDir::new("recv-links");
+    let dst = dir.path("dst.img");
+    let (victim, other) = (dir.path("victim"), dir.path("other"));
+    std::fs::write(&victim, b"the victim's own bytes").unwrap();
+    std::fs::write(&other, b"another victim").unwrap();
+    std::os::unix::fs::symlink(&other, &dst).unwrap();
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let tmp = dir.path(&claim_of(recv.pid()));
+    std::fs::remove_file(&tmp).unwrap();
+    std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+    let mut send = sender(&dir, port);
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert!(!status.success(), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", recv.stderr());
+    let why = format!("{} was replaced by another file", tmp.display());
+    assert!(recv.stderr().contains(&why), "{}", recv.stderr());
+    assert!(send.stderr().contains(&why), "{}", send.stderr());
+    assert_holds(&victim, b"the victim's own bytes");
+    assert_holds(&other, b"another victim");
+    assert!(std::fs::symlink_metadata(&tmp).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(&dst).unwrap().is_symlink());
+
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::remove_file(dir.path("src.img")).unwrap();
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let mut send = sender(&dir, port);
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert!(status.success(), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert!(status.success(), "recv: {}", recv.stderr());
+    assert!(std::fs::symlink_metadata(&dst).unwrap().is_file());
+    assert!(files_identical(&dir.path("src.img"), &dst));
+    assert_holds(&victim, b"the victim's own bytes");
+    assert_holds(&other, b"another victim");
+    assert_eq!(dir.entries(), ["dst.img", "other", "src.img", "victim"]);
+}
+
+/// A receive into the memory file of a running guest (which holds the file's lock) is
+/// refused before it listens, naming why: the guest's file is the same file of the same
+/// length, nothing is created beside it, and the guest goes on committing transactions.
+#[test]
+fn a_receive_into_a_running_guests_file_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let _g = serial();
+    let dir = TmpDir::new("recv-guest-file");
+    let dst = dir.path("dst.img");
+    let mut guest = start_external_guest(&dst, &[]);
+    let before = std::fs::metadata(&dst).unwrap();
+    let mut recv = Proc::vmstream(
+        "recv",
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory-file",
+            dst.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let Some((status, lines)) = recv.exit_within(Duration::from_secs(10)) else {
+        panic!("a receiver into a running guest's file listens")
+    };
+    assert_eq!(status.code(), Some(1), "{}", recv.stderr());
+    let expected = format!("{} is the memory file of a running guest", dst.display());
+    assert!(recv.stderr().contains(&expected), "{}", recv.stderr());
+    assert!(lines.is_empty(), "{lines:?}");
+    let after = std::fs::metadata(&dst).unwrap();
+    assert_eq!((after.ino(), after.len()), (before.ino(), before.len()));
+    assert_eq!(dir.entries(), ["dst.img"]);
+    assert!(guest.child.try_wait().unwrap().is_none(), "the guest ended");
+    wait_tx_above(&dst, read_tx_count(&dst));
 }
