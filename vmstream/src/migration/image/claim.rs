@@ -45,12 +45,17 @@ pub(super) fn refuse_held(
     name: &OsStr,
     target: &Path,
 ) -> Result<Option<File>, ImageError> {
-    let Some(file) = dir.open_regular(name).map_err(|source| ImageError::Io {
-        what: format!("open {}", target.display()),
-        source,
-    })?
-    else {
-        return Ok(None);
+    let file = match dir.open_regular(name) {
+        Ok(Some(file)) => file,
+        // Not ours to read (the rename needs only the directory): no lock to look at.
+        Ok(None) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(None),
+        Err(source) => {
+            return Err(ImageError::Io {
+                what: format!("open {}", target.display()),
+                source,
+            })
+        }
     };
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
@@ -163,15 +168,18 @@ impl Reservation {
             Err(_) if alive(pid) => return Err(busy()),
             Err(_) => return Ok(()),
         };
-        match file.try_lock() {
+        // Retried for a moment: a lock held only that long is not a receiver's (another
+        // claim looking at the file, a child forked meanwhile that still shares the
+        // handle of a receiver that just closed it).
+        match lock_within(&file, Duration::from_millis(100)) {
             // Locked: its receiver runs (in another pid namespace if not in our /proc).
-            Err(TryLockError::WouldBlock) => Err(busy()),
+            Ok(false) => Err(busy()),
             // Locks unsupported here: trust the pid.
-            Err(TryLockError::Error(_)) if alive(pid) => Err(busy()),
-            Err(TryLockError::Error(_)) => Ok(()),
+            Err(_) if alive(pid) => Err(busy()),
+            Err(_) => Ok(()),
             // Unlocked but the pid runs: another program that reused the pid. Left alone.
-            Ok(()) if alive(pid) => Ok(()),
-            Ok(()) => {
+            Ok(true) if alive(pid) => Ok(()),
+            Ok(true) => {
                 // Removed while we hold its lock, and only if the name is still that file.
                 if self.dir.names(other, &file).unwrap_or(false) && self.dir.remove(other).is_ok() {
                     self.removed.push(self.dir.shown(other));
