@@ -49,13 +49,13 @@ impl VerificationStats {
     /// One line for the summary.
     pub fn summary_line(&self) -> String {
         let mut s = format!("  verify:     {}", self.mode);
-        if self.requested != self.mode {
+        if !self.requested.is_empty() && self.requested != self.mode {
             s.push_str(&format!(" (--verify {})", self.requested));
         }
         if let Some(c) = self.scrub_coverage {
             s.push_str(&format!(", scrub coverage {:.0}%", c * 100.0));
         }
-        if self.mode != "full" {
+        if self.scrub_coverage.is_some() {
             s.push_str(&format!(", tracking errors {}", self.tracking_errors));
         }
         if let Some(a) = &self.audit {
