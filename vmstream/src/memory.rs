@@ -287,28 +287,7 @@ impl GuestMemory {
     /// mapping allocates it, so callers that only need its bytes skip holes. A filesystem
     /// without hole reporting reports everything as data.
     pub fn data_pages(&self) -> io::Result<Vec<u64>> {
-        use nix::errno::Errno;
-        use nix::unistd::{lseek, Whence};
-        let page = PAGE_SIZE as i64;
-        let end = self.map.len as i64;
-        let mut bits = vec![0u64; self.pages().div_ceil(64) as usize];
-        let mut off = 0i64;
-        while off < end {
-            let data = match lseek(&self.file, off, Whence::SeekData) {
-                Ok(d) => d,
-                Err(Errno::ENXIO) => break, // no data after `off`
-                Err(e) => return Err(e.into()),
-            };
-            if data >= end {
-                break;
-            }
-            let hole = lseek(&self.file, data, Whence::SeekHole)?.min(end);
-            for p in (data / page)..(hole + page - 1) / page {
-                bits[(p / 64) as usize] |= 1 << (p % 64);
-            }
-            off = hole;
-        }
-        Ok(bits)
+        data_pages_of(&self.file, self.map.len)
     }
 
     /// Records that the file behind the mapping was renamed to `path`.
@@ -403,6 +382,33 @@ impl std::fmt::Debug for GuestMemory {
             .field("mode", &self.mode)
             .finish()
     }
+}
+
+/// [`GuestMemory::data_pages`] of the first `len` bytes of `file` (any handle of it: the
+/// scrubber keeps its own).
+pub fn data_pages_of(file: &File, len: usize) -> io::Result<Vec<u64>> {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
+    let page = PAGE_SIZE as i64;
+    let end = len as i64;
+    let mut bits = vec![0u64; len.div_ceil(PAGE_SIZE).div_ceil(64)];
+    let mut off = 0i64;
+    while off < end {
+        let data = match lseek(file, off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(Errno::ENXIO) => break, // no data after `off`
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file, data, Whence::SeekHole)?.min(end);
+        for p in (data / page)..(hole + page - 1) / page {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        off = hole;
+    }
+    Ok(bits)
 }
 
 /// The union of two sorted page lists (trackers', deferral's), sorted and without duplicates

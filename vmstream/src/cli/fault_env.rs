@@ -2,7 +2,7 @@
 //! end-to-end tests; compiled only with the `fault-injection` feature, so a release binary
 //! built without it never reads them.
 
-use crate::migration::fault::{LinkFault, SourceFaults, StreamFault};
+use crate::migration::fault::{LinkFault, MissedWrite, MissedWriteAt, SourceFaults, StreamFault};
 
 /// `OFFSET` (channel 0) or `CHANNEL:OFFSET`: the sender flips the byte at that offset of
 /// that connection's stream.
@@ -15,6 +15,11 @@ pub const CRASH_AFTER_COMMIT_ENV: &str = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
 
 /// `OFFSET`: the sender flips that byte of a KVM guest's state blob.
 pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
+
+/// `PAGE@round0` or `PAGE@pause`: the sender writes that page behind its dirty tracker's
+/// back once round 0 is acknowledged, or right after the pause
+/// ([`SourceFaults::missed_write`]).
+pub const MISSED_WRITE_ENV: &str = "VMSTREAM_TEST_MISSED_WRITE";
 
 /// The faults the environment asks for; an unparsable value is an error (a test hook that
 /// silently did nothing would make its test pass for the wrong reason).
@@ -38,7 +43,25 @@ pub fn source_faults() -> Result<SourceFaults, String> {
                 .map_err(|_| format!("{CORRUPT_STATE_ENV}={v:?}: expected OFFSET"))?,
         );
     }
+    if let Some(v) = var(MISSED_WRITE_ENV) {
+        faults.missed_write = Some(missed_write(&v).ok_or_else(|| {
+            format!("{MISSED_WRITE_ENV}={v:?}: expected PAGE@round0 or PAGE@pause")
+        })?);
+    }
     Ok(faults)
+}
+
+/// [`MISSED_WRITE_ENV`]'s value.
+fn missed_write(value: &str) -> Option<MissedWrite> {
+    let (page, at) = value.trim().split_once('@')?;
+    Some(MissedWrite {
+        page: page.parse().ok()?,
+        at: match at {
+            "round0" => MissedWriteAt::AfterRound0,
+            "pause" => MissedWriteAt::AtPause,
+            _ => return None,
+        },
+    })
 }
 
 /// The channel and stream offset of [`CORRUPT_ENV`]: `OFFSET` (channel 0) or
@@ -53,6 +76,18 @@ fn corrupt_target(value: &str) -> Option<(usize, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missed_write_parses_page_and_instant() {
+        let w = missed_write("77@pause").unwrap();
+        assert_eq!((w.page, w.at), (77, MissedWriteAt::AtPause));
+        assert_eq!(
+            missed_write("3@round0").unwrap().at,
+            MissedWriteAt::AfterRound0
+        );
+        assert!(missed_write("3").is_none() && missed_write("x@pause").is_none());
+        assert!(missed_write("3@later").is_none());
+    }
 
     #[test]
     fn corrupt_target_parses_both_forms() {

@@ -1,6 +1,7 @@
 //! The `vmstream send` and `vmstream recv` command lines: clap arguments, turned into
 //! [`SendConfig`] / [`RecvConfig`], run, reported (stats JSON, summary) and mapped to an
-//! exit code: 0 committed, 1 failed, 3 cancelled (at the timeout, or by SIGINT/SIGTERM).
+//! exit code: 0 committed, 1 failed, 3 cancelled (at the timeout, or by SIGINT/SIGTERM), 5
+//! committed but the post-commit audit found stale pages.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use crate::migration::dest::{
 };
 use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
+use crate::migration::source::verify::VerifyMode;
 use crate::migration::source::{migrate, Outcome, SendReport};
 use crate::signals::new_stop_flag;
 use crate::telemetry::stats::{MigrationOutcome, MigrationStats};
@@ -31,6 +33,10 @@ use crate::units::{parse_bandwidth, parse_duration, parse_size};
 
 /// Exit code of a migration cancelled at its timeout or by SIGINT/SIGTERM.
 pub const EXIT_CANCELLED: u8 = 3;
+
+/// Exit code of a committed migration whose post-commit audit found pages the destination
+/// holds stale copies of (both sides).
+pub const EXIT_AUDIT_MISMATCH: u8 = 5;
 
 /// Exit code of a sender stopped by an injected crash after the commit (only a binary built
 /// with the `fault-injection` feature injects one).
@@ -153,6 +159,13 @@ pub struct SendArgs {
     /// (AES-256-GCM); recv needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// How the destination's memory is proven equal to ours at the pause: `full` hashes
+    /// all memory in the pause; `incremental` digests the pages as sent, scrubs clean pages
+    /// in the background and audits all memory after the commit; `strict` is incremental
+    /// but waits for a scrub pass and fails on a missed write; `auto` is `full` when that
+    /// fits in a fifth of the downtime limit.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Auto)]
+    pub verify: VerifyMode,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -285,6 +298,7 @@ impl SendArgs {
         cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.verify = self.verify;
         #[cfg(feature = "fault-injection")]
         {
             cfg.faults = crate::cli::fault_env::source_faults()?;
@@ -380,6 +394,7 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     // A signal during the warm-up ends it, and the migration then cancels at once.
     let SendReport { stats, result } = migrate(&cfg, guest.as_mut());
     let code = match result {
+        Ok(Outcome::Committed) if audit_mismatch(&stats) => ExitCode::from(EXIT_AUDIT_MISMATCH),
         Ok(Outcome::Committed) => ExitCode::SUCCESS,
         Ok(Outcome::CrashedAfterCommit) => {
             // As a killed process would: no report, the guest left as it is (paused).
@@ -458,6 +473,11 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         }
     };
     finish_report(&stats, cfg.stats_json.as_ref(), "recv");
+    let success = if audit_mismatch(&stats) {
+        ExitCode::from(EXIT_AUDIT_MISMATCH)
+    } else {
+        ExitCode::SUCCESS
+    };
     if received.kvm.is_none() && received.guest.is_some() {
         // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and
         // we exit 0 if it is healthy.
@@ -466,7 +486,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         }
     }
     let run = match run_resumed(received, &cfg, &mut stats) {
-        None => return ExitCode::SUCCESS,
+        None => return success,
         Some(Ok(run)) => run,
         Some(Err(e)) => {
             eprintln!("vmstream recv: {e}");
@@ -486,5 +506,10 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     if let Some(p) = &cfg.stats_json {
         let _ = stats.write_json(p);
     }
-    ExitCode::SUCCESS
+    success
+}
+
+/// Whether the post-commit audit found stale pages at the destination.
+fn audit_mismatch(stats: &MigrationStats) -> bool {
+    stats.verify.as_ref().is_some_and(|v| v.audit_mismatch())
 }

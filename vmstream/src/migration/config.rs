@@ -14,6 +14,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
 use crate::migration::fault::{DestFaults, SourceFaults};
+use crate::migration::source::verify::{ScrubSettings, VerifyMode};
 use crate::migration::wire::DeltaWire;
 use crate::telemetry::notice::Notices;
 
@@ -54,6 +55,10 @@ pub struct SendConfig {
     pub channels: usize,
     /// Pre-shared key: authenticate every connection with it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
+    /// How the destination's memory is proven equal to ours (`--verify`).
+    pub verify: VerifyMode,
+    /// The incremental modes' scrubber.
+    pub scrub: ScrubSettings,
     /// Set to `true` (from any thread, or a signal handler) to cancel the migration, as
     /// `--on-timeout cancel` does: the destination is told and rolls back, the source
     /// guest keeps running. Checked between pages until the guest is paused for the final
@@ -92,6 +97,8 @@ impl SendConfig {
             converge: ConvergeConfig::default(),
             channels: 1,
             auth_key: None,
+            verify: VerifyMode::Auto,
+            scrub: ScrubSettings::default(),
             cancel: None,
             faults: SourceFaults::default(),
             notices: Notices::default(),

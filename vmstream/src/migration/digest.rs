@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
+use crate::migration::wire::{Audit, AuditStatus};
+use crate::telemetry::verification::AuditStats;
+
 /// Domain separation for the root hash (bump with the definition).
 const DOMAIN: &[u8] = b"vmstream memory digest v2: BLAKE3 over XXH3-128 of each page";
 
@@ -134,6 +137,22 @@ impl PageHashes {
                 | (u128::from(w[1].load(Ordering::Relaxed)) << 64)
         });
         digest_of_page_hashes(self.page_size, (pages * self.page_size) as u64, hashes)
+    }
+}
+
+/// The statistics' account of a post-commit `audit` (both sides report it).
+pub fn audit_stats(audit: &Audit) -> AuditStats {
+    AuditStats {
+        result: match audit.status {
+            AuditStatus::Match => "match",
+            AuditStatus::Mismatch => "mismatch",
+            AuditStatus::Incomplete => "incomplete",
+        }
+        .into(),
+        pages_checked: audit.pages_checked,
+        mismatched: audit.mismatched,
+        pages: audit.pages.clone(),
+        duration_ms: None,
     }
 }
 

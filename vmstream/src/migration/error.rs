@@ -21,6 +21,9 @@ pub enum SendError {
     /// Dirty tracking failed.
     #[error("dirty tracking: {0}")]
     Tracker(std::io::Error),
+    /// `--verify strict`: the scrubber found writes the dirty tracker missed.
+    #[error(transparent)]
+    TrackingError(#[from] crate::migration::source::verify::TrackingError),
     /// Connecting failed.
     #[error("connecting to {0}: {1}")]
     Connect(String, std::io::Error),

@@ -45,6 +45,38 @@ pub struct SourceFaults {
     /// The byte at this offset of the guest state blob (`GuestState`, KVM guests) is
     /// flipped after the pause.
     pub corrupt_guest_state_at: Option<usize>,
+    /// A write the dirty tracker misses: the source writes the page through the memory
+    /// file (`pwrite`, which no write-protection sees) and hides it from every later
+    /// collection (so a content-hashing tracker misses it too).
+    pub missed_write: Option<MissedWrite>,
+}
+
+/// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
+/// own writes to it would be hidden too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissedWrite {
+    /// The page written.
+    pub page: u64,
+    /// When.
+    pub at: MissedWriteAt,
+}
+
+/// When a [`MissedWrite`] happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissedWriteAt {
+    /// Once round 0 is acknowledged: the scrubber can find it before the pause.
+    AfterRound0,
+    /// Right after the pause: only the post-commit audit (or a full digest) can find it.
+    AtPause,
+}
+
+impl MissedWrite {
+    /// The bytes written: a pattern no page holds by chance.
+    pub fn contents(&self) -> Vec<u8> {
+        (0..crate::memory::PAGE_SIZE)
+            .map(|i| (i as u64 ^ self.page.wrapping_mul(0x9e37_79b9)) as u8 | 1)
+            .collect()
+    }
 }
 
 impl SourceFaults {
@@ -116,6 +148,7 @@ mod tests {
             ],
             crash_after_commit: false,
             corrupt_guest_state_at: Some(2),
+            missed_write: None,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);

@@ -12,3 +12,4 @@ pub mod settings;
 pub mod stats;
 pub mod switchover;
 pub mod timeline;
+pub mod verification;

@@ -13,6 +13,7 @@ use vmstream_codec::PipelineStats;
 use crate::telemetry::settings::Settings;
 use crate::telemetry::switchover::SwitchoverTimes;
 use crate::telemetry::timeline::Timeline;
+use crate::telemetry::verification::VerificationStats;
 
 /// Page records of a round by encoding; encodings a round did not use are not written.
 /// Fields are in alphabetical order, the order the JSON always had.
@@ -223,6 +224,9 @@ pub struct MigrationStats {
     pub converged: bool,
     /// The memory digest (`digest.rs`: BLAKE3 over per-page XXH3-128) at the pause, hex.
     pub digest: Option<String>,
+    /// How that memory was proven (`--verify`).
+    #[serde(default)]
+    pub verify: Option<VerificationStats>,
     /// This side's CPU time.
     pub cpu: CpuTime,
     /// The peer's CPU time as it reported it, ms (source only).
@@ -258,6 +262,7 @@ impl MigrationStats {
             rounds: 0,
             converged: false,
             digest: None,
+            verify: None,
             cpu: CpuTime::default(),
             peer_cpu_ms: None,
             tps: TpsPhases::default(),
@@ -370,6 +375,9 @@ impl MigrationStats {
         if let Some(d) = &self.digest {
             s.push_str(&format!("  digest:     {d}\n"));
         }
+        if let Some(v) = &self.verify {
+            s.push_str(&v.summary_line());
+        }
         s
     }
 }
@@ -475,6 +483,17 @@ mod tests {
             downtime_ms: Some(1.0),
             channel_bytes: vec![1],
             digest: Some("00".into()),
+            verify: Some(crate::telemetry::verification::VerificationStats {
+                requested: "auto".into(),
+                mode: "incremental".into(),
+                scrub_coverage: Some(1.0),
+                pages_scrubbed: Some(1),
+                audit: Some(crate::telemetry::verification::AuditStats {
+                    result: "match".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             peer_cpu_ms: Some(1.0),
             tps: TpsPhases {
                 before: Some(1.0),
@@ -510,6 +529,7 @@ mod tests {
         "  0      0          8         0.00      0.0      0.0      0          0.0\n",
         "  switchover: await_commit 1.0, await_handover 1.0, commit 1.0, digest 1.0, final_round_and_digest 1.0, kvm_first_tx 1.0, kvm_restore 1.0, pause_and_collect 1.0, resume 1.0, verify 1.0 (ms)\n",
         "  digest:     00\n",
+        "  verify:     incremental (--verify auto), scrub coverage 100%, tracking errors 0, audit match\n",
     );
 
     /// The key paths of `--stats-json` as external scripts read them; a change here breaks
@@ -673,6 +693,19 @@ mod tests {
         "tps.after",
         "tps.before",
         "tps.during",
+        "verify",
+        "verify.audit",
+        "verify.audit.duration_ms",
+        "verify.audit.mismatched",
+        "verify.audit.pages",
+        "verify.audit.pages_checked",
+        "verify.audit.result",
+        "verify.mode",
+        "verify.pages_scrubbed",
+        "verify.requested",
+        "verify.scrub_coverage",
+        "verify.tracking_error_pages",
+        "verify.tracking_errors",
         "wire_to_guest_ratio",
     ];
 

@@ -9,3 +9,4 @@ mod commit;
 mod harness;
 mod kvm;
 mod rounds;
+mod verify;

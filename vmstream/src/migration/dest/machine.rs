@@ -24,19 +24,20 @@ use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
 use crate::migration::dest::verify::TouchedPages;
-use crate::migration::digest::{hex, PageHashes};
+use crate::migration::digest::{audit_stats, hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
 use crate::migration::image::{PendingImage, Reservation};
 use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{
-    Abort, AbortCode, CommitReply, CommitStatus, Digest, GuestSamples, GuestState, Hello,
-    HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
+    Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
+    Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
     FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
+use crate::telemetry::verification::{AuditStats, VerificationStats};
 
 /// Where the destination is in the migration. From the handshake on, the states carry the
 /// guest of the kind the `Hello` announced.
@@ -557,6 +558,12 @@ impl Dest<'_> {
         guest: Box<dyn IncomingGuest>,
     ) -> Result<DestState, RecvError> {
         self.stats.digest = Some(hex(&ours));
+        let incremental = digest.verification == DigestSource::SentPages;
+        self.stats.verify = Some(VerificationStats {
+            requested: String::new(),
+            mode: if incremental { "incremental" } else { "full" }.into(),
+            ..Default::default()
+        });
         if digest.guest_size != self.stats.guest_bytes || ours != digest.digest {
             let err = RecvError::DigestMismatch {
                 source_digest: hex(&digest.digest),
@@ -673,7 +680,43 @@ impl Dest<'_> {
             }
             None => self.report_resumed(paused_at_ns, committed_at_ns, false, 0),
         }
+        if self.stats.verify.as_ref().is_some_and(|v| v.mode != "full") {
+            self.await_audit();
+        }
         Ok(DestState::Done(guest.into_received()))
+    }
+
+    /// After an incremental digest: the source's audit of its memory at the pause against
+    /// what it sent. A mismatch means the guest here runs on stale copies of those pages:
+    /// nothing can roll back, so it is reported (statistics, an error notice, and the CLI's
+    /// exit status).
+    fn await_audit(&mut self) {
+        let audit = match self.reader.read_frame() {
+            Ok(Frame::Control(Message::Audit(a))) => audit_stats(&a),
+            other => {
+                let why = match other {
+                    Ok(f) => unexpected("the audit", f).to_string(),
+                    Err(e) => e.to_string(),
+                };
+                self.cfg
+                    .notices
+                    .warning(format!("no audit from the source: {why}"));
+                AuditStats {
+                    result: "missing".into(),
+                    ..Default::default()
+                }
+            }
+        };
+        if audit.mismatched > 0 {
+            self.cfg.notices.error(format!(
+                "post-commit audit: the source's memory at the pause differs from what it                  sent in {} page(s) (first: {:?}); the committed image holds stale copies",
+                audit.mismatched,
+                &audit.pages[..audit.pages.len().min(8)]
+            ));
+        }
+        if let Some(v) = &mut self.stats.verify {
+            v.audit = Some(audit);
+        }
     }
 
     /// How long the resumed guest is sampled for the source: [`DESTINATION_WINDOW`], or

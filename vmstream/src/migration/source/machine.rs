@@ -18,6 +18,7 @@ use crate::guest::migratable::MigratableGuest;
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
 use crate::migration::error::SendError;
+use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST,
@@ -26,6 +27,7 @@ use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
 use super::round::{unexpected, PageOrigin, RoundIo};
+use super::verify::Verification;
 use super::{Outcome, CANCELLED};
 
 /// Where the source is in the migration.
@@ -77,6 +79,10 @@ pub(super) struct Source<'a> {
     destination_resumes: bool,
     /// Time and bytes behind the observations so far.
     clock: RoundClock,
+    /// Incremental verification (`--verify` other than full).
+    pub(super) verification: Option<Verification>,
+    /// A page hidden from the tracker's collections (`SourceFaults::missed_write`).
+    hidden_page: Option<u64>,
 }
 
 impl<'a> Source<'a> {
@@ -107,6 +113,8 @@ impl<'a> Source<'a> {
             bandwidth: None,
             destination_resumes: false,
             clock: RoundClock::default(),
+            verification: None,
+            hidden_page: None,
         }
     }
 
@@ -195,7 +203,7 @@ impl<'a> Source<'a> {
             other => return Err(unexpected("a hello reply", other)),
         }
         // Round 0 sends everything; collecting now starts tracking from this instant.
-        (_, self.collect_time) = self.collect_dirty()?;
+        (_, self.collect_time) = self.collect_dirty(false)?;
         // After the tracker's reset: a hole written from now on is reported dirty, if the
         // tracker sees such writes (otherwise every page is read).
         if self.guest.tracker().reports_writes_to_holes() {
@@ -265,11 +273,12 @@ impl<'a> Source<'a> {
         };
         if round == 0 {
             self.round0_data = None;
+            self.round0_done()?;
         }
         rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
         rs.dirty_rearm_ms = self.guest.tracker().take_rearm_time().as_secs_f64() * 1e3;
         self.guest.check_alive().map_err(SendError::Guest)?;
-        let (newly, collect_time) = self.collect_dirty()?;
+        let (newly, collect_time) = self.collect_dirty(false)?;
         self.collect_time = collect_time;
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
@@ -308,6 +317,20 @@ impl<'a> Source<'a> {
                     pages: decision.pages.send_now,
                 }
             }
+            // Strict verification waits for the scrubber's pass (the policy is asked again
+            // after the next round).
+            Some(reason)
+                if reason != SwitchReason::Forced
+                    && self
+                        .verification
+                        .as_ref()
+                        .is_some_and(|v| !v.may_switch_over()) =>
+            {
+                SourceState::Iterate {
+                    round: round + 1,
+                    pages: decision.pages.send_now,
+                }
+            }
             Some(reason) => SourceState::Switchover {
                 round: round + 1,
                 pending: decision.pages.send_now,
@@ -320,20 +343,53 @@ impl<'a> Source<'a> {
     }
 
     /// The pages the guest's tracker found dirty since its last collection, and how long
-    /// collecting took. The tracker's list is sorted and without duplicates; a page beyond
-    /// guest memory is refused here, before the codec sees it.
-    pub(super) fn collect_dirty(&mut self) -> Result<(Vec<u64>, Duration), SendError> {
+    /// collecting took; `last`: the collection at the pause. The tracker's list is sorted
+    /// and without duplicates; a page beyond guest memory is refused here, before the codec
+    /// sees it. With incremental verification, tracking errors the scrubber found are added.
+    pub(super) fn collect_dirty(&mut self, last: bool) -> Result<(Vec<u64>, Duration), SendError> {
         let t = Instant::now();
         let limit = self.guest.size() / PAGE_SIZE as u64;
         let tracker = self.guest.tracker();
-        let pages = tracker.collect().map_err(SendError::Tracker)?;
+        let mut pages = tracker.collect().map_err(SendError::Tracker)?;
         if pages.last().is_some_and(|&p| p >= limit) {
             return Err(SendError::Tracker(std::io::Error::other(format!(
                 "{} tracker reported a page beyond the guest's {limit} pages",
                 tracker.name()
             ))));
         }
+        if let Some(h) = self.hidden_page {
+            pages.retain(|&p| p != h);
+        }
+        if let Some(v) = &mut self.verification {
+            v.after_collect(&mut pages, last)
+                .map_err(SendError::TrackingError)?;
+        }
         Ok((pages, t.elapsed()))
+    }
+
+    /// Round 0 is acknowledged: the scrubber starts; an injected missed write may happen.
+    fn round0_done(&mut self) -> Result<(), SendError> {
+        if let Some(v) = &mut self.verification {
+            v.round0_done(self.guest.memory())
+                .map_err(SendError::Tracker)?;
+        }
+        self.inject_missed_write(MissedWriteAt::AfterRound0)
+    }
+
+    /// Performs `SourceFaults::missed_write` if it is due `now`.
+    pub(super) fn inject_missed_write(&mut self, now: MissedWriteAt) -> Result<(), SendError> {
+        let Some(w) = self.cfg.faults.missed_write.filter(|w| w.at == now) else {
+            return Ok(());
+        };
+        use std::os::unix::fs::FileExt;
+        let at = w.page * PAGE_SIZE as u64;
+        self.guest
+            .memory()
+            .file()
+            .write_all_at(&w.contents(), at)
+            .map_err(SendError::Tracker)?;
+        self.hidden_page = Some(w.page);
+        Ok(())
     }
 
     /// The observation of round `round`, measured in `rs`, after which `unsent` pages are

@@ -3,7 +3,10 @@
 //! handshake and iterating rounds; `round`: a round on the wire; `switchover`: pause, final
 //! round, commit, handover), and fills in the statistics.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use vmstream_codec::PageSource;
 
 use crate::converge::DowntimePolicy;
 use crate::guest::migratable::MigratableGuest;
@@ -18,16 +21,19 @@ use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::progress::Progress;
 use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{CpuTime, MigrationStats};
+use crate::telemetry::verification::VerificationStats;
 
 mod machine;
 mod report;
 mod round;
 mod switchover;
+pub mod verify;
 
 pub use report::{migrate, SendReport};
 
 use machine::Source;
 use round::RoundIo;
+use verify::{RecordingReader, Verification, VerifyMode};
 
 /// Why a migration cancelled through `SendConfig::cancel` ended.
 const CANCELLED: &str = "on request (SIGINT or SIGTERM from the command line)";
@@ -87,10 +93,32 @@ fn run_migration(
     if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
         return Ok(Outcome::Cancelled(CANCELLED.into()));
     }
-    // The encode workers read pages themselves unless the tracker must see every page sent.
-    let workers_reader = (!guest.tracker().needs_sent_pages()).then(|| guest.memory().reader());
-    let (channels, reader) =
-        SourceChannels::open(cfg, guest.size() / PAGE_SIZE as u64, workers_reader)?;
+    let pages = guest.size() / PAGE_SIZE as u64;
+    // The switchover digest of `--verify full` hashes all of memory (both sides in
+    // parallel): that time is part of the downtime whatever the dirty pages.
+    let overhead = digest_time_estimate(guest.memory());
+    stats.settings.switchover_digest_estimate_ms = Some(overhead.as_secs_f64() * 1e3);
+    let mode = cfg.verify.resolve(overhead, cfg.downtime_limit);
+    let verification = (mode != VerifyMode::Full)
+        .then(|| Verification::new(pages, mode == VerifyMode::Strict, cfg.scrub));
+    stats.verify = Some(VerificationStats {
+        requested: cfg.verify.name().into(),
+        mode: mode.name().into(),
+        ..Default::default()
+    });
+    // The encode workers read pages themselves unless the tracker must see every page
+    // sent; with incremental verification they also record what they read.
+    let workers_reader = (!guest.tracker().needs_sent_pages()).then(|| {
+        let reader = guest.memory().reader();
+        match &verification {
+            Some(v) => Arc::new(RecordingReader {
+                reader,
+                sent: Arc::clone(v.sent()),
+            }) as Arc<dyn PageSource>,
+            None => Arc::new(reader) as Arc<dyn PageSource>,
+        }
+    });
+    let (channels, reader) = SourceChannels::open(cfg, pages, workers_reader)?;
     stats.settings.page_copies = Some(if channels.reads_pages() {
         PageCopies::EncodeWorkers
     } else {
@@ -99,10 +127,6 @@ fn run_migration(
     if channels.count() > 1 {
         stats.settings.migration_id = Some(channels.migration_id());
     }
-    // The switchover also hashes all of memory (both sides in parallel): that time is
-    // part of the downtime whatever the dirty pages, so the pages get what is left.
-    let overhead = digest_time_estimate(guest.memory());
-    stats.settings.switchover_digest_estimate_ms = Some(overhead.as_secs_f64() * 1e3);
     // The sampler reads the file-backed workload's superblock; a KVM guest keeps its
     // counters elsewhere (its timeline has rounds and throttle, no TPS samples yet).
     let memory_path = guest.memory().path().to_path_buf();
@@ -119,6 +143,13 @@ fn run_migration(
         .converge
         .deferral(guest.size() / PAGE_SIZE as u64)
         .map_err(|e| SendError::Config(e.to_string()))?;
+    // The pages get what the full digest leaves; the incremental one hashes only the
+    // final round's pages, as they are sent.
+    let overhead = if verification.is_some() {
+        Duration::ZERO
+    } else {
+        overhead
+    };
     let policy = DowntimePolicy::new(
         page_budget(cfg.downtime_limit, overhead),
         cfg.timeout,
@@ -132,8 +163,10 @@ fn run_migration(
         progress: Progress::new(cfg.progress, &cfg.notices),
         cancel: cfg.cancel.clone(),
         round_trip: Duration::MAX,
+        sent: verification.as_ref().map(|v| Arc::clone(v.sent())),
     };
     let mut source = Source::new(cfg, guest, io, policy, stats, start, impact);
+    source.verification = verification;
     source.stats.settings.policy = Some(source.policy.name().into());
     let mut result = source.run();
     if let Err(SendError::Transport(_)) = &result {

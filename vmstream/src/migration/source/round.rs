@@ -15,6 +15,8 @@ use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
 use crate::telemetry::progress::Progress;
 use crate::telemetry::stats::RoundStats;
 
+use super::verify::SentPages;
+
 /// Where a round's pages are read from: the running guest or the paused guest's memory (not
 /// the codec's `PageSource`, which is what the encode workers copy live pages from).
 pub(super) enum PageOrigin<'a> {
@@ -41,6 +43,9 @@ pub(super) struct RoundIo {
     /// The round trip to the destination, at most: the shortest exchange seen (the
     /// handshake, or a round from its first page to its acknowledgement).
     pub(super) round_trip: Duration,
+    /// Incremental verification: where the hash of every page sent goes (pages the encode
+    /// workers read are recorded by their reader, `verify::RecordingReader`).
+    pub(super) sent: Option<Arc<SentPages>>,
 }
 
 /// A round whose pages and `RoundEnd` are queued and whose acknowledgement is awaited.
@@ -100,14 +105,25 @@ impl RoundIo {
                 }
             }
             let at = p as usize * PAGE_SIZE;
+            let sent = self.sent.as_deref();
+            let record = |slot: &[u8]| {
+                if let Some(sent) = sent {
+                    sent.record(p, slot)
+                }
+            };
             match &mut src {
-                PageOrigin::Frozen(m) => self.channels.push(p, &m[at..at + PAGE_SIZE])?,
+                PageOrigin::Frozen(m) => {
+                    let page = &m[at..at + PAGE_SIZE];
+                    record(page);
+                    self.channels.push(p, page)?
+                }
                 // Holes of a sparse memory file are filled with zeros here, never read.
                 PageOrigin::LiveSkippingHoles(g, data) if crate::memory::page_is_hole(data, p) => {
                     let tracker = g.tracker();
                     self.channels.push_with(p, |slot| {
                         slot.fill(0);
                         tracker.page_sent(p, slot);
+                        record(slot);
                         Ok(())
                     })?
                 }
@@ -120,6 +136,7 @@ impl RoundIo {
                         Some(reader) => self.channels.push_with(p, |slot| {
                             reader.read_page(p, slot);
                             tracker.page_sent(p, slot);
+                            record(slot);
                             Ok(())
                         })?,
                         None => self.channels.push_page(p)?,

@@ -5,18 +5,21 @@
 use std::time::{Instant, SystemTime};
 
 use crate::memory::PAGE_SIZE;
-use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
+use crate::migration::digest::{audit_stats, hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
+use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    Abort, AbortCode, CommitStatus, Digest, GuestState, Handover, Message, ROUND_FINAL,
-    ROUND_FORCED,
+    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestState, Handover,
+    Message, ROUND_FINAL, ROUND_FORCED,
 };
 use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::stats::unix_ns;
+use crate::telemetry::verification::AuditStats;
 
 use super::machine::{Source, SourceState};
 use super::round::{unexpected, PageOrigin};
+use super::verify::audit::audit;
 use super::Outcome;
 use crate::memory::merge_pages;
 
@@ -34,37 +37,60 @@ impl Source<'_> {
             self.stats.tps.during =
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
+        // The scrubber stops before the pause: it must not take the pause's CPU, and the
+        // collection at the pause settles what it found.
+        let coverage = self.verification.as_mut().map(|v| v.stop_scrubber());
         let t = Instant::now();
         let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.cfg.faults.corrupt_guest_state(&mut state_blob);
         self.impact.pause();
-        let (more, collect_time) = self.collect_dirty()?;
+        self.inject_missed_write(MissedWriteAt::AtPause)?;
+        let (more, collect_time) = self.collect_dirty(true)?;
         let pages = merge_pages(&pending, &more);
         let tx_at_pause = self.guest.tx_count();
         let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);
         self.stats.switchover_ms.pause_and_collect = ms(t);
         let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
-        // The guest is stopped: the file's holes are exact, and hashing them as zero
-        // without reading them saves allocating them.
-        let data = self.guest.memory().data_pages().ok();
-        let memory = self.guest.paused_memory();
-        // The digest is taken while the last pages travel: memory no longer changes.
         let t = Instant::now();
-        let (digest, in_flight) = std::thread::scope(|s| {
-            let digest = s.spawn(|| {
-                let t = Instant::now();
-                let digest = match &data {
-                    Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
-                    None => memory_digest(memory, PAGE_SIZE),
-                };
-                (digest, t.elapsed())
-            });
-            let sent = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
-            (digest.join().expect("digest thread"), sent)
-        });
-        let (digest, digest_time) = digest;
+        let (verification, digest, digest_time, in_flight) = match &self.verification {
+            // The final round's pages are hashed as they are queued; the digest is then
+            // that of what was sent, while the last pages travel.
+            Some(v) => {
+                let memory = self.guest.paused_memory();
+                let in_flight = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
+                let d = Instant::now();
+                let digest = v.sent().hashes().digest();
+                (DigestSource::SentPages, digest, d.elapsed(), in_flight)
+            }
+            None => {
+                // The guest is stopped: the file's holes are exact, and hashing them as
+                // zero without reading them saves allocating them.
+                let data = self.guest.memory().data_pages().ok();
+                let memory = self.guest.paused_memory();
+                // Taken while the last pages travel: memory no longer changes.
+                let ((digest, digest_time), in_flight) = std::thread::scope(|s| {
+                    let digest = s.spawn(|| {
+                        let t = Instant::now();
+                        let digest = match &data {
+                            Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
+                            None => memory_digest(memory, PAGE_SIZE),
+                        };
+                        (digest, t.elapsed())
+                    });
+                    let sent = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
+                    (digest.join().expect("digest thread"), sent)
+                });
+                (DigestSource::Memory, digest, digest_time, in_flight)
+            }
+        };
         let in_flight = in_flight?;
+        if let (Some(v), Some(stats)) = (&self.verification, &mut self.stats.verify) {
+            stats.scrub_coverage = coverage;
+            stats.pages_scrubbed = Some(v.pages_scrubbed());
+            stats.tracking_errors = v.tracking_errors().len() as u64;
+            stats.tracking_error_pages = v.tracking_errors().iter().take(1024).copied().collect();
+        }
         // The guest state and the digest follow the last pages at once, ahead of their
         // acknowledgement: the destination reads them after the final round whenever they
         // come, and the pause is shorter by a round trip. Only the commit reply decides.
@@ -76,6 +102,7 @@ impl Source<'_> {
                 blob: state_blob,
             }))?;
         self.io.channels.send_message(&Message::Digest(Digest {
+            verification,
             digest,
             guest_size: self.guest.size(),
             paused_at_unix_ns: paused_at_ns,
@@ -171,7 +198,40 @@ impl Source<'_> {
             Ok(_) => notices.warning("unexpected message after the commit"),
             Err(e) => notices.warning(format!("no resume report from the destination: {e}")),
         }
+        self.audit();
         SourceState::Done(Outcome::Committed)
+    }
+
+    /// Incremental verification, after the commit: compares all of our memory as it was at
+    /// the pause (the guest ended, its memory stays) with what was sent, and tells the
+    /// destination. A mismatch cannot be undone: it is reported on both sides.
+    fn audit(&mut self) {
+        let Some(v) = &self.verification else {
+            return;
+        };
+        let t = Instant::now();
+        let data = self.guest.memory().data_pages().ok();
+        let memory = self.guest.paused_memory();
+        let result = audit(memory, data.as_deref(), v.sent());
+        if result.status != AuditStatus::Match {
+            self.cfg.notices.error(format!(
+                "post-commit audit: {} of {} page(s) of the source's memory at the pause differ                  from what was sent (first: {:?}); the destination's guest holds stale copies",
+                result.mismatched,
+                result.pages_checked,
+                &result.pages[..result.pages.len().min(8)]
+            ));
+        }
+        if let Some(stats) = &mut self.stats.verify {
+            stats.audit = Some(AuditStats {
+                duration_ms: Some(t.elapsed().as_secs_f64() * 1e3),
+                ..audit_stats(&result)
+            });
+        }
+        if let Err(e) = self.io.channels.send_message(&Message::Audit(result)) {
+            self.cfg
+                .notices
+                .warning(format!("could not send the audit to the destination: {e}"));
+        }
     }
 
     /// Reads the resumed guest's samples the destination sends after `Resumed` (for the

@@ -52,9 +52,23 @@ impl GuestState {
 /// BLAKE3 over all memory (protocol version 1).
 pub const DIGEST_PAGE_HASHES: u8 = 2;
 
+/// How the source took its digest (`Digest.verification`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DigestSource {
+    /// From all of its memory, read at the pause (`--verify full`).
+    Memory = 0,
+    /// From the hash of every page as it was sent (`--verify incremental|strict`): the
+    /// source's memory is checked against it after the commit, and an [`super::Audit`]
+    /// follows the `Handover`.
+    SentPages = 1,
+}
+
 /// `Digest`: the memory digest of all source memory at the pause (56-byte body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digest {
+    /// How the source took it.
+    pub verification: DigestSource,
     /// The 32-byte memory digest (`digest::memory_digest`).
     pub digest: [u8; 32],
     /// Bytes hashed (the guest size).
@@ -69,7 +83,8 @@ impl Digest {
 
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.push(DIGEST_PAGE_HASHES);
-        out.extend_from_slice(&[0; 7]);
+        out.push(self.verification as u8);
+        out.extend_from_slice(&[0; 6]);
         out.extend_from_slice(&self.digest);
         out.extend_from_slice(&self.guest_size.to_le_bytes());
         out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
@@ -87,8 +102,20 @@ impl Digest {
                 value: alg as u64,
             });
         }
-        f.bytes(7);
+        let verification = match f.u8() {
+            0 => DigestSource::Memory,
+            1 => DigestSource::SentPages,
+            v => {
+                return Err(WireError::BadField {
+                    kind: K.name(),
+                    field: "verification",
+                    value: v as u64,
+                })
+            }
+        };
+        f.bytes(6);
         Ok(Digest {
+            verification,
             digest: f.bytes(32).try_into().expect("32 bytes"),
             guest_size: f.u64(),
             paused_at_unix_ns: f.u64(),

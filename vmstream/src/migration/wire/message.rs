@@ -2,9 +2,9 @@
 //! the way out; CRC check and typed decode of the body on the way in.
 
 use super::{
-    Abort, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest, FrameHeader,
-    FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed, RoundAck, RoundEnd,
-    WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
+    FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed,
+    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -38,6 +38,8 @@ pub enum Message {
     GuestSamples(GuestSamples),
     /// See [`Handover`].
     Handover(Handover),
+    /// See [`Audit`].
+    Audit(Audit),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -60,6 +62,7 @@ impl Message {
             Message::Resumed(_) => FrameType::Resumed,
             Message::GuestSamples(_) => FrameType::GuestSamples,
             Message::Handover(_) => FrameType::Handover,
+            Message::Audit(_) => FrameType::Audit,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -82,6 +85,7 @@ impl Message {
             Message::Resumed(m) => m.encode(&mut out),
             Message::GuestSamples(m) => m.encode(&mut out),
             Message::Handover(m) => m.encode(&mut out),
+            Message::Audit(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -126,6 +130,7 @@ impl Message {
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
             FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
+            FrameType::Audit => Message::Audit(Audit::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

@@ -38,20 +38,21 @@ pub use abort::{Abort, AbortCode};
 pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_BYTES};
 pub use channel::{ChannelHello, MAX_CHANNELS};
 pub use commit::{
-    CommitReply, CommitStatus, Digest, GuestState, DIGEST_PAGE_HASHES, MAX_GUEST_STATE_LEN,
+    CommitReply, CommitStatus, Digest, DigestSource, GuestState, DIGEST_PAGE_HASHES,
+    MAX_GUEST_STATE_LEN,
 };
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 pub use hello::{DeltaWire, Hello, HelloReply, RefuseCode};
 pub use message::Message;
-pub use resume::{GuestSamples, Handover, Resumed};
+pub use resume::{Audit, AuditStatus, GuestSamples, Handover, Resumed};
 pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
 
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Longest human-readable reason carried in a refusal or abort.
 pub const MAX_REASON_LEN: usize = 1024;
 

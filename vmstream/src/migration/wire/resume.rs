@@ -1,5 +1,6 @@
 //! After the commit: the source's [`Handover`] (its guest ended), the destination's
-//! [`Resumed`] (its guest runs) and the resumed guest's [`GuestSamples`].
+//! [`Resumed`] (its guest runs), the resumed guest's [`GuestSamples`], and the source's
+//! [`Audit`] of its frozen memory against what it sent.
 
 use super::fields::{at_least, bool_byte, exact, Fields};
 use super::{FrameType, WireError};
@@ -68,6 +69,87 @@ impl Handover {
         let mut f = Fields::new(body);
         Ok(Handover {
             ended_at_unix_ns: f.u64(),
+        })
+    }
+}
+
+/// What the source's post-commit audit found (`Audit.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuditStatus {
+    /// Every page of the source's memory at the pause hashes as it was sent.
+    Match = 0,
+    /// Some pages differ from what was sent: the destination holds stale copies of them.
+    Mismatch = 1,
+    /// The audit could not be completed (the source's memory could not be read).
+    Incomplete = 2,
+}
+
+/// `Audit`: after an incremental digest, the source compared all of its memory at the pause
+/// with the hash of each page as sent (which the digest proved the destination holds);
+/// 24 bytes + 8 per listed page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// The verdict.
+    pub status: AuditStatus,
+    /// Pages compared.
+    pub pages_checked: u64,
+    /// Pages that differ (may exceed the list).
+    pub mismatched: u64,
+    /// The first differing pages, ascending, at most [`Self::MAX_PAGES`].
+    pub pages: Vec<u64>,
+}
+
+impl Audit {
+    /// Body length without the page list.
+    pub const FIXED_LEN: usize = 24;
+    /// Most pages listed.
+    pub const MAX_PAGES: usize = 1024;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        let n = self.pages.len().min(Self::MAX_PAGES);
+        out.push(self.status as u8);
+        out.extend_from_slice(&[0; 3]);
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        out.extend_from_slice(&self.pages_checked.to_le_bytes());
+        out.extend_from_slice(&self.mismatched.to_le_bytes());
+        for p in &self.pages[..n] {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<Audit, WireError> {
+        const K: FrameType = FrameType::Audit;
+        at_least(K, body, Self::FIXED_LEN, 8 * Self::MAX_PAGES)?;
+        let mut f = Fields::new(body);
+        let bad = |field: &'static str, value: u64| WireError::BadField {
+            kind: K.name(),
+            field,
+            value,
+        };
+        let status = match f.u8() {
+            0 => AuditStatus::Match,
+            1 => AuditStatus::Mismatch,
+            2 => AuditStatus::Incomplete,
+            v => return Err(bad("status", v as u64)),
+        };
+        f.bytes(3);
+        let n = f.u32() as usize;
+        exact(K, body, Self::FIXED_LEN + 8 * n)?;
+        let pages_checked = f.u64();
+        let mismatched = f.u64();
+        let pages: Vec<u64> = (0..n).map(|_| f.u64()).collect();
+        if (n as u64) > mismatched || pages.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(bad("pages", n as u64));
+        }
+        if (status == AuditStatus::Match) != (mismatched == 0) {
+            return Err(bad("mismatched", mismatched));
+        }
+        Ok(Audit {
+            status,
+            pages_checked,
+            mismatched,
+            pages,
         })
     }
 }

@@ -51,6 +51,7 @@ pub(super) fn all_messages() -> Vec<Message> {
             blob: vec![1, 2, 3],
         }),
         Message::Digest(Digest {
+            verification: DigestSource::SentPages,
             digest: [0xab; 32],
             guest_size: 1 << 20,
             paused_at_unix_ns: 1_700_000_000_000_000_000,
@@ -102,6 +103,18 @@ pub(super) fn all_messages() -> Vec<Message> {
             status: CommitStatus::StateRejected,
             digest: [8; 32],
             reason: "invalid KVM state blob".into(),
+        }),
+        Message::Audit(Audit {
+            status: AuditStatus::Mismatch,
+            pages_checked: 1 << 18,
+            mismatched: 3,
+            pages: vec![4, 9],
+        }),
+        Message::Audit(Audit {
+            status: AuditStatus::Match,
+            pages_checked: 8,
+            mismatched: 0,
+            pages: vec![],
         }),
     ]
 }

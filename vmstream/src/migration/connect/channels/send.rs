@@ -192,15 +192,13 @@ impl std::fmt::Debug for SourceChannels {
 impl SourceChannels {
     /// Connects `cfg.channels` connections to `cfg.to` (channel 0 first), starts their
     /// encoders and writers, and queues the channel hello of every channel but 0. Returns
-    /// the channels and the reader of channel 0. With `reader`, the encoders' workers copy
-    /// pages queued with [`Self::push_page`] from it themselves.
+    /// the channels and the reader of channel 0. With `source` (guest memory), the encoders'
+    /// workers copy pages queued with [`Self::push_page`] from it themselves.
     pub fn open(
         cfg: &SendConfig,
         guest_pages: u64,
-        reader: Option<MemoryReader>,
+        source: Option<Arc<dyn PageSource>>,
     ) -> Result<(SourceChannels, FrameReader<TcpStream>), SendError> {
-        let source: Option<Arc<dyn PageSource>> =
-            reader.map(|r| Arc::new(r) as Arc<dyn PageSource>);
         let n = cfg.channels.max(1);
         let sender_cfg = sender_config(cfg, guest_pages)?;
         let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
