@@ -45,6 +45,9 @@ pub struct SourceFaults {
     /// The byte at this offset of the guest state blob (`GuestState`, KVM guests) is
     /// flipped after the pause.
     pub corrupt_guest_state_at: Option<usize>,
+    /// Bytes appended to the guest state blob after the pause: a file-backed guest's
+    /// state, empty on the wire, then carries a blob the destination must refuse.
+    pub pad_guest_state: Vec<u8>,
 }
 
 impl SourceFaults {
@@ -63,6 +66,11 @@ impl SourceFaults {
         if let Some(b) = self.corrupt_guest_state_at.and_then(|at| blob.get_mut(at)) {
             *b ^= 0x5a;
         }
+    }
+
+    /// Applies [`Self::pad_guest_state`] to the state `blob`.
+    pub fn pad_guest_state(&self, blob: &mut Vec<u8>) {
+        blob.extend_from_slice(&self.pad_guest_state);
     }
 }
 
@@ -116,6 +124,7 @@ mod tests {
             ],
             crash_after_commit: false,
             corrupt_guest_state_at: Some(2),
+            pad_guest_state: vec![9],
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);
@@ -126,6 +135,9 @@ mod tests {
         let mut short = [1u8, 2];
         plan.corrupt_guest_state(&mut short);
         assert_eq!(short, [1, 2]);
+        let mut empty = Vec::new();
+        plan.pad_guest_state(&mut empty);
+        assert_eq!(empty, [9]);
         assert!(is_dropped(&dropped(9)));
         assert!(!is_dropped(&io::Error::from(
             io::ErrorKind::ConnectionAborted
