@@ -9,7 +9,7 @@ use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 
 use crate::memory::{MemoryReader, PAGE_SIZE};
 use crate::migration::config::SendConfig;
-use crate::migration::connect::auth::{authenticate_destination, AuthKey, SourceAuth};
+use crate::migration::connect::auth::{authenticate_destination, AuthError, AuthKey, SourceAuth};
 use crate::migration::connect::channels::{
     id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
 };
@@ -40,9 +40,13 @@ pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
 }
 
 /// The error for a destination that answered a connection's authentication with `frame`
-/// (a refused hello, normally).
+/// (a refused hello, normally; an unsealed one that accepts is a destination that skipped
+/// the exchange).
 fn refusal(channel: usize, frame: Frame) -> SendError {
     match frame {
+        Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => {
+            AuthError::UnsealedAccept.into()
+        }
         Frame::Control(Message::HelloReply(h)) if channel == 0 => SendError::Refused {
             code: h.refuse,
             reason: h.reason,
@@ -472,6 +476,36 @@ pub fn merge_stats(parts: &[PipelineStats]) -> PipelineStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A keyless destination's unsealed acceptance of a keyed connection is named as such
+    /// (it used to read "destination refused the migration (None): "); its refusals stay
+    /// refusals.
+    #[test]
+    fn an_unsealed_acceptance_is_an_authentication_failure() {
+        let reply = |refuse| {
+            Frame::Control(Message::HelloReply(crate::migration::wire::HelloReply {
+                refuse,
+                receiver_workers: 1,
+                resumes: false,
+                reason: String::new(),
+            }))
+        };
+        for channel in [0, 1] {
+            let e = refusal(channel, reply(RefuseCode::None));
+            assert!(
+                matches!(e, SendError::Auth(AuthError::UnsealedAccept)),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("unsealed reply"), "{e}");
+        }
+        assert!(matches!(
+            refusal(0, reply(RefuseCode::Auth)),
+            SendError::Refused {
+                code: RefuseCode::Auth,
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn merged_stats_sum_counts_and_keep_every_worker() {
