@@ -186,6 +186,10 @@ pub struct RecvArgs {
     /// Refuse a guest whose memory size differs (K/M/G; a non-zero multiple of 4096).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
+    /// Refuse a guest larger than this (K/M/G) in the handshake, before anything is
+    /// allocated for it [default: --size if given, else the host's physical memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_guest_size: Option<u64>,
     /// Longest wait for the source on the socket.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub io_timeout: Duration,
@@ -304,6 +308,7 @@ impl RecvArgs {
         cfg.stats_json = self.stats_json.clone();
         cfg.threads = self.threads;
         cfg.expect_size = self.size;
+        cfg.max_size = self.max_guest_size;
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         check_config(&cfg).map_err(|e| match e {

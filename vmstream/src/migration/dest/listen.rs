@@ -47,12 +47,15 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
         // Every connection would be dropped for it, and the receive never end.
         return Err(RecvError::Config("--io-timeout must be above 0".into()));
     }
+    if cfg.max_size == Some(0) {
+        return Err(RecvError::Config("--max-guest-size must be above 0".into()));
+    }
     if let Some(size) = cfg.expect_size {
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
+        let (cap, _) = cfg.size_cap();
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cap {
             return Err(RecvError::Config(format!(
                 "expected guest size {size} (--size) must be a non-zero multiple of \
-                 {PAGE_SIZE} bytes, at most {}",
-                cfg.max_size
+                 {PAGE_SIZE} bytes, at most {cap} (--max-guest-size)"
             )));
         }
     }
