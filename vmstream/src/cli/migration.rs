@@ -153,6 +153,10 @@ pub struct SendArgs {
     /// (AES-256-GCM); recv needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// Send without --auth-key-file to an address that is not loopback (refused
+    /// otherwise: whatever answers there gets the guest's memory).
+    #[arg(long)]
+    pub insecure: bool,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -161,8 +165,8 @@ pub struct SendArgs {
 /// Arguments of `vmstream recv`.
 #[derive(Args, Debug, Clone)]
 pub struct RecvArgs {
-    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (warns without
-    /// --auth-key-file).
+    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (not loopback: needs
+    /// --auth-key-file, or --insecure).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit): a regular
@@ -198,6 +202,10 @@ pub struct RecvArgs {
     /// (AES-256-GCM); send needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// Listen without --auth-key-file on an address that is not loopback (refused
+    /// otherwise: anyone who can reach it can write a guest image here).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
@@ -289,6 +297,7 @@ impl SendArgs {
         cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.insecure = self.insecure;
         #[cfg(feature = "fault-injection")]
         {
             cfg.faults = crate::cli::fault_env::source_faults()?;
@@ -311,6 +320,7 @@ impl RecvArgs {
         cfg.max_size = self.max_guest_size;
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.insecure = self.insecure;
         check_config(&cfg).map_err(|e| match e {
             RecvError::Image(ImageError::Unusable { path, why }) => {
                 format!("--memory-file {}: {why}", path.display())

@@ -13,6 +13,7 @@ use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
+use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::fault::{DestFaults, SourceFaults};
 use crate::migration::wire::DeltaWire;
 use crate::telemetry::notice::Notices;
@@ -54,6 +55,9 @@ pub struct SendConfig {
     pub channels: usize,
     /// Pre-shared key: authenticate every connection with it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
+    /// Send without a key to an address others can reach (`--insecure`); refused
+    /// otherwise (`crate::migration::connect::exposure`).
+    pub insecure: bool,
     /// Set to `true` (from any thread, or a signal handler) to cancel the migration, as
     /// `--on-timeout cancel` does: the destination is told and rolls back, the source
     /// guest keeps running. Checked between pages until the guest is paused for the final
@@ -92,6 +96,7 @@ impl SendConfig {
             converge: ConvergeConfig::default(),
             channels: 1,
             auth_key: None,
+            insecure: false,
             cancel: None,
             faults: SourceFaults::default(),
             notices: Notices::default(),
@@ -138,6 +143,18 @@ impl SendConfig {
                 .map_err(|e| format!("hot-page deferral: {e}"))?;
         }
         check_address(&self.to).map_err(|e| format!("--to {}: {e}", self.to))?;
+        if self.auth_key.is_none() {
+            // Resolved here to refuse before the guest starts; an address that does not
+            // resolve is the connection's error. `connect` checks what it connects to again.
+            if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(self.to.as_str()) {
+                check_keyless(
+                    &addrs.collect::<Vec<_>>(),
+                    self.insecure,
+                    &format!("--to {}", self.to),
+                    SEND_RISK,
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -228,6 +245,9 @@ pub struct RecvConfig {
     pub io_timeout: Duration,
     /// Pre-shared key: admit only sources that prove it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
+    /// Listen without a key on an address others can reach (`--insecure`); refused
+    /// otherwise (`crate::migration::connect::exposure`).
+    pub insecure: bool,
     /// Set to `true` (from any thread, or a signal handler) to end the receive: until the
     /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
@@ -265,6 +285,7 @@ impl RecvConfig {
             max_size: None,
             io_timeout: Duration::from_secs(120),
             auth_key: None,
+            insecure: false,
             cancel: None,
             faults: DestFaults::default(),
             notices: Notices::default(),

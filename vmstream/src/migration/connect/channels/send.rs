@@ -13,6 +13,7 @@ use crate::migration::connect::auth::{authenticate_destination, AuthError, AuthK
 use crate::migration::connect::channels::{
     id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
 };
+use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::error::SendError;
 use crate::migration::transport::{
     Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError,
@@ -23,12 +24,18 @@ use crate::migration::wire::{
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
-/// Connects to `to` (any of its addresses).
-pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+/// Connects to `to` (any of its addresses). `keyless`: no key, and not `--insecure`, so
+/// only loopback addresses are allowed (`crate::migration::connect::exposure`), checked on
+/// what is connected to, not only on what the address resolved to earlier.
+pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<TcpStream, SendError> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(|e| SendError::Connect(to.to_string(), e))?
         .collect();
+    if keyless {
+        check_keyless(&addrs, false, &format!("--to {to}"), SEND_RISK)
+            .map_err(SendError::Config)?;
+    }
     let mut last = std::io::Error::other("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
@@ -213,7 +220,8 @@ impl SourceChannels {
         let mut replies = Vec::with_capacity(n - 1);
         let mut reader0 = None;
         for index in 0..n {
-            let stream = connect(&cfg.to, cfg.io_timeout)?;
+            let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+            let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
             setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
             let mut reader = FrameReader::new(
                 stream.try_clone().map_err(SendError::Socket)?,
