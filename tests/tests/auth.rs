@@ -309,3 +309,53 @@ fn silent_connections_cannot_hold_a_keyed_destination() {
     }
     migrate_keyed(&dir, &mut recv, port, &key, &[]);
 }
+
+/// A fake destination that answers the source's key exchange with an unsealed `HelloReply`
+/// accepting the migration: the source names what happened (it used to report
+/// "destination refused the migration (None): "), fails, and its guest keeps running.
+#[test]
+fn an_unsealed_acceptance_of_a_keyed_source_is_named() {
+    use std::io::Write;
+    use vmstream::migration::transport::{Frame, FrameReader};
+    use vmstream::migration::wire::{HelloReply, Message, RefuseCode};
+    let _g = serial();
+    let dir = TmpDir::new("auth-unsealed");
+    let key = dir.path("key");
+    write_key(&key, 3);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        let first = FrameReader::new(conn.try_clone().unwrap(), None).read_frame();
+        let accept = Message::HelloReply(HelloReply {
+            refuse: RefuseCode::None,
+            receiver_workers: 1,
+            resumes: false,
+            reason: String::new(),
+        });
+        (&conn).write_all(&accept.to_frame()).unwrap();
+        (first, conn)
+    });
+    let mut send = sender_of(
+        &dir,
+        "src.img",
+        port,
+        &["--auth-key-file", key.to_str().unwrap()],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    let (first, _conn) = fake.join().unwrap();
+    assert!(
+        matches!(first, Ok(Frame::Control(Message::AuthHello(_)))),
+        "{first:?}"
+    );
+    let err = send.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unsealed reply on an authenticated connection"),
+        "{err}"
+    );
+    assert!(!err.contains("(None)"), "{err}");
+    assert_source_guest_runs(&dir.path("src.img"));
+}

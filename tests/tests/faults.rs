@@ -757,11 +757,11 @@ fn listen_on_all(dst: &Path, extra: &[&str]) -> Proc {
 }
 
 #[test]
-fn explicit_listen_address_warns_that_the_stream_is_unauthenticated() {
+fn an_insecure_listen_address_warns_that_the_stream_is_unauthenticated() {
     let _g = serial();
     let dir = TmpDir::new("listen");
     let dst = dir.path("dst.img");
-    let mut recv = listen_on_all(&dst, &[]);
+    let mut recv = listen_on_all(&dst, &["--insecure"]);
     assert!(recv
         .wait_line("listening on ")
         .starts_with("listening on 0.0.0.0:"));

@@ -166,6 +166,10 @@ pub struct SendArgs {
     /// fits in a fifth of the downtime limit.
     #[arg(long, value_enum, default_value_t = VerifyMode::Auto)]
     pub verify: VerifyMode,
+    /// Send without --auth-key-file to an address that is not loopback (refused
+    /// otherwise: whatever answers there gets the guest's memory).
+    #[arg(long)]
+    pub insecure: bool,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -174,8 +178,8 @@ pub struct SendArgs {
 /// Arguments of `vmstream recv`.
 #[derive(Args, Debug, Clone)]
 pub struct RecvArgs {
-    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (warns without
-    /// --auth-key-file).
+    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (not loopback: needs
+    /// --auth-key-file, or --insecure).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit): a regular
@@ -199,6 +203,10 @@ pub struct RecvArgs {
     /// Refuse a guest whose memory size differs (K/M/G; a non-zero multiple of 4096).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
+    /// Refuse a guest larger than this (K/M/G) in the handshake, before anything is
+    /// allocated for it [default: --size if given, else the host's physical memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_guest_size: Option<u64>,
     /// Longest wait for the source on the socket.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub io_timeout: Duration,
@@ -207,6 +215,10 @@ pub struct RecvArgs {
     /// (AES-256-GCM); send needs the same file.
     #[arg(long, value_name = "FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// Listen without --auth-key-file on an address that is not loopback (refused
+    /// otherwise: anyone who can reach it can write a guest image here).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
@@ -299,6 +311,7 @@ impl SendArgs {
         cfg.channels = self.channels as usize;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.verify = self.verify;
+        cfg.insecure = self.insecure;
         #[cfg(feature = "fault-injection")]
         {
             cfg.faults = crate::cli::fault_env::source_faults()?;
@@ -318,8 +331,10 @@ impl RecvArgs {
         cfg.stats_json = self.stats_json.clone();
         cfg.threads = self.threads;
         cfg.expect_size = self.size;
+        cfg.max_size = self.max_guest_size;
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
+        cfg.insecure = self.insecure;
         check_config(&cfg).map_err(|e| match e {
             RecvError::Image(ImageError::Unusable { path, why }) => {
                 format!("--memory-file {}: {why}", path.display())

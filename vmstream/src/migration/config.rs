@@ -13,6 +13,7 @@ use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::connect::channels::send::sender_config;
+use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::fault::{DestFaults, SourceFaults};
 use crate::migration::source::verify::{ScrubSettings, VerifyMode};
 use crate::migration::wire::DeltaWire;
@@ -59,6 +60,9 @@ pub struct SendConfig {
     pub verify: VerifyMode,
     /// The incremental modes' scrubber.
     pub scrub: ScrubSettings,
+    /// Send without a key to an address others can reach (`--insecure`); refused
+    /// otherwise (`crate::migration::connect::exposure`).
+    pub insecure: bool,
     /// Set to `true` (from any thread, or a signal handler) to cancel the migration, as
     /// `--on-timeout cancel` does: the destination is told and rolls back, the source
     /// guest keeps running. Checked between pages until the guest is paused for the final
@@ -99,6 +103,7 @@ impl SendConfig {
             auth_key: None,
             verify: VerifyMode::Auto,
             scrub: ScrubSettings::default(),
+            insecure: false,
             cancel: None,
             faults: SourceFaults::default(),
             notices: Notices::default(),
@@ -145,6 +150,18 @@ impl SendConfig {
                 .map_err(|e| format!("hot-page deferral: {e}"))?;
         }
         check_address(&self.to).map_err(|e| format!("--to {}: {e}", self.to))?;
+        if self.auth_key.is_none() {
+            // Resolved here to refuse before the guest starts; an address that does not
+            // resolve is the connection's error. `connect` checks what it connects to again.
+            if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(self.to.as_str()) {
+                check_keyless(
+                    &addrs.collect::<Vec<_>>(),
+                    self.insecure,
+                    &format!("--to {}", self.to),
+                    SEND_RISK,
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -227,12 +244,17 @@ pub struct RecvConfig {
     pub threads: Option<usize>,
     /// Refuse a guest of another size.
     pub expect_size: Option<u64>,
-    /// Refuse a guest larger than this.
-    pub max_size: u64,
+    /// Refuse a guest larger than this (`recv --max-guest-size`); `None`: as large as
+    /// `expect_size` when that is set, else the host's physical memory. Nothing sized from
+    /// the guest is allocated for a refused `Hello`.
+    pub max_size: Option<u64>,
     /// Longest wait for the peer on the socket.
     pub io_timeout: Duration,
     /// Pre-shared key: admit only sources that prove it (`crate::migration::connect::auth`).
     pub auth_key: Option<AuthKey>,
+    /// Listen without a key on an address others can reach (`--insecure`); refused
+    /// otherwise (`crate::migration::connect::exposure`).
+    pub insecure: bool,
     /// Set to `true` (from any thread, or a signal handler) to end the receive: until the
     /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
@@ -245,6 +267,18 @@ pub struct RecvConfig {
 }
 
 impl RecvConfig {
+    /// The largest guest this receive takes, and what sets it (for the refusal's reason).
+    pub fn size_cap(&self) -> (u64, &'static str) {
+        match (self.max_size, self.expect_size) {
+            (Some(max), _) => (max, "recv --max-guest-size"),
+            (None, Some(size)) => (size, "recv --size"),
+            (None, None) => (
+                host_memory(),
+                "the host's physical memory; recv --max-guest-size sets another",
+            ),
+        }
+    }
+
     /// Defaults for receiving into `memory_file` on `listen`.
     pub fn new(listen: impl Into<String>, memory_file: PathBuf) -> RecvConfig {
         RecvConfig {
@@ -255,9 +289,10 @@ impl RecvConfig {
             stats_json: None,
             threads: None,
             expect_size: None,
-            max_size: 1 << 40,
+            max_size: None,
             io_timeout: Duration::from_secs(120),
             auth_key: None,
+            insecure: false,
             cancel: None,
             faults: DestFaults::default(),
             notices: Notices::default(),
@@ -265,9 +300,35 @@ impl RecvConfig {
     }
 }
 
+/// The host's physical memory (`MemTotal` of `/proc/meminfo`): the default size cap of a
+/// receive. 16 GiB if it cannot be read.
+pub fn host_memory() -> u64 {
+    const UNKNOWN: u64 = 16 << 30;
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return UNKNOWN;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map_or(UNKNOWN, |kib| kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_size_cap_is_the_explicit_maximum_the_expected_size_or_the_host_memory() {
+        let mut cfg = RecvConfig::new("1", PathBuf::from("x"));
+        let host = host_memory();
+        assert!(host >= 64 << 20, "{host}");
+        assert_eq!(cfg.size_cap().0, host);
+        cfg.expect_size = Some(1 << 40);
+        assert_eq!(cfg.size_cap(), (1 << 40, "recv --size"));
+        cfg.max_size = Some(8 << 20);
+        assert_eq!(cfg.size_cap(), (8 << 20, "recv --max-guest-size"));
+    }
 
     #[test]
     fn addresses_are_checked_for_shape_not_resolved() {

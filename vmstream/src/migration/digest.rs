@@ -17,10 +17,9 @@
 //! BLAKE3 over the list keeps the root collision resistant in the list; XXH3-128 per page
 //! detects corruption, not adversaries (the stream is not authenticated anyway).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use rayon::prelude::*;
 
+use crate::migration::dest::lazy_words::LazyWords;
 use crate::migration::wire::{Audit, AuditStatus};
 use crate::telemetry::verification::AuditStats;
 
@@ -82,21 +81,20 @@ pub fn memory_digest_sparse(memory: &[u8], page_size: usize, data: &[u64]) -> [u
 }
 
 /// Per-page hashes of a memory that changes one page at a time (the destination's image),
-/// updated from any thread as long as no two threads update the same page at once.
+/// updated from any thread as long as no two threads update the same page at once. Held in
+/// [`LazyWords`]: pages never written cost nothing, so a guest size a peer claims allocates
+/// nothing here before its pages arrive.
 pub struct PageHashes {
     page_size: usize,
-    /// Two words per page: low and high half of its XXH3-128.
-    words: Vec<AtomicU64>,
+    /// Two words per page: low and high half of its XXH3-128 (the zero page's until set).
+    words: LazyWords,
 }
 
 impl PageHashes {
     /// Hashes of `pages` zero-filled pages (a fresh image).
     pub fn zeroed(pages: u64, page_size: usize) -> PageHashes {
         let zero = page_hash(&vec![0u8; page_size]);
-        let words = (0..pages)
-            .flat_map(|_| [zero as u64, (zero >> 64) as u64])
-            .map(AtomicU64::new)
-            .collect();
+        let words = LazyWords::new(pages as usize * 2, &[zero as u64, (zero >> 64) as u64]);
         PageHashes { page_size, words }
     }
 
@@ -105,10 +103,10 @@ impl PageHashes {
     pub fn update(&self, page: u64, content: &[u8]) {
         let h = page_hash(content);
         let i = page as usize * 2;
-        if let (Some(lo), Some(hi)) = (self.words.get(i), self.words.get(i + 1)) {
+        if i < self.words.len() {
             // Relaxed: readers run after the round barrier, which orders these stores.
-            lo.store(h as u64, Ordering::Relaxed);
-            hi.store((h >> 64) as u64, Ordering::Relaxed);
+            self.words.store(i, h as u64);
+            self.words.store(i + 1, (h >> 64) as u64);
         }
     }
 
@@ -116,10 +114,7 @@ impl PageHashes {
     pub fn get(&self, page: u64) -> u128 {
         let i = page as usize * 2;
         match (self.words.get(i), self.words.get(i + 1)) {
-            (Some(lo), Some(hi)) => {
-                u128::from(lo.load(Ordering::Relaxed))
-                    | (u128::from(hi.load(Ordering::Relaxed)) << 64)
-            }
+            (Some(lo), Some(hi)) => u128::from(lo) | (u128::from(hi) << 64),
             _ => 0,
         }
     }
@@ -129,12 +124,19 @@ impl PageHashes {
         page_hash(&vec![0u8; self.page_size])
     }
 
+    /// Bytes the hashes hold so far (they grow as pages are written).
+    pub fn allocated_bytes(&self) -> usize {
+        self.words.allocated() * 8
+    }
+
     /// The digest of the memory these hashes describe.
     pub fn digest(&self) -> [u8; 32] {
         let pages = self.words.len() / 2;
-        let hashes = self.words.chunks_exact(2).map(|w| {
-            u128::from(w[0].load(Ordering::Relaxed))
-                | (u128::from(w[1].load(Ordering::Relaxed)) << 64)
+        let mut words = self.words.iter();
+        let hashes = std::iter::from_fn(|| {
+            let lo = words.next()?;
+            let hi = words.next()?;
+            Some(u128::from(lo) | (u128::from(hi) << 64))
         });
         digest_of_page_hashes(self.page_size, (pages * self.page_size) as u64, hashes)
     }
@@ -229,6 +231,25 @@ mod tests {
         assert_ne!(hashes.digest(), memory_digest(&mem, PAGE_SIZE));
         // Out-of-range updates are ignored, not a panic.
         hashes.update(300, &mem[..PAGE_SIZE]);
+    }
+
+    /// The hashes of a huge claimed memory cost nothing until pages are written, and then
+    /// only a chunk around each (a peer's Hello must not make the receiver allocate).
+    #[test]
+    fn hashes_of_a_huge_memory_are_allocated_as_pages_arrive() {
+        let pages = 1u64 << 28; // 1 TiB of 4 KiB pages: 4 GiB of hashes if allocated
+        let hashes = PageHashes::zeroed(pages, PAGE_SIZE);
+        assert_eq!(hashes.allocated_bytes(), 0);
+        let zero = hashes.zero_page_hash();
+        assert_eq!((hashes.get(0), hashes.get(pages - 1)), (zero, zero));
+        let page = memory(1, 5);
+        hashes.update(pages - 1, &page);
+        assert_eq!(hashes.get(pages - 1), page_hash(&page));
+        assert!(
+            hashes.allocated_bytes() <= 1 << 20,
+            "{}",
+            hashes.allocated_bytes()
+        );
     }
 
     #[test]

@@ -172,6 +172,13 @@ pub enum GuestStateError {
     /// A valid blob that does not belong to the migrated memory.
     #[error("KVM state does not fit the migrated memory: {0}")]
     DoesNotFit(String),
+    /// A guest process has no state besides its memory (`PROTOCOL.md`: its blob is empty),
+    /// yet the source sent a blob.
+    #[error("a file-backed guest's state is empty, the source sent {len} bytes")]
+    UnexpectedBlob {
+        /// Length of the blob sent.
+        len: usize,
+    },
 }
 
 impl From<WireError> for RecvError {

@@ -49,6 +49,9 @@ pub struct SourceFaults {
     /// file (`pwrite`, which no write-protection sees) and hides it from every later
     /// collection (so a content-hashing tracker misses it too).
     pub missed_write: Option<MissedWrite>,
+    /// Bytes appended to the guest state blob after the pause: a file-backed guest's
+    /// state, empty on the wire, then carries a blob the destination must refuse.
+    pub pad_guest_state: Vec<u8>,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
@@ -95,6 +98,11 @@ impl SourceFaults {
         if let Some(b) = self.corrupt_guest_state_at.and_then(|at| blob.get_mut(at)) {
             *b ^= 0x5a;
         }
+    }
+
+    /// Applies [`Self::pad_guest_state`] to the state `blob`.
+    pub fn pad_guest_state(&self, blob: &mut Vec<u8>) {
+        blob.extend_from_slice(&self.pad_guest_state);
     }
 }
 
@@ -149,6 +157,7 @@ mod tests {
             crash_after_commit: false,
             corrupt_guest_state_at: Some(2),
             missed_write: None,
+            pad_guest_state: vec![9],
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);
@@ -159,6 +168,9 @@ mod tests {
         let mut short = [1u8, 2];
         plan.corrupt_guest_state(&mut short);
         assert_eq!(short, [1, 2]);
+        let mut empty = Vec::new();
+        plan.pad_guest_state(&mut empty);
+        assert_eq!(empty, [9]);
         assert!(is_dropped(&dropped(9)));
         assert!(!is_dropped(&io::Error::from(
             io::ErrorKind::ConnectionAborted

@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
-use vmstream::migration::error::{RecvError, SendError};
+use vmstream::migration::error::{GuestStateError, RecvError, SendError};
 use vmstream::migration::fault::{is_dropped, StreamFault};
 use vmstream::migration::source::Outcome;
 use vmstream::migration::transport::TransportError;
+use vmstream::migration::wire::CommitStatus;
+use vmstream::telemetry::stats::MigrationOutcome;
 
 use crate::harness::*;
 
@@ -120,4 +122,42 @@ fn a_corrupted_commit_reply_leaves_the_destination_copy_stopped() {
     );
     assert_committed(&dir, &run.recv_stats);
     guest.assert_runs();
+}
+
+/// A source that sends a state blob for a file-backed guest (whose state `PROTOCOL.md`
+/// says is empty): the destination refuses it before the commit (`StateRejected`, a typed
+/// error), nothing is committed, and the source resumes its guest.
+#[test]
+fn a_state_blob_for_a_file_guest_is_refused_before_the_commit() {
+    let _g = serial();
+    let dir = Dir::new("file-state");
+    let (mut guest, spec) = Guest::file(&dir);
+    let mut send = send_config(spec);
+    send.faults.pad_guest_state = vec![0x42; 16];
+    let run = run(send, recv_config(&dir), &mut guest);
+    assert!(
+        matches!(
+            run.received,
+            Err(RecvError::GuestState(GuestStateError::UnexpectedBlob {
+                len: 16
+            }))
+        ),
+        "{:?}",
+        run.received
+    );
+    assert!(
+        matches!(
+            &run.sent,
+            Err(SendError::CommitRefused {
+                status: CommitStatus::StateRejected,
+                reason,
+                ..
+            }) if reason.contains("state is empty")
+        ),
+        "{:?}",
+        run.sent
+    );
+    assert_ne!(run.recv_stats.outcome, MigrationOutcome::Committed);
+    guest.assert_runs();
+    assert_nothing_committed(&dir);
 }

@@ -175,6 +175,14 @@ pub enum AuthError {
          or this is not the destination you meant)"
     )]
     DestinationKeyDiffers,
+    /// The destination answered the key exchange with an unsealed `HelloReply` that
+    /// accepts the migration: it never proved the key, so nothing it says can be trusted.
+    #[error(
+        "authentication failed: the destination sent an unsealed reply on an authenticated \
+         connection, accepting without proving the key (it has no --auth-key-file, or is not \
+         the destination you meant)"
+    )]
+    UnsealedAccept,
     /// The destination answered with something else than its challenge.
     #[error("authentication: expected the destination's challenge, got {0}")]
     Unexpected(String),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
 use crate::migration::connect::admission::Admissions;
+use crate::migration::connect::exposure::{check_keyless, RECV_RISK};
 use crate::migration::dest::machine::{self, Received};
 use crate::migration::error::RecvError;
 use crate::migration::image::{check_target, Reservation};
@@ -37,22 +38,34 @@ pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
     Ok((addr, true))
 }
 
-/// Checks a receive's settings before anything is created or bound: the listen address,
-/// the expected size and the target path ([`check_target`]: not a directory or a device,
+/// Checks a receive's settings before anything is created or bound: the listen address
+/// (without a key: loopback unless `insecure`, [`check_keyless`]), the expected size and the target path ([`check_target`]: not a directory or a device,
 /// in a directory that exists). Errors are [`RecvError::Config`] and
 /// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
 pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
-    listen_addr(&cfg.listen)?;
+    let (addr, _) = listen_addr(&cfg.listen)?;
+    if cfg.auth_key.is_none() {
+        check_keyless(
+            &[addr],
+            cfg.insecure,
+            &format!("--listen {}", cfg.listen),
+            RECV_RISK,
+        )
+        .map_err(RecvError::Config)?;
+    }
     if cfg.io_timeout.is_zero() {
         // Every connection would be dropped for it, and the receive never end.
         return Err(RecvError::Config("--io-timeout must be above 0".into()));
     }
+    if cfg.max_size == Some(0) {
+        return Err(RecvError::Config("--max-guest-size must be above 0".into()));
+    }
     if let Some(size) = cfg.expect_size {
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cfg.max_size {
+        let (cap, _) = cfg.size_cap();
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > cap {
             return Err(RecvError::Config(format!(
                 "expected guest size {size} (--size) must be a non-zero multiple of \
-                 {PAGE_SIZE} bytes, at most {}",
-                cfg.max_size
+                 {PAGE_SIZE} bytes, at most {cap} (--max-guest-size)"
             )));
         }
     }

@@ -294,15 +294,12 @@ impl Dest<'_> {
                 ),
             ));
         }
-        if h.guest_size == 0
-            || !h.guest_size.is_multiple_of(PAGE_SIZE as u64)
-            || h.guest_size > self.cfg.max_size
-        {
+        if h.guest_size == 0 || !h.guest_size.is_multiple_of(PAGE_SIZE as u64) {
             return Some((
                 RefuseCode::GuestSize,
                 format!(
-                    "guest size {} must be a non-zero multiple of {PAGE_SIZE} up to {}",
-                    h.guest_size, self.cfg.max_size
+                    "guest size {} must be a non-zero multiple of {PAGE_SIZE}",
+                    h.guest_size
                 ),
             ));
         }
@@ -316,6 +313,18 @@ impl Dest<'_> {
                     ),
                 ));
             }
+        }
+        // Refused here, before anything sized from the guest exists (image, page tables).
+        let (cap, set_by) = self.cfg.size_cap();
+        if h.guest_size > cap {
+            return Some((
+                RefuseCode::GuestSize,
+                format!(
+                    "guest size {} bytes is above this destination's limit of {cap} bytes \
+                     ({set_by})",
+                    h.guest_size
+                ),
+            ));
         }
         None
     }

@@ -1,9 +1,11 @@
 //! The destination side: listening for the source (`listen.rs`), the state machine that
 //! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
-//! ([`verify`]).
+//! ([`verify`]). Its per-page tables are [`lazy_words`]: sized from the guest size the source
+//! claims, they cost memory only as pages arrive.
 
 pub mod incoming;
+pub mod lazy_words;
 mod listen;
 mod machine;
 mod report;

@@ -29,33 +29,33 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::memory::{GuestMemory, MapMode, PAGE_SIZE};
+use crate::migration::dest::lazy_words::LazyWords;
 
-/// Pages the codec applied since the background verifier last looked (a bit per page).
-pub struct TouchedPages(Vec<AtomicU64>);
+/// Pages the codec applied since the background verifier last looked (a bit per page, in
+/// [`LazyWords`]: nothing allocated for pages that never arrive).
+pub struct TouchedPages(LazyWords);
 
 impl TouchedPages {
     /// No page touched, for a memory of `pages` pages.
     pub fn new(pages: u64) -> TouchedPages {
-        TouchedPages((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+        TouchedPages(LazyWords::new(pages.div_ceil(64) as usize, &[0]))
     }
 
     /// Records that `page` was written.
     pub fn mark(&self, page: u64) {
-        if let Some(w) = self.0.get((page / 64) as usize) {
-            w.fetch_or(1 << (page % 64), Ordering::Relaxed);
-        }
+        self.0.fetch_or((page / 64) as usize, 1 << (page % 64));
     }
 
     /// Takes (and clears) the touched pages.
     fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        for (i, w) in self.0.iter().enumerate() {
+        self.0.for_each_allocated(|i, w| {
             let mut bits = w.swap(0, Ordering::Relaxed);
             while bits != 0 {
                 pages.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
                 bits &= bits - 1;
             }
-        }
+        });
         pages
     }
 }

@@ -43,6 +43,7 @@ impl Source<'_> {
         let t = Instant::now();
         let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.cfg.faults.corrupt_guest_state(&mut state_blob);
+        self.cfg.faults.pad_guest_state(&mut state_blob);
         self.impact.pause();
         self.inject_missed_write(MissedWriteAt::AtPause)?;
         let (more, collect_time) = self.collect_dirty(true)?;

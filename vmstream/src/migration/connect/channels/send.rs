@@ -9,10 +9,11 @@ use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
 
 use crate::memory::{MemoryReader, PAGE_SIZE};
 use crate::migration::config::SendConfig;
-use crate::migration::connect::auth::{authenticate_destination, AuthKey, SourceAuth};
+use crate::migration::connect::auth::{authenticate_destination, AuthError, AuthKey, SourceAuth};
 use crate::migration::connect::channels::{
     id_hex, new_migration_id, setup_socket, ChannelError, ChannelMap,
 };
+use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::error::SendError;
 use crate::migration::transport::{
     Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError,
@@ -23,12 +24,18 @@ use crate::migration::wire::{
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
-/// Connects to `to` (any of its addresses).
-pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+/// Connects to `to` (any of its addresses). `keyless`: no key, and not `--insecure`, so
+/// only loopback addresses are allowed (`crate::migration::connect::exposure`), checked on
+/// what is connected to, not only on what the address resolved to earlier.
+pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<TcpStream, SendError> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(|e| SendError::Connect(to.to_string(), e))?
         .collect();
+    if keyless {
+        check_keyless(&addrs, false, &format!("--to {to}"), SEND_RISK)
+            .map_err(SendError::Config)?;
+    }
     let mut last = std::io::Error::other("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
@@ -40,9 +47,13 @@ pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
 }
 
 /// The error for a destination that answered a connection's authentication with `frame`
-/// (a refused hello, normally).
+/// (a refused hello, normally; an unsealed one that accepts is a destination that skipped
+/// the exchange).
 fn refusal(channel: usize, frame: Frame) -> SendError {
     match frame {
+        Frame::Control(Message::HelloReply(h)) if h.refuse == RefuseCode::None => {
+            AuthError::UnsealedAccept.into()
+        }
         Frame::Control(Message::HelloReply(h)) if channel == 0 => SendError::Refused {
             code: h.refuse,
             reason: h.reason,
@@ -207,7 +218,8 @@ impl SourceChannels {
         let mut replies = Vec::with_capacity(n - 1);
         let mut reader0 = None;
         for index in 0..n {
-            let stream = connect(&cfg.to, cfg.io_timeout)?;
+            let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+            let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
             setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
             let mut reader = FrameReader::new(
                 stream.try_clone().map_err(SendError::Socket)?,
@@ -470,6 +482,36 @@ pub fn merge_stats(parts: &[PipelineStats]) -> PipelineStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A keyless destination's unsealed acceptance of a keyed connection is named as such
+    /// (it used to read "destination refused the migration (None): "); its refusals stay
+    /// refusals.
+    #[test]
+    fn an_unsealed_acceptance_is_an_authentication_failure() {
+        let reply = |refuse| {
+            Frame::Control(Message::HelloReply(crate::migration::wire::HelloReply {
+                refuse,
+                receiver_workers: 1,
+                resumes: false,
+                reason: String::new(),
+            }))
+        };
+        for channel in [0, 1] {
+            let e = refusal(channel, reply(RefuseCode::None));
+            assert!(
+                matches!(e, SendError::Auth(AuthError::UnsealedAccept)),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("unsealed reply"), "{e}");
+        }
+        assert!(matches!(
+            refusal(0, reply(RefuseCode::Auth)),
+            SendError::Refused {
+                code: RefuseCode::Auth,
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn merged_stats_sum_counts_and_keep_every_worker() {

@@ -154,6 +154,22 @@ mod tests {
         assert_eq!(settings, Settings::default());
     }
 
+    /// `PROTOCOL.md`: a file-backed guest's state blob is empty; one that is not is refused.
+    #[test]
+    fn a_file_guest_state_with_a_blob_is_refused() {
+        let mut file = incoming_guest(GuestKind::File, &Notices::silent());
+        let e = check_guest_state(
+            &mut *file,
+            &state(GuestKind::File, vec![1; 9]),
+            &[],
+            &mut Settings::default(),
+        );
+        assert!(
+            matches!(e, Err(GuestStateError::UnexpectedBlob { len: 9 })),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn garbage_kvm_state_is_refused_with_the_state_error() {
         let mut kvm = incoming_guest(GuestKind::Kvm, &Notices::silent());

@@ -102,11 +102,17 @@ impl IncomingGuest for IncomingFileGuest {
 
     fn accept_state(
         &mut self,
-        _state: &GuestState,
+        state: &GuestState,
         _memory: &[u8],
         _settings: &mut Settings,
     ) -> Result<(), GuestStateError> {
-        // A guest process has no state besides its memory.
+        // A guest process has no state besides its memory: a blob is a peer's invention,
+        // refused rather than ignored.
+        if !state.blob.is_empty() {
+            return Err(GuestStateError::UnexpectedBlob {
+                len: state.blob.len(),
+            });
+        }
         Ok(())
     }
 
