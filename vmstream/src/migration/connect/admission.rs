@@ -323,6 +323,7 @@ fn never_opened(e: &TransportError) -> bool {
         TransportError::Closed
             | TransportError::Truncated { .. }
             | TransportError::Timeout(_)
+            | TransportError::Slow { .. }
             | TransportError::Io(_)
     )
 }

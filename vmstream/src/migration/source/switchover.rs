@@ -178,7 +178,7 @@ impl Source<'_> {
     /// timeline and the TPS after the migration); a warning if they do not come.
     fn destination_samples(&mut self) {
         let notices = &self.cfg.notices;
-        let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+        self.io.reader.set_timeout(Some(REPORT_WAIT));
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::GuestSamples(s))) => {
                 self.impact.destination(&s.samples);

@@ -23,9 +23,18 @@ pub enum TransportError {
         /// Bytes needed.
         needed: usize,
     },
-    /// Nothing arrived within the read timeout.
+    /// Nothing of the next frame arrived within the read timeout.
     #[error("no data from peer within {0:?}")]
     Timeout(Duration),
+    /// Part of a frame arrived, but not all of it within the read timeout: a frame's
+    /// deadline covers its whole read, however its bytes trickle in.
+    #[error("the peer sent a frame too slowly: {got} bytes of it in {limit:?}")]
+    Slow {
+        /// Bytes of the frame that arrived in time.
+        got: u64,
+        /// The frame's time limit.
+        limit: Duration,
+    },
     /// The peer stopped reading: a write made no progress within the write timeout.
     #[error("the peer stopped reading (write timed out)")]
     Stalled,
