@@ -323,7 +323,6 @@ fn never_opened(e: &TransportError) -> bool {
         TransportError::Closed
             | TransportError::Truncated { .. }
             | TransportError::Timeout(_)
-            | TransportError::Slow { .. }
             | TransportError::Io(_)
     )
 }

@@ -23,18 +23,10 @@ pub enum TransportError {
         /// Bytes needed.
         needed: usize,
     },
-    /// Nothing of the next frame arrived within the read timeout.
+    /// The next frame did not arrive, whole, within the read timeout: nothing of it, or
+    /// only part (a frame's deadline covers its whole read, however its bytes trickle in).
     #[error("no data from peer within {0:?}")]
     Timeout(Duration),
-    /// Part of a frame arrived, but not all of it within the read timeout: a frame's
-    /// deadline covers its whole read, however its bytes trickle in.
-    #[error("the peer sent a frame too slowly: {got} bytes of it in {limit:?}")]
-    Slow {
-        /// Bytes of the frame that arrived in time.
-        got: u64,
-        /// The frame's time limit.
-        limit: Duration,
-    },
     /// The peer stopped reading: a write made no progress within the write timeout.
     #[error("the peer stopped reading (write timed out)")]
     Stalled,
