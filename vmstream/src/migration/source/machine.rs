@@ -77,6 +77,9 @@ pub(super) struct Source<'a> {
     destination_resumes: bool,
     /// Time and bytes behind the observations so far.
     clock: RoundClock,
+    /// While the guest is paused before the commit reply: when it must resume at the
+    /// latest, and the bound that set it (`SendConfig::pause_bound`).
+    pub(super) pause_deadline: Option<(Instant, Duration)>,
 }
 
 impl<'a> Source<'a> {
@@ -107,6 +110,7 @@ impl<'a> Source<'a> {
             bandwidth: None,
             destination_resumes: false,
             clock: RoundClock::default(),
+            pause_deadline: None,
         }
     }
 
@@ -164,11 +168,15 @@ impl<'a> Source<'a> {
                     round,
                     pending,
                     forced,
-                } => self.switchover(round, pending, forced)?,
+                } => self
+                    .switchover(round, pending, forced)
+                    .map_err(|e| self.past_pause_bound(e))?,
                 SourceState::AwaitCommit {
                     digest,
                     paused_at_ns,
-                } => self.await_commit(digest, paused_at_ns)?,
+                } => self
+                    .await_commit(digest, paused_at_ns)
+                    .map_err(|e| self.past_pause_bound(e))?,
                 SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns),
                 SourceState::Done(outcome) => return Ok(outcome),
             };

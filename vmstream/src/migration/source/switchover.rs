@@ -35,6 +35,10 @@ impl Source<'_> {
                 Some(tx_before_pause.saturating_sub(self.tx_start.1) as f64 / elapsed);
         }
         let t = Instant::now();
+        // From the pause on, no wait for the destination outlasts the pause bound.
+        let bound = self.cfg.pause_bound(forced);
+        self.pause_deadline = Some((t + bound, bound));
+        self.io.hold_to(Some(t + bound));
         let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.cfg.faults.corrupt_guest_state(&mut state_blob);
         self.impact.pause();
@@ -104,6 +108,9 @@ impl Source<'_> {
             Frame::Control(Message::CommitReply(r)) => r,
             other => return Err(unexpected("the commit reply", other)),
         };
+        // The reply came within the pause bound: whatever follows is not held to it.
+        self.pause_deadline = None;
+        self.io.hold_to(None);
         if let Some(t) = self.switch_start {
             self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -121,6 +128,19 @@ impl Source<'_> {
                 reason: reply.reason,
                 their_digest: hex(&reply.digest),
             }),
+        }
+    }
+
+    /// `e`, or [`SendError::PauseTimeout`] if it is a transport's failure once the pause
+    /// bound passed (the bound cut the wait short, or the writer's failure followed it).
+    pub(super) fn past_pause_bound(&self, e: SendError) -> SendError {
+        match (self.pause_deadline, &e) {
+            (Some((deadline, bound)), SendError::Transport(_) | SendError::Channel(_))
+                if Instant::now() >= deadline =>
+            {
+                SendError::PauseTimeout(bound)
+            }
+            _ => e,
         }
     }
 
