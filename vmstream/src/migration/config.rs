@@ -287,6 +287,33 @@ impl RecvConfig {
 mod tests {
     use super::*;
 
+    /// The default pause bound: ten downtime limits, at least the floor, at most the I/O
+    /// timeout; a forced switchover's is the I/O timeout; an explicit one is taken as is,
+    /// but not zero.
+    #[test]
+    fn the_pause_bound_follows_the_downtime_limit_within_the_io_timeout() {
+        let spec = GuestSpec::Attach {
+            path: "/nonexistent".into(),
+            pid: 1,
+        };
+        let mut cfg = SendConfig::new(spec, "127.0.0.1:7000");
+        let s = Duration::from_secs;
+        assert_eq!(cfg.pause_bound(false), PAUSE_FLOOR);
+        cfg.downtime_limit = s(3);
+        assert_eq!(cfg.pause_bound(false), s(30));
+        cfg.io_timeout = s(20);
+        assert_eq!(cfg.pause_bound(false), s(20));
+        assert_eq!(cfg.pause_bound(true), s(20));
+        cfg.pause_timeout = Some(s(45));
+        assert_eq!(
+            (cfg.pause_bound(false), cfg.pause_bound(true)),
+            (s(45), s(45))
+        );
+        assert_eq!(cfg.check(), Ok(()));
+        cfg.pause_timeout = Some(Duration::ZERO);
+        assert_eq!(cfg.check(), Err("--pause-timeout must be above 0".into()));
+    }
+
     #[test]
     fn addresses_are_checked_for_shape_not_resolved() {
         for ok in [
