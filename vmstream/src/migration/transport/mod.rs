@@ -24,7 +24,7 @@ mod writer;
 pub use error::TransportError;
 pub use link::{Link, PacketChannel};
 pub use rate::{SharedBucket, TokenBucket};
-pub use reader::{Frame, FrameReader};
+pub use reader::{Frame, FrameReader, TimedRead};
 pub use send_timeout::{SendTimeout, SharedDeadline};
 pub use writer::FrameWriter;
 

@@ -32,7 +32,7 @@ impl Frame {
 /// A byte stream whose reads can be limited in time: how a [`FrameReader`] holds each
 /// frame to its deadline (a socket's read timeout, set before every read to what is left).
 pub trait TimedRead: Read {
-    /// Limits each of the next reads to `limit` (`None`: wait for ever; never zero).
+    /// Limits each of the next reads to `limit` (never zero).
     fn limit_reads(&mut self, limit: Option<Duration>) -> io::Result<()>;
 }
 
@@ -50,7 +50,7 @@ impl TimedRead for &[u8] {
 }
 
 /// A stream whose every read waits at most until `deadline`: past it, a read fails as
-/// `TimedOut` without waiting.
+/// `TimedOut` without waiting. Without a deadline the stream's own read timeout holds.
 struct Timed<'a, R> {
     inner: &'a mut R,
     deadline: Option<Instant>,
@@ -59,14 +59,12 @@ struct Timed<'a, R> {
 impl<R: TimedRead> Read for Timed<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let left = match self.deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left),
+            if let Some(d) = self.deadline {
+                match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => self.inner.limit_reads(Some(left))?,
                     _ => return Err(io::ErrorKind::TimedOut.into()),
-                },
-                None => None,
-            };
-            self.inner.limit_reads(left)?;
+                }
+            }
             match self.inner.read(buf) {
                 // The socket's timeout is rounded: only the deadline itself ends the read.
                 Err(e)
@@ -98,8 +96,9 @@ pub struct FrameReader<R> {
 
 impl<R: TimedRead> FrameReader<R> {
     /// A reader over `inner` whose every frame, header to last byte, must arrive within
-    /// `timeout` of the call that reads it (`None`: no limit): a peer that trickles a frame
-    /// in byte by byte gets no more time than one that sends nothing.
+    /// `timeout` of the call that reads it (`None`: the stream's own read timeout, per
+    /// read): a peer that trickles a frame in byte by byte gets no more time than one that
+    /// sends nothing.
     pub fn new(inner: R, timeout: Option<Duration>) -> Self {
         FrameReader {
             inner,
@@ -121,7 +120,7 @@ impl<R: TimedRead> FrameReader<R> {
         self.opener.take()
     }
 
-    /// How long each frame from now on may take (`None`: no limit).
+    /// How long each frame from now on may take (`None`: the stream's read timeout).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
     }
