@@ -141,9 +141,14 @@ pub struct SendArgs {
     /// What happens at the timeout: cancel (the source keeps running) or force.
     #[arg(long, value_parser = parse_on_timeout, default_value = "cancel")]
     pub on_timeout: OnTimeout,
-    /// Longest wait for the destination on the socket.
+    /// Longest wait for the destination on the socket: for a whole frame to arrive.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub io_timeout: Duration,
+    /// Longest pause of the guest, from its stop to the destination's commit reply; past
+    /// it the guest resumes and the migration fails. [default: 10 x --downtime-limit, at
+    /// least 10s, at most --io-timeout; a forced switchover: --io-timeout]
+    #[arg(long, value_parser = parse_duration)]
+    pub pause_timeout: Option<Duration>,
     /// Write statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
@@ -305,6 +310,7 @@ impl SendArgs {
         cfg.timeout = self.timeout;
         cfg.on_timeout = self.on_timeout;
         cfg.io_timeout = self.io_timeout;
+        cfg.pause_timeout = self.pause_timeout;
         cfg.stats_json = self.stats_json.clone();
         cfg.progress = !self.no_progress;
         cfg.converge = self.converge.to_config();

@@ -19,6 +19,9 @@ use crate::migration::source::verify::{ScrubSettings, VerifyMode};
 use crate::migration::wire::DeltaWire;
 use crate::telemetry::notice::Notices;
 
+/// The least default pause bound ([`SendConfig::pause_bound`]).
+pub const PAUSE_FLOOR: Duration = Duration::from_secs(10);
+
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -44,8 +47,11 @@ pub struct SendConfig {
     pub timeout: Option<Duration>,
     /// Strategy when the timeout expires.
     pub on_timeout: OnTimeout,
-    /// Longest wait for the peer on the socket.
+    /// Longest wait for the peer on the socket: for a whole frame to arrive.
     pub io_timeout: Duration,
+    /// Longest pause of the guest from the instant it stops to the destination's commit
+    /// reply (`None`: [`SendConfig::pause_bound`]'s default); past it the guest resumes.
+    pub pause_timeout: Option<Duration>,
     /// Where to write statistics JSON.
     pub stats_json: Option<PathBuf>,
     /// Tell the rounds' progress ([`crate::telemetry::progress`]) to `notices`.
@@ -76,6 +82,21 @@ pub struct SendConfig {
 }
 
 impl SendConfig {
+    /// How long the guest may stay paused before the commit reply: `--pause-timeout`, else
+    /// ten times the downtime limit but at least [`PAUSE_FLOOR`] (a commit also syncs the
+    /// image to the destination's disk, which the limit does not count), and at most the
+    /// I/O timeout. A `forced` switchover (`--on-timeout force`) pauses as long as its
+    /// pages take, which the limit does not bound: its default is the I/O timeout.
+    pub fn pause_bound(&self, forced: bool) -> Duration {
+        match self.pause_timeout {
+            Some(t) => t,
+            None if forced => self.io_timeout,
+            None => (self.downtime_limit.saturating_mul(10))
+                .max(PAUSE_FLOOR)
+                .min(self.io_timeout),
+        }
+    }
+
     /// Defaults for migrating `guest` to `to`: LZ4, XBZRLE with a 64 MiB cache, one worker
     /// per core, 300 ms downtime limit, no timeout.
     pub fn new(guest: GuestSpec, to: impl Into<String>) -> SendConfig {
@@ -96,6 +117,7 @@ impl SendConfig {
             timeout: None,
             on_timeout: OnTimeout::Cancel,
             io_timeout: Duration::from_secs(120),
+            pause_timeout: None,
             stats_json: None,
             progress: true,
             converge: ConvergeConfig::default(),
@@ -131,6 +153,9 @@ impl SendConfig {
         };
         if self.io_timeout.is_zero() {
             return Err("--io-timeout must be above 0".into());
+        }
+        if self.pause_timeout.is_some_and(|t| t.is_zero()) {
+            return Err("--pause-timeout must be above 0".into());
         }
         if self.downtime_limit.is_zero() {
             return Err(
@@ -317,6 +342,33 @@ pub fn host_memory() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default pause bound: ten downtime limits, at least the floor, at most the I/O
+    /// timeout; a forced switchover's is the I/O timeout; an explicit one is taken as is,
+    /// but not zero.
+    #[test]
+    fn the_pause_bound_follows_the_downtime_limit_within_the_io_timeout() {
+        let spec = GuestSpec::Attach {
+            path: "/nonexistent".into(),
+            pid: 1,
+        };
+        let mut cfg = SendConfig::new(spec, "127.0.0.1:7000");
+        let s = Duration::from_secs;
+        assert_eq!(cfg.pause_bound(false), PAUSE_FLOOR);
+        cfg.downtime_limit = s(3);
+        assert_eq!(cfg.pause_bound(false), s(30));
+        cfg.io_timeout = s(20);
+        assert_eq!(cfg.pause_bound(false), s(20));
+        assert_eq!(cfg.pause_bound(true), s(20));
+        cfg.pause_timeout = Some(s(45));
+        assert_eq!(
+            (cfg.pause_bound(false), cfg.pause_bound(true)),
+            (s(45), s(45))
+        );
+        assert_eq!(cfg.check(), Ok(()));
+        cfg.pause_timeout = Some(Duration::ZERO);
+        assert_eq!(cfg.check(), Err("--pause-timeout must be above 0".into()));
+    }
 
     #[test]
     fn the_size_cap_is_the_explicit_maximum_the_expected_size_or_the_host_memory() {

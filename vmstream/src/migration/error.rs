@@ -71,6 +71,14 @@ pub enum SendError {
     /// Authenticating the destination failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The destination's commit reply did not come within the pause bound
+    /// ([`SendConfig::pause_bound`](crate::migration::config::SendConfig::pause_bound)) of
+    /// the guest's pause, however slowly its bytes came: the guest resumed.
+    #[error(
+        "the destination did not commit within {0:?} of the guest's pause (--pause-timeout); \
+         the source guest resumes"
+    )]
+    PauseTimeout(std::time::Duration),
     /// `SendConfig::cancel` was set (the source turns this into `Outcome::Cancelled`).
     #[error("cancelled on request")]
     Cancelled,

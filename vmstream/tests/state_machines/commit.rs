@@ -78,6 +78,9 @@ fn a_late_commit_reply_leaves_the_destination_copy_stopped() {
     let (mut guest, spec) = Guest::file(&dir);
     let mut send = send_config(spec);
     send.io_timeout = Duration::from_secs(1);
+    // The I/O timeout is what fires here; the pause bound, by default at most the I/O
+    // timeout and started earlier, has its own test below.
+    send.pause_timeout = Some(Duration::from_secs(30));
     let mut recv = recv_config(&dir);
     recv.resume = true;
     recv.faults.commit_reply = Some(StreamFault::Stall(Duration::from_millis(2500)));
@@ -92,6 +95,34 @@ fn a_late_commit_reply_leaves_the_destination_copy_stopped() {
     );
     assert!(
         matches!(&run.received, Err(RecvError::NoHandover(why)) if why.contains("SourceError")),
+        "{:?}",
+        run.received
+    );
+    assert_committed(&dir, &run.recv_stats);
+    guest.assert_runs();
+}
+
+/// A commit reply that comes in time for the I/O timeout but not for the pause bound: the
+/// source resumes its guest at the bound with the typed error and tells the destination,
+/// which keeps its image stopped (no `Handover`).
+#[test]
+fn a_commit_reply_later_than_the_pause_bound_resumes_the_source_guest() {
+    let _g = serial();
+    let dir = Dir::new("reply-past-pause");
+    let (mut guest, spec) = Guest::file(&dir);
+    let mut send = send_config(spec);
+    send.pause_timeout = Some(Duration::from_secs(1));
+    let mut recv = recv_config(&dir);
+    recv.resume = true;
+    recv.faults.commit_reply = Some(StreamFault::Stall(Duration::from_millis(3000)));
+    let run = run(send, recv, &mut guest);
+    assert!(
+        matches!(run.sent, Err(SendError::PauseTimeout(t)) if t == Duration::from_secs(1)),
+        "{:?}",
+        run.sent
+    );
+    assert!(
+        matches!(&run.received, Err(RecvError::NoHandover(why)) if why.contains("--pause-timeout")),
         "{:?}",
         run.received
     );

@@ -83,6 +83,9 @@ pub(super) struct Source<'a> {
     pub(super) verification: Option<Verification>,
     /// A page hidden from the tracker's collections (`SourceFaults::missed_write`).
     hidden_page: Option<u64>,
+    /// While the guest is paused before the commit reply: when it must resume at the
+    /// latest, and the bound that set it (`SendConfig::pause_bound`).
+    pub(super) pause_deadline: Option<(Instant, Duration)>,
 }
 
 impl<'a> Source<'a> {
@@ -115,6 +118,7 @@ impl<'a> Source<'a> {
             clock: RoundClock::default(),
             verification: None,
             hidden_page: None,
+            pause_deadline: None,
         }
     }
 
@@ -172,11 +176,15 @@ impl<'a> Source<'a> {
                     round,
                     pending,
                     forced,
-                } => self.switchover(round, pending, forced)?,
+                } => self
+                    .switchover(round, pending, forced)
+                    .map_err(|e| self.past_pause_bound(e))?,
                 SourceState::AwaitCommit {
                     digest,
                     paused_at_ns,
-                } => self.await_commit(digest, paused_at_ns)?,
+                } => self
+                    .await_commit(digest, paused_at_ns)
+                    .map_err(|e| self.past_pause_bound(e))?,
                 SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns),
                 SourceState::Done(outcome) => return Ok(outcome),
             };

@@ -171,11 +171,7 @@ fn run_migration(
     let mut result = source.run();
     if let Err(SendError::Transport(_)) = &result {
         // A destination that gave up first says why before closing: prefer its reason.
-        let _ = source
-            .io
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(2)));
+        source.io.reader.set_timeout(Some(Duration::from_secs(2)));
         loop {
             match source.io.reader.read_frame() {
                 Ok(Frame::Control(Message::Abort(a))) => {

@@ -209,6 +209,13 @@ impl RoundIo {
         Ok(rs)
     }
 
+    /// Holds every wait for the destination, reads and writes on every channel, to
+    /// `deadline` (`None`: lifts it; each frame's own timeout still holds).
+    pub(super) fn hold_to(&mut self, deadline: Option<Instant>) {
+        self.reader.set_deadline(deadline);
+        self.channels.set_deadline(deadline);
+    }
+
     /// Whether `SendConfig::cancel` was set.
     pub(super) fn cancelled(&self) -> bool {
         crate::migration::interrupt::requested(self.cancel.as_ref())

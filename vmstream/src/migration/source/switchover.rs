@@ -41,6 +41,10 @@ impl Source<'_> {
         // collection at the pause settles what it found.
         let coverage = self.verification.as_mut().map(|v| v.stop_scrubber());
         let t = Instant::now();
+        // From the pause on, no wait for the destination outlasts the pause bound.
+        let bound = self.cfg.pause_bound(forced);
+        self.pause_deadline = Some((t + bound, bound));
+        self.io.hold_to(Some(t + bound));
         let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.cfg.faults.corrupt_guest_state(&mut state_blob);
         self.cfg.faults.pad_guest_state(&mut state_blob);
@@ -132,6 +136,9 @@ impl Source<'_> {
             Frame::Control(Message::CommitReply(r)) => r,
             other => return Err(unexpected("the commit reply", other)),
         };
+        // The reply came within the pause bound: whatever follows is not held to it.
+        self.pause_deadline = None;
+        self.io.hold_to(None);
         if let Some(t) = self.switch_start {
             self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -149,6 +156,19 @@ impl Source<'_> {
                 reason: reply.reason,
                 their_digest: hex(&reply.digest),
             }),
+        }
+    }
+
+    /// `e`, or [`SendError::PauseTimeout`] if it is a transport's failure once the pause
+    /// bound passed (the bound cut the wait short, or the writer's failure followed it).
+    pub(super) fn past_pause_bound(&self, e: SendError) -> SendError {
+        match (self.pause_deadline, &e) {
+            (Some((deadline, bound)), SendError::Transport(_) | SendError::Channel(_))
+                if Instant::now() >= deadline =>
+            {
+                SendError::PauseTimeout(bound)
+            }
+            _ => e,
         }
     }
 
@@ -239,7 +259,7 @@ impl Source<'_> {
     /// timeline and the TPS after the migration); a warning if they do not come.
     fn destination_samples(&mut self) {
         let notices = &self.cfg.notices;
-        let _ = self.io.reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+        self.io.reader.set_timeout(Some(REPORT_WAIT));
         match self.io.reader.read_frame() {
             Ok(Frame::Control(Message::GuestSamples(s))) => {
                 self.impact.destination(&s.samples);

@@ -23,7 +23,8 @@ pub enum TransportError {
         /// Bytes needed.
         needed: usize,
     },
-    /// Nothing arrived within the read timeout.
+    /// The next frame did not arrive, whole, within the read timeout: nothing of it, or
+    /// only part (a frame's deadline covers its whole read, however its bytes trickle in).
     #[error("no data from peer within {0:?}")]
     Timeout(Duration),
     /// The peer stopped reading: a write made no progress within the write timeout.

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use vmstream_codec::Packet;
 
-use super::{FrameWriter, SendTimeout, SharedBucket, TokenBucket, TransportError};
+use super::{FrameWriter, SendTimeout, SharedBucket, SharedDeadline, TokenBucket, TransportError};
 use crate::migration::connect::seal::Sealer;
 use crate::migration::fault::{is_dropped, StreamFault};
 use crate::migration::wire::Message;
@@ -41,6 +41,8 @@ pub struct Link {
     returned: Receiver<Packet>,
     shared: Arc<LinkShared>,
     thread: Option<JoinHandle<()>>,
+    /// The writer waits for the peer no later than this.
+    deadline: SharedDeadline,
 }
 
 /// What a [`Link`] and its writer thread share.
@@ -90,7 +92,8 @@ impl Link {
     ) -> io::Result<Link> {
         let (queue, jobs) = sync_channel::<Outgoing>(16);
         let (give_back, returned) = channel();
-        let stream = SendTimeout::new(stream)?;
+        let deadline = SharedDeadline::default();
+        let stream = SendTimeout::with_deadline(stream, deadline.clone())?;
         let mut writer =
             FrameWriter::with_bucket(io::BufWriter::with_capacity(256 << 10, stream), bucket);
         writer.inject(faults);
@@ -104,7 +107,15 @@ impl Link {
             returned,
             shared,
             thread: Some(thread),
+            deadline,
         })
+    }
+
+    /// From now on the writer waits for the peer to take its bytes no later than
+    /// `deadline` (`None`: only the send timeout holds); past it a write fails and so does
+    /// every later send ([`TransportError::Stalled`]).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        self.deadline.set(deadline);
     }
 
     /// When the writer last flushed a control message (everything queued before it went

@@ -24,8 +24,8 @@ mod writer;
 pub use error::TransportError;
 pub use link::{Link, PacketChannel};
 pub use rate::{SharedBucket, TokenBucket};
-pub use reader::{Frame, FrameReader};
-pub use send_timeout::SendTimeout;
+pub use reader::{Frame, FrameReader, TimedRead};
+pub use send_timeout::{SendTimeout, SharedDeadline};
 pub use writer::FrameWriter;
 
 /// A control message for the reader, writer and link tests.

@@ -404,6 +404,14 @@ impl SourceChannels {
         self.send_message(&Message::Abort(Abort { code, reason }))
     }
 
+    /// From now on every channel's writer waits for the destination to take its bytes no
+    /// later than `deadline` (`None`: only the send timeout holds).
+    pub fn set_deadline(&self, deadline: Option<std::time::Instant>) {
+        for c in &self.channels {
+            c.link.set_deadline(deadline);
+        }
+    }
+
     /// Sends a control message on channel 0 (after everything queued there before).
     pub fn send_message(&mut self, msg: &Message) -> Result<(), SendError> {
         Ok(self.channels[0].link.send_message(msg)?)
