@@ -233,6 +233,11 @@ pub fn xor_into(page: &mut [u8], delta: &[u8]) {
 pub struct RoundTracker {
     round: u64,
     seen: Vec<u64>,
+    /// The words of `seen` this round marked lie in `marked.0..marked.1`:
+    /// only those are cleared at its end, so a round of few pages (or none,
+    /// from a peer that claimed a huge guest) never touches, and never makes
+    /// resident, the rest of a bitmap sized from the claimed guest.
+    marked: (usize, usize),
 }
 
 impl RoundTracker {
@@ -241,6 +246,7 @@ impl RoundTracker {
         RoundTracker {
             round: 0,
             seen: page_bitmap(guest_pages),
+            marked: (usize::MAX, 0),
         }
     }
 
@@ -280,6 +286,7 @@ impl RoundTracker {
                 ));
             }
             self.seen[word] |= bit;
+            self.marked = (self.marked.0.min(word), self.marked.1.max(word + 1));
         }
         Ok(())
     }
@@ -292,7 +299,10 @@ impl RoundTracker {
                 got: round,
             });
         }
-        self.seen.fill(0);
+        let (lo, hi) = std::mem::replace(&mut self.marked, (usize::MAX, 0));
+        if lo < hi {
+            self.seen[lo..hi].fill(0);
+        }
         self.round += 1;
         Ok(())
     }
