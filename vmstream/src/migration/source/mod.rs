@@ -119,12 +119,15 @@ fn run_migration(
         .converge
         .deferral(guest.size() / PAGE_SIZE as u64)
         .map_err(|e| SendError::Config(e.to_string()))?;
+    let aim = &cfg.converge.aim_low;
+    let target = aim.target(cfg.downtime_limit).map_err(SendError::Config)?;
     let policy = DowntimePolicy::new(
         page_budget(cfg.downtime_limit, overhead),
         cfg.timeout,
         cfg.on_timeout,
         strategy,
     )
+    .with_target(page_budget(target, overhead), aim.min_shrink)
     .with_deferral(deferral);
     let io = RoundIo {
         channels,
