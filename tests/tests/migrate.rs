@@ -130,6 +130,7 @@ fn dbsim_256m_default_settings_resumes_on_destination() {
         "guest_bytes",
         "rounds",
         "converged",
+        "switchover_reason",
         "digest",
     ] {
         assert!(!s[key].is_null(), "send stats lack {key}");
@@ -216,6 +217,12 @@ fn low_bandwidth_forces_several_rounds_and_stays_exact() {
     let rounds = s["rounds"].as_u64().unwrap();
     assert!(rounds >= 3, "only {rounds} rounds: {}", s["per_round"]);
     assert_eq!(s["converged"], true);
+    // Not forced: the policy says why the pause that fit was taken.
+    let reason = s["switchover_reason"].as_str().unwrap_or_default();
+    assert!(
+        ["target-reached", "stopped-shrinking", "throttled-fits"].contains(&reason),
+        "switchover_reason {reason:?}"
+    );
 }
 
 #[test]

@@ -283,11 +283,61 @@ impl GuestMemory {
     }
 
     /// A bit per page that holds file data (bit set) rather than a hole (never written,
-    /// reads as zero), from `SEEK_DATA` / `SEEK_HOLE`. Reading a hole through a shared
-    /// mapping allocates it, so callers that only need its bytes skip holes. A filesystem
-    /// without hole reporting reports everything as data.
+    /// reads as zero). Reading a hole through a shared mapping allocates it, so callers that
+    /// only need its bytes skip holes. Pages in memory (`mincore`) are data; only the runs
+    /// of pages that are not (holes, or data on disk or in swap) are asked with `SEEK_DATA`
+    /// / `SEEK_HOLE`, whose walk over a tmpfs file costs about as much per page as hashing
+    /// it. A filesystem without hole reporting reports everything as data.
     pub fn data_pages(&self) -> io::Result<Vec<u64>> {
-        data_pages_of(&self.file, self.map.len)
+        use nix::errno::Errno;
+        use nix::unistd::{lseek, Whence};
+        let pages = self.pages() as usize;
+        let mut resident = vec![0u8; pages];
+        // SAFETY: `ptr` is the page-aligned start of the `len`-byte mapping, and `resident`
+        // has the byte per page mincore writes.
+        let r = unsafe {
+            libc::mincore(
+                self.map.ptr.as_ptr().cast(),
+                self.map.len,
+                resident.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let page = PAGE_SIZE as i64;
+        let mut bits = vec![0u64; pages.div_ceil(64)];
+        let mut set = |from: usize, to: usize| {
+            for p in from..to {
+                bits[p / 64] |= 1 << (p % 64);
+            }
+        };
+        let mut p = 0;
+        while p < pages {
+            if resident[p] & 1 != 0 {
+                set(p, p + 1);
+                p += 1;
+                continue;
+            }
+            let end = (p..pages).find(|&q| resident[q] & 1 != 0).unwrap_or(pages);
+            let mut q = p;
+            while q < end {
+                let data = match lseek(&self.file, q as i64 * page, Whence::SeekData) {
+                    Ok(d) => (d / page) as usize,
+                    Err(Errno::ENXIO) => break, // no data after `q`
+                    Err(e) => return Err(e.into()),
+                };
+                if data >= end {
+                    break;
+                }
+                let hole = lseek(&self.file, data as i64 * page, Whence::SeekHole)?;
+                let hole = (((hole + page - 1) / page) as usize).clamp(data + 1, end);
+                set(data, hole);
+                q = hole;
+            }
+            p = end;
+        }
+        Ok(bits)
     }
 
     /// Records that the file behind the mapping was renamed to `path`.
@@ -538,6 +588,30 @@ mod tests {
             .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
             .collect();
         assert_eq!(set, vec![0, 3, 64, 199]);
+    }
+
+    #[test]
+    fn data_pages_not_in_memory_are_found_in_the_file() {
+        use std::os::unix::fs::FileExt;
+        // A disk file system: the written pages leave the page cache after a sync, and
+        // only SEEK_DATA still sees them.
+        let p = std::env::temp_dir().join(format!("vmstream-data-pages-{}", std::process::id()));
+        let mem = GuestMemory::create(&p, 200 * PAGE_SIZE as u64).unwrap();
+        for pg in [5u64, 6, 150] {
+            mem.file().write_at(&[1], pg * PAGE_SIZE as u64).unwrap();
+        }
+        mem.file().sync_all().unwrap();
+        nix::fcntl::posix_fadvise(
+            mem.file(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        let bits = mem.data_pages().unwrap();
+        let set: Vec<u64> = (0..200u64).filter(|&p| !page_is_hole(&bits, p)).collect();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(set, vec![5, 6, 150]);
     }
 
     #[test]

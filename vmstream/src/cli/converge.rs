@@ -1,10 +1,12 @@
 //! Command-line options of the convergence strategies, for `#[command(flatten)]` into
 //! `vmstream send`'s arguments.
 
-use crate::converge::{AutoConvergeConfig, ConvergeConfig, DeferConfig, Strategy};
-use crate::units::parse_size;
+use std::time::Duration;
 
-/// `--converge`, auto-converge settings and `--defer-hot`.
+use crate::converge::{AimLowConfig, AutoConvergeConfig, ConvergeConfig, DeferConfig, Strategy};
+use crate::units::{parse_duration, parse_size};
+
+/// `--converge`, auto-converge settings, `--defer-hot` and `--downtime-target`.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct ConvergeArgs {
     /// Guest throttling while iterating: none, qemu (auto-converge) or direct-staged.
@@ -33,6 +35,12 @@ pub struct ConvergeArgs {
     /// Segment size for --defer-hot (K/M/G suffixes).
     #[arg(long, value_name = "BYTES", default_value = "2M", value_parser = parse_size)]
     pub defer_segment: u64,
+    /// Once the pause fits --downtime-limit, keep iterating while each round shrinks the
+    /// expected pause by a quarter and the guest is not throttled, until it fits this
+    /// (ms/s; at most the limit; equal to it: switch over as soon as the pause fits)
+    /// [default: 30ms, or the limit if lower]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub downtime_target: Option<Duration>,
 }
 
 /// A percentage in `[0, 100]`.
@@ -65,6 +73,10 @@ impl ConvergeArgs {
                 segment_bytes: self.defer_segment,
                 ..DeferConfig::new(self.defer_hot)
             }),
+            aim_low: AimLowConfig {
+                target: self.downtime_target,
+                ..AimLowConfig::default()
+            },
         }
     }
 }
@@ -104,6 +116,8 @@ mod tests {
             "12.5%",
             "--defer-segment",
             "64K",
+            "--downtime-target",
+            "50ms",
         ])
         .unwrap();
         assert_eq!(a.converge, Strategy::Qemu);
@@ -114,6 +128,12 @@ mod tests {
             (0.3, 0.05, 0.8, 0.7)
         );
         assert_eq!(cfg.strategy().unwrap().name(), "qemu");
+        assert_eq!(cfg.aim_low.target, Some(Duration::from_millis(50)));
+        assert_eq!(
+            cfg.aim_low.target(Duration::from_millis(300)),
+            Ok(Duration::from_millis(50))
+        );
+        assert!(cfg.aim_low.target(Duration::from_millis(40)).is_err());
         assert_eq!(a.defer_hot, 12.5);
         assert_eq!(a.defer_segment, 64 << 10);
         assert!(cfg.deferral(1024).unwrap().is_some());
@@ -132,6 +152,7 @@ mod tests {
             &["--defer-hot", "101"],
             &["--defer-hot", "x"],
             &["--defer-segment", "lots"],
+            &["--downtime-target", "soon"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

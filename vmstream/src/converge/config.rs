@@ -1,10 +1,10 @@
 //! The convergence settings of one migration: which throttle strategy, its auto-converge
-//! settings, and hot-page deferral. The CLI builds them from `vmstream send`'s options;
+//! settings, hot-page deferral, and the pause to aim for. The CLI builds them from `vmstream send`'s options;
 //! the source turns them into the [`crate::converge::DowntimePolicy`]'s parts.
 
 use crate::converge::{
-    AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged, DirectStagedConfig,
-    HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
+    AimLowConfig, AutoConverge, AutoConvergeConfig, DeferConfig, DeferError, DirectStaged,
+    DirectStagedConfig, HotPageDeferral, NoThrottle, SettingError, Strategy, ThrottleStrategy,
 };
 use crate::telemetry::settings::Settings;
 
@@ -17,15 +17,18 @@ pub struct ConvergeConfig {
     pub auto_converge: AutoConvergeConfig,
     /// Hot-page deferral, or `None` when off.
     pub deferral: Option<DeferConfig>,
+    /// The pause to aim for below the downtime limit (`--downtime-target`).
+    pub aim_low: AimLowConfig,
 }
 
 impl Default for ConvergeConfig {
-    /// No throttling, QEMU's auto-converge defaults, no deferral.
+    /// No throttling, QEMU's auto-converge defaults, no deferral, the default target pause.
     fn default() -> Self {
         ConvergeConfig {
             strategy: Strategy::None,
             auto_converge: AutoConvergeConfig::default(),
             deferral: None,
+            aim_low: AimLowConfig::default(),
         }
     }
 }

@@ -7,19 +7,21 @@
 //! never from a clock read, so scripted observation sequences drive it exactly.
 //!
 //! Modules: [`policy`] (the downtime policy: the limit, the timeout rule, and the strategies
-//! inside it), [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
+//! inside it), [`aim_low`] (whether another round pays off once the pause fits), [`qemu`] (auto-converge), [`direct_staged`] (direct then staged throttling),
 //! [`defer`] (hot-page deferral).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod aim_low;
 pub mod config;
 pub mod defer;
 pub mod direct_staged;
 pub mod policy;
 pub mod qemu;
 
+pub use aim_low::{AimLow, AimLowConfig};
 pub use config::ConvergeConfig;
 pub use defer::{DeferConfig, DeferError, HotPageDeferral, Split};
 pub use direct_staged::{DirectStaged, DirectStagedConfig};
@@ -90,15 +92,39 @@ impl RoundObservation {
     }
 }
 
-/// Why the switchover happens.
+/// Why the switchover happens (the stats' `switchover_reason`). A strategy says
+/// `Converged` or `Forced`; with a target pause ([`DowntimePolicy::with_target`]) the
+/// policy tells a fitting pause's reason apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum SwitchReason {
-    /// The expected downtime fits the limit.
+    /// The expected downtime fits the limit (no target pause set, or the timeout ended
+    /// the rounds aiming lower).
     Converged,
+    /// The expected downtime fits the target pause (`--downtime-target`).
+    TargetReached,
+    /// The expected downtime fits the limit and the last round shrank it by less than
+    /// [`aim_low::MIN_SHRINK`] below the best so far: more rounds would not pay off.
+    StoppedShrinking,
+    /// The expected downtime fits the limit while the guest is throttled: the policy does
+    /// not keep a throttled guest iterating for a shorter pause.
+    ThrottledFits,
     /// The downtime will exceed the limit: the strategy ran out of throttle, or the
     /// timeout expired under [`OnTimeout::Force`].
     Forced,
+}
+
+impl SwitchReason {
+    /// The name in the statistics (`target-reached`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            SwitchReason::Converged => "converged",
+            SwitchReason::TargetReached => "target-reached",
+            SwitchReason::StoppedShrinking => "stopped-shrinking",
+            SwitchReason::ThrottledFits => "throttled-fits",
+            SwitchReason::Forced => "forced",
+        }
+    }
 }
 
 /// What to do after a round. A [`ThrottleStrategy`] decides the throttle and the
@@ -317,6 +343,21 @@ mod tests {
             s.observe(&obs(0, 9, 1e6, 200_000)),
             Decision::switch(0.0, SwitchReason::Converged)
         );
+    }
+
+    #[test]
+    fn switch_reasons_are_written_by_name() {
+        for r in [
+            SwitchReason::Converged,
+            SwitchReason::TargetReached,
+            SwitchReason::StoppedShrinking,
+            SwitchReason::ThrottledFits,
+            SwitchReason::Forced,
+        ] {
+            let json = serde_json::to_value(r).unwrap();
+            assert_eq!(json, r.name());
+            assert_eq!(serde_json::from_value::<SwitchReason>(json).unwrap(), r);
+        }
     }
 
     #[test]

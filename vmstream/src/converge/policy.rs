@@ -2,12 +2,14 @@
 //! [`Decision`] the source applies, with the throttle strategy and hot-page deferral inside.
 //!
 //! The strategy decides the throttle and when to switch over (every strategy switches over
-//! once the remaining pages fit the downtime limit, the QEMU / Cloud Hypervisor rule); while
-//! it keeps iterating past the timeout, [`OnTimeout`] cancels or forces the switchover; and
-//! deferral splits the dirty pages of the next round.
+//! once the remaining pages fit the downtime limit, the QEMU / Cloud Hypervisor rule); with
+//! a target pause, [`AimLow`] keeps an unthrottled guest iterating while rounds still shrink
+//! the pause; while the strategy keeps iterating past the timeout, [`OnTimeout`] cancels or
+//! forces the switchover; and deferral splits the dirty pages of the next round.
 
 use std::time::Duration;
 
+use crate::converge::aim_low::AimLow;
 use crate::converge::defer::{HotPageDeferral, Split};
 use crate::converge::ThrottleStrategy;
 use crate::converge::{Decision, DeferError, RoundObservation, Strategy, SwitchReason};
@@ -34,14 +36,18 @@ pub fn switchover_latency(round_trip: Duration, destination_resumes: bool) -> Du
     }
 }
 
-/// Switch over when the remaining pages fit `limit` (as the strategy decides); after
-/// `timeout`, apply `on_timeout`; split every round's pages with the deferral, if any.
+/// Switch over when the remaining pages fit `limit` (as the strategy decides), or, with a
+/// target, when they fit it or rounds stop paying off; after `timeout`, apply `on_timeout`;
+/// split every round's pages with the deferral, if any.
 pub struct DowntimePolicy {
     limit: Duration,
     timeout: Option<Duration>,
     on_timeout: OnTimeout,
     strategy: Box<dyn ThrottleStrategy>,
     deferral: Option<HotPageDeferral>,
+    aim: Option<AimLow>,
+    /// The throttle of the last decision: the guest's during the round observed next.
+    throttle: f64,
 }
 
 impl std::fmt::Debug for DowntimePolicy {
@@ -52,6 +58,7 @@ impl std::fmt::Debug for DowntimePolicy {
             .field("on_timeout", &self.on_timeout)
             .field("strategy", &self.strategy.name())
             .field("deferral", &self.deferral)
+            .field("aim", &self.aim)
             .finish()
     }
 }
@@ -71,7 +78,18 @@ impl DowntimePolicy {
             on_timeout,
             strategy,
             deferral: None,
+            aim: None,
+            throttle: 0.0,
         }
+    }
+
+    /// Aims the pause at `target` (in the terms of the `limit` given to [`Self::new`], at
+    /// most it): once the pages fit the limit, an unthrottled guest keeps iterating while
+    /// each round shrinks the best expected pause so far by `min_shrink`, until it fits the
+    /// target. Without this the policy switches over as soon as the pages fit the limit.
+    pub fn with_target(mut self, target: Duration, min_shrink: f64) -> DowntimePolicy {
+        self.aim = Some(AimLow::new(self.limit, target.min(self.limit), min_shrink));
+        self
     }
 
     /// Splits every round's pages with `deferral` (`None`: sends them all).
@@ -104,6 +122,29 @@ impl DowntimePolicy {
     ) -> Result<Decision, DeferError> {
         let mut d = self.strategy.observe(obs);
         let timed_out = self.timeout.is_some_and(|t| obs.now >= t);
+        let throttled = self.throttle > 0.0;
+        let aimed = self
+            .aim
+            .as_mut()
+            .map(|a| a.judge(obs, throttled).map(|r| (r, a.note(obs, r))));
+        if let (Some(SwitchReason::Converged), Some(aimed)) = (d.switchover, aimed) {
+            match aimed {
+                // The guest keeps the throttle it ran with until the pause.
+                Some((reason, note)) => {
+                    d.throttle = self.throttle;
+                    d.note = Some(match d.note {
+                        Some(n) => format!("{n}; {note}"),
+                        None => note,
+                    });
+                    d.switchover = Some(reason);
+                }
+                // Past the timeout the fitting pause is taken (`Converged`).
+                None if timed_out => {}
+                // One more round, without a throttle: throttling starts only when rounds
+                // stop fitting the limit.
+                None => d = Decision::iterate(self.throttle),
+            }
+        }
         if d.switchover.is_none() && timed_out {
             match self.on_timeout {
                 OnTimeout::Cancel => d.cancel = true,
@@ -123,6 +164,7 @@ impl DowntimePolicy {
                 deferred: Vec::new(),
             },
         };
+        self.throttle = d.throttle;
         Ok(d)
     }
 
@@ -144,7 +186,9 @@ impl DowntimePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::converge::{DeferConfig, DirectStaged, DirectStagedConfig, NoThrottle};
+    use crate::converge::{
+        AutoConverge, AutoConvergeConfig, DeferConfig, DirectStaged, DirectStagedConfig, NoThrottle,
+    };
 
     const LIMIT: Duration = Duration::from_millis(300);
 
@@ -305,5 +349,187 @@ mod tests {
         let d = p.decide(&iterating, vec![3, 4]).unwrap();
         assert_eq!(d.pages.send_now, vec![3, 4]);
         assert!(p.deferral().is_none());
+    }
+
+    /// A policy aiming at 30 ms under the 300 ms limit, with `strategy`.
+    fn aiming(strategy: Box<dyn ThrottleStrategy>, timeout_s: Option<u64>) -> DowntimePolicy {
+        DowntimePolicy::new(
+            LIMIT,
+            timeout_s.map(Duration::from_secs),
+            OnTimeout::Cancel,
+            strategy,
+        )
+        .with_target(
+            Duration::from_millis(30),
+            crate::converge::aim_low::MIN_SHRINK,
+        )
+    }
+
+    /// The switchovers of `p` fed rounds whose pages take `ms` each (1 MB/s, one per
+    /// second): `None` while it iterates.
+    fn run(p: &mut DowntimePolicy, ms: &[u64]) -> Vec<Option<SwitchReason>> {
+        ms.iter()
+            .enumerate()
+            .map(|(i, &ms)| {
+                let d = decide(p, &obs(p, ms, 1_000_000.0, i as u64));
+                assert!(!d.cancel);
+                d.switchover
+            })
+            .collect()
+    }
+
+    #[test]
+    fn aiming_low_iterates_while_rounds_shrink_and_switches_at_the_target() {
+        let mut p = aiming(Box::new(NoThrottle), None);
+        // 2 s does not fit; 250 ms fits but the first fitting round may still shrink;
+        // 120 and 60 ms shrink by half; 30 ms is the target.
+        assert_eq!(
+            run(&mut p, &[2000, 250, 120, 60, 30]),
+            [None, None, None, None, Some(SwitchReason::TargetReached)]
+        );
+        // Nothing left to send reaches any target.
+        let mut p = aiming(Box::new(NoThrottle), None);
+        assert_eq!(run(&mut p, &[0]), [Some(SwitchReason::TargetReached)]);
+    }
+
+    #[test]
+    fn a_round_that_shrinks_less_than_the_share_switches_over_under_the_limit() {
+        let mut p = aiming(Box::new(NoThrottle), None);
+        // 200 -> 160 ms is 20%, less than a quarter.
+        assert_eq!(run(&mut p, &[900, 200]), [None, None]);
+        let d = {
+            let o = obs(&p, 160, 1_000_000.0, 2);
+            decide(&mut p, &o)
+        };
+        assert_eq!(d.switchover, Some(SwitchReason::StoppedShrinking));
+        assert!(d.note.unwrap().contains("less than 25%"));
+        // A target equal to the limit is the rule before aiming low: the first fitting
+        // round switches over.
+        let mut p = policy(None, OnTimeout::Cancel).with_target(LIMIT, 0.25);
+        assert_eq!(
+            run(&mut p, &[900, 299]),
+            [None, Some(SwitchReason::TargetReached)]
+        );
+    }
+
+    #[test]
+    fn aiming_low_never_exceeds_the_limit() {
+        // Pseudo-random pauses around the limit, for each strategy: every switchover but a
+        // forced one happens on a round that fits.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for strategy in Strategy::ALL {
+            for _ in 0..200 {
+                let mut p = aiming(strategy.build(), None);
+                for now in 0..60 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let o = obs(&p, seed % 600, 1_000_000.0, now);
+                    let d = decide(&mut p, &o);
+                    match d.switchover {
+                        None => continue,
+                        Some(SwitchReason::Forced) => {}
+                        Some(_) => assert!(o.fits_downtime(), "{strategy}: {o:?}"),
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_throttled_guest_switches_over_as_soon_as_it_fits() {
+        let mut p = aiming(
+            Box::new(DirectStaged::new(DirectStagedConfig::default())),
+            None,
+        );
+        // A flat dirty count over the limit starts direct-staged's throttle.
+        let mut now = 0;
+        loop {
+            now += 1;
+            let d = {
+                let o = obs(&p, 400, 1_000_000.0, now);
+                decide(&mut p, &o)
+            };
+            assert_eq!(d.switchover, None);
+            if d.throttle > 0.0 {
+                break;
+            }
+        }
+        let d = {
+            let o = obs(&p, 250, 1_000_000.0, now + 1);
+            decide(&mut p, &o)
+        };
+        assert_eq!(d.switchover, Some(SwitchReason::ThrottledFits));
+        assert!(d.throttle > 0.0);
+    }
+
+    #[test]
+    fn auto_converge_does_not_throttle_the_rounds_that_aim_low() {
+        let mut p = aiming(
+            Box::new(AutoConverge::new(AutoConvergeConfig::default())),
+            None,
+        );
+        // Every period dirties far more than it sends ("high"), so auto-converge steps
+        // its throttle after two periods, but every round fits and shrinks by a third.
+        let mut ms = 290.0_f64;
+        let mut throttles = Vec::new();
+        let d = loop {
+            let mut o = obs(&p, ms as u64, 1_000_000.0, throttles.len() as u64 + 1);
+            o.bytes_sent = 1000;
+            let d = decide(&mut p, &o);
+            throttles.push(d.throttle);
+            if d.switchover.is_some() {
+                break d;
+            }
+            ms *= 0.66;
+        };
+        assert_eq!(d.switchover, Some(SwitchReason::TargetReached));
+        assert!(throttles.len() > 3, "{throttles:?}");
+        assert!(throttles.iter().all(|&t| t == 0.0), "{throttles:?}");
+    }
+
+    #[test]
+    fn the_timeout_takes_a_fitting_pause_instead_of_cancelling() {
+        let mut p = aiming(Box::new(NoThrottle), Some(10));
+        assert_eq!(run(&mut p, &[900, 200]), [None, None]);
+        // Still shrinking, but the timeout has passed: the pause that fits is taken.
+        let d = {
+            let o = obs(&p, 100, 1_000_000.0, 10);
+            decide(&mut p, &o)
+        };
+        assert_eq!(
+            (d.switchover, d.cancel),
+            (Some(SwitchReason::Converged), false)
+        );
+        // Not fitting at the timeout: cancelled as before.
+        let mut p = aiming(Box::new(NoThrottle), Some(10));
+        let d = {
+            let o = obs(&p, 400, 1_000_000.0, 10);
+            decide(&mut p, &o)
+        };
+        assert_eq!((d.switchover, d.cancel), (None, true));
+    }
+
+    #[test]
+    fn aiming_low_rounds_keep_deferring_and_the_switchover_hands_everything_back() {
+        let cfg = DeferConfig {
+            percent: 25.0,
+            segment_bytes: 4 * 4096,
+            page_size: 4096,
+            stop_below: 0.10,
+            max_consecutive: 2,
+        };
+        let deferral = HotPageDeferral::new(cfg, 16).unwrap();
+        let mut p = aiming(Box::new(NoThrottle), None).with_deferral(Some(deferral));
+        // Fits the limit, far from the target: iterating, the hot segment held back.
+        let d = p
+            .decide(&obs(&p, 200, 1_000_000.0, 0), vec![0, 5, 6, 7, 12])
+            .unwrap();
+        assert_eq!(d.switchover, None);
+        assert_eq!(d.pages.deferred, vec![5, 6, 7]);
+        let d = p.decide(&obs(&p, 190, 1_000_000.0, 1), vec![1]).unwrap();
+        assert_eq!(d.switchover, Some(SwitchReason::StoppedShrinking));
+        assert_eq!(d.pages.send_now, vec![1, 5, 6, 7]);
     }
 }

@@ -169,6 +169,7 @@ impl SendConfig {
             .validate()
             .map_err(|e| format!("encoder settings: {e}"))?;
         self.converge.strategy().map_err(|e| e.to_string())?;
+        self.converge.aim_low.target(self.downtime_limit)?;
         if guest_bytes.is_some() {
             self.converge
                 .deferral(pages)

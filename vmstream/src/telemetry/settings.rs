@@ -47,6 +47,9 @@ pub struct Settings {
     /// `--downtime-limit`, ms (source).
     #[serde(with = "as_text", skip_serializing_if = "Option::is_none")]
     pub downtime_limit_ms: Option<u128>,
+    /// `--downtime-target`, ms (source).
+    #[serde(with = "as_text", skip_serializing_if = "Option::is_none")]
+    pub downtime_target_ms: Option<u128>,
     /// `file` or `kvm` (source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_kind: Option<String>,

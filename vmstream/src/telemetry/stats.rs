@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmstream_codec::stats::ByEncoding;
 use vmstream_codec::PipelineStats;
 
+use crate::converge::SwitchReason;
 use crate::telemetry::settings::Settings;
 use crate::telemetry::switchover::SwitchoverTimes;
 use crate::telemetry::timeline::Timeline;
@@ -222,6 +223,8 @@ pub struct MigrationStats {
     pub rounds: u64,
     /// Whether the expected downtime fit the limit (false: forced at timeout).
     pub converged: bool,
+    /// Why the source switched over (`target-reached`, `stopped-shrinking`, ...; source).
+    pub switchover_reason: Option<SwitchReason>,
     /// The memory digest (`digest.rs`: BLAKE3 over per-page XXH3-128) at the pause, hex.
     pub digest: Option<String>,
     /// How that memory was proven (`--verify`).
@@ -261,6 +264,7 @@ impl MigrationStats {
             channel_bytes: Vec::new(),
             rounds: 0,
             converged: false,
+            switchover_reason: None,
             digest: None,
             verify: None,
             cpu: CpuTime::default(),
@@ -297,10 +301,11 @@ impl MigrationStats {
             self.outcome,
             self.role,
             self.rounds,
-            if self.converged {
-                "converged"
-            } else {
-                "not converged"
+            match (self.converged, self.switchover_reason) {
+                (true, None | Some(SwitchReason::Converged)) => "converged".to_string(),
+                (false, None) => "not converged".to_string(),
+                (true, Some(r)) => format!("converged ({})", r.name()),
+                (false, Some(r)) => format!("not converged ({})", r.name()),
             }
         ));
         if let Some(e) = &self.error {
@@ -450,6 +455,7 @@ mod tests {
             destination_running: Some(true),
             dirty_tracking: text(),
             downtime_limit_ms: Some(1),
+            downtime_target_ms: Some(1),
             guest_kind: text(),
             handshake_round_trip_ms: Some(1.0),
             kvm_state_bytes: Some(1),
@@ -644,6 +650,7 @@ mod tests {
         "settings.destination_running",
         "settings.dirty_tracking",
         "settings.downtime_limit_ms",
+        "settings.downtime_target_ms",
         "settings.guest_kind",
         "settings.handshake_round_trip_ms",
         "settings.kvm_state_bytes",
@@ -669,6 +676,7 @@ mod tests {
         "switchover_ms.pause_and_collect",
         "switchover_ms.resume",
         "switchover_ms.verify",
+        "switchover_reason",
         "timeline",
         "timeline.notes",
         "timeline.notes[].t_ms",

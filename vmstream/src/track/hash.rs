@@ -1,6 +1,10 @@
 //! The hash dirty tracker, for any writer (another PID, `pwrite`, a VMM we did not start):
 //! hashes every page with xxh3-64 and compares with the hash of what was last sent. Reads
-//! all of memory each round. The sender must report every page it sends with
+//! all of the file's data each round, the final collect at the pause included: without
+//! write tracking only a read proves a page unchanged (`CONVERGENCE.md`, *The hash
+//! tracker's pause*). Holes of the file (`SEEK_DATA`, which every writer's data and
+//! swapped-out pages count in) read as zeros and are neither read nor allocated.
+//! The sender must report every page it sends with
 //! [`DirtyTracker::page_sent`]: otherwise a page read as B after `collect` hashed it as A,
 //! that changes back to A before the next round, would be missed (the receiver has B).
 
@@ -15,6 +19,8 @@ pub struct HashTracker {
     mem: GuestMemory,
     hashes: Vec<u64>,
     threads: usize,
+    /// The hash of a page of zeros: a hole's.
+    zero_hash: u64,
 }
 
 impl HashTracker {
@@ -31,6 +37,7 @@ impl HashTracker {
             hashes: vec![0; mem.pages() as usize],
             mem,
             threads,
+            zero_hash: twox_hash::XxHash3_64::oneshot(&[0; PAGE_SIZE]),
         };
         t.rehash(&mut |_| {});
         t
@@ -48,7 +55,13 @@ impl HashTracker {
 
     fn rehash(&mut self, changed: &mut dyn FnMut(u64)) {
         let base = self.mem.as_ptr() as usize;
-        let per = self.hashes.len().div_ceil(self.threads).max(1);
+        // Holes are zeros now. Asked before the pages are read: a write after this is a
+        // write after the read, which the next round sees. Unknown: read every page.
+        let data = self.mem.data_pages().ok();
+        let data = data.as_deref();
+        let zero_hash = self.zero_hash;
+        // Chunks of whole 64-page words of the data bitmap.
+        let per = self.hashes.len().div_ceil(self.threads).div_ceil(64).max(1) * 64;
         let results: Vec<Vec<u64>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .hashes
@@ -59,16 +72,23 @@ impl HashTracker {
                         let mut dirty = Vec::new();
                         for (i, h) in hashes.iter_mut().enumerate() {
                             let page = (c * per + i) as u64;
-                            // SAFETY: the page lies inside the mapping, which outlives the
-                            // scope. Another process may write it concurrently; the hash
-                            // then covers a mix, and the next round sees the final bytes.
-                            let bytes = unsafe {
-                                std::slice::from_raw_parts(
-                                    (base + page as usize * PAGE_SIZE) as *const u8,
-                                    PAGE_SIZE,
-                                )
+                            let hole = data
+                                .is_some_and(|d| (d[page as usize / 64] >> (page % 64)) & 1 == 0);
+                            let new = if hole {
+                                zero_hash
+                            } else {
+                                // SAFETY: the page lies inside the mapping, which outlives
+                                // the scope. Another process may write it concurrently;
+                                // the hash then covers a mix, and the next round sees the
+                                // final bytes.
+                                let bytes = unsafe {
+                                    std::slice::from_raw_parts(
+                                        (base + page as usize * PAGE_SIZE) as *const u8,
+                                        PAGE_SIZE,
+                                    )
+                                };
+                                twox_hash::XxHash3_64::oneshot(bytes)
                             };
-                            let new = twox_hash::XxHash3_64::oneshot(bytes);
                             if new != *h {
                                 *h = new;
                                 dirty.push(page);
@@ -147,6 +167,51 @@ mod tests {
         t.page_sent(2, &sent);
         mem.file().write_at(&[1], 2 * PAGE_SIZE as u64).unwrap();
         assert_eq!(t.collect().unwrap(), vec![2]);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// Pages of `mem`'s file that hold data.
+    fn allocated_pages(mem: &GuestMemory) -> u64 {
+        let bits = mem.data_pages().unwrap();
+        bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    #[test]
+    fn holes_are_neither_read_nor_allocated_and_writes_into_them_are_seen() {
+        // tmpfs, where guest memory lives and where a read through a shared mapping
+        // allocates a hole (a disk file system maps a zero page instead).
+        let p = std::path::Path::new("/dev/shm")
+            .join(format!("vmstream-hash-holes-{}", std::process::id()));
+        let mem = GuestMemory::create(&p, 200 * PAGE_SIZE as u64).unwrap();
+        use std::os::unix::fs::FileExt;
+        mem.file().write_at(&[7], 3 * PAGE_SIZE as u64).unwrap();
+        let data_before = allocated_pages(&mem);
+        let mut t = HashTracker::open(&p).unwrap();
+        t.set_threads(2);
+        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        // Hashing read no hole (a read through the shared mapping would allocate it).
+        assert_eq!(allocated_pages(&mem), data_before);
+        assert!(data_before < 200, "the file system reports no holes");
+        // Writes into holes, on both threads' halves, and one writing zeros (allocated,
+        // unchanged content).
+        for pg in [0u64, 150, 199] {
+            mem.file()
+                .write_at(&[1], pg * PAGE_SIZE as u64 + 9)
+                .unwrap();
+        }
+        mem.file().write_at(&[0], 120 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(t.collect().unwrap(), vec![0, 150, 199]);
+        // Punched back into a hole: zeros again, a change from the 1 written.
+        nix::fcntl::fallocate(
+            mem.file(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            150 * PAGE_SIZE as i64,
+            PAGE_SIZE as i64,
+        )
+        .unwrap();
+        assert_eq!(t.collect().unwrap(), vec![150]);
+        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
         std::fs::remove_file(&p).unwrap();
     }
 }

@@ -316,8 +316,7 @@ fn strategy_table() {
                 println!(
                     "| {bw} | {writes} | {floor} | {name} | {} | {:.1} | {} | {:.0} | {:.1} |",
                     match reason {
-                        Some(SwitchReason::Converged) => "converged",
-                        Some(SwitchReason::Forced) => "forced",
+                        Some(r) => r.name(),
                         None => "timeout 60 s",
                     },
                     p / 1e3,

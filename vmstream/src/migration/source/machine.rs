@@ -339,11 +339,14 @@ impl<'a> Source<'a> {
                     pages: decision.pages.send_now,
                 }
             }
-            Some(reason) => SourceState::Switchover {
-                round: round + 1,
-                pending: decision.pages.send_now,
-                forced: reason == SwitchReason::Forced,
-            },
+            Some(reason) => {
+                self.stats.switchover_reason = Some(reason);
+                SourceState::Switchover {
+                    round: round + 1,
+                    pending: decision.pages.send_now,
+                    forced: reason == SwitchReason::Forced,
+                }
+            }
         };
         self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);

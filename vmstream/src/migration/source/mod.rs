@@ -150,12 +150,15 @@ fn run_migration(
     } else {
         overhead
     };
+    let aim = &cfg.converge.aim_low;
+    let target = aim.target(cfg.downtime_limit).map_err(SendError::Config)?;
     let policy = DowntimePolicy::new(
         page_budget(cfg.downtime_limit, overhead),
         cfg.timeout,
         cfg.on_timeout,
         strategy,
     )
+    .with_target(page_budget(target, overhead), aim.min_shrink)
     .with_deferral(deferral);
     let io = RoundIo {
         channels,

@@ -74,6 +74,12 @@ fn settings(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> Settings {
         xbzrle: Some(cfg.encoder.delta.is_some()),
         threads: Some(cfg.threads),
         downtime_limit_ms: Some(cfg.downtime_limit.as_millis()),
+        downtime_target_ms: cfg
+            .converge
+            .aim_low
+            .target(cfg.downtime_limit)
+            .ok()
+            .map(|t| t.as_millis()),
         max_bandwidth: Some(cfg.max_bandwidth.into()),
         dirty_tracking: Some(guest.tracker().name().to_string()),
         channels: Some(cfg.channels),
