@@ -102,9 +102,14 @@ pub struct SendArgs {
     /// Let the started guest run this long before migrating (ms/s/m).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub warmup: Duration,
-    /// Destination address HOST:PORT.
+    /// Destination address HOST:PORT, or unix:PATH (a unix socket on this host).
     #[arg(long, value_name = "ADDR")]
     pub to: String,
+    /// Same-host move over a unix socket (--to unix:PATH): pause the guest and hand its
+    /// memory over by file descriptor instead of copying it; the destination runs the guest
+    /// on that same memory.
+    #[arg(long)]
+    pub handover: bool,
     /// Full-page compression: lz4, zstd, zlib, none.
     #[arg(long, default_value = "lz4")]
     pub compress: String,
@@ -161,8 +166,8 @@ pub struct SendArgs {
 /// Arguments of `vmstream recv`.
 #[derive(Args, Debug, Clone)]
 pub struct RecvArgs {
-    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (warns without
-    /// --auth-key-file).
+    /// Listen address: PORT or :PORT (127.0.0.1), HOST:PORT (warns without
+    /// --auth-key-file), or unix:PATH (a unix socket; a stale socket file there is replaced).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit): a regular
@@ -284,6 +289,7 @@ impl SendArgs {
         cfg.progress = !self.no_progress;
         cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
+        cfg.handover = self.handover;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         #[cfg(feature = "fault-injection")]
         {

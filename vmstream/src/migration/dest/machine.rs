@@ -10,7 +10,7 @@
 //! no Handover after Committed: the image stays committed, no guest is run, Err returned
 //! ```
 
-use std::net::TcpStream;
+use crate::migration::transport::Socket;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
@@ -93,8 +93,8 @@ pub struct Received {
 
 struct Dest<'a> {
     cfg: &'a RecvConfig,
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<TcpStream>,
+    reader: FrameReader<Socket>,
+    writer: FrameWriter<Socket>,
     /// The listener (while channels bind) and the connections of channels 1...
     channels: DestChannels,
     stats: &'a mut MigrationStats,

@@ -2,8 +2,9 @@
 //! nothing, however many retries a write needs.
 
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::time::Duration;
+
+use super::Socket;
 
 /// A socket whose send timeout means "the peer took nothing for this long". A blocking
 /// send under `SO_SNDTIMEO` returns short when the timeout fires, and a caller that
@@ -12,14 +13,14 @@ use std::time::Duration;
 /// and otherwise waits, at most the timeout, for room.
 #[derive(Debug)]
 pub struct SendTimeout {
-    inner: TcpStream,
+    inner: Socket,
     /// The socket's send timeout, read once (`None`: wait for ever).
     timeout: Option<Duration>,
 }
 
 impl SendTimeout {
     /// Wraps `inner`, whose send timeout is already set.
-    pub fn new(inner: TcpStream) -> io::Result<SendTimeout> {
+    pub fn new(inner: Socket) -> io::Result<SendTimeout> {
         Ok(SendTimeout {
             timeout: inner.write_timeout()?,
             inner,
@@ -27,7 +28,7 @@ impl SendTimeout {
     }
 
     /// The socket.
-    pub fn socket(&self) -> &TcpStream {
+    pub fn socket(&self) -> &Socket {
         &self.inner
     }
 }
@@ -36,14 +37,9 @@ impl Write for SendTimeout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use nix::errno::Errno;
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use nix::sys::socket::{send, MsgFlags};
-        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::fd::AsFd;
         loop {
-            match send(
-                self.inner.as_raw_fd(),
-                buf,
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            ) {
+            match self.inner.send_now(buf) {
                 Ok(n) => return Ok(n),
                 Err(Errno::EAGAIN) => {}
                 Err(Errno::EINTR) => continue,
@@ -75,6 +71,7 @@ impl Write for SendTimeout {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+    use std::net::TcpStream;
 
     use super::*;
 
@@ -89,7 +86,8 @@ mod tests {
         stream
             .set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let mut w =
+            io::BufWriter::with_capacity(256 << 10, SendTimeout::new(Socket::tcp(stream)).unwrap());
         let err = w.write_all(&vec![7u8; 32 << 20]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     }
@@ -117,7 +115,8 @@ mod tests {
             }
             got
         });
-        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let mut w =
+            io::BufWriter::with_capacity(256 << 10, SendTimeout::new(Socket::tcp(stream)).unwrap());
         w.write_all(&vec![7u8; total]).unwrap();
         w.flush().unwrap();
         assert_eq!(reader.join().unwrap(), total);

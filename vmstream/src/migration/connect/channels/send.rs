@@ -2,6 +2,8 @@
 //! by [`ChannelMap`], control messages on channel 0.
 
 use std::net::{TcpStream, ToSocketAddrs};
+
+use crate::migration::transport::{unix_path, Socket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +25,11 @@ use crate::migration::wire::{
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
-/// Connects to `to` (any of its addresses).
-pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
+/// Connects to `to`: a unix socket (`unix:PATH`), or any address of `HOST:PORT`.
+pub fn connect(to: &str, timeout: Duration) -> Result<Socket, SendError> {
+    if let Some(path) = unix_path(to) {
+        return Socket::connect_unix(path).map_err(|e| SendError::Connect(to.to_string(), e));
+    }
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(|e| SendError::Connect(to.to_string(), e))?
@@ -32,7 +37,7 @@ pub fn connect(to: &str, timeout: Duration) -> Result<TcpStream, SendError> {
     let mut last = std::io::Error::other("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok(Socket::tcp(s)),
             Err(e) => last = e,
         }
     }
@@ -86,7 +91,7 @@ impl SourceChannel {
         count: u16,
         migration_id: [u8; 16],
         key: Option<&AuthKey>,
-        reply: &mut FrameReader<TcpStream>,
+        reply: &mut FrameReader<Socket>,
     ) -> Result<(), SendError> {
         if let Some(key) = key {
             self.authenticate(channel, key, reply)?;
@@ -121,7 +126,7 @@ impl SourceChannel {
         &mut self,
         index: usize,
         key: &AuthKey,
-        reader: &mut FrameReader<TcpStream>,
+        reader: &mut FrameReader<Socket>,
     ) -> Result<(), SendError> {
         match authenticate_destination(key, &mut |m| self.link.send_message(m), reader)? {
             SourceAuth::Authenticated(sealer) => Ok(self.link.seal_with(*sealer)?),
@@ -172,7 +177,7 @@ pub struct SourceChannels {
     map: ChannelMap,
     channels: Vec<SourceChannel>,
     /// Readers of channels 1.., only for their binding replies.
-    replies: Vec<FrameReader<TcpStream>>,
+    replies: Vec<FrameReader<Socket>>,
     migration_id: [u8; 16],
     /// The pre-shared key every channel proves (`crate::migration::connect::auth`).
     auth_key: Option<AuthKey>,
@@ -198,7 +203,7 @@ impl SourceChannels {
         cfg: &SendConfig,
         guest_pages: u64,
         reader: Option<MemoryReader>,
-    ) -> Result<(SourceChannels, FrameReader<TcpStream>), SendError> {
+    ) -> Result<(SourceChannels, FrameReader<Socket>), SendError> {
         let source: Option<Arc<dyn PageSource>> =
             reader.map(|r| Arc::new(r) as Arc<dyn PageSource>);
         let n = cfg.channels.max(1);
