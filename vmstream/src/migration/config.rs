@@ -229,8 +229,9 @@ pub fn parse_compression(name: &str, level: Option<i32>) -> Result<Compression, 
 pub struct RecvConfig {
     /// Address to listen on (loopback unless given explicitly).
     pub listen: String,
-    /// Where the committed image goes.
-    pub memory_file: PathBuf,
+    /// Where the committed image goes (None: nowhere, and only a handover is taken, whose
+    /// memory is the source's own file or memfd).
+    pub memory_file: Option<PathBuf>,
     /// Run the guest on the committed image.
     pub resume: bool,
     /// How long the resumed guest runs (None: until the process is stopped).
@@ -263,7 +264,7 @@ impl RecvConfig {
     pub fn new(listen: impl Into<String>, memory_file: PathBuf) -> RecvConfig {
         RecvConfig {
             listen: listen.into(),
-            memory_file,
+            memory_file: Some(memory_file),
             resume: false,
             run_for: None,
             stats_json: None,

@@ -109,6 +109,9 @@ pub struct SourceGuest {
     alive_checked: Option<Instant>,
 }
 
+/// How long [`SourceGuest::terminate_and_wait`] waits for an attached guest's exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
 /// How often [`SourceGuest::check_alive`] looks at the process at most.
 const ALIVE_CHECK_PERIOD: Duration = Duration::from_millis(100);
 
@@ -403,6 +406,39 @@ impl SourceGuest {
             std::thread::spawn(move || {
                 let _ = c.wait();
             });
+        }
+        Ok(())
+    }
+
+    /// Ends the guest like [`Self::terminate`], and waits until its process has exited
+    /// (its mappings and descriptors are gone; an attached process is waited for through
+    /// `/proc`, at most [`EXIT_WAIT`]).
+    pub fn terminate_and_wait(&mut self) -> Result<(), GuestControlError> {
+        kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL)
+            .map_err(|e| GuestControlError::Signal(self.pid, e.into()))?;
+        if let Some(mut c) = self.child.take() {
+            return c
+                .wait()
+                .map(drop)
+                .map_err(|e| GuestControlError::Signal(self.pid, e));
+        }
+        let t = Instant::now();
+        // A zombie ("Z") has released its memory and files already.
+        let ended = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        while !ended() {
+            if t.elapsed() > EXIT_WAIT {
+                return Err(GuestControlError::Signal(
+                    self.pid,
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "did not exit after SIGKILL"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     }

@@ -71,7 +71,17 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
             )));
         }
     }
-    check_target(&cfg.memory_file)?;
+    if let Some(target) = &cfg.memory_file {
+        check_target(target)?;
+    } else if !cfg.resume {
+        // A handover's memory stays the source's file or memfd: without a name for it and
+        // without a guest running on it, it would vanish with this process.
+        return Err(RecvError::Config(
+            "--memory-file is required without --resume (a handed-over guest needs a name or \
+             a run)"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -80,7 +90,8 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
 /// the migration; dropped unused, it releases the target.
 #[derive(Debug)]
 pub struct Listening {
-    claim: Reservation,
+    /// The target's claim (None without `--memory-file`).
+    claim: Option<Reservation>,
     listener: Listener,
     local: Endpoint,
 }
@@ -99,8 +110,12 @@ impl Listening {
 pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     check_config(cfg)?;
     let (endpoint, explicit) = listen_endpoint(&cfg.listen)?;
-    let claim = Reservation::claim(&cfg.memory_file, &cfg.notices)?;
-    for stale in claim.removed() {
+    let claim = cfg
+        .memory_file
+        .as_ref()
+        .map(|target| Reservation::claim(target, &cfg.notices))
+        .transpose()?;
+    for stale in claim.iter().flat_map(Reservation::removed) {
         cfg.notices.info(format!(
             "removed {}, left by a receiver that no longer runs",
             stale.display()

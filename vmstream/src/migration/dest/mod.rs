@@ -1,8 +1,9 @@
 //! The destination side: listening for the source (`listen.rs`), the state machine that
 //! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
-//! ([`verify`]).
+//! ([`verify`]); a same-host handover's memory comes by descriptor instead (`handover.rs`).
 
+mod handover;
 pub mod incoming;
 mod listen;
 mod machine;
@@ -10,6 +11,6 @@ mod report;
 pub mod verify;
 
 pub use incoming::{KvmResumed, KvmRunOutcome, ResumedGuest};
-pub use listen::{check_config, listen, listen_addr, temp_image_path, Listening};
+pub use listen::{check_config, listen, listen_addr, listen_endpoint, temp_image_path, Listening};
 pub use machine::Received;
 pub use report::{receive_migration, receive_on, run_resumed, RecvReport, ResumedRun};

@@ -5,8 +5,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest, GuestSamples,
-    GuestState, Handover, Hello, HelloReply, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN,
-    MAX_REASON_LEN,
+    GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed, RoundAck, RoundEnd,
+    MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -48,13 +48,15 @@ pub enum FrameType {
     GuestSamples = 0x24,
     /// Source -> destination: the source guest ended; the destination's copy may run.
     Handover = 0x25,
+    /// Source -> destination: the paused guest's memory, as a file descriptor (unix sockets).
+    MemoryHandover = 0x26,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 16] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -70,6 +72,7 @@ impl FrameType {
         FrameType::Resumed,
         FrameType::GuestSamples,
         FrameType::Handover,
+        FrameType::MemoryHandover,
         FrameType::Abort,
     ];
 
@@ -96,6 +99,7 @@ impl FrameType {
             FrameType::Resumed => Resumed::LEN,
             FrameType::GuestSamples => GuestSamples::FIXED_LEN + 16 * GuestSamples::MAX_SAMPLES,
             FrameType::Handover => Handover::LEN,
+            FrameType::MemoryHandover => MemoryHandover::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -119,6 +123,7 @@ impl FrameType {
             FrameType::Resumed => "resumed",
             FrameType::GuestSamples => "guest-samples",
             FrameType::Handover => "handover",
+            FrameType::MemoryHandover => "memory-handover",
             FrameType::Abort => "abort",
         }
     }

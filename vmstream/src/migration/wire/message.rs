@@ -3,8 +3,8 @@
 
 use super::{
     Abort, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest, FrameHeader,
-    FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed, RoundAck, RoundEnd,
-    WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed,
+    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -38,6 +38,8 @@ pub enum Message {
     GuestSamples(GuestSamples),
     /// See [`Handover`].
     Handover(Handover),
+    /// See [`MemoryHandover`].
+    MemoryHandover(MemoryHandover),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -60,6 +62,7 @@ impl Message {
             Message::Resumed(_) => FrameType::Resumed,
             Message::GuestSamples(_) => FrameType::GuestSamples,
             Message::Handover(_) => FrameType::Handover,
+            Message::MemoryHandover(_) => FrameType::MemoryHandover,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -82,6 +85,7 @@ impl Message {
             Message::Resumed(m) => m.encode(&mut out),
             Message::GuestSamples(m) => m.encode(&mut out),
             Message::Handover(m) => m.encode(&mut out),
+            Message::MemoryHandover(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -126,6 +130,7 @@ impl Message {
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
             FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
+            FrameType::MemoryHandover => Message::MemoryHandover(MemoryHandover::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

@@ -404,6 +404,16 @@ impl SourceChannels {
         Ok(self.channels[0].link.send_message(msg)?)
     }
 
+    /// Sends a control message on channel 0 with the file descriptor `fd` (a unix socket
+    /// only: the memory handover).
+    pub fn send_message_with_fd(
+        &mut self,
+        msg: &Message,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<(), SendError> {
+        Ok(self.channels[0].link.send_message_with_fd(msg, fd)?)
+    }
+
     /// Bytes written on all channels.
     pub fn bytes_sent(&self) -> u64 {
         self.channels.iter().map(|c| c.link.bytes_sent()).sum()
