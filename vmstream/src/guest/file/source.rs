@@ -412,7 +412,7 @@ impl SourceGuest {
 
     /// Ends the guest like [`Self::terminate`], and waits until its process has exited
     /// (its mappings and descriptors are gone; an attached process is waited for through
-    /// `/proc`, at most [`EXIT_WAIT`]).
+    /// `/proc`, at most 10 s).
     pub fn terminate_and_wait(&mut self) -> Result<(), GuestControlError> {
         kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL)
             .map_err(|e| GuestControlError::Signal(self.pid, e.into()))?;
