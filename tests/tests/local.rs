@@ -319,13 +319,18 @@ fn a_handed_over_kvm_guest_runs_on_the_same_memfd_and_the_sender_drops_it() {
 }
 
 #[test]
-fn a_handover_into_a_memory_file_names_it_with_a_copy_the_guest_runs_on() {
+fn an_authenticated_handover_into_a_memory_file_runs_the_guest_on_its_copy() {
     if no_kvm() {
         return;
     }
     let _g = serial();
     let dir = TmpDir::new("handover-named");
-    let (sock, dst) = (dir.path("m.sock"), dir.path("dst.img"));
+    let (sock, dst, key) = (dir.path("m.sock"), dir.path("dst.img"), dir.path("key"));
+    // With a key: the descriptor travels with a sealed record.
+    std::fs::write(&key, [0x5a; 32]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key.to_str().unwrap();
     let mut recv = unix_receiver(
         &sock,
         &[
@@ -334,9 +339,11 @@ fn a_handover_into_a_memory_file_names_it_with_a_copy_the_guest_runs_on() {
             "--resume",
             "--run-for",
             "1s",
+            "--auth-key-file",
+            key,
         ],
     );
-    let mut send = kvm_sender(&sock, &["--handover"], &[]);
+    let mut send = kvm_sender(&sock, &["--handover", "--auth-key-file", key], &[]);
     let (s_status, _) = send.wait_exit();
     assert!(s_status.success(), "send failed: {}", send.stderr());
     let resumed = recv.wait_line("resumed kind=kvm");
@@ -353,7 +360,7 @@ fn a_handover_into_a_memory_file_names_it_with_a_copy_the_guest_runs_on() {
     }
     let (r_status, _) = recv.wait_exit();
     assert!(r_status.success(), "recv failed: {}", recv.stderr());
-    assert_eq!(dir.entries(), ["dst.img"].map(String::from));
+    assert_eq!(dir.entries(), ["dst.img", "key"].map(String::from));
 }
 
 #[test]
@@ -441,4 +448,42 @@ fn a_handover_over_tcp_is_refused_before_anything_starts() {
     );
     // No guest was started.
     assert!(!src.exists());
+}
+
+#[test]
+fn a_destination_refuses_a_handover_over_tcp() {
+    use vmstream::migration::transport::{Frame, FrameReader};
+    use vmstream::migration::wire::{
+        DeltaWire, GuestKind, Hello, Message, RefuseCode, FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST,
+    };
+    let _g = serial();
+    let dir = TmpDir::new("handover-tcp-dest");
+    let dst = dir.path("dst.img");
+    let (mut recv, port) = start_receiver(&["--memory-file", dst.to_str().unwrap()]);
+    let hello = Message::Hello(Hello {
+        guest_kind: GuestKind::File,
+        page_size: 4096,
+        guest_size: 1 << 20,
+        features: FEATURE_MEMORY_DIGEST | FEATURE_HANDOVER,
+        compression: vmstream_codec::Compression::None,
+        delta: DeltaWire::Off,
+        codec_version: Hello::CODEC_VERSION,
+        sender_workers: 1,
+        cache_bytes: 0,
+        batch_pages: 128,
+    });
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&hello.to_frame()).unwrap();
+    let mut reader = FrameReader::new(conn, None);
+    match reader.read_frame().unwrap() {
+        Frame::Control(Message::HelloReply(r)) => {
+            assert_eq!(r.refuse, RefuseCode::Features);
+            assert!(r.reason.contains("only a unix socket"), "{}", r.reason);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    expect_receiver_failure(&mut recv, &dst, &["only a unix socket"]);
 }
