@@ -148,8 +148,8 @@ impl MigratableGuest for SourceGuest {
         SourceGuest::check_alive(self)
     }
 
-    fn end_for_handover(mut self: Box<Self>) -> Result<(), GuestControlError> {
-        self.terminate_and_wait()
+    fn end_for_handover(self: Box<Self>) -> Result<(), GuestControlError> {
+        SourceGuest::end_and_release(*self)
     }
 
     fn failure_note(&self) -> String {

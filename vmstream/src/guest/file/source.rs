@@ -109,7 +109,7 @@ pub struct SourceGuest {
     alive_checked: Option<Instant>,
 }
 
-/// How long [`SourceGuest::terminate_and_wait`] waits for an attached guest's exit.
+/// How long [`SourceGuest::end_and_release`] waits for an attached guest's exit.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// How often [`SourceGuest::check_alive`] looks at the process at most.
@@ -410,22 +410,26 @@ impl SourceGuest {
         Ok(())
     }
 
-    /// Ends the guest like [`Self::terminate`], and waits until its process has exited
-    /// (its mappings and descriptors are gone; an attached process is waited for through
-    /// `/proc`, at most 10 s).
-    pub fn terminate_and_wait(&mut self) -> Result<(), GuestControlError> {
-        kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL)
-            .map_err(|e| GuestControlError::Signal(self.pid, e.into()))?;
-        if let Some(mut c) = self.child.take() {
+    /// Ends the guest like [`Self::terminate`], drops this process's mapping, tracker and
+    /// descriptors of its memory, and waits until the guest process has exited (its
+    /// mappings and descriptors are gone; an attached process is waited for through
+    /// `/proc`, at most 10 s). The kernel tears the killed process down while we unmap ours.
+    pub fn end_and_release(mut self) -> Result<(), GuestControlError> {
+        let pid = self.pid;
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
+            .map_err(|e| GuestControlError::Signal(pid, e.into()))?;
+        let child = self.child.take();
+        drop(self);
+        if let Some(mut c) = child {
             return c
                 .wait()
                 .map(drop)
-                .map_err(|e| GuestControlError::Signal(self.pid, e));
+                .map_err(|e| GuestControlError::Signal(pid, e));
         }
         let t = Instant::now();
         // A zombie ("Z") has released its memory and files already.
         let ended = || {
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).map_or(true, |s| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
                 s.rsplit(')')
                     .next()
                     .is_some_and(|r| r.trim_start().starts_with('Z'))
@@ -434,7 +438,7 @@ impl SourceGuest {
         while !ended() {
             if t.elapsed() > EXIT_WAIT {
                 return Err(GuestControlError::Signal(
-                    self.pid,
+                    pid,
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "did not exit after SIGKILL"),
                 ));
             }
