@@ -10,7 +10,7 @@ use std::time::Duration;
 use vmstream::migration::transport::{Frame, FrameReader};
 use vmstream::migration::wire::{
     Abort, AbortCode, ChannelHello, DeltaWire, GuestKind, Hello, HelloReply, Message, RefuseCode,
-    KNOWN_FEATURES,
+    FEATURE_HANDOVER, KNOWN_FEATURES,
 };
 
 use vmstream_tests::*;
@@ -235,7 +235,8 @@ fn hello() -> Message {
         guest_kind: GuestKind::File,
         page_size: 4096,
         guest_size: 1 << 20,
-        features: KNOWN_FEATURES,
+        // Everything a copying migration announces (a handover is another kind, local.rs).
+        features: KNOWN_FEATURES & !FEATURE_HANDOVER,
         compression: vmstream_codec::Compression::None,
         delta: DeltaWire::Off,
         codec_version: Hello::CODEC_VERSION,

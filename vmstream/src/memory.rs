@@ -235,6 +235,20 @@ impl GuestMemory {
         Self::map(file, path, size, MapMode::Shared)
     }
 
+    /// Maps `file` (open for reading, and writing for [`MapMode::Shared`]), all of it, with
+    /// `mode`: guest memory handed over by descriptor. Its path is `/proc/PID/fd/N` of this
+    /// mapping's own descriptor, valid while the mapping lives.
+    pub fn from_file(file: File, mode: MapMode) -> Result<Self, MemoryError> {
+        let size = file.metadata().map_err(io_err("stat memory fd"))?.len();
+        check_size(size)?;
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            file.as_raw_fd()
+        ));
+        Self::map(file, path, size, mode)
+    }
+
     fn map(file: File, path: PathBuf, size: u64, mode: MapMode) -> Result<Self, MemoryError> {
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
         let (prot, flags) = match mode {
@@ -506,6 +520,42 @@ pub const PRIVATE_MODE: u32 = 0o600;
 /// otherwise, and the umask can only take bits away).
 pub fn make_private(file: &File) -> io::Result<()> {
     file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_MODE))
+}
+
+/// Reads from the unix socket `socket` into `buf`, with the file descriptors that came with
+/// those bytes (`SCM_RIGHTS`: guest memory handed over by descriptor, see
+/// `vmstream/PROTOCOL.md`). Here because adopting a passed descriptor is `unsafe`, and the
+/// descriptors passed are guest memory files.
+pub fn recv_with_fds(
+    socket: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+    loop {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let msg = match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in this process for this
+                    // message (SCM_RIGHTS); nothing else knows or owns it.
+                    fds.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        return Ok((msg.bytes, fds));
+    }
 }
 
 /// Why [`open_owned`] failed.

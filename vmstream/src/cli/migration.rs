@@ -26,7 +26,7 @@ use crate::migration::dest::{
 use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
 use crate::migration::source::verify::VerifyMode;
-use crate::migration::source::{migrate, Outcome, SendReport};
+use crate::migration::source::{hand_over, migrate, HandoverReport, Outcome, SendReport};
 use crate::signals::new_stop_flag;
 use crate::telemetry::stats::{MigrationOutcome, MigrationStats};
 use crate::units::{parse_bandwidth, parse_duration, parse_size};
@@ -108,9 +108,14 @@ pub struct SendArgs {
     /// Let the started guest run this long before migrating (ms/s/m).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub warmup: Duration,
-    /// Destination address HOST:PORT.
+    /// Destination address HOST:PORT, or unix:PATH (a unix socket on this host).
     #[arg(long, value_name = "ADDR")]
     pub to: String,
+    /// Same-host move over a unix socket (--to unix:PATH): pause the guest and hand its
+    /// memory over by file descriptor instead of copying it; the destination runs the guest
+    /// on that same memory.
+    #[arg(long)]
+    pub handover: bool,
     /// Full-page compression: lz4, zstd, zlib, none.
     #[arg(long, default_value = "lz4")]
     pub compress: String,
@@ -183,16 +188,19 @@ pub struct SendArgs {
 /// Arguments of `vmstream recv`.
 #[derive(Args, Debug, Clone)]
 pub struct RecvArgs {
-    /// Listen address: PORT or :PORT (127.0.0.1), or HOST:PORT (not loopback: needs
-    /// --auth-key-file, or --insecure).
+    /// Listen address: PORT or :PORT (127.0.0.1), HOST:PORT (not loopback: needs
+    /// --auth-key-file, or --insecure), or unix:PATH (a unix socket; a stale socket file
+    /// there is replaced).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where the committed guest memory goes (replaced atomically on commit): a regular
     /// file or a new name, in a directory that exists. While the receive runs its
     /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
-    /// the same file refuses to start.
+    /// the same file refuses to start. Optional with --resume: then only a handover (send
+    /// --handover) is taken, and the guest runs on the source's own memory file or memfd;
+    /// given, a handed-over memory is copied into PATH and runs there.
     #[arg(long, value_name = "PATH")]
-    pub memory_file: PathBuf,
+    pub memory_file: Option<PathBuf>,
     /// Run the guest on the received memory after the commit (verifies it first).
     #[arg(long)]
     pub resume: bool,
@@ -315,6 +323,7 @@ impl SendArgs {
         cfg.progress = !self.no_progress;
         cfg.converge = self.converge.to_config();
         cfg.channels = self.channels as usize;
+        cfg.handover = self.handover;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.verify = self.verify;
         cfg.insecure = self.insecure;
@@ -331,7 +340,8 @@ impl RecvArgs {
     /// The configuration these arguments describe, checked ([`check_config`]: listen
     /// address, size, memory file) before anything is created or bound.
     pub fn to_config(&self) -> Result<RecvConfig, String> {
-        let mut cfg = RecvConfig::new(self.listen.clone(), self.memory_file.clone());
+        let mut cfg = RecvConfig::new(self.listen.clone(), PathBuf::new());
+        cfg.memory_file = self.memory_file.clone();
         cfg.resume = self.resume;
         cfg.run_for = self.run_for;
         cfg.stats_json = self.stats_json.clone();
@@ -413,7 +423,15 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
     println!("{}", guest.describe());
     let _ = std::io::stdout().flush();
     // A signal during the warm-up ends it, and the migration then cancels at once.
-    let SendReport { stats, result } = migrate(&cfg, guest.as_mut());
+    let (SendReport { stats, result }, kept) = if cfg.handover {
+        // The guest goes with its memory: after a commit nothing of it is left here.
+        let HandoverReport { report, guest } = hand_over(&cfg, guest);
+        (report, guest)
+    } else {
+        let report = migrate(&cfg, guest.as_mut());
+        (report, Some(guest))
+    };
+    let note = || kept.as_ref().map_or_else(String::new, |g| g.failure_note());
     let code = match result {
         Ok(Outcome::Committed) if audit_mismatch(&stats) => ExitCode::from(EXIT_AUDIT_MISMATCH),
         Ok(Outcome::Committed) => ExitCode::SUCCESS,
@@ -423,22 +441,16 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             std::process::exit(EXIT_CRASHED_AFTER_COMMIT.into());
         }
         Ok(Outcome::Cancelled(reason)) => {
-            eprintln!(
-                "vmstream send: cancelled: {reason}; {}",
-                guest.failure_note()
-            );
+            eprintln!("vmstream send: cancelled: {reason}; {}", note());
             ExitCode::from(EXIT_CANCELLED)
         }
         Err(e) => {
-            eprintln!(
-                "vmstream send: migration failed: {e}; {}",
-                guest.failure_note()
-            );
+            eprintln!("vmstream send: migration failed: {e}; {}", note());
             ExitCode::FAILURE
         }
     };
     finish_report(&stats, cfg.stats_json.as_ref(), "send");
-    if code != ExitCode::SUCCESS {
+    if let (false, Some(guest)) = (code == ExitCode::SUCCESS, kept) {
         // The guest runs again: a guest process goes on by itself, a KVM guest keeps
         // running here (this may block until SIGINT/SIGTERM).
         guest.keep_after_failure();
@@ -482,7 +494,9 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
         Err(e) if stats.outcome == MigrationOutcome::Committed => {
             eprintln!(
                 "vmstream recv: committed {}, but {e}",
-                cfg.memory_file.display()
+                cfg.memory_file
+                    .as_ref()
+                    .map_or("the handed-over memory".into(), |p| p.display().to_string())
             );
             finish_report(&stats, cfg.stats_json.as_ref(), "recv");
             return ExitCode::FAILURE;

@@ -17,6 +17,7 @@ pub fn printer(who: &'static str) -> Notices {
         Notice::Note(text) => eprintln!("vmstream {who}: note: {text}"),
         Notice::Warning(text) => eprintln!("vmstream {who}: warning: {text}"),
         Notice::Listening(addr) => output(&format!("listening on {addr}")),
+        Notice::ListeningUnix(path) => output(&format!("listening on unix:{}", path.display())),
         Notice::Output(line) => output(line),
         Notice::GuestStderr(line) => {
             let _ = writeln!(std::io::stderr(), "guest: {line}");

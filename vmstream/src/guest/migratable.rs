@@ -54,6 +54,14 @@ pub trait MigratableGuest {
     /// Ends the guest after a committed migration; its memory stays as at the pause.
     fn terminate(&mut self) -> Result<(), GuestControlError>;
 
+    /// Ends the guest after a committed handover and returns once nothing of its memory is
+    /// mapped or open in any process this one controls (the guest process has exited,
+    /// the mappings and descriptors here are dropped): the destination runs the guest on
+    /// that same memory next.
+    fn end_for_handover(mut self: Box<Self>) -> Result<(), GuestControlError> {
+        self.terminate()
+    }
+
     /// Fails if the guest ended by itself (a guest process killed or crashed); cheap enough
     /// to call every few pages. A guest in this process cannot end without us.
     fn check_alive(&mut self) -> Result<(), GuestControlError> {
@@ -138,6 +146,10 @@ impl MigratableGuest for SourceGuest {
 
     fn check_alive(&mut self) -> Result<(), GuestControlError> {
         SourceGuest::check_alive(self)
+    }
+
+    fn end_for_handover(self: Box<Self>) -> Result<(), GuestControlError> {
+        SourceGuest::end_and_release(*self)
     }
 
     fn failure_note(&self) -> String {

@@ -16,6 +16,7 @@ use crate::migration::connect::channels::send::sender_config;
 use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::fault::{DestFaults, SourceFaults};
 use crate::migration::source::verify::{ScrubSettings, VerifyMode};
+use crate::migration::transport::unix_path;
 use crate::migration::wire::DeltaWire;
 use crate::telemetry::notice::Notices;
 
@@ -29,8 +30,11 @@ pub struct SendConfig {
     pub guest: GuestSpec,
     /// Dirty tracking (None: uffd-wp for a spawned guest, hash for `--pid`).
     pub dirty_tracking: Option<DirtyTracking>,
-    /// Destination address (`host:port`).
+    /// Destination address (`host:port`, or `unix:PATH` for a unix socket).
     pub to: String,
+    /// Hand the guest's memory over by descriptor instead of copying it (`--handover`,
+    /// unix sockets only; `crate::migration::source::handover`).
+    pub handover: bool,
     /// How long the spawned guest runs before the migration starts.
     pub warmup: Duration,
     /// Compression and page cache.
@@ -104,6 +108,7 @@ impl SendConfig {
             guest,
             dirty_tracking: None,
             to: to.into(),
+            handover: false,
             warmup: Duration::ZERO,
             encoder: encoder_config(
                 Compression::Lz4 { acceleration: 1 },
@@ -176,7 +181,7 @@ impl SendConfig {
                 .map_err(|e| format!("hot-page deferral: {e}"))?;
         }
         check_address(&self.to).map_err(|e| format!("--to {}: {e}", self.to))?;
-        if self.auth_key.is_none() {
+        if self.auth_key.is_none() && unix_path(&self.to).is_none() {
             // Resolved here to refuse before the guest starts; an address that does not
             // resolve is the connection's error. `connect` checks what it connects to again.
             if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(self.to.as_str()) {
@@ -187,6 +192,16 @@ impl SendConfig {
                     SEND_RISK,
                 )?;
             }
+        }
+        if self.handover && unix_path(&self.to).is_none() {
+            return Err(format!(
+                "--handover passes the guest's memory by file descriptor, which only a unix \
+                 socket on this host can carry: --to {} is not one (use --to unix:PATH)",
+                self.to
+            ));
+        }
+        if self.handover && self.channels > 1 {
+            return Err("--handover sends no pages: it takes no --channels".into());
         }
         Ok(())
     }
@@ -203,10 +218,16 @@ impl SendConfig {
     }
 }
 
-/// Refuses an address that is not `HOST:PORT` with a port in 1..=65535 (`[V6]:PORT` for an
+/// Refuses an address that is not `unix:PATH` or `HOST:PORT` with a port in 1..=65535 (`[V6]:PORT` for an
 /// IPv6 literal). The name itself is resolved when connecting, where a resolver failure
 /// is a failed migration, not a bad argument.
 fn check_address(addr: &str) -> Result<(), &'static str> {
+    if let Some(path) = unix_path(addr) {
+        return match path.as_os_str().is_empty() {
+            true => Err("expected unix:PATH (no path)"),
+            false => Ok(()),
+        };
+    }
     let (host, port) = addr.rsplit_once(':').ok_or("expected HOST:PORT")?;
     if host.is_empty() {
         return Err("expected HOST:PORT (no host)");
@@ -258,8 +279,9 @@ pub fn parse_compression(name: &str, level: Option<i32>) -> Result<Compression, 
 pub struct RecvConfig {
     /// Address to listen on (loopback unless given explicitly).
     pub listen: String,
-    /// Where the committed image goes.
-    pub memory_file: PathBuf,
+    /// Where the committed image goes (None: nowhere, and only a handover is taken, whose
+    /// memory is the source's own file or memfd).
+    pub memory_file: Option<PathBuf>,
     /// Run the guest on the committed image.
     pub resume: bool,
     /// How long the resumed guest runs (None: until the process is stopped).
@@ -309,7 +331,7 @@ impl RecvConfig {
     pub fn new(listen: impl Into<String>, memory_file: PathBuf) -> RecvConfig {
         RecvConfig {
             listen: listen.into(),
-            memory_file,
+            memory_file: Some(memory_file),
             resume: false,
             run_for: None,
             stats_json: None,
@@ -390,6 +412,7 @@ mod tests {
             "dest.example:7000",
             "[::1]:7000",
             "localhost:1",
+            "unix:/run/vmstream.sock",
         ] {
             assert_eq!(check_address(ok), Ok(()), "{ok}");
         }
@@ -400,8 +423,30 @@ mod tests {
             "host:0",
             "host:99999",
             "::1:7000",
+            "unix:",
         ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `--handover` passes a descriptor: refused over TCP before anything starts, with
+    /// the reason and the way out.
+    #[test]
+    fn a_handover_needs_a_unix_socket() {
+        let guest = GuestSpec::Attach {
+            path: "/nonexistent/vmstream-guest".into(),
+            pid: 1,
+        };
+        let mut cfg = SendConfig::new(guest, "127.0.0.1:7000");
+        cfg.handover = true;
+        let e = cfg.check().unwrap_err();
+        assert!(
+            e.contains("only a unix") && e.contains("--to unix:PATH"),
+            "{e}"
+        );
+        cfg.to = "unix:/run/vmstream.sock".into();
+        assert_eq!(cfg.check(), Ok(()));
+        cfg.channels = 2;
+        assert!(cfg.check().unwrap_err().contains("--channels"));
     }
 }

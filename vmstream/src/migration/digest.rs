@@ -22,6 +22,9 @@ use rayon::prelude::*;
 use crate::migration::dest::lazy_words::LazyWords;
 use crate::migration::wire::{Audit, AuditStatus};
 use crate::telemetry::verification::AuditStats;
+/// What the statistics' `digest` says of a handover (`send --handover`): the memory
+/// crossed no wire, so there is nothing to hash and compare.
+pub const DIGEST_SKIPPED_HANDOVER: &str = "skipped-handover";
 
 /// Domain separation for the root hash (bump with the definition).
 const DOMAIN: &[u8] = b"vmstream memory digest v2: BLAKE3 over XXH3-128 of each page";

@@ -161,6 +161,10 @@ pub enum RecvError {
     /// The KVM guest on the destination failed (restore, verification, run).
     #[error("KVM guest on the destination: {0}")]
     Kvm(#[from] crate::guest::kvm::KvmError),
+    /// The memory a handover passed is unusable (none came, not a file, another size,
+    /// cannot be mapped); nothing committed.
+    #[error("handed-over memory: {0}")]
+    HandedMemory(String),
 }
 
 /// Why the destination refused a `GuestState` (before committing anything).

@@ -23,6 +23,8 @@ pub enum Notice {
     Warning(String),
     /// The destination is bound and listening on this address.
     Listening(SocketAddr),
+    /// The destination is bound and listening on this unix socket.
+    ListeningUnix(std::path::PathBuf),
     /// A line for standard output: what a guest run by this process reports (its ready
     /// and done lines, its transactions per second, `resumed kind=kvm ...`).
     Output(String),

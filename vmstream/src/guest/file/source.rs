@@ -109,6 +109,9 @@ pub struct SourceGuest {
     alive_checked: Option<Instant>,
 }
 
+/// How long [`SourceGuest::end_and_release`] waits for an attached guest's exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
 /// How often [`SourceGuest::check_alive`] looks at the process at most.
 const ALIVE_CHECK_PERIOD: Duration = Duration::from_millis(100);
 
@@ -403,6 +406,43 @@ impl SourceGuest {
             std::thread::spawn(move || {
                 let _ = c.wait();
             });
+        }
+        Ok(())
+    }
+
+    /// Ends the guest like [`Self::terminate`], drops this process's mapping, tracker and
+    /// descriptors of its memory, and waits until the guest process has exited (its
+    /// mappings and descriptors are gone; an attached process is waited for through
+    /// `/proc`, at most 10 s). The kernel tears the killed process down while we unmap ours.
+    pub fn end_and_release(mut self) -> Result<(), GuestControlError> {
+        let pid = self.pid;
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
+            .map_err(|e| GuestControlError::Signal(pid, e.into()))?;
+        let child = self.child.take();
+        drop(self);
+        if let Some(mut c) = child {
+            return c
+                .wait()
+                .map(drop)
+                .map_err(|e| GuestControlError::Signal(pid, e));
+        }
+        let t = Instant::now();
+        // A zombie ("Z") has released its memory and files already.
+        let ended = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        while !ended() {
+            if t.elapsed() > EXIT_WAIT {
+                return Err(GuestControlError::Signal(
+                    pid,
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "did not exit after SIGKILL"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     }

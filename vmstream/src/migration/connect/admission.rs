@@ -18,13 +18,14 @@
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::migration::connect::auth::{admit_source, Admission, AuthKey};
-use crate::migration::transport::{FrameReader, FrameWriter, TransportError};
+use crate::migration::transport::{
+    Endpoint, FrameReader, FrameWriter, Listener, Socket, TransportError,
+};
 use crate::migration::wire::{HelloReply, Message, RefuseCode};
 use crate::telemetry::notice::Notices;
 
@@ -50,9 +51,9 @@ const ENDED: u8 = 3;
 
 /// A connection being read, as [`Admissions`] sees it.
 struct Pending {
-    peer: SocketAddr,
+    peer: Endpoint,
     /// The same socket as the attempt's, to shut it down.
-    socket: TcpStream,
+    socket: Socket,
     state: Arc<AtomicU8>,
 }
 
@@ -64,12 +65,12 @@ const POLL: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 pub struct Opening {
     /// The peer's address.
-    pub peer: SocketAddr,
+    pub peer: Endpoint,
     /// The connection's reader, past the opening (opening sealed records after the
     /// exchange).
-    pub reader: FrameReader<TcpStream>,
+    pub reader: FrameReader<Socket>,
     /// The connection's writer (sealing after the exchange).
-    pub writer: FrameWriter<TcpStream>,
+    pub writer: FrameWriter<Socket>,
     /// The first frame after the exchange, or (without a key only) the refusal the
     /// destination owes the peer.
     pub admission: Admission,
@@ -77,7 +78,7 @@ pub struct Opening {
 
 /// Connections being admitted on a listener.
 pub struct Admissions {
-    listener: TcpListener,
+    listener: Listener,
     key: Option<AuthKey>,
     io_timeout: Duration,
     /// Told of each connection and of those dropped.
@@ -101,7 +102,7 @@ impl Admissions {
     /// Admits connections of `listener`, each required to prove `key` when there is one;
     /// tells `notices` of each connection and of those dropped.
     pub fn new(
-        listener: TcpListener,
+        listener: Listener,
         key: Option<AuthKey>,
         io_timeout: Duration,
         notices: Notices,
@@ -157,7 +158,7 @@ impl Admissions {
     }
 
     /// Starts reading the opening of `stream` on a thread of its own.
-    fn start(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn start(&mut self, stream: Socket, peer: Endpoint) {
         self.notices.info(format!("connection from {peer}"));
         if self.reading.len() >= MAX_PENDING {
             self.evict_oldest();
@@ -179,9 +180,10 @@ impl Admissions {
             sender: self.sender.clone(),
             state: state.clone(),
         };
+        let attempt_peer = peer.clone();
         let spawned = std::thread::Builder::new()
             .name("vmstream-admit".into())
-            .spawn(move || attempt.run(stream, peer));
+            .spawn(move || attempt.run(stream, attempt_peer));
         match spawned {
             Ok(_) => self.reading.push_back(Pending {
                 peer,
@@ -238,8 +240,8 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn run(self, stream: TcpStream, peer: SocketAddr) {
-        let opening = self.read(stream, peer).filter(|_| {
+    fn run(self, stream: Socket, peer: Endpoint) {
+        let opening = self.read(stream, &peer).filter(|_| {
             // An evicted connection's socket is shut: whatever it read is not handed over.
             self.state
                 .compare_exchange(READING, HANDED_OVER, Ordering::AcqRel, Ordering::Acquire)
@@ -255,7 +257,7 @@ impl Attempt {
 
     /// Reads the opening; `None` (reported, and answered where it can be) when the
     /// connection failed, or did not prove the destination's key.
-    fn read(&self, stream: TcpStream, peer: SocketAddr) -> Option<Opening> {
+    fn read(&self, stream: Socket, peer: &Endpoint) -> Option<Opening> {
         let (mut reader, mut writer) = match open(stream, self.io_timeout.min(AUTH_WAIT)) {
             Ok(rw) => rw,
             Err(e) => {
@@ -307,7 +309,7 @@ impl Attempt {
         }
         reader.set_timeout(Some(self.io_timeout));
         Some(Opening {
-            peer,
+            peer: peer.clone(),
             reader,
             writer,
             admission,
@@ -330,9 +332,9 @@ fn never_opened(e: &TransportError) -> bool {
 /// Sets up an accepted connection (blocking, no delay, `timeout` both ways) and returns
 /// its frame reader and writer.
 fn open(
-    stream: TcpStream,
+    stream: Socket,
     timeout: Duration,
-) -> std::io::Result<(FrameReader<TcpStream>, FrameWriter<TcpStream>)> {
+) -> std::io::Result<(FrameReader<Socket>, FrameWriter<Socket>)> {
     // Accepted sockets do not inherit the listener's non-blocking mode on Linux; other
     // systems may differ.
     stream.set_nonblocking(false)?;
@@ -344,7 +346,7 @@ fn open(
 }
 
 /// Answers a connection that opened after the destination took its migration.
-fn refuse_busy(writer: &mut FrameWriter<TcpStream>) {
+fn refuse_busy(writer: &mut FrameWriter<Socket>) {
     let _ = writer.write_message(&Message::HelloReply(HelloReply {
         refuse: RefuseCode::Other,
         receiver_workers: 0,
@@ -356,7 +358,7 @@ fn refuse_busy(writer: &mut FrameWriter<TcpStream>) {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{TcpListener, TcpStream};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
 
     use super::*;
     use crate::migration::connect::auth::{authenticate_destination, SourceAuth};
@@ -373,17 +375,23 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         (
-            Admissions::new(l, key.cloned(), Duration::from_secs(5), Notices::silent()).unwrap(),
+            Admissions::new(
+                Listener::Tcp(l),
+                key.cloned(),
+                Duration::from_secs(5),
+                Notices::silent(),
+            )
+            .unwrap(),
             addr,
         )
     }
 
     /// A client's reader and writer.
-    fn client(addr: SocketAddr) -> (TcpStream, FrameReader<TcpStream>, FrameWriter<TcpStream>) {
+    fn client(addr: SocketAddr) -> (TcpStream, FrameReader<Socket>, FrameWriter<Socket>) {
         let c = TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let r = FrameReader::new(c.try_clone().unwrap(), None);
-        let w = FrameWriter::new(c.try_clone().unwrap(), None);
+        let r = FrameReader::new(Socket::tcp(c.try_clone().unwrap()), None);
+        let w = FrameWriter::new(Socket::tcp(c.try_clone().unwrap()), None);
         (c, r, w)
     }
 
@@ -448,7 +456,7 @@ mod tests {
         let source = keyed_source(addr, key);
         let opening = next_opening(&mut a);
         let c = source.join().unwrap();
-        assert_eq!(opening.peer, c.local_addr().unwrap());
+        assert_eq!(opening.peer, Endpoint::Tcp(c.local_addr().unwrap()));
         assert!(is_hello(&opening.admission), "{:?}", opening.admission);
         drop(silent);
     }
@@ -465,7 +473,7 @@ mod tests {
         let source = keyed_source(addr, key);
         let opening = next_opening(&mut a);
         let c = source.join().unwrap();
-        assert_eq!(opening.peer, c.local_addr().unwrap());
+        assert_eq!(opening.peer, Endpoint::Tcp(c.local_addr().unwrap()));
         assert!(is_hello(&opening.admission), "{:?}", opening.admission);
         // The first four were closed (three for the flood, one for the source), the rest
         // are still being read.
@@ -494,8 +502,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         // The admission's read timeout is the io timeout here: 300 ms.
-        let mut a =
-            Admissions::new(l, None, Duration::from_millis(300), Notices::silent()).unwrap();
+        let mut a = Admissions::new(
+            Listener::Tcp(l),
+            None,
+            Duration::from_millis(300),
+            Notices::silent(),
+        )
+        .unwrap();
         drop(client(addr)); // connect, close
         let (mut half, ..) = client(addr);
         std::io::Write::write_all(&mut half, &Message::ChannelHello(HELLO).to_frame()[..5])

@@ -25,8 +25,8 @@
 //! under two session keys derived from `K` and both nonces, one per direction, so the
 //! guest's memory is neither readable nor changeable on the path.
 
+use crate::migration::transport::Socket;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 
 use crate::migration::connect::seal::{Opener, Sealer};
@@ -224,7 +224,7 @@ fn nonce() -> Result<[u8; AUTH_BYTES], AuthError> {
 pub fn authenticate_destination(
     key: &AuthKey,
     send: &mut dyn FnMut(&Message) -> Result<(), TransportError>,
-    reader: &mut FrameReader<TcpStream>,
+    reader: &mut FrameReader<Socket>,
 ) -> Result<SourceAuth, AuthError> {
     let ours = nonce()?;
     send(&Message::AuthHello(AuthHello { nonce: ours }))?;
@@ -277,7 +277,7 @@ pub enum Admission {
 pub fn admit_source<W: Write>(
     key: Option<&AuthKey>,
     writer: &mut FrameWriter<W>,
-    reader: &mut FrameReader<TcpStream>,
+    reader: &mut FrameReader<Socket>,
 ) -> Admission {
     let first = reader.read_frame();
     let (key, hello) = match (key, first) {
@@ -346,7 +346,7 @@ pub fn admit_source<W: Write>(
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::migration::wire::{HelloReply, RefuseCode};
@@ -355,14 +355,14 @@ mod tests {
         AuthKey::from_secret(&[b; 32]).unwrap()
     }
 
-    fn pair() -> (TcpStream, TcpStream) {
+    fn pair() -> (Socket, Socket) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        (c, s)
+        (Socket::tcp(c), Socket::tcp(s))
     }
 
-    fn ends(s: &TcpStream) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
+    fn ends(s: &Socket) -> (FrameWriter<Socket>, FrameReader<Socket>) {
         (
             FrameWriter::new(s.try_clone().unwrap(), None),
             FrameReader::new(

@@ -2,7 +2,7 @@
 //! bound, one source admitted (and SIGINT/SIGTERM watched while it migrates); the migration
 //! itself is the state machine's ([`super::machine`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use crate::migration::dest::machine::{self, Received};
 use crate::migration::error::RecvError;
 use crate::migration::image::{check_target, Reservation};
 use crate::migration::interrupt;
+use crate::migration::transport::{unix_path, Endpoint, Listener, Socket};
 use crate::telemetry::notice::Notice;
 use crate::telemetry::stats::MigrationStats;
 
@@ -38,15 +39,29 @@ pub fn listen_addr(s: &str) -> Result<(SocketAddr, bool), RecvError> {
     Ok((addr, true))
 }
 
+/// Parses `--listen` as [`listen_addr`] does, or a unix socket `unix:PATH` (local: never a
+/// warning). Returns the endpoint and whether a TCP address was given explicitly.
+pub fn listen_endpoint(s: &str) -> Result<(Endpoint, bool), RecvError> {
+    if let Some(path) = unix_path(s) {
+        if path.as_os_str().is_empty() {
+            return Err(RecvError::Config(format!(
+                "bad listen address {s:?}: unix:PATH needs a path"
+            )));
+        }
+        return Ok((Endpoint::Unix(path.to_path_buf()), false));
+    }
+    listen_addr(s).map(|(a, explicit)| (Endpoint::Tcp(a), explicit))
+}
+
 /// Checks a receive's settings before anything is created or bound: the listen address
 /// (without a key: loopback unless `insecure`, [`check_keyless`]), the expected size and the target path ([`check_target`]: not a directory or a device,
 /// in a directory that exists). Errors are [`RecvError::Config`] and
 /// [`RecvError::Image`] (`Unusable`, `BadPath`): bad arguments.
 pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
-    let (addr, _) = listen_addr(&cfg.listen)?;
-    if cfg.auth_key.is_none() {
+    let (endpoint, _) = listen_endpoint(&cfg.listen)?;
+    if let (Endpoint::Tcp(addr), None) = (&endpoint, &cfg.auth_key) {
         check_keyless(
-            &[addr],
+            &[*addr],
             cfg.insecure,
             &format!("--listen {}", cfg.listen),
             RECV_RISK,
@@ -69,7 +84,17 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
             )));
         }
     }
-    check_target(&cfg.memory_file)?;
+    if let Some(target) = &cfg.memory_file {
+        check_target(target)?;
+    } else if !cfg.resume {
+        // A handover's memory stays the source's file or memfd: without a name for it and
+        // without a guest running on it, it would vanish with this process.
+        return Err(RecvError::Config(
+            "--memory-file is required without --resume (a handed-over guest needs a name or \
+             a run)"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -78,15 +103,16 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
 /// the migration; dropped unused, it releases the target.
 #[derive(Debug)]
 pub struct Listening {
-    claim: Reservation,
-    listener: TcpListener,
-    local: SocketAddr,
+    /// The target's claim (None without `--memory-file`).
+    claim: Option<Reservation>,
+    listener: Listener,
+    local: Endpoint,
 }
 
 impl Listening {
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
+    /// The bound address (a TCP port 0 resolved), or unix socket.
+    pub fn local_addr(&self) -> &Endpoint {
+        &self.local
     }
 }
 
@@ -96,26 +122,35 @@ impl Listening {
 /// Nothing has been received when this fails.
 pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     check_config(cfg)?;
-    let (addr, explicit) = listen_addr(&cfg.listen)?;
-    let claim = Reservation::claim(&cfg.memory_file, &cfg.notices)?;
-    for stale in claim.removed() {
+    let (endpoint, explicit) = listen_endpoint(&cfg.listen)?;
+    let claim = cfg
+        .memory_file
+        .as_ref()
+        .map(|target| Reservation::claim(target, &cfg.notices))
+        .transpose()?;
+    for stale in claim.iter().flat_map(Reservation::removed) {
         cfg.notices.info(format!(
             "removed {}, left by a receiver that no longer runs",
             stale.display()
         ));
     }
-    if explicit && !addr.ip().is_loopback() && cfg.auth_key.is_none() {
+    let remote = matches!(&endpoint, Endpoint::Tcp(addr) if !addr.ip().is_loopback());
+    if explicit && remote && cfg.auth_key.is_none() {
         cfg.notices.warning(format!(
-            "listening on {addr}: the migration stream is unauthenticated, anyone who \
+            "listening on {endpoint}: the migration stream is unauthenticated, anyone who \
              connects can write this guest's memory (--auth-key-file admits only sources \
              that hold a shared key)"
         ));
     }
-    let listener = TcpListener::bind(addr).map_err(|e| RecvError::Listen(addr.to_string(), e))?;
+    let listener =
+        Listener::bind(&endpoint).map_err(|e| RecvError::Listen(endpoint.to_string(), e))?;
     let local = listener
-        .local_addr()
-        .map_err(|e| RecvError::Listen(addr.to_string(), e))?;
-    cfg.notices.tell(Notice::Listening(local));
+        .local_endpoint()
+        .map_err(|e| RecvError::Listen(endpoint.to_string(), e))?;
+    cfg.notices.tell(match &local {
+        Endpoint::Tcp(a) => Notice::Listening(*a),
+        Endpoint::Unix(p) => Notice::ListeningUnix(p.clone()),
+    });
     Ok(Listening {
         claim,
         listener,
@@ -173,7 +208,7 @@ struct InterruptWatch {
 }
 
 impl InterruptWatch {
-    fn start(flag: Arc<AtomicBool>, channel0: &TcpStream) -> std::io::Result<InterruptWatch> {
+    fn start(flag: Arc<AtomicBool>, channel0: &Socket) -> std::io::Result<InterruptWatch> {
         let socket = channel0.try_clone()?;
         let done = Arc::new(AtomicBool::new(false));
         let watching = done.clone();
@@ -222,5 +257,10 @@ mod tests {
             ("0.0.0.0:9".parse().unwrap(), true)
         );
         assert!(listen_addr("nonsense").is_err());
+        assert_eq!(
+            listen_endpoint("unix:/run/v.sock").unwrap(),
+            (Endpoint::Unix("/run/v.sock".into()), false)
+        );
+        assert!(listen_endpoint("unix:").is_err());
     }
 }

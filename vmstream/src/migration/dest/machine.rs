@@ -10,7 +10,7 @@
 //! no Handover after Committed: the image stays committed, no guest is run, Err returned
 //! ```
 
-use std::net::TcpStream;
+use crate::migration::transport::Socket;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmstream_codec::{receive, PipelineStats, ReceiverConfig};
@@ -33,7 +33,7 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
     Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
-    FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
+    FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -41,7 +41,7 @@ use crate::telemetry::verification::{AuditStats, VerificationStats};
 
 /// Where the destination is in the migration. From the handshake on, the states carry the
 /// guest of the kind the `Hello` announced.
-enum DestState {
+pub(super) enum DestState {
     /// Wait for `Hello`, answer it.
     Handshake,
     /// Apply rounds into the temporary image until the final one.
@@ -79,6 +79,12 @@ enum DestState {
         memory: GuestMemory,
         guest: Box<dyn IncomingGuest>,
     },
+    /// The source hands its guest's memory over (`FEATURE_HANDOVER`, `super::handover`):
+    /// its descriptor, the guest's state, the verify, the commit.
+    Handover {
+        hello: Hello,
+        guest: Box<dyn IncomingGuest>,
+    },
     /// Finished.
     Done(Received),
 }
@@ -90,29 +96,35 @@ pub struct Received {
     pub guest: Option<ResumedGuest>,
     /// The resumed KVM guest, if `--resume` and the guest is a KVM guest.
     pub kvm: Option<KvmResumed>,
+    /// The memory a handover passed (no `--memory-file`: the guest runs on it), open while
+    /// the guest runs.
+    pub handed_over: Option<std::fs::File>,
 }
 
-struct Dest<'a> {
-    cfg: &'a RecvConfig,
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<TcpStream>,
+pub(super) struct Dest<'a> {
+    pub(super) cfg: &'a RecvConfig,
+    pub(super) reader: FrameReader<Socket>,
+    writer: FrameWriter<Socket>,
     /// The listener (while channels bind) and the connections of channels 1...
     channels: DestChannels,
-    stats: &'a mut MigrationStats,
-    start: Instant,
+    pub(super) stats: &'a mut MigrationStats,
+    pub(super) start: Instant,
     /// The source connection's opening (`crate::migration::connect::admission`), until the handshake takes it.
     opening: Option<Admission>,
-    /// The claimed target (`crate::migration::image`), until the handshake sizes its image.
-    claim: Option<Reservation>,
+    /// The claimed target (`crate::migration::image`, None without `--memory-file`), until
+    /// the handshake sizes its image (or a handover copies into it).
+    pub(super) claim: Option<Reservation>,
+    /// The memory a handover passed, kept open while its guest runs (`Received`).
+    pub(super) handed_over: Option<std::fs::File>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
 /// `admissions`) sends into the target `claim` reserved. Fills `stats`; on an error before
 /// the commit tells the source (`Abort`), and the temporary image is gone.
-pub(super) fn receive_from(
+pub(in crate::migration::dest) fn receive_from(
     cfg: &RecvConfig,
     source: Opening,
-    claim: Reservation,
+    claim: Option<Reservation>,
     admissions: Admissions,
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
@@ -123,7 +135,8 @@ pub(super) fn receive_from(
         reader: source.reader,
         writer: source.writer,
         opening: Some(source.admission),
-        claim: Some(claim),
+        claim,
+        handed_over: None,
         channels,
         stats,
         start: Instant::now(),
@@ -157,7 +170,7 @@ pub(super) fn receive_from(
     result
 }
 
-fn unexpected(wanted: &str, got: Frame) -> RecvError {
+pub(super) fn unexpected(wanted: &str, got: Frame) -> RecvError {
     match got {
         Frame::Control(Message::Abort(a)) => RecvError::PeerAborted {
             code: a.code,
@@ -172,7 +185,7 @@ fn unexpected(wanted: &str, got: Frame) -> RecvError {
 }
 
 impl Dest<'_> {
-    fn send(&mut self, m: &Message) -> Result<(), RecvError> {
+    pub(super) fn send(&mut self, m: &Message) -> Result<(), RecvError> {
         self.writer.write_message(m).map_err(|e| {
             if is_dropped(&e) {
                 // An injected drop: the whole connection goes, as with a cut link.
@@ -255,6 +268,7 @@ impl Dest<'_> {
                     memory,
                     guest,
                 } => self.committed(paused_at_ns, committed_at_ns, memory, guest)?,
+                DestState::Handover { hello, guest } => self.handover(&hello, guest)?,
                 DestState::Done(received) => return Ok(received),
             };
         }
@@ -362,6 +376,29 @@ impl Dest<'_> {
         let guest = incoming_guest(hello.guest_kind, &self.cfg.notices);
         if let Some((code, reason)) = self.check_hello(&hello, guest.as_ref()) {
             return Err(self.refuse(code, reason));
+        }
+        if hello.features & FEATURE_HANDOVER != 0 {
+            if let Some(reason) = self.handover_refusal(&hello) {
+                return Err(self.refuse(RefuseCode::Features, reason));
+            }
+            self.channels.close_listener();
+            self.stats.guest_bytes = hello.guest_size;
+            self.stats.settings.channels = Some(1);
+            self.send(&Message::HelloReply(HelloReply {
+                refuse: RefuseCode::None,
+                receiver_workers: 0,
+                resumes: self.cfg.resume,
+                reason: String::new(),
+            }))?;
+            return Ok(DestState::Handover { hello, guest });
+        }
+        if self.claim.is_none() {
+            return Err(self.refuse(
+                RefuseCode::Other,
+                "this destination has no --memory-file: it takes only a handover (send \
+                 --handover over a unix socket)"
+                    .into(),
+            ));
         }
         // Several channels: channel 0 announces the migration id and count next.
         let primary = if hello.features & FEATURE_CHANNELS != 0 {
@@ -648,7 +685,7 @@ impl Dest<'_> {
     /// The image is committed: from here on errors do not roll anything back. Resumes the
     /// guest if asked, then reports `Resumed` (the end of the downtime: the guest running
     /// again, or without `--resume` the commit) and, while the guest runs, its samples.
-    fn committed(
+    pub(super) fn committed(
         &mut self,
         paused_at_ns: u64,
         committed_at_ns: u64,
@@ -663,8 +700,10 @@ impl Dest<'_> {
             self.cfg.notices.warning(e.to_string());
         }
         // Without --resume the image stays mapped until the report is sent.
+        // The committed PATH, or the handed-over memory's own descriptor.
+        let target = memory.path().to_path_buf();
         let resumed = if self.cfg.resume {
-            match guest.resume(memory, &self.cfg.memory_file, self.cfg.run_for) {
+            match guest.resume(memory, &target, self.cfg.run_for) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     let _ = self.send(&Message::Abort(Abort {
@@ -684,7 +723,7 @@ impl Dest<'_> {
                 times.kvm_restore = r.phases.kvm_restore;
                 times.kvm_first_tx = r.phases.kvm_first_tx;
                 self.report_resumed(paused_at_ns, r.at_unix_ns, true, r.tx_count);
-                let samples = guest.sample(&self.cfg.memory_file, self.sample_window());
+                let samples = guest.sample(&target, self.sample_window());
                 self.send_samples(samples);
             }
             None => self.report_resumed(paused_at_ns, committed_at_ns, false, 0),
@@ -692,7 +731,9 @@ impl Dest<'_> {
         if self.stats.verify.as_ref().is_some_and(|v| v.mode != "full") {
             self.await_audit();
         }
-        Ok(DestState::Done(guest.into_received()))
+        let mut received = guest.into_received();
+        received.handed_over = self.handed_over.take();
+        Ok(DestState::Done(received))
     }
 
     /// After an incremental digest: the source's audit of its memory at the pause against

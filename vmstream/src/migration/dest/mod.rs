@@ -1,9 +1,11 @@
 //! The destination side: listening for the source (`listen.rs`), the state machine that
 //! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
-//! ([`verify`]). Its per-page tables are [`lazy_words`]: sized from the guest size the source
-//! claims, they cost memory only as pages arrive.
+//! ([`verify`]); a same-host handover's memory comes by descriptor instead (`handover.rs`).
+//! Its per-page tables are [`lazy_words`]: sized from the guest size the source claims, they
+//! cost memory only as pages arrive.
 
+mod handover;
 pub mod incoming;
 pub mod lazy_words;
 mod listen;
@@ -12,6 +14,6 @@ mod report;
 pub mod verify;
 
 pub use incoming::{KvmResumed, KvmRunOutcome, ResumedGuest};
-pub use listen::{check_config, listen, listen_addr, temp_image_path, Listening};
+pub use listen::{check_config, listen, listen_addr, listen_endpoint, temp_image_path, Listening};
 pub use machine::Received;
 pub use report::{receive_migration, receive_on, run_resumed, RecvReport, ResumedRun};

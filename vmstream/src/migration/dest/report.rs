@@ -70,11 +70,20 @@ pub fn run_resumed(
             ResumedRun::Kvm(r)
         }));
     }
+    // The committed PATH, or the handed-over memory this process holds.
+    let memory = match (&cfg.memory_file, &received.handed_over) {
+        (Some(path), _) => path.clone(),
+        (None, Some(f)) => {
+            use std::os::fd::AsRawFd;
+            std::path::PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        }
+        (None, None) => std::path::PathBuf::new(),
+    };
     let guest = received.guest?;
     let started = Instant::now();
     let tx_start = guest.ready.tx_count;
     let healthy = guest.join().and_then(|tx_end| {
-        let report = verify_file(&cfg.memory_file)
+        let report = verify_file(&memory)
             .map_err(|e| RecvError::Resume(format!("verify after run: {e}")))?;
         Ok((tx_end, report))
     });

@@ -1,7 +1,8 @@
 //! The source side of a migration: [`migrate`] sets it up (configuration check, channels,
 //! the convergence policy, the guest-impact timeline), runs the state machine (`machine`:
 //! handshake and iterating rounds; `round`: a round on the wire; `switchover`: pause, final
-//! round, commit, handover), and fills in the statistics.
+//! round, commit, handover), and fills in the statistics. `handover` ([`hand_over`]) moves a
+//! guest on the same host by handing its memory over instead.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,12 +24,14 @@ use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{CpuTime, MigrationStats};
 use crate::telemetry::verification::VerificationStats;
 
+mod handover;
 mod machine;
 mod report;
 mod round;
 mod switchover;
 pub mod verify;
 
+pub use handover::{hand_over, HandoverReport};
 pub use report::{migrate, SendReport};
 
 use machine::Source;

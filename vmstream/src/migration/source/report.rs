@@ -54,7 +54,7 @@ pub fn migrate(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> SendReport 
 
 /// Runs the guest for `cfg.warmup` before the migration; its transactions per second then,
 /// `None` without a warm-up or when `cfg.cancel` ended it.
-fn warm_up(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Option<f64> {
+pub(super) fn warm_up(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Option<f64> {
     if cfg.warmup.is_zero() {
         return None;
     }
@@ -68,7 +68,7 @@ fn warm_up(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Option<f64> {
 }
 
 /// The settings the source knows before it connects: the configuration's and the guest's.
-fn settings(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> Settings {
+pub(super) fn settings(cfg: &SendConfig, guest: &mut dyn MigratableGuest) -> Settings {
     Settings {
         compression: Some(format!("{:?}", cfg.encoder.compression)),
         xbzrle: Some(cfg.encoder.delta.is_some()),

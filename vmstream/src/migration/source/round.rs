@@ -1,7 +1,7 @@
 //! One round on the wire: sending a round's pages on every channel, awaiting the
 //! destination's acknowledgement, and the measurements that come with it.
 
-use std::net::TcpStream;
+use crate::migration::transport::Socket;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ pub(super) enum PageOrigin<'a> {
 /// on channel 0) and channel 0's reader.
 pub(super) struct RoundIo {
     pub(super) channels: SourceChannels,
-    pub(super) reader: FrameReader<TcpStream>,
+    pub(super) reader: FrameReader<Socket>,
     pub(super) progress: Progress,
     /// `SendConfig::cancel`.
     pub(super) cancel: Option<Arc<AtomicBool>>,

@@ -2,7 +2,8 @@
 //! half, so the encode pipeline keeps running while the kernel drains the socket.
 
 use std::io;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender as ChannelSender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,9 @@ use std::time::Instant;
 
 use vmstream_codec::Packet;
 
-use super::{FrameWriter, SendTimeout, SharedBucket, SharedDeadline, TokenBucket, TransportError};
+use super::{
+    FrameWriter, SendTimeout, SharedBucket, SharedDeadline, Socket, TokenBucket, TransportError,
+};
 use crate::migration::connect::seal::Sealer;
 use crate::migration::fault::{is_dropped, StreamFault};
 use crate::migration::wire::Message;
@@ -31,11 +34,13 @@ pub trait PacketChannel: Send {
 enum Outgoing {
     Packet(Packet),
     Message(Vec<u8>),
+    /// A control message whose first byte carries a file descriptor (unix sockets).
+    MessageWithFd(Vec<u8>, OwnedFd),
     /// Seal every frame queued after this one.
     Seal(Box<Sealer>),
 }
 
-/// A [`PacketChannel`] over one TCP connection, with a writer thread.
+/// A [`PacketChannel`] over one connection, with a writer thread.
 pub struct Link {
     queue: Option<SyncSender<Outgoing>>,
     returned: Receiver<Packet>,
@@ -73,7 +78,7 @@ impl LinkShared {
 impl Link {
     /// Starts a writer thread on `stream` (a clone of the connection's socket), limited to
     /// `max_bandwidth` bytes/s if given.
-    pub fn new(stream: TcpStream, max_bandwidth: Option<u64>) -> io::Result<Link> {
+    pub fn new(stream: Socket, max_bandwidth: Option<u64>) -> io::Result<Link> {
         Link::with_options(
             stream,
             max_bandwidth.map(TokenBucket::shared),
@@ -85,7 +90,7 @@ impl Link {
     /// Starts a writer thread named `name` on `stream`, taking its bytes from `bucket`;
     /// `faults` are a test's, by stream offset ([`FrameWriter::inject`]).
     pub fn with_options(
-        stream: TcpStream,
+        stream: Socket,
         bucket: Option<SharedBucket>,
         faults: Vec<(u64, StreamFault)>,
         name: &str,
@@ -154,6 +159,16 @@ impl Link {
         }
     }
 
+    /// Queues a control message that carries the file descriptor `fd` with it (unix
+    /// sockets only: over TCP the writer fails).
+    pub fn send_message_with_fd(
+        &mut self,
+        msg: &Message,
+        fd: OwnedFd,
+    ) -> Result<(), TransportError> {
+        self.push(Outgoing::MessageWithFd(msg.to_frame(), fd))
+    }
+
     /// Seals every frame queued after this call (`crate::migration::connect::seal`).
     pub fn seal_with(&mut self, sealer: Sealer) -> Result<(), TransportError> {
         self.push(Outgoing::Seal(Box::new(sealer)))
@@ -212,6 +227,13 @@ fn writer_loop(
                 }
                 r
             }
+            Outgoing::MessageWithFd(frame, fd) => {
+                // Flushed first, so that the descriptor goes with this frame's first byte.
+                let attached = writer
+                    .flush()
+                    .and_then(|()| writer.get_ref().get_ref().socket().attach_fd(fd));
+                attached.and_then(|()| writer.write_frame(&[&frame]).and_then(|_| writer.flush()))
+            }
             Outgoing::Seal(sealer) => {
                 writer.seal_with(*sealer);
                 Ok(())
@@ -254,6 +276,8 @@ impl PacketChannel for Link {
 mod tests {
     use std::time::Duration;
 
+    use std::net::TcpStream;
+
     use super::*;
     use crate::migration::transport::{ack, Frame, FrameReader};
     use crate::migration::wire::{Abort, AbortCode};
@@ -273,7 +297,7 @@ mod tests {
         codec.end_round().unwrap();
         let (first, second) = (codec.poll().unwrap(), codec.poll().unwrap());
         let (first_bytes, second_bytes) = (first.bytes().to_vec(), second.bytes().to_vec());
-        let mut link = Link::new(client, None).unwrap();
+        let mut link = Link::new(Socket::tcp(client), None).unwrap();
         let mut r = FrameReader::new(server, Some(Duration::from_secs(5)));
         link.send_packet(first).unwrap();
         link.send_message(&ack()).unwrap();
@@ -308,8 +332,13 @@ mod tests {
             .unwrap();
         let frame = ack().to_frame();
         let at = frame.len() as u64 + 5;
-        let mut link =
-            Link::with_options(client, None, vec![(at, StreamFault::Drop)], "t").unwrap();
+        let mut link = Link::with_options(
+            Socket::tcp(client),
+            None,
+            vec![(at, StreamFault::Drop)],
+            "t",
+        )
+        .unwrap();
         link.send_message(&ack()).unwrap();
         let _ = link.send_message(&ack());
         let mut got = Vec::new();

@@ -12,13 +12,15 @@
 //! their writers share one [`SharedBucket`], so `--max-bandwidth` limits the total.
 //!
 //! Modules: `error` ([`TransportError`]), `reader`, `writer`, `send_timeout`, `rate` (the
-//! token bucket), `link`.
+//! token bucket), `link`, `socket` ([`Socket`] and [`Listener`]: TCP or a unix socket, which
+//! also passes file descriptors).
 
 mod error;
 mod link;
 mod rate;
 mod reader;
 mod send_timeout;
+mod socket;
 mod writer;
 
 pub use error::TransportError;
@@ -26,6 +28,7 @@ pub use link::{Link, PacketChannel};
 pub use rate::{SharedBucket, TokenBucket};
 pub use reader::{Frame, FrameReader, TimedRead};
 pub use send_timeout::{SendTimeout, SharedDeadline};
+pub use socket::{unix_path, Endpoint, Listener, Socket, UNIX_PREFIX};
 pub use writer::FrameWriter;
 
 /// A control message for the reader, writer and link tests.

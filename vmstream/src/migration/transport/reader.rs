@@ -42,6 +42,12 @@ impl TimedRead for TcpStream {
     }
 }
 
+impl TimedRead for super::Socket {
+    fn limit_reads(&mut self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
+}
+
 /// A buffer never waits (fuzzing and tests read frames from memory).
 impl TimedRead for &[u8] {
     fn limit_reads(&mut self, _: Option<Duration>) -> io::Result<()> {

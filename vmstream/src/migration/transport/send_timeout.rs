@@ -3,7 +3,6 @@
 //! [`SharedDeadline`] (the source's pause bound).
 
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,8 @@ impl SharedDeadline {
     }
 }
 
+use super::Socket;
+
 /// A socket whose send timeout means "the peer took nothing for this long". A blocking
 /// send under `SO_SNDTIMEO` returns short when the timeout fires, and a caller that
 /// retries the rest (`write_all`, `BufWriter`) waited a second full timeout: a stalled
@@ -37,7 +38,7 @@ impl SharedDeadline {
 /// every wait.
 #[derive(Debug)]
 pub struct SendTimeout {
-    inner: TcpStream,
+    inner: Socket,
     /// The socket's send timeout, read once (`None`: wait for ever).
     timeout: Option<Duration>,
     /// No wait for room lasts past it.
@@ -46,12 +47,12 @@ pub struct SendTimeout {
 
 impl SendTimeout {
     /// Wraps `inner`, whose send timeout is already set.
-    pub fn new(inner: TcpStream) -> io::Result<SendTimeout> {
+    pub fn new(inner: Socket) -> io::Result<SendTimeout> {
         SendTimeout::with_deadline(inner, SharedDeadline::default())
     }
 
     /// [`SendTimeout::new`], waiting no later than `deadline` whenever it is set.
-    pub fn with_deadline(inner: TcpStream, deadline: SharedDeadline) -> io::Result<SendTimeout> {
+    pub fn with_deadline(inner: Socket, deadline: SharedDeadline) -> io::Result<SendTimeout> {
         Ok(SendTimeout {
             timeout: inner.write_timeout()?,
             inner,
@@ -72,7 +73,7 @@ impl SendTimeout {
     }
 
     /// The socket.
-    pub fn socket(&self) -> &TcpStream {
+    pub fn socket(&self) -> &Socket {
         &self.inner
     }
 }
@@ -81,14 +82,9 @@ impl Write for SendTimeout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use nix::errno::Errno;
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use nix::sys::socket::{send, MsgFlags};
-        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::fd::AsFd;
         loop {
-            match send(
-                self.inner.as_raw_fd(),
-                buf,
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            ) {
+            match self.inner.send_now(buf) {
                 Ok(n) => return Ok(n),
                 Err(Errno::EAGAIN) => {}
                 Err(Errno::EINTR) => continue,
@@ -132,6 +128,7 @@ impl Write for SendTimeout {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+    use std::net::TcpStream;
 
     use super::*;
 
@@ -146,7 +143,8 @@ mod tests {
         stream
             .set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let mut w =
+            io::BufWriter::with_capacity(256 << 10, SendTimeout::new(Socket::tcp(stream)).unwrap());
         let err = w.write_all(&vec![7u8; 32 << 20]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     }
@@ -173,7 +171,8 @@ mod tests {
                 }
             }
         });
-        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let mut w =
+            io::BufWriter::with_capacity(256 << 10, SendTimeout::new(Socket::tcp(stream)).unwrap());
         let t = Instant::now();
         let err = w.write_all(&vec![7u8; 32 << 20]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
@@ -196,7 +195,7 @@ mod tests {
         let deadline = SharedDeadline::default();
         let mut w = io::BufWriter::with_capacity(
             256 << 10,
-            SendTimeout::with_deadline(stream, deadline.clone()).unwrap(),
+            SendTimeout::with_deadline(Socket::tcp(stream), deadline.clone()).unwrap(),
         );
         let t = Instant::now();
         deadline.set(Some(t + Duration::from_millis(300)));
@@ -229,7 +228,8 @@ mod tests {
             }
             got
         });
-        let mut w = io::BufWriter::with_capacity(256 << 10, SendTimeout::new(stream).unwrap());
+        let mut w =
+            io::BufWriter::with_capacity(256 << 10, SendTimeout::new(Socket::tcp(stream)).unwrap());
         w.write_all(&vec![7u8; total]).unwrap();
         w.flush().unwrap();
         assert_eq!(reader.join().unwrap(), total);

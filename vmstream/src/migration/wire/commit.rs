@@ -1,5 +1,6 @@
-//! The switchover: the paused guest's [`GuestState`] and memory [`Digest`], and the
-//! destination's verdict, [`CommitReply`].
+//! The switchover: the paused guest's [`GuestState`] and memory [`Digest`] (or, in a
+//! handover, its memory itself: [`MemoryHandover`]), and the destination's verdict,
+//! [`CommitReply`].
 
 use super::fields::{at_least, exact, push_reason, reason_of, Fields};
 use super::{FrameType, GuestKind, WireError, MAX_REASON_LEN};
@@ -119,6 +120,47 @@ impl Digest {
             digest: f.bytes(32).try_into().expect("32 bytes"),
             guest_size: f.u64(),
             paused_at_unix_ns: f.u64(),
+        })
+    }
+}
+
+/// `MemoryHandover`: the paused guest's memory itself, as a file descriptor passed with
+/// this frame's first byte over a unix socket (`SCM_RIGHTS`), instead of its pages and
+/// digest (24-byte body; `send --handover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryHandover {
+    /// Bytes of guest memory: the size the descriptor's file must have.
+    pub guest_size: u64,
+    /// CLOCK_REALTIME instant of the pause, ns since the Unix epoch (downtime start).
+    pub paused_at_unix_ns: u64,
+}
+
+impl MemoryHandover {
+    /// Body length.
+    pub const LEN: usize = 24;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.guest_size.to_le_bytes());
+        out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
+        out.extend_from_slice(&[0; 8]);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<MemoryHandover, WireError> {
+        const K: FrameType = FrameType::MemoryHandover;
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        let (guest_size, paused_at_unix_ns) = (f.u64(), f.u64());
+        let reserved = f.u64();
+        if reserved != 0 {
+            return Err(WireError::BadField {
+                kind: K.name(),
+                field: "reserved",
+                value: reserved,
+            });
+        }
+        Ok(MemoryHandover {
+            guest_size,
+            paused_at_unix_ns,
         })
     }
 }

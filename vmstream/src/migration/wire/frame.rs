@@ -5,8 +5,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed, RoundAck, RoundEnd,
-    MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed, RoundAck,
+    RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -48,6 +48,8 @@ pub enum FrameType {
     GuestSamples = 0x24,
     /// Source -> destination: the source guest ended; the destination's copy may run.
     Handover = 0x25,
+    /// Source -> destination: the paused guest's memory, as a file descriptor (unix sockets).
+    MemoryHandover = 0x26,
     /// Source -> destination: its memory at the pause compared with what it sent.
     Audit = 0x27,
     /// Either way: the sender gives up, with a reason.
@@ -56,7 +58,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -72,6 +74,7 @@ impl FrameType {
         FrameType::Resumed,
         FrameType::GuestSamples,
         FrameType::Handover,
+        FrameType::MemoryHandover,
         FrameType::Audit,
         FrameType::Abort,
     ];
@@ -99,6 +102,7 @@ impl FrameType {
             FrameType::Resumed => Resumed::LEN,
             FrameType::GuestSamples => GuestSamples::FIXED_LEN + 16 * GuestSamples::MAX_SAMPLES,
             FrameType::Handover => Handover::LEN,
+            FrameType::MemoryHandover => MemoryHandover::LEN,
             FrameType::Audit => Audit::FIXED_LEN + 8 * Audit::MAX_PAGES,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
@@ -123,6 +127,7 @@ impl FrameType {
             FrameType::Resumed => "resumed",
             FrameType::GuestSamples => "guest-samples",
             FrameType::Handover => "handover",
+            FrameType::MemoryHandover => "memory-handover",
             FrameType::Audit => "audit",
             FrameType::Abort => "abort",
         }

@@ -3,8 +3,8 @@
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, Resumed,
-    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
+    Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -38,6 +38,8 @@ pub enum Message {
     GuestSamples(GuestSamples),
     /// See [`Handover`].
     Handover(Handover),
+    /// See [`MemoryHandover`].
+    MemoryHandover(MemoryHandover),
     /// See [`Audit`].
     Audit(Audit),
     /// See [`Abort`].
@@ -62,6 +64,7 @@ impl Message {
             Message::Resumed(_) => FrameType::Resumed,
             Message::GuestSamples(_) => FrameType::GuestSamples,
             Message::Handover(_) => FrameType::Handover,
+            Message::MemoryHandover(_) => FrameType::MemoryHandover,
             Message::Audit(_) => FrameType::Audit,
             Message::Abort(_) => FrameType::Abort,
         }
@@ -85,6 +88,7 @@ impl Message {
             Message::Resumed(m) => m.encode(&mut out),
             Message::GuestSamples(m) => m.encode(&mut out),
             Message::Handover(m) => m.encode(&mut out),
+            Message::MemoryHandover(m) => m.encode(&mut out),
             Message::Audit(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
@@ -130,6 +134,7 @@ impl Message {
             FrameType::Resumed => Message::Resumed(Resumed::decode(body)?),
             FrameType::GuestSamples => Message::GuestSamples(GuestSamples::decode(body)?),
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
+            FrameType::MemoryHandover => Message::MemoryHandover(MemoryHandover::decode(body)?),
             FrameType::Audit => Message::Audit(Audit::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {

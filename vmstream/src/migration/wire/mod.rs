@@ -15,7 +15,8 @@
 //!   [`RefuseCode`]);
 //! - `channel`: [`ChannelHello`], which opens each parallel channel;
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
-//! - `commit`: the switchover, [`GuestState`], [`Digest`] and [`CommitReply`];
+//! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
+//!   [`CommitReply`];
 //! - `resume`: after the commit, [`Handover`], [`Resumed`] and [`GuestSamples`];
 //! - `abort`: [`Abort`], either side giving up;
 //! - `fields`: the body reader and field checks the decoders share.
@@ -38,8 +39,8 @@ pub use abort::{Abort, AbortCode};
 pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_BYTES};
 pub use channel::{ChannelHello, MAX_CHANNELS};
 pub use commit::{
-    CommitReply, CommitStatus, Digest, DigestSource, GuestState, DIGEST_PAGE_HASHES,
-    MAX_GUEST_STATE_LEN,
+    CommitReply, CommitStatus, Digest, DigestSource, GuestState, MemoryHandover,
+    DIGEST_PAGE_HASHES, MAX_GUEST_STATE_LEN,
 };
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
@@ -65,5 +66,10 @@ pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
 /// Feature bit: the migration uses several TCP connections (`--channels N`); a
 /// [`ChannelHello`] follows the `Hello` on the first one and opens each of the others.
 pub const FEATURE_CHANNELS: u64 = 1 << 2;
+/// Feature bit: no pages travel; the paused guest's memory is handed over by file
+/// descriptor ([`MemoryHandover`], unix sockets only, `send --handover`). Destinations
+/// without it refuse the bit at the hello (unknown feature).
+pub const FEATURE_HANDOVER: u64 = 1 << 3;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST | FEATURE_CHANNELS;
+pub const KNOWN_FEATURES: u64 =
+    FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST | FEATURE_CHANNELS | FEATURE_HANDOVER;

@@ -82,6 +82,10 @@ pub(super) fn all_messages() -> Vec<Message> {
         Message::Handover(Handover {
             ended_at_unix_ns: 1_700_000_000_123_456_789,
         }),
+        Message::MemoryHandover(MemoryHandover {
+            guest_size: 64 << 20,
+            paused_at_unix_ns: 1_700_000_000_123_456_000,
+        }),
         Message::AuthHello(AuthHello { nonce: [0x11; 32] }),
         Message::AuthChallenge(AuthChallenge {
             nonce: [0x22; 32],

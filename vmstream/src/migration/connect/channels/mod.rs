@@ -40,7 +40,7 @@
 //! Files: `mod.rs` (errors, refusals, sharding, ids, the round barrier), [`send`] (the
 //! source's channels), [`recv`] (binding and reading them on the destination).
 
-use std::net::TcpStream;
+use crate::migration::transport::Socket;
 use std::time::Duration;
 
 use vmstream_codec::memory::CHUNK_PAGES;
@@ -267,7 +267,7 @@ pub fn new_migration_id() -> [u8; 16] {
     id
 }
 
-pub(crate) fn setup_socket(s: &TcpStream, io_timeout: Duration) -> std::io::Result<()> {
+pub(crate) fn setup_socket(s: &Socket, io_timeout: Duration) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(io_timeout))?;
     // A peer that stops reading must not block a writer (and a later join of it) forever.

@@ -1,7 +1,7 @@
 //! The destination's side of the channels: binding them (refusing strays) and reading
 //! their frames into one decode pipeline behind the [`RoundBarrier`].
 
-use std::net::TcpStream;
+use crate::migration::transport::Socket;
 use std::sync::mpsc::{sync_channel, Receiver as FrameQueue, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::migration::wire::{ChannelHello, HelloReply, Message, RefuseCode, Roun
 pub struct DestChannels {
     admissions: Option<Admissions>,
     /// The connections, with their sealing state when authenticated.
-    bound: Vec<(TcpStream, Option<Opener>)>,
+    bound: Vec<(Socket, Option<Opener>)>,
     count: usize,
     /// Bytes read on channels 1.. (channel 0 counts its own).
     extra_bytes: u64,
@@ -54,9 +54,7 @@ impl DestChannels {
     }
 
     /// Reads channel 0's channel hello, which follows a `Hello` with the channels feature.
-    pub fn read_primary(
-        reader: &mut FrameReader<TcpStream>,
-    ) -> Result<ChannelHello, ChannelRefusal> {
+    pub fn read_primary(reader: &mut FrameReader<Socket>) -> Result<ChannelHello, ChannelRefusal> {
         match reader.read_frame() {
             Ok(Frame::Control(Message::ChannelHello(c))) if c.index == 0 => Ok(c),
             Ok(Frame::Control(Message::ChannelHello(c))) => Err(ChannelRefusal::BadPrimary(
@@ -80,7 +78,7 @@ impl DestChannels {
         &mut self,
         primary: &ChannelHello,
         timeout: Duration,
-        reader0: &mut FrameReader<TcpStream>,
+        reader0: &mut FrameReader<Socket>,
     ) -> Result<(), RecvError> {
         let Some(mut admissions) = self.admissions.take() else {
             return Err(
@@ -89,14 +87,13 @@ impl DestChannels {
         };
         let count = primary.count as usize;
         let deadline = Instant::now() + timeout;
-        let mut slots: Vec<Option<(TcpStream, Option<Opener>)>> =
-            (0..count).map(|_| None).collect();
+        let mut slots: Vec<Option<(Socket, Option<Opener>)>> = (0..count).map(|_| None).collect();
         let mut bound = vec![false; count];
         bound[0] = true;
         while bound.iter().any(|b| !b) {
             match admissions.next(Duration::from_millis(5)) {
                 Ok(Some(opening)) => {
-                    let peer = opening.peer;
+                    let peer = opening.peer.clone();
                     match admit(opening, primary, &bound) {
                         Ok((i, stream, hello_bytes, opener)) => {
                             bound[i] = true;
@@ -145,7 +142,7 @@ impl DestChannels {
     /// The frames of all channels, for the rounds (see [`ChannelFrames`]).
     pub fn frames<'a>(
         &'a mut self,
-        reader0: &'a mut FrameReader<TcpStream>,
+        reader0: &'a mut FrameReader<Socket>,
         io_timeout: Duration,
     ) -> Result<ChannelFrames<'a>, RecvError> {
         let count = self.bound.len() + 1;
@@ -208,7 +205,7 @@ fn admit(
     opening: Opening,
     primary: &ChannelHello,
     bound: &[bool],
-) -> Result<(usize, TcpStream, u64, Option<Opener>), ChannelRefusal> {
+) -> Result<(usize, Socket, u64, Option<Opener>), ChannelRefusal> {
     let Opening {
         mut reader,
         mut writer,
@@ -265,7 +262,7 @@ fn admit(
 
 /// The next frame of `reader` if any bytes (or its end) arrived, without blocking
 /// otherwise.
-fn pending_frame(reader: &mut FrameReader<TcpStream>) -> Option<Result<Frame, TransportError>> {
+fn pending_frame(reader: &mut FrameReader<Socket>) -> Option<Result<Frame, TransportError>> {
     let s = reader.get_ref();
     s.set_nonblocking(true).ok()?;
     // Data, its end (Ok(0)) or a socket error: read_frame reports which.
@@ -283,9 +280,9 @@ type ChannelFrame = (usize, Result<Frame, TransportError>);
 /// or an error, then returns the reader.
 fn read_channel(
     index: usize,
-    mut reader: FrameReader<TcpStream>,
+    mut reader: FrameReader<Socket>,
     tx: SyncSender<ChannelFrame>,
-) -> FrameReader<TcpStream> {
+) -> FrameReader<Socket> {
     loop {
         let frame = reader.read_frame();
         let last = match &frame {
@@ -301,9 +298,9 @@ fn read_channel(
 
 struct Multi {
     rx: Option<FrameQueue<ChannelFrame>>,
-    threads: Vec<JoinHandle<FrameReader<TcpStream>>>,
+    threads: Vec<JoinHandle<FrameReader<Socket>>>,
     /// Clones of every channel's socket, to unblock readers on an early end.
-    sockets: Vec<TcpStream>,
+    sockets: Vec<Socket>,
 }
 
 /// The frames of a migration's rounds from all its channels, in arrival order per
@@ -314,7 +311,7 @@ pub struct ChannelFrames<'a> {
     barrier: RoundBarrier,
     /// The final round passed the barrier: every reader ended by itself.
     completed: bool,
-    reader0: &'a mut FrameReader<TcpStream>,
+    reader0: &'a mut FrameReader<Socket>,
     multi: Option<Multi>,
     extra_bytes: &'a mut u64,
 }

@@ -2,6 +2,8 @@
 //! by [`ChannelMap`], control messages on channel 0.
 
 use std::net::{TcpStream, ToSocketAddrs};
+
+use crate::migration::transport::{unix_path, Socket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +26,14 @@ use crate::migration::wire::{
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
-/// Connects to `to` (any of its addresses). `keyless`: no key, and not `--insecure`, so
-/// only loopback addresses are allowed (`crate::migration::connect::exposure`), checked on
-/// what is connected to, not only on what the address resolved to earlier.
-pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<TcpStream, SendError> {
+/// Connects to `to`: a unix socket (`unix:PATH`), or any address of `HOST:PORT`.
+/// `keyless`: no key, and not `--insecure`, so only loopback TCP addresses are allowed
+/// (`crate::migration::connect::exposure`), checked on what is connected to, not only on
+/// what the address resolved to earlier.
+pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<Socket, SendError> {
+    if let Some(path) = unix_path(to) {
+        return Socket::connect_unix(path).map_err(|e| SendError::Connect(to.to_string(), e));
+    }
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(|e| SendError::Connect(to.to_string(), e))?
@@ -39,7 +45,7 @@ pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<TcpStream, 
     let mut last = std::io::Error::other("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok(Socket::tcp(s)),
             Err(e) => last = e,
         }
     }
@@ -97,7 +103,7 @@ impl SourceChannel {
         count: u16,
         migration_id: [u8; 16],
         key: Option<&AuthKey>,
-        reply: &mut FrameReader<TcpStream>,
+        reply: &mut FrameReader<Socket>,
     ) -> Result<(), SendError> {
         if let Some(key) = key {
             self.authenticate(channel, key, reply)?;
@@ -132,7 +138,7 @@ impl SourceChannel {
         &mut self,
         index: usize,
         key: &AuthKey,
-        reader: &mut FrameReader<TcpStream>,
+        reader: &mut FrameReader<Socket>,
     ) -> Result<(), SendError> {
         match authenticate_destination(key, &mut |m| self.link.send_message(m), reader)? {
             SourceAuth::Authenticated(sealer) => Ok(self.link.seal_with(*sealer)?),
@@ -183,7 +189,7 @@ pub struct SourceChannels {
     map: ChannelMap,
     channels: Vec<SourceChannel>,
     /// Readers of channels 1.., only for their binding replies.
-    replies: Vec<FrameReader<TcpStream>>,
+    replies: Vec<FrameReader<Socket>>,
     migration_id: [u8; 16],
     /// The pre-shared key every channel proves (`crate::migration::connect::auth`).
     auth_key: Option<AuthKey>,
@@ -209,7 +215,7 @@ impl SourceChannels {
         cfg: &SendConfig,
         guest_pages: u64,
         source: Option<Arc<dyn PageSource>>,
-    ) -> Result<(SourceChannels, FrameReader<TcpStream>), SendError> {
+    ) -> Result<(SourceChannels, FrameReader<Socket>), SendError> {
         let n = cfg.channels.max(1);
         let sender_cfg = sender_config(cfg, guest_pages)?;
         let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
@@ -415,6 +421,16 @@ impl SourceChannels {
     /// Sends a control message on channel 0 (after everything queued there before).
     pub fn send_message(&mut self, msg: &Message) -> Result<(), SendError> {
         Ok(self.channels[0].link.send_message(msg)?)
+    }
+
+    /// Sends a control message on channel 0 with the file descriptor `fd` (a unix socket
+    /// only: the memory handover).
+    pub fn send_message_with_fd(
+        &mut self,
+        msg: &Message,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<(), SendError> {
+        Ok(self.channels[0].link.send_message_with_fd(msg, fd)?)
     }
 
     /// Bytes written on all channels.

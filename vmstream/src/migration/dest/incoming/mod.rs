@@ -53,6 +53,13 @@ pub trait IncomingGuest {
     /// [`Self::resume`].
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes);
 
+    /// With `--resume`, in a handover: the workload's verify of the guest's own memory,
+    /// handed over by descriptor (`memory`: a private view of it, whose writes, a journal
+    /// replay, stay here; `data`: its data pages, holes skipped). Kept as
+    /// [`Self::verify_at_pause`] keeps its result; [`Self::resume`] then redoes on the
+    /// shared memory whatever the verify changed in its view.
+    fn verify_handed_over(&mut self, memory: &mut [u8], data: Option<&[u64]>);
+
     /// Why the verify at the pause failed, if it did: then nothing is committed.
     fn verify_failure(&self) -> Option<String>;
 

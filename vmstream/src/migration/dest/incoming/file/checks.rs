@@ -94,6 +94,19 @@ fn same_layout(a: &Superblock, b: &Superblock) -> bool {
         && a.seed == b.seed
 }
 
+/// The workload's whole verify of `mem` (its data pages `data`, holes skipped), after
+/// recovering an interrupted transaction: nothing is known of it beforehand (a handover).
+pub fn verify_full(
+    mem: &mut [u8],
+    data: Option<&[u64]>,
+) -> Result<ImageVerifyReport, ImageVerifyError> {
+    let replayed = crate::guest::file::workload::recover(mem)?;
+    verify_sparse(mem, data).map(|mut r| {
+        r.replayed_journal = replayed;
+        r
+    })
+}
+
 /// The verify at the pause: recovers the journal in `mem`, then checks every block using
 /// what `background` learned, reading only blocks that changed since. `hashes` must describe
 /// `mem` as the codec left it (before recovery); `data` is the image's data pages.

@@ -41,6 +41,9 @@ pub struct IncomingFileGuest {
     /// commit so an image the guest cannot resume from is never committed.
     verified: Option<Result<ImageVerifyReport, ImageVerifyError>>,
     resumed: Option<ResumedGuest>,
+    /// The verify recovered a private view of handed-over memory: the shared memory is
+    /// recovered the same way at the resume (the source's guest has ended by then).
+    recover_at_resume: bool,
     /// Told the lines the resumed guest writes.
     notices: Notices,
 }
@@ -93,6 +96,11 @@ impl IncomingGuest for IncomingFileGuest {
         ));
     }
 
+    fn verify_handed_over(&mut self, memory: &mut [u8], data: Option<&[u64]>) {
+        self.verified = Some(checks::verify_full(memory, data));
+        self.recover_at_resume = true;
+    }
+
     fn verify_failure(&self) -> Option<String> {
         match &self.verified {
             Some(Err(e)) => Some(e.to_string()),
@@ -118,11 +126,17 @@ impl IncomingGuest for IncomingFileGuest {
 
     fn resume(
         &mut self,
-        memory: GuestMemory,
+        mut memory: GuestMemory,
         _target: &Path,
         run_for: Option<Duration>,
     ) -> Result<Resumption, RecvError> {
         let t = Instant::now();
+        if self.recover_at_resume {
+            // What the verify's private view replayed: the same journal, now ours alone.
+            crate::guest::file::workload::recover(memory.as_mut_slice()).map_err(|e| {
+                RecvError::Resume(format!("recovering the handed-over memory: {e}"))
+            })?;
+        }
         let guest = match self.verified.take() {
             Some(Ok(report)) => start_guest(memory, report, run_for, self.notices.clone())?,
             _ => return Err(RecvError::Resume("no verified image to resume".into())),
@@ -150,6 +164,7 @@ impl IncomingGuest for IncomingFileGuest {
         Received {
             guest: self.resumed,
             kvm: None,
+            handed_over: None,
         }
     }
 }

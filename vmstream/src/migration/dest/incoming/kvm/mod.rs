@@ -91,6 +91,15 @@ impl IncomingGuest for IncomingKvmGuest {
         self.verified = Some(verify_pending(image, hashes, self.background.take()));
     }
 
+    fn verify_handed_over(&mut self, memory: &mut [u8], _data: Option<&[u64]>) {
+        let ram: &[u8] = memory;
+        self.verified = Some(
+            crate::guest::kvm::Params::read_from(ram)
+                .and_then(|params| crate::guest::kvm::verify::verify_known(ram, &params, &|_| None))
+                .map_err(|e| e.to_string()),
+        );
+    }
+
     fn verify_failure(&self) -> Option<String> {
         match &self.verified {
             Some(Err(e)) => Some(e.clone()),
@@ -148,6 +157,7 @@ impl IncomingGuest for IncomingKvmGuest {
         Received {
             guest: None,
             kvm: self.resumed,
+            handed_over: None,
         }
     }
 }

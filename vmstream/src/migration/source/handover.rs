@@ -1,0 +1,293 @@
+//! The source of a same-host handover (`send --handover`, [`hand_over`]): no page is
+//! copied. The guest is paused, its memory's file descriptor and its state go over the unix
+//! socket, and once the destination committed, the guest ends and this process drops every
+//! mapping and descriptor of its memory before it lets the destination resume it.
+//!
+//! ```text
+//! Hello{HANDOVER} --accepted--> pause --> MemoryHandover (+ fd), GuestState
+//!   --CommitReply{committed}--> guest ended and dropped --> Handover --> Resumed, GuestSamples
+//! any error before the commit acknowledgement: guest resumed (and handed back), Abort sent
+//! ```
+
+use std::os::fd::OwnedFd;
+use std::time::{Instant, SystemTime};
+
+use crate::guest::file::source::GuestControlError;
+use crate::guest::migratable::MigratableGuest;
+use crate::memory::PAGE_SIZE;
+use crate::migration::config::SendConfig;
+use crate::migration::connect::channels::SourceChannels;
+use crate::migration::digest::DIGEST_SKIPPED_HANDOVER;
+use crate::migration::error::SendError;
+use crate::migration::transport::{Frame, FrameReader, Socket};
+use crate::migration::wire::{
+    Abort, AbortCode, CommitStatus, GuestState, Handover, Hello, MemoryHandover, Message,
+    RefuseCode, FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST,
+};
+use crate::telemetry::impact::REPORT_WAIT;
+use crate::telemetry::stats::{
+    ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats, Role,
+};
+
+use super::report::{settings, warm_up, SendReport};
+use super::round::unexpected;
+use super::{Outcome, CANCELLED};
+
+/// What a handover returns: the report, and the guest when it is still ours (the handover
+/// failed or was cancelled: it runs again here). After a commit the guest is gone.
+pub struct HandoverReport {
+    /// Statistics and outcome, as for a copying migration.
+    pub report: SendReport,
+    /// The guest, running again, unless the destination took it.
+    pub guest: Option<Box<dyn MigratableGuest>>,
+}
+
+impl std::fmt::Debug for HandoverReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandoverReport")
+            .field("report", &self.report)
+            .field("guest_kept", &self.guest.is_some())
+            .finish()
+    }
+}
+
+/// Hands `guest` over to the destination at `cfg.to` (a unix socket) by its memory's file
+/// descriptor. Before the destination's commit every failure resumes the guest and hands
+/// it back; after it the guest has ended and nothing of its memory stays in this process.
+pub fn hand_over(cfg: &SendConfig, mut guest: Box<dyn MigratableGuest>) -> HandoverReport {
+    let mut stats = MigrationStats::new(Role::Source);
+    stats.guest_bytes = guest.size();
+    stats.settings = settings(cfg, guest.as_mut());
+    stats.tps.before = warm_up(cfg, guest.as_ref());
+    let start = Instant::now();
+    let mut session = None;
+    let result = run(cfg, guest.as_mut(), &mut stats, &mut session);
+    if let Ok(HandedOver::Committed { .. }) = &result {
+        stats.total_time_ms = start.elapsed().as_secs_f64() * 1e3;
+    }
+    let (guest, ended) = match &result {
+        Ok(HandedOver::Committed { .. }) => {
+            // The guest ends, and with it every mapping and descriptor of its memory (its
+            // process's; here the sender's mapping, the tracker, a KVM guest's VM).
+            (None, Some(guest.end_for_handover()))
+        }
+        _ => {
+            if guest.is_paused() {
+                if let Err(e) = guest.resume() {
+                    cfg.notices
+                        .error(format!("resuming the source guest failed: {e}"));
+                }
+            }
+            (Some(guest), None)
+        }
+    };
+    let result = match result {
+        Ok(HandedOver::Committed { paused_at_ns }) => {
+            // Only now, with nothing of the guest's memory left here, may it run there.
+            let (channels, reader) = session.as_mut().expect("a committed handover connected");
+            let ended = ended.expect("a committed handover ended its guest");
+            after_commit(cfg, channels, reader, &mut stats, paused_at_ns, ended);
+            Ok(Outcome::Committed)
+        }
+        Ok(HandedOver::Cancelled) => Ok(Outcome::Cancelled(CANCELLED.into())),
+        Err(e) => {
+            if let Some((channels, _)) = session.as_mut() {
+                let _ = channels.abort(AbortCode::SourceError, e.to_string());
+            }
+            Err(e)
+        }
+    };
+    if let Some((channels, _)) = session.as_mut() {
+        let _ = channels.finish();
+        stats.bytes_on_wire = channels.bytes_sent();
+        stats.channel_bytes = channels.bytes_per_channel();
+    }
+    stats.cpu = CpuTime::now();
+    if stats.total_time_ms == 0.0 {
+        stats.total_time_ms = start.elapsed().as_secs_f64() * 1e3;
+    }
+    match &result {
+        Ok(Outcome::Committed | Outcome::CrashedAfterCommit) => {
+            stats.outcome = MigrationOutcome::Committed
+        }
+        Ok(Outcome::Cancelled(reason)) => {
+            stats.outcome = MigrationOutcome::Cancelled;
+            stats.error = Some(reason.clone());
+        }
+        Err(e) => {
+            stats.outcome = MigrationOutcome::Failed;
+            stats.error = Some(e.to_string());
+        }
+    }
+    HandoverReport {
+        report: SendReport { stats, result },
+        guest,
+    }
+}
+
+/// How the part of a handover that can still roll back ended.
+enum HandedOver {
+    /// The destination committed; the guest has ended and been dropped.
+    Committed { paused_at_ns: u64 },
+    /// Cancelled before the pause.
+    Cancelled,
+}
+
+/// The connection of a handover: its channel (0 only) and the reader of its replies.
+type Session = (SourceChannels, FrameReader<Socket>);
+
+/// Connects, shakes hands, pauses `guest`, hands its memory and state over and waits for
+/// the verdict (ending the guest after a commit is the caller's).
+fn run(
+    cfg: &SendConfig,
+    guest: &mut dyn MigratableGuest,
+    stats: &mut MigrationStats,
+    session: &mut Option<Session>,
+) -> Result<HandedOver, SendError> {
+    cfg.check().map_err(SendError::Config)?;
+    if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
+        return Ok(HandedOver::Cancelled);
+    }
+    let pages = guest.size() / PAGE_SIZE as u64;
+    let (channels, reader) = session.insert(SourceChannels::open(cfg, pages, None)?);
+    let asked = Instant::now();
+    channels.send_hello(Hello {
+        features: FEATURE_MEMORY_DIGEST | FEATURE_HANDOVER,
+        ..hello(cfg, guest)
+    })?;
+    match reader.read_frame()? {
+        Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
+            stats.settings.handshake_round_trip_ms = Some(asked.elapsed().as_secs_f64() * 1e3);
+            stats.settings.receiver_workers = Some(r.receiver_workers as usize);
+        }
+        Frame::Control(Message::HelloReply(r)) => {
+            return Err(SendError::Refused {
+                code: r.refuse,
+                reason: r.reason,
+            })
+        }
+        other => return Err(unexpected("a hello reply", other)),
+    }
+    if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
+        channels.abort(AbortCode::Cancelled, CANCELLED.into())?;
+        return Ok(HandedOver::Cancelled);
+    }
+    let t = Instant::now();
+    let paused_at_ns = unix_ns(SystemTime::now());
+    let mut blob = guest.pause().map_err(SendError::Guest)?;
+    cfg.faults.corrupt_guest_state(&mut blob);
+    let tx_count = guest.tx_count();
+    stats.switchover_ms.pause_and_collect = Some(t.elapsed().as_secs_f64() * 1e3);
+    let fd: OwnedFd = guest
+        .memory()
+        .file()
+        .try_clone()
+        .map_err(SendError::Socket)?
+        .into();
+    let t = Instant::now();
+    channels.send_message_with_fd(
+        &Message::MemoryHandover(MemoryHandover {
+            guest_size: guest.size(),
+            paused_at_unix_ns: paused_at_ns,
+        }),
+        fd,
+    )?;
+    channels.send_message(&Message::GuestState(GuestState {
+        guest_kind: guest.kind(),
+        tx_count,
+        blob,
+    }))?;
+    let reply = match reader.read_frame()? {
+        Frame::Control(Message::CommitReply(r)) => r,
+        other => return Err(unexpected("the commit reply", other)),
+    };
+    stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
+    if reply.status != CommitStatus::Committed {
+        return Err(SendError::CommitRefused {
+            status: reply.status,
+            reason: reply.reason,
+            their_digest: DIGEST_SKIPPED_HANDOVER.into(),
+        });
+    }
+    stats.digest = Some(DIGEST_SKIPPED_HANDOVER.into());
+    stats.converged = true;
+    Ok(HandedOver::Committed { paused_at_ns })
+}
+
+/// The handshake's `Hello` for `guest` (its features are the caller's).
+fn hello(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Hello {
+    Hello {
+        guest_kind: guest.kind(),
+        page_size: PAGE_SIZE as u32,
+        guest_size: guest.size(),
+        features: 0,
+        compression: cfg.encoder.compression,
+        delta: crate::migration::wire::DeltaWire::Off,
+        codec_version: Hello::CODEC_VERSION,
+        sender_workers: cfg.threads as u32,
+        cache_bytes: 0,
+        batch_pages: cfg.batch_pages as u32,
+    }
+}
+
+/// After the commit, the guest ended (`ended`: how) and dropped: tells the destination it
+/// may resume, and reads its report. Errors are warnings: nothing rolls back.
+fn after_commit(
+    cfg: &SendConfig,
+    channels: &mut SourceChannels,
+    reader: &mut FrameReader<Socket>,
+    stats: &mut MigrationStats,
+    paused_at_ns: u64,
+    ended: Result<(), GuestControlError>,
+) {
+    let notices = &cfg.notices;
+    let handover = match ended {
+        Ok(()) => Message::Handover(Handover {
+            ended_at_unix_ns: unix_ns(SystemTime::now()),
+        }),
+        Err(e) => {
+            notices.warning(format!(
+                "ending the source guest: {e}; the destination keeps the guest stopped"
+            ));
+            Message::Abort(Abort {
+                code: AbortCode::SourceError,
+                reason: format!("the source guest could not be ended: {e}"),
+            })
+        }
+    };
+    if let Err(e) = channels.send_message(&handover) {
+        notices.warning(format!("telling the destination our guest ended: {e}"));
+    }
+    match reader.read_frame() {
+        Ok(Frame::Control(Message::Resumed(r))) => {
+            stats.downtime_ms = Some(ms_between(paused_at_ns, r.at_unix_ns));
+            stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
+            stats.settings.destination_running = Some(r.running);
+            if r.running {
+                let _ = reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
+                match reader.read_frame() {
+                    Ok(Frame::Control(Message::GuestSamples(s))) => {
+                        stats.tps.after = tps(&s.samples);
+                    }
+                    Ok(_) => notices.warning("unexpected message after the resume"),
+                    Err(e) => {
+                        notices.warning(format!("no guest samples from the destination: {e}"))
+                    }
+                }
+            }
+        }
+        Ok(Frame::Control(Message::Abort(a))) => notices.warning(format!(
+            "the destination committed but could not resume: {}",
+            a.reason
+        )),
+        Ok(_) => notices.warning("unexpected message after the commit"),
+        Err(e) => notices.warning(format!("no resume report from the destination: {e}")),
+    }
+}
+
+/// Transactions per second over the destination's samples (first to last).
+fn tps(samples: &[(u64, u64)]) -> Option<f64> {
+    let (first, last) = (samples.first()?, samples.last()?);
+    let secs = last.0.saturating_sub(first.0) as f64 / 1e9;
+    (secs > 0.0).then(|| last.1.saturating_sub(first.1) as f64 / secs)
+}
