@@ -85,7 +85,15 @@ impl GuestRam {
     /// Opens `path` and holds its lock for the RAM's life, as every guest owns its memory
     /// file ([`open_owned`]).
     fn owned(path: &Path, size: u64, fresh: bool) -> Result<Self> {
-        let file = open_owned(path, true).map_err(|e| match e {
+        // An existing file is opened as named (the receiver resumes a handed-over memfd
+        // through its /proc/self/fd link); only a new one is created, never through a link.
+        let opened = match open_owned(path, false) {
+            Err(OwnError::Open(e)) if e.kind() == io::ErrorKind::NotFound => {
+                open_owned(path, true)
+            }
+            other => other,
+        };
+        let file = opened.map_err(|e| match e {
             OwnError::InUse => KvmError::Config(format!(
                 "{} is in use by another running guest",
                 path.display()
