@@ -14,6 +14,7 @@
 #   LIMITS="default 50ms"  downtime limits ("default": no --downtime-limit flag)
 #   BINS="new=PATH old=PATH"  builds to compare, run interleaved per configuration
 #                        (default: this workspace's release build, labelled "this")
+#   SEND_FLAGS="..."     more `vmstream send` flags for every migration (e.g. --compress none)
 #   OUT=/tmp/vmstream-scale  DIR=/dev/shm (where memory files live)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -62,6 +63,8 @@ migrate() { # LABEL BIN KIND SIZE LIMIT
     warm $((2 * size))
     p=$(port)
     local extra=(--memory-file "$dir/src.mem")
+    # shellcheck disable=SC2206 # word splitting of the flags is wanted
+    extra+=(${SEND_FLAGS:-})
     [ "$limit" = default ] || extra+=(--downtime-limit "$limit")
     if [ "$kind" = kvm ]; then
         extra+=(--kvm --vcpus 2)
@@ -107,6 +110,9 @@ def find(d, key):
         if isinstance(v, dict) and key in v:
             return v[key]
     return None
+def cpu(d):
+    c = d.get("cpu")
+    return f"{(c['user_ms'] + c['sys_ms']) / 1e3:.1f}" if c else "-"
 state = next((v for k, v in {**ss, **rs}.items() if "state" in k), None)
 verify = find(s, "verify_mode") or "full"
 reason = find(s, "switchover_reason") or ("converged" if s.get("converged") else "forced")
@@ -114,14 +120,14 @@ print(f"| {kind} | {size} | {limit} | {label} | {r0:.2f} | {cp:.2f} | {r0 / cp:.
       f"{s.get('total_time_ms', float('nan')) / 1e3:.1f} | {ms(s.get('downtime_ms'))} | "
       f"{ms(final)} | {ms(ss.get('digest'))} / {ms(rs.get('digest'))} | {ms(rs.get('verify'))} | {ms(state)} | "
       f"{ms(rs.get('commit'))} | {ms(rs.get('resume') or rs.get('kvm_restore'))} | "
-      f"{s.get('bytes_on_wire', 0) / 2**20:.0f} | {verify} | {reason} | "
+      f"{s.get('bytes_on_wire', 0) / 2**20:.0f} | {cpu(s)} / {cpu(r)} | {verify} | {reason} | "
       f"{s.get('outcome', 'failed')} | {load1} |", flush=True)
 PY
 }
 
 echo "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; load average at start: $(uptime | sed 's/.*load average: //')"
-echo "| guest | GiB | limit | build | round 0 s | cp s | round 0 / cp | total s | downtime ms | final round ms | digest ms src / dst | dest verify ms | state ms | commit ms | resume ms | wire MiB | verify | switchover | outcome | load |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|"
+echo "| guest | GiB | limit | build | round 0 s | cp s | round 0 / cp | total s | downtime ms | final round ms | digest ms src / dst | dest verify ms | state ms | commit ms | resume ms | wire MiB | cpu s src / dst | verify | switchover | outcome | load |"
+echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---:|"
 run_kind() { # KIND SIZES
     local kind=$1 size limit b
     for size in $2; do
