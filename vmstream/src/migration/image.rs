@@ -399,18 +399,25 @@ impl PendingImage {
 
     /// The temporary file, for the receive pipeline's workers to write whole pages to
     /// (`ReceiverConfig::memory_file`: far cheaper than faulting its fresh pages in
-    /// through the mapping).
-    pub fn file(&self) -> Result<std::sync::Arc<File>, ImageError> {
-        self.memory
+    /// through the mapping); `None` on hugetlbfs, which has no `write(2)` (and whose
+    /// 2 MiB pages take few faults anyway).
+    pub fn file(&self) -> Result<Option<std::sync::Arc<File>>, ImageError> {
+        let file = self
+            .memory
             .as_ref()
             .expect("memory present until commit")
-            .file()
-            .try_clone()
-            .map(std::sync::Arc::new)
-            .map_err(|source| ImageError::Io {
-                what: format!("open {} again", self.claim.tmp.display()),
-                source,
-            })
+            .file();
+        let again = |source| ImageError::Io {
+            what: format!("open {} again", self.claim.tmp.display()),
+            source,
+        };
+        let fs = nix::sys::statfs::fstatfs(file).map_err(|e| again(e.into()))?;
+        if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+            return Ok(None);
+        }
+        file.try_clone()
+            .map(|f| Some(std::sync::Arc::new(f)))
+            .map_err(again)
     }
 
     /// A bit per page that holds data in the temporary file (the rest are holes).
@@ -665,7 +672,7 @@ mod tests {
         let rconfig = ReceiverConfig {
             workers: 2,
             zeroed_memory: true,
-            memory_file: Some(img.file().unwrap()),
+            memory_file: img.file().unwrap(),
             ..ReceiverConfig::default()
         };
         // Round 1: a few bytes of some data pages in the upper half (deltas) and one zero

@@ -435,7 +435,7 @@ impl Dest<'_> {
             // A fresh sparse file: zero pages need not be written, whole pages are written
             // to the file in runs (not faulted in one at a time through the mapping).
             zeroed_memory: true,
-            memory_file: Some(image.file()?),
+            memory_file: image.file()?,
             page_observer: Some({
                 let hashes = std::sync::Arc::clone(&hashes);
                 let touched = std::sync::Arc::clone(&touched);
