@@ -224,6 +224,17 @@ pub enum CodecError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Writing decoded pages to the destination memory file failed (e.g. no space left
+    /// on its file system).
+    #[error("writing pages {first}..{end} to the memory file: {reason}")]
+    Write {
+        /// The first page of the run.
+        first: u64,
+        /// One past its last page.
+        end: u64,
+        /// The system's error, in words.
+        reason: String,
+    },
     /// The pipeline stopped after an earlier error, reported before.
     #[error("pipeline stopped after an earlier error")]
     Stopped,

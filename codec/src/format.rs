@@ -94,6 +94,15 @@ impl Encoding {
         }
     }
 
+    /// Whether a record of this encoding carries the whole page (raw or compressed), so
+    /// applying it needs nothing of what the page held before.
+    pub fn is_whole_page(self) -> bool {
+        matches!(
+            self,
+            Encoding::Raw | Encoding::Lz4 | Encoding::Zstd | Encoding::Zlib
+        )
+    }
+
     /// Whether a payload of `len` bytes is allowed for this encoding.
     /// Raw is exactly one page, zero is empty, everything else is 1 to
     /// `PAGE_SIZE - 1` bytes (a page that does not shrink travels raw).

@@ -21,6 +21,7 @@ pub mod format;
 pub mod memory;
 mod queue;
 pub mod receiver;
+mod run_writer;
 pub mod sender;
 pub mod stats;
 

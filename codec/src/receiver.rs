@@ -12,6 +12,7 @@
 //! it returns.
 #![forbid(unsafe_code)]
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use crate::error::CodecError;
 use crate::format::{parse_packet, verify_checksum, Encoding, Limits};
 use crate::memory::{owner, page_bit, page_bitmap, split, ShardMemory};
 use crate::queue::{bounded, QueueReceiver, QueueSender};
+use crate::run_writer::RunWriter;
 use crate::stats::{PipelineStats, WorkerStats};
 use crate::PAGE_SIZE;
 
@@ -63,6 +65,16 @@ pub struct ReceiverConfig {
     /// memfd): a zero record for a page no record has written yet is counted but leaves
     /// the page untouched, since even reading a hole of a shared file mapping allocates it.
     pub zeroed_memory: bool,
+    /// The file `memory` maps (shared, from its first byte). Whole pages (raw or
+    /// compressed records) are then decoded into a buffer and written to the file, one
+    /// positional write per run of consecutive pages, instead of through the mapping:
+    /// writing a page of a fresh shared mapping first faults it in, and the kernel zeroes
+    /// the new page before the decoder overwrites it, one 4 KiB page per fault; a write to
+    /// the file allocates the run's pages without either. Deltas and zero records still go
+    /// through the mapping (a delta reads the old page). A full file system is an error
+    /// ([`CodecError::Write`]) rather than a `SIGBUS`. `None`: every page through the
+    /// mapping.
+    pub memory_file: Option<Arc<File>>,
     /// Test-only: observes (and delays) packet application.
     #[doc(hidden)]
     pub test_hook: Option<TestHook>,
@@ -75,6 +87,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("queue_depth", &self.queue_depth)
             .field("page_observer", &self.page_observer.is_some())
             .field("zeroed_memory", &self.zeroed_memory)
+            .field("memory_file", &self.memory_file)
             .field("test_hook", &self.test_hook.is_some())
             .finish()
     }
@@ -87,6 +100,7 @@ impl Default for ReceiverConfig {
             queue_depth: 32,
             page_observer: None,
             zeroed_memory: false,
+            memory_file: None,
             test_hook: None,
         }
     }
@@ -168,6 +182,18 @@ pub fn receive<R>(
             memory.len()
         )));
     }
+    if let Some(file) = &config.memory_file {
+        let len = file
+            .metadata()
+            .map_err(|e| CodecError::Config(format!("memory file: {e}")))?
+            .len();
+        if len < memory.len() as u64 {
+            return Err(CodecError::Config(format!(
+                "memory file of {len} bytes is shorter than the {} bytes of memory",
+                memory.len()
+            )));
+        }
+    }
     let guest_pages = (memory.len() / PAGE_SIZE) as u64;
     let workers = config.workers;
     let mut decoders = Vec::with_capacity(workers);
@@ -196,6 +222,7 @@ pub fn receive<R>(
                 hook: config.test_hook.clone(),
                 observer: config.page_observer.clone(),
                 written: config.zeroed_memory.then(|| page_bitmap(guest_pages)),
+                run: config.memory_file.clone().map(RunWriter::new),
                 stats: WorkerStats::default(),
             };
             // Named, so profiles and `top -H` tell the decoders apart.
@@ -384,7 +411,23 @@ struct Worker<'a> {
     observer: Option<PageObserver>,
     /// With `zeroed_memory`: a bit per guest page this worker has written.
     written: Option<Vec<u64>>,
+    /// With `memory_file`: whole pages decoded and not yet written.
+    run: Option<RunWriter>,
     stats: WorkerStats,
+}
+
+/// Writes `run` to the memory file and shows its pages to `observer`.
+fn flush(run: &mut RunWriter, observer: &Option<PageObserver>) -> Result<(), CodecError> {
+    run.flush(|page, content| {
+        if let Some(observe) = observer {
+            observe(page, content);
+        }
+    })
+    .map_err(|(first, len, e)| CodecError::Write {
+        first,
+        end: first + len as u64,
+        reason: e.to_string(),
+    })
 }
 
 /// What a never-written page of zeroed memory holds.
@@ -487,7 +530,19 @@ impl Worker<'_> {
                 if let Some(observe) = &self.observer {
                     observe(r.page, &ZERO_PAGE);
                 }
+            } else if let Some(run) = self.run.as_mut().filter(|_| r.encoding.is_whole_page()) {
+                if !run.extends(r.page) {
+                    flush(run, &self.observer)?;
+                }
+                if let Err(e) = self.decoder.apply_sampled(seq, &r, run.push(r.page)) {
+                    run.pop();
+                    return Err(e.into());
+                }
             } else {
+                // Through the mapping, after the pages decoded before it.
+                if let Some(run) = &mut self.run {
+                    flush(run, &self.observer)?;
+                }
                 let page = self.shard.page_mut(r.page);
                 self.decoder.apply_sampled(seq, &r, page)?;
                 if let Some(observe) = &self.observer {
@@ -495,6 +550,11 @@ impl Worker<'_> {
                 }
             }
             self.stats.pages += 1;
+        }
+        // A packet's pages are all written when it is done: the barrier that follows the
+        // round's last packet finds them in memory.
+        if let Some(run) = &mut self.run {
+            flush(run, &self.observer)?;
         }
         if let Some(hook) = &self.hook {
             hook(HookPoint::AfterApply, self.index, seq);

@@ -115,6 +115,7 @@ fn stress(receiver_workers: usize) {
         queue_depth: 4,
         page_observer: None,
         zeroed_memory: false,
+        memory_file: None,
         test_hook: Some(hook),
     };
     let mut sconfig = SenderConfig::new(PAGES);

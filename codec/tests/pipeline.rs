@@ -241,6 +241,7 @@ fn worker_panic_fails_the_round_without_hanging() {
         queue_depth: 1,
         page_observer: None,
         zeroed_memory: false,
+        memory_file: None,
         test_hook: Some(hook),
     };
     let mut sender = Sender::new(config(2)).unwrap();

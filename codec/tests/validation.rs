@@ -601,3 +601,47 @@ fn corpus_packets() -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// A memory file the workers cannot write (read-only here; a full file system alike) fails
+/// the round with an error naming the pages, and a file shorter than memory is refused
+/// before anything runs.
+#[test]
+fn memory_file_errors_are_typed() {
+    let path = std::env::temp_dir().join(format!("codec-memfile-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; GUEST_PAGES as usize * PAGE_SIZE]).unwrap();
+    let mut mem = vec![0u8; GUEST_PAGES as usize * PAGE_SIZE];
+    let config = ReceiverConfig {
+        workers: 1,
+        memory_file: Some(std::sync::Arc::new(std::fs::File::open(&path).unwrap())),
+        ..Default::default()
+    };
+    let e = receive(&config, &mut mem, |rx| {
+        rx.submit(sample_packet()).unwrap();
+        rx.end_round(0).unwrap_err()
+    })
+    .unwrap();
+    // Pages 1 (raw) and 3 (lz4) are whole pages; the zero record between them ends the
+    // first run.
+    assert!(
+        matches!(
+            e,
+            CodecError::Write {
+                first: 1,
+                end: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    std::fs::write(&path, vec![0u8; PAGE_SIZE]).unwrap();
+    let short = ReceiverConfig {
+        memory_file: Some(std::sync::Arc::new(std::fs::File::open(&path).unwrap())),
+        ..config
+    };
+    let e = receive(&short, &mut mem, |_| ()).unwrap_err();
+    assert!(
+        matches!(&e, CodecError::Config(m) if m.contains("shorter")),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}

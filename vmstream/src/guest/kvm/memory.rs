@@ -88,9 +88,7 @@ impl GuestRam {
         // An existing file is opened as named (the receiver resumes a handed-over memfd
         // through its /proc/self/fd link); only a new one is created, never through a link.
         let opened = match open_owned(path, false) {
-            Err(OwnError::Open(e)) if e.kind() == io::ErrorKind::NotFound => {
-                open_owned(path, true)
-            }
+            Err(OwnError::Open(e)) if e.kind() == io::ErrorKind::NotFound => open_owned(path, true),
             other => other,
         };
         let file = opened.map_err(|e| match e {

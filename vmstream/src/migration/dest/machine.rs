@@ -483,8 +483,10 @@ impl Dest<'_> {
         }
         let config = ReceiverConfig {
             workers: self.workers(&hello),
-            // A fresh sparse file: zero pages need not be written.
+            // A fresh sparse file: zero pages need not be written, whole pages are written
+            // to the file in runs (not faulted in one at a time through the mapping).
             zeroed_memory: true,
+            memory_file: image.file()?,
             page_observer: Some({
                 let hashes = std::sync::Arc::clone(&hashes);
                 let touched = std::sync::Arc::clone(&touched);

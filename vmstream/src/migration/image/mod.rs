@@ -221,6 +221,29 @@ impl PendingImage {
             .as_mut_slice()
     }
 
+    /// The temporary file, for the receive pipeline's workers to write whole pages to
+    /// (`ReceiverConfig::memory_file`: far cheaper than faulting its fresh pages in
+    /// through the mapping); `None` on hugetlbfs, which has no `write(2)` (and whose
+    /// 2 MiB pages take few faults anyway).
+    pub fn file(&self) -> Result<Option<std::sync::Arc<std::fs::File>>, ImageError> {
+        let file = self
+            .memory
+            .as_ref()
+            .expect("memory present until commit")
+            .file();
+        let again = |source| ImageError::Io {
+            what: format!("open {} again", self.claim.tmp.display()),
+            source,
+        };
+        let fs = nix::sys::statfs::fstatfs(file).map_err(|e| again(e.into()))?;
+        if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+            return Ok(None);
+        }
+        file.try_clone()
+            .map(|f| Some(std::sync::Arc::new(f)))
+            .map_err(again)
+    }
+
     /// A bit per page that holds data in the temporary file (the rest are holes).
     pub fn data_pages(&self) -> std::io::Result<Vec<u64>> {
         self.memory
@@ -306,6 +329,120 @@ impl PendingImage {
 pub(super) mod tests {
     use super::*;
     use crate::telemetry::notice::Notices;
+
+    /// Whether page `page` of the mapping at `addr` is mapped into this process (bit 63 of
+    /// its `/proc/self/pagemap` entry), without touching it.
+    fn mapped_here(addr: u64, page: u64) -> bool {
+        use crate::memory::PAGE_SIZE;
+        use std::os::unix::fs::FileExt;
+        let mut entry = [0u8; 8];
+        std::fs::File::open("/proc/self/pagemap")
+            .unwrap()
+            .read_exact_at(&mut entry, (addr / PAGE_SIZE as u64 + page) * 8)
+            .unwrap();
+        u64::from_le_bytes(entry) >> 63 == 1
+    }
+
+    /// The receive pipeline writes whole pages to the image's file (`PendingImage::file`):
+    /// they land there without being faulted into the receiver's mapping one by one, deltas
+    /// on top of them apply through the mapping, zero pages stay holes, and the image ends
+    /// equal to the source.
+    #[test]
+    fn received_whole_pages_reach_the_file_without_faulting_the_mapping() {
+        use crate::memory::PAGE_SIZE;
+        use vmstream_codec::{
+            receive, Compression, DeltaConfig, DeltaMode, EncoderConfig, ReceiverConfig, Sender,
+            SenderConfig,
+        };
+        const PAGES: u64 = 512;
+        let d = dir("write-through");
+        let mut img = PendingImage::create(
+            Reservation::claim(&d.join("guest.img"), &Notices::silent()).unwrap(),
+            PAGES * PAGE_SIZE as u64,
+        )
+        .unwrap();
+        // Every fourth page zero; the rest text-like, so lz4 and XBZRLE both apply.
+        let mut source = vec![0u8; PAGES as usize * PAGE_SIZE];
+        for (p, page) in source.chunks_mut(PAGE_SIZE).enumerate() {
+            if p % 4 != 3 {
+                for (i, b) in page.iter_mut().enumerate() {
+                    *b = b'a' + ((i / 7 + p) % 26) as u8;
+                }
+            }
+        }
+        let mut config = SenderConfig::new(PAGES);
+        config.workers = 2;
+        config.batch_pages = 48;
+        config.encoder = EncoderConfig {
+            compression: Compression::Lz4 { acceleration: 1 },
+            delta: Some(DeltaConfig {
+                cache_bytes: PAGES as usize * PAGE_SIZE,
+                max_delta: 2048,
+                mode: DeltaMode::Xbzrle,
+            }),
+        };
+        let mut sender = Sender::new(config).unwrap();
+        let rconfig = ReceiverConfig {
+            workers: 2,
+            zeroed_memory: true,
+            memory_file: img.file().unwrap(),
+            ..ReceiverConfig::default()
+        };
+        // Round 1: a few bytes of some data pages in the upper half (deltas) and one zero
+        // page filled (a whole page).
+        let changed: Vec<u64> = [3]
+            .into_iter()
+            .chain((PAGES / 2..PAGES).filter(|p| p % 37 == 5))
+            .collect();
+        let addr = img.memory_mut().as_ptr() as u64;
+        receive(&rconfig, img.memory_mut(), |rx| {
+            for round in 0..2u64 {
+                let pages: Vec<u64> = if round == 0 {
+                    (0..PAGES).collect()
+                } else {
+                    for &p in &changed {
+                        let page = &mut source[p as usize * PAGE_SIZE..][..PAGE_SIZE];
+                        page[100..110].copy_from_slice(b"0123456789");
+                        if p == 3 {
+                            page.fill(b'z');
+                        }
+                    }
+                    changed.clone()
+                };
+                for &p in &pages {
+                    sender
+                        .push(p, &source[p as usize * PAGE_SIZE..][..PAGE_SIZE])
+                        .unwrap();
+                    while let Some(packet) = sender.poll() {
+                        rx.submit(packet.into_vec()).unwrap();
+                    }
+                }
+                sender.end_round().unwrap();
+                while let Some(packet) = sender.poll() {
+                    rx.submit(packet.into_vec()).unwrap();
+                }
+                rx.end_round(round).unwrap();
+            }
+        })
+        .unwrap();
+        assert!(sender.total_stats().by_encoding.xbzrle.pages > 0);
+        // Looked at before anything reads the mapping (a read maps pages in, and their
+        // neighbours: fault-around): the lower half, whole pages only, was never mapped here.
+        for p in 0..PAGES / 2 {
+            assert!(!mapped_here(addr, p), "page {p} was faulted in");
+        }
+        // Holes are looked at before the mapping is read (a page read through it is resident,
+        // which `data_pages` counts as data).
+        let data = img.data_pages().unwrap();
+        assert_eq!(std::fs::read(img.temp_path()).unwrap(), source);
+        assert!(img.memory_mut() == &source[..]);
+        for p in 0..PAGES {
+            let hole = p % 4 == 3 && !changed.contains(&p);
+            assert_eq!(crate::memory::page_is_hole(&data, p), hole, "page {p}");
+        }
+        drop(img);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     /// A fresh directory of its own for each test.
     pub(super) fn dir(name: &str) -> PathBuf {
