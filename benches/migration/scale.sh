@@ -114,7 +114,7 @@ def cpu(d):
     c = d.get("cpu")
     return f"{(c['user_ms'] + c['sys_ms']) / 1e3:.1f}" if c else "-"
 state = next((v for k, v in {**ss, **rs}.items() if "state" in k), None)
-verify = find(s, "verify_mode") or "full"
+verify = (s.get("verify") or {}).get("mode") or "full"
 reason = find(s, "switchover_reason") or ("converged" if s.get("converged") else "forced")
 print(f"| {kind} | {size} | {limit} | {label} | {r0:.2f} | {cp:.2f} | {r0 / cp:.1f} | "
       f"{s.get('total_time_ms', float('nan')) / 1e3:.1f} | {ms(s.get('downtime_ms'))} | "
