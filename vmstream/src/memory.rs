@@ -303,8 +303,6 @@ impl GuestMemory {
     /// / `SEEK_HOLE`, whose walk over a tmpfs file costs about as much per page as hashing
     /// it. A filesystem without hole reporting reports everything as data.
     pub fn data_pages(&self) -> io::Result<Vec<u64>> {
-        use nix::errno::Errno;
-        use nix::unistd::{lseek, Whence};
         let pages = self.pages() as usize;
         let mut resident = vec![0u8; pages];
         // SAFETY: `ptr` is the page-aligned start of the `len`-byte mapping, and `resident`
@@ -319,36 +317,16 @@ impl GuestMemory {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        let page = PAGE_SIZE as i64;
         let mut bits = vec![0u64; pages.div_ceil(64)];
-        let mut set = |from: usize, to: usize| {
-            for p in from..to {
-                bits[p / 64] |= 1 << (p % 64);
-            }
-        };
         let mut p = 0;
         while p < pages {
             if resident[p] & 1 != 0 {
-                set(p, p + 1);
+                bits[p / 64] |= 1 << (p % 64);
                 p += 1;
                 continue;
             }
             let end = (p..pages).find(|&q| resident[q] & 1 != 0).unwrap_or(pages);
-            let mut q = p;
-            while q < end {
-                let data = match lseek(&self.file, q as i64 * page, Whence::SeekData) {
-                    Ok(d) => (d / page) as usize,
-                    Err(Errno::ENXIO) => break, // no data after `q`
-                    Err(e) => return Err(e.into()),
-                };
-                if data >= end {
-                    break;
-                }
-                let hole = lseek(&self.file, data as i64 * page, Whence::SeekHole)?;
-                let hole = (((hole + page - 1) / page) as usize).clamp(data + 1, end);
-                set(data, hole);
-                q = hole;
-            }
+            mark_data_pages(&self.file, p, end, &mut bits)?;
             p = end;
         }
         Ok(bits)
@@ -448,31 +426,40 @@ impl std::fmt::Debug for GuestMemory {
     }
 }
 
-/// [`GuestMemory::data_pages`] of the first `len` bytes of `file` (any handle of it: the
-/// scrubber keeps its own).
+/// The data pages of the first `len` bytes of `file` (any handle of it: the scrubber keeps
+/// its own), as [`GuestMemory::data_pages`] finds them but from `SEEK_DATA` / `SEEK_HOLE`
+/// alone (there is no mapping to ask `mincore`).
 pub fn data_pages_of(file: &File, len: usize) -> io::Result<Vec<u64>> {
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    mark_data_pages(file, 0, pages, &mut bits)?;
+    Ok(bits)
+}
+
+/// Sets in `bits` the pages of `from..to` that hold data in `file` (`SEEK_DATA` /
+/// `SEEK_HOLE`; a page partly data counts as data).
+fn mark_data_pages(file: &File, from: usize, to: usize, bits: &mut [u64]) -> io::Result<()> {
     use nix::errno::Errno;
     use nix::unistd::{lseek, Whence};
     let page = PAGE_SIZE as i64;
-    let end = len as i64;
-    let mut bits = vec![0u64; len.div_ceil(PAGE_SIZE).div_ceil(64)];
-    let mut off = 0i64;
-    while off < end {
-        let data = match lseek(file, off, Whence::SeekData) {
-            Ok(d) => d,
-            Err(Errno::ENXIO) => break, // no data after `off`
+    let mut q = from;
+    while q < to {
+        let data = match lseek(file, q as i64 * page, Whence::SeekData) {
+            Ok(d) => (d / page) as usize,
+            Err(Errno::ENXIO) => break, // no data after `q`
             Err(e) => return Err(e.into()),
         };
-        if data >= end {
+        if data >= to {
             break;
         }
-        let hole = lseek(file, data, Whence::SeekHole)?.min(end);
-        for p in (data / page)..(hole + page - 1) / page {
-            bits[(p / 64) as usize] |= 1 << (p % 64);
+        let hole = lseek(file, data as i64 * page, Whence::SeekHole)?;
+        let hole = (((hole + page - 1) / page) as usize).clamp(data + 1, to);
+        for p in data..hole {
+            bits[p / 64] |= 1 << (p % 64);
         }
-        off = hole;
+        q = hole;
     }
-    Ok(bits)
+    Ok(())
 }
 
 /// The union of two sorted page lists (trackers', deferral's), sorted and without duplicates

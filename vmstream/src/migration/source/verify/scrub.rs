@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::memory::{data_pages_of, page_is_hole, MemoryReader, PAGE_SIZE};
+use crate::migration::transport::TokenBucket;
 
 use super::sent::{ScrubRead, SentPages};
 
@@ -90,8 +91,7 @@ fn run(
     let pages = sent.pages();
     let len = pages as usize * PAGE_SIZE;
     let mut buf = vec![0u8; PAGE_SIZE];
-    let started = Instant::now();
-    let mut scrubbed = 0u64;
+    let mut pace = bytes_per_s.filter(|&r| r > 0).map(TokenBucket::new);
     while !shared.stop.load(Ordering::Acquire) {
         let pass_start = Instant::now();
         // Holes read as zero without being read (reading one would allocate it); a page
@@ -112,18 +112,21 @@ fn run(
                     s.push(Suspect { page, epoch });
                 }
             }
-            scrubbed += end - p;
             shared.pages_scrubbed.fetch_add(end - p, Ordering::Relaxed);
-            p = end;
-            if let Some(rate) = bytes_per_s.filter(|&r| r > 0) {
-                let due = Duration::from_secs_f64(scrubbed as f64 * PAGE_SIZE as f64 / rate as f64);
-                while let Some(wait) = due.checked_sub(started.elapsed()) {
+            if let Some(bucket) = &mut pace {
+                let now = Instant::now();
+                let until = now + bucket.take_at((end - p) as usize * PAGE_SIZE, now);
+                while let Some(wait) = until
+                    .checked_duration_since(Instant::now())
+                    .filter(|w| !w.is_zero())
+                {
                     if shared.stop.load(Ordering::Acquire) {
                         return;
                     }
                     std::thread::sleep(wait.min(Duration::from_millis(20)));
                 }
             }
+            p = end;
         }
         *shared.last_pass_start.lock().expect("pass start") = Some(pass_start);
     }
