@@ -761,7 +761,8 @@ impl Dest<'_> {
         };
         if audit.mismatched > 0 {
             self.cfg.notices.error(format!(
-                "post-commit audit: the source's memory at the pause differs from what it                  sent in {} page(s) (first: {:?}); the committed image holds stale copies",
+                "post-commit audit: the source's memory at the pause differs from what it \
+                 sent in {} page(s) (first: {:?}); the committed image holds stale copies",
                 audit.mismatched,
                 &audit.pages[..audit.pages.len().min(8)]
             ));

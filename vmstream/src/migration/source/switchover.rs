@@ -236,7 +236,8 @@ impl Source<'_> {
         let result = audit(memory, data.as_deref(), v.sent());
         if result.status != AuditStatus::Match {
             self.cfg.notices.error(format!(
-                "post-commit audit: {} of {} page(s) of the source's memory at the pause differ                  from what was sent (first: {:?}); the destination's guest holds stale copies",
+                "post-commit audit: {} of {} page(s) of the source's memory at the pause differ \
+                 from what was sent (first: {:?}); the destination's guest holds stale copies",
                 result.mismatched,
                 result.pages_checked,
                 &result.pages[..result.pages.len().min(8)]
