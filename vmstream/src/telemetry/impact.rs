@@ -116,9 +116,7 @@ impl ImpactRecorder {
 
     /// Transactions per second of the resumed guest over the destination's samples.
     pub fn destination_tps(&self) -> Option<f64> {
-        let (first, last) = (self.destination.first()?, self.destination.last()?);
-        let secs = last.0.saturating_sub(first.0) as f64 / 1e9;
-        (secs > 0.0).then(|| last.1.saturating_sub(first.1) as f64 / secs)
+        samples_tps(&self.destination)
     }
 
     /// The timeline: source samples up to the resume, then the destination's. Stops the
@@ -180,6 +178,13 @@ pub fn sample_destination(
         .map(|s| (t0 + s.at.as_nanos() as u64, s.tx_count))
         .collect();
     Ok(samples)
+}
+
+/// Transactions per second over `(CLOCK_REALTIME ns, transactions)` samples, first to last.
+pub fn samples_tps(samples: &[(u64, u64)]) -> Option<f64> {
+    let (first, last) = (samples.first()?, samples.last()?);
+    let secs = last.0.saturating_sub(first.0) as f64 / 1e9;
+    (secs > 0.0).then(|| last.1.saturating_sub(first.1) as f64 / secs)
 }
 
 #[cfg(test)]

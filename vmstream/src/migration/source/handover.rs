@@ -12,7 +12,6 @@
 use std::os::fd::OwnedFd;
 use std::time::{Instant, SystemTime};
 
-use crate::guest::file::source::GuestControlError;
 use crate::guest::migratable::MigratableGuest;
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
@@ -21,17 +20,16 @@ use crate::migration::digest::DIGEST_SKIPPED_HANDOVER;
 use crate::migration::error::SendError;
 use crate::migration::transport::{Frame, FrameReader, Socket};
 use crate::migration::wire::{
-    Abort, AbortCode, CommitStatus, GuestState, Handover, Hello, MemoryHandover, Message,
-    RefuseCode, FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST,
+    AbortCode, CommitStatus, GuestState, Hello, MemoryHandover, Message, RefuseCode,
+    FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST,
 };
-use crate::telemetry::impact::REPORT_WAIT;
-use crate::telemetry::stats::{
-    ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats, Role,
-};
+use crate::telemetry::stats::{unix_ns, CpuTime, MigrationOutcome, MigrationStats, Role};
 
 use super::report::{settings, warm_up, SendReport};
 use super::round::unexpected;
+use super::switchover::{end_and_read_report, record_resumed};
 use super::{Outcome, CANCELLED};
+use crate::telemetry::impact::samples_tps;
 
 /// What a handover returns: the report, and the guest when it is still ours (the handover
 /// failed or was cancelled: it runs again here). After a commit the guest is gone.
@@ -86,7 +84,10 @@ pub fn hand_over(cfg: &SendConfig, mut guest: Box<dyn MigratableGuest>) -> Hando
             // Only now, with nothing of the guest's memory left here, may it run there.
             let (channels, reader) = session.as_mut().expect("a committed handover connected");
             let ended = ended.expect("a committed handover ended its guest");
-            after_commit(cfg, channels, reader, &mut stats, paused_at_ns, ended);
+            if let Some((r, samples)) = end_and_read_report(channels, reader, ended, &cfg.notices) {
+                record_resumed(&mut stats, paused_at_ns, &r);
+                stats.tps.after = samples.and_then(|s| samples_tps(&s.samples));
+            }
             Ok(Outcome::Committed)
         }
         Ok(HandedOver::Cancelled) => Ok(Outcome::Cancelled(CANCELLED.into())),
@@ -228,66 +229,4 @@ fn hello(cfg: &SendConfig, guest: &dyn MigratableGuest) -> Hello {
         cache_bytes: 0,
         batch_pages: cfg.batch_pages as u32,
     }
-}
-
-/// After the commit, the guest ended (`ended`: how) and dropped: tells the destination it
-/// may resume, and reads its report. Errors are warnings: nothing rolls back.
-fn after_commit(
-    cfg: &SendConfig,
-    channels: &mut SourceChannels,
-    reader: &mut FrameReader<Socket>,
-    stats: &mut MigrationStats,
-    paused_at_ns: u64,
-    ended: Result<(), GuestControlError>,
-) {
-    let notices = &cfg.notices;
-    let handover = match ended {
-        Ok(()) => Message::Handover(Handover {
-            ended_at_unix_ns: unix_ns(SystemTime::now()),
-        }),
-        Err(e) => {
-            notices.warning(format!(
-                "ending the source guest: {e}; the destination keeps the guest stopped"
-            ));
-            Message::Abort(Abort {
-                code: AbortCode::SourceError,
-                reason: format!("the source guest could not be ended: {e}"),
-            })
-        }
-    };
-    if let Err(e) = channels.send_message(&handover) {
-        notices.warning(format!("telling the destination our guest ended: {e}"));
-    }
-    match reader.read_frame() {
-        Ok(Frame::Control(Message::Resumed(r))) => {
-            stats.downtime_ms = Some(ms_between(paused_at_ns, r.at_unix_ns));
-            stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
-            stats.settings.destination_running = Some(r.running);
-            if r.running {
-                let _ = reader.get_ref().set_read_timeout(Some(REPORT_WAIT));
-                match reader.read_frame() {
-                    Ok(Frame::Control(Message::GuestSamples(s))) => {
-                        stats.tps.after = tps(&s.samples);
-                    }
-                    Ok(_) => notices.warning("unexpected message after the resume"),
-                    Err(e) => {
-                        notices.warning(format!("no guest samples from the destination: {e}"))
-                    }
-                }
-            }
-        }
-        Ok(Frame::Control(Message::Abort(a))) => notices.warning(format!(
-            "the destination committed but could not resume: {}",
-            a.reason
-        )),
-        Ok(_) => notices.warning("unexpected message after the commit"),
-        Err(e) => notices.warning(format!("no resume report from the destination: {e}")),
-    }
-}
-
-/// Transactions per second over the destination's samples (first to last).
-fn tps(samples: &[(u64, u64)]) -> Option<f64> {
-    let (first, last) = (samples.first()?, samples.last()?);
-    let secs = last.0.saturating_sub(first.0) as f64 / 1e9;
-    (secs > 0.0).then(|| last.1.saturating_sub(first.1) as f64 / secs)
 }

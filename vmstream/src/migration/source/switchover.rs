@@ -4,17 +4,21 @@
 
 use std::time::{Instant, SystemTime};
 
+use crate::guest::file::source::GuestControlError;
 use crate::memory::PAGE_SIZE;
+use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{audit_stats, hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
-use crate::migration::transport::Frame;
+use crate::migration::transport::{Frame, FrameReader, Socket};
 use crate::migration::wire::{
-    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestState, Handover,
-    Message, ROUND_FINAL, ROUND_FORCED,
+    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
+    Handover, Message, Resumed, ROUND_FINAL, ROUND_FORCED,
 };
 use crate::telemetry::impact::REPORT_WAIT;
+use crate::telemetry::notice::Notices;
 use crate::telemetry::stats::unix_ns;
+use crate::telemetry::stats::{ms_between, MigrationStats};
 use crate::telemetry::verification::AuditStats;
 
 use super::machine::{Source, SourceState};
@@ -180,44 +184,17 @@ impl Source<'_> {
             // As if killed: nothing more is done, said or sent.
             return SourceState::Done(Outcome::CrashedAfterCommit);
         }
-        let notices = &self.cfg.notices;
-        let handover = match self.guest.terminate() {
-            Ok(()) => Message::Handover(Handover {
-                ended_at_unix_ns: unix_ns(SystemTime::now()),
-            }),
-            Err(e) => {
-                notices.warning(format!(
-                    "ending the source guest: {e}; the destination keeps its committed copy \
-                     stopped"
-                ));
-                Message::Abort(Abort {
-                    code: AbortCode::SourceError,
-                    reason: format!("the source guest could not be ended: {e}"),
-                })
+        let ended = self.guest.terminate();
+        let io = &mut self.io;
+        if let Some((r, samples)) =
+            end_and_read_report(&mut io.channels, &mut io.reader, ended, &self.cfg.notices)
+        {
+            record_resumed(self.stats, paused_at_ns, &r);
+            self.impact.resumed(paused_at_ns, r.at_unix_ns);
+            if let Some(s) = samples {
+                self.impact.destination(&s.samples);
+                self.stats.tps.after = self.impact.destination_tps();
             }
-        };
-        if let Err(e) = self.io.channels.send_message(&handover) {
-            notices.warning(format!("telling the destination our guest ended: {e}"));
-        }
-        match self.io.reader.read_frame() {
-            Ok(Frame::Control(Message::Resumed(r))) => {
-                self.stats.downtime_ms = Some(crate::telemetry::stats::ms_between(
-                    paused_at_ns,
-                    r.at_unix_ns,
-                ));
-                self.stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
-                self.stats.settings.destination_running = Some(r.running);
-                self.impact.resumed(paused_at_ns, r.at_unix_ns);
-                if r.running {
-                    self.destination_samples();
-                }
-            }
-            Ok(Frame::Control(Message::Abort(a))) => notices.warning(format!(
-                "the destination committed but could not resume: {}",
-                a.reason
-            )),
-            Ok(_) => notices.warning("unexpected message after the commit"),
-            Err(e) => notices.warning(format!("no resume report from the destination: {e}")),
         }
         self.audit();
         SourceState::Done(Outcome::Committed)
@@ -255,19 +232,74 @@ impl Source<'_> {
                 .warning(format!("could not send the audit to the destination: {e}"));
         }
     }
+}
 
-    /// Reads the resumed guest's samples the destination sends after `Resumed` (for the
-    /// timeline and the TPS after the migration); a warning if they do not come.
-    fn destination_samples(&mut self) {
-        let notices = &self.cfg.notices;
-        self.io.reader.set_timeout(Some(REPORT_WAIT));
-        match self.io.reader.read_frame() {
-            Ok(Frame::Control(Message::GuestSamples(s))) => {
-                self.impact.destination(&s.samples);
-                self.stats.tps.after = self.impact.destination_tps();
-            }
-            Ok(_) => notices.warning("unexpected message after the resume"),
-            Err(e) => notices.warning(format!("no guest samples from the destination: {e}")),
+/// After the commit, our guest ended (`ended`: how): tells the destination it may resume
+/// (`Handover`; `Abort` if the guest could not be ended, and the destination keeps its copy
+/// stopped), then reads its report: `Resumed` and, when a guest runs there, its samples
+/// (waited for at most [`REPORT_WAIT`]). Errors are warnings: nothing rolls back.
+pub(super) fn end_and_read_report(
+    channels: &mut SourceChannels,
+    reader: &mut FrameReader<Socket>,
+    ended: Result<(), GuestControlError>,
+    notices: &Notices,
+) -> Option<(Resumed, Option<GuestSamples>)> {
+    let handover = match ended {
+        Ok(()) => Message::Handover(Handover {
+            ended_at_unix_ns: unix_ns(SystemTime::now()),
+        }),
+        Err(e) => {
+            notices.warning(format!(
+                "ending the source guest: {e}; the destination keeps its committed copy stopped"
+            ));
+            Message::Abort(Abort {
+                code: AbortCode::SourceError,
+                reason: format!("the source guest could not be ended: {e}"),
+            })
         }
+    };
+    if let Err(e) = channels.send_message(&handover) {
+        notices.warning(format!("telling the destination our guest ended: {e}"));
     }
+    let resumed = match reader.read_frame() {
+        Ok(Frame::Control(Message::Resumed(r))) => r,
+        Ok(Frame::Control(Message::Abort(a))) => {
+            notices.warning(format!(
+                "the destination committed but could not resume: {}",
+                a.reason
+            ));
+            return None;
+        }
+        Ok(_) => {
+            notices.warning("unexpected message after the commit");
+            return None;
+        }
+        Err(e) => {
+            notices.warning(format!("no resume report from the destination: {e}"));
+            return None;
+        }
+    };
+    if !resumed.running {
+        return Some((resumed, None));
+    }
+    reader.set_timeout(Some(REPORT_WAIT));
+    let samples = match reader.read_frame() {
+        Ok(Frame::Control(Message::GuestSamples(s))) => Some(s),
+        Ok(_) => {
+            notices.warning("unexpected message after the resume");
+            None
+        }
+        Err(e) => {
+            notices.warning(format!("no guest samples from the destination: {e}"));
+            None
+        }
+    };
+    Some((resumed, samples))
+}
+
+/// Records the destination's `Resumed` report (`paused_at_ns`: our pause) in `stats`.
+pub(super) fn record_resumed(stats: &mut MigrationStats, paused_at_ns: u64, r: &Resumed) {
+    stats.downtime_ms = Some(ms_between(paused_at_ns, r.at_unix_ns));
+    stats.peer_cpu_ms = Some(r.receiver_cpu_ns as f64 / 1e6);
+    stats.settings.destination_running = Some(r.running);
 }
