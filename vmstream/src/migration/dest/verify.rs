@@ -67,10 +67,20 @@ const FIRST_ROUND_POLL: std::time::Duration = std::time::Duration::from_millis(1
 /// pages the codec applied since the last pass, remembered with the hashes of the copies
 /// they ran on (a block whose pages still hash the same at the pause need not be read).
 pub trait BlockChecks: Send + 'static {
-    /// Checks the blocks holding `pages`, reading them through `view` (a read-only mapping
-    /// of the pending image, which the next round may be writing); returns early once
-    /// `stop` is set.
-    fn pass(&mut self, view: &GuestMemory, pages: Vec<u64>, stop: &AtomicBool);
+    /// Checks the blocks holding `pages` (ascending), reading them through `view` (a
+    /// read-only mapping of the pending image, which the next round may be writing);
+    /// returns early once `stop` is set. Returns how many of `pages` (a prefix) it took
+    /// into account: the rest stay pending for the next pass or the pause.
+    fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize;
+}
+
+/// What the background learned, and the pages applied since it last looked (the verify at
+/// the pause reads those).
+pub struct Finished<C> {
+    /// The guest kind's checks, with what they learned.
+    pub checks: C,
+    /// Pages the codec applied after the last pass took its list, or that a pass left.
+    pub pending: Vec<u64>,
 }
 
 /// The background half: block results gathered during the live rounds by a thread that
@@ -80,6 +90,7 @@ pub struct BackgroundVerifier<C> {
     stop: Arc<AtomicBool>,
     /// Passes completed after a barrier (tests wait on it).
     passes: Arc<AtomicU64>,
+    touched: Arc<TouchedPages>,
     thread: Option<JoinHandle<C>>,
 }
 
@@ -97,6 +108,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         let passes = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
+            let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
                 .spawn(move || {
@@ -123,7 +135,11 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        checks.pass(&view, touched.take(), &stop);
+                        let pages = touched.take();
+                        let done = checks.pass(&view, &pages, &stop);
+                        for &page in pages.get(done..).unwrap_or_default() {
+                            touched.mark(page);
+                        }
                         if kicked {
                             passes.fetch_add(1, Ordering::Release);
                         }
@@ -135,6 +151,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             kick,
             stop,
             passes,
+            touched,
             thread: Some(thread),
         })
     }
@@ -162,11 +179,16 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         self.passes.load(Ordering::Acquire)
     }
 
-    /// Stops the thread (a pass in progress is cut short) and returns what it learned.
-    pub fn finish(mut self) -> Option<C> {
+    /// Stops the thread (a pass in progress is cut short) and returns what it learned with
+    /// the pages it has not looked at.
+    pub fn finish(mut self) -> Option<Finished<C>> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(());
-        self.thread.take().and_then(|t| t.join().ok())
+        let checks = self.thread.take().and_then(|t| t.join().ok())?;
+        Some(Finished {
+            checks,
+            pending: self.touched.take(),
+        })
     }
 }
 

@@ -26,6 +26,7 @@ use crate::telemetry::stats::unix_ns;
 use crate::telemetry::switchover::SwitchoverTimes;
 
 mod checks;
+mod known;
 
 use checks::{verify_at_pause, FileChecks};
 
@@ -86,13 +87,17 @@ impl IncomingGuest for IncomingFileGuest {
     }
 
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
-        // Pages no record wrote are holes: the zero checks skip them.
-        let data = image.data_pages().ok();
+        // Pages no record wrote are holes: the full verifier's zero checks skip them (found
+        // only if it runs, by the file's own handle while the mapping is borrowed).
+        let file = image.file().ok().flatten();
+        let memory = image.memory_mut();
+        let len = memory.len();
+        let data = || crate::memory::data_pages_of(file.as_deref()?, len).ok();
         self.verified = Some(verify_at_pause(
-            image.memory_mut(),
+            memory,
             hashes,
             self.background.take(),
-            data.as_deref(),
+            &data,
         ));
     }
 

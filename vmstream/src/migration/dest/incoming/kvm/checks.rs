@@ -31,22 +31,22 @@ pub struct KvmChecks {
 }
 
 impl BlockChecks for KvmChecks {
-    fn pass(&mut self, view: &GuestMemory, pages: Vec<u64>, stop: &AtomicBool) {
+    fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize {
         if self.learned.is_none() {
             let Ok(layout) = GuestLayout::for_memory(view.len() as u64) else {
-                return; // not a KVM guest's RAM size: the pause reads everything
+                return pages.len(); // not a KVM guest's RAM size: the pause reads everything
             };
             self.learned = Some((layout, vec![None; layout.block_count as usize]));
         }
         let Some((layout, facts)) = self.learned.as_mut() else {
-            return;
+            return pages.len();
         };
         let block = &mut self.block;
         block.resize(KVM_BLOCK_SIZE as usize, 0);
         let mut last = u64::MAX;
-        for p in pages {
+        for (i, &p) in pages.iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
-                return;
+                return i;
             }
             let Some(b) = (p * PAGE_SIZE as u64)
                 .checked_sub(layout.blocks_gpa)
@@ -62,6 +62,7 @@ impl BlockChecks for KvmChecks {
             view.read_at(layout.block_gpa(b) as usize, block);
             facts[b as usize] = Some((block_page_hashes(block), BlockFacts::of(block)));
         }
+        pages.len()
     }
 }
 
@@ -87,7 +88,7 @@ impl<'a> KvmKnownFacts<'a> {
     ) -> KvmKnownFacts<'a> {
         let learned = background
             .and_then(BackgroundVerifier::finish)
-            .and_then(|c| c.learned)
+            .and_then(|f| f.checks.learned)
             .filter(|(l, _)| *l == layout)
             .map(|(_, facts)| facts);
         KvmKnownFacts {
