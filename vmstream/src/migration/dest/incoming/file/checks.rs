@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rayon::prelude::*;
+
 use crate::guest::file::layout::{get_u64, sb};
 use crate::guest::file::verify::{verify_sparse, ImageVerifyError, ImageVerifyReport, Superblock};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -204,16 +206,32 @@ fn catch_up(
         let at = p as usize * PAGE_SIZE;
         known.take_ledger_page(p, &mem[at..at + PAGE_SIZE]);
     }
-    for &b in &blocks {
-        let off = g.block_offset(b);
-        let mut now = [0u128; 2];
-        let first = (off / PAGE_SIZE) as u64;
-        for (j, h) in now.iter_mut().take(pages_per_block).enumerate() {
-            *h = hashes.get(first + j as u64);
-        }
+    // Blocks whose pages changed since their state, read on all cores (a lagging background
+    // can leave many).
+    let stale: Vec<(u64, [u128; 2])> = blocks
+        .into_iter()
+        .map(|b| {
+            let first = (g.block_offset(b) / PAGE_SIZE) as u64;
+            let mut now = [0u128; 2];
+            for (j, h) in now.iter_mut().take(pages_per_block).enumerate() {
+                *h = hashes.get(first + j as u64);
+            }
+            (b, now)
+        })
         // The recovery wrote the rewritten block after the codec hashed it.
-        let force = Some(b) == rewritten;
-        read += u64::from(known.refresh_block(b, &mem[off..off + bs], now, force));
+        .filter(|&(b, now)| Some(b) == rewritten || !known.has_hashes(b, now))
+        .collect();
+    let known_now: &KnownBlocks = known;
+    let fresh: Vec<_> = stale
+        .par_iter()
+        .map(|&(b, now)| {
+            let off = g.block_offset(b);
+            (b, now, known_now.content_of(b, &mem[off..off + bs]))
+        })
+        .collect();
+    read += fresh.len() as u64;
+    for (b, now, content) in fresh {
+        known.set_block(b, now, content);
     }
     read
 }

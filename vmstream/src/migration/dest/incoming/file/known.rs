@@ -111,24 +111,28 @@ impl KnownBlocks {
 
     /// Block `b` now holds `bytes` (pages hashing `hashes`): takes its checks' result.
     pub fn take_block(&mut self, b: u64, bytes: &[u8], hashes: [u128; 2]) {
-        let content = (b < self.layout.active_blocks)
+        let content = self.content_of(b, bytes);
+        self.set_block(b, hashes, content);
+    }
+
+    /// What block `b`'s own checks say of `bytes` (`None`: they fail, or it is inactive).
+    pub fn content_of(&self, b: u64, bytes: &[u8]) -> Option<BlockContent> {
+        (b < self.layout.active_blocks)
             .then(|| check_block_content(bytes, b, &self.layout).ok())
-            .flatten();
+            .flatten()
+    }
+
+    /// Block `b`'s pages now hash `hashes` and its checks say `content`.
+    pub fn set_block(&mut self, b: u64, hashes: [u128; 2], content: Option<BlockContent>) {
         self.update(b, |st| {
             st.hashes = hashes;
             st.content = content;
         });
     }
 
-    /// Block `b`, whose pages now hash `hashes`, holds `bytes`: reads them only when the
-    /// hashes differ from the state's (`force`: they do not describe `bytes`). Returns
-    /// whether the block was read.
-    pub fn refresh_block(&mut self, b: u64, bytes: &[u8], hashes: [u128; 2], force: bool) -> bool {
-        if !force && self.blocks[b as usize].hashes == hashes {
-            return false;
-        }
-        self.take_block(b, bytes, hashes);
-        true
+    /// Whether block `b`'s state is of pages hashing `hashes`.
+    pub fn has_hashes(&self, b: u64, hashes: [u128; 2]) -> bool {
+        self.blocks[b as usize].hashes == hashes
     }
 
     /// The first block whose ledger entry is on page `page`, if it is a ledger page.

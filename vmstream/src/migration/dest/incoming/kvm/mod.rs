@@ -26,9 +26,10 @@ use crate::telemetry::notice::Notices;
 use crate::telemetry::settings::Settings;
 
 mod checks;
+mod known;
 mod resumed;
 
-use checks::{KvmChecks, KvmKnownFacts};
+use checks::{check_at_pause, KvmChecks};
 pub use resumed::{KvmResumed, KvmRunOutcome};
 
 /// A KVM guest being received.
@@ -186,9 +187,8 @@ fn check_hello(h: &Hello, resume: bool) -> Option<(RefuseCode, String)> {
 
 /// The KVM guest's ledger check on the received image (`image`, not yet committed), done
 /// while the source still hashes its memory so it is off the resume path; a failure means
-/// nothing is committed. Blocks whose facts follow from the image's page hashes (`hashes`,
-/// current after the last barrier: zero pages, and blocks the background checks saw in
-/// their current state) are not read.
+/// nothing is committed. Only what changed since the background last looked is read
+/// ([`checks::check_at_pause`]).
 fn verify_pending(
     image: &mut PendingImage,
     hashes: &PageHashes,
@@ -196,9 +196,8 @@ fn verify_pending(
 ) -> Result<KvmVerifyReport, String> {
     // Read through the mapping the codec wrote: its pages are faulted in already.
     let ram: &[u8] = image.memory_mut();
-    let params = crate::guest::kvm::Params::read_from(ram).map_err(|e| e.to_string())?;
-    let known = KvmKnownFacts::new(background, hashes, params.layout);
-    crate::guest::kvm::verify::verify_known(ram, &params, &|b| known.get(b))
+    check_at_pause(ram, hashes, background)
+        .map(|(report, _)| report)
         .map_err(|e| e.to_string())
 }
 
