@@ -14,14 +14,18 @@
 //!   ([`BlockChecks`], each [`IncomingGuest`](super::incoming::IncomingGuest) has its own):
 //!   number, checksum and fill for the file-backed guest; header, checksum and zero test
 //!   for the KVM guest's ledger check;
-//! - at the pause, a block whose pages still have those hashes (the codec workers keep the
-//!   page hashes current: [`PageHashes`](crate::migration::digest::PageHashes)) holds exactly the bytes that were checked, so only
-//!   what involves the rest of memory is done then (versions against the ledger, sums).
-//!   Other blocks, and the block the journal recovery rewrote, are checked from memory.
+//!   Each guest kind keeps, per block, those hashes, the result and the block's ledger
+//!   entry, and the sums the whole check needs (blocks failing, the ledger's sum, per vCPU
+//!   for KVM) current as it takes each page;
+//! - at the pause, only the pages applied since the last pass ([`Finished::pending`]: the
+//!   final round's, and what a lagging pass left) are looked at: ledger pages are read, a
+//!   block whose pages still hash as its state's (the codec workers keep the page hashes
+//!   current: [`PageHashes`](crate::migration::digest::PageHashes)) is not, the others (and
+//!   the block the journal recovery rewrote) are read on all cores. The cost at the pause
+//!   is that of what changed, not of the guest's size.
 //!
-//! The file-backed guest's quick path falls back to the full verifier on any failure, which
-//! names the first bad block exactly; the KVM ledger check takes each block's facts from the
-//! background or from memory, and reports what the full check would.
+//! When something fails, both kinds run their full check (reading only blocks the hashes
+//! cannot vouch for), which names the first bad block as a full verify would.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
