@@ -1,21 +1,25 @@
 //! The switchover digest: a 32-byte hash that proves the destination's memory equals the
 //! source's memory at the pause.
 //!
-//! Definition (algorithm 2 on the wire, `PROTOCOL.md`): every page `i` of `page_size`
-//! bytes gets `h_i = XXH3-128(page_i)` (16 bytes, little endian), and
+//! Definition (algorithm 3 on the wire, `PROTOCOL.md`): every page `i` of `page_size`
+//! bytes gets `h_i = XXH3-128(page_i)` (16 bytes, little endian); every run of
+//! [`DIGEST_GROUP_PAGES`] pages (the last one shorter) gets `g_j = XXH3-128(h_64j || ... )`,
+//! and
 //!
 //! ```text
-//! digest = BLAKE3( DOMAIN || le64(page_size) || le64(guest_size) || h_0 || h_1 || ... )
+//! digest = BLAKE3( DOMAIN || le64(page_size) || le64(guest_size) || g_0 || g_1 || ... )
 //! ```
 //!
-//! Why per-page hashes under a root: the two sides compute the same value in different
-//! ways. The source hashes all of its frozen memory at the pause, on every core (XXH3 runs
-//! at memory speed, a third of BLAKE3's cost here); it must read everything then, because a
-//! digest derived from its dirty tracking would not catch a tracking error. The
-//! destination keeps [`PageHashes`] current as the codec's workers apply pages (the page is
-//! hot in their cache), so at the pause it only hashes the list (4 MiB per GiB of guest).
-//! BLAKE3 over the list keeps the root collision resistant in the list; XXH3-128 per page
-//! detects corruption, not adversaries (the stream is not authenticated anyway).
+//! Why per-page hashes under groups under a root: the two sides compute the same value in
+//! different ways, and both keep it nearly done before the pause. The destination keeps
+//! [`PageHashes`] current as the codec's workers apply pages (the page is hot in their
+//! cache); the incremental source keeps the hashes of the pages as it sent them. Each list
+//! keeps its group hashes cached and marks the groups a page changed in, so at the pause
+//! only the changed groups are hashed again, then the groups' list (a 256th of the pages'
+//! list): the cost follows what the final round changed, not the guest's size. A full
+//! source hashes all of its frozen memory (`--verify full`). BLAKE3 over the groups keeps
+//! the root collision resistant in the list; XXH3-128 per page and per group detects
+//! corruption, not adversaries (the stream is authenticated by the key, when there is one).
 
 use rayon::prelude::*;
 
@@ -27,7 +31,42 @@ use crate::telemetry::verification::AuditStats;
 pub const DIGEST_SKIPPED_HANDOVER: &str = "skipped-handover";
 
 /// Domain separation for the root hash (bump with the definition).
-const DOMAIN: &[u8] = b"vmstream memory digest v2: BLAKE3 over XXH3-128 of each page";
+const DOMAIN: &[u8] = b"vmstream memory digest v3: BLAKE3 over XXH3-128 of 64 page hashes";
+
+/// Pages per group hash of the digest (64 x 16 bytes = 1 KiB of page hashes per group).
+pub const DIGEST_GROUP_PAGES: usize = 64;
+
+/// The hash of one group of page hashes (`hashes`: at most [`DIGEST_GROUP_PAGES`]).
+fn group_hash(hashes: &[u128]) -> u128 {
+    let mut bytes = [0u8; DIGEST_GROUP_PAGES * 16];
+    for (b, h) in bytes.chunks_exact_mut(16).zip(hashes) {
+        b.copy_from_slice(&h.to_le_bytes());
+    }
+    twox_hash::XxHash3_128::oneshot(&bytes[..hashes.len() * 16])
+}
+
+/// The digest over the group hashes of a memory of `guest_size` bytes.
+fn digest_of_group_hashes(
+    page_size: usize,
+    guest_size: u64,
+    groups: impl IntoIterator<Item = u128>,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(DOMAIN);
+    h.update(&(page_size as u64).to_le_bytes());
+    h.update(&guest_size.to_le_bytes());
+    // Batch the 16-byte hashes so BLAKE3 sees long inputs (its SIMD needs them).
+    let mut buf = Vec::with_capacity(64 << 10);
+    for x in groups {
+        buf.extend_from_slice(&x.to_le_bytes());
+        if buf.len() == buf.capacity() {
+            h.update(&buf);
+            buf.clear();
+        }
+    }
+    h.update(&buf);
+    *h.finalize().as_bytes()
+}
 
 /// Hash of one page: XXH3-128 (`twox-hash` picks AVX2 at run time where the CPU has it,
 /// about 1.5x the SSE2 code of a baseline x86-64 build on one core; same output).
@@ -41,21 +80,14 @@ pub fn digest_of_page_hashes(
     guest_size: u64,
     hashes: impl IntoIterator<Item = u128>,
 ) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(DOMAIN);
-    h.update(&(page_size as u64).to_le_bytes());
-    h.update(&guest_size.to_le_bytes());
-    // Batch the 16-byte hashes so BLAKE3 sees long inputs (its SIMD needs them).
-    let mut buf = Vec::with_capacity(64 << 10);
-    for x in hashes {
-        buf.extend_from_slice(&x.to_le_bytes());
-        if buf.len() == buf.capacity() {
-            h.update(&buf);
-            buf.clear();
-        }
-    }
-    h.update(&buf);
-    *h.finalize().as_bytes()
+    let mut hashes = hashes.into_iter();
+    let mut group = Vec::with_capacity(DIGEST_GROUP_PAGES);
+    let groups = std::iter::from_fn(move || {
+        group.clear();
+        group.extend(hashes.by_ref().take(DIGEST_GROUP_PAGES));
+        (!group.is_empty()).then(|| group_hash(&group))
+    });
+    digest_of_group_hashes(page_size, guest_size, groups)
 }
 
 /// The digest of `memory` (a whole number of `page_size` pages), hashed on every core.
@@ -83,14 +115,21 @@ pub fn memory_digest_sparse(memory: &[u8], page_size: usize, data: &[u64]) -> [u
     digest_of_page_hashes(page_size, memory.len() as u64, hashes)
 }
 
-/// Per-page hashes of a memory that changes one page at a time (the destination's image),
-/// updated from any thread as long as no two threads update the same page at once. Held in
-/// [`LazyWords`]: pages never written cost nothing, so a guest size a peer claims allocates
-/// nothing here before its pages arrive.
+/// Per-page hashes of a memory that changes one page at a time (the destination's image,
+/// the pages the source sent), updated from any thread as long as no two threads update the
+/// same page at once, with the digest's group hashes cached: a page's update marks its group,
+/// and [`Self::refresh`] (between rounds) or [`Self::digest`] hashes only the marked groups
+/// again. Held in [`LazyWords`]: pages never written cost nothing, so a guest size a peer
+/// claims allocates nothing here before its pages arrive.
 pub struct PageHashes {
     page_size: usize,
     /// Two words per page: low and high half of its XXH3-128 (the zero page's until set).
     words: LazyWords,
+    /// Two words per group: its cached hash (that of zero pages until set; the last,
+    /// shorter group's is stored at creation).
+    groups: LazyWords,
+    /// A bit per group whose pages changed since its hash was cached.
+    stale: LazyWords,
 }
 
 impl PageHashes {
@@ -98,18 +137,41 @@ impl PageHashes {
     pub fn zeroed(pages: u64, page_size: usize) -> PageHashes {
         let zero = page_hash(&vec![0u8; page_size]);
         let words = LazyWords::new(pages as usize * 2, &[zero as u64, (zero >> 64) as u64]);
-        PageHashes { page_size, words }
+        let group_count = (pages as usize).div_ceil(DIGEST_GROUP_PAGES);
+        let full = group_hash(&[zero; DIGEST_GROUP_PAGES]);
+        let groups = LazyWords::new(group_count * 2, &[full as u64, (full >> 64) as u64]);
+        let tail = pages as usize % DIGEST_GROUP_PAGES;
+        if tail != 0 {
+            let last = group_hash(&vec![zero; tail]);
+            groups.store((group_count - 1) * 2, last as u64);
+            groups.store((group_count - 1) * 2 + 1, (last >> 64) as u64);
+        }
+        let stale = LazyWords::new(group_count.div_ceil(64), &[0]);
+        PageHashes {
+            page_size,
+            words,
+            groups,
+            stale,
+        }
     }
 
     /// Records the new content of `page`. Pages outside the memory are ignored (the codec
     /// validated page numbers before applying).
     pub fn update(&self, page: u64, content: &[u8]) {
-        let h = page_hash(content);
+        self.set(page, page_hash(content));
+    }
+
+    /// Records `hash` as the hash of `page` (ignored outside the memory).
+    pub fn set(&self, page: u64, hash: u128) {
         let i = page as usize * 2;
         if i < self.words.len() {
-            // Relaxed: readers run after the round barrier, which orders these stores.
-            self.words.store(i, h as u64);
-            self.words.store(i + 1, (h >> 64) as u64);
+            // Readers run after the round barrier, which orders these stores; a refresh
+            // between rounds that reads a half-stored hash finds its group marked again.
+            self.words.store(i, hash as u64);
+            self.words.store(i + 1, (hash >> 64) as u64);
+            let g = page as usize / DIGEST_GROUP_PAGES;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            self.stale.fetch_or(g / 64, 1 << (g % 64));
         }
     }
 
@@ -129,19 +191,49 @@ impl PageHashes {
 
     /// Bytes the hashes hold so far (they grow as pages are written).
     pub fn allocated_bytes(&self) -> usize {
-        self.words.allocated() * 8
+        (self.words.allocated() + self.groups.allocated() + self.stale.allocated()) * 8
     }
 
-    /// The digest of the memory these hashes describe.
+    /// Hashes again the groups whose pages changed since (each group's mark is taken before
+    /// its pages are read, so a page updated meanwhile marks it again). Returns how many.
+    pub fn refresh(&self) -> usize {
+        let pages = (self.words.len() / 2) as u64;
+        let mut marked = Vec::new();
+        self.stale.for_each_allocated(|i, w| {
+            let mut bits = w.swap(0, std::sync::atomic::Ordering::Acquire);
+            while bits != 0 {
+                marked.push(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        });
+        let fresh: Vec<(usize, u128)> = marked
+            .par_iter()
+            .map(|&g| {
+                let first = (g * DIGEST_GROUP_PAGES) as u64;
+                let end = (first + DIGEST_GROUP_PAGES as u64).min(pages);
+                let hashes: Vec<u128> = (first..end).map(|p| self.get(p)).collect();
+                (g, group_hash(&hashes))
+            })
+            .collect();
+        for &(g, h) in &fresh {
+            self.groups.store(g * 2, h as u64);
+            self.groups.store(g * 2 + 1, (h >> 64) as u64);
+        }
+        fresh.len()
+    }
+
+    /// The digest of the memory these hashes describe (hashing only the groups whose pages
+    /// changed since the last refresh).
     pub fn digest(&self) -> [u8; 32] {
+        self.refresh();
         let pages = self.words.len() / 2;
-        let mut words = self.words.iter();
-        let hashes = std::iter::from_fn(|| {
+        let mut words = self.groups.iter();
+        let groups = std::iter::from_fn(|| {
             let lo = words.next()?;
             let hi = words.next()?;
             Some(u128::from(lo) | (u128::from(hi) << 64))
         });
-        digest_of_page_hashes(self.page_size, (pages * self.page_size) as u64, hashes)
+        digest_of_group_hashes(self.page_size, (pages * self.page_size) as u64, groups)
     }
 }
 
@@ -192,10 +284,74 @@ mod tests {
         h.update(DOMAIN);
         h.update(&(PAGE_SIZE as u64).to_le_bytes());
         h.update(&(mem.len() as u64).to_le_bytes());
+        // 37 pages: one group, shorter than 64.
+        let mut group = Vec::new();
         for p in mem.chunks(PAGE_SIZE) {
-            h.update(&twox_hash::XxHash3_128::oneshot(p).to_le_bytes());
+            group.extend_from_slice(&twox_hash::XxHash3_128::oneshot(p).to_le_bytes());
+        }
+        h.update(&twox_hash::XxHash3_128::oneshot(&group).to_le_bytes());
+        assert_eq!(memory_digest(&mem, PAGE_SIZE), *h.finalize().as_bytes());
+        // 130 pages: groups of 64, 64 and 2.
+        let mem = memory(130, 2);
+        let mut h = blake3::Hasher::new();
+        h.update(DOMAIN);
+        h.update(&(PAGE_SIZE as u64).to_le_bytes());
+        h.update(&(mem.len() as u64).to_le_bytes());
+        for pages in mem.chunks(64 * PAGE_SIZE) {
+            let group: Vec<u8> = pages
+                .chunks(PAGE_SIZE)
+                .flat_map(|p| twox_hash::XxHash3_128::oneshot(p).to_le_bytes())
+                .collect();
+            h.update(&twox_hash::XxHash3_128::oneshot(&group).to_le_bytes());
         }
         assert_eq!(memory_digest(&mem, PAGE_SIZE), *h.finalize().as_bytes());
+    }
+
+    /// Updates from several threads with refreshes between (and during) them: the cached
+    /// group hashes always give the digest of the memory, and a refresh hashes only the
+    /// groups whose pages changed.
+    #[test]
+    fn cached_group_hashes_give_the_memory_digest() {
+        let pages = 64 * 40 + 5;
+        let mut mem = memory(pages, 3);
+        let hashes = PageHashes::zeroed(pages as u64, PAGE_SIZE);
+        for p in 0..pages {
+            hashes.update(p as u64, &mem[p * PAGE_SIZE..][..PAGE_SIZE]);
+        }
+        assert_eq!(hashes.refresh(), 41);
+        assert_eq!(hashes.digest(), memory_digest(&mem, PAGE_SIZE));
+        let mut rng = 7u64;
+        for round in 0..20u8 {
+            let mut touched = std::collections::BTreeSet::new();
+            for _ in 0..(round as usize * 3 + 1) {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let p = (rng >> 33) as usize % pages;
+                mem[p * PAGE_SIZE + round as usize] ^= 0x5a;
+                touched.insert(p);
+            }
+            let mem_ref = &mem;
+            std::thread::scope(|s| {
+                for part in [0, 1] {
+                    let (hashes, touched) = (&hashes, &touched);
+                    s.spawn(move || {
+                        for &p in touched.iter().filter(|p| *p % 2 == part) {
+                            hashes.update(p as u64, &mem_ref[p * PAGE_SIZE..][..PAGE_SIZE]);
+                        }
+                    });
+                }
+                s.spawn(|| hashes.refresh());
+            });
+            let groups: std::collections::BTreeSet<usize> =
+                touched.iter().map(|p| p / DIGEST_GROUP_PAGES).collect();
+            assert!(hashes.refresh() <= groups.len());
+            assert_eq!(
+                hashes.digest(),
+                memory_digest(&mem, PAGE_SIZE),
+                "round {round}"
+            );
+        }
     }
 
     #[test]

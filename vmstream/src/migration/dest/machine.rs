@@ -541,6 +541,9 @@ impl Dest<'_> {
                             rounds += 1;
                             if !end.is_final() {
                                 guest.round_applied();
+                                // The digest's group hashes, between rounds: at the pause
+                                // only the final round's groups are left to hash.
+                                hashes.refresh();
                             }
                             if end.is_final() {
                                 converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;

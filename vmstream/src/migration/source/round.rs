@@ -182,6 +182,13 @@ impl RoundIo {
         }
         let duration = started.elapsed().max(Duration::from_micros(1));
         self.round_trip = self.round_trip.min(duration);
+        if flags & ROUND_FINAL == 0 {
+            if let Some(sent) = &self.sent {
+                // The digest's group hashes of what this round sent, while the guest runs:
+                // at the pause only the final round's groups are left to hash.
+                sent.hashes().refresh();
+            }
+        }
         // From the last RoundEnd on the wire to its acknowledgement, less the destination's
         // barrier: one round trip plus any wait behind pages still being applied. (In the
         // final round the guest state and digest were flushed after the RoundEnd.)

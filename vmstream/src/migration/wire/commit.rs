@@ -49,9 +49,10 @@ impl GuestState {
     }
 }
 
-/// Digest algorithm tag: BLAKE3 over the XXH3-128 of each page (`digest.rs`). Tag 1 was
-/// BLAKE3 over all memory (protocol version 1).
-pub const DIGEST_PAGE_HASHES: u8 = 2;
+/// Digest algorithm tag: BLAKE3 over XXH3-128 group hashes of 64 pages' XXH3-128
+/// (`digest.rs`). Tag 1 was BLAKE3 over all memory (protocol version 1), tag 2 BLAKE3 over
+/// every page's hash (versions 2-4).
+pub const DIGEST_PAGE_HASHES: u8 = 3;
 
 /// How the source took its digest (`Digest.verification`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -53,7 +53,7 @@ pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest human-readable reason carried in a refusal or abort.
 pub const MAX_REASON_LEN: usize = 1024;
 
