@@ -180,6 +180,16 @@ pub struct SendArgs {
     /// otherwise: whatever answers there gets the guest's memory).
     #[arg(long)]
     pub insecure: bool,
+    /// Post-copy (POSTCOPY.md): `now` resumes the guest at the destination right after
+    /// round 0 and sends its remaining pages as it touches them and in the background;
+    /// `auto` iterates first and switches to post-copy instead of throttling the guest or
+    /// giving up at --timeout. The destination needs --resume and a --memory-file on tmpfs.
+    #[arg(long, value_parser = crate::migration::PostcopyMode::parse, default_value = "off")]
+    pub postcopy: crate::migration::PostcopyMode,
+    /// Post-copy: the background stream of owed pages at most this fast, bytes/s (100M) or
+    /// bits/s (1Gbit); pages the guest faulted on are not held to it.
+    #[arg(long, value_parser = parse_bw)]
+    pub postcopy_bandwidth: Option<u64>,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -326,6 +336,8 @@ impl SendArgs {
         cfg.handover = self.handover;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.verify = self.verify;
+        cfg.postcopy = self.postcopy;
+        cfg.postcopy_bandwidth = self.postcopy_bandwidth;
         cfg.insecure = self.insecure;
         #[cfg(feature = "fault-injection")]
         {

@@ -423,6 +423,11 @@ impl SourceChannels {
         Ok(self.channels[0].link.send_message(msg)?)
     }
 
+    /// Sends a whole encoded frame on channel 0 (see [`Link::send_frame`]).
+    pub fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), SendError> {
+        Ok(self.channels[0].link.send_frame(frame)?)
+    }
+
     /// Sends a control message on channel 0 with the file descriptor `fd` (a unix socket
     /// only: the memory handover).
     pub fn send_message_with_fd(
