@@ -456,6 +456,11 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
             eprintln!("vmstream send: cancelled: {reason}; {}", note());
             ExitCode::from(EXIT_CANCELLED)
         }
+        // Our guest ended at the post-copy's handover: no note on it.
+        Err(e @ crate::migration::error::SendError::PostcopyLost(_)) => {
+            eprintln!("vmstream send: migration failed: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("vmstream send: migration failed: {e}; {}", note());
             ExitCode::FAILURE

@@ -316,6 +316,9 @@ impl<'a> Source<'a> {
         // The whole pause expected: the pages, and the latency no bandwidth shortens.
         let expected_downtime = obs.expected_downtime().saturating_add(latency);
         rs.expected_downtime_ms = expected_downtime.as_secs_f64() * 1e3;
+        // `--postcopy auto` owes every unsent page if it switches: a cancelling decision
+        // lists none of them.
+        let newly_kept = (self.cfg.postcopy == PostcopyMode::Auto).then(|| newly.clone());
         let decision = self
             .policy
             .decide(&obs, newly)
@@ -330,10 +333,17 @@ impl<'a> Source<'a> {
         if self.cfg.postcopy == PostcopyMode::Auto && (would_throttle || gives_up) {
             self.impact.round(&rs, dirtied);
             self.stats.per_round.push(rs);
-            let pages = decision.pages;
+            let mut pending = newly_kept.unwrap_or_default();
+            pending.extend(decision.pages.send_now);
+            pending.extend(decision.pages.deferred);
+            if let Some(d) = self.policy.deferral() {
+                pending.extend_from_slice(d.carried());
+            }
+            pending.sort_unstable();
+            pending.dedup();
             return Ok(SourceState::Postcopy {
                 round: round + 1,
-                pending: crate::memory::merge_pages(&pages.send_now, &pages.deferred),
+                pending,
             });
         }
         self.apply_throttle(decision.throttle);

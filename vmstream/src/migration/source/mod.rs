@@ -209,7 +209,8 @@ fn run_migration(
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {
-        if source.guest.is_paused() {
+        // After a post-copy's handover our guest has ended: nothing to resume.
+        if source.guest.is_paused() && !matches!(e, SendError::PostcopyLost(_)) {
             if let Err(r) = source.guest.resume() {
                 cfg.notices
                     .error(format!("resuming the source guest failed: {r}"));
