@@ -201,3 +201,71 @@ fn postcopy_needs_a_resuming_destination_on_tmpfs() {
     let _ = recv.wait_exit();
     assert!(!dst.exists(), "nothing committed");
 }
+
+/// The link drops mid post-copy (the source cuts its connection after 50 pages): the
+/// destination keeps the guest blocked on its faults, the source reconnects, both agree on
+/// the pages still owed, and the migration completes verified.
+#[test]
+fn a_link_dropped_mid_postcopy_reconnects_and_verifies() {
+    let _g = serial();
+    let dir = TmpDir::new("postcopy-recover");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let (sj, rj) = (dir.path("send.json"), dir.path("recv.json"));
+    let (mut recv, port) = resuming_receiver(&dst, "8s", &rj);
+    let extra = ["--postcopy", "now", "--postcopy-bandwidth", "4M"];
+    let envs = [("VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER", "50")];
+    let mut send = postcopy_sender(&src, "16M", port, &sj, &extra, &envs);
+    let _guest = KillPid(guest_pid(&mut send));
+    assert_verified_postcopy(&mut send, &mut recv, &sj, &rj, "now");
+    for st in [read_stats(&sj), read_stats(&rj)] {
+        assert_eq!(st["postcopy"]["reconnects"], 1, "{st}");
+    }
+    assert!(send.stderr().contains("reconnected"), "{}", send.stderr());
+    assert!(
+        recv.stderr().contains("the source reconnected"),
+        "{}",
+        recv.stderr()
+    );
+}
+
+/// A source that cannot come back (no reconnection allowed) leaves a guest that cannot
+/// continue: both sides say so and fail.
+#[test]
+fn a_lost_source_says_the_guest_cannot_continue() {
+    let _g = serial();
+    let dir = TmpDir::new("postcopy-lost");
+    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+    let sj = dir.path("send.json");
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst.to_str().unwrap(),
+        "--resume",
+        "--io-timeout",
+        "3s",
+    ]);
+    let extra = [
+        "--postcopy",
+        "now",
+        "--postcopy-bandwidth",
+        "2M",
+        "--postcopy-recover-timeout",
+        "0s",
+    ];
+    let envs = [("VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER", "20")];
+    let mut send = postcopy_sender(&src, "16M", port, &sj, &extra, &envs);
+    let _guest = KillPid(guest_pid(&mut send));
+    let (s_status, _) = send.wait_exit();
+    assert!(!s_status.success());
+    assert!(
+        send.stderr().contains("cannot continue"),
+        "{}",
+        send.stderr()
+    );
+    let (r_status, _) = recv.wait_exit();
+    assert!(!r_status.success());
+    assert!(
+        recv.stderr().contains("cannot continue"),
+        "{}",
+        recv.stderr()
+    );
+}

@@ -25,6 +25,10 @@ pub const MISSED_WRITE_ENV: &str = "VMSTREAM_TEST_MISSED_WRITE";
 /// its check was computed ([`SourceFaults::corrupt_postcopy_page`]).
 pub const CORRUPT_POSTCOPY_PAGE_ENV: &str = "VMSTREAM_TEST_CORRUPT_POSTCOPY_PAGE";
 
+/// `N`: the sender cuts its connection once N pages went out during post-copy
+/// ([`SourceFaults::drop_postcopy_link_after`]).
+pub const DROP_POSTCOPY_LINK_ENV: &str = "VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER";
+
 /// The faults the environment asks for; an unparsable value is an error (a test hook that
 /// silently did nothing would make its test pass for the wrong reason).
 pub fn source_faults() -> Result<SourceFaults, String> {
@@ -57,6 +61,13 @@ pub fn source_faults() -> Result<SourceFaults, String> {
             v.trim()
                 .parse()
                 .map_err(|_| format!("{CORRUPT_POSTCOPY_PAGE_ENV}={v:?}: expected N"))?,
+        );
+    }
+    if let Some(v) = var(DROP_POSTCOPY_LINK_ENV) {
+        faults.drop_postcopy_link_after = Some(
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{DROP_POSTCOPY_LINK_ENV}={v:?}: expected N"))?,
         );
     }
     Ok(faults)

@@ -190,6 +190,11 @@ pub struct SendArgs {
     /// bits/s (1Gbit); pages the guest faulted on are not held to it.
     #[arg(long, value_parser = parse_bw)]
     pub postcopy_bandwidth: Option<u64>,
+    /// Post-copy: after the link drops, reconnect (with backoff) for this long before
+    /// saying the guest cannot continue; the destination keeps the guest blocked on its
+    /// faults meanwhile (0: give up at once).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub postcopy_recover_timeout: Duration,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -338,6 +343,7 @@ impl SendArgs {
         cfg.verify = self.verify;
         cfg.postcopy = self.postcopy;
         cfg.postcopy_bandwidth = self.postcopy_bandwidth;
+        cfg.postcopy_recover_timeout = self.postcopy_recover_timeout;
         cfg.insecure = self.insecure;
         #[cfg(feature = "fault-injection")]
         {

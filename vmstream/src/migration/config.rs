@@ -109,6 +109,9 @@ pub struct SendConfig {
     /// Post-copy's background stream of owed pages, bytes/s (`--postcopy-bandwidth`;
     /// requested pages are not held to it). None: as fast as the link.
     pub postcopy_bandwidth: Option<u64>,
+    /// Post-copy: how long the source tries to reconnect (with backoff) after the link
+    /// dropped (`--postcopy-recover-timeout`; zero: it gives up at once).
+    pub postcopy_recover_timeout: Duration,
     /// Send without a key to an address others can reach (`--insecure`); refused
     /// otherwise (`crate::migration::connect::exposure`).
     pub insecure: bool,
@@ -171,6 +174,7 @@ impl SendConfig {
             scrub: ScrubSettings::default(),
             postcopy: PostcopyMode::Off,
             postcopy_bandwidth: None,
+            postcopy_recover_timeout: Duration::from_secs(60),
             insecure: false,
             cancel: None,
             faults: SourceFaults::default(),

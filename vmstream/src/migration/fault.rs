@@ -56,6 +56,9 @@ pub struct SourceFaults {
     /// goes out with one byte of its data flipped after its check was computed; the
     /// destination must refuse it, never place it, and ask again.
     pub corrupt_postcopy_page: Option<u64>,
+    /// Post-copy: once this many pages were sent in the post-copy phase, the source cuts
+    /// its connection (both directions, once), as a dropped link would.
+    pub drop_postcopy_link_after: Option<u64>,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
@@ -163,6 +166,7 @@ mod tests {
             missed_write: None,
             pad_guest_state: vec![9],
             corrupt_postcopy_page: None,
+            drop_postcopy_link_after: None,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);

@@ -107,9 +107,9 @@ pub struct Received {
 pub(super) struct Dest<'a> {
     pub(super) cfg: &'a RecvConfig,
     pub(super) reader: FrameReader<Socket>,
-    writer: FrameWriter<Socket>,
+    pub(super) writer: FrameWriter<Socket>,
     /// The listener (while channels bind) and the connections of channels 1...
-    channels: DestChannels,
+    pub(super) channels: DestChannels,
     pub(super) stats: &'a mut MigrationStats,
     pub(super) start: Instant,
     /// The source connection's opening (`crate::migration::connect::admission`), until the handshake takes it.
@@ -332,7 +332,10 @@ impl Dest<'_> {
                 Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
             }
         } else {
-            self.channels.close_listener();
+            // A post-copy's source may have to reconnect (`super::postcopy`).
+            if hello.features & FEATURE_POSTCOPY == 0 {
+                self.channels.close_listener();
+            }
             None
         };
         let image = match self

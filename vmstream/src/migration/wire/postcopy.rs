@@ -53,23 +53,28 @@ impl PostcopyOwed {
     }
 }
 
-/// `PostcopyStart`: the owed list is complete; the destination may commit and, once told
-/// the source guest ended (`Handover`), resume the guest (16-byte body).
+/// `PostcopyStart`: the owed list is complete (32-byte body). From the source at the
+/// switchover: the destination may commit and, once told the source guest ended
+/// (`Handover`), resume the guest. From the destination after a `PostcopyReconnect`: the
+/// pages it still lacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostcopyStart {
     /// Pages listed in the `PostcopyOwed` messages before this one.
     pub owed: u64,
     /// CLOCK_REALTIME of the pause, ns since the Unix epoch (the blackout's start).
     pub paused_at_unix_ns: u64,
+    /// The migration's random id, which a reconnection names.
+    pub migration_id: [u8; 16],
 }
 
 impl PostcopyStart {
     /// Body length.
-    pub const LEN: usize = 16;
+    pub const LEN: usize = 32;
 
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.owed.to_le_bytes());
         out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
+        out.extend_from_slice(&self.migration_id);
     }
 
     pub(super) fn decode(body: &[u8]) -> Result<PostcopyStart, WireError> {
@@ -78,6 +83,7 @@ impl PostcopyStart {
         Ok(PostcopyStart {
             owed: f.u64(),
             paused_at_unix_ns: f.u64(),
+            migration_id: f.bytes(16).try_into().expect("16 bytes"),
         })
     }
 }

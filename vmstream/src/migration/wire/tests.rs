@@ -126,6 +126,7 @@ pub(super) fn all_messages() -> Vec<Message> {
         Message::PostcopyStart(PostcopyStart {
             owed: 4,
             paused_at_unix_ns: 1_700_000_000_000_000_001,
+            migration_id: [0x77; 16],
         }),
         Message::PageRequest(PageRequest { page: 77 }),
         Message::PostcopyPage(PostcopyPage {

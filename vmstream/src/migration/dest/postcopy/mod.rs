@@ -12,6 +12,7 @@
 //! ```
 
 mod placement;
+mod recover;
 mod serve;
 
 use std::os::fd::AsFd;
@@ -119,6 +120,8 @@ impl Dest<'_> {
             hashes,
             paused_at_ns: start.paused_at_unix_ns,
             owed: owed.len() as u64,
+            migration_id: start.migration_id,
+            admissions: self.channels.take_admissions(),
         };
         self.serve_postcopy(phase, memory)
     }

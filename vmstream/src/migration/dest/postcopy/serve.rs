@@ -35,10 +35,14 @@ pub(super) struct Phase {
     pub(super) hashes: Arc<PageHashes>,
     pub(super) paused_at_ns: u64,
     pub(super) owed: u64,
+    /// The migration's id, which a reconnection must name.
+    pub(super) migration_id: [u8; 16],
+    /// Where a source that lost the link reconnects (None: it cannot).
+    pub(super) admissions: Option<crate::migration::connect::admission::Admissions>,
 }
 
 /// What the threads tell the placing loop.
-enum Event {
+pub(super) enum Event {
     /// The guest faulted on these pages.
     Faults(Vec<u64>),
     /// The source sent a frame (or the link failed).
@@ -47,14 +51,23 @@ enum Event {
     Guest(Result<ResumedGuest, RecvError>),
 }
 
-/// The placing loop's own figures.
+/// The placing loop's own figures and links.
 #[derive(Default)]
-struct Progress {
-    fault_at: HashMap<u64, Instant>,
+pub(super) struct Progress {
+    /// Where a new frame reader sends (after a reconnection).
+    pub(super) events: Option<mpsc::Sender<Event>>,
+    /// The frame reader; it returns the reader when the link ends.
+    pub(super) frames: Option<std::thread::JoinHandle<FrameReader<Socket>>>,
+    /// The link is down: requests wait for the reconnection.
+    pub(super) offline: bool,
+    pub(super) reconnects: u64,
+    /// When the guest ran here (CLOCK_REALTIME ns): the end of the downtime.
+    pub(super) resumed_at_ns: u64,
+    pub(super) fault_at: HashMap<u64, Instant>,
     latencies_ns: Vec<u64>,
     refused: u64,
     source_digest: Option<Digest>,
-    resumed: Option<(ResumedGuest, Instant, u64)>,
+    pub(super) resumed: Option<(ResumedGuest, Instant, u64)>,
     last_page_at: Option<Instant>,
 }
 
@@ -81,6 +94,11 @@ impl Dest<'_> {
         );
         let reader = std::mem::replace(&mut self.reader, placeholder);
         let frames = spawn_frame_reader(reader, tx.clone())?;
+        let mut progress = Progress {
+            events: Some(tx.clone()),
+            frames: Some(frames),
+            ..Progress::default()
+        };
         let (run_for, notices) = (self.cfg.run_for, self.cfg.notices.clone());
         std::thread::Builder::new()
             .name("vmstream-guest-start".into())
@@ -88,7 +106,6 @@ impl Dest<'_> {
                 let _ = tx.send(Event::Guest(start_guest_postcopy(memory, run_for, notices)));
             })
             .map_err(RecvError::Socket)?;
-        let mut progress = Progress::default();
         let result = self.place_until_complete(&mut phase, &mut progress, &rx, &file, pages);
         // Not before every owed page is placed: a thread still blocked on a fault would
         // then be given a zero page.
@@ -137,6 +154,7 @@ impl Dest<'_> {
         self.stats.postcopy = Some(PostcopyStats {
             pages_owed: phase.owed,
             pages_refused: progress.refused,
+            reconnects: progress.reconnects,
             ..complete.stats()
         });
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
@@ -151,7 +169,8 @@ impl Dest<'_> {
             .map(|samples| GuestSamples { samples })
             .map_err(|e| e.to_string());
         self.send_samples(samples);
-        if let Ok(reader) = frames.join() {
+        progress.events = None;
+        if let Some(Ok(reader)) = progress.frames.take().map(|f| f.join()) {
             self.reader = reader;
         }
         Ok(DestState::Done(Received {
@@ -217,11 +236,15 @@ impl Dest<'_> {
                         self.send(&Message::PageRequest(PageRequest { page }))?;
                     }
                 }
+                Event::Frame(Err(e)) if phase.admissions.is_some() => {
+                    self.await_reconnect(phase, progress, rx, &e.to_string())?
+                }
                 Event::Frame(Err(e)) => return Err(lost(format!("the link to the source: {e}"))),
                 Event::Frame(Ok(other)) => return Err(unexpected("a post-copy page", other)),
                 Event::Guest(Ok(guest)) => {
                     let tx0 = guest.ready.tx_count;
-                    self.report_resumed(phase.paused_at_ns, unix_ns(SystemTime::now()), true, tx0);
+                    progress.resumed_at_ns = unix_ns(SystemTime::now());
+                    self.report_resumed(phase.paused_at_ns, progress.resumed_at_ns, true, tx0);
                     progress.resumed = Some((guest, Instant::now(), tx0));
                 }
                 Event::Guest(Err(e)) => {
@@ -232,7 +255,7 @@ impl Dest<'_> {
         Ok(())
     }
 
-    fn on_fault(
+    pub(super) fn on_fault(
         &mut self,
         phase: &mut Phase,
         progress: &mut Progress,
@@ -243,7 +266,10 @@ impl Dest<'_> {
         match phase.placement.fault(page) {
             OnFault::Request => {
                 progress.fault_at.insert(page, Instant::now());
-                self.send(&Message::PageRequest(PageRequest { page }))?;
+                // Offline, the request waits for the reconnection (`requested`).
+                if !progress.offline {
+                    self.send(&Message::PageRequest(PageRequest { page }))?;
+                }
             }
             OnFault::Wait => {}
             OnFault::Zero => {
@@ -351,7 +377,7 @@ fn spawn_fault_watch(
 }
 
 /// Reads the source's frames until the link ends (a refused page's frame does not end it).
-fn spawn_frame_reader(
+pub(super) fn spawn_frame_reader(
     mut reader: FrameReader<Socket>,
     tx: mpsc::Sender<Event>,
 ) -> Result<std::thread::JoinHandle<FrameReader<Socket>>, RecvError> {

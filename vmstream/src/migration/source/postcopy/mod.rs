@@ -13,6 +13,7 @@
 //! ```
 
 mod order;
+mod recover;
 mod serve;
 
 use std::time::{Instant, SystemTime};
@@ -76,6 +77,7 @@ impl Source<'_> {
         channels.send_message(&Message::PostcopyStart(PostcopyStart {
             owed: owed.len() as u64,
             paused_at_unix_ns: paused_at_ns,
+            migration_id: channels.migration_id_bytes(),
         }))?;
         let mut rs = self.io.await_ack(in_flight)?;
         rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;

@@ -4,13 +4,13 @@
 //! pause (hashed meanwhile) once every page went out, and stops at the destination's
 //! verdict.
 
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
-use crate::migration::transport::{Frame, TokenBucket, TransportError};
+use crate::migration::transport::{Frame, FrameReader, TokenBucket, TransportError};
 use crate::migration::wire::{
     Digest, DigestSource, Message, PostcopyComplete, PostcopyPage, PostcopyStatus,
     FRAME_HEADER_LEN, PAGE_REQUESTED,
@@ -21,6 +21,7 @@ use crate::telemetry::postcopy::PostcopyStats;
 use crate::telemetry::stats::MigrationStats;
 
 use super::order::StreamOrder;
+use super::recover::{reconnect, Inbound};
 use crate::migration::source::machine::Source;
 use crate::migration::source::round::unexpected;
 use crate::migration::source::switchover::record_resumed;
@@ -32,12 +33,14 @@ struct Served {
     streamed: u64,
     requests: u64,
     digest_sent: bool,
+    reconnects: u64,
     complete: Option<PostcopyComplete>,
 }
 
 impl Source<'_> {
     /// Serves `owed` (ascending) from the frozen memory until the destination reports the
-    /// last page placed; `paused_at_ns`: the pause, for the downtime.
+    /// last page placed; `paused_at_ns`: the pause, for the downtime. A dropped link is
+    /// reconnected for `--postcopy-recover-timeout` (`recover`).
     pub(super) fn serve_postcopy(
         &mut self,
         owed: Vec<u64>,
@@ -50,39 +53,80 @@ impl Source<'_> {
         let memory: &[u8] = self.guest.paused_memory();
         let (stats, impact) = (&mut *self.stats, &mut self.impact);
         let io = &mut self.io;
-        let socket = io.reader.get_ref().try_clone().map_err(SendError::Socket)?;
-        let (channels, reader) = (&mut io.channels, &mut io.reader);
+        let channels = &mut io.channels;
+        let placeholder = FrameReader::new(
+            io.reader.get_ref().try_clone().map_err(SendError::Socket)?,
+            Some(cfg.io_timeout),
+        );
+        let mut reader = std::mem::replace(&mut io.reader, placeholder);
         reader.set_timeout(Some(cfg.io_timeout));
+        let mut inbound = Inbound::start(reader)?;
         let mut order = StreamOrder::new(pages, &owed);
         let mut bucket = cfg.postcopy_bandwidth.map(TokenBucket::new);
         let corrupt = cfg.faults.corrupt_postcopy_page;
+        let mut cut_after = cfg.faults.drop_postcopy_link_after;
         let io_timeout = cfg.io_timeout;
         let mut served = Served::default();
         let mut samples = None;
+        let mut digest: Option<[u8; 32]> = None;
         let result = std::thread::scope(|s| -> Result<(), SendError> {
-            let hashing = s.spawn(|| match &data {
+            let mut hashing = Some(s.spawn(|| match &data {
                 Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
                 None => memory_digest(memory, PAGE_SIZE),
-            });
-            let mut hashing = Some(hashing);
-            let (tx, rx) = mpsc::channel();
-            s.spawn(move || loop {
-                let frame = reader.read_frame();
-                let end = frame.is_err();
-                if tx.send(frame).is_err() || end {
-                    return;
-                }
-            });
-            let outcome = loop {
-                // Every request that came is answered before the next streamed page.
-                let frame = match rx.try_recv() {
-                    Ok(f) => Some(f),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        break Err(lost("the destination's frames stopped".into()))
+            }));
+            loop {
+                let step = (|| -> Result<bool, SendError> {
+                    if cut_after.is_some_and(|n| served.pages_sent >= n) {
+                        cut_after = None;
+                        inbound.cut();
                     }
-                };
-                if let Some(frame) = frame {
+                    // Every request that came is answered before the next streamed page.
+                    let frame = match inbound.frames.try_recv() {
+                        Ok(f) => Some(f),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => {
+                            return Err(SendError::Transport(TransportError::Closed))
+                        }
+                    };
+                    let frame = match frame {
+                        Some(f) => Some(f),
+                        None => {
+                            if let Some(page) = order.next() {
+                                if let Some(b) = &mut bucket {
+                                    b.take(PostcopyPage::LEN);
+                                }
+                                send_page(channels, memory, page, 0, corrupt, &mut served)?;
+                                served.streamed += 1;
+                                return Ok(false);
+                            }
+                            if let Some(h) = hashing.take() {
+                                digest = Some(h.join().expect("digest thread"));
+                            }
+                            if let (Some(d), false) = (digest, served.digest_sent) {
+                                stats.digest = Some(hex(&d));
+                                channels.send_message(&Message::Digest(Digest {
+                                    verification: DigestSource::Memory,
+                                    digest: d,
+                                    guest_size,
+                                    paused_at_unix_ns: paused_at_ns,
+                                }))?;
+                                served.digest_sent = true;
+                                return Ok(false);
+                            }
+                            match inbound.frames.recv_timeout(io_timeout) {
+                                Ok(f) => Some(f),
+                                Err(RecvTimeoutError::Timeout) => {
+                                    return Err(SendError::Transport(TransportError::Timeout(
+                                        io_timeout,
+                                    )))
+                                }
+                                Err(RecvTimeoutError::Disconnected) => {
+                                    return Err(SendError::Transport(TransportError::Closed))
+                                }
+                            }
+                        }
+                    };
+                    let Some(frame) = frame else { return Ok(false) };
                     match on_frame(frame, &order, paused_at_ns, &mut served, stats, impact)? {
                         Some(page) => {
                             send_page(
@@ -95,79 +139,51 @@ impl Source<'_> {
                             )?;
                             order.requested(page);
                             served.requests += 1;
+                            Ok(false)
                         }
-                        None if served.complete.is_some() => break Ok(()),
-                        None => {}
+                        None => Ok(served.complete.is_some()),
                     }
-                    continue;
-                }
-                if let Some(page) = order.next() {
-                    if let Some(b) = &mut bucket {
-                        b.take(PostcopyPage::LEN);
+                })();
+                match step {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) if is_link(&e) && !cfg.postcopy_recover_timeout.is_zero() => {
+                        let why = e.to_string();
+                        served.reconnects += 1;
+                        let (fresh, still_owed) =
+                            reconnect(cfg, channels, served.reconnects - 1, &why)?;
+                        std::mem::replace(&mut inbound, fresh).stop();
+                        order = StreamOrder::new(pages, &still_owed);
+                        // Whether the digest arrived is unknown: it is sent again.
+                        served.digest_sent = false;
                     }
-                    send_page(channels, memory, page, 0, corrupt, &mut served)?;
-                    served.streamed += 1;
-                    continue;
-                }
-                if let Some(h) = hashing.take() {
-                    let digest = h.join().expect("digest thread");
-                    stats.digest = Some(hex(&digest));
-                    channels.send_message(&Message::Digest(Digest {
-                        verification: DigestSource::Memory,
-                        digest,
-                        guest_size,
-                        paused_at_unix_ns: paused_at_ns,
-                    }))?;
-                    served.digest_sent = true;
-                    continue;
-                }
-                match rx.recv_timeout(io_timeout) {
-                    Ok(frame) => {
-                        match on_frame(frame, &order, paused_at_ns, &mut served, stats, impact)? {
-                            Some(page) => {
-                                send_page(
-                                    channels,
-                                    memory,
-                                    page,
-                                    PAGE_REQUESTED,
-                                    corrupt,
-                                    &mut served,
-                                )?;
-                                order.requested(page);
-                                served.requests += 1;
-                            }
-                            None if served.complete.is_some() => break Ok(()),
-                            None => {}
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        break Err(lost(format!(
-                            "no word from the destination within {io_timeout:?}"
+                    Err(e) if is_link(&e) => {
+                        return Err(SendError::PostcopyLost(format!(
+                            "the link to the destination: {e}"
                         )))
                     }
-                    Err(RecvTimeoutError::Disconnected) => {
-                        break Err(lost("the destination's frames stopped".into()))
-                    }
+                    Err(e) => return Err(e),
                 }
-            };
-            if outcome.is_ok() {
-                samples = match rx.recv_timeout(REPORT_WAIT) {
-                    Ok(Ok(Frame::Control(Message::GuestSamples(s)))) => Some(s),
-                    _ => None,
-                };
             }
-            // The reader thread ends with the connection's read side.
-            let _ = socket.shutdown(std::net::Shutdown::Read);
-            outcome
+            samples = match inbound.frames.recv_timeout(REPORT_WAIT) {
+                Ok(Ok(Frame::Control(Message::GuestSamples(s)))) => Some(s),
+                _ => None,
+            };
+            Ok(())
         });
+        if let Some(reader) = inbound.stop() {
+            self.io.reader = reader;
+        }
         let complete = served.complete.take();
         if let Some(pc) = &mut self.stats.postcopy {
             pc.requests_served = served.requests;
+            pc.reconnects = served.reconnects;
             if let Some(c) = &complete {
                 *pc = PostcopyStats {
                     mode: std::mem::take(&mut pc.mode),
                     pages_owed: pc.pages_owed,
                     requests_served: served.requests,
+                    reconnects: served.reconnects,
                     ..c.stats()
                 };
             }
@@ -187,6 +203,14 @@ impl Source<'_> {
             None => Err(lost("no verdict from the destination".into())),
         }
     }
+}
+
+/// Whether `e` is the link's failure (recoverable by reconnecting), not the peer's word.
+fn is_link(e: &SendError) -> bool {
+    matches!(
+        e,
+        SendError::Transport(_) | SendError::Socket(_) | SendError::Channel(_)
+    )
 }
 
 /// Handles one frame from the destination; returns a requested page to send.
