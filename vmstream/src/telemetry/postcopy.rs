@@ -73,4 +73,37 @@ mod tests {
         assert_eq!((l.p50, l.p99, l.max), (51.0, 99.0, 100.0));
         assert_eq!(LatencyMs::of_ns(&mut []), LatencyMs::default());
     }
+
+    /// The `postcopy` object's key paths (`POSTCOPY.md`, *Statistics*); scripts read them.
+    #[test]
+    fn postcopy_json_keeps_its_keys() {
+        let json = serde_json::to_value(PostcopyStats::default()).unwrap();
+        let mut keys: Vec<String> = Vec::new();
+        for (k, v) in json.as_object().unwrap() {
+            match v.as_object() {
+                Some(o) => keys.extend(o.keys().map(|c| format!("{k}.{c}"))),
+                None => keys.push(k.clone()),
+            }
+        }
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "digest",
+                "fault_latency_ms.max",
+                "fault_latency_ms.p50",
+                "fault_latency_ms.p99",
+                "mode",
+                "pages_dropped",
+                "pages_faulted",
+                "pages_owed",
+                "pages_refused",
+                "pages_streamed",
+                "reconnects",
+                "requests_served",
+                "resume_to_last_page_ms",
+                "tps_during",
+            ]
+        );
+    }
 }

@@ -246,8 +246,8 @@ pub struct MigrationStats {
     pub codec: PipelineStats,
     /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
     pub timeline: Option<Timeline>,
-    /// The post-copy phase (`send --postcopy`), when there was one.
-    #[serde(default)]
+    /// The post-copy phase (`send --postcopy`); absent when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<crate::telemetry::postcopy::PostcopyStats>,
 }
 

@@ -87,10 +87,12 @@ pub(super) fn reconnect(
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(SendError::PostcopyLost(format!(
+            Err(e) => {
+                return Err(SendError::PostcopyLost(format!(
                 "the link dropped ({why}) and no reconnection succeeded within {:?} (last: {e})",
                 cfg.postcopy_recover_timeout
-            ))),
+            )))
+            }
         }
     }
 }
