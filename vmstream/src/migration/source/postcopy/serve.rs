@@ -241,7 +241,7 @@ fn on_frame(
             Err(lost(format!("the destination gave up: {}", a.reason)))
         }
         Ok(other) => Err(unexpected("a page request", other)),
-        Err(e) => Err(lost(format!("the link to the destination: {e}"))),
+        Err(e) => Err(SendError::Transport(e)),
     }
 }
 
