@@ -21,6 +21,14 @@ pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
 /// ([`SourceFaults::missed_write`]).
 pub const MISSED_WRITE_ENV: &str = "VMSTREAM_TEST_MISSED_WRITE";
 
+/// `N`: the sender flips a byte of the N-th page (from 0) it sends during post-copy, after
+/// its check was computed ([`SourceFaults::corrupt_postcopy_page`]).
+pub const CORRUPT_POSTCOPY_PAGE_ENV: &str = "VMSTREAM_TEST_CORRUPT_POSTCOPY_PAGE";
+
+/// `N`: the sender cuts its connection once N pages went out during post-copy
+/// ([`SourceFaults::drop_postcopy_link_after`]).
+pub const DROP_POSTCOPY_LINK_ENV: &str = "VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER";
+
 /// The faults the environment asks for; an unparsable value is an error (a test hook that
 /// silently did nothing would make its test pass for the wrong reason).
 pub fn source_faults() -> Result<SourceFaults, String> {
@@ -47,6 +55,20 @@ pub fn source_faults() -> Result<SourceFaults, String> {
         faults.missed_write = Some(missed_write(&v).ok_or_else(|| {
             format!("{MISSED_WRITE_ENV}={v:?}: expected PAGE@round0 or PAGE@pause")
         })?);
+    }
+    if let Some(v) = var(CORRUPT_POSTCOPY_PAGE_ENV) {
+        faults.corrupt_postcopy_page = Some(
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{CORRUPT_POSTCOPY_PAGE_ENV}={v:?}: expected N"))?,
+        );
+    }
+    if let Some(v) = var(DROP_POSTCOPY_LINK_ENV) {
+        faults.drop_postcopy_link_after = Some(
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{DROP_POSTCOPY_LINK_ENV}={v:?}: expected N"))?,
+        );
     }
     Ok(faults)
 }

@@ -180,6 +180,21 @@ pub struct SendArgs {
     /// otherwise: whatever answers there gets the guest's memory).
     #[arg(long)]
     pub insecure: bool,
+    /// Post-copy (POSTCOPY.md): `now` resumes the guest at the destination right after
+    /// round 0 and sends its remaining pages as it touches them and in the background;
+    /// `auto` iterates first and switches to post-copy instead of throttling the guest or
+    /// giving up at --timeout. The destination needs --resume and a --memory-file on tmpfs.
+    #[arg(long, value_parser = crate::migration::PostcopyMode::parse, default_value = "off")]
+    pub postcopy: crate::migration::PostcopyMode,
+    /// Post-copy: the background stream of owed pages at most this fast, bytes/s (100M) or
+    /// bits/s (1Gbit); pages the guest faulted on are not held to it.
+    #[arg(long, value_parser = parse_bw)]
+    pub postcopy_bandwidth: Option<u64>,
+    /// Post-copy: after the link drops, reconnect (with backoff) for this long before
+    /// saying the guest cannot continue; the destination keeps the guest blocked on its
+    /// faults meanwhile (0: give up at once).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub postcopy_recover_timeout: Duration,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -326,6 +341,9 @@ impl SendArgs {
         cfg.handover = self.handover;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.verify = self.verify;
+        cfg.postcopy = self.postcopy;
+        cfg.postcopy_bandwidth = self.postcopy_bandwidth;
+        cfg.postcopy_recover_timeout = self.postcopy_recover_timeout;
         cfg.insecure = self.insecure;
         #[cfg(feature = "fault-injection")]
         {
@@ -443,6 +461,11 @@ pub fn run_send(args: &SendArgs) -> ExitCode {
         Ok(Outcome::Cancelled(reason)) => {
             eprintln!("vmstream send: cancelled: {reason}; {}", note());
             ExitCode::from(EXIT_CANCELLED)
+        }
+        // Our guest ended at the post-copy's handover: no note on it.
+        Err(e @ crate::migration::error::SendError::PostcopyLost(_)) => {
+            eprintln!("vmstream send: migration failed: {e}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("vmstream send: migration failed: {e}; {}", note());

@@ -23,6 +23,40 @@ use crate::telemetry::notice::Notices;
 /// The least default pause bound ([`SendConfig::pause_bound`]).
 pub const PAUSE_FLOOR: Duration = Duration::from_secs(10);
 
+/// When the source switches to post-copy (`send --postcopy`, `POSTCOPY.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PostcopyMode {
+    /// Pre-copy only.
+    #[default]
+    Off,
+    /// Right after round 0.
+    Now,
+    /// Pre-copy first; post-copy when the convergence policy would otherwise start
+    /// throttling the guest, or at `--timeout`.
+    Auto,
+}
+
+impl PostcopyMode {
+    /// Parses `off`, `now` or `auto`.
+    pub fn parse(s: &str) -> Result<PostcopyMode, String> {
+        match s {
+            "off" => Ok(PostcopyMode::Off),
+            "now" => Ok(PostcopyMode::Now),
+            "auto" => Ok(PostcopyMode::Auto),
+            other => Err(format!("unknown post-copy mode {other:?} (off, now, auto)")),
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            PostcopyMode::Off => "off",
+            PostcopyMode::Now => "now",
+            PostcopyMode::Auto => "auto",
+        }
+    }
+}
+
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -70,6 +104,14 @@ pub struct SendConfig {
     pub verify: VerifyMode,
     /// The incremental modes' scrubber.
     pub scrub: ScrubSettings,
+    /// Post-copy (`--postcopy`).
+    pub postcopy: PostcopyMode,
+    /// Post-copy's background stream of owed pages, bytes/s (`--postcopy-bandwidth`;
+    /// requested pages are not held to it). None: as fast as the link.
+    pub postcopy_bandwidth: Option<u64>,
+    /// Post-copy: how long the source tries to reconnect (with backoff) after the link
+    /// dropped (`--postcopy-recover-timeout`; zero: it gives up at once).
+    pub postcopy_recover_timeout: Duration,
     /// Send without a key to an address others can reach (`--insecure`); refused
     /// otherwise (`crate::migration::connect::exposure`).
     pub insecure: bool,
@@ -130,6 +172,9 @@ impl SendConfig {
             auth_key: None,
             verify: VerifyMode::Auto,
             scrub: ScrubSettings::default(),
+            postcopy: PostcopyMode::Off,
+            postcopy_bandwidth: None,
+            postcopy_recover_timeout: Duration::from_secs(60),
             insecure: false,
             cancel: None,
             faults: SourceFaults::default(),
@@ -202,6 +247,21 @@ impl SendConfig {
         }
         if self.handover && self.channels > 1 {
             return Err("--handover sends no pages: it takes no --channels".into());
+        }
+        if self.postcopy != PostcopyMode::Off {
+            if self.handover {
+                return Err("--postcopy copies pages: it takes no --handover".into());
+            }
+            if matches!(self.guest, GuestSpec::Kvm(_)) {
+                return Err("--postcopy: post-copy of KVM guests is not built yet".into());
+            }
+            if !matches!(self.verify, VerifyMode::Auto | VerifyMode::Full) {
+                return Err(format!(
+                    "--postcopy proves the destination's memory with the full digest of ours at \
+                     the pause, taken while the last pages travel: it takes no --verify {}",
+                    self.verify.name()
+                ));
+            }
         }
         Ok(())
     }

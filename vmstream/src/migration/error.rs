@@ -65,6 +65,13 @@ pub enum SendError {
     /// The destination broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Post-copy failed after the destination resumed the guest.
+    #[error(
+        "post-copy failed after the destination resumed the guest: {0}. The guest cannot \
+         continue there without the pages only this host holds; its memory file here keeps \
+         the guest as it was at the pause (what ran on the destination since is lost)"
+    )]
+    PostcopyLost(String),
     /// A parallel channel failed or was refused.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -165,6 +172,14 @@ pub enum RecvError {
     /// cannot be mapped); nothing committed.
     #[error("handed-over memory: {0}")]
     HandedMemory(String),
+    /// Post-copy failed after the guest resumed here.
+    #[error(
+        "post-copy failed after the guest resumed here: {0}. The guest cannot continue: pages \
+         it needs are only at the source (its memory file holds the guest as it was at the \
+         pause); the image here is incomplete and the guest is kept blocked until this process \
+         ends"
+    )]
+    PostcopyLost(String),
 }
 
 /// Why the destination refused a `GuestState` (before committing anything).

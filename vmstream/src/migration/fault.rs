@@ -52,6 +52,13 @@ pub struct SourceFaults {
     /// Bytes appended to the guest state blob after the pause: a file-backed guest's
     /// state, empty on the wire, then carries a blob the destination must refuse.
     pub pad_guest_state: Vec<u8>,
+    /// Post-copy: the page sent this many pages into the post-copy phase (0: the first)
+    /// goes out with one byte of its data flipped after its check was computed; the
+    /// destination must refuse it, never place it, and ask again.
+    pub corrupt_postcopy_page: Option<u64>,
+    /// Post-copy: once this many pages were sent in the post-copy phase, the source cuts
+    /// its connection (both directions, once), as a dropped link would.
+    pub drop_postcopy_link_after: Option<u64>,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
@@ -158,6 +165,8 @@ mod tests {
             corrupt_guest_state_at: Some(2),
             missed_write: None,
             pad_guest_state: vec![9],
+            corrupt_postcopy_page: None,
+            drop_postcopy_link_after: None,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);

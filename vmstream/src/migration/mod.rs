@@ -58,5 +58,5 @@ pub mod source;
 pub mod transport;
 pub mod wire;
 
-pub use config::{RecvConfig, SendConfig};
+pub use config::{PostcopyMode, RecvConfig, SendConfig};
 pub use error::{RecvError, SendError};

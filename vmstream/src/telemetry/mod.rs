@@ -6,6 +6,7 @@
 pub mod impact;
 pub mod notice;
 pub mod plot;
+pub mod postcopy;
 pub mod progress;
 pub mod sampler;
 pub mod settings;

@@ -246,6 +246,9 @@ pub struct MigrationStats {
     pub codec: PipelineStats,
     /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
     pub timeline: Option<Timeline>,
+    /// The post-copy phase (`send --postcopy`); absent when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::telemetry::postcopy::PostcopyStats>,
 }
 
 impl MigrationStats {
@@ -275,6 +278,7 @@ impl MigrationStats {
             per_round: Vec::new(),
             codec: PipelineStats::default(),
             timeline: None,
+            postcopy: None,
         }
     }
 

@@ -15,10 +15,14 @@
 //! when [`DirtyTracker::needs_sent_pages`], hand the bytes it sent to
 //! [`DirtyTracker::page_sent`]. Tracking thus restarts for a page before the page is read:
 //! a write racing with the read shows up again in the next round, never gets lost.
+//!
+//! [`uffd_missing`] is not a tracker: it is the userfaultfd MISSING mode a post-copy
+//! destination places the guest's owed pages with.
 
 pub mod hash;
 pub mod kvm;
 pub mod uffd;
+pub mod uffd_missing;
 pub mod uffd_wp;
 
 use std::io;

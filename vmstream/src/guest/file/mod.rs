@@ -180,6 +180,17 @@ pub fn run_verified(
     run_mapped(mem, Some(report), cfg, out)
 }
 
+/// Continues the workload in `mem` without reading all of it first (attaching recovers the
+/// journal): a post-copy destination, whose last pages arrive while the guest runs, proves
+/// the memory with the digest at its last page instead.
+pub fn run_unverified(
+    mem: GuestMemory,
+    cfg: &ProcessGuestConfig,
+    out: &mut dyn Write,
+) -> Result<GuestSummary, GuestError> {
+    run_mapped(mem, None, cfg, out)
+}
+
 fn run_mapped(
     mut mem: GuestMemory,
     resumed_from: Option<ImageVerifyReport>,

@@ -23,6 +23,7 @@ use crate::migration::connect::channels::{no_migration, DestChannels};
 use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
+use crate::migration::dest::postcopy::PostcopyIncoming;
 use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{audit_stats, hex, PageHashes};
 use crate::migration::error::RecvError;
@@ -33,7 +34,7 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
     Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
-    FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST, KNOWN_FEATURES,
+    FEATURE_HANDOVER, FEATURE_POSTCOPY, ROUND_POSTCOPY,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -85,6 +86,8 @@ pub(super) enum DestState {
         hello: Hello,
         guest: Box<dyn IncomingGuest>,
     },
+    /// Post-copy: the guest resumes before its last pages came (`super::postcopy`).
+    Postcopy(PostcopyIncoming),
     /// Finished.
     Done(Received),
 }
@@ -104,9 +107,9 @@ pub struct Received {
 pub(super) struct Dest<'a> {
     pub(super) cfg: &'a RecvConfig,
     pub(super) reader: FrameReader<Socket>,
-    writer: FrameWriter<Socket>,
+    pub(super) writer: FrameWriter<Socket>,
     /// The listener (while channels bind) and the connections of channels 1...
-    channels: DestChannels,
+    pub(super) channels: DestChannels,
     pub(super) stats: &'a mut MigrationStats,
     pub(super) start: Instant,
     /// The source connection's opening (`crate::migration::connect::admission`), until the handshake takes it.
@@ -197,7 +200,7 @@ impl Dest<'_> {
 
     /// Records the downtime (pause to `at`, the guest running again) and tells the source
     /// in `Resumed`; after the commit a failure to report is only a warning.
-    fn report_resumed(&mut self, paused_at_ns: u64, at: u64, running: bool, tx: u64) {
+    pub(super) fn report_resumed(&mut self, paused_at_ns: u64, at: u64, running: bool, tx: u64) {
         self.stats.downtime_ms = Some(ms_between(paused_at_ns, at));
         self.stats.cpu = CpuTime::now();
         let cpu_ns = (self.stats.cpu.total_ms() * 1e6) as u64;
@@ -269,88 +272,10 @@ impl Dest<'_> {
                     guest,
                 } => self.committed(paused_at_ns, committed_at_ns, memory, guest)?,
                 DestState::Handover { hello, guest } => self.handover(&hello, guest)?,
+                DestState::Postcopy(incoming) => self.postcopy(incoming)?,
                 DestState::Done(received) => return Ok(received),
             };
         }
-    }
-
-    /// Checks a `Hello` (with the checks of `guest`, of the kind it announces); `Some`
-    /// refusal if we cannot take this guest.
-    fn check_hello(&self, h: &Hello, guest: &dyn IncomingGuest) -> Option<(RefuseCode, String)> {
-        if h.page_size != PAGE_SIZE as u32 {
-            return Some((
-                RefuseCode::PageSize,
-                format!(
-                    "page size {} (this destination uses {PAGE_SIZE})",
-                    h.page_size
-                ),
-            ));
-        }
-        if let Some(refusal) = guest.check_hello(h, self.cfg.resume) {
-            return Some(refusal);
-        }
-        if h.features & !KNOWN_FEATURES != 0 || h.features & FEATURE_MEMORY_DIGEST == 0 {
-            return Some((
-                RefuseCode::Features,
-                format!(
-                    "features {:#x}: known {KNOWN_FEATURES:#x}, the memory digest is required",
-                    h.features
-                ),
-            ));
-        }
-        if h.codec_version != Hello::CODEC_VERSION {
-            return Some((
-                RefuseCode::Version,
-                format!(
-                    "codec packet format {} (this destination reads {})",
-                    h.codec_version,
-                    Hello::CODEC_VERSION
-                ),
-            ));
-        }
-        if h.guest_size == 0 || !h.guest_size.is_multiple_of(PAGE_SIZE as u64) {
-            return Some((
-                RefuseCode::GuestSize,
-                format!(
-                    "guest size {} must be a non-zero multiple of {PAGE_SIZE}",
-                    h.guest_size
-                ),
-            ));
-        }
-        if let Some(want) = self.cfg.expect_size {
-            if h.guest_size != want {
-                return Some((
-                    RefuseCode::GuestSize,
-                    format!(
-                        "guest memory size mismatch: source has {} bytes, destination expects {want}",
-                        h.guest_size
-                    ),
-                ));
-            }
-        }
-        // Refused here, before anything sized from the guest exists (image, page tables).
-        let (cap, set_by) = self.cfg.size_cap();
-        if h.guest_size > cap {
-            return Some((
-                RefuseCode::GuestSize,
-                format!(
-                    "guest size {} bytes is above this destination's limit of {cap} bytes \
-                     ({set_by})",
-                    h.guest_size
-                ),
-            ));
-        }
-        None
-    }
-
-    fn refuse(&mut self, code: RefuseCode, reason: String) -> RecvError {
-        let _ = self.send(&Message::HelloReply(HelloReply {
-            refuse: code,
-            receiver_workers: 0,
-            resumes: false,
-            reason: reason.clone(),
-        }));
-        RecvError::Refused { code, reason }
     }
 
     fn handshake(&mut self) -> Result<DestState, RecvError> {
@@ -407,7 +332,10 @@ impl Dest<'_> {
                 Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
             }
         } else {
-            self.channels.close_listener();
+            // A post-copy's source may have to reconnect (`super::postcopy`).
+            if hello.features & FEATURE_POSTCOPY == 0 {
+                self.channels.close_listener();
+            }
             None
         };
         let image = match self
@@ -470,7 +398,10 @@ impl Dest<'_> {
         // With --resume, the workload's verify of the received image runs mostly during the
         // rounds (`dest/verify.rs`), off the downtime.
         let touched = std::sync::Arc::new(TouchedPages::new(hello.guest_size / PAGE_SIZE as u64));
-        if self.cfg.resume {
+        // Post-copy verifies by the digest at its last page; the background's reads of the
+        // image would fill the holes the owed pages become.
+        let mut postcopy = hello.features & FEATURE_POSTCOPY != 0;
+        if self.cfg.resume && !postcopy {
             let started = image
                 .read_only_view()
                 .map_err(std::io::Error::other)
@@ -547,6 +478,7 @@ impl Dest<'_> {
                             }
                             if end.is_final() {
                                 converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;
+                                postcopy = postcopy && end.flags & ROUND_POSTCOPY != 0;
                                 return Ok(rx.total_stats().clone());
                             }
                         }
@@ -564,6 +496,13 @@ impl Dest<'_> {
         };
         self.stats.rounds = rounds;
         self.stats.converged = converged;
+        if postcopy {
+            return Ok(DestState::Postcopy(PostcopyIncoming {
+                image,
+                hashes,
+                guest,
+            }));
+        }
         // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
         let ours = hashes.digest();
@@ -580,7 +519,7 @@ impl Dest<'_> {
 
     /// The `GuestState` arrived: validate it before anything is committed. A refusal is
     /// answered with `CommitReply { state rejected }` (the source is waiting for a verdict).
-    fn accept_guest_state(
+    pub(super) fn accept_guest_state(
         &mut self,
         state: &GuestState,
         guest: &mut dyn IncomingGuest,
@@ -674,7 +613,7 @@ impl Dest<'_> {
 
     /// Waits for the source's `Handover` (its guest ended). Without it a guest must not run
     /// here: the source may have resumed its own copy.
-    fn await_handover(&mut self) -> Result<(), RecvError> {
+    pub(super) fn await_handover(&mut self) -> Result<(), RecvError> {
         let t = Instant::now();
         let frame = self.reader.read_frame();
         self.stats.switchover_ms.await_handover = Some(t.elapsed().as_secs_f64() * 1e3);
@@ -777,7 +716,7 @@ impl Dest<'_> {
 
     /// How long the resumed guest is sampled for the source: [`DESTINATION_WINDOW`], or
     /// `--run-for` if shorter.
-    fn sample_window(&self) -> Duration {
+    pub(super) fn sample_window(&self) -> Duration {
         self.cfg
             .run_for
             .map_or(DESTINATION_WINDOW, |r| r.min(DESTINATION_WINDOW))
@@ -785,7 +724,7 @@ impl Dest<'_> {
 
     /// Sends the resumed guest's samples to the source; an empty report if sampling
     /// failed, so the source does not wait.
-    fn send_samples(&mut self, samples: Result<GuestSamples, String>) {
+    pub(super) fn send_samples(&mut self, samples: Result<GuestSamples, String>) {
         let samples = samples.unwrap_or_else(|e| {
             self.cfg
                 .notices

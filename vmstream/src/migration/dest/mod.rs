@@ -1,15 +1,18 @@
 //! The destination side: listening for the source (`listen.rs`), the state machine that
 //! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
-//! ([`verify`]); a same-host handover's memory comes by descriptor instead (`handover.rs`).
+//! ([`verify`]); a same-host handover's memory comes by descriptor instead (`handover.rs`);
+//! with post-copy the guest resumes before its last pages came (`postcopy/`).
 //! Its per-page tables are [`lazy_words`]: sized from the guest size the source claims, they
 //! cost memory only as pages arrive.
 
 mod handover;
+mod hello;
 pub mod incoming;
 pub mod lazy_words;
 mod listen;
 mod machine;
+mod postcopy;
 mod report;
 pub mod verify;
 

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use crate::converge::{switchover_latency, DowntimePolicy, RoundObservation, SwitchReason};
 use crate::guest::migratable::MigratableGuest;
 use crate::memory::PAGE_SIZE;
-use crate::migration::config::SendConfig;
+use crate::migration::config::{PostcopyMode, SendConfig};
 use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST,
+    FEATURE_POSTCOPY,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -43,6 +44,8 @@ pub(super) enum SourceState {
         pending: Vec<u64>,
         forced: bool,
     },
+    /// Pause and switch to post-copy (`super::postcopy`): `pending` are known dirty.
+    Postcopy { round: u64, pending: Vec<u64> },
     /// Wait for the destination's verdict.
     AwaitCommit { digest: [u8; 32], paused_at_ns: u64 },
     /// The destination committed; end our guest and learn when it resumed there.
@@ -124,11 +127,14 @@ impl<'a> Source<'a> {
 
     fn hello(&self) -> Hello {
         let delta = self.cfg.encoder.delta.is_some();
+        let postcopy = self.cfg.postcopy != PostcopyMode::Off;
         Hello {
             guest_kind: self.guest.kind(),
             page_size: PAGE_SIZE as u32,
             guest_size: self.guest.size(),
-            features: FEATURE_MEMORY_DIGEST | if delta { FEATURE_DELTA_PAGES } else { 0 },
+            features: FEATURE_MEMORY_DIGEST
+                | if delta { FEATURE_DELTA_PAGES } else { 0 }
+                | if postcopy { FEATURE_POSTCOPY } else { 0 },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
@@ -178,6 +184,9 @@ impl<'a> Source<'a> {
                     forced,
                 } => self
                     .switchover(round, pending, forced)
+                    .map_err(|e| self.past_pause_bound(e))?,
+                SourceState::Postcopy { round, pending } => self
+                    .postcopy(round, pending)
                     .map_err(|e| self.past_pause_bound(e))?,
                 SourceState::AwaitCommit {
                     digest,
@@ -290,6 +299,14 @@ impl<'a> Source<'a> {
         self.collect_time = collect_time;
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
+        if self.cfg.postcopy == PostcopyMode::Now {
+            self.impact.round(&rs, dirtied);
+            self.stats.per_round.push(rs);
+            return Ok(SourceState::Postcopy {
+                round: round + 1,
+                pending: newly,
+            });
+        }
         let round_trip = self.io.round_trip;
         self.stats.settings.round_trip_ms = Some(round_trip.as_secs_f64() * 1e3);
         let latency = switchover_latency(round_trip, self.destination_resumes);
@@ -299,12 +316,35 @@ impl<'a> Source<'a> {
         // The whole pause expected: the pages, and the latency no bandwidth shortens.
         let expected_downtime = obs.expected_downtime().saturating_add(latency);
         rs.expected_downtime_ms = expected_downtime.as_secs_f64() * 1e3;
+        // `--postcopy auto` owes every unsent page if it switches: a cancelling decision
+        // lists none of them.
+        let newly_kept = (self.cfg.postcopy == PostcopyMode::Auto).then(|| newly.clone());
         let decision = self
             .policy
             .decide(&obs, newly)
             .map_err(|e| SendError::Config(e.to_string()))?;
         if let Some(note) = decision.note {
             self.impact.note(obs.now, note);
+        }
+        // `--postcopy auto`: post-copy instead of throttling the guest or giving up at the
+        // timeout (a switchover within the limit stays pre-copy).
+        let would_throttle = decision.throttle > 0.0 && self.throttle == 0.0;
+        let gives_up = decision.cancel || decision.switchover == Some(SwitchReason::Forced);
+        if self.cfg.postcopy == PostcopyMode::Auto && (would_throttle || gives_up) {
+            self.impact.round(&rs, dirtied);
+            self.stats.per_round.push(rs);
+            let mut pending = newly_kept.unwrap_or_default();
+            pending.extend(decision.pages.send_now);
+            pending.extend(decision.pages.deferred);
+            if let Some(d) = self.policy.deferral() {
+                pending.extend_from_slice(d.carried());
+            }
+            pending.sort_unstable();
+            pending.dedup();
+            return Ok(SourceState::Postcopy {
+                round: round + 1,
+                pending,
+            });
         }
         self.apply_throttle(decision.throttle);
         rs.throttle = decision.throttle;

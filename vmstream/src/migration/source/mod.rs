@@ -26,6 +26,7 @@ use crate::telemetry::verification::VerificationStats;
 
 mod handover;
 mod machine;
+mod postcopy;
 mod report;
 mod round;
 mod switchover;
@@ -101,7 +102,14 @@ fn run_migration(
     // parallel): that time is part of the downtime whatever the dirty pages.
     let overhead = digest_time_estimate(guest.memory());
     stats.settings.switchover_digest_estimate_ms = Some(overhead.as_secs_f64() * 1e3);
-    let mode = cfg.verify.resolve(overhead, cfg.downtime_limit);
+    // Post-copy proves the destination's memory with the digest of ours at the pause,
+    // hashed while the owed pages travel.
+    let mode = match cfg.postcopy {
+        crate::migration::config::PostcopyMode::Off => {
+            cfg.verify.resolve(overhead, cfg.downtime_limit)
+        }
+        _ => VerifyMode::Full,
+    };
     let verification = (mode != VerifyMode::Full)
         .then(|| Verification::new(pages, mode == VerifyMode::Strict, cfg.scrub));
     stats.verify = Some(VerificationStats {
@@ -201,7 +209,8 @@ fn run_migration(
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
     if let Err(e) = &result {
-        if source.guest.is_paused() {
+        // After a post-copy's handover our guest has ended: nothing to resume.
+        if source.guest.is_paused() && !matches!(e, SendError::PostcopyLost(_)) {
             if let Err(r) = source.guest.resume() {
                 cfg.notices
                     .error(format!("resuming the source guest failed: {r}"));

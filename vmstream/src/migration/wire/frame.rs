@@ -5,8 +5,9 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed, RoundAck,
-    RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, PageRequest,
+    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart, Resumed,
+    RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -52,13 +53,25 @@ pub enum FrameType {
     MemoryHandover = 0x26,
     /// Source -> destination: its memory at the pause compared with what it sent.
     Audit = 0x27,
+    /// Source -> destination: part of the list of pages post-copy still owes.
+    PostcopyOwed = 0x28,
+    /// Source -> destination: the owed list is complete; post-copy starts.
+    PostcopyStart = 0x29,
+    /// Destination -> source: the resumed guest faulted on an owed page.
+    PageRequest = 0x2a,
+    /// Source -> destination: an owed page.
+    PostcopyPage = 0x2b,
+    /// Destination -> source: the last owed page landed; the digests compared.
+    PostcopyComplete = 0x2c,
+    /// Source -> destination: a new connection continues a post-copy whose link dropped.
+    PostcopyReconnect = 0x2d,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 24] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -76,6 +89,12 @@ impl FrameType {
         FrameType::Handover,
         FrameType::MemoryHandover,
         FrameType::Audit,
+        FrameType::PostcopyOwed,
+        FrameType::PostcopyStart,
+        FrameType::PageRequest,
+        FrameType::PostcopyPage,
+        FrameType::PostcopyComplete,
+        FrameType::PostcopyReconnect,
         FrameType::Abort,
     ];
 
@@ -104,6 +123,12 @@ impl FrameType {
             FrameType::Handover => Handover::LEN,
             FrameType::MemoryHandover => MemoryHandover::LEN,
             FrameType::Audit => Audit::FIXED_LEN + 8 * Audit::MAX_PAGES,
+            FrameType::PostcopyOwed => PostcopyOwed::FIXED_LEN + 8 * PostcopyOwed::MAX_PAGES,
+            FrameType::PostcopyStart => PostcopyStart::LEN,
+            FrameType::PageRequest => PageRequest::LEN,
+            FrameType::PostcopyPage => PostcopyPage::LEN,
+            FrameType::PostcopyComplete => PostcopyComplete::LEN,
+            FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -129,6 +154,12 @@ impl FrameType {
             FrameType::Handover => "handover",
             FrameType::MemoryHandover => "memory-handover",
             FrameType::Audit => "audit",
+            FrameType::PostcopyOwed => "postcopy-owed",
+            FrameType::PostcopyStart => "postcopy-start",
+            FrameType::PageRequest => "page-request",
+            FrameType::PostcopyPage => "postcopy-page",
+            FrameType::PostcopyComplete => "postcopy-complete",
+            FrameType::PostcopyReconnect => "postcopy-reconnect",
             FrameType::Abort => "abort",
         }
     }

@@ -4,6 +4,7 @@
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
     Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
@@ -42,6 +43,18 @@ pub enum Message {
     MemoryHandover(MemoryHandover),
     /// See [`Audit`].
     Audit(Audit),
+    /// See [`PostcopyOwed`].
+    PostcopyOwed(PostcopyOwed),
+    /// See [`PostcopyStart`].
+    PostcopyStart(PostcopyStart),
+    /// See [`PageRequest`].
+    PageRequest(PageRequest),
+    /// See [`PostcopyPage`].
+    PostcopyPage(PostcopyPage),
+    /// See [`PostcopyComplete`].
+    PostcopyComplete(PostcopyComplete),
+    /// See [`PostcopyReconnect`].
+    PostcopyReconnect(PostcopyReconnect),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -66,6 +79,12 @@ impl Message {
             Message::Handover(_) => FrameType::Handover,
             Message::MemoryHandover(_) => FrameType::MemoryHandover,
             Message::Audit(_) => FrameType::Audit,
+            Message::PostcopyOwed(_) => FrameType::PostcopyOwed,
+            Message::PostcopyStart(_) => FrameType::PostcopyStart,
+            Message::PageRequest(_) => FrameType::PageRequest,
+            Message::PostcopyPage(_) => FrameType::PostcopyPage,
+            Message::PostcopyComplete(_) => FrameType::PostcopyComplete,
+            Message::PostcopyReconnect(_) => FrameType::PostcopyReconnect,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -90,6 +109,12 @@ impl Message {
             Message::Handover(m) => m.encode(&mut out),
             Message::MemoryHandover(m) => m.encode(&mut out),
             Message::Audit(m) => m.encode(&mut out),
+            Message::PostcopyOwed(m) => m.encode(&mut out),
+            Message::PostcopyStart(m) => m.encode(&mut out),
+            Message::PageRequest(m) => m.encode(&mut out),
+            Message::PostcopyPage(m) => m.encode(&mut out),
+            Message::PostcopyComplete(m) => m.encode(&mut out),
+            Message::PostcopyReconnect(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -136,6 +161,16 @@ impl Message {
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
             FrameType::MemoryHandover => Message::MemoryHandover(MemoryHandover::decode(body)?),
             FrameType::Audit => Message::Audit(Audit::decode(body)?),
+            FrameType::PostcopyOwed => Message::PostcopyOwed(PostcopyOwed::decode(body)?),
+            FrameType::PostcopyStart => Message::PostcopyStart(PostcopyStart::decode(body)?),
+            FrameType::PageRequest => Message::PageRequest(PageRequest::decode(body)?),
+            FrameType::PostcopyPage => Message::PostcopyPage(PostcopyPage::decode(body)?),
+            FrameType::PostcopyComplete => {
+                Message::PostcopyComplete(PostcopyComplete::decode(body)?)
+            }
+            FrameType::PostcopyReconnect => {
+                Message::PostcopyReconnect(PostcopyReconnect::decode(body)?)
+            }
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

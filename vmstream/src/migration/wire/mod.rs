@@ -18,6 +18,8 @@
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
 //!   [`CommitReply`];
 //! - `resume`: after the commit, [`Handover`], [`Resumed`] and [`GuestSamples`];
+//! - `postcopy`: the post-copy phase, [`PostcopyOwed`], [`PostcopyStart`], [`PageRequest`],
+//!   [`PostcopyPage`], [`PostcopyComplete`], [`PostcopyReconnect`];
 //! - `abort`: [`Abort`], either side giving up;
 //! - `fields`: the body reader and field checks the decoders share.
 
@@ -29,6 +31,7 @@ mod fields;
 mod frame;
 mod hello;
 mod message;
+mod postcopy;
 mod resume;
 mod round;
 #[cfg(test)]
@@ -47,8 +50,12 @@ pub use frame::{
 };
 pub use hello::{DeltaWire, Hello, HelloReply, RefuseCode};
 pub use message::Message;
+pub use postcopy::{
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
+    PostcopyStatus, PAGE_REQUESTED,
+};
 pub use resume::{Audit, AuditStatus, GuestSamples, Handover, Resumed};
-pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
+pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
 
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
@@ -70,6 +77,12 @@ pub const FEATURE_CHANNELS: u64 = 1 << 2;
 /// descriptor ([`MemoryHandover`], unix sockets only, `send --handover`). Destinations
 /// without it refuse the bit at the hello (unknown feature).
 pub const FEATURE_HANDOVER: u64 = 1 << 3;
+/// Feature bit: post-copy (`send --postcopy`, `POSTCOPY.md`): the guest resumes on the
+/// destination before every page arrived, the rest follow on demand and in the background.
+pub const FEATURE_POSTCOPY: u64 = 1 << 4;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 =
-    FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST | FEATURE_CHANNELS | FEATURE_HANDOVER;
+pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
+    | FEATURE_MEMORY_DIGEST
+    | FEATURE_CHANNELS
+    | FEATURE_HANDOVER
+    | FEATURE_POSTCOPY;

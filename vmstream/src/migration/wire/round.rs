@@ -8,6 +8,8 @@ use super::{FrameType, WireError};
 pub const ROUND_FINAL: u32 = 1 << 0;
 /// `RoundEnd` flag: the switchover was forced (timeout) rather than converged.
 pub const ROUND_FORCED: u32 = 1 << 1;
+/// `RoundEnd` flag (with [`ROUND_FINAL`]): the last pre-copy round; post-copy follows.
+pub const ROUND_POSTCOPY: u32 = 1 << 2;
 
 /// `RoundEnd`: all of a round's packets were sent (40-byte body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +51,7 @@ impl RoundEnd {
             flags: f.u32(),
         };
         let reserved = f.u32();
-        if r.flags & !(ROUND_FINAL | ROUND_FORCED) != 0 || reserved != 0 {
+        if r.flags & !(ROUND_FINAL | ROUND_FORCED | ROUND_POSTCOPY) != 0 || reserved != 0 {
             return Err(WireError::BadField {
                 kind: K.name(),
                 field: "flags",

@@ -120,7 +120,56 @@ pub(super) fn all_messages() -> Vec<Message> {
             mismatched: 0,
             pages: vec![],
         }),
+        Message::PostcopyOwed(PostcopyOwed {
+            pages: vec![0, 3, 4, 1 << 30],
+        }),
+        Message::PostcopyStart(PostcopyStart {
+            owed: 4,
+            paused_at_unix_ns: 1_700_000_000_000_000_001,
+            migration_id: [0x77; 16],
+        }),
+        Message::PageRequest(PageRequest { page: 77 }),
+        Message::PostcopyPage(PostcopyPage {
+            page: 77,
+            flags: PAGE_REQUESTED,
+            data: (0..crate::memory::PAGE_SIZE).map(|i| i as u8).collect(),
+        }),
+        Message::PostcopyComplete(PostcopyComplete {
+            status: PostcopyStatus::Mismatch,
+            pages_placed: 10,
+            pages_faulted: 3,
+            pages_streamed: 7,
+            pages_dropped: 2,
+            fault_p50_ns: 500_000,
+            fault_p99_ns: 900_000,
+            fault_max_ns: 1_000_000,
+            resume_to_last_page_ns: 5_000_000,
+            tx_during: 99,
+            digest: [0x5a; 32],
+        }),
+        Message::PostcopyReconnect(PostcopyReconnect {
+            migration_id: [0x66; 16],
+            attempt: 2,
+        }),
     ]
+}
+
+#[test]
+fn postcopy_owed_lists_must_ascend_and_pages_carry_no_unknown_flags() {
+    let owed = Message::PostcopyOwed(PostcopyOwed { pages: vec![5, 5] }).to_frame();
+    assert!(matches!(parse(&owed), Err(WireError::BadField { .. })));
+    let mut page = Message::PostcopyPage(PostcopyPage {
+        page: 1,
+        flags: 0,
+        data: vec![0; crate::memory::PAGE_SIZE],
+    });
+    if let Message::PostcopyPage(p) = &mut page {
+        p.flags = 1 << 5;
+    }
+    assert!(matches!(
+        parse(&page.to_frame()),
+        Err(WireError::BadField { .. })
+    ));
 }
 
 /// Reads a whole frame back the way the transport does: header, then payload.
@@ -220,7 +269,8 @@ fn bad_fields_are_typed() {
         records: 0,
         packets: 0,
         packet_bytes: 0,
-        flags: 4,
+        // The first flag bit no version defines (1 << 2 is `ROUND_POSTCOPY` since 5).
+        flags: 8,
     }
     .encode(&mut body);
     assert!(matches!(

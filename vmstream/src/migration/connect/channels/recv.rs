@@ -43,6 +43,12 @@ impl DestChannels {
         self.admissions = None;
     }
 
+    /// The listener's admissions, for a post-copy's reconnections (None once closed or
+    /// taken by the channels' binding).
+    pub fn take_admissions(&mut self) -> Option<Admissions> {
+        self.admissions.take()
+    }
+
     /// Channels of the migration (1 until bound).
     pub fn count(&self) -> usize {
         self.count

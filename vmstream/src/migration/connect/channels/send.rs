@@ -423,6 +423,46 @@ impl SourceChannels {
         Ok(self.channels[0].link.send_message(msg)?)
     }
 
+    /// The migration id's bytes.
+    pub fn migration_id_bytes(&self) -> [u8; 16] {
+        self.migration_id
+    }
+
+    /// Replaces channel 0's connection (post-copy recovery after a lost link): connects
+    /// again, proves the key if there is one, and starts a new writer; returns the new
+    /// connection's reader. Frames still queued on the old connection are lost.
+    pub fn reconnect_primary(
+        &mut self,
+        cfg: &SendConfig,
+    ) -> Result<FrameReader<Socket>, SendError> {
+        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
+        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+        let mut reader = FrameReader::new(
+            stream.try_clone().map_err(SendError::Socket)?,
+            Some(cfg.io_timeout),
+        );
+        let link = Link::with_options(
+            stream,
+            cfg.max_bandwidth.map(TokenBucket::shared),
+            Vec::new(),
+            "vmstream-link-0",
+        )
+        .map_err(SendError::Socket)?;
+        let old = std::mem::replace(&mut self.channels[0].link, link);
+        old.discard_packets();
+        drop(old);
+        if let Some(key) = &cfg.auth_key {
+            self.channels[0].authenticate(0, key, &mut reader)?;
+        }
+        Ok(reader)
+    }
+
+    /// Sends a whole encoded frame on channel 0 (see [`Link::send_frame`]).
+    pub fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), SendError> {
+        Ok(self.channels[0].link.send_frame(frame)?)
+    }
+
     /// Sends a control message on channel 0 with the file descriptor `fd` (a unix socket
     /// only: the memory handover).
     pub fn send_message_with_fd(

@@ -22,7 +22,7 @@ use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseC
 mod file;
 mod kvm;
 
-pub use file::{IncomingFileGuest, ResumedGuest};
+pub use file::{start_guest_postcopy, IncomingFileGuest, ResumedGuest};
 pub use kvm::{IncomingKvmGuest, KvmResumed, KvmRunOutcome};
 
 /// A guest on the destination side of a migration, from the handshake that named its kind

@@ -143,7 +143,7 @@ impl IncomingGuest for IncomingFileGuest {
             })?;
         }
         let guest = match self.verified.take() {
-            Some(Ok(report)) => start_guest(memory, report, run_for, self.notices.clone())?,
+            Some(Ok(report)) => start_guest(memory, Some(report), run_for, self.notices.clone())?,
             _ => return Err(RecvError::Resume("no verified image to resume".into())),
         };
         let resumption = Resumption {
@@ -183,6 +183,11 @@ pub struct ResumedGuest {
 }
 
 impl ResumedGuest {
+    /// Whether the guest still runs.
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
     /// Waits until the guest stops (`--run-for`) and returns its final transaction count.
     pub fn join(self) -> Result<u64, RecvError> {
         match self.thread.join() {
@@ -227,11 +232,23 @@ impl Write for ReadyWatch {
     }
 }
 
+/// Post-copy: starts the guest on `memory`, whose mapping is registered for MISSING faults
+/// (the caller serves them meanwhile), without reading all of memory first, and waits for
+/// it to run; the lines it writes go to `notices`.
+pub fn start_guest_postcopy(
+    memory: GuestMemory,
+    run_for: Option<Duration>,
+    notices: Notices,
+) -> Result<ResumedGuest, RecvError> {
+    start_guest(memory, None, run_for, notices)
+}
+
 /// Starts the guest on the committed image `memory` (recovered and verified before the
-/// commit: `report`) and waits for it to run; the lines it writes go to `notices`.
+/// commit: `report`; None: post-copy, not verified) and waits for it to run; the lines it
+/// writes go to `notices`.
 fn start_guest(
     memory: GuestMemory,
-    report: ImageVerifyReport,
+    report: Option<ImageVerifyReport>,
     run_for: Option<Duration>,
     notices: Notices,
 ) -> Result<ResumedGuest, RecvError> {
@@ -258,7 +275,10 @@ fn start_guest(
                 ready: Some(tx),
                 notices,
             };
-            crate::guest::file::run_verified(memory, report, &cfg, &mut out)
+            match report {
+                Some(report) => crate::guest::file::run_verified(memory, report, &cfg, &mut out),
+                None => crate::guest::file::run_unverified(memory, &cfg, &mut out),
+            }
         })
         .map_err(|e| RecvError::Resume(format!("starting the guest thread: {e}")))?;
     match rx.recv() {

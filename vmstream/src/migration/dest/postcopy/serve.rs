@@ -1,0 +1,397 @@
+//! The post-copy phase on the destination: one thread waits for the guest's faults, one
+//! reads the source's frames, and this one (the only one that places pages) turns both into
+//! page requests and `UFFDIO_COPY` placements until the last owed page landed and the
+//! digests compared.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::guest::file::layout::sb;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::migration::dest::incoming::{start_guest_postcopy, ResumedGuest};
+use crate::migration::dest::machine::{unexpected, Dest, DestState, Received};
+use crate::migration::digest::{hex, PageHashes};
+use crate::migration::error::RecvError;
+use crate::migration::transport::{Frame, FrameReader, Socket, TransportError};
+use crate::migration::wire::{
+    Digest, GuestSamples, Message, PageRequest, PostcopyComplete, PostcopyPage, PostcopyStatus,
+    WireError,
+};
+use crate::telemetry::impact::sample_destination;
+use crate::telemetry::postcopy::{LatencyMs, PostcopyStats};
+use crate::telemetry::stats::unix_ns;
+use crate::track::uffd_missing::{MissingFaults, Placed};
+
+use super::Placement;
+
+/// What the post-copy phase starts from.
+pub(super) struct Phase {
+    pub(super) placement: Placement,
+    pub(super) uffd: Arc<MissingFaults>,
+    pub(super) hashes: Arc<PageHashes>,
+    pub(super) paused_at_ns: u64,
+    pub(super) owed: u64,
+    /// The migration's id, which a reconnection must name.
+    pub(super) migration_id: [u8; 16],
+    /// Where a source that lost the link reconnects (None: it cannot).
+    pub(super) admissions: Option<crate::migration::connect::admission::Admissions>,
+}
+
+/// What the threads tell the placing loop.
+pub(super) enum Event {
+    /// The guest faulted on these pages.
+    Faults(Vec<u64>),
+    /// The source sent a frame (or the link failed).
+    Frame(Result<Frame, TransportError>),
+    /// The guest runs (or could not start).
+    Guest(Result<ResumedGuest, RecvError>),
+}
+
+/// The placing loop's own figures and links.
+#[derive(Default)]
+pub(super) struct Progress {
+    /// Where a new frame reader sends (after a reconnection).
+    pub(super) events: Option<mpsc::Sender<Event>>,
+    /// The frame reader; it returns the reader when the link ends.
+    pub(super) frames: Option<std::thread::JoinHandle<FrameReader<Socket>>>,
+    /// The link is down: requests wait for the reconnection.
+    pub(super) offline: bool,
+    pub(super) reconnects: u64,
+    /// When the guest ran here (CLOCK_REALTIME ns): the end of the downtime.
+    pub(super) resumed_at_ns: u64,
+    pub(super) fault_at: HashMap<u64, Instant>,
+    latencies_ns: Vec<u64>,
+    refused: u64,
+    source_digest: Option<Digest>,
+    pub(super) resumed: Option<(ResumedGuest, Instant, u64)>,
+    last_page_at: Option<Instant>,
+}
+
+impl Dest<'_> {
+    /// Runs the guest on `memory` (registered in `phase.uffd`) and places the owed pages
+    /// until the last; then compares the digests and reports.
+    pub(super) fn serve_postcopy(
+        &mut self,
+        mut phase: Phase,
+        memory: GuestMemory,
+    ) -> Result<DestState, RecvError> {
+        let pages = phase.placement_pages();
+        let file = memory.file().try_clone().map_err(RecvError::Socket)?;
+        let target = memory.path().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults = spawn_fault_watch(Arc::clone(&phase.uffd), Arc::clone(&stop), tx.clone())?;
+        let placeholder = FrameReader::new(
+            self.reader
+                .get_ref()
+                .try_clone()
+                .map_err(RecvError::Socket)?,
+            Some(self.cfg.io_timeout),
+        );
+        let reader = std::mem::replace(&mut self.reader, placeholder);
+        let frames = spawn_frame_reader(reader, tx.clone())?;
+        let mut progress = Progress {
+            events: Some(tx.clone()),
+            frames: Some(frames),
+            ..Progress::default()
+        };
+        let (run_for, notices) = (self.cfg.run_for, self.cfg.notices.clone());
+        std::thread::Builder::new()
+            .name("vmstream-guest-start".into())
+            .spawn(move || {
+                let _ = tx.send(Event::Guest(start_guest_postcopy(memory, run_for, notices)));
+            })
+            .map_err(RecvError::Socket)?;
+        let result = self.place_until_complete(&mut phase, &mut progress, &rx, &file, pages);
+        // Not before every owed page is placed: a thread still blocked on a fault would
+        // then be given a zero page.
+        if result.is_ok() {
+            let _ = phase.uffd.unregister();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = faults.join();
+        if let Err(e) = result {
+            // The guest waits on pages only the source has: keep it blocked (the
+            // userfaultfd stays registered until this process ends) rather than let it
+            // run on holes.
+            std::mem::forget(Arc::clone(&phase.uffd));
+            return Err(e);
+        }
+        let (guest, resumed_at, tx0) = progress.resumed.take().expect("complete after resume");
+        let last = progress.last_page_at.unwrap_or(resumed_at);
+        let ours = phase.hashes.digest();
+        let theirs = progress
+            .source_digest
+            .take()
+            .expect("complete after the digest");
+        let matched = theirs.digest == ours && theirs.guest_size == self.stats.guest_bytes;
+        let tx_during = tx_count(&file).saturating_sub(tx0);
+        let span = last.saturating_duration_since(resumed_at);
+        let mut latencies = std::mem::take(&mut progress.latencies_ns);
+        let latency = LatencyMs::of_ns(&mut latencies);
+        let complete = PostcopyComplete {
+            status: if matched {
+                PostcopyStatus::Match
+            } else {
+                PostcopyStatus::Mismatch
+            },
+            pages_placed: phase.placement.placed_faulted() + phase.placement.placed_streamed(),
+            pages_faulted: phase.placement.placed_faulted(),
+            pages_streamed: phase.placement.placed_streamed(),
+            pages_dropped: phase.placement.dropped(),
+            fault_p50_ns: (latency.p50 * 1e6) as u64,
+            fault_p99_ns: (latency.p99 * 1e6) as u64,
+            fault_max_ns: (latency.max * 1e6) as u64,
+            resume_to_last_page_ns: span.as_nanos() as u64,
+            tx_during,
+            digest: ours,
+        };
+        self.stats.digest = Some(hex(&ours));
+        self.stats.postcopy = Some(PostcopyStats {
+            pages_owed: phase.owed,
+            pages_refused: progress.refused,
+            reconnects: progress.reconnects,
+            ..complete.stats()
+        });
+        self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        self.send(&Message::PostcopyComplete(complete))?;
+        if !matched {
+            return Err(RecvError::DigestMismatch {
+                source_digest: hex(&theirs.digest),
+                ours: hex(&ours),
+            });
+        }
+        let samples = sample_destination(&target, self.sample_window(), GuestSamples::MAX_SAMPLES)
+            .map(|samples| GuestSamples { samples })
+            .map_err(|e| e.to_string());
+        self.send_samples(samples);
+        progress.events = None;
+        if let Some(Ok(reader)) = progress.frames.take().map(|f| f.join()) {
+            self.reader = reader;
+        }
+        Ok(DestState::Done(Received {
+            guest: Some(guest),
+            kvm: None,
+            handed_over: None,
+        }))
+    }
+
+    /// The placing loop: until every owed page is placed, the source's digest came and the
+    /// guest runs.
+    fn place_until_complete(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        rx: &mpsc::Receiver<Event>,
+        file: &std::fs::File,
+        pages: u64,
+    ) -> Result<(), RecvError> {
+        let lost = |why: String| RecvError::PostcopyLost(why);
+        while phase.placement.remaining() > 0
+            || progress.source_digest.is_none()
+            || progress.resumed.is_none()
+        {
+            let event = rx.recv_timeout(self.cfg.io_timeout).map_err(|_| {
+                lost(format!(
+                    "nothing from the source within {:?}",
+                    self.cfg.io_timeout
+                ))
+            })?;
+            match event {
+                Event::Faults(list) => {
+                    for page in list.into_iter().filter(|&p| p < pages) {
+                        self.on_fault(phase, progress, page)?;
+                    }
+                }
+                Event::Frame(Ok(Frame::Control(Message::PostcopyPage(p)))) => {
+                    if p.page >= pages || p.data.len() != PAGE_SIZE {
+                        return Err(RecvError::Protocol(format!(
+                            "post-copy page {} is beyond the guest's {pages} pages",
+                            p.page
+                        )));
+                    }
+                    place(phase, progress, p, file, self.cfg.notices.clone())?;
+                }
+                Event::Frame(Ok(Frame::Control(Message::Digest(d)))) => {
+                    // The stream is over: a page still owed was lost on the way (refused):
+                    // ask for it again.
+                    for page in phase.placement.still_owed() {
+                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                    }
+                    progress.source_digest = Some(d);
+                }
+                Event::Frame(Err(TransportError::Wire(e @ WireError::BodyChecksum { .. }))) => {
+                    // Its page number cannot be trusted either: the pages the guest waits
+                    // for are asked again, the stream's are when it ends.
+                    progress.refused += 1;
+                    self.cfg.notices.error(format!(
+                        "a post-copy page failed its check ({e}): refused, never placed; asking \
+                         the source again for the pages the guest waits for"
+                    ));
+                    for page in phase.placement.requested() {
+                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                    }
+                }
+                Event::Frame(Err(e)) if phase.admissions.is_some() => {
+                    self.await_reconnect(phase, progress, rx, &e.to_string())?
+                }
+                Event::Frame(Err(e)) => return Err(lost(format!("the link to the source: {e}"))),
+                Event::Frame(Ok(other)) => return Err(unexpected("a post-copy page", other)),
+                Event::Guest(Ok(guest)) => {
+                    let tx0 = guest.ready.tx_count;
+                    progress.resumed_at_ns = unix_ns(SystemTime::now());
+                    self.report_resumed(phase.paused_at_ns, progress.resumed_at_ns, true, tx0);
+                    progress.resumed = Some((guest, Instant::now(), tx0));
+                }
+                Event::Guest(Err(e)) => {
+                    return Err(lost(format!("the guest could not resume here: {e}")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_fault(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        page: u64,
+    ) -> Result<(), RecvError> {
+        use super::placement::OnFault;
+        let io = |e: std::io::Error| RecvError::PostcopyLost(format!("placing page {page}: {e}"));
+        match phase.placement.fault(page) {
+            OnFault::Request => {
+                progress.fault_at.insert(page, Instant::now());
+                // Offline, the request waits for the reconnection (`requested`).
+                if !progress.offline {
+                    self.send(&Message::PageRequest(PageRequest { page }))?;
+                }
+            }
+            OnFault::Wait => {}
+            OnFault::Zero => {
+                phase.uffd.place(page, &[0u8; PAGE_SIZE]).map_err(io)?;
+                phase.placement.zero_placed(page);
+            }
+            OnFault::Wake => phase.uffd.wake(page).map_err(io)?,
+        }
+        Ok(())
+    }
+}
+
+impl Phase {
+    fn placement_pages(&self) -> u64 {
+        self.uffd.pages()
+    }
+}
+
+/// Places an arriving page if it is owed and not placed yet; drops it otherwise.
+fn place(
+    phase: &mut Phase,
+    progress: &mut Progress,
+    p: PostcopyPage,
+    file: &std::fs::File,
+    notices: crate::telemetry::notice::Notices,
+) -> Result<(), RecvError> {
+    use super::placement::OnArrival;
+    let OnArrival::Place { faulted } = phase.placement.arrive(p.page) else {
+        return Ok(());
+    };
+    let placed = match phase.uffd.place(p.page, &p.data) {
+        Ok(placed) => placed,
+        // The guest ended (`--run-for`) and unmapped its memory: nothing maps the page
+        // any more, so the file takes it directly.
+        Err(_)
+            if progress
+                .resumed
+                .as_ref()
+                .is_some_and(|(g, _, _)| !g.is_running()) =>
+        {
+            file.write_all_at(&p.data, p.page * PAGE_SIZE as u64)
+                .map_err(|e| RecvError::PostcopyLost(format!("writing page {}: {e}", p.page)))?;
+            Placed::Placed
+        }
+        Err(e) => {
+            return Err(RecvError::PostcopyLost(format!(
+                "placing page {}: {e}",
+                p.page
+            )))
+        }
+    };
+    match placed {
+        Placed::Placed => phase.hashes.update(p.page, &p.data),
+        // Not through us: its hash stays the older one, and the digest tells.
+        Placed::AlreadyPresent => notices.warning(format!(
+            "post-copy page {} was present before it was placed",
+            p.page
+        )),
+    }
+    phase.placement.placed(p.page);
+    if faulted {
+        if let Some(at) = progress.fault_at.remove(&p.page) {
+            progress.latencies_ns.push(at.elapsed().as_nanos() as u64);
+        }
+    }
+    if phase.placement.remaining() == 0 {
+        progress.last_page_at = Some(Instant::now());
+    }
+    Ok(())
+}
+
+/// The guest's transaction counter, read from the file: a read of a hole does not fill it
+/// (a fault through another mapping would, behind the userfaultfd's back).
+fn tx_count(file: &std::fs::File) -> u64 {
+    let mut b = [0u8; 8];
+    match file.read_exact_at(&mut b, sb::TX_COUNT as u64) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
+    }
+}
+
+fn spawn_fault_watch(
+    uffd: Arc<MissingFaults>,
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<Event>,
+) -> Result<std::thread::JoinHandle<()>, RecvError> {
+    std::thread::Builder::new()
+        .name("vmstream-faults".into())
+        .spawn(move || {
+            let mut pages = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                pages.clear();
+                if uffd
+                    .wait_faults(std::time::Duration::from_millis(50), &mut pages)
+                    .is_err()
+                {
+                    return;
+                }
+                if !pages.is_empty() && tx.send(Event::Faults(pages.clone())).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(RecvError::Socket)
+}
+
+/// Reads the source's frames until the link ends (a refused page's frame does not end it).
+pub(super) fn spawn_frame_reader(
+    mut reader: FrameReader<Socket>,
+    tx: mpsc::Sender<Event>,
+) -> Result<std::thread::JoinHandle<FrameReader<Socket>>, RecvError> {
+    std::thread::Builder::new()
+        .name("vmstream-postcopy-rx".into())
+        .spawn(move || loop {
+            let frame = reader.read_frame();
+            let go_on = matches!(
+                &frame,
+                Ok(_) | Err(TransportError::Wire(WireError::BodyChecksum { .. }))
+            );
+            if tx.send(Event::Frame(frame)).is_err() || !go_on {
+                return reader;
+            }
+        })
+        .map_err(RecvError::Socket)
+}
