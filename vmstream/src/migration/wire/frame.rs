@@ -5,8 +5,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed, RoundAck,
-    RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, QemuIncoming, Resumed,
+    RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -52,13 +52,15 @@ pub enum FrameType {
     MemoryHandover = 0x26,
     /// Source -> destination: its memory at the pause compared with what it sent.
     Audit = 0x27,
+    /// Destination -> source: where the destination's QEMU takes the device state.
+    QemuIncoming = 0x28,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -76,6 +78,7 @@ impl FrameType {
         FrameType::Handover,
         FrameType::MemoryHandover,
         FrameType::Audit,
+        FrameType::QemuIncoming,
         FrameType::Abort,
     ];
 
@@ -104,6 +107,7 @@ impl FrameType {
             FrameType::Handover => Handover::LEN,
             FrameType::MemoryHandover => MemoryHandover::LEN,
             FrameType::Audit => Audit::FIXED_LEN + 8 * Audit::MAX_PAGES,
+            FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -129,6 +133,7 @@ impl FrameType {
             FrameType::Handover => "handover",
             FrameType::MemoryHandover => "memory-handover",
             FrameType::Audit => "audit",
+            FrameType::QemuIncoming => "qemu-incoming",
             FrameType::Abort => "abort",
         }
     }

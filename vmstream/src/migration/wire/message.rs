@@ -4,7 +4,7 @@
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
-    Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -42,6 +42,8 @@ pub enum Message {
     MemoryHandover(MemoryHandover),
     /// See [`Audit`].
     Audit(Audit),
+    /// See [`QemuIncoming`].
+    QemuIncoming(QemuIncoming),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -66,6 +68,7 @@ impl Message {
             Message::Handover(_) => FrameType::Handover,
             Message::MemoryHandover(_) => FrameType::MemoryHandover,
             Message::Audit(_) => FrameType::Audit,
+            Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -90,6 +93,7 @@ impl Message {
             Message::Handover(m) => m.encode(&mut out),
             Message::MemoryHandover(m) => m.encode(&mut out),
             Message::Audit(m) => m.encode(&mut out),
+            Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -136,6 +140,7 @@ impl Message {
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
             FrameType::MemoryHandover => Message::MemoryHandover(MemoryHandover::decode(body)?),
             FrameType::Audit => Message::Audit(Audit::decode(body)?),
+            FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

@@ -17,7 +17,8 @@
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
 //!   [`CommitReply`];
-//! - `resume`: after the commit, [`Handover`], [`Resumed`] and [`GuestSamples`];
+//! - `resume`: after the commit, [`QemuIncoming`] (QEMU guests), [`Handover`], [`Resumed`]
+//!   and [`GuestSamples`];
 //! - `abort`: [`Abort`], either side giving up;
 //! - `fields`: the body reader and field checks the decoders share.
 
@@ -47,7 +48,7 @@ pub use frame::{
 };
 pub use hello::{DeltaWire, Hello, HelloReply, RefuseCode};
 pub use message::Message;
-pub use resume::{Audit, AuditStatus, GuestSamples, Handover, Resumed};
+pub use resume::{Audit, AuditStatus, GuestSamples, Handover, QemuIncoming, Resumed};
 pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
 
 /// Magic at the start of `Hello` and `HelloReply`.

@@ -158,6 +158,7 @@ impl IncomingGuest for IncomingKvmGuest {
             guest: None,
             kvm: self.resumed,
             handed_over: None,
+            qemu: None,
         }
     }
 }
