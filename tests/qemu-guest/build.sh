@@ -30,8 +30,8 @@ if [ ! -s "$out/vmlinuz" ]; then
     [ -n "$pkg" ] || { echo "build.sh: no linux-image-amd64 in apt's lists (apt-get update?)" >&2; exit 3; }
     (cd "$work" && apt-get download "$pkg" >/dev/null) || { echo "build.sh: apt-get download $pkg failed" >&2; exit 3; }
     dpkg-deb -x "$work"/*.deb "$work/x"
-    cp "$work"/x/boot/vmlinuz-* "$out/vmlinuz.tmp"
-    mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+    cp "$work"/x/boot/vmlinuz-* "$out/vmlinuz.tmp.$$"
+    mv "$out/vmlinuz.tmp.$$" "$out/vmlinuz"
 fi
 
 stamp=$( (sha256sum "$bin" "$here/build.sh" "$busybox") | sha256sum | cut -c1-16)
@@ -75,6 +75,6 @@ while true; do
 done
 INIT
 chmod +x "$root/init"
-(cd "$root" && find . | "$busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$out/initrd.cpio.gz.tmp"
-mv "$out/initrd.cpio.gz.tmp" "$out/initrd.cpio.gz"
+(cd "$root" && find . | "$busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$out/initrd.cpio.gz.tmp.$$"
+mv "$out/initrd.cpio.gz.tmp.$$" "$out/initrd.cpio.gz"
 echo "$stamp" > "$out/initrd.stamp"

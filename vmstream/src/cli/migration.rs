@@ -70,6 +70,15 @@ pub enum QemuAfterArg {
     Pause,
 }
 
+/// The destination QEMU once its device state is loaded (`recv --qemu-start`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuStartArg {
+    /// Continue it.
+    Running,
+    /// Leave it paused.
+    Paused,
+}
+
 /// Arguments of `vmstream send`.
 #[derive(Args, Debug, Clone)]
 pub struct SendArgs {
@@ -155,7 +164,8 @@ pub struct SendArgs {
     /// Switch over once the expected downtime is within this (ms/s).
     #[arg(long, value_parser = parse_duration, default_value = "300ms")]
     pub downtime_limit: Duration,
-    /// Emulate a slower link: bytes/s (100M) or bits/s (1Gbit).
+    /// Emulate a slower link: bytes/s (25MB = 25,000,000 as in QEMU; 100M or 100MiB =
+    /// 100 MiB) or bits/s (1Gbit).
     #[arg(long, value_parser = parse_bw)]
     pub max_bandwidth: Option<u64>,
     /// Give up or force the switchover after this long (see --on-timeout).
@@ -260,6 +270,10 @@ pub struct RecvArgs {
     /// the source) [default: unix:PATH.migrate].
     #[arg(long, value_name = "URI", requires = "qemu")]
     pub qemu_incoming: Option<String>,
+    /// The destination QEMU once its device state is loaded: running (continued), or
+    /// paused (for the operator's QMP cont).
+    #[arg(long, value_enum, default_value = "running", requires = "qemu")]
+    pub qemu_start: QemuStartArg,
 }
 
 fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
@@ -386,6 +400,7 @@ impl RecvArgs {
                 launch.incoming = uri.clone();
             }
             launch.timeout = self.io_timeout;
+            launch.start_paused = self.qemu_start == QemuStartArg::Paused;
             cfg.qemu = Some(launch);
         }
         cfg.stats_json = self.stats_json.clone();
@@ -559,7 +574,8 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     };
     if let Some(q) = &received.qemu {
         println!(
-            "qemu running pid={} qmp={} log={}",
+            "qemu {} pid={} qmp={} log={}",
+            if q.paused { "paused" } else { "running" },
             q.pid,
             q.qmp.display(),
             q.log.display()

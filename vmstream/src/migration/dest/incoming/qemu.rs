@@ -45,6 +45,9 @@ pub struct QemuLaunch {
     pub incoming: String,
     /// How long QEMU may take to start, and to load the device state.
     pub timeout: Duration,
+    /// Leave the VM paused once its device state is loaded (`recv --qemu-start paused`),
+    /// for the operator's `cont`; the downtime then ends at the load.
+    pub start_paused: bool,
 }
 
 impl QemuLaunch {
@@ -62,6 +65,7 @@ impl QemuLaunch {
             log: with(".qemu.log"),
             incoming: format!("unix:{}", with(".migrate").display()),
             timeout: Duration::from_secs(60),
+            start_paused: false,
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct QemuResumed {
     pub qmp: PathBuf,
     /// Its log (stdout and stderr).
     pub log: PathBuf,
+    /// Whether it was left paused (`--qemu-start paused`).
+    pub paused: bool,
 }
 
 /// A started QEMU waiting for the device state.
@@ -349,13 +355,18 @@ impl IncomingGuest for IncomingQemuGuest {
                 _ => std::thread::sleep(Duration::from_millis(1)),
             }
         }
-        let status = s.qmp.status().map_err(err)?;
-        if status != "running" {
-            s.qmp.execute("cont", Value::Null).map_err(err)?;
-        }
-        let at = match s.qmp.wait_event("RESUME", Duration::from_secs(5)) {
-            Ok(e) if e.at_unix_ns > 0 => e.at_unix_ns,
-            _ => crate::telemetry::stats::unix_ns(std::time::SystemTime::now()),
+        let paused = self.launch.as_ref().is_some_and(|l| l.start_paused);
+        let now = || crate::telemetry::stats::unix_ns(std::time::SystemTime::now());
+        let at = if paused {
+            now()
+        } else {
+            if s.qmp.status().map_err(err)? != "running" {
+                s.qmp.execute("cont", Value::Null).map_err(err)?;
+            }
+            match s.qmp.wait_event("RESUME", Duration::from_secs(5)) {
+                Ok(e) if e.at_unix_ns > 0 => e.at_unix_ns,
+                _ => now(),
+            }
         };
         self.resumed = Some(QemuResumed {
             pid: s.child.id(),
@@ -365,6 +376,7 @@ impl IncomingGuest for IncomingQemuGuest {
                 .as_ref()
                 .map(|l| l.log.clone())
                 .unwrap_or_default(),
+            paused,
         });
         Ok(Resumption {
             tx_count: 0,
