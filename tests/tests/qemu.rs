@@ -1,11 +1,14 @@
 //! QEMU guests (`send --qemu`, `recv --qemu`): a real Linux VM booted by QEMU (TCG) with its
 //! 512 MiB of RAM in a shared file, vmstream's dbsim running inside it. vmstream moves the
 //! RAM, QEMU the device state; the guest keeps running verified on the destination. A
-//! migration that fails before the destination's QEMU runs leaves the source VM running.
+//! migration that fails before the destination's QEMU runs leaves the source VM running, and
+//! the throttle holds the vCPU threads alone.
 //! Skipped, with the reason printed, where QEMU or the guest's parts cannot be had.
 
 use std::time::Duration;
 
+use vmstream::guest::qemu::throttle::{vcpu_threads, VcpuThrottle};
+use vmstream::guest::qemu::Qmp;
 use vmstream_tests::qemu::{guest_image, qemu_command, GuestImage, QemuVm};
 use vmstream_tests::*;
 
@@ -174,5 +177,38 @@ fn failed_migrations_leave_the_source_vm_running() {
     assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
     assert!(!dst_ram.exists(), "nothing is committed");
     assert_eq!(src.status(), "running");
-    src.wait_tx_above(tx, Duration::from_secs(120));
+    let tx = src.wait_tx_above(tx, Duration::from_secs(120));
+    throttle_holds_the_vcpus_alone(&src, tx);
+}
+
+/// The throttle `--converge` applies to a QEMU guest: its vCPU threads (QMP
+/// `query-cpus-fast`) alone move into a cpu cgroup with the quota of the fraction they may
+/// run, the monitor answering meanwhile; on drop they go back and the cgroup is gone.
+fn throttle_holds_the_vcpus_alone(src: &QemuVm, tx: u64) {
+    let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(30)).unwrap();
+    let tids = vcpu_threads(&mut qmp).unwrap();
+    drop(qmp);
+    assert!(!tids.is_empty());
+    let mut throttle = match VcpuThrottle::new(&tids) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped the vCPU throttle check: {e}");
+            return;
+        }
+    };
+    let dir = throttle.dir().to_path_buf();
+    throttle.set(0.75).unwrap();
+    let quota = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), (2_500 * tids.len()).to_string());
+    let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap();
+    let mut held: Vec<u32> = tasks.lines().map(|l| l.parse().unwrap()).collect();
+    held.sort();
+    let mut want = tids.clone();
+    want.sort();
+    assert_eq!(held, want, "only the vCPU threads are throttled");
+    // The monitor is not throttled; the guest still runs, slower.
+    assert_eq!(src.status(), "running");
+    src.wait_tx_above(tx, Duration::from_secs(300));
+    drop(throttle);
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }

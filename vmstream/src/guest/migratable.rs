@@ -90,7 +90,7 @@ pub fn open_guest(
 ) -> Result<Box<dyn MigratableGuest>, GuestControlError> {
     Ok(match spec {
         GuestSpec::Kvm(k) => Box::new(KvmSourceGuest::start(k, notices)?),
-        GuestSpec::Qemu(q) => Box::new(crate::guest::qemu::QemuSourceGuest::open(q)?),
+        GuestSpec::Qemu(q) => Box::new(crate::guest::qemu::QemuSourceGuest::open(q, notices)?),
         _ => Box::new(SourceGuest::open(spec, tracking, notices)?),
     })
 }

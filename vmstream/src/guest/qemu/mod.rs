@@ -1,9 +1,11 @@
 //! QEMU guests: a VM QEMU runs whose RAM is one shared memory file. vmstream moves the RAM
 //! file; QEMU moves the device state (`x-ignore-shared`). [`qmp`] talks to QEMU's monitor,
-//! [`source`] is the source side ([`QemuSourceGuest`]).
+//! [`source`] is the source side ([`QemuSourceGuest`]), [`throttle`] slows its vCPU threads
+//! alone.
 
 pub mod qmp;
 pub mod source;
+pub mod throttle;
 
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use source::{QemuAfter, QemuSourceGuest, QemuSpec};

@@ -12,10 +12,12 @@ use crate::guest::file::source::GuestControlError;
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
 use crate::memory::{GuestMemory, MapMode};
+use crate::telemetry::notice::Notices;
 use crate::track::{DirtyTracker, HashTracker};
 
 use super::qmp::{Qmp, QmpError, COMMAND_TIMEOUT};
 use super::ram_backends;
+use super::throttle::{vcpu_threads, VcpuThrottle};
 
 /// What becomes of the source QEMU once its devices moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,14 @@ pub struct QemuSourceGuest {
     /// Where the destination's QEMU takes the device state (`QemuIncoming`).
     incoming: Option<String>,
     alive_checked: Option<Instant>,
+    /// The vCPU threads (`query-cpus-fast`), throttled alone.
+    vcpus: Vec<u32>,
+    /// Made at the first throttle above 0; puts the threads back when dropped.
+    throttle: Option<VcpuThrottle>,
+    /// Why the throttle could not be set up (then the guest runs unthrottled).
+    throttle_error: Option<String>,
+    /// Told why the throttle is unavailable.
+    notices: Notices,
 }
 
 impl std::fmt::Debug for QemuSourceGuest {
@@ -69,7 +79,7 @@ fn qemu_err(e: QmpError) -> GuestControlError {
 impl QemuSourceGuest {
     /// Connects to the VM's monitor, finds its one shared RAM file, maps and tracks it, and
     /// sets `x-ignore-shared` so that QEMU's migration leaves that RAM to us.
-    pub fn open(spec: &QemuSpec) -> Result<QemuSourceGuest, GuestControlError> {
+    pub fn open(spec: &QemuSpec, notices: &Notices) -> Result<QemuSourceGuest, GuestControlError> {
         let mut qmp = Qmp::connect(&spec.qmp, COMMAND_TIMEOUT).map_err(qemu_err)?;
         let backends = ram_backends(&mut qmp).map_err(qemu_err)?;
         let ram = match backends.as_slice() {
@@ -109,6 +119,7 @@ impl QemuSourceGuest {
         }
         qmp.set_capabilities(&[("x-ignore-shared", true)])
             .map_err(qemu_err)?;
+        let vcpus = vcpu_threads(&mut qmp).map_err(qemu_err)?;
         Ok(QemuSourceGuest {
             spec: spec.clone(),
             qmp,
@@ -117,6 +128,10 @@ impl QemuSourceGuest {
             paused: status == "paused",
             incoming: None,
             alive_checked: None,
+            vcpus,
+            throttle: None,
+            throttle_error: None,
+            notices: notices.clone(),
         })
     }
 
@@ -170,11 +185,13 @@ impl MigratableGuest for QemuSourceGuest {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "qemu qmp={} ram={} tracking=hash",
+        let line = format!(
+            "qemu qmp={} ram={} vcpus={} tracking=hash",
             self.spec.qmp.display(),
-            self.memory.path().display()
-        )
+            self.memory.path().display(),
+            self.vcpus.len()
+        );
+        line
     }
 
     fn size(&self) -> u64 {
@@ -217,8 +234,29 @@ impl MigratableGuest for QemuSourceGuest {
         self.paused
     }
 
-    fn set_throttle(&mut self, _fraction: f64) {
-        // Not yet: throttling QEMU's vCPU threads alone (issue 21, item 7).
+    /// The vCPU threads alone, through a cpu cgroup ([`VcpuThrottle`]); where none can be
+    /// made the guest runs unthrottled (a warning says why, once).
+    fn set_throttle(&mut self, fraction: f64) {
+        if self.throttle.is_none() && (fraction <= 0.0 || self.throttle_error.is_some()) {
+            return;
+        }
+        if self.throttle.is_none() {
+            match VcpuThrottle::new(&self.vcpus) {
+                Ok(t) => self.throttle = Some(t),
+                Err(e) => {
+                    self.notices.warning(format!(
+                        "cannot throttle the QEMU VM's vCPUs, it runs unthrottled: {e}"
+                    ));
+                    self.throttle_error = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+        if let Some(t) = &mut self.throttle {
+            if let Err(e) = t.set(fraction) {
+                self.throttle_error = Some(e.to_string());
+            }
+        }
     }
 
     fn set_qemu_incoming(&mut self, uri: &str) {
