@@ -105,9 +105,10 @@ fn a_qemu_vm_moves_and_keeps_running_verified() {
     assert!(tx > src_tx);
 }
 
-/// A destination whose QEMU fails to start refuses the commit, and a receiver killed
-/// mid-migration never commits: both times the source VM runs on (`cont`), its guest still
-/// counting.
+/// A destination whose QEMU fails to start refuses the commit, a receiver killed
+/// mid-migration never commits, and a destination QEMU that cannot load the device state
+/// fails QEMU's migration after the commit: each time the source VM runs on (`cont`), its
+/// guest still counting.
 #[test]
 fn failed_migrations_leave_the_source_vm_running() {
     let Some(image) = image_or_skip("failed_migrations_leave_the_source_vm_running") else {
@@ -176,6 +177,30 @@ fn failed_migrations_leave_the_source_vm_running() {
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
     assert!(!dst_ram.exists(), "nothing is committed");
+    assert_eq!(src.status(), "running");
+    let tx = src.wait_tx_above(tx, Duration::from_secs(120));
+
+    // A destination QEMU that cannot load the device state (its RAM backend is half the
+    // size): the RAM commits, QEMU's migration fails, and the source, told so through
+    // QEMU's return path, continues its VM instead of quitting it.
+    let _ = std::fs::remove_file(&dst_ram);
+    let dst_pid = dir.path("half.pid");
+    let half = qemu_command(&image, "{memory}", &dir.path("half.serial"), &dst_pid)
+        .replace(vmstream_tests::qemu::RAM, "262144K");
+    let (mut recv, port) =
+        start_receiver(&["--memory-file", dst_ram.to_str().unwrap(), "--qemu", &half]);
+    let _dst = QemuVm::adopt(
+        dir.path("dst.ram.qmp"),
+        dir.path("half.serial"),
+        dst_ram.clone(),
+        dst_pid.clone(),
+    );
+    let mut send = send_to(port, &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert!(send.stderr().contains("device state"), "{}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert!(!status.success(), "recv: {}", recv.stderr());
     assert_eq!(src.status(), "running");
     let tx = src.wait_tx_above(tx, Duration::from_secs(120));
     throttle_holds_the_vcpus_alone(&src, tx);

@@ -117,7 +117,9 @@ impl QemuSourceGuest {
                 "the VM is {status}, not running or paused"
             )));
         }
-        qmp.set_capabilities(&[("x-ignore-shared", true)])
+        // return-path: QEMU's migration completes on the source only once the destination
+        // loaded the device state, so a quit after it never loses the VM.
+        qmp.set_capabilities(&[("x-ignore-shared", true), ("return-path", true)])
             .map_err(qemu_err)?;
         let vcpus = vcpu_threads(&mut qmp).map_err(qemu_err)?;
         Ok(QemuSourceGuest {

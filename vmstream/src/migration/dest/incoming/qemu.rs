@@ -189,7 +189,9 @@ fn start(launch: &QemuLaunch, memory: &Path) -> Result<Started, String> {
     };
     let mut started = Started { child, qmp };
     let ready = (|| {
-        started.qmp.set_capabilities(&[("x-ignore-shared", true)])?;
+        started
+            .qmp
+            .set_capabilities(&[("x-ignore-shared", true), ("return-path", true)])?;
         started
             .qmp
             .execute("migrate-incoming", json!({ "uri": launch.incoming }))
