@@ -1,7 +1,10 @@
 //! Harness for the end-to-end tests in `tests/tests/`: finds (and if needed builds) the
 //! real `vmstream` binary, runs it as child processes that are killed on drop, reads their
 //! output line by line with bounded waits, and offers temporary directories on tmpfs, a
-//! TCP proxy that can cut a connection, and a reader of a guest's transaction counter.
+//! TCP proxy that can cut a connection, and a reader of a guest's transaction counter;
+//! [`qemu`] builds and boots the Linux guest of the QEMU tests.
+
+pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -76,9 +76,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
         .ok_or_else(|| UnitError::Overflow(input.to_string()))
 }
 
-/// Parses a bandwidth: a byte size as in [`parse_size`] (`100M` = 100 MiB/s) or a bit rate
-/// with decimal prefixes (`1Gbit` = 10^9 bit/s = 125 000 000 bytes/s, also `Kbit`, `Mbit`,
-/// `bit`). A trailing `/s` or `ps` is ignored. Returns bytes per second.
+/// Parses a bandwidth: bytes with a decimal unit as QEMU reads them (`25MB` = 25 000 000
+/// bytes/s, also `KB`, `GB`, `TB`), a byte size as in [`parse_size`] (`100M` and `100MiB` =
+/// 100 MiB/s: a bare or `iB` suffix stays binary), or a bit rate with decimal prefixes
+/// (`1Gbit` = 10^9 bit/s = 125 000 000 bytes/s, also `Kbit`, `Mbit`, `bit`). A trailing `/s`
+/// or `ps` is ignored. Returns bytes per second.
 pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
     let s = input.trim();
     let s = s
@@ -106,6 +108,22 @@ pub fn parse_bandwidth(input: &str) -> Result<u64, UnitError> {
             .checked_mul(mult)
             .ok_or_else(|| UnitError::Overflow(input.to_string()))?;
         return Ok(bits / 8);
+    }
+    let (digits, suffix) = split_number(s);
+    let decimal = match suffix.to_ascii_lowercase().as_str() {
+        "kb" => Some(1_000u64),
+        "mb" => Some(1_000_000),
+        "gb" => Some(1_000_000_000),
+        "tb" => Some(1_000_000_000_000),
+        _ => None,
+    };
+    if let (Some(mult), false) = (decimal, digits.is_empty()) {
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| UnitError::Overflow(input.to_string()))?;
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| UnitError::Overflow(input.to_string()));
     }
     parse_size(s)
 }
@@ -153,6 +171,20 @@ mod tests {
         ));
     }
 
+    /// As QEMU reads them: `MB` is 10^6 bytes; `MiB` and a bare `M` stay binary.
+    #[test]
+    fn decimal_byte_units_are_decimal_in_bandwidths() {
+        assert_eq!(parse_bandwidth("25MB"), Ok(25_000_000));
+        assert_eq!(parse_bandwidth("25 MB/s"), Ok(25_000_000));
+        assert_eq!(parse_bandwidth("500kB"), Ok(500_000));
+        assert_eq!(parse_bandwidth("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bandwidth("25MiB"), Ok(25 << 20));
+        assert_eq!(parse_bandwidth("25M"), Ok(25 << 20));
+        assert_eq!(parse_bandwidth("1GiB/s"), Ok(1 << 30));
+        // Sizes keep their binary reading of every suffix, as documented.
+        assert_eq!(parse_size("25MB"), Ok(25 << 20));
+    }
+
     #[test]
     fn bandwidths_parse() {
         assert_eq!(parse_bandwidth("1Gbit"), Ok(125_000_000));
@@ -162,6 +194,7 @@ mod tests {
         assert_eq!(parse_bandwidth("512K/s"), Ok(512 << 10));
         assert_eq!(parse_bandwidth("4096"), Ok(4096));
         assert!(parse_bandwidth("fastbit").is_err());
+        assert!(parse_bandwidth("99999999999TB").is_err());
         assert!(parse_bandwidth("1Xbit").is_err());
         assert!(parse_bandwidth("").is_err());
     }

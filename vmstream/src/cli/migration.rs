@@ -18,10 +18,11 @@ use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
+use crate::guest::qemu::{QemuAfter, QemuSpec};
 use crate::migration::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::dest::{
-    check_config, listen, receive_on, run_resumed, RecvReport, ResumedRun,
+    check_config, listen, receive_on, run_resumed, QemuLaunch, RecvReport, ResumedRun,
 };
 use crate::migration::error::RecvError;
 use crate::migration::image::ImageError;
@@ -60,15 +61,33 @@ pub enum OnFailure {
     Stop,
 }
 
+/// What becomes of the source QEMU after a successful migration (`send --qemu-after`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuAfterArg {
+    /// `quit` it.
+    Quit,
+    /// Leave it paused.
+    Pause,
+}
+
+/// The destination QEMU once its device state is loaded (`recv --qemu-start`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuStartArg {
+    /// Continue it.
+    Running,
+    /// Leave it paused.
+    Paused,
+}
+
 /// Arguments of `vmstream send`.
 #[derive(Args, Debug, Clone)]
 pub struct SendArgs {
     /// Guest memory file (created for a new guest; the attached guest's file with --pid;
     /// optional with --kvm: RAM is a memfd without it).
-    #[arg(long, value_name = "PATH", required_unless_present = "kvm")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["kvm", "qemu"], conflicts_with = "qemu")]
     pub memory_file: Option<PathBuf>,
     /// Memory size of the guest to start (K/M/G suffixes).
-    #[arg(long, value_parser = parse_size, required_unless_present = "pid", conflicts_with = "pid")]
+    #[arg(long, value_parser = parse_size, required_unless_present_any = ["pid", "qemu"], conflicts_with_all = ["pid", "qemu"])]
     pub size: Option<u64>,
     /// Workload of the guest to start: dbsim, random, sequential, hotset, idle (KVM:
     /// dbsim, random, hotset, idle, filedb).
@@ -90,6 +109,14 @@ pub struct SendArgs {
     /// Start a KVM guest in this process (vmstream/KVM.md) and migrate it.
     #[arg(long)]
     pub kvm: bool,
+    /// Migrate the QEMU VM whose QMP socket this is (vmstream/QEMU.md): its RAM must be
+    /// one shared memory-backend-file; vmstream moves the RAM, QEMU the device state
+    /// (x-ignore-shared) once the destination committed the RAM.
+    #[arg(long, value_name = "QMP_SOCKET", conflicts_with_all = ["kvm", "pid", "handover"])]
+    pub qemu: Option<PathBuf>,
+    /// The source QEMU after a successful migration: quit, or pause (left stopped).
+    #[arg(long, value_enum, default_value = "quit", requires = "qemu")]
+    pub qemu_after: QemuAfterArg,
     /// vCPUs of the KVM guest.
     #[arg(long, default_value_t = 2, requires = "kvm")]
     pub vcpus: usize,
@@ -137,7 +164,8 @@ pub struct SendArgs {
     /// Switch over once the expected downtime is within this (ms/s).
     #[arg(long, value_parser = parse_duration, default_value = "300ms")]
     pub downtime_limit: Duration,
-    /// Emulate a slower link: bytes/s (100M) or bits/s (1Gbit).
+    /// Emulate a slower link: bytes/s (25MB = 25,000,000 as in QEMU; 100M or 100MiB =
+    /// 100 MiB) or bits/s (1Gbit).
     #[arg(long, value_parser = parse_bw)]
     pub max_bandwidth: Option<u64>,
     /// Give up or force the switchover after this long (see --on-timeout).
@@ -247,6 +275,20 @@ pub struct RecvArgs {
     /// otherwise: anyone who can reach it can write a guest image here).
     #[arg(long)]
     pub insecure: bool,
+    /// Receive a QEMU VM (send --qemu) and run it here with this QEMU command line (run
+    /// by sh), `{memory}` where its memory-backend-file's mem-path goes; vmstream adds
+    /// -incoming defer and -qmp unix:PATH.qmp (PATH: --memory-file), starts it during the
+    /// first round, and exits once it runs, leaving it running. Implies --resume.
+    #[arg(long, value_name = "COMMAND LINE", requires = "memory_file")]
+    pub qemu: Option<String>,
+    /// Where the destination QEMU takes the device state (a QEMU migration URI, told to
+    /// the source) [default: unix:PATH.migrate].
+    #[arg(long, value_name = "URI", requires = "qemu")]
+    pub qemu_incoming: Option<String>,
+    /// The destination QEMU once its device state is loaded: running (continued), or
+    /// paused (for the operator's QMP cont).
+    #[arg(long, value_enum, default_value = "running", requires = "qemu")]
+    pub qemu_start: QemuStartArg,
 }
 
 fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
@@ -286,6 +328,14 @@ impl SendArgs {
                 .ok_or_else(|| "--memory-file is required without --kvm".to_string())
         };
         let guest = match (self.pid, self.size) {
+            _ if self.qemu.is_some() => GuestSpec::Qemu(QemuSpec {
+                qmp: self.qemu.clone().expect("checked"),
+                after: match self.qemu_after {
+                    QemuAfterArg::Quit => QemuAfter::Quit,
+                    QemuAfterArg::Pause => QemuAfter::Pause,
+                },
+                migrate_timeout: self.io_timeout,
+            }),
             (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
                 path: self.memory_file.clone(),
                 size,
@@ -360,8 +410,17 @@ impl RecvArgs {
     pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), PathBuf::new());
         cfg.memory_file = self.memory_file.clone();
-        cfg.resume = self.resume;
+        cfg.resume = self.resume || self.qemu.is_some();
         cfg.run_for = self.run_for;
+        if let (Some(command), Some(path)) = (&self.qemu, &self.memory_file) {
+            let mut launch = QemuLaunch::beside(command.clone(), path);
+            if let Some(uri) = &self.qemu_incoming {
+                launch.incoming = uri.clone();
+            }
+            launch.timeout = self.io_timeout;
+            launch.start_paused = self.qemu_start == QemuStartArg::Paused;
+            cfg.qemu = Some(launch);
+        }
         cfg.stats_json = self.stats_json.clone();
         cfg.threads = self.threads;
         cfg.expect_size = self.size;
@@ -536,6 +595,15 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     };
+    if let Some(q) = &received.qemu {
+        println!(
+            "qemu {} pid={} qmp={} log={}",
+            if q.paused { "paused" } else { "running" },
+            q.pid,
+            q.qmp.display(),
+            q.log.display()
+        );
+    }
     if received.kvm.is_none() && received.guest.is_some() {
         // "Until stopped": from now on SIGTERM / SIGINT end the resumed guest cleanly and
         // we exit 0 if it is healthy.

@@ -51,6 +51,10 @@ pub trait MigratableGuest {
     /// Throttles the guest: stopped for `fraction` of every 10 ms period (0 = full speed).
     fn set_throttle(&mut self, fraction: f64);
 
+    /// A QEMU guest: where the destination's QEMU takes the device state (the
+    /// destination's `QemuIncoming`), for [`Self::terminate`]. Other guests ignore it.
+    fn set_qemu_incoming(&mut self, _uri: &str) {}
+
     /// Ends the guest after a committed migration; its memory stays as at the pause.
     fn terminate(&mut self) -> Result<(), GuestControlError>;
 
@@ -86,6 +90,7 @@ pub fn open_guest(
 ) -> Result<Box<dyn MigratableGuest>, GuestControlError> {
     Ok(match spec {
         GuestSpec::Kvm(k) => Box::new(KvmSourceGuest::start(k, notices)?),
+        GuestSpec::Qemu(q) => Box::new(crate::guest::qemu::QemuSourceGuest::open(q, notices)?),
         _ => Box::new(SourceGuest::open(spec, tracking, notices)?),
     })
 }

@@ -200,6 +200,8 @@ impl SendConfig {
             }
             // An attached guest's size is its file's; opening it reports a bad one.
             GuestSpec::Attach { path, .. } => std::fs::metadata(path).ok().map(|m| m.len()),
+            // A QEMU VM's RAM size is read over QMP when it is opened.
+            GuestSpec::Qemu(_) => None,
         };
         if self.io_timeout.is_zero() {
             return Err("--io-timeout must be above 0".into());
@@ -372,6 +374,8 @@ pub struct RecvConfig {
     /// Where the receive's notices go (connections, warnings, `listening on`, the
     /// resumed guest's lines): silent unless the caller installs a sink.
     pub notices: Notices,
+    /// A QEMU guest's destination QEMU (`recv --qemu`); None: QEMU guests are refused.
+    pub qemu: Option<crate::migration::dest::incoming::QemuLaunch>,
 }
 
 impl RecvConfig {
@@ -404,6 +408,7 @@ impl RecvConfig {
             cancel: None,
             faults: DestFaults::default(),
             notices: Notices::default(),
+            qemu: None,
         }
     }
 }

@@ -57,6 +57,8 @@ pub enum GuestSpec {
     },
     /// A KVM guest run by this process (see [`crate::guest::kvm::source`]).
     Kvm(crate::guest::kvm::source::KvmSpec),
+    /// A VM QEMU runs (see [`crate::guest::qemu::source`]).
+    Qemu(crate::guest::qemu::QemuSpec),
 }
 
 /// Why the source guest could not be set up or controlled.
@@ -83,6 +85,9 @@ pub enum GuestControlError {
     /// The KVM guest failed (start, dirty log, pause, resume).
     #[error("KVM guest: {0}")]
     Kvm(#[from] crate::guest::kvm::KvmError),
+    /// The QEMU VM or its monitor failed.
+    #[error("QEMU guest: {0}")]
+    Qemu(String),
     /// The guest process ended while it was being migrated (killed, crashed).
     #[error("the guest (pid {pid}) exited during the migration: {how}")]
     Exited {
@@ -240,9 +245,10 @@ impl SourceGuest {
                 )
             }
             GuestSpec::Attach { path, pid } => (*pid, None, None, None, path.clone()),
-            GuestSpec::Kvm(_) => {
+            GuestSpec::Kvm(_) | GuestSpec::Qemu(_) => {
                 return Err(GuestControlError::Config(
-                    "a KVM guest is not a guest process (see migratable::open_guest)".into(),
+                    "a KVM or QEMU guest is not a guest process (see migratable::open_guest)"
+                        .into(),
                 ))
             }
         };

@@ -25,7 +25,7 @@ use crate::migration::dest::incoming::{
 };
 use crate::migration::dest::postcopy::PostcopyIncoming;
 use crate::migration::dest::verify::TouchedPages;
-use crate::migration::digest::{audit_stats, hex, PageHashes};
+use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
 use crate::migration::image::{PendingImage, Reservation};
@@ -33,12 +33,12 @@ use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
-    Hello, HelloReply, Message, RefuseCode, Resumed, RoundAck, WireError, FEATURE_CHANNELS,
-    FEATURE_HANDOVER, FEATURE_POSTCOPY, ROUND_POSTCOPY,
+    Hello, HelloReply, Message, QemuIncoming, RefuseCode, Resumed, RoundAck, WireError,
+    FEATURE_CHANNELS, FEATURE_HANDOVER, FEATURE_POSTCOPY, ROUND_POSTCOPY,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
-use crate::telemetry::verification::{AuditStats, VerificationStats};
+use crate::telemetry::verification::VerificationStats;
 
 /// Where the destination is in the migration. From the handshake on, the states carry the
 /// guest of the kind the `Hello` announced.
@@ -102,6 +102,8 @@ pub struct Received {
     /// The memory a handover passed (no `--memory-file`: the guest runs on it), open while
     /// the guest runs.
     pub handed_over: Option<std::fs::File>,
+    /// The destination's QEMU, left running, if the guest is a QEMU VM.
+    pub qemu: Option<crate::migration::dest::incoming::QemuResumed>,
 }
 
 pub(super) struct Dest<'a> {
@@ -298,7 +300,7 @@ impl Dest<'_> {
             Ok(other) => return Err(unexpected("a hello", other)),
             Err(e) => return Err(e.into()),
         };
-        let guest = incoming_guest(hello.guest_kind, &self.cfg.notices);
+        let guest = incoming_guest(hello.guest_kind, &self.cfg.notices, self.cfg.qemu.as_ref());
         if let Some((code, reason)) = self.check_hello(&hello, guest.as_ref()) {
             return Err(self.refuse(code, reason));
         }
@@ -636,6 +638,9 @@ impl Dest<'_> {
         memory: GuestMemory,
         mut guest: Box<dyn IncomingGuest>,
     ) -> Result<DestState, RecvError> {
+        if let Some(uri) = guest.qemu_incoming() {
+            let _ = self.send(&Message::QemuIncoming(QemuIncoming { uri }));
+        }
         if let Err(e) = self.await_handover() {
             if self.cfg.resume {
                 return Err(e);
@@ -678,40 +683,6 @@ impl Dest<'_> {
         let mut received = guest.into_received();
         received.handed_over = self.handed_over.take();
         Ok(DestState::Done(received))
-    }
-
-    /// After an incremental digest: the source's audit of its memory at the pause against
-    /// what it sent. A mismatch means the guest here runs on stale copies of those pages:
-    /// nothing can roll back, so it is reported (statistics, an error notice, and the CLI's
-    /// exit status).
-    fn await_audit(&mut self) {
-        let audit = match self.reader.read_frame() {
-            Ok(Frame::Control(Message::Audit(a))) => audit_stats(&a),
-            other => {
-                let why = match other {
-                    Ok(f) => unexpected("the audit", f).to_string(),
-                    Err(e) => e.to_string(),
-                };
-                self.cfg
-                    .notices
-                    .warning(format!("no audit from the source: {why}"));
-                AuditStats {
-                    result: "missing".into(),
-                    ..Default::default()
-                }
-            }
-        };
-        if audit.mismatched > 0 {
-            self.cfg.notices.error(format!(
-                "post-commit audit: the source's memory at the pause differs from what it \
-                 sent in {} page(s) (first: {:?}); the committed image holds stale copies",
-                audit.mismatched,
-                &audit.pages[..audit.pages.len().min(8)]
-            ));
-        }
-        if let Some(v) = &mut self.stats.verify {
-            v.audit = Some(audit);
-        }
     }
 
     /// How long the resumed guest is sampled for the source: [`DESTINATION_WINDOW`], or

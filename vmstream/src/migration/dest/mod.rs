@@ -6,6 +6,7 @@
 //! Its per-page tables are [`lazy_words`]: sized from the guest size the source claims, they
 //! cost memory only as pages arrive.
 
+mod audit;
 mod handover;
 mod hello;
 pub mod incoming;
@@ -16,7 +17,7 @@ mod postcopy;
 mod report;
 pub mod verify;
 
-pub use incoming::{KvmResumed, KvmRunOutcome, ResumedGuest};
+pub use incoming::{KvmResumed, KvmRunOutcome, QemuLaunch, QemuResumed, ResumedGuest};
 pub use listen::{check_config, listen, listen_addr, listen_endpoint, temp_image_path, Listening};
 pub use machine::Received;
 pub use report::{receive_migration, receive_on, run_resumed, RecvReport, ResumedRun};

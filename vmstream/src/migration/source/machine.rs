@@ -194,7 +194,7 @@ impl<'a> Source<'a> {
                 } => self
                     .await_commit(digest, paused_at_ns)
                     .map_err(|e| self.past_pause_bound(e))?,
-                SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns),
+                SourceState::Committed { paused_at_ns } => self.committed(paused_at_ns)?,
                 SourceState::Done(outcome) => return Ok(outcome),
             };
         }

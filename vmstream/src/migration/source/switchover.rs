@@ -12,8 +12,8 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::{Frame, FrameReader, Socket};
 use crate::migration::wire::{
-    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
-    Handover, Message, Resumed, ROUND_FINAL, ROUND_FORCED,
+    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestKind, GuestSamples,
+    GuestState, Handover, Message, Resumed, ROUND_FINAL, ROUND_FORCED,
 };
 use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::notice::Notices;
@@ -178,13 +178,35 @@ impl Source<'_> {
 
     /// After the commit nothing may roll back: errors become warnings. The destination runs
     /// its copy only once told that ours ended (`Handover`): never two running copies.
-    pub(super) fn committed(&mut self, paused_at_ns: u64) -> SourceState {
+    /// A QEMU guest ends by moving its devices to the destination's QEMU (`QemuIncoming`
+    /// names it); if that fails the VM runs on here, the destination's copy never runs,
+    /// and the migration fails.
+    pub(super) fn committed(&mut self, paused_at_ns: u64) -> Result<SourceState, SendError> {
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
         if self.cfg.faults.crash_after_commit {
             // As if killed: nothing more is done, said or sent.
-            return SourceState::Done(Outcome::CrashedAfterCommit);
+            return Ok(SourceState::Done(Outcome::CrashedAfterCommit));
+        }
+        let qemu = self.guest.kind() == GuestKind::Qemu;
+        if qemu {
+            match self.io.reader.read_frame() {
+                Ok(Frame::Control(Message::QemuIncoming(q))) => {
+                    self.guest.set_qemu_incoming(&q.uri)
+                }
+                Ok(other) => self
+                    .cfg
+                    .notices
+                    .warning(unexpected("where the destination QEMU listens", other).to_string()),
+                Err(e) => self.cfg.notices.warning(format!(
+                    "no QEMU incoming address from the destination: {e}"
+                )),
+            }
         }
         let ended = self.guest.terminate();
+        let devices_failed = match (&ended, qemu) {
+            (Err(e), true) => Some(e.to_string()),
+            _ => None,
+        };
         let io = &mut self.io;
         if let Some((r, samples)) =
             end_and_read_report(&mut io.channels, &mut io.reader, ended, &self.cfg.notices)
@@ -196,8 +218,13 @@ impl Source<'_> {
                 self.stats.tps.after = self.impact.destination_tps();
             }
         }
+        if let Some(e) = devices_failed {
+            return Err(SendError::Guest(GuestControlError::Qemu(format!(
+                "{e}; the source VM runs on, the destination's committed RAM is not used"
+            ))));
+        }
         self.audit();
-        SourceState::Done(Outcome::Committed)
+        Ok(SourceState::Done(Outcome::Committed))
     }
 
     /// Incremental verification, after the commit: compares all of our memory as it was at

@@ -6,8 +6,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, PageRequest,
-    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart, Resumed,
-    RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart, QemuIncoming,
+    Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -65,13 +65,15 @@ pub enum FrameType {
     PostcopyComplete = 0x2c,
     /// Source -> destination: a new connection continues a post-copy whose link dropped.
     PostcopyReconnect = 0x2d,
+    /// Destination -> source: where the destination's QEMU takes the device state.
+    QemuIncoming = 0x2e,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 24] = [
+    pub const ALL: [FrameType; 25] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -95,6 +97,7 @@ impl FrameType {
         FrameType::PostcopyPage,
         FrameType::PostcopyComplete,
         FrameType::PostcopyReconnect,
+        FrameType::QemuIncoming,
         FrameType::Abort,
     ];
 
@@ -129,6 +132,7 @@ impl FrameType {
             FrameType::PostcopyPage => PostcopyPage::LEN,
             FrameType::PostcopyComplete => PostcopyComplete::LEN,
             FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
+            FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -160,6 +164,7 @@ impl FrameType {
             FrameType::PostcopyPage => "postcopy-page",
             FrameType::PostcopyComplete => "postcopy-complete",
             FrameType::PostcopyReconnect => "postcopy-reconnect",
+            FrameType::QemuIncoming => "qemu-incoming",
             FrameType::Abort => "abort",
         }
     }

@@ -10,7 +10,7 @@ use crate::guest::GuestKind;
 
 /// The [`GuestKind`] whose wire tag (its discriminant) is `tag`.
 pub(super) fn guest_kind_from_tag(tag: u8) -> Option<GuestKind> {
-    [GuestKind::File, GuestKind::Kvm]
+    [GuestKind::File, GuestKind::Kvm, GuestKind::Qemu]
         .into_iter()
         .find(|k| *k as u8 == tag)
 }

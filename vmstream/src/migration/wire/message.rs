@@ -5,7 +5,7 @@ use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
     PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
-    Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -55,6 +55,8 @@ pub enum Message {
     PostcopyComplete(PostcopyComplete),
     /// See [`PostcopyReconnect`].
     PostcopyReconnect(PostcopyReconnect),
+    /// See [`QemuIncoming`].
+    QemuIncoming(QemuIncoming),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -85,6 +87,7 @@ impl Message {
             Message::PostcopyPage(_) => FrameType::PostcopyPage,
             Message::PostcopyComplete(_) => FrameType::PostcopyComplete,
             Message::PostcopyReconnect(_) => FrameType::PostcopyReconnect,
+            Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -115,6 +118,7 @@ impl Message {
             Message::PostcopyPage(m) => m.encode(&mut out),
             Message::PostcopyComplete(m) => m.encode(&mut out),
             Message::PostcopyReconnect(m) => m.encode(&mut out),
+            Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -171,6 +175,7 @@ impl Message {
             FrameType::PostcopyReconnect => {
                 Message::PostcopyReconnect(PostcopyReconnect::decode(body)?)
             }
+            FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

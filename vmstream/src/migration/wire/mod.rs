@@ -17,7 +17,8 @@
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
 //!   [`CommitReply`];
-//! - `resume`: after the commit, [`Handover`], [`Resumed`] and [`GuestSamples`];
+//! - `resume`: after the commit, [`QemuIncoming`] (QEMU guests), [`Handover`], [`Resumed`]
+//!   and [`GuestSamples`];
 //! - `postcopy`: the post-copy phase, [`PostcopyOwed`], [`PostcopyStart`], [`PageRequest`],
 //!   [`PostcopyPage`], [`PostcopyComplete`], [`PostcopyReconnect`];
 //! - `abort`: [`Abort`], either side giving up;
@@ -54,7 +55,7 @@ pub use postcopy::{
     PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
     PostcopyStatus, PAGE_REQUESTED,
 };
-pub use resume::{Audit, AuditStatus, GuestSamples, Handover, Resumed};
+pub use resume::{Audit, AuditStatus, GuestSamples, Handover, QemuIncoming, Resumed};
 pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
 
 /// Magic at the start of `Hello` and `HelloReply`.

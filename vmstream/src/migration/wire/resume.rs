@@ -2,8 +2,36 @@
 //! [`Resumed`] (its guest runs), the resumed guest's [`GuestSamples`], and the source's
 //! [`Audit`] of its frozen memory against what it sent.
 
-use super::fields::{at_least, bool_byte, exact, Fields};
-use super::{FrameType, WireError};
+use super::fields::{at_least, bool_byte, exact, push_reason, reason_of, Fields};
+use super::{FrameType, WireError, MAX_REASON_LEN};
+
+/// `QemuIncoming`: a QEMU guest's destination, right after its `CommitReply{committed}`,
+/// tells the source where its QEMU takes the device state (a QEMU migration URI such as
+/// `unix:PATH` or `tcp:HOST:PORT`); the source runs QEMU's `migrate` to it before its
+/// `Handover`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuIncoming {
+    /// The URI, at most 1024 bytes of UTF-8.
+    pub uri: String,
+}
+
+impl QemuIncoming {
+    /// Body length without the URI (its u16 length).
+    pub const FIXED_LEN: usize = 2;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        push_reason(out, &self.uri);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<QemuIncoming, WireError> {
+        const K: FrameType = FrameType::QemuIncoming;
+        at_least(K, body, Self::FIXED_LEN, MAX_REASON_LEN)?;
+        let mut f = Fields::new(body);
+        Ok(QemuIncoming {
+            uri: reason_of(K, &mut f)?,
+        })
+    }
+}
 
 /// `Resumed`: when the guest ran again at the destination (32-byte body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

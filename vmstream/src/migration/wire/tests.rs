@@ -82,6 +82,9 @@ pub(super) fn all_messages() -> Vec<Message> {
         Message::Handover(Handover {
             ended_at_unix_ns: 1_700_000_000_123_456_789,
         }),
+        Message::QemuIncoming(QemuIncoming {
+            uri: "unix:/run/vm.migrate".into(),
+        }),
         Message::MemoryHandover(MemoryHandover {
             guest_size: 64 << 20,
             paused_at_unix_ns: 1_700_000_000_123_456_000,

@@ -1,5 +1,6 @@
 //! The seam between the destination state machine and the kind of guest it receives: a
-//! file-backed guest process ([`IncomingFileGuest`]) or a KVM guest ([`IncomingKvmGuest`]).
+//! file-backed guest process ([`IncomingFileGuest`]), a KVM guest ([`IncomingKvmGuest`]) or a
+//! QEMU VM ([`IncomingQemuGuest`]).
 //! The machine receives the rounds, digests and commits the image the same way for either;
 //! checking the guest, verifying its image before the commit and resuming it differ, and
 //! are each kind's [`IncomingGuest`] operations.
@@ -21,9 +22,11 @@ use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseC
 
 mod file;
 mod kvm;
+mod qemu;
 
 pub use file::{start_guest_postcopy, IncomingFileGuest, ResumedGuest};
 pub use kvm::{IncomingKvmGuest, KvmResumed, KvmRunOutcome};
+pub use qemu::{IncomingQemuGuest, QemuLaunch, QemuResumed};
 
 /// A guest on the destination side of a migration, from the handshake that named its kind
 /// to the resume.
@@ -85,6 +88,12 @@ pub trait IncomingGuest {
     /// of the source's timeline.
     fn sample(&self, target: &Path, window: Duration) -> Result<GuestSamples, String>;
 
+    /// A QEMU guest: where the destination's QEMU takes the device state, told to the
+    /// source right after the commit (`QemuIncoming`). None for other guests.
+    fn qemu_incoming(&self) -> Option<String> {
+        None
+    }
+
     /// What the receive hands its caller: the resumed guest, if any.
     fn into_received(self: Box<Self>) -> Received;
 }
@@ -100,11 +109,17 @@ pub struct Resumption {
     pub phases: SwitchoverTimes,
 }
 
-/// The incoming guest of `kind`; once resumed, the lines it reports go to `notices`.
-pub fn incoming_guest(kind: GuestKind, notices: &Notices) -> Box<dyn IncomingGuest> {
+/// The incoming guest of `kind`; once resumed, the lines it reports go to `notices`. A
+/// QEMU guest is run with `qemu` (None: refused at the hello).
+pub fn incoming_guest(
+    kind: GuestKind,
+    notices: &Notices,
+    qemu: Option<&QemuLaunch>,
+) -> Box<dyn IncomingGuest> {
     match kind {
         GuestKind::File => Box::new(IncomingFileGuest::new(notices.clone())),
         GuestKind::Kvm => Box::new(IncomingKvmGuest::new(notices.clone())),
+        GuestKind::Qemu => Box::new(IncomingQemuGuest::new(qemu.cloned())),
     }
 }
 
@@ -139,7 +154,7 @@ mod tests {
 
     #[test]
     fn kind_must_match_the_handshake() {
-        let mut file = incoming_guest(GuestKind::File, &Notices::silent());
+        let mut file = incoming_guest(GuestKind::File, &Notices::silent(), None);
         let mut settings = Settings::default();
         let e = check_guest_state(
             &mut *file,
@@ -164,7 +179,7 @@ mod tests {
     /// `PROTOCOL.md`: a file-backed guest's state blob is empty; one that is not is refused.
     #[test]
     fn a_file_guest_state_with_a_blob_is_refused() {
-        let mut file = incoming_guest(GuestKind::File, &Notices::silent());
+        let mut file = incoming_guest(GuestKind::File, &Notices::silent(), None);
         let e = check_guest_state(
             &mut *file,
             &state(GuestKind::File, vec![1; 9]),
@@ -179,7 +194,7 @@ mod tests {
 
     #[test]
     fn garbage_kvm_state_is_refused_with_the_state_error() {
-        let mut kvm = incoming_guest(GuestKind::Kvm, &Notices::silent());
+        let mut kvm = incoming_guest(GuestKind::Kvm, &Notices::silent(), None);
         let mut settings = Settings::default();
         let e = check_guest_state(
             &mut *kvm,

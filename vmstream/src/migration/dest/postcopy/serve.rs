@@ -177,6 +177,7 @@ impl Dest<'_> {
             guest: Some(guest),
             kvm: None,
             handed_over: None,
+            qemu: None,
         }))
     }
 

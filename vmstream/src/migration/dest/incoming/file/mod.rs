@@ -170,6 +170,7 @@ impl IncomingGuest for IncomingFileGuest {
             guest: self.resumed,
             kvm: None,
             handed_over: None,
+            qemu: None,
         }
     }
 }

@@ -159,6 +159,7 @@ impl IncomingGuest for IncomingKvmGuest {
             guest: None,
             kvm: self.resumed,
             handed_over: None,
+            qemu: None,
         }
     }
 }

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""QEMU's own migration beside vmstream's on the test guest (tests/qemu-guest/build.sh).
+
+usage: compare.py VMSTREAM_BIN GUEST_DIR MODE BANDWIDTH SIZE RATE [--timeout S]
+  MODE: qemu | qemu-xbzrle | qemu-auto-converge | vmstream | vmstream-direct-staged
+  BANDWIDTH: bytes/s (e.g. 125000000 for 1 Gbit, 25000000 for 25 MB/s)
+  SIZE, RATE: the in-guest dbsim's memory (e.g. 32M) and tx/s (0: as fast as it goes)
+Boots a fresh 512 MiB guest (TCG, RAM in a shared file on /dev/shm), lets it run 10 s,
+migrates it to a destination QEMU on this host, and prints one JSON line: converged,
+total_ms, downtime_ms (QEMU's own figure, or vmstream's stop-to-RESUME), wire_bytes and,
+for vmstream, the CPU of both sides.
+"""
+import json, os, shutil, socket, subprocess, sys, tempfile, time
+
+RAM = "524280K"
+
+
+def qmp(path):
+    s = socket.socket(socket.AF_UNIX)
+    for _ in range(500):
+        try:
+            s.connect(path)
+            break
+        except OSError:
+            time.sleep(0.05)
+    f = s.makefile("rw")
+    f.readline()
+
+    def cmd(name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        f.write(json.dumps(msg) + "\n")
+        f.flush()
+        while True:
+            r = json.loads(f.readline())
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                raise RuntimeError(f"{name}: {r['error']}")
+
+    cmd("qmp_capabilities")
+    return cmd
+
+
+def qemu_cmd(guest, mem, serial, size, rate, share=True):
+    return (
+        f"qemu-system-x86_64 -name guest,debug-threads=on "
+        f"-machine pc,accel=tcg,memory-backend=ram0 -m {RAM} "
+        f"-object memory-backend-file,id=ram0,size={RAM},mem-path={mem},share={'on' if share else 'off'} "
+        f"-kernel {guest}/vmlinuz -initrd {guest}/initrd.cpio.gz "
+        f"-append 'console=ttyS0 quiet vmstream.size={size} vmstream.rate={rate}' "
+        f"-nographic -nodefaults -vga none -no-reboot -serial file:{serial}"
+    )
+
+
+def main():
+    bin_, guest, mode, bw, size, rate = sys.argv[1:7]
+    timeout = int(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[7] == "--timeout" else 120
+    d = tempfile.mkdtemp(prefix="vmstream-qemu-bench-", dir="/dev/shm")
+    procs = []
+    try:
+        src_cmd = qemu_cmd(guest, f"{d}/src.ram", f"{d}/src.serial", size, rate)
+        procs.append(subprocess.Popen(
+            ["sh", "-c", f"exec {src_cmd} -qmp unix:{d}/src.qmp,server=on,wait=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 600
+        while "done tx=" not in open(f"{d}/src.serial", errors="replace").read() if os.path.exists(f"{d}/src.serial") else True:
+            if time.time() > deadline:
+                raise SystemExit("the guest did not boot")
+            time.sleep(0.5)
+        time.sleep(10)
+        out = {"mode": mode, "bandwidth": int(bw), "size": size, "rate": rate}
+        if mode.startswith("qemu"):
+            dst_cmd = qemu_cmd(guest, f"{d}/dst.ram", f"{d}/dst.serial", size, rate)
+            procs.append(subprocess.Popen(
+                ["sh", "-c", f"exec {dst_cmd} -incoming defer -qmp unix:{d}/dst.qmp,server=on,wait=off"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            src, dst = qmp(f"{d}/src.qmp"), qmp(f"{d}/dst.qmp")
+            caps = []
+            if mode == "qemu-xbzrle":
+                caps = ["xbzrle"]
+            if mode == "qemu-auto-converge":
+                caps = ["xbzrle", "auto-converge"]
+            for c in (src, dst):
+                c("migrate-set-capabilities", capabilities=[{"capability": k, "state": True} for k in caps])
+            params = {"max-bandwidth": int(bw), "downtime-limit": 300}
+            if "xbzrle" in caps:
+                params["xbzrle-cache-size"] = 256 << 20
+            src("migrate-set-parameters", **params)
+            dst("migrate-incoming", uri=f"unix:{d}/mig.sock")
+            src("migrate", uri=f"unix:{d}/mig.sock")
+            t = time.time()
+            while True:
+                m = src("query-migrate")
+                if m.get("status") in ("completed", "failed"):
+                    break
+                if time.time() - t > timeout:
+                    src("migrate_cancel")
+                    m["status"] = "not converged"
+                    break
+                time.sleep(0.1)
+            ram = m.get("ram", {})
+            out.update(converged=m.get("status") == "completed", total_ms=m.get("total-time", int((time.time() - t) * 1000)),
+                       downtime_ms=m.get("downtime"), wire_bytes=ram.get("transferred"))
+        else:
+            dst_cmd = qemu_cmd(guest, "{memory}", f"{d}/dst.serial", size, rate)
+            recv = subprocess.Popen([bin_, "recv", "--listen", f"unix:{d}/vm.sock", "--memory-file", f"{d}/dst.ram",
+                                     "--qemu", dst_cmd, "--stats-json", f"{d}/recv.json"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(recv)
+            while not os.path.exists(f"{d}/vm.sock"):
+                time.sleep(0.05)
+            args = [bin_, "send", "--qemu", f"{d}/src.qmp", "--to", f"unix:{d}/vm.sock", "--max-bandwidth", bw,
+                    "--no-progress", "--stats-json", f"{d}/send.json", "--timeout", f"{timeout}s"]
+            if mode == "vmstream-direct-staged":
+                args += ["--converge", "direct-staged"]
+            rc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            recv.wait(timeout=60)
+            s = json.load(open(f"{d}/send.json"))
+            out.update(converged=rc == 0 and s.get("converged"), total_ms=s.get("total_time_ms"),
+                       downtime_ms=s.get("downtime_ms"), wire_bytes=s.get("bytes_on_wire"),
+                       cpu_ms=s.get("cpu", {}), peer_cpu_ms=s.get("peer_cpu_ms"), rounds=s.get("rounds"))
+            if os.path.exists(f"{d}/dst.ram.qmp"):
+                try:
+                    qmp(f"{d}/dst.ram.qmp")("quit")
+                except Exception:
+                    pass
+        print(json.dumps(out), flush=True)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+//! QEMU guests (`send --qemu`, `recv --qemu`): a real Linux VM booted by QEMU (TCG) with its
+//! 512 MiB of RAM in a shared file, vmstream's dbsim running inside it. vmstream moves the
+//! RAM, QEMU the device state; the guest keeps running verified on the destination. A
+//! migration that fails before the destination's QEMU runs leaves the source VM running, and
+//! the throttle holds the vCPU threads alone.
+//! Skipped, with the reason printed, where QEMU or the guest's parts cannot be had.
+
+use std::time::Duration;
+
+use vmstream::guest::qemu::throttle::{vcpu_threads, VcpuThrottle};
+use vmstream::guest::qemu::Qmp;
+use vmstream_tests::qemu::{guest_image, qemu_command, GuestImage, QemuVm};
+use vmstream_tests::*;
+
+fn image_or_skip(test: &str) -> Option<GuestImage> {
+    match guest_image() {
+        Ok(i) => Some(i),
+        Err(why) => {
+            eprintln!("skipped {test}: {why}");
+            None
+        }
+    }
+}
+
+/// The source's RAM is moved by vmstream and its devices by QEMU: the destination QEMU,
+/// left paused by `--qemu-start paused`, holds exactly the source's RAM at the pause (the
+/// source left paused by `--qemu-after pause`), and once continued its guest goes on
+/// counting past the source's last transaction, its in-guest verify passing.
+#[test]
+fn a_qemu_vm_moves_and_keeps_running_verified() {
+    let Some(image) = image_or_skip("a_qemu_vm_moves_and_keeps_running_verified") else {
+        return;
+    };
+    let _serial = serial();
+    let dir = TmpDir::new("qemu-move");
+    let src = QemuVm::boot(&image, &dir.0);
+    let dst_ram = dir.path("dst.ram");
+    let dst_serial = dir.path("dst.serial");
+    let dst_pid = dir.path("dst.pid");
+    let dst_cmd = qemu_command(&image, "{memory}", &dst_serial, &dst_pid);
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst_ram.to_str().unwrap(),
+        "--qemu",
+        &dst_cmd,
+        "--qemu-start",
+        "paused",
+        "--stats-json",
+        dir.path("recv.json").to_str().unwrap(),
+    ]);
+    let dst = QemuVm::adopt(
+        dir.path("dst.ram.qmp"),
+        dst_serial.clone(),
+        dst_ram.clone(),
+        dst_pid,
+    );
+    let to = format!("127.0.0.1:{port}");
+    let send_json = dir.path("send.json");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--qemu",
+            src.qmp.to_str().unwrap(),
+            "--to",
+            &to,
+            "--qemu-after",
+            "pause",
+            "--no-progress",
+            "--stats-json",
+            send_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (status, lines) = send.wait_exit();
+    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    let (status, lines) = recv.wait_exit();
+    assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
+    let ready = line_starting(&lines, "qemu paused pid=");
+    assert!(ready.contains("dst.ram.qmp"), "{ready}");
+    // Both paused: the source at its pause (after sending its devices), the destination
+    // with its devices loaded and not yet run.
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dst.status(), "paused");
+    assert!(
+        files_identical(&src.ram, &dst.ram),
+        "the destination QEMU's RAM differs from the source's at the pause"
+    );
+    let stats = read_stats(&send_json);
+    assert_eq!(stats["converged"], true, "{stats}");
+    assert!(stats["downtime_ms"].as_f64().is_some(), "{stats}");
+    let src_tx = src.last_tx().expect("the source counted");
+    drop(src);
+    dst.execute("cont");
+    assert_eq!(dst.status(), "running");
+    // The guest goes on from where it was: past the source's count, verify ok.
+    let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
+    // The in-guest verify that follows that run.
+    dst.wait_console(
+        "vmstream-guest: verify ok kind=dbsim",
+        Duration::from_secs(300),
+    );
+    let console = dst.console();
+    assert!(!console.contains("FAILED"), "{console}");
+    assert!(tx > src_tx);
+}
+
+/// A destination whose QEMU fails to start refuses the commit, a receiver killed
+/// mid-migration never commits, and a destination QEMU that cannot load the device state
+/// fails QEMU's migration after the commit: each time the source VM runs on (`cont`), its
+/// guest still counting.
+#[test]
+fn failed_migrations_leave_the_source_vm_running() {
+    let Some(image) = image_or_skip("failed_migrations_leave_the_source_vm_running") else {
+        return;
+    };
+    let _serial = serial();
+    let dir = TmpDir::new("qemu-fail");
+    let src = QemuVm::boot(&image, &dir.0);
+    let dst_ram = dir.path("dst.ram");
+    let send_to = |port: u16, extra: &[&str]| {
+        let to = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "send",
+            "--qemu",
+            src.qmp.to_str().unwrap(),
+            "--to",
+            &to,
+            "--no-progress",
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::vmstream("send", &args, &[])
+    };
+
+    // A destination QEMU that cannot start (no such machine type).
+    let bad = qemu_command(
+        &image,
+        "{memory}",
+        &dir.path("bad.serial"),
+        &dir.path("bad.pid"),
+    )
+    .replace("-machine pc,", "-machine no-such-machine,");
+    let (mut recv, port) =
+        start_receiver(&["--memory-file", dst_ram.to_str().unwrap(), "--qemu", &bad]);
+    let mut send = send_to(port, &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert!(
+        send.stderr().contains("the destination QEMU"),
+        "{}",
+        send.stderr()
+    );
+    let (status, _) = recv.wait_exit();
+    assert!(!status.success());
+    assert!(!dst_ram.exists(), "nothing is committed");
+    assert_eq!(src.status(), "running");
+    let tx = src.last_tx().unwrap();
+    let tx = src.wait_tx_above(tx, Duration::from_secs(120));
+
+    // A receiver killed (SIGKILL) while the RAM is on its way.
+    let dst_pid = dir.path("dst.pid");
+    let good = qemu_command(&image, "{memory}", &dir.path("dst.serial"), &dst_pid);
+    let (mut recv, port) =
+        start_receiver(&["--memory-file", dst_ram.to_str().unwrap(), "--qemu", &good]);
+    let _dst = QemuVm::adopt(
+        dir.path("dst.ram.qmp"),
+        dir.path("dst.serial"),
+        dst_ram.clone(),
+        dst_pid,
+    );
+    let mut send = send_to(port, &["--max-bandwidth", "4MB"]);
+    recv.wait_stderr_running("connection from");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = recv.child.kill();
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert!(!dst_ram.exists(), "nothing is committed");
+    assert_eq!(src.status(), "running");
+    let tx = src.wait_tx_above(tx, Duration::from_secs(120));
+
+    // A destination QEMU that cannot load the device state (its RAM backend is half the
+    // size): the RAM commits, QEMU's migration fails, and the source, told so through
+    // QEMU's return path, continues its VM instead of quitting it.
+    let _ = std::fs::remove_file(&dst_ram);
+    let dst_pid = dir.path("half.pid");
+    let half = qemu_command(&image, "{memory}", &dir.path("half.serial"), &dst_pid)
+        .replace(vmstream_tests::qemu::RAM, "262144K");
+    let (mut recv, port) =
+        start_receiver(&["--memory-file", dst_ram.to_str().unwrap(), "--qemu", &half]);
+    let _dst = QemuVm::adopt(
+        dir.path("dst.ram.qmp"),
+        dir.path("half.serial"),
+        dst_ram.clone(),
+        dst_pid.clone(),
+    );
+    let mut send = send_to(port, &[]);
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert!(send.stderr().contains("device state"), "{}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert!(!status.success(), "recv: {}", recv.stderr());
+    assert_eq!(src.status(), "running");
+    let tx = src.wait_tx_above(tx, Duration::from_secs(120));
+    throttle_holds_the_vcpus_alone(&src, tx);
+}
+
+/// The throttle `--converge` applies to a QEMU guest: its vCPU threads (QMP
+/// `query-cpus-fast`) alone move into a cpu cgroup with the quota of the fraction they may
+/// run, the monitor answering meanwhile; on drop they go back and the cgroup is gone.
+fn throttle_holds_the_vcpus_alone(src: &QemuVm, tx: u64) {
+    let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(30)).unwrap();
+    let tids = vcpu_threads(&mut qmp).unwrap();
+    drop(qmp);
+    assert!(!tids.is_empty());
+    let mut throttle = match VcpuThrottle::new(&tids) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped the vCPU throttle check: {e}");
+            return;
+        }
+    };
+    let dir = throttle.dir().to_path_buf();
+    throttle.set(0.75).unwrap();
+    let quota = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), (2_500 * tids.len()).to_string());
+    let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap();
+    let mut held: Vec<u32> = tasks.lines().map(|l| l.parse().unwrap()).collect();
+    held.sort();
+    let mut want = tids.clone();
+    want.sort();
+    assert_eq!(held, want, "only the vCPU threads are throttled");
+    // The monitor is not throttled; the guest still runs, slower.
+    assert_eq!(src.status(), "running");
+    src.wait_tx_above(tx, Duration::from_secs(300));
+    drop(throttle);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}

@@ -1,0 +1,310 @@
+//! The source side of a QEMU guest ([`QemuSourceGuest`]): the VM's shared RAM file mapped
+//! and hash-tracked (QEMU writes it: no uffd-wp registration is possible in its process),
+//! its vCPUs stopped and continued over QMP (`stop`/`cont`: the monitor keeps answering), and
+//! after the commit QEMU's own migration of the device state to the destination's QEMU.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::guest::file::source::GuestControlError;
+use crate::guest::migratable::MigratableGuest;
+use crate::guest::GuestKind;
+use crate::memory::{GuestMemory, MapMode};
+use crate::telemetry::notice::Notices;
+use crate::track::{DirtyTracker, HashTracker};
+
+use super::qmp::{Qmp, QmpError, COMMAND_TIMEOUT};
+use super::ram_backends;
+use super::throttle::{vcpu_threads, VcpuThrottle};
+
+/// What becomes of the source QEMU once its devices moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuAfter {
+    /// `quit` (the default).
+    Quit,
+    /// Left paused (`postmigrate`), for the operator.
+    Pause,
+}
+
+/// The QEMU VM to migrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuSpec {
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// What to do with it after success.
+    pub after: QemuAfter,
+    /// How long QEMU's device-state migration may take.
+    pub migrate_timeout: Duration,
+}
+
+/// How often the VM is looked at during the rounds, at most.
+const ALIVE_CHECK_PERIOD: Duration = Duration::from_millis(500);
+
+/// A running QEMU VM on the source.
+pub struct QemuSourceGuest {
+    spec: QemuSpec,
+    qmp: Qmp,
+    memory: GuestMemory,
+    tracker: HashTracker,
+    paused: bool,
+    /// Where the destination's QEMU takes the device state (`QemuIncoming`).
+    incoming: Option<String>,
+    alive_checked: Option<Instant>,
+    /// The vCPU threads (`query-cpus-fast`), throttled alone.
+    vcpus: Vec<u32>,
+    /// Made at the first throttle above 0; puts the threads back when dropped.
+    throttle: Option<VcpuThrottle>,
+    /// Why the throttle could not be set up (then the guest runs unthrottled).
+    throttle_error: Option<String>,
+    /// Told why the throttle is unavailable.
+    notices: Notices,
+}
+
+impl std::fmt::Debug for QemuSourceGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuSourceGuest")
+            .field("qmp", &self.spec.qmp)
+            .field("ram", &self.memory.path())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+fn qemu_err(e: QmpError) -> GuestControlError {
+    GuestControlError::Qemu(e.to_string())
+}
+
+impl QemuSourceGuest {
+    /// Connects to the VM's monitor, finds its one shared RAM file, maps and tracks it, and
+    /// sets `x-ignore-shared` so that QEMU's migration leaves that RAM to us.
+    pub fn open(spec: &QemuSpec, notices: &Notices) -> Result<QemuSourceGuest, GuestControlError> {
+        let mut qmp = Qmp::connect(&spec.qmp, COMMAND_TIMEOUT).map_err(qemu_err)?;
+        let backends = ram_backends(&mut qmp).map_err(qemu_err)?;
+        let ram = match backends.as_slice() {
+            [one] if one.share && one.mem_path.is_some() => one.clone(),
+            [] => {
+                return Err(GuestControlError::Config(
+                    "the VM has no memory backend: start QEMU with -object \
+                     memory-backend-file,id=ram0,size=...,mem-path=FILE,share=on -machine \
+                     memory-backend=ram0"
+                        .into(),
+                ))
+            }
+            [one] => {
+                return Err(GuestControlError::Config(format!(
+                    "memory backend {} is not a shared file (share={}, mem-path={:?}): \
+                     another process can move only RAM QEMU maps shared from a file",
+                    one.id, one.share, one.mem_path
+                )))
+            }
+            many => {
+                return Err(GuestControlError::Config(format!(
+                    "the VM has {} memory backends; only one (shared, file-backed) is \
+                     supported yet",
+                    many.len()
+                )))
+            }
+        };
+        let path = ram.mem_path.expect("checked above");
+        let memory = GuestMemory::open_sized(&path, ram.size, MapMode::Shared)?;
+        let tracker = HashTracker::open(&path)
+            .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?;
+        let status = qmp.status().map_err(qemu_err)?;
+        if status != "running" && status != "paused" {
+            return Err(GuestControlError::Config(format!(
+                "the VM is {status}, not running or paused"
+            )));
+        }
+        // return-path: QEMU's migration completes on the source only once the destination
+        // loaded the device state, so a quit after it never loses the VM.
+        qmp.set_capabilities(&[("x-ignore-shared", true), ("return-path", true)])
+            .map_err(qemu_err)?;
+        let vcpus = vcpu_threads(&mut qmp).map_err(qemu_err)?;
+        Ok(QemuSourceGuest {
+            spec: spec.clone(),
+            qmp,
+            memory,
+            tracker,
+            paused: status == "paused",
+            incoming: None,
+            alive_checked: None,
+            vcpus,
+            throttle: None,
+            throttle_error: None,
+            notices: notices.clone(),
+        })
+    }
+
+    /// Runs QEMU's migration of the device state to `uri` and waits for it to complete; on
+    /// failure it is cancelled and the VM continued.
+    fn migrate_devices(&mut self, uri: &str) -> Result<(), GuestControlError> {
+        let result = self.run_migrate(uri);
+        if result.is_err() {
+            let _ = self.qmp.execute("migrate_cancel", Value::Null);
+            // QEMU leaves a failed migration's VM paused; it must run again here.
+            let _ = self.qmp.execute("cont", Value::Null);
+            self.paused = false;
+        }
+        result
+    }
+
+    fn run_migrate(&mut self, uri: &str) -> Result<(), GuestControlError> {
+        self.qmp
+            .execute("migrate", json!({ "uri": uri }))
+            .map_err(qemu_err)?;
+        let deadline = Instant::now() + self.spec.migrate_timeout;
+        loop {
+            let (status, reply) = self.qmp.migration_status().map_err(qemu_err)?;
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = reply
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(GuestControlError::Qemu(format!(
+                        "QEMU's migration of the device state to {uri} {status}: {why}"
+                    )));
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(GuestControlError::Qemu(format!(
+                        "QEMU's migration of the device state to {uri} did not complete \
+                         within {:?} (status {status})",
+                        self.spec.migrate_timeout
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+}
+
+impl MigratableGuest for QemuSourceGuest {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        let line = format!(
+            "qemu qmp={} ram={} vcpus={} tracking=hash",
+            self.spec.qmp.display(),
+            self.memory.path().display(),
+            self.vcpus.len()
+        );
+        line
+    }
+
+    fn size(&self) -> u64 {
+        self.memory.len() as u64
+    }
+
+    fn tx_count(&self) -> u64 {
+        0
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    fn paused_memory(&mut self) -> &[u8] {
+        debug_assert!(self.paused);
+        self.memory.as_mut_slice()
+    }
+
+    fn tracker(&mut self) -> &mut dyn DirtyTracker {
+        &mut self.tracker
+    }
+
+    fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
+        // `stop` returns once every vCPU left guest code: RAM no longer changes.
+        self.qmp.execute("stop", Value::Null).map_err(qemu_err)?;
+        self.paused = true;
+        Ok(Vec::new())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestControlError> {
+        if self.paused {
+            self.qmp.execute("cont", Value::Null).map_err(qemu_err)?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The vCPU threads alone, through a cpu cgroup ([`VcpuThrottle`]); where none can be
+    /// made the guest runs unthrottled (a warning says why, once).
+    fn set_throttle(&mut self, fraction: f64) {
+        if self.throttle.is_none() && (fraction <= 0.0 || self.throttle_error.is_some()) {
+            return;
+        }
+        if self.throttle.is_none() {
+            match VcpuThrottle::new(&self.vcpus) {
+                Ok(t) => self.throttle = Some(t),
+                Err(e) => {
+                    self.notices.warning(format!(
+                        "cannot throttle the QEMU VM's vCPUs, it runs unthrottled: {e}"
+                    ));
+                    self.throttle_error = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+        if let Some(t) = &mut self.throttle {
+            if let Err(e) = t.set(fraction) {
+                self.throttle_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn set_qemu_incoming(&mut self, uri: &str) {
+        self.incoming = Some(uri.to_string());
+    }
+
+    /// After the commit: moves the device state to the destination's QEMU, then quits (or
+    /// leaves paused) the source VM. A failed device migration continues the VM here and
+    /// is an error: the destination's QEMU never runs.
+    fn terminate(&mut self) -> Result<(), GuestControlError> {
+        let Some(uri) = self.incoming.take() else {
+            let _ = self.resume();
+            return Err(GuestControlError::Qemu(
+                "the destination did not say where its QEMU takes the device state".into(),
+            ));
+        };
+        self.migrate_devices(&uri)?;
+        if self.spec.after == QemuAfter::Quit {
+            // QEMU may close the monitor before it answers.
+            match self.qmp.execute("quit", Value::Null) {
+                Ok(_) | Err(QmpError::Closed(_)) => {}
+                Err(e) => return Err(qemu_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<(), GuestControlError> {
+        if self
+            .alive_checked
+            .is_some_and(|t| t.elapsed() < ALIVE_CHECK_PERIOD)
+        {
+            return Ok(());
+        }
+        self.alive_checked = Some(Instant::now());
+        match self.qmp.status() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(GuestControlError::Qemu(format!(
+                "the VM's monitor stopped answering during the migration: {e}"
+            ))),
+        }
+    }
+
+    fn failure_note(&self) -> String {
+        format!("the QEMU VM ({}) keeps running", self.spec.qmp.display())
+    }
+
+    fn keep_after_failure(self: Box<Self>) {}
+}
