@@ -273,10 +273,7 @@ type OpenedMemory = (GuestMemory, Option<ImageVerifyReport>, Option<Vec<Disk>>);
 
 /// Maps the guest's memory: a file through `owner`, the handle its lock is on (the path is
 /// not opened again: what it names may have changed since).
-fn open_memory(
-    cfg: &ProcessGuestConfig,
-    owner: Option<&File>,
-) -> Result<OpenedMemory, GuestError> {
+fn open_memory(cfg: &ProcessGuestConfig, owner: Option<&File>) -> Result<OpenedMemory, GuestError> {
     let handle = |p: &std::path::Path| {
         owner
             .expect("a memory file is owned")
