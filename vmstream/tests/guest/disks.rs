@@ -462,3 +462,78 @@ fn bad_disk_options_are_refused() {
     assert_eq!(code, 1);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `vmstream send`'s way of starting a guest (`GuestSpec::Spawn`) gives it its disks:
+/// the started guest writes them through its block layer.
+#[test]
+fn a_started_source_guest_runs_on_its_disks() {
+    use vmstream::guest::file::disks::area::DiskWorkloadKind;
+    use vmstream::guest::file::disks::{DiskParams, GuestDisks};
+    use vmstream::guest::file::layout::ImageWorkloadKind;
+    use vmstream::guest::file::source::{DirtyTracking, GuestSpec};
+    use vmstream::telemetry::notice::Notices;
+
+    let dir = Dir::new("spawn");
+    let disk = PathBuf::from(dir.path("d0"));
+    let spec = GuestSpec::Spawn {
+        path: PathBuf::from(dir.path("mem")),
+        size: 4 << 20,
+        workload: ImageWorkloadKind::Idle,
+        rate: None,
+        active: None,
+        guest_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_vmstream"))),
+        disks: GuestDisks {
+            paths: vec![disk.clone()],
+            create_size: Some(4 << 20),
+            workload: Some(DiskParams {
+                kind: DiskWorkloadKind::Diskio,
+                io_size: 8192,
+                io_rate: 1 << 20,
+                seed: 3,
+            }),
+            ..GuestDisks::default()
+        },
+    };
+    let mut guest = vmstream::guest::migratable::open_guest(
+        &spec,
+        Some(DirtyTracking::Hash),
+        &Notices::default(),
+    )
+    .expect("start the guest");
+    let bitmap = DirtyBitmap::open(&bitmap_path(&disk)).unwrap();
+    let start = std::time::Instant::now();
+    while bitmap.writes() < 8 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(bitmap.writes() >= 8, "{} writes", bitmap.writes());
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 << 20);
+    guest.terminate().unwrap();
+}
+
+/// Until disks migrate, `send` refuses them (before starting anything), and diskio needs
+/// disks there too.
+#[test]
+fn send_refuses_disks_until_they_migrate() {
+    let dir = Dir::new("send");
+    let (m, d) = (dir.path("mem"), dir.path("d0"));
+    let send = |extra: &[&str]| {
+        let mut args = vec![
+            "send",
+            "--memory-file",
+            &m,
+            "--size",
+            "4M",
+            "--to",
+            "127.0.0.1:9",
+        ];
+        args.extend_from_slice(extra);
+        vmstream(&args)
+    };
+    let (code, _, err) = send(&["--workload", "diskio", "--disk", &d, "--disk-size", "4M"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("disk migration is not built yet"), "{err}");
+    assert!(!Path::new(&d).exists() && !Path::new(&m).exists());
+    let (code, _, err) = send(&["--workload", "diskio"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("diskio needs at least one --disk"), "{err}");
+}

@@ -65,6 +65,34 @@ impl Default for GuestDisks {
     }
 }
 
+impl GuestDisks {
+    /// The `vmstream guest run` arguments that give a started guest these disks, and the
+    /// `--workload` name that replaces `memory_workload`'s (`diskio` leaves memory idle).
+    pub fn run_args(&self, memory_workload: ImageWorkloadKind) -> (&'static str, Vec<String>) {
+        let mut args = Vec::new();
+        if self.paths.is_empty() {
+            return (memory_workload.name(), args);
+        }
+        for p in &self.paths {
+            args.push("--disk".to_string());
+            args.push(p.display().to_string());
+        }
+        if let Some(size) = self.create_size {
+            args.extend(["--disk-size".to_string(), size.to_string()]);
+        }
+        args.extend(["--disk-granularity".into(), self.granularity.to_string()]);
+        let mut name = memory_workload.name();
+        if let Some(p) = &self.workload {
+            args.extend(["--io-size".into(), p.io_size.to_string()]);
+            args.extend(["--io-rate".into(), p.io_rate.to_string()]);
+            if p.kind == DiskWorkloadKind::Diskio {
+                name = "diskio";
+            }
+        }
+        (name, args)
+    }
+}
+
 /// Why a guest's disks cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskSetupError {
