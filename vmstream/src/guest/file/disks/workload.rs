@@ -44,8 +44,9 @@ pub struct DiskWorkload<'m> {
 }
 
 impl<'m> DiskWorkload<'m> {
-    /// Runs on a formatted area (see [`super::format_disks`] or, on resume, after the
-    /// disks verified); `mem` is the memory workload's memory (dbsim reads its blocks).
+    /// Runs on a formatted area ([`super::format_area`], then [`initial_writes`]) or, on
+    /// resume, on disks verified against it; `mem` is the memory workload's memory (dbsim
+    /// reads its blocks).
     pub fn attach(area: &'m mut [u8], disks: Vec<Disk>, mem: &[u8]) -> Result<Self, String> {
         let head = AreaHeader::read(area)?;
         if head.disks.len() != disks.len() {
