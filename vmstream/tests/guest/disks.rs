@@ -39,6 +39,19 @@ impl Drop for Dir {
     }
 }
 
+/// A guest child killed when the test ends, failed or not (a failed assertion must not
+/// leave it running).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn vmstream(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vmstream"))
         .args(args)
@@ -329,29 +342,32 @@ fn the_bitmap_marks_exactly_the_granules_written() {
 fn the_write_limit_makes_guest_writes_wait() {
     let dir = Dir::new("qos");
     let (m, disk) = (dir.path("mem"), dir.path("d0"));
-    let mut guest = std::process::Command::new(env!("CARGO_BIN_EXE_vmstream"))
-        .args([
-            "guest",
-            "run",
-            "--memory-file",
-            &m,
-            "--size",
-            "4M",
-            "--workload",
-            "diskio",
-            "--disk",
-            &disk,
-            "--disk-size",
-            "4M",
-            "--io-rate",
-            "0",
-            "--duration",
-            "3s",
-            "--no-track",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut guest = Running(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmstream"))
+            .args([
+                "guest",
+                "run",
+                "--memory-file",
+                &m,
+                "--size",
+                "4M",
+                "--workload",
+                "diskio",
+                "--disk",
+                &disk,
+                "--disk-size",
+                "4M",
+                "--io-rate",
+                "0",
+                "--duration",
+                "3s",
+                "--no-track",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let path = bitmap_path(Path::new(&disk));
     let bitmap = loop {
         if let Ok(b) = DirtyBitmap::open(&path) {
@@ -374,7 +390,7 @@ fn the_write_limit_makes_guest_writes_wait() {
     // Generous: at most twice the limit over the window plus a burst.
     let bound = (2.0 * 256.0 * 1024.0 * dt.as_secs_f64()) as u64 + (256 << 10);
     assert!(written <= bound, "{written} bytes in {dt:?}");
-    assert!(guest.wait().unwrap().success());
+    assert!(guest.0.wait().unwrap().success());
     verify(&m, &[&disk]).unwrap();
 }
 
@@ -536,4 +552,72 @@ fn send_refuses_disks_until_they_migrate() {
     let (code, _, err) = send(&["--workload", "diskio"]);
     assert_eq!(code, 2);
     assert!(err.contains("diskio needs at least one --disk"), "{err}");
+}
+
+/// A copy of memory and disks taken while the guest is stopped at any instant (the
+/// switchover's pause) verifies, even one stopped between a disk write and its ledger
+/// update; and a guest killed at any instant resumes on its disks.
+#[test]
+fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for workload in ["diskio", "dbsim"] {
+        let dir = Dir::new(&format!("stop-{workload}"));
+        let (m, disks) = (dir.path("mem"), vec![dir.path("d0"), dir.path("d1")]);
+        let mut guest = Running(
+            Command::new(env!("CARGO_BIN_EXE_vmstream"))
+                .args([
+                    "guest",
+                    "run",
+                    "--memory-file",
+                    &m,
+                    "--size",
+                    "4M",
+                    "--workload",
+                    workload,
+                    "--rate",
+                    "0",
+                    "--disk",
+                    &disks[0],
+                    "--disk",
+                    &disks[1],
+                    "--disk-size",
+                    "8M",
+                    "--io-size",
+                    "8K",
+                    "--io-rate",
+                    "0",
+                    "--no-track",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(guest.0.stdout.as_mut().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert!(ready.starts_with("ready "), "{ready}");
+        let pid = Pid::from_raw(guest.0.id() as i32);
+        let snap = |name: &str| dir.path(name);
+        for i in 0..8 {
+            std::thread::sleep(Duration::from_millis(37 + i * 11));
+            kill(pid, Signal::SIGSTOP).unwrap();
+            std::fs::copy(&m, snap("smem")).unwrap();
+            for (k, d) in disks.iter().enumerate() {
+                std::fs::copy(d, snap(&format!("s{k}"))).unwrap();
+            }
+            kill(pid, Signal::SIGCONT).unwrap();
+            verify(&snap("smem"), &[&snap("s0"), &snap("s1")])
+                .unwrap_or_else(|e| panic!("{workload} snapshot {i}: {e}"));
+        }
+        guest.0.kill().unwrap();
+        guest.0.wait().unwrap();
+        verify(&m, &strs(&disks)).unwrap_or_else(|e| panic!("{workload} after SIGKILL: {e}"));
+        resume(&m, &disks, 100);
+        verify(&m, &strs(&disks)).unwrap();
+    }
 }
