@@ -119,9 +119,10 @@ struct RunArgs {
     /// Size of each disk that does not exist yet (K/M/G; created sparse).
     #[arg(long, value_parser = parse_size)]
     disk_size: Option<u64>,
-    /// Dirty bitmap granularity of the disks (4K to 1M, a power of two).
-    #[arg(long, value_parser = parse_size, default_value = "64K")]
-    disk_granularity: u64,
+    /// Dirty bitmap granularity of the disks (4K to 1M, a power of two) [default: an
+    /// existing bitmap's, else 64K].
+    #[arg(long, value_parser = parse_size)]
+    disk_granularity: Option<u64>,
     /// diskio: bytes per write (4K to 1M, a power of two; init only).
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     io_size: u64,

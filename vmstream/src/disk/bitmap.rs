@@ -234,17 +234,19 @@ impl DirtyBitmap {
         ))
     }
 
-    /// Opens the bitmap at `path` if it exists (it must describe this disk size and
-    /// granularity; its dirty bits are kept), else creates it clean (the guest's side).
+    /// Opens the bitmap at `path` if it exists (it must describe this disk size and, if
+    /// one is given, this granularity; its dirty bits are kept), else creates it clean at
+    /// `granularity` or [`DEFAULT_GRANULARITY`] (the guest's side).
     pub fn open_or_create(
         path: &Path,
         disk_size: u64,
-        granularity: u64,
+        granularity: Option<u64>,
     ) -> Result<Self, BitmapError> {
         if !path.exists() {
-            return Self::create(path, disk_size, granularity);
+            return Self::create(path, disk_size, granularity.unwrap_or(DEFAULT_GRANULARITY));
         }
         let b = Self::open(path)?;
+        let granularity = granularity.unwrap_or(b.granularity());
         if b.disk_size != disk_size || b.granularity() != granularity {
             return Err(BitmapError::Mismatch {
                 path: path.display().to_string(),

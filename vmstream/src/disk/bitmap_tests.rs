@@ -217,7 +217,7 @@ fn a_shared_file_is_seen_by_a_second_mapping() {
     assert_eq!(reader.take_all(), vec![48..49]);
     assert_eq!(writer.write_limit(), 1234);
     assert!(matches!(
-        DirtyBitmap::open_or_create(&path, 10 << 20, 4096),
+        DirtyBitmap::open_or_create(&path, 10 << 20, Some(4096)),
         Err(BitmapError::Mismatch { .. })
     ));
     std::fs::write(dir.join("junk"), vec![1u8; 4096]).unwrap();

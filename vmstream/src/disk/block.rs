@@ -83,12 +83,13 @@ pub struct Disk {
 
 impl Disk {
     /// Opens the disk at `path` (creating it sparse if missing and `create_size` is
-    /// given; an existing disk must have that size) and its bitmap `<path>.dirty` at
-    /// `granularity` (created clean if missing).
+    /// given; an existing disk must have that size) and its bitmap `<path>.dirty`
+    /// (created clean if missing, at `granularity` or the default; an existing one must
+    /// have `granularity` if given).
     pub fn open(
         path: &Path,
         create_size: Option<u64>,
-        granularity: u64,
+        granularity: Option<u64>,
     ) -> Result<Self, DiskError> {
         let io = |what| {
             move |source| DiskError::Io {
@@ -225,7 +226,7 @@ impl Disk {
 pub fn open_disks(
     paths: &[PathBuf],
     create_size: Option<u64>,
-    granularity: u64,
+    granularity: Option<u64>,
 ) -> Result<Vec<Disk>, DiskError> {
     if paths.len() > MAX_DISKS {
         return Err(DiskError::TooMany(paths.len()));
@@ -252,7 +253,7 @@ mod tests {
     #[test]
     fn writes_land_in_the_file_and_mark_exactly_their_granules() {
         let path = tmp("marks");
-        let mut d = Disk::open(&path, Some(8 << 20), DEFAULT_GRANULARITY).unwrap();
+        let mut d = Disk::open(&path, Some(8 << 20), Some(DEFAULT_GRANULARITY)).unwrap();
         d.write_at(0, &[1; 4096]).unwrap();
         d.write_at((1 << 20) - 100, &[2; 200]).unwrap();
         d.write_at((8 << 20) - 8192, &[3; 8192]).unwrap();
@@ -276,10 +277,10 @@ mod tests {
     fn bad_disks_and_writes_are_typed_errors() {
         let path = tmp("bad");
         assert!(matches!(
-            Disk::open(&path, None, 4096),
+            Disk::open(&path, None, Some(4096)),
             Err(DiskError::Missing(_))
         ));
-        let mut d = Disk::open(&path, Some(1 << 20), 4096).unwrap();
+        let mut d = Disk::open(&path, Some(1 << 20), Some(4096)).unwrap();
         assert!(matches!(
             d.write_at((1 << 20) - 1, &[0; 2]),
             Err(DiskError::OutOfRange { .. })
@@ -290,18 +291,18 @@ mod tests {
         ));
         drop(d);
         assert!(matches!(
-            Disk::open(&path, Some(2 << 20), 4096),
+            Disk::open(&path, Some(2 << 20), Some(4096)),
             Err(DiskError::Size { .. })
         ));
         assert!(matches!(
-            Disk::open(&path, None, 64 << 10),
+            Disk::open(&path, None, Some(64 << 10)),
             Err(DiskError::Bitmap(BitmapError::Mismatch { .. }))
         ));
         let many: Vec<PathBuf> = (0..17)
             .map(|i| path.with_extension(i.to_string()))
             .collect();
         assert!(matches!(
-            open_disks(&many, Some(1 << 20), 4096),
+            open_disks(&many, Some(1 << 20), Some(4096)),
             Err(DiskError::TooMany(17))
         ));
     }
@@ -309,7 +310,7 @@ mod tests {
     #[test]
     fn the_senders_write_limit_makes_guest_writes_wait() {
         let path = tmp("qos");
-        let mut d = Disk::open(&path, Some(4 << 20), DEFAULT_GRANULARITY).unwrap();
+        let mut d = Disk::open(&path, Some(4 << 20), Some(DEFAULT_GRANULARITY)).unwrap();
         let sender = DirtyBitmap::open(&bitmap_path(&path)).unwrap();
         for i in 0..16 {
             d.write_at(i * 4096, &[1; 4096]).unwrap();

@@ -621,3 +621,47 @@ fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
         verify(&m, &strs(&disks)).unwrap();
     }
 }
+
+/// A disk's bitmap keeps the granularity it was created at: a resumed guest adopts it, and
+/// one told another granularity refuses.
+#[test]
+fn the_bitmap_keeps_its_granularity_across_resumes() {
+    let dir = Dir::new("granularity");
+    let (m, d) = (dir.path("mem"), dir.path("d0"));
+    run_ok(&[
+        "--memory-file",
+        &m,
+        "--size",
+        "4M",
+        "--workload",
+        "diskio",
+        "--disk",
+        &d,
+        "--disk-size",
+        "4M",
+        "--disk-granularity",
+        "4K",
+        "--duration",
+        "100ms",
+        "--no-track",
+    ]);
+    resume(&m, std::slice::from_ref(&d), 100);
+    let bitmap = DirtyBitmap::open(&bitmap_path(Path::new(&d))).unwrap();
+    assert_eq!(bitmap.granularity(), 4096);
+    let (code, _, err) = vmstream(&[
+        "guest",
+        "run",
+        "--memory-file",
+        &m,
+        "--resume",
+        "--disk",
+        &d,
+        "--disk-granularity",
+        "64K",
+        "--duration",
+        "10ms",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("at granularity 4096, expected"), "{err}");
+    verify(&m, &[&d]).unwrap();
+}

@@ -369,7 +369,12 @@ fn spawn_stdin_reader() -> Receiver<Command> {
 }
 
 /// Handle one command; returns false on exit.
-fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result<bool> {
+fn handle(
+    w: &mut Workload<'_>,
+    mut disks: Option<&mut DiskWorkload<'_>>,
+    cmd: Command,
+    out: &mut dyn Write,
+) -> io::Result<bool> {
     match cmd {
         Command::Tx(b) => {
             let sb = w.superblock();
@@ -392,7 +397,7 @@ fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result
         }
         Command::Step(n) => {
             for _ in 0..n {
-                w.step();
+                step(w, disks.as_deref_mut());
             }
             writeln!(out, "ok tx={}", w.tx_count())?;
         }
@@ -462,7 +467,7 @@ fn run_loop(
             loop {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        if !handle(w, cmd, out)? {
+                        if !handle(w, disks.as_deref_mut(), cmd, out)? {
                             return Ok(());
                         }
                     }
@@ -486,7 +491,7 @@ fn run_loop(
             match control {
                 Some(rx) => match rx.recv_timeout(nap) {
                     Ok(cmd) => {
-                        if !handle(w, cmd, out)? {
+                        if !handle(w, disks.as_deref_mut(), cmd, out)? {
                             return Ok(());
                         }
                     }

@@ -9,7 +9,6 @@ pub mod workload;
 
 use std::path::{Path, PathBuf};
 
-use crate::disk::bitmap::DEFAULT_GRANULARITY;
 use crate::disk::block::{open_disks, Disk, DiskError};
 use crate::guest::file::disks::area::{
     area_len, AreaHeader, DiskGeometry, DiskWorkloadKind, SB_DISK_AREA,
@@ -42,27 +41,17 @@ pub struct DiskParams {
 }
 
 /// A process guest's disks (its config's `disks`; empty: no disks).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GuestDisks {
     /// Raw image files, in order (at most [`crate::disk::MAX_DISKS`]).
     pub paths: Vec<PathBuf>,
     /// Size of each disk that does not exist yet (created sparse).
     pub create_size: Option<u64>,
-    /// Dirty bitmap granularity (`<disk>.dirty`, created if missing).
-    pub granularity: u64,
+    /// Dirty bitmap granularity (`<disk>.dirty`, created at it if missing; `None`: an
+    /// existing bitmap's, else [`crate::disk::bitmap::DEFAULT_GRANULARITY`]).
+    pub granularity: Option<u64>,
     /// The disk workload of a fresh guest (`None` on resume: the area says).
     pub workload: Option<DiskParams>,
-}
-
-impl Default for GuestDisks {
-    fn default() -> Self {
-        Self {
-            paths: Vec::new(),
-            create_size: None,
-            granularity: DEFAULT_GRANULARITY,
-            workload: None,
-        }
-    }
 }
 
 impl GuestDisks {
@@ -80,7 +69,9 @@ impl GuestDisks {
         if let Some(size) = self.create_size {
             args.extend(["--disk-size".to_string(), size.to_string()]);
         }
-        args.extend(["--disk-granularity".into(), self.granularity.to_string()]);
+        if let Some(g) = self.granularity {
+            args.extend(["--disk-granularity".into(), g.to_string()]);
+        }
         let mut name = memory_workload.name();
         if let Some(p) = &self.workload {
             args.extend(["--io-size".into(), p.io_size.to_string()]);
