@@ -665,3 +665,58 @@ fn the_bitmap_keeps_its_granularity_across_resumes() {
     assert!(err.contains("at granularity 4096, expected"), "{err}");
     verify(&m, &[&d]).unwrap();
 }
+
+/// dbsim's disk mode: a data block on disk of the same version as the buffer pool's copy
+/// must be the same bytes. A pool block changed (and resealed, so memory alone verifies)
+/// no longer agrees with its disk copy.
+#[test]
+fn a_pool_block_that_differs_from_its_disk_copy_is_caught() {
+    use vmstream::guest::file::layout::block_checksum;
+    let dir = Dir::new("agree");
+    let (m, disks) = (dir.path("mem"), vec![dir.path("d0"), dir.path("d1")]);
+    run_ok(&[
+        "--memory-file",
+        &m,
+        "--size",
+        "4M",
+        "--workload",
+        "dbsim",
+        "--rate",
+        "2000",
+        "--disk",
+        &disks[0],
+        "--disk",
+        &disks[1],
+        "--disk-size",
+        "8M",
+        "--io-rate",
+        "1M",
+        "--duration",
+        "300ms",
+        "--no-track",
+    ]);
+    let mut mem = std::fs::read(&m).unwrap();
+    let u64_at = |mem: &[u8], off: usize| u64::from_le_bytes(mem[off..off + 8].try_into().unwrap());
+    let data = u64_at(&mem, 48) as usize;
+    let area = u64_at(&mem, 112) as usize;
+    let disk_ledger = area + u64_at(&mem, area + 384) as usize;
+    // Two disks: disk 0 holds every data block (memory block b at block b), disk 1 the log.
+    let b = (0..300)
+        .find(|&b| {
+            let v = u64_at(&mem, 4096 + b * 8);
+            v > 0 && v == u64_at(&mem, disk_ledger + b * 8)
+        })
+        .expect("a pool block as clean as its disk copy");
+    verify(&m, &strs(&disks)).unwrap();
+    let block = &mut mem[data + b * 8192..data + (b + 1) * 8192];
+    block[100] ^= 0x20;
+    let sum = block_checksum(block);
+    block[16..24].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&m, &mem).unwrap();
+    // Memory alone still verifies: only the disk copy tells.
+    vmstream::guest::file::verify::verify_file(Path::new(&m)).unwrap();
+    assert!(matches!(
+        disk_error(&m, &disks),
+        DiskVerifyError::Disagree { disk: 0, block, memory_block, .. } if block == b as u64 && memory_block == b as u64
+    ));
+}
