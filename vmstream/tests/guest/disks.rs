@@ -554,13 +554,12 @@ fn send_refuses_disks_until_they_migrate() {
     assert!(err.contains("diskio needs at least one --disk"), "{err}");
 }
 
-/// A copy of memory and disks taken while the guest is stopped at any instant (the
+/// A copy of memory and disks taken while the guest is paused at any instant (the
 /// switchover's pause) verifies, even one stopped between a disk write and its ledger
-/// update; and a guest killed at any instant resumes on its disks.
+/// update; and a guest killed at any instant, even inside a write (which SIGKILL, unlike
+/// a stop, can tear), verifies and resumes on its disks.
 #[test]
 fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
     for workload in ["diskio", "dbsim"] {
         let dir = Dir::new(&format!("stop-{workload}"));
         let (m, disks) = (dir.path("mem"), vec![dir.path("d0"), dir.path("d1")]);
@@ -601,22 +600,53 @@ fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
         )
         .unwrap();
         assert!(ready.starts_with("ready "), "{ready}");
-        let pid = Pid::from_raw(guest.0.id() as i32);
+        let throttle = vmstream::guest::file::throttle::Throttle::new(guest.0.id()).unwrap();
         let snap = |name: &str| dir.path(name);
         for i in 0..8 {
             std::thread::sleep(Duration::from_millis(37 + i * 11));
-            kill(pid, Signal::SIGSTOP).unwrap();
+            // The source's pause: returns once every thread of the guest is stopped.
+            throttle.pause().unwrap();
             std::fs::copy(&m, snap("smem")).unwrap();
             for (k, d) in disks.iter().enumerate() {
                 std::fs::copy(d, snap(&format!("s{k}"))).unwrap();
             }
-            kill(pid, Signal::SIGCONT).unwrap();
+            throttle.resume().unwrap();
             verify(&snap("smem"), &[&snap("s0"), &snap("s1")])
                 .unwrap_or_else(|e| panic!("{workload} snapshot {i}: {e}"));
         }
         guest.0.kill().unwrap();
         guest.0.wait().unwrap();
+        drop(guest);
         verify(&m, &strs(&disks)).unwrap_or_else(|e| panic!("{workload} after SIGKILL: {e}"));
+        // Killed again and again, maybe inside a write: each time verify passes and the
+        // guest resumes (finishing the write in flight).
+        for i in 0..6 {
+            let mut args = vec![
+                "guest",
+                "run",
+                "--memory-file",
+                &m,
+                "--resume",
+                "--no-track",
+            ];
+            for d in &disks {
+                args.extend(["--disk", d.as_str()]);
+            }
+            let mut guest = Running(
+                Command::new(env!("CARGO_BIN_EXE_vmstream"))
+                    .args(&args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            std::thread::sleep(Duration::from_millis(120 + i * 17));
+            guest.0.kill().unwrap();
+            guest.0.wait().unwrap();
+            drop(guest);
+            verify(&m, &strs(&disks))
+                .unwrap_or_else(|e| panic!("{workload} after SIGKILL {i}: {e}"));
+        }
         resume(&m, &disks, 100);
         verify(&m, &strs(&disks)).unwrap();
     }

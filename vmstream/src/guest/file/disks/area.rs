@@ -278,6 +278,14 @@ impl AreaHeader {
         ((b % self.data_disks) as usize, b / self.data_disks)
     }
 
+    /// The disk and first block of dbsim's redo log; for diskio, past every disk.
+    pub fn log_start_or_none(&self) -> (usize, u64) {
+        match self.kind {
+            DiskWorkloadKind::Dbsim => self.log_start(),
+            DiskWorkloadKind::Diskio => (usize::MAX, u64::MAX),
+        }
+    }
+
     /// dbsim: the disk and first block of the redo log.
     pub fn log_start(&self) -> (usize, u64) {
         let last = self.disks.len() - 1;

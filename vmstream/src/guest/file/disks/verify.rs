@@ -352,6 +352,12 @@ fn check_block(
     }
     let version = get_u64(block, hdr::VERSION);
     if get_u64(block, hdr::CHECKSUM) != layout::block_checksum(block) {
+        if intent.is_some() {
+            // The write in flight when the guest was killed inside its `pwrite` (a stop
+            // signal waits for the write; SIGKILL does not): the guest never saw it
+            // complete, and resuming writes the block again.
+            return Ok(false);
+        }
         return Err(DiskVerifyError::Torn {
             disk: d,
             block: b,

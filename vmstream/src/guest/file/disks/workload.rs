@@ -70,7 +70,7 @@ impl<'m> DiskWorkload<'m> {
             log_since: Instant::now(),
             since_checkpoint: 0,
         };
-        w.settle_intent();
+        w.settle_intent(mem).map_err(|e| e.to_string())?;
         if w.head.kind == DiskWorkloadKind::Dbsim {
             let active = get_u64(mem, sb::ACTIVE_BLOCKS);
             w.is_dirty = vec![false; active as usize];
@@ -96,26 +96,42 @@ impl<'m> DiskWorkload<'m> {
         &self.disks
     }
 
-    /// Commits an intent left armed (a guest stopped mid-write): the block holds the
-    /// new version or the old one, and the verifier already accepted whichever it is.
-    fn settle_intent(&mut self) {
+    /// Finishes a write left in flight (intent armed: the guest was stopped or killed
+    /// mid-write, and the block may hold the old version, the new one, or — killed inside
+    /// its `pwrite` — a torn mix): writes the block again, whole, then commits it. Like
+    /// replaying the memory journal, redoing is idempotent.
+    fn settle_intent(&mut self, mem: &[u8]) -> Result<(), DiskError> {
         let seq = get_u64(self.area, da::INTENT_SEQ);
         if seq == 0 {
-            return;
+            return Ok(());
         }
         let d = get_u64(self.area, da::INTENT_DISK) as usize;
         let b = get_u64(self.area, da::INTENT_BLOCK);
-        let version = get_u64(self.area, da::INTENT_VERSION);
-        let mut head = [0u8; 16];
-        let on_disk = self.disks[d]
-            .read_at(b * self.head.block_size, &mut head)
-            .map(|()| get_u64(&head, 8))
-            .unwrap_or(0);
-        if on_disk == version {
-            put_u64(self.area, self.head.ledger_entry(d, b), version);
-            put_u64(self.area, da::WRITES, seq);
+        let mut version = get_u64(self.area, da::INTENT_VERSION);
+        let (log_disk, log_first) = self.head.log_start_or_none();
+        match self.head.kind {
+            DiskWorkloadKind::Diskio => {
+                stamped_fill(&mut self.buf, disk_seed(self.head.seed, d), b, version, seq)
+            }
+            DiskWorkloadKind::Dbsim if d == log_disk && b >= log_first => {
+                // The records of a torn log block are gone (the log is not replayed).
+                log_block(&mut self.buf, &[], b, version, get_u64(mem, sb::TX_COUNT));
+            }
+            DiskWorkloadKind::Dbsim => {
+                let g = geometry(mem);
+                let mb = b * self.head.data_disks + d as u64;
+                let off = g.block_offset(mb);
+                self.buf
+                    .copy_from_slice(&mem[off..off + g.block_size as usize]);
+                version = get_u64(mem, g.ledger_entry(mb));
+            }
         }
+        self.disks[d].write_at(b * self.head.block_size, &self.buf)?;
+        put_u64(self.area, self.head.ledger_entry(d, b), version);
+        put_u64(self.area, da::WRITES, seq);
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
         put_u64(self.area, da::INTENT_SEQ, 0);
+        Ok(())
     }
 
     fn mark_dirty(&mut self, b: u64) {
