@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod converge;
+pub mod disk;
 pub mod guest;
 pub mod memory;
 pub mod migration;

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use vmstream::guest::file::disks::area::DiskWorkloadKind;
+use vmstream::guest::file::disks::{
+    verify_guest, workload_by_name, DiskParams, GuestDisks, DEFAULT_IO_RATE,
+};
 use vmstream::guest::file::layout::ImageWorkloadKind;
-use vmstream::guest::file::verify::verify_file;
 use vmstream::guest::file::workload::WorkloadParams;
 use vmstream::guest::file::{MemorySource, ProcessGuestConfig, StartMode};
 use vmstream::units::{parse_duration, parse_size};
@@ -57,8 +60,8 @@ enum KvmCommand {
 
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
-    /// Run a built-in workload in guest memory.
-    Run(RunArgs),
+    /// Run a built-in workload in guest memory (and on its disks).
+    Run(Box<RunArgs>),
     /// Check a guest memory file (a snapshot or a stopped guest) block by block.
     Verify(VerifyArgs),
 }
@@ -74,9 +77,10 @@ struct RunArgs {
     /// Memory size (K/M/G suffixes); required with --init.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Workload: dbsim, random, sequential, hotset, idle (init only).
+    /// Workload: dbsim, random, sequential, hotset, idle, diskio (init only). With
+    /// --disk, dbsim runs its disk mode; diskio writes disks only.
     #[arg(long, default_value = "dbsim", value_parser = parse_kind)]
-    workload: ImageWorkloadKind,
+    workload: (ImageWorkloadKind, Option<DiskWorkloadKind>),
     /// Format the memory for a fresh guest (default).
     #[arg(long, conflicts_with = "resume")]
     init: bool,
@@ -108,6 +112,23 @@ struct RunArgs {
     /// Do not arm userfaultfd write-protect tracking.
     #[arg(long)]
     no_track: bool,
+    /// A disk of the guest: a raw image file (up to 16, in order; `<PATH>.dirty` is its
+    /// dirty bitmap). A resumed guest verifies its disks first.
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
+    /// Size of each disk that does not exist yet (K/M/G; created sparse).
+    #[arg(long, value_parser = parse_size)]
+    disk_size: Option<u64>,
+    /// Dirty bitmap granularity of the disks (4K to 1M, a power of two) [default: an
+    /// existing bitmap's, else 64K].
+    #[arg(long, value_parser = parse_size)]
+    disk_granularity: Option<u64>,
+    /// diskio: bytes per write (4K to 1M, a power of two; init only).
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    io_size: u64,
+    /// Disk write rate in bytes/s (K/M/G; 0 = as fast as the disks take it; init only).
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size)]
+    io_rate: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -115,25 +136,50 @@ struct VerifyArgs {
     /// Guest memory file to check (mapped privately; the file is not changed).
     #[arg(long, value_name = "PATH")]
     memory_file: PathBuf,
+    /// The guest's disks, in order: every block checked against the ledgers in memory.
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
 }
 
-fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
-    ImageWorkloadKind::from_name(s).ok_or_else(|| {
+fn parse_kind(s: &str) -> Result<(ImageWorkloadKind, Option<DiskWorkloadKind>), String> {
+    workload_by_name(s).ok_or_else(|| {
         let names: Vec<_> = ImageWorkloadKind::ALL.iter().map(|k| k.name()).collect();
-        format!("unknown workload {s:?} (one of {})", names.join(", "))
+        format!(
+            "unknown workload {s:?} (one of {}, diskio)",
+            names.join(", ")
+        )
     })
 }
 
-fn guest_config(a: RunArgs) -> ProcessGuestConfig {
+fn guest_config(a: RunArgs) -> Result<ProcessGuestConfig, String> {
+    let (kind, disk_kind) = a.workload;
+    let diskio = disk_kind == Some(DiskWorkloadKind::Diskio);
     let rate = match (a.rate, a.dirty_rate) {
         (Some(r), _) => Some(r),
-        (None, Some(bytes)) => Some((bytes / a.workload.block_size()).max(1)),
+        (None, Some(bytes)) => Some((bytes / kind.block_size()).max(1)),
         (None, None) => None,
+    };
+    let disk_kind = disk_kind.filter(|_| !a.resume && !a.disks.is_empty());
+    if diskio && a.disks.is_empty() && !a.resume {
+        return Err("--workload diskio needs at least one --disk".into());
+    }
+    let disks = GuestDisks {
+        paths: a.disks,
+        create_size: a.disk_size,
+        granularity: a.disk_granularity,
+        workload: disk_kind.map(|kind| DiskParams {
+            kind,
+            io_size: a.io_size,
+            io_rate: a.io_rate.unwrap_or(DEFAULT_IO_RATE),
+            seed: a
+                .seed
+                .unwrap_or(WorkloadParams::new(ImageWorkloadKind::Idle).seed),
+        }),
     };
     let start = if a.resume {
         StartMode::Resume
     } else {
-        let mut p = WorkloadParams::new(a.workload);
+        let mut p = WorkloadParams::new(kind);
         if let Some(active) = a.active {
             p.active_percent = active;
         }
@@ -144,7 +190,7 @@ fn guest_config(a: RunArgs) -> ProcessGuestConfig {
         p.rate = rate.unwrap_or(0);
         StartMode::Init(p)
     };
-    ProcessGuestConfig {
+    Ok(ProcessGuestConfig {
         memory: match a.memory_file {
             Some(p) if !a.memfd => MemorySource::File(p),
             _ => MemorySource::Memfd,
@@ -155,14 +201,21 @@ fn guest_config(a: RunArgs) -> ProcessGuestConfig {
         duration: a.duration,
         control_stdin: a.control_stdin,
         track_writes: !a.no_track,
-    }
+        disks,
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Guest(GuestCommand::Run(args)) => {
-            let cfg = guest_config(args);
+            let cfg = match guest_config(*args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("vmstream guest run: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             match vmstream::guest::file::run(&cfg, &mut std::io::stdout().lock()) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -171,23 +224,35 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Guest(GuestCommand::Verify(args)) => match verify_file(&args.memory_file) {
-            Ok(r) => {
-                println!(
-                    "ok kind={} blocks={} active={} tx={} replayed_journal={}",
-                    r.kind.name(),
-                    r.blocks,
-                    r.active_blocks,
-                    r.tx_count,
-                    r.replayed_journal
-                );
-                ExitCode::SUCCESS
+        Command::Guest(GuestCommand::Verify(args)) => {
+            match verify_guest(&args.memory_file, &args.disks) {
+                Ok((r, disks)) => {
+                    println!(
+                        "ok kind={} blocks={} active={} tx={} replayed_journal={}",
+                        r.kind.name(),
+                        r.blocks,
+                        r.active_blocks,
+                        r.tx_count,
+                        r.replayed_journal
+                    );
+                    if let Some(d) = disks {
+                        println!(
+                        "ok disks={} disk_workload={} written_blocks={} writes={} checkpoints={}",
+                        d.disks,
+                        d.kind.name(),
+                        d.written_blocks,
+                        d.writes,
+                        d.checkpoints
+                    );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmstream guest verify: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("vmstream guest verify: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Send(args) => vmstream::cli::run_send(&args),
         Command::Recv(args) => vmstream::cli::run_recv(&args),
         Command::Plot(args) => vmstream::cli::plot::run(&args),

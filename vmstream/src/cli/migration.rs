@@ -14,8 +14,11 @@ use clap::{Args, ValueEnum};
 
 use crate::cli::notices::printer;
 use crate::converge::policy::OnTimeout;
+use crate::guest::file::disks::area::DiskWorkloadKind;
+use crate::guest::file::disks::{workload_by_name, DiskParams, GuestDisks, DEFAULT_IO_RATE};
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
+use crate::guest::file::workload::WorkloadParams;
 use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
 use crate::guest::qemu::{QemuAfter, QemuSpec};
@@ -103,6 +106,20 @@ pub struct SendArgs {
     /// Migrate a running guest vmstream did not start (it writes --memory-file).
     #[arg(long, conflicts_with = "kvm")]
     pub pid: Option<u32>,
+    /// A disk of the started guest: a raw image file (up to 16, in order; created with
+    /// --disk-size if missing). --workload dbsim runs its disk mode on them, diskio writes
+    /// only them. (Their migration is not built yet: send refuses disks for now.)
+    #[arg(long = "disk", value_name = "PATH", conflicts_with_all = ["kvm", "pid"])]
+    pub disks: Vec<PathBuf>,
+    /// Size of each disk of the started guest that does not exist yet (K/M/G).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
+    /// diskio: bytes per write of the started guest (4K to 1M, a power of two).
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    pub io_size: u64,
+    /// Disk write rate of the started guest in bytes/s (K/M/G; 0 = unlimited) [default: 4M].
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size)]
+    pub io_rate: Option<u64>,
     /// Dirty tracking: uffd-wp (default for started guests) or hash (default with --pid).
     #[arg(long, value_parser = parse_tracking, conflicts_with = "kvm")]
     pub dirty_tracking: Option<DirtyTracking>,
@@ -291,10 +308,6 @@ pub struct RecvArgs {
     pub qemu_start: QemuStartArg,
 }
 
-fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
-    ImageWorkloadKind::from_name(s).ok_or_else(|| format!("unknown workload {s:?}"))
-}
-
 fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
     match s {
         "uffd-wp" | "uffd" => Ok(DirtyTracking::UffdWp),
@@ -320,6 +333,37 @@ fn parse_bw(s: &str) -> Result<u64, String> {
 }
 
 impl SendArgs {
+    /// The memory workload and the disks of the guest to start.
+    fn started_guest_workload(&self) -> Result<(ImageWorkloadKind, GuestDisks), String> {
+        let (kind, disk_kind) = workload_by_name(&self.workload)
+            .ok_or_else(|| format!("unknown workload {:?}", self.workload))?;
+        if disk_kind == Some(DiskWorkloadKind::Diskio) && self.disks.is_empty() {
+            return Err("--workload diskio needs at least one --disk".into());
+        }
+        let disks = GuestDisks {
+            paths: self.disks.clone(),
+            create_size: self.disk_size,
+            workload: disk_kind
+                .filter(|_| !self.disks.is_empty())
+                .map(|kind| DiskParams {
+                    kind,
+                    io_size: self.io_size,
+                    io_rate: self.io_rate.unwrap_or(DEFAULT_IO_RATE),
+                    seed: WorkloadParams::new(ImageWorkloadKind::Idle).seed,
+                }),
+            ..GuestDisks::default()
+        };
+        if !disks.paths.is_empty() {
+            // The guest side is built (vmstream guest run --disk); moving disks is not.
+            return Err(
+                "disk migration is not built yet: run the guest with its disks through \
+                        `vmstream guest run --disk` for now"
+                    .into(),
+            );
+        }
+        Ok((kind, disks))
+    }
+
     /// The configuration these arguments describe.
     pub fn to_config(&self) -> Result<SendConfig, String> {
         let memory_file = || {
@@ -351,14 +395,18 @@ impl SendArgs {
                 path: memory_file()?,
                 pid,
             },
-            (None, Some(size)) => GuestSpec::Spawn {
-                path: memory_file()?,
-                size,
-                workload: parse_kind(&self.workload)?,
-                rate: self.rate,
-                active: self.active,
-                guest_exe: None,
-            },
+            (None, Some(size)) => {
+                let (workload, disks) = self.started_guest_workload()?;
+                GuestSpec::Spawn {
+                    path: memory_file()?,
+                    size,
+                    workload,
+                    rate: self.rate,
+                    active: self.active,
+                    guest_exe: None,
+                    disks,
+                }
+            }
             (None, None) => return Err("--size is required without --pid".into()),
         };
         let compression = parse_compression(&self.compress, self.compress_level)?;

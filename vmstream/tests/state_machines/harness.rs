@@ -97,6 +97,7 @@ impl Guest {
             rate: Some(2000),
             active: None,
             guest_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_vmstream"))),
+            disks: Default::default(),
         };
         let guest = Guest(open_guest(&spec, None, &Notices::default()).expect("start the guest"));
         std::thread::sleep(Duration::from_millis(200));

@@ -32,6 +32,7 @@ fn guest(dir: &Dir, tracking: DirtyTracking) -> (Guest, GuestSpec) {
         rate: Some(2000),
         active: Some(50),
         guest_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_vmstream"))),
+        disks: Default::default(),
     };
     let g = open_guest(&spec, Some(tracking), &Notices::default()).expect("start the guest");
     std::thread::sleep(std::time::Duration::from_millis(200));

@@ -11,6 +11,7 @@
 //! - `count` -> `tx=COUNT`;
 //! - `exit` (or end of input): stop the guest.
 
+pub mod disks;
 pub mod layout;
 pub mod source;
 pub mod throttle;
@@ -25,7 +26,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::guest::file::layout::ImageWorkloadKind;
+use crate::disk::block::{open_disks, Disk, DiskError};
+use crate::guest::file::disks::area::SB_DISK_AREA;
+use crate::guest::file::disks::verify::verify_disks;
+use crate::guest::file::disks::workload::{initial_writes, DiskWorkload};
+use crate::guest::file::disks::{DiskSetupError, GuestDisks};
+use crate::guest::file::layout::{get_u64, ImageWorkloadKind};
 use crate::guest::file::verify::{verify_snapshot, ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::workload::{format, Workload, WorkloadError, WorkloadParams};
 use crate::memory::{open_owned, own_open_file, GuestMemory, MapMode, MemoryError, OwnError};
@@ -66,6 +72,9 @@ pub struct ProcessGuestConfig {
     pub control_stdin: bool,
     /// Arm userfaultfd async write-protect so senders can use the uffd-wp tracker.
     pub track_writes: bool,
+    /// The guest's disks (none by default): a fresh guest lays its disk area out for
+    /// them, a resumed one verifies them against its memory first.
+    pub disks: GuestDisks,
 }
 
 /// Errors of the guest process.
@@ -92,6 +101,12 @@ pub enum GuestError {
     /// Another guest process runs on the memory file.
     #[error("{0} is in use by another running guest")]
     InUse(PathBuf),
+    /// The disks could not be set up, or disagree with memory on resume.
+    #[error(transparent)]
+    Disks(#[from] DiskSetupError),
+    /// A disk write failed.
+    #[error(transparent)]
+    DiskWrite(#[from] DiskError),
 }
 
 /// The line a guest prints once it runs with tracking armed:
@@ -164,8 +179,8 @@ pub fn run(cfg: &ProcessGuestConfig, out: &mut dyn Write) -> Result<GuestSummary
         MemorySource::File(p) => Some(own_memory_file(p, matches!(cfg.start, StartMode::Init(_)))?),
         MemorySource::Memfd => None,
     };
-    let (mem, resumed_from) = open_memory(cfg, owner.as_ref())?;
-    run_mapped(mem, resumed_from, cfg, out)
+    let (mem, resumed_from, disks) = open_memory(cfg, owner.as_ref())?;
+    run_mapped(mem, resumed_from, disks, cfg, out)
 }
 
 /// Continues the workload in `mem`, mapped and already recovered and verified by the
@@ -177,7 +192,7 @@ pub fn run_verified(
     cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
-    run_mapped(mem, Some(report), cfg, out)
+    run_mapped(mem, Some(report), None, cfg, out)
 }
 
 /// Continues the workload in `mem` without reading all of it first (attaching recovers the
@@ -188,12 +203,15 @@ pub fn run_unverified(
     cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
-    run_mapped(mem, None, cfg, out)
+    run_mapped(mem, None, None, cfg, out)
 }
 
+/// Runs the guest; `fresh_disks` are the disks of a guest formatted just now (their
+/// initial contents still to write), else `cfg.disks` are opened and verified here.
 fn run_mapped(
     mut mem: GuestMemory,
     resumed_from: Option<ImageVerifyReport>,
+    fresh_disks: Option<Vec<Disk>>,
     cfg: &ProcessGuestConfig,
     out: &mut dyn Write,
 ) -> Result<GuestSummary, GuestError> {
@@ -207,7 +225,32 @@ fn run_mapped(
     } else {
         None
     };
-    let mut w = Workload::attach(mem.as_mut_slice())?;
+    let fresh = fresh_disks.is_some();
+    let disks = match fresh_disks {
+        Some(d) => Some(d),
+        None => resumed_disks(mem.as_mut_slice(), &cfg.disks)?,
+    };
+    let slice = mem.as_mut_slice();
+    let at = get_u64(slice, SB_DISK_AREA) as usize;
+    let (wmem, area) = match at {
+        0 => (slice, None),
+        at => {
+            let (w, a) = slice.split_at_mut(at);
+            (w, Some(a))
+        }
+    };
+    let mut dw = match (area, disks) {
+        (Some(area), Some(disks)) => {
+            let mut d = DiskWorkload::attach(area, disks, wmem)
+                .map_err(|e| DiskSetupError::Layout(format!("disk area: {e}")))?;
+            if fresh {
+                initial_writes(&mut d, wmem)?;
+            }
+            Some(d)
+        }
+        _ => None,
+    };
+    let mut w = Workload::attach(wmem)?;
     if let Some(rate) = cfg.rate {
         w.set_rate(rate);
     }
@@ -222,7 +265,10 @@ fn run_mapped(
     writeln!(out, "{ready}")?;
     out.flush()?;
     let control = cfg.control_stdin.then(spawn_stdin_reader);
-    run_loop(&mut w, cfg.duration, control.as_ref(), out)?;
+    run_loop(&mut w, dw.as_mut(), cfg.duration, control.as_ref(), out)?;
+    if let Some(d) = dw.as_mut() {
+        d.finish()?;
+    }
     let tx_count = w.tx_count();
     writeln!(out, "done tx={tx_count}")?;
     out.flush()?;
@@ -232,12 +278,13 @@ fn run_mapped(
     })
 }
 
+/// Mapped guest memory, its verify report (resume) and the disks of a guest formatted
+/// just now (init with disks).
+type OpenedMemory = (GuestMemory, Option<ImageVerifyReport>, Option<Vec<Disk>>);
+
 /// Maps the guest's memory: a file through `owner`, the handle its lock is on (the path is
 /// not opened again: what it names may have changed since).
-fn open_memory(
-    cfg: &ProcessGuestConfig,
-    owner: Option<&File>,
-) -> Result<(GuestMemory, Option<ImageVerifyReport>), GuestError> {
+fn open_memory(cfg: &ProcessGuestConfig, owner: Option<&File>) -> Result<OpenedMemory, GuestError> {
     let handle = |p: &std::path::Path| {
         owner
             .expect("a memory file is owned")
@@ -253,8 +300,25 @@ fn open_memory(
                 MemorySource::File(p) => GuestMemory::create_from(handle(p)?, p.clone(), size)?,
                 MemorySource::Memfd => GuestMemory::memfd("vmstream-guest", size)?,
             };
-            format(mem.as_mut_slice(), params)?;
-            Ok((mem, None))
+            let planned = match (&cfg.disks.workload, cfg.disks.paths.is_empty()) {
+                (_, true) => None,
+                (Some(p), false) => Some(disks::plan(&cfg.disks, p, size)?),
+                (None, false) => {
+                    return Err(GuestError::Config(format!(
+                        "the {} workload writes no disks",
+                        params.kind.name()
+                    )))
+                }
+            };
+            let at = planned.as_ref().map_or(mem.len(), |p| p.1);
+            format(&mut mem.as_mut_slice()[..at], params)?;
+            match planned {
+                Some((disks, at, head)) => {
+                    disks::format_area(mem.as_mut_slice(), at, &head)?;
+                    Ok((mem, None, Some(disks)))
+                }
+                None => Ok((mem, None, None)),
+            }
         }
         StartMode::Resume => {
             let MemorySource::File(p) = &cfg.memory else {
@@ -268,9 +332,20 @@ fn open_memory(
                 None => mem,
             };
             let report = verify_snapshot(mem.as_mut_slice())?;
-            Ok((mem, Some(report)))
+            Ok((mem, Some(report), None))
         }
     }
+}
+
+/// The disks of a guest resumed on `mem` (recovered and verified memory): opened, and
+/// verified against it; `None` for a guest without disks.
+fn resumed_disks(mem: &[u8], g: &GuestDisks) -> Result<Option<Vec<Disk>>, GuestError> {
+    let has_area = get_u64(mem, SB_DISK_AREA) != 0;
+    if !has_area && g.paths.is_empty() {
+        return Ok(None);
+    }
+    verify_disks(mem, &g.paths).map_err(DiskSetupError::from)?;
+    Ok(Some(open_disks(&g.paths, None, g.granularity)?))
 }
 
 enum Command {
@@ -305,7 +380,12 @@ fn spawn_stdin_reader() -> Receiver<Command> {
 }
 
 /// Handle one command; returns false on exit.
-fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result<bool> {
+fn handle(
+    w: &mut Workload<'_>,
+    mut disks: Option<&mut DiskWorkload<'_>>,
+    cmd: Command,
+    out: &mut dyn Write,
+) -> io::Result<bool> {
     match cmd {
         Command::Tx(b) => {
             let sb = w.superblock();
@@ -328,7 +408,7 @@ fn handle(w: &mut Workload<'_>, cmd: Command, out: &mut dyn Write) -> io::Result
         }
         Command::Step(n) => {
             for _ in 0..n {
-                w.step();
+                step(w, disks.as_deref_mut());
             }
             writeln!(out, "ok tx={}", w.tx_count())?;
         }
@@ -384,6 +464,7 @@ fn survive_hangup() -> io::Result<()> {
 /// registered them (a resumed guest).
 fn run_loop(
     w: &mut Workload<'_>,
+    mut disks: Option<&mut DiskWorkload<'_>>,
     duration: Option<Duration>,
     control: Option<&Receiver<Command>>,
     out: &mut dyn Write,
@@ -397,7 +478,7 @@ fn run_loop(
             loop {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        if !handle(w, cmd, out)? {
+                        if !handle(w, disks.as_deref_mut(), cmd, out)? {
                             return Ok(());
                         }
                     }
@@ -411,13 +492,17 @@ fn run_loop(
         {
             return Ok(());
         }
+        if let Some(d) = disks.as_deref_mut() {
+            d.pump(w.memory()).map_err(io::Error::other)?;
+        }
         let rate = w.rate();
         if idle {
-            let nap = Duration::from_millis(20);
+            // A disk workload is paced by its pump: wake often enough to keep its rate.
+            let nap = Duration::from_millis(if disks.is_some() { 1 } else { 20 });
             match control {
                 Some(rx) => match rx.recv_timeout(nap) {
                     Ok(cmd) => {
-                        if !handle(w, cmd, out)? {
+                        if !handle(w, disks.as_deref_mut(), cmd, out)? {
                             return Ok(());
                         }
                     }
@@ -430,7 +515,7 @@ fn run_loop(
         }
         if rate == 0 {
             for _ in 0..64 {
-                w.step();
+                step(w, disks.as_deref_mut());
             }
             continue;
         }
@@ -442,12 +527,21 @@ fn run_loop(
                 continue;
             }
             for _ in 0..lag.min(64) {
-                w.step();
+                step(w, disks.as_deref_mut());
                 done += 1;
             }
         } else {
             let next = Duration::from_secs_f64(1.0 / rate as f64);
             std::thread::sleep(next.min(Duration::from_millis(1)));
+        }
+    }
+}
+
+/// One workload transaction, told to the disk workload (dbsim's buffer pool and log).
+fn step(w: &mut Workload<'_>, disks: Option<&mut DiskWorkload<'_>>) {
+    if w.step().is_some() {
+        if let Some(d) = disks {
+            d.after_tx(w.memory());
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::guest::file::disks::GuestDisks;
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::throttle::Throttle;
 use crate::guest::file::ReadyLine;
@@ -47,6 +48,8 @@ pub enum GuestSpec {
         /// The `vmstream` executable that runs it (None: this process's own; a test
         /// process names the real binary).
         guest_exe: Option<PathBuf>,
+        /// Its disks (none by default) and their workload.
+        disks: GuestDisks,
     },
     /// A running process that writes the memory file.
     Attach {
@@ -131,26 +134,36 @@ impl std::fmt::Debug for SourceGuest {
     }
 }
 
+/// Starts the guest `spec` (a [`GuestSpec::Spawn`]) and reads its ready line.
 fn spawn_guest(
-    exe: Option<&Path>,
-    path: &Path,
-    size: u64,
-    workload: ImageWorkloadKind,
-    rate: Option<u64>,
-    active: Option<u8>,
+    spec: &GuestSpec,
     notices: &Notices,
 ) -> Result<(Child, BufReader<ChildStdout>, ReadyLine), GuestControlError> {
+    let GuestSpec::Spawn {
+        path,
+        size,
+        workload,
+        rate,
+        active,
+        guest_exe: exe,
+        disks,
+    } = spec
+    else {
+        return Err(GuestControlError::Config("not a guest to start".into()));
+    };
     let exe = match exe {
         Some(exe) => exe.to_path_buf(),
         None => std::env::current_exe().map_err(GuestControlError::Spawn)?,
     };
     let mut cmd = Command::new(exe);
+    let (workload, disk_args) = disks.run_args(*workload);
     cmd.args(["guest", "run", "--memory-file"]).arg(path).args([
         "--size",
         &size.to_string(),
         "--workload",
-        workload.name(),
+        workload,
     ]);
+    cmd.args(disk_args);
     if let Some(r) = rate {
         cmd.args(["--rate", &r.to_string()]);
     }
@@ -219,23 +232,8 @@ impl SourceGuest {
         notices: &Notices,
     ) -> Result<SourceGuest, GuestControlError> {
         let (pid, child, stdout, ready, path) = match spec {
-            GuestSpec::Spawn {
-                path,
-                size,
-                workload,
-                rate,
-                active,
-                guest_exe,
-            } => {
-                let (child, out, ready) = spawn_guest(
-                    guest_exe.as_deref(),
-                    path,
-                    *size,
-                    *workload,
-                    *rate,
-                    *active,
-                    notices,
-                )?;
+            GuestSpec::Spawn { path, .. } => {
+                let (child, out, ready) = spawn_guest(spec, notices)?;
                 (
                     child.id(),
                     Some(child),

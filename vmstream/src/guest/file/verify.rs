@@ -178,7 +178,15 @@ impl Superblock {
             journal_seq: get_u64(mem, sb::JOURNAL_SEQ),
         };
         let bad = |what: String| Err(ImageVerifyError::Superblock(what));
-        if s.memory_size != memory_len as u64 {
+        // A guest with disks keeps their ledgers after its workload's memory (the disk
+        // area, `disks::area`): the workload's size is then the area's offset.
+        let disk_area = get_u64(mem, crate::guest::file::disks::area::SB_DISK_AREA);
+        let workload_len = if disk_area == 0 {
+            memory_len as u64
+        } else {
+            disk_area
+        };
+        if s.memory_size != workload_len || workload_len > memory_len as u64 {
             return bad(format!(
                 "memory size {} but image is {}",
                 s.memory_size, memory_len
@@ -286,7 +294,7 @@ pub fn verify_sparse(
         data,
     )?;
     let tail = g.block_offset(g.block_count);
-    check_zero(&mem[tail..], tail as u64, None, data)?;
+    check_zero(&mem[tail..g.memory_size as usize], tail as u64, None, data)?;
     let expected = s.active_blocks.wrapping_add(s.tx_count);
     if ledger_sum != expected {
         return Err(ImageVerifyError::Counter {

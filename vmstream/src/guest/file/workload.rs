@@ -254,6 +254,11 @@ impl<'m> Workload<'m> {
         &self.sb
     }
 
+    /// The memory it runs in (read-only: a disk workload copies blocks out of it).
+    pub fn memory(&self) -> &[u8] {
+        self.mem
+    }
+
     /// The geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo

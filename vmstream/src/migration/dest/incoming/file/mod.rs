@@ -261,6 +261,7 @@ fn start_guest(
         duration: run_for,
         control_stdin: false,
         track_writes: false,
+        disks: Default::default(),
     };
     // Held while the guest runs, as a guest process holds its own: taken on the committed
     // file itself (its name is not looked up again).
