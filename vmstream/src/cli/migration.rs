@@ -18,7 +18,10 @@ use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
-use crate::migration::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
+use crate::migration::config::{
+    encoder_config, parse_compression, DiskMode, DiskSchedule, DiskSettings, DiskTracking,
+    RecvConfig, SendConfig,
+};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::dest::{
     check_config, listen, receive_on, run_resumed, RecvReport, ResumedRun,
@@ -183,6 +186,51 @@ pub struct SendArgs {
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
+    /// A disk of the guest (a raw image file, a multiple of 4 KiB), migrated with its
+    /// memory; repeat for more (at most 16), in the order recv names them.
+    #[arg(long = "disk", value_name = "PATH")]
+    pub disks: Vec<PathBuf>,
+    /// Dirty-tracking granule of the disks: a power of two from 4K to 1M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
+    pub disk_granularity: u64,
+    /// How the disks' dirty granules are found: hash (per-page content hashes: any
+    /// writer; the default for now) or builtin (the block layer's bitmap; not built yet).
+    #[arg(long, value_enum)]
+    pub disk_tracking: Option<DiskTrackingArg>,
+    /// How disks and memory share the link: slices (the disks' bulk copy first, memory
+    /// iterated after) or parallel (side by side, QEMU's way).
+    #[arg(long, value_enum, default_value = "slices")]
+    pub disk_schedule: DiskScheduleArg,
+    /// iterate (resend dirty granules round by round) or mirror (not built yet).
+    #[arg(long, value_enum, default_value = "iterate")]
+    pub disk_mode: DiskModeArg,
+}
+
+/// `--disk-tracking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskTrackingArg {
+    /// The block layer's dirty bitmap.
+    Builtin,
+    /// Content hashes of the disk file.
+    Hash,
+}
+
+/// `--disk-schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskScheduleArg {
+    /// Disk bulk copy first, then memory.
+    Slices,
+    /// Side by side.
+    Parallel,
+}
+
+/// `--disk-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskModeArg {
+    /// Dirty rounds.
+    Iterate,
+    /// Write-through mirroring.
+    Mirror,
 }
 
 /// Arguments of `vmstream recv`.
@@ -232,6 +280,10 @@ pub struct RecvArgs {
     /// otherwise: anyone who can reach it can write a guest image here).
     #[arg(long)]
     pub insecure: bool,
+    /// Where each of the source's disks goes (same order as send's --disk; committed
+    /// together with the memory, or none is).
+    #[arg(long = "disk", value_name = "PATH")]
+    pub disks: Vec<PathBuf>,
 }
 
 fn parse_kind(s: &str) -> Result<ImageWorkloadKind, String> {
@@ -327,6 +379,22 @@ impl SendArgs {
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.verify = self.verify;
         cfg.insecure = self.insecure;
+        cfg.disks = self.disks.clone();
+        cfg.disk_settings = DiskSettings {
+            granularity: self.disk_granularity,
+            tracking: match self.disk_tracking {
+                Some(DiskTrackingArg::Builtin) => DiskTracking::Builtin,
+                Some(DiskTrackingArg::Hash) | None => DiskTracking::Hash,
+            },
+            schedule: match self.disk_schedule {
+                DiskScheduleArg::Slices => DiskSchedule::Slices,
+                DiskScheduleArg::Parallel => DiskSchedule::Parallel,
+            },
+            mode: match self.disk_mode {
+                DiskModeArg::Iterate => DiskMode::Iterate,
+                DiskModeArg::Mirror => DiskMode::Mirror,
+            },
+        };
         #[cfg(feature = "fault-injection")]
         {
             cfg.faults = crate::cli::fault_env::source_faults()?;
@@ -351,6 +419,7 @@ impl RecvArgs {
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.insecure = self.insecure;
+        cfg.disks = self.disks.clone();
         check_config(&cfg).map_err(|e| match e {
             RecvError::Image(ImageError::Unusable { path, why }) => {
                 format!("--memory-file {}: {why}", path.display())

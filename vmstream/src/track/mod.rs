@@ -9,6 +9,8 @@
 //! - [`KvmDirtyTracker`] (`kvm`): KVM's dirty log of a guest this process runs, in one of
 //!   its three modes (bitmap, manual clear, per-vCPU rings).
 //!
+//! Disks have their own seam, [`DiskTracker`] (`disk`): dirty granules rather than pages.
+//!
 //! What the sender does with a tracker each round: [`DirtyTracker::collect`] the dirty
 //! pages; for every page it sends, in ascending order, call [`DirtyTracker::before_read`]
 //! before the page's contents are read (a tracker that re-arms lazily re-arms there); and,
@@ -16,6 +18,7 @@
 //! [`DirtyTracker::page_sent`]. Tracking thus restarts for a page before the page is read:
 //! a write racing with the read shows up again in the next round, never gets lost.
 
+pub mod disk;
 pub mod hash;
 pub mod kvm;
 pub mod uffd;
@@ -24,6 +27,7 @@ pub mod uffd_wp;
 use std::io;
 use std::time::Duration;
 
+pub use disk::{DiskTracker, HashDiskTracker};
 pub use hash::HashTracker;
 pub use kvm::KvmDirtyTracker;
 pub use uffd_wp::UffdWpTracker;

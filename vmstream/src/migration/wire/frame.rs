@@ -5,8 +5,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, Resumed, RoundAck,
-    RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    DiskDigests, Disks, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
+    Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -30,6 +30,8 @@ pub enum FrameType {
     AuthChallenge = 0x05,
     /// Source -> destination: its proof of the key.
     AuthProof = 0x06,
+    /// Source -> destination: the disks that travel with the guest (after the `Hello`).
+    Disks = 0x07,
     /// Source -> destination: one codec packet, verbatim.
     Packet = 0x10,
     /// Source -> destination: end of a round.
@@ -52,19 +54,22 @@ pub enum FrameType {
     MemoryHandover = 0x26,
     /// Source -> destination: its memory at the pause compared with what it sent.
     Audit = 0x27,
+    /// Source -> destination: each disk's digest at the pause (after the `Digest`).
+    DiskDigests = 0x28,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 20] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
         FrameType::AuthHello,
         FrameType::AuthChallenge,
         FrameType::AuthProof,
+        FrameType::Disks,
         FrameType::Packet,
         FrameType::RoundEnd,
         FrameType::RoundAck,
@@ -76,6 +81,7 @@ impl FrameType {
         FrameType::Handover,
         FrameType::MemoryHandover,
         FrameType::Audit,
+        FrameType::DiskDigests,
         FrameType::Abort,
     ];
 
@@ -94,6 +100,7 @@ impl FrameType {
             FrameType::AuthHello => AuthHello::LEN,
             FrameType::AuthChallenge => AuthChallenge::LEN,
             FrameType::AuthProof => AuthProof::LEN,
+            FrameType::Disks => Disks::FIXED_LEN + 8 * super::MAX_DISKS,
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -104,6 +111,7 @@ impl FrameType {
             FrameType::Handover => Handover::LEN,
             FrameType::MemoryHandover => MemoryHandover::LEN,
             FrameType::Audit => Audit::FIXED_LEN + 8 * Audit::MAX_PAGES,
+            FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -118,6 +126,7 @@ impl FrameType {
             FrameType::AuthHello => "auth-hello",
             FrameType::AuthChallenge => "auth-challenge",
             FrameType::AuthProof => "auth-proof",
+            FrameType::Disks => "disks",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",
@@ -129,6 +138,7 @@ impl FrameType {
             FrameType::Handover => "handover",
             FrameType::MemoryHandover => "memory-handover",
             FrameType::Audit => "audit",
+            FrameType::DiskDigests => "disk-digests",
             FrameType::Abort => "abort",
         }
     }

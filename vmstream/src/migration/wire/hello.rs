@@ -178,6 +178,8 @@ pub enum RefuseCode {
     Channel = 8,
     /// Authentication: the peers' keys differ, or only one side has a key.
     Auth = 9,
+    /// Disks: their count or a size differs from the destination's `--disk`s.
+    Disks = 10,
 }
 
 impl RefuseCode {
@@ -185,6 +187,7 @@ impl RefuseCode {
         use RefuseCode::*;
         [
             None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel, Auth,
+            Disks,
         ]
         .into_iter()
         .find(|c| *c as u8 == tag)

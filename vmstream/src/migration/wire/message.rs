@@ -3,8 +3,9 @@
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
-    Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello,
+    HelloReply, MemoryHandover, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN,
+    FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -42,6 +43,10 @@ pub enum Message {
     MemoryHandover(MemoryHandover),
     /// See [`Audit`].
     Audit(Audit),
+    /// See [`Disks`].
+    Disks(Disks),
+    /// See [`DiskDigests`].
+    DiskDigests(DiskDigests),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -66,6 +71,8 @@ impl Message {
             Message::Handover(_) => FrameType::Handover,
             Message::MemoryHandover(_) => FrameType::MemoryHandover,
             Message::Audit(_) => FrameType::Audit,
+            Message::Disks(_) => FrameType::Disks,
+            Message::DiskDigests(_) => FrameType::DiskDigests,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -90,6 +97,8 @@ impl Message {
             Message::Handover(m) => m.encode(&mut out),
             Message::MemoryHandover(m) => m.encode(&mut out),
             Message::Audit(m) => m.encode(&mut out),
+            Message::Disks(m) => m.encode(&mut out),
+            Message::DiskDigests(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -136,6 +145,8 @@ impl Message {
             FrameType::Handover => Message::Handover(Handover::decode(body)?),
             FrameType::MemoryHandover => Message::MemoryHandover(MemoryHandover::decode(body)?),
             FrameType::Audit => Message::Audit(Audit::decode(body)?),
+            FrameType::Disks => Message::Disks(Disks::decode(body)?),
+            FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

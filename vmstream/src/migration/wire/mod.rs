@@ -14,6 +14,7 @@
 //! - `hello`: the handshake, [`Hello`] and [`HelloReply`] ([`GuestKind`], [`DeltaWire`],
 //!   [`RefuseCode`]);
 //! - `channel`: [`ChannelHello`], which opens each parallel channel;
+//! - `disk`: the disks that travel with the guest, [`Disks`] and [`DiskDigests`];
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
 //!   [`CommitReply`];
@@ -25,6 +26,7 @@ mod abort;
 mod auth;
 mod channel;
 mod commit;
+mod disk;
 mod fields;
 mod frame;
 mod hello;
@@ -42,6 +44,7 @@ pub use commit::{
     CommitReply, CommitStatus, Digest, DigestSource, GuestState, MemoryHandover,
     DIGEST_PAGE_HASHES, MAX_GUEST_STATE_LEN,
 };
+pub use disk::{DiskDigests, Disks, MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
@@ -53,7 +56,7 @@ pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED};
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest human-readable reason carried in a refusal or abort.
 pub const MAX_REASON_LEN: usize = 1024;
 
@@ -70,6 +73,12 @@ pub const FEATURE_CHANNELS: u64 = 1 << 2;
 /// descriptor ([`MemoryHandover`], unix sockets only, `send --handover`). Destinations
 /// without it refuse the bit at the hello (unknown feature).
 pub const FEATURE_HANDOVER: u64 = 1 << 3;
+/// Feature bit: disks travel with the guest ([`Disks`] follows the `Hello`, their pages
+/// follow guest memory's in the codec's page numbers, [`DiskDigests`] follows the `Digest`).
+pub const FEATURE_DISKS: u64 = 1 << 4;
 /// Every feature bit this version knows.
-pub const KNOWN_FEATURES: u64 =
-    FEATURE_DELTA_PAGES | FEATURE_MEMORY_DIGEST | FEATURE_CHANNELS | FEATURE_HANDOVER;
+pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
+    | FEATURE_MEMORY_DIGEST
+    | FEATURE_CHANNELS
+    | FEATURE_HANDOVER
+    | FEATURE_DISKS;
