@@ -35,14 +35,36 @@ pub fn page_hash(page: &[u8]) -> u128 {
     twox_hash::XxHash3_128::oneshot(page)
 }
 
+/// Domain of a disk's digest: the memory digest's definition over the disk's pages.
+const DISK_DOMAIN: &[u8] = b"vmstream disk digest v1: BLAKE3 over XXH3-128 of each page";
+
 /// The digest of a memory whose page hashes are `hashes`, in page order.
 pub fn digest_of_page_hashes(
     page_size: usize,
     guest_size: u64,
     hashes: impl IntoIterator<Item = u128>,
 ) -> [u8; 32] {
+    root_of_page_hashes(DOMAIN, page_size, guest_size, hashes)
+}
+
+/// The digest of a disk of `disk_size` bytes whose page hashes are `hashes`, in page order
+/// (`PROTOCOL.md`, *Disks*).
+pub fn disk_digest(
+    page_size: usize,
+    disk_size: u64,
+    hashes: impl IntoIterator<Item = u128>,
+) -> [u8; 32] {
+    root_of_page_hashes(DISK_DOMAIN, page_size, disk_size, hashes)
+}
+
+fn root_of_page_hashes(
+    domain: &[u8],
+    page_size: usize,
+    guest_size: u64,
+    hashes: impl IntoIterator<Item = u128>,
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    h.update(DOMAIN);
+    h.update(domain);
     h.update(&(page_size as u64).to_le_bytes());
     h.update(&guest_size.to_le_bytes());
     // Batch the 16-byte hashes so BLAKE3 sees long inputs (its SIMD needs them).
@@ -122,6 +144,11 @@ impl PageHashes {
         }
     }
 
+    /// The hashes of `pages`, in order (a disk's, when disk pages follow memory's).
+    pub fn range(&self, pages: std::ops::Range<u64>) -> impl Iterator<Item = u128> + '_ {
+        pages.map(|p| self.get(p))
+    }
+
     /// The hash of a zero page of this size.
     pub fn zero_page_hash(&self) -> u128 {
         page_hash(&vec![0u8; self.page_size])
@@ -134,8 +161,14 @@ impl PageHashes {
 
     /// The digest of the memory these hashes describe.
     pub fn digest(&self) -> [u8; 32] {
-        let pages = self.words.len() / 2;
-        let mut words = self.words.iter();
+        self.digest_first(self.words.len() as u64 / 2)
+    }
+
+    /// The digest of the memory made of the first `pages` pages (guest memory, when disk
+    /// pages follow it).
+    pub fn digest_first(&self, pages: u64) -> [u8; 32] {
+        let pages = (pages as usize).min(self.words.len() / 2);
+        let mut words = self.words.iter().take(pages * 2);
         let hashes = std::iter::from_fn(|| {
             let lo = words.next()?;
             let hi = words.next()?;

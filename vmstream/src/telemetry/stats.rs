@@ -246,6 +246,9 @@ pub struct MigrationStats {
     pub codec: PipelineStats,
     /// Guest TPS, throttle, rounds and downtime over time (source; `vmstream plot`).
     pub timeline: Option<Timeline>,
+    /// Each disk migrated with the memory, in `--disk` order.
+    #[serde(default)]
+    pub disks: Vec<crate::telemetry::disk::DiskStats>,
 }
 
 impl MigrationStats {
@@ -275,6 +278,7 @@ impl MigrationStats {
             per_round: Vec::new(),
             codec: PipelineStats::default(),
             timeline: None,
+            disks: Vec::new(),
         }
     }
 
@@ -607,6 +611,7 @@ mod tests {
         "cpu.sys_ms",
         "cpu.user_ms",
         "digest",
+        "disks",
         "downtime_ms",
         "error",
         "guest_bytes",

@@ -45,8 +45,8 @@ pub trait DiskTracker: Send {
         let _ = (first, data);
     }
 
-    /// Bytes the guest wrote to the disk since the previous call, if the tracker counts
-    /// writes (the block layer does); `None` if it only sees changed content.
+    /// Bytes the guest wrote to the disk since the previous call, if the tracker knows:
+    /// the block layer counts writes; a content tracker counts the pages it saw change.
     fn take_written_bytes(&mut self) -> Option<u64> {
         None
     }
@@ -79,6 +79,8 @@ pub struct HashDiskTracker {
     pages: HashTracker,
     size: u64,
     granularity: u64,
+    /// Bytes of the pages seen changed since `take_written_bytes`.
+    changed: u64,
 }
 
 impl HashDiskTracker {
@@ -91,6 +93,7 @@ impl HashDiskTracker {
             pages,
             size,
             granularity,
+            changed: 0,
         })
     }
 
@@ -114,7 +117,13 @@ impl DiskTracker for HashDiskTracker {
 
     fn collect(&mut self) -> io::Result<Vec<Range<u64>>> {
         let pages = self.pages.collect()?;
+        self.changed += pages.len() as u64 * PAGE_SIZE as u64;
         Ok(granule_runs(&pages, self.pages_per_granule()))
+    }
+
+    /// The dirty data observed: pages whose content changed between collections.
+    fn take_written_bytes(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.changed))
     }
 
     fn granules_sent(&mut self, first: u64, data: &[u8]) {

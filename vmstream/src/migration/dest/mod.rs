@@ -5,7 +5,9 @@
 //! Its per-page tables are [`lazy_words`]: sized from the guest size the source claims, they
 //! cost memory only as pages arrive.
 
+mod disks;
 mod handover;
+mod hello;
 pub mod incoming;
 pub mod lazy_words;
 mod listen;
