@@ -249,3 +249,63 @@ pub(super) fn check_disk_targets(cfg: &RecvConfig) -> Result<(), RecvError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_are_refused_on_a_count_or_an_existing_targets_size() {
+        let dir = std::env::temp_dir().join(format!("vmstream-dest-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        std::fs::File::create(&b).unwrap().set_len(8192).unwrap();
+        let disks = |sizes: Vec<u64>| Disks {
+            granularity: 4096,
+            sizes,
+        };
+        let targets = [a.clone(), b.clone()];
+        assert_eq!(refusal(&targets, Some(&disks(vec![4096, 8192]))), None);
+        let r = refusal(&targets, Some(&disks(vec![4096]))).unwrap();
+        assert!(
+            r.starts_with("disk count mismatch: the source sends 1 disk(s)"),
+            "{r}"
+        );
+        let r = refusal(&targets, None).unwrap();
+        assert!(
+            r.contains("sends 0 disk(s), this destination receives 2"),
+            "{r}"
+        );
+        let r = refusal(&targets, Some(&disks(vec![4096, 4096]))).unwrap();
+        assert!(
+            r.starts_with("disk size mismatch: the source's disk 1 has 4096 bytes"),
+            "{r}"
+        );
+        assert_eq!(refusal(&[], None), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn disk_targets_named_twice_or_as_the_memory_file_are_refused() {
+        let dir = std::env::temp_dir();
+        let mut cfg = RecvConfig::new("127.0.0.1:0", dir.join("mem.img"));
+        cfg.disks = vec![dir.join("d0.img"), dir.join("d1.img")];
+        assert!(check_disk_targets(&cfg).is_ok());
+        cfg.disks.push(dir.join("d0.img"));
+        assert!(matches!(
+            check_disk_targets(&cfg),
+            Err(RecvError::Config(_))
+        ));
+        cfg.disks = vec![dir.join("mem.img")];
+        assert!(matches!(
+            check_disk_targets(&cfg),
+            Err(RecvError::Config(_))
+        ));
+        cfg.disks = vec![dir.join("d0.img")];
+        cfg.memory_file = None;
+        assert!(matches!(
+            check_disk_targets(&cfg),
+            Err(RecvError::Config(_))
+        ));
+    }
+}
