@@ -164,28 +164,23 @@ fn disk_receiver(dir: &TmpDir, disks: &[PathBuf]) -> (Proc, u16) {
 /// writer stopped. Provable because the writer stops 800 ms after the guest starts, while
 /// the disks' 8 MiB of data alone take two seconds at the 4 MB/s link: the source's final
 /// collect, after the pause, comes after the last write.
-fn external_writer_disks_migrate(schedule: &str) {
+fn external_writer_disks_migrate(schedule: &str, more: &[&str]) {
     let _g = serial();
     let dir = TmpDir::new(&format!("disks-{schedule}"));
     let disks = source_disks(&dir);
     let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
     let (mut recv, port) = disk_receiver(&dir, &targets);
     let stats = dir.path("send.json");
-    let mut send = disk_sender(
-        &dir,
-        port,
-        &disks,
-        "4M",
-        &[
-            "--disk-schedule",
-            schedule,
-            "--disk-granularity",
-            "16K",
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut extra = vec![
+        "--disk-schedule",
+        schedule,
+        "--disk-granularity",
+        "16K",
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ];
+    extra.extend_from_slice(more);
+    let mut send = disk_sender(&dir, port, &disks, "4M", &extra, &[]);
     let _guest = KillPid(guest_pid(&mut send));
     let writer = Writer::start(&disks, Duration::from_millis(800));
     let writes = writer.join();
@@ -243,12 +238,13 @@ fn external_writer_disks_migrate(schedule: &str) {
 
 #[test]
 fn disks_an_external_process_writes_migrate_with_time_slices() {
-    external_writer_disks_migrate("slices");
+    external_writer_disks_migrate("slices", &[]);
 }
 
 #[test]
-fn disks_an_external_process_writes_migrate_in_parallel_with_memory() {
-    external_writer_disks_migrate("parallel");
+fn disks_an_external_process_writes_migrate_in_parallel_with_memory_on_two_channels() {
+    // Disk pages are striped over the channels like memory's.
+    external_writer_disks_migrate("parallel", &["--channels", "2"]);
 }
 
 /// A refused migration: the sender fails, the receiver says `reason`, the source guest
