@@ -355,6 +355,38 @@ fn a_corrupted_disk_granule_on_the_wire_is_refused_and_nothing_is_committed() {
 }
 
 #[test]
+fn a_disk_digest_mismatch_commits_no_image_and_the_source_runs_on() {
+    let _g = serial();
+    let dir = TmpDir::new("disk-digest");
+    let disks = source_disks(&dir);
+    let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
+    let (mut recv, port) = disk_receiver(&dir, &targets);
+    // The second disk's digest arrives flipped: memory's and the first disk's match.
+    let mut send = disk_sender(
+        &dir,
+        port,
+        &disks,
+        "1G",
+        &[],
+        &[("VMSTREAM_TEST_CORRUPT_DISK_DIGEST", "1")],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1), "recv: {}", recv.stderr());
+    assert!(
+        recv.stderr().contains("digest mismatch") && recv.stderr().contains("disk 1"),
+        "recv: {}",
+        recv.stderr()
+    );
+    assert!(send.stderr().contains("disk 1"), "send: {}", send.stderr());
+    assert_source_guest_runs(&dir.path("src.img"));
+    std::fs::remove_file(dir.path("recv.json")).unwrap();
+    assert_eq!(dir.entries(), ["disk1.img", "disk2.img", "src.img"]);
+}
+
+#[test]
 fn a_receiver_killed_during_the_disk_phase_commits_nothing_and_the_source_runs_on() {
     let _g = serial();
     let dir = TmpDir::new("disk-kill");

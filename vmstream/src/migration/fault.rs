@@ -52,6 +52,9 @@ pub struct SourceFaults {
     /// Bytes appended to the guest state blob after the pause: a file-backed guest's
     /// state, empty on the wire, then carries a blob the destination must refuse.
     pub pad_guest_state: Vec<u8>,
+    /// A byte of this disk's digest (`DiskDigests`) is flipped after the pause: the
+    /// destination must refuse the commit (digest mismatch) and commit no image.
+    pub corrupt_disk_digest: Option<usize>,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
@@ -158,6 +161,7 @@ mod tests {
             corrupt_guest_state_at: Some(2),
             missed_write: None,
             pad_guest_state: vec![9],
+            corrupt_disk_digest: None,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);

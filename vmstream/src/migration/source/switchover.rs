@@ -122,7 +122,15 @@ impl Source<'_> {
         }))?;
         // Each disk's digest of what was sent (its final granules are queued by now).
         if let Some(d) = self.io.disks.as_mut() {
-            let digests = d.digests();
+            let mut digests = d.digests();
+            if let Some(slot) = self
+                .cfg
+                .faults
+                .corrupt_disk_digest
+                .and_then(|i| digests.digests.get_mut(i))
+            {
+                slot[0] ^= 1;
+            }
             self.io
                 .channels
                 .send_message(&Message::DiskDigests(digests))?;
