@@ -665,6 +665,7 @@ impl Dest<'_> {
         // The committed PATH, or the handed-over memory's own descriptor.
         let target = memory.path().to_path_buf();
         let resumed = if self.cfg.resume {
+            guest.committed_disks(&self.cfg.disks);
             match guest.resume(memory, &target, self.cfg.run_for) {
                 Ok(r) => Some(r),
                 Err(e) => {

@@ -42,9 +42,12 @@ impl Source<'_> {
             // Hook for disk write QoS (issue 20): when these rounds stop shrinking, the
             // block layer's tracker may cap the guest's writes
             // (`DiskTracker::limit_writes`); the hash tracker's writer cannot be capped.
+            // Past --timeout memory's rounds begin, and the policy decides there.
+            let late = self.cfg.timeout.is_some_and(|t| self.start.elapsed() >= t);
             if pending == 0
                 || pending.saturating_mul(2) > previous
                 || round >= MAX_DISK_SLICE_ROUNDS
+                || late
             {
                 break;
             }
