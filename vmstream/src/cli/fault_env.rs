@@ -13,6 +13,9 @@ pub const CORRUPT_ENV: &str = "VMSTREAM_TEST_CORRUPT_AT";
 /// [`EXIT_CRASHED_AFTER_COMMIT`](super::migration::EXIT_CRASHED_AFTER_COMMIT).
 pub const CRASH_AFTER_COMMIT_ENV: &str = "VMSTREAM_TEST_CRASH_AFTER_COMMIT";
 
+/// `DISK`: the sender flips a byte of that disk's digest (`DiskDigests`) after the pause.
+pub const CORRUPT_DISK_DIGEST_ENV: &str = "VMSTREAM_TEST_CORRUPT_DISK_DIGEST";
+
 /// `OFFSET`: the sender flips that byte of a KVM guest's state blob.
 pub const CORRUPT_STATE_ENV: &str = "VMSTREAM_TEST_CORRUPT_STATE_AT";
 
@@ -49,6 +52,13 @@ pub fn source_faults() -> Result<SourceFaults, String> {
             v.trim()
                 .parse()
                 .map_err(|_| format!("{CORRUPT_STATE_ENV}={v:?}: expected OFFSET"))?,
+        );
+    }
+    if let Some(v) = var(CORRUPT_DISK_DIGEST_ENV) {
+        faults.corrupt_disk_digest = Some(
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{CORRUPT_DISK_DIGEST_ENV}={v:?}: expected DISK"))?,
         );
     }
     if let Some(v) = var(MISSED_WRITE_ENV) {

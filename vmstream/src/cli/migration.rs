@@ -22,7 +22,10 @@ use crate::guest::file::workload::WorkloadParams;
 use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
 use crate::guest::qemu::{QemuAfter, QemuSpec};
-use crate::migration::config::{encoder_config, parse_compression, RecvConfig, SendConfig};
+use crate::migration::config::{
+    encoder_config, parse_compression, DiskMode, DiskSchedule, DiskSettings, DiskTracking,
+    RecvConfig, SendConfig,
+};
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::dest::{
     check_config, listen, receive_on, run_resumed, QemuLaunch, RecvReport, ResumedRun,
@@ -106,10 +109,11 @@ pub struct SendArgs {
     /// Migrate a running guest vmstream did not start (it writes --memory-file).
     #[arg(long, conflicts_with = "kvm")]
     pub pid: Option<u32>,
-    /// A disk of the started guest: a raw image file (up to 16, in order; created with
-    /// --disk-size if missing). --workload dbsim runs its disk mode on them, diskio writes
-    /// only them. (Their migration is not built yet: send refuses disks for now.)
-    #[arg(long = "disk", value_name = "PATH", conflicts_with_all = ["kvm", "pid"])]
+    /// A disk of the guest (a raw image file, a multiple of 4 KiB), migrated with its
+    /// memory; repeat for more (at most 16), in the order recv names them. A guest send
+    /// starts writes them (created with --disk-size if missing): --workload dbsim runs its
+    /// disk mode on them, diskio writes only them.
+    #[arg(long = "disk", value_name = "PATH", conflicts_with = "kvm")]
     pub disks: Vec<PathBuf>,
     /// Size of each disk of the started guest that does not exist yet (K/M/G).
     #[arg(long, value_parser = parse_size)]
@@ -243,6 +247,47 @@ pub struct SendArgs {
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
+    /// Dirty-tracking granule of the disks: a power of two from 4K to 1M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
+    pub disk_granularity: u64,
+    /// How the disks' dirty granules are found: hash (per-page content hashes: any
+    /// writer; the default for now) or builtin (the block layer's bitmap; not built yet).
+    #[arg(long, value_enum)]
+    pub disk_tracking: Option<DiskTrackingArg>,
+    /// How disks and memory share the link: slices (the disks' bulk copy first, memory
+    /// iterated after) or parallel (side by side, QEMU's way).
+    #[arg(long, value_enum, default_value = "slices")]
+    pub disk_schedule: DiskScheduleArg,
+    /// iterate (resend dirty granules round by round) or mirror (not built yet).
+    #[arg(long, value_enum, default_value = "iterate")]
+    pub disk_mode: DiskModeArg,
+}
+
+/// `--disk-tracking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskTrackingArg {
+    /// The block layer's dirty bitmap.
+    Builtin,
+    /// Content hashes of the disk file.
+    Hash,
+}
+
+/// `--disk-schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskScheduleArg {
+    /// Disk bulk copy first, then memory.
+    Slices,
+    /// Side by side.
+    Parallel,
+}
+
+/// `--disk-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskModeArg {
+    /// Dirty rounds.
+    Iterate,
+    /// Write-through mirroring.
+    Mirror,
 }
 
 /// Arguments of `vmstream recv`.
@@ -306,6 +351,10 @@ pub struct RecvArgs {
     /// paused (for the operator's QMP cont).
     #[arg(long, value_enum, default_value = "running", requires = "qemu")]
     pub qemu_start: QemuStartArg,
+    /// Where each of the source's disks goes (same order as send's --disk; committed
+    /// together with the memory, or none is).
+    #[arg(long = "disk", value_name = "PATH")]
+    pub disks: Vec<PathBuf>,
 }
 
 fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
@@ -354,10 +403,11 @@ impl SendArgs {
             ..GuestDisks::default()
         };
         if !disks.paths.is_empty() {
-            // The guest side is built (vmstream guest run --disk); moving disks is not.
+            // Both halves are built (the guest's block layer, the disks' migration with hash
+            // tracking); starting a guest and migrating its disks in one send is not wired.
             return Err(
-                "disk migration is not built yet: run the guest with its disks through \
-                        `vmstream guest run --disk` for now"
+                "migrating the disks of a guest send starts is not wired yet: start it with \
+                 `vmstream guest run --disk ...` and migrate it with `send --pid PID --disk ...`"
                     .into(),
             );
         }
@@ -443,6 +493,22 @@ impl SendArgs {
         cfg.postcopy_bandwidth = self.postcopy_bandwidth;
         cfg.postcopy_recover_timeout = self.postcopy_recover_timeout;
         cfg.insecure = self.insecure;
+        cfg.disks = self.disks.clone();
+        cfg.disk_settings = DiskSettings {
+            granularity: self.disk_granularity,
+            tracking: match self.disk_tracking {
+                Some(DiskTrackingArg::Builtin) => DiskTracking::Builtin,
+                Some(DiskTrackingArg::Hash) | None => DiskTracking::Hash,
+            },
+            schedule: match self.disk_schedule {
+                DiskScheduleArg::Slices => DiskSchedule::Slices,
+                DiskScheduleArg::Parallel => DiskSchedule::Parallel,
+            },
+            mode: match self.disk_mode {
+                DiskModeArg::Iterate => DiskMode::Iterate,
+                DiskModeArg::Mirror => DiskMode::Mirror,
+            },
+        };
         #[cfg(feature = "fault-injection")]
         {
             cfg.faults = crate::cli::fault_env::source_faults()?;
@@ -476,6 +542,7 @@ impl RecvArgs {
         cfg.io_timeout = self.io_timeout;
         cfg.auth_key = read_key(self.auth_key_file.as_deref())?;
         cfg.insecure = self.insecure;
+        cfg.disks = self.disks.clone();
         check_config(&cfg).map_err(|e| match e {
             RecvError::Image(ImageError::Unusable { path, why }) => {
                 format!("--memory-file {}: {why}", path.display())

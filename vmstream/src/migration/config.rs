@@ -57,6 +57,108 @@ impl PostcopyMode {
     }
 }
 
+/// How the dirty granules of a migrated disk are found (`--disk-tracking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskTracking {
+    /// The block layer's dirty bitmap, shared with the guest that writes through it.
+    Builtin,
+    /// Per-page content hashes of the disk file (any writer; `track::HashDiskTracker`).
+    Hash,
+}
+
+/// How disk and memory share the link (`--disk-schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskSchedule {
+    /// The disks' bulk copy (and their dirty rounds while they shrink) first, memory not
+    /// iterated meanwhile; then memory and the disks' dirty granules round by round.
+    Slices,
+    /// Memory's and the disks' rounds side by side from round 0 (QEMU's way).
+    Parallel,
+}
+
+/// What happens to guest writes after a disk's bulk copy (`--disk-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskMode {
+    /// Dirty granules are resent round by round.
+    Iterate,
+    /// Every write is also sent to the destination before it completes (not yet built).
+    Mirror,
+}
+
+/// The default dirty granule of a disk (`--disk-granularity`).
+pub const DEFAULT_DISK_GRANULARITY: u64 = 64 << 10;
+
+/// How the source migrates its disks.
+#[derive(Debug, Clone)]
+pub struct DiskSettings {
+    /// Dirty granule in bytes: a power of two in 4 KiB..=1 MiB.
+    pub granularity: u64,
+    /// How dirty granules are found.
+    pub tracking: DiskTracking,
+    /// How disk and memory share the link.
+    pub schedule: DiskSchedule,
+    /// Iterate or mirror.
+    pub mode: DiskMode,
+}
+
+impl Default for DiskSettings {
+    fn default() -> Self {
+        DiskSettings {
+            granularity: DEFAULT_DISK_GRANULARITY,
+            tracking: DiskTracking::Hash,
+            schedule: DiskSchedule::Slices,
+            mode: DiskMode::Iterate,
+        }
+    }
+}
+
+impl DiskSettings {
+    /// Refuses what this build cannot do with `disks`, before anything starts.
+    pub fn check(&self, disks: &[PathBuf]) -> Result<(), String> {
+        use crate::migration::wire::{MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
+        let g = self.granularity;
+        if !g.is_power_of_two() || !(MIN_DISK_GRANULARITY..=MAX_DISK_GRANULARITY).contains(&g) {
+            return Err(format!(
+                "--disk-granularity {g}: must be a power of two from 4 KiB to 1 MiB \
+                 (4096 to 1048576 bytes)"
+            ));
+        }
+        if disks.len() > MAX_DISKS {
+            return Err(format!("{} --disk given: at most {MAX_DISKS}", disks.len()));
+        }
+        if disks.is_empty() {
+            return Ok(());
+        }
+        if self.tracking == DiskTracking::Builtin {
+            return Err(
+                "--disk-tracking builtin: this build has no block layer for the \
+                 guest to write its disks through yet; use --disk-tracking hash"
+                    .into(),
+            );
+        }
+        if self.mode == DiskMode::Mirror {
+            return Err(
+                "--disk-mode mirror is not implemented yet; use --disk-mode iterate".into(),
+            );
+        }
+        for d in disks {
+            let len = std::fs::metadata(d)
+                .map_err(|e| format!("--disk {}: {e}", d.display()))?
+                .len();
+            if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+                return Err(format!(
+                    "--disk {}: its size {len} is not a non-zero multiple of {PAGE_SIZE} bytes",
+                    d.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything `vmstream send` needs.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -120,6 +222,10 @@ pub struct SendConfig {
     /// guest keeps running. Checked between pages until the guest is paused for the final
     /// round; from there the migration runs to its end (a few hundred ms).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The guest's disks, migrated with its memory (`--disk`, in order).
+    pub disks: Vec<PathBuf>,
+    /// How the disks are migrated.
+    pub disk_settings: DiskSettings,
     /// Faults to inject, for tests (default: none).
     pub faults: SourceFaults,
     /// Where the migration's notices go (warnings, notes, progress; the KVM guest's
@@ -177,6 +283,8 @@ impl SendConfig {
             postcopy_recover_timeout: Duration::from_secs(60),
             insecure: false,
             cancel: None,
+            disks: Vec::new(),
+            disk_settings: DiskSettings::default(),
             faults: SourceFaults::default(),
             notices: Notices::default(),
         }
@@ -205,6 +313,10 @@ impl SendConfig {
         };
         if self.io_timeout.is_zero() {
             return Err("--io-timeout must be above 0".into());
+        }
+        self.disk_settings.check(&self.disks)?;
+        if self.handover && !self.disks.is_empty() {
+            return Err("--handover moves memory only; --disk needs a copying migration".into());
         }
         if self.pause_timeout.is_some_and(|t| t.is_zero()) {
             return Err("--pause-timeout must be above 0".into());
@@ -369,6 +481,8 @@ pub struct RecvConfig {
     /// source's final digest is read it fails with [`crate::migration::error::RecvError::Interrupted`]
     /// (nothing committed, the source told); after that the commit completes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where the committed disks go (`--disk`, in the source's order).
+    pub disks: Vec<PathBuf>,
     /// Faults to inject, for tests (default: none).
     pub faults: DestFaults,
     /// Where the receive's notices go (connections, warnings, `listening on`, the
@@ -406,6 +520,7 @@ impl RecvConfig {
             auth_key: None,
             insecure: false,
             cancel: None,
+            disks: Vec::new(),
             faults: DestFaults::default(),
             notices: Notices::default(),
             qemu: None,

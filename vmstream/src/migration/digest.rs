@@ -45,14 +45,15 @@ fn group_hash(hashes: &[u128]) -> u128 {
     twox_hash::XxHash3_128::oneshot(&bytes[..hashes.len() * 16])
 }
 
-/// The digest over the group hashes of a memory of `guest_size` bytes.
+/// The digest under `domain` over the group hashes of a memory of `guest_size` bytes.
 fn digest_of_group_hashes(
+    domain: &[u8],
     page_size: usize,
     guest_size: u64,
     groups: impl IntoIterator<Item = u128>,
 ) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    h.update(DOMAIN);
+    h.update(domain);
     h.update(&(page_size as u64).to_le_bytes());
     h.update(&guest_size.to_le_bytes());
     // Batch the 16-byte hashes so BLAKE3 sees long inputs (its SIMD needs them).
@@ -74,10 +75,33 @@ pub fn page_hash(page: &[u8]) -> u128 {
     twox_hash::XxHash3_128::oneshot(page)
 }
 
+/// Domain of a disk's digest: the memory digest's definition over the disk's pages.
+const DISK_DOMAIN: &[u8] = b"vmstream disk digest v2: BLAKE3 over XXH3-128 of 64 page hashes";
+
 /// The digest of a memory whose page hashes are `hashes`, in page order.
 pub fn digest_of_page_hashes(
     page_size: usize,
     guest_size: u64,
+    hashes: impl IntoIterator<Item = u128>,
+) -> [u8; 32] {
+    grouped_root(DOMAIN, page_size, guest_size, hashes)
+}
+
+/// The digest of a disk of `disk_size` bytes whose page hashes are `hashes`, in page order
+/// (`PROTOCOL.md`, *Disks*): grouped as memory's, under its own domain.
+pub fn disk_digest(
+    page_size: usize,
+    disk_size: u64,
+    hashes: impl IntoIterator<Item = u128>,
+) -> [u8; 32] {
+    grouped_root(DISK_DOMAIN, page_size, disk_size, hashes)
+}
+
+/// The root over the group hashes of `hashes` (groups of [`DIGEST_GROUP_PAGES`]).
+fn grouped_root(
+    domain: &[u8],
+    page_size: usize,
+    size: u64,
     hashes: impl IntoIterator<Item = u128>,
 ) -> [u8; 32] {
     let mut hashes = hashes.into_iter();
@@ -87,7 +111,7 @@ pub fn digest_of_page_hashes(
         group.extend(hashes.by_ref().take(DIGEST_GROUP_PAGES));
         (!group.is_empty()).then(|| group_hash(&group))
     });
-    digest_of_group_hashes(page_size, guest_size, groups)
+    digest_of_group_hashes(domain, page_size, size, groups)
 }
 
 /// The digest of `memory` (a whole number of `page_size` pages), hashed on every core.
@@ -184,6 +208,11 @@ impl PageHashes {
         }
     }
 
+    /// The hashes of `pages`, in order (a disk's, when disk pages follow memory's).
+    pub fn range(&self, pages: std::ops::Range<u64>) -> impl Iterator<Item = u128> + '_ {
+        pages.map(|p| self.get(p))
+    }
+
     /// The hash of a zero page of this size.
     pub fn zero_page_hash(&self) -> u128 {
         page_hash(&vec![0u8; self.page_size])
@@ -225,15 +254,34 @@ impl PageHashes {
     /// The digest of the memory these hashes describe (hashing only the groups whose pages
     /// changed since the last refresh).
     pub fn digest(&self) -> [u8; 32] {
+        self.digest_first(self.words.len() as u64 / 2)
+    }
+
+    /// The digest of the memory made of the first `pages` pages (guest memory, when disk
+    /// pages follow it): from the cached groups when `pages` ends a group (guest sizes are
+    /// multiples of 256 KiB), else from the page hashes.
+    pub fn digest_first(&self, pages: u64) -> [u8; 32] {
+        let all = self.words.len() / 2;
+        let pages = (pages as usize).min(all);
+        let size = (pages * self.page_size) as u64;
+        if pages != all && !pages.is_multiple_of(DIGEST_GROUP_PAGES) {
+            return digest_of_page_hashes(
+                self.page_size,
+                size,
+                (0..pages as u64).map(|p| self.get(p)),
+            );
+        }
         self.refresh();
-        let pages = self.words.len() / 2;
-        let mut words = self.groups.iter();
+        let mut words = self
+            .groups
+            .iter()
+            .take(pages.div_ceil(DIGEST_GROUP_PAGES) * 2);
         let groups = std::iter::from_fn(|| {
             let lo = words.next()?;
             let hi = words.next()?;
             Some(u128::from(lo) | (u128::from(hi) << 64))
         });
-        digest_of_group_hashes(self.page_size, (pages * self.page_size) as u64, groups)
+        digest_of_group_hashes(DOMAIN, self.page_size, size, groups)
     }
 }
 

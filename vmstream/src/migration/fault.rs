@@ -59,6 +59,9 @@ pub struct SourceFaults {
     /// Post-copy: once this many pages were sent in the post-copy phase, the source cuts
     /// its connection (both directions, once), as a dropped link would.
     pub drop_postcopy_link_after: Option<u64>,
+    /// A byte of this disk's digest (`DiskDigests`) is flipped after the pause: the
+    /// destination must refuse the commit (digest mismatch) and commit no image.
+    pub corrupt_disk_digest: Option<usize>,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its
@@ -167,6 +170,7 @@ mod tests {
             pad_guest_state: vec![9],
             corrupt_postcopy_page: None,
             drop_postcopy_link_after: None,
+            corrupt_disk_digest: None,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);

@@ -9,6 +9,8 @@
 //! - [`KvmDirtyTracker`] (`kvm`): KVM's dirty log of a guest this process runs, in one of
 //!   its three modes (bitmap, manual clear, per-vCPU rings).
 //!
+//! Disks have their own seam, [`DiskTracker`] (`disk`): dirty granules rather than pages.
+//!
 //! What the sender does with a tracker each round: [`DirtyTracker::collect`] the dirty
 //! pages; for every page it sends, in ascending order, call [`DirtyTracker::before_read`]
 //! before the page's contents are read (a tracker that re-arms lazily re-arms there); and,
@@ -19,6 +21,7 @@
 //! [`uffd_missing`] is not a tracker: it is the userfaultfd MISSING mode a post-copy
 //! destination places the guest's owed pages with.
 
+pub mod disk;
 pub mod hash;
 pub mod kvm;
 pub mod uffd;
@@ -28,6 +31,7 @@ pub mod uffd_wp;
 use std::io;
 use std::time::Duration;
 
+pub use disk::{DiskTracker, HashDiskTracker};
 pub use hash::HashTracker;
 pub use kvm::KvmDirtyTracker;
 pub use uffd_wp::UffdWpTracker;

@@ -547,7 +547,7 @@ fn send_refuses_disks_until_they_migrate() {
     };
     let (code, _, err) = send(&["--workload", "diskio", "--disk", &d, "--disk-size", "4M"]);
     assert_eq!(code, 2);
-    assert!(err.contains("disk migration is not built yet"), "{err}");
+    assert!(err.contains("is not wired yet"), "{err}");
     assert!(!Path::new(&d).exists() && !Path::new(&m).exists());
     let (code, _, err) = send(&["--workload", "diskio"]);
     assert_eq!(code, 2);

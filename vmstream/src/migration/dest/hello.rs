@@ -6,7 +6,8 @@ use crate::migration::dest::incoming::IncomingGuest;
 use crate::migration::dest::machine::Dest;
 use crate::migration::error::RecvError;
 use crate::migration::wire::{
-    Hello, HelloReply, Message, RefuseCode, FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY, KNOWN_FEATURES,
+    Hello, HelloReply, Message, RefuseCode, FEATURE_DISKS, FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY,
+    KNOWN_FEATURES,
 };
 
 impl Dest<'_> {
@@ -78,6 +79,12 @@ impl Dest<'_> {
                      ({set_by})",
                     h.guest_size
                 ),
+            ));
+        }
+        if h.features & FEATURE_POSTCOPY != 0 && h.features & FEATURE_DISKS != 0 {
+            return Some((
+                RefuseCode::Features,
+                "post-copy does not move disks (yet): migrate disks with pre-copy".into(),
             ));
         }
         if h.features & FEATURE_POSTCOPY != 0 {

@@ -84,6 +84,7 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
             )));
         }
     }
+    super::disks::check_disk_targets(cfg)?;
     if let Some(target) = &cfg.memory_file {
         check_target(target)?;
     } else if !cfg.resume {
@@ -105,6 +106,8 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
 pub struct Listening {
     /// The target's claim (None without `--memory-file`).
     claim: Option<Reservation>,
+    /// The disk targets' claims (`--disk`).
+    disk_claims: Vec<Reservation>,
     listener: Listener,
     local: Endpoint,
 }
@@ -128,7 +131,12 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
         .as_ref()
         .map(|target| Reservation::claim(target, &cfg.notices))
         .transpose()?;
-    for stale in claim.iter().flat_map(Reservation::removed) {
+    let disk_claims = super::disks::claim_disks(cfg)?;
+    for stale in claim
+        .iter()
+        .chain(&disk_claims)
+        .flat_map(Reservation::removed)
+    {
         cfg.notices.info(format!(
             "removed {}, left by a receiver that no longer runs",
             stale.display()
@@ -153,6 +161,7 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     });
     Ok(Listening {
         claim,
+        disk_claims,
         listener,
         local,
     })
@@ -168,6 +177,7 @@ pub(super) fn receive_into(
 ) -> Result<Received, RecvError> {
     let Listening {
         claim,
+        disk_claims,
         listener,
         local,
     } = listening;
@@ -196,7 +206,7 @@ pub(super) fn receive_into(
         .map(|flag| InterruptWatch::start(flag.clone(), source.reader.get_ref()))
         .transpose()
         .map_err(RecvError::Socket)?;
-    machine::receive_from(cfg, source, claim, admissions, stats)
+    machine::receive_from(cfg, source, claim, disk_claims, admissions, stats)
 }
 
 /// Ends a receive that is waiting for the source once `RecvConfig::cancel` is set: shuts

@@ -20,6 +20,7 @@ use crate::migration::config::RecvConfig;
 use crate::migration::connect::admission::{Admissions, Opening};
 use crate::migration::connect::auth::Admission;
 use crate::migration::connect::channels::{no_migration, DestChannels};
+use crate::migration::dest::disks::DestDisks;
 use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
@@ -121,6 +122,10 @@ pub(super) struct Dest<'a> {
     pub(super) claim: Option<Reservation>,
     /// The memory a handover passed, kept open while its guest runs (`Received`).
     pub(super) handed_over: Option<std::fs::File>,
+    /// The claimed disk targets (`recv --disk`), until the handshake sizes their images.
+    pub(super) disk_claims: Vec<Reservation>,
+    /// The disks being received (`super::disks`).
+    pub(super) disks: Option<DestDisks>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
@@ -130,6 +135,7 @@ pub(in crate::migration::dest) fn receive_from(
     cfg: &RecvConfig,
     source: Opening,
     claim: Option<Reservation>,
+    disk_claims: Vec<Reservation>,
     admissions: Admissions,
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
@@ -142,6 +148,8 @@ pub(in crate::migration::dest) fn receive_from(
         opening: Some(source.admission),
         claim,
         handed_over: None,
+        disk_claims,
+        disks: None,
         channels,
         stats,
         start: Instant::now(),
@@ -251,6 +259,7 @@ impl Dest<'_> {
                     guest,
                 } => match self.reader.read_frame()? {
                     Frame::Control(Message::Digest(digest)) => {
+                        self.read_disk_digests()?;
                         self.stats.settings.source_tx_at_pause = Some(state.tx_count);
                         DestState::Committing {
                             image,
@@ -340,6 +349,8 @@ impl Dest<'_> {
             }
             None
         };
+        // The disks: refused here on a mismatch, before any image is sized.
+        self.handshake_disks(&hello)?;
         let image = match self
             .claim
             .take()
@@ -393,10 +404,11 @@ impl Dest<'_> {
     ) -> Result<DestState, RecvError> {
         // Destination memory is written only by the codec's workers: each keeps the hash
         // of the pages it applies current, so the digest at the pause only hashes the list.
-        let hashes = std::sync::Arc::new(PageHashes::zeroed(
-            hello.guest_size / PAGE_SIZE as u64,
-            PAGE_SIZE,
-        ));
+        // Disk pages follow memory's: one span of all the images (`super::disks`).
+        let memory_pages = hello.guest_size / PAGE_SIZE as u64;
+        let mut span = self.disks.as_ref().map(|d| d.span(&image)).transpose()?;
+        let disk_pages = self.disks.as_ref().map_or(0, |d| d.pages());
+        let hashes = std::sync::Arc::new(PageHashes::zeroed(memory_pages + disk_pages, PAGE_SIZE));
         // With --resume, the workload's verify of the received image runs mostly during the
         // rounds (`dest/verify.rs`), off the downtime.
         let touched = std::sync::Arc::new(TouchedPages::new(hello.guest_size / PAGE_SIZE as u64));
@@ -419,13 +431,16 @@ impl Dest<'_> {
             // A fresh sparse file: zero pages need not be written, whole pages are written
             // to the file in runs (not faulted in one at a time through the mapping).
             zeroed_memory: true,
-            memory_file: image.file()?,
+            // (its whole pages written to the file: memory's only, not the span's)
+            memory_file: if span.is_some() { None } else { image.file()? },
             page_observer: Some({
                 let hashes = std::sync::Arc::clone(&hashes);
                 let touched = std::sync::Arc::clone(&touched);
                 std::sync::Arc::new(move |page, content: &[u8]| {
                     hashes.update(page, content);
-                    touched.mark(page);
+                    if page < memory_pages {
+                        touched.mark(page);
+                    }
                 })
             }),
             ..ReceiverConfig::default()
@@ -436,25 +451,26 @@ impl Dest<'_> {
         let writer = &mut self.writer;
         let mut converged = true;
         let mut rounds = 0u64;
-        let result = receive(
-            &config,
-            image.memory_mut(),
-            |rx| -> Result<PipelineStats, RecvError> {
-                loop {
-                    match frames.next_frame()? {
-                        (ch, Frame::Packet(p)) => {
-                            frames.packet(ch)?;
-                            rx.submit(p)?
-                        }
-                        (ch, Frame::Control(Message::RoundEnd(end))) => {
-                            // The round ends once it ended on every channel.
-                            let Some(end) = frames.round_end(ch, end)? else {
-                                continue;
-                            };
-                            let t = Instant::now();
-                            let st = rx.end_round(end.round)?;
-                            if st.pages() != end.records || st.packets != end.packets {
-                                return Err(RecvError::Protocol(format!(
+        let memory = match &mut span {
+            Some(span) => span.as_mut_slice(),
+            None => image.memory_mut(),
+        };
+        let result = receive(&config, memory, |rx| -> Result<PipelineStats, RecvError> {
+            loop {
+                match frames.next_frame()? {
+                    (ch, Frame::Packet(p)) => {
+                        frames.packet(ch)?;
+                        rx.submit(p)?
+                    }
+                    (ch, Frame::Control(Message::RoundEnd(end))) => {
+                        // The round ends once it ended on every channel.
+                        let Some(end) = frames.round_end(ch, end)? else {
+                            continue;
+                        };
+                        let t = Instant::now();
+                        let st = rx.end_round(end.round)?;
+                        if st.pages() != end.records || st.packets != end.packets {
+                            return Err(RecvError::Protocol(format!(
                                 "round {}: applied {} records in {} packets, source sent {} in {}",
                                 end.round,
                                 st.pages(),
@@ -462,33 +478,32 @@ impl Dest<'_> {
                                 end.records,
                                 end.packets
                             )));
-                            }
-                            writer
-                                .write_message(&Message::RoundAck(RoundAck {
-                                    round: end.round,
-                                    records: st.pages(),
-                                    packets: st.packets,
-                                    barrier_ns: t.elapsed().as_nanos() as u64,
-                                }))
-                                .map_err(TransportError::Io)?;
-                            rounds += 1;
-                            if !end.is_final() {
-                                guest.round_applied();
-                                // The digest's group hashes, between rounds: at the pause
-                                // only the final round's groups are left to hash.
-                                hashes.refresh();
-                            }
-                            if end.is_final() {
-                                converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;
-                                postcopy = postcopy && end.flags & ROUND_POSTCOPY != 0;
-                                return Ok(rx.total_stats().clone());
-                            }
                         }
-                        (_, other) => return Err(unexpected("a packet or round end", other)),
+                        writer
+                            .write_message(&Message::RoundAck(RoundAck {
+                                round: end.round,
+                                records: st.pages(),
+                                packets: st.packets,
+                                barrier_ns: t.elapsed().as_nanos() as u64,
+                            }))
+                            .map_err(TransportError::Io)?;
+                        rounds += 1;
+                        if !end.is_final() {
+                            guest.round_applied();
+                            // The digest's group hashes, between rounds: at the pause only
+                            // the final round's groups are left to hash.
+                            hashes.refresh();
+                        }
+                        if end.is_final() {
+                            converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;
+                            postcopy = postcopy && end.flags & ROUND_POSTCOPY != 0;
+                            return Ok(rx.total_stats().clone());
+                        }
                     }
+                    (_, other) => return Err(unexpected("a packet or round end", other)),
                 }
-            },
-        );
+            }
+        });
         drop(frames);
         // `receive` reports worker panics; the closure reports everything else.
         self.stats.codec = match result {
@@ -507,7 +522,11 @@ impl Dest<'_> {
         }
         // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
-        let ours = hashes.digest();
+        let ours = hashes.digest_first(memory_pages);
+        drop(span);
+        if let Some(d) = &mut self.disks {
+            d.record_digests(&hashes, memory_pages);
+        }
         self.stats.switchover_ms.digest = Some(t.elapsed().as_secs_f64() * 1e3);
         if self.cfg.resume {
             // While the source hashes its memory: recovery and verify read (and recovery
@@ -579,8 +598,18 @@ impl Dest<'_> {
             }));
             return Err(err);
         }
+        self.check_disk_digests(ours)?;
         let t = Instant::now();
-        let committed = image.commit();
+        // Every image durable before any is renamed: the disks, then memory.
+        let disks = self.disks.take();
+        let committed = image
+            .sync()
+            .and_then(|()| disks.map_or(Ok(()), |d| d.sync().and_then(|()| d.commit())))
+            .and_then(|()| image.commit());
+        self.stats
+            .disks
+            .iter_mut()
+            .for_each(|d| d.committed = committed.is_ok());
         self.stats.switchover_ms.commit = Some(t.elapsed().as_secs_f64() * 1e3);
         let (memory, committed_at_ns) = match committed {
             Ok(memory) => (memory, unix_ns(SystemTime::now())),
@@ -652,6 +681,7 @@ impl Dest<'_> {
         // The committed PATH, or the handed-over memory's own descriptor.
         let target = memory.path().to_path_buf();
         let resumed = if self.cfg.resume {
+            guest.committed_disks(&self.cfg.disks);
             match guest.resume(memory, &target, self.cfg.run_for) {
                 Ok(r) => Some(r),
                 Err(e) => {

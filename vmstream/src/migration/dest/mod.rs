@@ -7,6 +7,7 @@
 //! cost memory only as pages arrive.
 
 mod audit;
+mod disks;
 mod handover;
 mod hello;
 pub mod incoming;

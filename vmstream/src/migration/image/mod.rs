@@ -24,8 +24,10 @@ use crate::memory::{GuestMemory, MapMode, MemoryError};
 
 mod claim;
 mod dir;
+mod span;
 
 pub use claim::Reservation;
+pub use span::SpanMapping;
 
 /// Why the image could not be prepared or committed.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +244,33 @@ impl PendingImage {
         file.try_clone()
             .map(|f| Some(std::sync::Arc::new(f)))
             .map_err(again)
+    }
+
+    /// The temporary file's handle (the one that created it).
+    pub fn handle(&self) -> &std::fs::File {
+        self.memory
+            .as_ref()
+            .expect("memory present until commit")
+            .file()
+    }
+
+    /// Bytes of the image.
+    pub fn size(&self) -> u64 {
+        self.memory
+            .as_ref()
+            .expect("memory present until commit")
+            .len() as u64
+    }
+
+    /// Makes what was written so far durable (msync, fsync), ahead of a commit that
+    /// renames several images.
+    pub fn sync(&self) -> Result<(), ImageError> {
+        let memory = self.memory.as_ref().expect("memory present until commit");
+        memory.sync()?;
+        memory.file().sync_all().map_err(|source| ImageError::Io {
+            what: format!("fsync {}", self.claim.tmp.display()),
+            source,
+        })
     }
 
     /// A bit per page that holds data in the temporary file (the rest are holes).

@@ -21,8 +21,8 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_MEMORY_DIGEST,
-    FEATURE_POSTCOPY,
+    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
+    FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -89,6 +89,9 @@ pub(super) struct Source<'a> {
     /// While the guest is paused before the commit reply: when it must resume at the
     /// latest, and the bound that set it (`SendConfig::pause_bound`).
     pub(super) pause_deadline: Option<(Instant, Duration)>,
+    /// The round that sends all of memory (0, or later when the disks' time slice came
+    /// first).
+    pub(super) first_memory_round: u64,
 }
 
 impl<'a> Source<'a> {
@@ -122,6 +125,7 @@ impl<'a> Source<'a> {
             verification: None,
             hidden_page: None,
             pause_deadline: None,
+            first_memory_round: 0,
         }
     }
 
@@ -134,7 +138,12 @@ impl<'a> Source<'a> {
             guest_size: self.guest.size(),
             features: FEATURE_MEMORY_DIGEST
                 | if delta { FEATURE_DELTA_PAGES } else { 0 }
-                | if postcopy { FEATURE_POSTCOPY } else { 0 },
+                | if postcopy { FEATURE_POSTCOPY } else { 0 }
+                | if self.io.disks.is_some() {
+                    FEATURE_DISKS
+                } else {
+                    0
+                },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
@@ -142,6 +151,12 @@ impl<'a> Source<'a> {
             cache_bytes: self.cfg.encoder.delta.map_or(0, |d| d.cache_bytes as u64),
             batch_pages: self.cfg.batch_pages as u32,
         }
+    }
+
+    /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
+    /// running.
+    pub(super) fn cancel_now(&mut self, reason: &str) -> Result<Outcome, SendError> {
+        self.cancel(reason)
     }
 
     /// Tells the destination the migration is cancelled (it rolls back); the guest keeps
@@ -203,6 +218,11 @@ impl<'a> Source<'a> {
     fn handshake(&mut self) -> Result<SourceState, SendError> {
         let asked = Instant::now();
         self.io.channels.send_hello(self.hello())?;
+        if let Some(d) = &self.io.disks {
+            self.io
+                .channels
+                .send_message(&Message::Disks(d.message()))?;
+        }
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
                 self.io.round_trip = asked.elapsed();
@@ -219,6 +239,11 @@ impl<'a> Source<'a> {
             }
             other => return Err(unexpected("a hello reply", other)),
         }
+        // Time slices: the disks' bulk copy (and their dirty rounds while they shrink) come
+        // first, memory is not iterated meanwhile (its round 0 follows and sends it all).
+        if let Some(done) = self.disk_slices()? {
+            return Ok(SourceState::Done(done));
+        }
         // Round 0 sends everything; collecting now starts tracking from this instant.
         (_, self.collect_time) = self.collect_dirty(false)?;
         // After the tracker's reset: a hole written from now on is reported dirty, if the
@@ -228,7 +253,7 @@ impl<'a> Source<'a> {
         }
         self.tx_start = (Instant::now(), self.guest.tx_count());
         Ok(SourceState::Iterate {
-            round: 0,
+            round: self.first_memory_round,
             pages: (0..self.guest.size() / PAGE_SIZE as u64).collect(),
         })
     }
@@ -278,8 +303,9 @@ impl<'a> Source<'a> {
     }
 
     fn iterate(&mut self, round: u64, pages: Vec<u64>) -> Result<SourceState, SendError> {
-        let src = match (round, &self.round0_data) {
-            (0, Some(data)) => PageOrigin::LiveSkippingHoles(&mut *self.guest, data),
+        let memory_round0 = round == self.first_memory_round;
+        let src = match (memory_round0, &self.round0_data) {
+            (true, Some(data)) => PageOrigin::LiveSkippingHoles(&mut *self.guest, data),
             _ => PageOrigin::Live(&mut *self.guest),
         };
         let mut rs = match self.io.send_round(round, &pages, src, 0) {
@@ -288,7 +314,7 @@ impl<'a> Source<'a> {
             }
             other => other?,
         };
-        if round == 0 {
+        if memory_round0 {
             self.round0_data = None;
             self.round0_done()?;
         }
@@ -297,6 +323,10 @@ impl<'a> Source<'a> {
         self.guest.check_alive().map_err(SendError::Guest)?;
         let (newly, collect_time) = self.collect_dirty(false)?;
         self.collect_time = collect_time;
+        let disk_pending = match self.io.disks.as_mut() {
+            Some(d) => d.collect()?,
+            None => 0,
+        };
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
         if self.cfg.postcopy == PostcopyMode::Now {
@@ -311,7 +341,8 @@ impl<'a> Source<'a> {
         self.stats.settings.round_trip_ms = Some(round_trip.as_secs_f64() * 1e3);
         let latency = switchover_latency(round_trip, self.destination_resumes);
         // Everything unsent: the new dirty pages and what deferral still holds back.
-        let unsent = self.policy.unsent_pages(&newly);
+        // (with the disks' pending pages: the switchover sends them too)
+        let unsent = self.policy.unsent_pages(&newly) + disk_pending;
         let obs = self.observe(round, &rs, unsent, latency);
         // The whole pause expected: the pages, and the latency no bandwidth shortens.
         let expected_downtime = obs.expected_downtime().saturating_add(latency);

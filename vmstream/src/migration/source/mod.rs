@@ -24,11 +24,13 @@ use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{CpuTime, MigrationStats};
 use crate::telemetry::verification::VerificationStats;
 
+mod disks;
 mod handover;
 mod machine;
 mod postcopy;
 mod report;
 mod round;
+mod schedule;
 mod switchover;
 pub mod verify;
 
@@ -129,7 +131,14 @@ fn run_migration(
             None => Arc::new(reader) as Arc<dyn PageSource>,
         }
     });
-    let (channels, reader) = SourceChannels::open(cfg, pages, workers_reader)?;
+    // Disk pages follow memory's in the codec's page numbers.
+    let disks = if cfg.disks.is_empty() {
+        None
+    } else {
+        Some(disks::SourceDisks::open(cfg, pages)?)
+    };
+    let codec_pages = pages + disks.as_ref().map_or(0, |d| d.pages());
+    let (channels, reader) = SourceChannels::open(cfg, codec_pages, workers_reader)?;
     stats.settings.page_copies = Some(if channels.reads_pages() {
         PageCopies::EncodeWorkers
     } else {
@@ -178,6 +187,7 @@ fn run_migration(
         cancel: cfg.cancel.clone(),
         round_trip: Duration::MAX,
         sent: verification.as_ref().map(|v| Arc::clone(v.sent())),
+        disks,
     };
     let mut source = Source::new(cfg, guest, io, policy, stats, start, impact);
     source.verification = verification;
@@ -208,6 +218,10 @@ fn run_migration(
     }
     source.stats.timeline = Some(source.impact.finish());
     source.stats.rounds = source.stats.per_round.len() as u64;
+    if let Some(d) = &source.io.disks {
+        let committed = matches!(result, Ok(Outcome::Committed | Outcome::CrashedAfterCommit));
+        source.stats.disks = d.stats(committed);
+    }
     if let Err(e) = &result {
         // After a post-copy's handover our guest has ended: nothing to resume.
         if source.guest.is_paused() && !matches!(e, SendError::PostcopyLost(_)) {

@@ -15,6 +15,7 @@ use crate::migration::wire::{Message, FRAME_HEADER_LEN, ROUND_FINAL};
 use crate::telemetry::progress::Progress;
 use crate::telemetry::stats::RoundStats;
 
+use super::disks::SourceDisks;
 use super::verify::SentPages;
 
 /// Where a round's pages are read from: the running guest or the paused guest's memory (not
@@ -46,6 +47,8 @@ pub(super) struct RoundIo {
     /// Incremental verification: where the hash of every page sent goes (pages the encode
     /// workers read are recorded by their reader, `verify::RecordingReader`).
     pub(super) sent: Option<Arc<SentPages>>,
+    /// The guest's disks (`--disk`): their pending granules end every round.
+    pub(super) disks: Option<SourceDisks>,
 }
 
 /// A round whose pages and `RoundEnd` are queued and whose acknowledgement is awaited.
@@ -147,6 +150,23 @@ impl RoundIo {
                 self.progress.inc(256);
             }
         }
+        // The disks' pending granules follow the round's memory pages.
+        if let Some(disks) = self.disks.as_mut() {
+            let cancel = self.cancel.clone();
+            let mut alive = || -> Result<(), SendError> {
+                if last {
+                    return Ok(());
+                }
+                if crate::migration::interrupt::requested(cancel.as_ref()) {
+                    return Err(SendError::Cancelled);
+                }
+                if let PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) = &mut src {
+                    g.check_alive().map_err(SendError::Guest)?;
+                }
+                Ok(())
+            };
+            disks.push_pending(&mut self.channels, &mut alive)?;
+        }
         // Every channel ends the round; the one acknowledgement covers them all.
         let sent = self.channels.end_round(round, flags)?;
         Ok(RoundInFlight {
@@ -212,6 +232,9 @@ impl RoundIo {
             ..Default::default()
         };
         rs.set_encodings(&codec);
+        if let Some(disks) = self.disks.as_mut() {
+            disks.attribute(codec.packet_bytes, rs.records - rs.pages_by_encoding.zero);
+        }
         self.progress.bandwidth(rs.bandwidth_bytes_per_s);
         Ok(rs)
     }

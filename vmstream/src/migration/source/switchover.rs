@@ -56,6 +56,10 @@ impl Source<'_> {
         self.inject_missed_write(MissedWriteAt::AtPause)?;
         let (more, collect_time) = self.collect_dirty(true)?;
         let pages = merge_pages(&pending, &more);
+        // The disks' last granules (the hash tracker reads all of their data here).
+        if let Some(d) = self.io.disks.as_mut() {
+            d.collect()?;
+        }
         let tx_at_pause = self.guest.tx_count();
         let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);
         self.stats.switchover_ms.pause_and_collect = ms(t);
@@ -116,6 +120,21 @@ impl Source<'_> {
             guest_size: self.guest.size(),
             paused_at_unix_ns: paused_at_ns,
         }))?;
+        // Each disk's digest of what was sent (its final granules are queued by now).
+        if let Some(d) = self.io.disks.as_mut() {
+            let mut digests = d.digests();
+            if let Some(slot) = self
+                .cfg
+                .faults
+                .corrupt_disk_digest
+                .and_then(|i| digests.digests.get_mut(i))
+            {
+                slot[0] ^= 1;
+            }
+            self.io
+                .channels
+                .send_message(&Message::DiskDigests(digests))?;
+        }
         let mut rs = self.io.await_ack(in_flight)?;
         rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
         self.stats.switchover_ms.final_round_and_digest = ms(t);

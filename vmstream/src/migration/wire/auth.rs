@@ -137,6 +137,7 @@ mod tests {
             Err(WireError::BodyLength { got: 31, .. })
         ));
         assert_eq!(RefuseCode::from_tag(9), Some(RefuseCode::Auth));
-        assert_eq!(RefuseCode::from_tag(10), None);
+        assert_eq!(RefuseCode::from_tag(10), Some(RefuseCode::Disks));
+        assert_eq!(RefuseCode::from_tag(11), None);
     }
 }

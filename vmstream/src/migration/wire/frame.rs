@@ -5,9 +5,9 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover, PageRequest,
-    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart, QemuIncoming,
-    Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    DiskDigests, Disks, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
+    QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -31,6 +31,8 @@ pub enum FrameType {
     AuthChallenge = 0x05,
     /// Source -> destination: its proof of the key.
     AuthProof = 0x06,
+    /// Source -> destination: the disks that travel with the guest (after the `Hello`).
+    Disks = 0x07,
     /// Source -> destination: one codec packet, verbatim.
     Packet = 0x10,
     /// Source -> destination: end of a round.
@@ -67,19 +69,22 @@ pub enum FrameType {
     PostcopyReconnect = 0x2d,
     /// Destination -> source: where the destination's QEMU takes the device state.
     QemuIncoming = 0x2e,
+    /// Source -> destination: each disk's digest at the pause (after the `Digest`).
+    DiskDigests = 0x2f,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 25] = [
+    pub const ALL: [FrameType; 27] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
         FrameType::AuthHello,
         FrameType::AuthChallenge,
         FrameType::AuthProof,
+        FrameType::Disks,
         FrameType::Packet,
         FrameType::RoundEnd,
         FrameType::RoundAck,
@@ -98,6 +103,7 @@ impl FrameType {
         FrameType::PostcopyComplete,
         FrameType::PostcopyReconnect,
         FrameType::QemuIncoming,
+        FrameType::DiskDigests,
         FrameType::Abort,
     ];
 
@@ -116,6 +122,7 @@ impl FrameType {
             FrameType::AuthHello => AuthHello::LEN,
             FrameType::AuthChallenge => AuthChallenge::LEN,
             FrameType::AuthProof => AuthProof::LEN,
+            FrameType::Disks => Disks::FIXED_LEN + 8 * super::MAX_DISKS,
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -133,6 +140,7 @@ impl FrameType {
             FrameType::PostcopyComplete => PostcopyComplete::LEN,
             FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
             FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
+            FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -147,6 +155,7 @@ impl FrameType {
             FrameType::AuthHello => "auth-hello",
             FrameType::AuthChallenge => "auth-challenge",
             FrameType::AuthProof => "auth-proof",
+            FrameType::Disks => "disks",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",
@@ -165,6 +174,7 @@ impl FrameType {
             FrameType::PostcopyComplete => "postcopy-complete",
             FrameType::PostcopyReconnect => "postcopy-reconnect",
             FrameType::QemuIncoming => "qemu-incoming",
+            FrameType::DiskDigests => "disk-digests",
             FrameType::Abort => "abort",
         }
     }

@@ -3,9 +3,10 @@
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
-    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
-    QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello,
+    HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
+    PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, WireError,
+    BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -57,6 +58,10 @@ pub enum Message {
     PostcopyReconnect(PostcopyReconnect),
     /// See [`QemuIncoming`].
     QemuIncoming(QemuIncoming),
+    /// See [`Disks`].
+    Disks(Disks),
+    /// See [`DiskDigests`].
+    DiskDigests(DiskDigests),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -88,6 +93,8 @@ impl Message {
             Message::PostcopyComplete(_) => FrameType::PostcopyComplete,
             Message::PostcopyReconnect(_) => FrameType::PostcopyReconnect,
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
+            Message::Disks(_) => FrameType::Disks,
+            Message::DiskDigests(_) => FrameType::DiskDigests,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -119,6 +126,8 @@ impl Message {
             Message::PostcopyComplete(m) => m.encode(&mut out),
             Message::PostcopyReconnect(m) => m.encode(&mut out),
             Message::QemuIncoming(m) => m.encode(&mut out),
+            Message::Disks(m) => m.encode(&mut out),
+            Message::DiskDigests(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -176,6 +185,8 @@ impl Message {
                 Message::PostcopyReconnect(PostcopyReconnect::decode(body)?)
             }
             FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
+            FrameType::Disks => Message::Disks(Disks::decode(body)?),
+            FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

@@ -12,8 +12,8 @@
 //! - `message`: [`Message`], the encode/decode dispatch of every control message;
 //! - `auth`: the key exchange, [`AuthHello`], [`AuthChallenge`], [`AuthProof`];
 //! - `hello`: the handshake, [`Hello`] and [`HelloReply`] ([`GuestKind`], [`DeltaWire`],
-//!   [`RefuseCode`]);
-//! - `channel`: [`ChannelHello`], which opens each parallel channel;
+//!   [`RefuseCode`]), and [`ChannelHello`], which opens each parallel channel;
+//! - `disk`: the disks that travel with the guest, [`Disks`] and [`DiskDigests`];
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
 //!   [`CommitReply`];
@@ -26,8 +26,8 @@
 
 mod abort;
 mod auth;
-mod channel;
 mod commit;
+mod disk;
 mod fields;
 mod frame;
 mod hello;
@@ -41,15 +41,15 @@ mod tests;
 pub use crate::guest::GuestKind;
 pub use abort::{Abort, AbortCode};
 pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_BYTES};
-pub use channel::{ChannelHello, MAX_CHANNELS};
 pub use commit::{
     CommitReply, CommitStatus, Digest, DigestSource, GuestState, MemoryHandover,
     DIGEST_PAGE_HASHES, MAX_GUEST_STATE_LEN,
 };
+pub use disk::{DiskDigests, Disks, MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
-pub use hello::{DeltaWire, Hello, HelloReply, RefuseCode};
+pub use hello::{ChannelHello, DeltaWire, Hello, HelloReply, RefuseCode, MAX_CHANNELS};
 pub use message::Message;
 pub use postcopy::{
     PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
@@ -81,9 +81,13 @@ pub const FEATURE_HANDOVER: u64 = 1 << 3;
 /// Feature bit: post-copy (`send --postcopy`, `POSTCOPY.md`): the guest resumes on the
 /// destination before every page arrived, the rest follow on demand and in the background.
 pub const FEATURE_POSTCOPY: u64 = 1 << 4;
+/// Feature bit: disks travel with the guest ([`Disks`] follows the `Hello`, their pages
+/// follow guest memory's in the codec's page numbers, [`DiskDigests`] follows the `Digest`).
+pub const FEATURE_DISKS: u64 = 1 << 5;
 /// Every feature bit this version knows.
 pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_MEMORY_DIGEST
     | FEATURE_CHANNELS
     | FEATURE_HANDOVER
-    | FEATURE_POSTCOPY;
+    | FEATURE_POSTCOPY
+    | FEATURE_DISKS;

@@ -75,6 +75,13 @@ pub trait IncomingGuest {
         settings: &mut Settings,
     ) -> Result<(), GuestStateError>;
 
+    /// The disks committed with the image (`recv --disk`, in the source's order), told
+    /// before [`Self::resume`]: the guest that resumes opens them (a process guest's config
+    /// takes them once guests write disks through the block layer; until then ignored).
+    fn committed_disks(&mut self, disks: &[std::path::PathBuf]) {
+        let _ = disks;
+    }
+
     /// Runs the guest on the committed image (`memory`, mapped from `target`), verified at
     /// the pause; `run_for` bounds how long it runs (None: until stopped).
     fn resume(

@@ -1,0 +1,413 @@
+//! Disks migrate with memory (`send --disk`, `recv --disk`, issue 20): written by an
+//! external process (`--disk-tracking hash`), they reach the destination equal to the
+//! source's disks at the pause, under either schedule; a count or size mismatch, a
+//! corrupted granule and a receiver killed during the disk phase commit nothing and leave
+//! the source guest running; a bad granularity is a usage error.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmstream_tests::*;
+
+/// A small xorshift generator: the test needs varied bytes and offsets, not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// A sparse disk of `size` bytes at `path` whose `data` byte ranges hold random bytes.
+fn make_disk(path: &Path, size: u64, data: &[(u64, u64)], seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = Rng(seed);
+    for &(at, len) in data {
+        let mut buf = vec![0u8; len as usize];
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, at).unwrap();
+    }
+}
+
+/// The source's two disks: 8 MiB with 6 MiB of data, 4 MiB with 2 MiB (the rest holes).
+fn source_disks(dir: &TmpDir) -> Vec<PathBuf> {
+    let d1 = dir.path("disk1.img");
+    let d2 = dir.path("disk2.img");
+    make_disk(&d1, 8 << 20, &[(0, 4 << 20), (6 << 20, 2 << 20)], 11);
+    make_disk(&d2, 4 << 20, &[(1 << 20, 2 << 20)], 12);
+    vec![d1, d2]
+}
+
+/// Another process's random writes (1 byte to 16 KiB at any offset, into data and holes)
+/// to `disks`, every 2 ms, for `lasting`.
+struct Writer {
+    thread: JoinHandle<u64>,
+}
+
+impl Writer {
+    fn start(disks: &[PathBuf], lasting: Duration) -> Writer {
+        let files: Vec<std::fs::File> = disks
+            .iter()
+            .map(|d| std::fs::OpenOptions::new().write(true).open(d).unwrap())
+            .collect();
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            let until = Instant::now() + lasting;
+            let mut writes = 0u64;
+            let mut buf = vec![0u8; 16 << 10];
+            while Instant::now() < until {
+                let f = &files[(rng.next() % files.len() as u64) as usize];
+                let size = f.metadata().unwrap().len();
+                let len = 1 + rng.next() % (16 << 10);
+                let at = rng.next() % (size - len);
+                rng.fill(&mut buf[..len as usize]);
+                f.write_all_at(&buf[..len as usize], at).unwrap();
+                writes += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            writes
+        });
+        Writer { thread }
+    }
+
+    /// Waits for the writer to stop on its own; returns how many writes it made.
+    fn join(self) -> u64 {
+        self.thread.join().unwrap()
+    }
+}
+
+/// `--disk A --disk B ...` arguments.
+fn disk_args(disks: &[PathBuf]) -> Vec<String> {
+    disks
+        .iter()
+        .flat_map(|d| ["--disk".to_string(), d.to_str().unwrap().to_string()])
+        .collect()
+}
+
+/// A sender of a 16 MiB random guest (500 writes a second: its memory converges at the
+/// slowest link here) on `dir`'s src.img and `disks` to `port`, at `bandwidth`, with
+/// `extra` arguments and `envs`.
+fn disk_sender(
+    dir: &TmpDir,
+    port: u16,
+    disks: &[PathBuf],
+    bandwidth: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
+    let to = format!("127.0.0.1:{port}");
+    let mut args: Vec<String> = [
+        "send",
+        "--memory-file",
+        dir.path("src.img").to_str().unwrap(),
+        "--size",
+        "16M",
+        "--workload",
+        "random",
+        "--rate",
+        "500",
+        "--warmup",
+        "200ms",
+        "--no-progress",
+        "--to",
+        &to,
+        "--compress",
+        "none",
+        "--max-bandwidth",
+        bandwidth,
+        "--io-timeout",
+        "10s",
+        "--disk-tracking",
+        "hash",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(disk_args(disks));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::vmstream(
+        "send",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        envs,
+    )
+}
+
+/// A receiver into `dir`'s dst.img and `disks`, with its stats in recv.json.
+fn disk_receiver(dir: &TmpDir, disks: &[PathBuf]) -> (Proc, u16) {
+    let mut args = vec![
+        "--memory-file".to_string(),
+        dir.path("dst.img").to_str().unwrap().to_string(),
+        "--stats-json".into(),
+        dir.path("recv.json").to_str().unwrap().to_string(),
+        "--io-timeout".into(),
+        "10s".into(),
+    ];
+    args.extend(disk_args(disks));
+    start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Memory and two disks that another process writes during the migration reach a
+/// verified commit with `schedule`; the destination's disks equal the source's once the
+/// writer stopped. Provable because the writer stops 800 ms after the guest starts, while
+/// the disks' 8 MiB of data alone take two seconds at the 4 MB/s link: the source's final
+/// collect, after the pause, comes after the last write.
+fn external_writer_disks_migrate(schedule: &str, more: &[&str]) {
+    let _g = serial();
+    let dir = TmpDir::new(&format!("disks-{schedule}"));
+    let disks = source_disks(&dir);
+    let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
+    let (mut recv, port) = disk_receiver(&dir, &targets);
+    let stats = dir.path("send.json");
+    let mut extra = vec![
+        "--disk-schedule",
+        schedule,
+        "--disk-granularity",
+        "16K",
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ];
+    extra.extend_from_slice(more);
+    let mut send = disk_sender(&dir, port, &disks, "4M", &extra, &[]);
+    let _guest = KillPid(guest_pid(&mut send));
+    let writer = Writer::start(&disks, Duration::from_millis(800));
+    let writes = writer.join();
+    assert!(writes > 10, "the writer made only {writes} writes");
+    assert!(
+        send.child.try_wait().unwrap().is_none(),
+        "the migration ended before the writer stopped: the premise of the comparison failed"
+    );
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(0), "recv: {}", recv.stderr());
+    for (src, dst) in disks.iter().zip(&targets) {
+        assert!(
+            files_identical(src, dst),
+            "{} differs from {}",
+            dst.display(),
+            src.display()
+        );
+    }
+    let (sent, received) = (read_stats(&stats), read_stats(&dir.path("recv.json")));
+    let (sd, rd) = (
+        sent["disks"].as_array().unwrap(),
+        received["disks"].as_array().unwrap(),
+    );
+    assert_eq!((sd.len(), rd.len()), (2, 2));
+    let mut written = 0;
+    for (s, r) in sd.iter().zip(rd) {
+        assert_eq!(s["digest"], r["digest"]);
+        assert!(s["digest"].is_string());
+        assert_eq!(s["granularity"], 16384);
+        assert_eq!(s["size"], r["size"]);
+        assert_eq!(
+            (s["committed"].as_bool(), r["committed"].as_bool()),
+            (Some(true), Some(true))
+        );
+        assert!(s["bytes_on_wire"].as_u64().unwrap() > 0);
+        assert!(s["rounds"].as_u64().unwrap() >= 1);
+        written += s["guest_bytes_written"].as_u64().unwrap();
+    }
+    // The writes during the migration were seen and resent.
+    assert!(written > 0, "no dirty disk data observed: {sd:?}");
+    assert_eq!(sent["digest"], received["digest"]);
+    // The holes of the source's disks stay holes: the destination's disks are sparse.
+    for dst in &targets {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dst).unwrap();
+        assert!(
+            m.blocks() * 512 < m.len(),
+            "{} is not sparse",
+            dst.display()
+        );
+    }
+}
+
+#[test]
+fn disks_an_external_process_writes_migrate_with_time_slices() {
+    external_writer_disks_migrate("slices", &[]);
+}
+
+#[test]
+fn disks_an_external_process_writes_migrate_in_parallel_with_memory_on_two_channels() {
+    // Disk pages are striped over the channels like memory's.
+    external_writer_disks_migrate("parallel", &["--channels", "2"]);
+}
+
+/// A refused migration: the sender fails, the receiver says `reason`, the source guest
+/// runs on, and the destination directory holds only `left` (nothing committed; the
+/// receiver's statistics aside).
+fn expect_refused(mut send: Proc, mut recv: Proc, dir: &TmpDir, reason: &str, left: &[&str]) {
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert!(send.stderr().contains(reason), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1), "recv: {}", recv.stderr());
+    assert!(recv.stderr().contains(reason), "recv: {}", recv.stderr());
+    assert_source_guest_runs(&dir.path("src.img"));
+    assert_eq!(dir.entries(), left);
+}
+
+#[test]
+fn a_disk_count_mismatch_is_refused_and_nothing_is_committed() {
+    let dir = TmpDir::new("disk-count");
+    let _g = serial();
+    let disks = source_disks(&dir);
+    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img")]);
+    let send = disk_sender(&dir, port, &disks, "1G", &[], &[]);
+    expect_refused(
+        send,
+        recv,
+        &dir,
+        "disk count mismatch: the source sends 2 disk(s), this destination receives 1",
+        &["disk1.img", "disk2.img", "recv.json", "src.img"],
+    );
+}
+
+#[test]
+fn a_disk_size_mismatch_is_refused_and_the_existing_disk_stays() {
+    let _g = serial();
+    let dir = TmpDir::new("disk-size");
+    let disks = source_disks(&dir);
+    let existing = dir.path("dst-disk2.img");
+    make_disk(&existing, 1 << 20, &[(0, 4096)], 5);
+    let before = std::fs::read(&existing).unwrap();
+    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img"), existing.clone()]);
+    let send = disk_sender(&dir, port, &disks, "1G", &[], &[]);
+    expect_refused(
+        send,
+        recv,
+        &dir,
+        "disk size mismatch: the source's disk 1 has 4194304 bytes",
+        &[
+            "disk1.img",
+            "disk2.img",
+            "dst-disk2.img",
+            "recv.json",
+            "src.img",
+        ],
+    );
+    assert_eq!(std::fs::read(&existing).unwrap(), before);
+}
+
+#[test]
+fn a_bad_disk_granularity_is_a_usage_error() {
+    let dir = TmpDir::new("disk-granularity");
+    let disks = source_disks(&dir);
+    for bad in ["3000", "2K", "2M", "96K"] {
+        let mut send = disk_sender(&dir, 9, &disks, "1G", &["--disk-granularity", bad], &[]);
+        let (status, _) = send.wait_exit();
+        assert_eq!(status.code(), Some(2), "{bad}: {}", send.stderr());
+        assert!(
+            send.stderr()
+                .contains("must be a power of two from 4 KiB to 1 MiB"),
+            "{bad}: {}",
+            send.stderr()
+        );
+    }
+    // Refused before any guest started.
+    assert_eq!(dir.entries(), ["disk1.img", "disk2.img"]);
+}
+
+#[test]
+fn a_corrupted_disk_granule_on_the_wire_is_refused_and_nothing_is_committed() {
+    let _g = serial();
+    let dir = TmpDir::new("disk-corrupt");
+    let disks = source_disks(&dir);
+    let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
+    let (mut recv, port) = disk_receiver(&dir, &targets);
+    // With time slices the first round carries only the disks' bulk copy: 300,000 bytes
+    // into channel 0 is inside the payload of one of its first packets.
+    let mut send = disk_sender(
+        &dir,
+        port,
+        &disks,
+        "64M",
+        &[],
+        &[("VMSTREAM_TEST_CORRUPT_AT", "300000")],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1), "recv: {}", recv.stderr());
+    assert!(recv.stderr().contains("crc32c"), "recv: {}", recv.stderr());
+    assert!(send.stderr().contains("crc32c"), "send: {}", send.stderr());
+    assert_source_guest_runs(&dir.path("src.img"));
+    let stats = read_stats(&dir.path("recv.json"));
+    assert_eq!(stats["outcome"], "failed");
+    std::fs::remove_file(dir.path("recv.json")).unwrap();
+    assert_eq!(dir.entries(), ["disk1.img", "disk2.img", "src.img"]);
+}
+
+#[test]
+fn a_disk_digest_mismatch_commits_no_image_and_the_source_runs_on() {
+    let _g = serial();
+    let dir = TmpDir::new("disk-digest");
+    let disks = source_disks(&dir);
+    let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
+    let (mut recv, port) = disk_receiver(&dir, &targets);
+    // The second disk's digest arrives flipped: memory's and the first disk's match.
+    let mut send = disk_sender(
+        &dir,
+        port,
+        &disks,
+        "1G",
+        &[],
+        &[("VMSTREAM_TEST_CORRUPT_DISK_DIGEST", "1")],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    let (status, _) = recv.wait_exit();
+    assert_eq!(status.code(), Some(1), "recv: {}", recv.stderr());
+    assert!(
+        recv.stderr().contains("digest mismatch") && recv.stderr().contains("disk 1"),
+        "recv: {}",
+        recv.stderr()
+    );
+    assert!(send.stderr().contains("disk 1"), "send: {}", send.stderr());
+    assert_source_guest_runs(&dir.path("src.img"));
+    std::fs::remove_file(dir.path("recv.json")).unwrap();
+    assert_eq!(dir.entries(), ["disk1.img", "disk2.img", "src.img"]);
+}
+
+#[test]
+fn a_receiver_killed_during_the_disk_phase_commits_nothing_and_the_source_runs_on() {
+    let _g = serial();
+    let dir = TmpDir::new("disk-kill");
+    let disks = source_disks(&dir);
+    let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
+    let (recv, port) = disk_receiver(&dir, &targets);
+    // 8 MiB of disk data at 1 MB/s: the disks' bulk copy (slices) lasts 8 s.
+    let mut send = disk_sender(&dir, port, &disks, "1M", &[], &[]);
+    let _guest = KillPid(guest_pid(&mut send));
+    recv.wait_stderr("connection from");
+    std::thread::sleep(Duration::from_millis(1500));
+    send_signal("KILL", &recv.pid().to_string());
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(1), "send: {}", send.stderr());
+    assert_source_guest_runs(&dir.path("src.img"));
+    // A killed receiver cannot remove its temporary files (the next receive does), but
+    // nothing was committed.
+    for t in targets.iter().chain([&dir.path("dst.img")]) {
+        assert!(!t.exists(), "{} was committed", t.display());
+    }
+    for src in &disks {
+        assert!(src.exists());
+    }
+}
