@@ -389,8 +389,14 @@ impl SendArgs {
         if disk_kind == Some(DiskWorkloadKind::Diskio) && self.disks.is_empty() {
             return Err("--workload diskio needs at least one --disk".into());
         }
+        // A workload without a disk mode leaves the disks to other writers: the guest
+        // does not open them, the migration moves them (hash tracking).
         let disks = GuestDisks {
-            paths: self.disks.clone(),
+            paths: if disk_kind.is_some() {
+                self.disks.clone()
+            } else {
+                Vec::new()
+            },
             create_size: self.disk_size,
             workload: disk_kind
                 .filter(|_| !self.disks.is_empty())
@@ -402,11 +408,12 @@ impl SendArgs {
                 }),
             ..GuestDisks::default()
         };
-        if !disks.paths.is_empty() {
+        if disks.workload.is_some() {
             // Both halves are built (the guest's block layer, the disks' migration with hash
-            // tracking); starting a guest and migrating its disks in one send is not wired.
+            // tracking); a started guest that writes the disks it migrates is not wired (a
+            // workload without a disk mode leaves them to other writers).
             return Err(
-                "migrating the disks of a guest send starts is not wired yet: start it with \
+                "migrating the disks a guest send starts writes is not wired yet: start it with \
                  `vmstream guest run --disk ...` and migrate it with `send --pid PID --disk ...`"
                     .into(),
             );
