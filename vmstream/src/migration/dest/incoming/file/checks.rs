@@ -32,6 +32,8 @@ enum Learned {
 #[derive(Default)]
 pub struct FileChecks {
     learned: Learned,
+    /// The image's file, which copies are read from (see `pass`), also at the pause.
+    file: Option<std::fs::File>,
     head: Vec<u8>,
     block: Vec<u8>,
 }
@@ -58,16 +60,27 @@ impl BlockChecks for FileChecks {
             self.learned = Learned::Unusable;
             return pages.len();
         }
+        if self.file.is_none() {
+            self.file = view.file().try_clone().ok();
+        }
         let block = &mut self.block;
         block.resize(s.geometry().block_size as usize, 0);
         let mut page = [0u8; PAGE_SIZE];
+        // Copies come from the file (the receiver writes the image with pwrite): reading
+        // them through the view would fault its page tables in, 4 KiB at a time.
+        let read = |at: usize, buf: &mut [u8]| {
+            use std::os::unix::fs::FileExt;
+            if view.file().read_exact_at(buf, at as u64).is_err() {
+                view.read_at(at, buf);
+            }
+        };
         let mut last = u64::MAX;
         for (i, &p) in pages.iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 return i;
             }
             if known.is_ledger_page(p) {
-                view.read_at(p as usize * PAGE_SIZE, &mut page);
+                read(p as usize * PAGE_SIZE, &mut page);
                 known.take_ledger_page(p, &page);
                 continue;
             }
@@ -78,7 +91,7 @@ impl BlockChecks for FileChecks {
                 continue;
             }
             last = b;
-            view.read_at(s.geometry().block_offset(b), block);
+            read(s.geometry().block_offset(b), block);
             known.take_block(b, block, block_page_hashes(block));
         }
         pages.len()
@@ -142,8 +155,8 @@ fn verify_at_pause_reading(
         })
     };
     let s = Superblock::read(mem)?;
-    let Some((mut known, pending)) = finished.and_then(|f| match f.checks.learned {
-        Learned::Known(k) => Some((k, f.pending)),
+    let Some((mut known, pending, file)) = finished.and_then(|f| match f.checks.learned {
+        Learned::Known(k) => Some((k, f.pending, f.checks.file)),
         _ => None,
     }) else {
         return full(mem);
@@ -152,7 +165,15 @@ fn verify_at_pause_reading(
         return full(mem);
     }
     let rewritten = replayed.then_some(journal_block).flatten();
-    let read = catch_up(mem, &s, hashes, &mut known, &pending, rewritten);
+    let read = catch_up(
+        mem,
+        file.as_ref(),
+        &s,
+        hashes,
+        &mut known,
+        &pending,
+        rewritten,
+    );
     if known.all_pass(&s) && tail_is_zero(mem, &s) {
         Ok((
             ImageVerifyReport {
@@ -175,6 +196,7 @@ fn verify_at_pause_reading(
 /// read. A pending block whose pages still hash as its state's is not read.
 fn catch_up(
     mem: &[u8],
+    file: Option<&std::fs::File>,
     s: &Superblock,
     hashes: &PageHashes,
     known: &mut KnownBlocks,
@@ -222,12 +244,22 @@ fn catch_up(
         .filter(|&(b, now)| Some(b) == rewritten || !known.has_hashes(b, now))
         .collect();
     let known_now: &KnownBlocks = known;
+    // Read from the file when there is one: the receiver wrote the image with pwrite, and
+    // reading through the mapping would fault its page tables in, 4 KiB at a time.
     let fresh: Vec<_> = stale
         .par_iter()
-        .map(|&(b, now)| {
-            let off = g.block_offset(b);
-            (b, now, known_now.content_of(b, &mem[off..off + bs]))
-        })
+        .map_init(
+            || vec![0u8; bs],
+            |buf, &(b, now)| {
+                use std::os::unix::fs::FileExt;
+                let off = g.block_offset(b);
+                let bytes = match file.map(|f| f.read_exact_at(buf, off as u64)) {
+                    Some(Ok(())) => &buf[..],
+                    _ => &mem[off..off + bs],
+                };
+                (b, now, known_now.content_of(b, bytes))
+            },
+        )
         .collect();
     read += fresh.len() as u64;
     for (b, now, content) in fresh {
