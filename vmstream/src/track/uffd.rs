@@ -10,7 +10,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-const UFFD_API: u64 = 0xAA;
+/// The userfaultfd ABI pieces both modes use (`linux/userfaultfd.h`): `uffd_missing` takes
+/// them from here.
+pub(super) const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: WP on shmem / hugetlbfs.
 const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
@@ -22,31 +24,31 @@ const REGISTER_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// `_IOWR(0xAA, nr, size)`.
-const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
+pub(super) const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
     (3 << 30) | (size << 16) | (ty << 8) | nr
 }
-const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
-const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
+pub(super) const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
+pub(super) const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
 const UFFDIO_WRITEPROTECT: u64 = iowr(0xAA, 0x06, 24);
 
 #[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
+pub(super) struct UffdioApi {
+    pub(super) api: u64,
+    pub(super) features: u64,
+    pub(super) ioctls: u64,
 }
 
 #[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub(super) struct UffdioRange {
+    pub(super) start: u64,
+    pub(super) len: u64,
 }
 
 #[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
+pub(super) struct UffdioRegister {
+    pub(super) range: UffdioRange,
+    pub(super) mode: u64,
+    pub(super) ioctls: u64,
 }
 
 #[repr(C)]
@@ -64,7 +66,8 @@ pub struct WpAsync {
     len: u64,
 }
 
-fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
+/// `Err` with `what` and errno if `rc` is negative.
+pub(super) fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     if rc < 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("{what}: {e}")));

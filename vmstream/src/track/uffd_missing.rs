@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use crate::memory::PAGE_SIZE;
 
-const UFFD_API: u64 = 0xAA;
+use super::uffd::{
+    check, iowr, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFD_API,
+};
+
 const REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFD_FEATURE_MISSING_SHMEM`: the kernel reports MISSING faults on shmem.
 const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
@@ -20,39 +23,13 @@ const EVENT_PAGEFAULT: u8 = 0x12;
 /// `sizeof(struct uffd_msg)`.
 const MSG_LEN: usize = 32;
 
-/// `_IOWR(0xAA, nr, size)`.
-const fn iowr(nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (UFFD_API << 8) | nr
-}
 /// `_IOR(0xAA, nr, size)`.
 const fn ior(nr: u64, size: u64) -> u64 {
     (2 << 30) | (size << 16) | (UFFD_API << 8) | nr
 }
-const UFFDIO_API: u64 = iowr(0x3F, 24);
-const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
 const UFFDIO_UNREGISTER: u64 = ior(0x01, 16);
 const UFFDIO_WAKE: u64 = ior(0x02, 16);
-const UFFDIO_COPY: u64 = iowr(0x03, 40);
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
+const UFFDIO_COPY: u64 = iowr(UFFD_API, 0x03, 40);
 
 #[repr(C)]
 struct UffdioCopy {
@@ -81,14 +58,6 @@ pub struct MissingFaults {
     fd: File,
     start: u64,
     len: u64,
-}
-
-fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
-    }
-    Ok(())
 }
 
 impl MissingFaults {
