@@ -13,6 +13,7 @@
 
 pub mod disks;
 pub mod layout;
+pub mod release;
 pub mod source;
 pub mod throttle;
 pub mod verify;

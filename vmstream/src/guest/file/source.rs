@@ -414,40 +414,27 @@ impl SourceGuest {
         Ok(())
     }
 
-    /// Ends the guest like [`Self::terminate`], drops this process's mapping, tracker and
-    /// descriptors of its memory, and waits until the guest process has exited (its
-    /// mappings and descriptors are gone; an attached process is waited for through
-    /// `/proc`, at most 10 s). The kernel tears the killed process down while we unmap ours.
+    /// Ends the paused guest for a handover and returns once nothing of it can write its
+    /// memory or holds it: SIGKILL, every thread exiting, the lock on its memory file
+    /// released (through copies of its descriptors taken while it was stopped, see
+    /// [`super::release`]), and this process's mapping, tracker and descriptors dropped.
+    /// The kernel's teardown of the killed process's mappings goes on meanwhile; the child
+    /// is reaped on the side.
     pub fn end_and_release(mut self) -> Result<(), GuestControlError> {
         let pid = self.pid;
+        let signal_error = |e: std::io::Error| GuestControlError::Signal(pid, e);
+        let held = super::release::MemoryDescriptors::take(pid, self.memory.file())
+            .map_err(signal_error)?;
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
             .map_err(|e| GuestControlError::Signal(pid, e.into()))?;
-        let child = self.child.take();
+        super::release::wait_until_exiting(pid, EXIT_WAIT).map_err(signal_error)?;
+        held.unlock().map_err(signal_error)?;
+        if let Some(mut c) = self.child.take() {
+            std::thread::spawn(move || {
+                let _ = c.wait();
+            });
+        }
         drop(self);
-        if let Some(mut c) = child {
-            return c
-                .wait()
-                .map(drop)
-                .map_err(|e| GuestControlError::Signal(pid, e));
-        }
-        let t = Instant::now();
-        // A zombie ("Z") has released its memory and files already.
-        let ended = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-        };
-        while !ended() {
-            if t.elapsed() > EXIT_WAIT {
-                return Err(GuestControlError::Signal(
-                    pid,
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "did not exit after SIGKILL"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
         Ok(())
     }
 

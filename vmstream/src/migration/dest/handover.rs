@@ -1,21 +1,28 @@
 //! The destination of a same-host handover (`FEATURE_HANDOVER`): the guest's memory comes
-//! as a file descriptor over the unix socket instead of pages. It is checked and verified
-//! through a private view (the source may still resume it), committed (as it is, or copied
-//! into `--memory-file PATH`), and run only after the source's `Handover`.
+//! as a file descriptor over the unix socket instead of pages, while the guest still runs
+//! on the source. With `--resume` the workload's checks read all of it in the background,
+//! then again the pages each `HandoverDirty` round lists (the guest wrote them meanwhile);
+//! at the pause only the last round's pages are read, through a private view (the source
+//! may still resume its guest). The memory is then committed (as it is, or copied into
+//! `--memory-file PATH`) and run only after the source's `Handover`.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::time::{Instant, SystemTime};
 
+use std::sync::Arc;
+
 use crate::memory::{page_is_hole, GuestMemory, MapMode, PAGE_SIZE};
 use crate::migration::dest::incoming::{check_guest_state, IncomingGuest};
 use crate::migration::dest::machine::{unexpected, Dest, DestState};
+use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::DIGEST_SKIPPED_HANDOVER;
 use crate::migration::error::RecvError;
 use crate::migration::image::{PendingImage, Reservation};
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    CommitReply, CommitStatus, Hello, MemoryHandover, Message, FEATURE_CHANNELS,
+    CommitReply, CommitStatus, HandoverAck, Hello, MemoryHandover, Message, FEATURE_CHANNELS,
+    HANDOVER_MORE, HANDOVER_PAUSED,
 };
 use crate::telemetry::stats::{unix_ns, MigrationOutcome};
 
@@ -50,7 +57,7 @@ impl Dest<'_> {
             other => return Err(unexpected("the memory handover", other)),
         };
         let result = self.take_memory(hello, &handed, guest.as_mut());
-        let (file, committed) = match result {
+        let (file, committed, paused_at_ns) = match result {
             Ok(ok) => ok,
             Err(e) => {
                 let status = match e {
@@ -77,22 +84,23 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         Ok(DestState::Committed {
-            paused_at_ns: handed.paused_at_unix_ns,
+            paused_at_ns,
             committed_at_ns,
             memory: committed,
             guest,
         })
     }
 
-    /// The descriptor that came with the handover, checked; the guest's state, validated;
-    /// with `--resume` the workload's verify; then the memory to commit (the handed-over
-    /// file itself, or its copy in `--memory-file`). Returns the handed-over file too.
+    /// The descriptor that came with the handover, checked; with `--resume` the workload's
+    /// checks of it during the live rounds; the guest's state, validated; the workload's
+    /// verify at the pause; then the memory to commit (the handed-over file itself, or its
+    /// copy in `--memory-file`). Returns the handed-over file too, and the pause's instant.
     fn take_memory(
         &mut self,
         hello: &Hello,
         handed: &MemoryHandover,
         guest: &mut dyn IncomingGuest,
-    ) -> Result<(File, GuestMemory), RecvError> {
+    ) -> Result<(File, GuestMemory, u64), RecvError> {
         let bad = RecvError::HandedMemory;
         let passed = File::from(
             self.reader
@@ -124,6 +132,29 @@ impl Dest<'_> {
                 meta.len()
             )));
         }
+        let pages = hello.guest_size / PAGE_SIZE as u64;
+        let touched = Arc::new(TouchedPages::new(pages));
+        if self.cfg.resume && guest.checks_handover_live() {
+            // Every page first (the memory is the guest's, not a fresh image), then what the
+            // rounds list. Without the background the verify at the pause reads it all.
+            for p in 0..pages {
+                touched.mark(p);
+            }
+            let view = file
+                .try_clone()
+                .and_then(|f| {
+                    GuestMemory::from_file(f, MapMode::SharedReadOnly)
+                        .map_err(std::io::Error::other)
+                })
+                .and_then(|view| guest.start_background(view, Arc::clone(&touched)));
+            if let Err(e) = view {
+                self.cfg.notices.warning(format!(
+                    "checking the handed-over memory before the pause failed ({e}): all of it \
+                     is verified at the pause"
+                ));
+            }
+        }
+        let paused_at_ns = self.handover_rounds(pages, &touched, guest)?;
         let mapped = |mode| {
             file.try_clone()
                 .map_err(|e| bad(e.to_string()))
@@ -140,8 +171,10 @@ impl Dest<'_> {
         self.stats.settings.source_tx_at_pause = Some(state.tx_count);
         if self.cfg.resume {
             let t = Instant::now();
-            let data = view.data_pages().ok();
-            guest.verify_handed_over(view.as_mut_slice(), data.as_deref());
+            let file = view.file().try_clone().ok();
+            let len = view.len();
+            let data = || crate::memory::data_pages_of(file.as_ref()?, len).ok();
+            guest.verify_handed_over(view.as_mut_slice(), &data);
             self.stats.switchover_ms.verify = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         drop(view);
@@ -156,7 +189,57 @@ impl Dest<'_> {
             None => mapped(MapMode::Shared)?,
         };
         self.stats.switchover_ms.commit = Some(t.elapsed().as_secs_f64() * 1e3);
-        Ok((file, committed))
+        Ok((file, committed, paused_at_ns))
+    }
+
+    /// The live rounds of `HandoverDirty` lists: each page listed is marked in `touched` for
+    /// the checks, and a live round is acknowledged once they took it. Returns with the
+    /// paused round's list (its instant). Lists must name pages of the guest, in rounds
+    /// counted from 1.
+    fn handover_rounds(
+        &mut self,
+        pages: u64,
+        touched: &TouchedPages,
+        guest: &mut dyn IncomingGuest,
+    ) -> Result<u64, RecvError> {
+        let bad = RecvError::HandedMemory;
+        let mut round = 1;
+        let mut listed = 0u64;
+        loop {
+            let d = match self.reader.read_frame()? {
+                Frame::Control(Message::HandoverDirty(d)) => d,
+                other => return Err(unexpected("a handover round's dirty pages", other)),
+            };
+            if d.round != round {
+                return Err(bad(format!(
+                    "round {} listed where round {round} was due",
+                    d.round
+                )));
+            }
+            if let Some(&p) = d.pages.last().filter(|&&p| p >= pages) {
+                return Err(bad(format!(
+                    "round {round} lists page {p}, beyond the guest's {pages} pages"
+                )));
+            }
+            for &p in &d.pages {
+                touched.mark(p);
+            }
+            listed += d.pages.len() as u64;
+            if d.flags & HANDOVER_MORE != 0 {
+                continue;
+            }
+            if d.flags & HANDOVER_PAUSED != 0 {
+                self.stats.rounds = u64::from(round);
+                return Ok(d.paused_at_unix_ns);
+            }
+            guest.wait_checked();
+            self.send(&Message::HandoverAck(HandoverAck {
+                round,
+                pages_checked: listed,
+            }))?;
+            listed = 0;
+            round += 1;
+        }
     }
 }
 

@@ -90,10 +90,14 @@ pub struct Finished<C> {
 /// The background half: block results gathered during the live rounds by a thread that
 /// runs `C`'s checks after each round's barrier.
 pub struct BackgroundVerifier<C> {
-    kick: mpsc::Sender<()>,
+    kick: mpsc::Sender<u64>,
     stop: Arc<AtomicBool>,
     /// Passes completed after a barrier (tests wait on it).
     passes: Arc<AtomicU64>,
+    /// Kicks sent ([`Self::round_applied`]), and the last of them whose pages a completed
+    /// pass covered (see [`Self::wait_covered`]).
+    kicks: AtomicU64,
+    covered: Arc<AtomicU64>,
     touched: Arc<TouchedPages>,
     thread: Option<JoinHandle<C>>,
 }
@@ -107,11 +111,13 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         touched: Arc<TouchedPages>,
         mut checks: C,
     ) -> std::io::Result<BackgroundVerifier<C>> {
-        let (kick, kicks) = mpsc::channel::<()>();
+        let (kick, kicks) = mpsc::channel::<u64>();
         let stop = Arc::new(AtomicBool::new(false));
         let passes = Arc::new(AtomicU64::new(0));
+        let covered = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
+            let covered = Arc::clone(&covered);
             let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
@@ -122,30 +128,37 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                     // on, pages may be rewritten within a round: check after barriers only.
                     let mut first_round = true;
                     loop {
-                        let kicked = if first_round {
+                        // The latest kick: every page marked before it is taken below.
+                        let mut kicked = if first_round {
                             match kicks.recv_timeout(FIRST_ROUND_POLL) {
-                                Ok(()) => true,
-                                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                                Ok(k) => Some(k),
+                                Err(mpsc::RecvTimeoutError::Timeout) => None,
                                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                             }
                         } else {
                             match kicks.recv() {
-                                Ok(()) => true,
+                                Ok(k) => Some(k),
                                 Err(_) => break,
                             }
                         };
-                        first_round &= !kicked;
-                        while kicks.try_recv().is_ok() {}
+                        first_round &= kicked.is_none();
+                        while let Ok(k) = kicks.try_recv() {
+                            kicked = Some(k);
+                        }
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let pages = touched.take();
                         let done = checks.pass(&view, &pages, &stop);
-                        for &page in pages.get(done..).unwrap_or_default() {
+                        let left = pages.get(done..).unwrap_or_default();
+                        for &page in left {
                             touched.mark(page);
                         }
-                        if kicked {
+                        if let Some(k) = kicked {
                             passes.fetch_add(1, Ordering::Release);
+                            if left.is_empty() {
+                                covered.fetch_max(k, Ordering::Release);
+                            }
                         }
                     }
                     checks
@@ -155,6 +168,8 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             kick,
             stop,
             passes,
+            kicks: AtomicU64::new(0),
+            covered,
             touched,
             thread: Some(thread),
         })
@@ -172,9 +187,25 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         Ok((background, view))
     }
 
-    /// A round passed its barrier: check what it changed.
-    pub fn round_applied(&self) {
-        let _ = self.kick.send(());
+    /// A round passed its barrier: check what it changed. Returns the kick's number, for
+    /// [`Self::wait_covered`].
+    pub fn round_applied(&self) -> u64 {
+        let k = self.kicks.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.kick.send(k);
+        k
+    }
+
+    /// Waits until a pass completed that took every page marked before kick `k` (a pass
+    /// in progress when `k` was sent does not count: it took its pages earlier). False if
+    /// the thread has stopped.
+    pub fn wait_covered(&self, k: u64) -> bool {
+        while self.covered.load(Ordering::Acquire) < k {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
     }
 
     /// Passes completed after a barrier so far (each covers every page applied before
@@ -187,7 +218,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
     /// the pages it has not looked at.
     pub fn finish(mut self) -> Option<Finished<C>> {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.kick.send(());
+        let _ = self.kick.send(u64::MAX);
         let checks = self.thread.take().and_then(|t| t.join().ok())?;
         Some(Finished {
             checks,
@@ -199,9 +230,13 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
 impl<C> Drop for BackgroundVerifier<C> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.kick.send(());
+        let _ = self.kick.send(u64::MAX);
     }
 }
+
+/// A memory's data pages (a bit per page; holes clear), asked for only when a verifier
+/// reads all of memory: finding them walks the whole file, too slow for the pause otherwise.
+pub type DataPages<'a> = &'a dyn Fn() -> Option<Vec<u64>>;
 
 /// Hashes of the pages of a block copy (blocks of one or two pages).
 pub fn block_page_hashes(block: &[u8]) -> [u128; 2] {

@@ -1,10 +1,16 @@
 //! The source of a same-host handover (`send --handover`, [`hand_over`]): no page is
-//! copied. The guest is paused, its memory's file descriptor and its state go over the unix
-//! socket, and once the destination committed, the guest ends and this process drops every
-//! mapping and descriptor of its memory before it lets the destination resume it.
+//! copied. The guest's memory goes over the unix socket as a file descriptor while the
+//! guest still runs, so the destination can check it in the background; rounds of the pages
+//! the guest wrote meanwhile (the dirty tracker's lists, no contents) tell it what to check
+//! again, until a round is short. Then the guest is paused, the last list and its state go,
+//! and once the destination committed, the guest ends and this process drops every mapping
+//! and descriptor of its memory before it lets the destination resume it. The pause thus
+//! costs what the last round changed, not what the guest holds.
 //!
 //! ```text
-//! Hello{HANDOVER} --accepted--> pause --> MemoryHandover (+ fd), GuestState
+//! Hello{HANDOVER} --accepted--> MemoryHandover (+ fd)
+//!   { HandoverDirty{round r} --> HandoverAck{r} }*        the guest runs
+//!   pause --> HandoverDirty{PAUSED}, GuestState
 //!   --CommitReply{committed}--> guest ended and dropped --> Handover --> Resumed, GuestSamples
 //! any error before the commit acknowledgement: guest resumed (and handed back), Abort sent
 //! ```
@@ -12,6 +18,7 @@
 use std::os::fd::OwnedFd;
 use std::time::{Instant, SystemTime};
 
+use crate::converge::SwitchReason;
 use crate::guest::migratable::MigratableGuest;
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::SendConfig;
@@ -20,10 +27,12 @@ use crate::migration::digest::DIGEST_SKIPPED_HANDOVER;
 use crate::migration::error::SendError;
 use crate::migration::transport::{Frame, FrameReader, Socket};
 use crate::migration::wire::{
-    AbortCode, CommitStatus, GuestState, Hello, MemoryHandover, Message, RefuseCode,
-    FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST,
+    AbortCode, CommitStatus, GuestState, HandoverDirty, Hello, MemoryHandover, Message, RefuseCode,
+    FEATURE_HANDOVER, FEATURE_MEMORY_DIGEST, HANDOVER_MORE, HANDOVER_PAUSED,
 };
-use crate::telemetry::stats::{unix_ns, CpuTime, MigrationOutcome, MigrationStats, Role};
+use crate::telemetry::stats::{
+    unix_ns, CpuTime, MigrationOutcome, MigrationStats, Role, RoundStats,
+};
 
 use super::report::{settings, warm_up, SendReport};
 use super::round::unexpected;
@@ -169,30 +178,90 @@ fn run(
         }
         other => return Err(unexpected("a hello reply", other)),
     }
-    if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
-        channels.abort(AbortCode::Cancelled, CANCELLED.into())?;
-        return Ok(HandedOver::Cancelled);
-    }
-    let t = Instant::now();
-    let paused_at_ns = unix_ns(SystemTime::now());
-    let mut blob = guest.pause().map_err(SendError::Guest)?;
-    cfg.faults.corrupt_guest_state(&mut blob);
-    let tx_count = guest.tx_count();
-    stats.switchover_ms.pause_and_collect = Some(t.elapsed().as_secs_f64() * 1e3);
+    // Tracking restarts now: every write from here on is in some round's list, and the
+    // destination reads every page after it has the descriptor.
+    collect(guest)?;
     let fd: OwnedFd = guest
         .memory()
         .file()
         .try_clone()
         .map_err(SendError::Socket)?
         .into();
-    let t = Instant::now();
     channels.send_message_with_fd(
         &Message::MemoryHandover(MemoryHandover {
             guest_size: guest.size(),
-            paused_at_unix_ns: paused_at_ns,
         }),
         fd,
     )?;
+    let mut round = 1u32;
+    let mut previous = f64::INFINITY;
+    let mut collected_at = Instant::now();
+    let reason = loop {
+        if crate::migration::interrupt::requested(cfg.cancel.as_ref()) {
+            channels.abort(AbortCode::Cancelled, CANCELLED.into())?;
+            return Ok(HandedOver::Cancelled);
+        }
+        let t = Instant::now();
+        let (pages, collect_time) = collect(guest)?;
+        let dirty = pages.len() as u64;
+        // The guest's write rate over the time this round's list covers.
+        let rate = dirty as f64 / collected_at.elapsed().as_secs_f64().max(1e-6);
+        collected_at = Instant::now();
+        let sent_before = channels.bytes_sent();
+        send_dirty(channels, round, 0, 0, pages)?;
+        match reader.read_frame()? {
+            Frame::Control(Message::HandoverAck(a)) if a.round == round => {}
+            Frame::Control(Message::CommitReply(r)) => {
+                return Err(SendError::CommitRefused {
+                    status: r.status,
+                    reason: r.reason,
+                    their_digest: DIGEST_SKIPPED_HANDOVER.into(),
+                })
+            }
+            other => return Err(unexpected("the handover round's acknowledgement", other)),
+        }
+        stats.per_round.push(RoundStats {
+            round: u64::from(round),
+            dirty_pages: dirty,
+            wire_bytes: channels.bytes_sent() - sent_before,
+            duration_ms: t.elapsed().as_secs_f64() * 1e3,
+            dirty_log_ms: collect_time.as_secs_f64() * 1e3,
+            dirty_pages_per_s: rate,
+            ..RoundStats::default()
+        });
+        round += 1;
+        // What the pause would have to check now: the pages written while the destination
+        // checked this round's (it read all of memory in the first).
+        let expected = rate * collected_at.elapsed().as_secs_f64();
+        if expected <= SHORT_ROUND_PAGES as f64 {
+            break SwitchReason::TargetReached;
+        }
+        if expected >= previous {
+            break SwitchReason::StoppedShrinking;
+        }
+        if round > MAX_LIVE_ROUNDS {
+            break SwitchReason::Forced;
+        }
+        previous = expected;
+    };
+    stats.switchover_reason = Some(reason);
+    let t = Instant::now();
+    let paused_at_ns = unix_ns(SystemTime::now());
+    let mut blob = guest.pause().map_err(SendError::Guest)?;
+    cfg.faults.corrupt_guest_state(&mut blob);
+    let tx_count = guest.tx_count();
+    let (last, collect_time) = collect(guest)?;
+    stats.switchover_ms.pause_and_collect = Some(t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
+    stats.per_round.push(RoundStats {
+        round: u64::from(round),
+        paused: true,
+        dirty_pages: last.len() as u64,
+        dirty_log_ms: collect_time.as_secs_f64() * 1e3,
+        ..RoundStats::default()
+    });
+    stats.rounds = u64::from(round);
+    send_dirty(channels, round, HANDOVER_PAUSED, paused_at_ns, last)?;
     channels.send_message(&Message::GuestState(GuestState {
         guest_kind: guest.kind(),
         tx_count,
@@ -213,6 +282,74 @@ fn run(
     stats.digest = Some(DIGEST_SKIPPED_HANDOVER.into());
     stats.converged = true;
     Ok(HandedOver::Committed { paused_at_ns })
+}
+
+/// The rounds end once the pause is expected to list this few pages: checking them again
+/// at the pause costs a few milliseconds (a block read and hashed per page).
+const SHORT_ROUND_PAGES: u64 = 1024;
+
+/// Live rounds at most before the pause, whatever they cost.
+const MAX_LIVE_ROUNDS: u32 = 30;
+
+/// The pages `guest` wrote since the previous call, and how long collecting took. Tracking
+/// of each restarts here (no page is read for sending: a tracker that re-arms lazily is
+/// re-armed page by page, and one that compares contents is shown the page as it is now).
+fn collect(guest: &mut dyn MigratableGuest) -> Result<(Vec<u64>, std::time::Duration), SendError> {
+    let t = Instant::now();
+    let limit = guest.size() / PAGE_SIZE as u64;
+    let tracker = guest.tracker();
+    let pages = tracker.collect().map_err(SendError::Tracker)?;
+    if pages.last().is_some_and(|&p| p >= limit) {
+        return Err(SendError::Tracker(std::io::Error::other(format!(
+            "{} tracker reported a page beyond the guest's {limit} pages",
+            tracker.name()
+        ))));
+    }
+    let contents = tracker.needs_sent_pages();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for &p in &pages {
+        guest.tracker().before_read(p).map_err(SendError::Tracker)?;
+        if contents {
+            guest.memory().read_at(p as usize * PAGE_SIZE, &mut page);
+            guest.tracker().page_sent(p, &page);
+        }
+    }
+    Ok((pages, t.elapsed()))
+}
+
+/// Sends round `round`'s `pages` in as many `HandoverDirty` messages as they need, `flags`
+/// on each ([`HANDOVER_MORE`] on all but the last); `paused_at_unix_ns`: the pause's
+/// instant (with [`HANDOVER_PAUSED`]), or 0.
+fn send_dirty(
+    channels: &mut SourceChannels,
+    round: u32,
+    flags: u32,
+    paused_at_unix_ns: u64,
+    pages: Vec<u64>,
+) -> Result<(), SendError> {
+    let mut parts = pages.chunks(HandoverDirty::MAX_PAGES).peekable();
+    if parts.peek().is_none() {
+        return channels.send_message(&Message::HandoverDirty(HandoverDirty {
+            round,
+            flags,
+            paused_at_unix_ns,
+            pages: Vec::new(),
+        }));
+    }
+    while let Some(part) = parts.next() {
+        let more = if parts.peek().is_some() {
+            HANDOVER_MORE
+        } else {
+            0
+        };
+        channels.send_message(&Message::HandoverDirty(HandoverDirty {
+            round,
+            flags: flags | more,
+            paused_at_unix_ns,
+            pages: part.to_vec(),
+        }))?;
+    }
+    Ok(())
 }
 
 /// The handshake's `Hello` for `guest` (its features are the caller's).

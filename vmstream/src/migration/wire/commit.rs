@@ -1,6 +1,6 @@
 //! The switchover: the paused guest's [`GuestState`] and memory [`Digest`] (or, in a
-//! handover, its memory itself: [`MemoryHandover`]), and the destination's verdict,
-//! [`CommitReply`].
+//! handover, its memory itself: [`MemoryHandover`], and the pages the guest rewrote since:
+//! [`HandoverDirty`], [`HandoverAck`]), and the destination's verdict, [`CommitReply`].
 
 use super::fields::{at_least, exact, push_reason, reason_of, Fields};
 use super::{FrameType, GuestKind, WireError, MAX_REASON_LEN};
@@ -125,15 +125,14 @@ impl Digest {
     }
 }
 
-/// `MemoryHandover`: the paused guest's memory itself, as a file descriptor passed with
-/// this frame's first byte over a unix socket (`SCM_RIGHTS`), instead of its pages and
-/// digest (24-byte body; `send --handover`).
+/// `MemoryHandover`: the guest's memory itself, as a file descriptor passed with this
+/// frame's first byte over a unix socket (`SCM_RIGHTS`), instead of its pages (24-byte body;
+/// `send --handover`). Sent while the guest still runs: the destination checks the memory
+/// in the background while [`HandoverDirty`] lists tell it what the guest rewrote since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryHandover {
     /// Bytes of guest memory: the size the descriptor's file must have.
     pub guest_size: u64,
-    /// CLOCK_REALTIME instant of the pause, ns since the Unix epoch (downtime start).
-    pub paused_at_unix_ns: u64,
 }
 
 impl MemoryHandover {
@@ -142,26 +141,142 @@ impl MemoryHandover {
 
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.guest_size.to_le_bytes());
-        out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
-        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&[0; 16]);
     }
 
     pub(super) fn decode(body: &[u8]) -> Result<MemoryHandover, WireError> {
         const K: FrameType = FrameType::MemoryHandover;
         exact(K, body, Self::LEN)?;
         let mut f = Fields::new(body);
-        let (guest_size, paused_at_unix_ns) = (f.u64(), f.u64());
-        let reserved = f.u64();
+        let guest_size = f.u64();
+        for field in ["reserved", "reserved"] {
+            let v = f.u64();
+            if v != 0 {
+                return Err(WireError::BadField {
+                    kind: K.name(),
+                    field,
+                    value: v,
+                });
+            }
+        }
+        Ok(MemoryHandover { guest_size })
+    }
+}
+
+/// [`HandoverDirty`] flag: the guest is paused and this round's list is the last.
+pub const HANDOVER_PAUSED: u32 = 1 << 0;
+/// [`HandoverDirty`] flag: another `HandoverDirty` of the same round follows.
+pub const HANDOVER_MORE: u32 = 1 << 1;
+
+/// `HandoverDirty`: part of the pages the guest wrote into the handed-over memory during a
+/// round (24-byte header + 8 per page, strictly ascending, at most
+/// [`HandoverDirty::MAX_PAGES`]). The destination checks them again; it answers the last
+/// part of a live round with a [`HandoverAck`], and the last part of the paused round with
+/// its `CommitReply`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverDirty {
+    /// The round, from 1; the same in every part of a round.
+    pub round: u32,
+    /// [`HANDOVER_PAUSED`], [`HANDOVER_MORE`].
+    pub flags: u32,
+    /// With [`HANDOVER_PAUSED`]: CLOCK_REALTIME of the pause, ns since the Unix epoch (the
+    /// downtime's start); 0 otherwise.
+    pub paused_at_unix_ns: u64,
+    /// Page numbers, strictly ascending.
+    pub pages: Vec<u64>,
+}
+
+impl HandoverDirty {
+    /// Fixed part of the body.
+    pub const FIXED_LEN: usize = 24;
+    /// Most pages one message lists.
+    pub const MAX_PAGES: usize = 8192;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.paused_at_unix_ns.to_le_bytes());
+        out.extend_from_slice(&(self.pages.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for p in &self.pages {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<HandoverDirty, WireError> {
+        const K: FrameType = FrameType::HandoverDirty;
+        at_least(K, body, Self::FIXED_LEN, 8 * Self::MAX_PAGES)?;
+        let mut f = Fields::new(body);
+        let (round, flags, paused_at_unix_ns) = (f.u32(), f.u32(), f.u64());
+        let count = f.u32() as usize;
+        let reserved = f.u32();
+        let bad = |field, value| WireError::BadField {
+            kind: K.name(),
+            field,
+            value,
+        };
+        if round == 0 {
+            return Err(bad("round", 0));
+        }
+        if flags & !(HANDOVER_PAUSED | HANDOVER_MORE) != 0 {
+            return Err(bad("flags", u64::from(flags)));
+        }
+        if (flags & HANDOVER_PAUSED != 0) != (paused_at_unix_ns != 0) {
+            return Err(bad("paused_at_unix_ns", paused_at_unix_ns));
+        }
+        if reserved != 0 {
+            return Err(bad("reserved", u64::from(reserved)));
+        }
+        exact(K, body, Self::FIXED_LEN + 8 * count)?;
+        let pages: Vec<u64> = (0..count).map(|_| f.u64()).collect();
+        if let Some(w) = pages.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(bad("pages (not strictly ascending)", w[1]));
+        }
+        Ok(HandoverDirty {
+            round,
+            flags,
+            paused_at_unix_ns,
+            pages,
+        })
+    }
+}
+
+/// `HandoverAck`: the destination checked every page of the handed-over memory the source
+/// listed up to `round` (16-byte body), and how many pages it read for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoverAck {
+    /// The live round whose last [`HandoverDirty`] this answers.
+    pub round: u32,
+    /// Pages the destination's checks took since the previous acknowledgement.
+    pub pages_checked: u64,
+}
+
+impl HandoverAck {
+    /// Body length.
+    pub const LEN: usize = 16;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.pages_checked.to_le_bytes());
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<HandoverAck, WireError> {
+        const K: FrameType = FrameType::HandoverAck;
+        exact(K, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        let round = f.u32();
+        let reserved = f.u32();
         if reserved != 0 {
             return Err(WireError::BadField {
                 kind: K.name(),
                 field: "reserved",
-                value: reserved,
+                value: u64::from(reserved),
             });
         }
-        Ok(MemoryHandover {
-            guest_size,
-            paused_at_unix_ns,
+        Ok(HandoverAck {
+            round,
+            pages_checked: f.u64(),
         })
     }
 }

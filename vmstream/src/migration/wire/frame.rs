@@ -5,9 +5,10 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    DiskDigests, Disks, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
-    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
-    QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
+    HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
+    PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
+    MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -71,13 +72,17 @@ pub enum FrameType {
     QemuIncoming = 0x2e,
     /// Source -> destination: each disk's digest at the pause (after the `Digest`).
     DiskDigests = 0x2f,
+    /// Source -> destination: pages the guest wrote into handed-over memory in a round.
+    HandoverDirty = 0x34,
+    /// Destination -> source: the pages of a handover's live round are checked.
+    HandoverAck = 0x35,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 27] = [
+    pub const ALL: [FrameType; 29] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -104,6 +109,8 @@ impl FrameType {
         FrameType::PostcopyReconnect,
         FrameType::QemuIncoming,
         FrameType::DiskDigests,
+        FrameType::HandoverDirty,
+        FrameType::HandoverAck,
         FrameType::Abort,
     ];
 
@@ -141,6 +148,8 @@ impl FrameType {
             FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
             FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
+            FrameType::HandoverDirty => HandoverDirty::FIXED_LEN + 8 * HandoverDirty::MAX_PAGES,
+            FrameType::HandoverAck => HandoverAck::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -175,6 +184,8 @@ impl FrameType {
             FrameType::PostcopyReconnect => "postcopy-reconnect",
             FrameType::QemuIncoming => "qemu-incoming",
             FrameType::DiskDigests => "disk-digests",
+            FrameType::HandoverDirty => "handover-dirty",
+            FrameType::HandoverAck => "handover-ack",
             FrameType::Abort => "abort",
         }
     }

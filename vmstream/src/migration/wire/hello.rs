@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(&f[4..8], &(Hello::LEN as u32 + 4).to_le_bytes());
         let b = &f[FRAME_HEADER_LEN..];
         assert_eq!(&b[..8], b"VMSTREAM");
-        assert_eq!(&b[8..10], &[5, 0]);
+        assert_eq!(&b[8..10], &[6, 0]);
         assert_eq!(b[10], 1);
         assert_eq!(&b[12..16], &4096u32.to_le_bytes());
         assert_eq!(&b[16..24], &(256u64 << 20).to_le_bytes());

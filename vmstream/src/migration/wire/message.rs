@@ -3,10 +3,10 @@
 
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
-    DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, Hello,
-    HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
-    PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, WireError,
-    BODY_CRC_LEN, FRAME_HEADER_LEN,
+    DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
+    HandoverDirty, Hello, HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed,
+    PostcopyPage, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
+    WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -62,6 +62,10 @@ pub enum Message {
     Disks(Disks),
     /// See [`DiskDigests`].
     DiskDigests(DiskDigests),
+    /// See [`HandoverDirty`].
+    HandoverDirty(HandoverDirty),
+    /// See [`HandoverAck`].
+    HandoverAck(HandoverAck),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -95,6 +99,8 @@ impl Message {
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Disks(_) => FrameType::Disks,
             Message::DiskDigests(_) => FrameType::DiskDigests,
+            Message::HandoverDirty(_) => FrameType::HandoverDirty,
+            Message::HandoverAck(_) => FrameType::HandoverAck,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -128,6 +134,8 @@ impl Message {
             Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Disks(m) => m.encode(&mut out),
             Message::DiskDigests(m) => m.encode(&mut out),
+            Message::HandoverDirty(m) => m.encode(&mut out),
+            Message::HandoverAck(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -187,6 +195,8 @@ impl Message {
             FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Disks => Message::Disks(Disks::decode(body)?),
             FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
+            FrameType::HandoverDirty => Message::HandoverDirty(HandoverDirty::decode(body)?),
+            FrameType::HandoverAck => Message::HandoverAck(HandoverAck::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

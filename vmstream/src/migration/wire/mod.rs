@@ -15,8 +15,8 @@
 //!   [`RefuseCode`]), and [`ChannelHello`], which opens each parallel channel;
 //! - `disk`: the disks that travel with the guest, [`Disks`] and [`DiskDigests`];
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
-//! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`]) and
-//!   [`CommitReply`];
+//! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`] with
+//!   [`HandoverDirty`] and [`HandoverAck`]) and [`CommitReply`];
 //! - `resume`: after the commit, [`QemuIncoming`] (QEMU guests), [`Handover`], [`Resumed`]
 //!   and [`GuestSamples`];
 //! - `postcopy`: the post-copy phase, [`PostcopyOwed`], [`PostcopyStart`], [`PageRequest`],
@@ -42,8 +42,8 @@ pub use crate::guest::GuestKind;
 pub use abort::{Abort, AbortCode};
 pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_BYTES};
 pub use commit::{
-    CommitReply, CommitStatus, Digest, DigestSource, GuestState, MemoryHandover,
-    DIGEST_PAGE_HASHES, MAX_GUEST_STATE_LEN,
+    CommitReply, CommitStatus, Digest, DigestSource, GuestState, HandoverAck, HandoverDirty,
+    MemoryHandover, DIGEST_PAGE_HASHES, HANDOVER_MORE, HANDOVER_PAUSED, MAX_GUEST_STATE_LEN,
 };
 pub use disk::{DiskDigests, Disks, MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
 pub use frame::{
@@ -61,7 +61,7 @@ pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Longest human-readable reason carried in a refusal or abort.
 pub const MAX_REASON_LEN: usize = 1024;
 

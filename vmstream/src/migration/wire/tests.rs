@@ -87,7 +87,22 @@ pub(super) fn all_messages() -> Vec<Message> {
         }),
         Message::MemoryHandover(MemoryHandover {
             guest_size: 64 << 20,
+        }),
+        Message::HandoverDirty(HandoverDirty {
+            round: 3,
+            flags: HANDOVER_MORE,
+            paused_at_unix_ns: 0,
+            pages: vec![1, 2, 9, 1 << 30],
+        }),
+        Message::HandoverDirty(HandoverDirty {
+            round: 4,
+            flags: HANDOVER_PAUSED,
             paused_at_unix_ns: 1_700_000_000_123_456_000,
+            pages: vec![],
+        }),
+        Message::HandoverAck(HandoverAck {
+            round: 3,
+            pages_checked: 12,
         }),
         Message::AuthHello(AuthHello { nonce: [0x11; 32] }),
         Message::AuthChallenge(AuthChallenge {
@@ -172,6 +187,47 @@ fn postcopy_owed_lists_must_ascend_and_pages_carry_no_unknown_flags() {
     assert!(matches!(
         parse(&page.to_frame()),
         Err(WireError::BadField { .. })
+    ));
+}
+
+#[test]
+fn handover_dirty_lists_must_ascend_and_name_the_pause_only_when_paused() {
+    let dirty = |round, flags, paused_at_unix_ns, pages: Vec<u64>| {
+        Message::HandoverDirty(HandoverDirty {
+            round,
+            flags,
+            paused_at_unix_ns,
+            pages,
+        })
+        .to_frame()
+    };
+    let field_of = |frame: Vec<u8>| match parse(&frame) {
+        Err(WireError::BadField { field, .. }) => field,
+        other => panic!("expected a bad field, got {other:?}"),
+    };
+    assert_eq!(
+        field_of(dirty(1, 0, 0, vec![7, 3])),
+        "pages (not strictly ascending)"
+    );
+    assert_eq!(field_of(dirty(0, 0, 0, vec![])), "round");
+    assert_eq!(field_of(dirty(1, 1 << 2, 0, vec![])), "flags");
+    assert_eq!(
+        field_of(dirty(1, HANDOVER_PAUSED, 0, vec![])),
+        "paused_at_unix_ns"
+    );
+    assert_eq!(field_of(dirty(1, 0, 5, vec![])), "paused_at_unix_ns");
+    let mut body = Vec::new();
+    HandoverDirty {
+        round: 1,
+        flags: 0,
+        paused_at_unix_ns: 0,
+        pages: vec![1],
+    }
+    .encode(&mut body);
+    body[16] = 9; // count 9, one page present
+    assert!(matches!(
+        HandoverDirty::decode(&body),
+        Err(WireError::BodyLength { .. })
     ));
 }
 

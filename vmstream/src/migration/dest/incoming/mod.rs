@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::memory::GuestMemory;
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::TouchedPages;
+use crate::migration::dest::verify::{DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -56,12 +56,25 @@ pub trait IncomingGuest {
     /// [`Self::resume`].
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes);
 
+    /// Whether a handover's checks can run before the pause: [`Self::start_background`] on
+    /// a read-only view of the handed-over memory, every page marked, then the pages each
+    /// live round lists, so that [`Self::verify_handed_over`] reads only the last round's.
+    /// Kinds that answer false verify all of it at the pause.
+    fn checks_handover_live(&self) -> bool {
+        false
+    }
+
+    /// Waits until the background took every page marked so far (a handover's live round);
+    /// returns at once without a background.
+    fn wait_checked(&self) {}
+
     /// With `--resume`, in a handover: the workload's verify of the guest's own memory,
     /// handed over by descriptor (`memory`: a private view of it, whose writes, a journal
-    /// replay, stay here; `data`: its data pages, holes skipped). Kept as
+    /// replay, stay here; `data`: its data pages, holes clear, asked for only if the whole
+    /// memory is read). Uses what the background learned, if it ran. Kept as
     /// [`Self::verify_at_pause`] keeps its result; [`Self::resume`] then redoes on the
     /// shared memory whatever the verify changed in its view.
-    fn verify_handed_over(&mut self, memory: &mut [u8], data: Option<&[u64]>);
+    fn verify_handed_over(&mut self, memory: &mut [u8], data: DataPages<'_>);
 
     /// Why the verify at the pause failed, if it did: then nothing is committed.
     fn verify_failure(&self) -> Option<String>;

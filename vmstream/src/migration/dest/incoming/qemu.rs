@@ -282,7 +282,11 @@ impl IncomingGuest for IncomingQemuGuest {
         }
     }
 
-    fn verify_handed_over(&mut self, _memory: &mut [u8], _data: Option<&[u64]>) {
+    fn verify_handed_over(
+        &mut self,
+        _memory: &mut [u8],
+        _data: crate::migration::dest::verify::DataPages<'_>,
+    ) {
         self.started = Some(Err("a QEMU guest cannot be handed over".into()));
     }
 

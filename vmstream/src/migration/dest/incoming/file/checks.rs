@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use crate::guest::file::layout::{get_u64, sb};
 use crate::guest::file::verify::{verify_sparse, ImageVerifyError, ImageVerifyReport, Superblock};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::dest::verify::{block_page_hashes, BackgroundVerifier, BlockChecks};
+use crate::migration::dest::verify::{
+    block_page_hashes, BackgroundVerifier, BlockChecks, DataPages, Finished,
+};
 use crate::migration::digest::PageHashes;
 
 use super::known::KnownBlocks;
@@ -110,18 +112,14 @@ fn same_layout(a: &Superblock, b: &Superblock) -> bool {
 /// recovering an interrupted transaction: nothing is known of it beforehand (a handover).
 pub fn verify_full(
     mem: &mut [u8],
-    data: Option<&[u64]>,
+    data: DataPages<'_>,
 ) -> Result<ImageVerifyReport, ImageVerifyError> {
     let replayed = crate::guest::file::workload::recover(mem)?;
-    verify_sparse(mem, data).map(|mut r| {
+    verify_sparse(mem, data().as_deref()).map(|mut r| {
         r.replayed_journal = replayed;
         r
     })
 }
-
-/// The image's data pages (a bit per page; holes clear), asked for only when the full
-/// verifier runs: finding them walks the whole file, too slow for the pause otherwise.
-pub type DataPages<'a> = &'a dyn Fn() -> Option<Vec<u64>>;
 
 /// The verify at the pause: recovers the journal in `mem`, then checks every block using
 /// what `background` learned, reading only what changed since its last pass. `hashes` must
@@ -132,18 +130,36 @@ pub fn verify_at_pause(
     background: Option<BackgroundVerifier<FileChecks>>,
     data: DataPages<'_>,
 ) -> Result<ImageVerifyReport, ImageVerifyError> {
-    verify_at_pause_reading(mem, hashes, background, data).map(|(report, _)| report)
+    let finished = background.and_then(BackgroundVerifier::finish);
+    verify_finished(mem, hashes, finished, data).map(|(report, _)| report)
 }
 
-/// [`verify_at_pause`], also returning how many blocks and ledger pages the quick path read
-/// (`None`: the full verifier ran).
-fn verify_at_pause_reading(
+/// The verify at the pause of a handover: as [`verify_at_pause`], but no codec hashed the
+/// pages the background has not seen since they changed; they are hashed here, from `mem`
+/// before its recovery (only those pages: the others' hashes read as a zero page's, which
+/// matches a block's known hashes only where it was zero and has not changed since).
+pub fn verify_handed_over(
+    mem: &mut [u8],
+    background: BackgroundVerifier<FileChecks>,
+    data: DataPages<'_>,
+) -> Result<ImageVerifyReport, ImageVerifyError> {
+    let finished = background.finish();
+    let hashes = PageHashes::zeroed((mem.len() / PAGE_SIZE) as u64, PAGE_SIZE);
+    for &p in finished.iter().flat_map(|f| &f.pending) {
+        let at = p as usize * PAGE_SIZE;
+        hashes.update(p, &mem[at..at + PAGE_SIZE]);
+    }
+    verify_finished(mem, &hashes, finished, data).map(|(report, _)| report)
+}
+
+/// [`verify_at_pause`] with what the background `finished` with, also returning how many
+/// blocks and ledger pages the quick path read (`None`: the full verifier ran).
+fn verify_finished(
     mem: &mut [u8],
     hashes: &PageHashes,
-    background: Option<BackgroundVerifier<FileChecks>>,
+    finished: Option<Finished<FileChecks>>,
     data: DataPages<'_>,
 ) -> Result<(ImageVerifyReport, Option<u64>), ImageVerifyError> {
-    let finished = background.and_then(BackgroundVerifier::finish);
     let head = Superblock::read(mem)?;
     let journal_block =
         (get_u64(mem, sb::JOURNAL_SEQ) != 0).then(|| get_u64(mem, sb::JOURNAL_BLOCK));
@@ -362,7 +378,7 @@ mod tests {
         let full =
             crate::guest::file::verify::verify_snapshot(&mut mem.as_mut_slice().to_vec()).unwrap();
         let (quick, read) =
-            verify_at_pause_reading(mem.as_mut_slice(), &hashes, Some(bg), &|| None).unwrap();
+            verify_finished(mem.as_mut_slice(), &hashes, bg.finish(), &|| None).unwrap();
         assert_eq!((quick, read), (full, Some(0)));
 
         let (mut mem, hashes, touched2, bg) = setup();
@@ -379,7 +395,7 @@ mod tests {
         let full =
             crate::guest::file::verify::verify_snapshot(&mut mem.as_mut_slice().to_vec()).unwrap();
         let (quick, read) =
-            verify_at_pause_reading(mem.as_mut_slice(), &hashes, Some(bg), &|| None).unwrap();
+            verify_finished(mem.as_mut_slice(), &hashes, bg.finish(), &|| None).unwrap();
         assert_eq!(quick, full);
         // Five transactions touch at most five blocks and their ledger pages.
         let read = read.expect("the quick path ran");

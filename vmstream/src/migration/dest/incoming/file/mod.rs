@@ -14,7 +14,7 @@ use crate::guest::file::{
 use crate::memory::GuestMemory;
 use crate::migration::dest::incoming::{IncomingGuest, Resumption};
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{BackgroundVerifier, TouchedPages};
+use crate::migration::dest::verify::{BackgroundVerifier, DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -101,8 +101,22 @@ impl IncomingGuest for IncomingFileGuest {
         ));
     }
 
-    fn verify_handed_over(&mut self, memory: &mut [u8], data: Option<&[u64]>) {
-        self.verified = Some(checks::verify_full(memory, data));
+    fn checks_handover_live(&self) -> bool {
+        true
+    }
+
+    fn wait_checked(&self) {
+        if let Some(bg) = &self.background {
+            let k = bg.round_applied();
+            bg.wait_covered(k);
+        }
+    }
+
+    fn verify_handed_over(&mut self, memory: &mut [u8], data: DataPages<'_>) {
+        self.verified = Some(match self.background.take() {
+            Some(bg) => checks::verify_handed_over(memory, bg, data),
+            None => checks::verify_full(memory, data),
+        });
         self.recover_at_resume = true;
     }
 

@@ -92,7 +92,11 @@ impl IncomingGuest for IncomingKvmGuest {
         self.verified = Some(verify_pending(image, hashes, self.background.take()));
     }
 
-    fn verify_handed_over(&mut self, memory: &mut [u8], _data: Option<&[u64]>) {
+    fn verify_handed_over(
+        &mut self,
+        memory: &mut [u8],
+        _data: crate::migration::dest::verify::DataPages<'_>,
+    ) {
         let ram: &[u8] = memory;
         self.verified = Some(
             crate::guest::kvm::Params::read_from(ram)
