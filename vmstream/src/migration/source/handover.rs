@@ -286,7 +286,7 @@ fn run(
 
 /// The rounds end once the pause is expected to list this few pages: checking them again
 /// at the pause costs a few milliseconds (a block read and hashed per page).
-const SHORT_ROUND_PAGES: u64 = 1024;
+const SHORT_ROUND_PAGES: u64 = 256;
 
 /// Live rounds at most before the pause, whatever they cost.
 const MAX_LIVE_ROUNDS: u32 = 30;
