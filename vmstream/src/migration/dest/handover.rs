@@ -134,20 +134,20 @@ impl Dest<'_> {
         }
         let pages = hello.guest_size / PAGE_SIZE as u64;
         let touched = Arc::new(TouchedPages::new(pages));
-        if self.cfg.resume && guest.checks_handover_live() {
+        if self.cfg.resume {
             // Every page first (the memory is the guest's, not a fresh image), then what the
             // rounds list. Without the background the verify at the pause reads it all.
             for p in 0..pages {
                 touched.mark(p);
             }
-            let view = file
+            let started = file
                 .try_clone()
                 .and_then(|f| {
                     GuestMemory::from_file(f, MapMode::SharedReadOnly)
                         .map_err(std::io::Error::other)
                 })
-                .and_then(|view| guest.start_background(view, Arc::clone(&touched)));
-            if let Err(e) = view {
+                .and_then(|view| guest.start_handover_checks(view, Arc::clone(&touched)));
+            if let Err(e) = started {
                 self.cfg.notices.warning(format!(
                     "checking the handed-over memory before the pause failed ({e}): all of it \
                      is verified at the pause"

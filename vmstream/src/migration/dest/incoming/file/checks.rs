@@ -37,8 +37,38 @@ pub struct FileChecks {
     /// The image's file, which copies are read from (see `pass`), also at the pause.
     file: Option<std::fs::File>,
     head: Vec<u8>,
-    block: Vec<u8>,
+    purpose: Purpose,
 }
+
+/// What the background checks serve.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Purpose {
+    /// A copying migration: checks on the calling thread (the receiver's workers need the
+    /// cores), remembering the page hashes of every block (the pause skips a block whose
+    /// pages the codec left as they were).
+    #[default]
+    Copy,
+    /// A handover: checks on all cores (they are all the work there is), without the active
+    /// blocks' page hashes (no codec hashes the pages that change: the pause reads every
+    /// block holding one).
+    Handover,
+}
+
+impl FileChecks {
+    /// The checks of a handover's memory (see [`Purpose::Handover`]).
+    pub fn for_handover() -> FileChecks {
+        FileChecks {
+            purpose: Purpose::Handover,
+            ..FileChecks::default()
+        }
+    }
+}
+
+/// Blocks read with one `pread` at most (contiguous blocks; 1 MiB of 8 KiB blocks).
+const RUN_BLOCKS: u64 = 128;
+
+/// Blocks taken between two looks at the stop flag.
+const BATCH_BLOCKS: usize = 8192;
 
 impl BlockChecks for FileChecks {
     fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize {
@@ -65,38 +95,92 @@ impl BlockChecks for FileChecks {
         if self.file.is_none() {
             self.file = view.file().try_clone().ok();
         }
-        let block = &mut self.block;
-        block.resize(s.geometry().block_size as usize, 0);
         let mut page = [0u8; PAGE_SIZE];
-        // Copies come from the file (the receiver writes the image with pwrite): reading
-        // them through the view would fault its page tables in, 4 KiB at a time.
-        let read = |at: usize, buf: &mut [u8]| {
-            use std::os::unix::fs::FileExt;
-            if view.file().read_exact_at(buf, at as u64).is_err() {
-                view.read_at(at, buf);
-            }
-        };
-        let mut last = u64::MAX;
+        let mut blocks: Vec<u64> = Vec::new();
+        // Pages before `i` are taken once `blocks` is.
+        let mut taken = 0;
         for (i, &p) in pages.iter().enumerate() {
-            if stop.load(Ordering::Relaxed) {
-                return i;
+            if blocks.len() >= BATCH_BLOCKS {
+                if stop.load(Ordering::Relaxed) {
+                    return taken;
+                }
+                check_blocks(view, &s, known, &blocks, self.purpose);
+                blocks.clear();
+                taken = i;
             }
             if known.is_ledger_page(p) {
-                read(p as usize * PAGE_SIZE, &mut page);
+                read_copy(view, p as usize * PAGE_SIZE, &mut page);
                 known.take_ledger_page(p, &page);
-                continue;
+            } else if let Some(b) = known.block_of_page(p) {
+                if blocks.last() != Some(&b) {
+                    blocks.push(b);
+                }
             }
-            let Some(b) = known.block_of_page(p) else {
-                continue;
-            };
-            if b == last {
-                continue;
-            }
-            last = b;
-            read(s.geometry().block_offset(b), block);
-            known.take_block(b, block, block_page_hashes(block));
         }
+        if stop.load(Ordering::Relaxed) {
+            return taken;
+        }
+        check_blocks(view, &s, known, &blocks, self.purpose);
         pages.len()
+    }
+}
+
+/// Reads `buf` at `at` of the image: from its file (the receiver writes the image with
+/// pwrite, and reading through the view would fault its page tables in, 4 KiB at a time),
+/// or through the view if that fails.
+fn read_copy(view: &GuestMemory, at: usize, buf: &mut [u8]) {
+    use std::os::unix::fs::FileExt;
+    if view.file().read_exact_at(buf, at as u64).is_err() {
+        view.read_at(at, buf);
+    }
+}
+
+/// Takes the current copies of `blocks` (ascending) into `known`: runs of contiguous
+/// blocks are read with one `pread`, and checked as `purpose` says.
+fn check_blocks(
+    view: &GuestMemory,
+    s: &Superblock,
+    known: &mut KnownBlocks,
+    blocks: &[u64],
+    purpose: Purpose,
+) {
+    let g = s.geometry();
+    let bs = g.block_size as usize;
+    let mut runs: Vec<&[u64]> = Vec::new();
+    let mut start = 0;
+    for i in 1..=blocks.len() {
+        let ends =
+            i == blocks.len() || blocks[i] != blocks[i - 1] + 1 || (i - start) as u64 == RUN_BLOCKS;
+        if ends {
+            runs.push(&blocks[start..i]);
+            start = i;
+        }
+    }
+    let known_now: &KnownBlocks = known;
+    let check_run = |buf: &mut Vec<u8>, run: &&[u64]| {
+        buf.resize(run.len() * bs, 0);
+        read_copy(view, g.block_offset(run[0]), buf);
+        run.iter()
+            .zip(buf.chunks(bs))
+            .map(|(&b, bytes)| {
+                // An inactive block passes by being zero, which its hashes tell.
+                let hashes = if purpose == Purpose::Copy || b >= s.active_blocks {
+                    block_page_hashes(bytes)
+                } else {
+                    [0; 2]
+                };
+                (b, hashes, known_now.content_of(b, bytes))
+            })
+            .collect::<Vec<_>>()
+    };
+    let checked: Vec<Vec<_>> = if purpose == Purpose::Handover {
+        runs.par_iter().map_init(Vec::new, check_run).collect()
+    } else {
+        let mut buf = Vec::new();
+        runs.iter().map(|r| check_run(&mut buf, r)).collect()
+    };
+    for (b, hashes, content) in checked.into_iter().flatten() {
+        known.set_block(b, hashes, content);
     }
 }
 
@@ -306,12 +390,20 @@ mod tests {
 
     const SIZE: u64 = 4 << 20;
 
-    fn setup() -> (
+    type Setup = (
         GuestMemory,
         Arc<PageHashes>,
         Arc<TouchedPages>,
         BackgroundVerifier<FileChecks>,
-    ) {
+    );
+
+    fn setup() -> Setup {
+        setup_with(FileChecks::default())
+    }
+
+    /// A formatted guest memory, its page hashes and touched pages (every page written so
+    /// far), and a background running `checks` on it.
+    fn setup_with(checks: FileChecks) -> Setup {
         let mut mem = GuestMemory::memfd("dest-verify", SIZE).unwrap();
         format(
             mem.as_mut_slice(),
@@ -322,9 +414,7 @@ mod tests {
         let touched = Arc::new(TouchedPages::new(mem.pages()));
         rehash(&mem, &hashes, &touched);
         let view = open_view(mem.path()).unwrap();
-        let bg =
-            BackgroundVerifier::start(Arc::new(view), Arc::clone(&touched), FileChecks::default())
-                .unwrap();
+        let bg = BackgroundVerifier::start(Arc::new(view), Arc::clone(&touched), checks).unwrap();
         (mem, hashes, touched, bg)
     }
 
@@ -404,8 +494,9 @@ mod tests {
     }
 
     /// Random interleavings of transactions, background passes and damage (a flipped byte, a
-    /// stale ledger entry, a zeroed block, each "sent" so the page hashes know it): the
-    /// pause's verdict is always the full verifier's.
+    /// stale ledger entry, a zeroed block, each "sent" so the page hashes and the touched
+    /// pages know it): the pause's verdict is always the full verifier's, in copying
+    /// migrations and in handovers.
     #[test]
     fn pause_verdicts_equal_the_full_verifiers_under_random_damage() {
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -415,8 +506,15 @@ mod tests {
             rng ^= rng << 17;
             rng % n
         };
-        for _case in 0..40 {
-            let (mut mem, hashes, touched, bg) = setup();
+        for case in 0..80 {
+            // Even cases as in a copying migration, odd ones as in a handover (no hashes of
+            // the changed pages at the pause).
+            let handover = case % 2 == 1;
+            let (mut mem, hashes, touched, bg) = if handover {
+                setup_with(FileChecks::for_handover())
+            } else {
+                setup()
+            };
             let s = Superblock::read(mem.as_mut_slice()).unwrap();
             let g = s.geometry();
             // At most one damage per case (at step 0-3; 4: none), so that a quick pass that
@@ -448,8 +546,12 @@ mod tests {
             }
             let mut copy = mem.as_mut_slice().to_vec();
             let expected = crate::guest::file::verify::verify_snapshot(&mut copy);
-            let got = verify_at_pause(mem.as_mut_slice(), &hashes, Some(bg), &|| None);
-            assert_eq!(got, expected);
+            let got = if handover {
+                verify_handed_over(mem.as_mut_slice(), bg, &|| None)
+            } else {
+                verify_at_pause(mem.as_mut_slice(), &hashes, Some(bg), &|| None)
+            };
+            assert_eq!(got, expected, "case {case}");
         }
     }
 
@@ -460,7 +562,7 @@ mod tests {
     #[test]
     fn a_handed_over_memory_is_verified_from_the_background_and_the_last_round() {
         use crate::guest::file::layout::{get_u32, put_u32, put_u64, JOURNAL_UPDATE_SIZE};
-        let (mut mem, hashes, touched, bg) = setup();
+        let (mut mem, hashes, touched, bg) = setup_with(FileChecks::for_handover());
         for p in 0..mem.pages() {
             touched.mark(p);
         }

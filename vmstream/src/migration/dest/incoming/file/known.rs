@@ -109,12 +109,6 @@ impl KnownBlocks {
         }
     }
 
-    /// Block `b` now holds `bytes` (pages hashing `hashes`): takes its checks' result.
-    pub fn take_block(&mut self, b: u64, bytes: &[u8], hashes: [u128; 2]) {
-        let content = self.content_of(b, bytes);
-        self.set_block(b, hashes, content);
-    }
-
     /// What block `b`'s own checks say of `bytes` (`None`: they fail, or it is inactive).
     pub fn content_of(&self, b: u64, bytes: &[u8]) -> Option<BlockContent> {
         (b < self.layout.active_blocks)

@@ -101,8 +101,17 @@ impl IncomingGuest for IncomingFileGuest {
         ));
     }
 
-    fn checks_handover_live(&self) -> bool {
-        true
+    fn start_handover_checks(
+        &mut self,
+        view: GuestMemory,
+        touched: Arc<TouchedPages>,
+    ) -> std::io::Result<bool> {
+        // All of memory in the first pass, with nothing else to do: on all cores.
+        let (background, view) =
+            BackgroundVerifier::open(view, touched, FileChecks::for_handover())?;
+        self.background = Some(background);
+        self.view = Some(view);
+        Ok(true)
     }
 
     fn wait_checked(&self) {
