@@ -29,6 +29,11 @@ fn unix_receiver(sock: &Path, args: &[&str]) -> Proc {
 
 /// `vmstream send` of a new 64 MiB dbsim guest process on `src` to `unix:SOCK`.
 fn file_sender(src: &Path, sock: &Path, extra: &[&str]) -> Proc {
+    file_sender_env(src, sock, extra, &[])
+}
+
+/// [`file_sender`] with `envs` set (fault hooks).
+fn file_sender_env(src: &Path, sock: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
     let to = format!("unix:{}", sock.display());
     let mut args = vec![
         "send",
@@ -47,7 +52,7 @@ fn file_sender(src: &Path, sock: &Path, extra: &[&str]) -> Proc {
         "--no-progress",
     ];
     args.extend_from_slice(extra);
-    Proc::vmstream("send", &args, &[])
+    Proc::vmstream("send", &args, envs)
 }
 
 /// `vmstream send --kvm` of a new 2-vCPU 64 MiB dbsim guest (RAM a memfd) to `unix:SOCK`.
@@ -397,6 +402,32 @@ fn a_handover_the_destination_refuses_leaves_the_process_guest_running() {
     let (s_status, _) = send.wait_exit();
     assert_eq!(s_status.code(), Some(1));
     assert!(send.stderr().contains("size mismatch"), "{}", send.stderr());
+    assert_source_guest_runs(&src);
+}
+
+#[test]
+fn a_handover_round_naming_a_page_beyond_the_guest_is_refused_and_the_guest_runs_on() {
+    let _g = serial();
+    let dir = TmpDir::new("handover-beyond");
+    let (src, sock) = (dir.path("src.img"), dir.path("m.sock"));
+    let mut recv = unix_receiver(&sock, &["--resume"]);
+    let mut send = file_sender_env(
+        &src,
+        &sock,
+        &["--handover"],
+        &[("VMSTREAM_TEST_HANDOVER_PAGE_BEYOND", "1")],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (r_status, _) = recv.wait_exit();
+    assert_eq!(r_status.code(), Some(1), "{}", recv.stderr());
+    assert!(
+        recv.stderr().contains("beyond the guest's 16384 pages"),
+        "{}",
+        recv.stderr()
+    );
+    let (s_status, _) = send.wait_exit();
+    assert_eq!(s_status.code(), Some(1), "{}", send.stderr());
+    assert!(send.stderr().contains("beyond"), "{}", send.stderr());
     assert_source_guest_runs(&src);
 }
 

@@ -32,6 +32,10 @@ pub const CORRUPT_POSTCOPY_PAGE_ENV: &str = "VMSTREAM_TEST_CORRUPT_POSTCOPY_PAGE
 /// ([`SourceFaults::drop_postcopy_link_after`]).
 pub const DROP_POSTCOPY_LINK_ENV: &str = "VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER";
 
+/// Set (to anything): a handover's first live round lists a page beyond the guest
+/// ([`SourceFaults::handover_page_beyond`]).
+pub const HANDOVER_PAGE_BEYOND_ENV: &str = "VMSTREAM_TEST_HANDOVER_PAGE_BEYOND";
+
 /// The faults the environment asks for; an unparsable value is an error (a test hook that
 /// silently did nothing would make its test pass for the wrong reason).
 pub fn source_faults() -> Result<SourceFaults, String> {
@@ -47,6 +51,7 @@ pub fn source_faults() -> Result<SourceFaults, String> {
         });
     }
     faults.crash_after_commit = std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some();
+    faults.handover_page_beyond = std::env::var_os(HANDOVER_PAGE_BEYOND_ENV).is_some();
     if let Some(v) = var(CORRUPT_STATE_ENV) {
         faults.corrupt_guest_state_at = Some(
             v.trim()

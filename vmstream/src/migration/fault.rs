@@ -62,6 +62,9 @@ pub struct SourceFaults {
     /// A byte of this disk's digest (`DiskDigests`) is flipped after the pause: the
     /// destination must refuse the commit (digest mismatch) and commit no image.
     pub corrupt_disk_digest: Option<usize>,
+    /// A handover's first live round also lists the page after the guest's last (a broken
+    /// or hostile source): the destination must refuse it, and the guest runs on here.
+    pub handover_page_beyond: bool,
 }
 
 /// See [`SourceFaults::missed_write`]. The page should be one the guest never writes (its

@@ -202,8 +202,11 @@ fn run(
             return Ok(HandedOver::Cancelled);
         }
         let t = Instant::now();
-        let (pages, collect_time) = collect(guest)?;
+        let (mut pages, collect_time) = collect(guest)?;
         let dirty = pages.len() as u64;
+        if round == 1 && cfg.faults.handover_page_beyond {
+            pages.push(guest.size() / PAGE_SIZE as u64);
+        }
         // The guest's write rate over the time this round's list covers.
         let rate = dirty as f64 / collected_at.elapsed().as_secs_f64().max(1e-6);
         collected_at = Instant::now();
