@@ -174,6 +174,7 @@ mod tests {
             corrupt_postcopy_page: None,
             drop_postcopy_link_after: None,
             corrupt_disk_digest: None,
+            handover_page_beyond: false,
         };
         assert_eq!(plan.on_channel(0), vec![(9, StreamFault::Drop)]);
         assert_eq!(plan.on_channel(1), vec![(5, StreamFault::Corrupt)]);
