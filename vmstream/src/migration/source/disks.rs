@@ -9,13 +9,14 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::memory::{data_pages_of, PAGE_SIZE};
-use crate::migration::config::{DiskTracking, SendConfig};
+use crate::migration::config::{DiskTracking, SendConfig, DEFAULT_DISK_GRANULARITY};
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{disk_digest, hex, page_hash};
 use crate::migration::error::SendError;
 use crate::migration::wire::{DiskDigests, Disks};
 use crate::telemetry::disk::DiskStats;
 use crate::track::disk::{granule_runs, DiskTracker, HashDiskTracker};
+use crate::track::BitmapDiskTracker;
 
 /// One disk on its way.
 struct SourceDisk {
@@ -70,28 +71,42 @@ impl SourceDisks {
     /// `memory_pages` of guest memory. Every granule holding data is pending (the bulk
     /// copy); holes are skipped (a write into one after this instant is tracked).
     pub(super) fn open(cfg: &SendConfig, memory_pages: u64) -> Result<SourceDisks, SendError> {
-        let granularity = cfg.disk_settings.granularity;
-        let per = granularity / PAGE_SIZE as u64;
+        let settings = &cfg.disk_settings;
         let zero = page_hash(&[0u8; PAGE_SIZE]);
         let mut first_page = memory_pages;
         let mut disks = Vec::with_capacity(cfg.disks.len());
+        // With builtin tracking the granularity is the guest's bitmaps' (asked for, or
+        // adopted from the first disk's).
+        let mut granularity = settings.granularity;
         for path in &cfg.disks {
             let err =
                 |e: std::io::Error| SendError::Config(format!("--disk {}: {e}", path.display()));
             let file = File::open(path).map_err(err)?;
             let size = file.metadata().map_err(err)?.len();
             // Tracking starts before the data is looked up: a write from here on is seen.
-            let tracker: Box<dyn DiskTracker> = match cfg.disk_settings.tracking {
-                DiskTracking::Hash => Box::new(
-                    HashDiskTracker::open(path, granularity)
-                        .map_err(|e| err(std::io::Error::other(e)))?,
-                ),
+            let tracker: Box<dyn DiskTracker> = match settings.tracking {
+                DiskTracking::Hash => {
+                    let g = *granularity.get_or_insert(DEFAULT_DISK_GRANULARITY);
+                    Box::new(
+                        HashDiskTracker::open(path, g)
+                            .map_err(|e| err(std::io::Error::other(e)))?,
+                    )
+                }
                 DiskTracking::Builtin => {
-                    return Err(SendError::Config(
-                        "--disk-tracking builtin: no block layer in this build".into(),
-                    ))
+                    let t = BitmapDiskTracker::open(path, size).map_err(err)?;
+                    let g = *granularity.get_or_insert(t.granularity());
+                    if t.granularity() != g {
+                        return Err(SendError::Config(format!(
+                            "--disk {}: its guest tracks writes at a granularity of {} bytes, \
+                             not {g} (--disk-granularity)",
+                            path.display(),
+                            t.granularity()
+                        )));
+                    }
+                    Box::new(t)
                 }
             };
+            let per = tracker.granularity() / PAGE_SIZE as u64;
             let data = data_pages_of(&file, size as usize).map_err(err)?;
             let pages: Vec<u64> = (0..size / PAGE_SIZE as u64)
                 .filter(|&p| !crate::memory::page_is_hole(&data, p))
@@ -100,7 +115,7 @@ impl SourceDisks {
             let stats = DiskStats {
                 path: path.display().to_string(),
                 size,
-                granularity,
+                granularity: tracker.granularity(),
                 tracking: Some(tracker.name().into()),
                 ..Default::default()
             };
@@ -118,6 +133,7 @@ impl SourceDisks {
             });
             first_page += size / PAGE_SIZE as u64;
         }
+        let granularity = granularity.unwrap_or(DEFAULT_DISK_GRANULARITY);
         Ok(SourceDisks {
             disks,
             granularity,
@@ -140,11 +156,17 @@ impl SourceDisks {
     }
 
     /// Adds the granules written since the last collect to the pending ones; returns the
-    /// pages now pending, all disks.
-    pub(super) fn collect(&mut self) -> Result<u64, SendError> {
+    /// pages now pending, all disks. `stopped`: the guest is paused (the final collect,
+    /// which also takes writes it was stopped in the middle of).
+    pub(super) fn collect(&mut self, stopped: bool) -> Result<u64, SendError> {
         let per = self.granularity / PAGE_SIZE as u64;
         for d in &mut self.disks {
-            let dirty = d.tracker.collect().map_err(SendError::Tracker)?;
+            let dirty = if stopped {
+                d.tracker.collect_stopped()
+            } else {
+                d.tracker.collect()
+            }
+            .map_err(SendError::Tracker)?;
             if let Some(w) = d.tracker.take_written_bytes() {
                 d.stats.guest_bytes_written += w;
             }

@@ -324,7 +324,7 @@ impl<'a> Source<'a> {
         let (newly, collect_time) = self.collect_dirty(false)?;
         self.collect_time = collect_time;
         let disk_pending = match self.io.disks.as_mut() {
-            Some(d) => d.collect()?,
+            Some(d) => d.collect(false)?,
             None => 0,
         };
         let dirtied = newly.len() as u64;

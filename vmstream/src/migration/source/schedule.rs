@@ -33,7 +33,7 @@ impl Source<'_> {
             };
             self.guest.check_alive().map_err(SendError::Guest)?;
             let pending = match self.io.disks.as_mut() {
-                Some(d) => d.collect()?,
+                Some(d) => d.collect(false)?,
                 None => 0,
             };
             self.impact.round(&rs, 0);
