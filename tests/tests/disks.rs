@@ -567,3 +567,49 @@ fn a_started_diskio_guest_migrates_its_disks_with_the_block_layers_bitmap() {
         ],
     );
 }
+
+#[test]
+fn a_resumed_dbsim_disk_guest_runs_on_its_migrated_memory_and_disks_and_verifies_both() {
+    let _g = serial();
+    let dir = TmpDir::new("disks-resume");
+    let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
+    let mut args = vec![
+        "--memory-file".to_string(),
+        dir.path("dst.img").to_str().unwrap().to_string(),
+        "--resume".into(),
+        "--run-for".into(),
+        "1500ms".into(),
+        "--stats-json".into(),
+        dir.path("recv.json").to_str().unwrap().to_string(),
+        "--io-timeout".into(),
+        "10s".into(),
+    ];
+    args.extend(disk_args(&targets));
+    let (mut recv, port) = start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (mut send, _) = started_disk_guest_sender(
+        &dir,
+        port,
+        &["--workload", "dbsim", "--rate", "3000", "--io-rate", "1M"],
+        &["--max-bandwidth", "8M"],
+    );
+    let _guest = KillPid(guest_pid(&mut send));
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
+    let (status, lines) = recv.wait_exit();
+    assert_eq!(status.code(), Some(0), "recv: {}", recv.stderr());
+    // The resumed guest ran on: more transactions and more disk writes, and its memory
+    // and both disks verified together once it stopped.
+    let verify = line_starting(&lines, "verify ok");
+    assert!(
+        field(verify, "tx=") > field(verify, "resumed_from="),
+        "{verify}"
+    );
+    assert_eq!(field(verify, "disks="), 2, "{verify}");
+    assert!(field(verify, "disk_writes=") > 0, "{verify}");
+    let after = guest_verify(&dir.path("dst.img"), &targets).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        after.iter().any(|l| l.starts_with("ok disks=2")),
+        "{after:?}"
+    );
+    assert_builtin_disk_stats(&dir);
+}

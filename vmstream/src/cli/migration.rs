@@ -747,9 +747,18 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
             r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
         ),
-        ResumedRun::File { tx_start, report } => println!(
-            "verify ok tx={} resumed_from={tx_start} blocks={}",
-            report.tx_count, report.blocks
+        ResumedRun::File {
+            tx_start,
+            report,
+            disks,
+        } => println!(
+            "verify ok tx={} resumed_from={tx_start} blocks={}{}",
+            report.tx_count,
+            report.blocks,
+            disks.map_or_else(String::new, |d| format!(
+                " disks={} disk_writes={} disk_written_blocks={}",
+                d.disks, d.writes, d.written_blocks
+            ))
         ),
     }
     if let Some(p) = &cfg.stats_json {
