@@ -613,3 +613,72 @@ fn a_resumed_dbsim_disk_guest_runs_on_its_migrated_memory_and_disks_and_verifies
     );
     assert_builtin_disk_stats(&dir);
 }
+
+/// A diskio guest writing its disks at 16 MB/s over an 8 MB/s link: without disk write QoS
+/// its disks' backlog never shrinks and the migration gives up at --timeout (the guest
+/// runs on); with it the guest's writes are capped through its block layer until the
+/// backlog drains, and the migration commits, the cap in the statistics and the timeline.
+#[test]
+fn a_diskio_guest_faster_than_the_link_converges_only_with_disk_write_qos() {
+    let _g = serial();
+    let workload = [
+        "--workload",
+        "diskio",
+        "--io-size",
+        "64K",
+        "--io-rate",
+        "16M",
+    ];
+    for (qos, timeout) in [("off", "8s"), ("on", "60s")] {
+        let dir = TmpDir::new(&format!("disks-qos-{qos}"));
+        let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
+        let (mut recv, port) = disk_receiver(&dir, &targets);
+        let extra = [
+            "--max-bandwidth",
+            "8M",
+            "--timeout",
+            timeout,
+            "--disk-qos",
+            qos,
+        ];
+        let (mut send, disks) = started_disk_guest_sender(&dir, port, &workload, &extra);
+        let _guest = KillPid(guest_pid(&mut send));
+        let (status, _) = send.wait_exit();
+        let (recv_status, _) = recv.wait_exit();
+        let sent = read_stats(&dir.path("send.json"));
+        let limits: Vec<u64> = sent["timeline"]["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["disk_write_limit"].as_u64().unwrap())
+            .collect();
+        if qos == "off" {
+            assert_eq!(status.code(), Some(3), "send: {}", send.stderr());
+            assert!(
+                send.stderr().contains("did not converge"),
+                "{}",
+                send.stderr()
+            );
+            assert_eq!(recv_status.code(), Some(1), "recv: {}", recv.stderr());
+            assert!(limits.iter().all(|&l| l == 0), "{limits:?}");
+            for d in sent["disks"].as_array().unwrap() {
+                assert!(d["write_limit_min"].is_null(), "{d}");
+            }
+            continue;
+        }
+        assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
+        assert_eq!(recv_status.code(), Some(0), "recv: {}", recv.stderr());
+        assert!(limits.iter().any(|&l| l > 0), "{limits:?}");
+        for d in sent["disks"].as_array().unwrap() {
+            let cap = d["write_limit_min"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{d}"));
+            assert!(cap > 0 && cap < 16 << 20, "{d}");
+            assert!(d["write_limited_ms"].as_f64().unwrap() > 0.0, "{d}");
+        }
+        for (src, dst) in disks.iter().zip(&targets) {
+            assert!(files_identical(src, dst), "{} differs", dst.display());
+        }
+        guest_verify(&dir.path("dst.img"), &targets).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

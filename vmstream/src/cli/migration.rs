@@ -263,6 +263,11 @@ pub struct SendArgs {
     /// iterate (resend dirty granules round by round) or mirror (not built yet).
     #[arg(long, value_enum, default_value = "iterate")]
     pub disk_mode: DiskModeArg,
+    /// Disk write QoS: when the disks' dirty backlog stops shrinking, cap the guest's disk
+    /// writes through its block layer (halved each round it still does not shrink, lifted
+    /// as it drains); builtin tracking only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub disk_qos: OnOff,
 }
 
 /// `--disk-tracking`.
@@ -516,6 +521,7 @@ impl SendArgs {
                 DiskModeArg::Iterate => DiskMode::Iterate,
                 DiskModeArg::Mirror => DiskMode::Mirror,
             },
+            qos: self.disk_qos == OnOff::On,
         };
         #[cfg(feature = "fault-injection")]
         {

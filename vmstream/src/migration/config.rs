@@ -103,6 +103,9 @@ pub struct DiskSettings {
     pub schedule: DiskSchedule,
     /// Iterate or mirror.
     pub mode: DiskMode,
+    /// Disk write QoS: cap the guest's disk writes when the disks' backlog stops
+    /// shrinking (builtin tracking only; `--disk-qos`).
+    pub qos: bool,
 }
 
 impl Default for DiskSettings {
@@ -112,6 +115,7 @@ impl Default for DiskSettings {
             tracking: DiskTracking::Hash,
             schedule: DiskSchedule::Slices,
             mode: DiskMode::Iterate,
+            qos: true,
         }
     }
 }

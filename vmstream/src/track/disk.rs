@@ -65,6 +65,12 @@ pub trait DiskTracker: Send {
         let _ = bytes_per_s;
         false
     }
+
+    /// How long the guest's writes waited for [`Self::limit_writes`]' cap since the tracker
+    /// was opened (zero for a writer that cannot be capped).
+    fn limit_waited(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// The runs of granules (of `pages_per_granule` pages each) that hold the sorted `pages`.

@@ -22,6 +22,8 @@ pub struct BitmapDiskTracker {
     written: u64,
     /// Whether this tracker set a write limit (lifted on drop).
     limited: bool,
+    /// The bitmap's limiter-wait counter when tracking started.
+    waited: std::time::Duration,
 }
 
 impl BitmapDiskTracker {
@@ -50,10 +52,12 @@ impl BitmapDiskTracker {
         // its write): the bulk copy reads it.
         let _ = bitmap.take_all();
         let written = bitmap.bytes_written();
+        let waited = bitmap.limit_wait();
         BitmapDiskTracker {
             bitmap,
             written,
             limited: false,
+            waited,
         }
     }
 
@@ -122,6 +126,10 @@ impl DiskTracker for BitmapDiskTracker {
             .set_write_limit(bytes_per_s.map_or(0, |b| b.max(1)));
         self.limited = bytes_per_s.is_some();
         true
+    }
+
+    fn limit_waited(&self) -> std::time::Duration {
+        self.bitmap.limit_wait().saturating_sub(self.waited)
     }
 }
 

@@ -329,6 +329,7 @@ impl<'a> Source<'a> {
         };
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
+        self.disk_qos(&rs);
         if self.cfg.postcopy == PostcopyMode::Now {
             self.impact.round(&rs, dirtied);
             self.stats.per_round.push(rs);
