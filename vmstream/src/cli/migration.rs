@@ -24,7 +24,7 @@ use crate::guest::migratable::open_guest;
 use crate::guest::qemu::{QemuAfter, QemuSpec};
 use crate::migration::config::{
     encoder_config, parse_compression, DiskMode, DiskSchedule, DiskSettings, DiskTracking,
-    RecvConfig, SendConfig,
+    RecvConfig, SendConfig, DEFAULT_DISK_GRANULARITY,
 };
 use crate::migration::connect::auth::AuthKey;
 use crate::migration::dest::{
@@ -247,11 +247,13 @@ pub struct SendArgs {
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
-    /// Dirty-tracking granule of the disks: a power of two from 4K to 1M.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
-    pub disk_granularity: u64,
-    /// How the disks' dirty granules are found: hash (per-page content hashes: any
-    /// writer; the default for now) or builtin (the block layer's bitmap; not built yet).
+    /// Dirty-tracking granule of the disks: a power of two from 4K to 1M [default: with
+    /// builtin tracking the guest's bitmaps' (64K for a guest send starts), else 64K].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub disk_granularity: Option<u64>,
+    /// How the disks' dirty granules are found: builtin (the dirty bitmap the guest's
+    /// block layer marks; the default for a guest send starts with --workload dbsim or
+    /// diskio) or hash (per-page content hashes: any writer; the default otherwise).
     #[arg(long, value_enum)]
     pub disk_tracking: Option<DiskTrackingArg>,
     /// How disks and memory share the link: slices (the disks' bulk copy first, memory
@@ -261,6 +263,11 @@ pub struct SendArgs {
     /// iterate (resend dirty granules round by round) or mirror (not built yet).
     #[arg(long, value_enum, default_value = "iterate")]
     pub disk_mode: DiskModeArg,
+    /// Disk write QoS: when the disks' dirty backlog stops shrinking, cap the guest's disk
+    /// writes through its block layer (halved each round it still does not shrink, lifted
+    /// as it drains); builtin tracking only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub disk_qos: OnOff,
 }
 
 /// `--disk-tracking`.
@@ -398,6 +405,9 @@ impl SendArgs {
                 Vec::new()
             },
             create_size: self.disk_size,
+            // The guest's bitmaps at the granularity asked for (the sender drops a stale
+            // bitmap of another one before the guest starts).
+            granularity: self.disk_granularity.or(Some(DEFAULT_DISK_GRANULARITY)),
             workload: disk_kind
                 .filter(|_| !self.disks.is_empty())
                 .map(|kind| DiskParams {
@@ -406,18 +416,7 @@ impl SendArgs {
                     io_rate: self.io_rate.unwrap_or(DEFAULT_IO_RATE),
                     seed: WorkloadParams::new(ImageWorkloadKind::Idle).seed,
                 }),
-            ..GuestDisks::default()
         };
-        if disks.workload.is_some() {
-            // Both halves are built (the guest's block layer, the disks' migration with hash
-            // tracking); a started guest that writes the disks it migrates is not wired (a
-            // workload without a disk mode leaves them to other writers).
-            return Err(
-                "migrating the disks a guest send starts writes is not wired yet: start it with \
-                 `vmstream guest run --disk ...` and migrate it with `send --pid PID --disk ...`"
-                    .into(),
-            );
-        }
         Ok((kind, disks))
     }
 
@@ -501,11 +500,18 @@ impl SendArgs {
         cfg.postcopy_recover_timeout = self.postcopy_recover_timeout;
         cfg.insecure = self.insecure;
         cfg.disks = self.disks.clone();
+        // A started guest that writes its disks marks their bitmaps: builtin by default.
+        let guest_writes_disks = matches!(
+            &cfg.guest,
+            GuestSpec::Spawn { disks, .. } if disks.workload.is_some()
+        );
         cfg.disk_settings = DiskSettings {
             granularity: self.disk_granularity,
             tracking: match self.disk_tracking {
                 Some(DiskTrackingArg::Builtin) => DiskTracking::Builtin,
-                Some(DiskTrackingArg::Hash) | None => DiskTracking::Hash,
+                Some(DiskTrackingArg::Hash) => DiskTracking::Hash,
+                None if guest_writes_disks => DiskTracking::Builtin,
+                None => DiskTracking::Hash,
             },
             schedule: match self.disk_schedule {
                 DiskScheduleArg::Slices => DiskSchedule::Slices,
@@ -515,6 +521,7 @@ impl SendArgs {
                 DiskModeArg::Iterate => DiskMode::Iterate,
                 DiskModeArg::Mirror => DiskMode::Mirror,
             },
+            qos: self.disk_qos == OnOff::On,
         };
         #[cfg(feature = "fault-injection")]
         {
@@ -746,9 +753,18 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
             r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
         ),
-        ResumedRun::File { tx_start, report } => println!(
-            "verify ok tx={} resumed_from={tx_start} blocks={}",
-            report.tx_count, report.blocks
+        ResumedRun::File {
+            tx_start,
+            report,
+            disks,
+        } => println!(
+            "verify ok tx={} resumed_from={tx_start} blocks={}{}",
+            report.tx_count,
+            report.blocks,
+            disks.map_or_else(String::new, |d| format!(
+                " disks={} disk_writes={} disk_written_blocks={}",
+                d.disks, d.writes, d.written_blocks
+            ))
         ),
     }
     if let Some(p) = &cfg.stats_json {

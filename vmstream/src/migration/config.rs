@@ -94,37 +94,45 @@ pub const DEFAULT_DISK_GRANULARITY: u64 = 64 << 10;
 /// How the source migrates its disks.
 #[derive(Debug, Clone)]
 pub struct DiskSettings {
-    /// Dirty granule in bytes: a power of two in 4 KiB..=1 MiB.
-    pub granularity: u64,
+    /// Dirty granule in bytes: a power of two in 4 KiB..=1 MiB. `None`: the bitmap's with
+    /// builtin tracking (all disks' must agree), else [`DEFAULT_DISK_GRANULARITY`].
+    pub granularity: Option<u64>,
     /// How dirty granules are found.
     pub tracking: DiskTracking,
     /// How disk and memory share the link.
     pub schedule: DiskSchedule,
     /// Iterate or mirror.
     pub mode: DiskMode,
+    /// Disk write QoS: cap the guest's disk writes when the disks' backlog stops
+    /// shrinking (builtin tracking only; `--disk-qos`).
+    pub qos: bool,
 }
 
 impl Default for DiskSettings {
     fn default() -> Self {
         DiskSettings {
-            granularity: DEFAULT_DISK_GRANULARITY,
+            granularity: None,
             tracking: DiskTracking::Hash,
             schedule: DiskSchedule::Slices,
             mode: DiskMode::Iterate,
+            qos: true,
         }
     }
 }
 
 impl DiskSettings {
-    /// Refuses what this build cannot do with `disks`, before anything starts.
-    pub fn check(&self, disks: &[PathBuf]) -> Result<(), String> {
+    /// Refuses what this build cannot do with `disks`, before anything starts; a disk
+    /// that does not exist yet is fine if the guest to start creates it (`creates`: its
+    /// `--disk-size`, when the started guest writes the disks).
+    pub fn check(&self, disks: &[PathBuf], creates: Option<u64>) -> Result<(), String> {
         use crate::migration::wire::{MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
-        let g = self.granularity;
-        if !g.is_power_of_two() || !(MIN_DISK_GRANULARITY..=MAX_DISK_GRANULARITY).contains(&g) {
-            return Err(format!(
-                "--disk-granularity {g}: must be a power of two from 4 KiB to 1 MiB \
-                 (4096 to 1048576 bytes)"
-            ));
+        if let Some(g) = self.granularity {
+            if !g.is_power_of_two() || !(MIN_DISK_GRANULARITY..=MAX_DISK_GRANULARITY).contains(&g) {
+                return Err(format!(
+                    "--disk-granularity {g}: must be a power of two from 4 KiB to 1 MiB \
+                     (4096 to 1048576 bytes)"
+                ));
+            }
         }
         if disks.len() > MAX_DISKS {
             return Err(format!("{} --disk given: at most {MAX_DISKS}", disks.len()));
@@ -132,22 +140,17 @@ impl DiskSettings {
         if disks.is_empty() {
             return Ok(());
         }
-        if self.tracking == DiskTracking::Builtin {
-            return Err(
-                "--disk-tracking builtin: this build has no block layer for the \
-                 guest to write its disks through yet; use --disk-tracking hash"
-                    .into(),
-            );
-        }
         if self.mode == DiskMode::Mirror {
             return Err(
                 "--disk-mode mirror is not implemented yet; use --disk-mode iterate".into(),
             );
         }
         for d in disks {
-            let len = std::fs::metadata(d)
-                .map_err(|e| format!("--disk {}: {e}", d.display()))?
-                .len();
+            let len = match (std::fs::metadata(d), creates) {
+                (Ok(m), _) => m.len(),
+                (Err(e), Some(size)) if e.kind() == std::io::ErrorKind::NotFound => size,
+                (Err(e), _) => return Err(format!("--disk {}: {e}", d.display())),
+            };
             if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
                 return Err(format!(
                     "--disk {}: its size {len} is not a non-zero multiple of {PAGE_SIZE} bytes",
@@ -314,7 +317,23 @@ impl SendConfig {
         if self.io_timeout.is_zero() {
             return Err("--io-timeout must be above 0".into());
         }
-        self.disk_settings.check(&self.disks)?;
+        // A started guest that writes its disks creates the missing ones (--disk-size).
+        let (creates, guest_writes_disks) = match &self.guest {
+            GuestSpec::Spawn { disks, .. } if disks.workload.is_some() => (disks.create_size, true),
+            _ => (None, false),
+        };
+        if self.disk_settings.tracking == DiskTracking::Builtin
+            && !self.disks.is_empty()
+            && matches!(self.guest, GuestSpec::Spawn { .. })
+            && !guest_writes_disks
+        {
+            return Err(
+                "--disk-tracking builtin: the started guest's workload does not write its \
+                 disks through the block layer (dbsim and diskio do); use --disk-tracking hash"
+                    .into(),
+            );
+        }
+        self.disk_settings.check(&self.disks, creates)?;
         if self.handover && !self.disks.is_empty() {
             return Err("--handover moves memory only; --disk needs a copying migration".into());
         }

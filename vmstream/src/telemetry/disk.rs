@@ -33,6 +33,13 @@ pub struct DiskStats {
     pub digest: Option<String>,
     /// The disk was committed (destination) or the destination committed it (source).
     pub committed: bool,
+    /// Disk write QoS (source): the tightest cap put on the guest's writes to this disk,
+    /// bytes/s (`None`: never capped).
+    pub write_limit_min: Option<u64>,
+    /// Disk write QoS: how long a cap was in force, ms.
+    pub write_limited_ms: f64,
+    /// Disk write QoS: how long the guest's writes to this disk waited for the cap, ms.
+    pub write_limit_wait_ms: f64,
 }
 
 impl DiskStats {
@@ -83,7 +90,10 @@ mod tests {
                 "path",
                 "rounds",
                 "size",
-                "tracking"
+                "tracking",
+                "write_limit_min",
+                "write_limit_wait_ms",
+                "write_limited_ms"
             ]
         );
     }

@@ -97,6 +97,12 @@ impl ImpactRecorder {
         self.recorder.throttle(self.start.elapsed(), fraction);
     }
 
+    /// The guest's disk write cap (disk write QoS) became `bytes_per_s` now (0: lifted).
+    pub fn disk_write_limit(&mut self, bytes_per_s: u64) {
+        self.recorder
+            .disk_write_limit(self.start.elapsed(), bytes_per_s);
+    }
+
     /// The guest was paused now.
     pub fn pause(&mut self) {
         self.recorder.pause(self.start.elapsed());
@@ -142,6 +148,7 @@ impl ImpactRecorder {
                     t_ms: at_ms(b.0),
                     tps: b.1.saturating_sub(a.1) as f64 / secs,
                     throttle: 0.0,
+                    disk_write_limit: 0,
                 });
             }
         }

@@ -113,6 +113,7 @@ pub fn timeline_from_round_stats(v: &Value) -> Option<Timeline> {
             sent_bytes: num(r, "wire_bytes") as u64,
             deferred_bytes: 0,
             throttle: 0.0,
+            disk_write_limit: 0,
             paused,
         });
         start += duration_ms;

@@ -21,6 +21,8 @@ pub struct TimelineSample {
     pub tps: f64,
     /// Throttle fraction in force, 0..=0.99.
     pub throttle: f64,
+    /// Disk write QoS cap in force on all the guest's disk writes, bytes/s (0: none).
+    pub disk_write_limit: u64,
 }
 
 /// One migration round.
@@ -43,6 +45,8 @@ pub struct TimelineRound {
     pub throttle: f64,
     /// The final round, with the guest paused.
     pub paused: bool,
+    /// Disk write QoS cap in force when the round started, bytes/s (0: none).
+    pub disk_write_limit: u64,
 }
 
 /// A remark at a point in time (a strategy's state change).
@@ -109,6 +113,8 @@ fn ms(d: Duration) -> f64 {
 #[derive(Debug, Clone, Default)]
 pub struct TimelineRecorder {
     throttle: Vec<(f64, f64)>,
+    /// Disk write caps as they changed: (ms, bytes/s, 0 = none).
+    disk_write_limit: Vec<(f64, u64)>,
     timeline: Timeline,
 }
 
@@ -132,6 +138,22 @@ impl TimelineRecorder {
             .take_while(|&&(t, _)| t <= t_ms)
             .last()
             .map_or(0.0, |&(_, p)| p)
+    }
+
+    /// The disk write cap became `bytes_per_s` (0: lifted) at `at`.
+    pub fn disk_write_limit(&mut self, at: Duration, bytes_per_s: u64) {
+        if self.disk_write_limit.last().map(|&(_, b)| b) != Some(bytes_per_s) {
+            self.disk_write_limit.push((ms(at), bytes_per_s));
+        }
+    }
+
+    /// The disk write cap in force at `t_ms` (0 before the first change).
+    pub fn disk_write_limit_at(&self, t_ms: f64) -> u64 {
+        self.disk_write_limit
+            .iter()
+            .take_while(|&&(t, _)| t <= t_ms)
+            .last()
+            .map_or(0, |&(_, b)| b)
     }
 
     /// A round that ran from `start` for `duration`.
@@ -161,6 +183,11 @@ impl TimelineRecorder {
             deferred_bytes,
             throttle,
             paused,
+            disk_write_limit: if paused {
+                0
+            } else {
+                self.disk_write_limit_at(start_ms)
+            },
         });
     }
 
@@ -204,6 +231,11 @@ impl TimelineRecorder {
                         0.0
                     } else {
                         self.throttle_at(t_ms)
+                    },
+                    disk_write_limit: if t_ms >= pause {
+                        0
+                    } else {
+                        self.disk_write_limit_at(t_ms)
                     },
                 }
             })
@@ -268,6 +300,7 @@ mod tests {
             t_ms: 1.0,
             tps: 2.0,
             throttle: 0.5,
+            disk_write_limit: 0,
         });
         t.pause_ms = Some(3.0);
         let json = serde_json::to_string(&t).unwrap();

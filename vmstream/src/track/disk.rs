@@ -16,8 +16,9 @@ use crate::track::{DirtyTracker, HashTracker};
 /// What the source does with it, per round: [`Self::collect`] the dirty runs; for each run
 /// it sends, [`Self::before_read`] and then read the run's bytes, and hand those bytes to
 /// [`Self::granules_sent`]. A write racing with the read is thus reported by the next
-/// collect, never lost. The block layer's bitmap (`--disk-tracking builtin`) implements this
-/// with an atomic take of its dirty words; the hash tracker by comparing hashes.
+/// collect, never lost. The block layer's bitmap (`--disk-tracking builtin`,
+/// [`crate::track::BitmapDiskTracker`]) implements this with an atomic take of its dirty
+/// words; the hash tracker by comparing hashes.
 pub trait DiskTracker: Send {
     /// Short name for the statistics ("hash", "builtin").
     fn name(&self) -> &'static str;
@@ -31,6 +32,13 @@ pub trait DiskTracker: Send {
     /// Granule runs written since the previous call (or since the tracker was created):
     /// sorted, disjoint, not adjacent, in granule indices.
     fn collect(&mut self) -> io::Result<Vec<Range<u64>>>;
+
+    /// The final collection, with the writer stopped: [`Self::collect`], plus whatever a
+    /// writer stopped in the middle of a write may have changed without reporting it yet
+    /// (the block layer's in-flight writes).
+    fn collect_stopped(&mut self) -> io::Result<Vec<Range<u64>>> {
+        self.collect()
+    }
 
     /// Called for every run the source is about to read, before it reads it: a tracker that
     /// re-arms lazily (clears its dirty bits) does so here.
@@ -56,6 +64,12 @@ pub trait DiskTracker: Send {
     fn limit_writes(&mut self, bytes_per_s: Option<u64>) -> bool {
         let _ = bytes_per_s;
         false
+    }
+
+    /// How long the guest's writes waited for [`Self::limit_writes`]' cap since the tracker
+    /// was opened (zero for a writer that cannot be capped).
+    fn limit_waited(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }
 

@@ -22,6 +22,7 @@
 //! destination places the guest's owed pages with.
 
 pub mod disk;
+pub mod disk_bitmap;
 pub mod hash;
 pub mod kvm;
 pub mod uffd;
@@ -32,6 +33,7 @@ use std::io;
 use std::time::Duration;
 
 pub use disk::{DiskTracker, HashDiskTracker};
+pub use disk_bitmap::BitmapDiskTracker;
 pub use hash::HashTracker;
 pub use kvm::KvmDirtyTracker;
 pub use uffd_wp::UffdWpTracker;

@@ -407,6 +407,7 @@ fn plot_never_panics_on_odd_timelines() {
                     t_ms: odd(&mut g),
                     tps: odd(&mut g),
                     throttle: odd(&mut g),
+                    disk_write_limit: 0,
                 })
                 .collect(),
             rounds: (0..n)
@@ -419,6 +420,7 @@ fn plot_never_panics_on_odd_timelines() {
                     deferred_bytes: 0,
                     throttle: odd(&mut g),
                     paused: bool::arbitrary(&mut g),
+                    disk_write_limit: 0,
                 })
                 .collect(),
             pause_ms: Some(odd(&mut g)),

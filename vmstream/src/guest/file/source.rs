@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::disk::bitmap::{bitmap_path, DirtyBitmap};
 use crate::guest::file::disks::GuestDisks;
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::throttle::Throttle;
@@ -155,6 +156,7 @@ fn spawn_guest(
         Some(exe) => exe.to_path_buf(),
         None => std::env::current_exe().map_err(GuestControlError::Spawn)?,
     };
+    drop_stale_bitmaps(disks)?;
     let mut cmd = Command::new(exe);
     let (workload, disk_args) = disks.run_args(*workload);
     cmd.args(["guest", "run", "--memory-file"]).arg(path).args([
@@ -208,6 +210,33 @@ fn spawn_guest(
             }))
         }
     }
+}
+
+/// A fresh guest formats its disks, so their old dirty bits mean nothing: a bitmap left
+/// beside one (`<disk>.dirty`) that the guest would refuse (another granularity than the
+/// one asked for, another disk size, or no disk) is removed before it starts.
+fn drop_stale_bitmaps(disks: &GuestDisks) -> Result<(), GuestControlError> {
+    if disks.workload.is_none() {
+        return Ok(());
+    }
+    for disk in &disks.paths {
+        let path = bitmap_path(disk);
+        if !path.exists() {
+            continue;
+        }
+        let keep = match (DirtyBitmap::open(&path), std::fs::metadata(disk)) {
+            (Ok(b), Ok(m)) => {
+                b.disk_size() == m.len() && disks.granularity.is_none_or(|g| g == b.granularity())
+            }
+            _ => false,
+        };
+        if !keep {
+            std::fs::remove_file(&path).map_err(|e| {
+                GuestControlError::Config(format!("removing the stale {}: {e}", path.display()))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Tells the guest's stderr lines to `notices`, while we run.

@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use crate::guest::file::verify::{verify_file, ImageVerifyReport};
+use crate::guest::file::disks::verify::DiskVerifyReport;
+use crate::guest::file::disks::verify_guest;
+use crate::guest::file::verify::ImageVerifyReport;
 use crate::migration::config::RecvConfig;
 use crate::migration::error::RecvError;
 use crate::telemetry::stats::{MigrationStats, Role};
@@ -45,12 +47,14 @@ pub fn receive_on(cfg: &RecvConfig, listening: Listening) -> RecvReport {
 #[derive(Debug)]
 pub enum ResumedRun {
     /// A guest process: its transactions at the resume, and the workload's verify of the
-    /// memory file once it stopped.
+    /// memory file (and of its disks against it) once it stopped.
     File {
         /// Transactions at the resume.
         tx_start: u64,
         /// The verify after the run.
         report: ImageVerifyReport,
+        /// The disks' verify after the run (`None`: a guest without disks).
+        disks: Option<DiskVerifyReport>,
     },
     /// A KVM guest.
     Kvm(KvmRunOutcome),
@@ -83,13 +87,18 @@ pub fn run_resumed(
     let started = Instant::now();
     let tx_start = guest.ready.tx_count;
     let healthy = guest.join().and_then(|tx_end| {
-        let report = verify_file(&memory)
+        // Memory, and every committed disk against memory's ledgers.
+        let (report, disks) = verify_guest(&memory, &cfg.disks)
             .map_err(|e| RecvError::Resume(format!("verify after run: {e}")))?;
-        Ok((tx_end, report))
+        Ok((tx_end, report, disks))
     });
-    Some(healthy.map(|(tx_end, report)| {
+    Some(healthy.map(|(tx_end, report, disks)| {
         let secs = started.elapsed().as_secs_f64();
         stats.tps.after = Some(tx_end.saturating_sub(tx_start) as f64 / secs.max(1e-9));
-        ResumedRun::File { tx_start, report }
+        ResumedRun::File {
+            tx_start,
+            report,
+            disks,
+        }
     }))
 }

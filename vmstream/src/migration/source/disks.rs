@@ -7,15 +7,19 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use crate::memory::{data_pages_of, PAGE_SIZE};
-use crate::migration::config::{DiskTracking, SendConfig};
+use crate::migration::config::{DiskTracking, SendConfig, DEFAULT_DISK_GRANULARITY};
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{disk_digest, hex, page_hash};
 use crate::migration::error::SendError;
 use crate::migration::wire::{DiskDigests, Disks};
 use crate::telemetry::disk::DiskStats;
 use crate::track::disk::{granule_runs, DiskTracker, HashDiskTracker};
+use crate::track::BitmapDiskTracker;
+
+use super::disk_qos::WriteQos;
 
 /// One disk on its way.
 struct SourceDisk {
@@ -33,6 +37,8 @@ struct SourceDisk {
     /// them are not zero.
     round_pages: u64,
     round_nonzero: u64,
+    /// Bytes the guest wrote to it between the last two collects.
+    written: u64,
     stats: DiskStats,
 }
 
@@ -43,6 +49,14 @@ pub(super) struct SourceDisks {
     /// Whether the bulk copy is still pending (set until the first round that sends it).
     bulk: bool,
     buf: Vec<u8>,
+    /// When the disks were last collected, and the time between the last two collects.
+    collected_at: Instant,
+    interval: Duration,
+    /// Disk write QoS: the cap's controller, and since when a cap is in force.
+    qos: WriteQos,
+    limited_since: Option<Instant>,
+    /// A tracker's writer cannot be capped (hash tracking): QoS is off.
+    qos_unavailable: bool,
 }
 
 /// The union of two sorted lists of disjoint runs.
@@ -70,28 +84,42 @@ impl SourceDisks {
     /// `memory_pages` of guest memory. Every granule holding data is pending (the bulk
     /// copy); holes are skipped (a write into one after this instant is tracked).
     pub(super) fn open(cfg: &SendConfig, memory_pages: u64) -> Result<SourceDisks, SendError> {
-        let granularity = cfg.disk_settings.granularity;
-        let per = granularity / PAGE_SIZE as u64;
+        let settings = &cfg.disk_settings;
         let zero = page_hash(&[0u8; PAGE_SIZE]);
         let mut first_page = memory_pages;
         let mut disks = Vec::with_capacity(cfg.disks.len());
+        // With builtin tracking the granularity is the guest's bitmaps' (asked for, or
+        // adopted from the first disk's).
+        let mut granularity = settings.granularity;
         for path in &cfg.disks {
             let err =
                 |e: std::io::Error| SendError::Config(format!("--disk {}: {e}", path.display()));
             let file = File::open(path).map_err(err)?;
             let size = file.metadata().map_err(err)?.len();
             // Tracking starts before the data is looked up: a write from here on is seen.
-            let tracker: Box<dyn DiskTracker> = match cfg.disk_settings.tracking {
-                DiskTracking::Hash => Box::new(
-                    HashDiskTracker::open(path, granularity)
-                        .map_err(|e| err(std::io::Error::other(e)))?,
-                ),
+            let tracker: Box<dyn DiskTracker> = match settings.tracking {
+                DiskTracking::Hash => {
+                    let g = *granularity.get_or_insert(DEFAULT_DISK_GRANULARITY);
+                    Box::new(
+                        HashDiskTracker::open(path, g)
+                            .map_err(|e| err(std::io::Error::other(e)))?,
+                    )
+                }
                 DiskTracking::Builtin => {
-                    return Err(SendError::Config(
-                        "--disk-tracking builtin: no block layer in this build".into(),
-                    ))
+                    let t = BitmapDiskTracker::open(path, size).map_err(err)?;
+                    let g = *granularity.get_or_insert(t.granularity());
+                    if t.granularity() != g {
+                        return Err(SendError::Config(format!(
+                            "--disk {}: its guest tracks writes at a granularity of {} bytes, \
+                             not {g} (--disk-granularity)",
+                            path.display(),
+                            t.granularity()
+                        )));
+                    }
+                    Box::new(t)
                 }
             };
+            let per = tracker.granularity() / PAGE_SIZE as u64;
             let data = data_pages_of(&file, size as usize).map_err(err)?;
             let pages: Vec<u64> = (0..size / PAGE_SIZE as u64)
                 .filter(|&p| !crate::memory::page_is_hole(&data, p))
@@ -100,7 +128,7 @@ impl SourceDisks {
             let stats = DiskStats {
                 path: path.display().to_string(),
                 size,
-                granularity,
+                granularity: tracker.granularity(),
                 tracking: Some(tracker.name().into()),
                 ..Default::default()
             };
@@ -114,15 +142,22 @@ impl SourceDisks {
                 pending,
                 round_pages: 0,
                 round_nonzero: 0,
+                written: 0,
                 stats,
             });
             first_page += size / PAGE_SIZE as u64;
         }
+        let granularity = granularity.unwrap_or(DEFAULT_DISK_GRANULARITY);
         Ok(SourceDisks {
             disks,
             granularity,
             bulk: true,
             buf: vec![0; granularity as usize],
+            collected_at: Instant::now(),
+            interval: Duration::ZERO,
+            qos: WriteQos::default(),
+            limited_since: None,
+            qos_unavailable: false,
         })
     }
 
@@ -140,17 +175,72 @@ impl SourceDisks {
     }
 
     /// Adds the granules written since the last collect to the pending ones; returns the
-    /// pages now pending, all disks.
-    pub(super) fn collect(&mut self) -> Result<u64, SendError> {
+    /// pages now pending, all disks. `stopped`: the guest is paused (the final collect,
+    /// which also takes writes it was stopped in the middle of).
+    pub(super) fn collect(&mut self, stopped: bool) -> Result<u64, SendError> {
         let per = self.granularity / PAGE_SIZE as u64;
         for d in &mut self.disks {
-            let dirty = d.tracker.collect().map_err(SendError::Tracker)?;
-            if let Some(w) = d.tracker.take_written_bytes() {
-                d.stats.guest_bytes_written += w;
+            let dirty = if stopped {
+                d.tracker.collect_stopped()
+            } else {
+                d.tracker.collect()
             }
+            .map_err(SendError::Tracker)?;
+            d.written = d.tracker.take_written_bytes().unwrap_or(0);
+            d.stats.guest_bytes_written += d.written;
             d.pending = merge_runs(&d.pending, &dirty);
         }
+        self.interval = self.collected_at.elapsed();
+        self.collected_at = Instant::now();
         Ok(self.pending_pages(per))
+    }
+
+    /// Disk write QoS after a round's collect ([`WriteQos`]; a backlog of `negligible`
+    /// bytes fits the switchover): caps the guest's writes to each disk, the cap shared by
+    /// what each disk was written since the previous collect (each gets at least a
+    /// `2 * disks`th of it). Returns the new cap on all the disks' writes when it changed
+    /// (`Some(None)`: lifted).
+    pub(super) fn qos_after_round(&mut self, negligible: u64) -> Option<Option<u64>> {
+        if self.qos_unavailable {
+            return None;
+        }
+        let pending = self.pending_pages(self.granularity / PAGE_SIZE as u64) * PAGE_SIZE as u64;
+        let written: u64 = self.disks.iter().map(|d| d.written).sum();
+        let rate = written as f64 / self.interval.as_secs_f64().max(1e-3);
+        let change = self.qos.after_round(pending, rate, negligible)?;
+        let n = self.disks.len() as u64;
+        let mut obeyed = true;
+        for d in &mut self.disks {
+            let share = change.map(|l| {
+                let by_writes = (l as f64 * d.written as f64 / written.max(1) as f64) as u64;
+                by_writes.max(l / (2 * n)).max(1)
+            });
+            obeyed &= d.tracker.limit_writes(share);
+            if let Some(s) = share {
+                d.stats.write_limit_min = Some(d.stats.write_limit_min.map_or(s, |m| m.min(s)));
+            }
+        }
+        if !obeyed {
+            // The hash tracker's writer is not ours to cap.
+            self.qos_unavailable = true;
+            for d in &mut self.disks {
+                d.tracker.limit_writes(None);
+                d.stats.write_limit_min = None;
+            }
+            return None;
+        }
+        match (change, self.limited_since) {
+            (Some(_), None) => self.limited_since = Some(Instant::now()),
+            (None, Some(t)) => {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                for d in &mut self.disks {
+                    d.stats.write_limited_ms += ms;
+                }
+                self.limited_since = None;
+            }
+            _ => {}
+        }
+        Some(change)
     }
 
     fn pending_pages(&self, per: u64) -> u64 {
@@ -250,6 +340,11 @@ impl SourceDisks {
                 let mut s = d.stats.clone();
                 s.committed = committed;
                 s.set_amplification();
+                // A cap still in force (the guest paused under it).
+                if let Some(t) = self.limited_since {
+                    s.write_limited_ms += t.elapsed().as_secs_f64() * 1e3;
+                }
+                s.write_limit_wait_ms = d.tracker.limit_waited().as_secs_f64() * 1e3;
                 s
             })
             .collect()

@@ -324,11 +324,12 @@ impl<'a> Source<'a> {
         let (newly, collect_time) = self.collect_dirty(false)?;
         self.collect_time = collect_time;
         let disk_pending = match self.io.disks.as_mut() {
-            Some(d) => d.collect()?,
+            Some(d) => d.collect(false)?,
             None => 0,
         };
         let dirtied = newly.len() as u64;
         rs.dirty_pages_per_s = dirtied as f64 / (rs.duration_ms / 1e3);
+        self.disk_qos(&rs);
         if self.cfg.postcopy == PostcopyMode::Now {
             self.impact.round(&rs, dirtied);
             self.stats.per_round.push(rs);

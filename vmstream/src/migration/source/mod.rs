@@ -24,6 +24,7 @@ use crate::telemetry::settings::PageCopies;
 use crate::telemetry::stats::{CpuTime, MigrationStats};
 use crate::telemetry::verification::VerificationStats;
 
+mod disk_qos;
 mod disks;
 mod handover;
 mod machine;

@@ -33,15 +33,14 @@ impl Source<'_> {
             };
             self.guest.check_alive().map_err(SendError::Guest)?;
             let pending = match self.io.disks.as_mut() {
-                Some(d) => d.collect()?,
+                Some(d) => d.collect(false)?,
                 None => 0,
             };
             self.impact.round(&rs, 0);
+            // Disk write QoS: a backlog that stops shrinking caps the guest's writes.
+            self.disk_qos(&rs);
             self.stats.per_round.push(rs);
             round += 1;
-            // Hook for disk write QoS (issue 20): when these rounds stop shrinking, the
-            // block layer's tracker may cap the guest's writes
-            // (`DiskTracker::limit_writes`); the hash tracker's writer cannot be capped.
             // Past --timeout memory's rounds begin, and the policy decides there.
             let late = self.cfg.timeout.is_some_and(|t| self.start.elapsed() >= t);
             if pending == 0

@@ -56,9 +56,10 @@ impl Source<'_> {
         self.inject_missed_write(MissedWriteAt::AtPause)?;
         let (more, collect_time) = self.collect_dirty(true)?;
         let pages = merge_pages(&pending, &more);
-        // The disks' last granules (the hash tracker reads all of their data here).
+        // The disks' last granules, the guest stopped (the hash tracker reads all of
+        // their data here; the bitmap adds the writes stopped before their mark).
         if let Some(d) = self.io.disks.as_mut() {
-            d.collect()?;
+            d.collect(true)?;
         }
         let tx_at_pause = self.guest.tx_count();
         let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);

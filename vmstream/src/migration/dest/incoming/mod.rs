@@ -94,8 +94,8 @@ pub trait IncomingGuest {
     ) -> Result<(), GuestStateError>;
 
     /// The disks committed with the image (`recv --disk`, in the source's order), told
-    /// before [`Self::resume`]: the guest that resumes opens them (a process guest's config
-    /// takes them once guests write disks through the block layer; until then ignored).
+    /// before [`Self::resume`]: the guest that resumes verifies them against its memory
+    /// and writes them (a process guest; other kinds have no disks yet and ignore them).
     fn committed_disks(&mut self, disks: &[std::path::PathBuf]) {
         let _ = disks;
     }

@@ -3,10 +3,11 @@
 //! guest run in this process on the committed image.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::guest::file::disks::GuestDisks;
 use crate::guest::file::verify::{ImageVerifyError, ImageVerifyReport};
 use crate::guest::file::{
     GuestError, GuestSummary, MemorySource, ProcessGuestConfig, ReadyLine, StartMode,
@@ -47,6 +48,8 @@ pub struct IncomingFileGuest {
     recover_at_resume: bool,
     /// Told the lines the resumed guest writes.
     notices: Notices,
+    /// The committed disks the resumed guest runs on (`recv --disk`).
+    disks: Vec<PathBuf>,
 }
 
 impl IncomingFileGuest {
@@ -152,6 +155,10 @@ impl IncomingGuest for IncomingFileGuest {
         Ok(())
     }
 
+    fn committed_disks(&mut self, disks: &[PathBuf]) {
+        self.disks = disks.to_vec();
+    }
+
     fn resume(
         &mut self,
         mut memory: GuestMemory,
@@ -166,7 +173,13 @@ impl IncomingGuest for IncomingFileGuest {
             })?;
         }
         let guest = match self.verified.take() {
-            Some(Ok(report)) => start_guest(memory, Some(report), run_for, self.notices.clone())?,
+            Some(Ok(report)) => start_guest(
+                memory,
+                Some(report),
+                &self.disks,
+                run_for,
+                self.notices.clone(),
+            )?,
             _ => return Err(RecvError::Resume("no verified image to resume".into())),
         };
         let resumption = Resumption {
@@ -264,15 +277,17 @@ pub fn start_guest_postcopy(
     run_for: Option<Duration>,
     notices: Notices,
 ) -> Result<ResumedGuest, RecvError> {
-    start_guest(memory, None, run_for, notices)
+    start_guest(memory, None, &[], run_for, notices)
 }
 
 /// Starts the guest on the committed image `memory` (recovered and verified before the
-/// commit: `report`; None: post-copy, not verified) and waits for it to run; the lines it
-/// writes go to `notices`.
+/// commit: `report`; None: post-copy, not verified) and its committed `disks` (verified
+/// against memory before it runs) and waits for it to run; the lines it writes go to
+/// `notices`.
 fn start_guest(
     memory: GuestMemory,
     report: Option<ImageVerifyReport>,
+    disks: &[PathBuf],
     run_for: Option<Duration>,
     notices: Notices,
 ) -> Result<ResumedGuest, RecvError> {
@@ -284,7 +299,10 @@ fn start_guest(
         duration: run_for,
         control_stdin: false,
         track_writes: false,
-        disks: Default::default(),
+        disks: GuestDisks {
+            paths: disks.to_vec(),
+            ..GuestDisks::default()
+        },
     };
     // Held while the guest runs, as a guest process holds its own: taken on the committed
     // file itself (its name is not looked up again).
