@@ -448,22 +448,47 @@ impl SourceGuest {
     /// released (through copies of its descriptors taken while it was stopped, see
     /// [`super::release`]), and this process's mapping, tracker and descriptors dropped.
     /// The kernel's teardown of the killed process's mappings goes on meanwhile; the child
-    /// is reaped on the side.
+    /// is reaped on the side. Where the descriptors cannot be copied (no permission to
+    /// trace the guest), it waits for the guest's whole exit instead, which drops the lock.
     pub fn end_and_release(mut self) -> Result<(), GuestControlError> {
         let pid = self.pid;
         let signal_error = |e: std::io::Error| GuestControlError::Signal(pid, e);
-        let held = super::release::MemoryDescriptors::take(pid, self.memory.file())
-            .map_err(signal_error)?;
+        let held = super::release::MemoryDescriptors::take(pid, self.memory.file()).ok();
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL)
             .map_err(|e| GuestControlError::Signal(pid, e.into()))?;
-        super::release::wait_until_exiting(pid, EXIT_WAIT).map_err(signal_error)?;
-        held.unlock().map_err(signal_error)?;
-        if let Some(mut c) = self.child.take() {
-            std::thread::spawn(move || {
-                let _ = c.wait();
-            });
-        }
+        let child = self.child.take();
         drop(self);
+        if let Some(held) = held {
+            super::release::wait_until_exiting(pid, EXIT_WAIT).map_err(signal_error)?;
+            held.unlock().map_err(signal_error)?;
+            if let Some(mut c) = child {
+                std::thread::spawn(move || {
+                    let _ = c.wait();
+                });
+            }
+            return Ok(());
+        }
+        if let Some(mut c) = child {
+            return c.wait().map(drop).map_err(signal_error);
+        }
+        let t = Instant::now();
+        // A zombie ("Z") has released its memory and files already.
+        let ended = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        while !ended() {
+            if t.elapsed() > EXIT_WAIT {
+                return Err(signal_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "did not exit after SIGKILL",
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(())
     }
 
