@@ -64,6 +64,9 @@ impl TouchedPages {
     }
 }
 
+/// Passes [`BackgroundVerifier::wait_covered`] asks for again when one leaves pages.
+const MAX_RETRIES: u32 = 100;
+
 /// How often the background checks what landed during round 0.
 const FIRST_ROUND_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -94,9 +97,10 @@ pub struct BackgroundVerifier<C> {
     stop: Arc<AtomicBool>,
     /// Passes completed after a barrier (tests wait on it).
     passes: Arc<AtomicU64>,
-    /// Kicks sent ([`Self::round_applied`]), and the last of them whose pages a completed
-    /// pass covered (see [`Self::wait_covered`]).
+    /// Kicks sent ([`Self::round_applied`]); the last kick a finished pass started from,
+    /// and the last whose pages a pass took all of (see [`Self::wait_covered`]).
     kicks: AtomicU64,
+    taken: Arc<AtomicU64>,
     covered: Arc<AtomicU64>,
     touched: Arc<TouchedPages>,
     thread: Option<JoinHandle<C>>,
@@ -115,9 +119,10 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         let stop = Arc::new(AtomicBool::new(false));
         let passes = Arc::new(AtomicU64::new(0));
         let covered = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
-            let covered = Arc::clone(&covered);
+            let (covered, taken) = (Arc::clone(&covered), Arc::clone(&taken));
             let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
@@ -155,10 +160,11 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                             touched.mark(page);
                         }
                         if let Some(k) = kicked {
-                            passes.fetch_add(1, Ordering::Release);
                             if left.is_empty() {
                                 covered.fetch_max(k, Ordering::Release);
                             }
+                            taken.fetch_max(k, Ordering::Release);
+                            passes.fetch_add(1, Ordering::Release);
                         }
                     }
                     checks
@@ -169,6 +175,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             stop,
             passes,
             kicks: AtomicU64::new(0),
+            taken,
             covered,
             touched,
             thread: Some(thread),
@@ -196,12 +203,24 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
     }
 
     /// Waits until a pass completed that took every page marked before kick `k` (a pass
-    /// in progress when `k` was sent does not count: it took its pages earlier). False if
-    /// the thread has stopped.
-    pub fn wait_covered(&self, k: u64) -> bool {
+    /// in progress when `k` was sent does not count: it took its pages earlier). A pass that
+    /// started from `k` but left pages (the image was not consistent to read yet, e.g. a
+    /// superblock caught mid-update) is kicked again, up to [`MAX_RETRIES`] times. False if
+    /// that did not get them all (they stay pending for the next pass or the pause) or the
+    /// thread has stopped.
+    pub fn wait_covered(&self, mut k: u64) -> bool {
+        let mut retries = 0;
         while self.covered.load(Ordering::Acquire) < k {
             if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
                 return false;
+            }
+            if self.taken.load(Ordering::Acquire) >= k {
+                if retries == MAX_RETRIES {
+                    return false;
+                }
+                retries += 1;
+                k = self.round_applied();
+                continue;
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
@@ -280,5 +299,77 @@ pub(super) mod test_support {
         while bg.passes() == before {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks that take nothing for their first `refusals` passes (an image not yet
+    /// consistent to read), then everything; counts the pages taken.
+    struct Reluctant {
+        refusals: u32,
+        taken: Arc<AtomicU64>,
+    }
+
+    impl BlockChecks for Reluctant {
+        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _stop: &AtomicBool) -> usize {
+            if self.refusals > 0 {
+                self.refusals -= 1;
+                return 0;
+            }
+            self.taken.fetch_add(pages.len() as u64, Ordering::Relaxed);
+            pages.len()
+        }
+    }
+
+    fn started(
+        refusals: u32,
+    ) -> (
+        BackgroundVerifier<Reluctant>,
+        Arc<TouchedPages>,
+        Arc<AtomicU64>,
+    ) {
+        let mem = GuestMemory::memfd("wait-covered", 16 * PAGE_SIZE as u64).unwrap();
+        let touched = Arc::new(TouchedPages::new(mem.pages()));
+        let taken = Arc::new(AtomicU64::new(0));
+        let checks = Reluctant {
+            refusals,
+            taken: Arc::clone(&taken),
+        };
+        let bg = BackgroundVerifier::start(Arc::new(mem), Arc::clone(&touched), checks).unwrap();
+        (bg, touched, taken)
+    }
+
+    /// A pass that leaves the pages it was kicked for is kicked again: the wait returns
+    /// once they are taken, instead of waiting for a kick nobody sends.
+    #[test]
+    fn a_wait_outlasts_passes_that_leave_pages() {
+        let (bg, touched, taken) = started(3);
+        for p in [1, 5, 9] {
+            touched.mark(p);
+        }
+        // Bounded, so that a wait that never ends fails the test instead of hanging it.
+        let (done, waited) = mpsc::channel();
+        let bg = std::thread::spawn(move || {
+            let covered = bg.wait_covered(bg.round_applied());
+            let _ = done.send(covered);
+            bg
+        });
+        let covered = waited.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(covered, Ok(true), "the wait did not end");
+        assert_eq!(taken.load(Ordering::Relaxed), 3);
+        assert!(bg.join().unwrap().finish().unwrap().pending.is_empty());
+    }
+
+    /// Checks that never take their pages end the wait (false) rather than hang it, and
+    /// the pages stay pending for the pause.
+    #[test]
+    fn a_wait_on_checks_that_never_take_the_pages_gives_up() {
+        let (bg, touched, _) = started(u32::MAX);
+        touched.mark(4);
+        assert!(!bg.wait_covered(bg.round_applied()));
+        assert_eq!(bg.finish().unwrap().pending, vec![4]);
     }
 }
