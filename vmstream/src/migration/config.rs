@@ -366,9 +366,6 @@ impl SendConfig {
             if self.handover {
                 return Err("--postcopy copies pages: it takes no --handover".into());
             }
-            if matches!(self.guest, GuestSpec::Kvm(_)) {
-                return Err("--postcopy: post-copy of KVM guests is not built yet".into());
-            }
             if !matches!(self.verify, VerifyMode::Auto | VerifyMode::Full) {
                 return Err(format!(
                     "--postcopy proves the destination's memory with the full digest of ours at \

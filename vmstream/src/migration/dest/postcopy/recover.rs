@@ -49,7 +49,7 @@ impl Dest<'_> {
                         }
                     }
                     Event::Guest(Ok(guest)) => {
-                        let tx0 = guest.ready.tx_count;
+                        let tx0 = guest.tx_at_resume();
                         progress.resumed_at_ns = unix_ns(SystemTime::now());
                         progress.resumed = Some((guest, Instant::now(), tx0));
                     }

@@ -4,24 +4,21 @@
 //! digests compared.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::guest::file::layout::sb;
-use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::dest::incoming::{start_guest_postcopy, ResumedGuest};
-use crate::migration::dest::machine::{unexpected, Dest, DestState, Received};
+use crate::memory::PAGE_SIZE;
+use crate::migration::dest::incoming::{PostcopyResumed, PostcopyStart};
+use crate::migration::dest::machine::{unexpected, Dest, DestState};
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::transport::{Frame, FrameReader, Socket, TransportError};
 use crate::migration::wire::{
-    Digest, GuestSamples, Message, PageRequest, PostcopyComplete, PostcopyPage, PostcopyStatus,
-    WireError,
+    Digest, Message, PageRequest, PostcopyComplete, PostcopyPage, PostcopyStatus, WireError,
 };
-use crate::telemetry::impact::sample_destination;
 use crate::telemetry::postcopy::{LatencyMs, PostcopyStats};
 use crate::telemetry::stats::unix_ns;
 use crate::track::uffd_missing::{MissingFaults, Placed};
@@ -48,7 +45,7 @@ pub(super) enum Event {
     /// The source sent a frame (or the link failed).
     Frame(Result<Frame, TransportError>),
     /// The guest runs (or could not start).
-    Guest(Result<ResumedGuest, RecvError>),
+    Guest(Result<PostcopyResumed, RecvError>),
 }
 
 /// The placing loop's own figures and links.
@@ -67,21 +64,22 @@ pub(super) struct Progress {
     latencies_ns: Vec<u64>,
     refused: u64,
     source_digest: Option<Digest>,
-    pub(super) resumed: Option<(ResumedGuest, Instant, u64)>,
+    pub(super) resumed: Option<(PostcopyResumed, Instant, u64)>,
     last_page_at: Option<Instant>,
 }
 
 impl Dest<'_> {
-    /// Runs the guest on `memory` (registered in `phase.uffd`) and places the owed pages
-    /// until the last; then compares the digests and reports.
+    /// Runs the guest (`start`; the mapping it runs on is registered in `phase.uffd`) and
+    /// places the owed pages until the last; then compares the digests and reports.
+    /// `file`: the committed image, at `target`.
     pub(super) fn serve_postcopy(
         &mut self,
         mut phase: Phase,
-        memory: GuestMemory,
+        start: PostcopyStart,
+        file: std::fs::File,
+        target: &std::path::Path,
     ) -> Result<DestState, RecvError> {
         let pages = phase.placement_pages();
-        let file = memory.file().try_clone().map_err(RecvError::Socket)?;
-        let target = memory.path().to_path_buf();
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let faults = spawn_fault_watch(Arc::clone(&phase.uffd), Arc::clone(&stop), tx.clone())?;
@@ -99,11 +97,10 @@ impl Dest<'_> {
             frames: Some(frames),
             ..Progress::default()
         };
-        let (run_for, notices) = (self.cfg.run_for, self.cfg.notices.clone());
         std::thread::Builder::new()
             .name("vmstream-guest-start".into())
             .spawn(move || {
-                let _ = tx.send(Event::Guest(start_guest_postcopy(memory, run_for, notices)));
+                let _ = tx.send(Event::Guest(start()));
             })
             .map_err(RecvError::Socket)?;
         let result = self.place_until_complete(&mut phase, &mut progress, &rx, &file, pages);
@@ -117,11 +114,12 @@ impl Dest<'_> {
         if let Err(e) = result {
             // The guest waits on pages only the source has: keep it blocked (the
             // userfaultfd stays registered until this process ends) rather than let it
-            // run on holes.
+            // run on holes. Its threads are not joined either: they may be blocked there.
             std::mem::forget(Arc::clone(&phase.uffd));
+            std::mem::forget(progress.resumed.take());
             return Err(e);
         }
-        let (guest, resumed_at, tx0) = progress.resumed.take().expect("complete after resume");
+        let (mut guest, resumed_at, tx0) = progress.resumed.take().expect("complete after resume");
         let last = progress.last_page_at.unwrap_or(resumed_at);
         let ours = phase.hashes.digest();
         let theirs = progress
@@ -129,7 +127,7 @@ impl Dest<'_> {
             .take()
             .expect("complete after the digest");
         let matched = theirs.digest == ours && theirs.guest_size == self.stats.guest_bytes;
-        let tx_during = tx_count(&file).saturating_sub(tx0);
+        let tx_during = guest.tx_count(&file).saturating_sub(tx0);
         let span = last.saturating_duration_since(resumed_at);
         let mut latencies = std::mem::take(&mut progress.latencies_ns);
         let latency = LatencyMs::of_ns(&mut latencies);
@@ -165,20 +163,16 @@ impl Dest<'_> {
                 ours: hex(&ours),
             });
         }
-        let samples = sample_destination(&target, self.sample_window(), GuestSamples::MAX_SAMPLES)
-            .map(|samples| GuestSamples { samples })
-            .map_err(|e| e.to_string());
+        if let Some(line) = guest.check_complete()? {
+            self.cfg.notices.output(line);
+        }
+        let samples = guest.sample(target, self.sample_window());
         self.send_samples(samples);
         progress.events = None;
         if let Some(Ok(reader)) = progress.frames.take().map(|f| f.join()) {
             self.reader = reader;
         }
-        Ok(DestState::Done(Received {
-            guest: Some(guest),
-            kvm: None,
-            handed_over: None,
-            qemu: None,
-        }))
+        Ok(DestState::Done(guest.into_received()))
     }
 
     /// The placing loop: until every owed page is placed, the source's digest came and the
@@ -243,7 +237,7 @@ impl Dest<'_> {
                 Event::Frame(Err(e)) => return Err(lost(format!("the link to the source: {e}"))),
                 Event::Frame(Ok(other)) => return Err(unexpected("a post-copy page", other)),
                 Event::Guest(Ok(guest)) => {
-                    let tx0 = guest.ready.tx_count;
+                    let tx0 = guest.tx_at_resume();
                     progress.resumed_at_ns = unix_ns(SystemTime::now());
                     self.report_resumed(phase.paused_at_ns, progress.resumed_at_ns, true, tx0);
                     progress.resumed = Some((guest, Instant::now(), tx0));
@@ -340,16 +334,6 @@ fn place(
         progress.last_page_at = Some(Instant::now());
     }
     Ok(())
-}
-
-/// The guest's transaction counter, read from the file: a read of a hole does not fill it
-/// (a fault through another mapping would, behind the userfaultfd's back).
-fn tx_count(file: &std::fs::File) -> u64 {
-    let mut b = [0u8; 8];
-    match file.read_exact_at(&mut b, sb::TX_COUNT as u64) {
-        Ok(()) => u64::from_le_bytes(b),
-        Err(_) => 0,
-    }
 }
 
 fn spawn_fault_watch(
