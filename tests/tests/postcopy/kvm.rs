@@ -168,10 +168,15 @@ fn kvm_postcopy_auto_switches_instead_of_throttling() {
         "qemu",
         "--timeout",
         "10s",
+        "--postcopy-preempt",
+        "off",
     ];
     let sj = dir.path("send.json");
+    // Requested pages share channel 0 with the stream here (the other tests use their own
+    // connection, the default).
     let mut send = kvm_postcopy_sender(&src, "32M", port, &sj, &extra, &[]);
-    assert_verified_kvm_postcopy(&mut send, &mut recv, &dir, "auto");
+    let pc = assert_verified_kvm_postcopy(&mut send, &mut recv, &dir, "auto");
+    assert_eq!(pc["pages_preempted"], 0, "{pc}");
     let stats = read_stats(&sj);
     let throttled = stats["per_round"]
         .as_array()
@@ -183,7 +188,8 @@ fn kvm_postcopy_auto_switches_instead_of_throttling() {
 
 /// The link drops mid post-copy of a KVM guest (the source cuts its connection after 50
 /// pages): the destination keeps the vCPUs blocked on their faults, the source reconnects,
-/// both agree on the pages still owed, and the migration completes verified.
+/// both agree on the pages still owed, and the migration completes verified. The requested
+/// pages' own connection carries the faulted pages throughout.
 #[test]
 fn a_link_dropped_mid_kvm_postcopy_reconnects_and_verifies() {
     if skip() {
@@ -197,7 +203,14 @@ fn a_link_dropped_mid_kvm_postcopy_reconnects_and_verifies() {
     let envs = [("VMSTREAM_TEST_DROP_POSTCOPY_LINK_AFTER", "50")];
     let sj = dir.path("send.json");
     let mut send = kvm_postcopy_sender(&src, "16M", port, &sj, &extra, &envs);
-    assert_verified_kvm_postcopy(&mut send, &mut recv, &dir, "now");
+    let pc = assert_verified_kvm_postcopy(&mut send, &mut recv, &dir, "now");
+    // Requested pages travel on their own connection (`--postcopy-preempt`, on by default),
+    // which outlives channel 0's cut, while the stream is slow.
+    let preempted = pc["pages_preempted"].as_u64().unwrap();
+    assert!(
+        preempted > 0 && preempted <= pc["pages_faulted"].as_u64().unwrap(),
+        "{pc}"
+    );
     for st in [read_stats(&sj), read_stats(&dir.path("recv.json"))] {
         assert_eq!(st["postcopy"]["reconnects"], 1, "{st}");
     }

@@ -214,6 +214,9 @@ pub struct SendConfig {
     /// Post-copy: how long the source tries to reconnect (with backoff) after the link
     /// dropped (`--postcopy-recover-timeout`; zero: it gives up at once).
     pub postcopy_recover_timeout: Duration,
+    /// Post-copy's requested pages on a connection of their own (`--postcopy-preempt`;
+    /// with one channel only).
+    pub postcopy_preempt: bool,
     /// Send without a key to an address others can reach (`--insecure`); refused
     /// otherwise (`crate::migration::connect::exposure`).
     pub insecure: bool,
@@ -281,6 +284,7 @@ impl SendConfig {
             postcopy: PostcopyMode::Off,
             postcopy_bandwidth: None,
             postcopy_recover_timeout: Duration::from_secs(60),
+            postcopy_preempt: true,
             insecure: false,
             cancel: None,
             disks: Vec::new(),

@@ -6,8 +6,8 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, GuestSamples, GuestState, Handover, Hello, HelloReply, MemoryHandover,
-    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
-    QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
+    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -71,13 +71,15 @@ pub enum FrameType {
     QemuIncoming = 0x2e,
     /// Source -> destination: each disk's digest at the pause (after the `Digest`).
     DiskDigests = 0x2f,
+    /// Source -> destination: a new connection carries post-copy's requested pages.
+    PostcopyPreempt = 0x32,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 27] = [
+    pub const ALL: [FrameType; 28] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -104,6 +106,7 @@ impl FrameType {
         FrameType::PostcopyReconnect,
         FrameType::QemuIncoming,
         FrameType::DiskDigests,
+        FrameType::PostcopyPreempt,
         FrameType::Abort,
     ];
 
@@ -139,6 +142,7 @@ impl FrameType {
             FrameType::PostcopyPage => PostcopyPage::LEN,
             FrameType::PostcopyComplete => PostcopyComplete::LEN,
             FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
+            FrameType::PostcopyPreempt => PostcopyPreempt::LEN,
             FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
@@ -173,6 +177,7 @@ impl FrameType {
             FrameType::PostcopyPage => "postcopy-page",
             FrameType::PostcopyComplete => "postcopy-complete",
             FrameType::PostcopyReconnect => "postcopy-reconnect",
+            FrameType::PostcopyPreempt => "postcopy-preempt",
             FrameType::QemuIncoming => "qemu-incoming",
             FrameType::DiskDigests => "disk-digests",
             FrameType::Abort => "abort",

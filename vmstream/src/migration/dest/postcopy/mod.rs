@@ -12,6 +12,7 @@
 //! ```
 
 mod placement;
+mod preempt;
 mod recover;
 mod serve;
 
@@ -71,6 +72,8 @@ pub(super) struct PostcopyIncoming {
     pub(super) image: PendingImage,
     pub(super) hashes: Arc<PageHashes>,
     pub(super) guest: Box<dyn IncomingGuest>,
+    /// The source opens a connection of its own for requested pages.
+    pub(super) preempt: bool,
 }
 
 impl Dest<'_> {
@@ -80,6 +83,7 @@ impl Dest<'_> {
             mut image,
             hashes,
             mut guest,
+            preempt,
         } = incoming;
         let state = match self.reader.read_frame()? {
             Frame::Control(Message::GuestState(s)) => s,
@@ -126,6 +130,7 @@ impl Dest<'_> {
             owed: owed.len() as u64,
             migration_id: start.migration_id,
             admissions: self.channels.take_admissions(),
+            preempt,
         };
         self.serve_postcopy(phase, launch.start, file, &target)
     }

@@ -4,7 +4,7 @@
 //! (`PostcopyReconnect`); the destination then tells it the pages it still lacks and asks
 //! again for those the guest waits on.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::migration::connect::admission::Opening;
@@ -59,7 +59,9 @@ impl Dest<'_> {
                         )))
                     }
                     // The old connection's last words.
-                    Event::Frame(_) => {}
+                    Event::Frame(_) => progress.credit.release(),
+                    // Placed once the exchange resumes: asked again then if lost.
+                    Event::Preempt(_) => {}
                 }
             }
             let admissions = phase.admissions.as_mut().expect("reconnectable");
@@ -91,7 +93,11 @@ impl Dest<'_> {
             Some(self.cfg.io_timeout),
         );
         let reader = std::mem::replace(&mut self.reader, placeholder);
-        progress.frames = Some(spawn_frame_reader(reader, tx)?);
+        progress.frames = Some(spawn_frame_reader(
+            reader,
+            tx,
+            Arc::clone(&progress.credit),
+        )?);
         let still = phase.placement.still_owed();
         for part in still.chunks(PostcopyOwed::MAX_PAGES) {
             self.send(&Message::PostcopyOwed(PostcopyOwed {

@@ -23,6 +23,7 @@ use crate::telemetry::postcopy::{LatencyMs, PostcopyStats};
 use crate::telemetry::stats::unix_ns;
 use crate::track::uffd_missing::{MissingFaults, Placed};
 
+use super::preempt::{accept_preempt, PreemptAccept, StreamCredit};
 use super::Placement;
 
 /// What the post-copy phase starts from.
@@ -36,14 +37,20 @@ pub(super) struct Phase {
     pub(super) migration_id: [u8; 16],
     /// Where a source that lost the link reconnects (None: it cannot).
     pub(super) admissions: Option<crate::migration::connect::admission::Admissions>,
+    /// The source opens a connection of its own for requested pages
+    /// (`FEATURE_POSTCOPY_PREEMPT`).
+    pub(super) preempt: bool,
 }
 
 /// What the threads tell the placing loop.
 pub(super) enum Event {
     /// The guest faulted on these pages.
     Faults(Vec<u64>),
-    /// The source sent a frame (or the link failed).
+    /// The source sent a frame on channel 0 (or the link failed); the placing loop
+    /// releases a [`StreamCredit`] for each.
     Frame(Result<Frame, TransportError>),
+    /// A frame on the requested pages' own connection (or its end).
+    Preempt(Result<Frame, TransportError>),
     /// The guest runs (or could not start).
     Guest(Result<PostcopyResumed, RecvError>),
 }
@@ -55,6 +62,11 @@ pub(super) struct Progress {
     pub(super) events: Option<mpsc::Sender<Event>>,
     /// The frame reader; it returns the reader when the link ends.
     pub(super) frames: Option<std::thread::JoinHandle<FrameReader<Socket>>>,
+    /// Bounds the frames the reader hands over ahead of the placing loop.
+    pub(super) credit: Arc<StreamCredit>,
+    /// Waits for the requested pages' connection, holding the listener meanwhile.
+    pub(super) preempt: Option<PreemptAccept>,
+    preempted: u64,
     /// The link is down: requests wait for the reconnection.
     pub(super) offline: bool,
     pub(super) reconnects: u64,
@@ -91,10 +103,29 @@ impl Dest<'_> {
             Some(self.cfg.io_timeout),
         );
         let reader = std::mem::replace(&mut self.reader, placeholder);
-        let frames = spawn_frame_reader(reader, tx.clone())?;
+        let credit = Arc::new(StreamCredit::default());
+        let frames = spawn_frame_reader(reader, tx.clone(), Arc::clone(&credit))?;
+        let preempt = match phase.admissions.take() {
+            Some(admissions) if phase.preempt => Some(
+                accept_preempt(
+                    admissions,
+                    phase.migration_id,
+                    self.cfg.io_timeout,
+                    tx.clone(),
+                    self.cfg.notices.clone(),
+                )
+                .map_err(RecvError::Socket)?,
+            ),
+            other => {
+                phase.admissions = other;
+                None
+            }
+        };
         let mut progress = Progress {
             events: Some(tx.clone()),
             frames: Some(frames),
+            credit,
+            preempt,
             ..Progress::default()
         };
         std::thread::Builder::new()
@@ -111,6 +142,10 @@ impl Dest<'_> {
         }
         stop.store(true, Ordering::Relaxed);
         let _ = faults.join();
+        progress.credit.close();
+        if let Some(p) = progress.preempt.take() {
+            phase.admissions = p.finish();
+        }
         if let Err(e) = result {
             // The guest waits on pages only the source has: keep it blocked (the
             // userfaultfd stays registered until this process ends) rather than let it
@@ -151,6 +186,7 @@ impl Dest<'_> {
         self.stats.digest = Some(hex(&ours));
         self.stats.postcopy = Some(PostcopyStats {
             pages_owed: phase.owed,
+            pages_preempted: progress.preempted,
             pages_refused: progress.refused,
             reconnects: progress.reconnects,
             ..complete.stats()
@@ -202,40 +238,34 @@ impl Dest<'_> {
                         self.on_fault(phase, progress, page)?;
                     }
                 }
-                Event::Frame(Ok(Frame::Control(Message::PostcopyPage(p)))) => {
-                    if p.page >= pages || p.data.len() != PAGE_SIZE {
-                        return Err(RecvError::Protocol(format!(
-                            "post-copy page {} is beyond the guest's {pages} pages",
-                            p.page
-                        )));
-                    }
-                    place(phase, progress, p, file, self.cfg.notices.clone())?;
+                Event::Frame(frame) => {
+                    progress.credit.release();
+                    self.on_frame(phase, progress, rx, frame, file, pages)?;
                 }
-                Event::Frame(Ok(Frame::Control(Message::Digest(d)))) => {
-                    // The stream is over: a page still owed was lost on the way (refused):
-                    // ask for it again.
-                    for page in phase.placement.still_owed() {
-                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                Event::Preempt(Ok(Frame::Control(Message::PostcopyPage(p)))) => {
+                    if place_page(phase, progress, p, file, pages, &self.cfg.notices)? {
+                        progress.preempted += 1;
                     }
-                    progress.source_digest = Some(d);
                 }
-                Event::Frame(Err(TransportError::Wire(e @ WireError::BodyChecksum { .. }))) => {
-                    // Its page number cannot be trusted either: the pages the guest waits
-                    // for are asked again, the stream's are when it ends.
-                    progress.refused += 1;
-                    self.cfg.notices.error(format!(
-                        "a post-copy page failed its check ({e}): refused, never placed; asking \
-                         the source again for the pages the guest waits for"
+                Event::Preempt(Err(TransportError::Wire(e @ WireError::BodyChecksum { .. }))) => {
+                    self.refused(phase, progress, &e)?
+                }
+                Event::Preempt(Err(e)) => {
+                    // The guest's pages come on channel 0 from now on (the source falls
+                    // back once its writes fail): the awaited ones are asked again.
+                    self.cfg.notices.warning(format!(
+                        "post-copy: the connection for requested pages ended ({e}); asking \
+                         again on the stream's for the pages the guest waits for"
                     ));
-                    for page in phase.placement.requested() {
-                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                    if !progress.offline {
+                        for page in phase.placement.requested() {
+                            self.send(&Message::PageRequest(PageRequest { page }))?;
+                        }
                     }
                 }
-                Event::Frame(Err(e)) if phase.admissions.is_some() => {
-                    self.await_reconnect(phase, progress, rx, &e.to_string())?
+                Event::Preempt(Ok(other)) => {
+                    return Err(unexpected("a requested post-copy page", other))
                 }
-                Event::Frame(Err(e)) => return Err(lost(format!("the link to the source: {e}"))),
-                Event::Frame(Ok(other)) => return Err(unexpected("a post-copy page", other)),
                 Event::Guest(Ok(guest)) => {
                     let tx0 = guest.tx_at_resume();
                     progress.resumed_at_ns = unix_ns(SystemTime::now());
@@ -246,6 +276,67 @@ impl Dest<'_> {
                     return Err(lost(format!("the guest could not resume here: {e}")))
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A frame (or the end) of channel 0.
+    fn on_frame(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        rx: &mpsc::Receiver<Event>,
+        frame: Result<Frame, TransportError>,
+        file: &std::fs::File,
+        pages: u64,
+    ) -> Result<(), RecvError> {
+        match frame {
+            Ok(Frame::Control(Message::PostcopyPage(p))) => {
+                place_page(phase, progress, p, file, pages, &self.cfg.notices)?;
+            }
+            Ok(Frame::Control(Message::Digest(d))) => {
+                // The stream is over: a page still owed was lost on the way (refused):
+                // ask for it again.
+                for page in phase.placement.still_owed() {
+                    self.send(&Message::PageRequest(PageRequest { page }))?;
+                }
+                progress.source_digest = Some(d);
+            }
+            Err(TransportError::Wire(e @ WireError::BodyChecksum { .. })) => {
+                self.refused(phase, progress, &e)?
+            }
+            Err(e) => {
+                // The listener back from the wait for the requested pages' connection.
+                if let Some(p) = progress.preempt.take() {
+                    phase.admissions = p.finish();
+                }
+                if phase.admissions.is_none() {
+                    return Err(RecvError::PostcopyLost(format!(
+                        "the link to the source: {e}"
+                    )));
+                }
+                self.await_reconnect(phase, progress, rx, &e.to_string())?
+            }
+            Ok(other) => return Err(unexpected("a post-copy page", other)),
+        }
+        Ok(())
+    }
+
+    /// A page failed its check (`e`): its page number cannot be trusted either, so the
+    /// pages the guest waits for are asked again, the stream's are when it ends.
+    fn refused(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        e: &WireError,
+    ) -> Result<(), RecvError> {
+        progress.refused += 1;
+        self.cfg.notices.error(format!(
+            "a post-copy page failed its check ({e}): refused, never placed; asking the \
+             source again for the pages the guest waits for"
+        ));
+        for page in phase.placement.requested() {
+            self.send(&Message::PageRequest(PageRequest { page }))?;
         }
         Ok(())
     }
@@ -283,17 +374,25 @@ impl Phase {
     }
 }
 
-/// Places an arriving page if it is owed and not placed yet; drops it otherwise.
-fn place(
+/// Places an arriving page if it is owed and not placed yet (true); drops it otherwise.
+/// A page beyond the guest's `pages` is the peer's error.
+fn place_page(
     phase: &mut Phase,
     progress: &mut Progress,
     p: PostcopyPage,
     file: &std::fs::File,
-    notices: crate::telemetry::notice::Notices,
-) -> Result<(), RecvError> {
+    pages: u64,
+    notices: &crate::telemetry::notice::Notices,
+) -> Result<bool, RecvError> {
     use super::placement::OnArrival;
+    if p.page >= pages || p.data.len() != PAGE_SIZE {
+        return Err(RecvError::Protocol(format!(
+            "post-copy page {} is beyond the guest's {pages} pages",
+            p.page
+        )));
+    }
     let OnArrival::Place { faulted } = phase.placement.arrive(p.page) else {
-        return Ok(());
+        return Ok(false);
     };
     let placed = match phase.uffd.place(p.page, &p.data) {
         Ok(placed) => placed,
@@ -333,7 +432,7 @@ fn place(
     if phase.placement.remaining() == 0 {
         progress.last_page_at = Some(Instant::now());
     }
-    Ok(())
+    Ok(true)
 }
 
 fn spawn_fault_watch(
@@ -362,9 +461,12 @@ fn spawn_fault_watch(
 }
 
 /// Reads the source's frames until the link ends (a refused page's frame does not end it).
+/// At most [`STREAM_FRAMES_AHEAD`](super::preempt::STREAM_FRAMES_AHEAD) of them wait for the
+/// placing loop (`credit`).
 pub(super) fn spawn_frame_reader(
     mut reader: FrameReader<Socket>,
     tx: mpsc::Sender<Event>,
+    credit: Arc<StreamCredit>,
 ) -> Result<std::thread::JoinHandle<FrameReader<Socket>>, RecvError> {
     std::thread::Builder::new()
         .name("vmstream-postcopy-rx".into())
@@ -374,6 +476,7 @@ pub(super) fn spawn_frame_reader(
                 &frame,
                 Ok(_) | Err(TransportError::Wire(WireError::BodyChecksum { .. }))
             );
+            credit.acquire();
             if tx.send(Event::Frame(frame)).is_err() || !go_on {
                 return reader;
             }

@@ -10,7 +10,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
-use crate::migration::transport::{Frame, FrameReader, TokenBucket, TransportError};
+use crate::migration::transport::{Frame, FrameReader, Link, TokenBucket, TransportError};
 use crate::migration::wire::{
     Digest, DigestSource, Message, PostcopyComplete, PostcopyPage, PostcopyStatus,
     FRAME_HEADER_LEN, PAGE_REQUESTED,
@@ -41,10 +41,13 @@ impl Source<'_> {
     /// Serves `owed` (ascending) from the frozen memory until the destination reports the
     /// last page placed; `paused_at_ns`: the pause, for the downtime. A dropped link is
     /// reconnected for `--postcopy-recover-timeout` (`recover`).
+    /// `preempt`: the requested pages' own connection (`FEATURE_POSTCOPY_PREEMPT`); if it
+    /// fails they go on channel 0 from then on.
     pub(super) fn serve_postcopy(
         &mut self,
         owed: Vec<u64>,
         paused_at_ns: u64,
+        mut preempt: Option<Link>,
     ) -> Result<(), SendError> {
         let pages = self.guest.size() / PAGE_SIZE as u64;
         let guest_size = self.guest.size();
@@ -129,14 +132,25 @@ impl Source<'_> {
                     let Some(frame) = frame else { return Ok(false) };
                     match on_frame(frame, &order, paused_at_ns, &mut served, stats, impact)? {
                         Some(page) => {
-                            send_page(
-                                channels,
-                                memory,
-                                page,
-                                PAGE_REQUESTED,
-                                corrupt,
-                                &mut served,
-                            )?;
+                            let frame =
+                                page_frame(memory, page, PAGE_REQUESTED, corrupt, &mut served);
+                            let fallback = match preempt.as_mut() {
+                                None => Some(frame),
+                                Some(link) => match link.send_frame(frame.clone()) {
+                                    Ok(()) => None,
+                                    Err(e) => {
+                                        cfg.notices.warning(format!(
+                                            "post-copy: the requested pages' connection \
+                                             failed ({e}); they share the stream's from now on"
+                                        ));
+                                        preempt = None;
+                                        Some(frame)
+                                    }
+                                },
+                            };
+                            if let Some(frame) = fallback {
+                                channels.send_frame(frame)?;
+                            }
                             order.requested(page);
                             served.requests += 1;
                             Ok(false)
@@ -245,7 +259,7 @@ fn on_frame(
     }
 }
 
-/// Sends page `page` of `memory`; `corrupt`: the test fault's page count
+/// Sends page `page` of `memory` on channel 0; `corrupt`: the test fault's page count
 /// ([`SourceFaults::corrupt_postcopy_page`](crate::migration::fault::SourceFaults)).
 fn send_page(
     channels: &mut SourceChannels,
@@ -255,6 +269,18 @@ fn send_page(
     corrupt: Option<u64>,
     served: &mut Served,
 ) -> Result<(), SendError> {
+    channels.send_frame(page_frame(memory, page, flags, corrupt, served))
+}
+
+/// The `PostcopyPage` frame of page `page` of `memory` (damaged after its check if it is
+/// the `corrupt`-th page sent), counted sent.
+fn page_frame(
+    memory: &[u8],
+    page: u64,
+    flags: u32,
+    corrupt: Option<u64>,
+    served: &mut Served,
+) -> Vec<u8> {
     let at = page as usize * PAGE_SIZE;
     let msg = Message::PostcopyPage(PostcopyPage {
         page,
@@ -267,7 +293,7 @@ fn send_page(
         frame[FRAME_HEADER_LEN + 16 + 100] ^= 0x5a;
     }
     served.pages_sent += 1;
-    channels.send_frame(frame)
+    frame
 }
 
 fn lost(why: String) -> SendError {
