@@ -39,6 +39,7 @@ impl Dest<'_> {
             let _ = old.join();
         }
         let deadline = Instant::now() + wait;
+        let mut preempted = Vec::new();
         loop {
             while let Ok(event) = rx.try_recv() {
                 match event {
@@ -60,8 +61,9 @@ impl Dest<'_> {
                     }
                     // The old connection's last words.
                     Event::Frame(_) => progress.credit.release(),
-                    // Placed once the exchange resumes: asked again then if lost.
-                    Event::Preempt(_) => {}
+                    // The requested pages' connection may outlive the link: its pages
+                    // are placed once the exchange resumes.
+                    Event::Preempt(frame) => preempted.push(frame),
                 }
             }
             let admissions = phase.admissions.as_mut().expect("reconnectable");
@@ -85,6 +87,9 @@ impl Dest<'_> {
         progress.offline = false;
         progress.reconnects += 1;
         let tx = progress.events.clone().expect("events while serving");
+        for frame in preempted {
+            let _ = tx.send(Event::Preempt(frame));
+        }
         let placeholder = FrameReader::new(
             self.reader
                 .get_ref()
