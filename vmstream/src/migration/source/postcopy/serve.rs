@@ -5,6 +5,7 @@
 //! verdict.
 
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::SourceChannels;
@@ -72,6 +73,8 @@ impl Source<'_> {
         let mut served = Served::default();
         let mut samples = None;
         let mut digest: Option<[u8; 32]> = None;
+        // The next streamed page and when the stream's bandwidth lets it go.
+        let mut held: Option<(u64, Instant)> = None;
         let result = std::thread::scope(|s| -> Result<(), SendError> {
             let mut hashing = Some(s.spawn(|| match &data {
                 Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
@@ -94,37 +97,57 @@ impl Source<'_> {
                     let frame = match frame {
                         Some(f) => Some(f),
                         None => {
-                            if let Some(page) = order.next() {
-                                if let Some(b) = &mut bucket {
-                                    b.take(PostcopyPage::LEN);
+                            if held.is_none() {
+                                if let Some(page) = order.next() {
+                                    let now = Instant::now();
+                                    let wait = bucket.as_mut().map_or(Duration::ZERO, |b| {
+                                        b.take_at(PostcopyPage::LEN, now)
+                                    });
+                                    held = Some((page, now + wait));
                                 }
-                                send_page(channels, memory, page, 0, corrupt, &mut served)?;
-                                served.streamed += 1;
-                                return Ok(false);
                             }
-                            if let Some(h) = hashing.take() {
-                                digest = Some(h.join().expect("digest thread"));
-                            }
-                            if let (Some(d), false) = (digest, served.digest_sent) {
-                                stats.digest = Some(hex(&d));
-                                channels.send_message(&Message::Digest(Digest {
-                                    verification: DigestSource::Memory,
-                                    digest: d,
-                                    guest_size,
-                                    paused_at_unix_ns: paused_at_ns,
-                                }))?;
-                                served.digest_sent = true;
-                                return Ok(false);
-                            }
-                            match inbound.frames.recv_timeout(io_timeout) {
-                                Ok(f) => Some(f),
-                                Err(RecvTimeoutError::Timeout) => {
-                                    return Err(SendError::Transport(TransportError::Timeout(
-                                        io_timeout,
-                                    )))
+                            if let Some((page, at)) = held {
+                                let now = Instant::now();
+                                if now >= at {
+                                    held = None;
+                                    send_page(channels, memory, page, 0, corrupt, &mut served)?;
+                                    served.streamed += 1;
+                                    return Ok(false);
                                 }
-                                Err(RecvTimeoutError::Disconnected) => {
-                                    return Err(SendError::Transport(TransportError::Closed))
+                                // `--postcopy-bandwidth` holds the stream back, not the
+                                // requests: one that comes meanwhile is answered at once.
+                                match inbound.frames.recv_timeout(at - now) {
+                                    Ok(f) => Some(f),
+                                    Err(RecvTimeoutError::Timeout) => return Ok(false),
+                                    Err(RecvTimeoutError::Disconnected) => {
+                                        return Err(SendError::Transport(TransportError::Closed))
+                                    }
+                                }
+                            } else {
+                                if let Some(h) = hashing.take() {
+                                    digest = Some(h.join().expect("digest thread"));
+                                }
+                                if let (Some(d), false) = (digest, served.digest_sent) {
+                                    stats.digest = Some(hex(&d));
+                                    channels.send_message(&Message::Digest(Digest {
+                                        verification: DigestSource::Memory,
+                                        digest: d,
+                                        guest_size,
+                                        paused_at_unix_ns: paused_at_ns,
+                                    }))?;
+                                    served.digest_sent = true;
+                                    return Ok(false);
+                                }
+                                match inbound.frames.recv_timeout(io_timeout) {
+                                    Ok(f) => Some(f),
+                                    Err(RecvTimeoutError::Timeout) => {
+                                        return Err(SendError::Transport(TransportError::Timeout(
+                                            io_timeout,
+                                        )))
+                                    }
+                                    Err(RecvTimeoutError::Disconnected) => {
+                                        return Err(SendError::Transport(TransportError::Closed))
+                                    }
                                 }
                             }
                         }
@@ -168,6 +191,7 @@ impl Source<'_> {
                             reconnect(cfg, channels, served.reconnects - 1, &why)?;
                         std::mem::replace(&mut inbound, fresh).stop();
                         order = StreamOrder::new(pages, &still_owed);
+                        held = None;
                         // Whether the digest arrived is unknown: it is sent again.
                         served.digest_sent = false;
                     }
