@@ -244,6 +244,10 @@ pub struct SendArgs {
     /// faults meanwhile (0: give up at once).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub postcopy_recover_timeout: Duration,
+    /// Post-copy: pages the guest faulted on travel on a connection of their own, not
+    /// behind the background stream (QEMU's postcopy-preempt; one --channels only).
+    #[arg(long, value_enum, default_value = "on")]
+    pub postcopy_preempt: OnOff,
     /// Throttling strategy and hot-page deferral.
     #[command(flatten)]
     pub converge: crate::cli::converge::ConvergeArgs,
@@ -498,6 +502,7 @@ impl SendArgs {
         cfg.postcopy = self.postcopy;
         cfg.postcopy_bandwidth = self.postcopy_bandwidth;
         cfg.postcopy_recover_timeout = self.postcopy_recover_timeout;
+        cfg.postcopy_preempt = self.postcopy_preempt == OnOff::On;
         cfg.insecure = self.insecure;
         cfg.disks = self.disks.clone();
         // A started guest that writes its disks marks their bitmaps: builtin by default.

@@ -217,6 +217,9 @@ pub struct SendConfig {
     /// Post-copy: how long the source tries to reconnect (with backoff) after the link
     /// dropped (`--postcopy-recover-timeout`; zero: it gives up at once).
     pub postcopy_recover_timeout: Duration,
+    /// Post-copy's requested pages on a connection of their own (`--postcopy-preempt`;
+    /// with one channel only).
+    pub postcopy_preempt: bool,
     /// Send without a key to an address others can reach (`--insecure`); refused
     /// otherwise (`crate::migration::connect::exposure`).
     pub insecure: bool,
@@ -284,6 +287,7 @@ impl SendConfig {
             postcopy: PostcopyMode::Off,
             postcopy_bandwidth: None,
             postcopy_recover_timeout: Duration::from_secs(60),
+            postcopy_preempt: true,
             insecure: false,
             cancel: None,
             disks: Vec::new(),
@@ -384,9 +388,6 @@ impl SendConfig {
         if self.postcopy != PostcopyMode::Off {
             if self.handover {
                 return Err("--postcopy copies pages: it takes no --handover".into());
-            }
-            if matches!(self.guest, GuestSpec::Kvm(_)) {
-                return Err("--postcopy: post-copy of KVM guests is not built yet".into());
             }
             if !matches!(self.verify, VerifyMode::Auto | VerifyMode::Full) {
                 return Err(format!(

@@ -42,6 +42,9 @@ pub struct PostcopyStats {
     pub pages_faulted: u64,
     /// Owed pages placed from the background stream before the guest touched them.
     pub pages_streamed: u64,
+    /// Owed pages placed as they came on the requested pages' own connection
+    /// (`--postcopy-preempt`; destination).
+    pub pages_preempted: u64,
     /// Pages that arrived after they were placed, dropped (destination).
     pub pages_dropped: u64,
     /// Pages refused because their check failed: never placed, asked for again
@@ -97,6 +100,7 @@ mod tests {
                 "pages_dropped",
                 "pages_faulted",
                 "pages_owed",
+                "pages_preempted",
                 "pages_refused",
                 "pages_streamed",
                 "reconnects",

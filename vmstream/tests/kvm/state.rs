@@ -252,3 +252,64 @@ fn verifier_catches_corrupted_blocks() {
         Err(KvmError::Verify(KvmVerifyError::VersionMismatch { .. }))
     ));
 }
+
+/// Post-copy's premise: a guest restored on RAM that is all holes, registered with
+/// userfaultfd MISSING ([`GuestRam::register_missing`]), runs as its pages are placed on
+/// fault: the restore's read of the parameter block and the vCPUs' own accesses (KVM
+/// reaching guest memory through the VMM's mapping) wait for their pages, and the guest
+/// continues from its counters and verifies.
+#[test]
+fn restored_guest_runs_on_ram_whose_pages_are_placed_on_fault() {
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use vmstream::memory::PAGE_SIZE;
+
+    if skip() {
+        return;
+    }
+    let mut guest = start(16);
+    wait_each_above(&guest, &[0, 0], 10_000);
+    let state = guest.pause().unwrap();
+    let at_pause = guest.transactions().unwrap();
+    let mut frozen = vec![0u8; 16 << 20];
+    guest.ram().read(0, &mut frozen).unwrap();
+    let copy = guest.ram().copy_to_memfd().unwrap();
+    drop(guest);
+    let size = copy.size();
+    let hole = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(copy.file().as_fd(), hole, 0, size as i64).unwrap();
+    let ram = GuestRam::from_file(copy.file().try_clone().unwrap(), size).unwrap();
+    drop(copy);
+    let faults = Arc::new(ram.register_missing().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (faults, stop) = (Arc::clone(&faults), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (mut placed, mut pages) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                pages.clear();
+                faults
+                    .wait_faults(Duration::from_millis(20), &mut pages)
+                    .unwrap();
+                for &p in &pages {
+                    let at = p as usize * PAGE_SIZE;
+                    faults.place(p, &frozen[at..at + PAGE_SIZE]).unwrap();
+                    placed += 1;
+                }
+            }
+            placed
+        })
+    };
+    let mut restored = KvmGuest::restore(ram, &state, &RestoreConfig::default()).unwrap();
+    wait_each_above(&restored, &at_pause, 10_000);
+    restored.pause().unwrap();
+    let report = restored.verify().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let placed = server.join().unwrap();
+    assert!(report.written_blocks > 0);
+    // The page tables, the program, the counters and the blocks it touched at least.
+    assert!(placed > 10, "{placed} pages placed on fault");
+}

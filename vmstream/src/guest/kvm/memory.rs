@@ -19,6 +19,7 @@ use vm_memory::{
 use crate::guest::kvm::abi::PD_MAX_TABLES;
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::memory::{open_owned, OwnError, PAGE_SIZE};
+use crate::track::uffd_missing::MissingFaults;
 
 /// Guest RAM alignment: the identity map uses 2 MiB pages.
 pub const RAM_ALIGN: u64 = 2 << 20;
@@ -174,6 +175,17 @@ impl GuestRam {
                 self.file.as_raw_fd()
             ))
         })
+    }
+
+    /// Registers this RAM's mapping, the one KVM's memory slot and the VMM access, for
+    /// userfaultfd MISSING faults (post-copy): a vCPU or VMM thread touching a hole of the
+    /// backing file (tmpfs, memfd) then blocks until the page is placed. Call it before
+    /// the VM exists or anything reads the RAM.
+    pub fn register_missing(&self) -> io::Result<MissingFaults> {
+        // SAFETY: `[host_addr, host_addr + size)` is this RAM's shared file mapping, which
+        // lives as long as the RAM (the VM holds it in an `Arc`); a placement after it was
+        // unmapped fails with an error and never writes elsewhere.
+        unsafe { MissingFaults::register(self.host_addr(), self.size) }
     }
 
     /// Host address of guest-physical 0 (for the KVM memory slot).

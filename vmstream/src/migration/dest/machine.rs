@@ -35,7 +35,7 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
     Hello, HelloReply, Message, QemuIncoming, RefuseCode, Resumed, RoundAck, WireError,
-    FEATURE_CHANNELS, FEATURE_HANDOVER, FEATURE_POSTCOPY, ROUND_POSTCOPY,
+    FEATURE_CHANNELS, FEATURE_HANDOVER, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT, ROUND_POSTCOPY,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -518,6 +518,7 @@ impl Dest<'_> {
                 image,
                 hashes,
                 guest,
+                preempt: hello.features & FEATURE_POSTCOPY_PREEMPT != 0,
             }));
         }
         // The page hashes are current (every round passed its barrier): hash the list.

@@ -22,7 +22,7 @@ use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
-    FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY,
+    FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -139,6 +139,11 @@ impl<'a> Source<'a> {
             features: FEATURE_MEMORY_DIGEST
                 | if delta { FEATURE_DELTA_PAGES } else { 0 }
                 | if postcopy { FEATURE_POSTCOPY } else { 0 }
+                | if postcopy && self.cfg.postcopy_preempt && self.cfg.channels <= 1 {
+                    FEATURE_POSTCOPY_PREEMPT
+                } else {
+                    0
+                }
                 | if self.io.disks.is_some() {
                     FEATURE_DISKS
                 } else {

@@ -7,7 +7,7 @@ use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
     HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
-    PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
+    PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
     MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
@@ -72,6 +72,8 @@ pub enum FrameType {
     QemuIncoming = 0x2e,
     /// Source -> destination: each disk's digest at the pause (after the `Digest`).
     DiskDigests = 0x2f,
+    /// Source -> destination: a new connection carries post-copy's requested pages.
+    PostcopyPreempt = 0x32,
     /// Source -> destination: pages the guest wrote into handed-over memory in a round.
     HandoverDirty = 0x34,
     /// Destination -> source: the pages of a handover's live round are checked.
@@ -82,7 +84,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 29] = [
+    pub const ALL: [FrameType; 30] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -109,6 +111,7 @@ impl FrameType {
         FrameType::PostcopyReconnect,
         FrameType::QemuIncoming,
         FrameType::DiskDigests,
+        FrameType::PostcopyPreempt,
         FrameType::HandoverDirty,
         FrameType::HandoverAck,
         FrameType::Abort,
@@ -146,6 +149,7 @@ impl FrameType {
             FrameType::PostcopyPage => PostcopyPage::LEN,
             FrameType::PostcopyComplete => PostcopyComplete::LEN,
             FrameType::PostcopyReconnect => PostcopyReconnect::LEN,
+            FrameType::PostcopyPreempt => PostcopyPreempt::LEN,
             FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
             FrameType::HandoverDirty => HandoverDirty::FIXED_LEN + 8 * HandoverDirty::MAX_PAGES,
@@ -182,6 +186,7 @@ impl FrameType {
             FrameType::PostcopyPage => "postcopy-page",
             FrameType::PostcopyComplete => "postcopy-complete",
             FrameType::PostcopyReconnect => "postcopy-reconnect",
+            FrameType::PostcopyPreempt => "postcopy-preempt",
             FrameType::QemuIncoming => "qemu-incoming",
             FrameType::DiskDigests => "disk-digests",
             FrameType::HandoverDirty => "handover-dirty",

@@ -5,8 +5,8 @@ use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
     HandoverDirty, Hello, HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed,
-    PostcopyPage, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
-    WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed,
+    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -56,6 +56,8 @@ pub enum Message {
     PostcopyComplete(PostcopyComplete),
     /// See [`PostcopyReconnect`].
     PostcopyReconnect(PostcopyReconnect),
+    /// See [`PostcopyPreempt`].
+    PostcopyPreempt(PostcopyPreempt),
     /// See [`QemuIncoming`].
     QemuIncoming(QemuIncoming),
     /// See [`Disks`].
@@ -96,6 +98,7 @@ impl Message {
             Message::PostcopyPage(_) => FrameType::PostcopyPage,
             Message::PostcopyComplete(_) => FrameType::PostcopyComplete,
             Message::PostcopyReconnect(_) => FrameType::PostcopyReconnect,
+            Message::PostcopyPreempt(_) => FrameType::PostcopyPreempt,
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Disks(_) => FrameType::Disks,
             Message::DiskDigests(_) => FrameType::DiskDigests,
@@ -131,6 +134,7 @@ impl Message {
             Message::PostcopyPage(m) => m.encode(&mut out),
             Message::PostcopyComplete(m) => m.encode(&mut out),
             Message::PostcopyReconnect(m) => m.encode(&mut out),
+            Message::PostcopyPreempt(m) => m.encode(&mut out),
             Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Disks(m) => m.encode(&mut out),
             Message::DiskDigests(m) => m.encode(&mut out),
@@ -189,6 +193,7 @@ impl Message {
             FrameType::PostcopyComplete => {
                 Message::PostcopyComplete(PostcopyComplete::decode(body)?)
             }
+            FrameType::PostcopyPreempt => Message::PostcopyPreempt(PostcopyPreempt::decode(body)?),
             FrameType::PostcopyReconnect => {
                 Message::PostcopyReconnect(PostcopyReconnect::decode(body)?)
             }

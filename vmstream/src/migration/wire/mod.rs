@@ -20,7 +20,7 @@
 //! - `resume`: after the commit, [`QemuIncoming`] (QEMU guests), [`Handover`], [`Resumed`]
 //!   and [`GuestSamples`];
 //! - `postcopy`: the post-copy phase, [`PostcopyOwed`], [`PostcopyStart`], [`PageRequest`],
-//!   [`PostcopyPage`], [`PostcopyComplete`], [`PostcopyReconnect`];
+//!   [`PostcopyPage`], [`PostcopyComplete`], [`PostcopyReconnect`], [`PostcopyPreempt`];
 //! - `abort`: [`Abort`], either side giving up;
 //! - `fields`: the body reader and field checks the decoders share.
 
@@ -52,8 +52,8 @@ pub use frame::{
 pub use hello::{ChannelHello, DeltaWire, Hello, HelloReply, RefuseCode, MAX_CHANNELS};
 pub use message::Message;
 pub use postcopy::{
-    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyReconnect, PostcopyStart,
-    PostcopyStatus, PAGE_REQUESTED,
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
+    PostcopyStart, PostcopyStatus, PAGE_REQUESTED,
 };
 pub use resume::{Audit, AuditStatus, GuestSamples, Handover, QemuIncoming, Resumed};
 pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
@@ -84,10 +84,15 @@ pub const FEATURE_POSTCOPY: u64 = 1 << 4;
 /// Feature bit: disks travel with the guest ([`Disks`] follows the `Hello`, their pages
 /// follow guest memory's in the codec's page numbers, [`DiskDigests`] follows the `Digest`).
 pub const FEATURE_DISKS: u64 = 1 << 5;
+/// Feature bit (with [`FEATURE_POSTCOPY`], one channel): post-copy's requested pages travel
+/// on a connection of their own ([`PostcopyPreempt`] opens it), not behind the background
+/// stream on channel 0 (QEMU's postcopy-preempt; `POSTCOPY.md`, *Priority*).
+pub const FEATURE_POSTCOPY_PREEMPT: u64 = 1 << 7;
 /// Every feature bit this version knows.
 pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_MEMORY_DIGEST
     | FEATURE_CHANNELS
     | FEATURE_HANDOVER
     | FEATURE_POSTCOPY
-    | FEATURE_DISKS;
+    | FEATURE_DISKS
+    | FEATURE_POSTCOPY_PREEMPT;

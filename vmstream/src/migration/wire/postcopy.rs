@@ -2,7 +2,8 @@
 //! ([`PostcopyOwed`], [`PostcopyStart`]), the destination's requests for faulted pages
 //! ([`PageRequest`]), the pages themselves ([`PostcopyPage`]), the destination's verdict
 //! once the last page landed ([`PostcopyComplete`]) and, after a lost link, the
-//! reconnection's [`PostcopyReconnect`].
+//! reconnection's [`PostcopyReconnect`], and the requested pages' own connection's
+//! [`PostcopyPreempt`].
 
 use super::fields::{at_least, exact, Fields};
 use super::{FrameType, WireError};
@@ -301,6 +302,32 @@ impl PostcopyReconnect {
         Ok(PostcopyReconnect {
             migration_id: f.bytes(16).try_into().expect("16 bytes"),
             attempt: f.u64(),
+        })
+    }
+}
+
+/// `PostcopyPreempt`: the first frame of the connection that carries post-copy's requested
+/// pages (`FEATURE_POSTCOPY_PREEMPT`; source -> destination, after the key exchange),
+/// naming the migration (16-byte body). Nothing else but `PostcopyPage{REQUESTED}` frames
+/// follows on it, and the destination writes nothing on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostcopyPreempt {
+    /// The migration's random id (as in `PostcopyStart`).
+    pub migration_id: [u8; 16],
+}
+
+impl PostcopyPreempt {
+    /// Body length.
+    pub const LEN: usize = 16;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.migration_id);
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<PostcopyPreempt, WireError> {
+        exact(FrameType::PostcopyPreempt, body, Self::LEN)?;
+        Ok(PostcopyPreempt {
+            migration_id: body.try_into().expect("16 bytes"),
         })
     }
 }

@@ -169,6 +169,9 @@ pub(super) fn all_messages() -> Vec<Message> {
             migration_id: [0x66; 16],
             attempt: 2,
         }),
+        Message::PostcopyPreempt(PostcopyPreempt {
+            migration_id: [0x77; 16],
+        }),
     ]
 }
 

@@ -21,8 +21,8 @@ use crate::migration::transport::{
     Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError,
 };
 use crate::migration::wire::{
-    Abort, AbortCode, ChannelHello, Hello, Message, RefuseCode, RoundEnd, FEATURE_CHANNELS,
-    MAX_CHANNELS,
+    Abort, AbortCode, ChannelHello, Hello, Message, PostcopyPreempt, RefuseCode, RoundEnd,
+    FEATURE_CHANNELS, MAX_CHANNELS,
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
@@ -456,6 +456,32 @@ impl SourceChannels {
             self.channels[0].authenticate(0, key, &mut reader)?;
         }
         Ok(reader)
+    }
+
+    /// Opens post-copy's connection for requested pages (`FEATURE_POSTCOPY_PREEMPT`):
+    /// connects, proves the key if there is one, and names the migration
+    /// (`PostcopyPreempt`); returns its writer. Requested pages are not held to
+    /// `--max-bandwidth` on it (they are few, and the guest waits for each).
+    pub fn open_preempt(&self, cfg: &SendConfig) -> Result<Link, SendError> {
+        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
+        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+        let mut reader = FrameReader::new(
+            stream.try_clone().map_err(SendError::Socket)?,
+            Some(cfg.io_timeout),
+        );
+        let mut link = Link::with_options(stream, None, Vec::new(), "vmstream-link-preempt")
+            .map_err(SendError::Socket)?;
+        if let Some(key) = &cfg.auth_key {
+            match authenticate_destination(key, &mut |m| link.send_message(m), &mut reader)? {
+                SourceAuth::Authenticated(sealer) => link.seal_with(*sealer)?,
+                SourceAuth::Answered(frame) => return Err(refusal(0, frame)),
+            }
+        }
+        link.send_message(&Message::PostcopyPreempt(PostcopyPreempt {
+            migration_id: self.migration_id,
+        }))?;
+        Ok(link)
     }
 
     /// Sends a whole encoded frame on channel 0 (see [`Link::send_frame`]).

@@ -22,10 +22,12 @@ use crate::migration::wire::{GuestKind, GuestSamples, GuestState, Hello, RefuseC
 
 mod file;
 mod kvm;
+mod postcopy;
 mod qemu;
 
-pub use file::{start_guest_postcopy, IncomingFileGuest, ResumedGuest};
+pub use file::{IncomingFileGuest, ResumedGuest};
 pub use kvm::{IncomingKvmGuest, KvmResumed, KvmRunOutcome};
+pub use postcopy::{PostcopyLaunch, PostcopyResumed, PostcopyStart};
 pub use qemu::{IncomingQemuGuest, QemuLaunch, QemuResumed};
 
 /// A guest on the destination side of a migration, from the handshake that named its kind
@@ -108,6 +110,22 @@ pub trait IncomingGuest {
         target: &Path,
         run_for: Option<Duration>,
     ) -> Result<Resumption, RecvError>;
+
+    /// Post-copy: readies the guest to run on the committed image `memory` (mapped from
+    /// its path) whose owed pages are holes: maps it as the guest will run on it and
+    /// registers that mapping for MISSING faults before anything touches it. The guest's
+    /// state was accepted ([`Self::accept_state`]); `run_for` bounds how long it runs.
+    fn postcopy_launch(
+        &mut self,
+        memory: GuestMemory,
+        run_for: Option<Duration>,
+    ) -> Result<PostcopyLaunch, RecvError> {
+        let _ = (memory, run_for);
+        Err(RecvError::Resume(format!(
+            "post-copy of {:?} guests is not built",
+            self.kind()
+        )))
+    }
 
     /// Reads the resumed guest's transaction counter for `window`: the destination's part
     /// of the source's timeline.

@@ -12,6 +12,7 @@
 //! ```
 
 mod placement;
+mod preempt;
 mod recover;
 mod serve;
 
@@ -21,7 +22,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::PAGE_SIZE;
 use crate::migration::dest::incoming::IncomingGuest;
 use crate::migration::dest::machine::{unexpected, Dest, DestState};
 use crate::migration::digest::PageHashes;
@@ -32,12 +33,11 @@ use crate::migration::wire::{
     CommitReply, CommitStatus, GuestKind, Hello, Message, PostcopyOwed, PostcopyStart,
 };
 use crate::telemetry::stats::MigrationOutcome;
-use crate::track::uffd_missing::MissingFaults;
 
 pub(super) use placement::Placement;
 
 /// Why this destination cannot take a post-copy migration of the guest `hello` announces,
-/// if it cannot: the guest must resume here (`--resume`), be a process guest, and its image
+/// if it cannot: the guest must resume here (`--resume`), be a process or KVM guest, and its image
 /// must be shared memory userfaultfd serves (tmpfs).
 pub(super) fn refusal(
     hello: &Hello,
@@ -49,8 +49,11 @@ pub(super) fn refusal(
             "post-copy resumes the guest at the destination: run recv with --resume".into(),
         );
     }
-    if hello.guest_kind != GuestKind::File {
-        return Some("post-copy of KVM guests is not built yet (process guests only)".into());
+    if !matches!(hello.guest_kind, GuestKind::File | GuestKind::Kvm) {
+        return Some(format!(
+            "post-copy of {:?} guests is not built (process and KVM guests only)",
+            hello.guest_kind
+        ));
     }
     let dir = image.and_then(|p| p.parent())?;
     match nix::sys::statfs::statfs(dir) {
@@ -69,6 +72,8 @@ pub(super) struct PostcopyIncoming {
     pub(super) image: PendingImage,
     pub(super) hashes: Arc<PageHashes>,
     pub(super) guest: Box<dyn IncomingGuest>,
+    /// The source opens a connection of its own for requested pages.
+    pub(super) preempt: bool,
 }
 
 impl Dest<'_> {
@@ -78,6 +83,7 @@ impl Dest<'_> {
             mut image,
             hashes,
             mut guest,
+            preempt,
         } = incoming;
         let state = match self.reader.read_frame()? {
             Frame::Control(Message::GuestState(s)) => s,
@@ -113,17 +119,20 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         self.await_handover()?;
-        let uffd = register(&memory)?;
+        let file = memory.file().try_clone().map_err(RecvError::Socket)?;
+        let target = memory.path().to_path_buf();
+        let launch = guest.postcopy_launch(memory, self.cfg.run_for)?;
         let phase = serve::Phase {
             placement,
-            uffd,
+            uffd: Arc::clone(&launch.faults),
             hashes,
             paused_at_ns: start.paused_at_unix_ns,
             owed: owed.len() as u64,
             migration_id: start.migration_id,
             admissions: self.channels.take_admissions(),
+            preempt,
         };
-        self.serve_postcopy(phase, memory)
+        self.serve_postcopy(phase, launch.start, file, &target)
     }
 
     /// Reads the owed list (`PostcopyOwed` messages up to `PostcopyStart`), each page
@@ -191,14 +200,4 @@ fn punch_holes(image: &PendingImage, owed: &[u64]) -> Result<(), RecvError> {
         i = j;
     }
     Ok(())
-}
-
-/// Registers the committed image's mapping for MISSING faults, before the guest touches it.
-fn register(memory: &GuestMemory) -> Result<Arc<MissingFaults>, RecvError> {
-    // SAFETY: `memory` is the shared mapping of the committed image; the guest that runs on
-    // it keeps it mapped until it ends, and placements into a range that went away fail
-    // with an error (never write elsewhere).
-    unsafe { MissingFaults::register(memory.addr(), memory.len() as u64) }
-        .map(Arc::new)
-        .map_err(|e| RecvError::Resume(format!("post-copy: {e}")))
 }

@@ -4,7 +4,7 @@
 //! (`PostcopyReconnect`); the destination then tells it the pages it still lacks and asks
 //! again for those the guest waits on.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::migration::connect::admission::Opening;
@@ -39,6 +39,7 @@ impl Dest<'_> {
             let _ = old.join();
         }
         let deadline = Instant::now() + wait;
+        let mut preempted = Vec::new();
         loop {
             while let Ok(event) = rx.try_recv() {
                 match event {
@@ -49,7 +50,7 @@ impl Dest<'_> {
                         }
                     }
                     Event::Guest(Ok(guest)) => {
-                        let tx0 = guest.ready.tx_count;
+                        let tx0 = guest.tx_at_resume();
                         progress.resumed_at_ns = unix_ns(SystemTime::now());
                         progress.resumed = Some((guest, Instant::now(), tx0));
                     }
@@ -59,7 +60,10 @@ impl Dest<'_> {
                         )))
                     }
                     // The old connection's last words.
-                    Event::Frame(_) => {}
+                    Event::Frame(_) => progress.credit.release(),
+                    // The requested pages' connection may outlive the link: its pages
+                    // are placed once the exchange resumes.
+                    Event::Preempt(frame) => preempted.push(frame),
                 }
             }
             let admissions = phase.admissions.as_mut().expect("reconnectable");
@@ -83,6 +87,9 @@ impl Dest<'_> {
         progress.offline = false;
         progress.reconnects += 1;
         let tx = progress.events.clone().expect("events while serving");
+        for frame in preempted {
+            let _ = tx.send(Event::Preempt(frame));
+        }
         let placeholder = FrameReader::new(
             self.reader
                 .get_ref()
@@ -91,7 +98,11 @@ impl Dest<'_> {
             Some(self.cfg.io_timeout),
         );
         let reader = std::mem::replace(&mut self.reader, placeholder);
-        progress.frames = Some(spawn_frame_reader(reader, tx)?);
+        progress.frames = Some(spawn_frame_reader(
+            reader,
+            tx,
+            Arc::clone(&progress.credit),
+        )?);
         let still = phase.placement.still_owed();
         for part in still.chunks(PostcopyOwed::MAX_PAGES) {
             self.send(&Message::PostcopyOwed(PostcopyOwed {

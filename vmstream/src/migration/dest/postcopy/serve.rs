@@ -4,28 +4,26 @@
 //! digests compared.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::guest::file::layout::sb;
-use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::dest::incoming::{start_guest_postcopy, ResumedGuest};
-use crate::migration::dest::machine::{unexpected, Dest, DestState, Received};
+use crate::memory::PAGE_SIZE;
+use crate::migration::dest::incoming::{PostcopyResumed, PostcopyStart};
+use crate::migration::dest::machine::{unexpected, Dest, DestState};
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::transport::{Frame, FrameReader, Socket, TransportError};
 use crate::migration::wire::{
-    Digest, GuestSamples, Message, PageRequest, PostcopyComplete, PostcopyPage, PostcopyStatus,
-    WireError,
+    Digest, Message, PageRequest, PostcopyComplete, PostcopyPage, PostcopyStatus, WireError,
 };
-use crate::telemetry::impact::sample_destination;
 use crate::telemetry::postcopy::{LatencyMs, PostcopyStats};
 use crate::telemetry::stats::unix_ns;
 use crate::track::uffd_missing::{MissingFaults, Placed};
 
+use super::preempt::{accept_preempt, PreemptAccept, StreamCredit};
 use super::Placement;
 
 /// What the post-copy phase starts from.
@@ -39,16 +37,22 @@ pub(super) struct Phase {
     pub(super) migration_id: [u8; 16],
     /// Where a source that lost the link reconnects (None: it cannot).
     pub(super) admissions: Option<crate::migration::connect::admission::Admissions>,
+    /// The source opens a connection of its own for requested pages
+    /// (`FEATURE_POSTCOPY_PREEMPT`).
+    pub(super) preempt: bool,
 }
 
 /// What the threads tell the placing loop.
 pub(super) enum Event {
     /// The guest faulted on these pages.
     Faults(Vec<u64>),
-    /// The source sent a frame (or the link failed).
+    /// The source sent a frame on channel 0 (or the link failed); the placing loop
+    /// releases a [`StreamCredit`] for each.
     Frame(Result<Frame, TransportError>),
+    /// A frame on the requested pages' own connection (or its end).
+    Preempt(Result<Frame, TransportError>),
     /// The guest runs (or could not start).
-    Guest(Result<ResumedGuest, RecvError>),
+    Guest(Result<PostcopyResumed, RecvError>),
 }
 
 /// The placing loop's own figures and links.
@@ -58,6 +62,11 @@ pub(super) struct Progress {
     pub(super) events: Option<mpsc::Sender<Event>>,
     /// The frame reader; it returns the reader when the link ends.
     pub(super) frames: Option<std::thread::JoinHandle<FrameReader<Socket>>>,
+    /// Bounds the frames the reader hands over ahead of the placing loop.
+    pub(super) credit: Arc<StreamCredit>,
+    /// Waits for the requested pages' connection, holding the listener meanwhile.
+    pub(super) preempt: Option<PreemptAccept>,
+    preempted: u64,
     /// The link is down: requests wait for the reconnection.
     pub(super) offline: bool,
     pub(super) reconnects: u64,
@@ -67,21 +76,22 @@ pub(super) struct Progress {
     latencies_ns: Vec<u64>,
     refused: u64,
     source_digest: Option<Digest>,
-    pub(super) resumed: Option<(ResumedGuest, Instant, u64)>,
+    pub(super) resumed: Option<(PostcopyResumed, Instant, u64)>,
     last_page_at: Option<Instant>,
 }
 
 impl Dest<'_> {
-    /// Runs the guest on `memory` (registered in `phase.uffd`) and places the owed pages
-    /// until the last; then compares the digests and reports.
+    /// Runs the guest (`start`; the mapping it runs on is registered in `phase.uffd`) and
+    /// places the owed pages until the last; then compares the digests and reports.
+    /// `file`: the committed image, at `target`.
     pub(super) fn serve_postcopy(
         &mut self,
         mut phase: Phase,
-        memory: GuestMemory,
+        start: PostcopyStart,
+        file: std::fs::File,
+        target: &std::path::Path,
     ) -> Result<DestState, RecvError> {
         let pages = phase.placement_pages();
-        let file = memory.file().try_clone().map_err(RecvError::Socket)?;
-        let target = memory.path().to_path_buf();
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let faults = spawn_fault_watch(Arc::clone(&phase.uffd), Arc::clone(&stop), tx.clone())?;
@@ -93,17 +103,35 @@ impl Dest<'_> {
             Some(self.cfg.io_timeout),
         );
         let reader = std::mem::replace(&mut self.reader, placeholder);
-        let frames = spawn_frame_reader(reader, tx.clone())?;
+        let credit = Arc::new(StreamCredit::default());
+        let frames = spawn_frame_reader(reader, tx.clone(), Arc::clone(&credit))?;
+        let preempt = match phase.admissions.take() {
+            Some(admissions) if phase.preempt => Some(
+                accept_preempt(
+                    admissions,
+                    phase.migration_id,
+                    self.cfg.io_timeout,
+                    tx.clone(),
+                    self.cfg.notices.clone(),
+                )
+                .map_err(RecvError::Socket)?,
+            ),
+            other => {
+                phase.admissions = other;
+                None
+            }
+        };
         let mut progress = Progress {
             events: Some(tx.clone()),
             frames: Some(frames),
+            credit,
+            preempt,
             ..Progress::default()
         };
-        let (run_for, notices) = (self.cfg.run_for, self.cfg.notices.clone());
         std::thread::Builder::new()
             .name("vmstream-guest-start".into())
             .spawn(move || {
-                let _ = tx.send(Event::Guest(start_guest_postcopy(memory, run_for, notices)));
+                let _ = tx.send(Event::Guest(start()));
             })
             .map_err(RecvError::Socket)?;
         let result = self.place_until_complete(&mut phase, &mut progress, &rx, &file, pages);
@@ -114,14 +142,19 @@ impl Dest<'_> {
         }
         stop.store(true, Ordering::Relaxed);
         let _ = faults.join();
+        progress.credit.close();
+        if let Some(p) = progress.preempt.take() {
+            phase.admissions = p.finish();
+        }
         if let Err(e) = result {
             // The guest waits on pages only the source has: keep it blocked (the
             // userfaultfd stays registered until this process ends) rather than let it
-            // run on holes.
+            // run on holes. Its threads are not joined either: they may be blocked there.
             std::mem::forget(Arc::clone(&phase.uffd));
+            std::mem::forget(progress.resumed.take());
             return Err(e);
         }
-        let (guest, resumed_at, tx0) = progress.resumed.take().expect("complete after resume");
+        let (mut guest, resumed_at, tx0) = progress.resumed.take().expect("complete after resume");
         let last = progress.last_page_at.unwrap_or(resumed_at);
         let ours = phase.hashes.digest();
         let theirs = progress
@@ -129,7 +162,7 @@ impl Dest<'_> {
             .take()
             .expect("complete after the digest");
         let matched = theirs.digest == ours && theirs.guest_size == self.stats.guest_bytes;
-        let tx_during = tx_count(&file).saturating_sub(tx0);
+        let tx_during = guest.tx_count(&file).saturating_sub(tx0);
         let span = last.saturating_duration_since(resumed_at);
         let mut latencies = std::mem::take(&mut progress.latencies_ns);
         let latency = LatencyMs::of_ns(&mut latencies);
@@ -153,6 +186,7 @@ impl Dest<'_> {
         self.stats.digest = Some(hex(&ours));
         self.stats.postcopy = Some(PostcopyStats {
             pages_owed: phase.owed,
+            pages_preempted: progress.preempted,
             pages_refused: progress.refused,
             reconnects: progress.reconnects,
             ..complete.stats()
@@ -165,20 +199,16 @@ impl Dest<'_> {
                 ours: hex(&ours),
             });
         }
-        let samples = sample_destination(&target, self.sample_window(), GuestSamples::MAX_SAMPLES)
-            .map(|samples| GuestSamples { samples })
-            .map_err(|e| e.to_string());
+        if let Some(line) = guest.check_complete()? {
+            self.cfg.notices.output(line);
+        }
+        let samples = guest.sample(target, self.sample_window());
         self.send_samples(samples);
         progress.events = None;
         if let Some(Ok(reader)) = progress.frames.take().map(|f| f.join()) {
             self.reader = reader;
         }
-        Ok(DestState::Done(Received {
-            guest: Some(guest),
-            kvm: None,
-            handed_over: None,
-            qemu: None,
-        }))
+        Ok(DestState::Done(guest.into_received()))
     }
 
     /// The placing loop: until every owed page is placed, the source's digest came and the
@@ -208,42 +238,36 @@ impl Dest<'_> {
                         self.on_fault(phase, progress, page)?;
                     }
                 }
-                Event::Frame(Ok(Frame::Control(Message::PostcopyPage(p)))) => {
-                    if p.page >= pages || p.data.len() != PAGE_SIZE {
-                        return Err(RecvError::Protocol(format!(
-                            "post-copy page {} is beyond the guest's {pages} pages",
-                            p.page
-                        )));
-                    }
-                    place(phase, progress, p, file, self.cfg.notices.clone())?;
+                Event::Frame(frame) => {
+                    progress.credit.release();
+                    self.on_frame(phase, progress, rx, frame, file, pages)?;
                 }
-                Event::Frame(Ok(Frame::Control(Message::Digest(d)))) => {
-                    // The stream is over: a page still owed was lost on the way (refused):
-                    // ask for it again.
-                    for page in phase.placement.still_owed() {
-                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                Event::Preempt(Ok(Frame::Control(Message::PostcopyPage(p)))) => {
+                    if place_page(phase, progress, p, file, pages, &self.cfg.notices)? {
+                        progress.preempted += 1;
                     }
-                    progress.source_digest = Some(d);
                 }
-                Event::Frame(Err(TransportError::Wire(e @ WireError::BodyChecksum { .. }))) => {
-                    // Its page number cannot be trusted either: the pages the guest waits
-                    // for are asked again, the stream's are when it ends.
-                    progress.refused += 1;
-                    self.cfg.notices.error(format!(
-                        "a post-copy page failed its check ({e}): refused, never placed; asking \
-                         the source again for the pages the guest waits for"
+                Event::Preempt(Err(TransportError::Wire(e @ WireError::BodyChecksum { .. }))) => {
+                    self.refused(phase, progress, &e)?
+                }
+                Event::Preempt(Err(e)) => {
+                    // The guest's pages come on channel 0 from now on (the source falls
+                    // back once its writes fail): the awaited ones are asked again.
+                    self.cfg.notices.warning(format!(
+                        "post-copy: the connection for requested pages ended ({e}); asking \
+                         again on the stream's for the pages the guest waits for"
                     ));
-                    for page in phase.placement.requested() {
-                        self.send(&Message::PageRequest(PageRequest { page }))?;
+                    if !progress.offline {
+                        for page in phase.placement.requested() {
+                            self.send(&Message::PageRequest(PageRequest { page }))?;
+                        }
                     }
                 }
-                Event::Frame(Err(e)) if phase.admissions.is_some() => {
-                    self.await_reconnect(phase, progress, rx, &e.to_string())?
+                Event::Preempt(Ok(other)) => {
+                    return Err(unexpected("a requested post-copy page", other))
                 }
-                Event::Frame(Err(e)) => return Err(lost(format!("the link to the source: {e}"))),
-                Event::Frame(Ok(other)) => return Err(unexpected("a post-copy page", other)),
                 Event::Guest(Ok(guest)) => {
-                    let tx0 = guest.ready.tx_count;
+                    let tx0 = guest.tx_at_resume();
                     progress.resumed_at_ns = unix_ns(SystemTime::now());
                     self.report_resumed(phase.paused_at_ns, progress.resumed_at_ns, true, tx0);
                     progress.resumed = Some((guest, Instant::now(), tx0));
@@ -252,6 +276,67 @@ impl Dest<'_> {
                     return Err(lost(format!("the guest could not resume here: {e}")))
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A frame (or the end) of channel 0.
+    fn on_frame(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        rx: &mpsc::Receiver<Event>,
+        frame: Result<Frame, TransportError>,
+        file: &std::fs::File,
+        pages: u64,
+    ) -> Result<(), RecvError> {
+        match frame {
+            Ok(Frame::Control(Message::PostcopyPage(p))) => {
+                place_page(phase, progress, p, file, pages, &self.cfg.notices)?;
+            }
+            Ok(Frame::Control(Message::Digest(d))) => {
+                // The stream is over: a page still owed was lost on the way (refused):
+                // ask for it again.
+                for page in phase.placement.still_owed() {
+                    self.send(&Message::PageRequest(PageRequest { page }))?;
+                }
+                progress.source_digest = Some(d);
+            }
+            Err(TransportError::Wire(e @ WireError::BodyChecksum { .. })) => {
+                self.refused(phase, progress, &e)?
+            }
+            Err(e) => {
+                // The listener back from the wait for the requested pages' connection.
+                if let Some(p) = progress.preempt.take() {
+                    phase.admissions = p.finish();
+                }
+                if phase.admissions.is_none() {
+                    return Err(RecvError::PostcopyLost(format!(
+                        "the link to the source: {e}"
+                    )));
+                }
+                self.await_reconnect(phase, progress, rx, &e.to_string())?
+            }
+            Ok(other) => return Err(unexpected("a post-copy page", other)),
+        }
+        Ok(())
+    }
+
+    /// A page failed its check (`e`): its page number cannot be trusted either, so the
+    /// pages the guest waits for are asked again, the stream's are when it ends.
+    fn refused(
+        &mut self,
+        phase: &mut Phase,
+        progress: &mut Progress,
+        e: &WireError,
+    ) -> Result<(), RecvError> {
+        progress.refused += 1;
+        self.cfg.notices.error(format!(
+            "a post-copy page failed its check ({e}): refused, never placed; asking the \
+             source again for the pages the guest waits for"
+        ));
+        for page in phase.placement.requested() {
+            self.send(&Message::PageRequest(PageRequest { page }))?;
         }
         Ok(())
     }
@@ -289,17 +374,25 @@ impl Phase {
     }
 }
 
-/// Places an arriving page if it is owed and not placed yet; drops it otherwise.
-fn place(
+/// Places an arriving page if it is owed and not placed yet (true); drops it otherwise.
+/// A page beyond the guest's `pages` is the peer's error.
+fn place_page(
     phase: &mut Phase,
     progress: &mut Progress,
     p: PostcopyPage,
     file: &std::fs::File,
-    notices: crate::telemetry::notice::Notices,
-) -> Result<(), RecvError> {
+    pages: u64,
+    notices: &crate::telemetry::notice::Notices,
+) -> Result<bool, RecvError> {
     use super::placement::OnArrival;
+    if p.page >= pages || p.data.len() != PAGE_SIZE {
+        return Err(RecvError::Protocol(format!(
+            "post-copy page {} is beyond the guest's {pages} pages",
+            p.page
+        )));
+    }
     let OnArrival::Place { faulted } = phase.placement.arrive(p.page) else {
-        return Ok(());
+        return Ok(false);
     };
     let placed = match phase.uffd.place(p.page, &p.data) {
         Ok(placed) => placed,
@@ -339,17 +432,7 @@ fn place(
     if phase.placement.remaining() == 0 {
         progress.last_page_at = Some(Instant::now());
     }
-    Ok(())
-}
-
-/// The guest's transaction counter, read from the file: a read of a hole does not fill it
-/// (a fault through another mapping would, behind the userfaultfd's back).
-fn tx_count(file: &std::fs::File) -> u64 {
-    let mut b = [0u8; 8];
-    match file.read_exact_at(&mut b, sb::TX_COUNT as u64) {
-        Ok(()) => u64::from_le_bytes(b),
-        Err(_) => 0,
-    }
+    Ok(true)
 }
 
 fn spawn_fault_watch(
@@ -378,9 +461,12 @@ fn spawn_fault_watch(
 }
 
 /// Reads the source's frames until the link ends (a refused page's frame does not end it).
+/// At most [`STREAM_FRAMES_AHEAD`](super::preempt::STREAM_FRAMES_AHEAD) of them wait for the
+/// placing loop (`credit`).
 pub(super) fn spawn_frame_reader(
     mut reader: FrameReader<Socket>,
     tx: mpsc::Sender<Event>,
+    credit: Arc<StreamCredit>,
 ) -> Result<std::thread::JoinHandle<FrameReader<Socket>>, RecvError> {
     std::thread::Builder::new()
         .name("vmstream-postcopy-rx".into())
@@ -390,6 +476,7 @@ pub(super) fn spawn_frame_reader(
                 &frame,
                 Ok(_) | Err(TransportError::Wire(WireError::BodyChecksum { .. }))
             );
+            credit.acquire();
             if tx.send(Event::Frame(frame)).is_err() || !go_on {
                 return reader;
             }

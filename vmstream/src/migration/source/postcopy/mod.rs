@@ -103,7 +103,22 @@ impl Source<'_> {
             pages_owed: owed.len() as u64,
             ..PostcopyStats::default()
         });
-        self.serve_postcopy(owed, paused_at_ns)?;
+        // Announced in the hello, which the destination accepted.
+        let preempt = if self.cfg.postcopy_preempt && self.cfg.channels <= 1 {
+            match self.io.channels.open_preempt(self.cfg) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    self.cfg.notices.warning(format!(
+                        "post-copy: no connection of their own for requested pages ({e}); \
+                         they share the stream's"
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.serve_postcopy(owed, paused_at_ns, preempt)?;
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
         Ok(SourceState::Done(Outcome::Committed))
     }

@@ -5,12 +5,13 @@
 //! verdict.
 
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
-use crate::migration::transport::{Frame, FrameReader, TokenBucket, TransportError};
+use crate::migration::transport::{Frame, FrameReader, Link, TokenBucket, TransportError};
 use crate::migration::wire::{
     Digest, DigestSource, Message, PostcopyComplete, PostcopyPage, PostcopyStatus,
     FRAME_HEADER_LEN, PAGE_REQUESTED,
@@ -41,10 +42,13 @@ impl Source<'_> {
     /// Serves `owed` (ascending) from the frozen memory until the destination reports the
     /// last page placed; `paused_at_ns`: the pause, for the downtime. A dropped link is
     /// reconnected for `--postcopy-recover-timeout` (`recover`).
+    /// `preempt`: the requested pages' own connection (`FEATURE_POSTCOPY_PREEMPT`); if it
+    /// fails they go on channel 0 from then on.
     pub(super) fn serve_postcopy(
         &mut self,
         owed: Vec<u64>,
         paused_at_ns: u64,
+        mut preempt: Option<Link>,
     ) -> Result<(), SendError> {
         let pages = self.guest.size() / PAGE_SIZE as u64;
         let guest_size = self.guest.size();
@@ -69,6 +73,8 @@ impl Source<'_> {
         let mut served = Served::default();
         let mut samples = None;
         let mut digest: Option<[u8; 32]> = None;
+        // The next streamed page and when the stream's bandwidth lets it go.
+        let mut held: Option<(u64, Instant)> = None;
         let result = std::thread::scope(|s| -> Result<(), SendError> {
             let mut hashing = Some(s.spawn(|| match &data {
                 Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
@@ -91,37 +97,57 @@ impl Source<'_> {
                     let frame = match frame {
                         Some(f) => Some(f),
                         None => {
-                            if let Some(page) = order.next() {
-                                if let Some(b) = &mut bucket {
-                                    b.take(PostcopyPage::LEN);
+                            if held.is_none() {
+                                if let Some(page) = order.next() {
+                                    let now = Instant::now();
+                                    let wait = bucket.as_mut().map_or(Duration::ZERO, |b| {
+                                        b.take_at(PostcopyPage::LEN, now)
+                                    });
+                                    held = Some((page, now + wait));
                                 }
-                                send_page(channels, memory, page, 0, corrupt, &mut served)?;
-                                served.streamed += 1;
-                                return Ok(false);
                             }
-                            if let Some(h) = hashing.take() {
-                                digest = Some(h.join().expect("digest thread"));
-                            }
-                            if let (Some(d), false) = (digest, served.digest_sent) {
-                                stats.digest = Some(hex(&d));
-                                channels.send_message(&Message::Digest(Digest {
-                                    verification: DigestSource::Memory,
-                                    digest: d,
-                                    guest_size,
-                                    paused_at_unix_ns: paused_at_ns,
-                                }))?;
-                                served.digest_sent = true;
-                                return Ok(false);
-                            }
-                            match inbound.frames.recv_timeout(io_timeout) {
-                                Ok(f) => Some(f),
-                                Err(RecvTimeoutError::Timeout) => {
-                                    return Err(SendError::Transport(TransportError::Timeout(
-                                        io_timeout,
-                                    )))
+                            if let Some((page, at)) = held {
+                                let now = Instant::now();
+                                if now >= at {
+                                    held = None;
+                                    send_page(channels, memory, page, 0, corrupt, &mut served)?;
+                                    served.streamed += 1;
+                                    return Ok(false);
                                 }
-                                Err(RecvTimeoutError::Disconnected) => {
-                                    return Err(SendError::Transport(TransportError::Closed))
+                                // `--postcopy-bandwidth` holds the stream back, not the
+                                // requests: one that comes meanwhile is answered at once.
+                                match inbound.frames.recv_timeout(at - now) {
+                                    Ok(f) => Some(f),
+                                    Err(RecvTimeoutError::Timeout) => return Ok(false),
+                                    Err(RecvTimeoutError::Disconnected) => {
+                                        return Err(SendError::Transport(TransportError::Closed))
+                                    }
+                                }
+                            } else {
+                                if let Some(h) = hashing.take() {
+                                    digest = Some(h.join().expect("digest thread"));
+                                }
+                                if let (Some(d), false) = (digest, served.digest_sent) {
+                                    stats.digest = Some(hex(&d));
+                                    channels.send_message(&Message::Digest(Digest {
+                                        verification: DigestSource::Memory,
+                                        digest: d,
+                                        guest_size,
+                                        paused_at_unix_ns: paused_at_ns,
+                                    }))?;
+                                    served.digest_sent = true;
+                                    return Ok(false);
+                                }
+                                match inbound.frames.recv_timeout(io_timeout) {
+                                    Ok(f) => Some(f),
+                                    Err(RecvTimeoutError::Timeout) => {
+                                        return Err(SendError::Transport(TransportError::Timeout(
+                                            io_timeout,
+                                        )))
+                                    }
+                                    Err(RecvTimeoutError::Disconnected) => {
+                                        return Err(SendError::Transport(TransportError::Closed))
+                                    }
                                 }
                             }
                         }
@@ -129,14 +155,25 @@ impl Source<'_> {
                     let Some(frame) = frame else { return Ok(false) };
                     match on_frame(frame, &order, paused_at_ns, &mut served, stats, impact)? {
                         Some(page) => {
-                            send_page(
-                                channels,
-                                memory,
-                                page,
-                                PAGE_REQUESTED,
-                                corrupt,
-                                &mut served,
-                            )?;
+                            let frame =
+                                page_frame(memory, page, PAGE_REQUESTED, corrupt, &mut served);
+                            let fallback = match preempt.as_mut() {
+                                None => Some(frame),
+                                Some(link) => match link.send_frame(frame.clone()) {
+                                    Ok(()) => None,
+                                    Err(e) => {
+                                        cfg.notices.warning(format!(
+                                            "post-copy: the requested pages' connection \
+                                             failed ({e}); they share the stream's from now on"
+                                        ));
+                                        preempt = None;
+                                        Some(frame)
+                                    }
+                                },
+                            };
+                            if let Some(frame) = fallback {
+                                channels.send_frame(frame)?;
+                            }
                             order.requested(page);
                             served.requests += 1;
                             Ok(false)
@@ -154,6 +191,7 @@ impl Source<'_> {
                             reconnect(cfg, channels, served.reconnects - 1, &why)?;
                         std::mem::replace(&mut inbound, fresh).stop();
                         order = StreamOrder::new(pages, &still_owed);
+                        held = None;
                         // Whether the digest arrived is unknown: it is sent again.
                         served.digest_sent = false;
                     }
@@ -245,7 +283,7 @@ fn on_frame(
     }
 }
 
-/// Sends page `page` of `memory`; `corrupt`: the test fault's page count
+/// Sends page `page` of `memory` on channel 0; `corrupt`: the test fault's page count
 /// ([`SourceFaults::corrupt_postcopy_page`](crate::migration::fault::SourceFaults)).
 fn send_page(
     channels: &mut SourceChannels,
@@ -255,6 +293,18 @@ fn send_page(
     corrupt: Option<u64>,
     served: &mut Served,
 ) -> Result<(), SendError> {
+    channels.send_frame(page_frame(memory, page, flags, corrupt, served))
+}
+
+/// The `PostcopyPage` frame of page `page` of `memory` (damaged after its check if it is
+/// the `corrupt`-th page sent), counted sent.
+fn page_frame(
+    memory: &[u8],
+    page: u64,
+    flags: u32,
+    corrupt: Option<u64>,
+    served: &mut Served,
+) -> Vec<u8> {
     let at = page as usize * PAGE_SIZE;
     let msg = Message::PostcopyPage(PostcopyPage {
         page,
@@ -267,7 +317,7 @@ fn send_page(
         frame[FRAME_HEADER_LEN + 16 + 100] ^= 0x5a;
     }
     served.pages_sent += 1;
-    channels.send_frame(frame)
+    frame
 }
 
 fn lost(why: String) -> SendError {

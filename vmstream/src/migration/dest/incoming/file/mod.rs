@@ -13,7 +13,9 @@ use crate::guest::file::{
     GuestError, GuestSummary, MemorySource, ProcessGuestConfig, ReadyLine, StartMode,
 };
 use crate::memory::GuestMemory;
-use crate::migration::dest::incoming::{IncomingGuest, Resumption};
+use crate::migration::dest::incoming::{
+    IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
+};
 use crate::migration::dest::machine::Received;
 use crate::migration::dest::verify::{BackgroundVerifier, DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
@@ -25,6 +27,7 @@ use crate::telemetry::notice::Notices;
 use crate::telemetry::settings::Settings;
 use crate::telemetry::stats::unix_ns;
 use crate::telemetry::switchover::SwitchoverTimes;
+use crate::track::uffd_missing::MissingFaults;
 
 mod checks;
 mod known;
@@ -194,6 +197,28 @@ impl IncomingGuest for IncomingFileGuest {
         Ok(resumption)
     }
 
+    /// The guest runs on `memory` itself, registered for MISSING faults; it starts without
+    /// reading all of memory first (the faults are served meanwhile).
+    fn postcopy_launch(
+        &mut self,
+        memory: GuestMemory,
+        run_for: Option<Duration>,
+    ) -> Result<PostcopyLaunch, RecvError> {
+        // SAFETY: `memory` is the shared mapping of the committed image (tmpfs); it moves
+        // into the guest that runs on it, which keeps it mapped until it ends, and
+        // placements into a range that went away fail with an error (never write
+        // elsewhere).
+        let faults = unsafe { MissingFaults::register(memory.addr(), memory.len() as u64) }
+            .map_err(|e| RecvError::Resume(format!("post-copy: {e}")))?;
+        let notices = self.notices.clone();
+        Ok(PostcopyLaunch {
+            faults: Arc::new(faults),
+            start: Box::new(move || {
+                start_guest(memory, None, &[], run_for, notices).map(PostcopyResumed::File)
+            }),
+        })
+    }
+
     /// Samples the resumed guest process (through its memory file `target`).
     fn sample(&self, target: &Path, window: Duration) -> Result<GuestSamples, String> {
         sample_destination(target, window, GuestSamples::MAX_SAMPLES)
@@ -267,17 +292,6 @@ impl Write for ReadyWatch {
         // Each line was told as it ended.
         Ok(())
     }
-}
-
-/// Post-copy: starts the guest on `memory`, whose mapping is registered for MISSING faults
-/// (the caller serves them meanwhile), without reading all of memory first, and waits for
-/// it to run; the lines it writes go to `notices`.
-pub fn start_guest_postcopy(
-    memory: GuestMemory,
-    run_for: Option<Duration>,
-    notices: Notices,
-) -> Result<ResumedGuest, RecvError> {
-    start_guest(memory, None, &[], run_for, notices)
 }
 
 /// Starts the guest on the committed image `memory` (recovered and verified before the

@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use crate::guest::kvm::abi::{PARAMS_GPA, PARAMS_MAGIC_VALUE, PARAM_MAGIC, PARAM_VCPUS};
 use crate::guest::kvm::memory::{RAM_ALIGN, RAM_MAX, RAM_MIN};
-use crate::guest::kvm::{kvm_available, KvmVerifyReport, VmState};
+use crate::guest::kvm::{kvm_available, GuestRam, KvmVerifyReport, VmState};
 use crate::memory::GuestMemory;
-use crate::migration::dest::incoming::{IncomingGuest, Resumption};
+use crate::migration::dest::incoming::{
+    IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
+};
 use crate::migration::dest::machine::Received;
 use crate::migration::dest::verify::{BackgroundVerifier, TouchedPages};
 use crate::migration::digest::PageHashes;
@@ -149,6 +151,39 @@ impl IncomingGuest for IncomingKvmGuest {
         ));
         self.resumed = Some(guest);
         Ok(resumption)
+    }
+
+    /// The VMM maps the committed image as guest RAM and registers that mapping; the VM is
+    /// restored and started on the thread `start` runs on, its faults served meanwhile.
+    fn postcopy_launch(
+        &mut self,
+        memory: GuestMemory,
+        _run_for: Option<Duration>,
+    ) -> Result<PostcopyLaunch, RecvError> {
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| RecvError::Resume("no KVM guest state to resume".into()))?;
+        let ram = GuestRam::open(memory.path(), memory.len() as u64)?;
+        let faults = ram
+            .register_missing()
+            .map_err(|e| RecvError::Resume(format!("post-copy: {e}")))?;
+        // Never touched (a read of a hole through it would fill the hole behind the
+        // userfaultfd's back); unmapped when the receive is done.
+        self.committed = Some(memory);
+        let notices = self.notices.clone();
+        Ok(PostcopyLaunch {
+            faults: Arc::new(faults),
+            start: Box::new(move || {
+                let (guest, _) = KvmResumed::start_postcopy(ram, &state, notices.clone())?;
+                notices.output(format!(
+                    "resumed kind=kvm tx={} vcpus={} verify=postcopy",
+                    guest.tx_start,
+                    state.vcpus.len()
+                ));
+                Ok(PostcopyResumed::Kvm(guest))
+            }),
+        })
     }
 
     fn sample(&self, _target: &Path, window: Duration) -> Result<GuestSamples, String> {

@@ -66,9 +66,38 @@ impl KvmResumed {
         verified: KvmVerifyReport,
         notices: Notices,
     ) -> Result<(KvmResumed, Resumption), RecvError> {
-        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let ram = GuestRam::open(path, size)?;
+        Self::launch(ram, state, verified, notices, t)
+    }
+
+    /// Post-copy: as [`Self::start`] on `ram`, which is registered for MISSING faults that
+    /// the caller serves meanwhile (the restore reads the parameter block, the vCPUs touch
+    /// what they touch); its ledger is checked once the last page landed
+    /// ([`Self::check_at_last_page`]).
+    pub(super) fn start_postcopy(
+        ram: GuestRam,
+        state: &VmState,
+        notices: Notices,
+    ) -> Result<(KvmResumed, Resumption), RecvError> {
+        Self::launch(
+            ram,
+            state,
+            KvmVerifyReport::default(),
+            notices,
+            Instant::now(),
+        )
+    }
+
+    /// Restores the VM on `ram` (opened at `t`) and starts it.
+    fn launch(
+        ram: GuestRam,
+        state: &VmState,
+        verified: KvmVerifyReport,
+        notices: Notices,
+        t: Instant,
+    ) -> Result<(KvmResumed, Resumption), RecvError> {
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let cfg = RestoreConfig {
             start_paused: true,
             ..RestoreConfig::default()
@@ -101,11 +130,46 @@ impl KvmResumed {
         Ok((resumed, resumption))
     }
 
+    /// Whether every vCPU still runs.
+    pub fn is_healthy(&self) -> bool {
+        self.guest.failures().is_empty()
+    }
+
+    /// Transactions now (all vCPUs), read through guest RAM.
+    pub fn tx_count(&self) -> Result<u64, RecvError> {
+        Ok(self.guest.total_transactions()?)
+    }
+
+    /// Post-copy, every owed page placed and the digests equal: pauses the vCPUs, checks
+    /// every block against the ledger (exact only while paused), and lets them run again;
+    /// returns the line that tells it (the pause's length included).
+    pub fn check_at_last_page(&mut self) -> Result<String, RecvError> {
+        let t = Instant::now();
+        self.guest.pause()?;
+        let checked = self.guest.verify();
+        let tx = self.guest.total_transactions();
+        self.guest.resume()?;
+        let paused_ms = t.elapsed().as_secs_f64() * 1e3;
+        let verified = checked.map_err(|e| {
+            RecvError::Resume(format!(
+                "the ledger check of the KVM guest once its last page landed failed: {e}"
+            ))
+        })?;
+        self.verified = verified;
+        Ok(format!(
+            "postcopy verify ok kind=kvm tx={} blocks={} written_blocks={} paused_ms={paused_ms:.1}",
+            tx?, verified.blocks, verified.written_blocks
+        ))
+    }
+
     /// Reads the guest's transaction counter every [`SAMPLE_PERIOD`] for `window` (less
     /// if a vCPU fails or SIGINT/SIGTERM arrives): the destination's part of the source's
     /// timeline, as [`sample_destination`](crate::telemetry::impact::sample_destination)
     /// reads a guest process's.
-    pub(super) fn sample(&self, window: Duration) -> Result<GuestSamples, RecvError> {
+    pub(in crate::migration::dest::incoming) fn sample(
+        &self,
+        window: Duration,
+    ) -> Result<GuestSamples, RecvError> {
         let _ = stop_running_guests_on_signals();
         let start = Instant::now();
         let mut samples = Vec::new();

@@ -2,7 +2,9 @@
 //! resumes on the destination before its last pages came, they follow on demand and in the
 //! background, every page is placed once, and the memory digest at the pause is checked
 //! when the last page landed. Images live on tmpfs (`TmpDir` is under /dev/shm), which
-//! userfaultfd's MISSING mode serves.
+//! userfaultfd's MISSING mode serves. Process guests here, KVM guests in [`kvm`].
+
+mod kvm;
 
 use std::path::Path;
 
