@@ -222,7 +222,7 @@ pub struct SendArgs {
     /// all memory in the pause; `incremental` digests the pages as sent, scrubs clean pages
     /// in the background and audits all memory after the commit; `strict` is incremental
     /// but waits for a scrub pass and fails on a missed write; `auto` is `full` when that
-    /// fits in a fifth of the downtime limit.
+    /// fits in a fifth of the pause aimed at (--downtime-target, at most the limit).
     #[arg(long, value_enum, default_value_t = VerifyMode::Auto)]
     pub verify: VerifyMode,
     /// Send without --auth-key-file to an address that is not loopback (refused

@@ -109,7 +109,14 @@ fn run_migration(
     // hashed while the owed pages travel.
     let mode = match cfg.postcopy {
         crate::migration::config::PostcopyMode::Off => {
-            cfg.verify.resolve(overhead, cfg.downtime_limit)
+            // Against the pause the policy aims at (`--downtime-target`, at most the
+            // limit): a full digest that fills a fifth of the limit would alone exceed it.
+            let aim = cfg
+                .converge
+                .aim_low
+                .target(cfg.downtime_limit)
+                .unwrap_or(cfg.downtime_limit);
+            cfg.verify.resolve(overhead, aim)
         }
         _ => VerifyMode::Full,
     };

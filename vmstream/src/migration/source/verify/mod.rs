@@ -11,8 +11,9 @@
 //!   all frozen memory against what was sent.
 //! - `strict`: incremental, but the switchover waits for a complete scrub pass after round
 //!   0, and a tracking error fails the migration (the guest keeps running here).
-//! - `auto` (the default): `full` when its measured cost fits in a fifth of the downtime
-//!   limit, `incremental` otherwise.
+//! - `auto` (the default): `full` when its measured cost fits in a fifth of the pause the
+//!   migration aims at (`--downtime-target`, at most the limit: 30 ms by default),
+//!   `incremental` otherwise.
 
 pub mod audit;
 pub mod scrub;
@@ -31,8 +32,8 @@ use scrub::{Scrubber, Shared, Suspect};
 /// `--verify`: how the memory the destination holds is proven equal to the source's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum VerifyMode {
-    /// `full` when hashing all memory takes at most a fifth of the downtime limit,
-    /// `incremental` otherwise.
+    /// `full` when hashing all memory takes at most a fifth of the pause aimed at (the
+    /// downtime target), `incremental` otherwise.
     #[default]
     Auto,
     /// Hash all memory at the pause.
@@ -56,10 +57,10 @@ impl VerifyMode {
     }
 
     /// The mode this migration uses: `auto` decided by `digest_estimate`, the measured
-    /// time to hash all memory, against the downtime `limit`.
-    pub fn resolve(self, digest_estimate: Duration, limit: Duration) -> VerifyMode {
+    /// time to hash all memory, against the pause aimed at (`aim`).
+    pub fn resolve(self, digest_estimate: Duration, aim: Duration) -> VerifyMode {
         match self {
-            VerifyMode::Auto if digest_estimate <= limit / 5 => VerifyMode::Full,
+            VerifyMode::Auto if digest_estimate <= aim / 5 => VerifyMode::Full,
             VerifyMode::Auto => VerifyMode::Incremental,
             m => m,
         }
@@ -241,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_is_full_when_the_digest_fits_in_a_fifth_of_the_limit() {
+    fn auto_is_full_when_the_digest_fits_in_a_fifth_of_the_pause_aimed_at() {
         let ms = Duration::from_millis;
         assert_eq!(VerifyMode::Auto.resolve(ms(60), ms(300)), VerifyMode::Full);
         assert_eq!(
