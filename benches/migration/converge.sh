@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Convergence experiments recorded in BENCHMARKS.md (issue 5): a 2 GiB dbsim guest that does
 # not converge at --max-bandwidth 1Gbit with throttling off (lz4 + XBZRLE on), migrated with
-# each strategy, with and without hot-page deferral, over 1 and 2 channels. Writes stats,
+# each strategy, with and without hot-page deferral, over 1 and 2 channels, and in post-copy
+# (issue 22: `--postcopy auto` after direct-staged's rounds, `--postcopy now`). Writes stats,
 # logs and plots to OUT (default /tmp/vmstream-converge) and prints one line per run.
 #
 # Usage: benches/migration/converge.sh [RUN...]
 #   runs: none qemu qemu-defer direct direct-defer qemu-2ch qemu-defer-2ch direct-2ch
-#         direct-defer-2ch (default: all)
+#         direct-defer-2ch postcopy-auto postcopy-now (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -p vmstream --quiet || exit 1
@@ -51,11 +52,23 @@ for x in samples:
     prev = x["t_ms"]
 down = s.get("downtime_ms") or 0
 verify = "verify-ok" if any(l.startswith("verify ok") for l in open(sys.argv[3])) else "no-verify"
+# Faults are the destination's (its clock); the source has the owed list and the stream.
+try:
+    pc = json.load(open(sys.argv[1].replace(".send.json", ".recv.json"))).get("postcopy")
+except OSError:
+    pc = None
+postcopy = ""
+if pc:
+    lat = pc.get("fault_latency_ms") or {}
+    postcopy = (f" postcopy: owed={pc.get('pages_owed')} faulted={pc.get('pages_faulted')} "
+                f"streamed={pc.get('pages_streamed')} fault_p50={lat.get('p50')}ms "
+                f"fault_p99={lat.get('p99')}ms resume_to_last={pc.get('resume_to_last_page_ms')}ms")
 print(f"{sys.argv[2]:16} converged={s.get('converged')} outcome={s.get('outcome')} "
       f"total={s.get('total_time_ms', 0)/1e3:.1f}s downtime={down:.0f}ms "
       f"wire={s.get('bytes_on_wire', 0)/2**20:.0f}MiB rounds={s.get('rounds')} "
       f"normal_tps={normal:.0f} below10%={(low + down)/1e3:.1f}s "
-      f"max_throttle={max([r.get('throttle', 0) for r in s.get('per_round', [])] + [0]):.2f} {verify}")
+      f"max_throttle={max([r.get('throttle', 0) for r in s.get('per_round', [])] + [0]):.2f} {verify}"
+      + postcopy)
 PY
 }
 
@@ -74,6 +87,8 @@ for r in "${runs[@]}"; do
     qemu-defer-2ch) migrate qemu-defer-2ch "${qemu[@]}" --defer-hot 30 --channels 2 ;;
     direct-2ch) migrate direct-2ch "${staged[@]}" --channels 2 ;;
     direct-defer-2ch) migrate direct-defer-2ch "${staged[@]}" --defer-hot 30 --channels 2 ;;
+    postcopy-auto) migrate postcopy-auto "${staged[@]}" --postcopy auto ;;
+    postcopy-now) migrate postcopy-now --postcopy now ;;
     *) echo "unknown run $r"; exit 2 ;;
     esac
 done

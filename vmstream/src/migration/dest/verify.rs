@@ -205,7 +205,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
     /// Waits until a pass completed that took every page marked before kick `k` (a pass
     /// in progress when `k` was sent does not count: it took its pages earlier). A pass that
     /// started from `k` but left pages (the image was not consistent to read yet, e.g. a
-    /// superblock caught mid-update) is kicked again, up to [`MAX_RETRIES`] times. False if
+    /// superblock caught mid-update) is kicked again, up to 100 times. False if
     /// that did not get them all (they stay pending for the next pass or the pause) or the
     /// thread has stopped.
     pub fn wait_covered(&self, mut k: u64) -> bool {
