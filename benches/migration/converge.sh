@@ -19,6 +19,9 @@ trap 'pkill -f "guest run --memory-file $dir/src.mem" 2>/dev/null; rm -rf "$dir"
 
 # The guest: 2 GiB dbsim (75% of blocks written, a tenth of them hot: 154 MiB) at RATE tx/s.
 rate=${RATE:-60000}
+# How long the resumed guest runs on the destination (post-copy: longer than the stream, so
+# that its TPS is measured while pages still arrive).
+run_for=${RUN_FOR:-3s}
 guest=(--size 2G --workload dbsim --rate "$rate" --warmup 3s --max-bandwidth 1Gbit)
 
 migrate() { # NAME SEND-FLAGS...
@@ -26,7 +29,7 @@ migrate() { # NAME SEND-FLAGS...
     rm -f "$dir"/*.mem
     local port
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    "$bin" recv --listen "127.0.0.1:$port" --memory-file "$dir/dst.mem" --resume --run-for 3s \
+    "$bin" recv --listen "127.0.0.1:$port" --memory-file "$dir/dst.mem" --resume --run-for "$run_for" \
         --stats-json "$out/$name.recv.json" > "$out/$name.recv.log" 2>&1 &
     local recv=$!
     for _ in $(seq 50); do grep -q listening "$out/$name.recv.log" 2>/dev/null && break; sleep 0.1; done

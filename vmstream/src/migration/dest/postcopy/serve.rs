@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::dest::incoming::{PostcopyResumed, PostcopyStart};
@@ -397,13 +397,9 @@ fn place_page(
     let placed = match phase.uffd.place(p.page, &p.data) {
         Ok(placed) => placed,
         // The guest ended (`--run-for`) and unmapped its memory: nothing maps the page
-        // any more, so the file takes it directly.
-        Err(_)
-            if progress
-                .resumed
-                .as_ref()
-                .is_some_and(|(g, _, _)| !g.is_running()) =>
-        {
+        // any more, so the file takes it directly. (Its thread unmaps the memory just
+        // before it finishes: the placement can fail in between.)
+        Err(_) if guest_has_ended(progress) => {
             file.write_all_at(&p.data, p.page * PAGE_SIZE as u64)
                 .map_err(|e| RecvError::PostcopyLost(format!("writing page {}: {e}", p.page)))?;
             Placed::Placed
@@ -433,6 +429,22 @@ fn place_page(
         progress.last_page_at = Some(Instant::now());
     }
     Ok(true)
+}
+
+/// Whether the resumed guest has ended, waiting a little for a guest whose thread is
+/// finishing (it unmaps its memory first).
+fn guest_has_ended(progress: &Progress) -> bool {
+    let Some((guest, _, _)) = progress.resumed.as_ref() else {
+        return false;
+    };
+    let t = Instant::now();
+    while guest.is_running() {
+        if t.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }
 
 fn spawn_fault_watch(
