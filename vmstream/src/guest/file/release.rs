@@ -99,6 +99,24 @@ pub fn wait_until_exiting(pid: u32, limit: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until process `pid` is a zombie or gone (its mappings and descriptors released);
+/// fails after `limit`.
+pub fn wait_until_exited(pid: u32, limit: Duration) -> io::Result<()> {
+    let t = Instant::now();
+    let exited =
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| stat_of(&s).0);
+    while !exited() {
+        if t.elapsed() > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("guest process {pid} did not exit after SIGKILL"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// Whether no thread of `pid` can run its own code again.
 fn all_exiting(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -111,12 +129,18 @@ fn all_exiting(pid: u32) -> bool {
 
 /// Whether a `/proc/.../stat` line shows a zombie or a task with `PF_EXITING` set.
 fn task_is_exiting(stat: &str) -> bool {
+    let (dead, flags) = stat_of(stat);
+    dead || flags & PF_EXITING != 0
+}
+
+/// From a `/proc/.../stat` line: whether the task is a zombie (or dead), and its flags.
+fn stat_of(stat: &str) -> (bool, u64) {
     // The command name (field 2) may hold spaces and parentheses: fields after its last ')'.
     let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
     let state = rest.next().unwrap_or("");
     // Fields 3 (state) .. 9 (flags): flags is the seventh after the name.
     let flags = rest.nth(5).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    state.starts_with('Z') || state.starts_with('X') || flags & PF_EXITING != 0
+    (state.starts_with('Z') || state.starts_with('X'), flags)
 }
 
 #[cfg(test)]

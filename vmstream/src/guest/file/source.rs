@@ -471,25 +471,7 @@ impl SourceGuest {
         if let Some(mut c) = child {
             return c.wait().map(drop).map_err(signal_error);
         }
-        let t = Instant::now();
-        // A zombie ("Z") has released its memory and files already.
-        let ended = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-        };
-        while !ended() {
-            if t.elapsed() > EXIT_WAIT {
-                return Err(signal_error(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "did not exit after SIGKILL",
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+        super::release::wait_until_exited(pid, EXIT_WAIT).map_err(signal_error)
     }
 
     /// Leaves a spawned guest running on its own (after a failed migration); returns its

@@ -299,16 +299,8 @@ const MAX_LIVE_ROUNDS: u32 = 30;
 /// re-armed page by page, and one that compares contents is shown the page as it is now).
 fn collect(guest: &mut dyn MigratableGuest) -> Result<(Vec<u64>, std::time::Duration), SendError> {
     let t = Instant::now();
-    let limit = guest.size() / PAGE_SIZE as u64;
-    let tracker = guest.tracker();
-    let pages = tracker.collect().map_err(SendError::Tracker)?;
-    if pages.last().is_some_and(|&p| p >= limit) {
-        return Err(SendError::Tracker(std::io::Error::other(format!(
-            "{} tracker reported a page beyond the guest's {limit} pages",
-            tracker.name()
-        ))));
-    }
-    let contents = tracker.needs_sent_pages();
+    let pages = super::machine::collect_within(guest)?;
+    let contents = guest.tracker().needs_sent_pages();
     let mut page = vec![0u8; PAGE_SIZE];
     for &p in &pages {
         guest.tracker().before_read(p).map_err(SendError::Tracker)?;

@@ -436,15 +436,7 @@ impl<'a> Source<'a> {
     /// sees it. With incremental verification, tracking errors the scrubber found are added.
     pub(super) fn collect_dirty(&mut self, last: bool) -> Result<(Vec<u64>, Duration), SendError> {
         let t = Instant::now();
-        let limit = self.guest.size() / PAGE_SIZE as u64;
-        let tracker = self.guest.tracker();
-        let mut pages = tracker.collect().map_err(SendError::Tracker)?;
-        if pages.last().is_some_and(|&p| p >= limit) {
-            return Err(SendError::Tracker(std::io::Error::other(format!(
-                "{} tracker reported a page beyond the guest's {limit} pages",
-                tracker.name()
-            ))));
-        }
+        let mut pages = collect_within(&mut *self.guest)?;
         if let Some(h) = self.hidden_page {
             pages.retain(|&p| p != h);
         }
@@ -574,6 +566,22 @@ impl RoundClock {
             downtime_limit: Duration::ZERO,
         }
     }
+}
+
+/// The pages `guest`'s tracker found dirty since its last collection (sorted, without
+/// duplicates); a page beyond guest memory is the tracker's error, refused before anything
+/// uses it.
+pub(super) fn collect_within(guest: &mut dyn MigratableGuest) -> Result<Vec<u64>, SendError> {
+    let limit = guest.size() / PAGE_SIZE as u64;
+    let tracker = guest.tracker();
+    let pages = tracker.collect().map_err(SendError::Tracker)?;
+    if pages.last().is_some_and(|&p| p >= limit) {
+        return Err(SendError::Tracker(std::io::Error::other(format!(
+            "{} tracker reported a page beyond the guest's {limit} pages",
+            tracker.name()
+        ))));
+    }
+    Ok(pages)
 }
 
 #[cfg(test)]
