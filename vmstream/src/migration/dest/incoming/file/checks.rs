@@ -109,7 +109,7 @@ impl BlockChecks for FileChecks {
                 taken = i;
             }
             if known.is_ledger_page(p) {
-                read_copy(view, p as usize * PAGE_SIZE, &mut page);
+                view.read_from_file_at(p as usize * PAGE_SIZE, &mut page);
                 known.take_ledger_page(p, &page);
             } else if let Some(b) = known.block_of_page(p) {
                 if blocks.last() != Some(&b) {
@@ -122,16 +122,6 @@ impl BlockChecks for FileChecks {
         }
         check_blocks(view, &s, known, &blocks, self.purpose);
         pages.len()
-    }
-}
-
-/// Reads `buf` at `at` of the image: from its file (the receiver writes the image with
-/// pwrite, and reading through the view would fault its page tables in, 4 KiB at a time),
-/// or through the view if that fails.
-fn read_copy(view: &GuestMemory, at: usize, buf: &mut [u8]) {
-    use std::os::unix::fs::FileExt;
-    if view.file().read_exact_at(buf, at as u64).is_err() {
-        view.read_at(at, buf);
     }
 }
 
@@ -159,7 +149,8 @@ fn check_blocks(
     let known_now: &KnownBlocks = known;
     let check_run = |buf: &mut Vec<u8>, run: &&[u64]| {
         buf.resize(run.len() * bs, 0);
-        read_copy(view, g.block_offset(run[0]), buf);
+        // From the file: the receiver writes the image with pwrite.
+        view.read_from_file_at(g.block_offset(run[0]), buf);
         run.iter()
             .zip(buf.chunks(bs))
             .map(|(&b, bytes)| {

@@ -52,12 +52,9 @@ impl RamRead for ViewRam<'_> {
                 self.0.len()
             )));
         }
-        // From the file: the receiver writes the image with pwrite, and reading through the
-        // view would fault its page tables in, 4 KiB at a time (the background fell behind).
-        use std::os::unix::fs::FileExt;
-        if self.0.file().read_exact_at(buf, gpa).is_err() {
-            self.0.read_at(gpa as usize, buf);
-        }
+        // From the file: the receiver writes the image with pwrite (the background fell
+        // behind reading through the view).
+        self.0.read_from_file_at(gpa as usize, buf);
         Ok(())
     }
 }
