@@ -2,7 +2,9 @@
 """QEMU's own migration beside vmstream's on the test guest (tests/qemu-guest/build.sh).
 
 usage: compare.py VMSTREAM_BIN GUEST_DIR MODE BANDWIDTH SIZE RATE [--timeout S]
-  MODE: qemu | qemu-xbzrle | qemu-auto-converge | vmstream | vmstream-direct-staged
+  MODE: qemu | qemu-xbzrle | qemu-auto-converge | qemu-multifd-zstd | vmstream |
+        vmstream-direct-staged (VMSTREAM_ARGS: more send flags; COMPARE_KEEP=PREFIX keeps
+        both sides' stats JSON as PREFIX.send.json, PREFIX.recv.json)
   BANDWIDTH: bytes/s (e.g. 125000000 for 1 Gbit, 25000000 for 25 MB/s)
   SIZE, RATE: the in-guest dbsim's memory (e.g. 32M) and tx/s (0: as fast as it goes)
 Boots a fresh 512 MiB guest (TCG, RAM in a shared file on /dev/shm), lets it run 10 s,
@@ -82,11 +84,16 @@ def main():
                 caps = ["xbzrle"]
             if mode == "qemu-auto-converge":
                 caps = ["xbzrle", "auto-converge"]
+            if mode == "qemu-multifd-zstd":
+                caps = ["multifd"]
             for c in (src, dst):
                 c("migrate-set-capabilities", capabilities=[{"capability": k, "state": True} for k in caps])
             params = {"max-bandwidth": int(bw), "downtime-limit": 300}
             if "xbzrle" in caps:
                 params["xbzrle-cache-size"] = 256 << 20
+            if "multifd" in caps:
+                for c in (src, dst):
+                    c("migrate-set-parameters", **{"multifd-channels": 2, "multifd-compression": "zstd"})
             src("migrate-set-parameters", **params)
             dst("migrate-incoming", uri=f"unix:{d}/mig.sock")
             src("migrate", uri=f"unix:{d}/mig.sock")
@@ -115,12 +122,21 @@ def main():
                     "--no-progress", "--stats-json", f"{d}/send.json", "--timeout", f"{timeout}s"]
             if mode == "vmstream-direct-staged":
                 args += ["--converge", "direct-staged"]
+            # Further send options (e.g. "--xbzrle-cache 256M"), recorded in the output.
+            extra = os.environ.get("VMSTREAM_ARGS", "").split()
+            args += extra
+            out["send_args"] = " ".join(extra)
             rc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
             recv.wait(timeout=60)
             s = json.load(open(f"{d}/send.json"))
+            if os.environ.get("COMPARE_KEEP"):
+                # The whole stats of both sides, for the downtime's parts.
+                for side in ("send", "recv"):
+                    shutil.copy(f"{d}/{side}.json", f"{os.environ['COMPARE_KEEP']}.{side}.json")
             out.update(converged=rc == 0 and s.get("converged"), total_ms=s.get("total_time_ms"),
                        downtime_ms=s.get("downtime_ms"), wire_bytes=s.get("bytes_on_wire"),
-                       cpu_ms=s.get("cpu", {}), peer_cpu_ms=s.get("peer_cpu_ms"), rounds=s.get("rounds"))
+                       cpu_ms=s.get("cpu", {}), peer_cpu_ms=s.get("peer_cpu_ms"), rounds=s.get("rounds"),
+                       switchover_ms=s.get("switchover_ms"))
             if os.path.exists(f"{d}/dst.ram.qmp"):
                 try:
                     qmp(f"{d}/dst.ram.qmp")("quit")

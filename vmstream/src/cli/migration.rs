@@ -173,7 +173,7 @@ pub struct SendArgs {
     /// XBZRLE deltas against a page cache.
     #[arg(long, value_enum, default_value = "on")]
     pub xbzrle: OnOff,
-    /// XBZRLE page cache size (K/M/G) [default: 64M, QEMU's]
+    /// XBZRLE page cache size (K/M/G) [default: half the guest, 64M to 1G]
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
     /// Encode threads (default: one per core).
@@ -479,9 +479,9 @@ impl SendArgs {
         cfg.encoder = encoder_config(
             compression,
             self.xbzrle == OnOff::On,
-            self.xbzrle_cache
-                .map_or(vmstream_codec::DEFAULT_CACHE_BYTES, |b| b as usize),
+            vmstream_codec::DEFAULT_CACHE_BYTES,
         );
+        cfg.xbzrle_cache = self.xbzrle_cache;
         if let Some(t) = self.threads {
             cfg.threads = t;
         }

@@ -58,6 +58,12 @@ pub trait MigratableGuest {
     /// Ends the guest after a committed migration; its memory stays as at the pause.
     fn terminate(&mut self) -> Result<(), GuestControlError>;
 
+    /// After the destination was told our guest ended (`Handover`): what the ending left
+    /// (a QEMU guest's `quit`, out of the downtime). Errors are the caller's warnings.
+    fn after_handover(&mut self) -> Result<(), GuestControlError> {
+        Ok(())
+    }
+
     /// Ends the guest after a committed handover and returns once nothing of its memory is
     /// mapped or open in any process this one controls (the guest process has exited,
     /// the mappings and descriptors here are dropped): the destination runs the guest on

@@ -176,8 +176,12 @@ pub struct SendConfig {
     pub handover: bool,
     /// How long the spawned guest runs before the migration starts.
     pub warmup: Duration,
-    /// Compression and page cache.
+    /// Compression and page cache (its size is [`SendConfig::cache_bytes`]'s, set when the
+    /// guest's size is known).
     pub encoder: EncoderConfig,
+    /// The XBZRLE page cache's size in bytes (`--xbzrle-cache`); `None` sizes it from the
+    /// guest ([`auto_cache_bytes`]).
+    pub xbzrle_cache: Option<u64>,
     /// Encode workers.
     pub threads: usize,
     /// Pages per packet.
@@ -255,7 +259,8 @@ impl SendConfig {
         }
     }
 
-    /// Defaults for migrating `guest` to `to`: LZ4, XBZRLE with a 64 MiB cache, one worker
+    /// Defaults for migrating `guest` to `to`: LZ4, XBZRLE with a cache sized from the guest
+    /// ([`auto_cache_bytes`]), one worker
     /// per core, 300 ms downtime limit, no timeout.
     pub fn new(guest: GuestSpec, to: impl Into<String>) -> SendConfig {
         SendConfig {
@@ -269,6 +274,7 @@ impl SendConfig {
                 true,
                 DEFAULT_CACHE_BYTES,
             ),
+            xbzrle_cache: None,
             threads: vmstream_codec::receiver::default_workers(),
             batch_pages: 128,
             downtime_limit: Duration::from_millis(300),
@@ -435,6 +441,27 @@ fn check_address(addr: &str) -> Result<(), &'static str> {
     }
 }
 
+/// The largest page cache [`auto_cache_bytes`] chooses.
+pub const AUTO_CACHE_MAX: u64 = 1 << 30;
+
+/// The XBZRLE page cache for a guest of `guest_bytes` when `--xbzrle-cache` is not given:
+/// half the guest, at least QEMU's default (64 MiB), at most [`AUTO_CACHE_MAX`]. Deltas only
+/// pay off for pages the cache still holds when they are dirtied again: QEMU's fixed 64 MiB
+/// holds a sixteenth of a 1 GiB guest, so a database whose hot set is a few hundred MiB
+/// misses on nearly every page and its rounds stop shrinking (`vmstream/QEMU.md`). The
+/// cache is the sender's memory only (the destination applies deltas to its own copy).
+pub fn auto_cache_bytes(guest_bytes: u64) -> u64 {
+    (guest_bytes / 2).clamp(DEFAULT_CACHE_BYTES as u64, AUTO_CACHE_MAX)
+}
+
+impl SendConfig {
+    /// The page cache's size for a guest of `guest_bytes`.
+    pub fn cache_bytes(&self, guest_bytes: u64) -> u64 {
+        self.xbzrle_cache
+            .unwrap_or_else(|| auto_cache_bytes(guest_bytes))
+    }
+}
+
 /// Encoder settings for a compression method, XBZRLE on or off, and a cache size.
 pub fn encoder_config(compression: Compression, xbzrle: bool, cache_bytes: usize) -> EncoderConfig {
     EncoderConfig {
@@ -565,6 +592,24 @@ pub fn host_memory() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without `--xbzrle-cache` the page cache is half the guest, within QEMU's default and
+    /// 1 GiB; an explicit size is taken as is.
+    #[test]
+    fn the_page_cache_is_sized_from_the_guest_unless_given() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(auto_cache_bytes(512 * MIB), 256 * MIB);
+        assert_eq!(auto_cache_bytes(16 * MIB), DEFAULT_CACHE_BYTES as u64);
+        assert_eq!(auto_cache_bytes(8 << 30), AUTO_CACHE_MAX);
+        let spec = GuestSpec::Attach {
+            path: "/nonexistent".into(),
+            pid: 1,
+        };
+        let mut cfg = SendConfig::new(spec, "127.0.0.1:7000");
+        assert_eq!(cfg.cache_bytes(2 << 30), 1 << 30);
+        cfg.xbzrle_cache = Some(32 * MIB);
+        assert_eq!(cfg.cache_bytes(2 << 30), 32 * MIB);
+    }
 
     /// The default pause bound: ten downtime limits, at least the floor, at most the I/O
     /// timeout; a forced switchover's is the I/O timeout; an explicit one is taken as is,

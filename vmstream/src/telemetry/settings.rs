@@ -92,6 +92,9 @@ pub struct Settings {
     /// XBZRLE deltas on (source).
     #[serde(with = "as_text", skip_serializing_if = "Option::is_none")]
     pub xbzrle: Option<bool>,
+    /// The XBZRLE page cache of all channels, bytes (source, with XBZRLE).
+    #[serde(with = "as_text", skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_bytes: Option<u64>,
 }
 
 /// Who copies the pages of the running guest for sending.

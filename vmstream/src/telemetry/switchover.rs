@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Time of each switchover phase, ms. The source times `pause_and_collect`,
-/// `final_round_and_digest`, `digest` and `await_commit`; the destination `digest`,
+/// `final_round_and_digest`, `digest`, `await_commit` and `end_guest`; the destination `digest`,
 /// `verify`, `commit`, `await_handover`, `resume` and, for a KVM guest, `kvm_restore` and
 /// `kvm_first_tx`. Fields are in alphabetical order, the order the JSON and the summary
 /// always had.
@@ -23,6 +23,10 @@ pub struct SwitchoverTimes {
     /// Hashing guest memory (both sides).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<f64>,
+    /// Source: ending the guest after the commit, before the `Handover` (a QEMU guest: its
+    /// QEMU's migration of the device state to the destination's QEMU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_guest: Option<f64>,
     /// Source: sending the last pages, the guest state and the digest, to their
     /// acknowledgement.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -52,6 +56,7 @@ impl SwitchoverTimes {
             ("await_handover", self.await_handover),
             ("commit", self.commit),
             ("digest", self.digest),
+            ("end_guest", self.end_guest),
             ("final_round_and_digest", self.final_round_and_digest),
             ("kvm_first_tx", self.kvm_first_tx),
             ("kvm_restore", self.kvm_restore),
@@ -93,6 +98,7 @@ mod tests {
             await_handover: Some(0.0),
             commit: Some(0.0),
             digest: Some(0.0),
+            end_guest: Some(0.0),
             final_round_and_digest: Some(0.0),
             kvm_first_tx: Some(0.0),
             kvm_restore: Some(0.0),

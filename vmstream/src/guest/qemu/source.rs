@@ -265,9 +265,10 @@ impl MigratableGuest for QemuSourceGuest {
         self.incoming = Some(uri.to_string());
     }
 
-    /// After the commit: moves the device state to the destination's QEMU, then quits (or
-    /// leaves paused) the source VM. A failed device migration continues the VM here and
-    /// is an error: the destination's QEMU never runs.
+    /// After the commit: moves the device state to the destination's QEMU, which leaves
+    /// the source VM stopped for good (`postmigrate`: nothing here continues it). A failed
+    /// device migration continues the VM here and is an error: the destination's QEMU
+    /// never runs.
     fn terminate(&mut self) -> Result<(), GuestControlError> {
         let Some(uri) = self.incoming.take() else {
             let _ = self.resume();
@@ -275,7 +276,12 @@ impl MigratableGuest for QemuSourceGuest {
                 "the destination did not say where its QEMU takes the device state".into(),
             ));
         };
-        self.migrate_devices(&uri)?;
+        self.migrate_devices(&uri)
+    }
+
+    /// Quits (or leaves paused) the source VM once the destination's runs: QEMU's exit
+    /// (unmapping its RAM) is no part of the downtime.
+    fn after_handover(&mut self) -> Result<(), GuestControlError> {
         if self.spec.after == QemuAfter::Quit {
             // QEMU may close the monitor before it answers.
             match self.qmp.execute("quit", Value::Null) {

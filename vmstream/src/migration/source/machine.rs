@@ -27,6 +27,8 @@ use crate::migration::wire::{
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
+use crate::migration::connect::channels::send::cache_total;
+
 use super::round::{unexpected, PageOrigin, RoundIo};
 use super::verify::Verification;
 use super::{Outcome, CANCELLED};
@@ -153,7 +155,10 @@ impl<'a> Source<'a> {
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
             sender_workers: self.cfg.threads as u32,
-            cache_bytes: self.cfg.encoder.delta.map_or(0, |d| d.cache_bytes as u64),
+            cache_bytes: self.cfg.encoder.delta.map_or(0, |_| {
+                let disk_pages = self.io.disks.as_ref().map_or(0, |d| d.pages());
+                cache_total(self.cfg, self.guest.size() / PAGE_SIZE as u64 + disk_pages)
+            }),
             batch_pages: self.cfg.batch_pages as u32,
         }
     }
@@ -345,7 +350,10 @@ impl<'a> Source<'a> {
         }
         let round_trip = self.io.round_trip;
         self.stats.settings.round_trip_ms = Some(round_trip.as_secs_f64() * 1e3);
-        let latency = switchover_latency(round_trip, self.destination_resumes);
+        // The pause starts with a collect of what the guest wrote since this one, and costs
+        // about as much: the hash tracker reads all of memory again, whatever was written.
+        let latency =
+            switchover_latency(round_trip, self.destination_resumes).saturating_add(collect_time);
         // Everything unsent: the new dirty pages and what deferral still holds back.
         // (with the disks' pending pages: the switchover sends them too)
         let unsent = self.policy.unsent_pages(&newly) + disk_pending;

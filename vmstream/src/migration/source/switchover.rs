@@ -222,21 +222,40 @@ impl Source<'_> {
                 )),
             }
         }
+        let t = Instant::now();
         let ended = self.guest.terminate();
+        self.stats.switchover_ms.end_guest = Some(t.elapsed().as_secs_f64() * 1e3);
         let devices_failed = match (&ended, qemu) {
             (Err(e), true) => Some(e.to_string()),
             _ => None,
         };
         let io = &mut self.io;
-        if let Some((r, samples)) =
-            end_and_read_report(&mut io.channels, &mut io.reader, ended, &self.cfg.notices)
-        {
+        let report =
+            end_and_read_report(&mut io.channels, &mut io.reader, ended, &self.cfg.notices);
+        let destination_resumed = report.is_some();
+        if let Some((r, samples)) = report {
             record_resumed(self.stats, paused_at_ns, &r);
             self.impact.resumed(paused_at_ns, r.at_unix_ns);
             if let Some(s) = samples {
                 self.impact.destination(&s.samples);
                 self.stats.tps.after = self.impact.destination_tps();
             }
+        }
+        match (&devices_failed, destination_resumed) {
+            (None, true) => {
+                if let Err(e) = self.guest.after_handover() {
+                    self.cfg
+                        .notices
+                        .warning(format!("after the destination's guest resumed: {e}"));
+                }
+            }
+            // Without its report the destination's VM may not run: ours is not quit but
+            // left stopped, for the operator.
+            (None, false) if qemu => self.cfg.notices.warning(
+                "the destination did not report its QEMU running; the source VM is left \
+                 stopped (postmigrate), not quit",
+            ),
+            _ => {}
         }
         if let Some(e) = devices_failed {
             return Err(SendError::Guest(GuestControlError::Qemu(format!(

@@ -71,6 +71,7 @@ fn fully_populated() -> MigrationStats {
         switchover_digest_estimate_ms: Some(1.0),
         threads: Some(1),
         xbzrle: Some(true),
+        xbzrle_cache_bytes: Some(64 << 20),
     };
     let switchover_ms = SwitchoverTimes {
         await_commit: Some(1.0),
@@ -81,6 +82,7 @@ fn fully_populated() -> MigrationStats {
         kvm_first_tx: Some(1.0),
         kvm_restore: Some(1.0),
         pause_and_collect: Some(1.0),
+        end_guest: Some(1.0),
         resume: Some(1.0),
         verify: Some(1.0),
     };
@@ -134,7 +136,7 @@ const SUMMARY: &str = concat!(
     "  hot-page deferral saved 3.0 MiB\n",
     "  round  dirty      records   wire MiB  ms       MB/s     dirty/s    est.down ms\n",
     "  0      0          8         0.00      0.0      0.0      0          0.0\n",
-    "  switchover: await_commit 1.0, await_handover 1.0, commit 1.0, digest 1.0, final_round_and_digest 1.0, kvm_first_tx 1.0, kvm_restore 1.0, pause_and_collect 1.0, resume 1.0, verify 1.0 (ms)\n",
+    "  switchover: await_commit 1.0, await_handover 1.0, commit 1.0, digest 1.0, end_guest 1.0, final_round_and_digest 1.0, kvm_first_tx 1.0, kvm_restore 1.0, pause_and_collect 1.0, resume 1.0, verify 1.0 (ms)\n",
     "  digest:     00\n",
     "  verify:     incremental (--verify auto), scrub coverage 100%, tracking errors 0, audit match\n",
 );
@@ -267,11 +269,13 @@ const KEY_PATHS: &[&str] = &[
     "settings.switchover_digest_estimate_ms",
     "settings.threads",
     "settings.xbzrle",
+    "settings.xbzrle_cache_bytes",
     "switchover_ms",
     "switchover_ms.await_commit",
     "switchover_ms.await_handover",
     "switchover_ms.commit",
     "switchover_ms.digest",
+    "switchover_ms.end_guest",
     "switchover_ms.final_round_and_digest",
     "switchover_ms.kvm_first_tx",
     "switchover_ms.kvm_restore",

@@ -158,6 +158,15 @@ pub struct ChannelRound {
     pub end_frame_bytes: u64,
 }
 
+/// The page cache of all channels together for a guest of `guest_pages`: no larger than the
+/// guest or the default, whichever is larger: more would hold pages the guest does not
+/// have, and a huge `--xbzrle-cache` could not even be allocated. A total, like `--threads`.
+pub(crate) fn cache_total(cfg: &SendConfig, guest_pages: u64) -> u64 {
+    let guest_bytes = guest_pages.saturating_mul(PAGE_SIZE as u64);
+    cfg.cache_bytes(guest_bytes)
+        .min(guest_bytes.max(DEFAULT_CACHE_BYTES as u64))
+}
+
 /// Each channel's encoder pipeline for `cfg`: `--threads` and the page cache split
 /// between the channels.
 pub(crate) fn sender_config(cfg: &SendConfig, guest_pages: u64) -> Result<SenderConfig, SendError> {
@@ -172,13 +181,7 @@ pub(crate) fn sender_config(cfg: &SendConfig, guest_pages: u64) -> Result<Sender
     sender_cfg.batch_pages = cfg.batch_pages;
     sender_cfg.encoder = cfg.encoder;
     if let Some(d) = &mut sender_cfg.encoder.delta {
-        // No larger than the guest or the default, whichever is larger: more would hold
-        // pages the guest does not have, and a huge `--xbzrle-cache` could not even be
-        // allocated. A total, like `--threads`.
-        let most = guest_pages
-            .saturating_mul(PAGE_SIZE as u64)
-            .max(DEFAULT_CACHE_BYTES as u64);
-        d.cache_bytes = (d.cache_bytes as u64).min(most) as usize / n;
+        d.cache_bytes = cache_total(cfg, guest_pages) as usize / n;
     }
     Ok(sender_cfg)
 }
