@@ -9,7 +9,8 @@ usage: compare.py VMSTREAM_BIN GUEST_DIR MODE BANDWIDTH SIZE RATE [--timeout S]
   SIZE, RATE: the in-guest dbsim's memory (e.g. 32M) and tx/s (0: as fast as it goes)
 Boots a fresh 512 MiB guest (TCG, RAM in a shared file on /dev/shm), lets it run 10 s,
 migrates it to a destination QEMU on this host, and prints one JSON line: converged,
-total_ms, downtime_ms (QEMU's own figure, or vmstream's stop-to-RESUME), wire_bytes and,
+total_ms, downtime_ms (QEMU's own figure, or vmstream's stop-to-RESUME), for QEMU's
+migration also guest_pause_ms (its source's STOP to its destination's RESUME), wire_bytes and,
 for vmstream, the CPU of both sides.
 """
 import json, os, shutil, socket, subprocess, sys, tempfile, time
@@ -27,6 +28,7 @@ def qmp(path):
             time.sleep(0.05)
     f = s.makefile("rw")
     f.readline()
+    events = []
 
     def cmd(name, **args):
         msg = {"execute": name}
@@ -36,13 +38,25 @@ def qmp(path):
         f.flush()
         while True:
             r = json.loads(f.readline())
+            if "event" in r:
+                events.append(r)
             if "return" in r:
                 return r["return"]
             if "error" in r:
                 raise RuntimeError(f"{name}: {r['error']}")
 
     cmd("qmp_capabilities")
+    # The events seen so far (STOP, RESUME, ...), each with QEMU's host timestamp.
+    cmd.events = events
     return cmd
+
+
+def event_time(cmd, name):
+    """Host time (s) of the last `name` event this monitor reported, or None."""
+    for e in reversed(cmd.events):
+        if e["event"] == name:
+            return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+    return None
 
 
 def qemu_cmd(guest, mem, serial, size, rate, share=True):
@@ -110,6 +124,17 @@ def main():
             ram = m.get("ram", {})
             out.update(converged=m.get("status") == "completed", total_ms=m.get("total-time", int((time.time() - t) * 1000)),
                        downtime_ms=m.get("downtime"), wire_bytes=ram.get("transferred"))
+            if out["converged"]:
+                # The pause as the guest sees it: no vCPU runs from the source's STOP to
+                # the destination's RESUME (both QMP events, host clock): vmstream's
+                # downtime_ms is measured the same way.
+                for _ in range(500):
+                    if dst("query-status")["status"] == "running":
+                        break
+                    time.sleep(0.01)
+                stop, resume = event_time(src, "STOP"), event_time(dst, "RESUME")
+                if stop and resume:
+                    out["guest_pause_ms"] = round((resume - stop) * 1e3, 1)
         else:
             dst_cmd = qemu_cmd(guest, "{memory}", f"{d}/dst.serial", size, rate)
             recv = subprocess.Popen([bin_, "recv", "--listen", f"unix:{d}/vm.sock", "--memory-file", f"{d}/dst.ram",
