@@ -9,12 +9,7 @@ use std::time::{Duration, Instant};
 use vmstream::disk::bitmap::{bitmap_path, DirtyBitmap};
 use vmstream_tests::*;
 
-fn disk_args(disks: &[PathBuf]) -> Vec<String> {
-    disks
-        .iter()
-        .flat_map(|d| ["--disk".to_string(), d.to_str().unwrap().to_string()])
-        .collect()
-}
+use super::{disk_args, guest_verify};
 
 /// A sender of a guest it starts on `dir`'s src.img (4 MiB) with two 8 MiB disks
 /// (src-d0.img, src-d1.img) that `workload` writes through the block layer, mirrored
@@ -76,27 +71,6 @@ fn receiver(dir: &TmpDir, disks: &[PathBuf], extra: &[&str]) -> (Proc, u16) {
     args.extend(disk_args(disks));
     args.extend(extra.iter().map(|s| s.to_string()));
     start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-/// `vmstream guest verify` of `memory` and `disks`: its stdout lines, or its stderr.
-fn guest_verify(memory: &Path, disks: &[PathBuf]) -> Result<Vec<String>, String> {
-    let mut args = vec![
-        "guest".to_string(),
-        "verify".into(),
-        "--memory-file".into(),
-        memory.to_str().unwrap().into(),
-    ];
-    args.extend(disk_args(disks));
-    let mut p = Proc::vmstream(
-        "guest verify",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
-    );
-    let (status, lines) = p.wait_exit();
-    match status.code() {
-        Some(0) => Ok(lines),
-        _ => Err(p.stderr()),
-    }
 }
 
 /// The statistics of a committed mirrored migration: equal digests on both sides, and
