@@ -6,8 +6,8 @@ use crate::migration::dest::incoming::IncomingGuest;
 use crate::migration::dest::machine::Dest;
 use crate::migration::error::RecvError;
 use crate::migration::wire::{
-    Hello, HelloReply, Message, RefuseCode, FEATURE_DISKS, FEATURE_MEMORY_DIGEST, FEATURE_MIRROR,
-    FEATURE_POSTCOPY, KNOWN_FEATURES,
+    Hello, HelloReply, Message, RefuseCode, FEATURE_DISKS, FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY,
+    KNOWN_FEATURES,
 };
 
 impl Dest<'_> {
@@ -37,12 +37,6 @@ impl Dest<'_> {
                     "features {:#x}: known {KNOWN_FEATURES:#x}, the memory digest is required",
                     h.features
                 ),
-            ));
-        }
-        if h.features & FEATURE_MIRROR != 0 && h.features & FEATURE_DISKS == 0 {
-            return Some((
-                RefuseCode::Features,
-                "features: disk mirroring without disks".into(),
             ));
         }
         if h.codec_version != Hello::CODEC_VERSION {

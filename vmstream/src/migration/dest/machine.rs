@@ -36,8 +36,8 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
     Hello, HelloReply, Message, QemuIncoming, RefuseCode, Resumed, RoundAck, WireError,
-    FEATURE_CHANNELS, FEATURE_HANDOVER, FEATURE_MIRROR, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
-    ROUND_POSTCOPY,
+    FEATURE_CHANNELS, FEATURE_DISKS, FEATURE_HANDOVER, FEATURE_MIRROR, FEATURE_POSTCOPY,
+    FEATURE_POSTCOPY_PREEMPT, ROUND_POSTCOPY,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -183,6 +183,12 @@ pub(in crate::migration::dest) fn receive_from(
     }
     stats.cpu = CpuTime::now();
     result
+}
+
+/// Whether the source mirrors its disks (`FEATURE_MIRROR`; without disks the bit means
+/// nothing and is ignored).
+fn mirrors(hello: &Hello) -> bool {
+    hello.features & FEATURE_MIRROR != 0 && hello.features & FEATURE_DISKS != 0
 }
 
 pub(super) fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -347,7 +353,7 @@ impl Dest<'_> {
         } else {
             // A post-copy's source may have to reconnect (`super::postcopy`); a disk
             // mirror opens its own connection (`super::mirror`).
-            if hello.features & (FEATURE_POSTCOPY | FEATURE_MIRROR) == 0 {
+            if hello.features & FEATURE_POSTCOPY == 0 && !mirrors(&hello) {
                 self.channels.close_listener();
             }
             None
@@ -376,8 +382,7 @@ impl Dest<'_> {
         }))?;
         if let Some(primary) = primary {
             // The disk mirror's connection comes after the channels'.
-            self.channels
-                .keep_listening(hello.features & FEATURE_MIRROR != 0);
+            self.channels.keep_listening(mirrors(&hello));
             self.channels
                 .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
             self.cfg.notices.info(format!(
@@ -454,7 +459,7 @@ impl Dest<'_> {
         // The disk mirror writes the disks' images beside the codec's workers: never the
         // same pages at the same time (it runs between the bulk copy's barrier and the
         // final round, when no disk page is in a round).
-        let mirror = match (&self.disks, hello.features & FEATURE_MIRROR != 0) {
+        let mirror = match (&self.disks, mirrors(&hello)) {
             (Some(d), true) => {
                 let admissions = self.channels.take_admissions().ok_or_else(|| {
                     RecvError::Protocol("no listener left for the disk mirror".into())
