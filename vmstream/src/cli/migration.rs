@@ -264,7 +264,10 @@ pub struct SendArgs {
     /// iterated after) or parallel (side by side, QEMU's way).
     #[arg(long, value_enum, default_value = "slices")]
     pub disk_schedule: DiskScheduleArg,
-    /// iterate (resend dirty granules round by round) or mirror (not built yet).
+    /// iterate (resend dirty granules round by round) or mirror (after the bulk copy every
+    /// guest write returns only once the destination has it, on a connection of its own;
+    /// the disks converge whatever the guest writes, at the cost of its write latency;
+    /// builtin tracking only).
     #[arg(long, value_enum, default_value = "iterate")]
     pub disk_mode: DiskModeArg,
     /// Disk write QoS: when the disks' dirty backlog stops shrinking, cap the guest's disk
@@ -297,7 +300,7 @@ pub enum DiskScheduleArg {
 pub enum DiskModeArg {
     /// Dirty rounds.
     Iterate,
-    /// Write-through mirroring.
+    /// Write-through mirroring (the guest's writes wait for the destination).
     Mirror,
 }
 

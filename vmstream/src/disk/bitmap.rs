@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! word 0..HEADER_WORDS   header: magic, version | granularity shift, disk size, granules,
-//!                        write limit, bytes written, limiter wait, writes, in-flight slots
+//!                        write limit, bytes written, limiter wait, writes, in-flight slots,
+//!                        the mirror's words (`disk::mirror`), write-latency histograms
 //! then L2 words          bit j set: L1 word j is (or may be) non-zero
 //! then L1 words          bit i set: leaf word i is (or may be) non-zero
 //! then leaf words        bit g set: granule g was written since it was last cleared
@@ -33,12 +34,17 @@ pub const MAX_GRANULARITY: u64 = 1 << 20;
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// "VMSDIRTY" as a little-endian u64.
 pub const BITMAP_MAGIC: u64 = u64::from_le_bytes(*b"VMSDIRTY");
-/// Version of the bitmap file layout.
-pub const BITMAP_VERSION: u32 = 1;
+/// Version of the bitmap file layout (2: a 1 KiB header with the mirror words and the
+/// write-latency histograms).
+pub const BITMAP_VERSION: u32 = 2;
 /// Writes that can be in flight at once (each holds one slot while it runs).
 pub const IN_FLIGHT_SLOTS: usize = 16;
-/// Header length in words (512 bytes).
-pub const HEADER_WORDS: usize = 64;
+/// Header length in words (1.5 KiB).
+pub const HEADER_WORDS: usize = 192;
+/// Buckets of a write-latency histogram: two per octave, bucket `b` counts writes that
+/// took `[2^(b/2), 2^((b+1)/2))` microseconds (bucket 0 also the faster ones, the last the
+/// slower): 1 us to over an hour, each bucket 41 % wide.
+pub const LATENCY_BUCKETS: usize = 64;
 
 /// Header word indices.
 pub mod head {
@@ -61,6 +67,30 @@ pub mod head {
     /// [`super::IN_FLIGHT_SLOTS`] words: `(first granule + 1) << 24 | granule count` of a
     /// write in progress, 0 = free.
     pub const IN_FLIGHT: usize = 8;
+    /// Write-through mirroring (`disk::mirror`): non-zero while the sender mirrors writes.
+    pub const MIRROR: usize = 24;
+    /// The sender's heartbeat while it mirrors: a counter it keeps advancing.
+    pub const MIRROR_HEARTBEAT: usize = 25;
+    /// Mirror requests the writers published (ever): the sender looks at the slots when
+    /// it changed.
+    pub const MIRROR_PUBLISHED: usize = 26;
+    /// Writes the sender acknowledged as mirrored (ever).
+    pub const MIRRORED_WRITES: usize = 27;
+    /// Bytes of those writes (ever).
+    pub const MIRRORED_BYTES: usize = 28;
+    /// Writes that gave up waiting for the mirror and were marked dirty instead (ever).
+    pub const MIRROR_FALLBACKS: usize = 29;
+    /// [`super::IN_FLIGHT_SLOTS`] words: the mirror request of the write in that slot (a
+    /// sequence the writer advances after its `pwrite`).
+    pub const MIRROR_REQUEST: usize = 32;
+    /// [`super::IN_FLIGHT_SLOTS`] words: the last request of that slot the sender
+    /// acknowledged (its data is at the destination).
+    pub const MIRROR_ACK: usize = 48;
+    /// [`super::LATENCY_BUCKETS`] words: the latency of every write through the block
+    /// layer (`write_at`, the limit's wait and the mirror's included).
+    pub const WRITE_LATENCY: usize = 64;
+    /// [`super::LATENCY_BUCKETS`] words: the latency of the writes that were mirrored.
+    pub const MIRROR_LATENCY: usize = 128;
 }
 
 /// Why a bitmap cannot be made or opened.
@@ -512,7 +542,8 @@ impl DirtyBitmap {
         out
     }
 
-    fn head(&self, i: usize) -> &AtomicU64 {
+    /// Header word `i` (`head::*`).
+    pub(crate) fn head(&self, i: usize) -> &AtomicU64 {
         &self.words()[i]
     }
 
@@ -560,7 +591,7 @@ impl DirtyBitmap {
             for i in 0..IN_FLIGHT_SLOTS {
                 let slot = self.head(head::IN_FLIGHT + i);
                 if slot.compare_exchange(0, value, SeqCst, SeqCst).is_ok() {
-                    return InFlight { slot };
+                    return InFlight { slot, index: i };
                 }
             }
             std::thread::yield_now();
@@ -571,13 +602,17 @@ impl DirtyBitmap {
     /// be in the file but whose granules are not marked yet. The final round sends them too.
     pub fn in_flight(&self) -> Vec<Range<u64>> {
         (0..IN_FLIGHT_SLOTS)
-            .map(|i| self.head(head::IN_FLIGHT + i).load(SeqCst))
-            .filter(|&v| v != 0)
-            .map(|v| {
-                let start = (v >> 24) - 1;
-                start..(start + (v & ((1 << 24) - 1))).min(self.granules)
-            })
+            .filter_map(|i| self.slot_granules(i))
             .collect()
+    }
+
+    /// The granules of the write holding in-flight slot `i`, if one does.
+    pub fn slot_granules(&self, i: usize) -> Option<Range<u64>> {
+        let v = self.head(head::IN_FLIGHT + i).load(SeqCst);
+        (v != 0).then(|| {
+            let start = (v >> 24) - 1;
+            start..(start + (v & ((1 << 24) - 1))).min(self.granules)
+        })
     }
 
     /// The bitmap file's path (`None` on the heap).
@@ -593,6 +628,14 @@ impl DirtyBitmap {
 #[derive(Debug)]
 pub struct InFlight<'a> {
     slot: &'a AtomicU64,
+    index: usize,
+}
+
+impl InFlight<'_> {
+    /// The slot's index (`0..IN_FLIGHT_SLOTS`).
+    pub fn index(&self) -> usize {
+        self.index
+    }
 }
 
 impl Drop for InFlight<'_> {

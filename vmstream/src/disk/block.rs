@@ -10,14 +10,18 @@
 //! look again. A guest stopped between its write and its mark (the switchover) still has
 //! the write's granules in an in-flight slot ([`DirtyBitmap::in_flight`]), which the
 //! final round sends too.
+//!
+//! While the sender mirrors (`--disk-mode mirror`, `disk::mirror`), a write returns only
+//! once the destination has it, and is not marked: the mirror sent it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::disk::bitmap::{bitmap_path, BitmapError, DirtyBitmap};
+use crate::disk::bitmap::{bitmap_path, head, BitmapError, DirtyBitmap};
 use crate::disk::limiter::WriteLimiter;
+use crate::disk::mirror::{self, MirrorWait};
 use crate::disk::MAX_DISKS;
 
 /// Why a disk cannot be opened or written.
@@ -154,9 +158,12 @@ impl Disk {
     }
 
     /// Writes `buf` at `offset` (see the module docs for the order): waits for the write
-    /// limit, claims an in-flight slot, `pwrite`s, marks the granules, counts the write.
+    /// limit, claims an in-flight slot, `pwrite`s, then while the sender mirrors waits until
+    /// the destination has the write (`disk::mirror`), else (or if that wait gives up)
+    /// marks the granules; counts the write and its latency.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len())?;
+        let started = Instant::now();
         let bitmap = &self.bitmap;
         let waited = self
             .limiter
@@ -174,9 +181,17 @@ impl Disk {
                 what: "write",
                 source,
             })?;
-        self.bitmap.mark(granules);
+        // The slot stays held while the write waits: a guest paused meanwhile has it in
+        // the final round's in-flight list.
+        let mirrored = mirror::await_mirrored(&self.bitmap, slot.index());
+        if mirrored != MirrorWait::Mirrored {
+            self.bitmap.mark(granules);
+        }
         drop(slot);
         self.bitmap.count_write(buf.len() as u64);
+        let latency = started.elapsed();
+        mirror::count_mirror_outcome(&self.bitmap, buf.len() as u64, mirrored, latency);
+        mirror::record_latency(&self.bitmap, head::WRITE_LATENCY, latency);
         Ok(())
     }
 

@@ -84,7 +84,8 @@ pub enum DiskSchedule {
 pub enum DiskMode {
     /// Dirty granules are resent round by round.
     Iterate,
-    /// Every write is also sent to the destination before it completes (not yet built).
+    /// After the bulk copy every guest write is also sent to the destination before it
+    /// completes (write-through mirroring, builtin tracking only; `STORAGE.md`).
     Mirror,
 }
 
@@ -140,9 +141,11 @@ impl DiskSettings {
         if disks.is_empty() {
             return Ok(());
         }
-        if self.mode == DiskMode::Mirror {
+        if self.mode == DiskMode::Mirror && self.tracking != DiskTracking::Builtin {
             return Err(
-                "--disk-mode mirror is not implemented yet; use --disk-mode iterate".into(),
+                "--disk-mode mirror needs --disk-tracking builtin: only the guest's \
+                 block layer can wait for the destination"
+                    .into(),
             );
         }
         for d in disks {

@@ -40,6 +40,27 @@ pub struct DiskStats {
     pub write_limited_ms: f64,
     /// Disk write QoS: how long the guest's writes to this disk waited for the cap, ms.
     pub write_limit_wait_ms: f64,
+    /// The guest's write latency during the migration, median, microseconds (builtin
+    /// tracking: the block layer's histogram, 41 % buckets; the limit's and the mirror's
+    /// waits included).
+    pub write_latency_p50_us: Option<f64>,
+    /// The same, 99th percentile.
+    pub write_latency_p99_us: Option<f64>,
+    /// `--disk-mode mirror` (source): guest writes that returned once the destination had
+    /// them (`None`: not mirrored).
+    pub mirrored_writes: Option<u64>,
+    /// Their bytes.
+    pub mirrored_bytes: Option<u64>,
+    /// Writes that gave up waiting for the mirror and were marked dirty instead.
+    pub mirror_fallbacks: Option<u64>,
+    /// Latency of the mirrored writes, median, microseconds.
+    pub mirrored_write_latency_p50_us: Option<f64>,
+    /// The same, 99th percentile.
+    pub mirrored_write_latency_p99_us: Option<f64>,
+    /// Bytes of the disk the mirror sent (the writes it served and the dirty granules it
+    /// drained; counted in `bytes_sent` too).
+    #[serde(default)]
+    pub mirror_sent_bytes: u64,
 }
 
 impl DiskStats {
@@ -87,10 +108,18 @@ mod tests {
                 "digest",
                 "granularity",
                 "guest_bytes_written",
+                "mirror_fallbacks",
+                "mirror_sent_bytes",
+                "mirrored_bytes",
+                "mirrored_write_latency_p50_us",
+                "mirrored_write_latency_p99_us",
+                "mirrored_writes",
                 "path",
                 "rounds",
                 "size",
                 "tracking",
+                "write_latency_p50_us",
+                "write_latency_p99_us",
                 "write_limit_min",
                 "write_limit_wait_ms",
                 "write_limited_ms"

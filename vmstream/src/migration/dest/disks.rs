@@ -12,7 +12,8 @@ use crate::migration::error::RecvError;
 use crate::migration::image::{ImageError, PendingImage, Reservation, SpanMapping};
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    CommitReply, CommitStatus, Disks, Hello, Message, RefuseCode, FEATURE_DISKS,
+    CommitReply, CommitStatus, Disks, Hello, Message, RefuseCode, FEATURE_DISKS, FEATURE_MIRROR,
+    MIRROR_OPEN,
 };
 use crate::telemetry::disk::DiskStats;
 
@@ -32,6 +33,8 @@ pub(super) struct DestDisks {
     source_digests: Option<Vec<[u8; 32]>>,
     /// Our digests, once the final round passed its barrier.
     ours: Vec<[u8; 32]>,
+    /// `FEATURE_MIRROR`: the migration id the mirror's connection names.
+    pub(super) mirror_id: Option<[u8; 16]>,
 }
 
 /// Claims every `--disk` target (as the memory's: its temporary file, locked; see
@@ -91,6 +94,19 @@ impl Dest<'_> {
             return Err(self.refuse(RefuseCode::Disks, reason));
         }
         let Some(disks) = disks else { return Ok(()) };
+        // Mirroring: its opening follows, naming the migration its connection will name.
+        let mirror_id = if hello.features & FEATURE_MIRROR != 0 {
+            match self.reader.read_frame()? {
+                Frame::Control(Message::MirrorWrite(w)) if w.flags & MIRROR_OPEN != 0 => Some(
+                    w.data[..]
+                        .try_into()
+                        .expect("16 bytes, checked by the decoder"),
+                ),
+                other => return Err(unexpected("the disk mirror's opening", other)),
+            }
+        } else {
+            None
+        };
         let mut images = Vec::with_capacity(disks.sizes.len());
         for (claim, size) in std::mem::take(&mut self.disk_claims)
             .into_iter()
@@ -108,6 +124,7 @@ impl Dest<'_> {
             images,
             source_digests: None,
             ours: Vec::new(),
+            mirror_id,
         });
         Ok(())
     }
@@ -182,6 +199,28 @@ impl DestDisks {
                 source,
             })
         })
+    }
+
+    /// What the mirror writes (`super::mirror`): each disk's temporary image, its size and
+    /// first page after the `memory_pages`.
+    pub(super) fn mirror_targets(
+        &self,
+        memory_pages: u64,
+    ) -> std::io::Result<Vec<super::mirror::MirrorTarget>> {
+        let mut first_page = memory_pages;
+        self.images
+            .iter()
+            .zip(&self.sizes)
+            .map(|(image, &size)| {
+                let t = super::mirror::MirrorTarget {
+                    file: image.handle().try_clone()?,
+                    size,
+                    first_page,
+                };
+                first_page += size / PAGE_SIZE as u64;
+                Ok(t)
+            })
+            .collect()
     }
 
     /// Pages the disks add after guest memory's.

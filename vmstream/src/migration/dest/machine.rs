@@ -24,6 +24,7 @@ use crate::migration::dest::disks::DestDisks;
 use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
+use crate::migration::dest::mirror::MirrorReceiver;
 use crate::migration::dest::postcopy::PostcopyIncoming;
 use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
@@ -35,7 +36,8 @@ use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportErro
 use crate::migration::wire::{
     Abort, AbortCode, CommitReply, CommitStatus, Digest, DigestSource, GuestSamples, GuestState,
     Hello, HelloReply, Message, QemuIncoming, RefuseCode, Resumed, RoundAck, WireError,
-    FEATURE_CHANNELS, FEATURE_HANDOVER, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT, ROUND_POSTCOPY,
+    FEATURE_CHANNELS, FEATURE_DISKS, FEATURE_HANDOVER, FEATURE_MIRROR, FEATURE_POSTCOPY,
+    FEATURE_POSTCOPY_PREEMPT, ROUND_POSTCOPY,
 };
 use crate::telemetry::impact::DESTINATION_WINDOW;
 use crate::telemetry::stats::{ms_between, unix_ns, CpuTime, MigrationOutcome, MigrationStats};
@@ -181,6 +183,12 @@ pub(in crate::migration::dest) fn receive_from(
     }
     stats.cpu = CpuTime::now();
     result
+}
+
+/// Whether the source mirrors its disks (`FEATURE_MIRROR`; without disks the bit means
+/// nothing and is ignored).
+fn mirrors(hello: &Hello) -> bool {
+    hello.features & FEATURE_MIRROR != 0 && hello.features & FEATURE_DISKS != 0
 }
 
 pub(super) fn unexpected(wanted: &str, got: Frame) -> RecvError {
@@ -343,8 +351,9 @@ impl Dest<'_> {
                 Err(r) => return Err(self.refuse(RefuseCode::Channel, r.to_string())),
             }
         } else {
-            // A post-copy's source may have to reconnect (`super::postcopy`).
-            if hello.features & FEATURE_POSTCOPY == 0 {
+            // A post-copy's source may have to reconnect (`super::postcopy`); a disk
+            // mirror opens its own connection (`super::mirror`).
+            if hello.features & FEATURE_POSTCOPY == 0 && !mirrors(&hello) {
                 self.channels.close_listener();
             }
             None
@@ -372,6 +381,8 @@ impl Dest<'_> {
             reason: String::new(),
         }))?;
         if let Some(primary) = primary {
+            // The disk mirror's connection comes after the channels'.
+            self.channels.keep_listening(mirrors(&hello));
             self.channels
                 .bind(&primary, self.cfg.io_timeout, &mut self.reader)?;
             self.cfg.notices.info(format!(
@@ -445,6 +456,23 @@ impl Dest<'_> {
             }),
             ..ReceiverConfig::default()
         };
+        // The disk mirror writes the disks' images beside the codec's workers: never the
+        // same pages at the same time (it runs between the bulk copy's barrier and the
+        // final round, when no disk page is in a round).
+        let mirror = match (&self.disks, mirrors(&hello)) {
+            (Some(d), true) => {
+                let admissions = self.channels.take_admissions().ok_or_else(|| {
+                    RecvError::Protocol("no listener left for the disk mirror".into())
+                })?;
+                let id = d.mirror_id.unwrap_or_default();
+                let targets = d.mirror_targets(memory_pages).map_err(RecvError::Socket)?;
+                Some(
+                    MirrorReceiver::start(admissions, id, targets, std::sync::Arc::clone(&hashes))
+                        .map_err(RecvError::Socket)?,
+                )
+            }
+            _ => None,
+        };
         let mut frames = self
             .channels
             .frames(&mut self.reader, self.cfg.io_timeout)?;
@@ -511,6 +539,15 @@ impl Dest<'_> {
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(e.into()),
         };
+        if let Some(m) = mirror {
+            let applied = m
+                .finish()
+                .map_err(|e| RecvError::Protocol(format!("disk mirror: {e}")))?;
+            self.cfg.notices.info(format!(
+                "disk mirror: {} writes, {} bytes applied",
+                applied.writes, applied.bytes
+            ));
+        }
         self.stats.rounds = rounds;
         self.stats.converged = converged;
         if postcopy {

@@ -2,7 +2,8 @@
 //! receives, verifies and commits the guest's image (`machine.rs`), and the seam to the kind
 //! of guest received ([`incoming`]), whose image is mostly verified during the rounds
 //! ([`verify`]); a same-host handover's memory comes by descriptor instead (`handover.rs`);
-//! with post-copy the guest resumes before its last pages came (`postcopy/`).
+//! with post-copy the guest resumes before its last pages came (`postcopy/`); mirrored disk
+//! writes come on a connection of their own (`mirror.rs`).
 //! Its per-page tables are [`lazy_words`]: sized from the guest size the source claims, they
 //! cost memory only as pages arrive.
 
@@ -14,6 +15,7 @@ pub mod incoming;
 pub mod lazy_words;
 mod listen;
 mod machine;
+mod mirror;
 mod postcopy;
 mod report;
 pub mod verify;

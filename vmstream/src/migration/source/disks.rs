@@ -9,8 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::disk::bitmap::{bitmap_path, DirtyBitmap};
+use crate::disk::mirror::{Latencies, LatencyOf};
 use crate::memory::{data_pages_of, PAGE_SIZE};
-use crate::migration::config::{DiskTracking, SendConfig, DEFAULT_DISK_GRANULARITY};
+use crate::migration::config::{DiskMode, DiskTracking, SendConfig, DEFAULT_DISK_GRANULARITY};
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{disk_digest, hex, page_hash};
 use crate::migration::error::SendError;
@@ -20,6 +22,7 @@ use crate::track::disk::{granule_runs, DiskTracker, HashDiskTracker};
 use crate::track::BitmapDiskTracker;
 
 use super::disk_qos::WriteQos;
+use super::mirror::{DiskMirror, MirrorDisk, MirrorFigures};
 
 /// One disk on its way.
 struct SourceDisk {
@@ -40,6 +43,9 @@ struct SourceDisk {
     /// Bytes the guest wrote to it between the last two collects.
     written: u64,
     stats: DiskStats,
+    /// With builtin tracking, our mapping of its bitmap and the guest's write latencies
+    /// when the migration began (the statistics' latencies are those since).
+    latency: Option<(DirtyBitmap, Latencies)>,
 }
 
 /// The disks of a migration, as the rounds send them.
@@ -57,6 +63,13 @@ pub(super) struct SourceDisks {
     limited_since: Option<Instant>,
     /// A tracker's writer cannot be capped (hash tracking): QoS is off.
     qos_unavailable: bool,
+    /// `--disk-mode mirror`: mirror once the bulk copy is applied.
+    mirror_mode: bool,
+    /// The running mirror (`super::mirror`), from the bulk copy's acknowledgement to the
+    /// pause.
+    mirror: Option<DiskMirror>,
+    /// The mirror's figures per disk, once it finished.
+    mirror_figures: Option<Vec<MirrorFigures>>,
 }
 
 /// The union of two sorted lists of disjoint runs.
@@ -125,6 +138,13 @@ impl SourceDisks {
                 .filter(|&p| !crate::memory::page_is_hole(&data, p))
                 .collect();
             let pending = granule_runs(&pages, per);
+            let latency = match settings.tracking {
+                DiskTracking::Builtin => DirtyBitmap::open(&bitmap_path(path)).ok().map(|b| {
+                    let l = Latencies::read(&b, LatencyOf::AllWrites);
+                    (b, l)
+                }),
+                DiskTracking::Hash => None,
+            };
             let stats = DiskStats {
                 path: path.display().to_string(),
                 size,
@@ -144,6 +164,7 @@ impl SourceDisks {
                 round_nonzero: 0,
                 written: 0,
                 stats,
+                latency,
             });
             first_page += size / PAGE_SIZE as u64;
         }
@@ -158,7 +179,73 @@ impl SourceDisks {
             qos: WriteQos::default(),
             limited_since: None,
             qos_unavailable: false,
+            mirror_mode: settings.mode == DiskMode::Mirror,
+            mirror: None,
+            mirror_figures: None,
         })
+    }
+
+    /// Whether the mirror should start now: mirror mode, the bulk copy sent (and, the
+    /// caller knows, acknowledged), not started yet.
+    pub(super) fn mirror_due(&self) -> bool {
+        self.mirror_mode && !self.bulk && self.mirror.is_none() && self.mirror_figures.is_none()
+    }
+
+    /// Pages the running mirror has still to drain (0 without a mirror).
+    pub(super) fn mirror_backlog_pages(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.backlog_pages())
+    }
+
+    /// Whether the mirror runs (the disks' rounds then send nothing: the mirror does).
+    pub(super) fn mirroring(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// Starts the mirror on the opened connection `link`/`reader` (see
+    /// [`Self::mirror_due`]). Granules still pending go back to the bitmaps: the mirror
+    /// sends them.
+    pub(super) fn start_mirror(
+        &mut self,
+        link: crate::migration::transport::Link,
+        reader: crate::migration::transport::FrameReader<crate::migration::transport::Socket>,
+    ) -> Result<(), SendError> {
+        let disks: Vec<MirrorDisk> = self
+            .disks
+            .iter()
+            .map(|d| MirrorDisk {
+                path: d.path.clone(),
+                size: d.size,
+            })
+            .collect();
+        let mirror = DiskMirror::start(&disks, self.granularity, link, reader)?;
+        for d in &mut self.disks {
+            if let Some((b, _)) = &d.latency {
+                for r in std::mem::take(&mut d.pending) {
+                    b.mark(r);
+                }
+            }
+        }
+        self.mirror = Some(mirror);
+        Ok(())
+    }
+
+    /// Ends the mirror (the guest is paused): its last frame acknowledged, the hashes of
+    /// what it sent recorded for the digests, its figures kept.
+    fn finish_mirror(&mut self) -> Result<(), SendError> {
+        let Some(mut mirror) = self.mirror.take() else {
+            return Ok(());
+        };
+        let sent = mirror.finish()?;
+        self.mirror_figures = Some(mirror.figures());
+        for (d, s) in self.disks.iter_mut().zip(sent) {
+            for (p, h) in s.pages {
+                d.sent[p as usize] = h;
+            }
+            d.stats.bytes_sent += s.bytes;
+            d.stats.bytes_on_wire += s.wire;
+            d.stats.mirror_sent_bytes += s.bytes;
+        }
+        Ok(())
     }
 
     /// The handshake's announcement of the disks.
@@ -179,6 +266,20 @@ impl SourceDisks {
     /// which also takes writes it was stopped in the middle of).
     pub(super) fn collect(&mut self, stopped: bool) -> Result<u64, SendError> {
         let per = self.granularity / PAGE_SIZE as u64;
+        if stopped {
+            self.finish_mirror()?;
+        }
+        if let Some(m) = &mut self.mirror {
+            // The mirror sends the granules: what is left is its backlog.
+            m.check()?;
+            for d in &mut self.disks {
+                d.written = d.tracker.take_written_bytes().unwrap_or(0);
+                d.stats.guest_bytes_written += d.written;
+            }
+            self.interval = self.collected_at.elapsed();
+            self.collected_at = Instant::now();
+            return Ok(m.backlog_pages());
+        }
         for d in &mut self.disks {
             let dirty = if stopped {
                 d.tracker.collect_stopped()
@@ -334,7 +435,8 @@ impl SourceDisks {
 
     /// The per-disk statistics; `committed`: the destination committed them.
     pub(super) fn stats(&self, committed: bool) -> Vec<DiskStats> {
-        self.disks
+        let mut out: Vec<DiskStats> = self
+            .disks
             .iter()
             .map(|d| {
                 let mut s = d.stats.clone();
@@ -345,9 +447,25 @@ impl SourceDisks {
                     s.write_limited_ms += t.elapsed().as_secs_f64() * 1e3;
                 }
                 s.write_limit_wait_ms = d.tracker.limit_waited().as_secs_f64() * 1e3;
+                if let Some((b, start)) = &d.latency {
+                    let l = Latencies::read(b, LatencyOf::AllWrites).since(start);
+                    s.write_latency_p50_us = l.quantile_us(0.5);
+                    s.write_latency_p99_us = l.quantile_us(0.99);
+                }
                 s
             })
-            .collect()
+            .collect();
+        let live = self.mirror.as_ref().map(|m| m.figures());
+        if let Some(figures) = live.as_ref().or(self.mirror_figures.as_ref()) {
+            for (s, f) in out.iter_mut().zip(figures) {
+                s.mirrored_writes = Some(f.writes);
+                s.mirrored_bytes = Some(f.bytes);
+                s.mirror_fallbacks = Some(f.fallbacks);
+                s.mirrored_write_latency_p50_us = f.latency.quantile_us(0.5);
+                s.mirrored_write_latency_p99_us = f.latency.quantile_us(0.99);
+            }
+        }
+        out
     }
 }
 

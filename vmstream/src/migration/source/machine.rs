@@ -21,8 +21,8 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
-    FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
+    AbortCode, Hello, Message, MirrorWrite, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
+    FEATURE_MEMORY_DIGEST, FEATURE_MIRROR, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -150,6 +150,11 @@ impl<'a> Source<'a> {
                     FEATURE_DISKS
                 } else {
                     0
+                }
+                | if self.mirrors_disks() {
+                    FEATURE_MIRROR
+                } else {
+                    0
                 },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
@@ -232,6 +237,13 @@ impl<'a> Source<'a> {
             self.io
                 .channels
                 .send_message(&Message::Disks(d.message()))?;
+            if self.mirrors_disks() {
+                // The mirror's connection will name this migration.
+                let id = self.io.channels.migration_id_bytes();
+                self.io
+                    .channels
+                    .send_message(&Message::MirrorWrite(MirrorWrite::open(id)))?;
+            }
         }
         match self.io.reader.read_frame()? {
             Frame::Control(Message::HelloReply(r)) if r.refuse == RefuseCode::None => {
@@ -328,6 +340,7 @@ impl<'a> Source<'a> {
             self.round0_data = None;
             self.round0_done()?;
         }
+        self.start_mirror_if_due()?;
         rs.dirty_log_ms = self.collect_time.as_secs_f64() * 1e3;
         rs.dirty_rearm_ms = self.guest.tracker().take_rearm_time().as_secs_f64() * 1e3;
         self.guest.check_alive().map_err(SendError::Guest)?;
@@ -410,14 +423,15 @@ impl<'a> Source<'a> {
                     pages: decision.pages.send_now,
                 }
             }
-            // Strict verification waits for the scrubber's pass (the policy is asked again
-            // after the next round).
+            // Strict verification waits for the scrubber's pass, a disk mirror for its
+            // backlog to drain (the policy is asked again after the next round).
             Some(reason)
                 if reason != SwitchReason::Forced
-                    && self
+                    && (self
                         .verification
                         .as_ref()
-                        .is_some_and(|v| !v.may_switch_over()) =>
+                        .is_some_and(|v| !v.may_switch_over())
+                        || self.mirror_draining()) =>
             {
                 SourceState::Iterate {
                     round: round + 1,

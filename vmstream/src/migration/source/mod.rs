@@ -28,6 +28,7 @@ mod disk_qos;
 mod disks;
 mod handover;
 mod machine;
+mod mirror;
 mod postcopy;
 mod report;
 mod round;

@@ -6,9 +6,9 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
-    HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
-    PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
-    MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    HelloReply, MemoryHandover, MirrorAck, MirrorWrite, PageRequest, PostcopyComplete,
+    PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming,
+    Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -72,6 +72,11 @@ pub enum FrameType {
     QemuIncoming = 0x2e,
     /// Source -> destination: each disk's digest at the pause (after the `Digest`).
     DiskDigests = 0x2f,
+    /// Source -> destination: disk pages the guest wrote while mirrored (`--disk-mode
+    /// mirror`), on the mirror's connection; also its opening and end.
+    MirrorWrite = 0x30,
+    /// Destination -> source: the mirror's writes up to a sequence are applied.
+    MirrorAck = 0x31,
     /// Source -> destination: a new connection carries post-copy's requested pages.
     PostcopyPreempt = 0x32,
     /// Source -> destination: pages the guest wrote into handed-over memory in a round.
@@ -84,7 +89,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 30] = [
+    pub const ALL: [FrameType; 32] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -111,6 +116,8 @@ impl FrameType {
         FrameType::PostcopyReconnect,
         FrameType::QemuIncoming,
         FrameType::DiskDigests,
+        FrameType::MirrorWrite,
+        FrameType::MirrorAck,
         FrameType::PostcopyPreempt,
         FrameType::HandoverDirty,
         FrameType::HandoverAck,
@@ -152,6 +159,8 @@ impl FrameType {
             FrameType::PostcopyPreempt => PostcopyPreempt::LEN,
             FrameType::QemuIncoming => QemuIncoming::FIXED_LEN + MAX_REASON_LEN,
             FrameType::DiskDigests => DiskDigests::FIXED_LEN + 32 * super::MAX_DISKS,
+            FrameType::MirrorWrite => MirrorWrite::FIXED_LEN + super::MIRROR_MAX_PAGES * 4096,
+            FrameType::MirrorAck => MirrorAck::LEN,
             FrameType::HandoverDirty => HandoverDirty::FIXED_LEN + 8 * HandoverDirty::MAX_PAGES,
             FrameType::HandoverAck => HandoverAck::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
@@ -189,6 +198,8 @@ impl FrameType {
             FrameType::PostcopyPreempt => "postcopy-preempt",
             FrameType::QemuIncoming => "qemu-incoming",
             FrameType::DiskDigests => "disk-digests",
+            FrameType::MirrorWrite => "mirror-write",
+            FrameType::MirrorAck => "mirror-ack",
             FrameType::HandoverDirty => "handover-dirty",
             FrameType::HandoverAck => "handover-ack",
             FrameType::Abort => "abort",

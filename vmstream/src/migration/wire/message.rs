@@ -4,9 +4,10 @@
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
-    HandoverDirty, Hello, HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed,
-    PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed,
-    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    HandoverDirty, Hello, HelloReply, MemoryHandover, MirrorAck, MirrorWrite, PageRequest,
+    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
+    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN,
+    FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -64,6 +65,10 @@ pub enum Message {
     Disks(Disks),
     /// See [`DiskDigests`].
     DiskDigests(DiskDigests),
+    /// See [`MirrorWrite`].
+    MirrorWrite(MirrorWrite),
+    /// See [`MirrorAck`].
+    MirrorAck(MirrorAck),
     /// See [`HandoverDirty`].
     HandoverDirty(HandoverDirty),
     /// See [`HandoverAck`].
@@ -102,6 +107,8 @@ impl Message {
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Disks(_) => FrameType::Disks,
             Message::DiskDigests(_) => FrameType::DiskDigests,
+            Message::MirrorWrite(_) => FrameType::MirrorWrite,
+            Message::MirrorAck(_) => FrameType::MirrorAck,
             Message::HandoverDirty(_) => FrameType::HandoverDirty,
             Message::HandoverAck(_) => FrameType::HandoverAck,
             Message::Abort(_) => FrameType::Abort,
@@ -138,6 +145,8 @@ impl Message {
             Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Disks(m) => m.encode(&mut out),
             Message::DiskDigests(m) => m.encode(&mut out),
+            Message::MirrorWrite(m) => m.encode(&mut out),
+            Message::MirrorAck(m) => m.encode(&mut out),
             Message::HandoverDirty(m) => m.encode(&mut out),
             Message::HandoverAck(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
@@ -200,6 +209,8 @@ impl Message {
             FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Disks => Message::Disks(Disks::decode(body)?),
             FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
+            FrameType::MirrorWrite => Message::MirrorWrite(MirrorWrite::decode(body)?),
+            FrameType::MirrorAck => Message::MirrorAck(MirrorAck::decode(body)?),
             FrameType::HandoverDirty => Message::HandoverDirty(HandoverDirty::decode(body)?),
             FrameType::HandoverAck => Message::HandoverAck(HandoverAck::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),

@@ -45,7 +45,10 @@ pub use commit::{
     CommitReply, CommitStatus, Digest, DigestSource, GuestState, HandoverAck, HandoverDirty,
     MemoryHandover, DIGEST_PAGE_HASHES, HANDOVER_MORE, HANDOVER_PAUSED, MAX_GUEST_STATE_LEN,
 };
-pub use disk::{DiskDigests, Disks, MAX_DISKS, MAX_DISK_GRANULARITY, MIN_DISK_GRANULARITY};
+pub use disk::{
+    DiskDigests, Disks, MirrorAck, MirrorWrite, MAX_DISKS, MAX_DISK_GRANULARITY,
+    MIN_DISK_GRANULARITY, MIRROR_ACK, MIRROR_END, MIRROR_MAX_PAGES, MIRROR_OPEN,
+};
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
@@ -88,6 +91,10 @@ pub const FEATURE_DISKS: u64 = 1 << 5;
 /// on a connection of their own ([`PostcopyPreempt`] opens it), not behind the background
 /// stream on channel 0 (QEMU's postcopy-preempt; `POSTCOPY.md`, *Priority*).
 pub const FEATURE_POSTCOPY_PREEMPT: u64 = 1 << 7;
+/// Feature bit (with [`FEATURE_DISKS`]): the disks are mirrored after their bulk copy
+/// (`--disk-mode mirror`): a [`MirrorWrite`] opening follows the `Disks`, and the guest's
+/// writes travel on a connection of their own, each acknowledged ([`MirrorAck`]).
+pub const FEATURE_MIRROR: u64 = 1 << 8;
 /// Every feature bit this version knows.
 pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_MEMORY_DIGEST
@@ -95,4 +102,5 @@ pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_HANDOVER
     | FEATURE_POSTCOPY
     | FEATURE_DISKS
-    | FEATURE_POSTCOPY_PREEMPT;
+    | FEATURE_POSTCOPY_PREEMPT
+    | FEATURE_MIRROR;

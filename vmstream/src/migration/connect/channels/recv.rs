@@ -26,6 +26,8 @@ pub struct DestChannels {
     count: usize,
     /// Bytes read on channels 1.. (channel 0 counts its own).
     extra_bytes: u64,
+    /// Keep the listener after binding (see [`Self::keep_listening`]).
+    keep_listening: bool,
 }
 
 impl DestChannels {
@@ -36,6 +38,12 @@ impl DestChannels {
             count: 1,
             ..Default::default()
         }
+    }
+
+    /// Whether [`Self::bind`] keeps the listener once the channels are bound (for a
+    /// connection that comes after them: the disk mirror's).
+    pub fn keep_listening(&mut self, keep: bool) {
+        self.keep_listening = keep;
     }
 
     /// Stops listening (a single-channel migration, or every channel bound).
@@ -142,6 +150,9 @@ impl DestChannels {
         }
         self.bound = slots.into_iter().flatten().collect();
         self.count = count;
+        if self.keep_listening {
+            self.admissions = Some(admissions);
+        }
         Ok(())
     }
 

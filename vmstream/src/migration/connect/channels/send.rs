@@ -18,11 +18,11 @@ use crate::migration::connect::channels::{
 use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::error::SendError;
 use crate::migration::transport::{
-    Frame, FrameReader, Link, PacketChannel, TokenBucket, TransportError,
+    Frame, FrameReader, Link, PacketChannel, SharedBucket, TokenBucket, TransportError,
 };
 use crate::migration::wire::{
-    Abort, AbortCode, ChannelHello, Hello, Message, PostcopyPreempt, RefuseCode, RoundEnd,
-    FEATURE_CHANNELS, MAX_CHANNELS,
+    Abort, AbortCode, ChannelHello, Hello, Message, MirrorWrite, PostcopyPreempt, RefuseCode,
+    RoundEnd, FEATURE_CHANNELS, MAX_CHANNELS,
 };
 use vmstream_codec::DEFAULT_CACHE_BYTES;
 
@@ -198,6 +198,8 @@ pub struct SourceChannels {
     auth_key: Option<AuthKey>,
     /// The encoders read pages from guest memory themselves.
     reads_pages: bool,
+    /// `--max-bandwidth`, shared by every connection (the disk mirror's too).
+    bucket: Option<SharedBucket>,
 }
 
 impl std::fmt::Debug for SourceChannels {
@@ -267,6 +269,7 @@ impl SourceChannels {
                 migration_id,
                 auth_key: cfg.auth_key.clone(),
                 reads_pages: source.is_some(),
+                bucket,
             },
             reader0,
         ))
@@ -485,6 +488,34 @@ impl SourceChannels {
             migration_id: self.migration_id,
         }))?;
         Ok(link)
+    }
+
+    /// Opens the disk mirror's connection (`FEATURE_MIRROR`): connects, proves the key if
+    /// there is one, and names the migration (`MirrorWrite{OPEN}`); returns its writer
+    /// (held to `--max-bandwidth` with the channels) and reader.
+    pub fn open_mirror(&self, cfg: &SendConfig) -> Result<(Link, FrameReader<Socket>), SendError> {
+        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
+        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+        let mut reader = FrameReader::new(
+            stream.try_clone().map_err(SendError::Socket)?,
+            Some(cfg.io_timeout),
+        );
+        let mut link = Link::with_options(
+            stream,
+            self.bucket.clone(),
+            Vec::new(),
+            "vmstream-link-mirror",
+        )
+        .map_err(SendError::Socket)?;
+        if let Some(key) = &cfg.auth_key {
+            match authenticate_destination(key, &mut |m| link.send_message(m), &mut reader)? {
+                SourceAuth::Authenticated(sealer) => link.seal_with(*sealer)?,
+                SourceAuth::Answered(frame) => return Err(refusal(0, frame)),
+            }
+        }
+        link.send_message(&Message::MirrorWrite(MirrorWrite::open(self.migration_id)))?;
+        Ok((link, reader))
     }
 
     /// Sends a whole encoded frame on channel 0 (see [`Link::send_frame`]).

@@ -2,7 +2,8 @@
 //! external process (`--disk-tracking hash`), they reach the destination equal to the
 //! source's disks at the pause, under either schedule; a count or size mismatch, a
 //! corrupted granule and a receiver killed during the disk phase commit nothing and leave
-//! the source guest running; a bad granularity is a usage error.
+//! the source guest running; a bad granularity is a usage error. `mirror`: write-through
+//! mirroring.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmstream_tests::*;
+
+mod mirror;
 
 /// A small xorshift generator: the test needs varied bytes and offsets, not quality.
 struct Rng(u64);
