@@ -17,7 +17,7 @@ one() { # SCHEDULE
     local schedule=$1
     rm -f "$dir"/*
     "$bin" recv --listen "unix:$dir/sock" --memory-file "$dir/dst.mem" \
-        --disk "$dir/dst-data.img" --disk "$dir/dst-log.img" > "$dir/recv.log" 2>&1 &
+        --disk "$dir/dst-data.img" --disk "$dir/dst-log.img" --stats-json "$dir/recv.json" > "$dir/recv.log" 2>&1 &
     local recv=$!
     for _ in $(seq 100); do [ -S "$dir/sock" ] && break; sleep 0.05; done
     "$bin" send --memory-file "$dir/src.mem" --size "$mem" --workload dbsim --rate 20000 \
@@ -25,6 +25,7 @@ one() { # SCHEDULE
         --disk-schedule "$schedule" --max-bandwidth "$bw" --warmup 3s --timeout 300s \
         --to "unix:$dir/sock" --no-progress --stats-json "$dir/send.json" > "$dir/send.log" 2>&1 || true
     wait "$recv" || true
+    [ -n "${KEEP:-}" ] && cp "$dir/send.json" "$KEEP.$schedule.send.json" && cp "$dir/recv.json" "$KEEP.$schedule.recv.json"
     python3 - "$dir/send.json" "$schedule" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -40,6 +41,9 @@ print(json.dumps({
     "disk_wire_mib": round(disk_wire / 2**20, 1),
     "disk_rounds": [d["rounds"] for d in s.get("disks", [])],
     "switchover": s.get("switchover_reason"),
+    "switchover_ms": {k: round(v, 1) for k, v in s.get("switchover_ms", {}).items()},
+    "final_round_pages": rounds[-1]["dirty_pages"] if rounds else None,
+    "final_round_wire_mib": round(rounds[-1]["wire_bytes"] / 2**20, 2) if rounds else None,
 }))
 PY
 }

@@ -257,6 +257,30 @@ impl PageHashes {
         self.digest_first(self.words.len() as u64 / 2)
     }
 
+    /// The digest of the disk whose pages are `pages` (after guest memory's): from the
+    /// cached groups when the disk starts a group (every disk does after a memory of whole
+    /// groups and disks of whole groups), its last shorter group from its page hashes; else
+    /// from the page hashes alone. Reading every page hash of a 16 GiB disk at the pause
+    /// took about 100 ms; the cached groups leave only those the final round changed.
+    pub fn disk_digest(&self, pages: std::ops::Range<u64>) -> [u8; 32] {
+        let size = (pages.end - pages.start) * self.page_size as u64;
+        let group = DIGEST_GROUP_PAGES as u64;
+        if !pages.start.is_multiple_of(group) || pages.end > (self.words.len() / 2) as u64 {
+            return disk_digest(self.page_size, size, self.range(pages));
+        }
+        self.refresh();
+        let whole_end = pages.start + (pages.end - pages.start) / group * group;
+        let cached = (pages.start / group..whole_end / group).map(|g| {
+            let g = g as usize;
+            let lo = self.groups.get(g * 2).unwrap_or(0);
+            let hi = self.groups.get(g * 2 + 1).unwrap_or(0);
+            u128::from(lo) | (u128::from(hi) << 64)
+        });
+        let tail = (whole_end < pages.end)
+            .then(|| group_hash(&self.range(whole_end..pages.end).collect::<Vec<_>>()));
+        digest_of_group_hashes(DISK_DOMAIN, self.page_size, size, cached.chain(tail))
+    }
+
     /// The digest of the memory made of the first `pages` pages (guest memory, when disk
     /// pages follow it): from the cached groups when `pages` ends a group (guest sizes are
     /// multiples of 256 KiB), else from the page hashes.
@@ -399,6 +423,44 @@ mod tests {
                 memory_digest(&mem, PAGE_SIZE),
                 "round {round}"
             );
+        }
+    }
+
+    /// A disk's digest from the cached groups equals the definition over its page hashes,
+    /// for disks that start a group (their last group shorter or not) and one that does
+    /// not, after writes between refreshes.
+    #[test]
+    fn cached_group_hashes_give_each_disks_digest() {
+        // Memory of 3 groups, a disk of 5 groups + 7 pages, one of 2 groups, a last of 9 pages.
+        let bounds = [0u64, 192, 192 + 327, 192 + 327 + 128, 192 + 327 + 128 + 9];
+        let pages = *bounds.last().unwrap() as usize;
+        let mut mem = memory(pages, 5);
+        let hashes = PageHashes::zeroed(pages as u64, PAGE_SIZE);
+        let check = |mem: &[u8], hashes: &PageHashes| {
+            for w in bounds[1..].windows(2) {
+                let (a, b) = (w[0] as usize, w[1] as usize);
+                let definition: Vec<u128> = mem[a * PAGE_SIZE..b * PAGE_SIZE]
+                    .chunks(PAGE_SIZE)
+                    .map(page_hash)
+                    .collect();
+                assert_eq!(
+                    hashes.disk_digest(w[0]..w[1]),
+                    disk_digest(PAGE_SIZE, ((b - a) * PAGE_SIZE) as u64, definition),
+                    "disk {a}..{b}"
+                );
+            }
+        };
+        for p in 0..pages {
+            hashes.update(p as u64, &mem[p * PAGE_SIZE..][..PAGE_SIZE]);
+        }
+        check(&mem, &hashes);
+        for (i, p) in [200usize, 518, 519, 600, 650, 655].into_iter().enumerate() {
+            mem[p * PAGE_SIZE + i] ^= 0xa5;
+            hashes.update(p as u64, &mem[p * PAGE_SIZE..][..PAGE_SIZE]);
+            if i % 2 == 0 {
+                hashes.refresh();
+            }
+            check(&mem, &hashes);
         }
     }
 

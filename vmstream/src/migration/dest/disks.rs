@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
-use crate::migration::digest::{disk_digest, hex, PageHashes};
+use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::image::{ImageError, PendingImage, Reservation, SpanMapping};
 use crate::migration::transport::Frame;
@@ -237,7 +237,7 @@ impl DestDisks {
             .iter()
             .map(|&size| {
                 let pages = size / PAGE_SIZE as u64;
-                let d = disk_digest(PAGE_SIZE, size, hashes.range(first..first + pages));
+                let d = hashes.disk_digest(first..first + pages);
                 first += pages;
                 d
             })

@@ -30,7 +30,7 @@ use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
-use crate::migration::image::{PendingImage, Reservation};
+use crate::migration::image::{PendingImage, Reservation, SpanMapping};
 use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{
@@ -128,6 +128,9 @@ pub(super) struct Dest<'a> {
     pub(super) disk_claims: Vec<Reservation>,
     /// The disks being received (`super::disks`).
     pub(super) disks: Option<DestDisks>,
+    /// The mapping of memory and disks the codec wrote, unmapped when the receive is done:
+    /// unmapping gigabytes of faulted pages takes tens of ms, too long for the pause.
+    unmap_later: Option<SpanMapping>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
@@ -152,6 +155,7 @@ pub(in crate::migration::dest) fn receive_from(
         handed_over: None,
         disk_claims,
         disks: None,
+        unmap_later: None,
         channels,
         stats,
         start: Instant::now(),
@@ -561,7 +565,7 @@ impl Dest<'_> {
         // The page hashes are current (every round passed its barrier): hash the list.
         let t = Instant::now();
         let ours = hashes.digest_first(memory_pages);
-        drop(span);
+        self.unmap_later = span;
         if let Some(d) = &mut self.disks {
             d.record_digests(&hashes, memory_pages);
         }
