@@ -381,7 +381,15 @@ impl<'a> Source<'a> {
             .policy
             .decide(&obs, newly)
             .map_err(|e| SendError::Config(e.to_string()))?;
+        let held = match decision.switchover {
+            Some(r) if r != SwitchReason::Forced && !decision.cancel => self.switchover_held(),
+            _ => None,
+        };
         if let Some(note) = decision.note {
+            let note = match held {
+                Some(why) => format!("{note}; held back one more round: {why}"),
+                None => note,
+            };
             self.impact.note(obs.now, note);
         }
         // `--postcopy auto`: post-copy instead of throttling the guest or giving up at the
@@ -423,16 +431,8 @@ impl<'a> Source<'a> {
                     pages: decision.pages.send_now,
                 }
             }
-            // Strict verification waits for the scrubber's pass, a disk mirror for its
-            // backlog to drain (the policy is asked again after the next round).
-            Some(reason)
-                if reason != SwitchReason::Forced
-                    && (self
-                        .verification
-                        .as_ref()
-                        .is_some_and(|v| !v.may_switch_over())
-                        || self.mirror_draining()) =>
-            {
+            // Held back (the policy is asked again after the next round).
+            Some(_) if held.is_some() => {
                 SourceState::Iterate {
                     round: round + 1,
                     pages: decision.pages.send_now,
@@ -450,6 +450,22 @@ impl<'a> Source<'a> {
         self.impact.round(&rs, dirtied);
         self.stats.per_round.push(rs);
         Ok(state)
+    }
+
+    /// Why a switchover the policy decided waits one more round, if it does: strict
+    /// verification waits for the scrubber's pass, a disk mirror for its backlog to drain.
+    fn switchover_held(&self) -> Option<&'static str> {
+        if self
+            .verification
+            .as_ref()
+            .is_some_and(|v| !v.may_switch_over())
+        {
+            Some("the scrubber's pass is not complete (--verify strict)")
+        } else if self.mirror_draining() {
+            Some("the disk mirror's backlog is draining")
+        } else {
+            None
+        }
     }
 
     /// The pages the guest's tracker found dirty since its last collection, and how long
