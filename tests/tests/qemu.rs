@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vmstream::guest::qemu::throttle::{vcpu_threads, VcpuThrottle};
 use vmstream::guest::qemu::Qmp;
-use vmstream_tests::qemu::{guest_image, qemu_command, GuestImage, QemuVm};
+use vmstream_tests::qemu::{guest_image, qemu_command, qemu_numa_command, GuestImage, QemuVm};
 use vmstream_tests::*;
 
 fn image_or_skip(test: &str) -> Option<GuestImage> {
@@ -96,6 +96,87 @@ fn a_qemu_vm_moves_and_keeps_running_verified() {
     // The guest goes on from where it was: past the source's count, verify ok.
     let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
     // The in-guest verify that follows that run.
+    dst.wait_console(
+        "vmstream-guest: verify ok kind=dbsim",
+        Duration::from_secs(300),
+    );
+    let console = dst.console();
+    assert!(!console.contains("FAILED"), "{console}");
+    assert!(tx > src_tx);
+}
+
+/// A VM with two NUMA nodes, each its own shared RAM backend: both files travel in one
+/// migration (`recv --memory-file` once per backend, `{memory0}` and `{memory1}` in the
+/// destination's command line), each destination file equals the source's at the pause,
+/// and the guest goes on counting there, its in-guest verify passing.
+#[test]
+fn a_qemu_vm_with_two_ram_backends_moves_and_keeps_running_verified() {
+    let test = "a_qemu_vm_with_two_ram_backends_moves_and_keeps_running_verified";
+    let Some(image) = image_or_skip(test) else {
+        return;
+    };
+    let _serial = serial();
+    let dir = TmpDir::new("qemu-numa");
+    let src = QemuVm::boot_numa(&image, &dir.0);
+    let (dst_ram0, dst_ram1) = (dir.path("dst.ram0"), dir.path("dst.ram1"));
+    let dst_serial = dir.path("dst.serial");
+    let dst_pid = dir.path("dst.pid");
+    let dst_cmd = qemu_numa_command(&image, ["{memory0}", "{memory1}"], &dst_serial, &dst_pid);
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst_ram0.to_str().unwrap(),
+        "--memory-file",
+        dst_ram1.to_str().unwrap(),
+        "--qemu",
+        &dst_cmd,
+        "--qemu-start",
+        "paused",
+    ]);
+    let dst = QemuVm::adopt(
+        dir.path("dst.ram0.qmp"),
+        dst_serial.clone(),
+        dst_ram0.clone(),
+        dst_pid,
+    );
+    let to = format!("127.0.0.1:{port}");
+    let send_json = dir.path("send.json");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--qemu",
+            src.qmp.to_str().unwrap(),
+            "--to",
+            &to,
+            "--qemu-after",
+            "pause",
+            "--no-progress",
+            "--stats-json",
+            send_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (status, lines) = send.wait_exit();
+    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    let (status, lines) = recv.wait_exit();
+    assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
+    line_starting(&lines, "qemu paused pid=");
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(dst.status(), "paused");
+    for (s, d) in [("src.ram0", &dst_ram0), ("src.ram1", &dst_ram1)] {
+        assert!(
+            files_identical(&dir.path(s), d),
+            "the destination's {} differs from the source's {s} at the pause",
+            d.display()
+        );
+    }
+    let stats = read_stats(&send_json);
+    assert_eq!(stats["guest_bytes"], 2 * 131068 * 1024, "{stats}");
+    let src_tx = src.last_tx().expect("the source counted");
+    drop(src);
+    dst.execute("cont");
+    assert_eq!(dst.status(), "running");
+    let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
     dst.wait_console(
         "vmstream-guest: verify ok kind=dbsim",
         Duration::from_secs(300),

@@ -314,9 +314,12 @@ pub struct RecvArgs {
     /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
     /// the same file refuses to start. Optional with --resume: then only a handover (send
     /// --handover) is taken, and the guest runs on the source's own memory file or memfd;
-    /// given, a handed-over memory is copied into PATH and runs there.
+    /// given, a handed-over memory is copied into PATH and runs there. With --qemu, once
+    /// per RAM backend of the VM (NUMA nodes), in the order of the source's backend ids
+    /// (sorted as strings): the first file is {memory} (or {memory0}) in the QEMU command
+    /// line, the second {memory1}, and so on; all are committed together, or none.
     #[arg(long, value_name = "PATH")]
-    pub memory_file: Option<PathBuf>,
+    pub memory_file: Vec<PathBuf>,
     /// Run the guest on the received memory after the commit (verifies it first).
     #[arg(long)]
     pub resume: bool,
@@ -349,7 +352,8 @@ pub struct RecvArgs {
     #[arg(long)]
     pub insecure: bool,
     /// Receive a QEMU VM (send --qemu) and run it here with this QEMU command line (run
-    /// by sh), `{memory}` where its memory-backend-file's mem-path goes; vmstream adds
+    /// by sh), `{memory}` where its memory-backend-file's mem-path goes (several
+    /// backends: `{memory0}`, `{memory1}`..., one --memory-file each); vmstream adds
     /// -incoming defer and -qmp unix:PATH.qmp (PATH: --memory-file), starts it during the
     /// first round, and exits once it runs, leaving it running. Implies --resume.
     #[arg(long, value_name = "COMMAND LINE", requires = "memory_file")]
@@ -542,10 +546,11 @@ impl RecvArgs {
     /// address, size, memory file) before anything is created or bound.
     pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), PathBuf::new());
-        cfg.memory_file = self.memory_file.clone();
+        cfg.memory_file = self.memory_file.first().cloned();
+        cfg.memory_regions = self.memory_file.iter().skip(1).cloned().collect();
         cfg.resume = self.resume || self.qemu.is_some();
         cfg.run_for = self.run_for;
-        if let (Some(command), Some(path)) = (&self.qemu, &self.memory_file) {
+        if let (Some(command), Some(path)) = (&self.qemu, self.memory_file.first()) {
             let mut launch = QemuLaunch::beside(command.clone(), path);
             if let Some(uri) = &self.qemu_incoming {
                 launch.incoming = uri.clone();

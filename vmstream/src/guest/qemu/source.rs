@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 use crate::guest::file::source::GuestControlError;
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
-use crate::memory::{GuestMemory, MapMode};
+use crate::memory::{GuestMemory, MapMode, MAX_MEMORY_REGIONS};
 use crate::telemetry::notice::Notices;
 use crate::track::{DirtyTracker, HashTracker};
 
 use super::qmp::{Qmp, QmpError, COMMAND_TIMEOUT};
-use super::ram_backends;
 use super::throttle::{vcpu_threads, VcpuThrottle};
+use super::{ram_backends, RamBackend};
 
 /// What becomes of the source QEMU once its devices moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,40 +77,18 @@ fn qemu_err(e: QmpError) -> GuestControlError {
 }
 
 impl QemuSourceGuest {
-    /// Connects to the VM's monitor, finds its one shared RAM file, maps and tracks it, and
-    /// sets `x-ignore-shared` so that QEMU's migration leaves that RAM to us.
+    /// Connects to the VM's monitor, finds its shared RAM files, maps them back to back
+    /// ([`shared_files`]'s order) and tracks them, and sets `x-ignore-shared` so that QEMU's
+    /// migration leaves that RAM to us.
     pub fn open(spec: &QemuSpec, notices: &Notices) -> Result<QemuSourceGuest, GuestControlError> {
         let mut qmp = Qmp::connect(&spec.qmp, COMMAND_TIMEOUT).map_err(qemu_err)?;
         let backends = ram_backends(&mut qmp).map_err(qemu_err)?;
-        let ram = match backends.as_slice() {
-            [one] if one.share && one.mem_path.is_some() => one.clone(),
-            [] => {
-                return Err(GuestControlError::Config(
-                    "the VM has no memory backend: start QEMU with -object \
-                     memory-backend-file,id=ram0,size=...,mem-path=FILE,share=on -machine \
-                     memory-backend=ram0"
-                        .into(),
-                ))
-            }
-            [one] => {
-                return Err(GuestControlError::Config(format!(
-                    "memory backend {} is not a shared file (share={}, mem-path={:?}): \
-                     another process can move only RAM QEMU maps shared from a file",
-                    one.id, one.share, one.mem_path
-                )))
-            }
-            many => {
-                return Err(GuestControlError::Config(format!(
-                    "the VM has {} memory backends; only one (shared, file-backed) is \
-                     supported yet",
-                    many.len()
-                )))
-            }
-        };
-        let path = ram.mem_path.expect("checked above");
-        let memory = GuestMemory::open_sized(&path, ram.size, MapMode::Shared)?;
-        let tracker = HashTracker::open(&path)
-            .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?;
+        let regions = shared_files(backends)?;
+        let memory = GuestMemory::open_regions(&regions, MapMode::Shared)?;
+        let tracker = HashTracker::new(
+            GuestMemory::open_regions(&regions, MapMode::SharedReadOnly)
+                .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?,
+        );
         let status = qmp.status().map_err(qemu_err)?;
         if status != "running" && status != "paused" {
             return Err(GuestControlError::Config(format!(
@@ -181,6 +159,42 @@ impl QemuSourceGuest {
     }
 }
 
+/// The files of the VM's memory backends, each with its size, in the order of the
+/// backends' ids (sorted as strings: `query-memdev` lists them in no fixed order, and the
+/// destination's QEMU gives its backends the same ids, its `{memory0}`, `{memory1}`... in
+/// that order). Every backend must be a shared file: another process can move only RAM QEMU
+/// maps shared from a file.
+pub fn shared_files(
+    mut backends: Vec<RamBackend>,
+) -> Result<Vec<(PathBuf, u64)>, GuestControlError> {
+    if backends.is_empty() {
+        return Err(GuestControlError::Config(
+            "the VM has no memory backend: start QEMU with -object \
+             memory-backend-file,id=ram0,size=...,mem-path=FILE,share=on -machine \
+             memory-backend=ram0"
+                .into(),
+        ));
+    }
+    if backends.len() > MAX_MEMORY_REGIONS {
+        return Err(GuestControlError::Config(format!(
+            "the VM has {} memory backends, at most {MAX_MEMORY_REGIONS} can be migrated",
+            backends.len()
+        )));
+    }
+    backends.sort_by(|a, b| a.id.cmp(&b.id));
+    backends
+        .into_iter()
+        .map(|b| match b.mem_path {
+            Some(path) if b.share => Ok((path, b.size)),
+            mem_path => Err(GuestControlError::Config(format!(
+                "memory backend {} is not a shared file (share={}, mem-path={mem_path:?}): \
+                 another process can move only RAM QEMU maps shared from a file",
+                b.id, b.share
+            ))),
+        })
+        .collect()
+}
+
 impl MigratableGuest for QemuSourceGuest {
     fn kind(&self) -> GuestKind {
         GuestKind::Qemu
@@ -190,7 +204,12 @@ impl MigratableGuest for QemuSourceGuest {
         let line = format!(
             "qemu qmp={} ram={} vcpus={} tracking=hash",
             self.spec.qmp.display(),
-            self.memory.path().display(),
+            self.memory
+                .regions()
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             self.vcpus.len()
         );
         line

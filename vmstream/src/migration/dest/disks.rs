@@ -9,7 +9,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
 use crate::migration::digest::{disk_digest, hex, PageHashes};
 use crate::migration::error::RecvError;
-use crate::migration::image::{ImageError, PendingImage, Reservation, SpanMapping};
+use crate::migration::image::{ImageError, PendingImage, Reservation};
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     CommitReply, CommitStatus, Disks, Hello, Message, RefuseCode, FEATURE_DISKS,
@@ -171,17 +171,9 @@ impl Dest<'_> {
 }
 
 impl DestDisks {
-    /// One mapping of `memory`'s image and every disk's, back to back, for the receive
-    /// pipeline.
-    pub(super) fn span(&self, memory: &PendingImage) -> Result<SpanMapping, RecvError> {
-        let mut files = vec![(memory.handle(), memory.size())];
-        files.extend(self.images.iter().map(|i| (i.handle(), i.size())));
-        SpanMapping::map(&files).map_err(|source| {
-            RecvError::Image(ImageError::Io {
-                what: "mapping the memory and disk images together".into(),
-                source,
-            })
-        })
+    /// The disks' temporary images, mapped after guest memory's (`Dest::span`).
+    pub(super) fn images(&self) -> &[PendingImage] {
+        &self.images
     }
 
     /// Pages the disks add after guest memory's.

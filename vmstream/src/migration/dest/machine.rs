@@ -25,6 +25,7 @@ use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
 use crate::migration::dest::postcopy::PostcopyIncoming;
+use crate::migration::dest::regions::DestRegions;
 use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
@@ -126,6 +127,10 @@ pub(super) struct Dest<'a> {
     pub(super) disk_claims: Vec<Reservation>,
     /// The disks being received (`super::disks`).
     pub(super) disks: Option<DestDisks>,
+    /// The claimed files of memory's regions after the first, and their images once sized
+    /// (`super::regions`).
+    pub(super) region_claims: Vec<Reservation>,
+    pub(super) regions: Option<DestRegions>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
@@ -134,11 +139,12 @@ pub(super) struct Dest<'a> {
 pub(in crate::migration::dest) fn receive_from(
     cfg: &RecvConfig,
     source: Opening,
-    claim: Option<Reservation>,
+    claims: (Option<Reservation>, Vec<Reservation>),
     disk_claims: Vec<Reservation>,
     admissions: Admissions,
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
+    let (claim, region_claims) = claims;
     // Kept while the handshake tells whether more channels follow.
     let channels = DestChannels::new(admissions);
     let mut dest = Dest {
@@ -150,6 +156,8 @@ pub(in crate::migration::dest) fn receive_from(
         handed_over: None,
         disk_claims,
         disks: None,
+        region_claims,
+        regions: None,
         channels,
         stats,
         start: Instant::now(),
@@ -349,12 +357,13 @@ impl Dest<'_> {
             }
             None
         };
-        // The disks: refused here on a mismatch, before any image is sized.
+        // Memory's regions and the disks: refused here on a mismatch, before any image is sized.
+        let regions = self.handshake_regions(&hello)?;
         self.handshake_disks(&hello)?;
         let image = match self
             .claim
             .take()
-            .map(|c| PendingImage::create(c, hello.guest_size))
+            .map(|c| PendingImage::create(c, regions[0]))
         {
             Some(Ok(i)) => i,
             Some(Err(e)) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
@@ -406,7 +415,7 @@ impl Dest<'_> {
         // of the pages it applies current, so the digest at the pause only hashes the list.
         // Disk pages follow memory's: one span of all the images (`super::disks`).
         let memory_pages = hello.guest_size / PAGE_SIZE as u64;
-        let mut span = self.disks.as_ref().map(|d| d.span(&image)).transpose()?;
+        let mut span = self.span(&image)?;
         let disk_pages = self.disks.as_ref().map_or(0, |d| d.pages());
         let hashes = std::sync::Arc::new(PageHashes::zeroed(memory_pages + disk_pages, PAGE_SIZE));
         // With --resume, the workload's verify of the received image runs mostly during the
@@ -416,6 +425,9 @@ impl Dest<'_> {
         // image would fill the holes the owed pages become.
         let mut postcopy = hello.features & FEATURE_POSTCOPY != 0;
         if self.cfg.resume && !postcopy {
+            if let Some(r) = &self.regions {
+                guest.memory_regions(r.temp_paths());
+            }
             let started = image
                 .read_only_view()
                 .map_err(std::io::Error::other)
@@ -601,11 +613,14 @@ impl Dest<'_> {
         }
         self.check_disk_digests(ours)?;
         let t = Instant::now();
-        // Every image durable before any is renamed: the disks, then memory.
-        let disks = self.disks.take();
+        // Every image durable before any is renamed: the disks, memory's other regions,
+        // then memory.
+        let (disks, regions) = (self.disks.take(), self.regions.take());
         let committed = image
             .sync()
+            .and_then(|()| regions.as_ref().map_or(Ok(()), DestRegions::sync))
             .and_then(|()| disks.map_or(Ok(()), |d| d.sync().and_then(|()| d.commit())))
+            .and_then(|()| regions.map_or(Ok(()), DestRegions::commit))
             .and_then(|()| image.commit());
         self.stats
             .disks

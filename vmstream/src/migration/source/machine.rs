@@ -21,8 +21,8 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
-    FEATURE_MEMORY_DIGEST, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
+    AbortCode, Hello, MemoryRegions, Message, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
+    FEATURE_MEMORY_DIGEST, FEATURE_MEMORY_REGIONS, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -148,6 +148,11 @@ impl<'a> Source<'a> {
                     FEATURE_DISKS
                 } else {
                     0
+                }
+                | if self.guest.memory().regions().len() > 1 {
+                    FEATURE_MEMORY_REGIONS
+                } else {
+                    0
                 },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
@@ -223,6 +228,13 @@ impl<'a> Source<'a> {
     fn handshake(&mut self) -> Result<SourceState, SendError> {
         let asked = Instant::now();
         self.io.channels.send_hello(self.hello())?;
+        let regions = self.guest.memory().regions();
+        if regions.len() > 1 {
+            let sizes = regions.into_iter().map(|(_, size)| size).collect();
+            self.io
+                .channels
+                .send_message(&Message::MemoryRegions(MemoryRegions { sizes }))?;
+        }
         if let Some(d) = &self.io.disks {
             self.io
                 .channels

@@ -6,9 +6,9 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
-    HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage,
-    PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd,
-    MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    HelloReply, MemoryHandover, MemoryRegions, PageRequest, PostcopyComplete, PostcopyOwed,
+    PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed,
+    RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -74,6 +74,8 @@ pub enum FrameType {
     DiskDigests = 0x2f,
     /// Source -> destination: a new connection carries post-copy's requested pages.
     PostcopyPreempt = 0x32,
+    /// Source -> destination: guest memory's regions (after the `Hello`; QEMU RAM backends).
+    MemoryRegions = 0x33,
     /// Source -> destination: pages the guest wrote into handed-over memory in a round.
     HandoverDirty = 0x34,
     /// Destination -> source: the pages of a handover's live round are checked.
@@ -84,7 +86,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 30] = [
+    pub const ALL: [FrameType; 31] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -112,6 +114,7 @@ impl FrameType {
         FrameType::QemuIncoming,
         FrameType::DiskDigests,
         FrameType::PostcopyPreempt,
+        FrameType::MemoryRegions,
         FrameType::HandoverDirty,
         FrameType::HandoverAck,
         FrameType::Abort,
@@ -133,6 +136,9 @@ impl FrameType {
             FrameType::AuthChallenge => AuthChallenge::LEN,
             FrameType::AuthProof => AuthProof::LEN,
             FrameType::Disks => Disks::FIXED_LEN + 8 * super::MAX_DISKS,
+            FrameType::MemoryRegions => {
+                MemoryRegions::FIXED_LEN + 8 * crate::memory::MAX_MEMORY_REGIONS
+            }
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -169,6 +175,7 @@ impl FrameType {
             FrameType::AuthChallenge => "auth-challenge",
             FrameType::AuthProof => "auth-proof",
             FrameType::Disks => "disks",
+            FrameType::MemoryRegions => "memory-regions",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",

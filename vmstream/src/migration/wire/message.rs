@@ -4,9 +4,9 @@
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
-    HandoverDirty, Hello, HelloReply, MemoryHandover, PageRequest, PostcopyComplete, PostcopyOwed,
-    PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming, Resumed,
-    RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
+    HandoverDirty, Hello, HelloReply, MemoryHandover, MemoryRegions, PageRequest, PostcopyComplete,
+    PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming,
+    Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -62,6 +62,8 @@ pub enum Message {
     QemuIncoming(QemuIncoming),
     /// See [`Disks`].
     Disks(Disks),
+    /// See [`MemoryRegions`].
+    MemoryRegions(MemoryRegions),
     /// See [`DiskDigests`].
     DiskDigests(DiskDigests),
     /// See [`HandoverDirty`].
@@ -101,6 +103,7 @@ impl Message {
             Message::PostcopyPreempt(_) => FrameType::PostcopyPreempt,
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Disks(_) => FrameType::Disks,
+            Message::MemoryRegions(_) => FrameType::MemoryRegions,
             Message::DiskDigests(_) => FrameType::DiskDigests,
             Message::HandoverDirty(_) => FrameType::HandoverDirty,
             Message::HandoverAck(_) => FrameType::HandoverAck,
@@ -137,6 +140,7 @@ impl Message {
             Message::PostcopyPreempt(m) => m.encode(&mut out),
             Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Disks(m) => m.encode(&mut out),
+            Message::MemoryRegions(m) => m.encode(&mut out),
             Message::DiskDigests(m) => m.encode(&mut out),
             Message::HandoverDirty(m) => m.encode(&mut out),
             Message::HandoverAck(m) => m.encode(&mut out),
@@ -199,6 +203,7 @@ impl Message {
             }
             FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Disks => Message::Disks(Disks::decode(body)?),
+            FrameType::MemoryRegions => Message::MemoryRegions(MemoryRegions::decode(body)?),
             FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
             FrameType::HandoverDirty => Message::HandoverDirty(HandoverDirty::decode(body)?),
             FrameType::HandoverAck => Message::HandoverAck(HandoverAck::decode(body)?),
