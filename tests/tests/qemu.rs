@@ -7,8 +7,13 @@
 
 use std::time::Duration;
 
+use vmstream::guest::migratable::MigratableGuest;
+use vmstream::guest::qemu::ptrace_throttle::PtraceThrottle;
+use vmstream::guest::qemu::throttle::VcpuThrottleMode;
 use vmstream::guest::qemu::throttle::{vcpu_threads, VcpuThrottle};
 use vmstream::guest::qemu::Qmp;
+use vmstream::guest::qemu::{QemuAfter, QemuSourceGuest, QemuSpec};
+use vmstream::telemetry::notice::Notices;
 use vmstream_tests::qemu::{guest_image, qemu_command, qemu_numa_command, GuestImage, QemuVm};
 use vmstream_tests::*;
 
@@ -317,4 +322,127 @@ fn throttle_holds_the_vcpus_alone(src: &QemuVm, tx: u64) {
     src.wait_tx_above(tx, Duration::from_secs(300));
     drop(throttle);
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+/// CPU time (user + system, clock ticks) the threads `tids` of process `pid` used so far.
+fn cpu_ticks(pid: u32, tids: &[u32]) -> u64 {
+    tids.iter()
+        .map(|tid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+            // Fields after the command's closing parenthesis: state is the 3rd field, utime
+            // and stime the 14th and 15th.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// `(TracerPid, State)` of thread `tid` of `pid`.
+fn tracer_and_state(pid: u32, tid: u32) -> (u32, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    (field("TracerPid:").parse().unwrap(), field("State:"))
+}
+
+/// The per-thread fallback (no cpu cgroup needed): the vCPU threads, traced, get far less
+/// CPU stopped 90% of every period than free, while QMP answers; dropped, the throttle
+/// leaves them untraced and running, the guest counting on. Driven as a migration drives
+/// the source guest (`--vcpu-throttle ptrace`), the threads are held from the first
+/// throttle step and let go at the pause, and when the guest is left running after a
+/// failure.
+#[test]
+fn the_ptrace_throttle_slows_the_vcpus_alone_and_lets_them_go() {
+    let test = "the_ptrace_throttle_slows_the_vcpus_alone_and_lets_them_go";
+    let Some(image) = image_or_skip(test) else {
+        return;
+    };
+    let _serial = serial();
+    let dir = TmpDir::new("qemu-ptrace");
+    let src = QemuVm::boot(&image, &dir.0);
+    let pid: u32 = std::fs::read_to_string(dir.path("src.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut qmp = Qmp::connect(&src.qmp, Duration::from_secs(30)).unwrap();
+    let tids = vcpu_threads(&mut qmp).unwrap();
+    let used_over = |qmp: &mut Qmp| {
+        let before = cpu_ticks(pid, &tids);
+        for _ in 0..20 {
+            // The monitor answers throughout.
+            assert_eq!(qmp.status().unwrap(), "running");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        cpu_ticks(pid, &tids) - before
+    };
+    let free = used_over(&mut qmp);
+    let mut throttle = PtraceThrottle::new(&tids).unwrap();
+    throttle.set(0.9);
+    let me = std::process::id();
+    for &tid in &tids {
+        // TracerPid is the tracing thread's id: the throttle's, in this process.
+        let (tracer, _) = tracer_and_state(pid, tid);
+        let ours = std::path::Path::new(&format!("/proc/{me}/task/{tracer}")).exists();
+        assert!(
+            tracer != 0 && ours,
+            "vCPU thread {tid} is traced by {tracer}"
+        );
+    }
+    let throttled = used_over(&mut qmp);
+    eprintln!("vCPU CPU ticks over 4 s: free {free}, throttled to 10% {throttled}");
+    assert!(
+        free >= 50,
+        "the vCPUs were nearly idle ({free} ticks): nothing to compare"
+    );
+    assert!(
+        throttled * 2 < free,
+        "throttled vCPUs used {throttled} ticks, free ones {free}"
+    );
+    let tx = src.last_tx().unwrap();
+    drop(throttle);
+    let untraced = |when: &str| {
+        for &tid in &tids {
+            let (tracer, state) = tracer_and_state(pid, tid);
+            assert_eq!(tracer, 0, "{when}: vCPU thread {tid} is still traced");
+            let stopped = state.starts_with('t') || state.starts_with('T');
+            assert!(!stopped, "{when}: {tid} is {state}");
+        }
+    };
+    let traced = |when: &str| {
+        for &tid in &tids {
+            assert_ne!(
+                tracer_and_state(pid, tid).0,
+                0,
+                "{when}: {tid} is not traced"
+            );
+        }
+    };
+    untraced("after the drop");
+    drop(qmp);
+    let spec = QemuSpec {
+        qmp: src.qmp.clone(),
+        after: QemuAfter::Pause,
+        migrate_timeout: Duration::from_secs(30),
+        vcpu_throttle: VcpuThrottleMode::Ptrace,
+    };
+    let mut guest = QemuSourceGuest::open(&spec, &Notices::silent()).unwrap();
+    guest.set_throttle(0.5);
+    traced("throttled");
+    guest.pause().unwrap();
+    untraced("at the pause");
+    guest.resume().unwrap();
+    guest.set_throttle(0.5);
+    traced("throttled again");
+    Box::new(guest).keep_after_failure();
+    untraced("after a failure");
+    assert_eq!(src.status(), "running");
+    src.wait_tx_above(tx, Duration::from_secs(120));
 }

@@ -138,6 +138,15 @@ pub struct SendArgs {
     /// The source QEMU after a successful migration: quit, or pause (left stopped).
     #[arg(long, value_enum, default_value = "quit", requires = "qemu")]
     pub qemu_after: QemuAfterArg,
+    /// How --converge throttles the QEMU VM's vCPU threads alone: auto (a cgroup v1 cpu
+    /// cgroup, else per-thread stops), cgroup, or ptrace (per-thread stops).
+    #[arg(
+        long,
+        value_name = "MECHANISM",
+        default_value = "auto",
+        requires = "qemu"
+    )]
+    pub vcpu_throttle: crate::guest::qemu::throttle::VcpuThrottleMode,
     /// vCPUs of the KVM guest.
     #[arg(long, default_value_t = 2, requires = "kvm")]
     pub vcpus: usize,
@@ -443,6 +452,7 @@ impl SendArgs {
                     QemuAfterArg::Pause => QemuAfter::Pause,
                 },
                 migrate_timeout: self.io_timeout,
+                vcpu_throttle: self.vcpu_throttle,
             }),
             (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
                 path: self.memory_file.clone(),

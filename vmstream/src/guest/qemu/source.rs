@@ -16,7 +16,7 @@ use crate::telemetry::notice::Notices;
 use crate::track::{DirtyTracker, HashTracker};
 
 use super::qmp::{Qmp, QmpError, COMMAND_TIMEOUT};
-use super::throttle::{vcpu_threads, VcpuThrottle};
+use super::throttle::{vcpu_threads, VcpuThrottleMode, VcpuThrottling};
 use super::{ram_backends, RamBackend};
 
 /// What becomes of the source QEMU once its devices moved.
@@ -37,6 +37,8 @@ pub struct QemuSpec {
     pub after: QemuAfter,
     /// How long QEMU's device-state migration may take.
     pub migrate_timeout: Duration,
+    /// How its vCPU threads are throttled.
+    pub vcpu_throttle: VcpuThrottleMode,
 }
 
 /// How often the VM is looked at during the rounds, at most.
@@ -54,8 +56,9 @@ pub struct QemuSourceGuest {
     alive_checked: Option<Instant>,
     /// The vCPU threads (`query-cpus-fast`), throttled alone.
     vcpus: Vec<u32>,
-    /// Made at the first throttle above 0; puts the threads back when dropped.
-    throttle: Option<VcpuThrottle>,
+    /// Made at the first throttle above 0; lets the threads go when dropped (at the pause,
+    /// or with the guest when the migration ends or fails).
+    throttle: Option<VcpuThrottling>,
     /// Why the throttle could not be set up (then the guest runs unthrottled).
     throttle_error: Option<String>,
     /// Told why the throttle is unavailable.
@@ -237,6 +240,9 @@ impl MigratableGuest for QemuSourceGuest {
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
+        // The throttle ends here: the vCPUs are stopped anyway, and QEMU's `stop` waits for
+        // each to leave guest code, which a throttled thread does late.
+        self.throttle = None;
         // `stop` returns once every vCPU left guest code: RAM no longer changes.
         self.qmp.execute("stop", Value::Null).map_err(qemu_err)?;
         self.paused = true;
@@ -255,15 +261,22 @@ impl MigratableGuest for QemuSourceGuest {
         self.paused
     }
 
-    /// The vCPU threads alone, through a cpu cgroup ([`VcpuThrottle`]); where none can be
-    /// made the guest runs unthrottled (a warning says why, once).
+    /// The vCPU threads alone ([`VcpuThrottling`], by the spec's mechanism); where none can
+    /// be had the guest runs unthrottled (a warning says why, once).
     fn set_throttle(&mut self, fraction: f64) {
         if self.throttle.is_none() && (fraction <= 0.0 || self.throttle_error.is_some()) {
             return;
         }
         if self.throttle.is_none() {
-            match VcpuThrottle::new(&self.vcpus) {
-                Ok(t) => self.throttle = Some(t),
+            match VcpuThrottling::new(self.spec.vcpu_throttle, &self.vcpus) {
+                Ok(t) => {
+                    self.notices.note(format!(
+                        "throttling the QEMU VM's {} vCPU threads alone ({})",
+                        self.vcpus.len(),
+                        t.mechanism()
+                    ));
+                    self.throttle = Some(t);
+                }
                 Err(e) => {
                     self.notices.warning(format!(
                         "cannot throttle the QEMU VM's vCPUs, it runs unthrottled: {e}"
