@@ -138,14 +138,8 @@ pub struct SendArgs {
     /// The source QEMU after a successful migration: quit, or pause (left stopped).
     #[arg(long, value_enum, default_value = "quit", requires = "qemu")]
     pub qemu_after: QemuAfterArg,
-    /// How --converge throttles the QEMU VM's vCPU threads alone: auto (a cgroup v1 cpu
-    /// cgroup, else per-thread stops), cgroup, or ptrace (per-thread stops).
-    #[arg(
-        long,
-        value_name = "MECHANISM",
-        default_value = "auto",
-        requires = "qemu"
-    )]
+    /// How --converge throttles the vCPU threads alone: auto, cgroup (v1) or ptrace.
+    #[arg(long, value_name = "HOW", default_value = "auto", requires = "qemu")]
     pub vcpu_throttle: crate::guest::qemu::throttle::VcpuThrottleMode,
     /// vCPUs of the KVM guest.
     #[arg(long, default_value_t = 2, requires = "kvm")]
@@ -323,10 +317,8 @@ pub struct RecvArgs {
     /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
     /// the same file refuses to start. Optional with --resume: then only a handover (send
     /// --handover) is taken, and the guest runs on the source's own memory file or memfd;
-    /// given, a handed-over memory is copied into PATH and runs there. With --qemu, once
-    /// per RAM backend of the VM (NUMA nodes), in the order of the source's backend ids
-    /// (sorted as strings): the first file is {memory} (or {memory0}) in the QEMU command
-    /// line, the second {memory1}, and so on; all are committed together, or none.
+    /// given, a handed-over memory is copied into PATH and runs there. With --qemu: once per
+    /// RAM backend, in the order of their ids ({memory0}, {memory1}...; see QEMU.md).
     #[arg(long, value_name = "PATH")]
     pub memory_file: Vec<PathBuf>,
     /// Run the guest on the received memory after the commit (verifies it first).

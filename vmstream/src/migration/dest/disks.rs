@@ -1,7 +1,7 @@
 //! The destination's disks (`recv --disk`): their claimed targets, the check of the
-//! source's `Disks` against them, their temporary images (mapped after guest memory in one
-//! span, which the codec's workers write), their digests, and their commit together with
-//! the memory.
+//! source's `Disks` against them, their temporary images (mapped after guest memory's, all
+//! its regions', in one span, which the codec's workers write), their digests, and their
+//! commit together with the memory.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
 use crate::migration::digest::{disk_digest, hex, PageHashes};
 use crate::migration::error::RecvError;
-use crate::migration::image::{ImageError, PendingImage, Reservation};
+use crate::migration::image::{ImageError, PendingImage, Reservation, SpanMapping};
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     CommitReply, CommitStatus, Disks, Hello, Message, RefuseCode, FEATURE_DISKS,
@@ -167,6 +167,28 @@ impl Dest<'_> {
             reason: err.to_string(),
         }));
         Err(err)
+    }
+}
+
+impl Dest<'_> {
+    /// One mapping of `memory`'s image, the other regions' and every disk's, back to back,
+    /// for the receive pipeline; None when `memory`'s is the only image.
+    pub(super) fn span(&self, memory: &PendingImage) -> Result<Option<SpanMapping>, RecvError> {
+        let mut files = vec![(memory.handle(), memory.size())];
+        let regions = self.regions.as_ref().map_or(&[][..], |r| r.images());
+        files.extend(regions.iter().map(|i| (i.handle(), i.size())));
+        if let Some(d) = &self.disks {
+            files.extend(d.images().iter().map(|i| (i.handle(), i.size())));
+        }
+        if files.len() == 1 {
+            return Ok(None);
+        }
+        SpanMapping::map(&files).map(Some).map_err(|source| {
+            RecvError::Image(ImageError::Io {
+                what: "mapping the memory and disk images together".into(),
+                source,
+            })
+        })
     }
 }
 

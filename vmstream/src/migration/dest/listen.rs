@@ -85,7 +85,7 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
         }
     }
     super::disks::check_disk_targets(cfg)?;
-    super::regions::check_region_targets(cfg)?;
+    super::hello::check_region_targets(cfg)?;
     if let Some(target) = &cfg.memory_file {
         check_target(target)?;
     } else if !cfg.resume {
@@ -134,7 +134,7 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
         .as_ref()
         .map(|target| Reservation::claim(target, &cfg.notices))
         .transpose()?;
-    let region_claims = super::regions::claim_regions(cfg)?;
+    let region_claims = super::hello::claim_regions(cfg)?;
     let disk_claims = super::disks::claim_disks(cfg)?;
     for stale in claim
         .iter()

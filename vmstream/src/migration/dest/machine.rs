@@ -25,12 +25,11 @@ use crate::migration::dest::incoming::{
     check_guest_state, incoming_guest, IncomingGuest, KvmResumed, ResumedGuest,
 };
 use crate::migration::dest::postcopy::PostcopyIncoming;
-use crate::migration::dest::regions::DestRegions;
 use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
-use crate::migration::image::{PendingImage, Reservation};
+use crate::migration::image::{PendingImage, RegionImages, Reservation};
 use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{
@@ -130,7 +129,7 @@ pub(super) struct Dest<'a> {
     /// The claimed files of memory's regions after the first, and their images once sized
     /// (`super::regions`).
     pub(super) region_claims: Vec<Reservation>,
-    pub(super) regions: Option<DestRegions>,
+    pub(super) regions: Option<RegionImages>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
@@ -618,9 +617,9 @@ impl Dest<'_> {
         let (disks, regions) = (self.disks.take(), self.regions.take());
         let committed = image
             .sync()
-            .and_then(|()| regions.as_ref().map_or(Ok(()), DestRegions::sync))
+            .and_then(|()| regions.as_ref().map_or(Ok(()), RegionImages::sync))
             .and_then(|()| disks.map_or(Ok(()), |d| d.sync().and_then(|()| d.commit())))
-            .and_then(|()| regions.map_or(Ok(()), DestRegions::commit))
+            .and_then(|()| regions.map_or(Ok(()), RegionImages::commit))
             .and_then(|()| image.commit());
         self.stats
             .disks

@@ -15,7 +15,6 @@ pub mod lazy_words;
 mod listen;
 mod machine;
 mod postcopy;
-mod regions;
 mod report;
 pub mod verify;
 
