@@ -126,8 +126,7 @@ pub(super) struct Dest<'a> {
     pub(super) disk_claims: Vec<Reservation>,
     /// The disks being received (`super::disks`).
     pub(super) disks: Option<DestDisks>,
-    /// The claimed files of memory's regions after the first, and their images once sized
-    /// (`super::regions`).
+    /// Memory's regions after the first (`super::hello`): claimed files, then images.
     pub(super) region_claims: Vec<Reservation>,
     pub(super) regions: Option<RegionImages>,
 }
@@ -612,8 +611,7 @@ impl Dest<'_> {
         }
         self.check_disk_digests(ours)?;
         let t = Instant::now();
-        // Every image durable before any is renamed: the disks, memory's other regions,
-        // then memory.
+        // Every image durable before any is renamed: disks, memory's other regions, memory.
         let (disks, regions) = (self.disks.take(), self.regions.take());
         let committed = image
             .sync()
