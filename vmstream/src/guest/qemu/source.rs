@@ -340,3 +340,37 @@ impl MigratableGuest for QemuSourceGuest {
 
     fn keep_after_failure(self: Box<Self>) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: &str, share: bool, path: Option<&str>) -> RamBackend {
+        RamBackend {
+            id: id.into(),
+            size: 8192,
+            share,
+            mem_path: path.map(PathBuf::from),
+        }
+    }
+
+    /// QEMU lists its backends in no fixed order (7.2: `m1` before `m0`): they travel in
+    /// the order of their ids; one that is not a shared file refuses the VM.
+    #[test]
+    fn backends_travel_in_id_order_and_must_be_shared_files() {
+        let files = shared_files(vec![
+            backend("m1", true, Some("/r1")),
+            backend("m0", true, Some("/r0")),
+        ])
+        .unwrap();
+        assert_eq!(
+            files,
+            vec![(PathBuf::from("/r0"), 8192), (PathBuf::from("/r1"), 8192)]
+        );
+        for bad in [backend("m1", false, Some("/r1")), backend("m1", true, None)] {
+            let err = shared_files(vec![backend("m0", true, Some("/r0")), bad]).unwrap_err();
+            assert!(err.to_string().contains("m1 is not a shared file"), "{err}");
+        }
+        assert!(shared_files(Vec::new()).is_err());
+    }
+}

@@ -1,5 +1,7 @@
 //! The destination's checks of a source's `Hello`: what it refuses before anything sized
-//! from the guest exists, and how it answers a refusal.
+//! from the guest exists, and how it answers a refusal; with them the checks of guest
+//! memory's regions (a QEMU VM's several RAM backends, `recv --memory-file` given once per
+//! backend, against the source's `MemoryRegions`) and the sizing of their images.
 
 use crate::memory::PAGE_SIZE;
 use crate::migration::config::RecvConfig;
