@@ -133,7 +133,7 @@ impl QemuVm {
         let command = |serial: &Path, pidfile: &Path| {
             qemu_command(image, ram.to_str().unwrap(), serial, pidfile)
         };
-        QemuVm::boot_command(dir, ram.clone(), command)
+        QemuVm::boot_with(dir, ram.clone(), command)
     }
 
     /// Boots the two-node guest ([`qemu_numa_command`]) in `dir`, its RAM in `src.ram0`
@@ -144,10 +144,12 @@ impl QemuVm {
             let paths = [rams[0].to_str().unwrap(), rams[1].to_str().unwrap()];
             qemu_numa_command(image, paths, serial, pidfile)
         };
-        QemuVm::boot_command(dir, rams[0].clone(), command)
+        QemuVm::boot_with(dir, rams[0].clone(), command)
     }
 
-    fn boot_command(dir: &Path, ram: PathBuf, command: impl Fn(&Path, &Path) -> String) -> QemuVm {
+    /// Boots the guest `command` gives (given its serial file and pid file) in `dir`, its
+    /// RAM (first file) `ram`, and waits until its workload has committed transactions.
+    pub fn boot_with(dir: &Path, ram: PathBuf, command: impl Fn(&Path, &Path) -> String) -> QemuVm {
         let serial = dir.join("src.serial");
         let qmp = dir.join("src.qmp");
         let pidfile = dir.join("src.pid");

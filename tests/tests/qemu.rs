@@ -191,6 +191,107 @@ fn a_qemu_vm_with_two_ram_backends_moves_and_keeps_running_verified() {
     assert!(tx > src_tx);
 }
 
+/// `send --vcpu-throttle ptrace` on a guest that dirties faster than the link takes (dbsim
+/// unpaced, a tight downtime limit, auto-converge at a low trigger): the vCPU threads are
+/// throttled by per-thread stops, the migration completes (forced at its timeout if need
+/// be), the RAM files are equal at the pause and the guest runs on verified at the
+/// destination.
+#[test]
+fn a_migration_throttles_the_vcpus_by_ptrace_and_completes() {
+    let test = "a_migration_throttles_the_vcpus_by_ptrace_and_completes";
+    let Some(image) = image_or_skip(test) else {
+        return;
+    };
+    let _serial = serial();
+    let dir = TmpDir::new("qemu-ptrace-send");
+    // dbsim as fast as it goes: it dirties faster than the link takes.
+    let busy = |ram: &str, serial: &std::path::Path, pid: &std::path::Path| {
+        qemu_command(&image, ram, serial, pid).replace("vmstream.rate=200", "vmstream.rate=0")
+    };
+    let src_ram = dir.path("src.ram");
+    let src = QemuVm::boot_with(&dir.0, src_ram.clone(), |serial, pid| {
+        busy(src_ram.to_str().unwrap(), serial, pid)
+    });
+    let dst_ram = dir.path("dst.ram");
+    let (dst_serial, dst_pid) = (dir.path("dst.serial"), dir.path("dst.pid"));
+    let dst_cmd = busy("{memory}", &dst_serial, &dst_pid);
+    let (mut recv, port) = start_receiver(&[
+        "--memory-file",
+        dst_ram.to_str().unwrap(),
+        "--qemu",
+        &dst_cmd,
+        "--qemu-start",
+        "paused",
+    ]);
+    let dst = QemuVm::adopt(
+        dir.path("dst.ram.qmp"),
+        dst_serial,
+        dst_ram.clone(),
+        dst_pid,
+    );
+    let to = format!("127.0.0.1:{port}");
+    let send_json = dir.path("send.json");
+    let mut send = Proc::vmstream(
+        "send",
+        &[
+            "send",
+            "--qemu",
+            src.qmp.to_str().unwrap(),
+            "--to",
+            &to,
+            "--qemu-after",
+            "pause",
+            "--vcpu-throttle",
+            "ptrace",
+            "--converge",
+            "qemu",
+            "--throttle-trigger-threshold",
+            "1",
+            "--cpu-throttle-initial",
+            "50",
+            "--max-bandwidth",
+            "8MB",
+            "--downtime-limit",
+            "5ms",
+            "--timeout",
+            "60s",
+            "--on-timeout",
+            "force",
+            "--no-progress",
+            "--stats-json",
+            send_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (status, lines) = send.wait_exit();
+    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    let stats = read_stats(&send_json);
+    assert!(
+        send.stderr().contains("vCPU threads alone (ptrace)"),
+        "{}",
+        send.stderr()
+    );
+    let throttled = stats["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["throttle"].as_f64().unwrap() > 0.0);
+    assert!(throttled, "never throttled: {stats}");
+    let (status, lines) = recv.wait_exit();
+    assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
+    assert_eq!(src.status(), "postmigrate");
+    assert!(files_identical(&src.ram, &dst_ram));
+    let src_tx = src.last_tx().expect("the source counted");
+    drop(src);
+    dst.execute("cont");
+    dst.wait_tx_above(src_tx, Duration::from_secs(300));
+    dst.wait_console(
+        "vmstream-guest: verify ok kind=dbsim",
+        Duration::from_secs(300),
+    );
+    assert!(!dst.console().contains("FAILED"), "{}", dst.console());
+}
+
 /// A destination whose QEMU fails to start refuses the commit, a receiver killed
 /// mid-migration never commits, and a destination QEMU that cannot load the device state
 /// fails QEMU's migration after the commit: each time the source VM runs on (`cont`), its
