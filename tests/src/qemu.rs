@@ -88,6 +88,31 @@ pub fn qemu_command(image: &GuestImage, mem_path: &str, serial: &Path, pidfile: 
     )
 }
 
+/// Each NUMA node's RAM in the two-node guest ([`qemu_numa_command`]): 128 MiB less 4 KiB.
+pub const NODE_RAM: &str = "131068K";
+
+/// The guest's command line with two NUMA nodes, each its own RAM backend (`m0`, `m1`)
+/// whose file is `mem_paths[i]` (may be `{memory0}`, `{memory1}`); otherwise as
+/// [`qemu_command`].
+pub fn qemu_numa_command(
+    image: &GuestImage,
+    mem_paths: [&str; 2],
+    serial: &Path,
+    pidfile: &Path,
+) -> String {
+    let one = qemu_command(image, "UNUSED", serial, pidfile);
+    let backends = format!(
+        "-machine pc,accel=tcg -m 262136K \
+         -object memory-backend-file,id=m0,size={NODE_RAM},mem-path={},share=on \
+         -object memory-backend-file,id=m1,size={NODE_RAM},mem-path={},share=on \
+         -numa node,nodeid=0,memdev=m0 -numa node,nodeid=1,memdev=m1",
+        mem_paths[0], mem_paths[1]
+    );
+    let (head, tail) = one.split_once("-kernel").expect("the guest's command line");
+    let name = head.split("-machine").next().expect("its name");
+    format!("{name}{backends} -kernel{tail}")
+}
+
 /// A QEMU process (the source VM, or a destination's found by its pid file), killed on drop.
 pub struct QemuVm {
     /// Its QMP socket.
@@ -105,12 +130,32 @@ impl QemuVm {
     /// workload has committed transactions.
     pub fn boot(image: &GuestImage, dir: &Path) -> QemuVm {
         let ram = dir.join("src.ram");
+        let command = |serial: &Path, pidfile: &Path| {
+            qemu_command(image, ram.to_str().unwrap(), serial, pidfile)
+        };
+        QemuVm::boot_with(dir, ram.clone(), command)
+    }
+
+    /// Boots the two-node guest ([`qemu_numa_command`]) in `dir`, its RAM in `src.ram0`
+    /// (`ram`) and `src.ram1`, and waits until its workload has committed transactions.
+    pub fn boot_numa(image: &GuestImage, dir: &Path) -> QemuVm {
+        let rams = [dir.join("src.ram0"), dir.join("src.ram1")];
+        let command = |serial: &Path, pidfile: &Path| {
+            let paths = [rams[0].to_str().unwrap(), rams[1].to_str().unwrap()];
+            qemu_numa_command(image, paths, serial, pidfile)
+        };
+        QemuVm::boot_with(dir, rams[0].clone(), command)
+    }
+
+    /// Boots the guest `command` gives (given its serial file and pid file) in `dir`, its
+    /// RAM (first file) `ram`, and waits until its workload has committed transactions.
+    pub fn boot_with(dir: &Path, ram: PathBuf, command: impl Fn(&Path, &Path) -> String) -> QemuVm {
         let serial = dir.join("src.serial");
         let qmp = dir.join("src.qmp");
         let pidfile = dir.join("src.pid");
         let cmd = format!(
             "exec {} -qmp unix:{},server=on,wait=off",
-            qemu_command(image, ram.to_str().unwrap(), &serial, &pidfile),
+            command(&serial, &pidfile),
             qmp.display()
         );
         let child = Command::new("sh")

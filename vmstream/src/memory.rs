@@ -14,6 +14,12 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod holes;
+mod regions;
+pub use holes::data_pages_of;
+use holes::mark_data_pages;
+pub use regions::{MemoryFiles, MAX_MEMORY_REGIONS};
+
 /// Page size of guest memory in bytes (4 KiB): dirty tracking, the KVM guest's page tables
 /// and migration (the codec's page records, the `Hello`'s `page_size`) all work in these
 /// units, so the whole project uses this one definition, the codec's.
@@ -62,6 +68,17 @@ pub enum MapMode {
     Private,
 }
 
+impl MapMode {
+    /// `mmap`'s protection and flags for this mode.
+    fn prot_and_flags(self) -> (libc::c_int, libc::c_int) {
+        match self {
+            MapMode::Shared => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+            MapMode::SharedReadOnly => (libc::PROT_READ, libc::MAP_SHARED),
+            MapMode::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
+        }
+    }
+}
+
 /// Whether `page` is a hole in `data`, a bitmap of data pages from
 /// [`GuestMemory::data_pages`]. Pages past the bitmap count as data (read them).
 pub fn page_is_hole(data: &[u64], page: u64) -> bool {
@@ -69,12 +86,16 @@ pub fn page_is_hole(data: &[u64], page: u64) -> bool {
         .is_some_and(|w| w & (1 << (page % 64)) == 0)
 }
 
-/// A mapped guest memory region and the file behind it.
+/// A mapped guest memory region and the file behind it (or the files, mapped back to back:
+/// a QEMU VM's several RAM backends, [`GuestMemory::open_regions`]).
 pub struct GuestMemory {
     map: Arc<Mapping>,
     mode: MapMode,
+    /// The (first) file.
     file: File,
     path: PathBuf,
+    /// The files mapped after the first, each with its start in the mapping (empty: one file).
+    more: Vec<regions::MoreFile>,
 }
 
 /// The mapped region, shared by its [`GuestMemory`] and any [`MemoryReader`]s: unmapped
@@ -251,11 +272,7 @@ impl GuestMemory {
 
     fn map(file: File, path: PathBuf, size: u64, mode: MapMode) -> Result<Self, MemoryError> {
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let (prot, flags) = match mode {
-            MapMode::Shared => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
-            MapMode::SharedReadOnly => (libc::PROT_READ, libc::MAP_SHARED),
-            MapMode::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
-        };
+        let (prot, flags) = mode.prot_and_flags();
         // SAFETY: mapping a fresh region (addr = NULL) of `len` bytes of an open file cannot
         // alias any Rust object; the result is checked for MAP_FAILED.
         let ptr =
@@ -273,6 +290,7 @@ impl GuestMemory {
             mode,
             file,
             path,
+            more: Vec::new(),
         })
     }
 
@@ -326,7 +344,9 @@ impl GuestMemory {
                 continue;
             }
             let end = (p..pages).find(|&q| resident[q] & 1 != 0).unwrap_or(pages);
-            mark_data_pages(&self.file, p, end, &mut bits)?;
+            for (file, base, from, to) in self.files_between(p, end) {
+                mark_data_pages(file, base, from, to, &mut bits)?;
+            }
             p = end;
         }
         Ok(bits)
@@ -385,7 +405,9 @@ impl GuestMemory {
     /// through this mapping would fault its page tables in, 4 KiB at a time.
     pub fn read_from_file_at(&self, offset: usize, buf: &mut [u8]) {
         use std::os::unix::fs::FileExt;
-        if self.file().read_exact_at(buf, offset as u64).is_err() {
+        let (file, start, len) = self.file_at(offset);
+        let within = offset + buf.len() <= start + len;
+        if !within || file.read_exact_at(buf, (offset - start) as u64).is_err() {
             self.read_at(offset, buf);
         }
     }
@@ -434,42 +456,6 @@ impl std::fmt::Debug for GuestMemory {
             .field("mode", &self.mode)
             .finish()
     }
-}
-
-/// The data pages of the first `len` bytes of `file` (any handle of it: the scrubber keeps
-/// its own), as [`GuestMemory::data_pages`] finds them but from `SEEK_DATA` / `SEEK_HOLE`
-/// alone (there is no mapping to ask `mincore`).
-pub fn data_pages_of(file: &File, len: usize) -> io::Result<Vec<u64>> {
-    let pages = len.div_ceil(PAGE_SIZE);
-    let mut bits = vec![0u64; pages.div_ceil(64)];
-    mark_data_pages(file, 0, pages, &mut bits)?;
-    Ok(bits)
-}
-
-/// Sets in `bits` the pages of `from..to` that hold data in `file` (`SEEK_DATA` /
-/// `SEEK_HOLE`; a page partly data counts as data).
-fn mark_data_pages(file: &File, from: usize, to: usize, bits: &mut [u64]) -> io::Result<()> {
-    use nix::errno::Errno;
-    use nix::unistd::{lseek, Whence};
-    let page = PAGE_SIZE as i64;
-    let mut q = from;
-    while q < to {
-        let data = match lseek(file, q as i64 * page, Whence::SeekData) {
-            Ok(d) => (d / page) as usize,
-            Err(Errno::ENXIO) => break, // no data after `q`
-            Err(e) => return Err(e.into()),
-        };
-        if data >= to {
-            break;
-        }
-        let hole = lseek(file, data as i64 * page, Whence::SeekHole)?;
-        let hole = (((hole + page - 1) / page) as usize).clamp(data + 1, to);
-        for p in data..hole {
-            bits[p / 64] |= 1 << (p % 64);
-        }
-        q = hole;
-    }
-    Ok(())
 }
 
 /// The union of two sorted page lists (trackers', deferral's), sorted and without duplicates

@@ -138,6 +138,9 @@ pub struct SendArgs {
     /// The source QEMU after a successful migration: quit, or pause (left stopped).
     #[arg(long, value_enum, default_value = "quit", requires = "qemu")]
     pub qemu_after: QemuAfterArg,
+    /// How --converge throttles the vCPU threads alone: auto, cgroup (v1) or ptrace.
+    #[arg(long, value_name = "HOW", default_value = "auto", requires = "qemu")]
+    pub vcpu_throttle: crate::guest::qemu::throttle::VcpuThrottleMode,
     /// vCPUs of the KVM guest.
     #[arg(long, default_value_t = 2, requires = "kvm")]
     pub vcpus: usize,
@@ -317,9 +320,10 @@ pub struct RecvArgs {
     /// temporary image .NAME.vmstream-recv-PID beside it is locked; a second receive into
     /// the same file refuses to start. Optional with --resume: then only a handover (send
     /// --handover) is taken, and the guest runs on the source's own memory file or memfd;
-    /// given, a handed-over memory is copied into PATH and runs there.
+    /// given, a handed-over memory is copied into PATH and runs there. With --qemu: once per
+    /// RAM backend, in the order of their ids ({memory0}, {memory1}...; see QEMU.md).
     #[arg(long, value_name = "PATH")]
-    pub memory_file: Option<PathBuf>,
+    pub memory_file: Vec<PathBuf>,
     /// Run the guest on the received memory after the commit (verifies it first).
     #[arg(long)]
     pub resume: bool,
@@ -352,7 +356,8 @@ pub struct RecvArgs {
     #[arg(long)]
     pub insecure: bool,
     /// Receive a QEMU VM (send --qemu) and run it here with this QEMU command line (run
-    /// by sh), `{memory}` where its memory-backend-file's mem-path goes; vmstream adds
+    /// by sh), `{memory}` where its memory-backend-file's mem-path goes (several
+    /// backends: `{memory0}`, `{memory1}`..., one --memory-file each); vmstream adds
     /// -incoming defer and -qmp unix:PATH.qmp (PATH: --memory-file), starts it during the
     /// first round, and exits once it runs, leaving it running. Implies --resume.
     #[arg(long, value_name = "COMMAND LINE", requires = "memory_file")]
@@ -442,6 +447,7 @@ impl SendArgs {
                     QemuAfterArg::Pause => QemuAfter::Pause,
                 },
                 migrate_timeout: self.io_timeout,
+                vcpu_throttle: self.vcpu_throttle,
             }),
             (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
                 path: self.memory_file.clone(),
@@ -545,10 +551,11 @@ impl RecvArgs {
     /// address, size, memory file) before anything is created or bound.
     pub fn to_config(&self) -> Result<RecvConfig, String> {
         let mut cfg = RecvConfig::new(self.listen.clone(), PathBuf::new());
-        cfg.memory_file = self.memory_file.clone();
+        cfg.memory_file = self.memory_file.first().cloned();
+        cfg.memory_regions = self.memory_file.iter().skip(1).cloned().collect();
         cfg.resume = self.resume || self.qemu.is_some();
         cfg.run_for = self.run_for;
-        if let (Some(command), Some(path)) = (&self.qemu, &self.memory_file) {
+        if let (Some(command), Some(path)) = (&self.qemu, self.memory_file.first()) {
             let mut launch = QemuLaunch::beside(command.clone(), path);
             if let Some(uri) = &self.qemu_incoming {
                 launch.incoming = uri.clone();

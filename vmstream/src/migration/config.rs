@@ -533,6 +533,10 @@ pub struct RecvConfig {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Where the committed disks go (`--disk`, in the source's order).
     pub disks: Vec<PathBuf>,
+    /// Where guest memory's regions after the first go, when it is several files (a QEMU
+    /// VM's RAM backends: `--memory-file` given once per backend, the first is
+    /// `memory_file`); empty: one file.
+    pub memory_regions: Vec<PathBuf>,
     /// Faults to inject, for tests (default: none).
     pub faults: DestFaults,
     /// Where the receive's notices go (connections, warnings, `listening on`, the
@@ -571,6 +575,7 @@ impl RecvConfig {
             insecure: false,
             cancel: None,
             disks: Vec::new(),
+            memory_regions: Vec::new(),
             faults: DestFaults::default(),
             notices: Notices::default(),
             qemu: None,

@@ -84,3 +84,35 @@ fn bad_sizes_and_durations_are_usage_errors() {
     assert_eq!(code, 1);
     assert!(err.contains("--init needs --size"), "{err}");
 }
+
+/// Several `--memory-file`s are a QEMU VM's RAM backends: without `--qemu`, or with a
+/// command line that lacks a backend's placeholder, `recv` refuses to start; an unknown
+/// `--vcpu-throttle` mechanism is refused by `send`. Nothing is created.
+#[test]
+fn several_memory_files_and_throttle_mechanisms_are_checked_before_starting() {
+    let (a, b) = (TmpFile::new("region-a"), TmpFile::new("region-b"));
+    let recv = |extra: &[&str]| {
+        let mut args = vec!["recv", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(&["--memory-file", a.str(), "--memory-file", b.str()]);
+        args.extend_from_slice(extra);
+        vmstream(&args)
+    };
+    let (code, _, err) = recv(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("only a QEMU VM's RAM backends"), "{err}");
+    let (code, _, err) = recv(&["--qemu", "qemu -object x,mem-path={memory}"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no {memory1}"), "{err}");
+    assert!(!a.0.exists() && !b.0.exists());
+    let (code, _, err) = vmstream(&[
+        "send",
+        "--qemu",
+        "/nonexistent.qmp",
+        "--to",
+        "127.0.0.1:1",
+        "--vcpu-throttle",
+        "cgroup2",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected auto, cgroup or ptrace"), "{err}");
+}

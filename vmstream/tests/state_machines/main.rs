@@ -8,5 +8,6 @@
 mod commit;
 mod harness;
 mod kvm;
+mod regions;
 mod rounds;
 mod verify;

@@ -1,8 +1,9 @@
-//! QEMU guests: a VM QEMU runs whose RAM is one shared memory file. vmstream moves the RAM
-//! file; QEMU moves the device state (`x-ignore-shared`). [`qmp`] talks to QEMU's monitor,
-//! [`source`] is the source side ([`QemuSourceGuest`]), [`throttle`] slows its vCPU threads
-//! alone.
+//! QEMU guests: a VM QEMU runs whose RAM is shared memory files (one per RAM backend).
+//! vmstream moves the RAM files; QEMU moves the device state (`x-ignore-shared`). [`qmp`]
+//! talks to QEMU's monitor, [`source`] is the source side ([`QemuSourceGuest`]), [`throttle`]
+//! slows its vCPU threads alone (by a cpu cgroup, or [`ptrace_throttle`]'s per-thread stops).
 
+pub mod ptrace_throttle;
 pub mod qmp;
 pub mod source;
 pub mod throttle;

@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 use crate::guest::file::source::GuestControlError;
 use crate::guest::migratable::MigratableGuest;
 use crate::guest::GuestKind;
-use crate::memory::{GuestMemory, MapMode};
+use crate::memory::{GuestMemory, MapMode, MAX_MEMORY_REGIONS};
 use crate::telemetry::notice::Notices;
 use crate::track::{DirtyTracker, HashTracker};
 
 use super::qmp::{Qmp, QmpError, COMMAND_TIMEOUT};
-use super::ram_backends;
-use super::throttle::{vcpu_threads, VcpuThrottle};
+use super::throttle::{vcpu_threads, VcpuThrottleMode, VcpuThrottling};
+use super::{ram_backends, RamBackend};
 
 /// What becomes of the source QEMU once its devices moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct QemuSpec {
     pub after: QemuAfter,
     /// How long QEMU's device-state migration may take.
     pub migrate_timeout: Duration,
+    /// How its vCPU threads are throttled.
+    pub vcpu_throttle: VcpuThrottleMode,
 }
 
 /// How often the VM is looked at during the rounds, at most.
@@ -54,8 +56,9 @@ pub struct QemuSourceGuest {
     alive_checked: Option<Instant>,
     /// The vCPU threads (`query-cpus-fast`), throttled alone.
     vcpus: Vec<u32>,
-    /// Made at the first throttle above 0; puts the threads back when dropped.
-    throttle: Option<VcpuThrottle>,
+    /// Made at the first throttle above 0; lets the threads go when dropped (at the pause,
+    /// or with the guest when the migration ends or fails).
+    throttle: Option<VcpuThrottling>,
     /// Why the throttle could not be set up (then the guest runs unthrottled).
     throttle_error: Option<String>,
     /// Told why the throttle is unavailable.
@@ -77,40 +80,18 @@ fn qemu_err(e: QmpError) -> GuestControlError {
 }
 
 impl QemuSourceGuest {
-    /// Connects to the VM's monitor, finds its one shared RAM file, maps and tracks it, and
-    /// sets `x-ignore-shared` so that QEMU's migration leaves that RAM to us.
+    /// Connects to the VM's monitor, finds its shared RAM files, maps them back to back
+    /// ([`shared_files`]'s order) and tracks them, and sets `x-ignore-shared` so that QEMU's
+    /// migration leaves that RAM to us.
     pub fn open(spec: &QemuSpec, notices: &Notices) -> Result<QemuSourceGuest, GuestControlError> {
         let mut qmp = Qmp::connect(&spec.qmp, COMMAND_TIMEOUT).map_err(qemu_err)?;
         let backends = ram_backends(&mut qmp).map_err(qemu_err)?;
-        let ram = match backends.as_slice() {
-            [one] if one.share && one.mem_path.is_some() => one.clone(),
-            [] => {
-                return Err(GuestControlError::Config(
-                    "the VM has no memory backend: start QEMU with -object \
-                     memory-backend-file,id=ram0,size=...,mem-path=FILE,share=on -machine \
-                     memory-backend=ram0"
-                        .into(),
-                ))
-            }
-            [one] => {
-                return Err(GuestControlError::Config(format!(
-                    "memory backend {} is not a shared file (share={}, mem-path={:?}): \
-                     another process can move only RAM QEMU maps shared from a file",
-                    one.id, one.share, one.mem_path
-                )))
-            }
-            many => {
-                return Err(GuestControlError::Config(format!(
-                    "the VM has {} memory backends; only one (shared, file-backed) is \
-                     supported yet",
-                    many.len()
-                )))
-            }
-        };
-        let path = ram.mem_path.expect("checked above");
-        let memory = GuestMemory::open_sized(&path, ram.size, MapMode::Shared)?;
-        let tracker = HashTracker::open(&path)
-            .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?;
+        let regions = shared_files(backends)?;
+        let memory = GuestMemory::open_regions(&regions, MapMode::Shared)?;
+        let tracker = HashTracker::new(
+            GuestMemory::open_regions(&regions, MapMode::SharedReadOnly)
+                .map_err(|e| GuestControlError::Tracker("hash", std::io::Error::other(e)))?,
+        );
         let status = qmp.status().map_err(qemu_err)?;
         if status != "running" && status != "paused" {
             return Err(GuestControlError::Config(format!(
@@ -181,6 +162,42 @@ impl QemuSourceGuest {
     }
 }
 
+/// The files of the VM's memory backends, each with its size, in the order of the
+/// backends' ids (sorted as strings: `query-memdev` lists them in no fixed order, and the
+/// destination's QEMU gives its backends the same ids, its `{memory0}`, `{memory1}`... in
+/// that order). Every backend must be a shared file: another process can move only RAM QEMU
+/// maps shared from a file.
+pub fn shared_files(
+    mut backends: Vec<RamBackend>,
+) -> Result<Vec<(PathBuf, u64)>, GuestControlError> {
+    if backends.is_empty() {
+        return Err(GuestControlError::Config(
+            "the VM has no memory backend: start QEMU with -object \
+             memory-backend-file,id=ram0,size=...,mem-path=FILE,share=on -machine \
+             memory-backend=ram0"
+                .into(),
+        ));
+    }
+    if backends.len() > MAX_MEMORY_REGIONS {
+        return Err(GuestControlError::Config(format!(
+            "the VM has {} memory backends, at most {MAX_MEMORY_REGIONS} can be migrated",
+            backends.len()
+        )));
+    }
+    backends.sort_by(|a, b| a.id.cmp(&b.id));
+    backends
+        .into_iter()
+        .map(|b| match b.mem_path {
+            Some(path) if b.share => Ok((path, b.size)),
+            mem_path => Err(GuestControlError::Config(format!(
+                "memory backend {} is not a shared file (share={}, mem-path={mem_path:?}): \
+                 another process can move only RAM QEMU maps shared from a file",
+                b.id, b.share
+            ))),
+        })
+        .collect()
+}
+
 impl MigratableGuest for QemuSourceGuest {
     fn kind(&self) -> GuestKind {
         GuestKind::Qemu
@@ -190,7 +207,12 @@ impl MigratableGuest for QemuSourceGuest {
         let line = format!(
             "qemu qmp={} ram={} vcpus={} tracking=hash",
             self.spec.qmp.display(),
-            self.memory.path().display(),
+            self.memory
+                .regions()
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             self.vcpus.len()
         );
         line
@@ -218,6 +240,9 @@ impl MigratableGuest for QemuSourceGuest {
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, GuestControlError> {
+        // The throttle ends here: the vCPUs are stopped anyway, and QEMU's `stop` waits for
+        // each to leave guest code, which a throttled thread does late.
+        self.throttle = None;
         // `stop` returns once every vCPU left guest code: RAM no longer changes.
         self.qmp.execute("stop", Value::Null).map_err(qemu_err)?;
         self.paused = true;
@@ -236,15 +261,22 @@ impl MigratableGuest for QemuSourceGuest {
         self.paused
     }
 
-    /// The vCPU threads alone, through a cpu cgroup ([`VcpuThrottle`]); where none can be
-    /// made the guest runs unthrottled (a warning says why, once).
+    /// The vCPU threads alone ([`VcpuThrottling`], by the spec's mechanism); where none can
+    /// be had the guest runs unthrottled (a warning says why, once).
     fn set_throttle(&mut self, fraction: f64) {
         if self.throttle.is_none() && (fraction <= 0.0 || self.throttle_error.is_some()) {
             return;
         }
         if self.throttle.is_none() {
-            match VcpuThrottle::new(&self.vcpus) {
-                Ok(t) => self.throttle = Some(t),
+            match VcpuThrottling::new(self.spec.vcpu_throttle, &self.vcpus) {
+                Ok(t) => {
+                    self.notices.note(format!(
+                        "throttling the QEMU VM's {} vCPU threads alone ({})",
+                        self.vcpus.len(),
+                        t.mechanism()
+                    ));
+                    self.throttle = Some(t);
+                }
                 Err(e) => {
                     self.notices.warning(format!(
                         "cannot throttle the QEMU VM's vCPUs, it runs unthrottled: {e}"
@@ -313,4 +345,38 @@ impl MigratableGuest for QemuSourceGuest {
     }
 
     fn keep_after_failure(self: Box<Self>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: &str, share: bool, path: Option<&str>) -> RamBackend {
+        RamBackend {
+            id: id.into(),
+            size: 8192,
+            share,
+            mem_path: path.map(PathBuf::from),
+        }
+    }
+
+    /// QEMU lists its backends in no fixed order (7.2: `m1` before `m0`): they travel in
+    /// the order of their ids; one that is not a shared file refuses the VM.
+    #[test]
+    fn backends_travel_in_id_order_and_must_be_shared_files() {
+        let files = shared_files(vec![
+            backend("m1", true, Some("/r1")),
+            backend("m0", true, Some("/r0")),
+        ])
+        .unwrap();
+        assert_eq!(
+            files,
+            vec![(PathBuf::from("/r0"), 8192), (PathBuf::from("/r1"), 8192)]
+        );
+        for bad in [backend("m1", false, Some("/r1")), backend("m1", true, None)] {
+            let err = shared_files(vec![backend("m0", true, Some("/r0")), bad]).unwrap_err();
+            assert!(err.to_string().contains("m1 is not a shared file"), "{err}");
+        }
+        assert!(shared_files(Vec::new()).is_err());
+    }
 }

@@ -1,15 +1,91 @@
-//! Throttling a QEMU VM's vCPU threads alone ([`VcpuThrottle`]): they move into a cpu
-//! cgroup of their own whose CFS quota is the share of every 10 ms period they may run, so
-//! QEMU's main loop, monitor and I/O threads keep their speed (a SIGSTOP would stop the whole
-//! process: stop signals act on every thread). cgroup v1's `cpu` controller, which places
-//! single threads; on a cgroup v2-only host the throttle is unavailable.
+//! Throttling a QEMU VM's vCPU threads alone ([`VcpuThrottling`]), by the mechanism
+//! [`VcpuThrottleMode`] picks: [`VcpuThrottle`] moves them into a cpu cgroup of their own whose
+//! CFS quota is the share of every 10 ms period they may run (cgroup v1's `cpu` controller,
+//! which places single threads), [`PtraceThrottle`] stops and continues each thread itself
+//! where no such cgroup can be used. Either way QEMU's main loop, monitor and I/O threads
+//! keep their speed (a SIGSTOP would stop the whole process: stop signals act on every
+//! thread).
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::ptrace_throttle::PtraceThrottle;
 use super::qmp::{Qmp, QmpError};
+
+/// How a QEMU VM's vCPU threads are throttled (`send --vcpu-throttle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VcpuThrottleMode {
+    /// A cgroup v1 cpu cgroup where one can be used, else per-thread stops.
+    #[default]
+    Auto,
+    /// A cgroup v1 cpu cgroup only (none usable: the guest runs unthrottled).
+    Cgroup,
+    /// Per-thread stops (ptrace) only.
+    Ptrace,
+}
+
+impl std::str::FromStr for VcpuThrottleMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(VcpuThrottleMode::Auto),
+            "cgroup" => Ok(VcpuThrottleMode::Cgroup),
+            "ptrace" => Ok(VcpuThrottleMode::Ptrace),
+            _ => Err(format!("{s:?}: expected auto, cgroup or ptrace")),
+        }
+    }
+}
+
+/// The vCPU threads held by one mechanism; released (running, in their own cgroup,
+/// untraced) when dropped.
+#[derive(Debug)]
+pub enum VcpuThrottling {
+    /// In a cpu cgroup of their own.
+    Cgroup(VcpuThrottle),
+    /// Traced and stopped in turn by a thread of ours.
+    Ptrace(PtraceThrottle),
+}
+
+impl VcpuThrottling {
+    /// Holds `tids` by `mode`'s mechanism (`Auto`: the cgroup, else ptrace), unthrottled.
+    pub fn new(mode: VcpuThrottleMode, tids: &[u32]) -> io::Result<VcpuThrottling> {
+        match mode {
+            VcpuThrottleMode::Cgroup => VcpuThrottle::new(tids).map(VcpuThrottling::Cgroup),
+            VcpuThrottleMode::Ptrace => PtraceThrottle::new(tids).map(VcpuThrottling::Ptrace),
+            VcpuThrottleMode::Auto => {
+                VcpuThrottle::new(tids)
+                    .map(VcpuThrottling::Cgroup)
+                    .or_else(|cgroup| {
+                        PtraceThrottle::new(tids)
+                            .map(VcpuThrottling::Ptrace)
+                            .map_err(|ptrace| io::Error::other(format!("{cgroup}; {ptrace}")))
+                    })
+            }
+        }
+    }
+
+    /// The mechanism, for the operator: `cgroup` or `ptrace`.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            VcpuThrottling::Cgroup(_) => "cgroup",
+            VcpuThrottling::Ptrace(_) => "ptrace",
+        }
+    }
+
+    /// Lets the threads run `1 - fraction` of every period each (0: no limit).
+    pub fn set(&mut self, fraction: f64) -> io::Result<()> {
+        match self {
+            VcpuThrottling::Cgroup(c) => c.set(fraction),
+            VcpuThrottling::Ptrace(p) => {
+                p.set(fraction);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// The CFS period, µs: the throttle's granularity (as the other guests' 10 ms duty cycle).
 const PERIOD_US: u64 = 10_000;
@@ -129,5 +205,33 @@ impl Drop for VcpuThrottle {
             let _ = std::fs::write(home.join("tasks"), tid.to_string());
         }
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mechanisms_are_named_as_the_flag_spells_them() {
+        assert_eq!("auto".parse(), Ok(VcpuThrottleMode::Auto));
+        assert_eq!("cgroup".parse(), Ok(VcpuThrottleMode::Cgroup));
+        assert_eq!("ptrace".parse(), Ok(VcpuThrottleMode::Ptrace));
+        let err = "cgroup2".parse::<VcpuThrottleMode>().unwrap_err();
+        assert!(err.contains("expected auto, cgroup or ptrace"), "{err}");
+    }
+
+    /// `ptrace` holds the threads by per-thread stops, whatever cgroups the host has.
+    #[test]
+    fn the_ptrace_mechanism_is_per_thread_stops() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let t = VcpuThrottling::new(VcpuThrottleMode::Ptrace, &[child.id()]).unwrap();
+        assert_eq!(t.mechanism(), "ptrace");
+        drop(t);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! The destination's disks (`recv --disk`): their claimed targets, the check of the
-//! source's `Disks` against them, their temporary images (mapped after guest memory in one
-//! span, which the codec's workers write), their digests, and their commit together with
-//! the memory.
+//! source's `Disks` against them, their temporary images (mapped after guest memory's, all
+//! its regions', in one span, which the codec's workers write), their digests, and their
+//! commit together with the memory.
 
 use std::path::PathBuf;
 
@@ -187,18 +187,32 @@ impl Dest<'_> {
     }
 }
 
-impl DestDisks {
-    /// One mapping of `memory`'s image and every disk's, back to back, for the receive
-    /// pipeline.
-    pub(super) fn span(&self, memory: &PendingImage) -> Result<SpanMapping, RecvError> {
+impl Dest<'_> {
+    /// One mapping of `memory`'s image, the other regions' and every disk's, back to back,
+    /// for the receive pipeline; None when `memory`'s is the only image.
+    pub(super) fn span(&self, memory: &PendingImage) -> Result<Option<SpanMapping>, RecvError> {
         let mut files = vec![(memory.handle(), memory.size())];
-        files.extend(self.images.iter().map(|i| (i.handle(), i.size())));
-        SpanMapping::map(&files).map_err(|source| {
+        let regions = self.regions.as_ref().map_or(&[][..], |r| r.images());
+        files.extend(regions.iter().map(|i| (i.handle(), i.size())));
+        if let Some(d) = &self.disks {
+            files.extend(d.images().iter().map(|i| (i.handle(), i.size())));
+        }
+        if files.len() == 1 {
+            return Ok(None);
+        }
+        SpanMapping::map(&files).map(Some).map_err(|source| {
             RecvError::Image(ImageError::Io {
                 what: "mapping the memory and disk images together".into(),
                 source,
             })
         })
+    }
+}
+
+impl DestDisks {
+    /// The disks' temporary images, mapped after guest memory's (`Dest::span`).
+    pub(super) fn images(&self) -> &[PendingImage] {
+        &self.images
     }
 
     /// What the mirror writes (`super::mirror`): each disk's temporary image, its size and

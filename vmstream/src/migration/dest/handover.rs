@@ -22,7 +22,7 @@ use crate::migration::image::{PendingImage, Reservation};
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
     CommitReply, CommitStatus, HandoverAck, Hello, MemoryHandover, Message, FEATURE_CHANNELS,
-    HANDOVER_MORE, HANDOVER_PAUSED,
+    FEATURE_MEMORY_REGIONS, HANDOVER_MORE, HANDOVER_PAUSED,
 };
 use crate::telemetry::stats::{unix_ns, MigrationOutcome};
 
@@ -41,6 +41,9 @@ impl Dest<'_> {
         }
         if hello.features & FEATURE_CHANNELS != 0 {
             return Some("a handover runs over one connection, without channels".into());
+        }
+        if hello.features & FEATURE_MEMORY_REGIONS != 0 || !self.cfg.memory_regions.is_empty() {
+            return Some("a handover passes one memory file, not several".into());
         }
         None
     }

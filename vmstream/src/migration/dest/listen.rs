@@ -85,6 +85,7 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
         }
     }
     super::disks::check_disk_targets(cfg)?;
+    super::hello::check_region_targets(cfg)?;
     if let Some(target) = &cfg.memory_file {
         check_target(target)?;
     } else if !cfg.resume {
@@ -106,6 +107,8 @@ pub fn check_config(cfg: &RecvConfig) -> Result<(), RecvError> {
 pub struct Listening {
     /// The target's claim (None without `--memory-file`).
     claim: Option<Reservation>,
+    /// The claims of memory's regions after the first (`--memory-file` again).
+    region_claims: Vec<Reservation>,
     /// The disk targets' claims (`--disk`).
     disk_claims: Vec<Reservation>,
     listener: Listener,
@@ -131,9 +134,11 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
         .as_ref()
         .map(|target| Reservation::claim(target, &cfg.notices))
         .transpose()?;
+    let region_claims = super::hello::claim_regions(cfg)?;
     let disk_claims = super::disks::claim_disks(cfg)?;
     for stale in claim
         .iter()
+        .chain(&region_claims)
         .chain(&disk_claims)
         .flat_map(Reservation::removed)
     {
@@ -161,6 +166,7 @@ pub fn listen(cfg: &RecvConfig) -> Result<Listening, RecvError> {
     });
     Ok(Listening {
         claim,
+        region_claims,
         disk_claims,
         listener,
         local,
@@ -177,6 +183,7 @@ pub(super) fn receive_into(
 ) -> Result<Received, RecvError> {
     let Listening {
         claim,
+        region_claims,
         disk_claims,
         listener,
         local,
@@ -206,7 +213,8 @@ pub(super) fn receive_into(
         .map(|flag| InterruptWatch::start(flag.clone(), source.reader.get_ref()))
         .transpose()
         .map_err(RecvError::Socket)?;
-    machine::receive_from(cfg, source, claim, disk_claims, admissions, stats)
+    let claims = (claim, region_claims);
+    machine::receive_from(cfg, source, claims, disk_claims, admissions, stats)
 }
 
 /// Ends a receive that is waiting for the source once `RecvConfig::cancel` is set: shuts

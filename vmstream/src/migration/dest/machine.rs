@@ -30,7 +30,7 @@ use crate::migration::dest::verify::TouchedPages;
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
-use crate::migration::image::{PendingImage, Reservation, SpanMapping};
+use crate::migration::image::{PendingImage, RegionImages, Reservation, SpanMapping};
 use crate::migration::interrupt;
 use crate::migration::transport::{Frame, FrameReader, FrameWriter, TransportError};
 use crate::migration::wire::{
@@ -131,6 +131,9 @@ pub(super) struct Dest<'a> {
     /// The mapping of memory and disks the codec wrote, unmapped when the receive is done:
     /// unmapping gigabytes of faulted pages takes tens of ms, too long for the pause.
     unmap_later: Option<SpanMapping>,
+    /// Memory's regions after the first (`super::hello`): claimed files, then images.
+    pub(super) region_claims: Vec<Reservation>,
+    pub(super) regions: Option<RegionImages>,
 }
 
 /// Receives the migration the source (its connection: `source`, the first admitted on
@@ -139,11 +142,12 @@ pub(super) struct Dest<'a> {
 pub(in crate::migration::dest) fn receive_from(
     cfg: &RecvConfig,
     source: Opening,
-    claim: Option<Reservation>,
+    claims: (Option<Reservation>, Vec<Reservation>),
     disk_claims: Vec<Reservation>,
     admissions: Admissions,
     stats: &mut MigrationStats,
 ) -> Result<Received, RecvError> {
+    let (claim, region_claims) = claims;
     // Kept while the handshake tells whether more channels follow.
     let channels = DestChannels::new(admissions);
     let mut dest = Dest {
@@ -156,6 +160,8 @@ pub(in crate::migration::dest) fn receive_from(
         disk_claims,
         disks: None,
         unmap_later: None,
+        region_claims,
+        regions: None,
         channels,
         stats,
         start: Instant::now(),
@@ -362,12 +368,13 @@ impl Dest<'_> {
             }
             None
         };
-        // The disks: refused here on a mismatch, before any image is sized.
+        // Memory's regions and the disks: refused here on a mismatch, before any image is sized.
+        let regions = self.handshake_regions(&hello)?;
         self.handshake_disks(&hello)?;
         let image = match self
             .claim
             .take()
-            .map(|c| PendingImage::create(c, hello.guest_size))
+            .map(|c| PendingImage::create(c, regions[0]))
         {
             Some(Ok(i)) => i,
             Some(Err(e)) => return Err(self.refuse(RefuseCode::Other, e.to_string())),
@@ -421,7 +428,7 @@ impl Dest<'_> {
         // of the pages it applies current, so the digest at the pause only hashes the list.
         // Disk pages follow memory's: one span of all the images (`super::disks`).
         let memory_pages = hello.guest_size / PAGE_SIZE as u64;
-        let mut span = self.disks.as_ref().map(|d| d.span(&image)).transpose()?;
+        let mut span = self.span(&image)?;
         let disk_pages = self.disks.as_ref().map_or(0, |d| d.pages());
         let hashes = std::sync::Arc::new(PageHashes::zeroed(memory_pages + disk_pages, PAGE_SIZE));
         // With --resume, the workload's verify of the received image runs mostly during the
@@ -431,6 +438,9 @@ impl Dest<'_> {
         // image would fill the holes the owed pages become.
         let mut postcopy = hello.features & FEATURE_POSTCOPY != 0;
         if self.cfg.resume && !postcopy {
+            if let Some(r) = &self.regions {
+                guest.memory_regions(r.temp_paths());
+            }
             let started = image
                 .read_only_view()
                 .map_err(std::io::Error::other)
@@ -642,11 +652,13 @@ impl Dest<'_> {
         }
         self.check_disk_digests(ours)?;
         let t = Instant::now();
-        // Every image durable before any is renamed: the disks, then memory.
-        let disks = self.disks.take();
+        // Every image durable before any is renamed: disks, memory's other regions, memory.
+        let (disks, regions) = (self.disks.take(), self.regions.take());
         let committed = image
             .sync()
+            .and_then(|()| regions.as_ref().map_or(Ok(()), RegionImages::sync))
             .and_then(|()| disks.map_or(Ok(()), |d| d.sync().and_then(|()| d.commit())))
+            .and_then(|()| regions.map_or(Ok(()), RegionImages::commit))
             .and_then(|()| image.commit());
         self.stats
             .disks

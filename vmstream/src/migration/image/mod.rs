@@ -24,9 +24,11 @@ use crate::memory::{GuestMemory, MapMode, MemoryError};
 
 mod claim;
 mod dir;
+mod regions;
 mod span;
 
 pub use claim::Reservation;
+pub use regions::RegionImages;
 pub use span::SpanMapping;
 
 /// Why the image could not be prepared or committed.

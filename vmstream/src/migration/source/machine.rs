@@ -21,8 +21,9 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    AbortCode, Hello, Message, MirrorWrite, RefuseCode, FEATURE_DELTA_PAGES, FEATURE_DISKS,
-    FEATURE_MEMORY_DIGEST, FEATURE_MIRROR, FEATURE_POSTCOPY, FEATURE_POSTCOPY_PREEMPT,
+    AbortCode, Hello, MemoryRegions, Message, MirrorWrite, RefuseCode, FEATURE_DELTA_PAGES,
+    FEATURE_DISKS, FEATURE_MEMORY_DIGEST, FEATURE_MEMORY_REGIONS, FEATURE_MIRROR, FEATURE_POSTCOPY,
+    FEATURE_POSTCOPY_PREEMPT,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -155,6 +156,11 @@ impl<'a> Source<'a> {
                     FEATURE_MIRROR
                 } else {
                     0
+                }
+                | if self.guest.memory().regions().len() > 1 {
+                    FEATURE_MEMORY_REGIONS
+                } else {
+                    0
                 },
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
@@ -233,6 +239,13 @@ impl<'a> Source<'a> {
     fn handshake(&mut self) -> Result<SourceState, SendError> {
         let asked = Instant::now();
         self.io.channels.send_hello(self.hello())?;
+        let regions = self.guest.memory().regions();
+        if regions.len() > 1 {
+            let sizes = regions.into_iter().map(|(_, size)| size).collect();
+            self.io
+                .channels
+                .send_message(&Message::MemoryRegions(MemoryRegions { sizes }))?;
+        }
         if let Some(d) = &self.io.disks {
             self.io
                 .channels
@@ -432,12 +445,10 @@ impl<'a> Source<'a> {
                 }
             }
             // Held back (the policy is asked again after the next round).
-            Some(_) if held.is_some() => {
-                SourceState::Iterate {
-                    round: round + 1,
-                    pages: decision.pages.send_now,
-                }
-            }
+            Some(_) if held.is_some() => SourceState::Iterate {
+                round: round + 1,
+                pages: decision.pages.send_now,
+            },
             Some(reason) => {
                 self.stats.switchover_reason = Some(reason);
                 SourceState::Switchover {

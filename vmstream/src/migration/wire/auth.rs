@@ -138,6 +138,7 @@ mod tests {
         ));
         assert_eq!(RefuseCode::from_tag(9), Some(RefuseCode::Auth));
         assert_eq!(RefuseCode::from_tag(10), Some(RefuseCode::Disks));
-        assert_eq!(RefuseCode::from_tag(11), None);
+        assert_eq!(RefuseCode::from_tag(11), Some(RefuseCode::MemoryRegions));
+        assert_eq!(RefuseCode::from_tag(12), None);
     }
 }

@@ -6,9 +6,9 @@ use vmstream_codec::format::MAX_PACKET_LEN;
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
-    HelloReply, MemoryHandover, MirrorAck, MirrorWrite, PageRequest, PostcopyComplete,
-    PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect, PostcopyStart, QemuIncoming,
-    Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    HelloReply, MemoryHandover, MemoryRegions, MirrorAck, MirrorWrite, PageRequest,
+    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
+    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -79,6 +79,8 @@ pub enum FrameType {
     MirrorAck = 0x31,
     /// Source -> destination: a new connection carries post-copy's requested pages.
     PostcopyPreempt = 0x32,
+    /// Source -> destination: guest memory's regions (after the `Hello`; QEMU RAM backends).
+    MemoryRegions = 0x33,
     /// Source -> destination: pages the guest wrote into handed-over memory in a round.
     HandoverDirty = 0x34,
     /// Destination -> source: the pages of a handover's live round are checked.
@@ -89,7 +91,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 32] = [
+    pub const ALL: [FrameType; 33] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -119,6 +121,7 @@ impl FrameType {
         FrameType::MirrorWrite,
         FrameType::MirrorAck,
         FrameType::PostcopyPreempt,
+        FrameType::MemoryRegions,
         FrameType::HandoverDirty,
         FrameType::HandoverAck,
         FrameType::Abort,
@@ -140,6 +143,9 @@ impl FrameType {
             FrameType::AuthChallenge => AuthChallenge::LEN,
             FrameType::AuthProof => AuthProof::LEN,
             FrameType::Disks => Disks::FIXED_LEN + 8 * super::MAX_DISKS,
+            FrameType::MemoryRegions => {
+                MemoryRegions::FIXED_LEN + 8 * crate::memory::MAX_MEMORY_REGIONS
+            }
             FrameType::RoundEnd => RoundEnd::LEN,
             FrameType::RoundAck => RoundAck::LEN,
             FrameType::GuestState => GuestState::FIXED_LEN + MAX_GUEST_STATE_LEN,
@@ -178,6 +184,7 @@ impl FrameType {
             FrameType::AuthChallenge => "auth-challenge",
             FrameType::AuthProof => "auth-proof",
             FrameType::Disks => "disks",
+            FrameType::MemoryRegions => "memory-regions",
             FrameType::Packet => "packet",
             FrameType::RoundEnd => "round-end",
             FrameType::RoundAck => "round-ack",

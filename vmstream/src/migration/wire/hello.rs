@@ -6,9 +6,10 @@
 use vmstream_codec::format::VERSION as CODEC_FORMAT_VERSION;
 use vmstream_codec::Compression;
 
-use super::fields::{at_least, bool_byte, exact, push_reason, reason_of, versioned_body};
+use super::fields::{at_least, bool_byte, exact, push_reason, reason_of, versioned_body, Fields};
 use super::{FrameType, WireError, MAGIC, MAX_REASON_LEN, PROTOCOL_VERSION};
 use crate::guest::GuestKind;
+use crate::memory::MAX_MEMORY_REGIONS;
 
 /// The [`GuestKind`] whose wire tag (its discriminant) is `tag`.
 pub(super) fn guest_kind_from_tag(tag: u8) -> Option<GuestKind> {
@@ -182,14 +183,27 @@ pub enum RefuseCode {
     Auth = 9,
     /// Disks: their count or a size differs from the destination's `--disk`s.
     Disks = 10,
+    /// Memory regions: their count differs from the destination's `--memory-file`s, or a
+    /// size from its QEMU command line's backend.
+    MemoryRegions = 11,
 }
 
 impl RefuseCode {
     pub(super) fn from_tag(tag: u8) -> Option<RefuseCode> {
         use RefuseCode::*;
         [
-            None, Version, PageSize, GuestSize, GuestKind, Features, Codec, Other, Channel, Auth,
+            None,
+            Version,
+            PageSize,
+            GuestSize,
+            GuestKind,
+            Features,
+            Codec,
+            Other,
+            Channel,
+            Auth,
             Disks,
+            MemoryRegions,
         ]
         .into_iter()
         .find(|c| *c as u8 == tag)
@@ -310,6 +324,54 @@ impl ChannelHello {
     }
 }
 
+/// `MemoryRegions` (8 bytes + 8 per region): guest memory is several files (a QEMU VM's
+/// RAM backends), their pages one after the other in the codec's page numbers; the sizes
+/// add up to the `Hello`'s `guest_size` (`PROTOCOL.md`, *QEMU guests*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryRegions {
+    /// Bytes of each region, in order: non-zero multiples of the page size.
+    pub sizes: Vec<u64>,
+}
+
+impl MemoryRegions {
+    /// Body length without the sizes.
+    pub const FIXED_LEN: usize = 8;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.sizes.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0; 6]);
+        for s in &self.sizes {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<MemoryRegions, WireError> {
+        const K: FrameType = FrameType::MemoryRegions;
+        at_least(K, body, Self::FIXED_LEN, 8 * MAX_MEMORY_REGIONS)?;
+        let mut f = Fields::new(body);
+        let count = f.u16() as usize;
+        let bad = |field, value| WireError::BadField {
+            kind: K.name(),
+            field,
+            value,
+        };
+        if f.bytes(6).iter().any(|&b| b != 0) {
+            return Err(bad("reserved", 1));
+        }
+        if !(2..=MAX_MEMORY_REGIONS).contains(&count) || body.len() != Self::FIXED_LEN + 8 * count {
+            return Err(bad("count", count as u64));
+        }
+        let sizes: Vec<u64> = (0..count).map(|_| f.u64()).collect();
+        if let Some(&s) = sizes
+            .iter()
+            .find(|&&s| s == 0 || !s.is_multiple_of(crate::memory::PAGE_SIZE as u64))
+        {
+            return Err(bad("size", s));
+        }
+        Ok(MemoryRegions { sizes })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::hello;
@@ -410,5 +472,26 @@ mod channel_tests {
             );
         }
         assert_eq!(RefuseCode::from_tag(8), Some(RefuseCode::Channel));
+    }
+
+    #[test]
+    fn memory_regions_round_trip_and_bad_fields_are_refused() {
+        let m = MemoryRegions {
+            sizes: vec![1 << 20, 8192],
+        };
+        let f = Message::MemoryRegions(m.clone()).to_frame();
+        assert_eq!(f[0], 0x33);
+        let b = &f[FRAME_HEADER_LEN..f.len() - BODY_CRC_LEN];
+        assert_eq!(b.len(), MemoryRegions::FIXED_LEN + 16);
+        assert_eq!(MemoryRegions::decode(b).unwrap(), m);
+        for sizes in [vec![8192], vec![8192, 0], vec![8192, 4097], vec![4096; 65]] {
+            let mut body = Vec::new();
+            MemoryRegions {
+                sizes: sizes.clone(),
+            }
+            .encode(&mut body);
+            assert!(MemoryRegions::decode(&body).is_err(), "{sizes:?}");
+        }
+        assert_eq!(RefuseCode::from_tag(11), Some(RefuseCode::MemoryRegions));
     }
 }

@@ -4,8 +4,8 @@
 use super::{
     Abort, Audit, AuthChallenge, AuthHello, AuthProof, ChannelHello, CommitReply, Digest,
     DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
-    HandoverDirty, Hello, HelloReply, MemoryHandover, MirrorAck, MirrorWrite, PageRequest,
-    PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
+    HandoverDirty, Hello, HelloReply, MemoryHandover, MemoryRegions, MirrorAck, MirrorWrite,
+    PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
     PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN,
     FRAME_HEADER_LEN,
 };
@@ -63,6 +63,8 @@ pub enum Message {
     QemuIncoming(QemuIncoming),
     /// See [`Disks`].
     Disks(Disks),
+    /// See [`MemoryRegions`].
+    MemoryRegions(MemoryRegions),
     /// See [`DiskDigests`].
     DiskDigests(DiskDigests),
     /// See [`MirrorWrite`].
@@ -106,6 +108,7 @@ impl Message {
             Message::PostcopyPreempt(_) => FrameType::PostcopyPreempt,
             Message::QemuIncoming(_) => FrameType::QemuIncoming,
             Message::Disks(_) => FrameType::Disks,
+            Message::MemoryRegions(_) => FrameType::MemoryRegions,
             Message::DiskDigests(_) => FrameType::DiskDigests,
             Message::MirrorWrite(_) => FrameType::MirrorWrite,
             Message::MirrorAck(_) => FrameType::MirrorAck,
@@ -144,6 +147,7 @@ impl Message {
             Message::PostcopyPreempt(m) => m.encode(&mut out),
             Message::QemuIncoming(m) => m.encode(&mut out),
             Message::Disks(m) => m.encode(&mut out),
+            Message::MemoryRegions(m) => m.encode(&mut out),
             Message::DiskDigests(m) => m.encode(&mut out),
             Message::MirrorWrite(m) => m.encode(&mut out),
             Message::MirrorAck(m) => m.encode(&mut out),
@@ -208,6 +212,7 @@ impl Message {
             }
             FrameType::QemuIncoming => Message::QemuIncoming(QemuIncoming::decode(body)?),
             FrameType::Disks => Message::Disks(Disks::decode(body)?),
+            FrameType::MemoryRegions => Message::MemoryRegions(MemoryRegions::decode(body)?),
             FrameType::DiskDigests => Message::DiskDigests(DiskDigests::decode(body)?),
             FrameType::MirrorWrite => Message::MirrorWrite(MirrorWrite::decode(body)?),
             FrameType::MirrorAck => Message::MirrorAck(MirrorAck::decode(body)?),

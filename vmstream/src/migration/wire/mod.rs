@@ -12,7 +12,8 @@
 //! - `message`: [`Message`], the encode/decode dispatch of every control message;
 //! - `auth`: the key exchange, [`AuthHello`], [`AuthChallenge`], [`AuthProof`];
 //! - `hello`: the handshake, [`Hello`] and [`HelloReply`] ([`GuestKind`], [`DeltaWire`],
-//!   [`RefuseCode`]), and [`ChannelHello`], which opens each parallel channel;
+//!   [`RefuseCode`]), [`ChannelHello`], which opens each parallel channel, and
+//!   [`MemoryRegions`], guest memory made of several files;
 //! - `disk`: the disks that travel with the guest, [`Disks`] and [`DiskDigests`];
 //! - `round`: the round barriers, [`RoundEnd`] and [`RoundAck`];
 //! - `commit`: the switchover, [`GuestState`], [`Digest`] (or [`MemoryHandover`] with
@@ -52,7 +53,9 @@ pub use disk::{
 pub use frame::{
     packet_frame_header, FrameHeader, FrameType, WireError, BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
-pub use hello::{ChannelHello, DeltaWire, Hello, HelloReply, RefuseCode, MAX_CHANNELS};
+pub use hello::{
+    ChannelHello, DeltaWire, Hello, HelloReply, MemoryRegions, RefuseCode, MAX_CHANNELS,
+};
 pub use message::Message;
 pub use postcopy::{
     PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
@@ -87,6 +90,10 @@ pub const FEATURE_POSTCOPY: u64 = 1 << 4;
 /// Feature bit: disks travel with the guest ([`Disks`] follows the `Hello`, their pages
 /// follow guest memory's in the codec's page numbers, [`DiskDigests`] follows the `Digest`).
 pub const FEATURE_DISKS: u64 = 1 << 5;
+/// Feature bit: guest memory is several files (a QEMU VM's RAM backends): [`MemoryRegions`]
+/// follows the `Hello` (before any `Disks`), their pages one after the other in the codec's
+/// page numbers, each committed into its own file.
+pub const FEATURE_MEMORY_REGIONS: u64 = 1 << 6;
 /// Feature bit (with [`FEATURE_POSTCOPY`], one channel): post-copy's requested pages travel
 /// on a connection of their own ([`PostcopyPreempt`] opens it), not behind the background
 /// stream on channel 0 (QEMU's postcopy-preempt; `POSTCOPY.md`, *Priority*).
@@ -102,5 +109,6 @@ pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_HANDOVER
     | FEATURE_POSTCOPY
     | FEATURE_DISKS
+    | FEATURE_MEMORY_REGIONS
     | FEATURE_POSTCOPY_PREEMPT
     | FEATURE_MIRROR;

@@ -40,6 +40,13 @@ pub trait IncomingGuest {
     /// whether the guest is to run here.
     fn check_hello(&self, hello: &Hello, resume: bool) -> Option<(RefuseCode, String)>;
 
+    /// Guest memory is several files (a QEMU VM's RAM backends): the temporary images of
+    /// the regions after the first (whose image [`Self::start_background`] gets), in order,
+    /// told before it. Kinds whose memory is one file never get it.
+    fn memory_regions(&mut self, temp_images: Vec<std::path::PathBuf>) {
+        let _ = temp_images;
+    }
+
     /// With `--resume`: starts checking, during the live rounds, the blocks of the pending
     /// image (`view`, a read-only mapping of it) whose pages `touched` marks (see
     /// [`super::verify`]). On error the image is verified at the pause only.

@@ -96,6 +96,8 @@ pub struct IncomingQemuGuest {
     started: Option<Result<Started, String>>,
     /// Keeps the temporary image open until QEMU has mapped it.
     view: Option<GuestMemory>,
+    /// The temporary images of memory's regions after the first (`{memory1}`...).
+    regions: Vec<PathBuf>,
     resumed: Option<QemuResumed>,
 }
 
@@ -107,6 +109,7 @@ impl IncomingQemuGuest {
             starting: None,
             started: None,
             view: None,
+            regions: Vec::new(),
             resumed: None,
         }
     }
@@ -126,14 +129,95 @@ fn shell_quote(path: &str) -> String {
     format!("'{}'", path.replace('\'', r"'\''"))
 }
 
-/// Starts QEMU on `memory` (the image's absolute path) and readies it for the device state.
-fn start(launch: &QemuLaunch, memory: &Path) -> Result<Started, String> {
-    let command = launch
-        .command
-        .replace("{memory}", &shell_quote(&memory.to_string_lossy()));
-    if command == launch.command {
-        return Err("the --qemu command line has no {memory} (where its mem-path goes)".into());
+/// The placeholder of memory region `index`'s file in a `--qemu` command line.
+fn placeholder(index: usize) -> String {
+    format!("{{memory{index}}}")
+}
+
+/// The placeholder's index if `rest` (what follows a `{memory` in a command line) ends it:
+/// `}` (the first region) or digits and `}`.
+fn placeholder_index(rest: &str) -> Option<usize> {
+    let digits = rest.find('}')?;
+    match &rest[..digits] {
+        "" => Some(0),
+        d if d.bytes().all(|b| b.is_ascii_digit()) => d.parse().ok(),
+        _ => None,
     }
+}
+
+impl QemuLaunch {
+    /// Checks that the command line names the file of each of memory's `regions`
+    /// (`{memory}` or `{memory0}` the first, `{memory1}`... the others) and no region
+    /// beyond them.
+    pub fn check_placeholders(&self, regions: usize) -> Result<(), String> {
+        let named: Vec<usize> = self
+            .command
+            .match_indices("{memory")
+            .filter_map(|(at, m)| placeholder_index(&self.command[at + m.len()..]))
+            .collect();
+        if let Some(i) = (0..regions).find(|i| !named.contains(i)) {
+            let name = if i == 0 {
+                "{memory}".into()
+            } else {
+                placeholder(i)
+            };
+            return Err(format!(
+                "the --qemu command line has no {name} (where the mem-path of memory backend \
+                 {i} goes: {{memory}} or {{memory0}} the first, {{memory1}}... the others, \
+                 one --memory-file each)"
+            ));
+        }
+        match named.iter().find(|&&i| i >= regions) {
+            Some(i) => Err(format!(
+                "the --qemu command line names {}, but only {regions} --memory-file given",
+                placeholder(*i)
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The `size=` of the memory backend whose `mem-path` is region `index`'s placeholder,
+    /// where the command line says one QEMU's way (bytes, or K/M/G/T: binary).
+    pub fn backend_size(&self, index: usize) -> Option<u64> {
+        let mut names = vec![placeholder(index)];
+        if index == 0 {
+            names.push("{memory}".into());
+        }
+        names.iter().find_map(|name| {
+            let at = self.command.find(&format!("mem-path={name}"))?;
+            // The option's comma-separated list: bounded by blanks or quotes.
+            let stop = |c: char| c.is_whitespace() || c == '\'' || c == '"';
+            let start = self.command[..at].rfind(stop).map_or(0, |s| s + 1);
+            let end = self.command[at..]
+                .find(stop)
+                .map_or(self.command.len(), |e| at + e);
+            self.command[start..end]
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("size="))
+                .and_then(|v| crate::units::parse_size(v).ok())
+        })
+    }
+
+    /// The command line with each region's placeholder replaced by its file in `memory`
+    /// (absolute paths, in order), quoted for `sh`.
+    fn command_on(&self, memory: &[PathBuf]) -> String {
+        let mut command = self.command.clone();
+        for (i, path) in memory.iter().enumerate() {
+            let quoted = shell_quote(&path.to_string_lossy());
+            command = command.replace(&placeholder(i), &quoted);
+            if i == 0 {
+                command = command.replace("{memory}", &quoted);
+            }
+        }
+        command
+    }
+}
+
+/// Starts QEMU on `memory` (the images' absolute paths, one per region) and readies it
+/// for the device state.
+fn start(launch: &QemuLaunch, memory: &[PathBuf]) -> Result<Started, String> {
+    launch.check_placeholders(memory.len())?;
+    let command = launch.command_on(memory);
     for stale in [
         Some(launch.qmp.as_path()),
         launch.incoming.strip_prefix("unix:").map(Path::new),
@@ -244,14 +328,21 @@ impl IncomingGuest for IncomingQemuGuest {
             .launch
             .clone()
             .ok_or_else(|| std::io::Error::other("no --qemu command line"))?;
-        let path = std::path::absolute(view.path())?;
+        let paths = std::iter::once(view.path())
+            .chain(self.regions.iter().map(PathBuf::as_path))
+            .map(std::path::absolute)
+            .collect::<std::io::Result<Vec<_>>>()?;
         self.view = Some(view);
         self.starting = Some(
             std::thread::Builder::new()
                 .name("vmstream-qemu-start".into())
-                .spawn(move || start(&launch, &path))?,
+                .spawn(move || start(&launch, &paths))?,
         );
         Ok(())
+    }
+
+    fn memory_regions(&mut self, temp_images: Vec<PathBuf>) {
+        self.regions = temp_images;
     }
 
     fn round_applied(&self) {}

@@ -144,11 +144,10 @@ impl Verification {
     /// Round 0 is acknowledged: every page was sent once; the scrubber starts on `memory`.
     pub fn round0_done(&mut self, memory: &GuestMemory) -> std::io::Result<()> {
         self.round0_done = Some(Instant::now());
-        let file = memory.file().try_clone()?;
         self.scrubber = Some(Scrubber::start(
             Arc::clone(&self.sent),
             memory.reader(),
-            file,
+            memory.files()?,
             self.settings.bytes_per_s,
             Arc::clone(&self.shared),
         )?);

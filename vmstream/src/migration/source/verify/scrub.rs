@@ -3,13 +3,12 @@
 //! differs is a suspect: a write the tracker must report at one of its next two
 //! collections (see [`super::Verification::after_collect`]), or a tracking error.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::memory::{data_pages_of, page_is_hole, MemoryReader, PAGE_SIZE};
+use crate::memory::{page_is_hole, MemoryFiles, MemoryReader, PAGE_SIZE};
 use crate::migration::transport::TokenBucket;
 
 use super::sent::{ScrubRead, SentPages};
@@ -44,19 +43,19 @@ pub(super) struct Scrubber {
 }
 
 impl Scrubber {
-    /// Starts scrubbing the guest memory `reader` reads (its file `file`, for the holes)
+    /// Starts scrubbing the guest memory `reader` reads (its files `files`, for the holes)
     /// against `sent`, at most `bytes_per_s` (None: as fast as it can).
     pub(super) fn start(
         sent: Arc<SentPages>,
         reader: MemoryReader,
-        file: File,
+        files: MemoryFiles,
         bytes_per_s: Option<u64>,
         shared: Arc<Shared>,
     ) -> std::io::Result<Scrubber> {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("vmstream-scrub".into())
-            .spawn(move || run(&sent, &reader, &file, bytes_per_s, &s))?;
+            .spawn(move || run(&sent, &reader, &files, bytes_per_s, &s))?;
         Ok(Scrubber {
             shared,
             thread: Some(thread),
@@ -84,7 +83,7 @@ const CHUNK: u64 = 256;
 fn run(
     sent: &SentPages,
     reader: &MemoryReader,
-    file: &File,
+    files: &MemoryFiles,
     bytes_per_s: Option<u64>,
     shared: &Shared,
 ) {
@@ -96,7 +95,11 @@ fn run(
         let pass_start = Instant::now();
         // Holes read as zero without being read (reading one would allocate it); a page
         // written since this bitmap was taken is read on the next pass.
-        let data = data_pages_of(file, len).ok();
+        // (pages past the memory's files, if any, count as holes, as they always did)
+        let data = files.data_pages().ok().map(|mut d| {
+            d.resize(len.div_ceil(PAGE_SIZE).div_ceil(64), 0);
+            d
+        });
         let mut p = 0;
         while p < pages {
             if shared.stop.load(Ordering::Acquire) {
