@@ -10,7 +10,7 @@ use std::time::Duration;
 use vmstream::migration::transport::{Frame, FrameReader};
 use vmstream::migration::wire::{
     Abort, AbortCode, ChannelHello, DeltaWire, GuestKind, Hello, HelloReply, Message, RefuseCode,
-    FEATURE_DISKS, FEATURE_HANDOVER, FEATURE_POSTCOPY, KNOWN_FEATURES,
+    FEATURE_DISKS, FEATURE_HANDOVER, FEATURE_MEMORY_REGIONS, FEATURE_POSTCOPY, KNOWN_FEATURES,
 };
 
 use vmstream_tests::*;
@@ -236,9 +236,14 @@ fn hello() -> Message {
         page_size: 4096,
         guest_size: 1 << 20,
         // Everything a copying migration announces (a handover is another kind, local.rs),
-        // but disks (a `Disks` message would have to follow, disks.rs) and post-copy (a
-        // receiver without --resume refuses it, postcopy.rs).
-        features: KNOWN_FEATURES & !FEATURE_HANDOVER & !FEATURE_DISKS & !FEATURE_POSTCOPY,
+        // but disks and memory regions (a `Disks` or `MemoryRegions` message would have to
+        // follow, disks.rs, qemu.rs) and post-copy (a receiver without --resume refuses it,
+        // postcopy.rs).
+        features: KNOWN_FEATURES
+            & !FEATURE_HANDOVER
+            & !FEATURE_DISKS
+            & !FEATURE_MEMORY_REGIONS
+            & !FEATURE_POSTCOPY,
         compression: vmstream_codec::Compression::None,
         delta: DeltaWire::Off,
         codec_version: Hello::CODEC_VERSION,
