@@ -10,7 +10,8 @@ usage: compare.py VMSTREAM_BIN GUEST_DIR MODE BANDWIDTH SIZE RATE [--timeout S]
 Boots a fresh 512 MiB guest (TCG, RAM in a shared file on /dev/shm), lets it run 10 s,
 migrates it to a destination QEMU on this host, and prints one JSON line: converged,
 total_ms, downtime_ms (QEMU's own figure, or vmstream's stop-to-RESUME), for QEMU's
-migration also guest_pause_ms (its source's STOP to its destination's RESUME), wire_bytes and,
+migration also guest_pause_ms (its source's STOP to its destination's RESUME) and
+source_migration_cpu_ms (its source's migration threads, sampled every 0.1 s), wire_bytes and,
 for vmstream, the CPU of both sides.
 """
 import json, os, shutil, socket, subprocess, sys, tempfile, time
@@ -70,6 +71,26 @@ def qemu_cmd(guest, mem, serial, size, rate, share=True):
     )
 
 
+def migration_thread_ticks(pid, seen):
+    """Records in `seen` the CPU ticks (user + system) of QEMU's migration threads (named
+    with debug-threads=on: live_migration, multifdsend_N, return path), which end with the
+    migration: sampled while it runs."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            if not (name.startswith("live_migration") or name.startswith("multifd")
+                    or name.startswith("return path")):
+                continue
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            seen[tid] = int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+
+
 def main():
     bin_, guest, mode, bw, size, rate = sys.argv[1:7]
     timeout = int(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[7] == "--timeout" else 120
@@ -112,7 +133,9 @@ def main():
             dst("migrate-incoming", uri=f"unix:{d}/mig.sock")
             src("migrate", uri=f"unix:{d}/mig.sock")
             t = time.time()
+            threads = {}
             while True:
+                migration_thread_ticks(procs[0].pid, threads)
                 m = src("query-migrate")
                 if m.get("status") in ("completed", "failed"):
                     break
@@ -123,7 +146,8 @@ def main():
                 time.sleep(0.1)
             ram = m.get("ram", {})
             out.update(converged=m.get("status") == "completed", total_ms=m.get("total-time", int((time.time() - t) * 1000)),
-                       downtime_ms=m.get("downtime"), wire_bytes=ram.get("transferred"))
+                       downtime_ms=m.get("downtime"), wire_bytes=ram.get("transferred"),
+                       source_migration_cpu_ms=round(sum(threads.values()) * 1000 / os.sysconf("SC_CLK_TCK")))
             if out["converged"]:
                 # The pause as the guest sees it: no vCPU runs from the source's STOP to
                 # the destination's RESUME (both QMP events, host clock): vmstream's

@@ -34,7 +34,6 @@ impl Source<'_> {
         pending: Vec<u64>,
         forced: bool,
     ) -> Result<SourceState, SendError> {
-        let paused_at_ns = unix_ns(SystemTime::now());
         let tx_before_pause = self.guest.tx_count();
         let elapsed = self.tx_start.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
@@ -49,6 +48,9 @@ impl Source<'_> {
         let bound = self.cfg.pause_bound(forced);
         self.pause_deadline = Some((t + bound, bound));
         self.io.hold_to(Some(t + bound));
+        // The downtime starts here, as the guest stops: not before the scrubber's stop,
+        // which waits for its chunk while the guest still runs.
+        let paused_at_ns = unix_ns(SystemTime::now());
         let mut state_blob = self.guest.pause().map_err(SendError::Guest)?;
         self.cfg.faults.corrupt_guest_state(&mut state_blob);
         self.cfg.faults.pad_guest_state(&mut state_blob);
