@@ -161,7 +161,7 @@ pub struct ChannelRound {
 /// The page cache of all channels together for a guest of `guest_pages`: no larger than the
 /// guest or the default, whichever is larger: more would hold pages the guest does not
 /// have, and a huge `--xbzrle-cache` could not even be allocated. A total, like `--threads`.
-pub(crate) fn cache_total(cfg: &SendConfig, guest_pages: u64) -> u64 {
+fn cache_total(cfg: &SendConfig, guest_pages: u64) -> u64 {
     let guest_bytes = guest_pages.saturating_mul(PAGE_SIZE as u64);
     cfg.cache_bytes(guest_bytes)
         .min(guest_bytes.max(DEFAULT_CACHE_BYTES as u64))
@@ -200,6 +200,8 @@ pub struct SourceChannels {
     reads_pages: bool,
     /// `--max-bandwidth`, shared by every connection (the disk mirror's too).
     bucket: Option<SharedBucket>,
+    /// The page cache of all channels together (0 without XBZRLE).
+    cache_bytes: u64,
 }
 
 impl std::fmt::Debug for SourceChannels {
@@ -270,6 +272,10 @@ impl SourceChannels {
                 auth_key: cfg.auth_key.clone(),
                 reads_pages: source.is_some(),
                 bucket,
+                cache_bytes: cfg
+                    .encoder
+                    .delta
+                    .map_or(0, |_| cache_total(cfg, guest_pages)),
             },
             reader0,
         ))
@@ -351,6 +357,11 @@ impl SourceChannels {
     /// Whether the channels were opened with a memory reader ([`Self::push_page`] works).
     pub fn reads_pages(&self) -> bool {
         self.reads_pages
+    }
+
+    /// The XBZRLE page cache of all channels together, bytes (0 without XBZRLE).
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_bytes
     }
 
     /// Queues page `page` on its channel by number: a worker of its encoder reads it from
@@ -464,36 +475,34 @@ impl SourceChannels {
         Ok(reader)
     }
 
-    /// Opens post-copy's connection for requested pages (`FEATURE_POSTCOPY_PREEMPT`):
-    /// connects, proves the key if there is one, and names the migration
-    /// (`PostcopyPreempt`); returns its writer. Requested pages are not held to
+    /// Opens post-copy's connection for requested pages (`FEATURE_POSTCOPY_PREEMPT`),
+    /// named by `PostcopyPreempt`; returns its writer. Requested pages are not held to
     /// `--max-bandwidth` on it (they are few, and the guest waits for each).
     pub fn open_preempt(&self, cfg: &SendConfig) -> Result<Link, SendError> {
-        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
-        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
-        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
-        let mut reader = FrameReader::new(
-            stream.try_clone().map_err(SendError::Socket)?,
-            Some(cfg.io_timeout),
-        );
-        let mut link = Link::with_options(stream, None, Vec::new(), "vmstream-link-preempt")
-            .map_err(SendError::Socket)?;
-        if let Some(key) = &cfg.auth_key {
-            match authenticate_destination(key, &mut |m| link.send_message(m), &mut reader)? {
-                SourceAuth::Authenticated(sealer) => link.seal_with(*sealer)?,
-                SourceAuth::Answered(frame) => return Err(refusal(0, frame)),
-            }
-        }
-        link.send_message(&Message::PostcopyPreempt(PostcopyPreempt {
+        let opening = Message::PostcopyPreempt(PostcopyPreempt {
             migration_id: self.migration_id,
-        }))?;
+        });
+        let (link, _) = self.open_side(cfg, None, "vmstream-link-preempt", &opening)?;
         Ok(link)
     }
 
-    /// Opens the disk mirror's connection (`FEATURE_MIRROR`): connects, proves the key if
-    /// there is one, and names the migration (`MirrorWrite{OPEN}`); returns its writer
-    /// (held to `--max-bandwidth` with the channels) and reader.
+    /// Opens the disk mirror's connection (`FEATURE_MIRROR`), named by `MirrorWrite{OPEN}`;
+    /// returns its writer (held to `--max-bandwidth` with the channels) and reader.
     pub fn open_mirror(&self, cfg: &SendConfig) -> Result<(Link, FrameReader<Socket>), SendError> {
+        let opening = Message::MirrorWrite(MirrorWrite::open(self.migration_id));
+        self.open_side(cfg, self.bucket.clone(), "vmstream-link-mirror", &opening)
+    }
+
+    /// A connection beside the channels: connects, proves the key if there is one, and
+    /// sends `opening` (which names this migration); its writer thread `name` takes its
+    /// bytes from `bucket`.
+    fn open_side(
+        &self,
+        cfg: &SendConfig,
+        bucket: Option<SharedBucket>,
+        name: &str,
+        opening: &Message,
+    ) -> Result<(Link, FrameReader<Socket>), SendError> {
         let keyless = cfg.auth_key.is_none() && !cfg.insecure;
         let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
         setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
@@ -501,20 +510,15 @@ impl SourceChannels {
             stream.try_clone().map_err(SendError::Socket)?,
             Some(cfg.io_timeout),
         );
-        let mut link = Link::with_options(
-            stream,
-            self.bucket.clone(),
-            Vec::new(),
-            "vmstream-link-mirror",
-        )
-        .map_err(SendError::Socket)?;
+        let mut link =
+            Link::with_options(stream, bucket, Vec::new(), name).map_err(SendError::Socket)?;
         if let Some(key) = &cfg.auth_key {
             match authenticate_destination(key, &mut |m| link.send_message(m), &mut reader)? {
                 SourceAuth::Authenticated(sealer) => link.seal_with(*sealer)?,
                 SourceAuth::Answered(frame) => return Err(refusal(0, frame)),
             }
         }
-        link.send_message(&Message::MirrorWrite(MirrorWrite::open(self.migration_id)))?;
+        link.send_message(opening)?;
         Ok((link, reader))
     }
 
