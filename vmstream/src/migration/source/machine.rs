@@ -28,8 +28,6 @@ use crate::migration::wire::{
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
 
-use crate::migration::connect::channels::send::cache_total;
-
 use super::round::{unexpected, PageOrigin, RoundIo};
 use super::verify::Verification;
 use super::{Outcome, CANCELLED};
@@ -166,10 +164,7 @@ impl<'a> Source<'a> {
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
             sender_workers: self.cfg.threads as u32,
-            cache_bytes: self.cfg.encoder.delta.map_or(0, |_| {
-                let disk_pages = self.io.disks.as_ref().map_or(0, |d| d.pages());
-                cache_total(self.cfg, self.guest.size() / PAGE_SIZE as u64 + disk_pages)
-            }),
+            cache_bytes: self.io.channels.cache_bytes(),
             batch_pages: self.cfg.batch_pages as u32,
         }
     }

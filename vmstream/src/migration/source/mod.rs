@@ -147,11 +147,8 @@ fn run_migration(
         Some(disks::SourceDisks::open(cfg, pages)?)
     };
     let codec_pages = pages + disks.as_ref().map_or(0, |d| d.pages());
-    stats.settings.xbzrle_cache_bytes = cfg
-        .encoder
-        .delta
-        .map(|_| crate::migration::connect::channels::send::cache_total(cfg, codec_pages));
     let (channels, reader) = SourceChannels::open(cfg, codec_pages, workers_reader)?;
+    stats.settings.xbzrle_cache_bytes = cfg.encoder.delta.map(|_| channels.cache_bytes());
     stats.settings.page_copies = Some(if channels.reads_pages() {
         PageCopies::EncodeWorkers
     } else {
