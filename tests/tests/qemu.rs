@@ -27,6 +27,50 @@ fn image_or_skip(test: &str) -> Option<GuestImage> {
     }
 }
 
+/// `send --qemu` of `src` to the receiver on `port`, the source left paused after
+/// (`--qemu-after pause`), with `extra` flags; asserts it succeeded and returns it (its
+/// stderr) once it exited.
+fn send_paused(src: &QemuVm, port: u16, send_json: &std::path::Path, extra: &[&str]) -> Proc {
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "send",
+        "--qemu",
+        src.qmp.to_str().unwrap(),
+        "--to",
+        &to,
+        "--qemu-after",
+        "pause",
+        "--no-progress",
+        "--stats-json",
+        send_json.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut send = Proc::vmstream("send", &args, &[]);
+    let (status, lines) = send.wait_exit();
+    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    send
+}
+
+/// Ends the source VM `src` (after reading its last transaction) and continues `dst`: it
+/// runs, its guest counts on past the source's last transaction and its in-guest verify
+/// passes.
+fn continue_at_destination(src: QemuVm, dst: &QemuVm) {
+    let src_tx = src.last_tx().expect("the source counted");
+    drop(src);
+    dst.execute("cont");
+    assert_eq!(dst.status(), "running");
+    // The guest goes on from where it was: past the source's count, verify ok.
+    let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
+    // The in-guest verify that follows that run.
+    dst.wait_console(
+        "vmstream-guest: verify ok kind=dbsim",
+        Duration::from_secs(300),
+    );
+    let console = dst.console();
+    assert!(!console.contains("FAILED"), "{console}");
+    assert!(tx > src_tx);
+}
+
 /// The source's RAM is moved by vmstream and its devices by QEMU: the destination QEMU,
 /// left paused by `--qemu-start paused`, holds exactly the source's RAM at the pause (the
 /// source left paused by `--qemu-after pause`), and once continued its guest goes on
@@ -59,26 +103,8 @@ fn a_qemu_vm_moves_and_keeps_running_verified() {
         dst_ram.clone(),
         dst_pid,
     );
-    let to = format!("127.0.0.1:{port}");
     let send_json = dir.path("send.json");
-    let mut send = Proc::vmstream(
-        "send",
-        &[
-            "send",
-            "--qemu",
-            src.qmp.to_str().unwrap(),
-            "--to",
-            &to,
-            "--qemu-after",
-            "pause",
-            "--no-progress",
-            "--stats-json",
-            send_json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let (status, lines) = send.wait_exit();
-    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    send_paused(&src, port, &send_json, &[]);
     let (status, lines) = recv.wait_exit();
     assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
     let ready = line_starting(&lines, "qemu paused pid=");
@@ -94,20 +120,7 @@ fn a_qemu_vm_moves_and_keeps_running_verified() {
     let stats = read_stats(&send_json);
     assert_eq!(stats["converged"], true, "{stats}");
     assert!(stats["downtime_ms"].as_f64().is_some(), "{stats}");
-    let src_tx = src.last_tx().expect("the source counted");
-    drop(src);
-    dst.execute("cont");
-    assert_eq!(dst.status(), "running");
-    // The guest goes on from where it was: past the source's count, verify ok.
-    let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
-    // The in-guest verify that follows that run.
-    dst.wait_console(
-        "vmstream-guest: verify ok kind=dbsim",
-        Duration::from_secs(300),
-    );
-    let console = dst.console();
-    assert!(!console.contains("FAILED"), "{console}");
-    assert!(tx > src_tx);
+    continue_at_destination(src, &dst);
 }
 
 /// A VM with two NUMA nodes, each its own shared RAM backend: both files travel in one
@@ -143,26 +156,8 @@ fn a_qemu_vm_with_two_ram_backends_moves_and_keeps_running_verified() {
         dst_ram0.clone(),
         dst_pid,
     );
-    let to = format!("127.0.0.1:{port}");
     let send_json = dir.path("send.json");
-    let mut send = Proc::vmstream(
-        "send",
-        &[
-            "send",
-            "--qemu",
-            src.qmp.to_str().unwrap(),
-            "--to",
-            &to,
-            "--qemu-after",
-            "pause",
-            "--no-progress",
-            "--stats-json",
-            send_json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let (status, lines) = send.wait_exit();
-    assert!(status.success(), "send: {lines:?} {}", send.stderr());
+    send_paused(&src, port, &send_json, &[]);
     let (status, lines) = recv.wait_exit();
     assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
     line_starting(&lines, "qemu paused pid=");
@@ -177,18 +172,7 @@ fn a_qemu_vm_with_two_ram_backends_moves_and_keeps_running_verified() {
     }
     let stats = read_stats(&send_json);
     assert_eq!(stats["guest_bytes"], 2 * 131068 * 1024, "{stats}");
-    let src_tx = src.last_tx().expect("the source counted");
-    drop(src);
-    dst.execute("cont");
-    assert_eq!(dst.status(), "running");
-    let tx = dst.wait_tx_above(src_tx, Duration::from_secs(300));
-    dst.wait_console(
-        "vmstream-guest: verify ok kind=dbsim",
-        Duration::from_secs(300),
-    );
-    let console = dst.console();
-    assert!(!console.contains("FAILED"), "{console}");
-    assert!(tx > src_tx);
+    continue_at_destination(src, &dst);
 }
 
 /// `send --vcpu-throttle ptrace` on a guest that dirties faster than the link takes (dbsim
@@ -229,18 +213,12 @@ fn a_migration_throttles_the_vcpus_by_ptrace_and_completes() {
         dst_ram.clone(),
         dst_pid,
     );
-    let to = format!("127.0.0.1:{port}");
     let send_json = dir.path("send.json");
-    let mut send = Proc::vmstream(
-        "send",
+    let send = send_paused(
+        &src,
+        port,
+        &send_json,
         &[
-            "send",
-            "--qemu",
-            src.qmp.to_str().unwrap(),
-            "--to",
-            &to,
-            "--qemu-after",
-            "pause",
             "--vcpu-throttle",
             "ptrace",
             "--converge",
@@ -257,14 +235,8 @@ fn a_migration_throttles_the_vcpus_by_ptrace_and_completes() {
             "60s",
             "--on-timeout",
             "force",
-            "--no-progress",
-            "--stats-json",
-            send_json.to_str().unwrap(),
         ],
-        &[],
     );
-    let (status, lines) = send.wait_exit();
-    assert!(status.success(), "send: {lines:?} {}", send.stderr());
     let stats = read_stats(&send_json);
     assert!(
         send.stderr().contains("vCPU threads alone (ptrace)"),
@@ -281,15 +253,7 @@ fn a_migration_throttles_the_vcpus_by_ptrace_and_completes() {
     assert!(status.success(), "recv: {lines:?} {}", recv.stderr());
     assert_eq!(src.status(), "postmigrate");
     assert!(files_identical(&src.ram, &dst_ram));
-    let src_tx = src.last_tx().expect("the source counted");
-    drop(src);
-    dst.execute("cont");
-    dst.wait_tx_above(src_tx, Duration::from_secs(300));
-    dst.wait_console(
-        "vmstream-guest: verify ok kind=dbsim",
-        Duration::from_secs(300),
-    );
-    assert!(!dst.console().contains("FAILED"), "{}", dst.console());
+    continue_at_destination(src, &dst);
 }
 
 /// A destination whose QEMU fails to start refuses the commit, a receiver killed

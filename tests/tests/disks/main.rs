@@ -148,8 +148,8 @@ fn disk_sender(
     )
 }
 
-/// A receiver into `dir`'s dst.img and `disks`, with its stats in recv.json.
-fn disk_receiver(dir: &TmpDir, disks: &[PathBuf]) -> (Proc, u16) {
+/// A receiver into `dir`'s dst.img and `disks`, with its stats in recv.json, and `extra`.
+fn disk_receiver(dir: &TmpDir, disks: &[PathBuf], extra: &[&str]) -> (Proc, u16) {
     let mut args = vec![
         "--memory-file".to_string(),
         dir.path("dst.img").to_str().unwrap().to_string(),
@@ -159,6 +159,7 @@ fn disk_receiver(dir: &TmpDir, disks: &[PathBuf]) -> (Proc, u16) {
         "10s".into(),
     ];
     args.extend(disk_args(disks));
+    args.extend(extra.iter().map(|s| s.to_string()));
     start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -172,7 +173,7 @@ fn external_writer_disks_migrate(schedule: &str, more: &[&str]) {
     let dir = TmpDir::new(&format!("disks-{schedule}"));
     let disks = source_disks(&dir);
     let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
-    let (mut recv, port) = disk_receiver(&dir, &targets);
+    let (mut recv, port) = disk_receiver(&dir, &targets, &[]);
     let stats = dir.path("send.json");
     let mut extra = vec![
         "--disk-schedule",
@@ -270,7 +271,7 @@ fn a_disk_count_mismatch_is_refused_and_nothing_is_committed() {
     let dir = TmpDir::new("disk-count");
     let _g = serial();
     let disks = source_disks(&dir);
-    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img")]);
+    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img")], &[]);
     let send = disk_sender(&dir, port, &disks, "1G", &[], &[]);
     expect_refused(
         send,
@@ -289,7 +290,7 @@ fn a_disk_size_mismatch_is_refused_and_the_existing_disk_stays() {
     let existing = dir.path("dst-disk2.img");
     make_disk(&existing, 1 << 20, &[(0, 4096)], 5);
     let before = std::fs::read(&existing).unwrap();
-    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img"), existing.clone()]);
+    let (recv, port) = disk_receiver(&dir, &[dir.path("dst-disk1.img"), existing.clone()], &[]);
     let send = disk_sender(&dir, port, &disks, "1G", &[], &[]);
     expect_refused(
         send,
@@ -332,7 +333,7 @@ fn a_corrupted_disk_granule_on_the_wire_is_refused_and_nothing_is_committed() {
     let dir = TmpDir::new("disk-corrupt");
     let disks = source_disks(&dir);
     let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
-    let (mut recv, port) = disk_receiver(&dir, &targets);
+    let (mut recv, port) = disk_receiver(&dir, &targets, &[]);
     // With time slices the first round carries only the disks' bulk copy: 300,000 bytes
     // into channel 0 is inside the payload of one of its first packets.
     let mut send = disk_sender(
@@ -363,7 +364,7 @@ fn a_disk_digest_mismatch_commits_no_image_and_the_source_runs_on() {
     let dir = TmpDir::new("disk-digest");
     let disks = source_disks(&dir);
     let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
-    let (mut recv, port) = disk_receiver(&dir, &targets);
+    let (mut recv, port) = disk_receiver(&dir, &targets, &[]);
     // The second disk's digest arrives flipped: memory's and the first disk's match.
     let mut send = disk_sender(
         &dir,
@@ -395,7 +396,7 @@ fn a_receiver_killed_during_the_disk_phase_commits_nothing_and_the_source_runs_o
     let dir = TmpDir::new("disk-kill");
     let disks = source_disks(&dir);
     let targets = vec![dir.path("dst-disk1.img"), dir.path("dst-disk2.img")];
-    let (recv, port) = disk_receiver(&dir, &targets);
+    let (recv, port) = disk_receiver(&dir, &targets, &[]);
     // 8 MiB of disk data at 1 MB/s: the disks' bulk copy (slices) lasts 8 s.
     let mut send = disk_sender(&dir, port, &disks, "1M", &[], &[]);
     let _guest = KillPid(guest_pid(&mut send));
@@ -480,10 +481,10 @@ fn guest_verify(memory: &Path, disks: &[PathBuf]) -> Result<Vec<String>, String>
     }
 }
 
-/// The statistics' `disks` of a committed migration of a started disk guest: the same
-/// digests on both sides, builtin tracking, the guest's writes during the migration
-/// counted and the amplification reported.
-fn assert_builtin_disk_stats(dir: &TmpDir) {
+/// The source's statistics' `disks` of a committed migration of two disks (in `dir`'s
+/// send.json and recv.json), after checking that both sides have the same memory digest and
+/// each disk the same digest, committed.
+fn committed_disk_stats(dir: &TmpDir) -> Vec<serde_json::Value> {
     let (sent, received) = (
         read_stats(&dir.path("send.json")),
         read_stats(&dir.path("recv.json")),
@@ -494,13 +495,23 @@ fn assert_builtin_disk_stats(dir: &TmpDir) {
         received["disks"].as_array().unwrap(),
     );
     assert_eq!((sd.len(), rd.len()), (2, 2));
-    let mut written = 0;
     for (s, r) in sd.iter().zip(rd) {
         assert!(s["digest"].is_string());
         assert_eq!(s["digest"], r["digest"]);
+        assert_eq!(s["committed"], true);
+    }
+    sd.clone()
+}
+
+/// The statistics' `disks` of a committed migration of a started disk guest: the same
+/// digests on both sides, builtin tracking, the guest's writes during the migration
+/// counted and the amplification reported.
+fn assert_builtin_disk_stats(dir: &TmpDir) {
+    let sd = committed_disk_stats(dir);
+    let mut written = 0;
+    for s in &sd {
         assert_eq!(s["tracking"], "builtin", "{s}");
         assert_eq!(s["granularity"], 65536);
-        assert_eq!(s["committed"], true);
         assert!(s["amplification"].as_f64().unwrap() >= 0.0);
         written += s["guest_bytes_written"].as_u64().unwrap();
     }
@@ -524,6 +535,18 @@ fn assert_builtin_disk_stats(dir: &TmpDir) {
 /// which the fresh guest would refuse: the sender drops them before it starts.
 fn started_disk_guest_migrates(name: &str, workload: &[&str], stale_bitmaps: bool) {
     let _g = serial();
+    let (dir, _) = started_disk_guest_commits(name, workload, &[], stale_bitmaps);
+    assert_builtin_disk_stats(&dir);
+}
+
+/// What [`started_disk_guest_migrates`] checks but the statistics, with `extra` send flags;
+/// returns the test's directory (its stats) and the receiver's stderr.
+fn started_disk_guest_commits(
+    name: &str,
+    workload: &[&str],
+    extra: &[&str],
+    stale_bitmaps: bool,
+) -> (TmpDir, String) {
     let dir = TmpDir::new(name);
     if stale_bitmaps {
         for d in ["src-d0.img", "src-d1.img"] {
@@ -533,9 +556,10 @@ fn started_disk_guest_migrates(name: &str, workload: &[&str], stale_bitmaps: boo
         }
     }
     let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-    let (mut recv, port) = disk_receiver(&dir, &targets);
-    let (mut send, disks) =
-        started_disk_guest_sender(&dir, port, workload, &["--max-bandwidth", "8M"]);
+    let (mut recv, port) = disk_receiver(&dir, &targets, &[]);
+    let mut flags = vec!["--max-bandwidth", "8M"];
+    flags.extend_from_slice(extra);
+    let (mut send, disks) = started_disk_guest_sender(&dir, port, workload, &flags);
     let _guest = KillPid(guest_pid(&mut send));
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
@@ -554,7 +578,7 @@ fn started_disk_guest_migrates(name: &str, workload: &[&str], stale_bitmaps: boo
         lines.iter().any(|l| l.starts_with("ok disks=2")),
         "{lines:?}"
     );
-    assert_builtin_disk_stats(&dir);
+    (dir, recv.stderr())
 }
 
 #[test]
@@ -582,37 +606,27 @@ fn a_started_diskio_guest_migrates_its_disks_with_the_block_layers_bitmap_stale_
     );
 }
 
-#[test]
-fn a_resumed_dbsim_disk_guest_runs_on_its_migrated_memory_and_disks_and_verifies_both() {
-    let _g = serial();
-    let dir = TmpDir::new("disks-resume");
+/// A started dbsim guest with two disks migrates at 8 MB/s (and `extra` send flags) and
+/// resumes on the destination, which runs it on: more transactions and more disk writes,
+/// and its memory and both disks verified together once it stopped. Returns the test's
+/// directory (its stats).
+fn resumed_dbsim_disk_guest_verifies(name: &str, extra: &[&str]) -> TmpDir {
+    let dir = TmpDir::new(name);
     let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-    let mut args = vec![
-        "--memory-file".to_string(),
-        dir.path("dst.img").to_str().unwrap().to_string(),
-        "--resume".into(),
-        "--run-for".into(),
-        "1500ms".into(),
-        "--stats-json".into(),
-        dir.path("recv.json").to_str().unwrap().to_string(),
-        "--io-timeout".into(),
-        "10s".into(),
-    ];
-    args.extend(disk_args(&targets));
-    let (mut recv, port) = start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (mut recv, port) = disk_receiver(&dir, &targets, &["--resume", "--run-for", "1500ms"]);
+    let mut flags = vec!["--max-bandwidth", "8M"];
+    flags.extend_from_slice(extra);
     let (mut send, _) = started_disk_guest_sender(
         &dir,
         port,
         &["--workload", "dbsim", "--rate", "3000", "--io-rate", "1M"],
-        &["--max-bandwidth", "8M"],
+        &flags,
     );
     let _guest = KillPid(guest_pid(&mut send));
     let (status, _) = send.wait_exit();
     assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
     let (status, lines) = recv.wait_exit();
     assert_eq!(status.code(), Some(0), "recv: {}", recv.stderr());
-    // The resumed guest ran on: more transactions and more disk writes, and its memory
-    // and both disks verified together once it stopped.
     let verify = line_starting(&lines, "verify ok");
     assert!(
         field(verify, "tx=") > field(verify, "resumed_from="),
@@ -625,6 +639,13 @@ fn a_resumed_dbsim_disk_guest_runs_on_its_migrated_memory_and_disks_and_verifies
         after.iter().any(|l| l.starts_with("ok disks=2")),
         "{after:?}"
     );
+    dir
+}
+
+#[test]
+fn a_resumed_dbsim_disk_guest_runs_on_its_migrated_memory_and_disks_and_verifies_both() {
+    let _g = serial();
+    let dir = resumed_dbsim_disk_guest_verifies("disks-resume", &[]);
     assert_builtin_disk_stats(&dir);
 }
 
@@ -646,7 +667,7 @@ fn a_diskio_guest_faster_than_the_link_converges_only_with_disk_write_qos() {
     for (qos, timeout) in [("off", "8s"), ("on", "60s")] {
         let dir = TmpDir::new(&format!("disks-qos-{qos}"));
         let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-        let (mut recv, port) = disk_receiver(&dir, &targets);
+        let (mut recv, port) = disk_receiver(&dir, &targets, &[]);
         let extra = [
             "--max-bandwidth",
             "8M",

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use vmstream::disk::bitmap::{bitmap_path, DirtyBitmap};
 use vmstream_tests::*;
 
-use super::{disk_args, guest_verify};
+use super::{
+    committed_disk_stats, disk_receiver, resumed_dbsim_disk_guest_verifies,
+    started_disk_guest_commits, started_disk_guest_sender,
+};
 
 /// A sender of a guest it starts on `dir`'s src.img (4 MiB) with two 8 MiB disks
 /// (src-d0.img, src-d1.img) that `workload` writes through the block layer, mirrored
@@ -20,76 +23,20 @@ fn mirror_sender(
     workload: &[&str],
     bandwidth: &str,
 ) -> (Proc, Vec<PathBuf>) {
-    let disks = vec![dir.path("src-d0.img"), dir.path("src-d1.img")];
-    let to = format!("127.0.0.1:{port}");
-    let (mem, stats) = (dir.path("src.img"), dir.path("send.json"));
-    let mut args: Vec<String> = [
-        "send",
-        "--memory-file",
-        mem.to_str().unwrap(),
-        "--size",
-        "4M",
-        "--disk-size",
-        "8M",
-        "--warmup",
-        "300ms",
-        "--no-progress",
-        "--to",
-        &to,
-        "--io-timeout",
-        "10s",
-        "--stats-json",
-        stats.to_str().unwrap(),
-        "--max-bandwidth",
-        bandwidth,
-        "--disk-mode",
-        "mirror",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(workload.iter().map(|s| s.to_string()));
-    args.extend(disk_args(&disks));
-    let send = Proc::vmstream(
-        "send",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
-    );
-    (send, disks)
-}
-
-/// A receiver into `dir`'s dst.img and `disks`, stats in recv.json, and `extra`.
-fn receiver(dir: &TmpDir, disks: &[PathBuf], extra: &[&str]) -> (Proc, u16) {
-    let mut args = vec![
-        "--memory-file".to_string(),
-        dir.path("dst.img").to_str().unwrap().to_string(),
-        "--stats-json".into(),
-        dir.path("recv.json").to_str().unwrap().to_string(),
-        "--io-timeout".into(),
-        "10s".into(),
-    ];
-    args.extend(disk_args(disks));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    start_receiver(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    started_disk_guest_sender(
+        dir,
+        port,
+        workload,
+        &["--max-bandwidth", bandwidth, "--disk-mode", "mirror"],
+    )
 }
 
 /// The statistics of a committed mirrored migration: equal digests on both sides, and
 /// guest writes that returned only once the destination had them, none of which gave up.
 fn assert_mirrored_stats(dir: &TmpDir) {
-    let (sent, received) = (
-        read_stats(&dir.path("send.json")),
-        read_stats(&dir.path("recv.json")),
-    );
-    assert_eq!(sent["digest"], received["digest"]);
-    let (sd, rd) = (
-        sent["disks"].as_array().unwrap(),
-        received["disks"].as_array().unwrap(),
-    );
-    assert_eq!((sd.len(), rd.len()), (2, 2));
+    let sd = committed_disk_stats(dir);
     let mut mirrored = 0;
-    for (s, r) in sd.iter().zip(rd) {
-        assert_eq!(s["digest"], r["digest"]);
-        assert_eq!(s["committed"], true);
+    for s in &sd {
         assert_eq!(s["mirror_fallbacks"], 0, "{s}");
         assert!(s["write_latency_p50_us"].as_f64().is_some(), "{s}");
         mirrored += s["mirrored_writes"]
@@ -107,9 +54,6 @@ fn assert_mirrored_stats(dir: &TmpDir) {
 #[test]
 fn a_mirrored_diskio_guest_commits_its_disks_equal_to_the_source_at_the_pause() {
     let _g = serial();
-    let dir = TmpDir::new("disk-mirror-diskio");
-    let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-    let (mut recv, port) = receiver(&dir, &targets, &[]);
     let workload = [
         "--workload",
         "diskio",
@@ -118,49 +62,20 @@ fn a_mirrored_diskio_guest_commits_its_disks_equal_to_the_source_at_the_pause() 
         "--io-rate",
         "4M",
     ];
-    let (mut send, disks) = mirror_sender(&dir, port, &workload, "8M");
-    let _guest = KillPid(guest_pid(&mut send));
-    let (status, _) = send.wait_exit();
-    assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
-    let (status, _) = recv.wait_exit();
-    assert_eq!(status.code(), Some(0), "recv: {}", recv.stderr());
-    assert!(recv.stderr().contains("disk mirror: "), "{}", recv.stderr());
-    for (src, dst) in disks.iter().zip(&targets) {
-        assert!(files_identical(src, dst), "{} differs", dst.display());
-    }
-    let lines = guest_verify(&dir.path("dst.img"), &targets).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        lines.iter().any(|l| l.starts_with("ok disks=2")),
-        "{lines:?}"
+    let (dir, recv_stderr) = started_disk_guest_commits(
+        "disk-mirror-diskio",
+        &workload,
+        &["--disk-mode", "mirror"],
+        false,
     );
+    assert!(recv_stderr.contains("disk mirror: "), "{recv_stderr}");
     assert_mirrored_stats(&dir);
 }
 
 #[test]
 fn a_mirrored_dbsim_guest_resumes_on_its_migrated_memory_and_disks_and_verifies_both() {
     let _g = serial();
-    let dir = TmpDir::new("disk-mirror-dbsim");
-    let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-    let (mut recv, port) = receiver(&dir, &targets, &["--resume", "--run-for", "1500ms"]);
-    let workload = ["--workload", "dbsim", "--rate", "3000", "--io-rate", "1M"];
-    let (mut send, _) = mirror_sender(&dir, port, &workload, "8M");
-    let _guest = KillPid(guest_pid(&mut send));
-    let (status, _) = send.wait_exit();
-    assert_eq!(status.code(), Some(0), "send: {}", send.stderr());
-    let (status, lines) = recv.wait_exit();
-    assert_eq!(status.code(), Some(0), "recv: {}", recv.stderr());
-    let verify = line_starting(&lines, "verify ok");
-    assert!(
-        field(verify, "tx=") > field(verify, "resumed_from="),
-        "{verify}"
-    );
-    assert_eq!(field(verify, "disks="), 2, "{verify}");
-    assert!(field(verify, "disk_writes=") > 0, "{verify}");
-    let after = guest_verify(&dir.path("dst.img"), &targets).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        after.iter().any(|l| l.starts_with("ok disks=2")),
-        "{after:?}"
-    );
+    let dir = resumed_dbsim_disk_guest_verifies("disk-mirror-dbsim", &["--disk-mode", "mirror"]);
     assert_mirrored_stats(&dir);
 }
 
@@ -174,7 +89,7 @@ fn a_receiver_killed_while_mirroring_leaves_the_source_guest_writing() {
     let _g = serial();
     let dir = TmpDir::new("disk-mirror-kill");
     let targets = vec![dir.path("dst-d0.img"), dir.path("dst-d1.img")];
-    let (recv, port) = receiver(&dir, &targets, &[]);
+    let (recv, port) = disk_receiver(&dir, &targets, &[]);
     let workload = [
         "--workload",
         "diskio",
