@@ -239,3 +239,34 @@ fn the_audit_finds_a_write_a_kvm_dirty_log_missed() {
     let audit = verify_stats(&run.recv_stats).audit.clone().unwrap();
     assert_eq!((audit.mismatched, audit.pages), (1, vec![pages - 1]));
 }
+
+/// A destination verifying the resumed workload says before each live round's
+/// acknowledgement what its verify at the pause would have left to check
+/// (`VerifyBacklog`); the source counts that in the pause it expects, and the final round
+/// carries none.
+#[test]
+fn the_destinations_verify_backlog_counts_in_the_pause_expected() {
+    let _g = serial();
+    let dir = Dir::new("verify-backlog");
+    let (mut guest, spec) = Guest::file_of(&dir, 64 << 20);
+    // About 2 s of round 0: the background times passes while it lands.
+    let send = slow_send_config(spec, 32 << 20);
+    let mut recv = recv_config(&dir);
+    recv.resume = true;
+    recv.run_for = Some(std::time::Duration::from_millis(300));
+    let run = run(send, recv, &mut guest);
+    assert_eq!(run.sent.unwrap(), Outcome::Committed);
+    assert_committed(&dir, &run.recv_stats);
+    let rounds = &run.send_stats.per_round;
+    let live: Vec<_> = rounds.iter().filter(|r| !r.paused).collect();
+    let reported: Vec<_> = live
+        .iter()
+        .filter_map(|r| r.destination_verify_backlog_ms.map(|b| (r, b)))
+        .collect();
+    assert!(!reported.is_empty(), "no backlog reported: {rounds:?}");
+    for (r, backlog) in reported {
+        assert!(r.expected_downtime_ms >= backlog, "{r:?}");
+    }
+    let last = rounds.last().unwrap();
+    assert!(last.paused && last.destination_verify_backlog_ms.is_none());
+}

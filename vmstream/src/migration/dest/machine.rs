@@ -26,7 +26,7 @@ use crate::migration::dest::incoming::{
 };
 use crate::migration::dest::mirror::MirrorReceiver;
 use crate::migration::dest::postcopy::PostcopyIncoming;
-use crate::migration::dest::verify::TouchedPages;
+use crate::migration::dest::verify::{backlog_message, TouchedPages};
 use crate::migration::digest::{hex, PageHashes};
 use crate::migration::error::RecvError;
 use crate::migration::fault::is_dropped;
@@ -521,6 +521,9 @@ impl Dest<'_> {
                                 end.packets
                             )));
                         }
+                        if let Some(m) = backlog_message(&*guest, &hello, &end) {
+                            writer.write_message(&m).map_err(TransportError::Io)?;
+                        }
                         writer
                             .write_message(&Message::RoundAck(RoundAck {
                                 round: end.round,
@@ -535,8 +538,7 @@ impl Dest<'_> {
                             // The digest's group hashes, between rounds: at the pause only
                             // the final round's groups are left to hash.
                             hashes.refresh();
-                        }
-                        if end.is_final() {
+                        } else {
                             converged = end.flags & crate::migration::wire::ROUND_FORCED == 0;
                             postcopy = postcopy && end.flags & ROUND_POSTCOPY != 0;
                             return Ok(rx.total_stats().clone());

@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 
 use crate::memory::{GuestMemory, MapMode, PAGE_SIZE};
 use crate::migration::dest::lazy_words::LazyWords;
+use crate::migration::wire::{Hello, Message, RoundEnd, VerifyBacklog, FEATURE_VERIFY_BACKLOG};
 
 /// Pages the codec applied since the background verifier last looked (a bit per page, in
 /// [`LazyWords`]: nothing allocated for pages that never arrive).
@@ -48,6 +49,14 @@ impl TouchedPages {
     /// Records that `page` was written.
     pub fn mark(&self, page: u64) {
         self.0.fetch_or((page / 64) as usize, 1 << (page % 64));
+    }
+
+    /// How many pages are marked.
+    fn count(&self) -> u64 {
+        let mut n = 0;
+        self.0
+            .for_each_allocated(|_, w| n += u64::from(w.load(Ordering::Relaxed).count_ones()));
+        n
     }
 
     /// Takes (and clears) the touched pages.
@@ -103,7 +112,24 @@ pub struct BackgroundVerifier<C> {
     taken: Arc<AtomicU64>,
     covered: Arc<AtomicU64>,
     touched: Arc<TouchedPages>,
+    /// Pages the pass in progress took (0 between passes).
+    in_pass: Arc<AtomicU64>,
+    /// Picoseconds per page of the last pass of at least [`RATE_MIN_PAGES`] (0: none yet).
+    ps_per_page: Arc<AtomicU64>,
     thread: Option<JoinHandle<C>>,
+}
+
+/// A pass of fewer pages says little about the rate (fixed costs dominate).
+const RATE_MIN_PAGES: usize = 256;
+
+/// What the background has not checked yet: the verify at the pause would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Pages applied and not checked (those of a pass in progress included).
+    pub pages: u64,
+    /// Checking them at the rate the last pass ran (the pause checks on all cores with
+    /// nothing else running: an upper bound).
+    pub expected: std::time::Duration,
 }
 
 impl<C: BlockChecks> BackgroundVerifier<C> {
@@ -120,9 +146,12 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         let passes = Arc::new(AtomicU64::new(0));
         let covered = Arc::new(AtomicU64::new(0));
         let taken = Arc::new(AtomicU64::new(0));
+        let in_pass = Arc::new(AtomicU64::new(0));
+        let ps_per_page = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
             let (covered, taken) = (Arc::clone(&covered), Arc::clone(&taken));
+            let (in_pass, ps_per_page) = (Arc::clone(&in_pass), Arc::clone(&ps_per_page));
             let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
@@ -154,7 +183,14 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                             break;
                         }
                         let pages = touched.take();
+                        in_pass.store(pages.len() as u64, Ordering::Relaxed);
+                        let t = std::time::Instant::now();
                         let done = checks.pass(&view, &pages, &stop);
+                        if done >= RATE_MIN_PAGES {
+                            let ps = t.elapsed().as_nanos() * 1000 / done as u128;
+                            ps_per_page.store(ps.min(u64::MAX as u128) as u64, Ordering::Relaxed);
+                        }
+                        in_pass.store(0, Ordering::Relaxed);
                         let left = pages.get(done..).unwrap_or_default();
                         for &page in left {
                             touched.mark(page);
@@ -178,6 +214,8 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             taken,
             covered,
             touched,
+            in_pass,
+            ps_per_page,
             thread: Some(thread),
         })
     }
@@ -227,6 +265,20 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         true
     }
 
+    /// What is left to check now, or None before a pass large enough to time ran.
+    pub fn backlog(&self) -> Option<Backlog> {
+        let ps = self.ps_per_page.load(Ordering::Relaxed);
+        if ps == 0 {
+            return None;
+        }
+        let pages = self.touched.count() + self.in_pass.load(Ordering::Relaxed);
+        let ns = (u128::from(pages) * u128::from(ps) / 1000).min(u64::MAX as u128) as u64;
+        Some(Backlog {
+            pages,
+            expected: std::time::Duration::from_nanos(ns),
+        })
+    }
+
     /// Passes completed after a barrier so far (each covers every page applied before
     /// its [`round_applied`](Self::round_applied)).
     pub fn passes(&self) -> u64 {
@@ -251,6 +303,26 @@ impl<C> Drop for BackgroundVerifier<C> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(u64::MAX);
     }
+}
+
+/// The `VerifyBacklog` to send before acknowledging the round `end` ends, if the source
+/// asked for them (`hello`) and it is a live round: what the verify at the pause would
+/// have to check if the source switched over now (None too if `guest` does not verify in
+/// the background or has not timed a pass yet).
+pub(super) fn backlog_message(
+    guest: &dyn super::incoming::IncomingGuest,
+    hello: &Hello,
+    end: &RoundEnd,
+) -> Option<Message> {
+    if hello.features & FEATURE_VERIFY_BACKLOG == 0 || end.is_final() {
+        return None;
+    }
+    let b = guest.verify_backlog()?;
+    Some(Message::VerifyBacklog(VerifyBacklog {
+        round: end.round,
+        pages: b.pages,
+        expected_ns: b.expected.as_nanos().min(u128::from(u64::MAX)) as u64,
+    }))
 }
 
 /// A memory's data pages (a bit per page; holes clear), asked for only when a verifier
@@ -371,5 +443,43 @@ mod tests {
         touched.mark(4);
         assert!(!bg.wait_covered(bg.round_applied()));
         assert_eq!(bg.finish().unwrap().pending, vec![4]);
+    }
+
+    /// Checks that take 20 µs a page.
+    struct Timed;
+
+    impl BlockChecks for Timed {
+        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _stop: &AtomicBool) -> usize {
+            std::thread::sleep(std::time::Duration::from_micros(20 * pages.len() as u64));
+            pages.len()
+        }
+    }
+
+    /// The backlog is the pages not checked yet, at the rate the last large enough pass
+    /// ran; before such a pass there is no estimate.
+    #[test]
+    fn the_backlog_counts_unchecked_pages_at_the_rate_passes_ran() {
+        use super::test_support::run_pass;
+        let mem = GuestMemory::memfd("backlog", 2048 * PAGE_SIZE as u64).unwrap();
+        let touched = Arc::new(TouchedPages::new(mem.pages()));
+        let bg = BackgroundVerifier::start(Arc::new(mem), Arc::clone(&touched), Timed).unwrap();
+        // A first kick ends round 0's polling: from here on passes run only when kicked.
+        run_pass(&bg);
+        (0..100).for_each(|p| touched.mark(p));
+        run_pass(&bg);
+        assert_eq!(bg.backlog(), None, "a pass of 100 pages sets no rate");
+        (0..1000).for_each(|p| touched.mark(p));
+        run_pass(&bg);
+        let none_left = bg.backlog().unwrap();
+        assert_eq!(none_left.pages, 0);
+        (500..1000).for_each(|p| touched.mark(p));
+        let b = bg.backlog().unwrap();
+        assert_eq!(b.pages, 500);
+        // 20 µs a page at least: a sleep overshoots, never undershoots.
+        assert!(
+            b.expected >= std::time::Duration::from_micros(20 * 500),
+            "{b:?}"
+        );
+        assert_eq!(bg.finish().unwrap().pending.len(), 500);
     }
 }

@@ -23,7 +23,7 @@ use crate::migration::transport::Frame;
 use crate::migration::wire::{
     AbortCode, Hello, MemoryRegions, Message, MirrorWrite, RefuseCode, FEATURE_DELTA_PAGES,
     FEATURE_DISKS, FEATURE_MEMORY_DIGEST, FEATURE_MEMORY_REGIONS, FEATURE_MIRROR, FEATURE_POSTCOPY,
-    FEATURE_POSTCOPY_PREEMPT,
+    FEATURE_POSTCOPY_PREEMPT, FEATURE_VERIFY_BACKLOG,
 };
 use crate::telemetry::impact::ImpactRecorder;
 use crate::telemetry::stats::{MigrationStats, RoundStats};
@@ -159,7 +159,8 @@ impl<'a> Source<'a> {
                     FEATURE_MEMORY_REGIONS
                 } else {
                     0
-                },
+                }
+                | FEATURE_VERIFY_BACKLOG,
             compression: self.cfg.encoder.compression,
             delta: self.cfg.delta_wire(),
             codec_version: Hello::CODEC_VERSION,
@@ -373,8 +374,13 @@ impl<'a> Source<'a> {
         self.stats.settings.round_trip_ms = Some(round_trip.as_secs_f64() * 1e3);
         // The pause starts with a collect of what the guest wrote since this one, and costs
         // about as much: the hash tracker reads all of memory again, whatever was written.
-        let latency =
-            switchover_latency(round_trip, self.destination_resumes).saturating_add(collect_time);
+        // A destination verifying the workload checks at the pause what its background
+        // verifier has not checked yet.
+        let dest_verify =
+            Duration::from_secs_f64(rs.destination_verify_backlog_ms.unwrap_or(0.0) / 1e3);
+        let latency = switchover_latency(round_trip, self.destination_resumes)
+            .saturating_add(collect_time)
+            .saturating_add(dest_verify);
         // Everything unsent: the new dirty pages and what deferral still holds back.
         // (with the disks' pending pages: the switchover sends them too)
         let unsent = self.policy.unsent_pages(&newly) + disk_pending;

@@ -190,9 +190,19 @@ impl RoundIo {
             sent,
         } = r;
         let (codec, end) = (sent.codec, sent.total);
-        let ack = match self.reader.read_frame()? {
-            Frame::Control(Message::RoundAck(a)) if a.round == round => a,
-            other => return Err(unexpected("a round acknowledgement", other)),
+        // A destination verifying the resumed workload first says what its verify at the
+        // pause would have left to check (`FEATURE_VERIFY_BACKLOG`).
+        let mut backlog = None;
+        let ack = loop {
+            match self.reader.read_frame()? {
+                Frame::Control(Message::VerifyBacklog(b))
+                    if b.round == round && backlog.is_none() =>
+                {
+                    backlog = Some(Duration::from_nanos(b.expected_ns));
+                }
+                Frame::Control(Message::RoundAck(a)) if a.round == round => break a,
+                other => return Err(unexpected("a round acknowledgement", other)),
+            }
         };
         if ack.records != end.records || ack.packets != end.packets {
             return Err(SendError::Protocol(format!(
@@ -229,6 +239,7 @@ impl RoundIo {
             wire_bytes: wire,
             duration_ms: duration.as_secs_f64() * 1e3,
             bandwidth_bytes_per_s: wire as f64 / duration.as_secs_f64(),
+            destination_verify_backlog_ms: backlog.map(|b| b.as_secs_f64() * 1e3),
             ..Default::default()
         };
         rs.set_encodings(&codec);

@@ -8,7 +8,8 @@ use super::{
     DiskDigests, Disks, GuestSamples, GuestState, Handover, HandoverAck, HandoverDirty, Hello,
     HelloReply, MemoryHandover, MemoryRegions, MirrorAck, MirrorWrite, PageRequest,
     PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
-    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, MAX_GUEST_STATE_LEN, MAX_REASON_LEN,
+    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, VerifyBacklog, MAX_GUEST_STATE_LEN,
+    MAX_REASON_LEN,
 };
 
 /// Size of the frame header.
@@ -85,13 +86,15 @@ pub enum FrameType {
     HandoverDirty = 0x34,
     /// Destination -> source: the pages of a handover's live round are checked.
     HandoverAck = 0x35,
+    /// Destination -> source: what its workload verifier has yet to check, before a `RoundAck`.
+    VerifyBacklog = 0x36,
     /// Either way: the sender gives up, with a reason.
     Abort = 0x7f,
 }
 
 impl FrameType {
     /// Every frame type.
-    pub const ALL: [FrameType; 33] = [
+    pub const ALL: [FrameType; 34] = [
         FrameType::Hello,
         FrameType::HelloReply,
         FrameType::ChannelHello,
@@ -124,6 +127,7 @@ impl FrameType {
         FrameType::MemoryRegions,
         FrameType::HandoverDirty,
         FrameType::HandoverAck,
+        FrameType::VerifyBacklog,
         FrameType::Abort,
     ];
 
@@ -169,6 +173,7 @@ impl FrameType {
             FrameType::MirrorAck => MirrorAck::LEN,
             FrameType::HandoverDirty => HandoverDirty::FIXED_LEN + 8 * HandoverDirty::MAX_PAGES,
             FrameType::HandoverAck => HandoverAck::LEN,
+            FrameType::VerifyBacklog => VerifyBacklog::LEN,
             FrameType::Abort => Abort::FIXED_LEN + MAX_REASON_LEN,
         };
         body + BODY_CRC_LEN
@@ -209,6 +214,7 @@ impl FrameType {
             FrameType::MirrorAck => "mirror-ack",
             FrameType::HandoverDirty => "handover-dirty",
             FrameType::HandoverAck => "handover-ack",
+            FrameType::VerifyBacklog => "verify-backlog",
             FrameType::Abort => "abort",
         }
     }

@@ -6,8 +6,8 @@ use super::{
     DiskDigests, Disks, FrameHeader, FrameType, GuestSamples, GuestState, Handover, HandoverAck,
     HandoverDirty, Hello, HelloReply, MemoryHandover, MemoryRegions, MirrorAck, MirrorWrite,
     PageRequest, PostcopyComplete, PostcopyOwed, PostcopyPage, PostcopyPreempt, PostcopyReconnect,
-    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, WireError, BODY_CRC_LEN,
-    FRAME_HEADER_LEN,
+    PostcopyStart, QemuIncoming, Resumed, RoundAck, RoundEnd, VerifyBacklog, WireError,
+    BODY_CRC_LEN, FRAME_HEADER_LEN,
 };
 
 /// A control message (everything but codec packets).
@@ -75,6 +75,8 @@ pub enum Message {
     HandoverDirty(HandoverDirty),
     /// See [`HandoverAck`].
     HandoverAck(HandoverAck),
+    /// See [`VerifyBacklog`].
+    VerifyBacklog(VerifyBacklog),
     /// See [`Abort`].
     Abort(Abort),
 }
@@ -114,6 +116,7 @@ impl Message {
             Message::MirrorAck(_) => FrameType::MirrorAck,
             Message::HandoverDirty(_) => FrameType::HandoverDirty,
             Message::HandoverAck(_) => FrameType::HandoverAck,
+            Message::VerifyBacklog(_) => FrameType::VerifyBacklog,
             Message::Abort(_) => FrameType::Abort,
         }
     }
@@ -153,6 +156,7 @@ impl Message {
             Message::MirrorAck(m) => m.encode(&mut out),
             Message::HandoverDirty(m) => m.encode(&mut out),
             Message::HandoverAck(m) => m.encode(&mut out),
+            Message::VerifyBacklog(m) => m.encode(&mut out),
             Message::Abort(m) => m.encode(&mut out),
         }
         let crc = vmstream_simd::crc32c(&out[FRAME_HEADER_LEN..]);
@@ -218,6 +222,7 @@ impl Message {
             FrameType::MirrorAck => Message::MirrorAck(MirrorAck::decode(body)?),
             FrameType::HandoverDirty => Message::HandoverDirty(HandoverDirty::decode(body)?),
             FrameType::HandoverAck => Message::HandoverAck(HandoverAck::decode(body)?),
+            FrameType::VerifyBacklog => Message::VerifyBacklog(VerifyBacklog::decode(body)?),
             FrameType::Abort => Message::Abort(Abort::decode(body)?),
             FrameType::Packet => {
                 return Err(WireError::BadField {

@@ -62,7 +62,7 @@ pub use postcopy::{
     PostcopyStart, PostcopyStatus, PAGE_REQUESTED,
 };
 pub use resume::{Audit, AuditStatus, GuestSamples, Handover, QemuIncoming, Resumed};
-pub use round::{RoundAck, RoundEnd, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
+pub use round::{RoundAck, RoundEnd, VerifyBacklog, ROUND_FINAL, ROUND_FORCED, ROUND_POSTCOPY};
 
 /// Magic at the start of `Hello` and `HelloReply`.
 pub const MAGIC: [u8; 8] = *b"VMSTREAM";
@@ -102,6 +102,10 @@ pub const FEATURE_POSTCOPY_PREEMPT: u64 = 1 << 7;
 /// (`--disk-mode mirror`): a [`MirrorWrite`] opening follows the `Disks`, and the guest's
 /// writes travel on a connection of their own, each acknowledged ([`MirrorAck`]).
 pub const FEATURE_MIRROR: u64 = 1 << 8;
+/// Feature bit: the source asks a destination that verifies the resumed workload to say
+/// before each live round's `RoundAck` how much its background verifier has yet to check
+/// ([`VerifyBacklog`]); the source counts it in the pause it expects.
+pub const FEATURE_VERIFY_BACKLOG: u64 = 1 << 9;
 /// Every feature bit this version knows.
 pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_MEMORY_DIGEST
@@ -111,4 +115,5 @@ pub const KNOWN_FEATURES: u64 = FEATURE_DELTA_PAGES
     | FEATURE_DISKS
     | FEATURE_MEMORY_REGIONS
     | FEATURE_POSTCOPY_PREEMPT
-    | FEATURE_MIRROR;
+    | FEATURE_MIRROR
+    | FEATURE_VERIFY_BACKLOG;

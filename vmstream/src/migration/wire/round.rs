@@ -1,5 +1,6 @@
 //! Round barriers: the source's [`RoundEnd`] after a round's packets and the
-//! destination's [`RoundAck`] once it applied them.
+//! destination's [`RoundAck`] once it applied them, after a live round preceded by its
+//! [`VerifyBacklog`] when one was asked for.
 
 use super::fields::{exact, Fields};
 use super::{FrameType, WireError};
@@ -98,6 +99,42 @@ impl RoundAck {
             records: f.u64(),
             packets: f.u64(),
             barrier_ns: f.u64(),
+        })
+    }
+}
+
+/// `VerifyBacklog` (with [`FEATURE_VERIFY_BACKLOG`](super::FEATURE_VERIFY_BACKLOG), just
+/// before a live round's `RoundAck`, from a destination that verifies the resumed workload):
+/// what its background verifier has not checked yet, which the verify at the pause would
+/// check if the switchover came now (24-byte body). The source counts `expected_ns` in the
+/// pause it expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyBacklog {
+    /// The round whose acknowledgement follows.
+    pub round: u64,
+    /// Pages applied and not checked yet (this round's among them).
+    pub pages: u64,
+    /// The destination's estimate of checking them, ns, at the rate its passes ran.
+    pub expected_ns: u64,
+}
+
+impl VerifyBacklog {
+    /// Body length.
+    pub const LEN: usize = 24;
+
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.round, self.pages, self.expected_ns] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub(super) fn decode(body: &[u8]) -> Result<VerifyBacklog, WireError> {
+        exact(FrameType::VerifyBacklog, body, Self::LEN)?;
+        let mut f = Fields::new(body);
+        Ok(VerifyBacklog {
+            round: f.u64(),
+            pages: f.u64(),
+            expected_ns: f.u64(),
         })
     }
 }

@@ -104,6 +104,11 @@ pub(super) fn all_messages() -> Vec<Message> {
             round: 3,
             pages_checked: 12,
         }),
+        Message::VerifyBacklog(VerifyBacklog {
+            round: 7,
+            pages: 33_530,
+            expected_ns: 58_000_000,
+        }),
         Message::AuthHello(AuthHello { nonce: [0x11; 32] }),
         Message::AuthChallenge(AuthChallenge {
             nonce: [0x22; 32],
@@ -339,4 +344,23 @@ fn bad_fields_are_typed() {
         RoundEnd::decode(&body),
         Err(WireError::BadField { field: "flags", .. })
     ));
+}
+
+#[test]
+fn verify_backlog_is_three_little_endian_words_and_refuses_other_lengths() {
+    let m = VerifyBacklog {
+        round: 5,
+        pages: 1 << 33,
+        expected_ns: 42,
+    };
+    let frame = Message::VerifyBacklog(m).to_frame();
+    assert_eq!(frame[0], 0x36);
+    let body = &frame[FRAME_HEADER_LEN..frame.len() - BODY_CRC_LEN];
+    assert_eq!(body.len(), VerifyBacklog::LEN);
+    assert_eq!(&body[..8], &5u64.to_le_bytes());
+    assert_eq!(&body[8..16], &(1u64 << 33).to_le_bytes());
+    assert_eq!(&body[16..], &42u64.to_le_bytes());
+    assert_eq!(VerifyBacklog::decode(body), Ok(m));
+    assert!(VerifyBacklog::decode(&body[..23]).is_err());
+    assert!(VerifyBacklog::decode(&[0; 25]).is_err());
 }

@@ -101,6 +101,11 @@ pub struct RoundStats {
     /// Time re-arming dirty tracking chunk by chunk while sending this round, ms (KVM
     /// `clear` mode; 0 where the collect re-arms).
     pub dirty_rearm_ms: f64,
+    /// The destination's estimate of verifying, at the pause, what its workload verifier
+    /// had not checked when it acknowledged this round, ms (`recv --resume` of a verifiable
+    /// workload; counted in `expected_downtime_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_verify_backlog_ms: Option<f64>,
 }
 
 impl RoundStats {

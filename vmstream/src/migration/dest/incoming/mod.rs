@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::memory::GuestMemory;
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{DataPages, TouchedPages};
+use crate::migration::dest::verify::{Backlog, DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -58,6 +58,12 @@ pub trait IncomingGuest {
 
     /// A live round passed its barrier: the background checks what it changed.
     fn round_applied(&self);
+
+    /// What the background verify has yet to check (the verify at the pause would check
+    /// it), if this kind verifies in the background and has timed a pass.
+    fn verify_backlog(&self) -> Option<Backlog> {
+        None
+    }
 
     /// With `--resume`, at the pause: the workload's verify of the final image (a guest
     /// that could not resume from it must not have it committed). `hashes` describe the

@@ -17,7 +17,7 @@ use crate::migration::dest::incoming::{
     IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
 };
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{BackgroundVerifier, DataPages, TouchedPages};
+use crate::migration::dest::verify::{BackgroundVerifier, Backlog, DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -90,6 +90,10 @@ impl IncomingGuest for IncomingFileGuest {
         if let Some(bg) = &self.background {
             bg.round_applied();
         }
+    }
+
+    fn verify_backlog(&self) -> Option<Backlog> {
+        self.background.as_ref()?.backlog()
     }
 
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {

@@ -19,7 +19,7 @@ use crate::migration::dest::incoming::{
     IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
 };
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{BackgroundVerifier, TouchedPages};
+use crate::migration::dest::verify::{BackgroundVerifier, Backlog, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -88,6 +88,10 @@ impl IncomingGuest for IncomingKvmGuest {
         if let Some(bg) = &self.background {
             bg.round_applied();
         }
+    }
+
+    fn verify_backlog(&self) -> Option<Backlog> {
+        self.background.as_ref()?.backlog()
     }
 
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
