@@ -142,8 +142,8 @@
 #define DA_INTENT_DISK 80 // u64 intent: disk
 #define DA_INTENT_BLOCK 88 // u64 intent: block
 #define DA_INTENT_VERSION 96 // u64 intent: version being written
-#define DA_DISK_BLOCKS 256 // u64[16] block counts
-#define DA_LEDGER 384 // u64[16] ledger offsets from the area's start
+#define DA_DISK_BLOCKS 256 // 16 u64 block counts
+#define DA_LEDGER 384 // 16 u64 ledger offsets from the area's start
 #define DISK_SEED_K 0xa0761d6478bd642f // disk d's fill seed = seed ^ (d + 1) * DISK_SEED_K
 #define FILL_K_VERSION 0xd1b54a32d192ed03 // fill state = (seed ^ b * CHECKSUM_K_NUMBER ^ version * FILL_K_VERSION) | 1
 #define SPLITMIX_GAMMA 0x9e3779b97f4a7c15 // splitmix64 increment
