@@ -122,7 +122,7 @@
 /* ---- paravirtual block device (KVM.md, STORAGE.md) ---- */
 #define BLK_OP_READ 1 // read LEN bytes at OFFSET of DISK into BUFFER
 #define BLK_OP_WRITE 2 // write LEN bytes from BUFFER at OFFSET of DISK (through the block layer)
-#define BLK_MAX_LEN 0x100000 // longest request: 1 MiB
+#define BLK_MAX_LEN 0x1000000 // longest request: 16 MiB (a checkpoint is one request)
 #define BLK_STATUS_PENDING 0xffffffffffffffff // set by the guest before the kick; never left by the VMM
 #define BLK_STATUS_OK 0 // done
 #define BLK_STATUS_BAD_OP 1 // unknown BLK_OP_*
@@ -138,12 +138,21 @@
 #define DA_SEED 40 // u64 seed of the fill patterns
 #define DA_RNG_STATE 48 // u64 splitmix64 state of the disk workload
 #define DA_WRITES 56 // u64 disk writes committed
+#define DA_CHECKPOINT_SEQ 64 // u64 checkpoints begun
 #define DA_INTENT_SEQ 72 // u64 intent of the write in progress: WRITES + 1, 0 = none
 #define DA_INTENT_DISK 80 // u64 intent: disk
 #define DA_INTENT_BLOCK 88 // u64 intent: block
 #define DA_INTENT_VERSION 96 // u64 intent: version being written
 #define DA_DISK_BLOCKS 256 // 16 u64 block counts
 #define DA_LEDGER 384 // 16 u64 ledger offsets from the area's start
+#define CKPT_MAGIC 0 // checkpoint header: u64 CKPT_MAGIC_VALUE
+#define CKPT_DISK 8 // checkpoint header: u64 disk index
+#define CKPT_SEQ 16 // checkpoint header: u64 sequence
+#define CKPT_WRITES 24 // checkpoint header: u64 writes committed
+#define CKPT_BLOCKS 32 // checkpoint header: u64 ledger entries after the header page
+#define CKPT_CHECKSUM 40 // checkpoint header: u64 FNV-1a lanes of the ledger pages
+#define CKPT_MAGIC_VALUE 0x54504b4344534d56 // "VMSDCKPT" little-endian
+#define CHECKPOINT_EVERY 256 // disk writes between two checkpoints (a power of two)
 #define DISK_SEED_K 0xa0761d6478bd642f // disk d's fill seed = seed ^ (d + 1) * DISK_SEED_K
 #define FILL_K_VERSION 0xd1b54a32d192ed03 // fill state = (seed ^ b * CHECKSUM_K_NUMBER ^ version * FILL_K_VERSION) | 1
 #define SPLITMIX_GAMMA 0x9e3779b97f4a7c15 // splitmix64 increment

@@ -614,7 +614,101 @@ dio_write:
     mov     [r13 + DA_WRITES], r11
     mov     qword ptr [r13 + DA_INTENT_SEQ], 0
     COUNT_TX
+    test    r11, CHECKPOINT_EVERY - 1
+    jnz     dio_write
+    call    dio_checkpoint
     jmp     dio_write
+
+/*
+ * Every CHECKPOINT_EVERY writes: each disk's ledger to its checkpoint region
+ * (after its blocks) in one request, header page first (magic, disk, seq,
+ * writes, blocks, checksum of the ledger pages), built in the checkpoint
+ * buffer after the write buffer. The sequence is counted first, so a copy
+ * taken mid-checkpoint has each disk at this checkpoint or the one before.
+ * Keeps rbx, r12, r13, r14, rsi.
+ */
+dio_checkpoint:
+    mov     r11, [r13 + DA_CHECKPOINT_SEQ]
+    inc     r11
+    mov     [r13 + DA_CHECKPOINT_SEQ], r11
+    xor     r8d, r8d                    /* disk */
+80: cmp     r8, [r13 + DA_DISKS]
+    jae     89f
+    mov     rdi, r12
+    add     rdi, [r13 + DA_BLOCK_SIZE]  /* the checkpoint buffer */
+    mov     r10, [r13 + DA_DISK_BLOCKS + r8 * 8]
+    lea     r9, [r10 * 8 + 4095]
+    and     r9, -4096                   /* bytes of ledger pages */
+    push    rsi
+    push    rdi
+    xor     eax, eax
+    mov     ecx, 512
+    rep     stosq                       /* the header page, zero */
+    mov     rsi, [r13 + DA_LEDGER + r8 * 8]
+    add     rsi, r13
+    mov     rcx, r10
+    rep     movsq                       /* the ledger */
+    mov     rcx, r9
+    shr     rcx, 3
+    sub     rcx, r10
+    rep     stosq                       /* zero to the page's end */
+    pop     rdi
+    pop     rsi
+
+    push    r10
+    movabs  rax, IMG_FNV_OFFSET
+    mov     rcx, rax
+    xor     rcx, 1
+    mov     rdx, rax
+    xor     rdx, 2
+    mov     r15, rax
+    xor     r15, 3
+    movabs  rbp, IMG_FNV_PRIME
+    xor     r10d, r10d
+81: xor     rax, [rdi + r10 + 4096]
+    imul    rax, rbp
+    xor     rcx, [rdi + r10 + 4096 + 8]
+    imul    rcx, rbp
+    xor     rdx, [rdi + r10 + 4096 + 16]
+    imul    rdx, rbp
+    xor     r15, [rdi + r10 + 4096 + 24]
+    imul    r15, rbp
+    add     r10, 32
+    cmp     r10, r9
+    jb      81b
+    xor     rax, rcx
+    imul    rax, rbp
+    xor     rax, rdx
+    imul    rax, rbp
+    xor     rax, r15
+    imul    rax, rbp
+    pop     r10
+
+    mov     [rdi + CKPT_CHECKSUM], rax
+    movabs  rax, CKPT_MAGIC_VALUE
+    mov     [rdi + CKPT_MAGIC], rax
+    mov     [rdi + CKPT_DISK], r8
+    mov     [rdi + CKPT_SEQ], r11
+    mov     rax, [r13 + DA_WRITES]
+    mov     [rdi + CKPT_WRITES], rax
+    mov     [rdi + CKPT_BLOCKS], r10
+
+    mov     qword ptr [r14 + VCPU_BLK_OP], BLK_OP_WRITE
+    mov     [r14 + VCPU_BLK_DISK], r8
+    mov     rax, r10
+    imul    rax, [r13 + DA_BLOCK_SIZE]  /* the region: right after the blocks */
+    mov     [r14 + VCPU_BLK_OFFSET], rax
+    lea     rax, [r9 + 4096]
+    mov     [r14 + VCPU_BLK_LEN], rax
+    mov     [r14 + VCPU_BLK_BUFFER], rdi
+    mov     qword ptr [r14 + VCPU_BLK_STATUS], -1  /* BLK_STATUS_PENDING */
+    mov     dx, PORT_BLOCK
+    out     dx, eax
+    cmp     qword ptr [r14 + VCPU_BLK_STATUS], BLK_STATUS_OK
+    jne     disk_failed
+    inc     r8
+    jmp     80b
+89: ret
 
 disk_failed:
     mov     eax, PANIC_DISK_IO

@@ -1,7 +1,7 @@
 //! The KVM guest's disks: the diskio workload writes stamped blocks through the VMM's
 //! paravirtual block device (and so through the block layer, which marks the dirty bitmap
-//! the sender reads); its disks verify against the ledgers in guest RAM at every pause and
-//! after a restore on copies of RAM and disks; a block request that fails stops the guest
+//! the sender reads); its disks verify against the ledgers in guest RAM (and their
+//! checkpoints) at every pause and after a restore on copies of RAM and disks; a block request that fails stops the guest
 //! where its verify and its failures say so.
 
 use std::path::{Path, PathBuf};
@@ -121,6 +121,8 @@ fn diskio_disks_verify_at_every_pause_and_after_a_restore_on_copies() {
     restored.pause().unwrap();
     let after = restored.verify_disks().unwrap().unwrap();
     assert!(after.writes > written, "{written} -> {}", after.writes);
+    // A checkpoint every 256 writes: each disk's ledger on disk too, checked against RAM's.
+    assert_eq!(after.checkpoints, after.writes / 256, "{after:?}");
     restored.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -215,7 +215,7 @@ impl Params {
             && (w.kind != KvmWorkloadKind::Diskio
                 || area < self.layout.blocks_gpa
                 || buffer <= area
-                || buffer.saturating_add(BLK_MAX_LEN) > self.layout.memory_size)
+                || buffer >= self.layout.memory_size)
         {
             return bad("disk area outside the blocks or without the diskio workload");
         }

@@ -4,11 +4,12 @@
 //! checked by [`verify`].
 //!
 //! ```text
-//! guest RAM:  [system area][dbsim ledger][blocks: [disk area][write buffer] ... ]
+//! guest RAM:  [system area][dbsim ledger][blocks: [disk area][write buffer][checkpoint buffer] ... ]
 //! ```
 //! The disk area takes the first active blocks (the diskio workload promises nothing about
-//! them to the memory verifier; the blocks past the active ones stay zero) and the write
-//! buffer, one disk block, follows it. The parameter block points at both.
+//! them to the memory verifier; the blocks past the active ones stay zero); the write
+//! buffer, one disk block, follows it (the parameter block points at both), and the
+//! checkpoint buffer, the largest disk's checkpoint region, follows that.
 
 pub mod device;
 pub mod verify;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use crate::disk::block::Disk;
 use crate::guest::file::disks::area::{area_len, AreaHeader, DiskWorkloadKind};
 use crate::guest::file::disks::{plan, DiskSetupError, GuestDisks};
-use crate::guest::kvm::abi::BLOCK_SIZE;
+use crate::guest::kvm::abi::{BLK_MAX_LEN, BLOCK_SIZE};
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::memory::{GuestRam, RamRead};
 use crate::guest::kvm::params::Params;
@@ -26,7 +27,7 @@ use crate::guest::kvm::params::Params;
 // The guest program writes the process guests' disk area and block stamps: abi.h's copies
 // of their offsets must be theirs.
 const _: () = {
-    use crate::guest::file::disks::area::da;
+    use crate::guest::file::disks::area::{ckpt, da, CHECKPOINT_MAGIC};
     use crate::guest::file::layout::hdr;
     use crate::guest::kvm::abi::*;
     const fn same(a: u64, b: usize) -> bool {
@@ -37,6 +38,15 @@ const _: () = {
     assert!(same(DA_WRITES, da::WRITES) && same(DA_INTENT_SEQ, da::INTENT_SEQ));
     assert!(same(DA_INTENT_DISK, da::INTENT_DISK) && same(DA_INTENT_BLOCK, da::INTENT_BLOCK));
     assert!(same(DA_INTENT_VERSION, da::INTENT_VERSION));
+    assert!(same(DA_CHECKPOINT_SEQ, da::CHECKPOINT_SEQ));
+    assert!(same(CKPT_MAGIC, ckpt::MAGIC) && same(CKPT_DISK, ckpt::DISK));
+    assert!(same(CKPT_SEQ, ckpt::SEQ) && same(CKPT_WRITES, ckpt::WRITES));
+    assert!(same(CKPT_BLOCKS, ckpt::BLOCKS) && same(CKPT_CHECKSUM, ckpt::CHECKSUM));
+    assert!(CKPT_MAGIC_VALUE == CHECKPOINT_MAGIC);
+    assert!(same(
+        CHECKPOINT_EVERY,
+        crate::guest::file::disks::stamp::CHECKPOINT_EVERY as usize
+    ));
     assert!(same(DA_DISK_BLOCKS, da::DISK_BLOCKS) && same(DA_LEDGER, da::LEDGER));
     assert!(same(BLOCK_HDR_NUMBER, hdr::BLOCK) && same(BLOCK_HDR_VERSION, hdr::VERSION));
     assert!(same(BLOCK_HDR_CHECKSUM, hdr::CHECKSUM) && same(IMG_BLOCK_LAST_TX, hdr::LAST_TX));
@@ -67,10 +77,20 @@ pub(crate) fn format_disks(
     let len = area_len(&head.disks);
     let at = params.layout.blocks_gpa;
     let room = params.active_blocks() * BLOCK_SIZE;
-    if len + head.block_size > room {
+    // A checkpoint is one request, built in the checkpoint buffer after the write buffer.
+    let checkpoint = head.disks.iter().map(|g| g.checkpoint_len()).max();
+    let checkpoint = checkpoint.unwrap_or(0);
+    if checkpoint > BLK_MAX_LEN {
         return Err(KvmError::Disks(DiskSetupError::Layout(format!(
-            "the disks' ledgers ({len} bytes) and a {}-byte write buffer do not fit in the \
-             guest's {room} bytes of active blocks: give it more RAM",
+            "a disk's checkpoint of {checkpoint} bytes is longer than one block request \
+             ({BLK_MAX_LEN} bytes): use a larger --io-size or smaller disks"
+        ))));
+    }
+    if len + head.block_size + checkpoint > room {
+        return Err(KvmError::Disks(DiskSetupError::Layout(format!(
+            "the disks' ledgers ({len} bytes), a {}-byte write buffer and a {checkpoint}-byte \
+             checkpoint buffer do not fit in the guest's {room} bytes of active blocks: give \
+             it more RAM",
             head.block_size
         ))));
     }
