@@ -176,3 +176,30 @@ fn a_mirrored_kvm_guest_commits_its_disks_equal_to_the_source_at_the_pause() {
     assert_mirrored_stats(&dir);
     kvm_verify(&dir.path("dst.img"), &targets).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn post_copy_of_a_kvm_guest_with_disks_is_a_usage_error() {
+    let dir = TmpDir::new("disks-kvm-postcopy");
+    let disk = dir.path("src-d0.img");
+    let mut send = kvm_sender(
+        &dir.path("src.img"),
+        "64M",
+        9,
+        &[
+            "--workload",
+            "diskio",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--disk-size",
+            "64M",
+            "--postcopy",
+            "now",
+        ],
+        &[],
+    );
+    let (status, _) = send.wait_exit();
+    assert_eq!(status.code(), Some(2), "{}", send.stderr());
+    assert!(send.stderr().contains("--postcopy"), "{}", send.stderr());
+    // Refused before anything started.
+    assert!(dir.entries().is_empty(), "{:?}", dir.entries());
+}

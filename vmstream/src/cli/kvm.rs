@@ -110,6 +110,14 @@ pub fn kvm_disks(
 /// The KVM guest `vmstream send --kvm` with `args` starts, of `size` bytes of RAM.
 pub fn send_spec(args: &SendArgs, size: u64) -> std::result::Result<KvmSpec, String> {
     let workload = parse_workload(&args.workload)?;
+    if workload == KvmWorkloadKind::Diskio && args.postcopy != crate::migration::PostcopyMode::Off {
+        // The destination restores the VM before any disk is committed.
+        return Err(
+            "--postcopy: a KVM guest with disks resumes only after its disks are \
+                    committed (pre-copy)"
+                .into(),
+        );
+    }
     Ok(KvmSpec {
         path: args.memory_file.clone(),
         size,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::guest::kvm::abi::*;
-use crate::guest::kvm::disk::device::BlockDevice;
+use crate::guest::kvm::disk::device::{status_name, BlockDevice};
 use crate::guest::kvm::state::{capture_vcpu, VcpuState};
 use crate::track::kvm::DirtyRings;
 
@@ -313,7 +313,19 @@ fn handle_exit(i: usize, exit: VcpuExit<'_>, shared: &Shared) -> Result<(), Stri
                     .handle(i as u64)
                     .map_err(|e| format!("block request: {e}"))?;
             }
-            PORT_PANIC => return Err(format!("guest panic, code {}", word(data))),
+            PORT_PANIC => {
+                let code = word(data);
+                let why = match code as u64 {
+                    PANIC_BAD_PARAMS => "bad parameter block".to_string(),
+                    PANIC_DISK_IO => {
+                        let device = shared.block.lock().unwrap_or_else(|e| e.into_inner());
+                        let status = device.request_status(i as u64).unwrap_or(u64::MAX);
+                        format!("a block request failed: {}", status_name(status))
+                    }
+                    _ => "unknown".to_string(),
+                };
+                return Err(format!("guest panic, code {code} ({why})"));
+            }
             other => return Err(format!("out to unknown port {other:#x}")),
         },
         VcpuExit::IoIn(port, data) => match port as u64 {

@@ -191,6 +191,12 @@ impl BlockDevice {
         &self.disks
     }
 
+    /// The status in vCPU `vcpu`'s request record.
+    pub fn request_status(&self, vcpu: u64) -> Result<u64> {
+        self.ram
+            .load_u64(VCPU_AREA_GPA + vcpu * VCPU_AREA_STRIDE + VCPU_BLK_STATUS)
+    }
+
     /// Performs vCPU `vcpu`'s request and writes its status into the record; returns the
     /// status. `Err` only if the record itself cannot be read or written.
     pub fn handle(&mut self, vcpu: u64) -> Result<u64> {
