@@ -685,3 +685,39 @@ pub fn random_guest_send_args(src: &Path, to: &str, extra: &[&str]) -> Vec<Strin
     ];
     base.iter().chain(extra).map(|a| a.to_string()).collect()
 }
+
+/// Whether this machine cannot run KVM guests (the reason printed: the test skips).
+pub fn kvm_unavailable() -> bool {
+    if let Err(why) = vmstream::guest::kvm::kvm_available() {
+        eprintln!("skipping: {why}");
+        return true;
+    }
+    false
+}
+
+/// `vmstream send --kvm` of a 2-vCPU guest on `src` to `port` (`extra` may name the
+/// workload; dbsim by default).
+pub fn kvm_sender(
+    src: &Path,
+    size: &str,
+    port: u16,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "send",
+        "--kvm",
+        "--size",
+        size,
+        "--vcpus",
+        "2",
+        "--memory-file",
+        src.to_str().unwrap(),
+        "--to",
+        &to,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    Proc::vmstream("send --kvm", &args, envs)
+}

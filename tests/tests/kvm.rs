@@ -9,14 +9,6 @@ use vmstream::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use vmstream::migration::digest::{hex, memory_digest};
 use vmstream_tests::*;
 
-fn skip() -> bool {
-    if let Err(why) = vmstream::guest::kvm::kvm_available() {
-        eprintln!("skipping: {why}");
-        return true;
-    }
-    false
-}
-
 /// Sum of the per-vCPU transaction counters in the guest RAM file at `path`.
 fn kvm_tx(path: &Path, vcpus: u64) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -42,27 +34,6 @@ fn wait_kvm_tx_above(path: &Path, than: u64) -> u64 {
         assert!(Instant::now() < deadline, "KVM guest stuck at tx {now}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// `vmstream send --kvm` of a 2-vCPU guest on `src` to `port` (`extra` may name the
-/// workload; dbsim by default).
-fn kvm_sender(src: &Path, size: &str, port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let to = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "send",
-        "--kvm",
-        "--size",
-        size,
-        "--vcpus",
-        "2",
-        "--memory-file",
-        src.to_str().unwrap(),
-        "--to",
-        &to,
-        "--no-progress",
-    ];
-    args.extend_from_slice(extra);
-    Proc::vmstream("send --kvm", &args, envs)
 }
 
 /// Migrates a 256 MiB guest with `mode`; with `resume` the destination runs it for a
@@ -134,7 +105,7 @@ fn migrate_kvm(
 
 #[test]
 fn dbsim_256m_migrates_live_with_every_dirty_log_mode() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     let _g = serial();
@@ -191,7 +162,7 @@ fn dbsim_256m_migrates_live_with_every_dirty_log_mode() {
 
 #[test]
 fn receiver_killed_mid_migration_leaves_the_kvm_guest_running() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     let _g = serial();
@@ -245,7 +216,7 @@ fn receiver_killed_mid_migration_leaves_the_kvm_guest_running() {
 
 #[test]
 fn corrupted_state_blob_is_refused_before_the_commit() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     let _g = serial();
@@ -334,7 +305,7 @@ fn cancelled_kvm_migration(
 
 #[test]
 fn timeout_cancel_keeps_the_kvm_guest_running_and_exits_3() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     // Raw pages at 8 MB/s: round 0 of 16 MiB outlasts the 1 s timeout, and the random
@@ -352,7 +323,7 @@ fn timeout_cancel_keeps_the_kvm_guest_running_and_exits_3() {
 /// does, instead of ending the process and the KVM guest with it.
 #[test]
 fn sigint_cancels_the_migration_and_the_kvm_guest_keeps_running() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     // Raw pages at 4 MB/s: round 0 of 16 MiB takes 4 s.
@@ -371,7 +342,7 @@ fn sigint_cancels_the_migration_and_the_kvm_guest_keeps_running() {
 
 #[test]
 fn qemu_auto_converge_throttles_a_kvm_guest() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     let _g = serial();
@@ -434,7 +405,7 @@ fn qemu_auto_converge_throttles_a_kvm_guest() {
 
 #[test]
 fn kvm_run_prints_rates_and_verifies() {
-    if skip() {
+    if kvm_unavailable() {
         return;
     }
     let _g = serial();

@@ -3,7 +3,7 @@
  *
  * Single source of truth: build.rs turns every `#define NAME value // doc`
  * line below into `pub const NAME: u64 = value;` for the Rust side
- * (src/kvm/abi.rs), so both sides always agree. Values must be plain
+ * (`guest::kvm::abi`, src/guest/kvm/mod.rs), so both sides always agree. Values must be plain
  * integer literals (decimal or 0x hex).
  */
 #ifndef VMSTREAM_GUEST_ABI_H
@@ -49,7 +49,9 @@
 #define PARAM_HOT_HIT_PERMILLE 0x58 // share of transactions that go to the hot set
 #define PARAM_ROWS_PER_TX 0x60 // words changed per dbsim transaction
 #define PARAM_MEMORY_SIZE 0x68 // guest RAM size in bytes
-#define PARAMS_SIZE 0x70 // bytes of the parameter block in use
+#define PARAM_DISK_AREA_GPA 0x70 // disk area (process guests' layout, STORAGE.md), 0 = no disks
+#define PARAM_DISK_BUFFER_GPA 0x78 // the diskio workload's write buffer (one disk block)
+#define PARAMS_SIZE 0x80 // bytes of the parameter block in use
 
 #define PARAMS_MAGIC_VALUE 0x54534555474d5356 // "VSMGUEST" little-endian
 #define PARAMS_VERSION_VALUE 1 // parameter block layout version
@@ -57,6 +59,12 @@
 /* ---- per-vCPU record: offsets from VCPU_AREA_GPA + i * VCPU_AREA_STRIDE ---- */
 #define VCPU_TX_COUNT 0x00 // u64 transactions completed by this vCPU
 #define VCPU_INFLIGHT 0x08 // u64 block number + 1 of the dbsim transaction in progress, 0 if none
+#define VCPU_BLK_OP 0x10 // u64 block request: BLK_OP_*
+#define VCPU_BLK_DISK 0x18 // u64 block request: disk index
+#define VCPU_BLK_OFFSET 0x20 // u64 block request: byte offset on the disk
+#define VCPU_BLK_LEN 0x28 // u64 block request: bytes, 1..=BLK_MAX_LEN
+#define VCPU_BLK_BUFFER 0x30 // u64 block request: guest-physical address of the data
+#define VCPU_BLK_STATUS 0x38 // u64 block request: BLK_STATUS_*, written by the VMM
 
 /* ---- workloads ---- */
 #define WORKLOAD_DBSIM 0 // versioned 8 KiB blocks + ledger, 80/20 hot set
@@ -65,6 +73,7 @@
 #define WORKLOAD_IDLE 3 // counts and yields to the VMM (PORT_IDLE) in a loop
 #define WORKLOAD_TOUCH 4 // writes exactly the pages the VMM hands out through PORT_TOUCH
 #define WORKLOAD_FILEDB 5 // dbsim in the file-backed guests' image format (WORKLOADS.md) at IMAGE_GPA; vCPU 0 writes, others idle
+#define WORKLOAD_DISKIO 6 // random stamped disk block writes through the block device; vCPU 0 writes, others idle
 
 /* ---- file-backed guest image (WORKLOADS.md, src/layout.rs), used by WORKLOAD_FILEDB ---- */
 #define IMAGE_GPA 0x200000 // the image starts right after the system area and runs to the end of RAM
@@ -107,5 +116,47 @@
 #define PORT_TOUCH_DONE 0x514 // out: a touch batch is complete (value = pages written)
 #define TOUCH_NONE 0xffffffff // PORT_TOUCH reply: no page queued, ask again
 #define PANIC_BAD_PARAMS 1 // parameter block magic/version/workload invalid
+#define PANIC_DISK_IO 2 // a block request ended with an error status (left in VCPU_BLK_STATUS)
+#define PORT_BLOCK 0x515 // out: perform this vCPU's block request (VCPU_BLK_*); the status is set when `out` returns
+
+/* ---- paravirtual block device (KVM.md, STORAGE.md) ---- */
+#define BLK_OP_READ 1 // read LEN bytes at OFFSET of DISK into BUFFER
+#define BLK_OP_WRITE 2 // write LEN bytes from BUFFER at OFFSET of DISK (through the block layer)
+#define BLK_MAX_LEN 0x1000000 // longest request: 16 MiB (a checkpoint is one request)
+#define BLK_STATUS_PENDING 0xffffffffffffffff // set by the guest before the kick; never left by the VMM
+#define BLK_STATUS_OK 0 // done
+#define BLK_STATUS_BAD_OP 1 // unknown BLK_OP_*
+#define BLK_STATUS_BAD_DISK 2 // no such disk
+#define BLK_STATUS_BAD_LENGTH 3 // LEN is 0 or above BLK_MAX_LEN
+#define BLK_STATUS_BAD_RANGE 4 // OFFSET + LEN is past the disk's end
+#define BLK_STATUS_BAD_BUFFER 5 // BUFFER + LEN is outside guest RAM
+#define BLK_STATUS_IO_ERROR 6 // the host's read or write failed
+
+/* ---- disk area (guest/file/disks/area.rs `da`, checked equal at compile time) ---- */
+#define DA_DISKS 16 // u64 number of disks
+#define DA_BLOCK_SIZE 24 // u64 stamp block size
+#define DA_SEED 40 // u64 seed of the fill patterns
+#define DA_RNG_STATE 48 // u64 splitmix64 state of the disk workload
+#define DA_WRITES 56 // u64 disk writes committed
+#define DA_CHECKPOINT_SEQ 64 // u64 checkpoints begun
+#define DA_INTENT_SEQ 72 // u64 intent of the write in progress: WRITES + 1, 0 = none
+#define DA_INTENT_DISK 80 // u64 intent: disk
+#define DA_INTENT_BLOCK 88 // u64 intent: block
+#define DA_INTENT_VERSION 96 // u64 intent: version being written
+#define DA_DISK_BLOCKS 256 // 16 u64 block counts
+#define DA_LEDGER 384 // 16 u64 ledger offsets from the area's start
+#define CKPT_MAGIC 0 // checkpoint header: u64 CKPT_MAGIC_VALUE
+#define CKPT_DISK 8 // checkpoint header: u64 disk index
+#define CKPT_SEQ 16 // checkpoint header: u64 sequence
+#define CKPT_WRITES 24 // checkpoint header: u64 writes committed
+#define CKPT_BLOCKS 32 // checkpoint header: u64 ledger entries after the header page
+#define CKPT_CHECKSUM 40 // checkpoint header: u64 FNV-1a lanes of the ledger pages
+#define CKPT_MAGIC_VALUE 0x54504b4344534d56 // "VMSDCKPT" little-endian
+#define CHECKPOINT_EVERY 256 // disk writes between two checkpoints (a power of two)
+#define DISK_SEED_K 0xa0761d6478bd642f // disk d's fill seed = seed ^ (d + 1) * DISK_SEED_K
+#define FILL_K_VERSION 0xd1b54a32d192ed03 // fill state = (seed ^ b * CHECKSUM_K_NUMBER ^ version * FILL_K_VERSION) | 1
+#define SPLITMIX_GAMMA 0x9e3779b97f4a7c15 // splitmix64 increment
+#define SPLITMIX_M1 0xbf58476d1ce4e5b9 // splitmix64 first multiplier
+#define SPLITMIX_M2 0x94d049bb133111eb // splitmix64 second multiplier
 
 #endif

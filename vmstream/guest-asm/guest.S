@@ -117,6 +117,12 @@ _start:
     mov     rax, [rbx + PARAM_WORKLOAD]
     cmp     rax, WORKLOAD_TOUCH
     je      touch
+    cmp     rax, WORKLOAD_DISKIO
+    jne     not_diskio
+    test    rdi, rdi
+    jz      diskio                      /* one stream: vCPU 0 writes, the others idle */
+    jmp     idle
+not_diskio:
     cmp     rax, WORKLOAD_FILEDB
     jne     1f
     test    rdi, rdi
@@ -463,3 +469,269 @@ fdb_tx:
     mov     dx, PORT_PROGRESS
     out     dx, eax
     jmp     fdb_tx
+
+/*
+ * diskio: random whole-block writes to the disks through the paravirtual
+ * block device (PORT_BLOCK), in the process guests' disk format (STORAGE.md):
+ * each block stamped with its number, version, last write and checksum, its
+ * payload the fill pattern of (disk seed, block, version); the ledger in the
+ * disk area records each block's latest version. Per write, as the process
+ * guests' diskio does:
+ *   1. arm the intent (disk, block, version, seq = WRITES + 1)
+ *   2. the block request (write, status set by the VMM when `out` returns);
+ *      an error status is fatal: PORT_PANIC with PANIC_DISK_IO
+ *   3. ledger[d][b] = version, WRITES = seq; 4. disarm
+ * Register plan: r13 disk area, r12 write buffer, r8 disk, rbp block,
+ * r9 version, r10 &ledger[d][b], r11 seq, r15 splitmix64 state / scratch.
+ */
+diskio:
+    mov     r13, [rbx + PARAM_DISK_AREA_GPA]
+    test    r13, r13
+    jz      bad_params
+    mov     r12, [rbx + PARAM_DISK_BUFFER_GPA]
+
+dio_write:
+    /* disk = splitmix64 % disks, block = splitmix64 % blocks[disk] */
+    mov     r15, [r13 + DA_RNG_STATE]
+    call    splitmix64
+    xor     edx, edx
+    div     qword ptr [r13 + DA_DISKS]
+    mov     r8, rdx
+    call    splitmix64
+    xor     edx, edx
+    div     qword ptr [r13 + DA_DISK_BLOCKS + r8 * 8]
+    mov     rbp, rdx
+    mov     [r13 + DA_RNG_STATE], r15
+
+    mov     r10, [r13 + DA_LEDGER + r8 * 8]
+    add     r10, r13
+    lea     r10, [r10 + rbp * 8]
+    mov     r9, [r10]
+    inc     r9                          /* version */
+    mov     r11, [r13 + DA_WRITES]
+    inc     r11                         /* seq */
+
+    /* payload: xorshift64 from (disk seed ^ b * K_NUMBER ^ version * K_VERSION) | 1 */
+    lea     rax, [r8 + 1]
+    movabs  rcx, DISK_SEED_K
+    imul    rax, rcx
+    xor     rax, [r13 + DA_SEED]
+    movabs  rcx, CHECKSUM_K_NUMBER
+    imul    rcx, rbp
+    xor     rax, rcx
+    movabs  rcx, FILL_K_VERSION
+    imul    rcx, r9
+    xor     rax, rcx
+    or      rax, 1
+    mov     rdi, r12
+    mov     rcx, [r13 + DA_BLOCK_SIZE]
+    mov     edx, BLOCK_HEADER_SIZE
+70: mov     r15, rax
+    shl     r15, 13
+    xor     rax, r15
+    mov     r15, rax
+    shr     r15, 7
+    xor     rax, r15
+    mov     r15, rax
+    shl     r15, 17
+    xor     rax, r15
+    mov     [rdi + rdx], rax
+    add     rdx, 8
+    cmp     rdx, rcx
+    jb      70b
+
+    /* stamp: number, version, checksum (0 while summed), last write, zeros */
+    mov     [rdi + BLOCK_HDR_NUMBER], rbp
+    mov     [rdi + BLOCK_HDR_VERSION], r9
+    xor     eax, eax
+    mov     [rdi + BLOCK_HDR_CHECKSUM], rax
+    mov     [rdi + IMG_BLOCK_LAST_TX], r11
+    mov     [rdi + 32], rax
+    mov     [rdi + 40], rax
+    mov     [rdi + 48], rax
+    mov     [rdi + 56], rax
+
+    /* checksum: four FNV-1a lanes over the whole block (its own word reads as 0) */
+    push    r8
+    push    r9
+    push    r10
+    push    r11
+    movabs  rax, IMG_FNV_OFFSET
+    mov     rcx, rax
+    xor     rcx, 1
+    mov     rdx, rax
+    xor     rdx, 2
+    mov     r15, rax
+    xor     r15, 3
+    movabs  r8, IMG_FNV_PRIME
+    xor     r9d, r9d
+    mov     r10, [r13 + DA_BLOCK_SIZE]
+71: xor     rax, [rdi + r9]
+    imul    rax, r8
+    xor     rcx, [rdi + r9 + 8]
+    imul    rcx, r8
+    xor     rdx, [rdi + r9 + 16]
+    imul    rdx, r8
+    xor     r15, [rdi + r9 + 24]
+    imul    r15, r8
+    add     r9, 32
+    cmp     r9, r10
+    jb      71b
+    xor     rax, rcx
+    imul    rax, r8
+    xor     rax, rdx
+    imul    rax, r8
+    xor     rax, r15
+    imul    rax, r8
+    pop     r11
+    pop     r10
+    pop     r9
+    pop     r8
+    mov     [rdi + BLOCK_HDR_CHECKSUM], rax
+
+    /* 1. arm the intent */
+    mov     [r13 + DA_INTENT_DISK], r8
+    mov     [r13 + DA_INTENT_BLOCK], rbp
+    mov     [r13 + DA_INTENT_VERSION], r9
+    mov     [r13 + DA_INTENT_SEQ], r11
+
+    /* 2. the block request */
+    mov     qword ptr [r14 + VCPU_BLK_OP], BLK_OP_WRITE
+    mov     [r14 + VCPU_BLK_DISK], r8
+    mov     rax, [r13 + DA_BLOCK_SIZE]
+    mov     [r14 + VCPU_BLK_LEN], rax
+    imul    rax, rbp
+    mov     [r14 + VCPU_BLK_OFFSET], rax
+    mov     [r14 + VCPU_BLK_BUFFER], r12
+    mov     qword ptr [r14 + VCPU_BLK_STATUS], -1  /* BLK_STATUS_PENDING */
+    mov     dx, PORT_BLOCK
+    out     dx, eax
+    cmp     qword ptr [r14 + VCPU_BLK_STATUS], BLK_STATUS_OK
+    jne     disk_failed
+
+    /* 3. commit, 4. disarm */
+    mov     [r10], r9
+    mov     [r13 + DA_WRITES], r11
+    mov     qword ptr [r13 + DA_INTENT_SEQ], 0
+    COUNT_TX
+    test    r11, CHECKPOINT_EVERY - 1
+    jnz     dio_write
+    call    dio_checkpoint
+    jmp     dio_write
+
+/*
+ * Every CHECKPOINT_EVERY writes: each disk's ledger to its checkpoint region
+ * (after its blocks) in one request, header page first (magic, disk, seq,
+ * writes, blocks, checksum of the ledger pages), built in the checkpoint
+ * buffer after the write buffer. The sequence is counted first, so a copy
+ * taken mid-checkpoint has each disk at this checkpoint or the one before.
+ * Keeps rbx, r12, r13, r14, rsi.
+ */
+dio_checkpoint:
+    mov     r11, [r13 + DA_CHECKPOINT_SEQ]
+    inc     r11
+    mov     [r13 + DA_CHECKPOINT_SEQ], r11
+    xor     r8d, r8d                    /* disk */
+80: cmp     r8, [r13 + DA_DISKS]
+    jae     89f
+    mov     rdi, r12
+    add     rdi, [r13 + DA_BLOCK_SIZE]  /* the checkpoint buffer */
+    mov     r10, [r13 + DA_DISK_BLOCKS + r8 * 8]
+    lea     r9, [r10 * 8 + 4095]
+    and     r9, -4096                   /* bytes of ledger pages */
+    push    rsi
+    push    rdi
+    xor     eax, eax
+    mov     ecx, 512
+    rep     stosq                       /* the header page, zero */
+    mov     rsi, [r13 + DA_LEDGER + r8 * 8]
+    add     rsi, r13
+    mov     rcx, r10
+    rep     movsq                       /* the ledger */
+    mov     rcx, r9
+    shr     rcx, 3
+    sub     rcx, r10
+    rep     stosq                       /* zero to the page's end */
+    pop     rdi
+    pop     rsi
+
+    push    r10
+    movabs  rax, IMG_FNV_OFFSET
+    mov     rcx, rax
+    xor     rcx, 1
+    mov     rdx, rax
+    xor     rdx, 2
+    mov     r15, rax
+    xor     r15, 3
+    movabs  rbp, IMG_FNV_PRIME
+    xor     r10d, r10d
+81: xor     rax, [rdi + r10 + 4096]
+    imul    rax, rbp
+    xor     rcx, [rdi + r10 + 4096 + 8]
+    imul    rcx, rbp
+    xor     rdx, [rdi + r10 + 4096 + 16]
+    imul    rdx, rbp
+    xor     r15, [rdi + r10 + 4096 + 24]
+    imul    r15, rbp
+    add     r10, 32
+    cmp     r10, r9
+    jb      81b
+    xor     rax, rcx
+    imul    rax, rbp
+    xor     rax, rdx
+    imul    rax, rbp
+    xor     rax, r15
+    imul    rax, rbp
+    pop     r10
+
+    mov     [rdi + CKPT_CHECKSUM], rax
+    movabs  rax, CKPT_MAGIC_VALUE
+    mov     [rdi + CKPT_MAGIC], rax
+    mov     [rdi + CKPT_DISK], r8
+    mov     [rdi + CKPT_SEQ], r11
+    mov     rax, [r13 + DA_WRITES]
+    mov     [rdi + CKPT_WRITES], rax
+    mov     [rdi + CKPT_BLOCKS], r10
+
+    mov     qword ptr [r14 + VCPU_BLK_OP], BLK_OP_WRITE
+    mov     [r14 + VCPU_BLK_DISK], r8
+    mov     rax, r10
+    imul    rax, [r13 + DA_BLOCK_SIZE]  /* the region: right after the blocks */
+    mov     [r14 + VCPU_BLK_OFFSET], rax
+    lea     rax, [r9 + 4096]
+    mov     [r14 + VCPU_BLK_LEN], rax
+    mov     [r14 + VCPU_BLK_BUFFER], rdi
+    mov     qword ptr [r14 + VCPU_BLK_STATUS], -1  /* BLK_STATUS_PENDING */
+    mov     dx, PORT_BLOCK
+    out     dx, eax
+    cmp     qword ptr [r14 + VCPU_BLK_STATUS], BLK_STATUS_OK
+    jne     disk_failed
+    inc     r8
+    jmp     80b
+89: ret
+
+disk_failed:
+    mov     eax, PANIC_DISK_IO
+    mov     dx, PORT_PANIC
+    out     dx, eax
+    ud2
+
+/* rax = next splitmix64 value of the state in r15 (advanced); clobbers rcx. */
+splitmix64:
+    movabs  rcx, SPLITMIX_GAMMA
+    add     r15, rcx
+    mov     rax, r15
+    mov     rcx, rax
+    shr     rcx, 30
+    xor     rax, rcx
+    movabs  rcx, SPLITMIX_M1
+    imul    rax, rcx
+    mov     rcx, rax
+    shr     rcx, 27
+    xor     rax, rcx
+    movabs  rcx, SPLITMIX_M2
+    imul    rax, rcx
+    mov     rcx, rax
+    shr     rcx, 31
+    xor     rax, rcx
+    ret

@@ -56,6 +56,8 @@ enum Command {
 enum KvmCommand {
     /// Run a KVM guest without migrating it, printing its transactions per second.
     Run(vmstream::cli::kvm::KvmRunArgs),
+    /// Check a stopped KVM guest's RAM file (and its disks) against its ledgers.
+    Verify(vmstream::cli::kvm::KvmVerifyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -257,5 +259,6 @@ fn main() -> ExitCode {
         Command::Recv(args) => vmstream::cli::run_recv(&args),
         Command::Plot(args) => vmstream::cli::plot::run(&args),
         Command::Kvm(KvmCommand::Run(args)) => vmstream::cli::kvm::run(&args),
+        Command::Kvm(KvmCommand::Verify(args)) => vmstream::cli::kvm::verify(&args),
     }
 }

@@ -3,7 +3,7 @@
 //! source's disks at the pause, under either schedule; a count or size mismatch, a
 //! corrupted granule and a receiver killed during the disk phase commit nothing and leave
 //! the source guest running; a bad granularity is a usage error. `mirror`: write-through
-//! mirroring.
+//! mirroring; `kvm`: a KVM guest's disks, written through the VMM's block device.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_tests::*;
 
+mod kvm;
 mod mirror;
 
 /// A small xorshift generator: the test needs varied bytes and offsets, not quality.

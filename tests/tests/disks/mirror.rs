@@ -33,7 +33,7 @@ fn mirror_sender(
 
 /// The statistics of a committed mirrored migration: equal digests on both sides, and
 /// guest writes that returned only once the destination had them, none of which gave up.
-fn assert_mirrored_stats(dir: &TmpDir) {
+pub(super) fn assert_mirrored_stats(dir: &TmpDir) {
     let sd = committed_disk_stats(dir);
     let mut mirrored = 0;
     for s in &sd {

@@ -19,7 +19,6 @@ use crate::guest::file::disks::{workload_by_name, DiskParams, GuestDisks, DEFAUL
 use crate::guest::file::layout::ImageWorkloadKind;
 use crate::guest::file::source::{DirtyTracking, GuestSpec};
 use crate::guest::file::workload::WorkloadParams;
-use crate::guest::kvm::source::{AfterFailure, KvmSpec};
 use crate::guest::migratable::open_guest;
 use crate::guest::qemu::{QemuAfter, QemuSpec};
 use crate::migration::config::{
@@ -95,8 +94,8 @@ pub struct SendArgs {
     /// Memory size of the guest to start (K/M/G suffixes).
     #[arg(long, value_parser = parse_size, required_unless_present_any = ["pid", "qemu"], conflicts_with_all = ["pid", "qemu"])]
     pub size: Option<u64>,
-    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle (KVM:
-    /// dbsim, random, hotset, idle, filedb).
+    /// Workload of the guest to start: dbsim, random, sequential, hotset, idle, diskio
+    /// (KVM: dbsim, random, hotset, idle, filedb, diskio).
     #[arg(long, default_value = "dbsim")]
     pub workload: String,
     /// Target transactions per second of the started guest (0 = as fast as possible).
@@ -112,8 +111,9 @@ pub struct SendArgs {
     /// A disk of the guest (a raw image file, a multiple of 4 KiB), migrated with its
     /// memory; repeat for more (at most 16), in the order recv names them. A guest send
     /// starts writes them (created with --disk-size if missing): --workload dbsim runs its
-    /// disk mode on them, diskio writes only them.
-    #[arg(long = "disk", value_name = "PATH", conflicts_with = "kvm")]
+    /// disk mode on them, diskio writes only them (with --kvm: through the VMM's
+    /// paravirtual block device).
+    #[arg(long = "disk", value_name = "PATH")]
     pub disks: Vec<PathBuf>,
     /// Size of each disk of the started guest that does not exist yet (K/M/G).
     #[arg(long, value_parser = parse_size)]
@@ -449,17 +449,7 @@ impl SendArgs {
                 migrate_timeout: self.io_timeout,
                 vcpu_throttle: self.vcpu_throttle,
             }),
-            (_, Some(size)) if self.kvm => GuestSpec::Kvm(KvmSpec {
-                path: self.memory_file.clone(),
-                size,
-                vcpus: self.vcpus,
-                workload: crate::cli::kvm::parse_workload(&self.workload)?,
-                dirty_log: self.dirty_log,
-                after_failure: match self.on_failure {
-                    OnFailure::KeepRunning => AfterFailure::KeepRunning(self.keep_running_for),
-                    OnFailure::Stop => AfterFailure::Stop,
-                },
-            }),
+            (_, Some(size)) if self.kvm => GuestSpec::Kvm(crate::cli::kvm::send_spec(self, size)?),
             (Some(pid), _) => GuestSpec::Attach {
                 path: memory_file()?,
                 pid,
@@ -515,10 +505,11 @@ impl SendArgs {
         cfg.insecure = self.insecure;
         cfg.disks = self.disks.clone();
         // A started guest that writes its disks marks their bitmaps: builtin by default.
-        let guest_writes_disks = matches!(
-            &cfg.guest,
-            GuestSpec::Spawn { disks, .. } if disks.workload.is_some()
-        );
+        let guest_writes_disks = match &cfg.guest {
+            GuestSpec::Spawn { disks, .. } => disks.workload.is_some(),
+            GuestSpec::Kvm(k) => k.disks.workload.is_some(),
+            _ => false,
+        };
         cfg.disk_settings = DiskSettings {
             granularity: self.disk_granularity,
             tracking: match self.disk_tracking {
@@ -765,8 +756,15 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
     };
     match run {
         ResumedRun::Kvm(r) => println!(
-            "verify ok tx={} resumed_from={} blocks={} written_blocks={}",
-            r.tx_end, r.tx_start, r.verified.blocks, r.verified.written_blocks
+            "verify ok tx={} resumed_from={} blocks={} written_blocks={}{}",
+            r.tx_end,
+            r.tx_start,
+            r.verified.blocks,
+            r.verified.written_blocks,
+            r.disks.map_or_else(String::new, |d| format!(
+                " disks={} disk_writes={} disk_written_blocks={}",
+                d.disks, d.writes, d.written_blocks
+            ))
         ),
         ResumedRun::File {
             tx_start,

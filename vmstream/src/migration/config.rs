@@ -333,6 +333,7 @@ impl SendConfig {
         // A started guest that writes its disks creates the missing ones (--disk-size).
         let (creates, guest_writes_disks) = match &self.guest {
             GuestSpec::Spawn { disks, .. } if disks.workload.is_some() => (disks.create_size, true),
+            GuestSpec::Kvm(k) if k.disks.workload.is_some() => (k.disks.create_size, true),
             _ => (None, false),
         };
         if self.disk_settings.tracking == DiskTracking::Builtin

@@ -284,6 +284,7 @@ fn ring_full_exits_do_not_stall_the_guest() {
         },
         dirty_log: Some(DirtyLogMode::Ring),
         ring_entries: 8192,
+        ..KvmGuestConfig::default()
     };
     let guest = KvmGuest::start(GuestRam::memfd(256 << 20).unwrap(), &cfg).unwrap();
     let mut log = guest.dirty_log().unwrap();
@@ -326,6 +327,7 @@ fn ring_full_harvest_stays_exact() {
         },
         dirty_log: Some(DirtyLogMode::Ring),
         ring_entries: 8192,
+        ..KvmGuestConfig::default()
     };
     let guest = KvmGuest::start(GuestRam::memfd(128 << 20).unwrap(), &cfg).unwrap();
     let pages = guest.ram().pages();

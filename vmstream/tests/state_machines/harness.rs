@@ -118,6 +118,7 @@ impl Guest {
             workload: vmstream::guest::kvm::KvmWorkloadKind::Dbsim,
             dirty_log: DirtyLogMode::Clear,
             after_failure: AfterFailure::Stop,
+            disks: Default::default(),
         });
         let guest =
             Guest(open_guest(&spec, None, &Notices::default()).expect("start the KVM guest"));

@@ -242,11 +242,22 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// words `i` with `i % 4 == j`; lanes fold as `h = (h ^ lane) * FNV_PRIME` from lane 0.
 /// Each step is a bijection, so any single-word change always changes the checksum.
 pub fn block_checksum(block: &[u8]) -> u64 {
-    debug_assert!(block.len().is_multiple_of(32));
+    fnv_lanes(block, true)
+}
+
+/// [`block_checksum`]'s four FNV-1a lanes over every word of `bytes` (a multiple of 32
+/// bytes), none read as zero: the checksum of a disk checkpoint's ledger pages.
+pub fn words_checksum(bytes: &[u8]) -> u64 {
+    fnv_lanes(bytes, false)
+}
+
+#[inline]
+fn fnv_lanes(bytes: &[u8], skip_checksum_word: bool) -> u64 {
+    debug_assert!(bytes.len().is_multiple_of(32));
     let mut lanes = [FNV_OFFSET, FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3];
-    for (i, chunk) in block.chunks_exact(32).enumerate() {
+    for (i, chunk) in bytes.chunks_exact(32).enumerate() {
         for (j, lane) in lanes.iter_mut().enumerate() {
-            let w = if i == 0 && j == 2 {
+            let w = if skip_checksum_word && i == 0 && j == 2 {
                 0
             } else {
                 u64::from_le_bytes(chunk[j * 8..j * 8 + 8].try_into().unwrap())

@@ -215,7 +215,7 @@ fn spawn_guest(
 /// A fresh guest formats its disks, so their old dirty bits mean nothing: a bitmap left
 /// beside one (`<disk>.dirty`) that the guest would refuse (another granularity than the
 /// one asked for, another disk size, or no disk) is removed before it starts.
-fn drop_stale_bitmaps(disks: &GuestDisks) -> Result<(), GuestControlError> {
+pub(crate) fn drop_stale_bitmaps(disks: &GuestDisks) -> Result<(), GuestControlError> {
     if disks.workload.is_none() {
         return Ok(());
     }

@@ -61,6 +61,20 @@ pub enum KvmError {
     /// A thread could not be started.
     #[error("cannot spawn thread: {0}")]
     Thread(#[source] io::Error),
+    /// The guest's disks could not be set up or opened.
+    #[error("disks: {0}")]
+    Disks(#[from] crate::guest::file::disks::DiskSetupError),
+    /// The guest's disks disagree with the ledgers in its RAM.
+    #[error("disk verification failed: {0}")]
+    DiskVerify(#[from] crate::guest::file::disks::verify::DiskVerifyError),
+    /// A block request of the guest ended with an error status (the guest stops on it).
+    #[error("vCPU {vcpu}'s block request failed with status {status} ({})", crate::guest::kvm::disk::device::status_name(*status))]
+    BlockRequestFailed {
+        /// The vCPU whose request record holds it.
+        vcpu: u64,
+        /// Its `BLK_STATUS_*`.
+        status: u64,
+    },
 }
 
 impl KvmError {

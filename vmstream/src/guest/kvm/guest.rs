@@ -2,15 +2,19 @@
 //! restore from saved state, pause/resume, dirty logs, throttling, progress
 //! and verification. VM construction is in `machine.rs`.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_clock_data, kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::guest::file::disks::verify::DiskVerifyReport;
+use crate::guest::file::disks::GuestDisks;
 use crate::guest::kvm::abi::*;
+use crate::guest::kvm::disk::{self, device::BlockDevice};
 use crate::guest::kvm::error::{KvmError, Result};
 use crate::guest::kvm::machine::{create_machine, format_image, vcpu_cpuid, Machine};
 use crate::guest::kvm::memory::GuestRam;
@@ -40,6 +44,9 @@ pub struct KvmGuestConfig {
     pub dirty_log: Option<DirtyLogMode>,
     /// Dirty ring entries per vCPU (ring mode), a power of two >= 8192.
     pub ring_entries: u32,
+    /// The disks the diskio workload writes through the block device (other workloads
+    /// have none): paths, size of the missing ones, bitmap granularity, I/O size and rate.
+    pub disks: GuestDisks,
 }
 
 impl Default for KvmGuestConfig {
@@ -49,6 +56,7 @@ impl Default for KvmGuestConfig {
             workload: WorkloadConfig::default(),
             dirty_log: None,
             ring_entries: DEFAULT_RING_ENTRIES,
+            disks: GuestDisks::default(),
         }
     }
 }
@@ -63,6 +71,8 @@ pub struct RestoreConfig {
     /// Keep the vCPUs stopped until [`KvmGuest::resume`] (e.g. to verify the
     /// migrated memory before the guest changes it).
     pub start_paused: bool,
+    /// The guest's disks, in order (a guest with a disk area needs exactly its disks).
+    pub disks: Vec<PathBuf>,
 }
 
 impl Default for RestoreConfig {
@@ -71,6 +81,7 @@ impl Default for RestoreConfig {
             dirty_log: None,
             ring_entries: DEFAULT_RING_ENTRIES,
             start_paused: false,
+            disks: Vec::new(),
         }
     }
 }
@@ -108,16 +119,23 @@ impl KvmGuest {
     /// Creates a VM on `ram`, writes page tables, guest program and
     /// parameters into it, and starts `cfg.vcpus` vCPU threads.
     pub fn start(ram: GuestRam, cfg: &KvmGuestConfig) -> Result<Self> {
-        let params = Params {
+        let mut params = Params {
             workload: cfg.workload.clone(),
             layout: GuestLayout::for_memory(ram.size())?,
             vcpus: cfg.vcpus as u64,
+            disk_area_gpa: 0,
+            disk_buffer_gpa: 0,
         };
-        params.validate()?;
         let ram = Arc::new(ram);
         if cfg.workload.kind == KvmWorkloadKind::FileDb {
             format_image(&ram, &cfg.workload)?;
         }
+        let (disks, io_rate) = match cfg.workload.kind {
+            KvmWorkloadKind::Diskio => disk::format_disks(&ram, &mut params, &cfg.disks)?,
+            _ => (Vec::new(), 0),
+        };
+        params.validate()?;
+        let device = BlockDevice::new(ram.clone(), disks, io_rate);
         let machine = create_machine(&ram, cfg.vcpus, cfg.dirty_log, cfg.ring_entries, |_| {
             setup::write_system_area(&ram, &params)
         })?;
@@ -135,7 +153,7 @@ impl KvmGuest {
             })
             .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
         }
-        Self::launch(ram, params, machine, cfg.dirty_log, false)
+        Self::launch(ram, params, machine, cfg.dirty_log, false, device)
     }
 
     /// Creates a fresh VM on `ram` (which must hold the guest's memory as of
@@ -157,7 +175,9 @@ impl KvmGuest {
                 state.vcpus.len()
             )));
         }
+        let (disks, io_rate) = disk::open_restored(&ram, &params, &cfg.disks)?;
         let ram = Arc::new(ram);
+        let device = BlockDevice::new(ram.clone(), disks, io_rate);
         let machine = create_machine(
             &ram,
             state.vcpus.len(),
@@ -175,7 +195,14 @@ impl KvmGuest {
         for (vcpu, s) in machine.vcpus.iter().zip(&state.vcpus) {
             restore_vcpu(vcpu, s)?;
         }
-        Self::launch(ram, params, machine, cfg.dirty_log, cfg.start_paused)
+        Self::launch(
+            ram,
+            params,
+            machine,
+            cfg.dirty_log,
+            cfg.start_paused,
+            device,
+        )
     }
 
     fn launch(
@@ -184,12 +211,14 @@ impl KvmGuest {
         machine: Machine,
         dirty_mode: Option<DirtyLogMode>,
         paused: bool,
+        device: BlockDevice,
     ) -> Result<Self> {
         install_kick_handler();
         let shared = Arc::new(Shared::new(
             machine.vcpus.len(),
             machine.rings.clone(),
             machine.msr_indices,
+            Mutex::new(device),
         ));
         if paused {
             // Threads park before their first KVM_RUN (no state capture is
@@ -385,6 +414,18 @@ impl KvmGuest {
     /// Exact when paused; while running, blocks change under the reader.
     pub fn verify(&self) -> Result<KvmVerifyReport> {
         verify::verify(&self.ram, &self.params)
+    }
+
+    /// Checks the disks the guest writes against the ledgers in its RAM (`None`: it has no
+    /// disk area); see [`disk::verify::verify_disks`]. Exact when paused.
+    pub fn verify_disks(&self) -> Result<Option<DiskVerifyReport>> {
+        disk::verify::verify_disks(&*self.ram, &self.disk_paths())
+    }
+
+    /// The disks the guest writes through its block device, in order.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        let device = self.shared.block.lock().unwrap_or_else(|e| e.into_inner());
+        device.disks().iter().map(|d| d.path().into()).collect()
     }
 
     /// Guest RAM.

@@ -29,6 +29,10 @@ pub enum KvmWorkloadKind {
     /// [`IMAGE_GPA`]: vCPU 0 commits through the image's redo journal, the
     /// other vCPUs idle; verified by [`crate::guest::file::verify`].
     FileDb,
+    /// Random stamped disk block writes through the paravirtual block device
+    /// ([`crate::guest::kvm::disk`]) in the process guests' disk format: vCPU 0 writes,
+    /// the other vCPUs idle; the ledger lives in the disk area in guest RAM.
+    Diskio,
 }
 
 impl KvmWorkloadKind {
@@ -40,6 +44,7 @@ impl KvmWorkloadKind {
             KvmWorkloadKind::Idle => WORKLOAD_IDLE,
             KvmWorkloadKind::Touch => WORKLOAD_TOUCH,
             KvmWorkloadKind::FileDb => WORKLOAD_FILEDB,
+            KvmWorkloadKind::Diskio => WORKLOAD_DISKIO,
         }
     }
 
@@ -51,6 +56,7 @@ impl KvmWorkloadKind {
             KvmWorkloadKind::Idle,
             KvmWorkloadKind::Touch,
             KvmWorkloadKind::FileDb,
+            KvmWorkloadKind::Diskio,
         ]
         .into_iter()
         .find(|k| k.code() == code)
@@ -65,10 +71,11 @@ impl KvmWorkloadKind {
             KvmWorkloadKind::Idle => "idle",
             KvmWorkloadKind::Touch => "touch",
             KvmWorkloadKind::FileDb => "filedb",
+            KvmWorkloadKind::Diskio => "diskio",
         }
     }
 
-    /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`, `filedb`.
+    /// Parses `dbsim`, `random`, `hotset`, `idle`, `touch`, `filedb`, `diskio`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "dbsim" => Some(KvmWorkloadKind::Dbsim),
@@ -77,6 +84,7 @@ impl KvmWorkloadKind {
             "idle" => Some(KvmWorkloadKind::Idle),
             "touch" => Some(KvmWorkloadKind::Touch),
             "filedb" => Some(KvmWorkloadKind::FileDb),
+            "diskio" => Some(KvmWorkloadKind::Diskio),
             _ => None,
         }
     }
@@ -167,6 +175,10 @@ pub struct Params {
     pub layout: GuestLayout,
     /// vCPUs running the workload.
     pub vcpus: u64,
+    /// The disk area in guest RAM (0: the guest has no disks; [`crate::guest::kvm::disk`]).
+    pub disk_area_gpa: u64,
+    /// The diskio workload's write buffer (one disk block, right after the disk area).
+    pub disk_buffer_gpa: u64,
 }
 
 impl Params {
@@ -198,6 +210,18 @@ impl Params {
         if w.report_shift > 40 {
             return bad("report_shift must be <= 40");
         }
+        let (area, buffer) = (self.disk_area_gpa, self.disk_buffer_gpa);
+        if area != 0
+            && (w.kind != KvmWorkloadKind::Diskio
+                || area < self.layout.blocks_gpa
+                || buffer <= area
+                || buffer >= self.layout.memory_size)
+        {
+            return bad("disk area outside the blocks or without the diskio workload");
+        }
+        if area == 0 && w.kind == KvmWorkloadKind::Diskio {
+            return bad("the diskio workload needs disks");
+        }
         Ok(())
     }
 
@@ -220,6 +244,8 @@ impl Params {
         put(PARAM_HOT_HIT_PERMILLE, self.workload.hot_hit_permille);
         put(PARAM_ROWS_PER_TX, self.workload.rows_per_tx);
         put(PARAM_MEMORY_SIZE, self.layout.memory_size);
+        put(PARAM_DISK_AREA_GPA, self.disk_area_gpa);
+        put(PARAM_DISK_BUFFER_GPA, self.disk_buffer_gpa);
         b
     }
 
@@ -268,6 +294,8 @@ impl Params {
             },
             layout,
             vcpus: get(PARAM_VCPUS)?,
+            disk_area_gpa: get(PARAM_DISK_AREA_GPA)?,
+            disk_buffer_gpa: get(PARAM_DISK_BUFFER_GPA)?,
         };
         params
             .validate()

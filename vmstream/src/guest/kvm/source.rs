@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::guest::file::source::GuestControlError;
+use crate::guest::file::disks::GuestDisks;
+use crate::guest::file::source::{drop_stale_bitmaps, GuestControlError};
 use crate::guest::kvm::abi::{VCPU_AREA_GPA, VCPU_AREA_STRIDE, VCPU_TX_COUNT};
 use crate::guest::kvm::run::report_while_running;
 use crate::guest::kvm::{DirtyLogMode, GuestRam, KvmGuest, KvmGuestConfig, WorkloadConfig};
@@ -43,6 +44,9 @@ pub struct KvmSpec {
     pub dirty_log: DirtyLogMode,
     /// After a failed or cancelled migration.
     pub after_failure: AfterFailure,
+    /// The disks the diskio workload writes through the paravirtual block device (empty
+    /// for other workloads).
+    pub disks: GuestDisks,
 }
 
 /// A running KVM guest on the source.
@@ -72,6 +76,8 @@ impl KvmSourceGuest {
     /// logging on, and maps its RAM for the sender. Its warnings, and its lines when it
     /// keeps running after a failed migration, go to `notices`.
     pub fn start(spec: &KvmSpec, notices: &Notices) -> Result<KvmSourceGuest, GuestControlError> {
+        // A fresh guest formats its disks' area: their old bitmaps' bits mean nothing.
+        drop_stale_bitmaps(&spec.disks)?;
         let ram = match &spec.path {
             Some(p) => GuestRam::create(p, spec.size)?,
             None => GuestRam::memfd(spec.size)?,
@@ -84,6 +90,7 @@ impl KvmSourceGuest {
                 ..WorkloadConfig::default()
             },
             dirty_log: Some(spec.dirty_log),
+            disks: spec.disks.clone(),
             ..KvmGuestConfig::default()
         };
         let guest = KvmGuest::start(ram, &cfg)?;

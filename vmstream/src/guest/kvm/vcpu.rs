@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::guest::kvm::abi::*;
+use crate::guest::kvm::disk::device::{status_name, BlockDevice};
 use crate::guest::kvm::state::{capture_vcpu, VcpuState};
 use crate::track::kvm::DirtyRings;
 
@@ -92,6 +93,8 @@ pub(crate) struct Shared {
     pub(crate) throttle: ThrottleFraction,
     pub(crate) rings: Option<Arc<DirtyRings>>,
     pub(crate) msr_indices: Vec<u32>,
+    /// The paravirtual block device (one request at a time).
+    pub(crate) block: Mutex<BlockDevice>,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -120,7 +123,12 @@ fn set_immediate_exit(ptr: *mut u8, value: u8) {
 }
 
 impl Shared {
-    pub(crate) fn new(vcpus: usize, rings: Option<Arc<DirtyRings>>, msr_indices: Vec<u32>) -> Self {
+    pub(crate) fn new(
+        vcpus: usize,
+        rings: Option<Arc<DirtyRings>>,
+        msr_indices: Vec<u32>,
+        block: Mutex<BlockDevice>,
+    ) -> Self {
         Self {
             command: AtomicU8::new(Command::Run as u8),
             parking: Mutex::new(Parking {
@@ -148,6 +156,7 @@ impl Shared {
             throttle: ThrottleFraction::default(),
             rings,
             msr_indices,
+            block,
         }
     }
 
@@ -296,7 +305,27 @@ fn handle_exit(i: usize, exit: VcpuExit<'_>, shared: &Shared) -> Result<(), Stri
                 slot.touch_batches.fetch_add(1, Ordering::SeqCst);
                 shared.cond.notify_all();
             }
-            PORT_PANIC => return Err(format!("guest panic, code {}", word(data))),
+            PORT_BLOCK => {
+                // The status is in the record when the `out` returns; a failed request is
+                // the guest's to act on.
+                let mut device = shared.block.lock().unwrap_or_else(|e| e.into_inner());
+                device
+                    .handle(i as u64)
+                    .map_err(|e| format!("block request: {e}"))?;
+            }
+            PORT_PANIC => {
+                let code = word(data);
+                let why = match code as u64 {
+                    PANIC_BAD_PARAMS => "bad parameter block".to_string(),
+                    PANIC_DISK_IO => {
+                        let device = shared.block.lock().unwrap_or_else(|e| e.into_inner());
+                        let status = device.request_status(i as u64).unwrap_or(u64::MAX);
+                        format!("a block request failed: {}", status_name(status))
+                    }
+                    _ => "unknown".to_string(),
+                };
+                return Err(format!("guest panic, code {code} ({why})"));
+            }
             other => return Err(format!("out to unknown port {other:#x}")),
         },
         VcpuExit::IoIn(port, data) => match port as u64 {

@@ -172,6 +172,25 @@ pub fn verify_image<R: RamRead + ?Sized>(ram: &R) -> Result<KvmVerifyReport> {
     })
 }
 
+/// Verifies the KVM guest whose RAM is the file at `memory` (stopped, or a migrated copy;
+/// mapped privately, not changed) and its disks at `disks` (`None`: it has none).
+pub fn verify_files(
+    memory: &std::path::Path,
+    disks: &[std::path::PathBuf],
+) -> Result<(
+    KvmVerifyReport,
+    Option<crate::guest::file::disks::verify::DiskVerifyReport>,
+)> {
+    use crate::memory::{GuestMemory, MapMode};
+    let mut mem = GuestMemory::open(memory, MapMode::Private)
+        .map_err(|e| KvmError::GuestMemory(e.to_string()))?;
+    let ram: &[u8] = mem.as_mut_slice();
+    let params = Params::read_from(ram)?;
+    let report = verify_known(ram, &params, &|_| None)?;
+    let disks = crate::guest::kvm::disk::verify::verify_disks(ram, disks)?;
+    Ok((report, disks))
+}
+
 /// Like [`verify`], but returns the typed [`KvmVerifyError`].
 pub fn check(
     ram: &GuestRam,

@@ -83,7 +83,7 @@ pub mod ckpt {
     pub const WRITES: usize = 24;
     /// Ledger entries that follow the header page.
     pub const BLOCKS: usize = 32;
-    /// [`crate::guest::file::layout::block_checksum`] of the ledger pages.
+    /// [`crate::guest::file::layout::words_checksum`] of the ledger pages.
     pub const CHECKSUM: usize = 40;
 }
 

@@ -35,9 +35,10 @@ pub fn log_block(block: &mut [u8], records: &[u8], b: u64, version: u64, last_tx
     seal(block, b, version, last_tx);
 }
 
-/// Checksum of a checkpoint's ledger pages.
+/// Checksum of a checkpoint's ledger pages (the stamps' FNV-1a lanes, which the KVM
+/// guest program computes too).
 pub fn ledger_checksum(pages: &[u8]) -> u64 {
-    twox_hash::XxHash3_64::oneshot(pages)
+    layout::words_checksum(pages)
 }
 
 /// Writes disk `d`'s checkpoint `seq` (its `ledger` bytes after a header page) in one

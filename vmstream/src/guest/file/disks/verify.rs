@@ -197,7 +197,23 @@ struct Ctx<'a> {
 pub fn verify_disks(mem: &[u8], paths: &[PathBuf]) -> Result<DiskVerifyReport, DiskVerifyError> {
     let (wmem, area) = split_disk_area(mem);
     let area = area.ok_or(DiskVerifyError::NoDiskArea)?;
+    verify_disk_area(wmem, area, paths)
+}
+
+/// Verifies the disks at `paths` against the disk area `area` (its header and ledgers);
+/// `wmem` is the memory workload's memory, which only dbsim's disk mode reads (a KVM
+/// guest's diskio passes none).
+pub fn verify_disk_area(
+    wmem: &[u8],
+    area: &[u8],
+    paths: &[PathBuf],
+) -> Result<DiskVerifyReport, DiskVerifyError> {
     let head = AreaHeader::read(area).map_err(DiskVerifyError::Area)?;
+    if head.kind == DiskWorkloadKind::Dbsim && wmem.len() < crate::memory::PAGE_SIZE {
+        return Err(DiskVerifyError::Area(
+            "dbsim's disks without its memory".into(),
+        ));
+    }
     if head.disks.len() != paths.len() {
         return Err(DiskVerifyError::DiskCount {
             expected: head.disks.len(),
@@ -211,11 +227,20 @@ pub fn verify_disks(mem: &[u8], paths: &[PathBuf]) -> Result<DiskVerifyReport, D
             get_u64(area, da::INTENT_VERSION),
         )
     });
-    let geo = Geometry {
-        memory_size: get_u64(wmem, sb::MEMORY_SIZE),
-        block_size: get_u64(wmem, sb::BLOCK_SIZE),
-        block_count: get_u64(wmem, sb::BLOCK_COUNT),
-        data_offset: get_u64(wmem, sb::DATA_OFFSET),
+    let geo = match head.kind {
+        DiskWorkloadKind::Dbsim => Geometry {
+            memory_size: get_u64(wmem, sb::MEMORY_SIZE),
+            block_size: get_u64(wmem, sb::BLOCK_SIZE),
+            block_count: get_u64(wmem, sb::BLOCK_COUNT),
+            data_offset: get_u64(wmem, sb::DATA_OFFSET),
+        },
+        // diskio's blocks cache no memory block.
+        DiskWorkloadKind::Diskio => Geometry {
+            memory_size: 0,
+            block_size: 0,
+            block_count: 0,
+            data_offset: 0,
+        },
     };
     let cx = Ctx {
         head,

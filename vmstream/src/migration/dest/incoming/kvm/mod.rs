@@ -50,6 +50,8 @@ pub struct IncomingKvmGuest {
     /// one at the resume would be downtime.
     committed: Option<GuestMemory>,
     resumed: Option<KvmResumed>,
+    /// The committed disks the resumed guest writes (`recv --disk`).
+    disks: Vec<std::path::PathBuf>,
     /// Told the resume and, as it runs, the guest's rate.
     notices: Notices,
 }
@@ -131,6 +133,10 @@ impl IncomingGuest for IncomingKvmGuest {
         Ok(())
     }
 
+    fn committed_disks(&mut self, disks: &[std::path::PathBuf]) {
+        self.disks = disks.to_vec();
+    }
+
     /// Restores the VM and starts it; its instant is the first transaction on the
     /// destination: the end of the downtime as the guest sees it.
     fn resume(
@@ -144,8 +150,14 @@ impl IncomingGuest for IncomingKvmGuest {
         let (Some(state), Some(Ok(verified))) = (self.state.take(), self.verified.take()) else {
             return Err(RecvError::Resume("no verified KVM image to resume".into()));
         };
-        let (guest, resumption) =
-            KvmResumed::start(target, size, &state, verified, self.notices.clone())?;
+        let (guest, resumption) = KvmResumed::start(
+            target,
+            size,
+            &state,
+            verified,
+            &self.disks,
+            self.notices.clone(),
+        )?;
         self.notices.output(format!(
             "resumed kind=kvm tx={} vcpus={} verify=ok blocks={} written_blocks={}",
             guest.tx_start,

@@ -1,9 +1,10 @@
 //! A KVM guest resumed on the committed image: restored with its vCPUs held, started, and
 //! then sampled for the source and run until `--run-for` or a signal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::guest::file::disks::verify::DiskVerifyReport;
 use crate::guest::kvm::run::report_while_running;
 use crate::guest::kvm::{GuestRam, KvmGuest, KvmVerifyReport, RestoreConfig, VmState};
 use crate::migration::dest::incoming::Resumption;
@@ -41,7 +42,7 @@ impl std::fmt::Debug for KvmResumed {
 }
 
 /// What the resumed KVM guest did until it was stopped.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct KvmRunOutcome {
     /// Transactions at the resume.
     pub tx_start: u64,
@@ -51,24 +52,30 @@ pub struct KvmRunOutcome {
     pub tps: f64,
     /// The ledger check of the paused guest at the end.
     pub verified: KvmVerifyReport,
+    /// The disk check of the paused guest at the end (`None`: it writes no disks).
+    pub disks: Option<DiskVerifyReport>,
 }
 
 impl KvmResumed {
     /// Restores the VM from `path` (the committed image) and `state` with its vCPUs held,
     /// starts them and waits (bounded) for its first transaction: the instant of the
     /// [`Resumption`], whose phases are the restore and that wait. `verified` is the ledger
-    /// check of the received image before the commit; [`Self::run`] tells its lines to
-    /// `notices`.
+    /// check of the received image before the commit; the guest's `disks` (the committed
+    /// ones, in order) are checked against its ledgers before it runs on them.
+    /// [`Self::run`] tells its lines to `notices`.
     pub(super) fn start(
         path: &Path,
         size: u64,
         state: &VmState,
         verified: KvmVerifyReport,
+        disks: &[PathBuf],
         notices: Notices,
     ) -> Result<(KvmResumed, Resumption), RecvError> {
         let t = Instant::now();
         let ram = GuestRam::open(path, size)?;
-        Self::launch(ram, state, verified, notices, t)
+        crate::guest::kvm::disk::verify::verify_disks(&ram, disks)
+            .map_err(|e| RecvError::Resume(format!("refusing to resume the KVM guest: {e}")))?;
+        Self::launch(ram, state, verified, disks, notices, t)
     }
 
     /// Post-copy: as [`Self::start`] on `ram`, which is registered for MISSING faults that
@@ -84,6 +91,7 @@ impl KvmResumed {
             ram,
             state,
             KvmVerifyReport::default(),
+            &[],
             notices,
             Instant::now(),
         )
@@ -94,12 +102,14 @@ impl KvmResumed {
         ram: GuestRam,
         state: &VmState,
         verified: KvmVerifyReport,
+        disks: &[PathBuf],
         notices: Notices,
         t: Instant,
     ) -> Result<(KvmResumed, Resumption), RecvError> {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let cfg = RestoreConfig {
             start_paused: true,
+            disks: disks.to_vec(),
             ..RestoreConfig::default()
         };
         let mut guest = KvmGuest::restore(ram, state, &cfg)?;
@@ -203,6 +213,7 @@ impl KvmResumed {
         self.guest.pause()?;
         let tx_end = self.guest.total_transactions()?;
         let verified = self.guest.verify()?;
+        let disks = self.guest.verify_disks()?;
         self.notices.output(format!("done tx={tx_end}"));
         self.guest.shutdown();
         if tx_end <= self.tx_start {
@@ -216,6 +227,7 @@ impl KvmResumed {
             tx_end,
             tps: tx_end.saturating_sub(self.tx_start) as f64 / ran.as_secs_f64().max(1e-9),
             verified,
+            disks,
         })
     }
 }
