@@ -114,7 +114,7 @@ pub struct BackgroundVerifier<C> {
     touched: Arc<TouchedPages>,
     /// Pages the pass in progress took (0 between passes).
     in_pass: Arc<AtomicU64>,
-    /// Picoseconds per page of the last pass of at least [`RATE_MIN_PAGES`] (0: none yet).
+    /// Picoseconds per page of the slowest pass of at least [`RATE_MIN_PAGES`] (0: none yet).
     ps_per_page: Arc<AtomicU64>,
     thread: Option<JoinHandle<C>>,
 }
@@ -127,8 +127,7 @@ const RATE_MIN_PAGES: usize = 256;
 pub struct Backlog {
     /// Pages applied and not checked (those of a pass in progress included).
     pub pages: u64,
-    /// Checking them at the rate the last pass ran (the pause checks on all cores with
-    /// nothing else running: an upper bound).
+    /// Checking them at the rate of the slowest timed pass.
     pub expected: std::time::Duration,
 }
 
@@ -188,7 +187,11 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                         let done = checks.pass(&view, &pages, &stop);
                         if done >= RATE_MIN_PAGES {
                             let ps = t.elapsed().as_nanos() * 1000 / done as u128;
-                            ps_per_page.store(ps.min(u64::MAX as u128) as u64, Ordering::Relaxed);
+                            // The slowest seen: passes over data pages cost more than
+                            // round 0's over pages still zero, and the estimate must not
+                            // be low.
+                            ps_per_page
+                                .fetch_max(ps.min(u64::MAX as u128) as u64, Ordering::Relaxed);
                         }
                         in_pass.store(0, Ordering::Relaxed);
                         let left = pages.get(done..).unwrap_or_default();
@@ -455,8 +458,8 @@ mod tests {
         }
     }
 
-    /// The backlog is the pages not checked yet, at the rate the last large enough pass
-    /// ran; before such a pass there is no estimate.
+    /// The backlog is the pages not checked yet, at the rate of the slowest large enough
+    /// pass; before such a pass there is no estimate.
     #[test]
     fn the_backlog_counts_unchecked_pages_at_the_rate_passes_ran() {
         use super::test_support::run_pass;
