@@ -9,6 +9,7 @@
 //! that changes back to A before the next round, would be missed (the receiver has B).
 
 use std::io;
+use std::ops::Range;
 use std::path::Path;
 
 use crate::memory::{GuestMemory, MapMode, MemoryError, PAGE_SIZE};
@@ -21,6 +22,9 @@ pub struct HashTracker {
     threads: usize,
     /// The hash of a page of zeros: a hole's.
     zero_hash: u64,
+    /// The file's data pages while a collect in parts runs (taken at its first part: the
+    /// walk of the file's extents is done once).
+    parts_data: Option<Option<Vec<u64>>>,
 }
 
 impl HashTracker {
@@ -38,8 +42,10 @@ impl HashTracker {
             mem,
             threads,
             zero_hash: twox_hash::XxHash3_64::oneshot(&[0; PAGE_SIZE]),
+            parts_data: None,
         };
-        t.rehash(&mut |_| {});
+        let data = t.mem.data_pages().ok();
+        t.rehash(0..t.mem.pages(), data.as_deref(), &mut |_| {});
         t
     }
 
@@ -53,25 +59,25 @@ impl HashTracker {
         &self.mem
     }
 
-    fn rehash(&mut self, changed: &mut dyn FnMut(u64)) {
+    /// Rehashes the pages of `range` (`data`: the file's data pages, holes being zeros;
+    /// None: read every page), calling `changed` with each page whose hash changed, in
+    /// ascending order.
+    fn rehash(&mut self, range: Range<u64>, data: Option<&[u64]>, changed: &mut dyn FnMut(u64)) {
         let base = self.mem.as_ptr() as usize;
-        // Holes are zeros now. Asked before the pages are read: a write after this is a
-        // write after the read, which the next round sees. Unknown: read every page.
-        let data = self.mem.data_pages().ok();
-        let data = data.as_deref();
         let zero_hash = self.zero_hash;
+        let first = range.start;
+        let hashes = &mut self.hashes[range.start as usize..range.end as usize];
         // Chunks of whole 64-page words of the data bitmap.
-        let per = self.hashes.len().div_ceil(self.threads).div_ceil(64).max(1) * 64;
+        let per = hashes.len().div_ceil(self.threads).div_ceil(64).max(1) * 64;
         let results: Vec<Vec<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .hashes
+            let handles: Vec<_> = hashes
                 .chunks_mut(per)
                 .enumerate()
                 .map(|(c, hashes)| {
                     s.spawn(move || {
                         let mut dirty = Vec::new();
                         for (i, h) in hashes.iter_mut().enumerate() {
-                            let page = (c * per + i) as u64;
+                            let page = first + (c * per + i) as u64;
                             let hole = data
                                 .is_some_and(|d| (d[page as usize / 64] >> (page % 64)) & 1 == 0);
                             let new = if hole {
@@ -112,8 +118,32 @@ impl HashTracker {
 impl DirtyTracker for HashTracker {
     fn collect(&mut self) -> io::Result<Vec<u64>> {
         let mut pages = Vec::new();
-        self.rehash(&mut |p| pages.push(p));
+        // Holes are zeros now. Asked before the pages are read: a write after this is a
+        // write after the read, which the next round sees. Unknown: read every page.
+        let data = self.mem.data_pages().ok();
+        self.rehash(0..self.mem.pages(), data.as_deref(), &mut |p| pages.push(p));
         Ok(pages)
+    }
+
+    /// Rehashes only `range`; the file's data pages are found at a part starting at 0 and
+    /// kept until the part that ends memory.
+    fn collect_range(&mut self, range: Range<u64>) -> Option<io::Result<Vec<u64>>> {
+        let pages = self.mem.pages();
+        if range.start > range.end || range.end > pages {
+            return Some(Err(io::Error::other(format!(
+                "pages {range:?} are not within the {pages} tracked"
+            ))));
+        }
+        if range.start == 0 || self.parts_data.is_none() {
+            self.parts_data = Some(self.mem.data_pages().ok());
+        }
+        let data = self.parts_data.take().flatten();
+        let mut dirty = Vec::new();
+        self.rehash(range.clone(), data.as_deref(), &mut |p| dirty.push(p));
+        if range.end < pages {
+            self.parts_data = Some(data);
+        }
+        Some(Ok(dirty))
     }
 
     fn pages(&self) -> u64 {
@@ -212,6 +242,41 @@ mod tests {
         .unwrap();
         assert_eq!(t.collect().unwrap(), vec![150]);
         assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// A collect in parts reports what one collect would, part by part (holes included:
+    /// the file's data pages are found once, at the first part), and refuses a range
+    /// outside memory.
+    #[test]
+    fn a_collect_in_parts_reports_what_one_collect_would() {
+        let p = std::path::Path::new("/dev/shm")
+            .join(format!("vmstream-hash-parts-{}", std::process::id()));
+        let mem = GuestMemory::create(&p, 300 * PAGE_SIZE as u64).unwrap();
+        use std::os::unix::fs::FileExt;
+        mem.file().write_at(&[7], 10 * PAGE_SIZE as u64).unwrap();
+        let mut t = HashTracker::open(&p).unwrap();
+        t.set_threads(2);
+        // Into data (page 10) and into holes, at part boundaries and inside parts.
+        for pg in [0u64, 10, 63, 64, 127, 128, 200, 299] {
+            mem.file()
+                .write_at(&[1], pg * PAGE_SIZE as u64 + 3)
+                .unwrap();
+        }
+        let mut parts = Vec::new();
+        for start in (0..300).step_by(128) {
+            let range = start..(start + 128).min(300);
+            let part = t.collect_range(range.clone()).unwrap().unwrap();
+            assert!(
+                part.iter().all(|p| range.contains(p)),
+                "{part:?} outside {range:?}"
+            );
+            parts.extend(part);
+        }
+        assert_eq!(parts, vec![0, 10, 63, 64, 127, 128, 200, 299]);
+        // The parts re-armed every page, as a collect does.
+        assert_eq!(t.collect().unwrap(), Vec::<u64>::new());
+        assert!(t.collect_range(200..301).unwrap().is_err());
         std::fs::remove_file(&p).unwrap();
     }
 }

@@ -51,6 +51,16 @@ pub trait DirtyTracker: Send {
     /// these pages restarts here, or at the latest in [`Self::before_read`].
     fn collect(&mut self) -> io::Result<Vec<u64>>;
 
+    /// The pages of `range` (a part of memory) written since they were last collected, as
+    /// [`Self::collect`] reports them, or None if this tracker collects only all at once.
+    /// The pause's collect goes part by part, ascending, over all of memory, so that each
+    /// part's pages travel while the next part is collected (the hash tracker reads all of
+    /// memory at the pause).
+    fn collect_range(&mut self, range: std::ops::Range<u64>) -> Option<io::Result<Vec<u64>>> {
+        let _ = range;
+        None
+    }
+
     /// Called for each page the sender sends from the running guest, in ascending order
     /// within a round, before the page's contents are read: a tracker that re-arms
     /// tracking lazily (KVM's manual-clear mode, per chunk) re-arms it here, so a write

@@ -86,7 +86,7 @@ pub(super) struct Source<'a> {
     /// Incremental verification (`--verify` other than full).
     pub(super) verification: Option<Verification>,
     /// A page hidden from the tracker's collections (`SourceFaults::missed_write`).
-    hidden_page: Option<u64>,
+    pub(super) hidden_page: Option<u64>,
     /// While the guest is paused before the commit reply: when it must resume at the
     /// latest, and the bound that set it (`SendConfig::pause_bound`).
     pub(super) pause_deadline: Option<(Instant, Duration)>,

@@ -150,29 +150,74 @@ impl RoundIo {
                 self.progress.inc(256);
             }
         }
-        // The disks' pending granules follow the round's memory pages.
-        if let Some(disks) = self.disks.as_mut() {
-            let cancel = self.cancel.clone();
-            let mut alive = || -> Result<(), SendError> {
-                if last {
-                    return Ok(());
-                }
-                if crate::migration::interrupt::requested(cancel.as_ref()) {
-                    return Err(SendError::Cancelled);
-                }
-                if let PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) = &mut src {
-                    g.check_alive().map_err(SendError::Guest)?;
-                }
-                Ok(())
-            };
-            disks.push_pending(&mut self.channels, &mut alive)?;
+        let cancel = self.cancel.clone();
+        let mut alive = || -> Result<(), SendError> {
+            if last {
+                return Ok(());
+            }
+            if crate::migration::interrupt::requested(cancel.as_ref()) {
+                return Err(SendError::Cancelled);
+            }
+            if let PageOrigin::Live(g) | PageOrigin::LiveSkippingHoles(g, _) = &mut src {
+                g.check_alive().map_err(SendError::Guest)?;
+            }
+            Ok(())
+        };
+        self.end_pages(round, flags, pages.len() as u64, started, &mut alive)
+    }
+
+    /// Queues pages of the paused guest's `memory` for the final round (begun by
+    /// [`Self::begin_final`]), each recorded as sent for incremental verification.
+    pub(super) fn push_frozen(&mut self, pages: &[u64], memory: &[u8]) -> Result<(), SendError> {
+        for &p in pages {
+            let page = &memory[p as usize * PAGE_SIZE..][..PAGE_SIZE];
+            if let Some(sent) = self.sent.as_deref() {
+                sent.record(p, page);
+            }
+            self.channels.push(p, page)?;
         }
-        // Every channel ends the round; the one acknowledgement covers them all.
+        self.progress.inc(pages.len() as u64);
+        Ok(())
+    }
+
+    /// Starts the final round whose pages come in parts ([`Self::push_frozen`], then
+    /// [`Self::end_final`]); returns its start.
+    pub(super) fn begin_final(&mut self, round: u64, expected_pages: u64) -> Instant {
+        self.progress.round(round, expected_pages, true);
+        Instant::now()
+    }
+
+    /// Ends the final round begun at `started` with `pages` pages pushed: the disks'
+    /// pending granules, then its `RoundEnd`.
+    pub(super) fn end_final(
+        &mut self,
+        round: u64,
+        flags: u32,
+        pages: u64,
+        started: Instant,
+    ) -> Result<RoundInFlight, SendError> {
+        self.end_pages(round, flags, pages, started, &mut || Ok(()))
+    }
+
+    /// The end of a round's queueing: the disks' pending granules follow its memory pages
+    /// (`alive` checked between them), then every channel ends the round; the one
+    /// acknowledgement covers them all.
+    fn end_pages(
+        &mut self,
+        round: u64,
+        flags: u32,
+        pages: u64,
+        started: Instant,
+        alive: &mut dyn FnMut() -> Result<(), SendError>,
+    ) -> Result<RoundInFlight, SendError> {
+        if let Some(disks) = self.disks.as_mut() {
+            disks.push_pending(&mut self.channels, alive)?;
+        }
         let sent = self.channels.end_round(round, flags)?;
         Ok(RoundInFlight {
             round,
             flags,
-            pages: pages.len() as u64,
+            pages,
             started,
             sent,
         })

@@ -22,10 +22,20 @@ use crate::telemetry::stats::{ms_between, MigrationStats};
 use crate::telemetry::verification::AuditStats;
 
 use super::machine::{Source, SourceState};
-use super::round::{unexpected, PageOrigin};
+use super::round::{unexpected, PageOrigin, RoundInFlight};
 use super::verify::audit::audit;
 use super::Outcome;
 use crate::memory::merge_pages;
+
+/// Pages per part of the pause's collect in parts (32 MiB): the first pages go after a
+/// few ms of hashing, and each part's threads cost little.
+const FINAL_PART_PAGES: u64 = 8192;
+
+/// The final round's pages: queued while they were collected, or still to send.
+enum FinalRound {
+    Queued(Box<RoundInFlight>),
+    Pages(Vec<u64>),
+}
 
 impl Source<'_> {
     pub(super) fn switchover(
@@ -56,30 +66,55 @@ impl Source<'_> {
         self.cfg.faults.pad_guest_state(&mut state_blob);
         self.impact.pause();
         self.inject_missed_write(MissedWriteAt::AtPause)?;
-        let (more, collect_time) = self.collect_dirty(true)?;
-        let pages = merge_pages(&pending, &more);
-        // The disks' last granules, the guest stopped (the hash tracker reads all of
-        // their data here; the bitmap adds the writes stopped before their mark).
-        if let Some(d) = self.io.disks.as_mut() {
-            d.collect(true)?;
-        }
+        let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
+        let (final_round, collect_time) = match self.queue_final_in_parts(round, &pending, flags)? {
+            Some((queued, collect_time)) => (FinalRound::Queued(Box::new(queued)), collect_time),
+            None => {
+                let (more, collect_time) = self.collect_dirty(true)?;
+                // The disks' last granules, the guest stopped (the hash tracker reads all
+                // of their data here; the bitmap adds the writes stopped before their mark).
+                if let Some(d) = self.io.disks.as_mut() {
+                    d.collect(true)?;
+                }
+                (
+                    FinalRound::Pages(merge_pages(&pending, &more)),
+                    collect_time,
+                )
+            }
+        };
         let tx_at_pause = self.guest.tx_count();
         let ms = |t: Instant| Some(t.elapsed().as_secs_f64() * 1e3);
         self.stats.switchover_ms.pause_and_collect = ms(t);
-        let flags = ROUND_FINAL | if forced { ROUND_FORCED } else { 0 };
         let io = &mut self.io;
         let t = Instant::now();
-        let (verification, digest, digest_time, in_flight) = match &self.verification {
+        let (verification, digest, digest_time, in_flight) = match (&self.verification, final_round)
+        {
+            // Queued while collected: the digest of what was sent, or of memory.
+            (Some(v), FinalRound::Queued(queued)) => {
+                let d = Instant::now();
+                let digest = v.sent().hashes().digest();
+                (DigestSource::SentPages, digest, d.elapsed(), Ok(*queued))
+            }
+            (None, FinalRound::Queued(queued)) => {
+                let data = self.guest.memory().data_pages().ok();
+                let memory = self.guest.paused_memory();
+                let d = Instant::now();
+                let digest = match &data {
+                    Some(data) => memory_digest_sparse(memory, PAGE_SIZE, data),
+                    None => memory_digest(memory, PAGE_SIZE),
+                };
+                (DigestSource::Memory, digest, d.elapsed(), Ok(*queued))
+            }
             // The final round's pages are hashed as they are queued; the digest is then
             // that of what was sent, while the last pages travel.
-            Some(v) => {
+            (Some(v), FinalRound::Pages(pages)) => {
                 let memory = self.guest.paused_memory();
                 let in_flight = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
                 let d = Instant::now();
                 let digest = v.sent().hashes().digest();
                 (DigestSource::SentPages, digest, d.elapsed(), in_flight)
             }
-            None => {
+            (None, FinalRound::Pages(pages)) => {
                 // The guest is stopped: the file's holes are exact, and hashing them as
                 // zero without reading them saves allocating them.
                 let data = self.guest.memory().data_pages().ok();
@@ -151,6 +186,84 @@ impl Source<'_> {
             digest,
             paused_at_ns,
         })
+    }
+
+    /// The pause's collect in parts, when the guest's tracker offers it (the hash
+    /// tracker, which reads all of memory here): each part's dirty pages, with the
+    /// `pending` ones in its range, are queued for the final round as soon as the part is
+    /// hashed, so the link carries them while the next part is read, and the pause is about
+    /// the longer of collect and transfer rather than their sum. Then the scrubber's
+    /// tracking errors and the disks' last granules, and the round's end. Returns the round
+    /// in flight and the collect's time; None (nothing done) for other trackers.
+    fn queue_final_in_parts(
+        &mut self,
+        round: u64,
+        pending: &[u64],
+        flags: u32,
+    ) -> Result<Option<(RoundInFlight, std::time::Duration)>, SendError> {
+        let t = Instant::now();
+        let total = self.guest.size() / PAGE_SIZE as u64;
+        let mut start = 0;
+        let mut end = total.min(FINAL_PART_PAGES);
+        let Some(mut part) = self.guest.tracker().collect_range(start..end) else {
+            return Ok(None);
+        };
+        let started = self.io.begin_final(round, pending.len() as u64);
+        let (mut queued, mut collected, mut next_pending) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let mut more = part.map_err(SendError::Tracker)?;
+            if more.iter().any(|p| !(start..end).contains(p)) {
+                return Err(SendError::Tracker(std::io::Error::other(format!(
+                    "{} tracker reported a page outside pages {start}..{end}",
+                    self.guest.tracker().name()
+                ))));
+            }
+            if let Some(h) = self.hidden_page {
+                more.retain(|&p| p != h);
+            }
+            if let Some(v) = &self.verification {
+                v.sent().mark_pending(&more);
+                collected.extend_from_slice(&more);
+            }
+            let upto = next_pending + pending[next_pending..].partition_point(|&p| p < end);
+            let pages = merge_pages(&pending[next_pending..upto], &more);
+            next_pending = upto;
+            self.io.push_frozen(&pages, self.guest.paused_memory())?;
+            queued.extend_from_slice(&pages);
+            if end == total {
+                break;
+            }
+            (start, end) = (end, total.min(end + FINAL_PART_PAGES));
+            part = self
+                .guest
+                .tracker()
+                .collect_range(start..end)
+                .unwrap_or_else(|| Err(std::io::Error::other("the collect in parts stopped")));
+        }
+        // Pending pages beyond memory (none: every list was checked against its size).
+        let rest = &pending[next_pending..];
+        self.io.push_frozen(rest, self.guest.paused_memory())?;
+        queued.extend_from_slice(rest);
+        // The scrubber's suspects, settled against the whole collection: its tracking
+        // errors are sent too.
+        if let Some(v) = &mut self.verification {
+            v.settle_suspects(&mut collected, true)
+                .map_err(SendError::TrackingError)?;
+            let extra: Vec<u64> = collected
+                .into_iter()
+                .filter(|p| queued.binary_search(p).is_err())
+                .collect();
+            self.io.push_frozen(&extra, self.guest.paused_memory())?;
+            queued.extend(extra);
+        }
+        let collect_time = t.elapsed();
+        if let Some(d) = self.io.disks.as_mut() {
+            d.collect(true)?;
+        }
+        let in_flight = self
+            .io
+            .end_final(round, flags, queued.len() as u64, started)?;
+        Ok(Some((in_flight, collect_time)))
     }
 
     pub(super) fn await_commit(

@@ -171,6 +171,17 @@ impl Verification {
     /// `pages`, so it is sent again. In `strict` mode a tracking error is returned instead.
     pub fn after_collect(&mut self, pages: &mut Vec<u64>, last: bool) -> Result<(), TrackingError> {
         self.sent.mark_pending(pages);
+        self.settle_suspects(pages, last)
+    }
+
+    /// [`Self::after_collect`] for a collection in parts whose pages were each marked
+    /// pending ([`SentPages::mark_pending`]) before they were sent: settles the suspects
+    /// against all of `pages`; the tracking errors it adds are marked pending here.
+    pub fn settle_suspects(
+        &mut self,
+        pages: &mut Vec<u64>,
+        last: bool,
+    ) -> Result<(), TrackingError> {
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let mut fresh = std::mem::take(&mut *self.shared.suspects.lock().expect("suspects"));
         self.suspects.append(&mut fresh);
