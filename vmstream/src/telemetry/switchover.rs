@@ -37,7 +37,8 @@ pub struct SwitchoverTimes {
     /// Destination: restoring the KVM guest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kvm_restore: Option<f64>,
-    /// Source: pausing the guest and collecting its last dirty pages.
+    /// Source: pausing the guest and collecting its last dirty pages (with a collect in
+    /// parts, the hash tracker's, queueing them for the final round as it goes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_and_collect: Option<f64>,
     /// Destination: starting the guest process.
