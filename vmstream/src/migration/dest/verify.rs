@@ -114,6 +114,9 @@ pub struct BackgroundVerifier<C> {
     touched: Arc<TouchedPages>,
     /// Pages the pass in progress took (0 between passes).
     in_pass: Arc<AtomicU64>,
+    /// When the pass in progress started, ns after `epoch`.
+    pass_start_ns: Arc<AtomicU64>,
+    epoch: std::time::Instant,
     /// Picoseconds per page of the slowest pass of at least [`RATE_MIN_PAGES`] (0: none yet).
     ps_per_page: Arc<AtomicU64>,
     thread: Option<JoinHandle<C>>,
@@ -125,7 +128,8 @@ const RATE_MIN_PAGES: usize = 256;
 /// What the background has not checked yet: the verify at the pause would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
-    /// Pages applied and not checked (those of a pass in progress included).
+    /// Pages applied and not checked (those of a pass in progress it has not reached at
+    /// the timed rate included).
     pub pages: u64,
     /// Checking them at the rate of the slowest timed pass.
     pub expected: std::time::Duration,
@@ -146,11 +150,14 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         let covered = Arc::new(AtomicU64::new(0));
         let taken = Arc::new(AtomicU64::new(0));
         let in_pass = Arc::new(AtomicU64::new(0));
+        let pass_start_ns = Arc::new(AtomicU64::new(0));
+        let epoch = std::time::Instant::now();
         let ps_per_page = Arc::new(AtomicU64::new(0));
         let thread = {
             let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
             let (covered, taken) = (Arc::clone(&covered), Arc::clone(&taken));
             let (in_pass, ps_per_page) = (Arc::clone(&in_pass), Arc::clone(&ps_per_page));
+            let pass_start_ns = Arc::clone(&pass_start_ns);
             let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
@@ -182,8 +189,10 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                             break;
                         }
                         let pages = touched.take();
-                        in_pass.store(pages.len() as u64, Ordering::Relaxed);
                         let t = std::time::Instant::now();
+                        let since = t.duration_since(epoch).as_nanos() as u64;
+                        pass_start_ns.store(since, Ordering::Relaxed);
+                        in_pass.store(pages.len() as u64, Ordering::Relaxed);
                         let done = checks.pass(&view, &pages, &stop);
                         if done >= RATE_MIN_PAGES {
                             let ps = t.elapsed().as_nanos() * 1000 / done as u128;
@@ -218,6 +227,8 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             covered,
             touched,
             in_pass,
+            pass_start_ns,
+            epoch,
             ps_per_page,
             thread: Some(thread),
         })
@@ -274,7 +285,12 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         if ps == 0 {
             return None;
         }
-        let pages = self.touched.count() + self.in_pass.load(Ordering::Relaxed);
+        // The pass in progress has done about what its time allows at that rate.
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let running = now.saturating_sub(self.pass_start_ns.load(Ordering::Relaxed));
+        let done = (u128::from(running) * 1000 / u128::from(ps)).min(u128::from(u64::MAX)) as u64;
+        let in_pass = self.in_pass.load(Ordering::Relaxed).saturating_sub(done);
+        let pages = self.touched.count() + in_pass;
         let ns = (u128::from(pages) * u128::from(ps) / 1000).min(u64::MAX as u128) as u64;
         Some(Backlog {
             pages,
