@@ -190,6 +190,10 @@ struct Ctx<'a> {
     mem: &'a [u8],
     geo: Geometry,
     intent: Option<(usize, u64, u64)>,
+    /// The writes done: the counter, plus one if the guest stopped between its ledger's
+    /// commit and the counter's (the intent still armed, its block's ledger entry already
+    /// the new version).
+    writes_done: u64,
 }
 
 /// Verifies the guest's disks at `paths` against its memory `mem` (all of it, recovered:
@@ -242,12 +246,18 @@ pub fn verify_disk_area(
             data_offset: 0,
         },
     };
+    let committed = intent.is_some_and(|(d, b, v)| {
+        head.disks.get(d).is_some_and(|g| b < g.blocks)
+            && get_u64(area, head.ledger_entry(d, b)) == v
+    });
+    let counter = get_u64(area, da::WRITES);
     let cx = Ctx {
         head,
         area,
         mem: wmem,
         geo,
         intent,
+        writes_done: counter + committed as u64,
     };
     let mut written = 0;
     let mut ledger_sum = 0u64;
@@ -258,11 +268,11 @@ pub fn verify_disk_area(
         ledger_sum = ledger_sum.wrapping_add(sum);
         intent_landed |= landed;
     }
-    let writes = get_u64(area, da::WRITES) + intent_landed as u64;
+    let writes = cx.writes_done + intent_landed as u64;
     if cx.head.kind == DiskWorkloadKind::Diskio && ledger_sum + intent_landed as u64 != writes {
         return Err(DiskVerifyError::Counter {
             ledger_sum,
-            writes: writes - intent_landed as u64,
+            writes: counter,
         });
     }
     Ok(DiskVerifyReport {
@@ -452,7 +462,7 @@ fn check_checkpoint(cx: &Ctx<'_>, d: usize, region: &[u8]) -> Result<(), DiskVer
             c.seq
         )));
     }
-    let writes = get_u64(cx.area, da::WRITES);
+    let writes = cx.writes_done;
     if c.writes > writes {
         return Err(bad(format!("{} writes, memory has {writes}", c.writes)));
     }
