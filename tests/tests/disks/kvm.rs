@@ -13,27 +13,11 @@ use vmstream::migration::digest::{hex, memory_digest};
 use vmstream_tests::*;
 
 use super::mirror::assert_mirrored_stats;
-use super::{assert_builtin_disk_stats, disk_args, disk_receiver};
+use super::{assert_builtin_disk_stats, disk_args, disk_receiver, verify_with};
 
 /// `vmstream kvm verify` of `memory` and `disks`: its stdout lines, or its stderr.
 fn kvm_verify(memory: &Path, disks: &[PathBuf]) -> Result<Vec<String>, String> {
-    let mut args = vec![
-        "kvm".to_string(),
-        "verify".into(),
-        "--memory-file".into(),
-        memory.to_str().unwrap().into(),
-    ];
-    args.extend(disk_args(disks));
-    let mut p = Proc::vmstream(
-        "kvm verify",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
-    );
-    let (status, lines) = p.wait_exit();
-    match status.code() {
-        Some(0) => Ok(lines),
-        _ => Err(p.stderr()),
-    }
+    verify_with("kvm", memory, disks)
 }
 
 /// 16 KiB writes at 4 MB/s over a 16 MB/s link.

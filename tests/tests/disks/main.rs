@@ -463,15 +463,25 @@ fn started_disk_guest_sender(
 
 /// `vmstream guest verify` of `memory` and `disks`: its stdout lines, or its stderr.
 fn guest_verify(memory: &Path, disks: &[PathBuf]) -> Result<Vec<String>, String> {
+    verify_with("guest", memory, disks)
+}
+
+/// `vmstream KIND verify` (`guest`, `kvm`) of `memory` and `disks`: its stdout lines, or its
+/// stderr.
+pub(crate) fn verify_with(
+    kind: &str,
+    memory: &Path,
+    disks: &[PathBuf],
+) -> Result<Vec<String>, String> {
     let mut args = vec![
-        "guest".to_string(),
+        kind.to_string(),
         "verify".into(),
         "--memory-file".into(),
         memory.to_str().unwrap().into(),
     ];
     args.extend(disk_args(disks));
     let mut p = Proc::vmstream(
-        "guest verify",
+        &format!("{kind} verify"),
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[],
     );

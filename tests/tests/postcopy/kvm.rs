@@ -33,8 +33,8 @@ fn kvm_tx(path: &Path) -> u64 {
         .sum()
 }
 
-/// `vmstream send --kvm` of a 2-vCPU dbsim guest of `size` on `src` to `port`, with
-/// `extra`.
+/// `vmstream send --kvm` of a 2-vCPU dbsim guest of `size` on `src` to `port` ([`kvm_sender`]),
+/// warmed up for 300 ms, its statistics in `stats`, with `extra`.
 fn kvm_postcopy_sender(
     src: &Path,
     size: &str,
@@ -43,26 +43,9 @@ fn kvm_postcopy_sender(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> Proc {
-    let to = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "send",
-        "--kvm",
-        "--size",
-        size,
-        "--vcpus",
-        "2",
-        "--memory-file",
-        src.to_str().unwrap(),
-        "--warmup",
-        "300ms",
-        "--to",
-        &to,
-        "--no-progress",
-        "--stats-json",
-        stats.to_str().unwrap(),
-    ];
+    let mut args = vec!["--warmup", "300ms", "--stats-json", stats.to_str().unwrap()];
     args.extend_from_slice(extra);
-    Proc::vmstream("send --kvm", &args, envs)
+    kvm_sender(src, size, port, &args, envs)
 }
 
 /// What a KVM post-copy that must have succeeded shows: committed on both sides, every

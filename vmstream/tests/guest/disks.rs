@@ -286,20 +286,49 @@ fn lost_stale_and_torn_disk_blocks_are_caught() {
     );
 }
 
+/// A finished diskio guest's memory file `m`, read: the `u64` at an offset, the offset of
+/// its disk area and of disk 0's ledger, and a block of disk 0 the run wrote.
+struct WrittenLedger {
+    mem: Vec<u8>,
+    area: usize,
+    ledger: usize,
+    block: usize,
+}
+
+impl WrittenLedger {
+    fn read(m: &str) -> WrittenLedger {
+        let mut l = WrittenLedger {
+            mem: std::fs::read(m).unwrap(),
+            area: 0,
+            ledger: 0,
+            block: 0,
+        };
+        l.area = l.u64_at(112) as usize;
+        l.ledger = l.area + l.u64_at(l.area + 384) as usize;
+        l.block = (0..1000).find(|&b| l.entry(b) > 0).unwrap();
+        l
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.mem[off..off + 8].try_into().unwrap())
+    }
+
+    /// Disk 0's ledger entry of block `b`.
+    fn entry(&self, b: usize) -> u64 {
+        self.u64_at(self.ledger + b * 8)
+    }
+}
+
 /// Memory's ledger is the other half of the agreement: a ledger entry set back (a stale
 /// ledger page) leaves a disk block newer than memory says.
 #[test]
 fn a_stale_ledger_in_memory_is_caught() {
     let dir = Dir::new("ledger");
     let (m, disks) = diskio_guest(&dir, 300);
-    let mem = std::fs::read(&m).unwrap();
-    let u64_at = |off: usize| u64::from_le_bytes(mem[off..off + 8].try_into().unwrap());
-    let area = u64_at(112) as usize;
-    let ledger = area + u64_at(area + 384) as usize;
-    let b = (0..1000).find(|&b| u64_at(ledger + b * 8) > 0).unwrap();
+    let l = WrittenLedger::read(&m);
+    let b = l.block;
     let f = std::fs::OpenOptions::new().write(true).open(&m).unwrap();
-    let v = u64_at(ledger + b * 8);
-    f.write_all_at(&(v - 1).to_le_bytes(), (ledger + b * 8) as u64)
+    f.write_all_at(&(l.entry(b) - 1).to_le_bytes(), (l.ledger + b * 8) as u64)
         .unwrap();
     assert!(
         matches!(disk_error(&m, &disks), DiskVerifyError::Newer { disk: 0, block, .. } if block == b as u64)
@@ -314,26 +343,17 @@ fn a_guest_stopped_between_its_ledger_and_its_counter_verifies() {
     use vmstream::guest::file::disks::area::da;
     let dir = Dir::new("ledger-counter");
     let (m, disks) = diskio_guest(&dir, 300);
-    let mem = std::fs::read(&m).unwrap();
-    let u64_at = |off: usize| u64::from_le_bytes(mem[off..off + 8].try_into().unwrap());
-    let area = u64_at(112) as usize;
-    let ledger = area + u64_at(area + 384) as usize;
-    let b = (0..1000).find(|&b| u64_at(ledger + b * 8) > 0).unwrap();
-    let writes = u64_at(area + da::WRITES);
-    if writes % vmstream::guest::file::disks::stamp::CHECKPOINT_EVERY == 0 {
-        // The last write's checkpoint (taken after the counter) would count it already.
-        eprintln!("skipping: the run ended on a checkpoint ({writes} writes)");
-        return;
-    }
+    let l = WrittenLedger::read(&m);
+    let writes = l.u64_at(l.area + da::WRITES);
     let f = std::fs::OpenOptions::new().write(true).open(&m).unwrap();
     let put = |off: usize, v: u64| f.write_all_at(&v.to_le_bytes(), off as u64).unwrap();
-    put(area + da::WRITES, writes - 1);
-    put(area + da::INTENT_DISK, 0);
-    put(area + da::INTENT_BLOCK, b as u64);
-    put(area + da::INTENT_VERSION, u64_at(ledger + b * 8));
-    put(area + da::INTENT_SEQ, writes);
+    put(l.area + da::WRITES, writes - 1);
+    put(l.area + da::INTENT_DISK, 0);
+    put(l.area + da::INTENT_BLOCK, l.block as u64);
+    put(l.area + da::INTENT_VERSION, l.entry(l.block));
+    put(l.area + da::INTENT_SEQ, writes);
     assert_eq!(verify(&m, &strs(&disks)), Ok(writes));
-    put(area + da::INTENT_SEQ, 0);
+    put(l.area + da::INTENT_SEQ, 0);
     let e = verify(&m, &strs(&disks)).unwrap_err();
     assert!(e.contains(&format!("memory has {}", writes - 1)), "{e}");
 }
