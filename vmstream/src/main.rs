@@ -238,14 +238,7 @@ fn main() -> ExitCode {
                         r.replayed_journal
                     );
                     if let Some(d) = disks {
-                        println!(
-                        "ok disks={} disk_workload={} written_blocks={} writes={} checkpoints={}",
-                        d.disks,
-                        d.kind.name(),
-                        d.written_blocks,
-                        d.writes,
-                        d.checkpoints
-                    );
+                        println!("{}", vmstream::cli::verified::disks_line(&d));
                     }
                     ExitCode::SUCCESS
                 }

@@ -159,14 +159,7 @@ pub fn verify(args: &KvmVerifyArgs) -> ExitCode {
                 memory.blocks, memory.written_blocks, memory.inflight
             );
             if let Some(d) = disks {
-                println!(
-                    "ok disks={} disk_workload={} written_blocks={} writes={} checkpoints={}",
-                    d.disks,
-                    d.kind.name(),
-                    d.written_blocks,
-                    d.writes,
-                    d.checkpoints
-                );
+                println!("{}", super::verified::disks_line(&d));
             }
             ExitCode::SUCCESS
         }
@@ -261,10 +254,7 @@ fn run_inner(args: &KvmRunArgs) -> Result<()> {
         summary.elapsed.as_secs_f64(),
         report.blocks,
         report.written_blocks,
-        disks.map_or_else(String::new, |d| format!(
-            " disks={} disk_writes={} disk_written_blocks={}",
-            d.disks, d.writes, d.written_blocks
-        )),
+        super::verified::disks_summary(disks.as_ref()),
         t.elapsed().as_secs_f64() * 1e3
     ));
     guest.shutdown();

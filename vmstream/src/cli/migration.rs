@@ -761,10 +761,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             r.tx_start,
             r.verified.blocks,
             r.verified.written_blocks,
-            r.disks.map_or_else(String::new, |d| format!(
-                " disks={} disk_writes={} disk_written_blocks={}",
-                d.disks, d.writes, d.written_blocks
-            ))
+            super::verified::disks_summary(r.disks.as_ref())
         ),
         ResumedRun::File {
             tx_start,
@@ -774,10 +771,7 @@ pub fn run_recv(args: &RecvArgs) -> ExitCode {
             "verify ok tx={} resumed_from={tx_start} blocks={}{}",
             report.tx_count,
             report.blocks,
-            disks.map_or_else(String::new, |d| format!(
-                " disks={} disk_writes={} disk_written_blocks={}",
-                d.disks, d.writes, d.written_blocks
-            ))
+            super::verified::disks_summary(disks.as_ref())
         ),
     }
     if let Some(p) = &cfg.stats_json {

@@ -7,5 +7,6 @@ pub mod kvm;
 pub mod migration;
 pub mod notices;
 pub mod plot;
+pub mod verified;
 
 pub use migration::{run_recv, run_send, RecvArgs, SendArgs};
