@@ -552,41 +552,11 @@ dio_write:
     mov     [rdi + 56], rax
 
     /* checksum: four FNV-1a lanes over the whole block (its own word reads as 0) */
-    push    r8
-    push    r9
-    push    r10
-    push    r11
-    movabs  rax, IMG_FNV_OFFSET
-    mov     rcx, rax
-    xor     rcx, 1
-    mov     rdx, rax
-    xor     rdx, 2
-    mov     r15, rax
-    xor     r15, 3
-    movabs  r8, IMG_FNV_PRIME
-    xor     r9d, r9d
-    mov     r10, [r13 + DA_BLOCK_SIZE]
-71: xor     rax, [rdi + r9]
-    imul    rax, r8
-    xor     rcx, [rdi + r9 + 8]
-    imul    rcx, r8
-    xor     rdx, [rdi + r9 + 16]
-    imul    rdx, r8
-    xor     r15, [rdi + r9 + 24]
-    imul    r15, r8
-    add     r9, 32
-    cmp     r9, r10
-    jb      71b
-    xor     rax, rcx
-    imul    rax, r8
-    xor     rax, rdx
-    imul    rax, r8
-    xor     rax, r15
-    imul    rax, r8
-    pop     r11
-    pop     r10
-    pop     r9
-    pop     r8
+    push    rsi
+    mov     rsi, rdi
+    mov     rdx, [r13 + DA_BLOCK_SIZE]
+    call    fnv_lanes
+    pop     rsi
     mov     [rdi + BLOCK_HDR_CHECKSUM], rax
 
     /* 1. arm the intent */
@@ -655,34 +625,11 @@ dio_checkpoint:
     pop     rdi
     pop     rsi
 
-    push    r10
-    movabs  rax, IMG_FNV_OFFSET
-    mov     rcx, rax
-    xor     rcx, 1
-    mov     rdx, rax
-    xor     rdx, 2
-    mov     r15, rax
-    xor     r15, 3
-    movabs  rbp, IMG_FNV_PRIME
-    xor     r10d, r10d
-81: xor     rax, [rdi + r10 + 4096]
-    imul    rax, rbp
-    xor     rcx, [rdi + r10 + 4096 + 8]
-    imul    rcx, rbp
-    xor     rdx, [rdi + r10 + 4096 + 16]
-    imul    rdx, rbp
-    xor     r15, [rdi + r10 + 4096 + 24]
-    imul    r15, rbp
-    add     r10, 32
-    cmp     r10, r9
-    jb      81b
-    xor     rax, rcx
-    imul    rax, rbp
-    xor     rax, rdx
-    imul    rax, rbp
-    xor     rax, r15
-    imul    rax, rbp
-    pop     r10
+    push    rsi
+    lea     rsi, [rdi + 4096]           /* the ledger pages */
+    mov     rdx, r9
+    call    fnv_lanes
+    pop     rsi
 
     mov     [rdi + CKPT_CHECKSUM], rax
     movabs  rax, CKPT_MAGIC_VALUE
@@ -709,6 +656,44 @@ dio_checkpoint:
     inc     r8
     jmp     80b
 89: ret
+
+/*
+ * rax = four FNV-1a lanes over [rsi, rsi + rdx) (rdx a non-zero multiple of 32), folded
+ * from lane 0: guest/file/layout.rs's words_checksum, for disk blocks and checkpoints.
+ * Clobbers rcx, rdx, rsi and r15.
+ */
+fnv_lanes:
+    push    rbx
+    push    rbp
+    add     rdx, rsi                    /* the end */
+    movabs  rax, IMG_FNV_OFFSET
+    mov     rcx, rax
+    xor     rcx, 1
+    mov     rbx, rax
+    xor     rbx, 2
+    mov     r15, rax
+    xor     r15, 3
+    movabs  rbp, IMG_FNV_PRIME
+90: xor     rax, [rsi]
+    imul    rax, rbp
+    xor     rcx, [rsi + 8]
+    imul    rcx, rbp
+    xor     rbx, [rsi + 16]
+    imul    rbx, rbp
+    xor     r15, [rsi + 24]
+    imul    r15, rbp
+    add     rsi, 32
+    cmp     rsi, rdx
+    jb      90b
+    xor     rax, rcx
+    imul    rax, rbp
+    xor     rax, rbx
+    imul    rax, rbp
+    xor     rax, r15
+    imul    rax, rbp
+    pop     rbp
+    pop     rbx
+    ret
 
 disk_failed:
     mov     eax, PANIC_DISK_IO
