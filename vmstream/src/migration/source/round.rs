@@ -107,7 +107,6 @@ impl RoundIo {
                     g.check_alive().map_err(SendError::Guest)?;
                 }
             }
-            let at = p as usize * PAGE_SIZE;
             let sent = self.sent.as_deref();
             let record = |slot: &[u8]| {
                 if let Some(sent) = sent {
@@ -115,11 +114,7 @@ impl RoundIo {
                 }
             };
             match &mut src {
-                PageOrigin::Frozen(m) => {
-                    let page = &m[at..at + PAGE_SIZE];
-                    record(page);
-                    self.channels.push(p, page)?
-                }
+                PageOrigin::Frozen(m) => self.push_frozen_page(p, m)?,
                 // Holes of a sparse memory file are filled with zeros here, never read.
                 PageOrigin::LiveSkippingHoles(g, data) if crate::memory::page_is_hole(data, p) => {
                     let tracker = g.tracker();
@@ -170,14 +165,19 @@ impl RoundIo {
     /// [`Self::begin_final`]), each recorded as sent for incremental verification.
     pub(super) fn push_frozen(&mut self, pages: &[u64], memory: &[u8]) -> Result<(), SendError> {
         for &p in pages {
-            let page = &memory[p as usize * PAGE_SIZE..][..PAGE_SIZE];
-            if let Some(sent) = self.sent.as_deref() {
-                sent.record(p, page);
-            }
-            self.channels.push(p, page)?;
+            self.push_frozen_page(p, memory)?;
         }
         self.progress.inc(pages.len() as u64);
         Ok(())
+    }
+
+    /// Queues page `p` of the paused guest's `memory`, recorded as sent.
+    fn push_frozen_page(&mut self, p: u64, memory: &[u8]) -> Result<(), SendError> {
+        let page = &memory[p as usize * PAGE_SIZE..][..PAGE_SIZE];
+        if let Some(sent) = self.sent.as_deref() {
+            sent.record(p, page);
+        }
+        self.channels.push(p, page)
     }
 
     /// Starts the final round whose pages come in parts ([`Self::push_frozen`], then

@@ -97,13 +97,8 @@ impl Source<'_> {
             }
             (None, FinalRound::Queued(queued)) => {
                 let data = self.guest.memory().data_pages().ok();
-                let memory = self.guest.paused_memory();
-                let d = Instant::now();
-                let digest = match &data {
-                    Some(data) => memory_digest_sparse(memory, PAGE_SIZE, data),
-                    None => memory_digest(memory, PAGE_SIZE),
-                };
-                (DigestSource::Memory, digest, d.elapsed(), Ok(*queued))
+                let (digest, time) = paused_digest(self.guest.paused_memory(), data.as_deref());
+                (DigestSource::Memory, digest, time, Ok(*queued))
             }
             // The final round's pages are hashed as they are queued; the digest is then
             // that of what was sent, while the last pages travel.
@@ -121,14 +116,7 @@ impl Source<'_> {
                 let memory = self.guest.paused_memory();
                 // Taken while the last pages travel: memory no longer changes.
                 let ((digest, digest_time), in_flight) = std::thread::scope(|s| {
-                    let digest = s.spawn(|| {
-                        let t = Instant::now();
-                        let digest = match &data {
-                            Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
-                            None => memory_digest(memory, PAGE_SIZE),
-                        };
-                        (digest, t.elapsed())
-                    });
+                    let digest = s.spawn(|| paused_digest(memory, data.as_deref()));
                     let sent = io.send_pages(round, &pages, PageOrigin::Frozen(memory), flags);
                     (digest.join().expect("digest thread"), sent)
                 });
@@ -413,6 +401,17 @@ impl Source<'_> {
                 .warning(format!("could not send the audit to the destination: {e}"));
         }
     }
+}
+
+/// The digest of the paused guest's `memory` (`data`: its file's data pages, the holes
+/// hashed as zeros unread), and how long it took.
+fn paused_digest(memory: &[u8], data: Option<&[u64]>) -> ([u8; 32], std::time::Duration) {
+    let t = Instant::now();
+    let digest = match data {
+        Some(d) => memory_digest_sparse(memory, PAGE_SIZE, d),
+        None => memory_digest(memory, PAGE_SIZE),
+    };
+    (digest, t.elapsed())
 }
 
 /// After the commit, our guest ended (`ended`: how): tells the destination it may resume
