@@ -85,9 +85,87 @@ const FIRST_ROUND_POLL: std::time::Duration = std::time::Duration::from_millis(1
 pub trait BlockChecks: Send + 'static {
     /// Checks the blocks holding `pages` (ascending), reading them through `view` (a
     /// read-only mapping of the pending image, which the next round may be writing);
-    /// returns early once `stop` is set. Returns how many of `pages` (a prefix) it took
-    /// into account: the rest stay pending for the next pass or the pause.
-    fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize;
+    /// says how far it got through `control` as it goes, and returns early once `control`
+    /// is stopped. Returns how many of `pages` (a prefix) it took into account: the rest
+    /// stay pending for the next pass or the pause.
+    fn pass(&mut self, view: &GuestMemory, pages: &[u64], control: &PassControl) -> usize;
+
+    /// Whether the checks have set up what they learn into (a table for every block of
+    /// memory, built in the first pass that finds the guest's layout: 40 ms at 4 GiB). A
+    /// pass that sets it up is not timed for the backlog's rate: that cost is paid once.
+    fn set_up(&self) -> bool {
+        true
+    }
+}
+
+/// What a pass in progress shares with the verifier: the stop flag it obeys, and how far it
+/// got (the backlog counts the rest).
+#[derive(Default)]
+pub struct PassControl {
+    stop: AtomicBool,
+    /// Pages the pass in progress took (0 between passes), and how many of them (a
+    /// prefix) it has checked.
+    pages: AtomicU64,
+    checked: AtomicU64,
+    /// How far a timed pass in progress got, for the rate (see [`Self::progress`]).
+    timing: std::sync::Mutex<Option<PassTiming>>,
+}
+
+/// A timed pass in progress: the thread's CPU time when it started, whether it runs during
+/// round 0, and its pages checked and CPU time spent at the latest sample.
+#[derive(Clone, Copy)]
+struct PassTiming {
+    start_cpu: std::time::Duration,
+    bulk: bool,
+    sampled: TimedPass,
+}
+
+/// Pages between two samples of a pass's CPU time (a system call each).
+const SAMPLE_PAGES: u64 = 1024;
+
+impl PassControl {
+    /// Whether the pass is to return now (the pause wants what it learned).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The pass has checked the first `n` of its pages.
+    pub fn checked(&self, n: usize) {
+        let n = n as u64;
+        let before = self.checked.swap(n, Ordering::Relaxed);
+        if n / SAMPLE_PAGES != before / SAMPLE_PAGES {
+            let mut timing = self.timing.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(t), Some(cpu)) = (timing.as_mut(), thread_cpu_time()) {
+                t.sampled = TimedPass {
+                    pages: n,
+                    cpu: cpu.saturating_sub(t.start_cpu),
+                    bulk: t.bulk,
+                };
+            }
+        }
+    }
+
+    /// A timed pass starts (`None`: an untimed one, or none).
+    fn time(&self, timing: Option<PassTiming>) {
+        *self.timing.lock().unwrap_or_else(|e| e.into_inner()) = timing;
+    }
+
+    /// What the timed pass in progress has shown of its rate so far, if it checked enough
+    /// pages to say: a pass far slower than the earlier ones (the first after round 0,
+    /// over the pages the guest rewrites) would otherwise count at their rate until it
+    /// ends, which may be after the pause.
+    fn progress(&self) -> Option<TimedPass> {
+        let timing = *self.timing.lock().unwrap_or_else(|e| e.into_inner());
+        timing
+            .map(|t| t.sampled)
+            .filter(|p| p.pages >= RATE_MIN_PAGES as u64)
+    }
+
+    /// Pages of the pass in progress not checked yet.
+    fn unchecked(&self) -> u64 {
+        let pages = self.pages.load(Ordering::Relaxed);
+        pages.saturating_sub(self.checked.load(Ordering::Relaxed))
+    }
 }
 
 /// What the background learned, and the pages applied since it last looked (the verify at
@@ -103,7 +181,7 @@ pub struct Finished<C> {
 /// runs `C`'s checks after each round's barrier.
 pub struct BackgroundVerifier<C> {
     kick: mpsc::Sender<u64>,
-    stop: Arc<AtomicBool>,
+    control: Arc<PassControl>,
     /// Passes completed after a barrier (tests wait on it).
     passes: Arc<AtomicU64>,
     /// Kicks sent ([`Self::round_applied`]); the last kick a finished pass started from,
@@ -112,14 +190,76 @@ pub struct BackgroundVerifier<C> {
     taken: Arc<AtomicU64>,
     covered: Arc<AtomicU64>,
     touched: Arc<TouchedPages>,
-    /// Pages the pass in progress took (0 between passes).
-    in_pass: Arc<AtomicU64>,
-    /// When the pass in progress started, ns after `epoch`.
-    pass_start_ns: Arc<AtomicU64>,
-    epoch: std::time::Instant,
-    /// Picoseconds per page of the slowest pass of at least [`RATE_MIN_PAGES`] (0: none yet).
-    ps_per_page: Arc<AtomicU64>,
+    rates: Arc<PassRates>,
     thread: Option<JoinHandle<C>>,
+}
+
+/// The calling thread's CPU time so far (None if the clock fails).
+fn thread_cpu_time() -> Option<std::time::Duration> {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .ok()
+        .map(std::time::Duration::from)
+}
+
+/// How fast the background's recent passes checked pages: their CPU time per page, over
+/// the latest timed passes covering at least [`RATE_WINDOW_PAGES`].
+///
+/// CPU time, not the wall clock's: during the rounds a pass shares the two cores with the
+/// codec's workers, and its wall time says more of them than of the pages (a 4 GiB KVM
+/// guest's passes took 1.5-4x their CPU time), while the verify at the pause has the
+/// cores. Recent passes, and none of round 0's once a later one is timed: round 0's passes
+/// over pages the guest never wrote cost a third of later ones over its data. A window,
+/// not the slowest pass: one pass of a few thousand pages at 3-5x the usual cost kept the
+/// estimate several times too high for the rest of the migration.
+#[derive(Default)]
+struct PassRates(std::sync::Mutex<std::collections::VecDeque<TimedPass>>);
+
+/// One timed pass: its pages and CPU time, and whether it ran during round 0.
+#[derive(Clone, Copy)]
+struct TimedPass {
+    pages: u64,
+    cpu: std::time::Duration,
+    bulk: bool,
+}
+
+/// The pages the rate is taken over (256 MiB).
+const RATE_WINDOW_PAGES: u64 = 65536;
+
+impl PassRates {
+    fn record(&self, pass: TimedPass) {
+        let mut passes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !pass.bulk {
+            passes.retain(|p| !p.bulk);
+        }
+        passes.push_back(pass);
+        // Drop the oldest while the rest still cover the window.
+        let mut total: u64 = passes.iter().map(|p| p.pages).sum();
+        while passes.len() > 1 && total - passes[0].pages >= RATE_WINDOW_PAGES {
+            total -= passes[0].pages;
+            passes.pop_front();
+        }
+    }
+
+    /// Picoseconds of CPU time per page over the window and `in_progress` (a pass not
+    /// done yet, as far as it got), or None before a pass was timed.
+    fn cpu_ps_per_page(&self, in_progress: Option<TimedPass>) -> Option<u64> {
+        let passes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let after_round0 = in_progress.is_some_and(|p| !p.bulk);
+        let counted = || {
+            passes
+                .iter()
+                .filter(move |p| !(after_round0 && p.bulk))
+                .chain(in_progress.iter())
+        };
+        let pages: u64 = counted().map(|p| p.pages).sum();
+        if pages == 0 {
+            return None;
+        }
+        let cpu: std::time::Duration = counted().map(|p| p.cpu).sum();
+        // At least 1: a backlog is never free.
+        Some((cpu.as_nanos() * 1000 / u128::from(pages)).clamp(1, u128::from(u64::MAX)) as u64)
+    }
 }
 
 /// A pass of fewer pages says little about the rate (fixed costs dominate).
@@ -128,10 +268,9 @@ const RATE_MIN_PAGES: usize = 256;
 /// What the background has not checked yet: the verify at the pause would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
-    /// Pages applied and not checked (those of a pass in progress it has not reached at
-    /// the timed rate included).
+    /// Pages applied and not checked (those a pass in progress has not reached included).
     pub pages: u64,
-    /// Checking them at the rate of the slowest timed pass.
+    /// Checking them at the CPU time per page of the recent timed passes.
     pub expected: std::time::Duration,
 }
 
@@ -145,19 +284,15 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         mut checks: C,
     ) -> std::io::Result<BackgroundVerifier<C>> {
         let (kick, kicks) = mpsc::channel::<u64>();
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(PassControl::default());
         let passes = Arc::new(AtomicU64::new(0));
         let covered = Arc::new(AtomicU64::new(0));
         let taken = Arc::new(AtomicU64::new(0));
-        let in_pass = Arc::new(AtomicU64::new(0));
-        let pass_start_ns = Arc::new(AtomicU64::new(0));
-        let epoch = std::time::Instant::now();
-        let ps_per_page = Arc::new(AtomicU64::new(0));
+        let rates = Arc::new(PassRates::default());
         let thread = {
-            let (stop, passes) = (Arc::clone(&stop), Arc::clone(&passes));
+            let (control, passes) = (Arc::clone(&control), Arc::clone(&passes));
             let (covered, taken) = (Arc::clone(&covered), Arc::clone(&taken));
-            let (in_pass, ps_per_page) = (Arc::clone(&in_pass), Arc::clone(&ps_per_page));
-            let pass_start_ns = Arc::clone(&pass_start_ns);
+            let rates = Arc::clone(&rates);
             let touched = Arc::clone(&touched);
             std::thread::Builder::new()
                 .name("vmstream-verify".into())
@@ -181,32 +316,51 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                                 Err(_) => break,
                             }
                         };
+                        let bulk = first_round;
                         first_round &= kicked.is_none();
                         while let Ok(k) = kicks.try_recv() {
                             kicked = Some(k);
                         }
-                        if stop.load(Ordering::Relaxed) {
+                        if control.stopped() {
                             break;
                         }
-                        let pages = touched.take();
                         let t = std::time::Instant::now();
-                        let since = t.duration_since(epoch).as_nanos() as u64;
-                        pass_start_ns.store(since, Ordering::Relaxed);
-                        in_pass.store(pages.len() as u64, Ordering::Relaxed);
-                        let done = checks.pass(&view, &pages, &stop);
-                        if done >= RATE_MIN_PAGES {
-                            let ps = t.elapsed().as_nanos() * 1000 / done as u128;
-                            // The slowest seen: passes over data pages cost more than
-                            // round 0's over pages still zero, and the estimate must not
-                            // be low.
-                            ps_per_page
-                                .fetch_max(ps.min(u64::MAX as u128) as u64, Ordering::Relaxed);
+                        // Counted in the pass before they leave `touched`: a backlog asked
+                        // for meanwhile counts them twice rather than not at all.
+                        control.checked(0);
+                        control.pages.store(touched.count(), Ordering::Relaxed);
+                        let pages = touched.take();
+                        control.pages.store(pages.len() as u64, Ordering::Relaxed);
+                        let timed = checks.set_up();
+                        let cpu = thread_cpu_time();
+                        control.time(cpu.filter(|_| timed).map(|start_cpu| PassTiming {
+                            start_cpu,
+                            bulk,
+                            sampled: TimedPass {
+                                pages: 0,
+                                cpu: std::time::Duration::ZERO,
+                                bulk,
+                            },
+                        }));
+                        let done = checks.pass(&view, &pages, &control);
+                        if timed && done >= RATE_MIN_PAGES {
+                            // A clock that fails leaves the wall time.
+                            let cpu = match (cpu, thread_cpu_time()) {
+                                (Some(a), Some(b)) => b.saturating_sub(a),
+                                _ => t.elapsed(),
+                            };
+                            rates.record(TimedPass {
+                                pages: done as u64,
+                                cpu,
+                                bulk,
+                            });
                         }
-                        in_pass.store(0, Ordering::Relaxed);
                         let left = pages.get(done..).unwrap_or_default();
                         for &page in left {
                             touched.mark(page);
                         }
+                        control.time(None);
+                        control.pages.store(0, Ordering::Relaxed);
                         if let Some(k) = kicked {
                             if left.is_empty() {
                                 covered.fetch_max(k, Ordering::Release);
@@ -220,16 +374,13 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         };
         Ok(BackgroundVerifier {
             kick,
-            stop,
+            control,
             passes,
             kicks: AtomicU64::new(0),
             taken,
             covered,
             touched,
-            in_pass,
-            pass_start_ns,
-            epoch,
-            ps_per_page,
+            rates,
             thread: Some(thread),
         })
     }
@@ -281,16 +432,8 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
 
     /// What is left to check now, or None before a pass large enough to time ran.
     pub fn backlog(&self) -> Option<Backlog> {
-        let ps = self.ps_per_page.load(Ordering::Relaxed);
-        if ps == 0 {
-            return None;
-        }
-        // The pass in progress has done about what its time allows at that rate.
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let running = now.saturating_sub(self.pass_start_ns.load(Ordering::Relaxed));
-        let done = (u128::from(running) * 1000 / u128::from(ps)).min(u128::from(u64::MAX)) as u64;
-        let in_pass = self.in_pass.load(Ordering::Relaxed).saturating_sub(done);
-        let pages = self.touched.count() + in_pass;
+        let ps = self.rates.cpu_ps_per_page(self.control.progress())?;
+        let pages = self.touched.count() + self.control.unchecked();
         let ns = (u128::from(pages) * u128::from(ps) / 1000).min(u64::MAX as u128) as u64;
         Some(Backlog {
             pages,
@@ -307,7 +450,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
     /// Stops the thread (a pass in progress is cut short) and returns what it learned with
     /// the pages it has not looked at.
     pub fn finish(mut self) -> Option<Finished<C>> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.control.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(u64::MAX);
         let checks = self.thread.take().and_then(|t| t.join().ok())?;
         Some(Finished {
@@ -319,7 +462,7 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
 
 impl<C> Drop for BackgroundVerifier<C> {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.control.stop.store(true, Ordering::Relaxed);
         let _ = self.kick.send(u64::MAX);
     }
 }
@@ -405,7 +548,7 @@ mod tests {
     }
 
     impl BlockChecks for Reluctant {
-        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _stop: &AtomicBool) -> usize {
+        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _: &PassControl) -> usize {
             if self.refusals > 0 {
                 self.refusals -= 1;
                 return 0;
@@ -464,26 +607,42 @@ mod tests {
         assert_eq!(bg.finish().unwrap().pending, vec![4]);
     }
 
-    /// Checks that take 20 µs a page.
-    struct Timed;
+    /// Checks that spend `cpu_us` µs of the thread's CPU time and wait `wait_us` µs (as
+    /// for a core) per page.
+    struct Timed {
+        cpu_us: u64,
+        wait_us: u64,
+    }
 
     impl BlockChecks for Timed {
-        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _stop: &AtomicBool) -> usize {
-            std::thread::sleep(std::time::Duration::from_micros(20 * pages.len() as u64));
+        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], _: &PassControl) -> usize {
+            let n = pages.len() as u64;
+            std::thread::sleep(std::time::Duration::from_micros(self.wait_us * n));
+            let start = thread_cpu_time().unwrap();
+            let spend = std::time::Duration::from_micros(self.cpu_us * n);
+            while thread_cpu_time().unwrap() - start < spend {
+                std::hint::spin_loop();
+            }
             pages.len()
         }
     }
 
-    /// The backlog is the pages not checked yet, at the rate of the slowest large enough
-    /// pass; before such a pass there is no estimate.
+    fn timed(cpu_us: u64, wait_us: u64) -> (BackgroundVerifier<Timed>, Arc<TouchedPages>) {
+        let mem = GuestMemory::memfd("backlog", 2048 * PAGE_SIZE as u64).unwrap();
+        let touched = Arc::new(TouchedPages::new(mem.pages()));
+        let checks = Timed { cpu_us, wait_us };
+        let bg = BackgroundVerifier::start(Arc::new(mem), Arc::clone(&touched), checks).unwrap();
+        // A first kick ends round 0's polling: from here on passes run only when kicked.
+        super::test_support::run_pass(&bg);
+        (bg, touched)
+    }
+
+    /// The backlog is the pages not checked yet, at the CPU rate of the recent large
+    /// enough passes; before such a pass there is no estimate.
     #[test]
     fn the_backlog_counts_unchecked_pages_at_the_rate_passes_ran() {
         use super::test_support::run_pass;
-        let mem = GuestMemory::memfd("backlog", 2048 * PAGE_SIZE as u64).unwrap();
-        let touched = Arc::new(TouchedPages::new(mem.pages()));
-        let bg = BackgroundVerifier::start(Arc::new(mem), Arc::clone(&touched), Timed).unwrap();
-        // A first kick ends round 0's polling: from here on passes run only when kicked.
-        run_pass(&bg);
+        let (bg, touched) = timed(20, 0);
         (0..100).for_each(|p| touched.mark(p));
         run_pass(&bg);
         assert_eq!(bg.backlog(), None, "a pass of 100 pages sets no rate");
@@ -494,11 +653,146 @@ mod tests {
         (500..1000).for_each(|p| touched.mark(p));
         let b = bg.backlog().unwrap();
         assert_eq!(b.pages, 500);
-        // 20 µs a page at least: a sleep overshoots, never undershoots.
+        // 20 µs of CPU a page at least: the checks spin until they have spent it.
         assert!(
             b.expected >= std::time::Duration::from_micros(20 * 500),
             "{b:?}"
         );
         assert_eq!(bg.finish().unwrap().pending.len(), 500);
+    }
+
+    /// Time a pass spends off the CPU (waiting for a core the codec's workers hold during
+    /// the rounds) is not counted: the verify at the pause does not wait for one.
+    #[test]
+    fn the_backlog_rate_leaves_out_time_a_pass_waited() {
+        use super::test_support::run_pass;
+        let (bg, touched) = timed(1, 50);
+        (0..1000).for_each(|p| touched.mark(p));
+        run_pass(&bg);
+        (0..1000).for_each(|p| touched.mark(p));
+        let b = bg.backlog().unwrap();
+        assert_eq!(b.pages, 1000);
+        // 1 µs of CPU a page and 50 µs of waiting: at the wall clock's rate it would say
+        // 51 ms.
+        let expected = b.expected;
+        assert!(
+            expected >= std::time::Duration::from_millis(1)
+                && expected < std::time::Duration::from_millis(20),
+            "{b:?}"
+        );
+        assert_eq!(bg.finish().unwrap().pending.len(), 1000);
+    }
+
+    /// The rate is that of the latest passes covering the window: round 0's cheap passes
+    /// over pages the guest never wrote go once a later pass is timed, and a slow outlier
+    /// ages out.
+    #[test]
+    fn the_rate_follows_the_passes_of_the_window() {
+        let ms = std::time::Duration::from_millis;
+        let rates = PassRates::default();
+        assert_eq!(rates.cpu_ps_per_page(None), None);
+        let pass = |pages, cpu, bulk| TimedPass { pages, cpu, bulk };
+        // Round 0: 100,000 pages at 10 ns a page.
+        rates.record(pass(100_000, ms(1), true));
+        assert_eq!(rates.cpu_ps_per_page(None), Some(10_000));
+        // The first pass after it replaces it, however small.
+        rates.record(pass(1_000, ms(10), false));
+        assert_eq!(rates.cpu_ps_per_page(None), Some(10_000_000));
+        // Passes at about 1 µs a page: once they cover the window alone, the outlier is out.
+        let half = RATE_WINDOW_PAGES / 2;
+        rates.record(pass(half, ms(32), false));
+        let cpu = rates.cpu_ps_per_page(None).unwrap();
+        assert!(cpu > 976_562, "the outlier no longer counts: {cpu}");
+        rates.record(pass(half, ms(32), false));
+        assert_eq!(rates.cpu_ps_per_page(None), Some(976_562));
+    }
+
+    /// A pass in progress counts as far as it got, and the first after round 0 puts round
+    /// 0's passes out of the rate at once.
+    #[test]
+    fn a_pass_in_progress_counts_in_the_rate() {
+        let ms = std::time::Duration::from_millis;
+        let rates = PassRates::default();
+        let pass = |pages, cpu, bulk| TimedPass { pages, cpu, bulk };
+        rates.record(pass(100_000, ms(1), true));
+        assert_eq!(rates.cpu_ps_per_page(None), Some(10_000));
+        // Another round 0 pass, at 1 µs a page, in progress.
+        assert_eq!(
+            rates.cpu_ps_per_page(Some(pass(100_000, ms(100), true))),
+            Some(505_000)
+        );
+        // The first pass after round 0, at 2 µs a page so far.
+        assert_eq!(
+            rates.cpu_ps_per_page(Some(pass(5_000, ms(10), false))),
+            Some(2_000_000)
+        );
+    }
+
+    /// Checks that check as many of their pages as they are told, saying so, until they
+    /// have all or are stopped.
+    struct Gated(mpsc::Receiver<usize>);
+
+    impl BlockChecks for Gated {
+        fn pass(&mut self, _view: &GuestMemory, pages: &[u64], control: &PassControl) -> usize {
+            // Spends some CPU so the pass sets a rate.
+            let start = thread_cpu_time().unwrap();
+            while thread_cpu_time().unwrap() - start < std::time::Duration::from_millis(1) {
+                std::hint::spin_loop();
+            }
+            let mut checked = 0;
+            loop {
+                control.checked(checked);
+                if checked >= pages.len() || control.stopped() {
+                    return checked;
+                }
+                match self.0.recv_timeout(std::time::Duration::from_millis(10)) {
+                    Ok(n) => checked = n.min(pages.len()),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return 0,
+                }
+            }
+        }
+    }
+
+    /// Waits for `cond`, failing the test after 30 s rather than hanging it.
+    fn until(cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A pass in progress counts the pages it has not reached yet, whatever its time.
+    #[test]
+    fn the_backlog_counts_what_a_pass_in_progress_has_not_reached() {
+        use super::test_support::run_pass;
+        let mem = GuestMemory::memfd("in-pass", 4096 * PAGE_SIZE as u64).unwrap();
+        let touched = Arc::new(TouchedPages::new(mem.pages()));
+        let (go, gate) = mpsc::channel();
+        let bg =
+            BackgroundVerifier::start(Arc::new(mem), Arc::clone(&touched), Gated(gate)).unwrap();
+        run_pass(&bg);
+        (0..1000).for_each(|p| touched.mark(p));
+        go.send(1000).unwrap();
+        run_pass(&bg);
+        assert_eq!(bg.backlog().unwrap().pages, 0);
+        // A pass of 3000 pages that has checked 1000 of them: 2000 left, and 10 pages
+        // marked since.
+        (0..3000).for_each(|p| touched.mark(p));
+        go.send(1000).unwrap();
+        bg.round_applied();
+        let c = &bg.control;
+        until(|| {
+            c.pages.load(Ordering::Relaxed) == 3000 && c.checked.load(Ordering::Relaxed) == 1000
+        });
+        (3000..3010).for_each(|p| touched.mark(p));
+        assert_eq!(bg.backlog().unwrap().pages, 2010);
+        go.send(3000).unwrap();
+        until(|| bg.backlog().unwrap().pages == 10);
+        assert_eq!(
+            bg.finish().unwrap().pending,
+            (3000..3010).collect::<Vec<_>>()
+        );
     }
 }

@@ -225,6 +225,11 @@ impl PendingImage {
             .as_mut_slice()
     }
 
+    /// The image's memory, to read.
+    pub fn memory(&self) -> &GuestMemory {
+        self.memory.as_ref().expect("memory present until commit")
+    }
+
     /// The temporary file, for the receive pipeline's workers to write whole pages to
     /// (`ReceiverConfig::memory_file`: far cheaper than faulting its fresh pages in
     /// through the mapping); `None` on hugetlbfs, which has no `write(2)` (and whose

@@ -77,6 +77,8 @@ pub(super) struct Source<'a> {
     round0_data: Option<Vec<u64>>,
     /// How long the dirty-log collection that produced the next round's pages took.
     collect_time: Duration,
+    /// The destination's verify backlog after the previous round (`VerifyBacklog`).
+    dest_verify_before: Option<Duration>,
     /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
     bandwidth: Option<f64>,
     /// The destination said it resumes the guest (`HelloReply`).
@@ -120,6 +122,7 @@ impl<'a> Source<'a> {
             throttle: 0.0,
             round0_data: None,
             collect_time: Duration::ZERO,
+            dest_verify_before: None,
             bandwidth: None,
             destination_resumes: false,
             clock: RoundClock::default(),
@@ -395,8 +398,15 @@ impl<'a> Source<'a> {
             .policy
             .decide(&obs, newly)
             .map_err(|e| SendError::Config(e.to_string()))?;
+        let dest_verify_before = self.dest_verify_before.replace(dest_verify);
         let held = match decision.switchover {
-            Some(r) if r != SwitchReason::Forced && !decision.cancel => self.switchover_held(),
+            Some(r) if r != SwitchReason::Forced && !decision.cancel => {
+                self.switchover_held().or_else(|| {
+                    let limit = self.cfg.downtime_limit;
+                    verifier_catching_up(limit, expected_downtime, dest_verify, dest_verify_before)
+                        .then_some("the destination's verifier is catching up")
+                })
+            }
             _ => None,
         };
         if let Some(note) = decision.note {
@@ -634,9 +644,36 @@ pub(super) fn collect_within(guest: &mut dyn MigratableGuest) -> Result<Vec<u64>
     Ok(pages)
 }
 
+/// Whether a switchover waits for the destination's verifier: its backlog (`now`, and
+/// `before` the previous round) puts the pause expected over `limit` and is still
+/// shrinking. The policy takes a pause that pages cannot shorten as it is (nothing left to
+/// send fits any target), but this part time shortens: a few rounds of a few ms each let
+/// the verifier catch up. A backlog that stopped shrinking would not, and is taken.
+fn verifier_catching_up(
+    limit: Duration,
+    expected: Duration,
+    now: Duration,
+    before: Option<Duration>,
+) -> bool {
+    expected > limit && !now.is_zero() && before.is_some_and(|b| now < b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switchover_waits_for_a_shrinking_verify_backlog_over_the_limit() {
+        let ms = Duration::from_millis;
+        let limit = ms(50);
+        // Over the limit and shrinking: wait.
+        assert!(verifier_catching_up(limit, ms(90), ms(70), Some(ms(80))));
+        // Within the limit, not shrinking, no backlog, or no earlier one: switch.
+        assert!(!verifier_catching_up(limit, ms(50), ms(30), Some(ms(80))));
+        assert!(!verifier_catching_up(limit, ms(90), ms(70), Some(ms(70))));
+        assert!(!verifier_catching_up(limit, ms(90), ms(0), Some(ms(10))));
+        assert!(!verifier_catching_up(limit, ms(90), ms(70), None));
+    }
 
     #[test]
     fn rounds_tile_the_time_and_send_at_the_bandwidth_but_for_the_round_trip() {

@@ -2,15 +2,13 @@
 //! changes in every block's known state ([`KnownBlocks`]: own checks, ledger entry, sums),
 //! so that the verify at the pause reads only what changed since the last pass.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rayon::prelude::*;
 
 use crate::guest::file::layout::{get_u64, sb};
 use crate::guest::file::verify::{verify_sparse, ImageVerifyError, ImageVerifyReport, Superblock};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::dest::verify::{
-    block_page_hashes, BackgroundVerifier, BlockChecks, DataPages, Finished,
+    block_page_hashes, BackgroundVerifier, BlockChecks, DataPages, Finished, PassControl,
 };
 use crate::migration::digest::PageHashes;
 
@@ -71,7 +69,7 @@ const RUN_BLOCKS: u64 = 128;
 const BATCH_BLOCKS: usize = 8192;
 
 impl BlockChecks for FileChecks {
-    fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize {
+    fn pass(&mut self, view: &GuestMemory, pages: &[u64], control: &PassControl) -> usize {
         self.head.resize(PAGE_SIZE, 0);
         view.read_at(0, &mut self.head);
         let Ok(s) = Superblock::read_head(&self.head, view.len()) else {
@@ -101,12 +99,13 @@ impl BlockChecks for FileChecks {
         let mut taken = 0;
         for (i, &p) in pages.iter().enumerate() {
             if blocks.len() >= BATCH_BLOCKS {
-                if stop.load(Ordering::Relaxed) {
+                if control.stopped() {
                     return taken;
                 }
                 check_blocks(view, &s, known, &blocks, self.purpose);
                 blocks.clear();
                 taken = i;
+                control.checked(taken);
             }
             if known.is_ledger_page(p) {
                 view.read_from_file_at(p as usize * PAGE_SIZE, &mut page);
@@ -117,11 +116,15 @@ impl BlockChecks for FileChecks {
                 }
             }
         }
-        if stop.load(Ordering::Relaxed) {
+        if control.stopped() {
             return taken;
         }
         check_blocks(view, &s, known, &blocks, self.purpose);
         pages.len()
+    }
+
+    fn set_up(&self) -> bool {
+        !matches!(self.learned, Learned::Nothing)
     }
 }
 

@@ -3,12 +3,10 @@
 //! reads only what changed since the last pass (or every block the hashes cannot vouch
 //! for, when something fails: the full check names it).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crate::guest::kvm::memory::RamRead;
 use crate::guest::kvm::{KvmError, KvmVerifyReport, Params};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::migration::dest::verify::{BackgroundVerifier, BlockChecks};
+use crate::migration::dest::verify::{BackgroundVerifier, BlockChecks, PassControl};
 use crate::migration::digest::PageHashes;
 
 use super::known::KvmKnownBlocks;
@@ -31,11 +29,13 @@ pub struct KvmChecks {
     learned: Learned,
 }
 
-/// The background's read-only view of the RAM as the KVM verifier reads RAM (copies read
-/// from its file).
-struct ViewRam<'a>(&'a GuestMemory);
+/// The received image as the KVM verifier reads RAM: copies read from its file (the
+/// background's passes and the check at the pause alike). The receiver writes the image
+/// with `pwrite`, so most of its pages are not mapped, and reading them through a mapping
+/// would fault them in.
+pub(super) struct FileRam<'a>(pub(super) &'a GuestMemory);
 
-impl RamRead for ViewRam<'_> {
+impl RamRead for FileRam<'_> {
     fn ram_size(&self) -> u64 {
         self.0.len() as u64
     }
@@ -52,16 +52,14 @@ impl RamRead for ViewRam<'_> {
                 self.0.len()
             )));
         }
-        // From the file: the receiver writes the image with pwrite (the background fell
-        // behind reading through the view).
         self.0.read_from_file_at(gpa as usize, buf);
         Ok(())
     }
 }
 
 impl BlockChecks for KvmChecks {
-    fn pass(&mut self, view: &GuestMemory, pages: &[u64], stop: &AtomicBool) -> usize {
-        let ram = ViewRam(view);
+    fn pass(&mut self, view: &GuestMemory, pages: &[u64], control: &PassControl) -> usize {
+        let ram = FileRam(view);
         let Ok(params) = Params::read_from(&ram) else {
             return 0; // the parameter block has not landed yet: keep the pages
         };
@@ -80,13 +78,24 @@ impl BlockChecks for KvmChecks {
             self.learned = Learned::Unusable;
             return pages.len();
         }
-        match known.take_pages(&ram, pages, || stop.load(Ordering::Relaxed)) {
+        // Asked before each page: the pages before it are checked.
+        let mut checked = 0;
+        let mut stop = || {
+            control.checked(checked);
+            checked += 1;
+            control.stopped()
+        };
+        match known.take_pages(&ram, pages, &mut stop) {
             Ok(done) => done,
             Err(_) => {
                 self.learned = Learned::Unusable;
                 pages.len()
             }
         }
+    }
+
+    fn set_up(&self) -> bool {
+        !matches!(self.learned, Learned::Nothing)
     }
 }
 

@@ -250,9 +250,8 @@ fn verify_pending(
     hashes: &PageHashes,
     background: Option<BackgroundVerifier<KvmChecks>>,
 ) -> Result<KvmVerifyReport, String> {
-    // Read through the mapping the codec wrote: its pages are faulted in already.
-    let ram: &[u8] = image.memory_mut();
-    check_at_pause(ram, hashes, background)
+    let ram = checks::FileRam(image.memory());
+    check_at_pause(&ram, hashes, background)
         .map(|(report, _)| report)
         .map_err(|e| e.to_string())
 }
