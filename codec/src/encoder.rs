@@ -45,6 +45,16 @@ pub struct DeltaConfig {
     pub max_delta: usize,
     /// Which delta encoding to use.
     pub mode: DeltaMode,
+    /// Whether pages sent whole in round 0 enter the cache. Filling it costs the sender a
+    /// copy (and on a fresh cache a page fault) per page; not filling it (QEMU's bulk
+    /// stage) sends a page the guest rewrites whole once more before deltas start. Worth
+    /// it when the sender's CPU bounds round 0, not the link (no compression).
+    #[serde(default = "fills_round0")]
+    pub fill_in_round0: bool,
+}
+
+fn fills_round0() -> bool {
+    true
 }
 
 impl Default for DeltaConfig {
@@ -53,6 +63,7 @@ impl Default for DeltaConfig {
             cache_bytes: crate::DEFAULT_CACHE_BYTES,
             max_delta: PAGE_SIZE / 2,
             mode: DeltaMode::Xbzrle,
+            fill_in_round0: true,
         }
     }
 }
@@ -72,6 +83,9 @@ pub struct PageEncoder {
     compressor: Compressor,
     full_encoding: Encoding,
     delta: Option<(DeltaEncoder, DeltaConfig)>,
+    /// Whether pages sent whole enter the cache in this round (see
+    /// [`DeltaConfig::fill_in_round0`]).
+    filling: bool,
     /// XOR of old and new page.
     xor: AlignedBuf,
     /// XBZRLE delta before it is (maybe) LZ4-compressed.
@@ -123,6 +137,7 @@ impl PageEncoder {
         Ok(PageEncoder {
             compressor,
             full_encoding: config.compression.encoding(),
+            filling: config.delta.is_none_or(|d| d.fill_in_round0),
             delta,
             xor: AlignedBuf::zeroed(PAGE_SIZE),
             alt: AlignedBuf::zeroed(PAGE_SIZE),
@@ -135,8 +150,9 @@ impl PageEncoder {
 
     /// Starts round `round` (the page cache's generation).
     pub fn begin_round(&mut self, round: u64) {
-        if let Some((d, _)) = &mut self.delta {
+        if let Some((d, cfg)) = &mut self.delta {
             d.set_generation(round);
+            self.filling = round > 0 || cfg.fill_in_round0;
         }
     }
 
@@ -166,11 +182,20 @@ impl PageEncoder {
             self.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
             return Some(Encoding::Zero);
         }
-        let encoding = match self.delta.as_ref().map(|d| d.1.mode) {
+        let encoding = match self
+            .delta
+            .as_ref()
+            .map(|(d, cfg)| (d.cache().contains(page), cfg.mode))
+        {
             None => self.encode_full(page, snapshot, writer),
-            Some(DeltaMode::Xbzrle) => self.encode_xbzrle(page, snapshot, writer)?,
-            Some(DeltaMode::XbzrleLz4) => self.encode_xbzrle_lz4(page, snapshot, writer)?,
-            Some(mode) => self.encode_xor(page, snapshot, writer, mode)?,
+            // Not filling: a page not cached goes whole and stays out of the cache.
+            Some((false, _)) if !self.filling => {
+                self.cache.misses += 1;
+                self.compress_full(page, snapshot, writer)
+            }
+            Some((_, DeltaMode::Xbzrle)) => self.encode_xbzrle(page, snapshot, writer)?,
+            Some((_, DeltaMode::XbzrleLz4)) => self.encode_xbzrle_lz4(page, snapshot, writer)?,
+            Some((_, mode)) => self.encode_xor(page, snapshot, writer, mode)?,
         };
         let len = writer.last_len();
         self.stats.record(encoding, PAGE_SIZE, len, 0);
@@ -637,6 +662,38 @@ mod tests {
         batch.clear();
         batch.push(20, &page(5));
         assert_eq!(contents(&batch), vec![(20, Some(page(5)))]);
+    }
+
+    /// The encodings of `page` sent in rounds 0, 1 and 2, slightly changed each time.
+    fn encodings_over_rounds(fill_in_round0: bool) -> Vec<Option<Encoding>> {
+        let config = EncoderConfig {
+            compression: Compression::None,
+            delta: Some(DeltaConfig {
+                cache_bytes: 64 * PAGE_SIZE,
+                fill_in_round0,
+                ..DeltaConfig::default()
+            }),
+        };
+        let mut enc = PageEncoder::new(&config).unwrap();
+        let mut writer = PacketWriter::new(Vec::new());
+        let mut page = vec![7u8; PAGE_SIZE];
+        (0..3u64)
+            .map(|round| {
+                enc.begin_round(round);
+                writer.begin(1);
+                page[round as usize] = 1;
+                enc.encode_page(5, &page, &mut writer)
+            })
+            .collect()
+    }
+
+    /// Round 0 fills the cache unless told not to; then the first resend goes whole and
+    /// deltas start with the next.
+    #[test]
+    fn round0_fills_the_cache_only_when_told_to() {
+        let (raw, delta) = (Some(Encoding::Raw), Some(Encoding::Xbzrle));
+        assert_eq!(encodings_over_rounds(true), [raw, delta, delta]);
+        assert_eq!(encodings_over_rounds(false), [raw, raw, delta]);
     }
 
     #[test]

@@ -127,6 +127,7 @@ fn stress(receiver_workers: usize) {
             cache_bytes: 2 << 20,
             max_delta: 2048,
             mode: DeltaMode::Xbzrle,
+            ..DeltaConfig::default()
         }),
     };
     let mut sender = Sender::new(sconfig).unwrap();
@@ -262,6 +263,7 @@ fn last_write_wins(s: Scenario) -> bool {
             cache_bytes: s.cache_pages * PAGE_SIZE * s.sender_workers,
             max_delta: 2048,
             mode,
+            ..DeltaConfig::default()
         }),
     };
     let mut sender = Sender::new(sconfig).unwrap();

@@ -30,6 +30,7 @@ fn config(workers: usize) -> SenderConfig {
             cache_bytes: PAGES as usize * PAGE_SIZE,
             max_delta: 2048,
             mode: DeltaMode::XbzrleLz4,
+            ..DeltaConfig::default()
         }),
     };
     c
@@ -293,6 +294,7 @@ fn cache_outcomes_are_counted() {
         cache_bytes: 64 * PAGE_SIZE,
         max_delta: 512,
         mode: DeltaMode::Xbzrle,
+        ..DeltaConfig::default()
     });
     let mut sender = Sender::new(c).unwrap();
     let text =

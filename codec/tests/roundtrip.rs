@@ -101,6 +101,7 @@ fn cfg(compression: Compression, mode: Option<DeltaMode>) -> EncoderConfig {
             cache_bytes: 1 << 20,
             max_delta: 2048,
             mode,
+            ..DeltaConfig::default()
         }),
     }
 }

@@ -576,6 +576,7 @@ fn corpus_packets() -> Vec<Vec<u8>> {
                 cache_bytes: 1 << 20,
                 max_delta: 2048,
                 mode,
+                ..DeltaConfig::default()
             }),
         };
         let mut enc = PageEncoder::new(&config).unwrap();

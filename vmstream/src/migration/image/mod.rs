@@ -415,6 +415,7 @@ pub(super) mod tests {
                 cache_bytes: PAGES as usize * PAGE_SIZE,
                 max_delta: 2048,
                 mode: DeltaMode::Xbzrle,
+                ..DeltaConfig::default()
             }),
         };
         let mut sender = Sender::new(config).unwrap();
