@@ -182,20 +182,22 @@ impl PageEncoder {
             self.stats.record(Encoding::Zero, PAGE_SIZE, 0, 0);
             return Some(Encoding::Zero);
         }
-        let encoding = match self
-            .delta
-            .as_ref()
-            .map(|(d, cfg)| (d.cache().contains(page), cfg.mode))
-        {
-            None => self.encode_full(page, snapshot, writer),
-            // Not filling: a page not cached goes whole and stays out of the cache.
-            Some((false, _)) if !self.filling => {
+        // Not filling: a page not cached goes whole and stays out of the cache (the lookup
+        // only then: it is the hot path).
+        let stays_out = !self.filling
+            && self
+                .delta
+                .as_ref()
+                .is_some_and(|(d, _)| !d.cache().contains(page));
+        let encoding = match self.delta.as_ref().map(|d| d.1.mode) {
+            _ if stays_out => {
                 self.cache.misses += 1;
                 self.compress_full(page, snapshot, writer)
             }
-            Some((_, DeltaMode::Xbzrle)) => self.encode_xbzrle(page, snapshot, writer)?,
-            Some((_, DeltaMode::XbzrleLz4)) => self.encode_xbzrle_lz4(page, snapshot, writer)?,
-            Some((_, mode)) => self.encode_xor(page, snapshot, writer, mode)?,
+            None => self.encode_full(page, snapshot, writer),
+            Some(DeltaMode::Xbzrle) => self.encode_xbzrle(page, snapshot, writer)?,
+            Some(DeltaMode::XbzrleLz4) => self.encode_xbzrle_lz4(page, snapshot, writer)?,
+            Some(mode) => self.encode_xor(page, snapshot, writer, mode)?,
         };
         let len = writer.last_len();
         self.stats.record(encoding, PAGE_SIZE, len, 0);

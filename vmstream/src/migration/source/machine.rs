@@ -77,8 +77,6 @@ pub(super) struct Source<'a> {
     round0_data: Option<Vec<u64>>,
     /// How long the dirty-log collection that produced the next round's pages took.
     collect_time: Duration,
-    /// The destination's verify backlog after the previous round (`VerifyBacklog`).
-    dest_verify_before: Option<Duration>,
     /// Transfer bandwidth, bytes per second (see `update_bandwidth`).
     bandwidth: Option<f64>,
     /// The destination said it resumes the guest (`HelloReply`).
@@ -122,7 +120,6 @@ impl<'a> Source<'a> {
             throttle: 0.0,
             round0_data: None,
             collect_time: Duration::ZERO,
-            dest_verify_before: None,
             bandwidth: None,
             destination_resumes: false,
             clock: RoundClock::default(),
@@ -398,7 +395,13 @@ impl<'a> Source<'a> {
             .policy
             .decide(&obs, newly)
             .map_err(|e| SendError::Config(e.to_string()))?;
-        let dest_verify_before = self.dest_verify_before.replace(dest_verify);
+        // The previous round's, from its statistics.
+        let dest_verify_before = self
+            .stats
+            .per_round
+            .last()
+            .and_then(|r| r.destination_verify_backlog_ms)
+            .map(|ms| Duration::from_secs_f64(ms / 1e3));
         let held = match decision.switchover {
             Some(r) if r != SwitchReason::Forced && !decision.cancel => {
                 self.switchover_held().or_else(|| {

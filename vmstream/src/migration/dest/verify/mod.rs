@@ -198,7 +198,6 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
                         let cpu = thread_cpu_time();
                         control.time(cpu.filter(|_| timed).map(|start_cpu| PassTiming {
                             start_cpu,
-                            bulk,
                             sampled: TimedPass {
                                 pages: 0,
                                 cpu: std::time::Duration::ZERO,

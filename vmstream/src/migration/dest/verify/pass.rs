@@ -17,12 +17,11 @@ pub struct PassControl {
     timing: std::sync::Mutex<Option<PassTiming>>,
 }
 
-/// A timed pass in progress: the thread's CPU time when it started, whether it runs during
-/// round 0, and its pages checked and CPU time spent at the latest sample.
+/// A timed pass in progress: the thread's CPU time when it started, and its pages checked
+/// and CPU time spent at the latest sample (with whether it runs during round 0).
 #[derive(Clone, Copy)]
 pub(super) struct PassTiming {
     pub(super) start_cpu: std::time::Duration,
-    pub(super) bulk: bool,
     pub(super) sampled: TimedPass,
 }
 
@@ -45,7 +44,7 @@ impl PassControl {
                 t.sampled = TimedPass {
                     pages: n,
                     cpu: cpu.saturating_sub(t.start_cpu),
-                    bulk: t.bulk,
+                    bulk: t.sampled.bulk,
                 };
             }
         }
