@@ -31,9 +31,17 @@ pub struct TpsSampler {
     thread: JoinHandle<Vec<Sample>>,
 }
 
-/// Read the committed-transaction counter of a guest memory mapping.
+/// Read the committed-transaction counter of a guest memory mapping. A transaction whose
+/// redo record is armed (`JOURNAL_SEQ` one past the counter) is committed: the guest that
+/// resumes this memory replays it, so a guest stopped mid-apply counts it too.
 pub fn read_tx_count(mem: &GuestMemory) -> u64 {
-    mem.load_u64(sb::TX_COUNT)
+    let tx = mem.load_u64(sb::TX_COUNT);
+    let armed = mem.load_u64(sb::JOURNAL_SEQ);
+    if armed == tx.wrapping_add(1) {
+        armed
+    } else {
+        tx
+    }
 }
 
 impl TpsSampler {

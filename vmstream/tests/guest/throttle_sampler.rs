@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Guest, TmpFile};
+use vmstream::guest::file::layout::{get_u64, sb};
 use vmstream::guest::file::throttle::{process_state, Throttle};
+use vmstream::guest::file::workload::recover;
 use vmstream::memory::{GuestMemory, MapMode};
 use vmstream::telemetry::sampler::{read_tx_count, TpsSampler};
 
@@ -41,6 +43,35 @@ fn pause_freezes_the_counter_and_resume_continues() {
     assert_eq!(read_tx_count(&view), frozen);
     t.resume().unwrap();
     wait_for("progress after resume", || read_tx_count(&view) > frozen);
+}
+
+#[test]
+fn the_counter_of_a_paused_guest_is_what_its_recovered_memory_holds() {
+    // A guest stopped between arming its redo record and bumping the counter has committed
+    // that transaction: the guest resuming the memory replays it. The counter read at a
+    // pause must say so, at whatever instruction the pause lands.
+    let mem = TmpFile::new("pause-mid-tx");
+    let g = Guest::spawn(&[
+        "--memory-file",
+        mem.str(),
+        "--size",
+        "4M",
+        "--workload",
+        "dbsim",
+        "--init",
+    ]);
+    let view = GuestMemory::open(&mem.0, MapMode::SharedReadOnly).unwrap();
+    let t = Throttle::new(g.child.id()).unwrap();
+    wait_for("first transactions", || read_tx_count(&view) > 0);
+    let mut image = vec![0u8; view.len()];
+    for _ in 0..200 {
+        t.pause().unwrap();
+        let counted = read_tx_count(&view);
+        view.read_at(0, &mut image);
+        t.resume().unwrap();
+        recover(&mut image).unwrap();
+        assert_eq!(counted, get_u64(&image, sb::TX_COUNT));
+    }
 }
 
 #[test]
