@@ -27,10 +27,8 @@ fn image_or_skip(test: &str) -> Option<GuestImage> {
     }
 }
 
-/// `send --qemu` of `src` to the receiver on `port`, the source left paused after
-/// (`--qemu-after pause`), with `extra` flags; asserts it succeeded and returns it (its
-/// stderr) once it exited.
-fn send_paused(src: &QemuVm, port: u16, send_json: &std::path::Path, extra: &[&str]) -> Proc {
+/// Starts `send --qemu` of `src` to the receiver on `port`, with `extra` flags.
+fn qemu_send(src: &QemuVm, port: u16, extra: &[&str]) -> Proc {
     let to = format!("127.0.0.1:{port}");
     let mut args = vec![
         "send",
@@ -38,14 +36,24 @@ fn send_paused(src: &QemuVm, port: u16, send_json: &std::path::Path, extra: &[&s
         src.qmp.to_str().unwrap(),
         "--to",
         &to,
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    Proc::vmstream("send", &args, &[])
+}
+
+/// `send --qemu` of `src` to the receiver on `port`, the source left paused after
+/// (`--qemu-after pause`), with `extra` flags; asserts it succeeded and returns it (its
+/// stderr) once it exited.
+fn send_paused(src: &QemuVm, port: u16, send_json: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
         "--qemu-after",
         "pause",
-        "--no-progress",
         "--stats-json",
         send_json.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let mut send = Proc::vmstream("send", &args, &[]);
+    let mut send = qemu_send(src, port, &args);
     let (status, lines) = send.wait_exit();
     assert!(status.success(), "send: {lines:?} {}", send.stderr());
     send
@@ -269,21 +277,7 @@ fn failed_migrations_leave_the_source_vm_running() {
     let dir = TmpDir::new("qemu-fail");
     let src = QemuVm::boot(&image, &dir.0);
     let dst_ram = dir.path("dst.ram");
-    let send_to = |port: u16, extra: &[&str]| {
-        let to = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "send",
-            "--qemu",
-            src.qmp.to_str().unwrap(),
-            "--to",
-            &to,
-            "--no-progress",
-        ];
-        args.extend_from_slice(extra);
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::vmstream("send", &args, &[])
-    };
+    let send_to = |port: u16, extra: &[&str]| qemu_send(&src, port, extra);
 
     // A destination QEMU that cannot start (no such machine type).
     let bad = qemu_command(

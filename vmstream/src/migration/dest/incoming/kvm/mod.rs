@@ -246,7 +246,7 @@ fn check_hello(h: &Hello, resume: bool) -> Option<(RefuseCode, String)> {
 /// nothing is committed. Only what changed since the background last looked is read
 /// ([`checks::check_at_pause`]).
 fn verify_pending(
-    image: &mut PendingImage,
+    image: &PendingImage,
     hashes: &PageHashes,
     background: Option<BackgroundVerifier<KvmChecks>>,
 ) -> Result<KvmVerifyReport, String> {
