@@ -16,6 +16,7 @@
 #                        (default: this workspace's release build, labelled "this")
 #   SEND_FLAGS="..."     more `vmstream send` flags for every migration (e.g. --compress none)
 #   OUT=/tmp/vmstream-scale  DIR=/dev/shm (where memory files live)
+#   COLD_IDLE=8          seconds idle before the cold `cp` (memory freed that long is cold)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${BINS:-}" ]; then
@@ -26,14 +27,13 @@ sizes=${SIZES-1 2 4 8}
 kvm_sizes=${KVM_SIZES-1 2 4}
 limits=${LIMITS:-default 50ms}
 out=${OUT:-/tmp/vmstream-scale}
+COLD_IDLE=${COLD_IDLE:-8}
 mkdir -p "$out"
 dir=$(mktemp -d "${DIR:-/dev/shm}/vmstream-scale.XXXXXX")
 trap 'pkill -f "guest run --memory-file $dir/" 2>/dev/null; rm -rf "$dir"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# Touches SIZE GiB of fresh memory and frees it again. Before a migration: both images, the
-# sender's XBZRLE cache (up to 1 GiB) and 1 GiB for buffers, so that none of them is the
-# VM's first touch of its memory.
+# Touches SIZE GiB of fresh memory and frees it again, right before a `cp`.
 warm() { dd if=/dev/zero of="$dir/warm" bs=4M count=$(($1 * 256)) status=none; rm -f "$dir/warm"; }
 
 # Seconds `cp` takes to copy a guest memory file of KIND (file, kvm) and SIZE GiB, made
@@ -48,21 +48,32 @@ cp_time() { # BIN KIND SIZE
         "$bin" guest run --memory-file "$dir/cp-src.mem" --size "${size}G" --workload dbsim \
             --duration 1ms --no-track > /dev/null 2>&1
     fi
-    warm $((2 * size))
-    local t0 t1
+    local t0 t1 t2 t3
+    # Cold: this VM hands memory freed for a few seconds back to its host (free page
+    # reporting, BENCHMARKS.md 20), and a migration's destination is allocated seconds
+    # after any warming, so it gets that memory. The same copy, after as long idle.
+    sleep "$COLD_IDLE"
     t0=$(date +%s.%N)
     cp "$dir/cp-src.mem" "$dir/cp-dst.mem"
     t1=$(date +%s.%N)
+    rm -f "$dir/cp-dst.mem"
+    warm $((2 * size))
+    t2=$(date +%s.%N)
+    cp "$dir/cp-src.mem" "$dir/cp-dst.mem"
+    t3=$(date +%s.%N)
     rm -f "$dir"/*.mem
-    python3 -c "print(f'{$t1 - $t0:.3f}')"
+    python3 -c "print(f'{$t3 - $t2:.3f} {$t1 - $t0:.3f}')"
 }
 
 migrate() { # LABEL BIN KIND SIZE LIMIT
     local label=$1 bin=$2 kind=$3 size=$4 limit=$5
     local name="$kind-${size}G-$limit-$label" p
-    local cp
-    cp=$(cp_time "$bin" "$kind" "$size")
-    warm $((2 * size + 2))
+    local cp cold
+    read -r cp cold <<< "$(cp_time "$bin" "$kind" "$size")"
+    # Warm memory for the destination image, the sender's XBZRLE cache (up to 1 GiB) and
+    # buffers, held until the source connects: memory freed earlier would be cold again by
+    # round 0 (see cp_time), while `cp` above copies right after its warming.
+    dd if=/dev/zero of="$dir/warm" bs=4M count=$(((size + 2) * 256)) status=none
     p=$(port)
     local extra=(--memory-file "$dir/src.mem")
     # shellcheck disable=SC2206 # word splitting of the flags is wanted
@@ -77,6 +88,13 @@ migrate() { # LABEL BIN KIND SIZE LIMIT
         --stats-json "$out/$name.recv.json" > "$out/$name.recv.log" 2>&1 &
     local recv=$!
     for _ in $(seq 50); do grep -q listening "$out/$name.recv.log" 2>/dev/null && break; sleep 0.1; done
+    (
+        for _ in $(seq 1200); do
+            grep -q "connection from" "$out/$name.recv.log" 2>/dev/null && break
+            sleep 0.05
+        done
+        rm -f "$dir/warm"
+    ) &
     "$bin" send --to "127.0.0.1:$p" --no-progress --size "${size}G" --workload dbsim \
         --warmup 2s --stats-json "$out/$name.send.json" "${extra[@]}" > "$out/$name.send.log" 2>&1
     echo "send exit $?" >> "$out/$name.send.log"
@@ -87,7 +105,7 @@ migrate() { # LABEL BIN KIND SIZE LIMIT
     kill "$recv" 2>/dev/null
     wait "$recv"
     rm -f "$dir"/*.mem
-    python3 - "$out/$name.send.json" "$out/$name.recv.json" "$kind" "$size" "$limit" "$label" "$cp" \
+    python3 - "$out/$name.send.json" "$out/$name.recv.json" "$kind" "$size" "$limit" "$label" "$cp" "$cold" \
         "$(uptime | sed 's/.*load average: //; s/,.*//')" <<'PY'
 import json, sys
 def load(p):
@@ -96,8 +114,8 @@ def load(p):
     except (OSError, ValueError):
         return {}
 s, r = load(sys.argv[1]), load(sys.argv[2])
-kind, size, limit, label, cp, load1 = sys.argv[3:9]
-cp = float(cp)
+kind, size, limit, label, cp, cold, load1 = sys.argv[3:10]
+cp, cold = float(cp), float(cold)
 rounds = s.get("per_round", [])
 r0 = rounds[0]["duration_ms"] / 1e3 if rounds else float("nan")
 final = next((x["duration_ms"] for x in reversed(rounds) if x.get("paused")), None)
@@ -118,7 +136,7 @@ def cpu(d):
 state = next((v for k, v in {**ss, **rs}.items() if "state" in k), None)
 verify = (s.get("verify") or {}).get("mode") or "full"
 reason = find(s, "switchover_reason") or ("converged" if s.get("converged") else "forced")
-print(f"| {kind} | {size} | {limit} | {label} | {r0:.2f} | {cp:.2f} | {r0 / cp:.1f} | "
+print(f"| {kind} | {size} | {limit} | {label} | {r0:.2f} | {cp:.2f} | {r0 / cp:.1f} | {cold:.2f} | {r0 / cold:.1f} | "
       f"{s.get('total_time_ms', float('nan')) / 1e3:.1f} | {ms(s.get('downtime_ms'))} | "
       f"{ms(final)} | {ms(ss.get('digest'))} / {ms(rs.get('digest'))} | {ms(rs.get('verify'))} | {ms(state)} | "
       f"{ms(rs.get('commit'))} | {ms(rs.get('resume') or rs.get('kvm_restore'))} | "
@@ -128,8 +146,8 @@ PY
 }
 
 echo "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; load average at start: $(uptime | sed 's/.*load average: //')"
-echo "| guest | GiB | limit | build | round 0 s | cp s | round 0 / cp | total s | downtime ms | final round ms | digest ms src / dst | dest verify ms | state ms | commit ms | resume ms | wire MiB | cpu s src / dst | verify | switchover | outcome | load |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---:|"
+echo "| guest | GiB | limit | build | round 0 s | cp s | round 0 / cp | cold cp s | round 0 / cold cp | total s | downtime ms | final round ms | digest ms src / dst | dest verify ms | state ms | commit ms | resume ms | wire MiB | cpu s src / dst | verify | switchover | outcome | load |"
+echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|---:|"
 run_kind() { # KIND SIZES
     local kind=$1 size limit b
     for size in $2; do
