@@ -6,7 +6,9 @@
 # size and workload is made on the same file system and copied with `cp` to a fresh file
 # (memory warmed first: on these VMs the first touch of never-used memory is several times
 # slower than later ones), so round 0 is compared with a copy of the same bytes taken in the
-# same run. Prints one table row per migration; stats and logs go to OUT.
+# same run. The VM hands memory freed for a few seconds back to its host, so the migration's
+# warm memory is held until the source connects (BENCHMARKS.md 20). Prints one table row per
+# migration; stats and logs go to OUT.
 #
 # Usage: benches/migration/scale.sh
 #   SIZES="1 2 4 8"      file-backed guest sizes in GiB (a subset for a short run)
