@@ -415,44 +415,16 @@ fdb_tx:
     mov     [rdi + BLOCK_HDR_NUMBER], rbp
     mov     [rdi + BLOCK_HDR_VERSION], r9
     mov     [rdi + IMG_BLOCK_LAST_TX], r8
-    push    r11
-    push    r12
-    movabs  rax, IMG_FNV_OFFSET         /* four lanes: basis ^ j */
-    mov     rcx, rax
-    xor     rcx, 1
-    mov     rdx, rax
-    xor     rdx, 2
-    mov     r11, rax
-    xor     r11, 3
-    movabs  r12, IMG_FNV_PRIME
-    /* words 0..3, with word 2 (the checksum) read as zero */
-    xor     rax, [rdi]
-    imul    rax, r12
-    xor     rcx, [rdi + 8]
-    imul    rcx, r12
-    imul    rdx, r12
-    xor     r11, [rdi + 24]
-    imul    r11, r12
-    mov     r10d, 32                    /* byte offset of word 4 */
-62: xor     rax, [rdi + r10]
-    imul    rax, r12
-    xor     rcx, [rdi + r10 + 8]
-    imul    rcx, r12
-    xor     rdx, [rdi + r10 + 16]
-    imul    rdx, r12
-    xor     r11, [rdi + r10 + 24]
-    imul    r11, r12
-    add     r10d, 32
-    cmp     r10d, BLOCK_SIZE
-    jb      62b
-    xor     rax, rcx                    /* fold lanes from lane 0 */
-    imul    rax, r12
-    xor     rax, rdx
-    imul    rax, r12
-    xor     rax, r11
-    imul    rax, r12
-    pop     r12
-    pop     r11
+    /* the checksum over the whole block, its own word read as zero */
+    xor     eax, eax
+    mov     [rdi + BLOCK_HDR_CHECKSUM], rax
+    push    rsi
+    push    r15
+    mov     rsi, rdi
+    mov     edx, BLOCK_SIZE
+    call    fnv_lanes
+    pop     r15
+    pop     rsi
     mov     [rdi + BLOCK_HDR_CHECKSUM], rax
 
     mov     [r13 + IMG_LEDGER_OFFSET + rbp * 8], r9
@@ -659,7 +631,7 @@ dio_checkpoint:
 
 /*
  * rax = four FNV-1a lanes over [rsi, rsi + rdx) (rdx a non-zero multiple of 32), folded
- * from lane 0: guest/file/layout.rs's words_checksum, for disk blocks and checkpoints.
+ * from lane 0: guest/file/layout.rs's words_checksum, for image and disk blocks and checkpoints.
  * Clobbers rcx, rdx, rsi and r15.
  */
 fnv_lanes:
