@@ -1,7 +1,7 @@
 //! Process guests with disks: the real binary runs `diskio` and dbsim's disk mode on real
 //! files, `guest verify --disk` checks them, and corruptions of a disk block are caught
-//! with the right error; the dirty bitmap marks exactly the granules written; the
-//! sender's write limit makes the guest's writes wait.
+//! with the right error; `bitmap`: the dirty bitmap marks exactly the granules written,
+//! keeps its granularity, and the sender's write limit makes the guest's writes wait.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,8 @@ use std::time::Duration;
 use vmstream::disk::bitmap::{bitmap_path, DirtyBitmap};
 use vmstream::guest::file::disks::verify::DiskVerifyError;
 use vmstream::guest::file::disks::{verify_guest, GuestVerifyError};
+
+mod bitmap;
 
 /// A directory under /dev/shm (tmpfs), removed on drop.
 struct Dir(PathBuf);
@@ -358,177 +360,45 @@ fn a_guest_stopped_between_its_ledger_and_its_counter_verifies() {
     assert!(e.contains(&format!("memory has {}", writes - 1)), "{e}");
 }
 
-/// The bitmap, cleared, then a run: the granules marked are exactly those whose bytes
-/// changed (every diskio write changes its block's stamp).
-#[test]
-fn the_bitmap_marks_exactly_the_granules_written() {
-    let dir = Dir::new("bitmap");
-    let (m, disks) = diskio_guest(&dir, 200);
-    let before: Vec<Vec<u8>> = disks.iter().map(|d| std::fs::read(d).unwrap()).collect();
-    for d in &disks {
-        DirtyBitmap::open(&bitmap_path(Path::new(d)))
-            .unwrap()
-            .take_all();
-    }
-    resume(&m, &disks, 300);
-    for (i, d) in disks.iter().enumerate() {
-        let bitmap = DirtyBitmap::open(&bitmap_path(Path::new(d))).unwrap();
-        let after = std::fs::read(d).unwrap();
-        let g = bitmap.granularity() as usize;
-        let changed: Vec<u64> = (0..bitmap.granules())
-            .filter(|&k| {
-                let r = k as usize * g..((k as usize + 1) * g).min(after.len());
-                before[i][r.clone()] != after[r]
-            })
-            .collect();
-        let marked: Vec<u64> = bitmap.take_all().into_iter().flatten().collect();
-        assert!(!changed.is_empty());
-        assert_eq!(marked, changed, "disk {i}");
-        assert!(bitmap.in_flight().is_empty());
-    }
-}
-
-/// The sender's write limit, set in the bitmap header while the guest runs, makes its
-/// writes wait (the guest's own rate is unlimited).
-#[test]
-fn the_write_limit_makes_guest_writes_wait() {
-    let dir = Dir::new("qos");
-    let (m, disk) = (dir.path("mem"), dir.path("d0"));
-    let mut guest = Running(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vmstream"))
-            .args([
-                "guest",
-                "run",
-                "--memory-file",
-                &m,
-                "--size",
-                "4M",
-                "--workload",
-                "diskio",
-                "--disk",
-                &disk,
-                "--disk-size",
-                "4M",
-                "--io-rate",
-                "0",
-                "--duration",
-                "3s",
-                "--no-track",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let path = bitmap_path(Path::new(&disk));
-    let bitmap = loop {
-        if let Ok(b) = DirtyBitmap::open(&path) {
-            break b;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(bitmap.limit_wait(), Duration::ZERO);
-    bitmap.set_write_limit(256 << 10);
-    std::thread::sleep(Duration::from_millis(300));
-    let (t0, b0) = (std::time::Instant::now(), bitmap.bytes_written());
-    std::thread::sleep(Duration::from_millis(1000));
-    let (dt, written) = (t0.elapsed(), bitmap.bytes_written() - b0);
-    assert!(
-        bitmap.limit_wait() > Duration::from_millis(300),
-        "{:?}",
-        bitmap.limit_wait()
-    );
-    // Generous: at most twice the limit over the window plus a burst.
-    let bound = (2.0 * 256.0 * 1024.0 * dt.as_secs_f64()) as u64 + (256 << 10);
-    assert!(written <= bound, "{written} bytes in {dt:?}");
-    assert!(guest.0.wait().unwrap().success());
-    verify(&m, &[&disk]).unwrap();
-}
-
+/// `guest run` refuses disk options it cannot honour, with the exit status and reason.
 #[test]
 fn bad_disk_options_are_refused() {
     let dir = Dir::new("bad");
-    let m = dir.path("mem");
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "diskio",
-    ]);
-    assert_eq!(code, 2);
-    assert!(err.contains("needs at least one --disk"), "{err}");
-    let d = dir.path("d");
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "diskio",
-        "--disk",
-        &d,
-        "--disk-size",
-        "4M",
-        "--io-size",
-        "3K",
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("I/O size 3072"), "{err}");
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "random",
-        "--disk",
-        &d,
-        "--disk-size",
-        "4M",
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("writes no disks"), "{err}");
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "diskio",
-        "--disk",
-        &d,
-        "--disk-size",
-        "4M",
-        "--disk-granularity",
-        "3K",
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("granularity 3072"), "{err}");
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "diskio",
-        "--disk",
-        &dir.path("missing"),
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("does not exist"), "{err}");
+    let (m, d, missing) = (dir.path("mem"), dir.path("d"), dir.path("missing"));
+    let cases = [
+        (
+            "--workload diskio".to_string(),
+            2,
+            "needs at least one --disk",
+        ),
+        (
+            format!("--workload diskio --disk {d} --disk-size 4M --io-size 3K"),
+            1,
+            "I/O size 3072",
+        ),
+        (
+            format!("--workload random --disk {d} --disk-size 4M"),
+            1,
+            "writes no disks",
+        ),
+        (
+            format!("--workload diskio --disk {d} --disk-size 4M --disk-granularity 3K"),
+            1,
+            "granularity 3072",
+        ),
+        (
+            format!("--workload diskio --disk {missing}"),
+            1,
+            "does not exist",
+        ),
+    ];
+    for (extra, expected, reason) in &cases {
+        let mut args = vec!["guest", "run", "--memory-file", &m, "--size", "4M"];
+        args.extend(extra.split_whitespace());
+        let (code, _, err) = vmstream(&args);
+        assert_eq!(code, *expected, "{args:?}: {err}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+    }
 }
 
 /// `vmstream send`'s way of starting a guest (`GuestSpec::Spawn`) gives it its disks:
@@ -720,50 +590,6 @@ fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
         resume(&m, &disks, 100);
         verify(&m, &strs(&disks)).unwrap();
     }
-}
-
-/// A disk's bitmap keeps the granularity it was created at: a resumed guest adopts it, and
-/// one told another granularity refuses.
-#[test]
-fn the_bitmap_keeps_its_granularity_across_resumes() {
-    let dir = Dir::new("granularity");
-    let (m, d) = (dir.path("mem"), dir.path("d0"));
-    run_ok(&[
-        "--memory-file",
-        &m,
-        "--size",
-        "4M",
-        "--workload",
-        "diskio",
-        "--disk",
-        &d,
-        "--disk-size",
-        "4M",
-        "--disk-granularity",
-        "4K",
-        "--duration",
-        "100ms",
-        "--no-track",
-    ]);
-    resume(&m, std::slice::from_ref(&d), 100);
-    let bitmap = DirtyBitmap::open(&bitmap_path(Path::new(&d))).unwrap();
-    assert_eq!(bitmap.granularity(), 4096);
-    let (code, _, err) = vmstream(&[
-        "guest",
-        "run",
-        "--memory-file",
-        &m,
-        "--resume",
-        "--disk",
-        &d,
-        "--disk-granularity",
-        "64K",
-        "--duration",
-        "10ms",
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("at granularity 4096, expected"), "{err}");
-    verify(&m, &[&d]).unwrap();
 }
 
 /// dbsim's disk mode: a data block on disk of the same version as the buffer pool's copy
