@@ -247,18 +247,6 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
         })
     }
 
-    /// Starts `checks` on the pending image through `view`, a read-only mapping of it,
-    /// returned for the caller to keep (see [`Self::start`]).
-    pub fn open(
-        view: GuestMemory,
-        touched: Arc<TouchedPages>,
-        checks: C,
-    ) -> std::io::Result<(BackgroundVerifier<C>, Arc<GuestMemory>)> {
-        let view = Arc::new(view);
-        let background = BackgroundVerifier::start(Arc::clone(&view), touched, checks)?;
-        Ok((background, view))
-    }
-
     /// A round passed its barrier: check what it changed. Returns the kick's number, for
     /// [`Self::wait_covered`].
     pub fn round_applied(&self) -> u64 {
@@ -319,6 +307,64 @@ impl<C: BlockChecks> BackgroundVerifier<C> {
             checks,
             pending: self.touched.take(),
         })
+    }
+}
+
+/// A guest kind's background checks (with `--resume`) and the read-only view of the pending
+/// image they read. The view is unmapped only when the destination is done: unmapping it at
+/// the pause would be downtime.
+pub struct BackgroundSlot<C> {
+    verifier: Option<BackgroundVerifier<C>>,
+    view: Option<Arc<GuestMemory>>,
+}
+
+impl<C> Default for BackgroundSlot<C> {
+    fn default() -> Self {
+        BackgroundSlot {
+            verifier: None,
+            view: None,
+        }
+    }
+}
+
+impl<C: BlockChecks> BackgroundSlot<C> {
+    /// Starts `checks` on the pending image through `view`, a read-only mapping of it.
+    pub fn start(
+        &mut self,
+        view: GuestMemory,
+        touched: Arc<TouchedPages>,
+        checks: C,
+    ) -> std::io::Result<()> {
+        let view = Arc::new(view);
+        self.verifier = Some(BackgroundVerifier::start(
+            Arc::clone(&view),
+            touched,
+            checks,
+        )?);
+        self.view = Some(view);
+        Ok(())
+    }
+
+    /// [`BackgroundVerifier::round_applied`], if the checks run.
+    pub fn round_applied(&self) {
+        if let Some(bg) = &self.verifier {
+            bg.round_applied();
+        }
+    }
+
+    /// [`BackgroundVerifier::backlog`], if the checks run.
+    pub fn backlog(&self) -> Option<Backlog> {
+        self.verifier.as_ref()?.backlog()
+    }
+
+    /// The running checks, if any.
+    pub fn verifier(&self) -> Option<&BackgroundVerifier<C>> {
+        self.verifier.as_ref()
+    }
+
+    /// The checks, for the verify at the pause to finish (the view stays mapped).
+    pub fn take(&mut self) -> Option<BackgroundVerifier<C>> {
+        self.verifier.take()
     }
 }
 

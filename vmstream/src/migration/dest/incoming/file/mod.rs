@@ -17,7 +17,7 @@ use crate::migration::dest::incoming::{
     IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
 };
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{BackgroundVerifier, Backlog, DataPages, TouchedPages};
+use crate::migration::dest::verify::{BackgroundSlot, Backlog, DataPages, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -38,10 +38,7 @@ use checks::{verify_at_pause, FileChecks};
 #[derive(Default)]
 pub struct IncomingFileGuest {
     /// With `--resume`: the checks of the workload's blocks during the rounds.
-    background: Option<BackgroundVerifier<FileChecks>>,
-    /// The background's read-only view of the image, unmapped only when the destination is
-    /// done (unmapping it at the pause would be downtime).
-    view: Option<Arc<GuestMemory>>,
+    background: BackgroundSlot<FileChecks>,
     /// With `--resume`: the workload's recover + verify of the final image, run before the
     /// commit so an image the guest cannot resume from is never committed.
     verified: Option<Result<ImageVerifyReport, ImageVerifyError>>,
@@ -80,20 +77,15 @@ impl IncomingGuest for IncomingFileGuest {
         view: GuestMemory,
         touched: Arc<TouchedPages>,
     ) -> std::io::Result<()> {
-        let (background, view) = BackgroundVerifier::open(view, touched, FileChecks::default())?;
-        self.background = Some(background);
-        self.view = Some(view);
-        Ok(())
+        self.background.start(view, touched, FileChecks::default())
     }
 
     fn round_applied(&self) {
-        if let Some(bg) = &self.background {
-            bg.round_applied();
-        }
+        self.background.round_applied()
     }
 
     fn verify_backlog(&self) -> Option<Backlog> {
-        self.background.as_ref()?.backlog()
+        self.background.backlog()
     }
 
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
@@ -117,15 +109,13 @@ impl IncomingGuest for IncomingFileGuest {
         touched: Arc<TouchedPages>,
     ) -> std::io::Result<bool> {
         // All of memory in the first pass, with nothing else to do: on all cores.
-        let (background, view) =
-            BackgroundVerifier::open(view, touched, FileChecks::for_handover())?;
-        self.background = Some(background);
-        self.view = Some(view);
+        self.background
+            .start(view, touched, FileChecks::for_handover())?;
         Ok(true)
     }
 
     fn wait_checked(&self) {
-        if let Some(bg) = &self.background {
+        if let Some(bg) = self.background.verifier() {
             let k = bg.round_applied();
             bg.wait_covered(k);
         }

@@ -19,7 +19,7 @@ use crate::migration::dest::incoming::{
     IncomingGuest, PostcopyLaunch, PostcopyResumed, Resumption,
 };
 use crate::migration::dest::machine::Received;
-use crate::migration::dest::verify::{BackgroundVerifier, Backlog, TouchedPages};
+use crate::migration::dest::verify::{BackgroundSlot, BackgroundVerifier, Backlog, TouchedPages};
 use crate::migration::digest::PageHashes;
 use crate::migration::error::{GuestStateError, RecvError};
 use crate::migration::image::PendingImage;
@@ -38,10 +38,7 @@ pub use resumed::{KvmResumed, KvmRunOutcome};
 #[derive(Default)]
 pub struct IncomingKvmGuest {
     /// With `--resume`: the block checks of the ledger check during the rounds.
-    background: Option<BackgroundVerifier<KvmChecks>>,
-    /// The background's read-only view of the image, unmapped only when the destination is
-    /// done (unmapping it at the pause would be downtime).
-    view: Option<Arc<GuestMemory>>,
+    background: BackgroundSlot<KvmChecks>,
     /// The guest's validated state (from `GuestState`).
     state: Option<VmState>,
     /// With `--resume`: the ledger check of the final image, before the commit.
@@ -80,20 +77,15 @@ impl IncomingGuest for IncomingKvmGuest {
         view: GuestMemory,
         touched: Arc<TouchedPages>,
     ) -> std::io::Result<()> {
-        let (background, view) = BackgroundVerifier::open(view, touched, KvmChecks::default())?;
-        self.background = Some(background);
-        self.view = Some(view);
-        Ok(())
+        self.background.start(view, touched, KvmChecks::default())
     }
 
     fn round_applied(&self) {
-        if let Some(bg) = &self.background {
-            bg.round_applied();
-        }
+        self.background.round_applied()
     }
 
     fn verify_backlog(&self) -> Option<Backlog> {
-        self.background.as_ref()?.backlog()
+        self.background.backlog()
     }
 
     fn verify_at_pause(&mut self, image: &mut PendingImage, hashes: &PageHashes) {
