@@ -2,12 +2,10 @@
 //! by [`ChannelMap`], control messages on channel 0.
 
 use std::net::{TcpStream, ToSocketAddrs};
-
-use crate::migration::transport::{unix_path, Socket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig};
+use vmstream_codec::{PageSource, PipelineStats, Sender, SenderConfig, DEFAULT_CACHE_BYTES};
 
 use crate::memory::{MemoryReader, PAGE_SIZE};
 use crate::migration::config::SendConfig;
@@ -17,14 +15,15 @@ use crate::migration::connect::channels::{
 };
 use crate::migration::connect::exposure::{check_keyless, SEND_RISK};
 use crate::migration::error::SendError;
+use crate::migration::fault::StreamFault;
 use crate::migration::transport::{
-    Frame, FrameReader, Link, PacketChannel, SharedBucket, TokenBucket, TransportError,
+    unix_path, Frame, FrameReader, Link, PacketChannel, SharedBucket, Socket, TokenBucket,
+    TransportError,
 };
 use crate::migration::wire::{
     Abort, AbortCode, ChannelHello, Hello, Message, MirrorWrite, PostcopyPreempt, RefuseCode,
     RoundEnd, FEATURE_CHANNELS, MAX_CHANNELS,
 };
-use vmstream_codec::DEFAULT_CACHE_BYTES;
 
 /// Connects to `to`: a unix socket (`unix:PATH`), or any address of `HOST:PORT`.
 /// `keyless`: no key, and not `--insecure`, so only loopback TCP addresses are allowed
@@ -50,6 +49,25 @@ pub fn connect(to: &str, timeout: Duration, keyless: bool) -> Result<Socket, Sen
         }
     }
     Err(SendError::Connect(to.to_string(), last))
+}
+
+/// A new connection to the destination (`cfg.to`), before any exchange: its writer (thread
+/// `name`, its bytes taken from `bucket`, `faults` injected) and its reader.
+fn dial(
+    cfg: &SendConfig,
+    bucket: Option<SharedBucket>,
+    faults: Vec<(u64, StreamFault)>,
+    name: &str,
+) -> Result<(Link, FrameReader<Socket>), SendError> {
+    let keyless = cfg.auth_key.is_none() && !cfg.insecure;
+    let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
+    setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
+    let reader = FrameReader::new(
+        stream.try_clone().map_err(SendError::Socket)?,
+        Some(cfg.io_timeout),
+    );
+    let link = Link::with_options(stream, bucket, faults, name).map_err(SendError::Socket)?;
+    Ok((link, reader))
 }
 
 /// The error for a destination that answered a connection's authentication with `frame`
@@ -231,20 +249,12 @@ impl SourceChannels {
         let mut replies = Vec::with_capacity(n - 1);
         let mut reader0 = None;
         for index in 0..n {
-            let keyless = cfg.auth_key.is_none() && !cfg.insecure;
-            let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
-            setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
-            let mut reader = FrameReader::new(
-                stream.try_clone().map_err(SendError::Socket)?,
-                Some(cfg.io_timeout),
-            );
-            let link = Link::with_options(
-                stream.try_clone().map_err(SendError::Socket)?,
+            let (link, mut reader) = dial(
+                cfg,
                 bucket.clone(),
                 cfg.faults.on_channel(index),
                 &format!("vmstream-link-{index}"),
-            )
-            .map_err(SendError::Socket)?;
+            )?;
             let encoder = match &source {
                 Some(source) => Sender::with_source(sender_cfg, Arc::clone(source))?,
                 None => Sender::new(sender_cfg)?,
@@ -452,20 +462,8 @@ impl SourceChannels {
         &mut self,
         cfg: &SendConfig,
     ) -> Result<FrameReader<Socket>, SendError> {
-        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
-        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
-        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
-        let mut reader = FrameReader::new(
-            stream.try_clone().map_err(SendError::Socket)?,
-            Some(cfg.io_timeout),
-        );
-        let link = Link::with_options(
-            stream,
-            cfg.max_bandwidth.map(TokenBucket::shared),
-            Vec::new(),
-            "vmstream-link-0",
-        )
-        .map_err(SendError::Socket)?;
+        let bucket = cfg.max_bandwidth.map(TokenBucket::shared);
+        let (link, mut reader) = dial(cfg, bucket, Vec::new(), "vmstream-link-0")?;
         let old = std::mem::replace(&mut self.channels[0].link, link);
         old.discard_packets();
         drop(old);
@@ -503,15 +501,7 @@ impl SourceChannels {
         name: &str,
         opening: &Message,
     ) -> Result<(Link, FrameReader<Socket>), SendError> {
-        let keyless = cfg.auth_key.is_none() && !cfg.insecure;
-        let stream = connect(&cfg.to, cfg.io_timeout, keyless)?;
-        setup_socket(&stream, cfg.io_timeout).map_err(SendError::Socket)?;
-        let mut reader = FrameReader::new(
-            stream.try_clone().map_err(SendError::Socket)?,
-            Some(cfg.io_timeout),
-        );
-        let mut link =
-            Link::with_options(stream, bucket, Vec::new(), name).map_err(SendError::Socket)?;
+        let (mut link, mut reader) = dial(cfg, bucket, Vec::new(), name)?;
         if let Some(key) = &cfg.auth_key {
             match authenticate_destination(key, &mut |m| link.send_message(m), &mut reader)? {
                 SourceAuth::Authenticated(sealer) => link.seal_with(*sealer)?,
