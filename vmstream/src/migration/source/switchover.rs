@@ -12,8 +12,8 @@ use crate::migration::error::SendError;
 use crate::migration::fault::MissedWriteAt;
 use crate::migration::transport::{Frame, FrameReader, Socket};
 use crate::migration::wire::{
-    Abort, AbortCode, AuditStatus, CommitStatus, Digest, DigestSource, GuestKind, GuestSamples,
-    GuestState, Handover, Message, Resumed, ROUND_FINAL, ROUND_FORCED,
+    Abort, AbortCode, AuditStatus, CommitReply, CommitStatus, Digest, DigestSource, GuestKind,
+    GuestSamples, GuestState, Handover, Message, Resumed, ROUND_FINAL, ROUND_FORCED,
 };
 use crate::telemetry::impact::REPORT_WAIT;
 use crate::telemetry::notice::Notices;
@@ -259,25 +259,32 @@ impl Source<'_> {
         digest: [u8; 32],
         paused_at_ns: u64,
     ) -> Result<SourceState, SendError> {
+        let reply = self.read_commit_reply()?;
+        if reply.digest != digest {
+            return Err(SendError::Protocol(format!(
+                "destination committed with digest {} but ours is {}",
+                hex(&reply.digest),
+                hex(&digest)
+            )));
+        }
+        Ok(SourceState::Committed { paused_at_ns })
+    }
+
+    /// Reads the destination's commit reply and times the wait for it. The reply came within
+    /// the pause bound: whatever follows is not held to it. A reply that did not commit is
+    /// the refusal it names.
+    pub(super) fn read_commit_reply(&mut self) -> Result<CommitReply, SendError> {
         let reply = match self.io.reader.read_frame()? {
             Frame::Control(Message::CommitReply(r)) => r,
             other => return Err(unexpected("the commit reply", other)),
         };
-        // The reply came within the pause bound: whatever follows is not held to it.
         self.pause_deadline = None;
         self.io.hold_to(None);
         if let Some(t) = self.switch_start {
             self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         match reply.status {
-            CommitStatus::Committed if reply.digest == digest => {
-                Ok(SourceState::Committed { paused_at_ns })
-            }
-            CommitStatus::Committed => Err(SendError::Protocol(format!(
-                "destination committed with digest {} but ours is {}",
-                hex(&reply.digest),
-                hex(&digest)
-            ))),
+            CommitStatus::Committed => Ok(reply),
             status => Err(SendError::CommitRefused {
                 status,
                 reason: reply.reason,

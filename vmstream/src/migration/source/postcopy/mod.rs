@@ -20,16 +20,15 @@ use std::time::{Instant, SystemTime};
 
 use crate::memory::merge_pages;
 use crate::migration::error::SendError;
-use crate::migration::transport::Frame;
 use crate::migration::wire::{
-    Abort, AbortCode, CommitStatus, GuestState, Handover, Message, PostcopyOwed, PostcopyStart,
-    ROUND_FINAL, ROUND_POSTCOPY,
+    Abort, AbortCode, GuestState, Handover, Message, PostcopyOwed, PostcopyStart, ROUND_FINAL,
+    ROUND_POSTCOPY,
 };
 use crate::telemetry::postcopy::PostcopyStats;
 use crate::telemetry::stats::unix_ns;
 
 use super::machine::{Source, SourceState};
-use super::round::{unexpected, PageOrigin};
+use super::round::PageOrigin;
 use super::Outcome;
 
 impl Source<'_> {
@@ -83,7 +82,9 @@ impl Source<'_> {
         rs.dirty_log_ms = collect_time.as_secs_f64() * 1e3;
         self.impact.round(&rs, 0);
         self.stats.per_round.push(rs);
-        self.await_postcopy_commit()?;
+        // The destination commits the incomplete image (its digest comes only with the last
+        // page); anything else fails the migration before the guest ran there.
+        self.read_commit_reply()?;
         // From here the guest's only future is at the destination: ours ends (its memory
         // stays, frozen, until the last page is acknowledged).
         let ended = self.guest.terminate();
@@ -121,27 +122,5 @@ impl Source<'_> {
         self.serve_postcopy(owed, paused_at_ns, preempt)?;
         self.stats.total_time_ms = self.start.elapsed().as_secs_f64() * 1e3;
         Ok(SourceState::Done(Outcome::Committed))
-    }
-
-    /// Reads the destination's commit of the incomplete image (its digest comes only with
-    /// the last page); anything else fails the migration before the guest ran there.
-    fn await_postcopy_commit(&mut self) -> Result<(), SendError> {
-        let reply = match self.io.reader.read_frame()? {
-            Frame::Control(Message::CommitReply(r)) => r,
-            other => return Err(unexpected("the commit reply", other)),
-        };
-        self.pause_deadline = None;
-        self.io.hold_to(None);
-        if let Some(t) = self.switch_start {
-            self.stats.switchover_ms.await_commit = Some(t.elapsed().as_secs_f64() * 1e3);
-        }
-        match reply.status {
-            CommitStatus::Committed => Ok(()),
-            status => Err(SendError::CommitRefused {
-                status,
-                reason: reply.reason,
-                their_digest: crate::migration::digest::hex(&reply.digest),
-            }),
-        }
     }
 }
