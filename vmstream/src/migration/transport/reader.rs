@@ -276,6 +276,16 @@ impl<R: TimedRead> FrameReader<R> {
     }
 }
 
+impl FrameReader<super::Socket> {
+    /// Moves this reader (what it buffered, its sealing state, its byte count) out to the
+    /// caller, for a thread that reads the connection from now on, and leaves in its place a
+    /// new, unsealed reader of the same connection whose frames may take `timeout`.
+    pub fn hand_off(&mut self, timeout: Option<Duration>) -> io::Result<Self> {
+        let placeholder = FrameReader::new(self.inner.try_clone()?, timeout);
+        Ok(std::mem::replace(self, placeholder))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

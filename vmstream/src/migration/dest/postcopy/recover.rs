@@ -11,7 +11,7 @@ use crate::migration::connect::admission::Opening;
 use crate::migration::connect::auth::Admission;
 use crate::migration::dest::machine::Dest;
 use crate::migration::error::RecvError;
-use crate::migration::transport::{Frame, FrameReader};
+use crate::migration::transport::Frame;
 use crate::migration::wire::{
     Message, PageRequest, PostcopyOwed, PostcopyReconnect, PostcopyStart,
 };
@@ -90,14 +90,10 @@ impl Dest<'_> {
         for frame in preempted {
             let _ = tx.send(Event::Preempt(frame));
         }
-        let placeholder = FrameReader::new(
-            self.reader
-                .get_ref()
-                .try_clone()
-                .map_err(RecvError::Socket)?,
-            Some(self.cfg.io_timeout),
-        );
-        let reader = std::mem::replace(&mut self.reader, placeholder);
+        let reader = self
+            .reader
+            .hand_off(Some(self.cfg.io_timeout))
+            .map_err(RecvError::Socket)?;
         progress.frames = Some(spawn_frame_reader(
             reader,
             tx,

@@ -95,14 +95,10 @@ impl Dest<'_> {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let faults = spawn_fault_watch(Arc::clone(&phase.uffd), Arc::clone(&stop), tx.clone())?;
-        let placeholder = FrameReader::new(
-            self.reader
-                .get_ref()
-                .try_clone()
-                .map_err(RecvError::Socket)?,
-            Some(self.cfg.io_timeout),
-        );
-        let reader = std::mem::replace(&mut self.reader, placeholder);
+        let reader = self
+            .reader
+            .hand_off(Some(self.cfg.io_timeout))
+            .map_err(RecvError::Socket)?;
         let credit = Arc::new(StreamCredit::default());
         let frames = spawn_frame_reader(reader, tx.clone(), Arc::clone(&credit))?;
         let preempt = match phase.admissions.take() {

@@ -11,7 +11,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::connect::channels::SourceChannels;
 use crate::migration::digest::{hex, memory_digest, memory_digest_sparse};
 use crate::migration::error::SendError;
-use crate::migration::transport::{Frame, FrameReader, Link, TokenBucket, TransportError};
+use crate::migration::transport::{Frame, Link, TokenBucket, TransportError};
 use crate::migration::wire::{
     Digest, DigestSource, Message, PostcopyComplete, PostcopyPage, PostcopyStatus,
     FRAME_HEADER_LEN, PAGE_REQUESTED,
@@ -58,11 +58,10 @@ impl Source<'_> {
         let (stats, impact) = (&mut *self.stats, &mut self.impact);
         let io = &mut self.io;
         let channels = &mut io.channels;
-        let placeholder = FrameReader::new(
-            io.reader.get_ref().try_clone().map_err(SendError::Socket)?,
-            Some(cfg.io_timeout),
-        );
-        let mut reader = std::mem::replace(&mut io.reader, placeholder);
+        let mut reader = io
+            .reader
+            .hand_off(Some(cfg.io_timeout))
+            .map_err(SendError::Socket)?;
         reader.set_timeout(Some(cfg.io_timeout));
         let mut inbound = Inbound::start(reader)?;
         let mut order = StreamOrder::new(pages, &owed);
