@@ -146,24 +146,35 @@ fn postcopy_auto_switches_instead_of_throttling() {
 /// copies of them arrive. Those copies must be dropped, never placed over what the guest
 /// wrote since: the image verifies at the end with the guest's last transaction, and the
 /// digest of what was placed equals the source's at the pause.
+///
+/// A late copy needs a fault on the one page the stream holds back at that moment: a 64 MiB
+/// guest drops 2-12 of them in a run (1-5 at 16 MiB, where a run with none was seen in CI).
+/// Every attempt must verify; up to three attempts may pass before one shows a drop.
 #[test]
 fn late_stream_copies_of_faulted_pages_are_dropped_never_placed() {
     let _g = serial();
-    let dir = TmpDir::new("postcopy-double");
-    let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
-    let (sj, rj) = (dir.path("send.json"), dir.path("recv.json"));
-    let (mut recv, port) = resuming_receiver(&dst, "30s", &rj);
-    let extra = ["--postcopy", "now", "--postcopy-bandwidth", "400K"];
-    let mut send = postcopy_sender(&src, "16M", port, &sj, &extra, &[]);
-    let _guest = KillPid(guest_pid(&mut send));
-    let pc = assert_verified_postcopy(&mut send, &mut recv, &sj, &rj, "now");
-    assert!(
-        pc["pages_faulted"].as_u64().unwrap() > 0,
-        "the guest faulted: {pc}"
-    );
-    assert!(
-        pc["pages_dropped"].as_u64().unwrap() > 0,
-        "stream copies of faulted pages arrived after them: {pc}"
+    let mut attempts = Vec::new();
+    for attempt in 0..3 {
+        let dir = TmpDir::new(&format!("postcopy-double-{attempt}"));
+        let (src, dst) = (dir.path("src.img"), dir.path("dst.img"));
+        let (sj, rj) = (dir.path("send.json"), dir.path("recv.json"));
+        let (mut recv, port) = resuming_receiver(&dst, "30s", &rj);
+        let extra = ["--postcopy", "now", "--postcopy-bandwidth", "400K"];
+        let mut send = postcopy_sender(&src, "64M", port, &sj, &extra, &[]);
+        let _guest = KillPid(guest_pid(&mut send));
+        let pc = assert_verified_postcopy(&mut send, &mut recv, &sj, &rj, "now");
+        assert!(
+            pc["pages_faulted"].as_u64().unwrap() > 0,
+            "the guest faulted: {pc}"
+        );
+        if pc["pages_dropped"].as_u64().unwrap() > 0 {
+            return;
+        }
+        attempts.push(pc.to_string());
+    }
+    panic!(
+        "no stream copy of a faulted page arrived after it in three attempts: {}",
+        attempts.join(" / ")
     );
 }
 
