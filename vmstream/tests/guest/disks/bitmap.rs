@@ -39,31 +39,27 @@ fn the_bitmap_marks_exactly_the_granules_written() {
 fn the_write_limit_makes_guest_writes_wait() {
     let dir = Dir::new("qos");
     let (m, disk) = (dir.path("mem"), dir.path("d0"));
-    let mut guest = Running(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vmstream"))
-            .args([
-                "guest",
-                "run",
-                "--memory-file",
-                &m,
-                "--size",
-                "4M",
-                "--workload",
-                "diskio",
-                "--disk",
-                &disk,
-                "--disk-size",
-                "4M",
-                "--io-rate",
-                "0",
-                "--duration",
-                "3s",
-                "--no-track",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let mut guest = Running::spawn(
+        &[
+            "guest",
+            "run",
+            "--memory-file",
+            &m,
+            "--size",
+            "4M",
+            "--workload",
+            "diskio",
+            "--disk",
+            &disk,
+            "--disk-size",
+            "4M",
+            "--io-rate",
+            "0",
+            "--duration",
+            "3s",
+            "--no-track",
+        ],
+        std::process::Stdio::null(),
     );
     let path = bitmap_path(Path::new(&disk));
     let bitmap = loop {

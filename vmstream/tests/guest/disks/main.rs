@@ -45,6 +45,20 @@ impl Drop for Dir {
 /// leave it running).
 struct Running(std::process::Child);
 
+impl Running {
+    /// `vmstream ARGS` started, its stderr discarded and its stdout `stdout`.
+    fn spawn(args: &[&str], stdout: std::process::Stdio) -> Running {
+        Running(
+            Command::new(env!("CARGO_BIN_EXE_vmstream"))
+                .args(args)
+                .stdout(stdout)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
@@ -503,35 +517,31 @@ fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
     for workload in ["diskio", "dbsim"] {
         let dir = Dir::new(&format!("stop-{workload}"));
         let (m, disks) = (dir.path("mem"), vec![dir.path("d0"), dir.path("d1")]);
-        let mut guest = Running(
-            Command::new(env!("CARGO_BIN_EXE_vmstream"))
-                .args([
-                    "guest",
-                    "run",
-                    "--memory-file",
-                    &m,
-                    "--size",
-                    "4M",
-                    "--workload",
-                    workload,
-                    "--rate",
-                    "0",
-                    "--disk",
-                    &disks[0],
-                    "--disk",
-                    &disks[1],
-                    "--disk-size",
-                    "8M",
-                    "--io-size",
-                    "8K",
-                    "--io-rate",
-                    "0",
-                    "--no-track",
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
+        let mut guest = Running::spawn(
+            &[
+                "guest",
+                "run",
+                "--memory-file",
+                &m,
+                "--size",
+                "4M",
+                "--workload",
+                workload,
+                "--rate",
+                "0",
+                "--disk",
+                &disks[0],
+                "--disk",
+                &disks[1],
+                "--disk-size",
+                "8M",
+                "--io-size",
+                "8K",
+                "--io-rate",
+                "0",
+                "--no-track",
+            ],
+            std::process::Stdio::piped(),
         );
         let mut ready = String::new();
         std::io::BufRead::read_line(
@@ -572,14 +582,7 @@ fn a_guest_stopped_or_killed_anywhere_leaves_consistent_disks() {
             for d in &disks {
                 args.extend(["--disk", d.as_str()]);
             }
-            let mut guest = Running(
-                Command::new(env!("CARGO_BIN_EXE_vmstream"))
-                    .args(&args)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
+            let mut guest = Running::spawn(&args, std::process::Stdio::null());
             std::thread::sleep(Duration::from_millis(120 + i * 17));
             guest.0.kill().unwrap();
             guest.0.wait().unwrap();
